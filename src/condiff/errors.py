@@ -1,0 +1,23 @@
+"""Typed errors. Every user-facing failure is a CondiffError with a one-line message that names the bad
+value and what is accepted; the CLI prints it on one line and exits with code 2."""
+
+
+class CondiffError(Exception):
+    """Base class of every error condiff raises on purpose."""
+
+
+class ConfigError(CondiffError, ValueError):
+    """A bad argument, option or recipe value."""
+
+
+class InputFileError(CondiffError, OSError):
+    """A missing, unreadable, truncated or unsafe input file."""
+
+
+class NonFiniteError(CondiffError, FloatingPointError):
+    """A NaN or inf appeared during sampling or training."""
+
+
+def one_of(kind: str, value, accepted) -> ConfigError:
+    """Build the standard 'unknown X' error: names the value and lists what is accepted."""
+    return ConfigError(f"unknown {kind} {value!r}; accepted: {', '.join(map(str, accepted))}")

@@ -1,0 +1,72 @@
+"""Time grids: float64, strictly descending, from a start time down to an end time.
+
+Spacings are objects (``UniformT``, ``UniformLogSNR``, ``Karras``). ``make_grid`` returns ``steps + 1``
+points: ``steps`` spaced points from ``t_start`` to ``t_end`` and then, with ``final_zero=True``, the
+schedule's clean point (sigma = 0), so the last step returns the denoised estimate, as samplers usually do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError
+from .schedules import NoiseSchedule
+
+
+@dataclass(frozen=True)
+class UniformT:
+    """Equal steps in t (diffusers' 'linspace' spacing)."""
+
+    name = "uniform-t"
+
+    def points(self, schedule: NoiseSchedule, t_start: float, t_end: float, n: int) -> torch.Tensor:
+        return torch.linspace(t_start, t_end, n, dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class UniformLogSNR:
+    """Equal steps in log-SNR (DPM-Solver's 'logSNR' skip type, Lu et al. 2022 sec. 3.3)."""
+
+    name = "uniform-logsnr"
+
+    def points(self, schedule, t_start, t_end, n):
+        lo, hi = schedule.log_snr(t_start), schedule.log_snr(t_end)
+        return schedule.t_from_log_snr(torch.linspace(float(lo), float(hi), n, dtype=torch.float64))
+
+
+@dataclass(frozen=True)
+class Karras:
+    """Karras et al. 2022 eq. 5: sigma/alpha spaced uniformly in its 1/rho power (rho = 7)."""
+
+    rho: float = 7.0
+    name = "karras"
+
+    def points(self, schedule, t_start, t_end, n):
+        s_max = float(schedule.sigma_over_alpha(t_start))
+        s_min = float(schedule.sigma_over_alpha(t_end))
+        ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+        inv = 1.0 / self.rho
+        ratio = (s_max**inv + ramp * (s_min**inv - s_max**inv)) ** self.rho
+        t = schedule.t_from_log_snr(-2.0 * torch.log(ratio))
+        t[0], t[-1] = t_start, t_end  # remove round-off at the ends
+        return t
+
+
+SPACINGS = {"uniform-t": UniformT(), "uniform-logsnr": UniformLogSNR(), "karras": Karras()}
+
+
+def make_grid(schedule: NoiseSchedule, steps: int, spacing=UniformT(), t_start: float | None = None,
+              t_end: float | None = None, final_zero: bool = True) -> torch.Tensor:
+    """A descending float64 grid with ``steps`` transitions."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ConfigError(f"steps must be a positive integer, got {steps!r}")
+    t_start = schedule.default_t_start() if t_start is None else float(t_start)
+    t_end = schedule.t_min if t_end is None else float(t_end)
+    if not t_start > t_end:
+        raise ConfigError(f"t_start ({t_start}) must be greater than t_end ({t_end})")
+    if final_zero:
+        pts = spacing.points(schedule, t_start, t_end, steps)
+        return torch.cat([pts, torch.tensor([schedule.t_clean], dtype=torch.float64)])
+    return spacing.points(schedule, t_start, t_end, steps + 1)

@@ -1,0 +1,80 @@
+"""Classifier-free guidance (Ho & Salimans 2022, eq. 6) as a Denoiser -> Denoiser object.
+
+    x0_guided = contrast(x0_cond, x0_uncond, w) = x0_uncond + w (x0_cond - x0_uncond)
+
+w = 1 is the conditional model, w = 0 the unconditional one (the diffusers convention, specs 0.1). Because
+x0 is affine in eps at fixed (x, t), mixing in x0 space equals mixing in eps space exactly. The condition
+and the null condition are concatenated into one batch, layout [uncond, cond], so one forward serves both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import math
+
+import torch
+
+from ..errors import ConfigError
+
+
+def contrast(pos, neg, w):
+    """neg + w (pos - neg): the primitive behind CFG, autoguidance and PAG."""
+    return neg + w * (pos - neg)
+
+
+def batch_cond(conds: list[Mapping[str, Any]]) -> dict:
+    """Concatenate condition mappings along the batch dimension (tensors); other values must agree."""
+    out = {}
+    for key in conds[0]:
+        vals = [c[key] for c in conds]
+        if isinstance(vals[0], torch.Tensor):
+            out[key] = torch.cat(vals, 0)
+        else:
+            out[key] = vals[0]
+    return out
+
+
+def split_batch(x: torch.Tensor, n: int):
+    return x.chunk(n, 0)
+
+
+def _check_scale(w):
+    if not callable(w):
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w):
+            raise ConfigError(f"guidance scale must be a finite number or a function of t, got {w!r}")
+
+
+@dataclass
+class CFG:
+    """Classifier-free guidance. ``scale`` is a number or a function t -> number.
+
+    The null condition is ``cond['null']`` (a mapping with the same keys), or ``null`` given here."""
+
+    denoiser: Any
+    scale: float | Callable = 3.0
+    null: Mapping[str, Any] | None = None
+
+    def __post_init__(self):
+        _check_scale(self.scale)
+
+    @property
+    def schedule(self):
+        return self.denoiser.schedule
+
+    def __call__(self, x, t, cond=None):
+        cond = dict(cond or {})
+        null = cond.pop("null", None) or self.null
+        if null is None:
+            raise ConfigError("CFG needs a null condition: pass cond['null'] or CFG(..., null=...)")
+        w = self.scale(t) if callable(self.scale) else self.scale
+        if w == 1.0:
+            return self.denoiser(x, t, cond)
+        if w == 0.0:
+            return self.denoiser(x, t, null)
+        tt = torch.as_tensor(t)
+        t2 = torch.cat([tt, tt]) if tt.dim() == 1 else t
+        both = self.denoiser(torch.cat([x, x]), t2, batch_cond([dict(null), cond]))
+        x0_u, x0_c = split_batch(both, 2)
+        return contrast(x0_c, x0_u, w)

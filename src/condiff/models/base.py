@@ -1,0 +1,202 @@
+"""Model families and loaded models.
+
+A ModelFamily knows one conditional task: its networks (diffusers classes), how a raw condition (token
+ids, class labels) is encoded into the ``cond`` mapping the denoiser takes, how to make training batches,
+how to draw random evaluation conditions and how to score samples with an exact (or fixed) judge.
+A LoadedModel is a family plus trained weights, a schedule and a prediction type.
+
+On disk (diffusers layout): ``unet/`` (``from_pretrained``-loadable), ``text_encoder/`` where the family
+has one, ``scheduler/`` (a DDPMScheduler config), and ``condiff.json`` (family, prediction, schedule).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+import torch
+from torch import nn
+
+from ..denoiser import Prediction, as_prediction, wrap
+from ..errors import ConfigError, InputFileError, one_of
+from ..io import atomic_dir, atomic_write_json, load_json
+from ..schedules import NoiseSchedule, schedule_from_config
+from ..training.conditioning import cep, cfg_dropout
+from ..training.objectives import TIME_SAMPLERS, WEIGHTINGS, diffusion_loss
+
+BUNDLED_ROOT = Path(__file__).resolve().parent.parent / "bundled"
+
+
+class ModelFamily:
+    name = "?"
+    attributes: tuple[str, ...] = ()
+    image_shape: tuple[int, int, int] = (3, 32, 32)
+
+    # networks --------------------------------------------------------------------------------------
+    def build(self, model_cfg: dict) -> nn.ModuleDict:
+        raise NotImplementedError
+
+    def forward(self, module: nn.ModuleDict, model_cfg: dict, x, t_in, cond) -> torch.Tensor:
+        raise NotImplementedError
+
+    # conditions ------------------------------------------------------------------------------------
+    def encode(self, module, raw: torch.Tensor) -> dict:
+        raise NotImplementedError
+
+    def null_raw(self, n: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def parse_prompt(self, text: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def random_conditions(self, n: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(raw conditions, target attributes) for evaluation."""
+        raise NotImplementedError
+
+    def score(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        raise NotImplementedError
+
+    # training --------------------------------------------------------------------------------------
+    def training_batch(self, step: int, n: int, generator, seed: int, objective) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def loss(self, module, model_cfg, schedule, objective, x0, raw, generator) -> torch.Tensor:
+        """Per-sample loss: encode, CFG dropout, optional CEP, then the diffusion objective."""
+        cond = self.encode(module, raw)
+        null = self.encode(module, self.null_raw(1))
+        cond = cfg_dropout(cond, null, objective.cond_dropout, generator)
+        if objective.cep_gamma > 0:
+            cond = {k: cep(v, objective.cep_gamma, objective.cep_kind, generator)
+                    if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in cond.items()}
+        pred = as_prediction(objective.prediction)
+        if objective.time_sampler not in TIME_SAMPLERS:
+            raise one_of("time sampler", objective.time_sampler, TIME_SAMPLERS)
+        if objective.weighting not in WEIGHTINGS:
+            raise one_of("weighting", objective.weighting, WEIGHTINGS)
+        t = TIME_SAMPLERS[objective.time_sampler]().sample(schedule, x0.shape[0], generator)
+        eps = torch.randn(x0.shape, generator=generator)
+        fn = lambda x, tt, c: self.forward(module, model_cfg, x, tt.to(x.dtype), c)  # noqa: E731
+        return diffusion_loss(fn, x0, cond, t, eps, schedule, pred, WEIGHTINGS[objective.weighting]())
+
+    # saving ----------------------------------------------------------------------------------------
+    def save_parts(self, module, directory: Path):
+        module["unet"].save_pretrained(directory / "unet")
+
+    def load_parts(self, directory: Path, model_cfg: dict) -> nn.ModuleDict:
+        raise NotImplementedError
+
+
+@dataclass
+class LoadedModel:
+    family: ModelFamily
+    module: nn.ModuleDict
+    schedule: NoiseSchedule
+    prediction: Prediction
+    model_cfg: dict
+    path: Path | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def denoiser(self):
+        fam, cfg = self.family, self.model_cfg
+        return wrap(self.module, self.schedule, self.prediction,
+                    call=lambda net, x, t_in, cond: fam.forward(net, cfg, x, t_in, cond))
+
+    def condition(self, raw: torch.Tensor) -> dict:
+        """The cond mapping for raw conditions, with its 'null' variant for CFG."""
+        with torch.no_grad():
+            cond = self.family.encode(self.module, raw)
+            cond["null"] = self.family.encode(self.module, self.family.null_raw(raw.shape[0]))
+        return cond
+
+    def save(self, directory, extra: dict | None = None):
+        directory = Path(directory)
+        with atomic_dir(directory) as tmp:
+            self.family.save_parts(self.module, tmp)
+            _save_scheduler_config(self.schedule, self.prediction, tmp / "scheduler")
+            atomic_write_json(tmp / "condiff.json", {
+                "family": self.family.name, "prediction": self.prediction.name,
+                "schedule": self.info.get("schedule_cfg") or self.schedule.to_config(),
+                "model": self.model_cfg, **(extra or {})})
+
+
+def _save_scheduler_config(schedule, prediction, directory: Path):
+    """A diffusers DDPMScheduler config matching a VP-discrete schedule, for diffusers users."""
+    cfg = getattr(schedule, "_diffusers_config", None)
+    if cfg is None:
+        return
+    from diffusers import DDPMScheduler
+
+    pred = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}.get(prediction.name, "epsilon")
+    DDPMScheduler(**cfg, prediction_type=pred, clip_sample=False).save_pretrained(directory)
+
+
+def make_schedule(cfg: dict) -> NoiseSchedule:
+    sch = schedule_from_config(cfg)
+    if cfg.get("type") == "vp_discrete" and "beta_schedule" in cfg:
+        object.__setattr__(sch, "_diffusers_config", {
+            "num_train_timesteps": cfg.get("num_steps", 1000), "beta_schedule": cfg["beta_schedule"],
+            "beta_start": cfg.get("beta_start", 1e-4), "beta_end": cfg.get("beta_end", 2e-2)})
+    return sch
+
+
+def _families():
+    from .digits import DigitsFamily
+    from .shapes import ShapesFamily
+
+    return {"shapes": ShapesFamily(), "digits": DigitsFamily()}
+
+
+FAMILIES = _families
+
+
+def get_family(name: str) -> ModelFamily:
+    fams = _families()
+    if name not in fams:
+        raise one_of("model family", name, fams)
+    return fams[name]
+
+
+BUNDLED = ("shapes", "digits")
+
+
+def bundled_dir(name: str) -> Path:
+    return BUNDLED_ROOT / name
+
+
+def load_model(name_or_path: str | Path) -> LoadedModel:
+    """Load a bundled model by name (shapes, digits) or a model directory written by condiff."""
+    path = Path(name_or_path)
+    if str(name_or_path) in BUNDLED:
+        path = bundled_dir(str(name_or_path))
+        if not (path / "condiff.json").is_file():
+            raise InputFileError(f"bundled model {name_or_path!r} is missing its weights at {str(path)!r}")
+    elif not path.exists():
+        raise InputFileError(f"model {str(name_or_path)!r} is neither a bundled model ({', '.join(BUNDLED)}) "
+                             f"nor an existing directory")
+    if not path.is_dir():
+        raise InputFileError(f"model path {str(path)!r} must be a directory with condiff.json")
+    meta = load_json(path / "condiff.json")
+    for key in ("family", "prediction", "schedule", "model"):
+        if key not in meta:
+            raise InputFileError(f"{str(path / 'condiff.json')!r} lacks the key {key!r}")
+    fam = get_family(meta["family"])
+    module = fam.load_parts(path, meta["model"]).eval()
+    sch = make_schedule(meta["schedule"])
+    return LoadedModel(fam, module, sch, as_prediction(meta["prediction"]), meta["model"], path,
+                       {"schedule_cfg": meta["schedule"], **{k: v for k, v in meta.items() if k not in
+                                                              ("family", "prediction", "schedule", "model")}})
+
+
+def build_model(family_name: str, model_cfg: dict, schedule_cfg: dict, prediction: str) -> LoadedModel:
+    fam = get_family(family_name)
+    if not isinstance(model_cfg, dict):
+        raise ConfigError(f"[model] must be a table, got {model_cfg!r}")
+    return LoadedModel(fam, fam.build(model_cfg), make_schedule(schedule_cfg), as_prediction(prediction),
+                       model_cfg, None, {"schedule_cfg": schedule_cfg})
+
+
+def silence_diffusers():
+    from diffusers.utils import logging as dlog
+
+    dlog.set_verbosity_error()
+

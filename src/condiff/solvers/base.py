@@ -1,0 +1,55 @@
+"""The solver contract.
+
+A solver is a frozen object whose ``step`` is pure:
+
+    x_next, state = solver.step(D, x, t, t_next, state, noise)
+
+``D(x, t)`` is a denoiser with its condition bound (returns x0_hat); ``state`` is the solver's explicit
+history (``init_state()`` at the start of a trajectory); ``noise`` is a NoiseSource, used only by
+stochastic solvers. Steps into the clean point (sigma = 0) return the denoised estimate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Point:
+    """alpha, sigma and lambda = log(alpha/sigma) at one grid time, as float64 Python floats."""
+
+    t: float
+    alpha: float
+    sigma: float
+
+    @property
+    def lam(self) -> float:
+        return math.log(self.alpha / self.sigma) if self.sigma > 0 else math.inf
+
+    @property
+    def rho(self) -> float:
+        """sigma / alpha: the noise level of the rescaled variable x / alpha (Karras et al. 2022)."""
+        return self.sigma / self.alpha
+
+
+def point(schedule, t) -> Point:
+    tt = torch.as_tensor(float(t), dtype=torch.float64)
+    return Point(float(t), float(schedule.alpha(tt)), float(schedule.sigma(tt)))
+
+
+class Solver:
+    name: str = "?"
+    order: int = 1
+    stochastic: bool = False
+
+    def init_state(self):
+        return None
+
+    def step(self, D, x, t, t_next, state, noise):
+        raise NotImplementedError
+
+    def evals_per_step(self) -> int:
+        return 1

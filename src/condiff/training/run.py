@@ -1,0 +1,58 @@
+"""Run a recipe end to end: build, (resume,) train with learning-curve evaluations, export."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+from .recipe import Recipe
+from .trainer import Trainer
+
+
+def make_trainer(recipe: Recipe, out_dir, progress: bool = True) -> Trainer:
+    from ..models.base import build_model, silence_diffusers
+
+    silence_diffusers()
+    torch.set_num_threads(recipe.train.threads)
+    torch.manual_seed(recipe.train.seed)  # deterministic initial weights
+    model = build_model(recipe.family, recipe.model, recipe.schedule, recipe.objective.prediction)
+    return Trainer(model, recipe, Path(out_dir), progress=progress, evaluate=_learning_curve_eval(recipe))
+
+
+def _learning_curve_eval(recipe: Recipe):
+    t = recipe.train
+    if not t.eval_every:
+        return None
+
+    def run(model, ema_module):
+        from ..evaluate import evaluate
+        from ..solvers import DPMSolverPP2M
+
+        m = dataclasses.replace(model, module=ema_module)
+        res = evaluate(m, DPMSolverPP2M(), t.eval_steps, t.eval_cfg, t.eval_n, seed=12345)
+        return {"accuracy": res["accuracy"], "eval_seconds": res["seconds"]}
+
+    return run
+
+
+def train_recipe(recipe: Recipe, out_dir, steps: int | None = None, resume: bool = False,
+                 progress: bool = True, stop_after: int | None = None) -> Trainer:
+    if steps is not None:
+        if steps < 1:
+            raise ConfigError(f"--steps must be a positive integer, got {steps}")
+        recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, steps=steps))
+    trainer = make_trainer(recipe, out_dir, progress)
+    if trainer.list_checkpoints() and not resume:
+        raise ConfigError(f"{str(out_dir)!r} already holds checkpoints; pass --resume to continue, or "
+                          f"choose another --out")
+    if resume:
+        path = trainer.resume()
+        if path is not None and progress:
+            print(f"resumed from {path} (step {trainer.step})")
+    trainer.run(stop_after=stop_after)
+    if trainer.step >= recipe.train.steps:
+        trainer.export()
+    return trainer

@@ -1,0 +1,222 @@
+"""The Trainer: seeded data order, EMA, gradient clipping, progress bar, NaN guards, atomic safetensors
+checkpoints with a JSON sidecar (config, checksums), and exact resume.
+
+Every step's randomness (batch, time, noise, dropout) comes from a generator seeded by (seed, step), and
+the learning rate is a pure function of the step, so a resumed run repeats an uninterrupted one bit for
+bit on CPU (same thread count).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers.training_utils import EMAModel
+
+from ..errors import InputFileError, NonFiniteError
+from ..io import atomic_dir, atomic_write_json, load_json, load_tensors, save_tensors, sha256_file
+from .recipe import Recipe
+
+CKPT_RE = re.compile(r"^step-(\d{8})$")
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+
+
+def learning_rate(cfg, step: int) -> float:
+    """Linear warm-up, then cosine (or constant) decay to min_lr_ratio * lr."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.lr_decay == "constant":
+        return cfg.lr
+    frac = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer):
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{idx}.{k}"] = v
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, scalars, sd["param_groups"]
+
+
+def _unflatten_optimizer(tensors, scalars, groups):
+    state: dict = {}
+    for key, v in list(tensors.items()) + list(scalars.items()):
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    return {"state": state, "param_groups": groups}
+
+
+@dataclass
+class Trainer:
+    """Train ``model`` (a LoadedModel built from ``recipe``) into ``out_dir``."""
+
+    model: object
+    recipe: Recipe
+    out_dir: Path
+    progress: bool = True
+    log: list = field(default_factory=list)
+    evaluate: object = None  # callable(model, ema_module) -> dict, run every train.eval_every steps
+
+    def __post_init__(self):
+        self.out_dir = Path(self.out_dir)
+        cfg = self.recipe.train
+        self.module = self.model.module
+        self.module.train()
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.names = [n for n, p in self.module.named_parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.ema = EMAModel(self.params, decay=cfg.ema_decay)
+        self.step = 0
+        self.train_seconds = 0.0
+
+    # checkpoints -------------------------------------------------------------------------------------
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    def save_checkpoint(self):
+        path = self.ckpt_root / f"step-{self.step:08d}"
+        with atomic_dir(path) as tmp:
+            save_tensors(tmp / "model.safetensors", self.module.state_dict())
+            save_tensors(tmp / "ema.safetensors", dict(zip(self.names, self.ema.shadow_params)))
+            tens, scal, groups = _flatten_optimizer(self.opt)
+            save_tensors(tmp / "optim.safetensors", tens)
+            ema_sd = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}
+            files = ("model.safetensors", "ema.safetensors", "optim.safetensors")
+            atomic_write_json(tmp / "trainer.json", {
+                "step": self.step, "train_seconds": self.train_seconds, "recipe": self.recipe.to_dict(),
+                "optimizer_scalars": scal, "param_groups": groups, "ema": ema_sd, "log": self.log,
+                "threads": torch.get_num_threads(),
+                "sha256": {f: sha256_file(tmp / f) for f in files}})
+        keep = self.recipe.train.keep_checkpoints
+        for old in sorted(self.list_checkpoints())[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def list_checkpoints(self) -> list[Path]:
+        if not self.ckpt_root.is_dir():
+            return []
+        return sorted(p for p in self.ckpt_root.iterdir() if p.is_dir() and CKPT_RE.match(p.name))
+
+    @staticmethod
+    def verify(path: Path) -> dict:
+        meta = load_json(path / "trainer.json")
+        for name, digest in meta["sha256"].items():
+            if not (path / name).is_file() or sha256_file(path / name) != digest:
+                raise InputFileError(f"checkpoint {str(path)!r}: {name} is missing or fails its checksum")
+        return meta
+
+    def resume(self) -> Path | None:
+        """Restore the newest valid checkpoint (skipping corrupt ones with a notice); None if none."""
+        for path in reversed(self.list_checkpoints()):
+            try:
+                meta = self.verify(path)
+            except (InputFileError, KeyError, json.JSONDecodeError) as e:
+                print(f"notice: skipping checkpoint {path.name}: {e}")
+                continue
+            self.module.load_state_dict(load_tensors(path / "model.safetensors"))
+            ema_t = load_tensors(path / "ema.safetensors")
+            self.ema.load_state_dict({**meta["ema"], "shadow_params": [ema_t[n] for n in self.names]})
+            self.opt.load_state_dict(_unflatten_optimizer(load_tensors(path / "optim.safetensors"),
+                                                          meta["optimizer_scalars"], meta["param_groups"]))
+            self.step = meta["step"]
+            self.train_seconds = meta["train_seconds"]
+            self.log = meta["log"]
+            return path
+        return None
+
+    # training ----------------------------------------------------------------------------------------
+    def train_step(self):
+        cfg, obj = self.recipe.train, self.recipe.objective
+        g = step_generator(cfg.seed, self.step)
+        fam = self.model.family
+        x0, raw = fam.training_batch(self.step, cfg.batch_size, g, cfg.seed, obj)
+        loss = fam.loss(self.module, self.model.model_cfg, self.model.schedule, obj, x0, raw, g).mean()
+        if not torch.isfinite(loss):
+            raise NonFiniteError(f"non-finite loss ({float(loss)}) at step {self.step}; the last good "
+                                 f"checkpoint is kept in {str(self.ckpt_root)!r}")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for name, p in zip(self.names, self.params):
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                raise NonFiniteError(f"non-finite gradient in {name} at step {self.step}; the last good "
+                                     f"checkpoint is kept in {str(self.ckpt_root)!r}")
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        lr = learning_rate(cfg, self.step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.step()
+        self.ema.step(self.params)
+        self.step += 1
+        return loss.item()
+
+    def ema_module(self):
+        """A copy of the module with the EMA weights."""
+        import copy
+
+        m = copy.deepcopy(self.module)
+        ema_params = [p for p in m.parameters() if p.requires_grad]
+        self.ema.copy_to(ema_params)
+        return m.eval()
+
+    def run(self, steps: int | None = None, stop_after: int | None = None):
+        """Train until ``steps`` (default: the recipe's); ``stop_after`` ends early after that many steps
+        (used for kill/resume tests)."""
+        cfg = self.recipe.train
+        total = steps or cfg.steps
+        torch.set_num_threads(cfg.threads)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=self.step, desc=f"train {self.recipe.name}", disable=not self.progress,
+                   dynamic_ncols=True)
+        done = 0
+        loss_avg = None
+        while self.step < total:
+            t0 = time.perf_counter()
+            loss = self.train_step()
+            self.train_seconds += time.perf_counter() - t0
+            loss_avg = loss if loss_avg is None else 0.98 * loss_avg + 0.02 * loss
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_avg:.4f}")
+            if self.evaluate and cfg.eval_every and self.step % cfg.eval_every == 0:
+                metrics = self.evaluate(self.model, self.ema_module())
+                entry = {"step": self.step, "train_minutes": self.train_seconds / 60, "loss": loss_avg, **metrics}
+                self.log.append(entry)
+                bar.write(json.dumps(entry))
+            if self.step % cfg.ckpt_every == 0 or self.step == total:
+                self.save_checkpoint()
+            done += 1
+            if stop_after is not None and done >= stop_after:
+                break
+        bar.close()
+        return self
+
+    def export(self, directory=None):
+        """Write the EMA weights as a loadable model directory (diffusers layout)."""
+        directory = Path(directory or self.out_dir / "model")
+        m = self.ema_module()
+        orig = self.model.module
+        self.model.module = m
+        try:
+            self.model.save(directory, {"trained_steps": self.step, "train_minutes": self.train_seconds / 60,
+                                        "recipe": self.recipe.to_dict()})
+        finally:
+            self.model.module = orig
+        atomic_write_json(self.out_dir / "learning_curve.json", self.log)
+        return directory
