@@ -1,0 +1,222 @@
+"""The condiff command line (typer). User errors print one line on stderr and exit with code 2."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import typer  # noqa: E402
+
+from .errors import CondiffError, ConfigError, one_of  # noqa: E402
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="condiff: conditional diffusion - sample, evaluate, train, demo.")
+
+
+def _solver(name: str):
+    from .solvers import get_solver
+
+    return get_solver(name)
+
+
+def _spacing(name: str):
+    from .grids import SPACINGS
+
+    if name not in SPACINGS:
+        raise one_of("spacing", name, SPACINGS)
+    return SPACINGS[name]
+
+
+def _check_common(steps: int, cfg: float, n: int, batch_size: int):
+    if steps < 1:
+        raise ConfigError(f"--steps must be a positive integer, got {steps}")
+    if not math.isfinite(cfg) or abs(cfg) > 1e4:
+        raise ConfigError(f"--cfg must be a finite number with |cfg| <= 10000, got {cfg}")
+    if n < 1:
+        raise ConfigError(f"--n must be a positive integer, got {n}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be a positive integer, got {batch_size}")
+
+
+def _load(model: str):
+    import torch
+
+    from .models.base import load_model, silence_diffusers
+
+    silence_diffusers()
+    torch.set_num_threads(max(1, min(os.cpu_count() or 1, int(os.environ.get("CONDIFF_THREADS", "2")))))
+    return load_model(model)
+
+
+@app.command()
+def models():
+    """List the bundled models."""
+    from .io import load_json
+    from .models.base import BUNDLED, bundled_dir
+
+    for name in BUNDLED:
+        d = bundled_dir(name)
+        if not (d / "condiff.json").is_file():
+            typer.echo(f"{name:8s} (weights missing at {d})")
+            continue
+        meta = load_json(d / "condiff.json")
+        metrics = meta.get("metrics", {})
+        typer.echo(f"{name:8s} family={meta['family']} prediction={meta['prediction']} "
+                   f"steps={meta.get('trained_steps', '?')} metrics={json.dumps(metrics)}  ({d})")
+
+
+@app.command()
+def solvers():
+    """List the solvers and their CLI names."""
+    from .solvers import DESCRIPTIONS
+
+    for name, desc in DESCRIPTIONS.items():
+        typer.echo(f"{name:10s} {desc}")
+
+
+@app.command("sample")
+def sample_cmd(
+    model: str = typer.Option("shapes", help="bundled model name (shapes, digits) or a model directory"),
+    prompt: Optional[str] = typer.Option(None, help="shapes: a caption such as 'large red circle top-left' "
+                                         "(any attribute may be omitted); digits: a digit 0-9; default: random"),
+    solver: str = typer.Option("dpmpp-2m", help="solver name (see `condiff solvers`)"),
+    steps: int = typer.Option(20, help="number of solver steps"),
+    cfg: float = typer.Option(3.0, help="classifier-free guidance scale (1 = conditional, 0 = unconditional)"),
+    n: int = typer.Option(16, help="number of images"),
+    seed: int = typer.Option(0, help="random seed"),
+    spacing: str = typer.Option("uniform-t", help="time grid: uniform-t, uniform-logsnr, karras"),
+    batch_size: int = typer.Option(256, help="images per batch (memory bound)"),
+    out: Path = typer.Option(Path("grid.png"), help="output PNG; a JSON sidecar is written beside it"),
+):
+    """Sample a grid of images and write it as a PNG with a JSON sidecar that reproduces it."""
+    import torch
+
+    from . import __version__
+    from .evaluate import generate
+    from .images import grid_image, save_png
+    from .io import atomic_write_json
+
+    _check_common(steps, cfg, n, batch_size)
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"--out must end in .png, got {str(out)!r}")
+    if out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a directory; give a .png file name")
+    sol, spc = _solver(solver), _spacing(spacing)
+    m = _load(model)
+    g = torch.Generator().manual_seed(seed)
+    if prompt is None:
+        raw, _ = m.family.random_conditions(n, g)
+    else:
+        raw = m.family.parse_prompt(prompt).expand(n, *m.family.parse_prompt(prompt).shape[1:])
+    t0 = time.perf_counter()
+    images, nfe = generate(m, raw, sol, steps, cfg, g, spc, batch_size, progress=True)
+    seconds = time.perf_counter() - t0
+    save_png(grid_image(images, ncols=max(1, int(math.ceil(math.sqrt(n))))), out)
+    sidecar = {"command": "sample", "model": model, "model_path": str(m.path), "prompt": prompt,
+               "solver": solver, "steps": steps, "cfg": cfg, "n": n, "seed": seed, "spacing": spacing,
+               "batch_size": batch_size, "nfe": nfe, "seconds": seconds, "condiff_version": __version__,
+               "torch_version": torch.__version__,
+               "reproduce": f"condiff sample --model {model} " + (f"--prompt {json.dumps(prompt)} " if prompt else "")
+               + f"--solver {solver} --steps {steps} --cfg {cfg} --n {n} --seed {seed} --spacing {spacing} "
+               f"--batch-size {batch_size} --out {out}"}
+    atomic_write_json(out.with_suffix(".json"), sidecar)
+    typer.echo(f"wrote {out} and {out.with_suffix('.json')} ({n} images, {nfe} NFE, {seconds:.1f}s)")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option(..., help="bundled model name (shapes, digits) or a model directory"),
+    solver: str = typer.Option("dpmpp-2m", help="solver name"),
+    steps: int = typer.Option(20, help="number of solver steps"),
+    cfg: float = typer.Option(3.0, help="classifier-free guidance scale"),
+    n: int = typer.Option(512, help="number of samples"),
+    seed: int = typer.Option(0, help="random seed"),
+    spacing: str = typer.Option("uniform-t", help="time grid: uniform-t, uniform-logsnr, karras"),
+    batch_size: int = typer.Option(256, help="samples per batch"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the results here as JSON"),
+):
+    """Sample random conditions and score them with the exact labeller (shapes) or the scorer (digits)."""
+    from .evaluate import evaluate
+    from .io import atomic_write_json
+
+    _check_common(steps, cfg, n, batch_size)
+    if json_out is not None and json_out.is_dir():
+        raise ConfigError(f"--json {str(json_out)!r} is a directory; give a file name")
+    sol, spc = _solver(solver), _spacing(spacing)
+    m = _load(model)
+    res = evaluate(m, sol, steps, cfg, n, seed, spc, batch_size, progress=True)
+    res.update(model=model, spacing=spacing)
+    if m.family.name == "digits":
+        from .data.digits import scorer
+
+        res["scorer_heldout_accuracy"] = scorer().heldout_accuracy
+    if json_out is not None:
+        atomic_write_json(json_out, res)
+    typer.echo(json.dumps(res, indent=2))
+
+
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="a TOML recipe, e.g. recipes/digits.toml"),
+    steps: Optional[int] = typer.Option(None, help="override the recipe's number of steps"),
+    out: Optional[Path] = typer.Option(None, help="output directory (default runs/<recipe name>)"),
+    resume: bool = typer.Option(False, help="continue from the newest valid checkpoint in --out"),
+):
+    """Train a recipe; checkpoints go to OUT/checkpoints, the final EMA model to OUT/model."""
+    from .training.recipe import load_recipe
+    from .training.run import train_recipe
+
+    r = load_recipe(recipe)
+    out = out or Path("runs") / r.name
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} exists and is not a directory")
+    tr = train_recipe(r, out, steps=steps, resume=resume)
+    typer.echo(f"trained {tr.step} steps in {tr.train_seconds / 60:.1f} min; model at {out / 'model'}")
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("outputs/demo"), help="output directory"),
+         n_eval: int = typer.Option(256, help="samples per metric")):
+    """The main job: grids and metrics from the bundled models, as outputs/demo/index.html."""
+    from .demo import run_demo
+
+    path = run_demo(out, n_eval=n_eval)
+    typer.echo(f"wrote {path}")
+
+
+def main(argv=None):
+    try:
+        from typer._click import exceptions as click_exc  # typer >= 0.25 vendors click
+    except ImportError:  # pragma: no cover
+        from click import exceptions as click_exc
+
+    try:
+        app(args=argv, standalone_mode=False)
+    except CondiffError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click_exc.NoArgsIsHelpError as e:
+        typer.echo(e.format_message())
+        sys.exit(2)
+    except click_exc.UsageError as e:
+        msg = e.format_message().replace("\n", " ")
+        typer.echo(f"error: {msg}" + (f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""), err=True)
+        sys.exit(2)
+    except click_exc.ClickException as e:
+        typer.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
