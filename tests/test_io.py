@@ -1,0 +1,81 @@
+"""Atomic writes and safe loading."""
+
+import os
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from condiff.errors import CondiffError, InputFileError
+from condiff.io import atomic_dir, atomic_write_bytes, load_json, load_tensors, save_tensors
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+
+
+def test_round_trip(tmp_path):
+    t = {"a": torch.arange(5.0), "b": torch.ones(2, 2, dtype=torch.int64)}
+    save_tensors(tmp_path / "x.safetensors", t)
+    back = load_tensors(tmp_path / "x.safetensors")
+    assert all(torch.equal(t[k], back[k]) for k in t)
+
+
+def test_pickle_renamed_to_safetensors_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    p = tmp_path / "evil.safetensors"
+    p.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(InputFileError, match="not a valid safetensors"):
+        load_tensors(p)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_truncated_and_missing_files(tmp_path):
+    save_tensors(tmp_path / "x.safetensors", {"a": torch.zeros(100)})
+    data = (tmp_path / "x.safetensors").read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputFileError):
+        load_tensors(tmp_path / "t.safetensors")
+    with pytest.raises(InputFileError, match="not found"):
+        load_tensors(tmp_path / "missing.safetensors")
+    with pytest.raises(InputFileError, match="directory"):
+        load_tensors(tmp_path)
+    (tmp_path / "bad.json").write_text("{nope")
+    with pytest.raises(InputFileError, match="not valid JSON"):
+        load_json(tmp_path / "bad.json")
+
+
+def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(CondiffError, match="No space left"):
+        atomic_write_bytes(target, b"new" * 1000)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_atomic_dir_is_all_or_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "f").write_text("x")
+            raise RuntimeError("crash mid-write")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "f").write_text("x")
+    assert (tmp_path / "d" / "f").read_text() == "x"
+
+
+def test_no_unsafe_torch_load_or_pickle_in_src():
+    for path in SRC.rglob("*.py"):
+        text = path.read_text()
+        for m in re.finditer(r"torch\.load\(([^)]*)\)", text):
+            assert "weights_only=True" in m.group(1), f"{path}: {m.group(0)}"
+        assert not re.search(r"^\s*import pickle|pickle\.loads?\(", text, re.M), path
