@@ -50,7 +50,8 @@ class Karras:
         inv = 1.0 / self.rho
         ratio = (s_max**inv + ramp * (s_min**inv - s_max**inv)) ** self.rho
         t = schedule.t_from_log_snr(-2.0 * torch.log(ratio))
-        t[0], t[-1] = t_start, t_end  # remove round-off at the ends
+        t[-1] = t_end  # remove round-off at the ends; t_start last, so that n = 1 gives [t_start]
+        t[0] = t_start
         return t
 
 

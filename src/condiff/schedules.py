@@ -136,7 +136,8 @@ class VPCosine(NoiseSchedule):
 
     def log_alpha(self, t):
         t = _as_tensor(t)
-        return torch.log(self._f(t)) - math.log(math.cos(math.pi / 2 * self.s / (1 + self.s)))
+        la = torch.log(self._f(t)) - math.log(math.cos(math.pi / 2 * self.s / (1 + self.s)))
+        return la.clamp(max=0.0)  # round-off gives ~1e-20 at t = 0, which made sigma(t_clean) NaN
 
     def log_sigma(self, t):
         return _vp_log_sigma(self.log_alpha(t))

@@ -3,9 +3,10 @@
 diffusers is given its own float32 ``alphas_cumprod`` table; condiff uses the same table in float64
 (``VPDiscrete(alphas_cumprod=scheduler.alphas_cumprod.double())``), and the grid is diffusers' timesteps
 followed by the clean point t = -1. Everything else (samples, model) is float64, so the remaining gap is
-diffusers' float32 coefficient arithmetic (its tables are float32). A second test hands diffusers float64
-tables (``alphas_cumprod``, and the ``sigmas`` that DPMSolverMultistepScheduler.set_timesteps casts to
-float32) to check that the formulas agree to float64 round-off.
+diffusers' float32 arithmetic: its tables are float32, and DPMSolverMultistepScheduler.step also casts the
+sample itself to float32 (its "upcast" line), so for DPM-Solver++ ~1e-6 is the floor whatever the tables.
+DDIMScheduler computes in the sample's dtype, so a second test hands it a float64 ``alphas_cumprod`` and
+checks that the formulas agree to float64 round-off.
 """
 
 import pytest
@@ -34,13 +35,8 @@ def eps_model(gmm: GMM, alphas_cumprod: torch.Tensor):
     return net
 
 
-def run_diffusers(scheduler, net, x, steps, cond, float64_tables=False):
-    if float64_tables:
-        scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
+def run_diffusers(scheduler, net, x, steps, cond):
     scheduler.set_timesteps(steps)
-    if float64_tables and hasattr(scheduler, "sigmas"):
-        ac = scheduler.alphas_cumprod[scheduler.timesteps]
-        scheduler.sigmas = torch.cat([((1 - ac) / ac).sqrt(), torch.zeros(1, dtype=torch.float64)])
     for t in scheduler.timesteps:
         out = net(x, t.expand(x.shape[0]), **cond)
         x = scheduler.step(out, t, x).prev_sample
@@ -85,16 +81,16 @@ def test_matches_diffusers(name, steps, conditional, gmm, capsys):
 
 
 @pytest.mark.parametrize("steps", [10, 25])
-@pytest.mark.parametrize("name", ["ddim", "dpmpp-2m"])
-def test_matches_diffusers_float64_tables(name, steps, gmm, capsys):
-    make, solver = schedulers()[name]
+def test_ddim_matches_diffusers_with_float64_table(steps, gmm, capsys):
+    make, solver = schedulers()["ddim"]
     scheduler = make()
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
     g = torch.Generator().manual_seed(steps)
     x = torch.randn(64, gmm.dim, generator=g, dtype=torch.float64)
     net = eps_model(gmm, scheduler.alphas_cumprod)
-    ref, timesteps = run_diffusers(scheduler, net, x.clone(), steps, {}, float64_tables=True)
+    ref, timesteps = run_diffusers(scheduler, net, x.clone(), steps, {})
     out = run_condiff(solver, scheduler, net, x.clone(), timesteps, {})
     err = float((out.x - ref).abs().max())
     with capsys.disabled():
-        print(f"\n[diffusers match, float64 tables] {name} steps={steps}: max |diff| = {err:.2e}")
+        print(f"\n[diffusers match, float64 table] ddim steps={steps}: max |diff| = {err:.2e}")
     assert err <= TOL_F64

@@ -69,6 +69,8 @@ class GMM:
                               f"weights {tuple(weights.shape)}, classes {tuple(classes.shape)}")
         if not bool((weights > 0).all()) or bool((classes < 0).any()):
             raise ConfigError("GMM weights must be positive and classes non-negative")
+        if not bool((torch.bincount(classes) > 0).all()):
+            raise ConfigError(f"GMM classes must be 0..C-1, each with a component; got {classes.tolist()}")
         evals, evecs = torch.linalg.eigh(0.5 * (covs + covs.transpose(1, 2)))
         if not bool((evals > 0).all()):
             raise ConfigError("GMM covariances must be positive definite")
@@ -121,9 +123,11 @@ class GMM:
         y = torch.as_tensor(y, dtype=torch.long).reshape(-1)
         if bool(((y < NULL_CLASS) | (y >= self.num_classes)).any()):
             raise ConfigError(f"class labels must be in [-1, {self.num_classes - 1}], got {y.tolist()}")
-        keep = (self.classes[None] == y[:, None]) | (y[:, None] == NULL_CLASS)
-        logw = torch.where(keep, logw, torch.tensor(-math.inf, dtype=F64))
-        return logw - torch.logsumexp(logw, 1, keepdim=True)
+        null = y[:, None] == NULL_CLASS
+        keep = (self.classes[None] == y[:, None]) | null
+        masked = torch.where(keep, logw, torch.tensor(-math.inf, dtype=F64))
+        masked = masked - torch.logsumexp(masked, 1, keepdim=True)
+        return torch.where(null, logw, masked)  # null rows: bit-identical to y=None
 
     def _whitened(self, x: Tensor, a, s):
         """z = U_k^T (x - a mu_k) (B, K, d) and the eigenvalues a^2 l_k + s^2 of C_k (B|1, K, d)."""

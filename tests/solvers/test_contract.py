@@ -1,0 +1,106 @@
+"""The contract every solver in condiff.solvers.SOLVERS keeps, checked on the exact GMM denoiser."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from condiff.grids import UniformLogSNR, make_grid
+from condiff.sampling import Gaussian, Recorded, initial_noise, sample
+from condiff.schedules import EDM, Flow, VPCosine, VPDiscrete, VPLinear
+from condiff.solvers import DDIM, DDPM, SOLVERS, Euler, get_solver
+
+F64 = torch.float64
+SCHEDULES = [VPLinear(), VPCosine(), VPDiscrete.from_betas("squaredcos_cap_v2"), EDM(), Flow()]
+STEPS = 6
+# Evaluations a solver skips on the step into sigma = 0 (it returns the denoised estimate instead):
+# Heun's correction would divide by rho = 0, so it takes one Euler step (1 eval of its 2).
+SKIPPED_AT_ZERO = {"ddpm": 0, "ddim": 0, "euler": 0, "heun": 1, "dpmpp-2m": 0}
+
+
+def start(schedule, n=16, seed=0, requires_grad=False):
+    grid = make_grid(schedule, STEPS, UniformLogSNR())
+    x = initial_noise(schedule, float(grid[0]), (n, 2), torch.Generator().manual_seed(seed), dtype=F64)
+    return grid, x.requires_grad_(requires_grad)
+
+
+def run(gmm, name, schedule, grid, x, noise_seed=1, **kw):
+    return sample(gmm.denoiser(schedule), get_solver(name), grid, x, {"y": torch.arange(x.shape[0]) % 2},
+                  noise=Gaussian(torch.Generator().manual_seed(noise_seed)), **kw)
+
+
+def test_registry_covers_every_solver():
+    assert set(SKIPPED_AT_ZERO) == set(SOLVERS)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_finite_shape_and_nfe(gmm, name, schedule):
+    solver = get_solver(name)
+    grid, x = start(schedule)
+    out = run(gmm, name, schedule, grid, x)
+    assert out.x.shape == x.shape and out.x.dtype == x.dtype
+    assert bool(torch.isfinite(out.x).all())
+    assert out.nfe == solver.evals_per_step() * STEPS - SKIPPED_AT_ZERO[name]
+    noisy = make_grid(schedule, STEPS, UniformLogSNR(), final_zero=False)
+    assert run(gmm, name, schedule, noisy, x).nfe == solver.evals_per_step() * STEPS
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_step_into_clean_point_returns_the_denoised_estimate(gmm, name):
+    sch = VPLinear()
+    grid, x = start(sch)
+    seen = []
+    out = run(gmm, name, sch, grid, x, callbacks=[seen.append])
+    last = seen[-1]
+    assert last.t_next == sch.t_clean and torch.equal(last.x, out.x)
+    assert torch.allclose(out.x, last.x0_hat, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_gradients_flow_through_sample(gmm, name):
+    sch = VPLinear()
+    grid, x = start(sch, requires_grad=True)
+    out = run(gmm, name, sch, grid, x)
+    (grad,) = torch.autograd.grad(out.x.square().sum(), x)
+    assert bool(torch.isfinite(grad).all()) and float(grad.abs().max()) > 0
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_same_seed_same_output(gmm, name):
+    sch = VPLinear()
+    grid, x = start(sch)
+    a = run(gmm, name, sch, grid, x.clone(), noise_seed=3).x
+    b = run(gmm, name, sch, grid, x.clone(), noise_seed=3).x
+    assert torch.equal(a, b)
+    if get_solver(name).stochastic:
+        assert not torch.equal(a, run(gmm, name, sch, grid, x.clone(), noise_seed=4).x)
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_solvers_are_frozen_and_state_starts_empty(name):
+    solver = get_solver(name)
+    fields = dataclasses.fields(solver)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(solver, fields[0].name if fields else "order", 0)
+    assert solver.init_state() is None
+
+
+@pytest.mark.parametrize("schedule", [VPLinear(), EDM()], ids=lambda s: type(s).__name__)
+def test_ddpm_equals_ddim_eta1_with_the_same_noise(gmm, schedule):
+    grid, x = start(schedule)
+    g = torch.Generator().manual_seed(9)
+    noises = [torch.randn(x.shape, generator=g, dtype=F64) for _ in range(STEPS - 1)]
+    den = gmm.denoiser(schedule)
+    a = sample(den, DDPM(), grid, x, noise=Recorded(noises))
+    b = sample(den, DDIM(eta=1.0), grid, x, noise=Recorded(noises))
+    assert torch.allclose(a.x, b.x, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: type(s).__name__)
+def test_euler_equals_deterministic_ddim(gmm, schedule):
+    grid, x = start(schedule)
+    den = gmm.denoiser(schedule)
+    a = sample(den, Euler(), grid, x).x
+    b = sample(den, DDIM(eta=0.0), grid, x).x
+    assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
