@@ -169,12 +169,17 @@ def train(
     steps: Optional[int] = typer.Option(None, help="override the recipe's number of steps"),
     out: Optional[Path] = typer.Option(None, help="output directory (default runs/<recipe name>)"),
     resume: bool = typer.Option(False, help="continue from the newest valid checkpoint in --out"),
+    seed: Optional[int] = typer.Option(None, help="override the recipe's seed (data order, noise, init)"),
 ):
     """Train a recipe; checkpoints go to OUT/checkpoints, the final EMA model to OUT/model."""
     from .training.recipe import load_recipe
     from .training.run import train_recipe
 
     r = load_recipe(recipe)
+    if seed is not None:
+        import dataclasses
+
+        r = dataclasses.replace(r, train=dataclasses.replace(r.train, seed=seed))
     out = out or Path("runs") / r.name
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} exists and is not a directory")
