@@ -40,6 +40,11 @@ def point(schedule, t) -> Point:
     return Point(float(t), float(schedule.alpha(tt)), float(schedule.sigma(tt)))
 
 
+def begin(D, x, t, t_next) -> tuple[Point, Point, torch.Tensor]:
+    """The step's two grid points and the denoised estimate x0_hat = D(x, t)."""
+    return point(D.schedule, t), point(D.schedule, t_next), D(x, t)
+
+
 class Solver:
     name: str = "?"
     order: int = 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .base import Solver, point
+from .base import Solver, begin
 
 
 @dataclass(frozen=True)
@@ -25,9 +25,7 @@ class DDIM(Solver):
         return self.eta > 0
 
     def step(self, D, x, t, t_next, state, noise):
-        sch = D.schedule
-        p, q = point(sch, t), point(sch, t_next)
-        x0 = D(x, t)
+        p, q, x0 = begin(D, x, t, t_next)
         if q.sigma == 0:
             return x0, state
         eps = (x - p.alpha * x0) / p.sigma

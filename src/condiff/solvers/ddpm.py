@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .base import Solver, point
+from .base import Solver, begin
 
 
 @dataclass(frozen=True)
@@ -21,9 +21,7 @@ class DDPM(Solver):
     stochastic = True
 
     def step(self, D, x, t, t_next, state, noise):
-        sch = D.schedule
-        p, q = point(sch, t), point(sch, t_next)
-        x0 = D(x, t)
+        p, q, x0 = begin(D, x, t, t_next)
         if q.sigma == 0:
             return x0, state
         a_ts = p.alpha / q.alpha

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .base import Solver, point
+from .base import Solver, begin
 
 
 @dataclass(frozen=True)
@@ -22,8 +22,7 @@ class DPMSolverPP2M(Solver):
     order = 2
 
     def step(self, D, x, t, t_next, state, noise):
-        p, q = point(D.schedule, t), point(D.schedule, t_next)
-        d = D(x, t)
+        p, q, d = begin(D, x, t, t_next)
         if q.sigma == 0:
             return d, (d, p.lam)
         h = q.lam - p.lam

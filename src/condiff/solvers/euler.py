@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Solver, point
+from .base import Solver, begin
 
 
 def ode_slope(y, x0, rho):
@@ -22,8 +22,7 @@ class Euler(Solver):
     order = 1
 
     def step(self, D, x, t, t_next, state, noise):
-        p, q = point(D.schedule, t), point(D.schedule, t_next)
-        x0 = D(x, t)
+        p, q, x0 = begin(D, x, t, t_next)
         y = x / p.alpha
         y_next = y + (q.rho - p.rho) * ode_slope(y, x0, p.rho)
         return q.alpha * y_next, state
