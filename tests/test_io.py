@@ -79,3 +79,10 @@ def test_no_unsafe_torch_load_or_pickle_in_src():
         for m in re.finditer(r"torch\.load\(([^)]*)\)", text):
             assert "weights_only=True" in m.group(1), f"{path}: {m.group(0)}"
         assert not re.search(r"^\s*import pickle|pickle\.loads?\(", text, re.M), path
+
+
+def test_outputs_get_normal_permissions(tmp_path):
+    old = os.umask(0o022)
+    os.umask(old)
+    atomic_write_bytes(tmp_path / "f.bin", b"x")
+    assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o666 & ~old

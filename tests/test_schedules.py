@@ -7,7 +7,7 @@ import torch
 
 from condiff.errors import ConfigError
 from condiff.grids import SPACINGS, make_grid
-from condiff.schedules import EDM, Flow, VPCosine, VPDiscrete, VPLinear, schedule_from_config
+from condiff.schedules import DEFAULT_START_SIGMA_RATIO, EDM, Flow, VPCosine, VPDiscrete, VPLinear, schedule_from_config
 
 F64 = torch.float64
 
@@ -63,7 +63,7 @@ def test_finite_over_range_and_default_grids(schedule):
         noisy = grid[:-1]
         for f in (schedule.alpha, schedule.sigma, schedule.log_snr, schedule.sigma_over_alpha):
             assert bool(torch.isfinite(f(noisy)).all())
-        assert float(schedule.sigma_over_alpha(grid[0])) <= 80.0 * (1 + 1e-9)
+        assert float(schedule.sigma_over_alpha(grid[0])) <= DEFAULT_START_SIGMA_RATIO * (1 + 1e-9)
 
 
 def test_clean_point(schedule):

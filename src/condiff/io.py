@@ -19,6 +19,10 @@ from safetensors.torch import save as st_save
 from .errors import CondiffError, InputFileError
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _fsync_dir(path: Path):
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -39,6 +43,7 @@ def atomic_write_bytes(path, data: bytes) -> Path:
     except OSError as e:
         raise CondiffError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -103,6 +108,7 @@ def atomic_dir(path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
         for f in tmp.rglob("*"):
