@@ -148,7 +148,7 @@ class Trainer:
         x0, raw = fam.training_batch(self.step, cfg.batch_size, g, cfg.seed, obj)
         loss = fam.loss(self.module, self.model.model_cfg, self.model.schedule, obj, x0, raw, g).mean()
         if not torch.isfinite(loss):
-            raise NonFiniteError(f"non-finite loss ({float(loss)}) at step {self.step}; the last good "
+            raise NonFiniteError(f"non-finite loss ({loss.item()}) at step {self.step}; the last good "
                                  f"checkpoint is kept in {str(self.ckpt_root)!r}")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
