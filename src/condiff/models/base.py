@@ -112,31 +112,24 @@ class LoadedModel:
         directory = Path(directory)
         with atomic_dir(directory) as tmp:
             self.family.save_parts(self.module, tmp)
-            _save_scheduler_config(self.schedule, self.prediction, tmp / "scheduler")
+            _save_scheduler_config(self.info.get("schedule_cfg", {}), self.prediction, tmp / "scheduler")
             atomic_write_json(tmp / "condiff.json", {
                 "family": self.family.name, "prediction": self.prediction.name,
                 "schedule": self.info.get("schedule_cfg") or self.schedule.to_config(),
                 "model": self.model_cfg, **(extra or {})})
 
 
-def _save_scheduler_config(schedule, prediction, directory: Path):
-    """A diffusers DDPMScheduler config matching a VP-discrete schedule, for diffusers users."""
-    cfg = getattr(schedule, "_diffusers_config", None)
-    if cfg is None:
+def _save_scheduler_config(schedule_cfg: dict, prediction, directory: Path):
+    """A diffusers DDPMScheduler config matching a VP-discrete beta schedule, for diffusers users."""
+    if schedule_cfg.get("type") != "vp_discrete" or "beta_schedule" not in schedule_cfg:
         return
     from diffusers import DDPMScheduler
 
     pred = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}.get(prediction.name, "epsilon")
-    DDPMScheduler(**cfg, prediction_type=pred, clip_sample=False).save_pretrained(directory)
-
-
-def make_schedule(cfg: dict) -> NoiseSchedule:
-    sch = schedule_from_config(cfg)
-    if cfg.get("type") == "vp_discrete" and "beta_schedule" in cfg:
-        object.__setattr__(sch, "_diffusers_config", {
-            "num_train_timesteps": cfg.get("num_steps", 1000), "beta_schedule": cfg["beta_schedule"],
-            "beta_start": cfg.get("beta_start", 1e-4), "beta_end": cfg.get("beta_end", 2e-2)})
-    return sch
+    DDPMScheduler(num_train_timesteps=schedule_cfg.get("num_steps", 1000),
+                  beta_schedule=schedule_cfg["beta_schedule"], beta_start=schedule_cfg.get("beta_start", 1e-4),
+                  beta_end=schedule_cfg.get("beta_end", 2e-2), prediction_type=pred,
+                  clip_sample=False).save_pretrained(directory)
 
 
 def _families():
@@ -144,9 +137,6 @@ def _families():
     from .shapes import ShapesFamily
 
     return {"shapes": ShapesFamily(), "digits": DigitsFamily()}
-
-
-FAMILIES = _families
 
 
 def get_family(name: str) -> ModelFamily:
@@ -181,7 +171,7 @@ def load_model(name_or_path: str | Path) -> LoadedModel:
             raise InputFileError(f"{str(path / 'condiff.json')!r} lacks the key {key!r}")
     fam = get_family(meta["family"])
     module = fam.load_parts(path, meta["model"]).eval()
-    sch = make_schedule(meta["schedule"])
+    sch = schedule_from_config(meta["schedule"])
     return LoadedModel(fam, module, sch, as_prediction(meta["prediction"]), meta["model"], path,
                        {"schedule_cfg": meta["schedule"], **{k: v for k, v in meta.items() if k not in
                                                               ("family", "prediction", "schedule", "model")}})
@@ -191,7 +181,7 @@ def build_model(family_name: str, model_cfg: dict, schedule_cfg: dict, predictio
     fam = get_family(family_name)
     if not isinstance(model_cfg, dict):
         raise ConfigError(f"[model] must be a table, got {model_cfg!r}")
-    return LoadedModel(fam, fam.build(model_cfg), make_schedule(schedule_cfg), as_prediction(prediction),
+    return LoadedModel(fam, fam.build(model_cfg), schedule_from_config(schedule_cfg), as_prediction(prediction),
                        model_cfg, None, {"schedule_cfg": schedule_cfg})
 
 
