@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import typer  # noqa: E402
 
-from .errors import CondiffError, ConfigError, one_of  # noqa: E402
+from .errors import CondiffError, ConfigError, OutputFileError, one_of, one_line  # noqa: E402
+
+MAX_SAMPLES = 1_000_000  # --n and --batch-size
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="condiff: conditional diffusion - sample, evaluate, train, demo.")
@@ -35,15 +38,46 @@ def _spacing(name: str):
     return SPACINGS[name]
 
 
-def _check_common(steps: int, cfg: float, n: int, batch_size: int):
-    if steps < 1:
-        raise ConfigError(f"--steps must be a positive integer, got {steps}")
+def _check_common(steps: int, cfg: float, n: int, batch_size: int, seed: int):
+    from .grids import MAX_STEPS
+    from .training.recipe import check_seed
+
+    if not 1 <= steps <= MAX_STEPS:
+        raise ConfigError(f"--steps must be an integer in [1, {MAX_STEPS}], got {steps}")
     if not math.isfinite(cfg) or abs(cfg) > 1e4:
         raise ConfigError(f"--cfg must be a finite number with |cfg| <= 10000, got {cfg}")
-    if n < 1:
-        raise ConfigError(f"--n must be a positive integer, got {n}")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be a positive integer, got {batch_size}")
+    if not 1 <= n <= MAX_SAMPLES:
+        raise ConfigError(f"--n must be an integer in [1, {MAX_SAMPLES}], got {n}")
+    if not 1 <= batch_size <= MAX_SAMPLES:
+        raise ConfigError(f"--batch-size must be an integer in [1, {MAX_SAMPLES}], got {batch_size}")
+    check_seed(seed, "--seed")
+
+
+def _check_out(path: Path, option: str, suffix: str | None = None, kind: str = "file"):
+    """Refuse an output path before any model is loaded: wrong suffix, wrong kind, not writable."""
+    from .io import check_writable
+
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise ConfigError(f"{option} must end in {suffix}, got {str(path)!r}")
+    try:
+        check_writable(path, kind)
+    except OutputFileError as e:
+        raise OutputFileError(f"{option}: {e}") from None
+
+
+def _parse_prompt(model: str, prompt: str):
+    """The raw condition of ``prompt`` (1, ...), checked against the model's family before loading it."""
+    from .models.base import get_family, resolve_model
+
+    _, meta = resolve_model(model)
+    return get_family(meta["family"]).parse_prompt(prompt)
+
+
+def _threads() -> int:
+    value = os.environ.get("CONDIFF_THREADS", "2")
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ConfigError(f"CONDIFF_THREADS must be a positive integer, got {value!r}")
+    return max(1, min(os.cpu_count() or 1, int(value)))
 
 
 def _load(model: str):
@@ -52,7 +86,7 @@ def _load(model: str):
     from .models.base import load_model, silence_diffusers
 
     silence_diffusers()
-    torch.set_num_threads(max(1, min(os.cpu_count() or 1, int(os.environ.get("CONDIFF_THREADS", "2")))))
+    torch.set_num_threads(_threads())
     return load_model(model)
 
 
@@ -104,18 +138,17 @@ def sample_cmd(
     from .images import grid_image, save_png
     from .io import atomic_write_json
 
-    _check_common(steps, cfg, n, batch_size)
-    if out.suffix.lower() != ".png":
-        raise ConfigError(f"--out must end in .png, got {str(out)!r}")
-    if out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} is a directory; give a .png file name")
+    _check_common(steps, cfg, n, batch_size, seed)
+    _check_out(out, "--out", ".png")
+    _check_out(out.with_suffix(".json"), "--out (its JSON sidecar)")
     sol, spc = _solver(solver), _spacing(spacing)
+    one = None if prompt is None else _parse_prompt(model, prompt)
     m = _load(model)
     g = torch.Generator().manual_seed(seed)
-    if prompt is None:
+    if one is None:
         raw, _ = m.family.random_conditions(n, g)
     else:
-        raw = m.family.parse_prompt(prompt).expand(n, *m.family.parse_prompt(prompt).shape[1:])
+        raw = one.expand(n, *one.shape[1:])
     t0 = time.perf_counter()
     images, nfe = generate(m, raw, sol, steps, cfg, g, spc, batch_size, progress=True)
     seconds = time.perf_counter() - t0
@@ -124,9 +157,10 @@ def sample_cmd(
                "solver": solver, "steps": steps, "cfg": cfg, "n": n, "seed": seed, "spacing": spacing,
                "batch_size": batch_size, "nfe": nfe, "seconds": seconds, "condiff_version": __version__,
                "torch_version": torch.__version__,
-               "reproduce": f"condiff sample --model {model} " + (f"--prompt {json.dumps(prompt)} " if prompt else "")
+               "reproduce": f"condiff sample --model {shlex.quote(model)} "
+               + (f"--prompt {shlex.quote(prompt)} " if prompt is not None else "")
                + f"--solver {solver} --steps {steps} --cfg {cfg} --n {n} --seed {seed} --spacing {spacing} "
-               f"--batch-size {batch_size} --out {out}"}
+               f"--batch-size {batch_size} --out {shlex.quote(str(out))}"}
     atomic_write_json(out.with_suffix(".json"), sidecar)
     typer.echo(f"wrote {out} and {out.with_suffix('.json')} ({n} images, {nfe} NFE, {seconds:.1f}s)")
 
@@ -147,9 +181,9 @@ def eval_cmd(
     from .evaluate import evaluate
     from .io import atomic_write_json
 
-    _check_common(steps, cfg, n, batch_size)
-    if json_out is not None and json_out.is_dir():
-        raise ConfigError(f"--json {str(json_out)!r} is a directory; give a file name")
+    _check_common(steps, cfg, n, batch_size, seed)
+    if json_out is not None:
+        _check_out(json_out, "--json", ".json")
     sol, spc = _solver(solver), _spacing(spacing)
     m = _load(model)
     res = evaluate(m, sol, steps, cfg, n, seed, spc, batch_size, progress=True)
@@ -172,17 +206,18 @@ def train(
     seed: Optional[int] = typer.Option(None, help="override the recipe's seed (data order, noise, init)"),
 ):
     """Train a recipe; checkpoints go to OUT/checkpoints, the final EMA model to OUT/model."""
-    from .training.recipe import load_recipe
+    from .training.recipe import check_seed, load_recipe
     from .training.run import train_recipe
 
     r = load_recipe(recipe)
     if seed is not None:
         import dataclasses
 
-        r = dataclasses.replace(r, train=dataclasses.replace(r.train, seed=seed))
+        r = dataclasses.replace(r, train=dataclasses.replace(r.train, seed=check_seed(seed, "--seed")))
+    if steps is not None and steps < 1:
+        raise ConfigError(f"--steps must be a positive integer, got {steps}")
     out = out or Path("runs") / r.name
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} exists and is not a directory")
+    _check_out(out, "--out", kind="dir")
     tr = train_recipe(r, out, steps=steps, resume=resume)
     typer.echo(f"trained {tr.step} steps in {tr.train_seconds / 60:.1f} min; model at {out / 'model'}")
 
@@ -197,6 +232,24 @@ def demo(out: Path = typer.Option(Path("outputs/demo"), help="output directory")
     typer.echo(f"wrote {path}")
 
 
+def _fail(message: str):
+    """Print the one-line error and exit with code 2."""
+    typer.echo(f"error: {one_line(message)}", err=True)
+    sys.exit(2)
+
+
+def _bad_input(e: Exception) -> str:
+    """', got VALUE' for a value typer could not convert (its message does not name the value)."""
+    errors = getattr(e.__cause__, "errors", None)
+    try:
+        items = errors() if callable(errors) else []
+    except Exception:  # pragma: no cover
+        items = []
+    if items and isinstance(items[0], dict) and "input" in items[0]:
+        return f", got {items[0]['input']!r}"
+    return ""
+
+
 def main(argv=None):
     try:
         from typer._click import exceptions as click_exc  # typer >= 0.25 vendors click
@@ -206,18 +259,15 @@ def main(argv=None):
     try:
         app(args=argv, standalone_mode=False)
     except CondiffError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        _fail(str(e))
     except click_exc.NoArgsIsHelpError as e:
         typer.echo(e.format_message())
         sys.exit(2)
     except click_exc.UsageError as e:
-        msg = e.format_message().replace("\n", " ")
-        typer.echo(f"error: {msg}" + (f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""), err=True)
-        sys.exit(2)
+        msg = e.format_message().replace("\n", " ") + _bad_input(e)
+        _fail(msg + (f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""))
     except click_exc.ClickException as e:
-        typer.echo(f"error: {e.format_message()}", err=True)
-        sys.exit(2)
+        _fail(e.format_message())
     except KeyboardInterrupt:
         typer.echo("error: interrupted", err=True)
         sys.exit(130)

@@ -14,6 +14,10 @@ class InputFileError(CondiffError, OSError):
     """A missing, unreadable, truncated or unsafe input file."""
 
 
+class OutputFileError(CondiffError, OSError):
+    """An output path that cannot be written (a directory, under a regular file, read-only, ...)."""
+
+
 class NonFiniteError(CondiffError, FloatingPointError):
     """A NaN or inf appeared during sampling or training."""
 
@@ -21,3 +25,8 @@ class NonFiniteError(CondiffError, FloatingPointError):
 def one_of(kind: str, value, accepted) -> ConfigError:
     """Build the standard 'unknown X' error: names the value and lists what is accepted."""
     return ConfigError(f"unknown {kind} {value!r}; accepted: {', '.join(map(str, accepted))}")
+
+
+def one_line(message: str) -> str:
+    """``message`` with every line break or other control character escaped, so it prints as one line."""
+    return "".join(c if c.isprintable() or c == " " else ascii(c)[1:-1] for c in str(message))

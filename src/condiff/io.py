@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .errors import CondiffError, InputFileError
+from .errors import InputFileError, OutputFileError
 
 
 _UMASK = os.umask(0)
@@ -35,13 +35,13 @@ def _fsync_dir(path: Path):
 def atomic_write_bytes(path, data: bytes) -> Path:
     path = Path(path)
     if path.is_dir():
-        raise CondiffError(f"output path {str(path)!r} is a directory; give a file name")
+        raise OutputFileError(f"output path {str(path)!r} is a directory; give a file name")
     parent = path.parent if str(path.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     except OSError as e:
-        raise CondiffError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+        raise OutputFileError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
         with os.fdopen(fd, "wb") as f:
@@ -52,8 +52,39 @@ def atomic_write_bytes(path, data: bytes) -> Path:
     except OSError as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise CondiffError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+        raise OutputFileError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
     _fsync_dir(parent)
+    return path
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists (where a write would have to create things)."""
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(path, kind: str = "file") -> Path:
+    """Refuse, before any work is done, an output ``path`` (a ``file`` or a ``dir``) that cannot be
+    written: the wrong kind of thing already there, a path under a regular file, or a read-only location.
+    Probes with a temporary file that is removed at once; creates nothing else."""
+    path = Path(path)
+    if kind == "file" and path.is_dir():
+        raise OutputFileError(f"output path {str(path)!r} is a directory; give a file name")
+    if kind == "file" and os.path.lexists(path) and not path.is_file():
+        raise OutputFileError(f"output path {str(path)!r} exists and is not a regular file")
+    if kind == "dir" and os.path.lexists(path) and not path.is_dir():
+        raise OutputFileError(f"output path {str(path)!r} exists and is not a directory")
+    base = _nearest_existing(path if kind == "dir" else path.parent)
+    if not base.is_dir():
+        raise OutputFileError(f"cannot write {str(path)!r}: {str(base)!r} is not a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".condiff-probe.", suffix=".tmp", dir=base)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise OutputFileError(f"cannot write {str(path)!r}: {str(base)!r} is not writable "
+                              f"({e.strerror or e})") from None
     return path
 
 
@@ -85,7 +116,10 @@ def load_tensors(path) -> dict[str, torch.Tensor]:
         raise InputFileError(f"file not found: {str(path)!r}")
     if path.is_dir():
         raise InputFileError(f"expected a .safetensors file, got a directory: {str(path)!r}")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InputFileError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
     try:
         return st_load(data)
     except Exception as e:  # safetensors raises several types for bad headers
@@ -93,13 +127,20 @@ def load_tensors(path) -> dict[str, torch.Tensor]:
 
 
 def load_json(path) -> dict:
+    """Read a JSON file (any JSON value; callers check its shape)."""
     path = Path(path)
+    if path.is_dir():
+        raise InputFileError(f"expected a JSON file, got a directory: {str(path)!r}")
     if not path.is_file():
         raise InputFileError(f"JSON file not found: {str(path)!r}")
     try:
         return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, over-long integers
         raise InputFileError(f"{str(path)!r} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise InputFileError(f"{str(path)!r} is not valid JSON (nested too deeply)") from None
+    except OSError as e:
+        raise InputFileError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
 
 
 @contextlib.contextmanager

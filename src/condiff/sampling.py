@@ -95,7 +95,7 @@ def sample(denoiser, solver, grid: torch.Tensor, x: torch.Tensor, cond: Mapping[
         raise ConfigError("grid must be a 1-D, strictly descending tensor with at least 2 points")
     D = CountingDenoiser(denoiser, cond)
     noise = noise or Gaussian()
-    state = solver.init_state()
+    state = solver.init_state(grid)
     callbacks = list(callbacks)
     steps = range(grid.numel() - 1)
     if progress:

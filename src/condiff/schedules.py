@@ -154,6 +154,32 @@ class VPCosine(NoiseSchedule):
         return {"type": "vp_cosine", "s": self.s}
 
 
+def _check_alphas_cumprod(table) -> Tensor:
+    """The table as a flat float64 tensor; refuses anything but a strictly decreasing table in (0, 1)."""
+    want = "alphas_cumprod must be a strictly decreasing table of at least 2 values in (0, 1)"
+    try:
+        ac = torch.as_tensor(table, dtype=torch.float64).flatten()
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise ConfigError(f"{want}, got {type(table).__name__} {_short(table)}") from None
+    if ac.numel() < 2:
+        raise ConfigError(f"{want}, got {ac.numel()} value(s)")
+    bad = ~((ac > 0) & (ac < 1))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ConfigError(f"{want}; value {i} is {float(ac[i])!r}")
+    rising = ~(ac[1:] < ac[:-1])
+    if bool(rising.any()):
+        i = int(rising.nonzero()[0]) + 1
+        raise ConfigError(f"{want}; value {i} ({float(ac[i])!r}) is not below value {i - 1} "
+                          f"({float(ac[i - 1])!r})")
+    return ac
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 @dataclass(frozen=True, eq=False)
 class VPDiscrete(NoiseSchedule):
     """A discrete DDPM schedule from its ``alphas_cumprod`` table, continuous in t by log-alpha interpolation.
@@ -164,9 +190,7 @@ class VPDiscrete(NoiseSchedule):
     variance_preserving: bool = True
 
     def __post_init__(self):
-        ac = torch.as_tensor(self.alphas_cumprod, dtype=torch.float64).flatten()
-        if ac.numel() < 2 or not torch.all((ac > 0) & (ac < 1)) or not torch.all(ac[1:] < ac[:-1]):
-            raise ConfigError("alphas_cumprod must be a strictly decreasing table of values in (0, 1)")
+        ac = _check_alphas_cumprod(self.alphas_cumprod)
         object.__setattr__(self, "alphas_cumprod", ac)
         table = torch.cat([torch.zeros(1, dtype=torch.float64), 0.5 * torch.log(ac)])
         object.__setattr__(self, "_log_alpha_table", table)  # index i <-> t = i - 1
@@ -273,20 +297,51 @@ class Flow(NoiseSchedule):
         return {"type": "flow"}
 
 
+SCHEDULE_KEYS = {
+    "vp_linear": ("beta_min", "beta_max"),
+    "vp_cosine": ("s",),
+    "vp_discrete": ("alphas_cumprod", "beta_schedule", "num_steps", "beta_start", "beta_end"),
+    "edm": ("sigma_min", "sigma_max"),
+    "flow": (),
+}
+
+
+def _number(cfg: dict, key: str, default, lo: float, hi: float, integer: bool = False):
+    """cfg[key] (or the default), checked to be a finite number (an integer if asked) in [lo, hi]."""
+    value = cfg.get(key, default)
+    kinds = int if integer else (int, float)
+    if not isinstance(value, kinds) or isinstance(value, bool) or not lo <= value <= hi:  # NaN fails too
+        what = "an integer" if integer else "a finite number"
+        raise ConfigError(f"schedule.{key} must be {what} in [{lo}, {hi}], got {_short(value)}")
+    return value
+
+
 def schedule_from_config(cfg: dict) -> NoiseSchedule:
-    """Inverse of ``NoiseSchedule.to_config`` (JSON-safe)."""
+    """Inverse of ``NoiseSchedule.to_config`` (JSON-safe). Unknown types or keys and bad values are refused."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"a schedule config must be a table (mapping), got {_short(cfg)}")
     kind = cfg.get("type")
+    if not isinstance(kind, str) or kind not in SCHEDULE_KEYS:
+        raise one_of("schedule type", kind, SCHEDULE_KEYS)
+    for key in cfg:
+        if key != "type" and key not in SCHEDULE_KEYS[kind]:
+            raise ConfigError(f"unknown key schedule.{key} for type {kind!r}; accepted: "
+                              f"{', '.join(('type',) + SCHEDULE_KEYS[kind])}")
     if kind == "vp_linear":
-        return VPLinear(cfg.get("beta_min", 0.1), cfg.get("beta_max", 20.0))
+        b0 = _number(cfg, "beta_min", 0.1, 0.0, 1e3)
+        return VPLinear(b0, _number(cfg, "beta_max", 20.0, max(b0, 1e-6), 1e3))
     if kind == "vp_cosine":
-        return VPCosine(cfg.get("s", 0.008))
+        return VPCosine(_number(cfg, "s", 0.008, 0.0, 1.0))
     if kind == "vp_discrete":
         if "alphas_cumprod" in cfg:
-            return VPDiscrete(alphas_cumprod=torch.tensor(cfg["alphas_cumprod"], dtype=torch.float64))
-        return VPDiscrete.from_betas(cfg.get("beta_schedule", "linear"), cfg.get("num_steps", 1000),
-                                     cfg.get("beta_start", 1e-4), cfg.get("beta_end", 2e-2))
+            return VPDiscrete(alphas_cumprod=cfg["alphas_cumprod"])
+        beta_schedule = cfg.get("beta_schedule", "linear")
+        if not isinstance(beta_schedule, str):
+            raise ConfigError(f"schedule.beta_schedule must be a string, got {_short(beta_schedule)}")
+        return VPDiscrete.from_betas(beta_schedule, _number(cfg, "num_steps", 1000, 2, 100_000, integer=True),
+                                     _number(cfg, "beta_start", 1e-4, 1e-12, 0.999),
+                                     _number(cfg, "beta_end", 2e-2, 1e-12, 0.999))
     if kind == "edm":
-        return EDM(cfg.get("sigma_min", 0.002), cfg.get("sigma_max", 80.0))
-    if kind == "flow":
-        return Flow()
-    raise one_of("schedule type", kind, ["vp_linear", "vp_cosine", "vp_discrete", "edm", "flow"])
+        lo = _number(cfg, "sigma_min", 0.002, 1e-12, 1e6)
+        return EDM(lo, _number(cfg, "sigma_max", 80.0, lo * (1 + 1e-9), 1e6))
+    return Flow()

@@ -15,7 +15,9 @@ SCHEDULES = [VPLinear(), VPCosine(), VPDiscrete.from_betas("squaredcos_cap_v2"),
 STEPS = 6
 # Evaluations a solver skips on the step into sigma = 0 (it returns the denoised estimate instead):
 # Heun's correction would divide by rho = 0, so it takes one Euler step (1 eval of its 2).
-SKIPPED_AT_ZERO = {"ddpm": 0, "ddim": 0, "euler": 0, "heun": 1, "dpmpp-2m": 0}
+# DPM-Solver++(2S) returns D(x, t) there without its midpoint evaluation (1 of 2).
+SKIPPED_AT_ZERO = {"ddpm": 0, "ddim": 0, "euler": 0, "heun": 1, "dpmpp-2m": 0, "dpmpp-3m": 0, "dpmpp-2s": 1,
+                   "unipc": 0}
 
 
 def start(schedule, n=16, seed=0, requires_grad=False):

@@ -16,7 +16,7 @@ from condiff.data.gmm import GMM
 from condiff.denoiser import wrap
 from condiff.sampling import sample
 from condiff.schedules import VPDiscrete
-from condiff.solvers import DDIM, DPMSolverPP2M
+from condiff.solvers import DDIM, DPMSolverPP2M, DPMSolverPP3M, UniPC
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -58,12 +58,17 @@ def schedulers():
         "dpmpp-2m": (lambda: diffusers.DPMSolverMultistepScheduler(
             algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", final_sigmas_type="zero",
             **common), DPMSolverPP2M()),
+        "dpmpp-3m": (lambda: diffusers.DPMSolverMultistepScheduler(
+            algorithm_type="dpmsolver++", solver_order=3, final_sigmas_type="zero", lower_order_final=True,
+            **common), DPMSolverPP3M()),
+        "unipc": (lambda: diffusers.UniPCMultistepScheduler(
+            solver_type="bh2", solver_order=2, final_sigmas_type="zero", **common), UniPC(order=2, variant="bh2")),
     }
 
 
 @pytest.mark.parametrize("conditional", [False, True])
 @pytest.mark.parametrize("steps", [10, 25])
-@pytest.mark.parametrize("name", ["ddim", "dpmpp-2m"])
+@pytest.mark.parametrize("name", ["ddim", "dpmpp-2m", "dpmpp-3m", "unipc"])
 def test_matches_diffusers(name, steps, conditional, gmm, capsys):
     make, solver = schedulers()[name]
     scheduler = make()

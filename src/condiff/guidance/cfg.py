@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-import math
+import numbers
 
 import torch
 
@@ -40,10 +40,14 @@ def split_batch(x: torch.Tensor, n: int):
     return x.chunk(n, 0)
 
 
+MAX_SCALE = 1e4  # beyond this, guided x0 estimates overflow float32 long before they are useful
+
+
 def _check_scale(w):
     if not callable(w):
-        if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w):
-            raise ConfigError(f"guidance scale must be a finite number or a function of t, got {w!r}")
+        if not isinstance(w, numbers.Real) or isinstance(w, bool) or not abs(w) <= MAX_SCALE:  # NaN fails too
+            raise ConfigError(f"guidance scale must be a finite number with |scale| <= {MAX_SCALE:g} or a "
+                              f"function of t, got {w!r}")
 
 
 @dataclass

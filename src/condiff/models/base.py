@@ -132,6 +132,19 @@ def _save_scheduler_config(schedule_cfg: dict, prediction, directory: Path):
                   clip_sample=False).save_pretrained(directory)
 
 
+def load_pretrained(cls, directory: Path):
+    """``cls.from_pretrained(directory)``, refusing weights that leave parameters missing, mismatched or
+    unused (diffusers only warns, and fills missing parameters with random values)."""
+    module, info = cls.from_pretrained(directory, output_loading_info=True)
+    bad = [f"missing {k}" for k in info.get("missing_keys", [])]
+    bad += [f"mismatched {k[0] if isinstance(k, tuple) else k}" for k in info.get("mismatched_keys", [])]
+    bad += [f"unexpected {k}" for k in info.get("unexpected_keys", [])]
+    if bad:
+        raise InputFileError(f"the weights in {str(directory)!r} do not match its config: {len(bad)} tensor(s) "
+                             f"wrong, e.g. {bad[0]}")
+    return module
+
+
 def _families():
     from .digits import DigitsFamily
     from .shapes import ShapesFamily
@@ -141,7 +154,7 @@ def _families():
 
 def get_family(name: str) -> ModelFamily:
     fams = _families()
-    if name not in fams:
+    if not isinstance(name, str) or name not in fams:
         raise one_of("model family", name, fams)
     return fams[name]
 
@@ -153,36 +166,72 @@ def bundled_dir(name: str) -> Path:
     return BUNDLED_ROOT / name
 
 
-def load_model(name_or_path: str | Path) -> LoadedModel:
-    """Load a bundled model by name (shapes, digits) or a model directory written by condiff."""
+def resolve_model(name_or_path: str | Path) -> tuple[Path, dict]:
+    """The directory of a bundled model name or model directory, and its checked ``condiff.json``
+    (family, prediction and schedule are validated here, before any weights are read)."""
     path = Path(name_or_path)
     if str(name_or_path) in BUNDLED:
         path = bundled_dir(str(name_or_path))
         if not (path / "condiff.json").is_file():
             raise InputFileError(f"bundled model {name_or_path!r} is missing its weights at {str(path)!r}")
-    elif not path.exists():
+    elif not str(name_or_path) or not path.exists():
         raise InputFileError(f"model {str(name_or_path)!r} is neither a bundled model ({', '.join(BUNDLED)}) "
                              f"nor an existing directory")
     if not path.is_dir():
         raise InputFileError(f"model path {str(path)!r} must be a directory with condiff.json")
+    where = str(path / "condiff.json")
+    if not (path / "condiff.json").is_file():
+        raise InputFileError(f"model directory {str(path)!r} has no condiff.json file (not a condiff model)")
     meta = load_json(path / "condiff.json")
+    if not isinstance(meta, dict):
+        raise InputFileError(f"{where!r} must hold a JSON object, got {type(meta).__name__}")
     for key in ("family", "prediction", "schedule", "model"):
         if key not in meta:
-            raise InputFileError(f"{str(path / 'condiff.json')!r} lacks the key {key!r}")
+            raise InputFileError(f"{where!r} lacks the key {key!r}")
+    for key, kind in (("family", str), ("prediction", str), ("schedule", dict), ("model", dict)):
+        if not isinstance(meta[key], kind):
+            raise InputFileError(f"{where!r}: {key!r} must be a JSON {'string' if kind is str else 'object'}, "
+                                 f"got {type(meta[key]).__name__}")
+    try:
+        get_family(meta["family"]), as_prediction(meta["prediction"]), schedule_from_config(meta["schedule"])
+    except ConfigError as e:
+        raise InputFileError(f"{where!r}: {e}") from None
+    return path, meta
+
+
+def load_model(name_or_path: str | Path) -> LoadedModel:
+    """Load a bundled model by name (shapes, digits) or a model directory written by condiff."""
+    path, meta = resolve_model(name_or_path)
     fam = get_family(meta["family"])
-    module = fam.load_parts(path, meta["model"]).eval()
+    try:
+        module = fam.load_parts(path, meta["model"]).eval()
+    except InputFileError:
+        raise
+    except Exception as e:  # diffusers raises many types for missing, truncated or mismatched weights
+        raise InputFileError(f"cannot load the {fam.name} networks from {str(path)!r} "
+                             f"({type(e).__name__}: {_first_line(e)})") from None
     sch = schedule_from_config(meta["schedule"])
     return LoadedModel(fam, module, sch, as_prediction(meta["prediction"]), meta["model"], path,
                        {"schedule_cfg": meta["schedule"], **{k: v for k, v in meta.items() if k not in
                                                               ("family", "prediction", "schedule", "model")}})
 
 
+def _first_line(e: Exception, limit: int = 200) -> str:
+    text = (str(e).strip().splitlines() or [""])[0]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def build_model(family_name: str, model_cfg: dict, schedule_cfg: dict, prediction: str) -> LoadedModel:
     fam = get_family(family_name)
     if not isinstance(model_cfg, dict):
         raise ConfigError(f"[model] must be a table, got {model_cfg!r}")
-    return LoadedModel(fam, fam.build(model_cfg), schedule_from_config(schedule_cfg), as_prediction(prediction),
-                       model_cfg, None, {"schedule_cfg": schedule_cfg})
+    sch, pred = schedule_from_config(schedule_cfg), as_prediction(prediction)
+    try:
+        module = fam.build(model_cfg)
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError, OverflowError) as e:
+        raise ConfigError(f"[model] is not a valid {fam.name} model config ({type(e).__name__}: "
+                          f"{_first_line(e)})") from None
+    return LoadedModel(fam, module, sch, pred, model_cfg, None, {"schedule_cfg": schedule_cfg})
 
 
 def silence_diffusers():

@@ -10,7 +10,7 @@ from torch import nn
 from ..data import digits
 from ..errors import ConfigError
 from ..nets import build_unet
-from .base import ModelFamily
+from .base import ModelFamily, load_pretrained
 
 NULL = digits.NUM_CLASSES
 
@@ -50,13 +50,16 @@ class DigitsFamily(ModelFamily):
     def training_batch(self, step, n, generator, seed, objective):
         s = digits.load_split()
         x, y = s["x_train"], s["y_train"]
+        if n > x.shape[0]:
+            raise ConfigError(f"train.batch_size must be at most the {x.shape[0]} digits training images, got {n}")
         per_epoch = x.shape[0] // n
         epoch, k = divmod(step, per_epoch)
-        perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        perm_seed = (seed * 100_003 + epoch) % (2**63 - 1)  # the identity for every seed below ~9e13
+        perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(perm_seed))
         idx = perm[k * n:(k + 1) * n]
         return x[idx], y[idx]
 
     def load_parts(self, directory: Path, model_cfg):
         from diffusers import UNet2DModel
 
-        return nn.ModuleDict({"unet": UNet2DModel.from_pretrained(directory / "unet")})
+        return nn.ModuleDict({"unet": load_pretrained(UNet2DModel, directory / "unet")})

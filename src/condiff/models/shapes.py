@@ -15,7 +15,7 @@ from torch import nn
 
 from ..data import labeller, shapes, text
 from ..nets import SlotTextEncoder, build_unet
-from .base import ModelFamily
+from .base import ModelFamily, load_pretrained
 
 
 class ShapesFamily(ModelFamily):
@@ -64,5 +64,5 @@ class ShapesFamily(ModelFamily):
     def load_parts(self, directory: Path, model_cfg):
         from diffusers import UNet2DConditionModel
 
-        return nn.ModuleDict({"unet": UNet2DConditionModel.from_pretrained(directory / "unet"),
-                              "text_encoder": SlotTextEncoder.from_pretrained(directory / "text_encoder")})
+        return nn.ModuleDict({"unet": load_pretrained(UNet2DConditionModel, directory / "unet"),
+                              "text_encoder": load_pretrained(SlotTextEncoder, directory / "text_encoder")})

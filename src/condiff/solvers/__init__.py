@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from .base import Solver, Point, point
 from .ddim import DDIM
 from .ddpm import DDPM
 from .dpmpp_2m import DPMSolverPP2M
+from .dpmpp_2s import DPMSolverPP2S
+from .dpmpp_3m import DPMSolverPP3M
 from .euler import Euler
 from .heun import Heun
-from ..errors import one_of
+from .unipc import UniPC
+from ..errors import ConfigError, one_of
 
 SOLVERS = {
     "ddpm": DDPM,
@@ -16,6 +21,9 @@ SOLVERS = {
     "euler": Euler,
     "heun": Heun,
     "dpmpp-2m": DPMSolverPP2M,
+    "dpmpp-3m": DPMSolverPP3M,
+    "dpmpp-2s": DPMSolverPP2S,
+    "unipc": UniPC,
 }
 
 DESCRIPTIONS = {
@@ -24,15 +32,25 @@ DESCRIPTIONS = {
     "euler": "Euler on the PF-ODE in Karras form (order 1)",
     "heun": "Heun on the PF-ODE, 2 evaluations a step (order 2; Karras et al. 2022)",
     "dpmpp-2m": "DPM-Solver++(2M), multistep data prediction (order 2; Lu et al. 2022)",
+    "dpmpp-3m": "DPM-Solver++(3M), multistep data prediction as in diffusers (order 3 nominal; Lu et al. 2022)",
+    "dpmpp-2s": "DPM-Solver++(2S), singlestep midpoint in log-SNR, 2 evaluations a step (order 2; Lu et al. 2022)",
+    "unipc": "UniPC bh2, UniP-2 predictor + UniC corrector, no extra evaluation (order 3; Zhao et al. 2023)",
 }
 
 
 def get_solver(name: str, **kwargs) -> Solver:
-    """Map a CLI name to a solver object."""
-    if name not in SOLVERS:
+    """Map a CLI name to a solver object; unknown names and options are ConfigErrors."""
+    if not isinstance(name, str) or name not in SOLVERS:
         raise one_of("solver", name, SOLVERS)
-    return SOLVERS[name](**kwargs)
+    try:
+        return SOLVERS[name](**kwargs)
+    except TypeError:
+        cls = SOLVERS[name]
+        fields = ", ".join(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else ""
+        raise ConfigError(f"solver {name!r} does not take the options {sorted(kwargs)}; "
+                          f"accepted: {fields or 'none'}") from None
 
 
-__all__ = ["Solver", "Point", "point", "DDIM", "DDPM", "DPMSolverPP2M", "Euler", "Heun", "SOLVERS",
+__all__ = ["Solver", "Point", "point", "DDIM", "DDPM", "DPMSolverPP2M", "DPMSolverPP2S", "DPMSolverPP3M", "Euler",
+           "Heun", "UniPC", "SOLVERS",
            "DESCRIPTIONS", "get_solver"]

@@ -5,7 +5,9 @@ A solver is a frozen object whose ``step`` is pure:
     x_next, state = solver.step(D, x, t, t_next, state, noise)
 
 ``D(x, t)`` is a denoiser with its condition bound (returns x0_hat); ``state`` is the solver's explicit
-history (``init_state()`` at the start of a trajectory); ``noise`` is a NoiseSource, used only by
+history (``init_state(grid)`` at the start of a trajectory; solvers whose order schedule depends on the
+number of steps left, like DPM-Solver++(3M)'s lower-order final steps, read it from the grid, and
+``init_state()`` without a grid means "unknown", which every solver accepts); ``noise`` is a NoiseSource, used only by
 stochastic solvers. Steps into the clean point (sigma = 0) return the denoised estimate.
 """
 
@@ -50,8 +52,14 @@ class Solver:
     order: int = 1
     stochastic: bool = False
 
-    def init_state(self):
+    def init_state(self, grid=None):
+        """The state before the first step; ``grid`` is the whole descending time grid when known."""
         return None
+
+    @property
+    def convergence_order(self) -> int:
+        """The global order of accuracy in the step size (what the order protocol measures)."""
+        return self.order
 
     def step(self, D, x, t, t_next, state, noise):
         raise NotImplementedError

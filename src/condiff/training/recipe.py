@@ -5,6 +5,8 @@ Unknown keys and wrongly typed values are refused with one-line ConfigErrors tha
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +59,12 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
+FAMILIES = ("shapes", "digits")
+SEED_MIN, SEED_MAX = 0, 2**63 - 1
+MAX_THREADS = 1024
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
 def _typed(cls, data: dict, where: str):
     if not isinstance(data, dict):
         raise ConfigError(f"[{where}] must be a table, got {type(data).__name__}")
@@ -73,6 +81,61 @@ def _typed(cls, data: dict, where: str):
     return cls(**data)
 
 
+def check_seed(seed, where: str = "train.seed") -> int:
+    """Refuse a seed torch cannot take (and that would overflow the per-step seeds)."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not SEED_MIN <= seed <= SEED_MAX:
+        raise ConfigError(f"{where} must be an integer in [{SEED_MIN}, 2**63 - 1], got {seed!r}")
+    return seed
+
+
+def _in_range(where: str, value, lo, hi, lo_open: bool = False, hi_open: bool = False):
+    """value in [lo, hi] (open at an end if asked); NaN and inf fail."""
+    ok = (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
+    if not ok or (isinstance(value, float) and not math.isfinite(value)):
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ConfigError(f"{where} must be in {interval}, got {value!r}")
+
+
+def _one_of(where: str, value, accepted):
+    if value not in accepted:
+        raise ConfigError(f"{where} {value!r} is not accepted; accepted: {', '.join(accepted)}")
+
+
+def check_recipe(r: Recipe) -> Recipe:
+    """Value checks beyond types: names, families, ranges, finiteness, and the schedule table."""
+    from ..denoiser import PREDICTIONS
+    from ..schedules import schedule_from_config
+    from .objectives import TIME_SAMPLERS, WEIGHTINGS
+
+    if not NAME_RE.match(r.name) or len(r.name) > 100:
+        raise ConfigError(f"recipe name {r.name!r} must be 1-100 letters, digits, '.', '_' or '-' "
+                          f"(it names the default output directory runs/<name>)")
+    _one_of("family", r.family, FAMILIES)
+    o, t = r.objective, r.train
+    _one_of("objective.prediction", o.prediction, PREDICTIONS)
+    _one_of("objective.time_sampler", o.time_sampler, TIME_SAMPLERS)
+    _one_of("objective.weighting", o.weighting, WEIGHTINGS)
+    _one_of("objective.cep_kind", o.cep_kind, ("uniform", "gaussian"))
+    _one_of("train.lr_decay", t.lr_decay, ("cosine", "constant"))
+    _in_range("objective.cond_dropout", o.cond_dropout, 0, 1, hi_open=True)
+    _in_range("objective.attr_dropout", o.attr_dropout, 0, 1, hi_open=True)
+    _in_range("objective.cep_gamma", o.cep_gamma, 0, 1e3)
+    for key in ("steps", "batch_size", "ckpt_every", "keep_checkpoints", "eval_n", "eval_steps"):
+        _in_range(f"train.{key}", getattr(t, key), 1, 2**62)
+    for key in ("warmup", "eval_every"):
+        _in_range(f"train.{key}", getattr(t, key), 0, 2**62)
+    _in_range("train.threads", t.threads, 1, MAX_THREADS)
+    _in_range("train.lr", t.lr, 0, 10, lo_open=True)
+    _in_range("train.min_lr_ratio", t.min_lr_ratio, 0, 1)
+    _in_range("train.weight_decay", t.weight_decay, 0, 1e3)
+    _in_range("train.ema_decay", t.ema_decay, 0, 1)
+    _in_range("train.grad_clip", t.grad_clip, 0, 1e9)
+    _in_range("train.eval_cfg", t.eval_cfg, -1e4, 1e4)
+    check_seed(t.seed)
+    schedule_from_config(r.schedule)
+    return r
+
+
 def recipe_from_dict(data: dict) -> Recipe:
     allowed = {"name", "family", "model", "schedule", "objective", "train"}
     for key in data:
@@ -87,23 +150,19 @@ def recipe_from_dict(data: dict) -> Recipe:
     r = Recipe(data["name"], data["family"], data.get("model", {}), data.get("schedule", {}),
                _typed(ObjectiveConfig, data.get("objective", {}), "objective"),
                _typed(TrainConfig, data.get("train", {}), "train"))
-    t = r.train
-    for key in ("steps", "batch_size", "ckpt_every", "threads", "keep_checkpoints"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
-    if not 0 <= r.objective.cond_dropout < 1:
-        raise ConfigError(f"objective.cond_dropout must be in [0, 1), got {r.objective.cond_dropout}")
-    if not t.lr > 0:
-        raise ConfigError(f"train.lr must be > 0, got {t.lr}")
-    return r
+    return check_recipe(r)
 
 
 def load_recipe(path) -> Recipe:
     path = Path(path)
+    if path.is_dir():
+        raise InputFileError(f"recipe {str(path)!r} is a directory; expected a .toml file")
     if not path.is_file():
         raise InputFileError(f"recipe not found: {str(path)!r} (expected a .toml file)")
     try:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{str(path)!r} is not valid TOML ({e})") from None
+    except OSError as e:
+        raise InputFileError(f"cannot read recipe {str(path)!r}: {e.strerror or e}") from None
     return recipe_from_dict(data)

@@ -1,0 +1,76 @@
+"""Shared pieces of the fuzz suite (imported by its modules): a reproducible hypothesis profile, the
+in-process CLI runner and the error contracts every bad input must meet.
+
+CLI: exit code 2, exactly one line on stderr that starts with ``error: `` and names the bad value, no
+traceback anywhere, no stray ``.*.tmp`` file next to the intended output. API: a CondiffError subclass
+with a one-line message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from condiff.cli import main
+from condiff.errors import CondiffError
+
+# derandomize: the same examples on every run and machine (no example database is consulted).
+settings.register_profile("condiff-fuzz", derandomize=True, deadline=None, database=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                                 HealthCheck.filter_too_much, HealthCheck.data_too_large])
+settings.load_profile("condiff-fuzz")
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_RECIPE = ROOT / "tests" / "fixtures" / "tiny_digits.toml"
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """Call ``condiff.cli.main(argv)`` in-process; returns (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
+
+
+def expect_cli_error(argv: list[str], *needles: str) -> str:
+    """Run ``argv``; assert the CLI error contract; every needle must appear in the error line."""
+    code, out, err = run_cli(argv)
+    assert "Traceback" not in out + err, (argv, err)
+    lines = err.rstrip("\n").split("\n")
+    assert code == 2, (argv, code, out, err)
+    assert len(lines) == 1 and lines[0].startswith("error: "), (argv, err)
+    for needle in needles:
+        assert needle in lines[0], (argv, needle, lines[0])
+    return lines[0]
+
+
+def expect_api_error(fn, *args, needles: tuple[str, ...] = (), **kwargs) -> CondiffError:
+    """Call ``fn``; assert it raises a typed CondiffError subclass with a one-line message naming the needles."""
+    with pytest.raises(CondiffError) as info:
+        fn(*args, **kwargs)
+    msg = str(info.value)
+    assert msg and msg.splitlines() == [msg], msg
+    assert type(info.value) is not CondiffError, "expected a typed subclass of CondiffError"
+    for needle in needles:
+        assert needle in msg, (needle, msg)
+    return info.value
+
+
+def no_stray_temp_files(*dirs: Path) -> bool:
+    """True when none of ``dirs`` (that exist) holds a ``.*.tmp`` file or directory."""
+    return not any(d.is_dir() and any(d.glob(".*.tmp")) for d in dirs)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzz")
