@@ -65,12 +65,13 @@ def _check_out(path: Path, option: str, suffix: str | None = None, kind: str = "
         raise OutputFileError(f"{option}: {e}") from None
 
 
-def _parse_prompt(model: str, prompt: str):
-    """The raw condition of ``prompt`` (1, ...), checked against the model's family before loading it."""
+def _family(model: str):
+    """The model's family, from its checked condiff.json: a bad model path or metadata fails here, before
+    any weights are read."""
     from .models.base import get_family, resolve_model
 
     _, meta = resolve_model(model)
-    return get_family(meta["family"]).parse_prompt(prompt)
+    return get_family(meta["family"])
 
 
 def _threads() -> int:
@@ -142,7 +143,8 @@ def sample_cmd(
     _check_out(out, "--out", ".png")
     _check_out(out.with_suffix(".json"), "--out (its JSON sidecar)")
     sol, spc = _solver(solver), _spacing(spacing)
-    one = None if prompt is None else _parse_prompt(model, prompt)
+    family = _family(model)
+    one = None if prompt is None else family.parse_prompt(prompt)
     m = _load(model)
     g = torch.Generator().manual_seed(seed)
     if one is None:
@@ -185,6 +187,7 @@ def eval_cmd(
     if json_out is not None:
         _check_out(json_out, "--json", ".json")
     sol, spc = _solver(solver), _spacing(spacing)
+    _family(model)
     m = _load(model)
     res = evaluate(m, sol, steps, cfg, n, seed, spc, batch_size, progress=True)
     res.update(model=model, spacing=spacing)

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -141,6 +142,32 @@ def load_json(path) -> dict:
         raise InputFileError(f"{str(path)!r} is not valid JSON (nested too deeply)") from None
     except OSError as e:
         raise InputFileError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
+
+
+def remove_dir(path) -> None:
+    """Delete a directory so that a crash never leaves it half-deleted under its own name: rename it to a
+    temporary ``.NAME.*.tmp`` sibling first (what ``remove_stale_temps`` clears), then delete that."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{time.time_ns()}.deleting.tmp")
+    os.replace(path, tmp)
+    _fsync_dir(path.parent)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temps(directory) -> list[Path]:
+    """Delete the ``.*.tmp`` entries that interrupted atomic writes left in ``directory``. Only for a
+    directory this process owns (a run directory being resumed): another writer's temporaries would go too."""
+    removed = []
+    directory = Path(directory)
+    if directory.is_dir():
+        for p in directory.glob(".*.tmp"):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            removed.append(p)
+    return removed
 
 
 @contextlib.contextmanager

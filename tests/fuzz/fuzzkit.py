@@ -12,6 +12,7 @@ import contextlib
 import io
 import os
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -42,9 +43,19 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+class ModelLoaded(BaseException):
+    """Raised by the guard below: a bad input got as far as loading or building a model."""
+
+
+def _guarded(*_args, **_kwargs):
+    raise ModelLoaded("a model was loaded or built before the bad input was refused")
+
+
 def expect_cli_error(argv: list[str], *needles: str) -> str:
-    """Run ``argv``; assert the CLI error contract; every needle must appear in the error line."""
-    code, out, err = run_cli(argv)
+    """Run ``argv``; assert the CLI error contract, and that it fails before any model is loaded or built;
+    every needle must appear in the error line."""
+    with mock.patch("condiff.cli._load", _guarded), mock.patch("condiff.training.run.make_trainer", _guarded):
+        code, out, err = run_cli(argv)
     assert "Traceback" not in out + err, (argv, err)
     lines = err.rstrip("\n").split("\n")
     assert code == 2, (argv, code, out, err)

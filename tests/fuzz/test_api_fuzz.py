@@ -347,3 +347,24 @@ def test_load_model_with_bad_weights(workdir, kind, cut):
             save_tensors(weights, {"nothing": torch.zeros(1)})
     err = expect_api_error(load_model, d, needles=(str(d),))
     assert isinstance(err, InputFileError)
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------
+
+@settings(max_examples=15)
+@given(meta=st.one_of(st.binary(max_size=40).map(lambda b: ("bytes", b)),
+                      st.sampled_from([[], 3, "x", None, {}, {"sha256": {}}, {"sha256": []}, {"step": 4}]).map(lambda v: ("json", v)),
+                      st.dictionaries(st.sampled_from(["model.safetensors", "ema.safetensors", "optim.safetensors"]),
+                                      st.text("0123456789abcdef", min_size=64, max_size=64), min_size=1)
+                      .map(lambda d: ("json", {"sha256": d}))))
+def test_checkpoint_with_bad_trainer_json_fails_verification(workdir, meta):
+    """Trainer.verify (what --resume uses to skip corrupt checkpoints) refuses with an InputFileError."""
+    from condiff.training.trainer import Trainer
+
+    d = Path(tempfile.mkdtemp(dir=workdir)) / "step-00000004"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"not the file the checksum was taken of")
+    kind, value = meta
+    (d / "trainer.json").write_bytes(value if kind == "bytes" else json.dumps(value).encode())
+    err = expect_api_error(Trainer.verify, d, needles=(str(d),))
+    assert isinstance(err, InputFileError)

@@ -48,6 +48,7 @@ def train_recipe(recipe: Recipe, out_dir, steps: int | None = None, resume: bool
     if trainer.list_checkpoints() and not resume:
         raise ConfigError(f"{str(out_dir)!r} already holds checkpoints; pass --resume to continue, or "
                           f"choose another --out")
+    trainer.clear_stale_temps()
     if resume:
         path = trainer.resume()
         if path is not None and progress:

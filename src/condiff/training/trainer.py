@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +19,9 @@ from pathlib import Path
 import torch
 from diffusers.training_utils import EMAModel
 
-from ..errors import InputFileError, NonFiniteError
-from ..io import atomic_dir, atomic_write_json, load_json, load_tensors, save_tensors, sha256_file
+from ..errors import ConfigError, InputFileError, NonFiniteError
+from ..io import (atomic_dir, atomic_write_json, load_json, load_tensors, remove_dir, remove_stale_temps, save_tensors,
+                  sha256_file)
 from .recipe import Recipe
 
 CKPT_RE = re.compile(r"^step-(\d{8})$")
@@ -105,8 +105,13 @@ class Trainer:
                 "sha256": {f: sha256_file(tmp / f) for f in files}})
         keep = self.recipe.train.keep_checkpoints
         for old in sorted(self.list_checkpoints())[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_dir(old)  # renamed away first: a kill never leaves a half-deleted checkpoint
         return path
+
+    def clear_stale_temps(self) -> list[Path]:
+        """Delete what interrupted atomic writes of this run left behind (``.*.tmp`` in OUT and
+        OUT/checkpoints): half-built checkpoints, half-exported models, half-deleted old checkpoints."""
+        return remove_stale_temps(self.out_dir) + remove_stale_temps(self.ckpt_root)
 
     def list_checkpoints(self) -> list[Path]:
         if not self.ckpt_root.is_dir():
@@ -115,30 +120,44 @@ class Trainer:
 
     @staticmethod
     def verify(path: Path) -> dict:
+        """The checkpoint's trainer.json, once every file it lists matches its SHA-256; else InputFileError."""
         meta = load_json(path / "trainer.json")
-        for name, digest in meta["sha256"].items():
+        digests = meta.get("sha256") if isinstance(meta, dict) else None
+        if not isinstance(digests, dict) or not digests:
+            raise InputFileError(f"checkpoint {str(path)!r}: trainer.json lacks the checksums of its files")
+        for name, digest in digests.items():
             if not (path / name).is_file() or sha256_file(path / name) != digest:
                 raise InputFileError(f"checkpoint {str(path)!r}: {name} is missing or fails its checksum")
         return meta
 
     def resume(self) -> Path | None:
         """Restore the newest valid checkpoint (skipping corrupt ones with a notice); None if none."""
+        self.clear_stale_temps()
         for path in reversed(self.list_checkpoints()):
             try:
                 meta = self.verify(path)
             except (InputFileError, KeyError, json.JSONDecodeError) as e:
                 print(f"notice: skipping checkpoint {path.name}: {e}")
                 continue
-            self.module.load_state_dict(load_tensors(path / "model.safetensors"))
-            ema_t = load_tensors(path / "ema.safetensors")
-            self.ema.load_state_dict({**meta["ema"], "shadow_params": [ema_t[n] for n in self.names]})
-            self.opt.load_state_dict(_unflatten_optimizer(load_tensors(path / "optim.safetensors"),
-                                                          meta["optimizer_scalars"], meta["param_groups"]))
-            self.step = meta["step"]
-            self.train_seconds = meta["train_seconds"]
-            self.log = meta["log"]
+            try:
+                self._restore(path, meta)
+            except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+                first = (str(e).strip().splitlines() or [""])[0][:150]
+                raise ConfigError(f"checkpoint {str(path)!r} does not fit this recipe's model and optimizer "
+                                  f"({type(e).__name__}: {first}); resume with the recipe that wrote it, or "
+                                  f"choose another --out") from None
             return path
         return None
+
+    def _restore(self, path: Path, meta: dict):
+        self.module.load_state_dict(load_tensors(path / "model.safetensors"))
+        ema_t = load_tensors(path / "ema.safetensors")
+        self.ema.load_state_dict({**meta["ema"], "shadow_params": [ema_t[n] for n in self.names]})
+        self.opt.load_state_dict(_unflatten_optimizer(load_tensors(path / "optim.safetensors"),
+                                                      meta["optimizer_scalars"], meta["param_groups"]))
+        self.step = meta["step"]
+        self.train_seconds = meta["train_seconds"]
+        self.log = meta["log"]
 
     # training ----------------------------------------------------------------------------------------
     def train_step(self):
