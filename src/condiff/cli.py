@@ -9,7 +9,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -19,6 +19,14 @@ import typer  # noqa: E402
 from .errors import CondiffError, ConfigError, OutputFileError, one_of, one_line  # noqa: E402
 
 MAX_SAMPLES = 1_000_000  # --n and --batch-size
+
+# Options shared by `sample` and `eval`.
+SolverOpt = Annotated[str, typer.Option(help="solver name (see `condiff solvers`)")]
+StepsOpt = Annotated[int, typer.Option(help="number of solver steps")]
+CfgOpt = Annotated[float, typer.Option(help="classifier-free guidance scale (1 = conditional, 0 = unconditional)")]
+SeedOpt = Annotated[int, typer.Option(help="random seed")]
+SpacingOpt = Annotated[str, typer.Option(help="time grid: uniform-t, uniform-logsnr, karras")]
+BatchOpt = Annotated[int, typer.Option(help="samples per batch (bounds memory; large --n is streamed)")]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="condiff: conditional diffusion - sample, evaluate, train, demo.")
@@ -122,13 +130,13 @@ def sample_cmd(
     model: str = typer.Option("shapes", help="bundled model name (shapes, digits) or a model directory"),
     prompt: Optional[str] = typer.Option(None, help="shapes: a caption such as 'large red circle top-left' "
                                          "(any attribute may be omitted); digits: a digit 0-9; default: random"),
-    solver: str = typer.Option("dpmpp-2m", help="solver name (see `condiff solvers`)"),
-    steps: int = typer.Option(20, help="number of solver steps"),
-    cfg: float = typer.Option(3.0, help="classifier-free guidance scale (1 = conditional, 0 = unconditional)"),
+    solver: SolverOpt = "dpmpp-2m",
+    steps: StepsOpt = 20,
+    cfg: CfgOpt = 3.0,
     n: int = typer.Option(16, help="number of images"),
-    seed: int = typer.Option(0, help="random seed"),
-    spacing: str = typer.Option("uniform-t", help="time grid: uniform-t, uniform-logsnr, karras"),
-    batch_size: int = typer.Option(256, help="images per batch (memory bound)"),
+    seed: SeedOpt = 0,
+    spacing: SpacingOpt = "uniform-t",
+    batch_size: BatchOpt = 256,
     out: Path = typer.Option(Path("grid.png"), help="output PNG; a JSON sidecar is written beside it"),
 ):
     """Sample a grid of images and write it as a PNG with a JSON sidecar that reproduces it."""
@@ -170,13 +178,13 @@ def sample_cmd(
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Option(..., help="bundled model name (shapes, digits) or a model directory"),
-    solver: str = typer.Option("dpmpp-2m", help="solver name"),
-    steps: int = typer.Option(20, help="number of solver steps"),
-    cfg: float = typer.Option(3.0, help="classifier-free guidance scale"),
+    solver: SolverOpt = "dpmpp-2m",
+    steps: StepsOpt = 20,
+    cfg: CfgOpt = 3.0,
     n: int = typer.Option(512, help="number of samples"),
-    seed: int = typer.Option(0, help="random seed"),
-    spacing: str = typer.Option("uniform-t", help="time grid: uniform-t, uniform-logsnr, karras"),
-    batch_size: int = typer.Option(256, help="samples per batch"),
+    seed: SeedOpt = 0,
+    spacing: SpacingOpt = "uniform-t",
+    batch_size: BatchOpt = 256,
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the results here as JSON"),
 ):
     """Sample random conditions and score them with the exact labeller (shapes) or the scorer (digits)."""
