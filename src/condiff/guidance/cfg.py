@@ -54,11 +54,14 @@ def _check_scale(w):
 class CFG:
     """Classifier-free guidance. ``scale`` is a number or a function t -> number.
 
-    The null condition is ``cond['null']`` (a mapping with the same keys), or ``null`` given here."""
+    The null condition is ``cond['null']`` (a mapping with the same keys), or ``null`` given here.
+    ``skip_trivial``: at w = 1 (or 0) only the conditional (or null) branch is evaluated, one half-size
+    forward instead of the batched pair; set False to always run the batched contrast."""
 
     denoiser: Any
     scale: float | Callable = 3.0
     null: Mapping[str, Any] | None = None
+    skip_trivial: bool = True
 
     def __post_init__(self):
         _check_scale(self.scale)
@@ -73,9 +76,9 @@ class CFG:
         if null is None:
             raise ConfigError("CFG needs a null condition: pass cond['null'] or CFG(..., null=...)")
         w = self.scale(t) if callable(self.scale) else self.scale
-        if w == 1.0:
+        if self.skip_trivial and w == 1.0:
             return self.denoiser(x, t, cond)
-        if w == 0.0:
+        if self.skip_trivial and w == 0.0:
             return self.denoiser(x, t, null)
         tt = torch.as_tensor(t)
         t2 = torch.cat([tt, tt]) if tt.dim() == 1 else t
