@@ -243,6 +243,10 @@ def demo(out: Path = typer.Option(Path("outputs/demo"), help="output directory")
     typer.echo(f"wrote {path}")
 
 
+# Sub-apps (condiff/commands/*.py) are registered here, one add_typer line each.
+# -- sub-apps --
+
+
 def _fail(message: str):
     """Print the one-line error and exit with code 2."""
     typer.echo(f"error: {one_line(message)}", err=True)
