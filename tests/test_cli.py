@@ -23,8 +23,11 @@ def ok(argv, capsys):
 def test_solvers_lists_canonical_names(capsys):
     out = ok(["solvers"], capsys)
     names = [line.split()[0] for line in out.strip().splitlines()]
-    assert names[:5] == ["ddpm", "ddim", "euler", "heun", "dpmpp-2m"]
-    assert set(names[5:]) == {"dpmpp-3m", "dpmpp-2s", "unipc"}
+    from condiff.solvers import SOLVERS
+
+    assert names == list(SOLVERS)
+    assert {"ddpm", "ddim", "euler", "heun", "dpmpp-2m", "dpmpp-3m", "dpmpp-2s", "unipc", "dpm-v3", "dc-solver",
+            "edm-heun", "edm-sde"} <= set(names)
 
 
 def test_models_lists_bundled(capsys):

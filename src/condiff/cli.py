@@ -25,8 +25,16 @@ SolverOpt = Annotated[str, typer.Option(help="solver name (see `condiff solvers`
 StepsOpt = Annotated[int, typer.Option(help="number of solver steps")]
 CfgOpt = Annotated[float, typer.Option(help="classifier-free guidance scale (1 = conditional, 0 = unconditional)")]
 SeedOpt = Annotated[int, typer.Option(help="random seed")]
-SpacingOpt = Annotated[str, typer.Option(help="time grid: uniform-t, uniform-logsnr, karras")]
+SpacingOpt = Annotated[Optional[str], typer.Option(
+    help="time grid: uniform-t, uniform-logsnr, karras (default: the solver's own, else uniform-t)")]
+EmsOpt = Annotated[Optional[Path], typer.Option(
+    "--ems", help="DPM-Solver-v3 statistics from `condiff ems compute` (with --solver dpm-v3)")]
+DcRatiosOpt = Annotated[Optional[Path], typer.Option(
+    "--dc-ratios", help="DC-Solver ratios from `condiff dc search` (with --solver dc-solver)")]
 BatchOpt = Annotated[int, typer.Option(help="samples per batch (bounds memory; large --n is streamed)")]
+AnalyticSkipOpt = Annotated[Optional[str], typer.Option(
+    "--analytic-skip", help="jump from the start with the Gaussian closed form (0 NFE), then spend all --steps "
+    "on the rest: a sigma/alpha to stop at (e.g. 7) or a share of the step budget (recommended: 5%)")]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="condiff: conditional diffusion - sample, evaluate, train, demo.")
@@ -38,12 +46,47 @@ def _solver(name: str):
     return get_solver(name)
 
 
-def _spacing(name: str):
+def _spacing(name: Optional[str], solver=None) -> tuple[str, object]:
+    """(name, spacing object); None picks the solver's default spacing, else uniform-t."""
     from .grids import SPACINGS
 
+    if name is None:
+        default = getattr(solver, "default_spacing", None)
+        name = default.name if default is not None else "uniform-t"
     if name not in SPACINGS:
         raise one_of("spacing", name, SPACINGS)
-    return SPACINGS[name]
+    return name, SPACINGS[name]
+
+
+def _configured_solver(name: str, steps: int, cfg: float, spacing: Optional[str], ems: Optional[Path],
+                       dc_ratios: Optional[Path], model: str):
+    """The solver for --solver with its --ems / --dc-ratios files, and the spacing (name, object)."""
+    sol = _solver(name)
+    if ems is not None and name != "dpm-v3":
+        raise ConfigError(f"--ems is for --solver dpm-v3, got --solver {name}")
+    if dc_ratios is not None and name != "dc-solver":
+        raise ConfigError(f"--dc-ratios is for --solver dc-solver, got --solver {name}")
+    spacing_name, spc = _spacing(spacing, sol)
+    if ems is not None:
+        from .ems import check_ems_fits, load_ems
+        from .models.base import resolve_model
+        from .schedules import schedule_from_config
+        from .solvers import get_solver
+
+        family = _family(model)
+        statistics = check_ems_fits(load_ems(ems), family.image_shape,
+                                    schedule_from_config(resolve_model(model)[1]["schedule"]), what=repr(model))
+        sol = get_solver("dpm-v3", ems=statistics)
+    if dc_ratios is not None:
+        from .dc import dc_solver_for
+
+        sol = dc_solver_for(dc_ratios, steps, cfg, spacing_name)
+    return sol, spacing_name, spc
+
+
+def _solver_flags(ems: Optional[Path], dc_ratios: Optional[Path]) -> str:
+    return ((f" --ems {shlex.quote(str(ems))}" if ems is not None else "")
+            + (f" --dc-ratios {shlex.quote(str(dc_ratios))}" if dc_ratios is not None else ""))
 
 
 def _check_common(steps: int, cfg: float, n: int, batch_size: int, seed: int):
@@ -71,6 +114,21 @@ def _check_out(path: Path, option: str, suffix: str | None = None, kind: str = "
         check_writable(path, kind)
     except OutputFileError as e:
         raise OutputFileError(f"{option}: {e}") from None
+
+
+def _analytic_skip(value: Optional[str], model: str, steps: int, spacing):
+    """--analytic-skip parsed and checked against the model's grid, before any weights are read."""
+    if value is None:
+        return None
+    from .analytic import AnalyticSkip
+    from .grids import make_grid
+    from .models.base import resolve_model
+    from .schedules import schedule_from_config
+
+    skip = AnalyticSkip.parse(value, "--analytic-skip")
+    sch = schedule_from_config(resolve_model(model)[1]["schedule"])
+    skip.plan(sch, make_grid(sch, steps, spacing), spacing, name="--analytic-skip")
+    return skip
 
 
 def _family(model: str):
@@ -135,9 +193,12 @@ def sample_cmd(
     cfg: CfgOpt = 3.0,
     n: int = typer.Option(16, help="number of images"),
     seed: SeedOpt = 0,
-    spacing: SpacingOpt = "uniform-t",
+    spacing: SpacingOpt = None,
     batch_size: BatchOpt = 256,
     out: Path = typer.Option(Path("grid.png"), help="output PNG; a JSON sidecar is written beside it"),
+    analytic_skip: AnalyticSkipOpt = None,
+    ems: EmsOpt = None,
+    dc_ratios: DcRatiosOpt = None,
 ):
     """Sample a grid of images and write it as a PNG with a JSON sidecar that reproduces it."""
     import torch
@@ -150,8 +211,9 @@ def sample_cmd(
     _check_common(steps, cfg, n, batch_size, seed)
     _check_out(out, "--out", ".png")
     _check_out(out.with_suffix(".json"), "--out (its JSON sidecar)")
-    sol, spc = _solver(solver), _spacing(spacing)
     family = _family(model)
+    sol, spacing, spc = _configured_solver(solver, steps, cfg, spacing, ems, dc_ratios, model)
+    skip = _analytic_skip(analytic_skip, model, steps, spc)
     one = None if prompt is None else family.parse_prompt(prompt)
     m = _load(model)
     g = torch.Generator().manual_seed(seed)
@@ -160,17 +222,20 @@ def sample_cmd(
     else:
         raw = one.expand(n, *one.shape[1:])
     t0 = time.perf_counter()
-    images, nfe = generate(m, raw, sol, steps, cfg, g, spc, batch_size, progress=True)
+    images, nfe = generate(m, raw, sol, steps, cfg, g, spc, batch_size, progress=True, analytic_skip=skip)
     seconds = time.perf_counter() - t0
     save_png(grid_image(images, ncols=max(1, int(math.ceil(math.sqrt(n))))), out)
     sidecar = {"command": "sample", "model": model, "model_path": str(m.path), "prompt": prompt,
                "solver": solver, "steps": steps, "cfg": cfg, "n": n, "seed": seed, "spacing": spacing,
                "batch_size": batch_size, "nfe": nfe, "seconds": seconds, "condiff_version": __version__,
-               "torch_version": torch.__version__,
+               "torch_version": torch.__version__, "analytic_skip": analytic_skip,
+               "ems": None if ems is None else str(ems), "dc_ratios": None if dc_ratios is None else str(dc_ratios),
                "reproduce": f"condiff sample --model {shlex.quote(model)} "
                + (f"--prompt {shlex.quote(prompt)} " if prompt is not None else "")
                + f"--solver {solver} --steps {steps} --cfg {cfg} --n {n} --seed {seed} --spacing {spacing} "
-               f"--batch-size {batch_size} --out {shlex.quote(str(out))}"}
+               f"--batch-size {batch_size} --out {shlex.quote(str(out))}"
+               + (f" --analytic-skip {shlex.quote(analytic_skip)}" if analytic_skip is not None else "")
+               + _solver_flags(ems, dc_ratios)}
     atomic_write_json(out.with_suffix(".json"), sidecar)
     typer.echo(f"wrote {out} and {out.with_suffix('.json')} ({n} images, {nfe} NFE, {seconds:.1f}s)")
 
@@ -183,9 +248,12 @@ def eval_cmd(
     cfg: CfgOpt = 3.0,
     n: int = typer.Option(512, help="number of samples"),
     seed: SeedOpt = 0,
-    spacing: SpacingOpt = "uniform-t",
+    spacing: SpacingOpt = None,
     batch_size: BatchOpt = 256,
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the results here as JSON"),
+    analytic_skip: AnalyticSkipOpt = None,
+    ems: EmsOpt = None,
+    dc_ratios: DcRatiosOpt = None,
 ):
     """Sample random conditions and score them with the exact labeller (shapes) or the scorer (digits)."""
     from .evaluate import evaluate
@@ -194,11 +262,13 @@ def eval_cmd(
     _check_common(steps, cfg, n, batch_size, seed)
     if json_out is not None:
         _check_out(json_out, "--json", ".json")
-    sol, spc = _solver(solver), _spacing(spacing)
     _family(model)
+    sol, spacing, spc = _configured_solver(solver, steps, cfg, spacing, ems, dc_ratios, model)
+    skip = _analytic_skip(analytic_skip, model, steps, spc)
     m = _load(model)
-    res = evaluate(m, sol, steps, cfg, n, seed, spc, batch_size, progress=True)
-    res.update(model=model, spacing=spacing)
+    res = evaluate(m, sol, steps, cfg, n, seed, spc, batch_size, progress=True, analytic_skip=skip)
+    res.update(model=model, spacing=spacing, ems=None if ems is None else str(ems),
+               dc_ratios=None if dc_ratios is None else str(dc_ratios))
     if m.family.name == "digits":
         from .data.digits import scorer
 
@@ -245,6 +315,15 @@ def demo(out: Path = typer.Option(Path("outputs/demo"), help="output directory")
 
 # Sub-apps (condiff/commands/*.py) are registered here, one add_typer line each.
 # -- sub-apps --
+from .commands import ems as _ems_cmd  # noqa: E402
+
+app.add_typer(_ems_cmd.app, name="ems")
+from .commands import dc as _dc_cmd  # noqa: E402
+
+app.add_typer(_dc_cmd.app, name="dc")
+from .commands import bench as _bench_cmd  # noqa: E402
+
+app.add_typer(_bench_cmd.app, name="bench")
 
 
 def _fail(message: str):

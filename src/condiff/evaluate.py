@@ -9,13 +9,16 @@ import torch
 
 from .grids import UniformT, make_grid
 from .guidance import CFG
-from .sampling import Gaussian, initial_noise, sample
+from .sampling import Gaussian, sample
 
 
 def generate(model, raw: torch.Tensor, solver, steps: int, cfg_scale: float, generator: torch.Generator,
-             spacing=UniformT(), batch_size: int = 256, progress: bool = False, desc: str = "sampling"):
-    """Sample one image per raw condition, in batches; returns (images in [-1, 1], nfe per sample)."""
+             spacing=UniformT(), batch_size: int = 256, progress: bool = False, desc: str = "sampling",
+             analytic_skip=None):
+    """Sample one image per raw condition, in batches; returns (images in [-1, 1], nfe per sample).
+    ``analytic_skip`` (condiff.analytic.AnalyticSkip) jumps from the grid's start with the Gaussian flow."""
     grid = make_grid(model.schedule, steps, spacing)
+    skip = None if analytic_skip is None else analytic_skip.prepare(model, grid, spacing)
     den = CFG(model.denoiser, cfg_scale)
     out, nfe = [], 0
     chunks = list(torch.split(raw, batch_size))
@@ -27,20 +30,24 @@ def generate(model, raw: torch.Tensor, solver, steps: int, cfg_scale: float, gen
     with torch.no_grad():
         for chunk in it:
             cond = model.condition(chunk)
-            x = initial_noise(model.schedule, float(grid[0]), (chunk.shape[0], *model.family.image_shape),
-                              generator)
-            res = sample(den, solver, grid, x, cond, Gaussian(generator), progress=progress and len(chunks) == 1)
+            x = model.prior((chunk.shape[0], *model.family.image_shape), float(grid[0]), generator)
+            if skip is not None:
+                x = skip.teleport(x)
+            res = sample(den, solver, grid if skip is None else skip.grid, x, cond, Gaussian(generator),
+                         progress=progress and len(chunks) == 1)
             out.append(res.x.clamp(-1, 1))
             nfe = res.nfe
     return torch.cat(out), nfe
 
 
 def evaluate(model, solver, steps: int, cfg_scale: float, n: int, seed: int, spacing=UniformT(),
-             batch_size: int = 256, progress: bool = False) -> dict:
+             batch_size: int = 256, progress: bool = False, analytic_skip=None) -> dict:
     g = torch.Generator().manual_seed(seed)
     raw, targets = model.family.random_conditions(n, g)
     t0 = time.perf_counter()
-    images, nfe = generate(model, raw, solver, steps, cfg_scale, g, spacing, batch_size, progress)
+    images, nfe = generate(model, raw, solver, steps, cfg_scale, g, spacing, batch_size, progress,
+                           analytic_skip=analytic_skip)
     seconds = time.perf_counter() - t0
     return {"accuracy": model.family.score(images, targets), "nfe": nfe, "seconds": seconds, "n": n,
-            "solver": solver.name, "steps": steps, "cfg": cfg_scale, "seed": seed}
+            "solver": solver.name, "steps": steps, "cfg": cfg_scale, "seed": seed,
+            "analytic_skip": None if analytic_skip is None else analytic_skip.describe()}

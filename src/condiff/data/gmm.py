@@ -246,11 +246,9 @@ def reference_pf_ode(denoiser, x: Tensor, t_from: float, t_to: float, cond=None,
 
 
 def gaussian_pf_ode(mean: Tensor, cov: Tensor, schedule, x: Tensor, t_from: float, t_to: float) -> Tensor:
-    """Closed-form PF-ODE flow of N(mean, cov) data (spec sec. 14):
-    x_t = alpha_t mu + U diag(sqrt((alpha_t^2 l + sigma_t^2) / (alpha_T^2 l + sigma_T^2))) U^T (x_T - alpha_T mu)."""
-    lam, u = torch.linalg.eigh(torch.as_tensor(cov, dtype=F64))
-    mean = torch.as_tensor(mean, dtype=F64)
-    a0, s0 = schedule.alpha(torch.tensor(t_from, dtype=F64)), schedule.sigma(torch.tensor(t_from, dtype=F64))
-    a1, s1 = schedule.alpha(torch.tensor(t_to, dtype=F64)), schedule.sigma(torch.tensor(t_to, dtype=F64))
-    scale = torch.sqrt((a1 * a1 * lam + s1 * s1) / (a0 * a0 * lam + s0 * s0))
-    return a1 * mean + ((x.to(F64) - a0 * mean) @ u * scale) @ u.T
+    """Closed-form PF-ODE flow of N(mean, cov) data (spec sec. 14), in float64:
+    x_t = alpha_t mu + U diag(sqrt((alpha_t^2 l + sigma_t^2) / (alpha_T^2 l + sigma_T^2))) U^T (x_T - alpha_T mu).
+    The one implementation is ``condiff.analytic.GaussianFit.flow``."""
+    from ..analytic import GaussianFit
+
+    return GaussianFit.from_moments(mean, cov).flow(schedule, x.to(F64), t_from, t_to)

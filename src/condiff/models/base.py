@@ -6,7 +6,8 @@ how to draw random evaluation conditions and how to score samples with an exact 
 A LoadedModel is a family plus trained weights, a schedule and a prediction type.
 
 On disk (diffusers layout): ``unet/`` (``from_pretrained``-loadable), ``text_encoder/`` where the family
-has one, ``scheduler/`` (a DDPMScheduler config), and ``condiff.json`` (family, prediction, schedule).
+has one, ``scheduler/`` (a DDPMScheduler config), and ``condiff.json`` (family, prediction, schedule, and the
+noise family: Gaussian, or PFGM++ with its D, whose prior sampling must start from; absent means Gaussian).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 from ..denoiser import Prediction, as_prediction, wrap
 from ..errors import ConfigError, InputFileError, one_of
 from ..io import atomic_dir, atomic_write_json, load_json
+from ..pfgmpp import GaussianNoise, noise_for_D, noise_from_config
 from ..schedules import NoiseSchedule, schedule_from_config
 from ..training.conditioning import cep, cfg_dropout
 from ..training.objectives import TIME_SAMPLERS, WEIGHTINGS, diffusion_loss
@@ -73,7 +75,8 @@ class ModelFamily:
         if objective.weighting not in WEIGHTINGS:
             raise one_of("weighting", objective.weighting, WEIGHTINGS)
         t = TIME_SAMPLERS[objective.time_sampler]().sample(schedule, x0.shape[0], generator)
-        eps = torch.randn(x0.shape, generator=generator)
+        # Gaussian (torch.randn) unless objective.pfgmpp_D > 0: PFGM++ kernel noise (condiff.pfgmpp)
+        eps = noise_for_D(getattr(objective, "pfgmpp_D", 0)).unit(x0.shape, generator)
         fn = lambda x, tt, c: self.forward(module, model_cfg, x, tt.to(x.dtype), c)  # noqa: E731
         return diffusion_loss(fn, x0, cond, t, eps, schedule, pred, WEIGHTINGS[objective.weighting]())
 
@@ -94,12 +97,19 @@ class LoadedModel:
     model_cfg: dict
     path: Path | None = None
     info: dict = field(default_factory=dict)
+    noise: object = field(default_factory=GaussianNoise)  # the training noise family (GaussianNoise, PFGMPPNoise)
 
     @property
     def denoiser(self):
         fam, cfg = self.family, self.model_cfg
         return wrap(self.module, self.schedule, self.prediction,
                     call=lambda net, x, t_in, cond: fam.forward(net, cfg, x, t_in, cond))
+
+    def prior(self, shape, t_start: float, generator=None, dtype=torch.float32) -> torch.Tensor:
+        """x_T at the first grid time: the noise family's prior at sigma(t_start) (Gaussian: exactly
+        condiff.sampling.initial_noise; PFGM++: the kernel around 0 at r = sigma sqrt(D))."""
+        sig = float(self.schedule.sigma(torch.tensor(float(t_start), dtype=torch.float64)))
+        return self.noise.prior(shape, sig, generator, dtype)
 
     def condition(self, raw: torch.Tensor) -> dict:
         """The cond mapping for raw conditions, with its 'null' variant for CFG."""
@@ -116,7 +126,7 @@ class LoadedModel:
             atomic_write_json(tmp / "condiff.json", {
                 "family": self.family.name, "prediction": self.prediction.name,
                 "schedule": self.info.get("schedule_cfg") or self.schedule.to_config(),
-                "model": self.model_cfg, **(extra or {})})
+                "model": self.model_cfg, "noise": self.noise.to_config(), **(extra or {})})
 
 
 def _save_scheduler_config(schedule_cfg: dict, prediction, directory: Path):
@@ -194,6 +204,7 @@ def resolve_model(name_or_path: str | Path) -> tuple[Path, dict]:
                                  f"got {type(meta[key]).__name__}")
     try:
         get_family(meta["family"]), as_prediction(meta["prediction"]), schedule_from_config(meta["schedule"])
+        noise_from_config(meta.get("noise"))
     except ConfigError as e:
         raise InputFileError(f"{where!r}: {e}") from None
     return path, meta
@@ -213,7 +224,8 @@ def load_model(name_or_path: str | Path) -> LoadedModel:
     sch = schedule_from_config(meta["schedule"])
     return LoadedModel(fam, module, sch, as_prediction(meta["prediction"]), meta["model"], path,
                        {"schedule_cfg": meta["schedule"], **{k: v for k, v in meta.items() if k not in
-                                                              ("family", "prediction", "schedule", "model")}})
+                                                              ("family", "prediction", "schedule", "model", "noise")}},
+                       noise_from_config(meta.get("noise")))
 
 
 def _first_line(e: Exception, limit: int = 200) -> str:
@@ -221,7 +233,7 @@ def _first_line(e: Exception, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def build_model(family_name: str, model_cfg: dict, schedule_cfg: dict, prediction: str) -> LoadedModel:
+def build_model(family_name: str, model_cfg: dict, schedule_cfg: dict, prediction: str, noise=None) -> LoadedModel:
     fam = get_family(family_name)
     if not isinstance(model_cfg, dict):
         raise ConfigError(f"[model] must be a table, got {model_cfg!r}")
@@ -231,7 +243,8 @@ def build_model(family_name: str, model_cfg: dict, schedule_cfg: dict, predictio
     except (TypeError, ValueError, KeyError, AttributeError, RuntimeError, OverflowError) as e:
         raise ConfigError(f"[model] is not a valid {fam.name} model config ({type(e).__name__}: "
                           f"{_first_line(e)})") from None
-    return LoadedModel(fam, module, sch, pred, model_cfg, None, {"schedule_cfg": schedule_cfg})
+    return LoadedModel(fam, module, sch, pred, model_cfg, None, {"schedule_cfg": schedule_cfg},
+                       noise or GaussianNoise())
 
 
 def silence_diffusers():

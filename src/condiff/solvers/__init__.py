@@ -10,9 +10,13 @@ from .ddpm import DDPM
 from .dpmpp_2m import DPMSolverPP2M
 from .dpmpp_2s import DPMSolverPP2S
 from .dpmpp_3m import DPMSolverPP3M
+from .dpm_v3 import DPMSolverV3
+from .edm import EDMHeun, EDMSDE
 from .euler import Euler
+from .final import ExtrapolatedFinal
 from .heun import Heun
 from .unipc import UniPC
+from .dc_solver import DCSolver
 from ..errors import ConfigError, one_of
 
 SOLVERS = {
@@ -24,6 +28,10 @@ SOLVERS = {
     "dpmpp-3m": DPMSolverPP3M,
     "dpmpp-2s": DPMSolverPP2S,
     "unipc": UniPC,
+    "dpm-v3": DPMSolverV3,
+    "edm-heun": EDMHeun,
+    "edm-sde": EDMSDE,
+    "dc-solver": DCSolver,
 }
 
 DESCRIPTIONS = {
@@ -35,6 +43,11 @@ DESCRIPTIONS = {
     "dpmpp-3m": "DPM-Solver++(3M), multistep data prediction as in diffusers (order 3 nominal; Lu et al. 2022)",
     "dpmpp-2s": "DPM-Solver++(2S), singlestep midpoint in log-SNR, 2 evaluations a step (order 2; Lu et al. 2022)",
     "unipc": "UniPC bh2, UniP-2 predictor + UniC corrector, no extra evaluation (order 3; Zhao et al. 2023)",
+    "dpm-v3": "DPM-Solver-v3, order 2 + pseudo-order corrector; statistics from `condiff ems compute` (--ems), "
+              "none = DPM-Solver++ (Zheng et al. 2023)",
+    "edm-heun": "EDM's deterministic Heun sampler on the Karras grid, 2N-1 evaluations (order 2; Karras et al. 2022)",
+    "edm-sde": "EDM's stochastic churn sampler, Heun after adding noise in [S_min, S_max] (Karras et al. 2022)",
+    "dc-solver": "DC-Solver: UniPC with dynamic compensation; ratios from `condiff dc search` (Zhao et al. 2024)",
 }
 
 
@@ -51,6 +64,6 @@ def get_solver(name: str, **kwargs) -> Solver:
                           f"accepted: {fields or 'none'}") from None
 
 
-__all__ = ["Solver", "Point", "point", "DDIM", "DDPM", "DPMSolverPP2M", "DPMSolverPP2S", "DPMSolverPP3M", "Euler",
-           "Heun", "UniPC", "SOLVERS",
+__all__ = ["ExtrapolatedFinal", "Solver", "Point", "point", "DDIM", "DDPM", "DPMSolverPP2M", "DPMSolverPP2S", "DPMSolverPP3M", "Euler",
+           "Heun", "UniPC", "EDMHeun", "EDMSDE", "DCSolver", "DPMSolverV3", "SOLVERS",
            "DESCRIPTIONS", "get_solver"]

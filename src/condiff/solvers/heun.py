@@ -7,8 +7,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Solver, point
+from .base import Point, Solver, point
 from .euler import ode_slope
+
+
+def heun_step(D, x, p: Point, q: Point):
+    """One Heun step of the rescaled PF-ODE dy/drho = (y - D) / rho from point p to point q (any times,
+    not only grid times: EDM's stochastic sampler starts it from its churned noise level)."""
+    y = x / p.alpha
+    d = ode_slope(y, D(x, p.t), p.rho)
+    y_euler = y + (q.rho - p.rho) * d
+    if q.sigma == 0:
+        return q.alpha * y_euler
+    d_next = ode_slope(y_euler, D(q.alpha * y_euler, q.t), q.rho)
+    return q.alpha * (y + (q.rho - p.rho) * 0.5 * (d + d_next))
 
 
 @dataclass(frozen=True)
@@ -20,11 +32,4 @@ class Heun(Solver):
         return 2
 
     def step(self, D, x, t, t_next, state, noise):
-        p, q = point(D.schedule, t), point(D.schedule, t_next)
-        y = x / p.alpha
-        d = ode_slope(y, D(x, t), p.rho)
-        y_euler = y + (q.rho - p.rho) * d
-        if q.sigma == 0:
-            return q.alpha * y_euler, state
-        d_next = ode_slope(y_euler, D(q.alpha * y_euler, t_next), q.rho)
-        return q.alpha * (y + (q.rho - p.rho) * 0.5 * (d + d_next)), state
+        return heun_step(D, x, point(D.schedule, t), point(D.schedule, t_next)), state

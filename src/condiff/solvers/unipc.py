@@ -140,12 +140,25 @@ class UniPC(Solver):
         return None
 
     def step(self, D, x, t, t_next, state, noise):
+        p, q, m = begin(D, x, t, t_next)
+        return self.predict(self.correct(x, p, m, state), p, q, m, state)
+
+    # The two halves of ``step``, public so that DC-Solver (dc_solver.py) can change m between them.
+
+    def correct(self, x, p: Point, m, state):
+        """UniC: the corrected sample at ``p`` given m = D(x, p.t) at the predicted x (x itself when no corrector
+        is due)."""
+        st = state if state is not None else UniPCState()
+        if st.pending is None or not self.corrector:
+            return x
+        pend = st.pending
+        return _update(pend.x, pend.start, p, st.ms, st.lams, pend.order, VARIANTS[self.variant], m_new=m)
+
+    def predict(self, x, p: Point, q: Point, m, state):
+        """Store m as the model output at ``p`` and take the UniP step from the (corrected) x to ``q``; into
+        sigma = 0 return m. Returns (x_next, state)."""
         st = state if state is not None else UniPCState()
         variant = VARIANTS[self.variant]
-        p, q, m = begin(D, x, t, t_next)
-        if st.pending is not None and self.corrector:
-            pend = st.pending
-            x = _update(pend.x, pend.start, p, st.ms, st.lams, pend.order, variant, m_new=m)
         ms, lams = (st.ms + (m,))[-self.order:], (st.lams + (p.lam,))[-self.order:]
         left = None if st.steps_left is None else st.steps_left - 1
         if q.sigma == 0:

@@ -4,7 +4,7 @@
 - the time sampler (uniform in t; logit-normal in t, Esser et al. 2024 sec. 3.1; log-normal sigma,
   Karras et al. 2022 Table 1),
 - the weighting, a function of log-SNR (constant; min-SNR-gamma, Hang et al. 2023 eq. 8, expressed
-  relative to the eps target).
+  relative to the eps target; EDM's lambda(sigma), Karras et al. 2022 Table 1, on the x0 error).
 
 ``diffusion_loss`` returns one loss per sample, so callers can reweight, mask or reduce as they like.
 """
@@ -72,19 +72,45 @@ class MinSNRWeight:
         return torch.clamp(snr, max=self.gamma) / snr
 
 
+@dataclass(frozen=True)
+class EDMWeight:
+    """EDM's lambda(sigma) = (sigma^2 + s_d^2) / (sigma s_d)^2 on the x0 error ||D(x, sigma) - x0||^2 (Karras
+    et al. 2022, Table 1 and eq. 8), sigma being sigma/alpha = exp(-log_snr / 2).
+
+    It is an x0-space weighting (``space = "x0"``): diffusion_loss multiplies it by the prediction's
+    x0_scale^2, so it means the same loss whatever the network predicts. With EDM preconditioning
+    x0_scale = c_out and lambda c_out^2 = 1: the loss is the plain MSE on the F target (eq. 8)."""
+
+    sigma_data: float = 0.5
+    space = "x0"
+
+    def __call__(self, log_snr):
+        sigma2 = torch.exp(-log_snr)
+        sd2 = self.sigma_data**2
+        return (sigma2 + sd2) / (sigma2 * sd2)
+
+
 TIME_SAMPLERS = {"uniform": UniformTime, "logit-normal": LogitNormalTime, "lognormal-sigma": LogNormalSigma}
-WEIGHTINGS = {"constant": ConstantWeight, "min-snr": MinSNRWeight}
+WEIGHTINGS = {"constant": ConstantWeight, "min-snr": MinSNRWeight, "edm": EDMWeight}
 
 
 def diffusion_loss(model_fn, x0: torch.Tensor, cond, t: torch.Tensor, eps: torch.Tensor,
                    schedule: NoiseSchedule, prediction: Prediction, weighting=ConstantWeight()) -> torch.Tensor:
-    """Per-sample weighted MSE between ``model_fn(x_t, t, cond)`` and the prediction's target."""
+    """Per-sample weighted MSE between the network output and the prediction's target.
+
+    The network is called as ``model_fn(x_in, t_in, cond)`` with (x_in, t_in) = prediction.precondition(x_t,
+    t, ...), which is (x_t, t) except for EDM preconditioning (c_in x_t, c_noise). ``eps`` is the noise in
+    x_t = alpha x0 + sigma eps: Gaussian, or PFGM++ kernel noise (condiff.pfgmpp). A weighting with
+    ``space = "x0"`` (EDMWeight) weights the x0 error and is converted by the prediction's x0_scale^2."""
     a, s = coefficients(schedule, t, x0)
     x_t = a * x0 + s * eps
     target = prediction.target(x0, eps, a, s, t, schedule)
-    out = model_fn(x_t, t, cond)
+    x_in, t_in = prediction.precondition(x_t, t, a, s, schedule)
+    out = model_fn(x_in, t_in, cond)
     per_sample = (out - target).pow(2).flatten(1).mean(1)
     w = weighting(schedule.log_snr(t)).to(per_sample.dtype)
+    if getattr(weighting, "space", "target") == "x0":
+        w = w * prediction.x0_scale(a, s, t, schedule).reshape(-1).to(per_sample.dtype).square()
     if not math.isfinite(float(w.sum())):
         raise FloatingPointError("weighting produced non-finite values")
     return w * per_sample

@@ -23,6 +23,7 @@ class ObjectiveConfig:
     attr_dropout: float = 0.0
     cep_gamma: float = 0.0
     cep_kind: str = "uniform"
+    pfgmpp_D: float = 0.0  # PFGM++ noise with D augmented dimensions (Xu et al. 2023); 0 = Gaussian (D = inf)
 
 
 @dataclass
@@ -104,6 +105,7 @@ def _one_of(where: str, value, accepted):
 def check_recipe(r: Recipe) -> Recipe:
     """Value checks beyond types: names, families, ranges, finiteness, and the schedule table."""
     from ..denoiser import PREDICTIONS
+    from ..pfgmpp import noise_for_D
     from ..schedules import schedule_from_config
     from .objectives import TIME_SAMPLERS, WEIGHTINGS
 
@@ -120,6 +122,7 @@ def check_recipe(r: Recipe) -> Recipe:
     _in_range("objective.cond_dropout", o.cond_dropout, 0, 1, hi_open=True)
     _in_range("objective.attr_dropout", o.attr_dropout, 0, 1, hi_open=True)
     _in_range("objective.cep_gamma", o.cep_gamma, 0, 1e3)
+    noise_for_D(o.pfgmpp_D)
     for key in ("steps", "batch_size", "ckpt_every", "keep_checkpoints", "eval_n", "eval_steps"):
         _in_range(f"train.{key}", getattr(t, key), 1, 2**62)
     for key in ("warmup", "eval_every"):

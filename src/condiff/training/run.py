@@ -18,7 +18,10 @@ def make_trainer(recipe: Recipe, out_dir, progress: bool = True) -> Trainer:
     silence_diffusers()
     torch.set_num_threads(recipe.train.threads)
     torch.manual_seed(recipe.train.seed)  # deterministic initial weights
-    model = build_model(recipe.family, recipe.model, recipe.schedule, recipe.objective.prediction)
+    from ..pfgmpp import noise_for_D
+
+    model = build_model(recipe.family, recipe.model, recipe.schedule, recipe.objective.prediction,
+                        noise_for_D(recipe.objective.pfgmpp_D))
     return Trainer(model, recipe, Path(out_dir), progress=progress, evaluate=_learning_curve_eval(recipe))
 
 

@@ -1,0 +1,266 @@
+"""Solver benchmark: terminal error against a reference ODE solution, condiff and diffusers side by side.
+
+A *problem* is a guided denoiser on a VP-discrete table, a batch of start points x_T at t = T - 1 and their
+reference end points:
+
+- ``gmm_problem``: a random class-conditional Gaussian mixture (condiff.data.gmm) with its exact denoiser; the
+  reference is a float64 RK4 solve of the PF-ODE in lambda down to sigma/alpha = 1e-6, then the exact
+  denoiser (its own error is estimated by halving the RK4 steps and reported);
+- ``model_problem``: a bundled model with CFG; the reference is DPM-Solver++(2M) with 1000 steps (every
+  training timestep), checked against 500 steps.
+
+Every case runs on the same grid: diffusers' trailing timesteps for N steps, then the clean point (see
+condiff.peers). condiff solvers take ``nfe`` steps (``(nfe + 1) // 2`` for two-evaluation solvers, whose last
+step into sigma = 0 is a single evaluation); diffusers' schedulers are driven through their pipeline pattern
+with the eps of the same denoiser. The error of a case is the mean over the batch of the per-sample RMS
+difference ``||x_end - x_ref|| / sqrt(d)``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from .errors import ConfigError
+from .guidance import CFG
+from .peers import PEERS, Peer, betas_from_alphas_cumprod, run_peer, trailing_grid
+from .sampling import Gaussian, initial_noise, sample
+from .schedules import VPDiscrete
+
+F64 = torch.float64
+
+
+@dataclass
+class Problem:
+    name: str
+    denoiser: Any  # guided Denoiser
+    cond: Mapping[str, Any]
+    x_T: torch.Tensor
+    x_ref: torch.Tensor
+    info: dict = field(default_factory=dict)
+
+    @property
+    def schedule(self) -> VPDiscrete:
+        return self.denoiser.schedule
+
+    @property
+    def num_train(self) -> int:
+        return int(self.schedule.alphas_cumprod.numel())
+
+    def eps(self, x: torch.Tensor, t) -> torch.Tensor:
+        """The guided eps at (x, t): (x - alpha x0_hat) / sigma."""
+        t = float(t)
+        a, s = float(self.schedule.alpha(torch.tensor(t, dtype=F64))), float(self.schedule.sigma(torch.tensor(t, dtype=F64)))
+        return (x - a * self.denoiser(x, t, self.cond)) / s
+
+
+def rms_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean over the batch of ||x - ref|| / sqrt(d)."""
+    d = (x.to(F64) - ref.to(F64)).flatten(1)
+    return float((d.norm(dim=1) / math.sqrt(d.shape[1])).mean())
+
+
+def gmm_problem(dim: int = 8, components: int = 8, classes: int = 4, seed: int = 0, n: int = 512,
+                cfg: float = 1.0, ref_steps: int = 2048) -> Problem:
+    from .data.gmm import GMM, reference_pf_ode
+
+    sch = VPDiscrete.from_betas("linear")
+    gmm = GMM.random(dim=dim, components=components, num_classes=classes, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    y = torch.randint(0, classes, (n,), generator=g)
+    cond = {"y": y, "null": gmm.null_cond(n)}
+    den = CFG(gmm.denoiser(sch), cfg)
+    t_T = float(sch.t_max)
+    x_T = initial_noise(sch, t_T, (n, dim), g, dtype=F64)
+    t_end = float(sch.t_from_log_snr(torch.tensor(2 * math.log(1e6), dtype=F64)))
+
+    def ref(steps):
+        x = reference_pf_ode(den, x_T, t_T, t_end, cond, steps=steps)
+        return den(x, t_end, cond)
+
+    x_ref, x_half = ref(ref_steps), ref(ref_steps // 2)
+    info = {"oracle": "gmm", "dim": dim, "components": components, "classes": classes, "seed": seed, "n": n,
+            "cfg": cfg, "reference": f"RK4 in lambda, {ref_steps} steps, to sigma/alpha = 1e-6",
+            "reference_error_estimate": rms_error(x_ref, x_half) / 15.0}
+    return Problem(f"gmm-d{dim}-k{components}-s{seed}", den, cond, x_T, x_ref, info)
+
+
+def model_problem(model: str = "shapes", n: int = 32, cfg: float = 3.0, seed: int = 0, ref_steps: int = 1000,
+                  progress: bool = True) -> Problem:
+    from .models.base import load_model
+
+    m = load_model(model)
+    if not isinstance(m.schedule, VPDiscrete):
+        raise ConfigError(f"bench --model needs a VP-discrete model (diffusers' schedulers), got "
+                          f"{type(m.schedule).__name__} for {model!r}")
+    g = torch.Generator().manual_seed(seed)
+    raw, _ = m.family.random_conditions(n, g)
+    cond = m.condition(raw)
+    den = CFG(m.denoiser, cfg)
+    num_train = int(m.schedule.alphas_cumprod.numel())
+    x_T = initial_noise(m.schedule, float(num_train - 1), (n, *m.family.image_shape), g)
+    from .solvers import get_solver
+
+    with torch.no_grad():
+        def ref(steps):
+            return sample(den, get_solver("dpmpp-2m"), trailing_grid(num_train, steps), x_T, cond,
+                          progress=f"reference {steps}" if progress else False).x
+
+        x_ref, x_half = ref(ref_steps), ref(ref_steps // 2)
+    info = {"model": model, "n": n, "cfg": cfg, "seed": seed,
+            "reference": f"dpmpp-2m, {ref_steps} trailing steps (float32)",
+            "reference_vs_half_steps": rms_error(x_ref, x_half)}
+    return Problem(f"{model}-cfg{cfg:g}", den, cond, x_T, x_ref, info)
+
+
+@dataclass(frozen=True)
+class CondiffCase:
+    """A condiff solver (any object with the Solver contract) under a label."""
+
+    label: str
+    solver: Any
+    note: str = ""
+    impl = "condiff"
+
+    def steps_for_nfe(self, nfe: int) -> int:
+        return nfe if self.solver.evals_per_step() == 1 else (nfe + 1) // 2
+
+    @property
+    def deterministic(self) -> bool:
+        return not self.solver.stochastic
+
+    def run(self, problem: Problem, nfe: int) -> tuple[torch.Tensor, int]:
+        grid = trailing_grid(problem.num_train, self.steps_for_nfe(nfe))
+        out = sample(problem.denoiser, self.solver, grid, problem.x_T.clone(), problem.cond,
+                     noise=Gaussian(torch.Generator().manual_seed(1234)))
+        return out.x, out.nfe
+
+
+@dataclass(frozen=True)
+class DiffusersCase:
+    peer: Peer
+    impl = "diffusers"
+    deterministic = True
+    note = ""
+
+    @property
+    def label(self) -> str:
+        return self.peer.label
+
+    def run(self, problem: Problem, nfe: int) -> tuple[torch.Tensor, int]:
+        sched = self.peer.make(betas_from_alphas_cumprod(problem.schedule.alphas_cumprod).float())
+        return run_peer(self.peer, sched, problem.eps, problem.x_T.clone(), self.peer.steps_for_nfe(nfe))
+
+
+XFINAL_BASES = ("dpmpp-2m", "dpmpp-3m", "unipc")
+
+
+def default_cases() -> list:
+    """Every registered condiff solver with its defaults, the multistep ones also with the second-order final
+    step (condiff.solvers.final), and diffusers' schedulers."""
+    from .solvers import SOLVERS, ExtrapolatedFinal, get_solver
+
+    cases = [CondiffCase(name, get_solver(name)) for name in SOLVERS]
+    cases += [CondiffCase(f"{name}+xfinal", ExtrapolatedFinal(get_solver(name))) for name in XFINAL_BASES]
+    return cases + [DiffusersCase(p) for p in PEERS]
+
+
+def run_bench(problem: Problem, nfes, cases=None, progress: bool = True) -> list[dict]:
+    """One row per (case, nfe): solver, impl, nfe (actual model evaluations), error, seconds."""
+    cases = default_cases() if cases is None else cases
+    rows = []
+    jobs = [(c, k) for c in cases for k in nfes]
+    it = jobs
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(jobs, desc=f"bench {problem.name}", leave=False)
+    with torch.no_grad():
+        for case, nfe in it:
+            t0 = time.perf_counter()
+            x, used = case.run(problem, nfe)
+            err = rms_error(x, problem.x_ref)
+            rows.append({"solver": case.label, "impl": case.impl, "nfe": int(used), "nfe_budget": int(nfe),
+                         "error": err if math.isfinite(err) else None, "deterministic": case.deterministic,
+                         "seconds": time.perf_counter() - t0, **({"note": case.note} if case.note else {})})
+    return rows
+
+
+def best_ratios(rows: list[dict]) -> dict[int, dict]:
+    """Per NFE budget: the best deterministic condiff and diffusers rows and their error ratio."""
+    out = {}
+    for nfe in sorted({r["nfe_budget"] for r in rows}):
+        best = {}
+        for impl in ("condiff", "diffusers"):
+            cand = [r for r in rows if r["nfe_budget"] == nfe and r["impl"] == impl and r["deterministic"]
+                    and r["error"] is not None and r["nfe"] <= nfe]
+            best[impl] = min(cand, key=lambda r: r["error"]) if cand else None
+        if best["condiff"] and best["diffusers"]:
+            out[nfe] = {"condiff": best["condiff"]["solver"], "condiff_error": best["condiff"]["error"],
+                        "diffusers": best["diffusers"]["solver"], "diffusers_error": best["diffusers"]["error"],
+                        "ratio": best["condiff"]["error"] / best["diffusers"]["error"]}
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    """A markdown table: one row per (solver, impl), one column per NFE budget, then the best-vs-best ratios."""
+    nfes = sorted({r["nfe_budget"] for r in rows})
+    keys = list(dict.fromkeys((r["solver"], r["impl"]) for r in rows))
+    lines = ["| solver | impl | " + " | ".join(f"NFE {k}" for k in nfes) + " |",
+             "|---|---|" + "---:|" * len(nfes)]
+    cell = {(r["solver"], r["impl"], r["nfe_budget"]): r for r in rows}
+    for s, impl in keys:
+        vals = []
+        for k in nfes:
+            r = cell.get((s, impl, k))
+            if r is None:
+                vals.append("")
+            elif r["error"] is None:
+                vals.append("nan")
+            else:
+                vals.append(f"{r['error']:.2e}" + ("" if r["nfe"] == k else f" ({r['nfe']})"))
+        mark = "" if cell[(s, impl, nfes[0])]["deterministic"] else " (stochastic)"
+        lines.append(f"| {s}{mark} | {impl} | " + " | ".join(vals) + " |")
+    best = best_ratios(rows)
+    if best:
+        lines.append("| **best condiff / best diffusers** | ratio | "
+                     + " | ".join(f"{best[k]['ratio']:.2f}" if k in best else "" for k in nfes) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path, title: str = "") -> None:
+    """Log-log error against NFE: condiff solid, diffusers dashed; stochastic solvers left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_write_bytes
+    import io as _io
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    keys = list(dict.fromkeys((r["solver"], r["impl"]) for r in rows if r["deterministic"]))
+    for i, (s, impl) in enumerate(keys):
+        pts = sorted((r["nfe"], r["error"]) for r in rows
+                     if r["solver"] == s and r["impl"] == impl and r["error"] is not None)
+        if not pts:
+            continue
+        ax.plot(*zip(*pts), ("-o" if impl == "condiff" else "--s"), ms=3, lw=1.2,
+                color=plt.cm.tab20(i % 20), label=f"{s} ({impl})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE (model evaluations)")
+    ax.set_ylabel("terminal RMS error vs reference")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    buf = _io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+

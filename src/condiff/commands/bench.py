@@ -1,0 +1,81 @@
+"""`condiff bench solvers`: every condiff solver and diffusers' schedulers on one problem, error against NFE."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import ConfigError
+from .dc import _in_range as _check_int, parse_list
+
+app = typer.Typer(help="Benchmarks: condiff against diffusers, side by side.", no_args_is_help=True)
+
+
+
+
+@app.command("solvers")
+def solvers_cmd(
+    oracle: Optional[str] = typer.Option(None, help="exact oracle problem: gmm"),
+    model: Optional[str] = typer.Option(None, help="or a bundled VP-discrete model (shapes, digits), against a "
+                                        "1000-step reference"),
+    dim: int = typer.Option(8, help="gmm: dimension"),
+    components: int = typer.Option(8, help="gmm: number of mixture components"),
+    classes: int = typer.Option(4, help="gmm: number of classes"),
+    seed: int = typer.Option(0, help="seed of the GMM, the start points and the conditions"),
+    nfe: str = typer.Option("5,8,10,20", help="comma-separated NFE budgets"),
+    cfg: float = typer.Option(1.0, help="guidance scale (1 = conditional)"),
+    n: int = typer.Option(512, help="number of start points (default 512 for gmm; use ~32 for a model)"),
+    ref_steps: int = typer.Option(0, help="reference steps (default: 2048 RK4 steps for gmm, 1000 for a model)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write {config, reference, results} here"),
+    plot: Optional[Path] = typer.Option(None, help="log-log error-vs-NFE plot (default: beside --json)"),
+):
+    """Terminal error against the reference ODE solution for every solver, condiff and diffusers."""
+    import math
+
+    import torch
+
+    from .. import bench
+    from ..cli import _check_out, _load, _threads
+    from ..training.recipe import check_seed
+
+    if (oracle is None) == (model is None):
+        raise ConfigError("give exactly one of --oracle gmm or --model NAME")
+    if oracle is not None and oracle != "gmm":
+        raise ConfigError(f"--oracle must be gmm, got {oracle!r}")
+    nfes = sorted(parse_list(nfe, "--nfe", int, 1, 1000, "integers"))
+    check_seed(seed, "--seed")
+    if not math.isfinite(cfg) or abs(cfg) > 100:
+        raise ConfigError(f"--cfg must be a finite number with |cfg| <= 100, got {cfg}")
+    _check_int(n, "--n", 1, 100_000)
+    _check_int(ref_steps, "--ref-steps", 0, 100_000)
+    if json_out is not None:
+        _check_out(json_out, "--json", ".json")
+    plot = plot if plot is not None else (json_out.with_suffix(".png") if json_out is not None else None)
+    if plot is not None:
+        _check_out(plot, "--plot", ".png")
+    if oracle == "gmm":
+        _check_int(dim, "--dim", 1, 4096)
+        _check_int(components, "--components", 1, 1024)
+        _check_int(classes, "--classes", 1, components)
+        torch.set_num_threads(_threads())
+        problem = bench.gmm_problem(dim, components, classes, seed, n, cfg, ref_steps or 2048)
+    else:
+        _load(model)  # checks the model and sets the thread count before the reference run
+        problem = bench.model_problem(model, n, cfg, seed, ref_steps or 1000)
+    rows = bench.run_bench(problem, nfes)
+    text = bench.table(rows)
+    typer.echo(f"{problem.name}: {json.dumps(problem.info)}")
+    typer.echo(text)
+    best = bench.best_ratios(rows)
+    if json_out is not None:
+        from ..io import atomic_write_json
+
+        atomic_write_json(json_out, {"config": problem.info, "results": rows,
+                                     "best": {str(k): v for k, v in best.items()}, "table": text})
+        typer.echo(f"wrote {json_out}")
+    if plot is not None:
+        bench.plot(rows, plot, title=problem.name)
+        typer.echo(f"wrote {plot}")

@@ -1,0 +1,87 @@
+"""`condiff sample/eval` solver options: --ems and --dc-ratios reach the solver they belong to, are refused
+with one-line errors elsewhere, and a solver's own spacing (EDM's Karras grid) is the default grid."""
+
+import json
+
+import pytest
+
+from condiff.cli import main
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    monkeypatch.setenv("CONDIFF_THREADS", "1")
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def ok(argv, capsys):
+    main(argv)
+    return capsys.readouterr().out
+
+
+def one_line_error(code, err, needle):
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+
+
+SAMPLE = ["sample", "--model", "digits", "--steps", "3", "--n", "2", "--cfg", "2"]
+
+
+@pytest.mark.parametrize("flag, solver, needle", [
+    ("--ems", "ddim", "--ems is for --solver dpm-v3, got --solver ddim"),
+    ("--dc-ratios", "unipc", "--dc-ratios is for --solver dc-solver, got --solver unipc"),
+])
+def test_file_options_belong_to_their_solver(tmp_path, capsys, flag, solver, needle):
+    f = tmp_path / "x.json"
+    f.write_text("{}")
+    code, _, err = run(SAMPLE + ["--solver", solver, flag, str(f), "--out", str(tmp_path / "g.png")], capsys)
+    one_line_error(code, err, needle)
+    assert not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.parametrize("flag, solver", [("--ems", "dpm-v3"), ("--dc-ratios", "dc-solver")])
+@pytest.mark.parametrize("content", [b"", b"garbage\x00\x01", b"\x80\x04K\x01."])
+def test_garbage_files_are_refused(tmp_path, capsys, flag, solver, content):
+    f = tmp_path / ("stats.safetensors" if flag == "--ems" else "ratios.json")
+    f.write_bytes(content)
+    code, _, err = run(SAMPLE + ["--solver", solver, flag, str(f), "--out", str(tmp_path / "g.png")], capsys)
+    one_line_error(code, err, str(f))
+
+
+def test_ems_from_the_command_drives_dpm_v3(tmp_path, capsys):
+    stats = tmp_path / "ems.safetensors"
+    ok(["ems", "compute", "--model", "digits", "--n-data", "4", "--grid", "4", "--cfg", "2", "--out", str(stats)],
+       capsys)
+    out = tmp_path / "g.png"
+    ok(SAMPLE + ["--solver", "dpm-v3", "--ems", str(stats), "--out", str(out)], capsys)
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["ems"] == str(stats) and f"--ems {stats}" in side["reproduce"]
+    # refused for a model of another shape
+    code, _, err = run(["eval", "--model", "shapes", "--solver", "dpm-v3", "--ems", str(stats), "--n", "2"], capsys)
+    one_line_error(code, err, "shape")
+
+
+def test_dc_ratios_from_the_command_drive_dc_solver(tmp_path, capsys):
+    ratios = tmp_path / "r.json"
+    ok(["dc", "search", "--model", "digits", "--nfe", "3", "--cfg", "2", "--n-data", "2", "--iters", "2",
+        "--ref-steps", "20", "--out", str(ratios)], capsys)
+    res = json.loads(ok(["eval", "--model", "digits", "--solver", "dc-solver", "--dc-ratios", str(ratios),
+                         "--steps", "3", "--cfg", "2", "--n", "4"], capsys))
+    assert res["dc_ratios"] == str(ratios) and res["nfe"] == 3
+    code, _, err = run(["eval", "--model", "digits", "--solver", "dc-solver", "--dc-ratios", str(ratios),
+                        "--steps", "3", "--cfg", "2", "--n", "4", "--spacing", "karras"], capsys)
+    one_line_error(code, err, "'karras'")
+
+
+def test_solver_default_spacing(tmp_path, capsys):
+    out = tmp_path / "g.png"
+    ok(SAMPLE + ["--solver", "edm-heun", "--out", str(out)], capsys)
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["spacing"] == "karras" and "--spacing karras" in side["reproduce"]
+    ok(SAMPLE + ["--solver", "ddim", "--out", str(out)], capsys)
+    assert json.loads(out.with_suffix(".json").read_text())["spacing"] == "uniform-t"
