@@ -42,6 +42,7 @@ class Problem:
     x_T: torch.Tensor
     x_ref: torch.Tensor
     info: dict = field(default_factory=dict)
+    oracle: Any = None  # the GMM of an oracle problem (for tuning EMS / DC ratios on it)
 
     @property
     def schedule(self) -> VPDiscrete:
@@ -86,7 +87,7 @@ def gmm_problem(dim: int = 8, components: int = 8, classes: int = 4, seed: int =
     info = {"oracle": "gmm", "dim": dim, "components": components, "classes": classes, "seed": seed, "n": n,
             "cfg": cfg, "reference": f"RK4 in lambda, {ref_steps} steps, to sigma/alpha = 1e-6",
             "reference_error_estimate": rms_error(x_ref, x_half) / 15.0}
-    return Problem(f"gmm-d{dim}-k{components}-s{seed}", den, cond, x_T, x_ref, info)
+    return Problem(f"gmm-d{dim}-k{components}-s{seed}", den, cond, x_T, x_ref, info, oracle=gmm)
 
 
 def model_problem(model: str = "shapes", n: int = 32, cfg: float = 3.0, seed: int = 0, ref_steps: int = 1000,
@@ -141,6 +142,73 @@ class CondiffCase:
 
 
 @dataclass(frozen=True)
+class TunedCase(CondiffCase):
+    """A condiff solver tuned per NFE budget (DC-Solver's searched ratios): ``solvers[nfe]``; ``solver`` is the
+    untuned object, used for its evaluation count."""
+
+    per_nfe: Mapping[int, Any] = field(default_factory=dict)
+
+    def run(self, problem: Problem, nfe: int) -> tuple[torch.Tensor, int]:
+        return CondiffCase(self.label, self.per_nfe[nfe]).run(problem, nfe)
+
+
+def tuned_cases(problem: Problem, nfes, n_tune: int = 10, progress: bool = True) -> list:
+    """DPM-Solver-v3 with EMS and DC-Solver with searched ratios, tuned on data the evaluation never sees.
+
+    Oracle problems: EMS from the exact GMM denoiser on fresh mixture samples (condiff.ems.gmm_ems), DC ratios
+    searched per NFE on ``n_tune`` fresh starts against a 1000-step UniPC reference (condiff.dc.search).
+    Model problems: nothing here (pass --ems / --dc-ratios files to the command)."""
+    if problem.oracle is None:
+        return []
+    from . import dc
+    from .ems import gmm_ems
+    from .solvers import DCSolver, get_solver
+
+    gmm, cfg = problem.oracle, problem.info["cfg"]
+    sch = problem.schedule
+    t0 = time.perf_counter()
+    ems = gmm_ems(gmm, sch, t_start=float(sch.t_max), t_end=float(sch.t_min), scale=None if cfg == 1 else cfg,
+                  seed=problem.info["seed"] + 7)
+    problem.info["ems_seconds"] = time.perf_counter() - t0
+    cases = [CondiffCase("dpm-v3+ems", get_solver("dpm-v3", ems=ems), note="EMS from the exact GMM denoiser")]
+    g = torch.Generator().manual_seed(problem.info["seed"] + 11)
+    n, classes = n_tune, problem.info["classes"]
+    y = torch.randint(0, classes, (n,), generator=g)
+    cond = {"y": y, "null": gmm.null_cond(n)}
+    x_T = initial_noise(sch, float(sch.t_max), (n, gmm.dim), g, dtype=F64)
+    per_nfe, t0 = {}, time.perf_counter()
+    for nfe in nfes:
+        grid = trailing_grid(problem.num_train, nfe)
+        ref = dc.reference_trajectory(problem.denoiser, cond, x_T, [grid], steps=1000, solver=get_solver("unipc"))
+        with torch.enable_grad():
+            ratios = dc.search_ratios(problem.denoiser, cond, x_T, grid, reference=ref)
+        per_nfe[nfe] = DCSolver(ratios)
+    problem.info["dc_search_seconds"] = time.perf_counter() - t0
+    cases.append(TunedCase("dc-solver+search", DCSolver(), per_nfe=per_nfe,
+                           note=f"ratios searched on {n_tune} other starts per NFE"))
+    return cases
+
+
+def file_cases(problem: Problem, model: str, nfes, cfg: float, ems_path=None, ratios_path=None) -> list:
+    """dpm-v3 with an EMS file and dc-solver with a ratios file (from `condiff ems compute` / `dc search`)."""
+    cases = []
+    if ems_path is not None:
+        from .ems import check_ems_fits, load_ems
+        from .solvers import get_solver
+
+        ems = check_ems_fits(load_ems(ems_path), problem.x_T.shape[1:], problem.schedule, what=repr(model))
+        cases.append(CondiffCase("dpm-v3+ems", get_solver("dpm-v3", ems=ems), note=str(ems_path)))
+    if ratios_path is not None:
+        from .dc import dc_solver_for
+        from .solvers import DCSolver
+
+        # the bench's grid is diffusers' trailing spacing; ratios searched on another spacing still load
+        per_nfe = {k: dc_solver_for(ratios_path, k, cfg) for k in nfes}
+        cases.append(TunedCase("dc-solver+ratios", DCSolver(), per_nfe=per_nfe, note=str(ratios_path)))
+    return cases
+
+
+@dataclass(frozen=True)
 class DiffusersCase:
     peer: Peer
     impl = "diffusers"
@@ -156,17 +224,11 @@ class DiffusersCase:
         return run_peer(self.peer, sched, problem.eps, problem.x_T.clone(), self.peer.steps_for_nfe(nfe))
 
 
-XFINAL_BASES = ("dpmpp-2m", "dpmpp-3m", "unipc")
-
-
 def default_cases() -> list:
-    """Every registered condiff solver with its defaults, the multistep ones also with the second-order final
-    step (condiff.solvers.final), and diffusers' schedulers."""
-    from .solvers import SOLVERS, ExtrapolatedFinal, get_solver
+    """Every registered condiff solver with its defaults, and diffusers' schedulers."""
+    from .solvers import SOLVERS, get_solver
 
-    cases = [CondiffCase(name, get_solver(name)) for name in SOLVERS]
-    cases += [CondiffCase(f"{name}+xfinal", ExtrapolatedFinal(get_solver(name))) for name in XFINAL_BASES]
-    return cases + [DiffusersCase(p) for p in PEERS]
+    return [CondiffCase(name, get_solver(name)) for name in SOLVERS] + [DiffusersCase(p) for p in PEERS]
 
 
 def run_bench(problem: Problem, nfes, cases=None, progress: bool = True) -> list[dict]:

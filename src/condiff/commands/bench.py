@@ -31,6 +31,10 @@ def solvers_cmd(
     ref_steps: int = typer.Option(0, help="reference steps (default: 2048 RK4 steps for gmm, 1000 for a model)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write {config, reference, results} here"),
     plot: Optional[Path] = typer.Option(None, help="log-log error-vs-NFE plot (default: beside --json)"),
+    tune: bool = typer.Option(True, help="gmm: also run DPM-Solver-v3 with EMS and DC-Solver with searched "
+                              "ratios, both tuned on data the evaluation does not use"),
+    ems: Optional[Path] = typer.Option(None, "--ems", help="model: EMS file for a dpm-v3 case"),
+    dc_ratios: Optional[Path] = typer.Option(None, "--dc-ratios", help="model: ratios file for a dc-solver case"),
 ):
     """Terminal error against the reference ODE solution for every solver, condiff and diffusers."""
     import math
@@ -65,7 +69,14 @@ def solvers_cmd(
     else:
         _load(model)  # checks the model and sets the thread count before the reference run
         problem = bench.model_problem(model, n, cfg, seed, ref_steps or 1000)
-    rows = bench.run_bench(problem, nfes)
+    cases = bench.default_cases()
+    if oracle is not None and tune:
+        cases += bench.tuned_cases(problem, nfes)
+    if model is not None:
+        cases += bench.file_cases(problem, model, nfes, cfg, ems, dc_ratios)
+    elif ems is not None or dc_ratios is not None:
+        raise ConfigError("--ems and --dc-ratios are for --model (the gmm oracle tunes its own with --tune)")
+    rows = bench.run_bench(problem, nfes, cases)
     text = bench.table(rows)
     typer.echo(f"{problem.name}: {json.dumps(problem.info)}")
     typer.echo(text)

@@ -13,7 +13,6 @@ from .dpmpp_3m import DPMSolverPP3M
 from .dpm_v3 import DPMSolverV3
 from .edm import EDMHeun, EDMSDE
 from .euler import Euler
-from .final import ExtrapolatedFinal
 from .heun import Heun
 from .unipc import UniPC
 from .dc_solver import DCSolver
@@ -64,6 +63,6 @@ def get_solver(name: str, **kwargs) -> Solver:
                           f"accepted: {fields or 'none'}") from None
 
 
-__all__ = ["ExtrapolatedFinal", "Solver", "Point", "point", "DDIM", "DDPM", "DPMSolverPP2M", "DPMSolverPP2S", "DPMSolverPP3M", "Euler",
+__all__ = ["Solver", "Point", "point", "DDIM", "DDPM", "DPMSolverPP2M", "DPMSolverPP2S", "DPMSolverPP3M", "Euler",
            "Heun", "UniPC", "EDMHeun", "EDMSDE", "DCSolver", "DPMSolverV3", "SOLVERS",
            "DESCRIPTIONS", "get_solver"]

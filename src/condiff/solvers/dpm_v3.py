@@ -272,7 +272,8 @@ class DPMSolverV3(Solver):
 
     def __post_init__(self):
         if self.ems is not None and not isinstance(self.ems, EMS):
-            raise ConfigError(f"dpm-v3 ems must be an EMS (condiff.ems.load_ems) or None, got {type(self.ems).__name__}")
+            raise ConfigError(f"dpm-v3 ems must be an EMS (condiff.ems.load_ems) or None, "
+                              f"got {type(self.ems).__name__}")
         if isinstance(self.order, bool) or self.order not in (1, 2, 3):
             raise ConfigError(f"dpm-v3 order must be 1, 2 or 3, got {self.order!r}")
         for flag in ("predictor_pseudo", "corrector", "corrector_pseudo", "lower_order_final", "half"):
