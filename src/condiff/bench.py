@@ -43,6 +43,19 @@ class Problem:
     x_ref: torch.Tensor
     info: dict = field(default_factory=dict)
     oracle: Any = None  # the GMM of an oracle problem (for tuning EMS / DC ratios on it)
+    spacing: Any = None  # None: diffusers' trailing timesteps (peers run too); else a condiff spacing object
+
+    def grid(self, steps: int) -> torch.Tensor:
+        if self.spacing is None:
+            return trailing_grid(self.num_train, steps)
+        from .grids import make_grid
+
+        return make_grid(self.schedule, steps, self.spacing)
+
+    @property
+    def peers(self) -> bool:
+        """diffusers' schedulers need integer timesteps: they run on the trailing grid only."""
+        return self.spacing is None
 
     @property
     def schedule(self) -> VPDiscrete:
@@ -91,8 +104,12 @@ def gmm_problem(dim: int = 8, components: int = 8, classes: int = 4, seed: int =
 
 
 def model_problem(model: str = "shapes", n: int = 32, cfg: float = 3.0, seed: int = 0, ref_steps: int = 1000,
-                  progress: bool = True) -> Problem:
+                  progress: bool = True, spacing=None) -> Problem:
+    """A bundled model under CFG. ``spacing`` None: diffusers' trailing grid from t = T - 1 (diffusers' peers
+    run too); a condiff spacing (e.g. UniformT(), the CLI default): condiff's grid from the default start,
+    where the files of `condiff ems compute` and `condiff dc search` apply (peers are left out)."""
     from .models.base import load_model
+    from .solvers import get_solver
 
     m = load_model(model)
     if not isinstance(m.schedule, VPDiscrete):
@@ -102,20 +119,21 @@ def model_problem(model: str = "shapes", n: int = 32, cfg: float = 3.0, seed: in
     raw, _ = m.family.random_conditions(n, g)
     cond = m.condition(raw)
     den = CFG(m.denoiser, cfg)
-    num_train = int(m.schedule.alphas_cumprod.numel())
-    x_T = initial_noise(m.schedule, float(num_train - 1), (n, *m.family.image_shape), g)
-    from .solvers import get_solver
+    problem = Problem(f"{model}-cfg{cfg:g}", den, cond, torch.empty(0), torch.empty(0), spacing=spacing)
+    start = problem.grid(1)[0]
+    problem.x_T = m.prior((n, *m.family.image_shape), float(start), g)
 
     with torch.no_grad():
         def ref(steps):
-            return sample(den, get_solver("dpmpp-2m"), trailing_grid(num_train, steps), x_T, cond,
+            return sample(den, get_solver("dpmpp-2m"), problem.grid(steps), problem.x_T, cond,
                           progress=f"reference {steps}" if progress else False).x
 
-        x_ref, x_half = ref(ref_steps), ref(ref_steps // 2)
-    info = {"model": model, "n": n, "cfg": cfg, "seed": seed,
-            "reference": f"dpmpp-2m, {ref_steps} trailing steps (float32)",
-            "reference_vs_half_steps": rms_error(x_ref, x_half)}
-    return Problem(f"{model}-cfg{cfg:g}", den, cond, x_T, x_ref, info)
+        problem.x_ref, x_half = ref(ref_steps), ref(ref_steps // 2)
+    problem.info = {"model": model, "n": n, "cfg": cfg, "seed": seed,
+                    "grid": "diffusers trailing" if spacing is None else spacing.name,
+                    "reference": f"dpmpp-2m, {ref_steps} steps on the same grid type (float32)",
+                    "reference_vs_half_steps": rms_error(problem.x_ref, x_half)}
+    return problem
 
 
 @dataclass(frozen=True)
@@ -135,7 +153,7 @@ class CondiffCase:
         return not self.solver.stochastic
 
     def run(self, problem: Problem, nfe: int) -> tuple[torch.Tensor, int]:
-        grid = trailing_grid(problem.num_train, self.steps_for_nfe(nfe))
+        grid = problem.grid(self.steps_for_nfe(nfe))
         out = sample(problem.denoiser, self.solver, grid, problem.x_T.clone(), problem.cond,
                      noise=Gaussian(torch.Generator().manual_seed(1234)))
         return out.x, out.nfe
@@ -178,7 +196,7 @@ def tuned_cases(problem: Problem, nfes, n_tune: int = 10, progress: bool = True)
     x_T = initial_noise(sch, float(sch.t_max), (n, gmm.dim), g, dtype=F64)
     per_nfe, t0 = {}, time.perf_counter()
     for nfe in nfes:
-        grid = trailing_grid(problem.num_train, nfe)
+        grid = problem.grid(nfe)
         ref = dc.reference_trajectory(problem.denoiser, cond, x_T, [grid], steps=1000, solver=get_solver("unipc"))
         with torch.enable_grad():
             ratios = dc.search_ratios(problem.denoiser, cond, x_T, grid, reference=ref)
@@ -198,12 +216,15 @@ def file_cases(problem: Problem, model: str, nfes, cfg: float, ems_path=None, ra
 
         ems = check_ems_fits(load_ems(ems_path), problem.x_T.shape[1:], problem.schedule, what=repr(model))
         cases.append(CondiffCase("dpm-v3+ems", get_solver("dpm-v3", ems=ems), note=str(ems_path)))
+        # statistics estimated from a few hundred images are noisy: the first-order predictor (with the
+        # corrector) is the robust choice at very low NFE on the bundled models (docs/solvers.md)
+        cases.append(CondiffCase("dpm-v3+ems order=1", get_solver("dpm-v3", ems=ems, order=1), note=str(ems_path)))
     if ratios_path is not None:
         from .dc import dc_solver_for
         from .solvers import DCSolver
 
-        # the bench's grid is diffusers' trailing spacing; ratios searched on another spacing still load
-        per_nfe = {k: dc_solver_for(ratios_path, k, cfg) for k in nfes}
+        name = "trailing" if problem.spacing is None else problem.spacing.name
+        per_nfe = {k: dc_solver_for(ratios_path, k, cfg, name) for k in nfes}
         cases.append(TunedCase("dc-solver+ratios", DCSolver(), per_nfe=per_nfe, note=str(ratios_path)))
     return cases
 
@@ -243,6 +264,8 @@ def run_bench(problem: Problem, nfes, cases=None, progress: bool = True) -> list
         it = tqdm(jobs, desc=f"bench {problem.name}", leave=False)
     with torch.no_grad():
         for case, nfe in it:
+            if case.impl == "diffusers" and not problem.peers:
+                continue
             t0 = time.perf_counter()
             x, used = case.run(problem, nfe)
             err = rms_error(x, problem.x_ref)

@@ -29,6 +29,9 @@ SpacingOpt = Annotated[Optional[str], typer.Option(
     help="time grid: uniform-t, uniform-logsnr, karras (default: the solver's own, else uniform-t)")]
 EmsOpt = Annotated[Optional[Path], typer.Option(
     "--ems", help="DPM-Solver-v3 statistics from `condiff ems compute` (with --solver dpm-v3)")]
+SolverOptOpt = Annotated[Optional[list[str]], typer.Option(
+    "--solver-opt", help="a solver option KEY=VALUE, repeatable (e.g. order=1, variant=bh1, corrector=false); "
+    "see `condiff solvers`")]
 DcRatiosOpt = Annotated[Optional[Path], typer.Option(
     "--dc-ratios", help="DC-Solver ratios from `condiff dc search` (with --solver dc-solver)")]
 BatchOpt = Annotated[int, typer.Option(help="samples per batch (bounds memory; large --n is streamed)")]
@@ -40,10 +43,28 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="condiff: conditional diffusion - sample, evaluate, train, demo.")
 
 
-def _solver(name: str):
+def _solver(name: str, options: Optional[list[str]] = None):
     from .solvers import get_solver
 
-    return get_solver(name)
+    return get_solver(name, **_solver_options(options))
+
+
+def _solver_options(options: Optional[list[str]]) -> dict:
+    """['order=1', 'corrector=false'] -> {'order': 1, 'corrector': False}: JSON values (true/false, numbers),
+    anything else a string; the solver refuses unknown keys and bad values itself."""
+    out = {}
+    for item in options or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ConfigError(f"--solver-opt must be KEY=VALUE such as order=1, got {item!r}")
+        try:
+            parsed = json.loads(value.strip())
+        except ValueError:
+            parsed = value.strip()
+        if isinstance(parsed, (dict, list)) or parsed is None:
+            raise ConfigError(f"--solver-opt {key.strip()} must be a number, true/false or a name, got {value!r}")
+        out[key.strip()] = parsed
+    return out
 
 
 def _spacing(name: Optional[str], solver=None) -> tuple[str, object]:
@@ -59,9 +80,10 @@ def _spacing(name: Optional[str], solver=None) -> tuple[str, object]:
 
 
 def _configured_solver(name: str, steps: int, cfg: float, spacing: Optional[str], ems: Optional[Path],
-                       dc_ratios: Optional[Path], model: str):
-    """The solver for --solver with its --ems / --dc-ratios files, and the spacing (name, object)."""
-    sol = _solver(name)
+                       dc_ratios: Optional[Path], model: str, options: Optional[list[str]] = None):
+    """The solver for --solver with its --solver-opt options and --ems / --dc-ratios files, and the spacing
+    (name, object)."""
+    sol = _solver(name, options)
     if ems is not None and name != "dpm-v3":
         raise ConfigError(f"--ems is for --solver dpm-v3, got --solver {name}")
     if dc_ratios is not None and name != "dc-solver":
@@ -76,16 +98,19 @@ def _configured_solver(name: str, steps: int, cfg: float, spacing: Optional[str]
         family = _family(model)
         statistics = check_ems_fits(load_ems(ems), family.image_shape,
                                     schedule_from_config(resolve_model(model)[1]["schedule"]), what=repr(model))
-        sol = get_solver("dpm-v3", ems=statistics)
+        sol = get_solver("dpm-v3", ems=statistics, **_solver_options(options))
     if dc_ratios is not None:
         from .dc import dc_solver_for
 
+        if options:
+            raise ConfigError("--solver-opt does not combine with --dc-ratios (the ratios file sets the solver)")
         sol = dc_solver_for(dc_ratios, steps, cfg, spacing_name)
     return sol, spacing_name, spc
 
 
-def _solver_flags(ems: Optional[Path], dc_ratios: Optional[Path]) -> str:
-    return ((f" --ems {shlex.quote(str(ems))}" if ems is not None else "")
+def _solver_flags(ems: Optional[Path], dc_ratios: Optional[Path], options: Optional[list[str]] = None) -> str:
+    return ("".join(f" --solver-opt {shlex.quote(o)}" for o in options or [])
+            + (f" --ems {shlex.quote(str(ems))}" if ems is not None else "")
             + (f" --dc-ratios {shlex.quote(str(dc_ratios))}" if dc_ratios is not None else ""))
 
 
@@ -199,6 +224,7 @@ def sample_cmd(
     analytic_skip: AnalyticSkipOpt = None,
     ems: EmsOpt = None,
     dc_ratios: DcRatiosOpt = None,
+    solver_opt: SolverOptOpt = None,
 ):
     """Sample a grid of images and write it as a PNG with a JSON sidecar that reproduces it."""
     import torch
@@ -212,7 +238,7 @@ def sample_cmd(
     _check_out(out, "--out", ".png")
     _check_out(out.with_suffix(".json"), "--out (its JSON sidecar)")
     family = _family(model)
-    sol, spacing, spc = _configured_solver(solver, steps, cfg, spacing, ems, dc_ratios, model)
+    sol, spacing, spc = _configured_solver(solver, steps, cfg, spacing, ems, dc_ratios, model, solver_opt)
     skip = _analytic_skip(analytic_skip, model, steps, spc)
     one = None if prompt is None else family.parse_prompt(prompt)
     m = _load(model)
@@ -230,12 +256,13 @@ def sample_cmd(
                "batch_size": batch_size, "nfe": nfe, "seconds": seconds, "condiff_version": __version__,
                "torch_version": torch.__version__, "analytic_skip": analytic_skip,
                "ems": None if ems is None else str(ems), "dc_ratios": None if dc_ratios is None else str(dc_ratios),
+               "solver_opt": solver_opt or [],
                "reproduce": f"condiff sample --model {shlex.quote(model)} "
                + (f"--prompt {shlex.quote(prompt)} " if prompt is not None else "")
                + f"--solver {solver} --steps {steps} --cfg {cfg} --n {n} --seed {seed} --spacing {spacing} "
                f"--batch-size {batch_size} --out {shlex.quote(str(out))}"
                + (f" --analytic-skip {shlex.quote(analytic_skip)}" if analytic_skip is not None else "")
-               + _solver_flags(ems, dc_ratios)}
+               + _solver_flags(ems, dc_ratios, solver_opt)}
     atomic_write_json(out.with_suffix(".json"), sidecar)
     typer.echo(f"wrote {out} and {out.with_suffix('.json')} ({n} images, {nfe} NFE, {seconds:.1f}s)")
 
@@ -254,6 +281,7 @@ def eval_cmd(
     analytic_skip: AnalyticSkipOpt = None,
     ems: EmsOpt = None,
     dc_ratios: DcRatiosOpt = None,
+    solver_opt: SolverOptOpt = None,
 ):
     """Sample random conditions and score them with the exact labeller (shapes) or the scorer (digits)."""
     from .evaluate import evaluate
@@ -263,12 +291,12 @@ def eval_cmd(
     if json_out is not None:
         _check_out(json_out, "--json", ".json")
     _family(model)
-    sol, spacing, spc = _configured_solver(solver, steps, cfg, spacing, ems, dc_ratios, model)
+    sol, spacing, spc = _configured_solver(solver, steps, cfg, spacing, ems, dc_ratios, model, solver_opt)
     skip = _analytic_skip(analytic_skip, model, steps, spc)
     m = _load(model)
     res = evaluate(m, sol, steps, cfg, n, seed, spc, batch_size, progress=True, analytic_skip=skip)
     res.update(model=model, spacing=spacing, ems=None if ems is None else str(ems),
-               dc_ratios=None if dc_ratios is None else str(dc_ratios))
+               dc_ratios=None if dc_ratios is None else str(dc_ratios), solver_opt=solver_opt or [])
     if m.family.name == "digits":
         from .data.digits import scorer
 

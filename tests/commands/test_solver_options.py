@@ -55,7 +55,7 @@ def test_garbage_files_are_refused(tmp_path, capsys, flag, solver, content):
 
 def test_ems_from_the_command_drives_dpm_v3(tmp_path, capsys):
     stats = tmp_path / "ems.safetensors"
-    ok(["ems", "compute", "--model", "digits", "--n-data", "4", "--grid", "4", "--cfg", "2", "--out", str(stats)],
+    ok(["ems", "compute", "--model", "digits", "--n-data", "16", "--grid", "8", "--cfg", "2", "--out", str(stats)],
        capsys)
     out = tmp_path / "g.png"
     ok(SAMPLE + ["--solver", "dpm-v3", "--ems", str(stats), "--out", str(out)], capsys)
@@ -85,3 +85,28 @@ def test_solver_default_spacing(tmp_path, capsys):
     assert side["spacing"] == "karras" and "--spacing karras" in side["reproduce"]
     ok(SAMPLE + ["--solver", "ddim", "--out", str(out)], capsys)
     assert json.loads(out.with_suffix(".json").read_text())["spacing"] == "uniform-t"
+
+
+@pytest.mark.parametrize("opt, needle", [
+    ("order=x", "solver 'unipc' option order must be an integer, got 'x'"),
+    ("corrector=1", "option corrector must be true or false, got 1"),
+    ("eta=0.5", "does not take the options ['eta']; accepted: order, variant, corrector"),
+    ("variant=bh9", "bh9"),
+    ("noequals", "--solver-opt must be KEY=VALUE such as order=1, got 'noequals'"),
+    ("order=[1]", "must be a number, true/false or a name"),
+])
+def test_bad_solver_options(tmp_path, capsys, opt, needle):
+    code, _, err = run(SAMPLE + ["--solver", "unipc", "--solver-opt", opt, "--out", str(tmp_path / "g.png")], capsys)
+    one_line_error(code, err, needle)
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_solver_options_reach_the_solver(tmp_path, capsys):
+    """--solver-opt order=1 corrector=false makes UniPC plain DDIM: identical images, recorded in the sidecar."""
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    ok(SAMPLE + ["--solver", "unipc", "--solver-opt", "order=1", "--solver-opt", "corrector=false", "--out", str(a)],
+       capsys)
+    ok(SAMPLE + ["--solver", "ddim", "--out", str(b)], capsys)
+    assert a.read_bytes() == b.read_bytes()
+    side = json.loads(a.with_suffix(".json").read_text())
+    assert side["solver_opt"] == ["order=1", "corrector=false"] and "--solver-opt order=1" in side["reproduce"]

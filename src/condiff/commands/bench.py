@@ -35,6 +35,9 @@ def solvers_cmd(
                               "ratios, both tuned on data the evaluation does not use"),
     ems: Optional[Path] = typer.Option(None, "--ems", help="model: EMS file for a dpm-v3 case"),
     dc_ratios: Optional[Path] = typer.Option(None, "--dc-ratios", help="model: ratios file for a dc-solver case"),
+    spacing: str = typer.Option("trailing", help="model: 'trailing' (diffusers' timesteps; its schedulers run "
+                                "too) or a condiff spacing (uniform-t is the grid of `condiff sample`, where "
+                                "--ems/--dc-ratios files apply; condiff solvers only)"),
 ):
     """Terminal error against the reference ODE solution for every solver, condiff and diffusers."""
     import math
@@ -60,6 +63,14 @@ def solvers_cmd(
     plot = plot if plot is not None else (json_out.with_suffix(".png") if json_out is not None else None)
     if plot is not None:
         _check_out(plot, "--plot", ".png")
+    if oracle is not None and (ems is not None or dc_ratios is not None):
+        raise ConfigError("--ems and --dc-ratios are for --model (the gmm oracle tunes its own with --tune)")
+    if model is not None and spacing != "trailing":
+        from ..errors import one_of
+        from ..grids import SPACINGS
+
+        if spacing not in SPACINGS:
+            raise one_of("--spacing", spacing, ["trailing", *SPACINGS])
     if oracle == "gmm":
         _check_int(dim, "--dim", 1, 4096)
         _check_int(components, "--components", 1, 1024)
@@ -68,14 +79,15 @@ def solvers_cmd(
         problem = bench.gmm_problem(dim, components, classes, seed, n, cfg, ref_steps or 2048)
     else:
         _load(model)  # checks the model and sets the thread count before the reference run
-        problem = bench.model_problem(model, n, cfg, seed, ref_steps or 1000)
+        from ..grids import SPACINGS
+
+        problem = bench.model_problem(model, n, cfg, seed, ref_steps or 1000,
+                                      spacing=None if spacing == "trailing" else SPACINGS[spacing])
     cases = bench.default_cases()
     if oracle is not None and tune:
         cases += bench.tuned_cases(problem, nfes)
     if model is not None:
         cases += bench.file_cases(problem, model, nfes, cfg, ems, dc_ratios)
-    elif ems is not None or dc_ratios is not None:
-        raise ConfigError("--ems and --dc-ratios are for --model (the gmm oracle tunes its own with --tune)")
     rows = bench.run_bench(problem, nfes, cases)
     text = bench.table(rows)
     typer.echo(f"{problem.name}: {json.dumps(problem.info)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from .base import Solver, Point, point
 from .ddim import DDIM
@@ -50,10 +51,37 @@ DESCRIPTIONS = {
 }
 
 
+_SIMPLE = (bool, int, float, str)
+
+
+def _check_simple_options(name: str, cls, kwargs: dict) -> None:
+    """A plain value (bool, number, string: what the CLI's --solver-opt gives) must match the kind of the
+    field's default: true/false for flags, an integer for integers, a finite number for floats, a name for
+    strings; fields holding objects (statistics, ratios, bases) cannot be set from a plain value."""
+    if not dataclasses.is_dataclass(cls):
+        return
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in kwargs.items():
+        if key not in fields or not isinstance(value, _SIMPLE):
+            continue
+        default = fields[key].default
+        kind = type(default)
+        ok = (isinstance(value, bool) if kind is bool
+              else isinstance(value, int) and not isinstance(value, bool) if kind is int
+              else isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+              if kind is float
+              else isinstance(value, str) if kind is str else False)
+        if not ok:
+            want = {bool: "true or false", int: "an integer", float: "a finite number", str: "a name"}.get(
+                kind, "an object (library use only)")
+            raise ConfigError(f"solver {name!r} option {key} must be {want}, got {value!r}")
+
+
 def get_solver(name: str, **kwargs) -> Solver:
     """Map a CLI name to a solver object; unknown names and options are ConfigErrors."""
     if not isinstance(name, str) or name not in SOLVERS:
         raise one_of("solver", name, SOLVERS)
+    _check_simple_options(name, SOLVERS[name], kwargs)
     try:
         return SOLVERS[name](**kwargs)
     except TypeError:

@@ -35,8 +35,13 @@ Differences from the official implementation (choices of condiff):
   points, sub-intervals at most 0.125 long) between ANY two lambdas. Any sampling grid works, and degenerate
   statistics (l = 1, s = b = 0) reproduce DDIM to round-off (~1e-15), where the official trapezoid sums on the
   EMS grid are only second-order accurate.
-- The step into sigma = 0 (lambda = inf) returns the denoised estimate, like every condiff solver; no
-  corrector is run there (it would not change that estimate).
+- The step into sigma = 0 (lambda = inf). Without statistics it returns the denoised estimate, like every
+  condiff solver (no corrector: it would not change that estimate). With statistics (``integrate_final``,
+  the default) it is a regular corrector + predictor step to the upper end lambda_max of the EMS grid, and
+  returns y = x/alpha there: the linear part l, which the EMS capture, carries the solution across the long
+  last interval exactly, where the denoised estimate is only the first-order jump. The remaining gap to
+  sigma = 0 is O(e^{-lambda_max}) (sigma/alpha ~ 0.006 at lambda_max for the bundled models' t_min). On the
+  GMM oracle with diffusers' trailing grid this cuts the terminal error 2-10x at NFE 5-20 (bench solvers).
 - The step coefficients depend only on (EMS, lambda_s, lambda_t): they are memoised per EMS object
   (``cached_step_coefficients``), so batches and trajectories on one grid compute them once. The solver and
   its state are never mutated.
@@ -61,7 +66,7 @@ import torch
 
 from ..ems import EMS, check_ems_fits
 from ..errors import ConfigError
-from .base import Point, Solver, begin
+from .base import Point, Solver, begin, point
 
 F64 = torch.float64
 GL_NODES = 6
@@ -268,6 +273,7 @@ class DPMSolverV3(Solver):
     corrector_pseudo: bool = True
     lower_order_final: bool = True
     half: bool = False
+    integrate_final: bool = True
     name = "dpm-v3"
 
     def __post_init__(self):
@@ -276,7 +282,8 @@ class DPMSolverV3(Solver):
                               f"got {type(self.ems).__name__}")
         if isinstance(self.order, bool) or self.order not in (1, 2, 3):
             raise ConfigError(f"dpm-v3 order must be 1, 2 or 3, got {self.order!r}")
-        for flag in ("predictor_pseudo", "corrector", "corrector_pseudo", "lower_order_final", "half"):
+        for flag in ("predictor_pseudo", "corrector", "corrector_pseudo", "lower_order_final", "half",
+                     "integrate_final"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"dpm-v3 {flag} must be true or false, got {getattr(self, flag)!r}")
 
@@ -313,8 +320,13 @@ class DPMSolverV3(Solver):
         y = x / p.alpha
         f = (1.0 - _shaped(ems.l_at(p.lam), ems, x)) * y - d  # f = e^{-lambda} eps - l y
         left = None if st.steps_left is None else st.steps_left - 1
-        if q.sigma == 0:
-            return d, V3State((st.fs + (f,))[-self.order:], (st.lams + (p.lam,))[-self.order:], None, left)
+        clean = q.sigma == 0
+        if clean:
+            lam_end = ems.lam_range[1]
+            if not (self.ems is not None and self.integrate_final and lam_end > p.lam):
+                return d, V3State((st.fs + (f,))[-self.order:], (st.lams + (p.lam,))[-self.order:], None, left)
+            # with statistics, integrate the last interval to the EMS grid's end (module docstring)
+            q = point(D.schedule, float(D.schedule.t_from_log_snr(torch.tensor(2.0 * lam_end, dtype=torch.float64))))
         pend = st.pending
         if pend is not None and self.corrector and (not self.half or _noisy_half(D.schedule, p.t)):
             c_order = pend.order + int(self.corrector_pseudo)
@@ -331,4 +343,6 @@ class DPMSolverV3(Solver):
         coef = cached_step_coefficients(ems, p.lam, q.lam, self.order)
         points = list(zip(lams[::-1], fs[::-1]))
         x_next = _update(ems, coef, x, p.alpha, q.alpha, points, order, self.predictor_pseudo)
+        if clean:
+            return x_next / q.alpha, V3State(fs, lams, None, left)
         return x_next, V3State(fs, lams, Pending(x, p, order, coef), left)
