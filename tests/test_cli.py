@@ -5,19 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from condiff.cli import main
-
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
-
-
-def ok(argv, capsys):
-    main(argv)
-    return capsys.readouterr().out
+from clikit import ok, run
 
 
 def test_solvers_lists_canonical_names(capsys):

@@ -247,7 +247,10 @@ def test_ratios_file_round_trip_and_lookup(tmp_path):
     back = load_ratios(path)
     assert back.entries == obj.entries and back.cpr == obj.cpr and back.metrics[(5, 3.0)]["mse_dc"] == 0.1
     assert ratios_for(path, 5, 3.0) == obj.entries[(5, 3.0)]
-    assert ratios_for(back, 7, 4.5) == predict_cpr(obj.cpr, 7, 4.5)
+    assert ratios_for(back, 7, 3.0) == predict_cpr(obj.cpr, 7, 3.0)
+    for nfe, cfg in ((20, 3.0), (4, 3.0), (7, 4.5)):  # CPR only interpolates within the searched range
+        with pytest.raises(ConfigError, match="only interpolates within the searched nfe 5..8 and cfg 3..3"):
+            ratios_for(back, nfe, cfg)
     s = dc_solver_for(path, 8, 3.0, spacing="uniform-t")
     assert isinstance(s, DCSolver) and s.ratios == obj.entries[(8, 3.0)] and isinstance(s.axis, LambdaAxis)
     with pytest.raises(ConfigError, match="uniform-t"):

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, NonFiniteError, one_line
 from .guidance import CFG
 from .peers import PEERS, Peer, betas_from_alphas_cumprod, run_peer, trailing_grid
 from .sampling import Gaussian, initial_noise, sample
@@ -267,7 +267,13 @@ def run_bench(problem: Problem, nfes, cases=None, progress: bool = True) -> list
             if case.impl == "diffusers" and not problem.peers:
                 continue
             t0 = time.perf_counter()
-            x, used = case.run(problem, nfe)
+            try:
+                x, used = case.run(problem, nfe)
+            except (NonFiniteError, ConfigError) as e:  # one failing case must not lose the whole run
+                rows.append({"solver": case.label, "impl": case.impl, "nfe": int(nfe), "nfe_budget": int(nfe),
+                             "error": None, "deterministic": case.deterministic, "seconds": 0.0,
+                             "note": one_line(str(e))})
+                continue
             err = rms_error(x, problem.x_ref)
             rows.append({"solver": case.label, "impl": case.impl, "nfe": int(used), "nfe_budget": int(nfe),
                          "error": err if math.isfinite(err) else None, "deterministic": case.deterministic,
@@ -334,8 +340,10 @@ def plot(rows: list[dict], path, title: str = "") -> None:
                      if r["solver"] == s and r["impl"] == impl and r["error"] is not None)
         if not pts:
             continue
-        ax.plot(*zip(*pts), ("-o" if impl == "condiff" else "--s"), ms=3, lw=1.2,
-                color=plt.cm.tab20(i % 20), label=f"{s} ({impl})")
+        tuned = "+" in s  # tuned condiff cases (EMS, searched ratios) stand out
+        ax.plot(*zip(*pts), ("-o" if impl == "condiff" else "--s"), ms=4 if tuned else 3, lw=2.6 if tuned else 1.1,
+                color=("black", "crimson", "darkorange")[i % 3] if tuned else plt.cm.tab20(i % 20),
+                label=f"{s} ({impl})")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("NFE (model evaluations)")

@@ -473,6 +473,13 @@ def ratios_for(file_or_obj, nfe: int, cfg: float) -> tuple[float, ...]:
         have = ", ".join(f"(nfe {n}, cfg {c:g})" for n, c in sorted(r.entries)) or "none"
         raise ConfigError(f"the DC ratios have no entry for nfe {nfe}, cfg {cfg:g} and no CPR fit to predict "
                           f"one; searched: {have}")
+    nfes = [n for n, _ in r.entries] or [nfe]
+    cfgs = [c for _, c in r.entries] or [float(cfg)]
+    if not (min(nfes) <= nfe <= max(nfes) and min(cfgs) - 1e-12 <= float(cfg) <= max(cfgs) + 1e-12):
+        # a cubic-in-u, quadratic-in-NFE/CFG fit is an interpolant: outside its data it extrapolates wildly
+        raise ConfigError(f"no DC ratios for nfe {nfe}, cfg {cfg:g}: the CPR fit only interpolates within the "
+                          f"searched nfe {min(nfes)}..{max(nfes)} and cfg {min(cfgs):g}..{max(cfgs):g}; "
+                          f"search it: condiff dc search --nfe {nfe} --cfg {cfg:g} ...")
     return predict_cpr(r.cpr, nfe, float(cfg))
 
 

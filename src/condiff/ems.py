@@ -157,7 +157,9 @@ class EMS:
     # -- piecewise-linear evaluation --------------------------------------------------------------------
     def evaluate(self, lam: torch.Tensor, with_b: bool = True):
         """At the float64 points ``lam`` (M,): l, s, b (M, D) and the antiderivatives Lant, Sant (M, D) (from the
-        first grid point), all exact for the piecewise-linear statistics extended constantly beyond the grid."""
+        first grid point), all exact for the piecewise-linear statistics, extended beyond the grid by their exact
+        high-noise limits l = 1, s = b = 0 below it (as lambda -> -inf the model output stops depending on the
+        data: eps -> x/sigma) and by the end values above it (where l -> 0 only as fast as sigma^2)."""
         grid = self.lam
         lam = torch.as_tensor(lam, dtype=F64).reshape(-1)
         lc = lam.clamp(float(grid[0]), float(grid[-1]))
@@ -174,7 +176,14 @@ class EMS:
             out.append(val)
             if name in self._cum:
                 inside = self._cum[name][j] + v0 * w + 0.5 * slope * w * w
-                anti.append(inside + val * (lam - lc)[:, None])  # constant extension beyond the ends
+                anti.append(inside + val * (lam - lc)[:, None])  # constant extension above the end
+        below = lam < grid[0]
+        if bool(below.any()):  # the high-noise limit below the start (docstring)
+            limit = {0: 1.0, 1: 0.0, 2: 0.0}
+            for k in range(len(out)):
+                out[k] = torch.where(below[:, None], torch.full_like(out[k], limit[k]), out[k])
+            anti[0] = torch.where(below[:, None], (lam - grid[0])[:, None].expand_as(anti[0]), anti[0])
+            anti[1] = torch.where(below[:, None], torch.zeros_like(anti[1]), anti[1])
         if not with_b:
             out.append(None)
         return (*out, *anti)

@@ -6,14 +6,8 @@ import shlex
 
 import pytest
 
+from clikit import run
 from condiff.cli import main
-
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
 @pytest.mark.parametrize("command", ["sample", "eval"])

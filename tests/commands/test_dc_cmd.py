@@ -5,21 +5,9 @@ import json
 
 import pytest
 
+from clikit import run
 from condiff.cli import main
 from condiff.dc import load_ratios, ratios_for
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """The CLI sets torch's thread count from CONDIFF_THREADS (default 2): keep tests on one core."""
-    monkeypatch.setenv("CONDIFF_THREADS", "1")
-
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
 def _search(out, *extra):

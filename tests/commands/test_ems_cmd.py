@@ -6,22 +6,10 @@ import json
 import pytest
 import torch
 
+from clikit import run
 from condiff.cli import main
 from condiff.ems import check_ems_fits, load_ems
 from condiff.models.base import load_model
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """The CLI sets torch's thread count from CONDIFF_THREADS (default 2): keep tests on one core."""
-    monkeypatch.setenv("CONDIFF_THREADS", "1")
-
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
 def compute_argv(out, *extra):

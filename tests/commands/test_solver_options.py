@@ -5,28 +5,7 @@ import json
 
 import pytest
 
-from condiff.cli import main
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    monkeypatch.setenv("CONDIFF_THREADS", "1")
-
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
-
-
-def ok(argv, capsys):
-    main(argv)
-    return capsys.readouterr().out
-
-
-def one_line_error(code, err, needle):
-    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+from clikit import ok, one_line_error, run
 
 
 SAMPLE = ["sample", "--model", "digits", "--steps", "3", "--n", "2", "--cfg", "2"]

@@ -124,9 +124,19 @@ def test_degenerate_coefficients_match_closed_forms(lams):
 def brute_force(ems, a, b, n_max, points=400_001):
     """The step integrals by the trapezoid rule on a very fine uniform grid (numpy, independent of the solver)."""
     lam = ems.lam.numpy()
-    u = np.linspace(a, b, points)
+    lo = float(lam[0])
+    if min(a, b) < lo < max(a, b):  # the statistics jump at the grid start: two segments meeting there
+        first = np.linspace(a, lo, points // 2)
+        u = np.concatenate([first, np.linspace(lo, b, points // 2)])
+        below = np.arange(u.size) < first.size if a < b else np.arange(u.size) >= first.size
+    else:
+        u = np.linspace(a, b, points)
+        below = u < lo
     flat = {k: getattr(ems, k).reshape(len(lam), -1).numpy() for k in "lsb"}
     val = {k: np.stack([np.interp(u, lam, flat[k][:, i]) for i in range(flat[k].shape[1])], 1) for k in "lsb"}
+    # the high-noise limit l = 1, s = b = 0 below the grid; constant above it
+    for k, limit in (("l", 1.0), ("s", 0.0), ("b", 0.0)):
+        val[k][below] = limit
 
     def cum(f):
         return np.concatenate([np.zeros((1, f.shape[1])), np.cumsum(0.5 * np.diff(u)[:, None] * (f[1:] + f[:-1]), 0)])
@@ -142,7 +152,7 @@ def brute_force(ems, a, b, n_max, points=400_001):
 @pytest.mark.parametrize("a, b", [(-2.5, -1.1), (-1.0, 2.7), (0.4, 0.45), (2.0, -0.5), (-4.0, 4.5)])
 def test_coefficients_of_general_statistics_match_brute_force_quadrature(a, b):
     """Random piecewise-linear l, s, b (9 grid points in [-3, 3], 3 dimensions; the last case also extends
-    beyond the grid, where the values are constant): decay, Phi_0..3, B, dS(t), beta(t) agree with a 400k-point
+    beyond the grid: l = 1, s = b = 0 below it, constant above): decay, Phi_0..3, B, dS(t), beta(t) agree with a 400k-point
     trapezoid rule to its accuracy (~1e-9)."""
     g = torch.Generator().manual_seed(2)
     lam = torch.linspace(-3, 3, 9, dtype=F64)
@@ -199,22 +209,25 @@ def test_exact_l_makes_one_first_order_step_exact_on_gaussian_data(schedule):
     assert float((ddim - exact).abs().max() / exact.abs().max()) > 100 * err  # the oracle is not trivial
 
 
-def test_sampling_beyond_the_ems_range_uses_the_end_values():
-    """A grid starting before the EMS grid: the constant extension equals an EMS whose grid holds that constant
-    explicitly."""
+def test_sampling_below_the_ems_range_uses_the_high_noise_limit():
+    """Below the EMS grid the statistics are their lambda -> -inf limits l = 1, s = b = 0: a trajectory that
+    stays below the EMS range equals the degenerate solver (DPM-Solver++), and one that enters it does not."""
     sch = VPLinear()
     sd = torch.tensor([0.5, 1.2], dtype=F64)
-    ems = exact_gaussian_ems(sch, sd, n_grid=50)
-    lo = float(ems.lam[0]) - 1.5
-    wide = EMS(torch.cat([torch.tensor([lo], dtype=F64), ems.lam]), torch.cat([ems.l[:1], ems.l]),
-               torch.zeros(52, 2, dtype=F64), torch.zeros(52, 2, dtype=F64))
+    full = exact_gaussian_ems(sch, sd, n_grid=50)
+    ems = EMS(full.lam[25:], full.l[25:], full.s[25:], full.b[25:])  # starts mid-way through the sampling range
+    lo, start = float(ems.lam[0]), float(full.lam[0])
     g = GMM.random(dim=2, components=3, seed=4)
-    grid = make_grid(sch, 6, UniformLogSNR(), t_start=float(sch.t_from_log_snr(torch.tensor(2 * lo + 0.4))),
-                     final_zero=False)
+    t_of = lambda lam: float(sch.t_from_log_snr(torch.tensor(2 * lam, dtype=F64)))  # noqa: E731
+    grid = make_grid(sch, 6, UniformLogSNR(), t_start=t_of(start), t_end=t_of(lo - 0.2), final_zero=False)
     x = initial_noise(sch, float(grid[0]), (8, 2), torch.Generator().manual_seed(0), dtype=F64)
     a = sample(g.denoiser(sch), DPMSolverV3(ems=ems, order=3), grid, x).x
-    b = sample(g.denoiser(sch), DPMSolverV3(ems=wide, order=3), grid, x).x
+    b = sample(g.denoiser(sch), DPMSolverV3(order=3), grid, x).x
     assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    into = make_grid(sch, 6, UniformLogSNR(), t_start=t_of(start), t_end=t_of(lo + 1.0), final_zero=False)
+    c = sample(g.denoiser(sch), DPMSolverV3(ems=ems, order=3), into, x).x
+    d = sample(g.denoiser(sch), DPMSolverV3(order=3), into, x).x
+    assert not torch.allclose(c, d, rtol=0, atol=1e-6)
 
 
 # ---- options, state and shapes -----------------------------------------------------------------------------

@@ -1,0 +1,25 @@
+"""Helpers for CLI tests: run `condiff.cli.main` and check its one-line errors."""
+
+import pytest
+
+from condiff.cli import main
+
+
+def run(argv, capsys):
+    """(exit code, stdout, stderr) of a command that exits (errors always do)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def ok(argv, capsys) -> str:
+    """stdout of a command that succeeds."""
+    main(argv)
+    return capsys.readouterr().out
+
+
+def one_line_error(code, err, needle):
+    """Exit code 2, one `error: ...` line on stderr containing ``needle``, no traceback."""
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+    assert "Traceback" not in err
