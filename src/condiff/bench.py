@@ -165,8 +165,11 @@ class TunedCase(CondiffCase):
     untuned object, used for its evaluation count."""
 
     per_nfe: Mapping[int, Any] = field(default_factory=dict)
+    missing: Mapping[int, str] = field(default_factory=dict)  # NFE -> why there is no tuned solver
 
     def run(self, problem: Problem, nfe: int) -> tuple[torch.Tensor, int]:
+        if nfe not in self.per_nfe:
+            raise ConfigError(self.missing.get(nfe, f"no tuned {self.label} for NFE {nfe}"))
         return CondiffCase(self.label, self.per_nfe[nfe]).run(problem, nfe)
 
 
@@ -224,8 +227,16 @@ def file_cases(problem: Problem, model: str, nfes, cfg: float, ems_path=None, ra
         from .solvers import DCSolver
 
         name = "trailing" if problem.spacing is None else problem.spacing.name
-        per_nfe = {k: dc_solver_for(ratios_path, k, cfg, name) for k in nfes}
-        cases.append(TunedCase("dc-solver+ratios", DCSolver(), per_nfe=per_nfe, note=str(ratios_path)))
+        per_nfe, missing = {}, {}
+        for k in nfes:
+            try:
+                per_nfe[k] = dc_solver_for(ratios_path, k, cfg, name)
+            except ConfigError as e:  # e.g. an NFE outside the searched range: that cell says why
+                if "spacing" in str(e):
+                    raise
+                missing[k] = one_line(str(e))
+        cases.append(TunedCase("dc-solver+ratios", DCSolver(), per_nfe=per_nfe, missing=missing,
+                               note=str(ratios_path)))
     return cases
 
 
