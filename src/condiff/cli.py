@@ -32,6 +32,8 @@ EmsOpt = Annotated[Optional[Path], typer.Option(
 SolverOptOpt = Annotated[Optional[list[str]], typer.Option(
     "--solver-opt", help="a solver option KEY=VALUE, repeatable (e.g. order=1, variant=bh1, corrector=false); "
     "see `condiff solvers`")]
+ThresholdOpt = Annotated[Optional[float], typer.Option(
+    "--dynamic-threshold", help="Imagen's dynamic thresholding of the guided x0 at this quantile (e.g. 0.995)")]
 DcRatiosOpt = Annotated[Optional[Path], typer.Option(
     "--dc-ratios", help="DC-Solver ratios from `condiff dc search` (with --solver dc-solver)")]
 BatchOpt = Annotated[int, typer.Option(help="samples per batch (bounds memory; large --n is streamed)")]
@@ -106,6 +108,11 @@ def _configured_solver(name: str, steps: int, cfg: float, spacing: Optional[str]
             raise ConfigError("--solver-opt does not combine with --dc-ratios (the ratios file sets the solver)")
         sol = dc_solver_for(dc_ratios, steps, cfg, spacing_name)
     return sol, spacing_name, spc
+
+
+def _check_threshold(ratio: Optional[float]):
+    if ratio is not None and not 0 < ratio <= 1:  # NaN fails too
+        raise ConfigError(f"--dynamic-threshold must be a quantile ratio in (0, 1] such as 0.995, got {ratio}")
 
 
 def _solver_flags(ems: Optional[Path], dc_ratios: Optional[Path], options: Optional[list[str]] = None) -> str:
@@ -225,6 +232,7 @@ def sample_cmd(
     ems: EmsOpt = None,
     dc_ratios: DcRatiosOpt = None,
     solver_opt: SolverOptOpt = None,
+    dynamic_threshold: ThresholdOpt = None,
 ):
     """Sample a grid of images and write it as a PNG with a JSON sidecar that reproduces it."""
     import torch
@@ -235,6 +243,7 @@ def sample_cmd(
     from .io import atomic_write_json
 
     _check_common(steps, cfg, n, batch_size, seed)
+    _check_threshold(dynamic_threshold)
     _check_out(out, "--out", ".png")
     _check_out(out.with_suffix(".json"), "--out (its JSON sidecar)")
     family = _family(model)
@@ -248,7 +257,8 @@ def sample_cmd(
     else:
         raw = one.expand(n, *one.shape[1:])
     t0 = time.perf_counter()
-    images, nfe = generate(m, raw, sol, steps, cfg, g, spc, batch_size, progress=True, analytic_skip=skip)
+    images, nfe = generate(m, raw, sol, steps, cfg, g, spc, batch_size, progress=True, analytic_skip=skip,
+                           dynamic_threshold=dynamic_threshold)
     seconds = time.perf_counter() - t0
     save_png(grid_image(images, ncols=max(1, int(math.ceil(math.sqrt(n))))), out)
     sidecar = {"command": "sample", "model": model, "model_path": str(m.path), "prompt": prompt,
@@ -256,13 +266,14 @@ def sample_cmd(
                "batch_size": batch_size, "nfe": nfe, "seconds": seconds, "condiff_version": __version__,
                "torch_version": torch.__version__, "analytic_skip": analytic_skip,
                "ems": None if ems is None else str(ems), "dc_ratios": None if dc_ratios is None else str(dc_ratios),
-               "solver_opt": solver_opt or [],
+               "solver_opt": solver_opt or [], "dynamic_threshold": dynamic_threshold,
                "reproduce": f"condiff sample --model {shlex.quote(model)} "
                + (f"--prompt {shlex.quote(prompt)} " if prompt is not None else "")
                + f"--solver {solver} --steps {steps} --cfg {cfg} --n {n} --seed {seed} --spacing {spacing} "
                f"--batch-size {batch_size} --out {shlex.quote(str(out))}"
                + (f" --analytic-skip {shlex.quote(analytic_skip)}" if analytic_skip is not None else "")
-               + _solver_flags(ems, dc_ratios, solver_opt)}
+               + _solver_flags(ems, dc_ratios, solver_opt)
+               + (f" --dynamic-threshold {dynamic_threshold}" if dynamic_threshold is not None else "")}
     atomic_write_json(out.with_suffix(".json"), sidecar)
     typer.echo(f"wrote {out} and {out.with_suffix('.json')} ({n} images, {nfe} NFE, {seconds:.1f}s)")
 
@@ -282,19 +293,22 @@ def eval_cmd(
     ems: EmsOpt = None,
     dc_ratios: DcRatiosOpt = None,
     solver_opt: SolverOptOpt = None,
+    dynamic_threshold: ThresholdOpt = None,
 ):
     """Sample random conditions and score them with the exact labeller (shapes) or the scorer (digits)."""
     from .evaluate import evaluate
     from .io import atomic_write_json
 
     _check_common(steps, cfg, n, batch_size, seed)
+    _check_threshold(dynamic_threshold)
     if json_out is not None:
         _check_out(json_out, "--json", ".json")
     _family(model)
     sol, spacing, spc = _configured_solver(solver, steps, cfg, spacing, ems, dc_ratios, model, solver_opt)
     skip = _analytic_skip(analytic_skip, model, steps, spc)
     m = _load(model)
-    res = evaluate(m, sol, steps, cfg, n, seed, spc, batch_size, progress=True, analytic_skip=skip)
+    res = evaluate(m, sol, steps, cfg, n, seed, spc, batch_size, progress=True, analytic_skip=skip,
+                   dynamic_threshold=dynamic_threshold)
     res.update(model=model, spacing=spacing, ems=None if ems is None else str(ems),
                dc_ratios=None if dc_ratios is None else str(dc_ratios), solver_opt=solver_opt or [])
     if m.family.name == "digits":

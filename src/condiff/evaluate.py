@@ -8,18 +8,21 @@ import time
 import torch
 
 from .grids import UniformT, make_grid
-from .guidance import CFG
+from .guidance import CFG, DynamicThresholding
 from .sampling import Gaussian, sample
 
 
 def generate(model, raw: torch.Tensor, solver, steps: int, cfg_scale: float, generator: torch.Generator,
              spacing=UniformT(), batch_size: int = 256, progress: bool = False, desc: str = "sampling",
-             analytic_skip=None):
+             analytic_skip=None, dynamic_threshold: float | None = None):
     """Sample one image per raw condition, in batches; returns (images in [-1, 1], nfe per sample).
-    ``analytic_skip`` (condiff.analytic.AnalyticSkip) jumps from the grid's start with the Gaussian flow."""
+    ``analytic_skip`` (condiff.analytic.AnalyticSkip) jumps from the grid's start with the Gaussian flow;
+    ``dynamic_threshold``: the quantile ratio of Imagen's dynamic thresholding of the guided x0 (None: off)."""
     grid = make_grid(model.schedule, steps, spacing)
     skip = None if analytic_skip is None else analytic_skip.prepare(model, grid, spacing)
     den = CFG(model.denoiser, cfg_scale)
+    if dynamic_threshold is not None:
+        den = DynamicThresholding(den, dynamic_threshold)
     out, nfe = [], 0
     chunks = list(torch.split(raw, batch_size))
     it = chunks
@@ -41,13 +44,15 @@ def generate(model, raw: torch.Tensor, solver, steps: int, cfg_scale: float, gen
 
 
 def evaluate(model, solver, steps: int, cfg_scale: float, n: int, seed: int, spacing=UniformT(),
-             batch_size: int = 256, progress: bool = False, analytic_skip=None) -> dict:
+             batch_size: int = 256, progress: bool = False, analytic_skip=None,
+             dynamic_threshold: float | None = None) -> dict:
     g = torch.Generator().manual_seed(seed)
     raw, targets = model.family.random_conditions(n, g)
     t0 = time.perf_counter()
     images, nfe = generate(model, raw, solver, steps, cfg_scale, g, spacing, batch_size, progress,
-                           analytic_skip=analytic_skip)
+                           analytic_skip=analytic_skip, dynamic_threshold=dynamic_threshold)
     seconds = time.perf_counter() - t0
     return {"accuracy": model.family.score(images, targets), "nfe": nfe, "seconds": seconds, "n": n,
             "solver": solver.name, "steps": steps, "cfg": cfg_scale, "seed": seed,
-            "analytic_skip": None if analytic_skip is None else analytic_skip.describe()}
+            "analytic_skip": None if analytic_skip is None else analytic_skip.describe(),
+            "dynamic_threshold": dynamic_threshold}

@@ -89,3 +89,20 @@ def test_solver_options_reach_the_solver(tmp_path, capsys):
     assert a.read_bytes() == b.read_bytes()
     side = json.loads(a.with_suffix(".json").read_text())
     assert side["solver_opt"] == ["order=1", "corrector=false"] and "--solver-opt order=1" in side["reproduce"]
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "nan", "-0.1"])
+def test_bad_dynamic_threshold(tmp_path, capsys, value):
+    code, _, err = run(SAMPLE + ["--dynamic-threshold", value, "--out", str(tmp_path / "g.png")], capsys)
+    one_line_error(code, err, "--dynamic-threshold must be a quantile ratio in (0, 1]")
+
+
+def test_dynamic_threshold_reaches_the_sampler(tmp_path, capsys):
+    """At cfg 8 the guided estimates leave [-1, 1], so thresholding changes the images; it is recorded."""
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    argv = ["sample", "--model", "digits", "--steps", "4", "--n", "4", "--cfg", "8", "--solver", "dpmpp-2m"]
+    ok(argv + ["--dynamic-threshold", "0.9", "--out", str(a)], capsys)
+    ok(argv + ["--out", str(b)], capsys)
+    assert a.read_bytes() != b.read_bytes()
+    side = json.loads(a.with_suffix(".json").read_text())
+    assert side["dynamic_threshold"] == 0.9 and "--dynamic-threshold 0.9" in side["reproduce"]
