@@ -110,9 +110,12 @@ def _configured_solver(name: str, steps: int, cfg: float, spacing: Optional[str]
     return sol, spacing_name, spc
 
 
-def _check_threshold(ratio: Optional[float]):
-    if ratio is not None and not 0 < ratio <= 1:  # NaN fails too
-        raise ConfigError(f"--dynamic-threshold must be a quantile ratio in (0, 1] such as 0.995, got {ratio}")
+def _sampling_setup(model, solver, steps, cfg, spacing, ems, dc_ratios, solver_opt, analytic_skip):
+    """What `sample` and `eval` share, checked before any weights are read: the model's family, the configured
+    solver, the spacing (name, object) and the analytic skip."""
+    family = _family(model)
+    sol, spacing_name, spc = _configured_solver(solver, steps, cfg, spacing, ems, dc_ratios, model, solver_opt)
+    return family, sol, spacing_name, spc, _analytic_skip(analytic_skip, model, steps, spc)
 
 
 def _solver_flags(ems: Optional[Path], dc_ratios: Optional[Path], options: Optional[list[str]] = None) -> str:
@@ -121,7 +124,8 @@ def _solver_flags(ems: Optional[Path], dc_ratios: Optional[Path], options: Optio
             + (f" --dc-ratios {shlex.quote(str(dc_ratios))}" if dc_ratios is not None else ""))
 
 
-def _check_common(steps: int, cfg: float, n: int, batch_size: int, seed: int):
+def _check_common(steps: int, cfg: float, n: int, batch_size: int, seed: int,
+                  dynamic_threshold: Optional[float] = None):
     from .grids import MAX_STEPS
     from .training.recipe import check_seed
 
@@ -134,6 +138,9 @@ def _check_common(steps: int, cfg: float, n: int, batch_size: int, seed: int):
     if not 1 <= batch_size <= MAX_SAMPLES:
         raise ConfigError(f"--batch-size must be an integer in [1, {MAX_SAMPLES}], got {batch_size}")
     check_seed(seed, "--seed")
+    if dynamic_threshold is not None and not 0 < dynamic_threshold <= 1:  # NaN fails too
+        raise ConfigError(f"--dynamic-threshold must be a quantile ratio in (0, 1] such as 0.995, "
+                          f"got {dynamic_threshold}")
 
 
 def _check_out(path: Path, option: str, suffix: str | None = None, kind: str = "file"):
@@ -242,13 +249,11 @@ def sample_cmd(
     from .images import grid_image, save_png
     from .io import atomic_write_json
 
-    _check_common(steps, cfg, n, batch_size, seed)
-    _check_threshold(dynamic_threshold)
+    _check_common(steps, cfg, n, batch_size, seed, dynamic_threshold)
     _check_out(out, "--out", ".png")
     _check_out(out.with_suffix(".json"), "--out (its JSON sidecar)")
-    family = _family(model)
-    sol, spacing, spc = _configured_solver(solver, steps, cfg, spacing, ems, dc_ratios, model, solver_opt)
-    skip = _analytic_skip(analytic_skip, model, steps, spc)
+    family, sol, spacing, spc, skip = _sampling_setup(model, solver, steps, cfg, spacing, ems, dc_ratios,
+                                                      solver_opt, analytic_skip)
     one = None if prompt is None else family.parse_prompt(prompt)
     m = _load(model)
     g = torch.Generator().manual_seed(seed)
@@ -299,13 +304,11 @@ def eval_cmd(
     from .evaluate import evaluate
     from .io import atomic_write_json
 
-    _check_common(steps, cfg, n, batch_size, seed)
-    _check_threshold(dynamic_threshold)
+    _check_common(steps, cfg, n, batch_size, seed, dynamic_threshold)
     if json_out is not None:
         _check_out(json_out, "--json", ".json")
-    _family(model)
-    sol, spacing, spc = _configured_solver(solver, steps, cfg, spacing, ems, dc_ratios, model, solver_opt)
-    skip = _analytic_skip(analytic_skip, model, steps, spc)
+    _, sol, spacing, spc, skip = _sampling_setup(model, solver, steps, cfg, spacing, ems, dc_ratios, solver_opt,
+                                                 analytic_skip)
     m = _load(model)
     res = evaluate(m, sol, steps, cfg, n, seed, spc, batch_size, progress=True, analytic_skip=skip,
                    dynamic_threshold=dynamic_threshold)
