@@ -27,6 +27,30 @@ def _rows(model, prompts: list[str], cfg: float, seed: int):
     return images, raw
 
 
+FEW_STEPS = 5
+
+
+def _few_step_solvers(model, steps: int):
+    """(label, solver, analytic skip) rows of the few-step section: the standard multistep solvers, DC-Solver
+    with ratios searched here on 10 other starts (about half a minute), and UniPC after the Gaussian skip."""
+    from .analytic import AnalyticSkip
+    from .dc import search
+    from .grids import make_grid
+    from .guidance import CFG
+    from .sampling import initial_noise
+    from .solvers import DCSolver, get_solver
+
+    g = torch.Generator().manual_seed(123)
+    raw, _ = model.family.random_conditions(10, g)
+    grid = make_grid(model.schedule, steps)
+    x_T = initial_noise(model.schedule, float(grid[0]), (10, *model.family.image_shape), g)
+    with torch.enable_grad():
+        ratios = search(CFG(model.denoiser, 3.0), model.condition(raw), x_T, grid).ratios
+    return [("ddim", get_solver("ddim"), None), ("dpmpp-2m", get_solver("dpmpp-2m"), None),
+            ("unipc", get_solver("unipc"), None), ("dc-solver (ratios searched on 10 starts)", DCSolver(ratios), None),
+            ("unipc + analytic skip 5%", get_solver("unipc"), AnalyticSkip.parse("5%", "skip"))]
+
+
 def run_demo(out: Path, n_eval: int = 256, progress: bool = True) -> Path:
     from .cli import _load  # shares the thread setting and diffusers silencing
 
@@ -37,7 +61,7 @@ def run_demo(out: Path, n_eval: int = 256, progress: bool = True) -> Path:
     sections, metrics = [], []
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=6, desc="demo", disable=not progress)
+    bar = tqdm(total=7, desc="demo", disable=not progress)
 
     # 1. shapes by attribute: one row per single-attribute prompt (partial captions)
     prompts = list(S.SHAPES) + list(S.COLORS) + list(S.SIZES) + list(S.POSITIONS)
@@ -84,6 +108,22 @@ def run_demo(out: Path, n_eval: int = 256, progress: bool = True) -> Path:
             res = evaluate(m, DPMSolverPP2M(), STEPS, w, n_eval, seed=0)
             metrics.append({"model": name, "cfg": w, **res})
         bar.update()
+
+    # 6. few-step sampling: 5 NFE with the fast solvers (same prompts, same noise per row)
+    few, few_rows, few_names = FEW_STEPS, [], []
+    for label, solver, skip in _few_step_solvers(shapes_m, few):
+        g = torch.Generator().manual_seed(4)
+        raw = torch.cat([shapes_m.family.parse_prompt(p).expand(2, -1) for p in full[:4]])
+        im, _ = generate(shapes_m, raw, solver, few, 3.0, g, analytic_skip=skip)
+        few_rows.append(im)
+        few_names.append(label)
+        res = evaluate(shapes_m, solver, few, 3.0, n_eval, seed=0, analytic_skip=skip)
+        metrics.append({"model": "shapes", "cfg": 3.0, **res, "solver": label})
+    save_png(grid_image(torch.cat(few_rows), PER_ROW), out / "few_steps.png")
+    sections.append((f"Few-step sampling: {few} NFE, shapes, cfg 3 (one row per solver, same noise)",
+                     "few_steps.png", "rows: " + "; ".join(few_names) + ". Accuracies in the metrics table; "
+                     "docs/solvers.md compares every solver against diffusers."))
+    bar.update()
     bar.close()
     atomic_write_json(out / "metrics.json", metrics)
     total = time.perf_counter() - t_start
@@ -103,7 +143,8 @@ def _html(sections, metrics, seconds, n_eval) -> str:
 <style>body{{font-family:sans-serif;max-width:1100px;margin:auto;background:#fafafa}}
 img{{image-rendering:pixelated;max-width:100%;border:1px solid #ccc}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #bbb;padding:4px 8px}}</style></head><body>
-<h1>condiff demo</h1><p>Bundled models, sampled with DPM-Solver++(2M), {STEPS} steps. Finished in {seconds:.0f} s.</p>
+<h1>condiff demo</h1><p>Bundled models, sampled with DPM-Solver++(2M), {STEPS} steps (and the fast solvers at
+{FEW_STEPS} steps in the last section). Finished in {seconds:.0f} s.</p>
 <h2>Metrics ({n_eval} random conditions each; shapes scored by the exact labeller, digits by the scorer)</h2>
 <table><tr><th>model</th><th>cfg</th><th>solver</th><th>steps</th><th>NFE</th><th>accuracy</th><th>seconds</th></tr>
 {''.join(rows)}</table>
