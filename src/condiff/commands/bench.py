@@ -14,8 +14,6 @@ from .dc import _in_range as _check_int, parse_list
 app = typer.Typer(help="Benchmarks: condiff against diffusers, side by side.", no_args_is_help=True)
 
 
-
-
 @app.command("solvers")
 def solvers_cmd(
     oracle: Optional[str] = typer.Option(None, help="exact oracle problem: gmm"),
@@ -29,7 +27,7 @@ def solvers_cmd(
     cfg: float = typer.Option(1.0, help="guidance scale (1 = conditional)"),
     n: int = typer.Option(512, help="number of start points (default 512 for gmm; use ~32 for a model)"),
     ref_steps: int = typer.Option(0, help="reference steps (default: 2048 RK4 steps for gmm, 1000 for a model)"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write {config, reference, results} here"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write {config, results, best, table} here"),
     plot: Optional[Path] = typer.Option(None, help="log-log error-vs-NFE plot (default: beside --json)"),
     tune: bool = typer.Option(True, help="gmm: also run DPM-Solver-v3 with EMS and DC-Solver with searched "
                               "ratios, both tuned on data the evaluation does not use"),
@@ -57,7 +55,8 @@ def solvers_cmd(
     if not math.isfinite(cfg) or abs(cfg) > 100:
         raise ConfigError(f"--cfg must be a finite number with |cfg| <= 100, got {cfg}")
     _check_int(n, "--n", 1, 100_000)
-    _check_int(ref_steps, "--ref-steps", 0, 100_000)
+    if ref_steps != 0:  # 0: the default; the reference is also run at half the steps, so at least 2
+        _check_int(ref_steps, "--ref-steps", 2, 100_000)
     if json_out is not None:
         _check_out(json_out, "--json", ".json")
     plot = plot if plot is not None else (json_out.with_suffix(".png") if json_out is not None else None)
