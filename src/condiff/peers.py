@@ -1,8 +1,10 @@
 """diffusers' schedulers as peers: the same eps model, the same trailing grid, diffusers' own update rules.
 
 Every peer is built from one VP-discrete table (``trained_betas`` derived from condiff's float64
-``alphas_cumprod``) with ``timestep_spacing="trailing"`` and a final step into sigma = 0, so for N steps all
-of them visit the timesteps ``round(1000 - k 1000/N) - 1`` (k = 0..N-1) that ``trailing_grid`` gives condiff.
+``alphas_cumprod``) with ``timestep_spacing="trailing"`` (DPMSolverSinglestep, which has no such option, gets
+the same timesteps explicitly) and a final step into sigma = 0 (UniPC bh1: to the smallest training sigma, see
+PEERS), so for N steps all of them visit the timesteps ``round(1000 - k 1000/N) - 1`` (k = 0..N-1) that
+``trailing_grid`` gives condiff.
 ``run_peer`` drives a scheduler in diffusers' pipeline pattern (scale_model_input, model, step). The Karras
 (Euler, Heun) schedulers live on x / alpha; the driver converts at both ends, so every peer starts from the
 same VP sample x_T and returns a sample at sigma = 0.
