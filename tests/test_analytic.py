@@ -340,3 +340,14 @@ def test_cache_dir_default(monkeypatch, tmp_path):
     monkeypatch.delenv("CONDIFF_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert analytic.cache_dir() == tmp_path / "home" / ".cache" / "condiff"
+
+
+def test_unwritable_cache_warns_and_still_fits(tmp_path):
+    """The cache is optional: a cache location that cannot be written (a file where the directory should be)
+    gives a warning naming it, and the fit is returned all the same."""
+    m = _Model()
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("x")
+    with pytest.warns(UserWarning, match="could not cache the Gaussian fit"):
+        fit = model_fit(m, n=500, rank=2, directory=blocker / "sub")
+    assert torch.equal(fit.evecs, model_fit(m, n=500, rank=2, directory=tmp_path).evecs)

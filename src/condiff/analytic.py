@@ -65,7 +65,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, InputFileError
+from .errors import ConfigError, InputFileError, OutputFileError, one_line
 
 Tensor = torch.Tensor
 F64 = torch.float64
@@ -484,5 +484,9 @@ def model_fit(model, n: int = DEFAULT_FIT_N, rank: int | None = DEFAULT_FIT_RANK
         except InputFileError as e:
             warnings.warn(f"{e}; refitting", stacklevel=2)
     fit = fit_model_data(model, n, rank, seed)
-    save_fit(path, fit, key)
+    try:
+        save_fit(path, fit, key)
+    except (OSError, OutputFileError) as e:  # the cache is an optimisation: sampling goes on without it
+        warnings.warn(f"could not cache the Gaussian fit at {path} ({one_line(str(e))}); set CONDIFF_CACHE to a "
+                      f"writable directory to keep it", stacklevel=2)
     return fit
