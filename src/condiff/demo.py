@@ -37,13 +37,12 @@ def _few_step_solvers(model, steps: int):
     from .dc import search
     from .grids import make_grid
     from .guidance import CFG
-    from .sampling import initial_noise
     from .solvers import DCSolver, get_solver
 
     g = torch.Generator().manual_seed(123)
     raw, _ = model.family.random_conditions(10, g)
     grid = make_grid(model.schedule, steps)
-    x_T = initial_noise(model.schedule, float(grid[0]), (10, *model.family.image_shape), g)
+    x_T = model.prior((10, *model.family.image_shape), float(grid[0]), g)
     with torch.enable_grad():
         ratios = search(CFG(model.denoiser, 3.0), model.condition(raw), x_T, grid).ratios
     return [("ddim", get_solver("ddim"), None), ("dpmpp-2m", get_solver("dpmpp-2m"), None),

@@ -78,7 +78,6 @@ def search_cmd(
     from ..errors import one_of
     from ..grids import make_grid
     from ..guidance import CFG
-    from ..sampling import initial_noise
     from ..solvers.dc_solver import AXES, BASES
     from ..training.recipe import check_seed
 
@@ -104,7 +103,7 @@ def search_cmd(
     raw, _ = m.family.random_conditions(n_data, g)
     cond = m.condition(raw)
     grids = {n: make_grid(m.schedule, n, spc) for n in nfes}
-    x_T = initial_noise(m.schedule, float(grids[nfes[0]][0]), (n_data, *m.family.image_shape), g)
+    x_T = m.prior((n_data, *m.family.image_shape), float(grids[nfes[0]][0]), g)  # PFGM++ models: their prior
     entries, metrics = {}, {}
     bar = tqdm(total=len(cfgs) * sum(nfes), desc="dc search", leave=False)
     try:

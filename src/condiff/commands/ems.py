@@ -62,6 +62,7 @@ def compute(
     from ..cli import _check_out, _family, _load
     from ..ems import JVPS, compute_ems
     from ..guidance import CFG
+    from ..pfgmpp import GaussianNoise
     from ..training.recipe import ObjectiveConfig
 
     _check(grid, n_data, batch_size, cfg, seed, jvp)
@@ -76,8 +77,10 @@ def compute(
     cond = m.condition(raw)
     sch = m.schedule
     t0 = time.perf_counter()
+    # PFGM++ models are perturbed with their own kernel noise; Gaussian ones draw z inside compute_ems
+    z = None if isinstance(m.noise, GaussianNoise) else m.noise.unit(x0.shape, g, x0.dtype)
     ems = compute_ems(CFG(m.denoiser, cfg), x0, cond, sch, sch.default_t_start(), sch.t_min, grid, g,
-                      batch_size, progress="EMS", jvp=None if jvp == "auto" else JVPS[jvp],
+                      batch_size, progress="EMS", jvp=None if jvp == "auto" else JVPS[jvp], noise=z,
                       meta={"model": model, "cfg": cfg, "seed": seed, "schedule": m.info.get("schedule_cfg"),
                             "info": {"condiff_version": __version__, "torch_threads": torch.get_num_threads(),
                                      "family": m.family.name}})
