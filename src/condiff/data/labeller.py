@@ -23,13 +23,20 @@ _TOP_SHARE_SPLIT = 0.47  # triangle <= 0.445, circle and square = 0.5 (clean ren
 _FILL_SPLIT = 0.94  # circle <= 0.89 | square 1 (clean renders)
 
 
-def _label_one(img: np.ndarray) -> list[int]:
+def _mask_one(img: np.ndarray) -> np.ndarray:
+    """The object mask: the largest 4-connected component of the bright pixels (all False if none)."""
     bright = img.max(0) > 0.0
     lab, n = ndimage.label(bright)
     if n == 0:
-        return [-1, -1, -1, -1]
+        return np.zeros(bright.shape, dtype=bool)
     sizes = ndimage.sum(bright, lab, index=range(1, n + 1))
-    mask = lab == (int(np.argmax(sizes)) + 1)
+    return lab == (int(np.argmax(sizes)) + 1)
+
+
+def _label_one(img: np.ndarray) -> list[int]:
+    mask = _mask_one(img)
+    if not mask.any():
+        return [-1, -1, -1, -1]
     ys, xs = np.nonzero(mask)
     area = mask.sum()
     h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
@@ -51,6 +58,19 @@ def label(images: torch.Tensor) -> torch.Tensor:
     """(B, 3, 32, 32) images in [-1, 1] -> (B, 4) long labels (shape, color, size, position)."""
     arr = images.detach().float().cpu().numpy()
     return torch.tensor([_label_one(a) for a in arr], dtype=torch.long)
+
+
+def masks(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 32, 32) images in [-1, 1] -> (B, 32, 32) bool object masks, as the labeller reads them."""
+    arr = images.detach().float().cpu().numpy()
+    return torch.from_numpy(np.stack([_mask_one(a) for a in arr]))
+
+
+def iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample intersection over union of two (B, H, W) bool masks (1 where both are empty)."""
+    inter = (a & b).flatten(1).sum(1).float()
+    union = (a | b).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
 def accuracy(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:

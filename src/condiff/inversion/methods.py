@@ -1,0 +1,258 @@
+"""Editing methods as objects: ``invert`` an image under its source condition, then ``sample`` the inverted
+state with any condition (the target for an edit, the source for a reconstruction).
+
+Every method is built from solver steps and recorded noise (``ddim.py``, ``edit_friendly.py``,
+``null_text.py``, ``dci.py``, ``sdedit.py``). An ``Inverted`` state is plain tensors plus a JSON-able info
+dict, so ``save_inverted`` / ``load_inverted`` write it as one safetensors file.
+
+Conditions are the model's cond mappings with their 'null' entry (``LoadedModel.condition``); ``denoiser``
+is the unguided model denoiser: each method applies its own guidance.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping
+
+import torch
+
+from ..errors import ConfigError, InputFileError, one_of
+from ..guidance.cfg import CFG, _check_scale
+from ..io import load_tensors, save_tensors
+from ..sampling import Recorded, sample
+from ..solvers.ddim import DDIM
+from ..solvers.ddpm import DDPM
+from .dci import dci_invert
+from .ddim import invert
+from .edit_friendly import NoiseMaps, extract_noise_maps, replay
+from .null_text import StepwiseNull, null_text_inversion
+from .sdedit import sdedit, start_index
+
+
+@dataclass
+class Inverted:
+    method: str
+    grid: torch.Tensor
+    tensors: dict[str, torch.Tensor]
+    info: dict = field(default_factory=dict)
+
+
+def _split(cond: Mapping[str, Any]) -> tuple[dict, dict]:
+    cond = dict(cond)
+    return {k: v for k, v in cond.items() if k != "null"}, dict(cond.get("null") or {})
+
+
+def _pack(prefix: str, mapping: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in mapping.items() if isinstance(v, torch.Tensor)}
+
+
+def _unpack(prefix: str, tensors: Mapping[str, torch.Tensor]) -> dict:
+    return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+class EditMethod:
+    name = "?"
+
+    def invert(self, denoiser, grid, x0, cond, generator=None, progress=False) -> Inverted:
+        raise NotImplementedError
+
+    def sample(self, denoiser, state: Inverted, cond, generator=None, progress=False) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reconstruct(self, denoiser, state: Inverted, cond, generator=None, progress=False) -> torch.Tensor:
+        """The image sampled back under the source condition ``cond``."""
+        return self.sample(denoiser, state, cond, generator, progress)
+
+    def options(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)} if hasattr(self, "__dataclass_fields__") else {}
+
+
+def _positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DDIMInversion(EditMethod):
+    """DDIM inversion at ``invert_cfg`` (1: the paper's), then sampling at ``cfg`` with the target."""
+
+    cfg: float = 3.0
+    invert_cfg: float = 1.0
+    name = "ddim"
+
+    def __post_init__(self):
+        _check_scale(self.cfg), _check_scale(self.invert_cfg)
+
+    def invert(self, denoiser, grid, x0, cond, generator=None, progress=False):
+        inv = invert(CFG(denoiser, self.invert_cfg), DDIM(), grid, x0, cond, progress=progress)
+        return Inverted(self.name, inv.grid, {"latent": inv.latent}, {"nfe": inv.nfe})
+
+    def sample(self, denoiser, state, cond, generator=None, progress=False):
+        return sample(CFG(denoiser, self.cfg), DDIM(), state.grid, state.tensors["latent"], cond,
+                      progress=progress).x
+
+
+@dataclass(frozen=True)
+class EditFriendly(EditMethod):
+    """Edit-friendly DDPM: maps extracted at ``cfg_src``; edits replay them at ``cfg`` from step ``skip``."""
+
+    cfg: float = 3.0
+    cfg_src: float = 3.0
+    skip: int = 0
+    eta: float = 1.0
+    exact: bool = True
+    name = "edit-friendly"
+
+    def __post_init__(self):
+        _check_scale(self.cfg), _check_scale(self.cfg_src), _positive_int(self.skip, "skip")
+        if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not 0 < self.eta <= 1:
+            raise ConfigError(f"eta must be a number in (0, 1], got {self.eta!r}")
+
+    @property
+    def solver(self):
+        return DDPM() if self.eta == 1 else DDIM(eta=float(self.eta))
+
+    def invert(self, denoiser, grid, x0, cond, generator=None, progress=False):
+        maps = extract_noise_maps(CFG(denoiser, self.cfg_src), self.solver, grid, x0, cond, generator, self.exact,
+                                  progress)
+        t = {"residual": maps.residual}
+        t.update({f"latents.{k}": v for k, v in enumerate(maps.latents)})
+        t.update({f"maps.{k}": v for k, v in enumerate(maps.maps)})
+        return Inverted(self.name, maps.grid, t, {"nfe": maps.nfe})
+
+    def _maps(self, state) -> NoiseMaps:
+        n = state.grid.numel() - 1
+        lat = [state.tensors[f"latents.{k}"] for k in range(n)]
+        maps = [state.tensors[f"maps.{k}"] for k in range(n - 1)]
+        return NoiseMaps(state.grid, tuple(lat), tuple(maps), state.tensors["residual"], 0)
+
+    def sample(self, denoiser, state, cond, generator=None, progress=False):
+        return replay(CFG(denoiser, self.cfg), self.solver, self._maps(state), cond, self.skip, progress).x
+
+    def reconstruct(self, denoiser, state, cond, generator=None, progress=False):
+        return replay(CFG(denoiser, self.cfg_src), self.solver, self._maps(state), cond, 0, progress).x
+
+
+@dataclass(frozen=True)
+class NullTextInversion(EditMethod):
+    """Null-text inversion at ``cfg``; sampling uses the per-step optimised nulls."""
+
+    cfg: float = 3.0
+    inner_steps: int = 10
+    lr: float = 1e-2
+    early_stop: float = 1e-5
+    name = "null-text"
+
+    def __post_init__(self):
+        _check_scale(self.cfg), _positive_int(self.inner_steps, "inner_steps")
+
+    def invert(self, denoiser, grid, x0, cond, generator=None, progress=False):
+        res = null_text_inversion(denoiser, grid, x0, cond, self.cfg, self.inner_steps, self.lr, self.early_stop,
+                                  progress)
+        t = {"latent": res.pivot.latent}
+        for k, null in enumerate(res.nulls):
+            t.update(_pack(f"null.{k}", null))
+        return Inverted(self.name, res.pivot.grid, t, {"nfe": res.nfe,
+                                                       "mean_iterations": float(res.iterations.float().mean())})
+
+    def nulls(self, state) -> tuple[dict, ...]:
+        return tuple(_unpack(f"null.{k}", state.tensors) for k in range(state.grid.numel() - 1))
+
+    def sample(self, denoiser, state, cond, generator=None, progress=False):
+        den = StepwiseNull(CFG(denoiser, self.cfg), state.grid, self.nulls(state))
+        return sample(den, DDIM(), state.grid, state.tensors["latent"], cond, progress=progress).x
+
+
+@dataclass(frozen=True)
+class DCIInversion(EditMethod):
+    """DCI inversion (guidance 1, source condition); sampling at ``cfg`` with the source condition as the
+    null branch (the paper's editing set-up)."""
+
+    cfg: float = 3.0
+    iterations: int = 5
+    lam: float = 1.0
+    lr: float = 1e-3
+    tol: float = 5e-6
+    name = "dci"
+
+    def __post_init__(self):
+        _check_scale(self.cfg), _positive_int(self.iterations, "iterations")
+
+    def invert(self, denoiser, grid, x0, cond, generator=None, progress=False):
+        src, _ = _split(cond)
+        res = dci_invert(denoiser, grid, x0, src, None, self.iterations, self.lam, self.lr, self.tol, progress)
+        return Inverted(self.name, res.inversion.grid, {"latent": res.inversion.latent, **_pack("source", src)},
+                        {"nfe": res.inversion.nfe, "mean_iterations": float(res.iterations.float().mean())})
+
+    def sample(self, denoiser, state, cond, generator=None, progress=False):
+        target, _ = _split(cond)
+        guided = {**target, "null": _unpack("source", state.tensors)}
+        return sample(CFG(denoiser, self.cfg), DDIM(), state.grid, state.tensors["latent"], guided,
+                      progress=progress).x
+
+
+@dataclass(frozen=True)
+class SDEdit(EditMethod):
+    """SDEdit: noise the image to ``strength`` of the way and sample at ``cfg`` (no inversion)."""
+
+    cfg: float = 3.0
+    strength: float = 0.6
+    name = "sdedit"
+
+    def __post_init__(self):
+        _check_scale(self.cfg), start_index(10, self.strength)
+
+    def invert(self, denoiser, grid, x0, cond, generator=None, progress=False):
+        return Inverted(self.name, torch.as_tensor(grid, dtype=torch.float64), {"image": x0}, {"nfe": 0})
+
+    def sample(self, denoiser, state, cond, generator=None, progress=False):
+        return sdedit(CFG(denoiser, self.cfg), DDIM(), state.grid, state.tensors["image"], cond, self.strength,
+                      generator, progress).x
+
+
+METHODS = {m.name: m for m in (DDIMInversion, EditFriendly, NullTextInversion, DCIInversion, SDEdit)}
+
+
+def get_method(name: str, **options) -> EditMethod:
+    """An editing method by CLI name, with its options (unknown options are refused by name)."""
+    if name not in METHODS:
+        raise one_of("editing method", name, METHODS)
+    cls = METHODS[name]
+    known = {f.name for f in fields(cls)}
+    for key in options:
+        if key not in known:
+            raise ConfigError(f"unknown option {key!r} for editing method {name!r}; accepted: {', '.join(sorted(known))}")
+    defaults = {f.name: f.default for f in fields(cls)}
+    for key, value in options.items():
+        want = type(defaults[key])
+        ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+            options[key] = value
+        if not ok:
+            raise ConfigError(f"option {key} of {name!r} must be a {want.__name__}, got {value!r}")
+    return cls(**options)
+
+
+def save_inverted(state: Inverted, path, extra: dict | None = None):
+    meta = {"method": state.method, "grid": state.grid.tolist(), "info": state.info, **(extra or {})}
+    save_tensors(path, {**state.tensors}, {"condiff_inversion": json.dumps(meta)})
+
+
+def load_inverted(path) -> tuple[Inverted, dict]:
+    from safetensors import safe_open
+
+    tensors = load_tensors(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {})["condiff_inversion"])
+        grid = torch.tensor(meta["grid"], dtype=torch.float64)
+        method = meta["method"]
+    except Exception:
+        raise InputFileError(f"{str(path)!r} is not a condiff inversion file (no valid 'condiff_inversion' "
+                             f"metadata; write one with `condiff invert`)") from None
+    if method not in METHODS:
+        raise InputFileError(f"{str(path)!r} holds an inversion by unknown method {method!r}")
+    return Inverted(method, grid, tensors, meta.get("info", {})), meta

@@ -1,0 +1,151 @@
+"""Null-text inversion (Mokady, Hertz, Aberman, Pritch & Cohen-Or, CVPR 2023, Alg. 1).
+
+1. Pivot: DDIM inversion at guidance 1 with the source condition (``condiff.inversion.ddim.invert``).
+2. Walking down the grid from the pivot's noise, at each step i optimise the null condition so that one
+   guided DDIM step lands on the pivot: minimise || DDIM(z_bar, CFG_w(null_i)) - z*_{i+1} ||^2 with a fresh
+   Adam at lr_i = lr (1 - i / max(100, 2N)) (the paper's 1e-2 (1 - i/100) for N <= 50), for at most
+   ``inner_steps`` Adam steps, stopping early once the loss is below ``early_stop + i * 2e-5``. null_i
+   starts from null_{i-1} and is stored after its last Adam step; z_bar then advances with it.
+   condiff tests the threshold *before* each Adam step: the paper's loop steps first and tests after, so
+   its first step (of size ~lr on every entry) is taken even when the loss already meets the threshold,
+   which on a model that inverts well makes the reconstruction worse (shapes: 40.7 dB against DDIM's 48).
+3. Editing samples from the pivot's noise with the stored per-step nulls in the null branch of CFG
+   (``StepwiseNull``).
+
+The loss is per sample, the nulls are per sample and Adam is elementwise, so a batch is a set of
+independent inversions, each with its own early stop. Only the null's floating tensors are optimised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from ..errors import ConfigError
+from ..guidance.cfg import contrast
+from ..sampling import CountingDenoiser
+from ..solvers.ddim import DDIM
+from .ddim import Inversion, check_grid, invert
+
+
+@dataclass(frozen=True)
+class NullText:
+    """The pivot inversion, the optimised null condition for each step (``nulls[k]`` is used on the step
+    grid[k] -> grid[k+1]), and per step and sample the final loss and the Adam iterations taken."""
+
+    pivot: Inversion
+    nulls: tuple[dict, ...]
+    losses: torch.Tensor  # (N, B)
+    iterations: torch.Tensor  # (N, B) long
+    nfe: int
+
+
+def learning_rate(lr: float, i: int, steps: int) -> float:
+    return lr * (1.0 - i / max(100, 2 * steps))
+
+
+@dataclass
+class _Fixed:
+    """A 'denoiser' that returns a precomputed x0 (to run one solver step with a given estimate)."""
+
+    schedule: Any
+    value: torch.Tensor
+
+    def __call__(self, x, t):
+        return self.value
+
+
+def _floating(null: Mapping[str, Any]) -> list[str]:
+    return [k for k, v in null.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+
+
+def _per_sample(v: torch.Tensor) -> torch.Tensor:
+    return v.reshape(v.shape[0], -1)
+
+
+def null_text_inversion(denoiser, grid, x0: torch.Tensor, cond: Mapping[str, Any], scale: float = 7.5,
+                        inner_steps: int = 10, lr: float = 1e-2, early_stop: float = 1e-5,
+                        progress: bool | str = False) -> NullText:
+    """Null-text inversion of ``x0`` under ``cond`` (which holds 'null', the starting null condition)."""
+    grid = check_grid(grid)
+    if "null" not in cond:
+        raise ConfigError("null-text inversion needs cond['null'], the null condition to optimise")
+    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
+        raise ConfigError(f"inner_steps must be a non-negative integer, got {inner_steps!r}")
+    cond_c = {k: v for k, v in cond.items() if k != "null"}
+    null = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in cond["null"].items()}
+    keys = _floating(null)
+    if not keys:
+        raise ConfigError("the null condition has no floating-point tensor to optimise")
+    ddim, n, b = DDIM(), grid.numel() - 1, x0.shape[0]
+    with torch.no_grad():
+        pivot = invert(denoiser, ddim, grid, x0, cond_c)
+    count = CountingDenoiser(denoiser, None)
+    z = pivot.latent
+    nulls, losses, iters = [], torch.zeros(n, b), torch.zeros(n, b, dtype=torch.long)
+    steps = range(n)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=progress if isinstance(progress, str) else "null-text inversion", leave=False)
+    for i in steps:
+        t, s = float(grid[i]), float(grid[i + 1])
+        target = pivot.trajectory[i + 1]
+        with torch.no_grad():
+            count.cond = cond_c
+            x0_c = count(z, t)
+        params = [null[k].detach().clone().requires_grad_(True) for k in keys]
+        opt = torch.optim.Adam(params, lr=learning_rate(lr, i, n))
+        active = torch.ones(b, dtype=torch.bool)
+        threshold = early_stop + i * 2e-5
+        for _ in range(inner_steps):
+            count.cond = {**null, **dict(zip(keys, params))}
+            guided = contrast(x0_c, count(z, t), scale)
+            z_prev, _ = ddim.step(_Fixed(denoiser.schedule, guided), z, t, s, None, None)
+            loss = _per_sample((z_prev - target) ** 2).mean(1)
+            losses[i] = torch.where(active, loss.detach(), losses[i])
+            active = active & ~(loss.detach() < threshold)  # below the threshold: no further step
+            if not bool(active.any()):
+                break
+            iters[i] += active.long()
+            frozen = [p.detach().clone() for p in params]
+            grads = torch.autograd.grad(loss[active].sum(), params)
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.step()
+            with torch.no_grad():  # samples that had already stopped keep their values
+                for p, f in zip(params, frozen):
+                    keep = (~active).view(-1, *([1] * (p.dim() - 1)))
+                    p.copy_(torch.where(keep, f, p))
+        null = {**null, **{k: p.detach() for k, p in zip(keys, params)}}
+        nulls.append(dict(null))
+        with torch.no_grad():
+            count.cond = null
+            x0_u = count(z, t)
+            z, _ = ddim.step(_Fixed(denoiser.schedule, contrast(x0_c, x0_u, scale)), z, t, s, None, None)
+    return NullText(pivot, tuple(nulls), losses, iters, pivot.nfe + count.nfe)
+
+
+@dataclass
+class StepwiseNull:
+    """Denoiser wrapper: at grid time ``grid[k]`` it puts ``nulls[k]`` in cond['null'], so a CFG inside it
+    uses the null-text embedding of that step. Wrap a CFG: ``StepwiseNull(CFG(D, w), grid, nulls)``."""
+
+    denoiser: Any
+    grid: torch.Tensor
+    nulls: tuple[dict, ...]
+
+    def __post_init__(self):
+        self._index = {float(t): k for k, t in enumerate(self.grid[:-1])}
+
+    @property
+    def schedule(self):
+        return self.denoiser.schedule
+
+    def __call__(self, x, t, cond=None):
+        k = self._index.get(float(t))
+        if k is None:
+            raise ConfigError(f"time {float(t)!r} is not on the grid the null-text embeddings were fitted on")
+        return self.denoiser(x, t, {**dict(cond or {}), "null": self.nulls[k]})
