@@ -369,6 +369,10 @@ app.add_typer(_dc_cmd.app, name="dc")
 from .commands import bench as _bench_cmd  # noqa: E402
 
 app.add_typer(_bench_cmd.app, name="bench")
+from .commands import edit as _edit_cmd  # noqa: E402
+
+app.command("invert")(_edit_cmd.invert_cmd)
+app.command("edit")(_edit_cmd.edit_cmd)
 
 
 def _fail(message: str):

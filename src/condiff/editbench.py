@@ -101,7 +101,7 @@ def run_method(model, method, cases: EditCases, steps: int = 50, batch_size: int
     if progress:
         from tqdm.auto import tqdm
 
-        chunks = tqdm(chunks, desc=method.name, leave=False)
+        chunks = tqdm(chunks, desc=method.label, leave=False)
     for lo in chunks:
         sl = slice(lo, min(n, lo + batch_size))
         x0 = cases.images[sl]
@@ -118,7 +118,7 @@ def run_method(model, method, cases: EditCases, steps: int = 50, batch_size: int
                 t_edit += time.perf_counter() - t0
     recon = torch.cat(recon)
     p = psnr(recon, cases.images)
-    out = {"method": method.name, "options": method.options(), "n": n, "steps": steps,
+    out = {"method": method.label, "options": method.options(), "n": n, "steps": steps,
            "psnr": float(p.mean()), "psnr_median": float(p.median()),
            "seconds": (t_inv + t_edit / len(KINDS)) / n, "invert_seconds": t_inv / n,
            "edit_seconds": t_edit / (len(KINDS) * n), "edit_success": {}, "edit_success_literal_iou": {},
@@ -133,3 +133,39 @@ def run_method(model, method, cases: EditCases, steps: int = 50, batch_size: int
         out["target_hit"][kind] = float(r["hit"].float().mean())
         out["others_kept"][kind] = float(r["others"].float().mean())
     return out, images
+
+
+def default_methods() -> list:
+    """Every editing method at its defaults, SDEdit (the baseline) first."""
+    from .inversion.methods import METHODS
+
+    order = ["sdedit"] + [name for name in METHODS if name != "sdedit"]
+    return [METHODS[name]() for name in order]
+
+
+def table(results: list[dict]) -> str:
+    """Markdown: one row per method."""
+    lines = ["| method | recon. PSNR (dB) | color | shape | position | s / image |", "|---|---|---|---|---|---|"]
+    for r in results:
+        e = r["edit_success"]
+        lines.append(f"| {r['method']} | {r['psnr']:.2f} | {e['color']:.3f} | {e['shape']:.3f} | {e['position']:.3f} "
+                     f"| {r['seconds']:.2f} |")
+    return "\n".join(lines)
+
+
+def run_bench(model, methods: list, n: int = 200, seed: int = 0, steps: int = 50, batch_size: int = 50,
+              progress: bool = True, examples: int = 6) -> tuple[dict, dict]:
+    """Run every method on the same ``n`` held-out renders. Returns (report, images): report holds
+    ``config``, ``results`` (one dict per method: method, options, psnr, edit_success, seconds, ...) and the
+    markdown ``table``; images maps each method name to its first ``examples`` reconstructions and edits
+    (for figures) and 'source' to the sources."""
+    cases = edit_cases(n, seed)
+    results, images = [], {"source": cases.images[:examples],
+                           "targets": {k: cases.captions(cases.targets[k][:examples]) for k in KINDS}}
+    for method in methods:
+        out, imgs = run_method(model, method, cases, steps, batch_size, seed, progress)
+        results.append(out)
+        images[method.label] = {k: v[:examples] for k, v in imgs.items()}
+    config = {"n": n, "seed": seed, "steps": steps, "batch_size": batch_size, "held_out_offset": HELD_OUT_OFFSET,
+              "methods": [m.label for m in methods]}
+    return {"config": config, "results": results, "table": table(results)}, images

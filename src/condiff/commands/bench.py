@@ -1,4 +1,5 @@
-"""`condiff bench solvers`: every condiff solver and diffusers' schedulers on one problem, error against NFE."""
+"""`condiff bench solvers`: every condiff solver and diffusers' schedulers on one problem, error against NFE.
+`condiff bench edit` (defined in commands/edit.py): every editing method on held-out shapes renders."""
 
 from __future__ import annotations
 
@@ -101,3 +102,8 @@ def solvers_cmd(
     if plot is not None:
         bench.plot(rows, plot, title=problem.name)
         typer.echo(f"wrote {plot}")
+
+
+from .edit import bench_edit_cmd  # noqa: E402  (`condiff bench edit`: the editing benchmark, condiff.editbench)
+
+app.command("edit")(bench_edit_cmd)

@@ -3,9 +3,10 @@ optimised null conditions (null-text), fixed-point refinement (DCI) and SDEdit, 
 
 from .ddim import DestinationLabel, Inversion, ddim_inversion_step, invert
 from .dci import DCIResult, correction, dci_invert, fixed_point_residual
+from .injection import FeatureInjection, parse_layers, resolve_layers
 from .edit_friendly import NoiseMaps, extract_noise_maps, noisy_latents, replay
 from .methods import (METHODS, DCIInversion, DDIMInversion, EditFriendly, EditMethod, Inverted, NullTextInversion,
-                      SDEdit, get_method, load_inverted, save_inverted)
+                      PlugAndPlay, SDEdit, get_method, load_inverted, save_inverted)
 from .null_text import NullText, StepwiseNull, learning_rate, null_text_inversion
 from .sdedit import sdedit
 
@@ -13,4 +14,4 @@ __all__ = ["DestinationLabel", "Inversion", "ddim_inversion_step", "invert", "DC
            "fixed_point_residual", "NoiseMaps", "extract_noise_maps", "noisy_latents", "replay", "METHODS",
            "DCIInversion", "DDIMInversion", "EditFriendly", "EditMethod", "Inverted", "NullTextInversion", "SDEdit",
            "get_method", "load_inverted", "save_inverted", "NullText", "StepwiseNull", "learning_rate",
-           "null_text_inversion", "sdedit"]
+           "null_text_inversion", "sdedit", "FeatureInjection", "parse_layers", "resolve_layers", "PlugAndPlay"]

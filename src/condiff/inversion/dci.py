@@ -26,7 +26,8 @@ import torch
 from ..errors import ConfigError, NonFiniteError
 from ..sampling import CountingDenoiser
 from ..solvers.base import point
-from .ddim import Inversion, check_grid, ddim_inversion_step, eps_from_x0
+from ..solvers.ddim import DDIM
+from .ddim import DestinationLabel, Inversion, check_grid, ddim_inversion_step, eps_from_x0
 from .null_text import _per_sample
 
 
@@ -66,8 +67,9 @@ def dci_invert(denoiser, grid, x0: torch.Tensor, cond: Mapping[str, Any] | None 
     for i in steps:
         s, t = float(asc[i]), float(asc[i + 1])
         p, q = point(sch, s), point(sch, t)
-        with torch.no_grad():
-            z_t = ddim_inversion_step(D, z_s, s, t)
+        with torch.no_grad():  # the DDIM candidate, computed exactly as ``invert`` does (bit for bit)
+            z_t = ddim_inversion_step(D, z_s, s, t) if p.sigma == 0 else \
+                DDIM().step(DestinationLabel(D, {s: t}), z_s, s, t, None, None)[0]
         if iterations > 0:
             var = z_t.detach().clone().requires_grad_(True)
             opt = torch.optim.AdamW([var], lr=lr)

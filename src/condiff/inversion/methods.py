@@ -27,6 +27,7 @@ from ..solvers.ddpm import DDPM
 from .dci import dci_invert
 from .ddim import invert
 from .edit_friendly import NoiseMaps, extract_noise_maps, replay
+from .injection import FeatureInjection, network, parse_layers, resolve_layers
 from .null_text import StepwiseNull, null_text_inversion
 from .sdedit import sdedit, start_index
 
@@ -68,6 +69,27 @@ class EditMethod:
     def options(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)} if hasattr(self, "__dataclass_fields__") else {}
 
+    @property
+    def label(self) -> str:
+        """The name, plus the options that differ from the defaults (e.g. 'edit-friendly(skip=5)')."""
+        changed = [f"{f.name}={getattr(self, f.name)}" for f in fields(self) if getattr(self, f.name) != f.default]
+        return f"{self.name}({', '.join(changed)})" if changed else self.name
+
+
+def _check_share(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ConfigError(f"{name} must be a share of the steps in [0, 1], got {value!r}")
+
+
+def _injected(denoiser, layers: str, share: float, grid, source, source_cond):
+    """``denoiser`` with feature injection from the source trajectory on the first ``share`` of the steps
+    (unchanged when ``layers`` is empty or ``share`` is 0)."""
+    names = parse_layers(layers)
+    steps = int(round(share * (grid.numel() - 1)))
+    if not names or steps == 0:
+        return denoiser
+    return FeatureInjection(denoiser, resolve_layers(network(denoiser), names), grid, source, source_cond, steps)
+
 
 def _positive_int(value, name):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
@@ -103,10 +125,13 @@ class EditFriendly(EditMethod):
     skip: int = 0
     eta: float = 1.0
     exact: bool = True
+    layers: str = ""
+    inject: float = 0.0
     name = "edit-friendly"
 
     def __post_init__(self):
         _check_scale(self.cfg), _check_scale(self.cfg_src), _positive_int(self.skip, "skip")
+        parse_layers(self.layers), _check_share(self.inject, "inject")
         if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not 0 < self.eta <= 1:
             raise ConfigError(f"eta must be a number in (0, 1], got {self.eta!r}")
 
@@ -117,7 +142,7 @@ class EditFriendly(EditMethod):
     def invert(self, denoiser, grid, x0, cond, generator=None, progress=False):
         maps = extract_noise_maps(CFG(denoiser, self.cfg_src), self.solver, grid, x0, cond, generator, self.exact,
                                   progress)
-        t = {"residual": maps.residual}
+        t = {"residual": maps.residual, **_pack("source", _split(cond)[0])}
         t.update({f"latents.{k}": v for k, v in enumerate(maps.latents)})
         t.update({f"maps.{k}": v for k, v in enumerate(maps.maps)})
         return Inverted(self.name, maps.grid, t, {"nfe": maps.nfe})
@@ -129,7 +154,10 @@ class EditFriendly(EditMethod):
         return NoiseMaps(state.grid, tuple(lat), tuple(maps), state.tensors["residual"], 0)
 
     def sample(self, denoiser, state, cond, generator=None, progress=False):
-        return replay(CFG(denoiser, self.cfg), self.solver, self._maps(state), cond, self.skip, progress).x
+        maps = self._maps(state)
+        den = _injected(denoiser, self.layers, self.inject, maps.grid[:-1], maps.latents,
+                        _unpack("source", state.tensors))
+        return replay(CFG(den, self.cfg), self.solver, maps, cond, self.skip, progress).x
 
     def reconstruct(self, denoiser, state, cond, generator=None, progress=False):
         return replay(CFG(denoiser, self.cfg_src), self.solver, self._maps(state), cond, 0, progress).x
@@ -194,6 +222,31 @@ class DCIInversion(EditMethod):
 
 
 @dataclass(frozen=True)
+class PlugAndPlay(EditMethod):
+    """DDIM inversion at guidance 1, then sampling at ``cfg`` with the source trajectory's features injected
+    in ``layers`` for the first ``inject`` share of the steps (``injection.py``)."""
+
+    cfg: float = 3.0
+    layers: str = "unet.up_blocks.1.resnets.0"
+    inject: float = 0.5
+    name = "pnp"
+
+    def __post_init__(self):
+        _check_scale(self.cfg), parse_layers(self.layers), _check_share(self.inject, "inject")
+
+    def invert(self, denoiser, grid, x0, cond, generator=None, progress=False):
+        src, _ = _split(cond)
+        inv = invert(denoiser, DDIM(), grid, x0, src, progress=progress)
+        t = {f"trajectory.{k}": v for k, v in enumerate(inv.trajectory)}
+        return Inverted(self.name, inv.grid, {**t, **_pack("source", src)}, {"nfe": inv.nfe})
+
+    def sample(self, denoiser, state, cond, generator=None, progress=False):
+        traj = [state.tensors[f"trajectory.{k}"] for k in range(state.grid.numel())]
+        den = _injected(denoiser, self.layers, self.inject, state.grid, traj, _unpack("source", state.tensors))
+        return sample(CFG(den, self.cfg), DDIM(), state.grid, traj[0], cond, progress=progress).x
+
+
+@dataclass(frozen=True)
 class SDEdit(EditMethod):
     """SDEdit: noise the image to ``strength`` of the way and sample at ``cfg`` (no inversion)."""
 
@@ -212,7 +265,7 @@ class SDEdit(EditMethod):
                       generator, progress).x
 
 
-METHODS = {m.name: m for m in (DDIMInversion, EditFriendly, NullTextInversion, DCIInversion, SDEdit)}
+METHODS = {m.name: m for m in (DDIMInversion, EditFriendly, NullTextInversion, DCIInversion, PlugAndPlay, SDEdit)}
 
 
 def get_method(name: str, **options) -> EditMethod:
