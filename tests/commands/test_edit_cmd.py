@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from clikit import one_line_error, ok, run
 from condiff.cli import main
-from condiff.commands.edit import make_method
+from condiff.commands.edit import bench_methods, make_method
 from condiff.data import shapes
 from condiff.data.shapes import ATTRIBUTES
 from condiff.images import write_image
@@ -308,7 +308,9 @@ def test_bench_edit_writes_report_and_grid(tmp_path, capsys):
     printed = ok(["bench", "edit", "--n", "2", "--steps", "3", "--methods", "ddim,sdedit", "--json", str(out)],
                  capsys)
     rep = json.loads(out.read_text())
-    assert [r["method"] for r in rep["results"]] == ["ddim", "sdedit"]
+    labels = [m.label for m in bench_methods("ddim,sdedit", None)]
+    assert [r["method"] for r in rep["results"]] == rep["config"]["methods"] == labels
+    assert [label.split("(")[0] for label in labels] == ["ddim", "sdedit"]
     for r in rep["results"]:
         assert set(r["edit_success"]) == {"color", "shape", "position"}
         assert all(0 <= v <= 1 and v * 2 == int(v * 2) for v in r["edit_success"].values())  # n = 2
@@ -352,15 +354,17 @@ def test_method_options_given_with_an_inversion_are_noted(source, ddim_inversion
     """--method-opt on top of a saved inversion: the sampling uses it (recorded in the sidecar) and one `note: `
     line says the inversion itself is used as saved."""
     out = tmp_path / "e.png"
-    main(["edit", "--image", str(source), "--to", TO, "--inversion", str(ddim_inversion), "--method-opt", "cfg=5",
-          "--out", str(out)])
+    saved = make_method("ddim", {}).options()["cfg"]
+    cfg = int(saved) + 2
+    main(["edit", "--image", str(source), "--to", TO, "--inversion", str(ddim_inversion), "--method-opt",
+          f"cfg={cfg}", "--out", str(out)])
     err = capsys.readouterr().err.replace("\r", "\n")
     notes = [line for line in err.splitlines() if line.startswith("note: ")]
-    assert notes == ["note: --method-opt cfg=5 differs from the inversion's cfg=3.0; the saved inversion is used "
-                     "as it is"]
+    assert notes == [f"note: --method-opt cfg={cfg} differs from the inversion's cfg={saved}; the saved inversion "
+                     "is used as it is"]
     side = json.loads((tmp_path / "e.json").read_text())
-    assert side["options"]["cfg"] == 5.0 and side["method_label"] == "ddim(cfg=5.0)"
-    assert "--method-opt cfg=5" in side["reproduce"] and f"--inversion {ddim_inversion}" in side["reproduce"]
+    assert side["options"]["cfg"] == cfg and side["method_label"] == f"ddim(cfg={float(cfg)})"
+    assert f"--method-opt cfg={cfg}" in side["reproduce"] and f"--inversion {ddim_inversion}" in side["reproduce"]
 
 
 def test_digits_edit_has_no_labeller_reading(tmp_path, capsys):
@@ -374,3 +378,22 @@ def test_digits_edit_has_no_labeller_reading(tmp_path, capsys):
     assert side["labels"] is None and side["model"] == "digits" and side["output"] == {"size": [16, 16],
                                                                                        "fit": "native"}
     assert Image.open(out).size == (16, 16)
+
+
+def test_bench_method_selection_follows_the_default_set():
+    """--methods all is editbench.default_methods() as it stands; a listed name takes the default set's setting
+    for it; NAME.KEY=VALUE changes that option on every run of NAME and nothing else."""
+    from condiff.editbench import default_methods
+
+    defaults = default_methods()
+    assert [m.label for m in bench_methods("all", None)] == [m.label for m in defaults]
+    first = {}
+    for m in defaults:
+        first.setdefault(m.name, m)
+    name = defaults[0].name
+    assert [m.label for m in bench_methods(name, None)] == [first[name].label]
+    key = next(k for k, v in first[name].options().items() if isinstance(v, float))
+    tuned = bench_methods("all", [f"{name}.{key}=0.25"])
+    for before, after in zip(defaults, tuned):
+        want = {**before.options(), key: 0.25} if before.name == name else before.options()
+        assert after.name == before.name and after.options() == want

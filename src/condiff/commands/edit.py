@@ -468,21 +468,29 @@ def edit_cmd(
 # ---- bench edit ------------------------------------------------------------------------------------------
 
 def bench_methods(names: str, items: Optional[list[str]]) -> list:
-    """--methods (all, or a comma list of names) with --method-opt NAME.KEY=VALUE options -> method objects."""
+    """--methods and --method-opt NAME.KEY=VALUE -> method objects. 'all' is the benchmark's default set
+    (``editbench.default_methods()``, which may hold one method at several settings); a listed name runs at
+    the benchmark's setting for it where the default set has one, else at the method's defaults. An option
+    applies to every run of its method."""
     from ..editbench import default_methods
 
+    defaults = default_methods()
+    form = f"--methods must be all or a comma-separated list of editing methods, got {names!r}"
     if not isinstance(names, str) or not names.strip():
-        raise ConfigError(f"--methods must be all or a comma-separated list of editing methods, got {names!r}")
+        raise ConfigError(form)
     if names.strip() == "all":
-        chosen = [m.name for m in default_methods()]
+        runs = list(defaults)
     else:
-        chosen = [p.strip() for p in names.split(",")]
-        for name in chosen:
+        listed = [p.strip() for p in names.split(",")]
+        runs = []
+        for name in listed:
             if not name:
-                raise ConfigError(f"--methods must be all or a comma-separated list of editing methods, got {names!r}")
+                raise ConfigError(form)
             _method_class(name)
-            if chosen.count(name) > 1:
+            if listed.count(name) > 1:
                 raise ConfigError(f"--methods repeats {name}, got {names!r}")
+            runs.append(next((m for m in defaults if m.name == name), None) or make_method(name, {}))
+    chosen = [m.name for m in runs]
     per: dict[str, list[str]] = {}
     for item in items or []:
         left, value = _split_item(item, "--method-opt", "NAME.KEY=VALUE such as null-text.inner_steps=5")
@@ -492,9 +500,17 @@ def bench_methods(names: str, items: Optional[list[str]]) -> list:
         _method_class(name)
         if name not in chosen:
             raise ConfigError(f"--method-opt {item!r} is for {name}, which --methods does not run "
-                              f"({', '.join(chosen)})")
+                              f"({', '.join(dict.fromkeys(chosen))})")
         per.setdefault(name, []).append(f"{key}={value}")
-    return [make_method(name, method_options(name, per.get(name), "--method-opt"), "--method-opt") for name in chosen]
+    out = []
+    for m in runs:
+        given = method_options(m.name, per.get(m.name), "--method-opt")
+        out.append(make_method(m.name, {**m.options(), **given}) if given else m)
+    labels = [m.label for m in out]
+    for label in labels:
+        if labels.count(label) > 1:
+            raise ConfigError(f"--method-opt makes two runs the same ({label}); give --methods without the repeat")
+    return out
 
 
 def _in_range(value: int, option: str, lo: int, hi: int) -> int:
@@ -547,7 +563,8 @@ def bench_edit_cmd(
     n: int = typer.Option(200, help="held-out renders, each edited three ways (color, shape, position)"),
     seed: int = typer.Option(0, help="seed of the renders, the targets and the methods' noise"),
     steps: int = typer.Option(50, help=f"sampler steps, 1 to {MAX_EDIT_STEPS}"),
-    methods: str = typer.Option("all", help="all, or a comma-separated list of editing methods"),
+    methods: str = typer.Option("all", help="all (the benchmark's default set), or a comma-separated list of editing "
+                                "methods, each at the benchmark's setting for it"),
     method_opt: Optional[list[str]] = typer.Option(None, "--method-opt", help="an option of one method, "
                                                    "NAME.KEY=VALUE, repeatable (e.g. null-text.inner_steps=5, "
                                                    "edit-friendly.skip=10)"),

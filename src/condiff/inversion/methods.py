@@ -118,10 +118,15 @@ class DDIMInversion(EditMethod):
 
 @dataclass(frozen=True)
 class EditFriendly(EditMethod):
-    """Edit-friendly DDPM: maps extracted at ``cfg_src``; edits replay them at ``cfg`` from step ``skip``."""
+    """Edit-friendly DDPM: maps extracted at ``cfg_src``; edits replay them at ``cfg`` from step ``skip``,
+    optionally with feature injection (``layers``, ``inject``) from the stored latents.
 
-    cfg: float = 3.0
-    cfg_src: float = 3.0
+    Defaults tuned on shapes (held-out split, seed 100; the paper's SD defaults are cfg_src 3.5, cfg 15,
+    skip 36 of 100): guidance 1 on both sides keeps the object's exact pixels best (color 0.67, shape
+    0.67, position 1.0 against 0.44 / 0.28 / 1.0 at cfg 3)."""
+
+    cfg: float = 1.0
+    cfg_src: float = 1.0
     skip: int = 0
     eta: float = 1.0
     exact: bool = True
@@ -165,12 +170,18 @@ class EditFriendly(EditMethod):
 
 @dataclass(frozen=True)
 class NullTextInversion(EditMethod):
-    """Null-text inversion at ``cfg``; sampling uses the per-step optimised nulls."""
+    """Null-text inversion at ``cfg``; sampling uses the per-step optimised nulls.
+
+    The defaults are tuned for pixel-space models such as ``shapes`` (on a held-out split, seed 100): the
+    paper's lr 1e-2 with its early stop (1e-5 + i 2e-5, meant for Stable Diffusion latents) stops or stalls
+    long before the pivot is matched here (40 dB against 53.7 dB with lr 0.3 and no early stop). For SD,
+    use ``lr=0.01, early_stop=1e-5, early_stop_slope=2e-5``."""
 
     cfg: float = 3.0
     inner_steps: int = 10
-    lr: float = 1e-2
-    early_stop: float = 1e-5
+    lr: float = 0.3
+    early_stop: float = 1e-6
+    early_stop_slope: float = 0.0
     name = "null-text"
 
     def __post_init__(self):
@@ -178,7 +189,7 @@ class NullTextInversion(EditMethod):
 
     def invert(self, denoiser, grid, x0, cond, generator=None, progress=False):
         res = null_text_inversion(denoiser, grid, x0, cond, self.cfg, self.inner_steps, self.lr, self.early_stop,
-                                  progress)
+                                  progress, self.early_stop_slope)
         t = {"latent": res.pivot.latent}
         for k, null in enumerate(res.nulls):
             t.update(_pack(f"null.{k}", null))
