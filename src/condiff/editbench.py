@@ -136,12 +136,12 @@ def run_method(model, method, cases: EditCases, steps: int = 50, batch_size: int
 
 
 def default_methods() -> list:
-    """Every editing method at its defaults, SDEdit (the baseline, at the strength that edits best) first,
-    plus edit-friendly with plug-and-play feature injection (the best for color edits)."""
+    """Every editing method at its defaults, SDEdit (the baseline) first, plus edit-friendly with
+    plug-and-play feature injection (the best for color edits)."""
     from .inversion.methods import METHODS, EditFriendly, PlugAndPlay, SDEdit
 
     rest = [METHODS[name]() for name in METHODS if name != "sdedit"]
-    return [SDEdit(strength=0.9), *rest, EditFriendly(cfg=3.0, layers=PlugAndPlay.layers, inject=0.5)]
+    return [SDEdit(), *rest, EditFriendly(cfg=3.0, layers=PlugAndPlay.layers, inject=0.5)]
 
 
 def table(results: list[dict]) -> str:

@@ -259,10 +259,12 @@ class PlugAndPlay(EditMethod):
 
 @dataclass(frozen=True)
 class SDEdit(EditMethod):
-    """SDEdit: noise the image to ``strength`` of the way and sample at ``cfg`` (no inversion)."""
+    """SDEdit: noise the image to ``strength`` of the way and sample at ``cfg`` (no inversion). On shapes,
+    strengths up to 0.6 leave every attribute as it was (color and shape are set in the first steps), so the
+    default is 0.9 (edit success 0.24 / 0.36 / 0.80 for color / shape / position on the benchmark)."""
 
     cfg: float = 3.0
-    strength: float = 0.6
+    strength: float = 0.9
     name = "sdedit"
 
     def __post_init__(self):

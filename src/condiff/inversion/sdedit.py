@@ -22,7 +22,7 @@ def start_index(steps: int, strength: float) -> int:
 
 
 def sdedit(denoiser, solver, grid, x0: torch.Tensor, cond: Mapping[str, Any] | None = None,
-           strength: float = 0.6, generator: torch.Generator | None = None,
+           strength: float = 0.9, generator: torch.Generator | None = None,
            progress: bool | str = False) -> SampleOutput:
     grid = check_grid(grid)
     k = start_index(grid.numel() - 1, strength)
