@@ -229,6 +229,19 @@ def test_inversion_file_missing_a_tensor_is_a_one_line_error(source, ddim_invers
     assert not (tmp_path / "e.png").exists()
 
 
+def _with_options(base, argv, swap=None):
+    """``base`` with each (option, value) of ``argv`` replacing that option's value, or appended (a value
+    found in ``swap`` is replaced by its path first); --method-opt is always appended."""
+    base = list(base)
+    for opt, value in zip(argv[::2], argv[1::2]):
+        value = (swap or {}).get(value, value)
+        if opt in base and opt != "--method-opt":
+            base[base.index(opt) + 1] = value
+        else:
+            base += [opt, value]
+    return base
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--from", "large purple circle"], "--from: unknown word 'purple'"),
     (["--to", "huge blue circle"], "--to: unknown word 'huge'"),
@@ -264,14 +277,8 @@ def test_bad_edit_inputs_are_one_line_errors(source, tmp_path, capsys, monkeypat
     swap = {"MISSING": str(tmp_path / "missing.png"), "DIR": str(tmp_path / "dir"), "TEXT": str(tmp_path / "text.png"),
             "e.jpg": str(tmp_path / "e.jpg"), "DIR/e.png": str(tmp_path / "dir" / "e.png"),
             "TEXT/e.png": str(tmp_path / "text.png" / "e.png")}
-    base = ["edit", "--image", str(source), "--from", FROM, "--to", TO, "--method", "ddim", "--out",
-            str(tmp_path / "e.png")]
-    for opt, value in zip(argv[::2], argv[1::2]):
-        value = swap.get(value, value)
-        if opt in base and opt != "--method-opt":
-            base[base.index(opt) + 1] = value
-        else:
-            base += [opt, value]
+    base = _with_options(["edit", "--image", str(source), "--from", FROM, "--to", TO, "--method", "ddim", "--out",
+                          str(tmp_path / "e.png")], argv, swap)
     monkeypatch.setattr("condiff.cli._load", _no_load)
     code, _, err = run(base, capsys)
     one_line_error(code, err, needle)
@@ -287,13 +294,8 @@ def test_bad_edit_inputs_are_one_line_errors(source, tmp_path, capsys, monkeypat
     (["--steps", "1001"], "--steps must be an integer in [1, 1000]"),
 ])
 def test_bad_invert_inputs_are_one_line_errors(source, tmp_path, capsys, monkeypatch, argv, needle):
-    base = ["invert", "--image", str(source), "--prompt", FROM, "--method", "ddim", "--out",
-            str(tmp_path / "i.safetensors")]
-    for opt, value in zip(argv[::2], argv[1::2]):
-        if opt in base and opt != "--method-opt":
-            base[base.index(opt) + 1] = value
-        else:
-            base += [opt, value]
+    base = _with_options(["invert", "--image", str(source), "--prompt", FROM, "--method", "ddim", "--out",
+                          str(tmp_path / "i.safetensors")], argv)
     monkeypatch.setattr("condiff.cli._load", _no_load)
     code, _, err = run(base, capsys)
     one_line_error(code, err, needle)
