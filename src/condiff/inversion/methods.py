@@ -207,13 +207,18 @@ class NullTextInversion(EditMethod):
 @dataclass(frozen=True)
 class DCIInversion(EditMethod):
     """DCI inversion (guidance 1, source condition); sampling at ``cfg`` with the source condition as the
-    null branch (the paper's editing set-up)."""
+    null branch (the paper's editing set-up).
+
+    Defaults: the paper's K = 5 iterations at lr 1e-3, the code's lam = 1, and no early stop: the code's
+    tol 5e-6 is above the fixed-point residual of almost every step on shapes (0.125 iterations per step),
+    which leaves DCI equal to DDIM inversion (reconstruction at guidance 1: 54.99 dB against DDIM's 54.69;
+    with tol 0, 57.64 dB; 16 renders)."""
 
     cfg: float = 3.0
     iterations: int = 5
     lam: float = 1.0
     lr: float = 1e-3
-    tol: float = 5e-6
+    tol: float = 0.0
     name = "dci"
 
     def __post_init__(self):

@@ -1,0 +1,208 @@
+"""Adaptive Guidance, AG (Castillo, Kohler, Pérez, Pérez, Pumarola, Ghanem, Arbeláez, Thabet, AAAI 2025,
+"Adaptive guidance: training-free acceleration of conditional diffusion models", arXiv 2312.12487; specs 5a).
+
+At every evaluation of a row that still uses guidance, both branches run and
+
+    gamma = cos(eps_c, eps_u)      (the whole sample flattened; eps_c = (x - alpha x0_c) / sigma, so the
+                                    cosine is that of x - alpha x0_c and x - alpha x0_u: sigma > 0 cancels)
+
+Where alpha_t is (numerically) 0 at the start of the grid, eps_c = eps_u = x / sigma there and gamma = 1, so the
+eps-space rule switches at the first evaluation for any gamma_bar < 1; the bundled shapes model (a cosine
+schedule) measures gamma > 0.9996 at every step of a CFG-3 trajectory. The similarity space is therefore an
+option: ``space`` is a condiff Prediction object, ``Eps()`` by default (the spec's rule), or ``X0()`` (the
+cosine of the two denoised estimates, which on shapes rises from ~0.96 at the first step to ~1 half way, the
+behaviour the paper describes for eps on its models), or ``V()``.
+
+The evaluation returns the CFG estimate contrast(x0_c, x0_u, w). At the first evaluation where gamma > gamma_bar
+the row switches: every later evaluation of that row in the trajectory is conditional-only (x0_guided = x0_c),
+one network row instead of two. The evaluation that detects the switch still returns CFG, since both branches
+were paid for (the spec leaves this open; the community implementation does the same). The cosine is clamped
+to [-1, 1], so gamma_bar = 1 never switches and AG is then CFG bit for bit (same batched call, same
+arithmetic); gamma_bar = -1 switches every row at its first evaluation.
+
+The switch is per sample and per trajectory; rows that switched are dropped from the null branch of the
+batched forward, layout [null rows still guided, cond rows], so the network cost is n + (rows still guided).
+
+Per-trajectory state. The state is an explicit frozen ``AGState`` and the pure function ``adaptive_step``
+maps (x, t, cond, state) to (x0, state'). ``AdaptiveGuidance`` is the Denoiser that holds the current state so
+that it runs under any solver and the ``sample`` loop. It starts a fresh state (nothing switched) when
+
+- it has none yet, or ``reset()`` was called;
+- the batch size changes;
+- t is at or above the first time of the current trajectory (a new run on the same grid), or
+- t rose since the previous evaluation (``reset_on_rising_t``, default on: samplers run t downwards, so a
+  rise is a new trajectory, such as SDEdit starting mid-grid after a full run).
+
+EDM's stochastic sampler raises the noise inside a step (churn); with ``reset_on_rising_t`` it then restarts
+the switch at each churned step, which costs savings, never correctness (a restart is plain CFG). Ascending
+grids (inversion) restart at every evaluation, i.e. run CFG. For full control create one object per trajectory
+or call ``reset()`` before each; ``state`` shows which rows switched and at which t.
+
+``CountRows`` wraps any Denoiser and counts its calls and batch rows: the network cost the loop's NFE (calls
+of the guided denoiser) does not see.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ..denoiser import Eps, Prediction
+from ..errors import ConfigError
+from .cfg import contrast
+from .interval import branches, split_null
+from .rescale import to_space
+from .schedules import check_scale, per_row, scale_at
+
+
+@dataclass(frozen=True)
+class AGState:
+    """The switch state of one trajectory (n rows).
+
+    switched: bool [n], rows that are conditional-only from now on; switch_t: float64 [n], the t of the
+    evaluation at which each row switched (nan if not yet); gamma: float64 [n], the cosine measured at the
+    latest evaluation (nan for rows not measured); t_first / t_last: the largest t of the first / latest
+    evaluation; evaluations and rows: calls and network rows so far in this trajectory."""
+
+    switched: torch.Tensor
+    switch_t: torch.Tensor
+    gamma: torch.Tensor
+    t_first: float
+    t_last: float
+    evaluations: int = 0
+    rows: int = 0
+
+    @classmethod
+    def start(cls, n: int, t_first: float) -> "AGState":
+        nan = torch.full((n,), math.nan, dtype=torch.float64)
+        return cls(torch.zeros(n, dtype=torch.bool), nan, nan.clone(), float(t_first), float(t_first))
+
+    @property
+    def n(self) -> int:
+        return self.switched.numel()
+
+
+def _t_max(t) -> float:
+    return float(torch.as_tensor(t, dtype=torch.float64).max())
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample cosine of two batches (each sample flattened), in float64, clamped to [-1, 1]; 0 when
+    either vector is zero."""
+    a, b = a.reshape(a.shape[0], -1).double(), b.reshape(b.shape[0], -1).double()
+    den = (a.norm(dim=1) * b.norm(dim=1)).clamp_min(torch.finfo(torch.float64).tiny)
+    return ((a * b).sum(1) / den).clamp(-1.0, 1.0)
+
+
+def similarity(space: Prediction, schedule, x, t, x0_c, x0_u) -> torch.Tensor:
+    """gamma = cos(y_c, y_u) per sample, y the two estimates in the prediction ``space`` (rows of x match)."""
+    return cosine(to_space(space, x, x0_c, t, schedule), to_space(space, x, x0_u, t, schedule))
+
+
+def adaptive_step(denoiser, x: torch.Tensor, t, cond: Mapping[str, Any], null: Mapping[str, Any], scale,
+                  gamma_bar: float, state: AGState, space: Prediction = Eps()):
+    """One AG evaluation: (x0_guided, next state). ``cond`` without its null entry; ``null`` the null one;
+    gamma is measured in the prediction ``space``."""
+    n = x.shape[0]
+    if state.n != n:
+        raise ConfigError(f"AG state is for a batch of {state.n}, got x with batch {n}")
+    w = scale_at(scale, t)
+    t_now = _t_max(t)
+    nan = torch.full((n,), math.nan, dtype=torch.float64)
+    if isinstance(w, float) and w in (0.0, 1.0):  # as CFG: one branch, nothing to measure
+        out = denoiser(x, t, cond if w == 1.0 else null)
+        return out, replace(state, gamma=nan, t_last=t_now, evaluations=state.evaluations + 1,
+                            rows=state.rows + n)
+    active = ~state.switched.to(x.device)
+    x0_c, x0_u = branches(denoiser, x, t, cond, null, active)
+    k = x0_u.shape[0]
+    index = active.nonzero().squeeze(1)
+    if k == n:
+        out = contrast(x0_c, x0_u, per_row(w, x0_c))
+        t_rows = t
+    else:
+        tt = torch.as_tensor(t)
+        t_rows = tt[index.to(tt.device)] if tt.dim() == 1 else t
+        w_rows = w[index.to(w.device)] if isinstance(w, torch.Tensor) else w
+        out = x0_c.clone()
+        if k:
+            out[index] = contrast(x0_c[index], x0_u, per_row(w_rows, x0_u))
+    gamma = nan.clone()
+    switched, switch_t = state.switched.clone(), state.switch_t.clone()
+    if k:
+        g = similarity(space, denoiser.schedule, x[index] if k < n else x, t_rows,
+                       x0_c[index] if k < n else x0_c, x0_u)
+        index = index.cpu()
+        gamma[index] = g.cpu()
+        flip = index[g.cpu() > gamma_bar]
+        switched[flip] = True
+        tt = torch.as_tensor(t, dtype=torch.float64).cpu()
+        switch_t[flip] = tt[flip] if tt.dim() == 1 else float(tt)
+    return out, AGState(switched, switch_t, gamma, state.t_first, t_now, state.evaluations + 1, state.rows + n + k)
+
+
+@dataclass
+class AdaptiveGuidance:
+    """AG as a Denoiser (module docstring): CFG with weight ``scale`` (a number or w(t)) until a row's
+    cosine between the two branches in ``space`` (eps by default) exceeds ``gamma_bar`` in [-1, 1];
+    conditional-only for that row afterwards."""
+
+    denoiser: Any
+    scale: float | Callable = 3.0
+    gamma_bar: float = 0.995
+    null: Mapping[str, Any] | None = None
+    space: Prediction = field(default_factory=Eps)
+    reset_on_rising_t: bool = True
+    state: AGState | None = field(default=None, init=False)
+
+    def __post_init__(self):
+        self.scale = check_scale(self.scale)
+        g = self.gamma_bar
+        if not isinstance(g, numbers.Real) or isinstance(g, bool) or not -1.0 <= g <= 1.0:
+            raise ConfigError(f"AG threshold gamma_bar must be a number in [-1, 1] (1: never switch, i.e. CFG), "
+                              f"got {g!r}")
+        if not isinstance(self.space, Prediction):
+            raise ConfigError(f"AG similarity space must be a Prediction object (Eps(), X0(), V()), got {self.space!r}")
+
+    @property
+    def schedule(self):
+        return self.denoiser.schedule
+
+    def reset(self) -> None:
+        """Forget the switch state: the next evaluation starts a new trajectory."""
+        self.state = None
+
+    def is_new_trajectory(self, n: int, t) -> bool:
+        s, t_now = self.state, _t_max(t)
+        return (s is None or s.n != n or t_now >= s.t_first
+                or (self.reset_on_rising_t and t_now > s.t_last))
+
+    def __call__(self, x, t, cond=None):
+        cond, null = split_null(cond, self.null, what="adaptive guidance")
+        if self.is_new_trajectory(x.shape[0], t):
+            self.state = AGState.start(x.shape[0], _t_max(t))
+        out, self.state = adaptive_step(self.denoiser, x, t, cond, null, self.scale, float(self.gamma_bar),
+                                        self.state, self.space)
+        return out
+
+
+@dataclass
+class CountRows:
+    """Wraps a Denoiser; counts its calls and the batch rows it was given (the network's cost)."""
+
+    denoiser: Any
+    calls: int = 0
+    rows: int = 0
+
+    @property
+    def schedule(self):
+        return self.denoiser.schedule
+
+    def __call__(self, x, t, cond=None):
+        self.calls += 1
+        self.rows += x.shape[0]
+        return self.denoiser(x, t, cond)

@@ -1,0 +1,323 @@
+"""LinearAG (Castillo et al., AAAI 2025, arXiv 2312.12487; specs 5a): replace the unconditional evaluation of
+the early CFG steps by an affine function of quantities the sampler has without it.
+
+At evaluation k of a trajectory (times t_0 > t_1 > ... of a fixed grid and solver) the estimate is
+
+    eps_u_hat(k) = b_0 + b_1 x_k + b_2 eps_c(k) + b_3 eps_c(k-1) + b_4 eps_u(k-1)
+
+with scalar coefficients b(k) per evaluation, fitted by ordinary least squares over every entry of a set of
+recorded CFG trajectories (``fit_linear_ag``). eps_u(k-1) is the unconditional prediction the sampler used at
+the previous evaluation (the network's, or the previous estimate when that one was predicted too). Evaluation
+0 has no history and uses (1, x, eps_c) only. The guided estimate is CFG with x0_u from eps_u_hat, so an
+evaluation in ``LinearAG(..., steps=s)``'s first s costs n network rows instead of 2n. Which terms enter is a
+``Regressors`` object. [UNVERIFIED: the paper's exact regressor set and which steps it replaces; specs 5a.]
+
+Everything is in eps space (eps = (x - alpha x0) / sigma), as in the spec. Identifiability: with a first-order
+single-step solver and an unconditional model that is exactly affine in (x, eps_c), x_k is an affine function
+of (eps_c(k-1), eps_u(k-1)), so the full regressor set is collinear; OLS then returns the minimum-norm solution
+(same predictions, different coefficients). ``Regressors(prev_uncond=False)`` removes that term.
+
+State. The coefficients belong to the evaluation times of the fitting run. ``LinearAG`` matches each call's t
+to them: a call at the first time starts a trajectory; the history of the previous evaluation is used only if
+that evaluation was at the preceding fitted time with the same batch size. Anything else (a time that was not
+fitted, a per-sample t, a missing predecessor) runs the exact CFG evaluation, so no state can leak from one
+trajectory into the next.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+import torch
+
+from .. import parameterization as P
+from ..denoiser import coefficients
+from ..errors import ConfigError, InputFileError
+from ..io import load_tensors, save_tensors
+from ..sampling import sample
+from .cfg import contrast
+from .interval import branches, split_null
+from .schedules import check_scale
+
+F64 = torch.float64
+TERMS = ("intercept", "x", "cond", "prev_cond", "prev_uncond")
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Regressors:
+    """Which terms enter eps_u_hat: the constant, x_k, eps_c(k), eps_c(k-1), eps_u(k-1)."""
+
+    intercept: bool = True
+    x: bool = True
+    cond: bool = True
+    prev_cond: bool = True
+    prev_uncond: bool = True
+
+    def __post_init__(self):
+        for f in fields(self):
+            if not isinstance(getattr(self, f.name), bool):
+                raise ConfigError(f"Regressors.{f.name} must be true or false, got {getattr(self, f.name)!r}")
+        if not any(getattr(self, name) for name in TERMS):
+            raise ConfigError("Regressors needs at least one term (intercept, x, cond, prev_cond, prev_uncond)")
+
+    def mask(self) -> torch.Tensor:
+        return torch.tensor([getattr(self, name) for name in TERMS])
+
+    @classmethod
+    def from_mask(cls, mask) -> "Regressors":
+        return cls(**{name: bool(v) for name, v in zip(TERMS, mask)})
+
+
+def features(x: torch.Tensor, eps_c: torch.Tensor, prev: tuple | None) -> list[torch.Tensor | None]:
+    """The five terms in TERMS order (float64, shaped like x); the previous-step terms are None at k = 0."""
+    ones = torch.ones_like(x, dtype=F64)
+    pc, pu = (None, None) if prev is None else (prev[0].to(F64), prev[1].to(F64))
+    return [ones, x.to(F64), eps_c.to(F64), pc, pu]
+
+
+def _used(mask: torch.Tensor, terms: list) -> list[int]:
+    return [j for j, t in enumerate(terms) if bool(mask[j]) and t is not None]
+
+
+@dataclass(frozen=True)
+class CFGRecord:
+    """Recorded CFG evaluations of n trajectories: times [K] (float64) and x, eps_c, eps_u [K, n, ...]."""
+
+    times: torch.Tensor
+    x: torch.Tensor
+    eps_c: torch.Tensor
+    eps_u: torch.Tensor
+
+    @staticmethod
+    def cat(records: list["CFGRecord"]) -> "CFGRecord":
+        first = records[0]
+        for r in records[1:]:
+            if r.times.shape != first.times.shape or not torch.equal(r.times, first.times):
+                raise ConfigError("CFG records to join must share their evaluation times (same grid and solver)")
+        return CFGRecord(first.times, *(torch.cat([getattr(r, k) for r in records], 1)
+                                        for k in ("x", "eps_c", "eps_u")))
+
+    def previous(self, k: int):
+        return None if k == 0 else (self.eps_c[k - 1], self.eps_u[k - 1])
+
+
+@dataclass
+class _Recorder:
+    """CFG that records (t, x, eps_c, eps_u) at every evaluation."""
+
+    denoiser: Any
+    scale: float
+    null: Mapping[str, Any] | None
+    rows: list = field(default_factory=list)
+
+    @property
+    def schedule(self):
+        return self.denoiser.schedule
+
+    def __call__(self, x, t, cond=None):
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            raise ConfigError("recording CFG trajectories for LinearAG needs one t per evaluation, got per-sample t")
+        cond, null = split_null(cond, self.null, what="LinearAG recording")
+        x0_c, x0_u = branches(self.denoiser, x, t, cond, null)
+        a, s = coefficients(self.denoiser.schedule, t, x)
+        self.rows.append((float(t), x.detach().clone(), P.x0_to_eps(x, x0_c, a, s).detach(),
+                          P.x0_to_eps(x, x0_u, a, s).detach()))
+        return contrast(x0_c, x0_u, self.scale)
+
+
+def record_cfg(denoiser, solver, grid, x, cond, scale: float, null=None, noise=None):
+    """Run CFG trajectories with ``sample`` and record every evaluation: (SampleOutput, CFGRecord)."""
+    rec = _Recorder(denoiser, _constant_scale(scale), null)
+    out = sample(rec, solver, grid, x, cond, noise)
+    times = torch.tensor([r[0] for r in rec.rows], dtype=F64)
+    return out, CFGRecord(times, *(torch.stack([r[j] for r in rec.rows]) for j in (1, 2, 3)))
+
+
+def _constant_scale(scale) -> float:
+    if callable(scale):
+        raise ConfigError("LinearAG needs a constant guidance scale (a number), not a function of t")
+    return check_scale(scale, "LinearAG scale")
+
+
+@dataclass(frozen=True)
+class LinearAGCoefficients:
+    """Per-evaluation OLS coefficients: times [K] float64, coef [K, 5] (TERMS order, 0 for unused terms),
+    r2 [K] (in-sample), the Regressors, and the CFG scale the trajectories were recorded with."""
+
+    times: torch.Tensor
+    coef: torch.Tensor
+    r2: torch.Tensor
+    regressors: Regressors
+    scale: float
+
+    @property
+    def steps(self) -> int:
+        return self.times.numel()
+
+    def predict(self, k: int, x, eps_c, prev) -> torch.Tensor:
+        """eps_u_hat at evaluation k (float64); ``prev`` = (eps_c(k-1), eps_u(k-1)) or None at k = 0."""
+        terms = features(x, eps_c, prev)
+        used = _used(self.regressors.mask(), terms)
+        if any(self.coef[k, j] != 0 and terms[j] is None for j in range(len(TERMS))):
+            raise ConfigError(f"LinearAG evaluation {k} needs the previous evaluation's predictions")
+        out = torch.zeros_like(terms[0])
+        for j in used:
+            out = out + self.coef[k, j] * terms[j]
+        return out
+
+
+def fit_record(record: CFGRecord, scale: float, regressors: Regressors = Regressors()) -> LinearAGCoefficients:
+    """OLS per evaluation over every entry of every trajectory (minimum-norm when collinear)."""
+    K = record.times.numel()
+    coef = torch.zeros(K, len(TERMS), dtype=F64)
+    r2 = torch.zeros(K, dtype=F64)
+    mask = regressors.mask()
+    for k in range(K):
+        terms = features(record.x[k], record.eps_c[k], record.previous(k))
+        used = _used(mask, terms)
+        if not used:
+            continue
+        design = torch.stack([terms[j].reshape(-1) for j in used], 1)
+        target = record.eps_u[k].to(F64).reshape(-1, 1)
+        sol = torch.linalg.lstsq(design, target, driver="gelsd").solution[:, 0]
+        coef[k, used] = sol
+        resid = target[:, 0] - design @ sol
+        total = ((target - target.mean()) ** 2).sum()
+        r2[k] = 1.0 - (resid**2).sum() / total if total > 0 else 1.0
+    return LinearAGCoefficients(record.times.clone(), coef, r2, regressors, float(scale))
+
+
+def fit_linear_ag(denoiser, solver, grid, x, cond, scale: float, regressors: Regressors = Regressors(),
+                  null=None, noise=None, batch_size: int | None = None) -> LinearAGCoefficients:
+    """Record CFG trajectories from the start points ``x`` (rows; in chunks of ``batch_size``) with ``solver``
+    on ``grid`` and fit the LinearAG coefficients. ``cond`` holds per-row tensors (and 'null', or pass null)."""
+    n = x.shape[0]
+    size = n if batch_size is None else int(batch_size)
+    records = []
+    for start in range(0, n, size):
+        index = torch.arange(start, min(start + size, n))
+        sub = {k: _rows(v, index, n) for k, v in dict(cond or {}).items()}
+        records.append(record_cfg(denoiser, solver, grid, x[index], sub, scale, null, noise)[1])
+    return fit_record(CFGRecord.cat(records), scale, regressors)
+
+
+def _rows(value, index, n):
+    if isinstance(value, Mapping):
+        return {k: _rows(v, index, n) for k, v in value.items()}
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+        return value[index]
+    return value
+
+
+def predict_record(coeffs: LinearAGCoefficients, record: CFGRecord, steps: int | None = None):
+    """Teacher-forced eps_u_hat for the first ``steps`` evaluations of a record (the recorded history as the
+    previous terms) and the R^2 of each: (predictions [steps, n, ...], r2 [steps])."""
+    steps = record.times.numel() if steps is None else steps
+    preds, r2 = [], torch.zeros(steps, dtype=F64)
+    for k in range(steps):
+        p = coeffs.predict(k, record.x[k], record.eps_c[k], record.previous(k))
+        y = record.eps_u[k].to(F64)
+        r2[k] = 1.0 - ((y - p) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+        preds.append(p)
+    return torch.stack(preds), r2
+
+
+def save_linear_ag(coeffs: LinearAGCoefficients, path):
+    """Write the coefficients as a safetensors file (atomically)."""
+    return save_tensors(path, {"times": coeffs.times, "coef": coeffs.coef, "r2": coeffs.r2,
+                               "regressors": coeffs.regressors.mask().to(torch.uint8),
+                               "scale": torch.tensor([coeffs.scale], dtype=F64),
+                               "format": torch.tensor([FORMAT], dtype=torch.int64)})
+
+
+def load_linear_ag(path) -> LinearAGCoefficients:
+    """Read coefficients written by ``save_linear_ag``; anything else is an InputFileError."""
+    data = load_tensors(path)
+    need = {"times", "coef", "r2", "regressors", "scale", "format"}
+    if not need <= set(data):
+        raise InputFileError(f"{str(path)!r} is not a LinearAG coefficient file (missing "
+                             f"{', '.join(sorted(need - set(data)))})")
+    K = data["times"].numel()
+    if (int(data["format"][0]) != FORMAT or data["times"].dim() != 1 or tuple(data["coef"].shape) != (K, len(TERMS))
+            or data["r2"].numel() != K or data["regressors"].numel() != len(TERMS) or data["scale"].numel() != 1
+            or not bool(torch.isfinite(data["coef"]).all()) or not bool((data["times"][1:] <= data["times"][:-1]).all())):
+        raise InputFileError(f"{str(path)!r} holds malformed LinearAG coefficients (format {FORMAT}: times [K] "
+                             f"non-increasing, coef [K, {len(TERMS)}] finite, r2 [K], regressors [{len(TERMS)}], scale [1])")
+    scale = float(data["scale"][0])
+    if not math.isfinite(scale):
+        raise InputFileError(f"{str(path)!r} holds a non-finite LinearAG scale")
+    return LinearAGCoefficients(data["times"].to(F64), data["coef"].to(F64), data["r2"].to(F64),
+                                Regressors.from_mask(data["regressors"]), scale)
+
+
+@dataclass(frozen=True)
+class _History:
+    k: int
+    n: int
+    eps_c: torch.Tensor
+    eps_u: torch.Tensor
+
+
+@dataclass
+class LinearAG:
+    """CFG at the fitted scale whose first ``steps`` evaluations (default: the first half) predict the
+    unconditional branch from ``coefficients`` instead of evaluating it (module docstring)."""
+
+    denoiser: Any
+    coefficients: LinearAGCoefficients
+    steps: int | None = None
+    null: Mapping[str, Any] | None = None
+    history: _History | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        K = self.coefficients.steps
+        if self.steps is None:
+            self.steps = K // 2
+        s = self.steps
+        if not isinstance(s, numbers.Integral) or isinstance(s, bool) or not 0 <= s <= K:
+            raise ConfigError(f"LinearAG steps must be an integer in [0, {K}] (the fitted evaluations), got {s!r}")
+
+    @property
+    def schedule(self):
+        return self.denoiser.schedule
+
+    @property
+    def scale(self) -> float:
+        return self.coefficients.scale
+
+    def reset(self) -> None:
+        self.history = None
+
+    def index(self, t) -> int | None:
+        """The fitted evaluation this call is (None: not a fitted time, or per-sample t)."""
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            return None
+        times, tf = self.coefficients.times, float(t)
+        hits = (times - tf).abs() <= 1e-12 * max(1.0, abs(tf))
+        h = self.history
+        if h is not None and h.k + 1 < times.numel() and bool(hits[h.k + 1]):
+            return h.k + 1
+        found = hits.nonzero()
+        return int(found[0]) if found.numel() else None
+
+    def __call__(self, x, t, cond=None):
+        cond, null = split_null(cond, self.null, what="LinearAG")
+        n, k = x.shape[0], self.index(t)
+        h = self.history
+        prev = (h.eps_c, h.eps_u) if (k is not None and k > 0 and h is not None and h.k == k - 1 and h.n == n) \
+            else None
+        a, s = coefficients(self.denoiser.schedule, t, x)
+        if k is not None and k < self.steps and (k == 0 or prev is not None):
+            x0_c = self.denoiser(x, t, cond)
+            eps_c = P.x0_to_eps(x, x0_c, a, s)
+            eps_u = self.coefficients.predict(k, x, eps_c, prev).to(x.dtype)
+            x0_u = P.eps_to_x0(x, eps_u, a, s)
+        else:
+            x0_c, x0_u = branches(self.denoiser, x, t, cond, null)
+            eps_c, eps_u = P.x0_to_eps(x, x0_c, a, s), P.x0_to_eps(x, x0_u, a, s)
+        self.history = None if k is None else _History(k, n, eps_c, eps_u)
+        return contrast(x0_c, x0_u, self.scale)
