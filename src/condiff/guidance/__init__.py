@@ -2,9 +2,18 @@
 
 from .cfg import CFG, contrast, batch_cond, split_batch
 from .thresholding import DynamicThresholding, dynamic_threshold
+from .schedules import LinearScale, CosineScale, IntervalScale
+from .interval import GuidanceInterval
+from .rescale import GuidanceRescale, rescale_guidance
+from .negative import NegativeGuidance, Negation
+from .adaptive import AdaptiveGuidance, AGState, CountRows
+from .linear_ag import LinearAG, LinearAGCoefficients, Regressors, fit_linear_ag, load_linear_ag, save_linear_ag
 from .pag import PAG
 from .classifier import ClassifierGuidance
 from .elucd import EluCD
 
 __all__ = ["CFG", "contrast", "batch_cond", "split_batch", "DynamicThresholding", "dynamic_threshold"]
 __all__ += ["PAG", "ClassifierGuidance", "EluCD"]
+__all__ += ["LinearScale", "CosineScale", "IntervalScale", "GuidanceInterval", "GuidanceRescale", "rescale_guidance",
+            "NegativeGuidance", "Negation", "AdaptiveGuidance", "AGState", "CountRows", "LinearAG",
+            "LinearAGCoefficients", "Regressors", "fit_linear_ag", "load_linear_ag", "save_linear_ag"]

@@ -3,15 +3,15 @@
 
 At every evaluation of a row that still uses guidance, both branches run and
 
-    gamma = cos(eps_c, eps_u)      (the whole sample flattened; eps_c = (x - alpha x0_c) / sigma, so the
-                                    cosine is that of x - alpha x0_c and x - alpha x0_u: sigma > 0 cancels)
+    gamma = cos(eps_c(x_t), eps_u(x_t))      (each sample flattened; specs 5a)
 
-Where alpha_t is (numerically) 0 at the start of the grid, eps_c = eps_u = x / sigma there and gamma = 1, so the
-eps-space rule switches at the first evaluation for any gamma_bar < 1; the bundled shapes model (a cosine
-schedule) measures gamma > 0.9996 at every step of a CFG-3 trajectory. The similarity space is therefore an
-option: ``space`` is a condiff Prediction object, ``Eps()`` by default (the spec's rule), or ``X0()`` (the
-cosine of the two denoised estimates, which on shapes rises from ~0.96 at the first step to ~1 half way, the
-behaviour the paper describes for eps on its models), or ``V()``.
+Where alpha_t is (nearly) 0 at the start of the grid, eps_c = eps_u = x / sigma there and gamma ~ 1, so the
+eps-space rule switches at the first evaluation for any gamma_bar below that; on the GMM oracle the eps cosine
+starts near 1, dips, then rises to 1, and on the bundled shapes model (cosine schedule) it stays above 0.9996
+at every step of a CFG-3 trajectory. The similarity space is therefore an option: ``space`` is a condiff
+Prediction object, ``Eps()`` by default (the spec's rule), ``X0()`` (the cosine of the two denoised estimates,
+which on both rises monotonically, from ~0.96 at the first step to ~1 half way on shapes: the rise the spec
+expects of gamma) or ``V()``.
 
 The evaluation returns the CFG estimate contrast(x0_c, x0_u, w). At the first evaluation where gamma > gamma_bar
 the row switches: every later evaluation of that row in the trajectory is conditional-only (x0_guided = x0_c),

@@ -241,12 +241,15 @@ def load_linear_ag(path) -> LinearAGCoefficients:
     if not need <= set(data):
         raise InputFileError(f"{str(path)!r} is not a LinearAG coefficient file (missing "
                              f"{', '.join(sorted(need - set(data)))})")
-    K = data["times"].numel()
-    if (int(data["format"][0]) != FORMAT or data["times"].dim() != 1 or tuple(data["coef"].shape) != (K, len(TERMS))
-            or data["r2"].numel() != K or data["regressors"].numel() != len(TERMS) or data["scale"].numel() != 1
-            or not bool(torch.isfinite(data["coef"]).all()) or not bool((data["times"][1:] <= data["times"][:-1]).all())):
+    times, coef = data["times"], data["coef"]
+    K, P = times.numel(), len(TERMS)
+    ok = (data["format"].numel() == 1 and int(data["format"][0]) == FORMAT and times.dim() == 1
+          and tuple(coef.shape) == (K, P) and data["r2"].numel() == K and data["regressors"].numel() == P
+          and data["scale"].numel() == 1 and bool(torch.isfinite(coef).all())
+          and bool((times[1:] <= times[:-1]).all()))
+    if not ok:
         raise InputFileError(f"{str(path)!r} holds malformed LinearAG coefficients (format {FORMAT}: times [K] "
-                             f"non-increasing, coef [K, {len(TERMS)}] finite, r2 [K], regressors [{len(TERMS)}], scale [1])")
+                             f"non-increasing, coef [K, {P}] finite, r2 [K], regressors [{P}], scale [1])")
     scale = float(data["scale"][0])
     if not math.isfinite(scale):
         raise InputFileError(f"{str(path)!r} holds a non-finite LinearAG scale")

@@ -23,13 +23,11 @@ or from ``negative`` given at construction. x0 space = eps space for these affin
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
 
-from ..errors import ConfigError
 from .cfg import CFG, batch_cond
 from .interval import split_null
 from .schedules import check_scale, per_row, scale_at

@@ -21,7 +21,9 @@ stays on the network between calls, so PAG nests with anything and leaves the mo
 Branches go through the network in one batch, layout [uncond, cond, perturbed] (spec 0.1); the swapped
 processors perturb only the last ``n`` rows of what they see (n = the caller's batch) and run the original
 processor on the others. ``batched=False`` runs the perturbed rows as a forward of their own instead (every
-row perturbed): the same numbers, for inner denoisers that reorder or split batches.
+row perturbed): the same numbers, for inner denoisers that reorder or split batches. PAG does CFG itself
+(``cfg_scale``): wrap the model's own denoiser, not a ``CFG`` object (which would double the batch so that
+the perturbed branch's null rows would not be perturbed).
 
 Layers are named by dotted prefixes of self-attention module names of the UNet: ``'mid'`` (alias of
 ``mid_block``), ``'down'``, ``'up'``, ``'up_blocks.0'``, or a full name such as
