@@ -11,9 +11,13 @@ from .linear_ag import LinearAG, LinearAGCoefficients, Regressors, fit_linear_ag
 from .pag import PAG
 from .classifier import ClassifierGuidance
 from .elucd import EluCD
+from .steered import Inpaint, SuperResolution, Colorize, Projection, inpaint
+from .universal import UniversalGuidance, Forward, Backward, SelfRecurrence
 
 __all__ = ["CFG", "contrast", "batch_cond", "split_batch", "DynamicThresholding", "dynamic_threshold"]
 __all__ += ["PAG", "ClassifierGuidance", "EluCD"]
 __all__ += ["LinearScale", "CosineScale", "IntervalScale", "GuidanceInterval", "GuidanceRescale", "rescale_guidance",
             "NegativeGuidance", "Negation", "AdaptiveGuidance", "AGState", "CountRows", "LinearAG",
             "LinearAGCoefficients", "Regressors", "fit_linear_ag", "load_linear_ag", "save_linear_ag"]
+__all__ += ["Inpaint", "SuperResolution", "Colorize", "Projection", "inpaint", "UniversalGuidance", "Forward",
+            "Backward", "SelfRecurrence"]
