@@ -41,6 +41,26 @@ AnalyticSkipOpt = Annotated[Optional[str], typer.Option(
     "--analytic-skip", help="jump from the start with the Gaussian closed form (0 NFE), then spend all --steps "
     "on the rest: a sigma/alpha to stop at (e.g. 7) or a share of the step budget (recommended: 5%)")]
 
+PagOpt = Annotated[Optional[float], typer.Option(
+    "--pag", help="perturbed-attention guidance scale S on top of --cfg (0: no PAG)")]
+PagLayersOpt = Annotated[Optional[str], typer.Option(
+    "--pag-layers", help="with --pag: self-attention layers to perturb, comma list of mid, down, up or UNet "
+    "module prefixes such as up_blocks.0 (default: mid)")]
+AgOpt = Annotated[Optional[float], typer.Option(
+    "--ag", help="adaptive guidance: CFG until the cosine of the two branches exceeds GAMMA in [-1, 1], then "
+    "conditional only, per sample (1: plain CFG; e.g. 0.9995)")]
+AgSpaceOpt = Annotated[Optional[str], typer.Option(
+    "--ag-space", help="with --ag: x0 or eps, where the cosine is measured (default x0; on shapes the eps "
+    "cosine is near 1 from the start)")]
+CfgRescaleOpt = Annotated[Optional[float], typer.Option(
+    "--cfg-rescale", help="guidance rescale factor PHI in [0, 1] (Lin et al.; x0 space; 0: plain CFG)")]
+GuidanceIntervalOpt = Annotated[Optional[str], typer.Option(
+    "--guidance-interval", help="LO,HI: guidance only for LO < t <= HI, t in the model schedule's own units "
+    "(bundled models: 0-999, 999 = noise; HI may be inf); the conditional model elsewhere")]
+NegativePromptOpt = Annotated[Optional[str], typer.Option(
+    "--negative-prompt", help="a condition that replaces the empty one in the guidance (shapes: a caption, "
+    "digits: a digit)")]
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="condiff: conditional diffusion - sample, evaluate, train, demo.")
 
@@ -143,6 +163,28 @@ def _check_common(steps: int, cfg: float, n: int, batch_size: int, seed: int,
                           f"got {dynamic_threshold}")
 
 
+def _guidance(family, cfg: float, pag, pag_layers, ag, ag_space, cfg_rescale, guidance_interval,
+              negative_prompt):
+    """The checked GuidanceOptions of the guidance flags, before any weights are read (PAG layer names are
+    checked against the network once it is loaded)."""
+    from .guidance.build import GuidanceOptions, parse_interval, parse_layers
+
+    if pag_layers is not None and pag is None:
+        raise ConfigError("--pag-layers needs --pag")
+    if ag_space is not None and ag is None:
+        raise ConfigError("--ag-space needs --ag")
+    opts = GuidanceOptions(cfg=cfg, pag=pag, pag_layers=("mid",) if pag_layers is None else parse_layers(pag_layers),
+                           ag=ag, ag_space="x0" if ag_space is None else ag_space, cfg_rescale=cfg_rescale,
+                           interval=None if guidance_interval is None else parse_interval(guidance_interval),
+                           negative_prompt=negative_prompt)
+    if negative_prompt is not None:
+        try:
+            family.parse_prompt(negative_prompt)
+        except ConfigError as e:
+            raise ConfigError(f"--negative-prompt: {e}") from None
+    return opts
+
+
 def _check_out(path: Path, option: str, suffix: str | None = None, kind: str = "file"):
     """Refuse an output path before any model is loaded: wrong suffix, wrong kind, not writable."""
     from .io import check_writable
@@ -240,12 +282,19 @@ def sample_cmd(
     dc_ratios: DcRatiosOpt = None,
     solver_opt: SolverOptOpt = None,
     dynamic_threshold: ThresholdOpt = None,
+    pag: PagOpt = None,
+    pag_layers: PagLayersOpt = None,
+    ag: AgOpt = None,
+    ag_space: AgSpaceOpt = None,
+    cfg_rescale: CfgRescaleOpt = None,
+    guidance_interval: GuidanceIntervalOpt = None,
+    negative_prompt: NegativePromptOpt = None,
 ):
     """Sample a grid of images and write it as a PNG with a JSON sidecar that reproduces it."""
     import torch
 
     from . import __version__
-    from .evaluate import generate
+    from .evaluate import generate_counted
     from .images import grid_image, save_png
     from .io import atomic_write_json
 
@@ -254,6 +303,7 @@ def sample_cmd(
     _check_out(out.with_suffix(".json"), "--out (its JSON sidecar)")
     family, sol, spacing, spc, skip = _sampling_setup(model, solver, steps, cfg, spacing, ems, dc_ratios,
                                                       solver_opt, analytic_skip)
+    guide = _guidance(family, cfg, pag, pag_layers, ag, ag_space, cfg_rescale, guidance_interval, negative_prompt)
     one = None if prompt is None else family.parse_prompt(prompt)
     m = _load(model)
     g = torch.Generator().manual_seed(seed)
@@ -262,8 +312,8 @@ def sample_cmd(
     else:
         raw = one.expand(n, *one.shape[1:])
     t0 = time.perf_counter()
-    images, nfe = generate(m, raw, sol, steps, cfg, g, spc, batch_size, progress=True, analytic_skip=skip,
-                           dynamic_threshold=dynamic_threshold)
+    images, nfe, rows = generate_counted(m, raw, sol, steps, cfg, g, spc, batch_size, progress=True,
+                                         analytic_skip=skip, dynamic_threshold=dynamic_threshold, guidance=guide)
     seconds = time.perf_counter() - t0
     save_png(grid_image(images, ncols=max(1, int(math.ceil(math.sqrt(n))))), out)
     sidecar = {"command": "sample", "model": model, "model_path": str(m.path), "prompt": prompt,
@@ -272,13 +322,15 @@ def sample_cmd(
                "torch_version": torch.__version__, "analytic_skip": analytic_skip,
                "ems": None if ems is None else str(ems), "dc_ratios": None if dc_ratios is None else str(dc_ratios),
                "solver_opt": solver_opt or [], "dynamic_threshold": dynamic_threshold,
+               "network_rows_per_sample": rows, **guide.describe(),
                "reproduce": f"condiff sample --model {shlex.quote(model)} "
                + (f"--prompt {shlex.quote(prompt)} " if prompt is not None else "")
                + f"--solver {solver} --steps {steps} --cfg {cfg} --n {n} --seed {seed} --spacing {spacing} "
                f"--batch-size {batch_size} --out {shlex.quote(str(out))}"
                + (f" --analytic-skip {shlex.quote(analytic_skip)}" if analytic_skip is not None else "")
                + _solver_flags(ems, dc_ratios, solver_opt)
-               + (f" --dynamic-threshold {dynamic_threshold}" if dynamic_threshold is not None else "")}
+               + (f" --dynamic-threshold {dynamic_threshold}" if dynamic_threshold is not None else "")
+               + guide.flags()}
     atomic_write_json(out.with_suffix(".json"), sidecar)
     typer.echo(f"wrote {out} and {out.with_suffix('.json')} ({n} images, {nfe} NFE, {seconds:.1f}s)")
 
@@ -299,6 +351,13 @@ def eval_cmd(
     dc_ratios: DcRatiosOpt = None,
     solver_opt: SolverOptOpt = None,
     dynamic_threshold: ThresholdOpt = None,
+    pag: PagOpt = None,
+    pag_layers: PagLayersOpt = None,
+    ag: AgOpt = None,
+    ag_space: AgSpaceOpt = None,
+    cfg_rescale: CfgRescaleOpt = None,
+    guidance_interval: GuidanceIntervalOpt = None,
+    negative_prompt: NegativePromptOpt = None,
 ):
     """Sample random conditions and score them with the exact labeller (shapes) or the scorer (digits)."""
     from .evaluate import evaluate
@@ -307,11 +366,12 @@ def eval_cmd(
     _check_common(steps, cfg, n, batch_size, seed, dynamic_threshold)
     if json_out is not None:
         _check_out(json_out, "--json", ".json")
-    _, sol, spacing, spc, skip = _sampling_setup(model, solver, steps, cfg, spacing, ems, dc_ratios, solver_opt,
-                                                 analytic_skip)
+    family, sol, spacing, spc, skip = _sampling_setup(model, solver, steps, cfg, spacing, ems, dc_ratios,
+                                                      solver_opt, analytic_skip)
+    guide = _guidance(family, cfg, pag, pag_layers, ag, ag_space, cfg_rescale, guidance_interval, negative_prompt)
     m = _load(model)
     res = evaluate(m, sol, steps, cfg, n, seed, spc, batch_size, progress=True, analytic_skip=skip,
-                   dynamic_threshold=dynamic_threshold)
+                   dynamic_threshold=dynamic_threshold, guidance=guide)
     res.update(model=model, spacing=spacing, ems=None if ems is None else str(ems),
                dc_ratios=None if dc_ratios is None else str(dc_ratios), solver_opt=solver_opt or [])
     if m.family.name == "digits":
@@ -360,6 +420,8 @@ def demo(out: Path = typer.Option(Path("outputs/demo"), help="output directory")
 
 # Sub-apps (condiff/commands/*.py) are registered here, one add_typer line each.
 # -- sub-apps --
+from .commands import restore as _restore_cmd  # noqa: E402
+app.command("restore")(_restore_cmd.restore_cmd)
 from .commands import ems as _ems_cmd  # noqa: E402
 
 app.add_typer(_ems_cmd.app, name="ems")

@@ -7,20 +7,39 @@ import time
 
 import torch
 
+from .errors import ConfigError
 from .grids import UniformT, make_grid
-from .guidance import CFG, DynamicThresholding
+from .guidance import CountRows, DynamicThresholding
+from .guidance.build import GuidanceOptions, build_guidance
 from .sampling import Gaussian, sample
 
 
 def generate(model, raw: torch.Tensor, solver, steps: int, cfg_scale: float, generator: torch.Generator,
              spacing=UniformT(), batch_size: int = 256, progress: bool = False, desc: str = "sampling",
-             analytic_skip=None, dynamic_threshold: float | None = None):
+             analytic_skip=None, dynamic_threshold: float | None = None, guidance: GuidanceOptions | None = None):
     """Sample one image per raw condition, in batches; returns (images in [-1, 1], nfe per sample).
     ``analytic_skip`` (condiff.analytic.AnalyticSkip) jumps from the grid's start with the Gaussian flow;
-    ``dynamic_threshold``: the quantile ratio of Imagen's dynamic thresholding of the guided x0 (None: off)."""
+    ``dynamic_threshold``: the quantile ratio of Imagen's dynamic thresholding of the guided x0 (None: off);
+    ``guidance``: condiff.guidance.build.GuidanceOptions (its cfg must be ``cfg_scale``; None: plain CFG)."""
+    images, nfe, _ = generate_counted(model, raw, solver, steps, cfg_scale, generator, spacing, batch_size,
+                                      progress, desc, analytic_skip, dynamic_threshold, guidance)
+    return images, nfe
+
+
+def generate_counted(model, raw: torch.Tensor, solver, steps: int, cfg_scale: float, generator: torch.Generator,
+                     spacing=UniformT(), batch_size: int = 256, progress: bool = False, desc: str = "sampling",
+                     analytic_skip=None, dynamic_threshold: float | None = None,
+                     guidance: GuidanceOptions | None = None):
+    """``generate`` that also returns the network batch rows per sample (counted by CountRows under the
+    guidance): (images, nfe per sample, rows per sample)."""
+    opts = GuidanceOptions(cfg=cfg_scale) if guidance is None else guidance
+    if opts.cfg != cfg_scale:
+        raise ConfigError(f"generate: guidance.cfg {opts.cfg!r} differs from cfg_scale {cfg_scale!r}")
     grid = make_grid(model.schedule, steps, spacing)
     skip = None if analytic_skip is None else analytic_skip.prepare(model, grid, spacing)
-    den = CFG(model.denoiser, cfg_scale)
+    counter = CountRows(model.denoiser)
+    den = build_guidance(counter, opts)
+    negative = None if opts.negative_prompt is None else model.family.parse_prompt(opts.negative_prompt)
     if dynamic_threshold is not None:
         den = DynamicThresholding(den, dynamic_threshold)
     out, nfe = [], 0
@@ -33,6 +52,9 @@ def generate(model, raw: torch.Tensor, solver, steps: int, cfg_scale: float, gen
     with torch.no_grad():
         for chunk in it:
             cond = model.condition(chunk)
+            if negative is not None:
+                cond["negative"] = model.family.encode(model.module,
+                                                       negative.expand(chunk.shape[0], *negative.shape[1:]))
             x = model.prior((chunk.shape[0], *model.family.image_shape), float(grid[0]), generator)
             if skip is not None:
                 x = skip.teleport(x)
@@ -40,19 +62,23 @@ def generate(model, raw: torch.Tensor, solver, steps: int, cfg_scale: float, gen
                          progress=progress and len(chunks) == 1)
             out.append(res.x.clamp(-1, 1))
             nfe = res.nfe
-    return torch.cat(out), nfe
+    return torch.cat(out), nfe, counter.rows / raw.shape[0]
 
 
 def evaluate(model, solver, steps: int, cfg_scale: float, n: int, seed: int, spacing=UniformT(),
              batch_size: int = 256, progress: bool = False, analytic_skip=None,
-             dynamic_threshold: float | None = None) -> dict:
+             dynamic_threshold: float | None = None, guidance: GuidanceOptions | None = None) -> dict:
+    """Accuracy of n samples of random conditions, with nfe (guided-denoiser calls per sample, from the
+    loop) and network_rows_per_sample (network batch rows per sample: CFG 2 per call, AG fewer, PAG 3)."""
     g = torch.Generator().manual_seed(seed)
     raw, targets = model.family.random_conditions(n, g)
     t0 = time.perf_counter()
-    images, nfe = generate(model, raw, solver, steps, cfg_scale, g, spacing, batch_size, progress,
-                           analytic_skip=analytic_skip, dynamic_threshold=dynamic_threshold)
+    images, nfe, rows = generate_counted(model, raw, solver, steps, cfg_scale, g, spacing, batch_size, progress,
+                                         analytic_skip=analytic_skip, dynamic_threshold=dynamic_threshold,
+                                         guidance=guidance)
     seconds = time.perf_counter() - t0
     return {"accuracy": model.family.score(images, targets), "nfe": nfe, "seconds": seconds, "n": n,
             "solver": solver.name, "steps": steps, "cfg": cfg_scale, "seed": seed,
             "analytic_skip": None if analytic_skip is None else analytic_skip.describe(),
-            "dynamic_threshold": dynamic_threshold}
+            "dynamic_threshold": dynamic_threshold, "network_rows_per_sample": rows,
+            **(guidance or GuidanceOptions(cfg=cfg_scale)).describe()}

@@ -1,0 +1,208 @@
+"""The guidance of `condiff sample` / `condiff eval`: a pure builder from options to a Denoiser.
+
+``build_guidance(denoiser, options)`` composes the guidance objects of this package (no string switches in the
+solver loop); ``options`` is a frozen ``GuidanceOptions``, checked when it is made. The methods and their
+papers are in the modules used (docs/guidance.md):
+
+- CFG (Ho & Salimans 2022, eq. 6), the base: ``CFG(D, cfg)``. No option = exactly this object.
+- ``pag``: PAG (Ahn et al., ECCV 2024, eqs. 9-11) with ``cfg_scale=cfg``, self-attention perturbed in
+  ``pag_layers``. It must wrap the model's own denoiser (it swaps the network's attention processors).
+- ``ag``: adaptive guidance (Castillo et al., AAAI 2025), threshold gamma_bar = ``ag`` on the cosine between
+  the branches in ``ag_space`` ('x0' by default: on shapes the eps cosine stays above 0.9996 at every step, so
+  it switches at the first step or never; docs/guidance.md).
+- ``cfg_rescale``: guidance rescale (Lin et al., WACV 2024, eqs. 15-18) with phi = ``cfg_rescale``, in x0 space.
+- ``interval``: guidance in a limited interval (Kynkäänniemi et al., NeurIPS 2024, eq. 4), (t_lo, t_hi] in the
+  model schedule's own t units (the t the solver passes the denoiser; the bundled VP models: 0-999, 999 =
+  noise). Alone: ``GuidanceInterval``; with --ag / --cfg-rescale the CFG scale becomes
+  ``IntervalScale(cfg, t_lo, t_hi)`` (1, the conditional model, outside); with --pag both the CFG and the PAG
+  scale are limited to it (outside: CFG scale 1 and PAG scale 0, i.e. the conditional model, one branch).
+- ``negative_prompt``: the negative condition replaces the null branch (cond['negative'], which the caller
+  encodes): with plain CFG ``NegativeGuidance``; otherwise ``NegativeAsNull`` around the method, so that
+  PAG / AG / rescale / interval contrast against the negative condition instead of the empty one.
+
+PAG, AG and guidance rescale each run CFG their own way, so at most one of them is accepted: any two are one
+ConfigError that names them. Interval and negative prompt compose with each of them.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+from ..denoiser import X0, Eps
+from ..errors import ConfigError, one_of
+from .adaptive import AdaptiveGuidance
+from .cfg import CFG, MAX_SCALE
+from .interval import GuidanceInterval, split_null
+from .negative import NegativeGuidance
+from .pag import PAG
+from .rescale import GuidanceRescale
+from .schedules import IntervalScale
+
+AG_SPACES = {"x0": X0(), "eps": Eps()}
+
+
+def _number(option: str, value, lo: float, hi: float, what: str) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not lo <= value <= hi:  # NaN fails
+        raise ConfigError(f"{option} must be {what}, got {value!r}")
+    return float(value)
+
+
+def parse_layers(text: str) -> tuple[str, ...]:
+    """'mid, up_blocks.0' -> ('mid', 'up_blocks.0'); an empty list is a ConfigError (names are checked
+    against the network by the builder)."""
+    names = tuple(p.strip() for p in str(text).split(",") if p.strip())
+    if not names:
+        raise ConfigError(f"--pag-layers must be a comma-separated list of layer names such as mid or "
+                          f"down,mid,up, got {text!r}")
+    return names
+
+
+def parse_interval(text: str) -> tuple[float, float]:
+    """'LO,HI' -> (t_lo, t_hi) in the model schedule's t units; HI may be inf; needs LO < HI."""
+    parts = str(text).split(",")
+    bad = ConfigError(f"--guidance-interval must be LO,HI with LO < HI in the model's t units (e.g. 200,800 "
+                      f"for the bundled models, t in 0-999), got {text!r}")
+    if len(parts) != 2:
+        raise bad
+    try:
+        lo, hi = (float(p) for p in parts)
+    except ValueError:
+        raise bad from None
+    if math.isnan(lo) or math.isnan(hi) or not lo < hi:
+        raise bad
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class GuidanceOptions:
+    """The guidance of one run (module docstring); None means the option is off. Checked on construction:
+    bad values and combinations that do not compose are one-line ConfigErrors naming the CLI option."""
+
+    cfg: float = 3.0
+    pag: float | None = None
+    pag_layers: tuple[str, ...] = ("mid",)
+    ag: float | None = None
+    ag_space: str = "x0"
+    cfg_rescale: float | None = None
+    interval: tuple[float, float] | None = None
+    negative_prompt: str | None = None
+
+    def __post_init__(self):
+        _number("--cfg", self.cfg, -MAX_SCALE, MAX_SCALE, f"a finite number with |cfg| <= {MAX_SCALE:g}")
+        if self.pag is not None:
+            _number("--pag", self.pag, -MAX_SCALE, MAX_SCALE, f"a finite number with |scale| <= {MAX_SCALE:g}")
+        if (isinstance(self.pag_layers, str) or not isinstance(self.pag_layers, tuple) or not self.pag_layers
+                or not all(isinstance(n, str) and n.strip() for n in self.pag_layers)):
+            raise ConfigError(f"--pag-layers must be a non-empty list of layer names, got {self.pag_layers!r}")
+        if self.ag is not None:
+            _number("--ag", self.ag, -1.0, 1.0, "a cosine threshold gamma_bar in [-1, 1] (1: never switch, "
+                    "i.e. CFG)")
+        if self.ag_space not in AG_SPACES:
+            raise one_of("--ag-space", self.ag_space, AG_SPACES)
+        if self.cfg_rescale is not None:
+            _number("--cfg-rescale", self.cfg_rescale, 0.0, 1.0, "a rescale factor phi in [0, 1]")
+        if self.interval is not None:
+            if not isinstance(self.interval, tuple) or len(self.interval) != 2:
+                raise ConfigError(f"--guidance-interval must be a pair (t_lo, t_hi), got {self.interval!r}")
+            parse_interval(",".join(repr(float(v)) for v in self.interval))
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise ConfigError(f"--negative-prompt must be a string, got {self.negative_prompt!r}")
+        methods = [name for name, v in (("--pag", self.pag), ("--ag", self.ag), ("--cfg-rescale", self.cfg_rescale))
+                   if v is not None]
+        if len(methods) > 1:
+            raise ConfigError(f"{' and '.join(methods)} do not compose (each runs CFG its own way); "
+                              f"use one of --pag, --ag, --cfg-rescale")
+
+    @property
+    def is_plain_cfg(self) -> bool:
+        return self == GuidanceOptions(cfg=self.cfg)
+
+    def describe(self) -> dict:
+        """JSON-ready values, keyed like the CLI options."""
+        return {"pag": self.pag, "pag_layers": ",".join(self.pag_layers) if self.pag is not None else None,
+                "ag": self.ag, "ag_space": self.ag_space if self.ag is not None else None,
+                "cfg_rescale": self.cfg_rescale,
+                "guidance_interval": None if self.interval is None else list(self.interval),
+                "negative_prompt": self.negative_prompt}
+
+    def flags(self) -> str:
+        """The CLI flags that reproduce these options (without --cfg), each with a leading space."""
+        import shlex
+
+        out = ""
+        if self.pag is not None:
+            out += f" --pag {self.pag!r} --pag-layers {shlex.quote(','.join(self.pag_layers))}"
+        if self.ag is not None:
+            out += f" --ag {self.ag!r} --ag-space {self.ag_space}"
+        if self.cfg_rescale is not None:
+            out += f" --cfg-rescale {self.cfg_rescale!r}"
+        if self.interval is not None:
+            out += f" --guidance-interval {self.interval[0]!r},{self.interval[1]!r}"
+        if self.negative_prompt is not None:
+            out += f" --negative-prompt {shlex.quote(self.negative_prompt)}"
+        return out
+
+
+@dataclass
+class NegativeAsNull:
+    """The wrapped guided denoiser sees cond['negative'] as its null condition: a negative prompt for any
+    method of the CFG family (with plain CFG this is exactly ``NegativeGuidance``)."""
+
+    denoiser: Any
+
+    @property
+    def schedule(self):
+        return self.denoiser.schedule
+
+    def __call__(self, x, t, cond=None):
+        cond, negative = split_null(cond, None, key="negative", what="a negative prompt")
+        cond.pop("null", None)
+        return self.denoiser(x, t, {**cond, "null": negative})
+
+
+def _network(denoiser):
+    """The torch network under a chain of wrappers (``.denoiser``), for PAG's layer lookup."""
+    d = denoiser
+    for _ in range(64):
+        if getattr(d, "net", None) is not None:
+            return d.net
+        if getattr(d, "denoiser", None) is None:
+            break
+        d = d.denoiser
+    raise ConfigError(f"--pag needs a denoiser over a torch network, got {type(denoiser).__name__}")
+
+
+def _finite_ends(interval: tuple[float, float]) -> tuple[float, float]:
+    """(t_lo, t_hi) with +-inf replaced by +-float max, which IntervalScale accepts and every finite t treats
+    the same way."""
+    big = sys.float_info.max
+    return tuple(min(max(v, -big), big) for v in interval)
+
+
+def build_guidance(denoiser, options: GuidanceOptions):
+    """The guided Denoiser for ``options`` over the model's own ``denoiser`` (or a transparent wrapper of it,
+    such as ``CountRows``). No option: ``CFG(denoiser, options.cfg)``."""
+    if not isinstance(options, GuidanceOptions):
+        raise ConfigError(f"build_guidance needs GuidanceOptions, got {type(options).__name__}")
+    o, w = options, options.cfg
+    scale = w if o.interval is None else IntervalScale(w, *_finite_ends(o.interval))
+    if o.pag is not None:
+        from .pag import attention_root
+
+        s = o.pag if o.interval is None else IntervalScale(o.pag, *_finite_ends(o.interval), outside=0.0)
+        den = PAG(denoiser, s, o.pag_layers, cfg_scale=scale, net=attention_root(_network(denoiser)))
+    elif o.ag is not None:
+        den = AdaptiveGuidance(denoiser, scale, o.ag, space=AG_SPACES[o.ag_space])
+    elif o.cfg_rescale is not None:
+        den = GuidanceRescale(denoiser, scale, o.cfg_rescale, space=X0())
+    elif o.negative_prompt is not None and o.interval is None:
+        return NegativeGuidance(denoiser, w)
+    elif o.interval is not None:
+        den = GuidanceInterval(denoiser, w, *o.interval)
+    else:
+        den = CFG(denoiser, w)
+    return den if o.negative_prompt is None else NegativeAsNull(den)
