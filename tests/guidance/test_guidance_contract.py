@@ -32,6 +32,7 @@ from condiff.guidance.classifier import exact_gmm_classifier
 from condiff.sampling import Gaussian, initial_noise, sample
 from condiff.schedules import VPLinear
 from condiff.solvers import SOLVERS, get_solver
+from noisekit import SlicedNoise
 
 F64, F32 = torch.float64, torch.float32
 SCH = VPLinear()
@@ -191,16 +192,6 @@ def _id(param):
 
 # ---- running -----------------------------------------------------------------------------------------------
 
-class SlicedNoise:
-    """Replays full-batch noise draws, sliced to the rows a (sub-)batch holds."""
-
-    def __init__(self, draws, rows):
-        self.draws, self.rows, self.k = draws, rows, 0
-
-    def sample(self, like):
-        z = self.draws[self.k][self.rows]
-        self.k += 1
-        return z.to(like)
 
 
 def take(cond, rows):

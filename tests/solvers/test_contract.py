@@ -9,6 +9,7 @@ from condiff.grids import UniformLogSNR, make_grid
 from condiff.sampling import Gaussian, Recorded, initial_noise, sample
 from condiff.schedules import EDM, Flow, VPCosine, VPDiscrete, VPLinear
 from condiff.solvers import DDIM, DDPM, SOLVERS, Euler, get_solver
+from noisekit import SlicedNoise
 
 F64 = torch.float64
 SCHEDULES = [VPLinear(), VPCosine(), VPDiscrete.from_betas("squaredcos_cap_v2"), EDM(), Flow()]
@@ -108,17 +109,6 @@ def test_euler_equals_deterministic_ddim(gmm, schedule):
     assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
-class SlicedNoise:
-    """Replays full-batch noise draws, sliced to the rows a (sub-)batch holds, so a solver run on a subset of
-    the batch sees exactly the noise its rows see in the full run."""
-
-    def __init__(self, draws, rows):
-        self.draws, self.rows, self.k = draws, rows, 0
-
-    def sample(self, like):
-        z = self.draws[self.k][self.rows]
-        self.k += 1
-        return z.to(like)
 
 
 def _draws(shape, count=2 * STEPS + 2, seed=5):
