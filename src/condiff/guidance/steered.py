@@ -41,6 +41,17 @@ from ..errors import ConfigError
 BT601 = (0.299, 0.587, 0.114)
 
 
+def _measurement(y, like: torch.Tensor, message: str) -> torch.Tensor:
+    """``y`` as a tensor of ``like``'s dtype and device that broadcasts against it; else a one-line error
+    (``message`` gets y's shape and like's shape)."""
+    y = torch.as_tensor(y).to(dtype=like.dtype, device=like.device)
+    try:
+        torch.broadcast_shapes(like.shape, y.shape)
+    except RuntimeError:
+        raise ConfigError(message.format(tuple(y.shape), tuple(like.shape))) from None
+    return y
+
+
 class LinearOperator:
     """A linear measurement A with a right inverse ``pinv`` (A pinv(y) = y for y in the range of A)."""
 
@@ -53,12 +64,8 @@ class LinearOperator:
     def project(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x - A^+ (A x - y): the nearest point (along A^+) with A x = y."""
         ax = self(x)
-        y = torch.as_tensor(y).to(dtype=ax.dtype, device=ax.device)
-        try:
-            torch.broadcast_shapes(ax.shape, y.shape)
-        except RuntimeError:
-            raise ConfigError(f"measurement y of shape {tuple(y.shape)} does not match A x of shape "
-                              f"{tuple(ax.shape)} for {type(self).__name__}") from None
+        y = _measurement(y, ax, f"measurement y of shape {{}} does not match A x of shape {{}} for "
+                         f"{type(self).__name__}")
         return x - self.pinv(ax - y)
 
 
@@ -94,12 +101,7 @@ class Inpaint(LinearOperator):
 
     def project(self, x, y):
         """m * x + (1 - m) * y, selected (not blended) so known entries equal y bit for bit."""
-        y = torch.as_tensor(y).to(dtype=x.dtype, device=x.device)
-        try:
-            torch.broadcast_shapes(x.shape, y.shape)
-        except RuntimeError:
-            raise ConfigError(f"known image of shape {tuple(y.shape)} does not match x of shape "
-                              f"{tuple(x.shape)} for Inpaint") from None
+        y = _measurement(y, x, "known image of shape {} does not match x of shape {} for Inpaint")
         return torch.where(self.mask.to(x.device), x, y)
 
 
