@@ -420,6 +420,9 @@ def demo(out: Path = typer.Option(Path("outputs/demo"), help="output directory")
 
 # Sub-apps (condiff/commands/*.py) are registered here, one add_typer line each.
 # -- sub-apps --
+from .commands import guidance as _guidance_cmd  # noqa: E402
+
+app.add_typer(_guidance_cmd.app, name="guidance")
 from .commands import restore as _restore_cmd  # noqa: E402
 app.command("restore")(_restore_cmd.restore_cmd)
 from .commands import ems as _ems_cmd  # noqa: E402
