@@ -28,7 +28,7 @@ from ..sampling import CountingDenoiser
 from ..solvers.base import point
 from ..solvers.ddim import DDIM
 from .ddim import DestinationLabel, Inversion, check_grid, ddim_inversion_step, eps_from_x0
-from .null_text import _per_sample
+from .per_sample import early_stopping_step, per_sample
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class DCIResult:
 def correction(eps_raw: torch.Tensor, eps_ref: torch.Tensor, lam: float) -> torch.Tensor:
     """eps_raw moved by exactly ``lam`` (per-sample L2 norm) towards eps_ref."""
     d = eps_ref - eps_raw
-    norm = _per_sample(d).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (d.dim() - 1)))
+    norm = per_sample(d).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (d.dim() - 1)))
     return eps_raw + lam * d / norm
 
 
@@ -77,17 +77,10 @@ def dci_invert(denoiser, grid, x0: torch.Tensor, cond: Mapping[str, Any] | None 
             for _ in range(iterations):
                 eps_hat = correction(eps_from_x0(var, D(var, t), q), ref, lam)
                 f = q.alpha * (z_s - p.sigma * eps_hat) / p.alpha + q.sigma * eps_hat
-                loss = _per_sample((var - f) ** 2).mean(1)
-                residuals[i] = torch.where(active, loss.detach(), residuals[i])
-                active = active & ~(loss.detach() < tol)
+                loss = per_sample((var - f) ** 2).mean(1)
+                active = early_stopping_step(opt, [var], loss, active, tol, residuals[i], iters[i])
                 if not bool(active.any()):
                     break
-                iters[i] += active.long()
-                frozen = var.detach().clone()
-                (var.grad,) = torch.autograd.grad(loss[active].sum(), [var])
-                opt.step()
-                with torch.no_grad():
-                    var.copy_(torch.where((~active).view(-1, *([1] * (var.dim() - 1))), frozen, var))
             z_t = var.detach()
         if not bool(torch.isfinite(z_t).all()):
             raise NonFiniteError(f"non-finite values after DCI step {i} (t={s:.4g} -> {t:.4g}); lower lr")
@@ -107,5 +100,5 @@ def fixed_point_residual(denoiser, inversion: Inversion, cond=None) -> torch.Ten
             z_s, z_t = traj[i], traj[i + 1]
             eps = eps_from_x0(z_t, D(z_t, q.t), q)
             f = q.alpha * (z_s - p.sigma * eps) / p.alpha + q.sigma * eps
-            out.append(_per_sample((z_t - f) ** 2).mean(1))
+            out.append(per_sample((z_t - f) ** 2).mean(1))
     return torch.stack(out)

@@ -28,6 +28,7 @@ from ..guidance.cfg import contrast
 from ..sampling import CountingDenoiser
 from ..solvers.ddim import DDIM
 from .ddim import Inversion, check_grid, invert
+from .per_sample import early_stopping_step, per_sample
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,6 @@ class _Fixed:
 
 def _floating(null: Mapping[str, Any]) -> list[str]:
     return [k for k, v in null.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
-
-
-def _per_sample(v: torch.Tensor) -> torch.Tensor:
-    return v.reshape(v.shape[0], -1)
 
 
 def null_text_inversion(denoiser, grid, x0: torch.Tensor, cond: Mapping[str, Any], scale: float = 7.5,
@@ -104,21 +101,10 @@ def null_text_inversion(denoiser, grid, x0: torch.Tensor, cond: Mapping[str, Any
             count.cond = {**null, **dict(zip(keys, params))}
             guided = contrast(x0_c, count(z, t), scale)
             z_prev, _ = ddim.step(_Fixed(denoiser.schedule, guided), z, t, s, None, None)
-            loss = _per_sample((z_prev - target) ** 2).mean(1)
-            losses[i] = torch.where(active, loss.detach(), losses[i])
-            active = active & ~(loss.detach() < threshold)  # below the threshold: no further step
+            loss = per_sample((z_prev - target) ** 2).mean(1)
+            active = early_stopping_step(opt, params, loss, active, threshold, losses[i], iters[i])
             if not bool(active.any()):
                 break
-            iters[i] += active.long()
-            frozen = [p.detach().clone() for p in params]
-            grads = torch.autograd.grad(loss[active].sum(), params)
-            for p, g in zip(params, grads):
-                p.grad = g
-            opt.step()
-            with torch.no_grad():  # samples that had already stopped keep their values
-                for p, f in zip(params, frozen):
-                    keep = (~active).view(-1, *([1] * (p.dim() - 1)))
-                    p.copy_(torch.where(keep, f, p))
         null = {**null, **{k: p.detach() for k, p in zip(keys, params)}}
         nulls.append(dict(null))
         with torch.no_grad():
