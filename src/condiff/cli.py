@@ -60,6 +60,15 @@ GuidanceIntervalOpt = Annotated[Optional[str], typer.Option(
 NegativePromptOpt = Annotated[Optional[str], typer.Option(
     "--negative-prompt", help="a condition that replaces the empty one in the guidance (shapes: a caption, "
     "digits: a digit)")]
+ClassifierOpt = Annotated[Optional[str], typer.Option(
+    "--classifier", help="classifier guidance: a bundled shapes classifier (clean: EluCD-calibrated; noisy: "
+    "noise-aware) or a classifier directory from condiff train (or PPAP experts from condiff guidance train-ppap)")]
+CgScaleOpt = Annotated[Optional[float], typer.Option("--cg-scale", help="with --classifier: its scale (default 1)")]
+CgAttributeOpt = Annotated[Optional[str], typer.Option(
+    "--cg-attribute", help="with --classifier: the attribute to guide (default color); the target is the "
+    "value the prompt names")]
+CgRawOpt = Annotated[bool, typer.Option(
+    "--cg-raw", help="with a clean --classifier: apply it to x_t as it is, without EluCD's calibration")]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="condiff: conditional diffusion - sample, evaluate, train, demo.")
@@ -164,7 +173,7 @@ def _check_common(steps: int, cfg: float, n: int, batch_size: int, seed: int,
 
 
 def _guidance(family, cfg: float, pag, pag_layers, ag, ag_space, cfg_rescale, guidance_interval,
-              negative_prompt):
+              negative_prompt, classifier=None, cg_scale=None, cg_attribute=None, cg_raw=False):
     """The checked GuidanceOptions of the guidance flags, before any weights are read (PAG layer names are
     checked against the network once it is loaded)."""
     from .guidance.build import GuidanceOptions, parse_interval, parse_layers
@@ -176,7 +185,13 @@ def _guidance(family, cfg: float, pag, pag_layers, ag, ag_space, cfg_rescale, gu
     opts = GuidanceOptions(cfg=cfg, pag=pag, pag_layers=("mid",) if pag_layers is None else parse_layers(pag_layers),
                            ag=ag, ag_space="x0" if ag_space is None else ag_space, cfg_rescale=cfg_rescale,
                            interval=None if guidance_interval is None else parse_interval(guidance_interval),
-                           negative_prompt=negative_prompt)
+                           negative_prompt=negative_prompt, classifier=classifier,
+                           cg_scale=1.0 if cg_scale is None else cg_scale,
+                           cg_attribute="color" if cg_attribute is None else cg_attribute, cg_raw=cg_raw)
+    if classifier is not None and cg_attribute is not None and cg_attribute not in family.attributes:
+        from .errors import one_of
+
+        raise one_of(f"--cg-attribute for the {family.name} model", cg_attribute, family.attributes)
     if negative_prompt is not None:
         try:
             family.parse_prompt(negative_prompt)
@@ -289,9 +304,30 @@ def sample_cmd(
     cfg_rescale: CfgRescaleOpt = None,
     guidance_interval: GuidanceIntervalOpt = None,
     negative_prompt: NegativePromptOpt = None,
+    classifier: ClassifierOpt = None,
+    cg_scale: CgScaleOpt = None,
+    cg_attribute: CgAttributeOpt = None,
+    cg_raw: CgRawOpt = False,
+    pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="a local diffusers pipeline folder (Stable "
+                                            "Diffusion, DiT) to sample instead of --model; offline only"),
+    height: Optional[int] = typer.Option(None, help="with --pipeline: image height in pixels (default: the "
+                                         "network's size)"),
+    width: Optional[int] = typer.Option(None, help="with --pipeline: image width in pixels"),
 ):
     """Sample a grid of images and write it as a PNG with a JSON sidecar that reproduces it."""
     import torch
+
+    if pipeline is not None:  # a diffusers folder: condiff.interop.commands
+        from .interop import commands as _interop
+
+        _interop.refuse_model_options({"--analytic-skip": analytic_skip, "--ems": ems, "--dc-ratios": dc_ratios,
+                                       "--dynamic-threshold": dynamic_threshold, "--classifier": classifier})
+        return _interop.sample_cmd(pipeline, prompt, negative_prompt, height, width, solver, solver_opt, steps, cfg,
+                                   n, seed, spacing, batch_size, out, dict(
+                                       pag=pag, pag_layers=pag_layers, ag=ag, ag_space=ag_space,
+                                       cfg_rescale=cfg_rescale, guidance_interval=guidance_interval))
+    if height is not None or width is not None:
+        raise ConfigError("--height and --width go with --pipeline (condiff's own models have a fixed size)")
 
     from . import __version__
     from .evaluate import generate_counted
@@ -303,7 +339,8 @@ def sample_cmd(
     _check_out(out.with_suffix(".json"), "--out (its JSON sidecar)")
     family, sol, spacing, spc, skip = _sampling_setup(model, solver, steps, cfg, spacing, ems, dc_ratios,
                                                       solver_opt, analytic_skip)
-    guide = _guidance(family, cfg, pag, pag_layers, ag, ag_space, cfg_rescale, guidance_interval, negative_prompt)
+    guide = _guidance(family, cfg, pag, pag_layers, ag, ag_space, cfg_rescale, guidance_interval, negative_prompt,
+                      classifier, cg_scale, cg_attribute, cg_raw)
     one = None if prompt is None else family.parse_prompt(prompt)
     m = _load(model)
     g = torch.Generator().manual_seed(seed)
@@ -358,6 +395,10 @@ def eval_cmd(
     cfg_rescale: CfgRescaleOpt = None,
     guidance_interval: GuidanceIntervalOpt = None,
     negative_prompt: NegativePromptOpt = None,
+    classifier: ClassifierOpt = None,
+    cg_scale: CgScaleOpt = None,
+    cg_attribute: CgAttributeOpt = None,
+    cg_raw: CgRawOpt = False,
 ):
     """Sample random conditions and score them with the exact labeller (shapes) or the scorer (digits)."""
     from .evaluate import evaluate
@@ -368,7 +409,8 @@ def eval_cmd(
         _check_out(json_out, "--json", ".json")
     family, sol, spacing, spc, skip = _sampling_setup(model, solver, steps, cfg, spacing, ems, dc_ratios,
                                                       solver_opt, analytic_skip)
-    guide = _guidance(family, cfg, pag, pag_layers, ag, ag_space, cfg_rescale, guidance_interval, negative_prompt)
+    guide = _guidance(family, cfg, pag, pag_layers, ag, ag_space, cfg_rescale, guidance_interval, negative_prompt,
+                      classifier, cg_scale, cg_attribute, cg_raw)
     m = _load(model)
     res = evaluate(m, sol, steps, cfg, n, seed, spc, batch_size, progress=True, analytic_skip=skip,
                    dynamic_threshold=dynamic_threshold, guidance=guide)
@@ -420,6 +462,9 @@ def demo(out: Path = typer.Option(Path("outputs/demo"), help="output directory")
 
 # Sub-apps (condiff/commands/*.py) are registered here, one add_typer line each.
 # -- sub-apps --
+from .commands import export as _export_cmd  # noqa: E402
+
+app.add_typer(_export_cmd.app, name="export")
 from .commands import guidance as _guidance_cmd  # noqa: E402
 
 app.add_typer(_guidance_cmd.app, name="guidance")

@@ -7,9 +7,10 @@ import time
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, one_of
 from .grids import UniformT, make_grid
 from .guidance import CountRows, DynamicThresholding
+from .guidance.attribute import TARGET_KEY
 from .guidance.build import GuidanceOptions, build_guidance
 from .sampling import Gaussian, sample
 
@@ -26,6 +27,18 @@ def generate(model, raw: torch.Tensor, solver, steps: int, cfg_scale: float, gen
     return images, nfe
 
 
+def classifier_targets(family, raw: torch.Tensor, attribute: str) -> torch.Tensor:
+    """The class of ``attribute`` that each raw condition names: classifier guidance's target (one ConfigError
+    when the family has no such attribute or a prompt leaves it out)."""
+    if attribute not in family.attributes or not hasattr(family, "attribute_targets"):
+        raise one_of(f"--cg-attribute for the {family.name} model", attribute, family.attributes)
+    y = family.attribute_targets(raw)[:, family.attributes.index(attribute)]
+    if bool((y < 0).any()):
+        raise ConfigError(f"classifier guidance of {attribute} needs prompts that name a {attribute}; give "
+                          f"--prompt with one (e.g. 'red' for color), or use condiff eval")
+    return y
+
+
 def generate_counted(model, raw: torch.Tensor, solver, steps: int, cfg_scale: float, generator: torch.Generator,
                      spacing=UniformT(), batch_size: int = 256, progress: bool = False, desc: str = "sampling",
                      analytic_skip=None, dynamic_threshold: float | None = None,
@@ -38,7 +51,7 @@ def generate_counted(model, raw: torch.Tensor, solver, steps: int, cfg_scale: fl
     grid = make_grid(model.schedule, steps, spacing)
     skip = None if analytic_skip is None else analytic_skip.prepare(model, grid, spacing)
     counter = CountRows(model.denoiser)
-    den = build_guidance(counter, opts)
+    den = build_guidance(counter, opts, grid if skip is None else skip.grid)
     negative = None if opts.negative_prompt is None else model.family.parse_prompt(opts.negative_prompt)
     if dynamic_threshold is not None:
         den = DynamicThresholding(den, dynamic_threshold)
@@ -52,6 +65,8 @@ def generate_counted(model, raw: torch.Tensor, solver, steps: int, cfg_scale: fl
     with torch.no_grad():
         for chunk in it:
             cond = model.condition(chunk)
+            if opts.classifier is not None:
+                cond[TARGET_KEY] = classifier_targets(model.family, chunk, opts.cg_attribute)
             if negative is not None:
                 cond["negative"] = model.family.encode(model.module,
                                                        negative.expand(chunk.shape[0], *negative.shape[1:]))

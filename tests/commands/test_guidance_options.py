@@ -179,7 +179,6 @@ def test_pag_zero_and_ag_one_are_plain_cfg_from_the_cli(tmp_path, capsys):
     (["--guidance-interval", "a,b"], "got 'a,b'"),
     (["--guidance-interval", "800,200"], "got '800,200'"),
     (["--guidance-interval", "nan,1"], "got 'nan,1'"),
-    (["--pag", "1", "--ag", "0.9"], "--pag and --ag do not compose"),
     (["--ag", "0.9", "--cfg-rescale", "0.5"], "--ag and --cfg-rescale do not compose"),
     (["--negative-prompt", "seven"], "--negative-prompt: digits prompt must be a digit 0-9, got 'seven'"),
 ])
@@ -215,8 +214,8 @@ def test_unknown_layer_and_shapes_words_are_one_line_errors(tmp_path, capsys):
 def test_options_object_refuses_bad_values_directly():
     """GuidanceOptions itself refuses non-composing methods and bad values (library callers get the same
     one-line errors as the CLI)."""
-    with pytest.raises(ConfigError, match="--pag and --cfg-rescale do not compose"):
-        GuidanceOptions(pag=1.0, cfg_rescale=0.5)
+    with pytest.raises(ConfigError, match="--ag and --cfg-rescale do not compose"):
+        GuidanceOptions(ag=0.9, cfg_rescale=0.5)
     with pytest.raises(ConfigError, match="--pag-layers"):
         GuidanceOptions(pag=1.0, pag_layers="mid")
     with pytest.raises(ConfigError, match="--cfg must be"):

@@ -97,6 +97,11 @@ def clean_logits(gmm):
     return logits
 
 
+def level_logits(x, t):
+    """A fixed minority-level classifier for the contract: linear logits over 3 levels (t is ignored)."""
+    return x @ torch.tensor([[1.0, -0.5, 0.2], [0.3, 0.8, -1.0]], dtype=x.dtype)
+
+
 @functools.lru_cache(maxsize=None)
 def linear_ag_coefficients(solver: str):
     """LinearAG coefficients fitted (float64, scale 3) on 16 CFG trajectories of this solver on GRID."""
@@ -157,6 +162,7 @@ CASES = [
          (G.LinearAG,)),  # every fitted evaluation predicted: the history is used at every step
     Case("classifier", lambda d, s: G.ClassifierGuidance(d, exact_gmm_classifier(d), 2.0), (G.ClassifierGuidance,)),
     Case("elucd", lambda d, s: G.EluCD(d, clean_logits(_gmm()), GRID, scale=0.5), (G.EluCD,)),
+    Case("minority", lambda d, s: G.MinorityGuidance(d, level_logits, 2.0, levels=3), (G.MinorityGuidance,)),
     Case("stack-ag-classifier", _stack),
     Case("inpaint", lambda d, s: G.inpaint(d, torch.tensor([1, 0]), torch.tensor([0.0, 0.7])),
          (G.Projection, G.Inpaint)),  # one known entry, shared by every row
@@ -171,6 +177,8 @@ CASES = [
         solver_wrap=lambda solver: G.SelfRecurrence(solver, k=2)),
     Case("pag-cfg", lambda d, s: G.PAG(d, 2.0, layers="down", cfg_scale=3.0), (G.PAG,), base="unet"),
     Case("pag", lambda d, s: G.PAG(d, 2.0, layers="up", batched=False), base="unet"),
+    Case("pag-term-ag", lambda d, s: G.PAGTerm(G.AdaptiveGuidance(d, 3.0, gamma_bar=0.98, space=X0()), d, 2.0,
+                                               layers="down"), (G.PAGTerm,), base="unet"),  # --pag with --ag
 ]
 # -- to extend: guidance modules not written yet (minority guidance, PPAP) get their Case here.
 

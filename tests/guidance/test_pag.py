@@ -189,3 +189,34 @@ def test_layer_selection_by_name(setup):
         PAG(den, float("nan"))
     with pytest.raises(ConfigError, match="null"):
         PAG(den, 1.0, cfg_scale=2.0)(*setup[2:4], no_null(setup[4]))
+
+
+def test_pag_term_composes_with_cfg_ag_and_rescale(setup):
+    """PAGTerm(guided, D, s): guided + s (x0_c - x0_p). Over CFG it equals PAG with cfg_scale (eq. 11) to 1e-10;
+    scale 0 is guided bit for bit; over AG at gamma_bar = 1 (never switches) it equals CFG + PAG; over AG that
+    has switched it is x0_c + s (x0_c - x0_p) at 3 network rows per sample (cond, cond, perturbed)."""
+    from condiff.denoiser import X0
+    from condiff.guidance import AdaptiveGuidance, CountRows, GuidanceRescale
+    from condiff.guidance.pag import PAGTerm
+
+    net, den, x, _, cond = setup
+    t = torch.tensor([0.3, 0.5, 0.7], dtype=F64)
+    w, s = 3.0, 1.5
+    with torch.no_grad():
+        ref = PAG(den, s, layers="mid", cfg_scale=w)(x, t, cond)
+        assert torch.allclose(PAGTerm(CFG(den, w), den, s, "mid")(x, t, cond), ref, rtol=1e-10, atol=1e-10)
+        never = AdaptiveGuidance(den, w, 1.0, space=X0())
+        assert torch.allclose(PAGTerm(never, den, s, "mid")(x, t, cond), ref, rtol=1e-10, atol=1e-10)
+        resc = GuidanceRescale(den, w, 0.7, space=X0())
+        assert torch.equal(PAGTerm(resc, den, 0.0, "mid")(x, t, cond), resc(x, t, cond))
+        counted = CountRows(den)
+        always = AdaptiveGuidance(counted, w, -1.0, space=X0())  # switches at its first call
+        term = PAGTerm(always, counted, s, "mid", net=net["unet"])
+        term(x, t, cond)  # the switch
+        rows = counted.rows
+        t2 = t - 0.1  # the next, lower time of the same trajectory
+        out = term(x, t2, cond)
+        x0_c = den(x, t2, no_null(cond))
+        x0_p = PAG(den, s, layers="mid").perturbed(x, t2, no_null(cond))
+        assert torch.allclose(out, x0_c + s * (x0_c - x0_p), rtol=1e-10, atol=1e-10)
+        assert (counted.rows - rows) / x.shape[0] == 3

@@ -41,6 +41,8 @@ NoResizeOpt = typer.Option(False, "--no-resize", help="refuse an image of anothe
                            "and resizing it to the model's size")
 ModelOpt = typer.Option("shapes", help="bundled model name (shapes, digits) or a model directory")
 MethodHelp = "editing method, e.g. ddim or edit-friendly (a wrong name lists them all)"
+PipelineOpt = typer.Option(None, "--pipeline", help="a local diffusers pipeline folder (e.g. Stable Diffusion) "
+                           "instead of --model: the method runs on its VAE latents; offline only")
 
 
 # ---- option parsing (before any model is loaded) ---------------------------------------------------------
@@ -243,9 +245,15 @@ def invert_cmd(
     no_resize: bool = NoResizeOpt,
     out: Path = typer.Option(..., help="the inversion file to write (.safetensors), for `condiff edit "
                              "--inversion`"),
+    pipeline: Optional[Path] = PipelineOpt,
 ):
     """Invert an image under its caption, sample it back, and save the inversion for `condiff edit`."""
     import torch
+
+    if pipeline is not None:  # a diffusers folder: condiff.interop.commands
+        from ..interop import commands as _interop
+
+        return _interop.invert_cmd(pipeline, image, prompt, method, steps, seed, method_opt, out)
 
     from .. import __version__
     from ..cli import _check_out, _family
@@ -373,12 +381,18 @@ def edit_cmd(
     no_resize: bool = NoResizeOpt,
     out: Path = typer.Option(..., help="the edited image (.png); <stem>_compare.png and a JSON sidecar "
                              "(<stem>.json) are written beside it"),
+    pipeline: Optional[Path] = PipelineOpt,
 ):
     """Edit an image from one caption to another; writes the edit, a comparison strip and a JSON sidecar.
 
     Inverts the image under --from (or reuses --inversion), samples the inversion with --to and writes the
     edit at the input's size, <stem>_compare.png (source | reconstruction | edited) and <stem>.json."""
     import torch
+
+    if pipeline is not None:  # a diffusers folder: condiff.interop.commands
+        from ..interop import commands as _interop
+
+        return _interop.edit_cmd(pipeline, image, from_, to, method, steps, seed, method_opt, inversion, out)
 
     from .. import __version__
     from ..cli import _check_out, _family

@@ -8,6 +8,13 @@ with ``--solver`` on the ``--steps`` grid and fits the per-evaluation least-squa
 (``fit_linear_ag``). The file is read back by ``load_linear_ag``. With ``--holdout M`` another M trajectories
 (drawn after the fitting ones from the same generator) are recorded and the teacher-forced R^2 of the fitted
 coefficients on them is reported (``predict_record``).
+
+``condiff guidance train-ppap --classifier DIR --model shapes --experts 5 --out DIR`` trains PPAP's experts (Go
+et al., CVPR 2023; condiff.guidance.ppap): ``--images`` unlabelled images sampled from the model with the empty
+prompt (``--solver``, ``--gen-steps``), then N LoRA copies of the clean classifier, each distilled on its
+interval of t (teacher: the clean classifier on x0; student: the expert on x_t), saved by ``save_ppap`` and read
+back by ``load_ppap``. The last ``--holdout`` images are kept out of training to report each expert's KD loss
+against the clean classifier's.
 """
 
 from __future__ import annotations
@@ -120,3 +127,212 @@ def fit_linear_ag_cmd(
     if held is not None:
         line += f"; held-out ({holdout}) teacher-forced R^2 {_summary(held)}"
     typer.echo(f"{line}; wrote {out} in {seconds:.1f}s")
+
+
+@app.command("train-ppap")
+def train_ppap_cmd(
+    classifier: Path = typer.Option(..., help="the clean (off-the-shelf) classifier: a model directory from "
+                                    "`condiff train recipes/shapes-clean-classifier.toml`"),
+    model: str = typer.Option(..., help="the diffusion model whose empty-prompt samples are the unlabelled data "
+                              "(bundled name or directory); its schedule defines t"),
+    out: Path = typer.Option(..., help="output directory for the experts (LoRA weights + ppap.json)"),
+    experts: int = typer.Option(5, help="number of experts N: equal intervals of the model's noisy t range"),
+    images: int = typer.Option(2048, help="unlabelled images to generate"),
+    gen_steps: int = typer.Option(20, help="solver steps per generated image"),
+    solver: str = typer.Option("dpmpp-2m", help="solver for the generation (see `condiff solvers`)"),
+    rank: int = typer.Option(8, help="LoRA rank r of every conv / linear layer"),
+    alpha: float = typer.Option(8.0, help="LoRA alpha (the update is scaled by alpha / r)"),
+    steps: int = typer.Option(400, help="distillation (AdamW) steps per expert"),
+    batch_size: int = typer.Option(64, help="images per distillation step (and per generation batch x4)"),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate (cosine-annealed to 0)"),
+    weight_decay: float = typer.Option(0.05, help="AdamW weight decay"),
+    temperature: float = typer.Option(0.25, help="the teacher's softmax temperature T_kd"),
+    holdout: int = typer.Option(256, help="generated images kept out of training to report the KD loss on"),
+    seed: int = typer.Option(0, help="random seed (generation, then distillation)"),
+):
+    """PPAP (Go et al., CVPR 2023): distil N LoRA experts of a clean classifier on images the model generates."""
+    import math
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..cli import MAX_SAMPLES, _check_common, _check_out, _family, _load, _solver
+    from ..grids import make_grid
+    from ..guidance.ppap import (MultiExpert, distill_expert, expert_interval, head_groups, heldout_kd,
+                                 lora_expert, save_ppap, teach)
+    from ..sampling import Gaussian, sample
+
+    _check_common(gen_steps, 1.0, images, batch_size, seed)
+    for name, value, lo, hi in (("--experts", experts, 1, 1000), ("--rank", rank, 1, 4096),
+                                ("--steps", steps, 1, MAX_SAMPLES), ("--holdout", holdout, 0, images - 1)):
+        if not lo <= value <= hi:
+            raise ConfigError(f"{name} must be an integer in [{lo}, {hi}], got {value}")
+    for name, value in (("--alpha", alpha), ("--lr", lr), ("--temperature", temperature)):
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{name} must be a positive finite number, got {value}")
+    if not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ConfigError(f"--weight-decay must be a finite number >= 0, got {weight_decay}")
+    sol = _solver(solver)
+    _check_out(out, "--out", kind="dir")
+    if _family(str(classifier)).name != "shapes_classifier":
+        raise ConfigError(f"--classifier must be a shapes_classifier model directory, got {str(classifier)!r}")
+    _family(model)
+    net = _load(str(classifier)).module["classifier"].eval()
+    if net.config.noise_aware:
+        raise ConfigError("--classifier is noise-aware; PPAP adapts an off-the-shelf clean classifier "
+                          "(recipes/shapes-clean-classifier.toml)")
+    for p in net.parameters():
+        p.requires_grad_(False)
+    m = _load(model)
+    shape = (net.config.in_channels, net.config.sample_size, net.config.sample_size)
+    if tuple(m.family.image_shape) != shape:
+        raise ConfigError(f"the classifier reads {shape} images but model {model!r} makes "
+                          f"{tuple(m.family.image_shape)}")
+
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(seed)
+    grid = make_grid(m.schedule, gen_steps)
+    gen_batch = 4 * batch_size
+    chunks = [len(c) for c in torch.split(torch.arange(images), gen_batch)]
+    made = []
+    bar = tqdm(total=len(chunks) * gen_steps, desc="train-ppap: generating", unit="step", leave=False)
+    try:
+        with torch.no_grad():
+            for size in chunks:
+                cond = m.condition(m.family.null_raw(size))
+                cond.pop("null", None)
+                x = m.prior((size, *m.family.image_shape), float(grid[0]), g)
+                res = sample(m.denoiser, sol, grid, x, cond, Gaussian(g), callbacks=[lambda info: bar.update(1)])
+                made.append(res.x.clamp(-1, 1).float())
+    finally:
+        bar.close()
+    data = torch.cat(made)
+    gen_seconds = time.perf_counter() - t0
+    train, held = data[: images - holdout], data[images - holdout:]
+    groups = head_groups(net)
+    z_train = teach(lambda x: net(x), train)
+    z_held = teach(lambda x: net(x), held) if holdout else None
+    t_min, t_max = float(m.schedule.t_min), float(m.schedule.t_max)
+    trained, report = [], []
+    bar = tqdm(total=experts * steps, desc="train-ppap: distilling", unit="step", leave=False)
+    try:
+        for k in range(experts):
+            interval = expert_interval(k, experts, t_min, t_max)
+            e = lora_expert(net, rank, alpha)
+
+            def tick(step, loss, k=k):
+                bar.update(1)
+                if step % 20 == 0:
+                    bar.set_postfix(expert=k, loss=f"{loss:.4f}")
+
+            curve = distill_expert(e, z_train, train, m.schedule, interval, steps, batch_size, lr, weight_decay,
+                                   temperature, groups, g, tick)
+            row = {"expert": k, "interval": list(interval), "first_loss": curve[0], "last_loss": curve[-1]}
+            if holdout:
+                clean_kd = heldout_kd(lambda x, t: net(x), z_held, held, m.schedule, interval,
+                                      torch.Generator().manual_seed(seed + 1 + k), temperature, groups)
+                expert_kd = heldout_kd(e, z_held, held, m.schedule, interval,
+                                       torch.Generator().manual_seed(seed + 1 + k), temperature, groups)
+                row.update(heldout_kd_clean=clean_kd, heldout_kd_expert=expert_kd)
+            report.append(row)
+            trained.append(e)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    info = {"classifier": str(classifier), "model": model, "images": images, "holdout": holdout,
+            "gen_steps": gen_steps, "solver": solver, "steps": steps, "batch_size": batch_size, "lr": lr,
+            "weight_decay": weight_decay, "temperature": temperature, "seed": seed,
+            "seconds": {"generate": round(gen_seconds, 1), "total": round(seconds, 1)}, "experts": report}
+    save_ppap(MultiExpert(trained, t_min, t_max), out, net, info=info)
+    for r in report:
+        extra = (f", held-out KD {r['heldout_kd_clean']:.4f} (clean classifier) -> {r['heldout_kd_expert']:.4f}"
+                 if holdout else "")
+        typer.echo(f"expert {r['expert']} t in [{r['interval'][0]:.1f}, {r['interval'][1]:.1f}): train loss "
+                   f"{r['first_loss']:.4f} -> {r['last_loss']:.4f}{extra}")
+    typer.echo(f"trained {experts} PPAP experts (LoRA rank {rank}) on {images - holdout} generated images in "
+               f"{seconds:.1f}s (generation {gen_seconds:.1f}s); wrote {out}")
+
+
+@app.command("fit-minority")
+def fit_minority_cmd(
+    model: str = typer.Option(..., help="the diffusion model (bundled name or directory); its empty prompt is the "
+                              "unconditional denoiser that scores the data, and its schedule defines t"),
+    out: Path = typer.Option(..., help="output directory (classifier/ safetensors + minority.json + "
+                             "scores.safetensors)"),
+    n: int = typer.Option(8192, help="training renders to score (drawn from the model family's training "
+                          "distribution: for shapes_imbalanced, cyan is 5%)"),
+    levels: int = typer.Option(10, help="number of minority levels L (quantile bins of the score)"),
+    t: Optional[float] = typer.Option(None, help="perturbation time of the score, in the schedule's units "
+                                      "(default: 6% of the way from t_min to t_max, the paper's t = 60 of 1000)"),
+    draws: int = typer.Option(5, help="Monte-Carlo noise draws per sample (the paper's n)"),
+    steps: int = typer.Option(2000, help="classifier training (AdamW) steps"),
+    batch_size: int = typer.Option(128, help="images per classifier step (and x4 rows per scoring call)"),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate (cosine decay to lr/10)"),
+    weight_decay: float = typer.Option(0.05, help="AdamW weight decay (the paper's 0.05)"),
+    holdout: float = typer.Option(0.05, help="fraction of the renders held out to report level accuracy on"),
+    seed: int = typer.Option(0, help="random seed (renders, score noise, split, classifier training)"),
+):
+    """Minority guidance (Um et al., ICLR 2024): score training renders, bin them into L levels and train the
+    noise-aware minority classifier; guide with condiff.guidance.minority.MinorityGuidance."""
+    import math
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..cli import MAX_SAMPLES, _check_out, _family, _load
+    from ..guidance.minority import fit_minority_classifier, save_minority
+    from ..training.recipe import ObjectiveConfig, check_seed
+
+    check_seed(seed, "--seed")
+    for name, value, lo, hi in (("--n", n, 2, MAX_SAMPLES), ("--levels", levels, 2, 10000),
+                                ("--draws", draws, 1, 10000), ("--steps", steps, 1, MAX_SAMPLES),
+                                ("--batch-size", batch_size, 1, MAX_SAMPLES)):
+        if not lo <= value <= hi:
+            raise ConfigError(f"{name} must be an integer in [{lo}, {hi}], got {value}")
+    if levels > n:
+        raise ConfigError(f"--levels ({levels}) cannot exceed --n ({n})")
+    if not math.isfinite(lr) or lr <= 0:
+        raise ConfigError(f"--lr must be a positive finite number, got {lr}")
+    if not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ConfigError(f"--weight-decay must be a finite number >= 0, got {weight_decay}")
+    if not 0 <= holdout < 1:  # NaN fails too
+        raise ConfigError(f"--holdout must be a fraction in [0, 1), got {holdout}")
+    _check_out(out, "--out", kind="dir")
+    fam = _family(model)
+    if tuple(fam.image_shape) != (3, 32, 32):
+        raise ConfigError(f"fit-minority trains a classifier for (3, 32, 32) images; model {model!r} makes "
+                          f"{tuple(fam.image_shape)}")
+    m = _load(model)
+    sch = m.schedule
+    if t is None:
+        t = float(sch.t_min + 0.06 * (sch.t_max - sch.t_min))
+    elif not (math.isfinite(t) and sch.t_min <= t <= sch.t_max):
+        raise ConfigError(f"--t must be in the schedule's range [{sch.t_min}, {sch.t_max}], got {t}")
+
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(seed)
+    x0, _ = m.family.training_batch(0, n, g, seed, ObjectiveConfig())
+    with torch.no_grad():
+        cond = m.condition(m.family.null_raw(n))
+    cond.pop("null")
+    bar = tqdm(total=steps, desc="fit-minority: classifier", unit="step", leave=False)
+    try:
+        mc, scores, held = fit_minority_classifier(
+            m.denoiser, x0, levels, t, draws, cond, steps, batch_size, lr, weight_decay, g,
+            progress=lambda i, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")),
+            score_batch_size=4 * batch_size, holdout=holdout)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    mc.info.update({"model": model, "renders": n, "seed": seed, "seconds": seconds,
+                    "command": "condiff guidance fit-minority " + " ".join(
+                        f"--{k.replace('_', '-')} {v}" for k, v in (
+                            ("model", model), ("out", out), ("n", n), ("levels", levels), ("t", t),
+                            ("draws", draws), ("steps", steps), ("batch_size", batch_size), ("lr", lr),
+                            ("weight_decay", weight_decay), ("holdout", holdout), ("seed", seed)))})
+    save_minority(mc, out, {"scores": scores, "heldout": held.to(torch.uint8)})
+    acc = mc.info.get("heldout_accuracy", {})
+    extra = "; ".join(f"held-out level accuracy at {k}: {v['accuracy']:.3f}" for k, v in acc.items())
+    typer.echo(f"scored {n} renders (t={t:g}, {draws} draws), {levels} levels, classifier loss "
+               f"{mc.info['train_loss_first100']:.3f} -> {mc.info['train_loss_last100']:.3f}"
+               f"{'; ' + extra if extra else ''}; wrote {out} in {seconds:.1f}s")

@@ -60,5 +60,19 @@ def attrs_to_tokens(attrs: torch.Tensor, keep: torch.Tensor | None = None) -> to
     return toks
 
 
+def tokens_to_attrs(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, 4) slot tokens -> (B, 4) attributes (shape, color, size, position), -1 where a slot is empty: the
+    inverse of ``attrs_to_tokens``."""
+    tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1, SEQ_LEN)
+    out = torch.full_like(tokens, -1)
+    base = 1
+    for slot, (name, words) in enumerate(SLOTS):
+        col = ("shape", "color", "size", "position").index(name)
+        tok = tokens[:, slot]
+        out[:, col] = torch.where(tok == PAD, torch.full_like(tok, -1), tok - base)
+        base += len(words)
+    return out
+
+
 def null_tokens(n: int) -> torch.Tensor:
     return torch.full((n, SEQ_LEN), PAD, dtype=torch.long)

@@ -20,8 +20,15 @@ papers are in the modules used (docs/guidance.md):
   encodes): with plain CFG ``NegativeGuidance``; otherwise ``NegativeAsNull`` around the method, so that
   PAG / AG / rescale / interval contrast against the negative condition instead of the empty one.
 
-PAG, AG and guidance rescale each run CFG their own way, so at most one of them is accepted: any two are one
-ConfigError that names them. Interval and negative prompt compose with each of them.
+- ``classifier``: classifier guidance of one attribute (``cg_attribute``, default color) at scale ``cg_scale``,
+  wrapped around all of the above (guidance/attribute.py); the target of each row is the value its prompt names
+  (cond['cg_target'], set by the caller). A noise-aware classifier gives ADM guidance (Dhariwal & Nichol 2021);
+  a clean one gets EluCD's calibration (Ma et al., ICLR 2024) on the sampling grid, or, with ``cg_raw``, is
+  applied to x_t as it is (the naive off-the-shelf baseline).
+
+AG and guidance rescale each run CFG their own way, so at most one of them is accepted (both: one ConfigError).
+PAG composes with either: its term s (x0_c - x0_p) is added to theirs (``PAGTerm``, one extra network row per
+call); alone (with plain CFG) it is ``PAG``. Interval, negative prompt and the classifier compose with all.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from .adaptive import AdaptiveGuidance
 from .cfg import CFG, MAX_SCALE
 from .interval import GuidanceInterval, split_null
 from .negative import NegativeGuidance
-from .pag import PAG
+from .pag import PAG, PAGTerm
 from .rescale import GuidanceRescale
 from .schedules import IntervalScale
 
@@ -90,6 +97,10 @@ class GuidanceOptions:
     cfg_rescale: float | None = None
     interval: tuple[float, float] | None = None
     negative_prompt: str | None = None
+    classifier: str | None = None
+    cg_scale: float = 1.0
+    cg_attribute: str = "color"
+    cg_raw: bool = False
 
     def __post_init__(self):
         _number("--cfg", self.cfg, -MAX_SCALE, MAX_SCALE, f"a finite number with |cfg| <= {MAX_SCALE:g}")
@@ -111,11 +122,17 @@ class GuidanceOptions:
             parse_interval(",".join(repr(float(v)) for v in self.interval))
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise ConfigError(f"--negative-prompt must be a string, got {self.negative_prompt!r}")
-        methods = [name for name, v in (("--pag", self.pag), ("--ag", self.ag), ("--cfg-rescale", self.cfg_rescale))
-                   if v is not None]
-        if len(methods) > 1:
-            raise ConfigError(f"{' and '.join(methods)} do not compose (each runs CFG its own way); "
-                              f"use one of --pag, --ag, --cfg-rescale")
+        if self.classifier is not None and (not isinstance(self.classifier, str) or not self.classifier):
+            raise ConfigError(f"--classifier must be a bundled classifier (clean, noisy) or a directory, got "
+                              f"{self.classifier!r}")
+        _number("--cg-scale", self.cg_scale, -MAX_SCALE, MAX_SCALE, f"a finite number with |scale| <= {MAX_SCALE:g}")
+        if not isinstance(self.cg_attribute, str) or not self.cg_attribute:
+            raise ConfigError(f"--cg-attribute must be an attribute name such as color, got {self.cg_attribute!r}")
+        if self.classifier is None and (self.cg_scale != 1.0 or self.cg_attribute != "color" or self.cg_raw):
+            raise ConfigError("--cg-scale, --cg-attribute and --cg-raw need --classifier")
+        if self.ag is not None and self.cfg_rescale is not None:
+            raise ConfigError("--ag and --cfg-rescale do not compose (each runs CFG its own way); use one of them "
+                              "(either composes with --pag)")
 
     @property
     def is_plain_cfg(self) -> bool:
@@ -127,7 +144,10 @@ class GuidanceOptions:
                 "ag": self.ag, "ag_space": self.ag_space if self.ag is not None else None,
                 "cfg_rescale": self.cfg_rescale,
                 "guidance_interval": None if self.interval is None else list(self.interval),
-                "negative_prompt": self.negative_prompt}
+                "negative_prompt": self.negative_prompt, "classifier": self.classifier,
+                "cg_scale": self.cg_scale if self.classifier is not None else None,
+                "cg_attribute": self.cg_attribute if self.classifier is not None else None,
+                "cg_raw": self.cg_raw if self.classifier is not None else None}
 
     def flags(self) -> str:
         """The CLI flags that reproduce these options (without --cfg), each with a leading space."""
@@ -144,6 +164,9 @@ class GuidanceOptions:
             out += f" --guidance-interval {self.interval[0]!r},{self.interval[1]!r}"
         if self.negative_prompt is not None:
             out += f" --negative-prompt {shlex.quote(self.negative_prompt)}"
+        if self.classifier is not None:
+            out += (f" --classifier {shlex.quote(self.classifier)} --cg-scale {self.cg_scale!r} "
+                    f"--cg-attribute {shlex.quote(self.cg_attribute)}" + (" --cg-raw" if self.cg_raw else ""))
         return out
 
 
@@ -183,22 +206,51 @@ def _finite_ends(interval: tuple[float, float]) -> tuple[float, float]:
     return tuple(min(max(v, -big), big) for v in interval)
 
 
-def build_guidance(denoiser, options: GuidanceOptions):
+def with_classifier(den, options: GuidanceOptions, grid=None):
+    """``den`` with the classifier guidance of ``options`` around it (module docstring); ``grid`` is the
+    sampling grid (EluCD's schedule needs it)."""
+    o = options
+    if o.classifier is None:
+        return den
+    from ..models.shapes_classifier import load_classifier
+    from .attribute import classifier_guidance, elucd_guidance
+
+    net = load_classifier(o.classifier)
+    if net.config.noise_aware or o.cg_raw:
+        return classifier_guidance(den, net, o.cg_attribute, o.cg_scale)
+    if grid is None:
+        raise ConfigError("EluCD guidance needs the sampling grid")
+    return elucd_guidance(den, net, o.cg_attribute, o.cg_scale, grid)
+
+
+def build_guidance(denoiser, options: GuidanceOptions, grid=None):
     """The guided Denoiser for ``options`` over the model's own ``denoiser`` (or a transparent wrapper of it,
-    such as ``CountRows``). No option: ``CFG(denoiser, options.cfg)``."""
+    such as ``CountRows``). No option: ``CFG(denoiser, options.cfg)``. ``grid``: the sampling grid (used by
+    EluCD classifier guidance)."""
     if not isinstance(options, GuidanceOptions):
         raise ConfigError(f"build_guidance needs GuidanceOptions, got {type(options).__name__}")
+    return with_classifier(_cfg_family(denoiser, options), options, grid)
+
+
+def _cfg_family(denoiser, options: GuidanceOptions):
     o, w = options, options.cfg
     scale = w if o.interval is None else IntervalScale(w, *_finite_ends(o.interval))
+    s_pag = None
     if o.pag is not None:
+        s_pag = o.pag if o.interval is None else IntervalScale(o.pag, *_finite_ends(o.interval), outside=0.0)
+    if o.ag is not None or o.cfg_rescale is not None:
+        if o.ag is not None:
+            den = AdaptiveGuidance(denoiser, scale, o.ag, space=AG_SPACES[o.ag_space])
+        else:
+            den = GuidanceRescale(denoiser, scale, o.cfg_rescale, space=X0())
+        if s_pag is not None:
+            from .pag import attention_root
+
+            den = PAGTerm(den, denoiser, s_pag, o.pag_layers, net=attention_root(_network(denoiser)))
+    elif o.pag is not None:
         from .pag import attention_root
 
-        s = o.pag if o.interval is None else IntervalScale(o.pag, *_finite_ends(o.interval), outside=0.0)
-        den = PAG(denoiser, s, o.pag_layers, cfg_scale=scale, net=attention_root(_network(denoiser)))
-    elif o.ag is not None:
-        den = AdaptiveGuidance(denoiser, scale, o.ag, space=AG_SPACES[o.ag_space])
-    elif o.cfg_rescale is not None:
-        den = GuidanceRescale(denoiser, scale, o.cfg_rescale, space=X0())
+        den = PAG(denoiser, s_pag, o.pag_layers, cfg_scale=scale, net=attention_root(_network(denoiser)))
     elif o.negative_prompt is not None and o.interval is None:
         return NegativeGuidance(denoiser, w)
     elif o.interval is not None:

@@ -235,3 +235,39 @@ class PAG:
             x0_p = self.perturbed(x, t, cond)
         base = x0_c if x0_u is None else contrast(x0_c, x0_u, w)
         return base + s * (x0_c - x0_p)
+
+
+@dataclass
+class PAGTerm:
+    """PAG's term added to any other guided denoiser: x0 = guided(x) + s (x0_c - x0_p), with x0_c and x0_p
+    from the model's own ``denoiser`` on the conditional input, in one batch [cond, perturbed]. This is how
+    PAG composes with a guidance that runs CFG its own way (adaptive guidance, guidance rescale): with plain
+    CFG as ``guided`` it equals ``PAG(denoiser, s, layers, cfg_scale=w)`` (paper eq. 11) but costs one more
+    network row per call (x0_c is evaluated again), so ``PAG`` itself stays the choice for CFG + PAG.
+    ``scale`` 0 is ``guided`` bit for bit."""
+
+    guided: Any
+    denoiser: Any
+    scale: float | Callable = 3.0
+    layers: str | Sequence[str] = ("mid",)
+    net: nn.Module | None = None
+    modules: dict = field(init=False, repr=False)
+
+    def __post_init__(self):
+        _check_scale(self.scale)
+        self.modules = select_layers(self.net if self.net is not None else attention_root(self.denoiser),
+                                     self.layers)
+
+    @property
+    def schedule(self):
+        return self.guided.schedule
+
+    def __call__(self, x, t, cond=None):
+        out = self.guided(x, t, cond)
+        s = self.scale(t) if callable(self.scale) else self.scale
+        if s == 0:
+            return out
+        c = {k: v for k, v in (cond or {}).items() if k != "null"}
+        with perturbed_attention(list(self.modules.values()), rows=x.shape[0]):
+            x0_c, x0_p = split_batch(self.denoiser(torch.cat([x, x]), _repeat_t(t, 2), batch_cond([c, c])), 2)
+        return out + s * (x0_c - x0_p)

@@ -158,8 +158,11 @@ def load_pretrained(cls, directory: Path):
 def _families():
     from .digits import DigitsFamily
     from .shapes import ShapesFamily
+    from .shapes_classifier import ShapesClassifierFamily
+    from .shapes_imbalanced import ShapesImbalancedFamily
 
-    return {"shapes": ShapesFamily(), "digits": DigitsFamily()}
+    return {"shapes": ShapesFamily(), "digits": DigitsFamily(), "shapes_classifier": ShapesClassifierFamily(),
+            "shapes_imbalanced": ShapesImbalancedFamily()}
 
 
 def get_family(name: str) -> ModelFamily:

@@ -49,6 +49,10 @@ class ShapesFamily(ModelFamily):
         attrs = shapes.random_attrs(n, generator)
         return text.attrs_to_tokens(attrs), attrs
 
+    def attribute_targets(self, raw):
+        """(B, 4) attributes named by the captions (shape, color, size, position), -1 where omitted."""
+        return text.tokens_to_attrs(raw)
+
     def score(self, images, targets):
         return labeller.accuracy(labeller.label(images), targets)
 

@@ -45,6 +45,7 @@ class TrainConfig:
     eval_cfg: float = 3.0
     seed: int = 0
     threads: int = 1
+    init_from: str = ""  # a bundled model name or model directory whose weights start the run
 
 
 @dataclass
@@ -60,7 +61,7 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-FAMILIES = ("shapes", "digits")
+FAMILIES = ("shapes", "digits", "shapes_classifier", "shapes_imbalanced")
 SEED_MIN, SEED_MAX = 0, 2**63 - 1
 MAX_THREADS = 1024
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

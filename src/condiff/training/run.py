@@ -22,7 +22,28 @@ def make_trainer(recipe: Recipe, out_dir, progress: bool = True) -> Trainer:
 
     model = build_model(recipe.family, recipe.model, recipe.schedule, recipe.objective.prediction,
                         noise_for_D(recipe.objective.pfgmpp_D))
+    if recipe.train.init_from:
+        init_weights(model, recipe.train.init_from)
     return Trainer(model, recipe, Path(out_dir), progress=progress, evaluate=_learning_curve_eval(recipe))
+
+
+def init_weights(model, init_from: str):
+    """Start ``model`` from the weights of a bundled model or model directory (``[train] init_from``): same
+    networks, prediction and schedule required. It runs before the Trainer copies the weights into its EMA, and a
+    resume then overwrites them with the checkpoint's, so resume stays exact."""
+    from ..models.base import load_model
+
+    src = load_model(init_from)
+    if src.prediction.name != model.prediction.name or src.info.get("schedule_cfg") != model.info.get("schedule_cfg"):
+        raise ConfigError(f"train.init_from {init_from!r} has prediction {src.prediction.name!r} and schedule "
+                          f"{src.info.get('schedule_cfg')}; the recipe needs {model.prediction.name!r} and "
+                          f"{model.info.get('schedule_cfg')}")
+    try:
+        model.module.load_state_dict(src.module.state_dict())
+    except RuntimeError as e:
+        first = (str(e).strip().splitlines() or [""])[0][:150]
+        raise ConfigError(f"train.init_from {init_from!r}: its networks do not match the recipe's [model] "
+                          f"({first})") from None
 
 
 def _learning_curve_eval(recipe: Recipe):
@@ -31,6 +52,8 @@ def _learning_curve_eval(recipe: Recipe):
         return None
 
     def run(model, ema_module):
+        if hasattr(model.family, "learning_curve"):  # classifiers: accuracy on fresh renders
+            return model.family.learning_curve(ema_module, model.schedule)
         from ..evaluate import evaluate
         from ..solvers import DPMSolverPP2M
 

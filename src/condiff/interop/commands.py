@@ -1,0 +1,170 @@
+"""The CLI's ``--pipeline`` paths: ``condiff sample / invert / edit --pipeline DIR`` on a local diffusers folder.
+
+Every check that needs no weights runs first; user errors are one-line CondiffErrors (exit 2 in ``cli.main``).
+Nothing here names a hub id, so with HF_HUB_OFFLINE=1 nothing reaches for the network.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+import time
+from pathlib import Path
+from typing import Optional
+
+from ..errors import ConfigError
+
+
+def refuse_model_options(options: dict) -> None:
+    """Options of condiff's own models that --pipeline does not take: a one-line error naming them."""
+    given = [name for name, value in options.items() if value not in (None, False, [], ())]
+    if given:
+        raise ConfigError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not combine with --pipeline "
+                          f"(condiff's own models only)")
+
+
+def _load(pipeline: Path):
+    import torch
+
+    from ..cli import _threads
+    from .pipeline import load_pipeline
+
+    torch.set_num_threads(_threads())
+    return load_pipeline(pipeline)
+
+
+def sample_cmd(pipeline: Path, prompt: Optional[str], negative_prompt: Optional[str], height: Optional[int],
+               width: Optional[int], solver: str, solver_opt, steps: int, cfg: float, n: int, seed: int,
+               spacing: Optional[str], batch_size: int, out: Path, guidance: dict) -> None:
+    """``condiff sample --pipeline DIR``: a PNG grid of the decoded samples and a JSON sidecar."""
+    import torch
+    import typer
+
+    from .. import __version__
+    from ..cli import _check_common, _check_out, _solver
+    from ..grids import SPACINGS
+    from ..guidance.build import GuidanceOptions, parse_interval, parse_layers
+    from ..images import grid_image, save_png
+    from ..io import atomic_write_json
+    from .latents import default_size, latent_shape
+    from .pipeline import size_multiple
+    from .run import sample_pipeline
+
+    _check_common(steps, cfg, n, batch_size, seed)
+    _check_out(out, "--out", ".png")
+    _check_out(out.with_suffix(".json"), "--out (its JSON sidecar)")
+    if prompt is None:
+        raise ConfigError("--pipeline needs --prompt (a text prompt; DiT pipelines: a class name or index)")
+    sol = _solver(solver, solver_opt)
+    spc = None
+    if spacing is not None:
+        if spacing not in SPACINGS:
+            from ..errors import one_of
+
+            raise one_of("spacing", spacing, SPACINGS)
+        spc = SPACINGS[spacing]
+    g = dict(guidance)
+    if g.get("pag_layers") is not None and g.get("pag") is None:
+        raise ConfigError("--pag-layers needs --pag")
+    if g.get("ag_space") is not None and g.get("ag") is None:
+        raise ConfigError("--ag-space needs --ag")
+    options = GuidanceOptions(
+        cfg=cfg, pag=g.get("pag"),
+        pag_layers=("mid",) if g.get("pag_layers") is None else parse_layers(g["pag_layers"]),
+        ag=g.get("ag"), ag_space=g.get("ag_space") or "x0", cfg_rescale=g.get("cfg_rescale"),
+        interval=None if g.get("guidance_interval") is None else parse_interval(g["guidance_interval"]))
+    step = size_multiple(pipeline)
+    for name, v in (("--height", height), ("--width", width)):
+        if v is not None and (v < step or v % step):
+            raise ConfigError(f"{name} must be a positive multiple of {step} for this pipeline, got {v}")
+    pipe = _load(pipeline)
+    if not pipe.text_conditioned and negative_prompt is not None and not pipe.labels:
+        raise ConfigError("--negative-prompt needs a text- or class-conditioned pipeline")
+    h = default_size(pipe) if height is None else height
+    w = default_size(pipe) if width is None else width
+    latent_shape(pipe, 1, h, w)  # checks the size before any sampling
+    t0 = time.perf_counter()
+    result = sample_pipeline(pipe, [prompt], n, sol, steps, options, seed, h, w, negative_prompt, spc, batch_size)
+    seconds = time.perf_counter() - t0
+    save_png(grid_image(result.images, ncols=max(1, int(math.ceil(math.sqrt(n)))), scale=1), out)
+    flags = options.flags()
+    sidecar = {**options.describe(), "command": "sample", "pipeline": str(pipeline), "pipeline_class": pipe.kind,
+               "prompt": prompt, "negative_prompt": negative_prompt, "height": h, "width": w, "solver": solver,
+               "solver_opt": solver_opt or [], "steps": steps, "cfg": cfg, "n": n, "seed": seed, "spacing": spacing,
+               "grid": result.grid.tolist(), "nfe": result.nfe, "seconds": seconds, "condiff_version": __version__,
+               "torch_version": torch.__version__,
+               "reproduce": f"condiff sample --pipeline {shlex.quote(str(pipeline))} --prompt {shlex.quote(prompt)}"
+               + (f" --negative-prompt {shlex.quote(negative_prompt)}" if negative_prompt is not None else "")
+               + f" --height {h} --width {w} --solver {solver} --steps {steps} --cfg {cfg} --n {n} --seed {seed}"
+               + (f" --spacing {spacing}" if spacing is not None else "")
+               + "".join(f" --solver-opt {shlex.quote(o)}" for o in solver_opt or [])
+               + f" --batch-size {batch_size}{flags} --out {shlex.quote(str(out))}"}
+    atomic_write_json(out.with_suffix(".json"), sidecar)
+    typer.echo(f"wrote {out} and {out.with_suffix('.json')} ({n} images, {result.nfe} NFE, {seconds:.1f}s)")
+
+
+def _image(pipe, path: Path):
+    from ..images import read_image
+    from .latents import default_size
+
+    size = default_size(pipe)
+    return read_image(path, (3, size, size)).tensor
+
+
+def invert_cmd(pipeline: Path, image: Path, prompt: str, method: str, steps: int, seed: int, method_opt,
+               out: Path) -> None:
+    """``condiff invert --pipeline DIR``: invert an image's VAE latents; save the inversion (safetensors)."""
+    import typer
+
+    from ..cli import _check_out
+    from ..commands.edit import _check_seed, _check_steps, _psnr, make_method, method_options
+    from ..inversion.methods import save_inverted
+    from .run import invert_pipeline
+
+    _check_steps(steps)
+    _check_seed(seed)
+    _check_out(out, "--out", ".safetensors")
+    meth = make_method(method, method_options(method, method_opt))
+    pipe = _load(pipeline)
+    x = _image(pipe, image)
+    t0 = time.perf_counter()
+    state, recon = invert_pipeline(pipe, meth, x, prompt, steps, seed)
+    seconds = time.perf_counter() - t0
+    p = _psnr(recon, x)
+    save_inverted(state, out, {"format": "condiff.inversion", "pipeline": str(pipeline), "prompt": prompt,
+                               "steps": steps, "seed": seed, "options": meth.options(), "label": meth.label,
+                               "image": str(image), "reconstruction_psnr": p, "seconds": seconds,
+                               "space": "latent"})
+    typer.echo(f"inverted with {meth.label}: wrote {out} (reconstruction PSNR {p:.2f} dB through the VAE, "
+               f"{seconds:.1f}s)")
+
+
+def edit_cmd(pipeline: Path, image: Path, from_: Optional[str], to: str, method: Optional[str],
+             steps: Optional[int], seed: int, method_opt, inversion: Optional[Path], out: Path) -> None:
+    """``condiff edit --pipeline DIR``: invert under --from, sample under --to, write the edit and a strip."""
+    import typer
+
+    from ..cli import _check_out
+    from ..commands.edit import _check_seed, _check_steps, _psnr, make_method, method_options
+    from ..images import compare_image, save_png, write_image
+    from .run import edit_pipeline, invert_pipeline
+
+    if inversion is not None:
+        raise ConfigError("--inversion does not combine with --pipeline yet; edit in one go (give --from)")
+    if from_ is None or method is None:
+        raise ConfigError("with --pipeline, give --from (the source prompt) and --method")
+    steps = 50 if steps is None else _check_steps(steps)
+    _check_seed(seed)
+    compare = out.with_name(out.stem + "_compare.png")
+    _check_out(out, "--out", ".png")
+    _check_out(compare, "--out (its comparison image)")
+    meth = make_method(method, method_options(method, method_opt))
+    pipe = _load(pipeline)
+    x = _image(pipe, image)
+    state, recon = invert_pipeline(pipe, meth, x, from_, steps, seed)
+    edited = edit_pipeline(pipe, meth, state, to, seed)
+    p = _psnr(recon, x)
+    write_image(edited, out)
+    save_png(compare_image([(f"source: {from_}", x[0]), (f"reconstruction ({p:.1f} dB)", recon[0]),
+                            (f"edited: {to}", edited[0])]), compare)
+    typer.echo(f"edited with {meth.label}: wrote {out} and {compare} (reconstruction PSNR {p:.2f} dB)")
