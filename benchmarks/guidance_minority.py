@@ -10,7 +10,8 @@ unguided sampling while the labeller still reads a valid object in >= 90% of the
 The minority classifier comes from `condiff guidance fit-minority` (it records its own command). Every setting
 samples from the same start noise and solver noise (generator seeded with --seed). "valid" = the exact labeller
 (condiff.data.labeller.label) finds an object: no -1 in its reading (a non-empty largest bright component).
-"rare share" = the fraction of ALL samples the labeller reads as cyan (invalid samples count as not cyan).
+"on palette" (stricter) = valid and the object's mean RGB is within 0.25 of a palette color. "rare share" = the
+fraction of ALL samples the labeller reads as cyan (invalid samples count as not cyan).
 Also reports the score diagnostics on the classifier's own training renders (re-drawn from its seed): the mean
 score per color and cyan's share per level. Prints markdown tables; writes JSON and a PNG (a row per setting)."""
 
@@ -33,6 +34,7 @@ from condiff.solvers import get_solver
 from condiff.training.recipe import ObjectiveConfig
 
 RARE = shapes.COLORS.index("cyan")
+PALETTE_TOL = 0.25
 
 
 def run(den, m, grid, solver, n, batch, seed):
@@ -51,11 +53,24 @@ def run(den, m, grid, solver, n, batch, seed):
     return torch.cat(out), nfe, time.perf_counter() - t0
 
 
+def on_palette(images, masks, tol=PALETTE_TOL):
+    """Per sample: the object's mean RGB (in [0, 1]) is within ``tol`` (Euclidean) of a palette color (a stricter
+    check than "valid": it rejects e.g. white or muddy objects that the labeller still maps to a color)."""
+    ok = torch.zeros(images.shape[0], dtype=torch.bool)
+    for i in range(images.shape[0]):
+        if bool(masks[i].any()):
+            rgb = (images[i][:, masks[i]].mean(1) + 1) / 2
+            ok[i] = bool(((shapes.PALETTE - rgb[None]).norm(dim=1).min()) < tol)
+    return ok
+
+
 def judge(images):
     lab = labeller.label(images)
     valid = (lab >= 0).all(1)
+    palette = on_palette(images, labeller.masks(images)) & valid
     colors = torch.bincount(lab[valid, 1], minlength=len(shapes.COLORS)).double() / images.shape[0]
     return {"rare_share": float(colors[RARE]), "valid": float(valid.double().mean()),
+            "on_palette": float(palette.double().mean()),
             "rare_share_of_valid": float((lab[valid, 1] == RARE).double().mean()) if bool(valid.any()) else 0.0,
             "color_shares": {c: round(float(v), 4) for c, v in zip(shapes.COLORS, colors)}}
 
@@ -126,11 +141,12 @@ def main(argv=None):
         shown.append(images[: a.show])
         print(f"w={w:g} level={res['level']}: rare {res['rare_share']:.3f} (x{res['rare_ratio']:.2f}) valid "
               f"{res['valid']:.3f} nfe {nfe} ({secs:.0f}s)", flush=True)
-    print("\n| w | level | cyan share | x unguided | valid | cyan share of valid | NFE |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| w | level | cyan share | x unguided | valid | on palette | cyan share of valid | NFE |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['scale']:g} | {'-' if r['level'] is None else r['level']} | {r['rare_share']:.3f} | "
-              f"{r['rare_ratio']:.2f} | {r['valid']:.3f} | {r['rare_share_of_valid']:.3f} | {r['nfe']} |")
+              f"{r['rare_ratio']:.2f} | {r['valid']:.3f} | {r['on_palette']:.3f} | {r['rare_share_of_valid']:.3f} | "
+              f"{r['nfe']} |")
     if diag:
         print(f"\nscore diagnostics on {diag['classifier'].get('renders')} training renders: cyan-vs-rest AUC "
               f"{diag['rare_vs_rest_auc']:.3f}")
@@ -145,7 +161,9 @@ def main(argv=None):
     atomic_write_json(a.json, {"command": cmd, "model": a.model, "minority": a.minority, "n": a.n,
                                "solver": a.solver, "steps": a.steps, "seed": a.seed, "levels": mc.levels,
                                "score_t": mc.t, "score_draws": mc.n, "results": rows, "diagnostics": diag,
-                               "valid_definition": "labeller.label reads no -1 (a non-empty object)"})
+                               "valid_definition": "labeller.label reads no -1 (a non-empty object)",
+                               "on_palette_definition": f"valid and the object's mean RGB in [0, 1] is within "
+                                                        f"{PALETTE_TOL} (Euclidean) of a palette color"})
     labels = [f"w={r['scale']:g}" + ("" if r["level"] is None else f" l={r['level']}") +
               f" cyan {r['rare_share']:.2f}" for r in rows]
     save_png(labelled_grid(torch.cat(shown), labels, [str(i) for i in range(a.show)], scale=2), a.png)

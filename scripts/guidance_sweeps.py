@@ -26,6 +26,13 @@ SWEEPS = [
     ("cfg 3, PAG 2 (up)", GuidanceOptions(cfg=3.0, pag=2.0, pag_layers=("up",))),
     ("cfg 3, PAG 5 (up)", GuidanceOptions(cfg=3.0, pag=5.0, pag_layers=("up",))),
     ("cfg 3, negative 'large'", GuidanceOptions(cfg=3.0, negative_prompt="large")),
+    ("cfg 3, PAG 2 (up), AG 0.9995", GuidanceOptions(cfg=3.0, pag=2.0, pag_layers=("up",), ag=0.9995)),
+    # classifier guidance of the caption's color on the unconditional model (cfg 0: the empty prompt only)
+    ("uncond. (cfg 0)", GuidanceOptions(cfg=0.0)),
+    ("uncond., clean clf raw 16", GuidanceOptions(cfg=0.0, classifier="clean", cg_scale=16.0, cg_raw=True)),
+    ("uncond., EluCD 2", GuidanceOptions(cfg=0.0, classifier="clean", cg_scale=2.0)),
+    ("uncond., EluCD 4", GuidanceOptions(cfg=0.0, classifier="clean", cg_scale=4.0)),
+    ("uncond., noisy clf 4", GuidanceOptions(cfg=0.0, classifier="noisy", cg_scale=4.0)),
 ]
 
 

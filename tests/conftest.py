@@ -3,6 +3,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("CONDIFF_THREADS", "1")  # the CLI sets torch's threads from it (default 2), also on failures
 
 import torch  # noqa: E402
 

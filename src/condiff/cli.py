@@ -60,6 +60,11 @@ GuidanceIntervalOpt = Annotated[Optional[str], typer.Option(
 NegativePromptOpt = Annotated[Optional[str], typer.Option(
     "--negative-prompt", help="a condition that replaces the empty one in the guidance (shapes: a caption, "
     "digits: a digit)")]
+LinearAgOpt = Annotated[Optional[Path], typer.Option(
+    "--linear-ag", help="LinearAG: a coefficient file from `condiff guidance fit-linear-ag` (same --cfg, --steps, "
+    "--spacing); its first evaluations predict the unconditional branch instead of running it")]
+LinearAgStepsOpt = Annotated[Optional[int], typer.Option(
+    "--linear-ag-steps", help="with --linear-ag: how many evaluations are predicted (default: half the fitted)")]
 ClassifierOpt = Annotated[Optional[str], typer.Option(
     "--classifier", help="classifier guidance: a bundled shapes classifier (clean: EluCD-calibrated; noisy: "
     "noise-aware) or a classifier directory from condiff train (or PPAP experts from condiff guidance train-ppap)")]
@@ -173,7 +178,8 @@ def _check_common(steps: int, cfg: float, n: int, batch_size: int, seed: int,
 
 
 def _guidance(family, cfg: float, pag, pag_layers, ag, ag_space, cfg_rescale, guidance_interval,
-              negative_prompt, classifier=None, cg_scale=None, cg_attribute=None, cg_raw=False):
+              negative_prompt, classifier=None, cg_scale=None, cg_attribute=None, cg_raw=False, linear_ag=None,
+              linear_ag_steps=None):
     """The checked GuidanceOptions of the guidance flags, before any weights are read (PAG layer names are
     checked against the network once it is loaded)."""
     from .guidance.build import GuidanceOptions, parse_interval, parse_layers
@@ -187,7 +193,8 @@ def _guidance(family, cfg: float, pag, pag_layers, ag, ag_space, cfg_rescale, gu
                            interval=None if guidance_interval is None else parse_interval(guidance_interval),
                            negative_prompt=negative_prompt, classifier=classifier,
                            cg_scale=1.0 if cg_scale is None else cg_scale,
-                           cg_attribute="color" if cg_attribute is None else cg_attribute, cg_raw=cg_raw)
+                           cg_attribute="color" if cg_attribute is None else cg_attribute, cg_raw=cg_raw,
+                           linear_ag=None if linear_ag is None else str(linear_ag), linear_ag_steps=linear_ag_steps)
     if classifier is not None and cg_attribute is not None and cg_attribute not in family.attributes:
         from .errors import one_of
 
@@ -308,6 +315,8 @@ def sample_cmd(
     cg_scale: CgScaleOpt = None,
     cg_attribute: CgAttributeOpt = None,
     cg_raw: CgRawOpt = False,
+    linear_ag: LinearAgOpt = None,
+    linear_ag_steps: LinearAgStepsOpt = None,
     pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="a local diffusers pipeline folder (Stable "
                                             "Diffusion, DiT) to sample instead of --model; offline only"),
     height: Optional[int] = typer.Option(None, help="with --pipeline: image height in pixels (default: the "
@@ -321,7 +330,8 @@ def sample_cmd(
         from .interop import commands as _interop
 
         _interop.refuse_model_options({"--analytic-skip": analytic_skip, "--ems": ems, "--dc-ratios": dc_ratios,
-                                       "--dynamic-threshold": dynamic_threshold, "--classifier": classifier})
+                                       "--dynamic-threshold": dynamic_threshold, "--classifier": classifier,
+                                       "--linear-ag": linear_ag})
         return _interop.sample_cmd(pipeline, prompt, negative_prompt, height, width, solver, solver_opt, steps, cfg,
                                    n, seed, spacing, batch_size, out, dict(
                                        pag=pag, pag_layers=pag_layers, ag=ag, ag_space=ag_space,
@@ -340,7 +350,7 @@ def sample_cmd(
     family, sol, spacing, spc, skip = _sampling_setup(model, solver, steps, cfg, spacing, ems, dc_ratios,
                                                       solver_opt, analytic_skip)
     guide = _guidance(family, cfg, pag, pag_layers, ag, ag_space, cfg_rescale, guidance_interval, negative_prompt,
-                      classifier, cg_scale, cg_attribute, cg_raw)
+                      classifier, cg_scale, cg_attribute, cg_raw, linear_ag, linear_ag_steps)
     one = None if prompt is None else family.parse_prompt(prompt)
     m = _load(model)
     g = torch.Generator().manual_seed(seed)
@@ -399,6 +409,8 @@ def eval_cmd(
     cg_scale: CgScaleOpt = None,
     cg_attribute: CgAttributeOpt = None,
     cg_raw: CgRawOpt = False,
+    linear_ag: LinearAgOpt = None,
+    linear_ag_steps: LinearAgStepsOpt = None,
 ):
     """Sample random conditions and score them with the exact labeller (shapes) or the scorer (digits)."""
     from .evaluate import evaluate
@@ -410,7 +422,7 @@ def eval_cmd(
     family, sol, spacing, spc, skip = _sampling_setup(model, solver, steps, cfg, spacing, ems, dc_ratios,
                                                       solver_opt, analytic_skip)
     guide = _guidance(family, cfg, pag, pag_layers, ag, ag_space, cfg_rescale, guidance_interval, negative_prompt,
-                      classifier, cg_scale, cg_attribute, cg_raw)
+                      classifier, cg_scale, cg_attribute, cg_raw, linear_ag, linear_ag_steps)
     m = _load(model)
     res = evaluate(m, sol, steps, cfg, n, seed, spc, batch_size, progress=True, analytic_skip=skip,
                    dynamic_threshold=dynamic_threshold, guidance=guide)

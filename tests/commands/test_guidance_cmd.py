@@ -2,6 +2,7 @@
 and nothing is written; a tiny fit on digits writes a file that loads back and equals, bit for bit, the
 coefficients of a direct ``fit_linear_ag`` call with the same seed."""
 
+import json
 import math
 
 import pytest
@@ -107,3 +108,25 @@ def test_tiny_fit_writes_file_equal_to_direct_library_call(tmp_path, capsys):
     assert got.regressors == want.regressors and got.scale == want.scale == 3.0
     assert f"min {float(want.r2.min()):.4f}" in line
     assert all(math.isfinite(v) for v in got.coef.flatten().tolist())
+
+
+def test_linear_ag_option_uses_the_fitted_file(tmp_path, capsys):
+    """`condiff eval --linear-ag FILE` runs LinearAG from a `fit-linear-ag` file: the network rows per sample
+    drop by exactly the predicted evaluations (2 per step for CFG, 1 for each predicted one), and a file fitted
+    for another cfg or another grid is one error line."""
+    from clikit import ok as ok_, one_line_error as ole, run as run_
+
+    coeffs = tmp_path / "c.safetensors"
+    ok_(["guidance", "fit-linear-ag", "--model", "digits", "--cfg", "3", "--steps", "4", "--n", "8",
+         "--out", str(coeffs)], capsys)
+    base = ["eval", "--model", "digits", "--n", "4", "--steps", "4", "--json", str(tmp_path / "e.json")]
+    ok_(base + ["--cfg", "3", "--linear-ag", str(coeffs), "--linear-ag-steps", "3"], capsys)
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert res["network_rows_per_sample"] == 2 * 4 - 3 and res["nfe"] == 4 and res["linear_ag"] == str(coeffs)
+    code, _, err = run_(base + ["--cfg", "2", "--linear-ag", str(coeffs)], capsys)
+    ole(code, err, "was fitted at cfg 3")
+    code, _, err = run_(["eval", "--model", "digits", "--n", "4", "--steps", "6", "--cfg", "3", "--linear-ag",
+                         str(coeffs)], capsys)
+    ole(code, err, "was fitted on another time grid")
+    code, _, err = run_(base + ["--cfg", "3", "--linear-ag", str(coeffs), "--ag", "0.9"], capsys)
+    ole(code, err, "--ag and --linear-ag do not compose")

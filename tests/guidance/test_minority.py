@@ -55,7 +55,7 @@ def fitted(imbalanced):
     net = LevelMLP(LEVELS)
     losses = train_level_classifier(net, sch, x0, labels, steps=1500, batch_size=256, lr=3e-3, generator=g)
     return dict(den=den, x0=x0, y=y, t=t, scores=scores, thresholds=thresholds, labels=labels, net=net,
-                losses=losses, mc=MinorityClassifier(net, thresholds, t, 16))
+                losses=losses, mc=MinorityClassifier(net, thresholds, t, 16, t_range=(sch.t_min, sch.t_max)))
 
 
 def test_score_is_larger_for_the_rare_component(fitted):
@@ -137,7 +137,7 @@ def test_guidance_is_classifier_guidance_toward_the_level(fitted):
         out = MinorityGuidance(den, mc, w, level)(x, t)
         target = LEVELS - 1 if level is None else level
         xg = x.clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(torch.log_softmax(mc.net(xg, t), 1)[:, target].sum(), xg)
+        (grad,) = torch.autograd.grad(torch.log_softmax(mc.net(xg, (t - 1e-3) / (1 - 1e-3)), 1)[:, target].sum(), xg)
         a, s = sch.alpha(torch.tensor(t, dtype=F64)), sch.sigma(torch.tensor(t, dtype=F64))
         assert torch.allclose(out, den(x, t) + s * s / a * w * grad, rtol=1e-10, atol=1e-12)
     assert torch.equal(MinorityGuidance(den, mc, 0.0)(x, t), den(x, t))
@@ -162,13 +162,14 @@ def test_save_and_load_round_trip(tmp_path):
     """An AttributeClassifier level net and its thresholds come back identical (safetensors + JSON only)."""
     torch.manual_seed(0)
     net = AttributeClassifier(heads={"level": 3}, noise_aware=True, width=8, hidden=16).eval()
-    mc = MinorityClassifier(net, torch.tensor([0.25, 1.5], dtype=F64), 0.06, 5, {"note": "x"})
+    mc = MinorityClassifier(net, torch.tensor([0.25, 1.5], dtype=F64), 60.0, 5, {"note": "x"}, (0.0, 999.0))
     save_minority(mc, tmp_path / "mc")
     assert not list((tmp_path / "mc").rglob("*.bin")) and not list((tmp_path / "mc").rglob("*.pt"))
     back = load_minority(tmp_path / "mc")
     x = torch.randn(4, 3, 32, 32)
-    assert torch.equal(back.thresholds, mc.thresholds) and back.t == 0.06 and back.n == 5 and back.levels == 3
-    assert torch.equal(back(x, 0.3), mc(x, 0.3))
+    assert torch.equal(back.thresholds, mc.thresholds) and back.t == 60.0 and back.n == 5 and back.levels == 3
+    assert back.t_range == (0.0, 999.0)
+    assert torch.equal(back(x, 300.0), mc(x, 300.0)) and torch.equal(mc(x, 999.0), net(x, 1.0))
     with pytest.raises(InputFileError, match="minority.json"):
         load_minority(tmp_path)
 
@@ -216,7 +217,7 @@ def test_fit_minority_cli_writes_a_loadable_classifier(tmp_path, capsys):
     out = ok(_fit_cmd(tmp_path / "mc", "--holdout", "0.1"), capsys)
     assert "wrote" in out and "2 levels" in out
     mc = load_minority(tmp_path / "mc")
-    assert mc.levels == 2 and abs(mc.t - 0.06 * 999) < 1e-9 and mc.n == 1
+    assert mc.levels == 2 and abs(mc.t - 0.06 * 999) < 1e-9 and mc.n == 1 and mc.t_range == (0.0, 999.0)
     saved = load_tensors(tmp_path / "mc" / "scores.safetensors")
     assert saved["scores"].shape == (40,) and int(saved["heldout"].sum()) == 4
     assert torch.equal(torch.bincount(mc.label(saved["scores"]), minlength=2), torch.tensor([20, 20]))

@@ -319,8 +319,10 @@ def _classifier_dir(tmp_path, noise_aware=False):
 def test_cli_train_ppap_writes_loadable_experts_and_refuses_bad_input(tmp_path, capsys):
     """`condiff guidance train-ppap` on a tiny clean classifier and the bundled shapes model: the experts
     directory loads back onto the recorded classifier (one expert per half of the model's t range 0..999, base
-    weights untouched); a noise-aware classifier, --experts 0 and a classifier-less model are one-line errors (exit 2)."""
+    weights untouched); a noise-aware classifier, --experts 0 and a diffusion model given as the classifier are
+    one-line errors (exit 2)."""
     from condiff.cli import main
+    from condiff.models.base import bundled_dir
 
     clean, net = _classifier_dir(tmp_path)
     out = tmp_path / "experts"
@@ -336,7 +338,7 @@ def test_cli_train_ppap_writes_loadable_experts_and_refuses_bad_input(tmp_path, 
     assert frozen_checksum(multi.experts[1]) == frozen_checksum(net)
     noisy_dir, _ = _classifier_dir(tmp_path, noise_aware=True)
     for bad, message in [(["--classifier", str(noisy_dir)], "noise-aware"), (["--experts", "0"], "--experts"),
-                         (["--classifier", "shapes"], "shapes_classifier")]:
+                         (["--classifier", str(bundled_dir("shapes"))], "not a classifier")]:
         with pytest.raises(SystemExit) as exc:
             main(args + bad + ["--out", str(tmp_path / "bad")])
         assert exc.value.code == 2

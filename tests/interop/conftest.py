@@ -4,6 +4,15 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """The CLI sets torch's thread count from CONDIFF_THREADS (default 2), also on runs that then fail: keep
+    every test here on one core (two threads on the shared cores made later tests 100x slower)."""
+    monkeypatch.setenv("CONDIFF_THREADS", "1")
+    yield
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
     """A StableDiffusionPipeline folder (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, a CLIP tokenizer

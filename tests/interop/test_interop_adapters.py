@@ -123,6 +123,9 @@ def test_dit_pipeline_condition_and_learned_sigma(dit):
     assert cond["class_labels"].tolist() == [1, 1, 2, 2] and cond["null"]["class_labels"].tolist() == [1000] * 4
     with pytest.raises(ConfigError, match="circle"):
         dit.condition(["dragon"])
+    with pytest.raises(ConfigError, match=r"\[0, 999\]"):
+        dit.condition(["1000"])  # the null class is not a prompt
+    assert dit.condition(["circle"], 2, negative="star")["null"]["class_labels"].tolist() == [3, 3]
     x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     s = dit.scheduler
     with torch.no_grad():
@@ -162,3 +165,27 @@ def test_load_errors_are_one_line(tmp_path, tiny_sd_dir):
     (copy / "unet" / "diffusion_pytorch_model.safetensors").unlink()  # e.g. a folder with pickled .bin weights
     with pytest.raises(InputFileError, match="cannot load part 'unet'"):
         load_pipeline(copy)
+
+
+def test_unet2d_model_wrapped_matches_diffusers_loop():
+    """A bare UNet2DModel (unconditional, v-prediction) wrapped with wrap_diffusers and run by condiff's DDIM on
+    grid_from_scheduler equals diffusers' own DDIMScheduler loop (set_timesteps, unet, step) to 1e-5."""
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    from condiff.sampling import sample
+    from condiff.solvers import DDIM
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=4).eval()
+    s = DDIMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False, prediction_type="v_prediction",
+                      timestep_spacing="trailing")
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    ref = x
+    s.set_timesteps(10)
+    with torch.no_grad():
+        for t in s.timesteps:
+            ref = s.step(unet(ref, t).sample, t, ref).prev_sample
+        ours = sample(wrap_diffusers(unet, s), DDIM(), grid_from_scheduler(s, 10), x).x
+    assert float((ours - ref).abs().max()) <= 1e-5 * max(1.0, float(ref.abs().max()))

@@ -66,7 +66,8 @@ def test_sample_pipeline_pag_and_dit(tiny_sd_dir, tiny_dit_dir, tmp_path, capsys
 
 def test_invert_and_edit_pipeline(tiny_sd_dir, tmp_path, capsys):
     """invert/edit --pipeline run edit-friendly inversion on the VAE latents: exact maps reconstruct the
-    latents, so the reconstruction PSNR is the VAE's own round trip."""
+    latents, so the reconstruction PSNR is the VAE's own round trip; edit --inversion reuses the saved maps
+    (the same edit as in one go) and refuses another image."""
     from condiff.editbench import psnr
     from condiff.images import read_image
     from condiff.interop import decode, encode, load_pipeline
@@ -82,6 +83,16 @@ def test_invert_and_edit_pipeline(tiny_sd_dir, tmp_path, capsys):
     ok(["edit", "--pipeline", str(tiny_sd_dir), "--image", str(img), "--from", "red cat", "--to", "blue dog",
         "--method", "edit-friendly", "--steps", "5", "--out", str(tmp_path / "e.png")], capsys)
     assert Image.open(tmp_path / "e.png").size == (16, 16) and (tmp_path / "e_compare.png").is_file()
+    text = ok(["edit", "--pipeline", str(tiny_sd_dir), "--image", str(img), "--inversion",
+               str(tmp_path / "inv.safetensors"), "--to", "blue dog", "--out", str(tmp_path / "e2.png")], capsys)
+    assert f"PSNR {ceiling:.2f} dB" in text  # the saved maps reconstruct as the fresh ones do
+    assert (tmp_path / "e2.png").read_bytes() == (tmp_path / "e.png").read_bytes()  # the same edit
+    other = tmp_path / "other.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(other)
+    code, _, err = run(["edit", "--pipeline", str(tiny_sd_dir), "--image", str(other), "--inversion",
+                        str(tmp_path / "inv.safetensors"), "--to", "blue dog", "--out", str(tmp_path / "e3.png")],
+                       capsys)
+    one_line_error(code, err, "another image")
 
 
 @pytest.mark.parametrize("extra, needle", [

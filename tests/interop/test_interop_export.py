@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clikit import ok, one_line_error, run
+from clikit import one_line_error, run
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,11 @@ SAME = {
     "euler": ("EulerDiscreteScheduler", {}, Euler()),
     "heun": ("HeunDiscreteScheduler", {}, Heun()),
     "ddpm": ("DDPMScheduler", {}, DDPM()),  # stochastic: the same generator draws the same noise in order
+    # SD 2.x-style v-prediction, and DDIM's other end point (trailing spacing, alpha_cumprod 1 at the end)
+    "ddim-v": ("DDIMScheduler", {"prediction_type": "v_prediction"}, DDIM()),
+    "dpmpp-2m-v": ("DPMSolverMultistepScheduler", {"prediction_type": "v_prediction"}, DPMSolverPP2M()),
+    "ddim-trailing": ("DDIMScheduler", {"timestep_spacing": "trailing", "set_alpha_to_one": True}, DDIM()),
+    "dpmpp-2m-sigma-min": ("DPMSolverMultistepScheduler", {"final_sigmas_type": "sigma_min"}, DPMSolverPP2M()),
 }
 
 
@@ -84,3 +89,25 @@ def test_pag_matches_diffusers(sd, tiny_sd_dir, layers):
     assert err <= TOL
     plain = condiff_latents(sd, scheduler, lambda d: CFG(d, CFG_SCALE), DDIM())
     assert float((plain - ref).abs().max()) > 100 * TOL
+
+
+def test_dit_matches_diffusers(dit, tiny_dit_dir):
+    """condiff DDIM + CFG 4 on the tiny DiT folder (learned-sigma transformer, class labels, null class 1000)
+    reproduces DiTPipeline (which guides the eps channels only) in latent space (captured at its VAE decode),
+    to float32 round-off relative to the latents' size (|latent| ~700 here: a random eps-network amplified by
+    1/alpha ~ 160 at t = 999 of the linear table)."""
+    from diffusers import DiTPipeline
+
+    pipe = DiTPipeline.from_pretrained(tiny_dit_dir, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    seen, decode = {}, pipe.vae.decode
+    pipe.vae.decode = lambda z, *a, **k: (seen.setdefault("z", z.clone()), decode(z, *a, **k))[1]
+    pipe([1, 2], guidance_scale=4.0, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(SEED),
+         output_type="np")
+    ref = seen["z"] * pipe.vae.config.scaling_factor
+    x = initial_latents(dit, 2, SIZE, SIZE, torch.Generator().manual_seed(SEED), steps=STEPS)
+    with torch.no_grad():
+        ours = sample(CFG(dit.denoiser, 4.0), DDIM(), dit.grid(STEPS), x, dit.condition(["square", "triangle"])).x
+    rel = float((ours - ref).abs().max()) / float(ref.abs().max())
+    print(f"dit: max |condiff - diffusers| / max |latent| = {rel:.3g}")
+    assert rel <= 1e-5

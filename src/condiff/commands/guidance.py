@@ -131,8 +131,8 @@ def fit_linear_ag_cmd(
 
 @app.command("train-ppap")
 def train_ppap_cmd(
-    classifier: Path = typer.Option(..., help="the clean (off-the-shelf) classifier: a model directory from "
-                                    "`condiff train recipes/shapes-clean-classifier.toml`"),
+    classifier: str = typer.Option(..., help="the clean (off-the-shelf) classifier: 'clean' (bundled) or a model "
+                                   "directory from `condiff train recipes/shapes-clean-classifier.toml`"),
     model: str = typer.Option(..., help="the diffusion model whose empty-prompt samples are the unlabelled data "
                               "(bundled name or directory); its schedule defines t"),
     out: Path = typer.Option(..., help="output directory for the experts (LoRA weights + ppap.json)"),
@@ -160,6 +160,7 @@ def train_ppap_cmd(
     from ..grids import make_grid
     from ..guidance.ppap import (MultiExpert, distill_expert, expert_interval, head_groups, heldout_kd,
                                  lora_expert, save_ppap, teach)
+    from ..models.shapes_classifier import load_classifier
     from ..sampling import Gaussian, sample
 
     _check_common(gen_steps, 1.0, images, batch_size, seed)
@@ -174,10 +175,8 @@ def train_ppap_cmd(
         raise ConfigError(f"--weight-decay must be a finite number >= 0, got {weight_decay}")
     sol = _solver(solver)
     _check_out(out, "--out", kind="dir")
-    if _family(str(classifier)).name != "shapes_classifier":
-        raise ConfigError(f"--classifier must be a shapes_classifier model directory, got {str(classifier)!r}")
     _family(model)
-    net = _load(str(classifier)).module["classifier"].eval()
+    net = load_classifier(classifier)
     if net.config.noise_aware:
         raise ConfigError("--classifier is noise-aware; PPAP adapts an off-the-shelf clean classifier "
                           "(recipes/shapes-clean-classifier.toml)")
@@ -239,7 +238,7 @@ def train_ppap_cmd(
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    info = {"classifier": str(classifier), "model": model, "images": images, "holdout": holdout,
+    info = {"classifier": classifier, "model": model, "images": images, "holdout": holdout,
             "gen_steps": gen_steps, "solver": solver, "steps": steps, "batch_size": batch_size, "lr": lr,
             "weight_decay": weight_decay, "temperature": temperature, "seed": seed,
             "seconds": {"generate": round(gen_seconds, 1), "total": round(seconds, 1)}, "experts": report}

@@ -20,13 +20,17 @@ papers are in the modules used (docs/guidance.md):
   encodes): with plain CFG ``NegativeGuidance``; otherwise ``NegativeAsNull`` around the method, so that
   PAG / AG / rescale / interval contrast against the negative condition instead of the empty one.
 
+- ``linear_ag``: LinearAG (Castillo et al. 2025) from a coefficient file of ``condiff guidance fit-linear-ag``,
+  checked against the run's cfg and time grid; ``linear_ag_steps`` evaluations predict the unconditional branch
+  (default: the first half of the fitted ones).
 - ``classifier``: classifier guidance of one attribute (``cg_attribute``, default color) at scale ``cg_scale``,
   wrapped around all of the above (guidance/attribute.py); the target of each row is the value its prompt names
   (cond['cg_target'], set by the caller). A noise-aware classifier gives ADM guidance (Dhariwal & Nichol 2021);
   a clean one gets EluCD's calibration (Ma et al., ICLR 2024) on the sampling grid, or, with ``cg_raw``, is
   applied to x_t as it is (the naive off-the-shelf baseline).
 
-AG and guidance rescale each run CFG their own way, so at most one of them is accepted (both: one ConfigError).
+AG, LinearAG and guidance rescale each run CFG their own way, so at most one of them is accepted (two: one
+ConfigError).
 PAG composes with either: its term s (x0_c - x0_p) is added to theirs (``PAGTerm``, one extra network row per
 call); alone (with plain CFG) it is ``PAG``. Interval, negative prompt and the classifier compose with all.
 """
@@ -97,6 +101,8 @@ class GuidanceOptions:
     cfg_rescale: float | None = None
     interval: tuple[float, float] | None = None
     negative_prompt: str | None = None
+    linear_ag: str | None = None
+    linear_ag_steps: int | None = None
     classifier: str | None = None
     cg_scale: float = 1.0
     cg_attribute: str = "color"
@@ -130,9 +136,24 @@ class GuidanceOptions:
             raise ConfigError(f"--cg-attribute must be an attribute name such as color, got {self.cg_attribute!r}")
         if self.classifier is None and (self.cg_scale != 1.0 or self.cg_attribute != "color" or self.cg_raw):
             raise ConfigError("--cg-scale, --cg-attribute and --cg-raw need --classifier")
-        if self.ag is not None and self.cfg_rescale is not None:
-            raise ConfigError("--ag and --cfg-rescale do not compose (each runs CFG its own way); use one of them "
-                              "(either composes with --pag)")
+        own = [name for name, v in (("--ag", self.ag), ("--cfg-rescale", self.cfg_rescale),
+                                    ("--linear-ag", self.linear_ag)) if v is not None]
+        if len(own) > 1:
+            raise ConfigError(f"{' and '.join(own)} do not compose (each runs CFG its own way); use one of "
+                              f"--ag, --cfg-rescale, --linear-ag (each composes with --pag)")
+        if self.linear_ag is not None:
+            if not isinstance(self.linear_ag, str) or not self.linear_ag:
+                raise ConfigError(f"--linear-ag must be a coefficient file, got {self.linear_ag!r}")
+            for name, v in (("--guidance-interval", self.interval), ("--negative-prompt", self.negative_prompt)):
+                if v is not None:
+                    raise ConfigError(f"--linear-ag predicts the branch it was fitted on (empty prompt, its fixed "
+                                      f"--cfg at every step), so it does not combine with {name}")
+        if self.linear_ag_steps is not None:
+            if self.linear_ag is None:
+                raise ConfigError("--linear-ag-steps needs --linear-ag")
+            if isinstance(self.linear_ag_steps, bool) or not isinstance(self.linear_ag_steps, int) \
+                    or self.linear_ag_steps < 0:
+                raise ConfigError(f"--linear-ag-steps must be an integer >= 0, got {self.linear_ag_steps!r}")
 
     @property
     def is_plain_cfg(self) -> bool:
@@ -142,7 +163,7 @@ class GuidanceOptions:
         """JSON-ready values, keyed like the CLI options."""
         return {"pag": self.pag, "pag_layers": ",".join(self.pag_layers) if self.pag is not None else None,
                 "ag": self.ag, "ag_space": self.ag_space if self.ag is not None else None,
-                "cfg_rescale": self.cfg_rescale,
+                "cfg_rescale": self.cfg_rescale, "linear_ag": self.linear_ag, "linear_ag_steps": self.linear_ag_steps,
                 "guidance_interval": None if self.interval is None else list(self.interval),
                 "negative_prompt": self.negative_prompt, "classifier": self.classifier,
                 "cg_scale": self.cg_scale if self.classifier is not None else None,
@@ -160,6 +181,9 @@ class GuidanceOptions:
             out += f" --ag {self.ag!r} --ag-space {self.ag_space}"
         if self.cfg_rescale is not None:
             out += f" --cfg-rescale {self.cfg_rescale!r}"
+        if self.linear_ag is not None:
+            out += f" --linear-ag {shlex.quote(self.linear_ag)}"
+            out += "" if self.linear_ag_steps is None else f" --linear-ag-steps {self.linear_ag_steps}"
         if self.interval is not None:
             out += f" --guidance-interval {self.interval[0]!r},{self.interval[1]!r}"
         if self.negative_prompt is not None:
@@ -229,18 +253,44 @@ def build_guidance(denoiser, options: GuidanceOptions, grid=None):
     EluCD classifier guidance)."""
     if not isinstance(options, GuidanceOptions):
         raise ConfigError(f"build_guidance needs GuidanceOptions, got {type(options).__name__}")
-    return with_classifier(_cfg_family(denoiser, options), options, grid)
+    return with_classifier(_cfg_family(denoiser, options, grid), options, grid)
 
 
-def _cfg_family(denoiser, options: GuidanceOptions):
+def linear_ag(denoiser, options: GuidanceOptions, grid=None):
+    """``LinearAG`` from the coefficient file of ``options``, checked against the run: the coefficients hold
+    the CFG scale and the evaluation times they were fitted for."""
+    from .linear_ag import LinearAG, load_linear_ag
+
+    coeffs = load_linear_ag(options.linear_ag)
+    if abs(coeffs.scale - options.cfg) > 1e-12:
+        raise ConfigError(f"--linear-ag {options.linear_ag!r} was fitted at cfg {coeffs.scale:g}; run with --cfg "
+                          f"{coeffs.scale:g} (got {options.cfg:g})")
+    if grid is not None:
+        import torch
+
+        times = torch.as_tensor(grid, dtype=torch.float64)[:-1]
+        fitted = coeffs.times
+        if fitted.numel() > times.numel() or not torch.allclose(fitted, times[:fitted.numel()], rtol=1e-9, atol=1e-9):
+            raise ConfigError(f"--linear-ag {options.linear_ag!r} was fitted on another time grid ({fitted.numel()} "
+                              f"evaluations from t={float(fitted[0]):g}); fit it with the same --steps, --spacing "
+                              f"and a one-evaluation-per-step solver")
+    steps = options.linear_ag_steps
+    if steps is not None and steps > coeffs.steps:
+        raise ConfigError(f"--linear-ag-steps must be at most the {coeffs.steps} fitted evaluations, got {steps}")
+    return LinearAG(denoiser, coeffs, steps=steps)
+
+
+def _cfg_family(denoiser, options: GuidanceOptions, grid=None):
     o, w = options, options.cfg
     scale = w if o.interval is None else IntervalScale(w, *_finite_ends(o.interval))
     s_pag = None
     if o.pag is not None:
         s_pag = o.pag if o.interval is None else IntervalScale(o.pag, *_finite_ends(o.interval), outside=0.0)
-    if o.ag is not None or o.cfg_rescale is not None:
+    if o.ag is not None or o.cfg_rescale is not None or o.linear_ag is not None:
         if o.ag is not None:
             den = AdaptiveGuidance(denoiser, scale, o.ag, space=AG_SPACES[o.ag_space])
+        elif o.linear_ag is not None:
+            den = linear_ag(denoiser, o, grid)
         else:
             den = GuidanceRescale(denoiser, scale, o.cfg_rescale, space=X0())
         if s_pag is not None:

@@ -97,40 +97,53 @@ def quantile_levels(scores: torch.Tensor, levels: int) -> tuple[torch.Tensor, to
 
 @dataclass
 class MinorityClassifier:
-    """A noise-aware level classifier ``net(x, t) -> (B, L)`` logits with the score settings it was fitted
-    with (``thresholds`` (L-1,), score time ``t``, ``n`` draws). ``info`` holds free-form metrics."""
+    """A noise-aware level classifier with the score settings it was fitted with (``thresholds`` (L-1,), score
+    time ``t``, ``n`` draws). Called as ``mc(x, t) -> (B, L)`` logits with the schedule's t; the net itself sees
+    t mapped to [0, 1] over ``t_range`` (the schedule's (t_min, t_max); see ``unit_time``). ``info`` holds
+    free-form metrics."""
 
     net: Any
     thresholds: torch.Tensor
     t: float
     n: int = 5
     info: dict = field(default_factory=dict)
+    t_range: tuple = (0.0, 1.0)
 
     @property
     def levels(self) -> int:
         return int(self.thresholds.numel()) + 1
 
     def __call__(self, x, t):
-        return self.net(x, t)
+        return self.net(x, unit_time(t, *self.t_range))
 
     def label(self, scores: torch.Tensor) -> torch.Tensor:
         return assign_levels(scores, self.thresholds)
 
 
+def unit_time(t, t_min: float, t_max: float):
+    """(t - t_min) / (t_max - t_min): the schedule's time mapped to [0, 1], what the level net is fed (the
+    sinusoidal time features of nets.classifier expect t in [0, 1]; a VP-discrete schedule's t runs to 999)."""
+    if isinstance(t, torch.Tensor):
+        return ((t.double() - t_min) / (t_max - t_min)).float()
+    return (float(t) - t_min) / (t_max - t_min)
+
+
 def level_loss(net, schedule, x0: torch.Tensor, labels: torch.Tensor, generator) -> torch.Tensor:
-    """Per-sample cross-entropy of ``net(x_t, t)`` against the level labels, x_t ~ q(x_t | x0), t uniform."""
+    """Per-sample cross-entropy of ``net(x_t, unit_time(t))`` against the level labels, x_t ~ q(x_t | x0),
+    t uniform on the schedule's range."""
     from ..models.shapes_classifier import noisy
     from ..training.objectives import UniformTime
 
     t = UniformTime().sample(schedule, x0.shape[0], generator)
     eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
-    return F.cross_entropy(net(noisy(schedule, x0, t, eps), t.float()), labels, reduction="none")
+    logits = net(noisy(schedule, x0, t, eps), unit_time(t, schedule.t_min, schedule.t_max))
+    return F.cross_entropy(logits, labels, reduction="none")
 
 
 def train_level_classifier(net, schedule, x0: torch.Tensor, labels: torch.Tensor, steps: int = 1000,
                            batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.0,
                            generator: torch.Generator | None = None, progress=None) -> list[float]:
-    """Train ``net(x, t) -> (B, L)`` in place with AdamW on random batches of (x0, labels) (``level_loss``),
+    """Train ``net(x, unit_time(t)) -> (B, L)`` in place with AdamW on random batches of (x0, labels) (``level_loss``),
     a cosine learning-rate decay to lr/10. Returns the loss of every step. ``progress(step, loss)`` is called
     after each step when given."""
     import math
@@ -168,7 +181,7 @@ def level_accuracy(net, schedule, x0: torch.Tensor, labels: torch.Tensor, t: flo
     tt = torch.full((x0.shape[0],), float(t), dtype=torch.float64)
     eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
     with torch.no_grad():
-        logits = net(noisy(schedule, x0, tt, eps), tt.float())
+        logits = net(noisy(schedule, x0, tt, eps), unit_time(tt, schedule.t_min, schedule.t_max))
     pred = logits.argmax(1)
     per = [float((pred[labels == k] == k).float().mean()) if bool((labels == k).any()) else float("nan")
            for k in range(logits.shape[1])]
@@ -207,7 +220,7 @@ def fit_minority_classifier(denoiser, x0: torch.Tensor, levels: int, t: float, n
     if bool(held.any()):
         info["heldout_accuracy"] = {f"t={tt:g}": level_accuracy(net, sch, x0[held], labels[held], tt, g)
                                     for tt in (float(sch.t_min), float(t))}
-    return MinorityClassifier(net, thresholds, float(t), n, info), scores, held
+    return MinorityClassifier(net, thresholds, float(t), n, info, (float(sch.t_min), float(sch.t_max))), scores, held
 
 
 @dataclass
@@ -259,6 +272,7 @@ def save_minority(mc: MinorityClassifier, directory, tensors: dict | None = None
         atomic_write_json(tmp / META_FILE, {
             "method": "minority guidance (Um, Lee, Ye, ICLR 2024)", "levels": mc.levels,
             "thresholds": [float(v) for v in mc.thresholds.double()], "t": mc.t, "n": mc.n,
+            "t_range": [float(v) for v in mc.t_range],
             "distance": "squared_error", "info": mc.info})
         if tensors:
             save_tensors(tmp / "scores.safetensors", tensors)
@@ -278,10 +292,13 @@ def load_minority(directory) -> MinorityClassifier:
     try:
         thresholds = torch.tensor([float(v) for v in meta["thresholds"]], dtype=torch.float64)
         t, n = float(meta["t"]), int(meta["n"])
+        t_range = tuple(float(v) for v in meta.get("t_range", (0.0, 1.0)))
+        if len(t_range) != 2 or not t_range[0] < t_range[1]:
+            raise ValueError(f"t_range must be [t_min, t_max] with t_min < t_max, got {meta.get('t_range')}")
     except (KeyError, TypeError, ValueError) as e:
         raise InputFileError(f"{str(directory / META_FILE)!r} is malformed ({type(e).__name__}: {e})") from None
     net = load_pretrained(AttributeClassifier, directory / "classifier").eval()
     if net.head_sizes != [thresholds.numel() + 1]:
         raise InputFileError(f"{str(directory)!r}: the classifier has heads {net.head_sizes}, but the "
                              f"thresholds give {thresholds.numel() + 1} levels")
-    return MinorityClassifier(net, thresholds, t, n, meta.get("info", {}))
+    return MinorityClassifier(net, thresholds, t, n, meta.get("info", {}), t_range)

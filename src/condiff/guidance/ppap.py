@@ -387,9 +387,10 @@ def read_ppap_meta(directory) -> dict:
 
 
 def load_ppap(directory, classifier: nn.Module | None = None) -> MultiExpert:
-    """Rebuild the experts saved by ``save_ppap`` on ``classifier`` (default: the model directory recorded as
-    'classifier' in ppap.json, its ``classifier`` module). The classifier must be the one they were trained on
-    (checked by checksum)."""
+    """Rebuild the experts saved by ``save_ppap`` on ``classifier`` (default: the shapes classifier recorded as
+    'classifier' in ppap.json, a bundled name such as 'clean' or a model directory, read by
+    ``models.shapes_classifier.load_classifier``). The classifier must be the one they were trained on (checked
+    by checksum)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise InputFileError(f"PPAP experts directory not found: {str(directory)!r}")
@@ -397,9 +398,9 @@ def load_ppap(directory, classifier: nn.Module | None = None) -> MultiExpert:
     if classifier is None:
         if not meta.get("classifier"):
             raise InputFileError(f"{str(directory)!r} does not record its classifier; pass one to load_ppap")
-        from ..models.base import load_model
+        from ..models.shapes_classifier import load_classifier
 
-        classifier = load_model(meta["classifier"]).module["classifier"]
+        classifier = load_classifier(meta["classifier"])
     if frozen_checksum(classifier) != meta["base_checksum"]:
         raise InputFileError(f"the experts in {str(directory)!r} were trained on another classifier "
                              f"(base checksum differs)")

@@ -78,8 +78,9 @@ def sample_cmd(pipeline: Path, prompt: Optional[str], negative_prompt: Optional[
         if v is not None and (v < step or v % step):
             raise ConfigError(f"{name} must be a positive multiple of {step} for this pipeline, got {v}")
     pipe = _load(pipeline)
-    if not pipe.text_conditioned and negative_prompt is not None and not pipe.labels:
-        raise ConfigError("--negative-prompt needs a text- or class-conditioned pipeline")
+    if dict(pipe.scheduler.config).get("clip_sample") and spacing is None:
+        typer.echo("note: the folder's scheduler config sets clip_sample=True; condiff does not clip x0, so results "
+                   "differ from diffusers' (see docs/diffusers.md)", err=True)
     h = default_size(pipe) if height is None else height
     w = default_size(pipe) if width is None else width
     latent_shape(pipe, 1, h, w)  # checks the size before any sampling
@@ -117,7 +118,7 @@ def invert_cmd(pipeline: Path, image: Path, prompt: str, method: str, steps: int
     import typer
 
     from ..cli import _check_out
-    from ..commands.edit import _check_seed, _check_steps, _psnr, make_method, method_options
+    from ..commands.edit import _check_seed, _check_steps, _psnr, image_digest, make_method, method_options
     from ..inversion.methods import save_inverted
     from .run import invert_pipeline
 
@@ -131,37 +132,71 @@ def invert_cmd(pipeline: Path, image: Path, prompt: str, method: str, steps: int
     state, recon = invert_pipeline(pipe, meth, x, prompt, steps, seed)
     seconds = time.perf_counter() - t0
     p = _psnr(recon, x)
-    save_inverted(state, out, {"format": "condiff.inversion", "pipeline": str(pipeline), "prompt": prompt,
-                               "steps": steps, "seed": seed, "options": meth.options(), "label": meth.label,
-                               "image": str(image), "reconstruction_psnr": p, "seconds": seconds,
-                               "space": "latent"})
+    save_inverted(state, out, {"format": "condiff.inversion", "pipeline": str(Path(pipeline).resolve()),
+                               "prompt": prompt, "steps": steps, "seed": seed, "options": meth.options(),
+                               "label": meth.label, "image": str(image), "image_sha256": image_digest(x),
+                               "reconstruction_psnr": p, "seconds": seconds, "space": "latent"})
     typer.echo(f"inverted with {meth.label}: wrote {out} (reconstruction PSNR {p:.2f} dB through the VAE, "
                f"{seconds:.1f}s)")
 
 
+def _saved_inversion(path: Path, pipeline: Path, method: Optional[str], steps: Optional[int]):
+    """(state, metadata) of an inversion written by ``invert --pipeline`` for this folder; a file made for
+    another pipeline, method or step count is a one-line error."""
+    from ..commands.edit import _load_inversion
+    from ..errors import InputFileError
+
+    state, meta = _load_inversion(path)
+    where = repr(str(path))
+    if meta.get("pipeline") != str(Path(pipeline).resolve()):
+        raise ConfigError(f"--inversion {where} was made for --pipeline {meta.get('pipeline')!r}, not "
+                          f"{str(pipeline)!r}; invert again with this pipeline")
+    if method is not None and method != meta.get("method"):
+        raise ConfigError(f"--inversion {where} was made with --method {meta.get('method')}, not {method}")
+    if steps is not None and steps != meta.get("steps"):
+        raise ConfigError(f"--inversion {where} was made with --steps {meta.get('steps')}, not {steps}")
+    if not isinstance(meta.get("prompt"), str) or not isinstance(meta.get("options", {}), dict):
+        raise InputFileError(f"--inversion {where} lacks its prompt or options (write it with `condiff invert "
+                             f"--pipeline`)")
+    return state, meta
+
+
 def edit_cmd(pipeline: Path, image: Path, from_: Optional[str], to: str, method: Optional[str],
              steps: Optional[int], seed: int, method_opt, inversion: Optional[Path], out: Path) -> None:
-    """``condiff edit --pipeline DIR``: invert under --from, sample under --to, write the edit and a strip."""
+    """``condiff edit --pipeline DIR``: invert under --from (or reuse --inversion from ``invert --pipeline``),
+    sample under --to, write the edit and a comparison strip."""
     import typer
 
     from ..cli import _check_out
-    from ..commands.edit import _check_seed, _check_steps, _psnr, make_method, method_options
+    from ..commands.edit import _check_seed, _check_steps, _psnr, image_digest, make_method, method_options
     from ..images import compare_image, save_png, write_image
     from .run import edit_pipeline, invert_pipeline
 
-    if inversion is not None:
-        raise ConfigError("--inversion does not combine with --pipeline yet; edit in one go (give --from)")
-    if from_ is None or method is None:
-        raise ConfigError("with --pipeline, give --from (the source prompt) and --method")
-    steps = 50 if steps is None else _check_steps(steps)
+    if steps is not None:
+        _check_steps(steps)
     _check_seed(seed)
     compare = out.with_name(out.stem + "_compare.png")
     _check_out(out, "--out", ".png")
     _check_out(compare, "--out (its comparison image)")
-    meth = make_method(method, method_options(method, method_opt))
+    state = None
+    options = {}
+    if inversion is not None:
+        state, meta = _saved_inversion(inversion, pipeline, method, steps)
+        method, steps, options = meta["method"], meta["steps"], dict(meta.get("options", {}))
+        from_ = meta["prompt"] if from_ is None else from_
+    if from_ is None or method is None:
+        raise ConfigError("with --pipeline, give --from (the source prompt) and --method, or --inversion FILE")
+    steps = 50 if steps is None else steps
+    meth = make_method(method, {**options, **method_options(method, method_opt)})
     pipe = _load(pipeline)
     x = _image(pipe, image)
-    state, recon = invert_pipeline(pipe, meth, x, from_, steps, seed)
+    if state is None:
+        state, recon = invert_pipeline(pipe, meth, x, from_, steps, seed)
+    else:
+        if meta.get("image_sha256") != image_digest(x):
+            raise ConfigError(f"--inversion {str(inversion)!r} was made from another image than --image "
+                              f"{str(image)!r}; give that image or invert again")
+        recon = edit_pipeline(pipe, meth, state, from_, seed, reconstruct=True)
     edited = edit_pipeline(pipe, meth, state, to, seed)
     p = _psnr(recon, x)
     write_image(edited, out)

@@ -78,14 +78,17 @@ class DiffusersPipeline:
             return self.text_encoder(ids.input_ids, attention_mask=mask)[0]
 
     def class_index(self, prompt: str) -> int:
-        """A DiT class from a label name or an index."""
+        """A DiT class from a label name (any of id2label's comma-separated synonyms) or an index."""
         names = {name.strip(): int(k) for k, v in self.labels.items() for name in str(v).split(",")}
         if prompt in names:
             return names[prompt]
-        if prompt.strip().isdigit():
+        count = int(self.network.config.get("num_embeds_ada_norm") or 0)
+        if prompt.strip().isdigit() and int(prompt) < count:
             return int(prompt)
-        accepted = ", ".join(sorted(names)) or "a class index"
-        raise ConfigError(f"prompt {prompt!r} is not a class of this pipeline; accepted: {accepted}")
+        shown = sorted(names)
+        accepted = ", ".join(shown[:12]) + (f" ... ({len(shown)} names)" if len(shown) > 12 else "")
+        raise ConfigError(f"prompt {prompt!r} is not a class of this pipeline; accepted: a class index in "
+                          f"[0, {count - 1}]" + (f" or a name: {accepted}" if shown else ""))
 
     def condition(self, prompts: Sequence[str], n: int = 1, negative: str | Sequence[str] | None = None) -> dict:
         """The cond mapping for ``n`` samples of each prompt (``[p0]*n + [p1]*n + ...``), with ``null``."""
@@ -96,10 +99,16 @@ class DiffusersPipeline:
                 [negative] * len(prompts) if isinstance(negative, str) else list(negative))
             null = self.encode_prompt(neg).repeat_interleave(n, 0)
             return {"encoder_hidden_states": emb, "null": {"encoder_hidden_states": null}}
-        if self.labels is not None and self.network.config.get("num_embeds_ada_norm"):
+        if self.network.config.get("num_embeds_ada_norm"):
             labels = torch.tensor([self.class_index(p) for p in prompts]).repeat_interleave(n)
-            null = torch.full_like(labels, int(self.network.config.num_embeds_ada_norm))
+            if negative is None:  # DiT's null class is the last row of its label table
+                null = torch.full_like(labels, int(self.network.config.num_embeds_ada_norm))
+            else:
+                neg = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+                null = torch.tensor([self.class_index(p) for p in neg]).repeat_interleave(n)
             return {"class_labels": labels, "null": {"class_labels": null}}
+        if negative is not None:
+            raise ConfigError("a negative prompt needs a text- or class-conditioned pipeline")
         return {}
 
 

@@ -84,8 +84,10 @@ def invert_pipeline(pipe, method, image: torch.Tensor, prompt: str, steps: int, 
     return state, decode(pipe, recon).clamp(-1, 1)
 
 
-def edit_pipeline(pipe, method, state, prompt: str, seed: int) -> torch.Tensor:
-    """The edit: the inverted ``state`` sampled under ``prompt``, decoded."""
+def edit_pipeline(pipe, method, state, prompt: str, seed: int, reconstruct: bool = False) -> torch.Tensor:
+    """The edit: the inverted ``state`` sampled under ``prompt``, decoded (``reconstruct``: the method's
+    reconstruction under the source prompt instead)."""
+    fn = method.reconstruct if reconstruct else method.sample
     with torch.no_grad():
-        z = method.sample(pipe.denoiser, state, pipe.condition([prompt]), torch.Generator().manual_seed(seed))
+        z = fn(pipe.denoiser, state, pipe.condition([prompt]), torch.Generator().manual_seed(seed))
     return decode(pipe, z).clamp(-1, 1)
