@@ -71,10 +71,10 @@ def main(argv=None):
               "elucd": lambda s: elucd_guidance(m.denoiser, clean, "color", s, grid),
               "noisy": lambda s: classifier_guidance(m.denoiser, noisy, "color", s)}
     if a.ppap and "ppap" in methods:
-        from condiff.guidance.ppap import load_experts, ppap_guidance
+        from condiff.guidance.ppap import load_ppap, ppap_attribute_guidance
 
-        experts = load_experts(a.ppap)
-        makers["ppap"] = lambda s: ppap_guidance(m.denoiser, experts, "color", s)
+        experts = load_ppap(a.ppap)
+        makers["ppap"] = lambda s: ppap_attribute_guidance(m.denoiser, experts, "color", s)
     rows = []
     if "=" in a.scales:
         per = {k.strip(): [float(v) for v in vs.split(",")] for k, vs in (p.split("=") for p in a.scales.split(";"))}

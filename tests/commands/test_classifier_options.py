@@ -20,14 +20,19 @@ STEPS = 5
 
 
 def _by_hand(model, prompt, n, seed, guide):
-    raw = model.family.parse_prompt(prompt).expand(n, -1)
+    return _by_hand_solver(model, model.family.parse_prompt(prompt).expand(n, -1), seed, guide, "ddpm")
+
+
+def _by_hand_solver(model, raw, seed, guide, solver):
+    """Sample ``raw`` with guide(CFG(D, 0), grid) as the evaluate loop does (same seed, prior and noise)."""
+    n = raw.shape[0]
     g = torch.Generator().manual_seed(seed)
     grid = make_grid(model.schedule, STEPS)
     cond = model.condition(raw)
     cond[TARGET_KEY] = model.family.attribute_targets(raw)[:, 1]
     x = model.prior((n, 3, 32, 32), float(grid[0]), g)
     with torch.no_grad():
-        return sample(guide(CFG(model.denoiser, 0.0), grid), get_solver("ddpm"), grid, x, cond, Gaussian(g)).x
+        return sample(guide(CFG(model.denoiser, 0.0), grid), get_solver(solver), grid, x, cond, Gaussian(g)).x
 
 
 @pytest.mark.parametrize("raw", [False, True])
@@ -107,3 +112,29 @@ def test_the_issue_stack_runs_end_to_end(tmp_path, capsys):
     img, nfe = generate(m, m.family.parse_prompt("small blue square").expand(2, -1), get_solver("dpmpp-2m"), STEPS,
                         3.0, torch.Generator().manual_seed(1), guidance=opts)
     assert nfe == STEPS and img.shape == (2, 3, 32, 32) and torch.isfinite(img).all()
+
+
+def test_ppap_directory_as_classifier(tmp_path, capsys):
+    """--classifier DIR with PPAP experts (saved by save_ppap; here fresh LoRA experts, equal to the clean
+    classifier) runs PPAP guidance: the same images as ppap_attribute_guidance built by hand."""
+    from condiff.evaluate import generate
+    from condiff.guidance.ppap import MultiExpert, load_ppap, lora_expert, ppap_attribute_guidance, save_ppap
+    from condiff.models.base import load_model
+
+    clean = load_classifier("clean")
+    m = load_model("shapes")
+    experts = MultiExpert([lora_expert(clean, rank=2) for _ in range(2)], m.schedule.t_min, m.schedule.t_max)
+    save_ppap(experts, tmp_path / "ppap", clean, info={"classifier": "clean"})
+    out = tmp_path / "p.png"
+    ok(["sample", "--model", "shapes", "--prompt", "green", "--cfg", "0", "--solver", "ddim", "--steps", str(STEPS),
+        "--n", "2", "--classifier", str(tmp_path / "ppap"), "--cg-scale", "3", "--out", str(out)], capsys)
+    assert json.loads(out.with_suffix(".json").read_text())["classifier"] == str(tmp_path / "ppap")
+    opts = GuidanceOptions(cfg=0.0, classifier=str(tmp_path / "ppap"), cg_scale=3.0)
+    raw = m.family.parse_prompt("green").expand(2, -1)
+    img, _ = generate(m, raw, get_solver("ddim"), STEPS, 0.0, torch.Generator().manual_seed(0), guidance=opts)
+    loaded = load_ppap(tmp_path / "ppap")
+    ref = _by_hand_solver(m, raw, 0, lambda d, grid: ppap_attribute_guidance(d, loaded, "color", 3.0), "ddim")
+    assert torch.equal(img, ref.clamp(-1, 1))
+    code, _, err = run(["sample", "--model", "shapes", "--prompt", "green", "--classifier", str(tmp_path / "ppap"),
+                        "--cg-raw", "--steps", "2", "--n", "1", "--out", str(tmp_path / "q.png")], capsys)
+    one_line_error(code, err, "--cg-raw applies to a clean classifier")

@@ -102,6 +102,24 @@ def level_logits(x, t):
     return x @ torch.tensor([[1.0, -0.5, 0.2], [0.3, 0.8, -1.0]], dtype=x.dtype)
 
 
+class LinearExpert(nn.Module):
+    """A fixed linear 2-class classifier (x, t) -> logits for the PPAP case; ``k`` makes each expert differ."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.register_buffer("w", torch.tensor([[1.0, -0.5], [0.3, 0.8]], dtype=F64) * (1.0 + 0.5 * k))
+
+    def forward(self, x, t):
+        return x @ self.w.to(x.dtype)
+
+
+def ppap_experts():
+    """Three experts routed over VPLinear's t range (PPAP's multi-expert classifier)."""
+    from condiff.guidance.ppap import MultiExpert
+
+    return MultiExpert([LinearExpert(k) for k in range(3)], SCH.t_min, SCH.t_max)
+
+
 @functools.lru_cache(maxsize=None)
 def linear_ag_coefficients(solver: str):
     """LinearAG coefficients fitted (float64, scale 3) on 16 CFG trajectories of this solver on GRID."""
@@ -163,6 +181,7 @@ CASES = [
     Case("classifier", lambda d, s: G.ClassifierGuidance(d, exact_gmm_classifier(d), 2.0), (G.ClassifierGuidance,)),
     Case("elucd", lambda d, s: G.EluCD(d, clean_logits(_gmm()), GRID, scale=0.5), (G.EluCD,)),
     Case("minority", lambda d, s: G.MinorityGuidance(d, level_logits, 2.0, levels=3), (G.MinorityGuidance,)),
+    Case("ppap", lambda d, s: G.ppap_guidance(d, ppap_experts(), 2.0)),  # a ClassifierGuidance, routed by t
     Case("stack-ag-classifier", _stack),
     Case("inpaint", lambda d, s: G.inpaint(d, torch.tensor([1, 0]), torch.tensor([0.0, 0.7])),
          (G.Projection, G.Inpaint)),  # one known entry, shared by every row

@@ -59,7 +59,7 @@ def _check_target(cond):
 
 
 @dataclass
-class _Targeted:
+class Targeted:
     """Refuses a cond without targets (one clear line instead of a KeyError deep in the gradient)."""
 
     denoiser: Any
@@ -77,7 +77,7 @@ def classifier_guidance(denoiser, net, attribute: str, scale):
     """ADM classifier guidance by ``net``'s ``attribute`` head: a noise-aware net reads t (the proper noisy
     classifier); a clean net ignores it, which is the naive off-the-shelf baseline (module docstring)."""
     logits = AttributeLogits(net, attribute, denoiser.schedule)
-    return _Targeted(ClassifierGuidance(denoiser, from_logits(logits, TARGET_KEY), scale, drop=(TARGET_KEY,)))
+    return Targeted(ClassifierGuidance(denoiser, from_logits(logits, TARGET_KEY), scale, drop=(TARGET_KEY,)))
 
 
 @dataclass(frozen=True)
@@ -97,5 +97,5 @@ def elucd_guidance(denoiser, net, attribute: str, scale, grid, settings: EluCDSe
                           "noisy_classifier_guidance")
     smooth = softplus_smoothed(net, settings.beta)
     logits = AttributeLogits(smooth, attribute)
-    return _Targeted(EluCD(denoiser, logits, grid, scale, tau1=settings.tau1, tau2=settings.tau1 * settings.kappa,
+    return Targeted(EluCD(denoiser, logits, grid, scale, tau1=settings.tau1, tau2=settings.tau1 * settings.kappa,
                            gamma=settings.gamma, key=TARGET_KEY))

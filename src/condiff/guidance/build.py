@@ -27,7 +27,8 @@ papers are in the modules used (docs/guidance.md):
   wrapped around all of the above (guidance/attribute.py); the target of each row is the value its prompt names
   (cond['cg_target'], set by the caller). A noise-aware classifier gives ADM guidance (Dhariwal & Nichol 2021);
   a clean one gets EluCD's calibration (Ma et al., ICLR 2024) on the sampling grid, or, with ``cg_raw``, is
-  applied to x_t as it is (the naive off-the-shelf baseline).
+  applied to x_t as it is (the naive off-the-shelf baseline); a PPAP directory (``condiff guidance train-ppap``)
+  gives guidance by its t-routed LoRA experts (Go et al., CVPR 2023).
 
 AG, LinearAG and guidance rescale each run CFG their own way, so at most one of them is accepted (two: one
 ConfigError).
@@ -236,9 +237,17 @@ def with_classifier(den, options: GuidanceOptions, grid=None):
     o = options
     if o.classifier is None:
         return den
+    from pathlib import Path
+
     from ..models.shapes_classifier import load_classifier
     from .attribute import classifier_guidance, elucd_guidance
 
+    if (Path(o.classifier) / "ppap.json").is_file():  # PPAP experts from `condiff guidance train-ppap`
+        from .ppap import load_ppap, ppap_attribute_guidance
+
+        if o.cg_raw:
+            raise ConfigError("--cg-raw applies to a clean classifier; PPAP experts are noise-aware by construction")
+        return ppap_attribute_guidance(den, load_ppap(o.classifier), o.cg_attribute, o.cg_scale)
     net = load_classifier(o.classifier)
     if net.config.noise_aware or o.cg_raw:
         return classifier_guidance(den, net, o.cg_attribute, o.cg_scale)

@@ -341,14 +341,14 @@ def ppap_guidance(denoiser, experts: Callable, scale: float | Callable = 1.0, ke
 def ppap_attribute_guidance(denoiser, experts: MultiExpert, attribute: str, scale: float | Callable = 1.0):
     """PPAP guidance of one head (``attribute``) of AttributeClassifier experts, with the target class of every
     row in ``cond[attribute.TARGET_KEY]`` ('cg_target'), like ``guidance.attribute.classifier_guidance``."""
-    from .attribute import TARGET_KEY, _Targeted
+    from .attribute import TARGET_KEY, Targeted
 
     head = getattr(experts.experts[0], "head", None)
     if head is None:
         raise ConfigError(f"attribute guidance needs experts with a head(logits, name) method (AttributeClassifier), "
                           f"got {type(experts.experts[0]).__name__}")
     head(torch.zeros(1, sum(experts.experts[0].head_sizes)), attribute)  # names the attribute or errors
-    return _Targeted(ppap_guidance(denoiser, experts, scale, TARGET_KEY, lambda z: head(z, attribute)))
+    return Targeted(ppap_guidance(denoiser, experts, scale, TARGET_KEY, lambda z: head(z, attribute)))
 
 
 # ---- saving ---------------------------------------------------------------------------------------------
