@@ -275,6 +275,14 @@ def models():
         metrics = meta.get("metrics", {})
         typer.echo(f"{name:8s} family={meta['family']} prediction={meta['prediction']} "
                    f"steps={meta.get('trained_steps', '?')} metrics={json.dumps(metrics)}  ({d})")
+    from .models.shapes_classifier import BUNDLED_CLASSIFIERS
+
+    for name, folder in BUNDLED_CLASSIFIERS.items():  # for --classifier NAME
+        d = bundled_dir(folder)
+        if (d / "condiff.json").is_file():
+            meta = load_json(d / "condiff.json")
+            typer.echo(f"{name:8s} shapes attribute classifier, noise_aware={meta['model'].get('noise_aware')} "
+                       f"steps={meta.get('trained_steps', '?')} (--classifier {name})  ({d})")
 
 
 @app.command()
