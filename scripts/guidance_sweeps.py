@@ -33,6 +33,7 @@ SWEEPS = [
     ("uncond., EluCD 2", GuidanceOptions(cfg=0.0, classifier="clean", cg_scale=2.0)),
     ("uncond., EluCD 4", GuidanceOptions(cfg=0.0, classifier="clean", cg_scale=4.0)),
     ("uncond., noisy clf 4", GuidanceOptions(cfg=0.0, classifier="noisy", cg_scale=4.0)),
+    ("uncond., PPAP 16", GuidanceOptions(cfg=0.0, classifier="ppap", cg_scale=16.0)),
 ]
 
 

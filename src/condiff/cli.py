@@ -65,9 +65,16 @@ LinearAgOpt = Annotated[Optional[Path], typer.Option(
     "--spacing); its first evaluations predict the unconditional branch instead of running it")]
 LinearAgStepsOpt = Annotated[Optional[int], typer.Option(
     "--linear-ag-steps", help="with --linear-ag: how many evaluations are predicted (default: half the fitted)")]
+MinorityOpt = Annotated[Optional[Path], typer.Option(
+    "--minority", help="minority guidance: a level classifier from `condiff guidance fit-minority`")]
+MinorityLevelOpt = Annotated[Optional[int], typer.Option(
+    "--minority-level", help="with --minority: the target level (default: the most minority one)")]
+MinorityScaleOpt = Annotated[Optional[float], typer.Option(
+    "--minority-scale", help="with --minority: its scale w (default 1)")]
 ClassifierOpt = Annotated[Optional[str], typer.Option(
     "--classifier", help="classifier guidance: a bundled shapes classifier (clean: EluCD-calibrated; noisy: "
-    "noise-aware) or a classifier directory from condiff train (or PPAP experts from condiff guidance train-ppap)")]
+    "noise-aware; ppap: LoRA experts of the clean one), a classifier directory from condiff train, or PPAP "
+    "experts from condiff guidance train-ppap")]
 CgScaleOpt = Annotated[Optional[float], typer.Option("--cg-scale", help="with --classifier: its scale (default 1)")]
 CgAttributeOpt = Annotated[Optional[str], typer.Option(
     "--cg-attribute", help="with --classifier: the attribute to guide (default color); the target is the "
@@ -179,7 +186,7 @@ def _check_common(steps: int, cfg: float, n: int, batch_size: int, seed: int,
 
 def _guidance(family, cfg: float, pag, pag_layers, ag, ag_space, cfg_rescale, guidance_interval,
               negative_prompt, classifier=None, cg_scale=None, cg_attribute=None, cg_raw=False, linear_ag=None,
-              linear_ag_steps=None):
+              linear_ag_steps=None, minority=None, minority_level=None, minority_scale=None):
     """The checked GuidanceOptions of the guidance flags, before any weights are read (PAG layer names are
     checked against the network once it is loaded)."""
     from .guidance.build import GuidanceOptions, parse_interval, parse_layers
@@ -194,7 +201,9 @@ def _guidance(family, cfg: float, pag, pag_layers, ag, ag_space, cfg_rescale, gu
                            negative_prompt=negative_prompt, classifier=classifier,
                            cg_scale=1.0 if cg_scale is None else cg_scale,
                            cg_attribute="color" if cg_attribute is None else cg_attribute, cg_raw=cg_raw,
-                           linear_ag=None if linear_ag is None else str(linear_ag), linear_ag_steps=linear_ag_steps)
+                           linear_ag=None if linear_ag is None else str(linear_ag), linear_ag_steps=linear_ag_steps,
+                           minority=None if minority is None else str(minority), minority_level=minority_level,
+                           minority_scale=1.0 if minority_scale is None else minority_scale)
     if classifier is not None and cg_attribute is not None and cg_attribute not in family.attributes:
         from .errors import one_of
 
@@ -283,6 +292,10 @@ def models():
             meta = load_json(d / "condiff.json")
             typer.echo(f"{name:8s} shapes attribute classifier, noise_aware={meta['model'].get('noise_aware')} "
                        f"steps={meta.get('trained_steps', '?')} (--classifier {name})  ({d})")
+        elif (d / "ppap.json").is_file():
+            meta = load_json(d / "ppap.json")
+            typer.echo(f"{name:8s} PPAP: {meta.get('n_experts')} LoRA experts of the clean classifier "
+                       f"(--classifier {name})  ({d})")
 
 
 @app.command()
@@ -325,6 +338,9 @@ def sample_cmd(
     cg_raw: CgRawOpt = False,
     linear_ag: LinearAgOpt = None,
     linear_ag_steps: LinearAgStepsOpt = None,
+    minority: MinorityOpt = None,
+    minority_level: MinorityLevelOpt = None,
+    minority_scale: MinorityScaleOpt = None,
     pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="a local diffusers pipeline folder (Stable "
                                             "Diffusion, DiT) to sample instead of --model; offline only"),
     height: Optional[int] = typer.Option(None, help="with --pipeline: image height in pixels (default: the "
@@ -358,7 +374,8 @@ def sample_cmd(
     family, sol, spacing, spc, skip = _sampling_setup(model, solver, steps, cfg, spacing, ems, dc_ratios,
                                                       solver_opt, analytic_skip)
     guide = _guidance(family, cfg, pag, pag_layers, ag, ag_space, cfg_rescale, guidance_interval, negative_prompt,
-                      classifier, cg_scale, cg_attribute, cg_raw, linear_ag, linear_ag_steps)
+                      classifier, cg_scale, cg_attribute, cg_raw, linear_ag, linear_ag_steps,
+                      minority, minority_level, minority_scale)
     one = None if prompt is None else family.parse_prompt(prompt)
     m = _load(model)
     g = torch.Generator().manual_seed(seed)
@@ -419,6 +436,9 @@ def eval_cmd(
     cg_raw: CgRawOpt = False,
     linear_ag: LinearAgOpt = None,
     linear_ag_steps: LinearAgStepsOpt = None,
+    minority: MinorityOpt = None,
+    minority_level: MinorityLevelOpt = None,
+    minority_scale: MinorityScaleOpt = None,
 ):
     """Sample random conditions and score them with the exact labeller (shapes) or the scorer (digits)."""
     from .evaluate import evaluate
@@ -430,7 +450,8 @@ def eval_cmd(
     family, sol, spacing, spc, skip = _sampling_setup(model, solver, steps, cfg, spacing, ems, dc_ratios,
                                                       solver_opt, analytic_skip)
     guide = _guidance(family, cfg, pag, pag_layers, ag, ag_space, cfg_rescale, guidance_interval, negative_prompt,
-                      classifier, cg_scale, cg_attribute, cg_raw, linear_ag, linear_ag_steps)
+                      classifier, cg_scale, cg_attribute, cg_raw, linear_ag, linear_ag_steps,
+                      minority, minority_level, minority_scale)
     m = _load(model)
     res = evaluate(m, sol, steps, cfg, n, seed, spc, batch_size, progress=True, analytic_skip=skip,
                    dynamic_threshold=dynamic_threshold, guidance=guide)

@@ -162,6 +162,11 @@ def _stack(den, solver):  # CFG + AG + classifier guidance, nested
                                 exact_gmm_classifier(den), 1.5, drop=())
 
 
+def _pag_ag(den):  # PAG's term over AG, x0_c read through a Tap (what --pag --ag builds)
+    tap = G.Tap(den)
+    return G.PAGTerm(G.AdaptiveGuidance(tap, 3.0, gamma_bar=0.98, space=X0()), den, 2.0, layers="down", tap=tap)
+
+
 CASES = [
     Case("cfg", lambda d, s: G.CFG(d, 3.0), (G.CFG,)),
     Case("cfg-linear-scale", lambda d, s: G.CFG(d, G.LinearScale(5.0, 1.0, 1.0, 0.0)), (G.LinearScale,)),
@@ -196,8 +201,7 @@ CASES = [
         solver_wrap=lambda solver: G.SelfRecurrence(solver, k=2)),
     Case("pag-cfg", lambda d, s: G.PAG(d, 2.0, layers="down", cfg_scale=3.0), (G.PAG,), base="unet"),
     Case("pag", lambda d, s: G.PAG(d, 2.0, layers="up", batched=False), base="unet"),
-    Case("pag-term-ag", lambda d, s: G.PAGTerm(G.AdaptiveGuidance(d, 3.0, gamma_bar=0.98, space=X0()), d, 2.0,
-                                               layers="down"), (G.PAGTerm,), base="unet"),  # --pag with --ag
+    Case("pag-term-ag", lambda d, s: _pag_ag(d), (G.PAGTerm, G.Tap), base="unet"),  # --pag with --ag
 ]
 # -- to extend: guidance modules not written yet (minority guidance, PPAP) get their Case here.
 

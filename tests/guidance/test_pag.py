@@ -194,29 +194,52 @@ def test_layer_selection_by_name(setup):
 def test_pag_term_composes_with_cfg_ag_and_rescale(setup):
     """PAGTerm(guided, D, s): guided + s (x0_c - x0_p). Over CFG it equals PAG with cfg_scale (eq. 11) to 1e-10;
     scale 0 is guided bit for bit; over AG at gamma_bar = 1 (never switches) it equals CFG + PAG; over AG that
-    has switched it is x0_c + s (x0_c - x0_p) at 3 network rows per sample (cond, cond, perturbed)."""
+    has switched it is x0_c + s (x0_c - x0_p). Through a Tap, x0_c is read from the inner call (same numbers to
+    1e-10, one perturbed row per sample instead of two); an inner call in another layout is detected and
+    x0_c evaluated instead."""
     from condiff.denoiser import X0
     from condiff.guidance import AdaptiveGuidance, CountRows, GuidanceRescale
-    from condiff.guidance.pag import PAGTerm
+    from condiff.guidance.cfg import batch_cond, split_batch
+    from condiff.guidance.pag import PAGTerm, Tap
 
     net, den, x, _, cond = setup
+    n = x.shape[0]
     t = torch.tensor([0.3, 0.5, 0.7], dtype=F64)
     w, s = 3.0, 1.5
     with torch.no_grad():
         ref = PAG(den, s, layers="mid", cfg_scale=w)(x, t, cond)
         assert torch.allclose(PAGTerm(CFG(den, w), den, s, "mid")(x, t, cond), ref, rtol=1e-10, atol=1e-10)
+        counted = CountRows(den)
+        tap = Tap(counted)
+        tapped = PAGTerm(CFG(tap, w), counted, s, "mid", net=net["unet"], tap=tap)
+        assert torch.allclose(tapped(x, t, cond), ref, rtol=1e-10, atol=1e-10)
+        assert counted.rows == 3 * n and tap.last is None  # uncond + cond + perturbed, nothing kept
         never = AdaptiveGuidance(den, w, 1.0, space=X0())
         assert torch.allclose(PAGTerm(never, den, s, "mid")(x, t, cond), ref, rtol=1e-10, atol=1e-10)
         resc = GuidanceRescale(den, w, 0.7, space=X0())
         assert torch.equal(PAGTerm(resc, den, 0.0, "mid")(x, t, cond), resc(x, t, cond))
-        counted = CountRows(den)
-        always = AdaptiveGuidance(counted, w, -1.0, space=X0())  # switches at its first call
-        term = PAGTerm(always, counted, s, "mid", net=net["unet"])
-        term(x, t, cond)  # the switch
-        rows = counted.rows
+        x0_p = lambda tt: PAG(den, s, layers="mid").perturbed(x, tt, no_null(cond))  # noqa: E731
         t2 = t - 0.1  # the next, lower time of the same trajectory
-        out = term(x, t2, cond)
         x0_c = den(x, t2, no_null(cond))
-        x0_p = PAG(den, s, layers="mid").perturbed(x, t2, no_null(cond))
-        assert torch.allclose(out, x0_c + s * (x0_c - x0_p), rtol=1e-10, atol=1e-10)
-        assert (counted.rows - rows) / x.shape[0] == 3
+        for use_tap in (False, True):
+            counted = CountRows(den)
+            tap = Tap(counted)
+            always = AdaptiveGuidance(tap if use_tap else counted, w, -1.0, space=X0())  # switches at once
+            term = PAGTerm(always, counted, s, "mid", net=net["unet"], tap=tap if use_tap else None)
+            term(x, t, cond)  # the switch
+            rows = counted.rows
+            out = term(x, t2, cond)
+            assert torch.allclose(out, x0_c + s * (x0_c - x0_p(t2)), rtol=1e-10, atol=1e-10)
+            assert (counted.rows - rows) / n == (2 if use_tap else 3)
+
+        class CondFirst:  # CFG with the branches in [cond, uncond] order: the tap's last rows are not x0_c
+            schedule = den.schedule
+
+            def __call__(self, x, t, c):
+                c = dict(c)
+                null = c.pop("null")
+                a, b = split_batch(tap(torch.cat([x, x]), torch.cat([t, t]), batch_cond([c, null])), 2)
+                return b + w * (a - b)
+
+        tap = Tap(den)
+        assert torch.allclose(PAGTerm(CondFirst(), den, s, "mid", tap=tap)(x, t, cond), ref, rtol=1e-10, atol=1e-10)

@@ -345,3 +345,26 @@ def test_cli_train_ppap_writes_loadable_experts_and_refuses_bad_input(tmp_path, 
         err = capsys.readouterr().err
         assert err.startswith("error:") and message in err and err.count("\n") == 1
     assert not (tmp_path / "bad").exists()
+
+
+def test_bundled_experts_read_noisy_colours_that_the_clean_classifier_misses():
+    """The bundled PPAP experts (`--classifier ppap`) load onto the bundled clean classifier and, on 256 fresh
+    renders noised to t = 500 of 999 (expert 2's interval), read the colour right >= 95% of the time where the
+    clean classifier they were distilled from reads it right < 60%."""
+    from condiff.data import shapes
+    from condiff.guidance.ppap import load_ppap
+    from condiff.models.base import load_model
+    from condiff.models.shapes_classifier import classifier_path, load_classifier, noisy
+
+    experts = load_ppap(classifier_path("ppap"))
+    clean = load_classifier("clean")
+    assert experts.n_experts == 5 and int(experts.route(500.0)) == 2
+    sch = load_model("shapes").schedule
+    g = torch.Generator().manual_seed(31)
+    b = shapes.sample_batch(256, g)
+    t = torch.full((256,), 500.0, dtype=torch.float64)
+    xt = noisy(sch, b.images, t, torch.randn(b.images.shape, generator=g))
+    with torch.no_grad():
+        acc_e = (clean.head(experts(xt, t), "color").argmax(1) == b.attrs[:, 1]).float().mean()
+        acc_c = (clean.head(clean(xt), "color").argmax(1) == b.attrs[:, 1]).float().mean()
+    assert acc_e >= 0.95 and acc_c < 0.6, (float(acc_e), float(acc_c))

@@ -8,14 +8,14 @@ from .rescale import GuidanceRescale, rescale_guidance
 from .negative import NegativeGuidance, Negation
 from .adaptive import AdaptiveGuidance, AGState, CountRows
 from .linear_ag import LinearAG, LinearAGCoefficients, Regressors, fit_linear_ag, load_linear_ag, save_linear_ag
-from .pag import PAG, PAGTerm
+from .pag import PAG, PAGTerm, Tap
 from .classifier import ClassifierGuidance
 from .elucd import EluCD
 from .steered import Inpaint, SuperResolution, Colorize, Projection, inpaint
 from .universal import UniversalGuidance, Forward, Backward, SelfRecurrence
 
 __all__ = ["CFG", "contrast", "batch_cond", "split_batch", "DynamicThresholding", "dynamic_threshold"]
-__all__ += ["PAG", "PAGTerm", "ClassifierGuidance", "EluCD"]
+__all__ += ["PAG", "PAGTerm", "Tap", "ClassifierGuidance", "EluCD"]
 __all__ += ["LinearScale", "CosineScale", "IntervalScale", "GuidanceInterval", "GuidanceRescale", "rescale_guidance",
             "NegativeGuidance", "Negation", "AdaptiveGuidance", "AGState", "CountRows", "LinearAG",
             "LinearAGCoefficients", "Regressors", "fit_linear_ag", "load_linear_ag", "save_linear_ag"]

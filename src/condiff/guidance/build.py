@@ -29,11 +29,13 @@ papers are in the modules used (docs/guidance.md):
   a clean one gets EluCD's calibration (Ma et al., ICLR 2024) on the sampling grid, or, with ``cg_raw``, is
   applied to x_t as it is (the naive off-the-shelf baseline); a PPAP directory (``condiff guidance train-ppap``)
   gives guidance by its t-routed LoRA experts (Go et al., CVPR 2023).
+- ``minority``: minority guidance (Um et al., ICLR 2024) with the level classifier of ``condiff guidance
+  fit-minority``, toward ``minority_level`` (default the most minority) at scale ``minority_scale``; outermost.
 
 AG, LinearAG and guidance rescale each run CFG their own way, so at most one of them is accepted (two: one
 ConfigError).
-PAG composes with either: its term s (x0_c - x0_p) is added to theirs (``PAGTerm``, one extra network row per
-call); alone (with plain CFG) it is ``PAG``. Interval, negative prompt and the classifier compose with all.
+PAG composes with each: its term s (x0_c - x0_p) is added to theirs (``PAGTerm``, reading x0_c from their own
+network call through a ``Tap``, so PAG adds one perturbed row per call); alone (with plain CFG) it is ``PAG``. Interval, negative prompt and the classifier compose with all.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from .adaptive import AdaptiveGuidance
 from .cfg import CFG, MAX_SCALE
 from .interval import GuidanceInterval, split_null
 from .negative import NegativeGuidance
-from .pag import PAG, PAGTerm
+from .pag import PAG, PAGTerm, Tap
 from .rescale import GuidanceRescale
 from .schedules import IntervalScale
 
@@ -108,6 +110,9 @@ class GuidanceOptions:
     cg_scale: float = 1.0
     cg_attribute: str = "color"
     cg_raw: bool = False
+    minority: str | None = None
+    minority_level: int | None = None
+    minority_scale: float = 1.0
 
     def __post_init__(self):
         _number("--cfg", self.cfg, -MAX_SCALE, MAX_SCALE, f"a finite number with |cfg| <= {MAX_SCALE:g}")
@@ -135,6 +140,16 @@ class GuidanceOptions:
         _number("--cg-scale", self.cg_scale, -MAX_SCALE, MAX_SCALE, f"a finite number with |scale| <= {MAX_SCALE:g}")
         if not isinstance(self.cg_attribute, str) or not self.cg_attribute:
             raise ConfigError(f"--cg-attribute must be an attribute name such as color, got {self.cg_attribute!r}")
+        if self.minority is not None and (not isinstance(self.minority, str) or not self.minority):
+            raise ConfigError(f"--minority must be a directory from `condiff guidance fit-minority`, got "
+                              f"{self.minority!r}")
+        _number("--minority-scale", self.minority_scale, -MAX_SCALE, MAX_SCALE,
+                f"a finite number with |scale| <= {MAX_SCALE:g}")
+        if self.minority_level is not None and (isinstance(self.minority_level, bool)
+                                                or not isinstance(self.minority_level, int) or self.minority_level < 0):
+            raise ConfigError(f"--minority-level must be an integer >= 0, got {self.minority_level!r}")
+        if self.minority is None and (self.minority_scale != 1.0 or self.minority_level is not None):
+            raise ConfigError("--minority-scale and --minority-level need --minority")
         if self.classifier is None and (self.cg_scale != 1.0 or self.cg_attribute != "color" or self.cg_raw):
             raise ConfigError("--cg-scale, --cg-attribute and --cg-raw need --classifier")
         own = [name for name, v in (("--ag", self.ag), ("--cfg-rescale", self.cfg_rescale),
@@ -169,7 +184,9 @@ class GuidanceOptions:
                 "negative_prompt": self.negative_prompt, "classifier": self.classifier,
                 "cg_scale": self.cg_scale if self.classifier is not None else None,
                 "cg_attribute": self.cg_attribute if self.classifier is not None else None,
-                "cg_raw": self.cg_raw if self.classifier is not None else None}
+                "cg_raw": self.cg_raw if self.classifier is not None else None, "minority": self.minority,
+                "minority_level": self.minority_level,
+                "minority_scale": self.minority_scale if self.minority is not None else None}
 
     def flags(self) -> str:
         """The CLI flags that reproduce these options (without --cfg), each with a leading space."""
@@ -192,6 +209,9 @@ class GuidanceOptions:
         if self.classifier is not None:
             out += (f" --classifier {shlex.quote(self.classifier)} --cg-scale {self.cg_scale!r} "
                     f"--cg-attribute {shlex.quote(self.cg_attribute)}" + (" --cg-raw" if self.cg_raw else ""))
+        if self.minority is not None:
+            out += f" --minority {shlex.quote(self.minority)} --minority-scale {self.minority_scale!r}"
+            out += "" if self.minority_level is None else f" --minority-level {self.minority_level}"
         return out
 
 
@@ -237,17 +257,15 @@ def with_classifier(den, options: GuidanceOptions, grid=None):
     o = options
     if o.classifier is None:
         return den
-    from pathlib import Path
-
-    from ..models.shapes_classifier import load_classifier
+    from ..models.shapes_classifier import classifier_path, load_classifier
     from .attribute import classifier_guidance, elucd_guidance
 
-    if (Path(o.classifier) / "ppap.json").is_file():  # PPAP experts from `condiff guidance train-ppap`
+    if (classifier_path(o.classifier) / "ppap.json").is_file():  # PPAP experts (`condiff guidance train-ppap`)
         from .ppap import load_ppap, ppap_attribute_guidance
 
         if o.cg_raw:
             raise ConfigError("--cg-raw applies to a clean classifier; PPAP experts are noise-aware by construction")
-        return ppap_attribute_guidance(den, load_ppap(o.classifier), o.cg_attribute, o.cg_scale)
+        return ppap_attribute_guidance(den, load_ppap(classifier_path(o.classifier)), o.cg_attribute, o.cg_scale)
     net = load_classifier(o.classifier)
     if net.config.noise_aware or o.cg_raw:
         return classifier_guidance(den, net, o.cg_attribute, o.cg_scale)
@@ -262,7 +280,16 @@ def build_guidance(denoiser, options: GuidanceOptions, grid=None):
     EluCD classifier guidance)."""
     if not isinstance(options, GuidanceOptions):
         raise ConfigError(f"build_guidance needs GuidanceOptions, got {type(options).__name__}")
-    return with_classifier(_cfg_family(denoiser, options, grid), options, grid)
+    return with_minority(with_classifier(_cfg_family(denoiser, options, grid), options, grid), options)
+
+
+def with_minority(den, options: GuidanceOptions):
+    """``den`` with minority guidance toward ``minority_level`` (default the top level) around it."""
+    if options.minority is None:
+        return den
+    from .minority import MinorityGuidance, load_minority
+
+    return MinorityGuidance(den, load_minority(options.minority), options.minority_scale, options.minority_level)
 
 
 def linear_ag(denoiser, options: GuidanceOptions, grid=None):
@@ -296,16 +323,17 @@ def _cfg_family(denoiser, options: GuidanceOptions, grid=None):
     if o.pag is not None:
         s_pag = o.pag if o.interval is None else IntervalScale(o.pag, *_finite_ends(o.interval), outside=0.0)
     if o.ag is not None or o.cfg_rescale is not None or o.linear_ag is not None:
+        inner = denoiser if s_pag is None else Tap(denoiser)  # PAGTerm reuses the conditional rows
         if o.ag is not None:
-            den = AdaptiveGuidance(denoiser, scale, o.ag, space=AG_SPACES[o.ag_space])
+            den = AdaptiveGuidance(inner, scale, o.ag, space=AG_SPACES[o.ag_space])
         elif o.linear_ag is not None:
-            den = linear_ag(denoiser, o, grid)
+            den = linear_ag(inner, o, grid)
         else:
-            den = GuidanceRescale(denoiser, scale, o.cfg_rescale, space=X0())
+            den = GuidanceRescale(inner, scale, o.cfg_rescale, space=X0())
         if s_pag is not None:
             from .pag import attention_root
 
-            den = PAGTerm(den, denoiser, s_pag, o.pag_layers, net=attention_root(_network(denoiser)))
+            den = PAGTerm(den, denoiser, s_pag, o.pag_layers, net=attention_root(_network(denoiser)), tap=inner)
     elif o.pag is not None:
         from .pag import attention_root
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from ..denoiser import coefficients
 from ..errors import ConfigError, InputFileError
 from .classifier import ClassifierGuidance, from_logits
+from ..nets.classifier import unit_time
 from .cfg import _check_scale
 
 LEVEL_KEY = "minority_level"
@@ -118,14 +119,6 @@ class MinorityClassifier:
 
     def label(self, scores: torch.Tensor) -> torch.Tensor:
         return assign_levels(scores, self.thresholds)
-
-
-def unit_time(t, t_min: float, t_max: float):
-    """(t - t_min) / (t_max - t_min): the schedule's time mapped to [0, 1], what the level net is fed (the
-    sinusoidal time features of nets.classifier expect t in [0, 1]; a VP-discrete schedule's t runs to 999)."""
-    if isinstance(t, torch.Tensor):
-        return ((t.double() - t_min) / (t_max - t_min)).float()
-    return (float(t) - t_min) / (t_max - t_min)
 
 
 def level_loss(net, schedule, x0: torch.Tensor, labels: torch.Tensor, generator) -> torch.Tensor:

@@ -238,19 +238,71 @@ class PAG:
 
 
 @dataclass
+class Tap:
+    """A transparent Denoiser wrapper that keeps its last call (x, t, cond, x0): ``PAGTerm`` reads the
+    conditional rows of the inner guidance's own network call from it instead of evaluating them again."""
+
+    denoiser: Any
+    last: tuple | None = field(default=None, repr=False)
+
+    @property
+    def schedule(self):
+        return self.denoiser.schedule
+
+    def __call__(self, x, t, cond=None):
+        out = self.denoiser(x, t, cond)
+        self.last = (x, t, cond, out)
+        return out
+
+
+def _same_rows(a, b, n: int) -> bool:
+    """The last n rows of the per-row entries of mapping ``a`` equal mapping ``b`` (the cond of n rows)."""
+    for k, v in b.items():
+        w = a.get(k) if isinstance(a, Mapping) else None
+        if isinstance(v, Mapping):
+            if not isinstance(w, Mapping) or not _same_rows(w, v, n):
+                return False
+        elif isinstance(v, torch.Tensor) and v.dim() > 0:
+            if not isinstance(w, torch.Tensor) or w.shape[0] < n or not torch.equal(w[-n:], v):
+                return False
+        elif not (w is v or (not isinstance(w, torch.Tensor) and w == v)):
+            return False
+    return True
+
+
+def tapped_conditional(tap: Tap | None, x, t, cond) -> torch.Tensor | None:
+    """x0_c = D(x, t, cond) from the tap's last call when that call's last n rows were exactly (x, t, cond)
+    (the [uncond, cond] layout of CFG, AG, LinearAG and rescale); None when they were not."""
+    if tap is None or tap.last is None:
+        return None
+    lx, lt, lc, out = tap.last
+    n = x.shape[0]
+    if lx.shape[0] < n or not torch.equal(lx[-n:], x):
+        return None
+    lt = torch.as_tensor(lt, dtype=torch.float64).reshape(-1).expand(lx.shape[0])[-n:]
+    if not torch.equal(lt, torch.as_tensor(t, dtype=torch.float64).reshape(-1).expand(n)):
+        return None
+    return out[-n:] if _same_rows(lc or {}, cond, n) else None
+
+
+@dataclass
 class PAGTerm:
-    """PAG's term added to any other guided denoiser: x0 = guided(x) + s (x0_c - x0_p), with x0_c and x0_p
-    from the model's own ``denoiser`` on the conditional input, in one batch [cond, perturbed]. This is how
-    PAG composes with a guidance that runs CFG its own way (adaptive guidance, guidance rescale): with plain
-    CFG as ``guided`` it equals ``PAG(denoiser, s, layers, cfg_scale=w)`` (paper eq. 11) but costs one more
-    network row per call (x0_c is evaluated again), so ``PAG`` itself stays the choice for CFG + PAG.
-    ``scale`` 0 is ``guided`` bit for bit."""
+    """PAG's term added to any other guided denoiser: x0 = guided(x) + s (x0_c - x0_p), with x0_p the model's
+    own ``denoiser`` with perturbed self-attention on the conditional input (paper eq. 11). This is how PAG
+    composes with a guidance that runs CFG its own way (adaptive guidance, LinearAG, guidance rescale).
+
+    x0_c: when ``guided`` calls the network through ``tap`` (build it as ``guided = AG(tap, ...)`` with
+    ``tap = Tap(denoiser)``), the conditional rows of that call are reused after checking that they were
+    exactly (x, t, cond), so PAG costs one perturbed row per sample and call; otherwise [cond, perturbed] run
+    in one batch (two rows). Over CFG it equals ``PAG(denoiser, s, layers, cfg_scale=w)``. ``scale`` 0 is
+    ``guided`` bit for bit."""
 
     guided: Any
     denoiser: Any
     scale: float | Callable = 3.0
     layers: str | Sequence[str] = ("mid",)
     net: nn.Module | None = None
+    tap: Tap | None = None
     modules: dict = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -263,11 +315,21 @@ class PAGTerm:
         return self.guided.schedule
 
     def __call__(self, x, t, cond=None):
+        if self.tap is not None:
+            self.tap.last = None
         out = self.guided(x, t, cond)
         s = self.scale(t) if callable(self.scale) else self.scale
         if s == 0:
             return out
         c = {k: v for k, v in (cond or {}).items() if k != "null"}
-        with perturbed_attention(list(self.modules.values()), rows=x.shape[0]):
-            x0_c, x0_p = split_batch(self.denoiser(torch.cat([x, x]), _repeat_t(t, 2), batch_cond([c, c])), 2)
+        x0_c = tapped_conditional(self.tap, x, t, c)
+        mods = list(self.modules.values())
+        if x0_c is None:
+            with perturbed_attention(mods, rows=x.shape[0]):
+                x0_c, x0_p = split_batch(self.denoiser(torch.cat([x, x]), _repeat_t(t, 2), batch_cond([c, c])), 2)
+        else:
+            with perturbed_attention(mods):
+                x0_p = self.denoiser(x, t, c)
+        if self.tap is not None:
+            self.tap.last = None  # nothing kept between calls
         return out + s * (x0_c - x0_p)

@@ -19,6 +19,7 @@ from ..data import shapes
 from ..denoiser import coefficients
 from ..errors import ConfigError
 from ..nets import AttributeClassifier
+from ..nets.classifier import unit_time as unit_interval
 from ..training.objectives import TIME_SAMPLERS
 from .base import ModelFamily, load_pretrained
 
@@ -34,8 +35,7 @@ def attribute_loss(net: AttributeClassifier, logits: torch.Tensor, attrs: torch.
 def unit_time(schedule, t) -> torch.Tensor:
     """t in the schedule's own units -> (t - t_min) / (t_max - t_min) in [0, 1], the classifier's time input
     (the bundled VP models run t in 0-999)."""
-    t = torch.as_tensor(t, dtype=torch.float64)
-    return ((t - schedule.t_min) / (schedule.t_max - schedule.t_min)).float()
+    return unit_interval(torch.as_tensor(t, dtype=torch.float64), schedule.t_min, schedule.t_max)
 
 
 def noisy(schedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -93,17 +93,25 @@ class ShapesClassifierFamily(ModelFamily):
         return nn.ModuleDict({"classifier": load_pretrained(AttributeClassifier, directory / "classifier")})
 
 
-BUNDLED_CLASSIFIERS = {"clean": "shapes-clean-classifier", "noisy": "shapes-noisy-classifier"}
+BUNDLED_CLASSIFIERS = {"clean": "shapes-clean-classifier", "noisy": "shapes-noisy-classifier", "ppap": "shapes-ppap"}
+
+
+def classifier_path(name_or_path) -> Path:
+    """The directory of a bundled classifier name (clean, noisy, ppap: PPAP experts of the clean one) or a path."""
+    from .base import bundled_dir
+
+    key = str(name_or_path)
+    return bundled_dir(BUNDLED_CLASSIFIERS[key]) if key in BUNDLED_CLASSIFIERS else Path(key)
 
 
 def load_classifier(name_or_path) -> AttributeClassifier:
     """A trained shapes classifier: a bundled name (clean, noisy) or a directory written by ``condiff train``
     with a shapes_classifier recipe. Anything else is one InputFileError line."""
     from ..errors import InputFileError
-    from .base import bundled_dir, load_model
+    from .base import load_model
 
     key = str(name_or_path)
-    target = bundled_dir(BUNDLED_CLASSIFIERS[key]) if key in BUNDLED_CLASSIFIERS else Path(key)
+    target = classifier_path(key)
     if not key or not target.exists():
         raise InputFileError(f"classifier {key!r} is neither a bundled classifier "
                              f"({', '.join(BUNDLED_CLASSIFIERS)}) nor an existing directory")
