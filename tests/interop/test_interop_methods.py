@@ -121,6 +121,12 @@ class _Expert(nn.Module):
         return self.sign * _latent_classifier(x, t)
 
 
+def _pag_term_ag(den, layers):
+    """PAG's term over AG, reading the conditional branch through a Tap (what --pag with --ag builds)."""
+    tap = G.Tap(den)
+    return G.PAGTerm(G.AdaptiveGuidance(tap, 3.0, gamma_bar=0.98, space=X0()), den, 2.0, layers, tap=tap)
+
+
 CASES = [
     Case("cfg", lambda d, k, p: G.CFG(d, 3.0), (G.CFG,)),
     Case("cfg-linear-scale", lambda d, k, p: G.CFG(d, G.LinearScale(5.0, 1.0, 999.0, 0.0))),
@@ -154,8 +160,7 @@ CASES = [
         solver_wrap=lambda s: G.SelfRecurrence(s, k=2)),
     Case("pag-cfg", lambda d, k, p: G.PAG(d, 2.0, PAG_LAYERS[k], cfg_scale=3.0), (G.PAG,)),
     Case("pag", lambda d, k, p: G.PAG(d, 2.0, PAG_LAYERS[k], batched=False)),
-    Case("pag-term-ag", lambda d, k, p: G.PAGTerm(G.AdaptiveGuidance(d, 3.0, gamma_bar=0.98, space=X0()), d, 2.0,
-                                                  PAG_LAYERS[k]), (G.PAGTerm,)),
+    Case("pag-term-ag", lambda d, k, p: _pag_term_ag(d, PAG_LAYERS[k]), (G.PAGTerm, G.Tap)),
 ]
 
 
