@@ -82,6 +82,36 @@ CgAttributeOpt = Annotated[Optional[str], typer.Option(
 CgRawOpt = Annotated[bool, typer.Option(
     "--cg-raw", help="with a clean --classifier: apply it to x_t as it is, without EluCD's calibration")]
 
+# The guidance options of `sample` and `eval`: (parameter name, option type, default), declared once.
+GUIDANCE_OPTIONS = (
+    ("pag", PagOpt, None), ("pag_layers", PagLayersOpt, None), ("ag", AgOpt, None), ("ag_space", AgSpaceOpt, None),
+    ("cfg_rescale", CfgRescaleOpt, None), ("guidance_interval", GuidanceIntervalOpt, None),
+    ("negative_prompt", NegativePromptOpt, None), ("classifier", ClassifierOpt, None),
+    ("cg_scale", CgScaleOpt, None), ("cg_attribute", CgAttributeOpt, None), ("cg_raw", CgRawOpt, False),
+    ("linear_ag", LinearAgOpt, None), ("linear_ag_steps", LinearAgStepsOpt, None),
+    ("minority", MinorityOpt, None), ("minority_level", MinorityLevelOpt, None),
+    ("minority_scale", MinorityScaleOpt, None),
+)
+
+
+def guidance_options(fn):
+    """Give a typer command the GUIDANCE_OPTIONS: they appear in its signature (and --help) after its own
+    options, and reach ``fn`` as one dict, its ``guidance`` parameter."""
+    import functools
+    import inspect
+
+    own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "guidance"]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
+             for name, kind, default in GUIDANCE_OPTIONS]
+
+    @functools.wraps(fn)
+    def command(*args, **kwargs):
+        return fn(*args, guidance={name: kwargs.pop(name) for name, _, _ in GUIDANCE_OPTIONS}, **kwargs)
+
+    command.__signature__ = inspect.Signature(own + extra)
+    del command.__wrapped__  # typer reads the signature above, not the wrapped function's
+    return command
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="condiff: conditional diffusion - sample, evaluate, train, demo.")
 
@@ -184,8 +214,9 @@ def _check_common(steps: int, cfg: float, n: int, batch_size: int, seed: int,
                           f"got {dynamic_threshold}")
 
 
-def _guidance(family, cfg: float, pag, pag_layers, ag, ag_space, cfg_rescale, guidance_interval,
-              negative_prompt, classifier=None, cg_scale=None, cg_attribute=None, cg_raw=False, linear_ag=None,
+def _guidance(family, cfg: float, pag=None, pag_layers=None, ag=None, ag_space=None, cfg_rescale=None,
+              guidance_interval=None, negative_prompt=None, classifier=None, cg_scale=None, cg_attribute=None,
+              cg_raw=False, linear_ag=None,
               linear_ag_steps=None, minority=None, minority_level=None, minority_scale=None):
     """The checked GuidanceOptions of the guidance flags, before any weights are read (PAG layer names are
     checked against the network once it is loaded)."""
@@ -308,6 +339,7 @@ def solvers():
 
 
 @app.command("sample")
+@guidance_options
 def sample_cmd(
     model: str = typer.Option("shapes", help="bundled model name (shapes, digits) or a model directory"),
     prompt: Optional[str] = typer.Option(None, help="shapes: a caption such as 'large red circle top-left' "
@@ -325,22 +357,7 @@ def sample_cmd(
     dc_ratios: DcRatiosOpt = None,
     solver_opt: SolverOptOpt = None,
     dynamic_threshold: ThresholdOpt = None,
-    pag: PagOpt = None,
-    pag_layers: PagLayersOpt = None,
-    ag: AgOpt = None,
-    ag_space: AgSpaceOpt = None,
-    cfg_rescale: CfgRescaleOpt = None,
-    guidance_interval: GuidanceIntervalOpt = None,
-    negative_prompt: NegativePromptOpt = None,
-    classifier: ClassifierOpt = None,
-    cg_scale: CgScaleOpt = None,
-    cg_attribute: CgAttributeOpt = None,
-    cg_raw: CgRawOpt = False,
-    linear_ag: LinearAgOpt = None,
-    linear_ag_steps: LinearAgStepsOpt = None,
-    minority: MinorityOpt = None,
-    minority_level: MinorityLevelOpt = None,
-    minority_scale: MinorityScaleOpt = None,
+    guidance: dict = None,  # the guidance options (GUIDANCE_OPTIONS), filled in by @guidance_options
     pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="a local diffusers pipeline folder (Stable "
                                             "Diffusion, DiT) to sample instead of --model; offline only"),
     height: Optional[int] = typer.Option(None, help="with --pipeline: image height in pixels (default: the "
@@ -354,12 +371,12 @@ def sample_cmd(
         from .interop import commands as _interop
 
         _interop.refuse_model_options({"--analytic-skip": analytic_skip, "--ems": ems, "--dc-ratios": dc_ratios,
-                                       "--dynamic-threshold": dynamic_threshold, "--classifier": classifier,
-                                       "--linear-ag": linear_ag})
-        return _interop.sample_cmd(pipeline, prompt, negative_prompt, height, width, solver, solver_opt, steps, cfg,
-                                   n, seed, spacing, batch_size, out, dict(
-                                       pag=pag, pag_layers=pag_layers, ag=ag, ag_space=ag_space,
-                                       cfg_rescale=cfg_rescale, guidance_interval=guidance_interval))
+                                       "--dynamic-threshold": dynamic_threshold, "--classifier": guidance["classifier"],
+                                       "--linear-ag": guidance["linear_ag"], "--minority": guidance["minority"]})
+        return _interop.sample_cmd(pipeline, prompt, guidance["negative_prompt"], height, width, solver, solver_opt,
+                                   steps, cfg, n, seed, spacing, batch_size, out,
+                                   {k: guidance[k] for k in ("pag", "pag_layers", "ag", "ag_space", "cfg_rescale",
+                                                             "guidance_interval")})
     if height is not None or width is not None:
         raise ConfigError("--height and --width go with --pipeline (condiff's own models have a fixed size)")
 
@@ -373,9 +390,7 @@ def sample_cmd(
     _check_out(out.with_suffix(".json"), "--out (its JSON sidecar)")
     family, sol, spacing, spc, skip = _sampling_setup(model, solver, steps, cfg, spacing, ems, dc_ratios,
                                                       solver_opt, analytic_skip)
-    guide = _guidance(family, cfg, pag, pag_layers, ag, ag_space, cfg_rescale, guidance_interval, negative_prompt,
-                      classifier, cg_scale, cg_attribute, cg_raw, linear_ag, linear_ag_steps,
-                      minority, minority_level, minority_scale)
+    guide = _guidance(family, cfg, **guidance)
     one = None if prompt is None else family.parse_prompt(prompt)
     m = _load(model)
     g = torch.Generator().manual_seed(seed)
@@ -408,6 +423,7 @@ def sample_cmd(
 
 
 @app.command("eval")
+@guidance_options
 def eval_cmd(
     model: str = typer.Option(..., help="bundled model name (shapes, digits) or a model directory"),
     solver: SolverOpt = "dpmpp-2m",
@@ -423,22 +439,7 @@ def eval_cmd(
     dc_ratios: DcRatiosOpt = None,
     solver_opt: SolverOptOpt = None,
     dynamic_threshold: ThresholdOpt = None,
-    pag: PagOpt = None,
-    pag_layers: PagLayersOpt = None,
-    ag: AgOpt = None,
-    ag_space: AgSpaceOpt = None,
-    cfg_rescale: CfgRescaleOpt = None,
-    guidance_interval: GuidanceIntervalOpt = None,
-    negative_prompt: NegativePromptOpt = None,
-    classifier: ClassifierOpt = None,
-    cg_scale: CgScaleOpt = None,
-    cg_attribute: CgAttributeOpt = None,
-    cg_raw: CgRawOpt = False,
-    linear_ag: LinearAgOpt = None,
-    linear_ag_steps: LinearAgStepsOpt = None,
-    minority: MinorityOpt = None,
-    minority_level: MinorityLevelOpt = None,
-    minority_scale: MinorityScaleOpt = None,
+    guidance: dict = None,  # the guidance options (GUIDANCE_OPTIONS), filled in by @guidance_options
 ):
     """Sample random conditions and score them with the exact labeller (shapes) or the scorer (digits)."""
     from .evaluate import evaluate
@@ -449,9 +450,7 @@ def eval_cmd(
         _check_out(json_out, "--json", ".json")
     family, sol, spacing, spc, skip = _sampling_setup(model, solver, steps, cfg, spacing, ems, dc_ratios,
                                                       solver_opt, analytic_skip)
-    guide = _guidance(family, cfg, pag, pag_layers, ag, ag_space, cfg_rescale, guidance_interval, negative_prompt,
-                      classifier, cg_scale, cg_attribute, cg_raw, linear_ag, linear_ag_steps,
-                      minority, minority_level, minority_scale)
+    guide = _guidance(family, cfg, **guidance)
     m = _load(model)
     res = evaluate(m, sol, steps, cfg, n, seed, spc, batch_size, progress=True, analytic_skip=skip,
                    dynamic_threshold=dynamic_threshold, guidance=guide)
