@@ -27,6 +27,17 @@ def generate(model, raw: torch.Tensor, solver, steps: int, cfg_scale: float, gen
     return images, nfe
 
 
+def _check_grid_bound(den, solver, grid):
+    """Guidance defined at grid times only (EluCD) refuses a solver that evaluates elsewhere before sampling."""
+    d = den
+    for _ in range(64):
+        if hasattr(d, "check_solver"):
+            d.check_solver(solver, grid)
+        d = getattr(d, "denoiser", None)
+        if d is None:
+            return
+
+
 def classifier_targets(family, raw: torch.Tensor, attribute: str) -> torch.Tensor:
     """The class of ``attribute`` that each raw condition names: classifier guidance's target (one ConfigError
     when the family has no such attribute or a prompt leaves it out)."""
@@ -52,6 +63,7 @@ def generate_counted(model, raw: torch.Tensor, solver, steps: int, cfg_scale: fl
     skip = None if analytic_skip is None else analytic_skip.prepare(model, grid, spacing)
     counter = CountRows(model.denoiser)
     den = build_guidance(counter, opts, grid if skip is None else skip.grid)
+    _check_grid_bound(den, solver, grid if skip is None else skip.grid)
     negative = None if opts.negative_prompt is None else model.family.parse_prompt(opts.negative_prompt)
     if dynamic_threshold is not None:
         den = DynamicThresholding(den, dynamic_threshold)

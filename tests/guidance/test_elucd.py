@@ -177,3 +177,22 @@ def test_guided_sampling_raises_the_target_class_rate_monotonically(gmm):
         rates.append(float((gmm.class_posterior(out, 1.0, 0.0).argmax(1) == 0).double().mean()))
     assert rates[0] < rates[1] < rates[2], rates
     assert rates[2] - rates[0] > 0.3, rates
+
+
+def test_check_solver_dry_run_finds_off_grid_solvers():
+    """check_solver runs the solver on a zero denoiser: solvers that call the model at grid times only pass;
+    DPM-Solver++(2S) (a midpoint in log-SNR) and EDM's churn sampler are refused with the grid-times error."""
+    grid = make_grid(VPLinear(), 6, UniformT())
+
+    class D:
+        schedule = VPLinear()
+
+        def __call__(self, x, t, cond=None):
+            return x
+
+    e = EluCD(D(), lambda x0: torch.zeros(x0.shape[0], 2, dtype=x0.dtype), grid)
+    for name in ("ddpm", "ddim", "dpmpp-2m", "heun", "unipc"):
+        e.check_solver(SOLVERS[name](), grid)
+    for name in ("dpmpp-2s", "edm-sde"):
+        with pytest.raises(ConfigError, match="grid times"):
+            e.check_solver(SOLVERS[name](), grid)

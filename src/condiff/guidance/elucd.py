@@ -175,6 +175,26 @@ class EluCD:
     def schedule(self):
         return self.denoiser.schedule
 
+    def check_solver(self, solver, grid=None) -> None:
+        """One ConfigError now, before any sampling, if ``solver`` on ``grid`` (default: EluCD's own) would call
+        the denoiser off the grid: a dry run with a zero denoiser records the times it asks for."""
+        from ..sampling import Gaussian, sample
+
+        asked = []
+
+        class Probe:
+            schedule = self.schedule
+
+            def __call__(self, x, t, cond=None):
+                asked.append(t)
+                return torch.zeros_like(x)
+
+        grid = self.grid if grid is None else grid
+        sample(Probe(), solver, grid, torch.zeros(1, 1, dtype=torch.float64), None,
+               Gaussian(torch.Generator().manual_seed(0)), check_finite=False)
+        for t in asked:
+            self.factor(t)
+
     def factor(self, t) -> float:
         """V_k / c_k at grid time t (the x0 shift per unit of s * grad)."""
         key = float(t) if not isinstance(t, torch.Tensor) or t.numel() == 1 else None
