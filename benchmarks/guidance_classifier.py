@@ -3,8 +3,8 @@ acceptance 4): the clean classifier applied to x_t (naive), the same classifier 
 noise-aware classifier and, when given, PPAP's LoRA experts, over one scale sweep, on the same seeds.
 
     OMP_NUM_THREADS=1 python benchmarks/guidance_classifier.py --n 512 --steps 50 \
-        --clean runs/shapes-clean-classifier/model --noisy runs/shapes-noisy-classifier/model \
-        [--ppap runs/ppap] --json outputs/guidance_classifier.json
+        [--clean clean] [--noisy noisy] \
+        [--ppap src/condiff/bundled/shapes-ppap] --json outputs/guidance_classifier.json
 
 Targets are colors drawn uniformly (seed 0); the exact labeller reads the samples. "valid" = it finds one
 object (no -1 in its reading). Chance color accuracy is 1/6. Prints a markdown table; writes JSON."""
@@ -53,9 +53,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scales", default="0,1,2,4,8,16",
                    help="one list for every method, or per method: 'naive=1,4,16;elucd=1,2,4' (0 = unguided)")
-    p.add_argument("--clean", default="runs/shapes-clean-classifier/model")
-    p.add_argument("--noisy", default="runs/shapes-noisy-classifier/model")
-    p.add_argument("--ppap", default=None)
+    p.add_argument("--clean", default="clean", help="clean classifier: bundled name or directory")
+    p.add_argument("--noisy", default="noisy", help="noise-aware classifier: bundled name or directory")
+    p.add_argument("--ppap", default="src/condiff/bundled/shapes-ppap", help="PPAP experts directory")
     p.add_argument("--methods", default="naive,elucd,noisy,ppap")
     p.add_argument("--json", default="outputs/guidance_classifier.json")
     a = p.parse_args(argv)
