@@ -12,7 +12,7 @@ runs the other N - 1 steps; it is compared with the plain N - 1-step and N-step 
 NFE saved at equal error: the no-skip error curve (NFE 4..20) interpolated in log-log gives, for each skip
 run at NFE N, the NFE a plain run needs for the same error; saved = that - N (None when past 20;
 extrapolated below 3).
-Accuracy: ``condiff.evaluate.evaluate`` (the exact labeller, all four attributes right) on ``--n-eval``
+Accuracy: ``condiff.evaluation.evaluate.evaluate`` (the exact labeller, all four attributes right) on ``--n-eval``
 samples, same seed and noises with and without the chosen skip, at NFE 4, 6 and 10.
 Diagnostic: the share of the network's output variance that the Gaussian explains on noised training
 images, 1 - E|f_net - f_gauss|^2 / E|f_net - mean f_net|^2, for the score (the TMLR 2024 measure) and for the
@@ -33,12 +33,12 @@ from pathlib import Path
 
 import torch
 
-from condiff.analytic import AnalyticSkip, model_fit
-from condiff.evaluate import evaluate
-from condiff.grids import make_grid
+from condiff.solvers.analytic import AnalyticSkip, model_fit
+from condiff.evaluation.evaluate import evaluate
+from condiff.core.grids import make_grid
 from condiff.guidance import CFG
 from condiff.models.base import load_model, silence_diffusers
-from condiff.sampling import initial_noise, sample
+from condiff.core.sampling import initial_noise, sample
 from condiff.solvers import get_solver
 from condiff.training.recipe import ObjectiveConfig
 

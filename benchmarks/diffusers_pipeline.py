@@ -29,8 +29,8 @@ import torch
 from condiff.guidance import CFG
 from condiff.interop import initial_latents, load_pipeline
 from condiff.interop.tiny import build_tiny_sd
-from condiff.io import atomic_write_json
-from condiff.sampling import sample
+from condiff.core.files import atomic_write_json
+from condiff.core.sampling import sample
 from condiff.solvers import DDIM, DPMSolverPP2M
 
 PROMPT, CFG_SCALE, SIZE = "a red cat", 7.5, 16

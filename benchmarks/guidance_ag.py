@@ -28,14 +28,14 @@ from pathlib import Path
 
 import torch
 
-from condiff.denoiser import Eps, X0
-from condiff.grids import make_grid
+from condiff.core.denoiser import Eps, X0
+from condiff.core.grids import make_grid
 from condiff.guidance import CFG
 from condiff.guidance.adaptive import AdaptiveGuidance, CountRows
 from condiff.guidance.interval import GuidanceInterval
 from condiff.guidance.linear_ag import LinearAG, fit_linear_ag
 from condiff.models.base import load_model, silence_diffusers
-from condiff.sampling import Gaussian, sample
+from condiff.core.sampling import Gaussian, sample
 from condiff.solvers import get_solver
 
 SCALE = 3.0

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 
 from condiff.data import labeller
-from condiff.grids import make_grid
+from condiff.core.grids import make_grid
 from condiff.guidance.attribute import TARGET_KEY, classifier_guidance, elucd_guidance
-from condiff.io import atomic_write_json
+from condiff.core.files import atomic_write_json
 from condiff.models.base import load_model, silence_diffusers
 from condiff.models.shapes_classifier import load_classifier
-from condiff.sampling import Gaussian, sample
+from condiff.core.sampling import Gaussian, sample
 from condiff.solvers import SOLVERS
 
 

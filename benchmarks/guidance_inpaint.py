@@ -9,10 +9,10 @@ import torch
 torch.set_num_threads(1)
 from condiff.models.base import load_model
 from condiff.data import shapes, labeller
-from condiff.grids import make_grid
+from condiff.core.grids import make_grid
 from condiff.guidance.steered import inpaint
 from condiff.guidance.universal import SelfRecurrence
-from condiff.sampling import Gaussian, sample
+from condiff.core.sampling import Gaussian, sample
 from condiff.solvers import SOLVERS
 
 n, steps = 64, int(sys.argv[1]) if len(sys.argv) > 1 else 25

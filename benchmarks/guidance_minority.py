@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 
 from condiff.data import labeller, shapes
-from condiff.grids import make_grid
+from condiff.core.grids import make_grid
 from condiff.guidance.minority import MinorityGuidance, load_minority
-from condiff.images import labelled_grid, save_png
-from condiff.io import atomic_write_json, load_tensors
+from condiff.data.images import labelled_grid, save_png
+from condiff.core.files import atomic_write_json, load_tensors
 from condiff.models.base import load_model, silence_diffusers
-from condiff.sampling import Gaussian, sample
+from condiff.core.sampling import Gaussian, sample
 from condiff.solvers import get_solver
 from condiff.training.recipe import ObjectiveConfig
 

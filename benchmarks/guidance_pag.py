@@ -10,7 +10,7 @@ Per sample, from the exact labeller (condiff.data.labeller) on the final image:
 - valid:  single, and the mask matches a clean render of the sample's own labels: the best IoU over the 9
           whole-pixel jitter offsets of the renderer (the training data's only positions) is >= 0.8.
 Rates are over all n samples; 'iou' is the mean best IoU of the found ones.
-- fd:     the Fréchet distance (condiff.metrics) between the samples and --real fresh renders (seed 999), in
+- fd:     the Fréchet distance (condiff.evaluation.metrics) between the samples and --real fresh renders (seed 999), in
           the bundled clean classifier's 128-d penultimate features (an FID stand-in); lower is better.
           'fd ref' on the first line is two sets of real renders against each other: the noise floor.
 Writes --json (default outputs/guidance_pag.json).
@@ -26,12 +26,12 @@ import torch
 from scipy import ndimage
 
 from condiff.data import labeller, shapes
-from condiff.grids import make_grid
+from condiff.core.grids import make_grid
 from condiff.guidance.pag import PAG
-from condiff.io import atomic_write_json
-from condiff.metrics import frechet_distance, shapes_features
+from condiff.core.files import atomic_write_json
+from condiff.evaluation.metrics import frechet_distance, shapes_features
 from condiff.models.base import load_model, silence_diffusers
-from condiff.sampling import initial_noise, sample
+from condiff.core.sampling import initial_noise, sample
 from condiff.solvers import get_solver
 
 MIN_BLOB = 3

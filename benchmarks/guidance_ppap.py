@@ -35,13 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from guidance_pag import MIN_BLOB, VALID_IOU, clean_iou  # noqa: E402
 
 from condiff.data import labeller, shapes  # noqa: E402
-from condiff.denoiser import coefficients  # noqa: E402
-from condiff.grids import make_grid  # noqa: E402
+from condiff.core.denoiser import coefficients  # noqa: E402
+from condiff.core.grids import make_grid  # noqa: E402
 from condiff.guidance.attribute import TARGET_KEY, classifier_guidance  # noqa: E402
 from condiff.guidance.ppap import load_ppap, ppap_attribute_guidance, read_ppap_meta  # noqa: E402
-from condiff.io import atomic_write_json  # noqa: E402
+from condiff.core.files import atomic_write_json  # noqa: E402
 from condiff.models.base import load_model, silence_diffusers  # noqa: E402
-from condiff.sampling import Gaussian, sample  # noqa: E402
+from condiff.core.sampling import Gaussian, sample  # noqa: E402
 from condiff.solvers import get_solver  # noqa: E402
 
 COLOR = list(shapes.ATTRIBUTES).index("color")  # the labeller's column

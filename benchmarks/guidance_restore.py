@@ -17,11 +17,11 @@ import torch
 
 torch.set_num_threads(1)
 from condiff.data import labeller, shapes  # noqa: E402
-from condiff.grids import make_grid  # noqa: E402
+from condiff.core.grids import make_grid  # noqa: E402
 from condiff.guidance.steered import Colorize, Inpaint, Projection, SuperResolution  # noqa: E402
 from condiff.guidance.universal import SelfRecurrence  # noqa: E402
 from condiff.models.base import load_model  # noqa: E402
-from condiff.sampling import Gaussian, sample  # noqa: E402
+from condiff.core.sampling import Gaussian, sample  # noqa: E402
 from condiff.solvers import SOLVERS  # noqa: E402
 
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 25

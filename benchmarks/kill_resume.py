@@ -166,7 +166,7 @@ def finish(recipe: Path, out: Path, steps: int, logs: Path) -> dict:
 def compare(ref: Path, run: Path, steps: int) -> dict:
     import torch
 
-    from condiff.io import load_tensors
+    from condiff.core.files import load_tensors
 
     res = {}
     for name in ("model.safetensors", "ema.safetensors"):

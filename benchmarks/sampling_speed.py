@@ -26,7 +26,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler  # noqa: E402
 
 from condiff.guidance import CFG  # noqa: E402
 from condiff.models.base import load_model, silence_diffusers  # noqa: E402
-from condiff.sampling import sample  # noqa: E402
+from condiff.core.sampling import sample  # noqa: E402
 from condiff.solvers import DDIM, DPMSolverPP2M  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

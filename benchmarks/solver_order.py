@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 
 from condiff.data.gmm import GMM, gaussian_pf_ode, reference_pf_ode
-from condiff.grids import UniformLogSNR, make_grid
-from condiff.sampling import sample
-from condiff.schedules import VPLinear
+from condiff.core.grids import UniformLogSNR, make_grid
+from condiff.core.sampling import sample
+from condiff.core.schedules import VPLinear
 from condiff.solvers import get_solver
 
 _NO_LOF = {"lower_order_final": False}

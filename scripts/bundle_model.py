@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from condiff.data import digits
-from condiff.evaluate import evaluate
-from condiff.io import atomic_write_json, atomic_write_text, load_json
+from condiff.evaluation.evaluate import evaluate
+from condiff.core.files import atomic_write_json, atomic_write_text, load_json
 from condiff.models.base import bundled_dir, load_model, silence_diffusers
 from condiff.solvers import DPMSolverPP2M
 

@@ -11,9 +11,9 @@ import argparse
 
 import torch
 
-from condiff.evaluate import generate_counted
+from condiff.evaluation.evaluate import generate_counted
 from condiff.guidance.build import GuidanceOptions
-from condiff.images import labelled_grid, save_png
+from condiff.data.images import labelled_grid, save_png
 from condiff.models.base import load_model, silence_diffusers
 from condiff.solvers import get_solver
 

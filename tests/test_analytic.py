@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from condiff import analytic
-from condiff.analytic import AnalyticSkip, GaussianFit, fit_gaussian, load_fit, model_fit, save_fit
+from condiff.solvers import analytic
+from condiff.solvers.analytic import AnalyticSkip, GaussianFit, fit_gaussian, load_fit, model_fit, save_fit
 from condiff.data.gmm import GMM, reference_pf_ode
 from condiff.errors import ConfigError, InputFileError
-from condiff.grids import Karras, UniformT, make_grid
-from condiff.sampling import sample
-from condiff.schedules import EDM, Flow, VPCosine, VPDiscrete, VPLinear
+from condiff.core.grids import Karras, UniformT, make_grid
+from condiff.core.sampling import sample
+from condiff.core.schedules import EDM, Flow, VPCosine, VPDiscrete, VPLinear
 from condiff.solvers import DPMSolverPP2M
 
 F64 = torch.float64
@@ -316,7 +316,7 @@ def test_corrupted_cache_is_refused_and_refit(tmp_path):
 def test_prepare_binds_the_fit_and_refuses_non_gaussian_noise(tmp_path):
     """prepare() on a Gaussian-noise model teleports with the given fit onto the plan's grid; a PFGM++
     (finite D) model is refused before anything is fitted (the closed form is for Gaussian noise)."""
-    from condiff.pfgmpp import GaussianNoise, PFGMPPNoise
+    from condiff.solvers.pfgmpp import GaussianNoise, PFGMPPNoise
 
     m = _Model()
     m.schedule, m.noise = VPLinear(), GaussianNoise()

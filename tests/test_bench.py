@@ -1,4 +1,4 @@
-"""The solver benchmark (condiff.bench, condiff.peers, `condiff bench solvers`): the diffusers drivers are
+"""The solver benchmark (condiff.evaluation.bench, condiff.evaluation.peers, `condiff bench solvers`): the diffusers drivers are
 faithful (same grid, same algorithm -> same error as condiff's implementation), the reference is converged,
 and on the exact GMM oracle condiff's tuned DPM-Solver-v3 beats every diffusers scheduler at low NFE."""
 
@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from condiff import bench
+from condiff.evaluation import bench
 from condiff.cli import main
-from condiff.ems import gmm_ems
-from condiff.peers import PEERS, betas_from_alphas_cumprod, trailing_grid
-from condiff.schedules import VPDiscrete
+from condiff.solvers.ems import gmm_ems
+from condiff.evaluation.peers import PEERS, betas_from_alphas_cumprod, trailing_grid
+from condiff.core.schedules import VPDiscrete
 from condiff.solvers import get_solver
 
 diffusers = pytest.importorskip("diffusers")

@@ -1,4 +1,4 @@
-"""DC-Solver's ratio search, CPR and ratios files (condiff.dc), checked on the exact GMM oracle."""
+"""DC-Solver's ratio search, CPR and ratios files (condiff.solvers.dc_search), checked on the exact GMM oracle."""
 
 import functools
 import json
@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from condiff.data.gmm import GMM, reference_pf_ode
-from condiff.dc import (CPR, DCRatios, Reference, cpr_features, dc_solver_for, fine_grid, fit_cpr, load_ratios,
+from condiff.solvers.dc_search import (CPR, DCRatios, Reference, cpr_features, dc_solver_for, fine_grid, fit_cpr, load_ratios,
                         parse_ratios, predict_cpr, ratios_for, reference_trajectory, save_ratios, search,
                         search_ratios)
 from condiff.errors import ConfigError, InputFileError
-from condiff.grids import UniformLogSNR, UniformT, make_grid
+from condiff.core.grids import UniformLogSNR, UniformT, make_grid
 from condiff.guidance import CFG
-from condiff.sampling import initial_noise, sample
-from condiff.schedules import VPDiscrete, VPLinear
+from condiff.core.sampling import initial_noise, sample
+from condiff.core.schedules import VPDiscrete, VPLinear
 from condiff.solvers import DDIM, DPMSolverPP2M, UniPC
 from condiff.solvers.dc_solver import DCSolver, LambdaAxis, TimeAxis
 

@@ -1,4 +1,4 @@
-"""Empirical model statistics (condiff.ems) against exact answers: Gaussian data (exact l), the GMM oracle (s, b
+"""Empirical model statistics (condiff.solvers.ems) against exact answers: Gaussian data (exact l), the GMM oracle (s, b
 against a direct least-squares fit with f' taken along the PF-ODE by finite differences), and the file format."""
 
 import json
@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from condiff.data.gmm import GMM
-from condiff.ems import (EMS, CentralDifference, ForwardAD, check_ems_fits, compute_ems, eps_function, gmm_ems,
+from condiff.solvers.ems import (EMS, CentralDifference, ForwardAD, check_ems_fits, compute_ems, eps_function, gmm_ems,
                          load_ems, smooth_derivative)
 from condiff.errors import ConfigError, InputFileError
-from condiff.schedules import EDM, Flow, VPCosine, VPDiscrete, VPLinear
+from condiff.core.schedules import EDM, Flow, VPCosine, VPDiscrete, VPLinear
 
 F64 = torch.float64
 SCHEDULES = [VPLinear(), VPCosine(), VPDiscrete.from_betas("squaredcos_cap_v2"), EDM(), Flow()]

@@ -1,4 +1,4 @@
-"""condiff.images: reading image files into [-1, 1] tensors (exact values per colour mode, crop and
+"""condiff.data.images: reading image files into [-1, 1] tensors (exact values per colour mode, crop and
 resize, refusals), writing PNGs (exact round trip, resizing, atomic) and the comparison figures."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from condiff.errors import ConfigError, InputFileError, NonFiniteError, OutputFileError
-from condiff.images import (MAX_PIXELS, compare_image, from_uint8, labelled_grid, read_image, to_uint8,
+from condiff.data.images import (MAX_PIXELS, compare_image, from_uint8, labelled_grid, read_image, to_uint8,
                             write_image)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from condiff.errors import CondiffError, InputFileError
-from condiff.io import atomic_dir, atomic_write_bytes, load_json, load_tensors, save_tensors
+from condiff.core.files import atomic_dir, atomic_write_bytes, load_json, load_tensors, save_tensors
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from condiff.errors import ConfigError
-from condiff.metrics import frechet_distance
+from condiff.evaluation.metrics import frechet_distance
 
 
 def _with_moments(n, mean, cov, seed):

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from condiff import parameterization as P
-from condiff.denoiser import PREDICTIONS, coefficients
-from condiff.schedules import EDM, Flow, VPCosine, VPDiscrete, VPLinear
+from condiff.core import parameterization as P
+from condiff.core.denoiser import PREDICTIONS, coefficients
+from condiff.core.schedules import EDM, Flow, VPCosine, VPDiscrete, VPLinear
 
 F64 = torch.float64
 SCHEDULES = [VPLinear(), VPCosine(), VPDiscrete.from_betas("linear"), EDM(), Flow()]

@@ -17,11 +17,11 @@ import pytest
 import torch
 from scipy import stats
 
-from condiff.denoiser import PREDICTIONS, EDMPrecond, as_prediction, coefficients, wrap
+from condiff.core.denoiser import PREDICTIONS, EDMPrecond, as_prediction, coefficients, wrap
 from condiff.errors import ConfigError
-from condiff.pfgmpp import GaussianNoise, PFGMPPNoise, noise_for_D, noise_from_config
-from condiff.sampling import initial_noise
-from condiff.schedules import EDM, VPCosine
+from condiff.solvers.pfgmpp import GaussianNoise, PFGMPPNoise, noise_for_D, noise_from_config
+from condiff.core.sampling import initial_noise
+from condiff.core.schedules import EDM, VPCosine
 from condiff.training.objectives import EDMWeight, LogNormalSigma, diffusion_loss
 
 F64 = torch.float64
@@ -353,10 +353,10 @@ def test_saved_pfgmpp_model_samples_from_its_prior(tmp_path, monkeypatch):
     kernel prior at sigma(t_start) (Gaussian models: exactly initial_noise); evaluate.generate starts from it."""
     import json
 
-    import condiff.evaluate as ev
-    from condiff.grids import Karras, make_grid
+    import condiff.evaluation.evaluate as ev
+    from condiff.core.grids import Karras, make_grid
     from condiff.models.base import build_model, load_model
-    from condiff.sampling import SampleOutput
+    from condiff.core.sampling import SampleOutput
     from condiff.solvers import EDMHeun
 
     unet = {"sample_size": 16, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 8],

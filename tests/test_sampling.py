@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from condiff.errors import ConfigError, NonFiniteError
-from condiff.grids import UniformT, make_grid
-from condiff.sampling import Gaussian, NoiseSource, Recorded, initial_noise, sample
-from condiff.schedules import VPLinear
+from condiff.core.grids import UniformT, make_grid
+from condiff.core.sampling import Gaussian, NoiseSource, Recorded, initial_noise, sample
+from condiff.core.schedules import VPLinear
 from condiff.solvers import DDPM, SOLVERS, get_solver
 
 F64 = torch.float64

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from condiff.errors import ConfigError
-from condiff.grids import SPACINGS, make_grid
-from condiff.schedules import DEFAULT_START_SIGMA_RATIO, EDM, Flow, VPCosine, VPDiscrete, VPLinear, schedule_from_config
+from condiff.core.grids import SPACINGS, make_grid
+from condiff.core.schedules import DEFAULT_START_SIGMA_RATIO, EDM, Flow, VPCosine, VPDiscrete, VPLinear, schedule_from_config
 
 F64 = torch.float64
 

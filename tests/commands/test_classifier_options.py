@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from clikit import ok, one_line_error, run
-from condiff.grids import make_grid
+from condiff.core.grids import make_grid
 from condiff.guidance import CFG
 from condiff.guidance.attribute import TARGET_KEY, classifier_guidance, elucd_guidance
 from condiff.guidance.build import GuidanceOptions
 from condiff.models.shapes_classifier import load_classifier
-from condiff.sampling import Gaussian, sample
+from condiff.core.sampling import Gaussian, sample
 from condiff.solvers import get_solver
 
 STEPS = 5
@@ -39,7 +39,7 @@ def _by_hand_solver(model, raw, seed, guide, solver):
 def test_sample_equals_the_library_objects(tmp_path, capsys, raw):
     """--cfg 0 --classifier clean [--cg-raw]: EluCD (or the raw classifier on x_t) around the unconditional
     model, pixel for pixel as built by hand; the sidecar names the options and its reproduce line has them."""
-    from condiff.evaluate import generate
+    from condiff.evaluation.evaluate import generate
     from condiff.models.base import load_model
 
     torch.set_num_threads(1)
@@ -94,7 +94,7 @@ def test_the_issue_stack_runs_end_to_end(tmp_path, capsys):
     CFG + PAG + AG + (EluCD) classifier guidance in one run, with every option in the sidecar and PAG's and
     AG's rows counted; the same options through ``generate`` (what the command calls) give finite images at
     one guided call per step."""
-    from condiff.evaluate import generate
+    from condiff.evaluation.evaluate import generate
     from condiff.models.base import load_model
 
     out = tmp_path / "s.png"
@@ -117,7 +117,7 @@ def test_the_issue_stack_runs_end_to_end(tmp_path, capsys):
 def test_ppap_directory_as_classifier(tmp_path, capsys):
     """--classifier DIR with PPAP experts (saved by save_ppap; here fresh LoRA experts, equal to the clean
     classifier) runs PPAP guidance: the same images as ppap_attribute_guidance built by hand."""
-    from condiff.evaluate import generate
+    from condiff.evaluation.evaluate import generate
     from condiff.guidance.ppap import MultiExpert, load_ppap, lora_expert, ppap_attribute_guidance, save_ppap
     from condiff.models.base import load_model
 

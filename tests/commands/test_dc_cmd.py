@@ -7,7 +7,7 @@ import pytest
 
 from clikit import run
 from condiff.cli import main
-from condiff.dc import load_ratios, ratios_for
+from condiff.solvers.dc_search import load_ratios, ratios_for
 
 
 def _search(out, *extra):
@@ -58,7 +58,7 @@ def test_unwritable_out_is_refused_before_any_work(tmp_path, capsys):
 @pytest.mark.parametrize("content, needle", [
     ("garbage", "not valid JSON"),
     ("{}", "not a valid DC ratios file: missing key"),
-    ('{"format": "condiff.dc-ratios"}', "missing key"),
+    ('{"format": "condiff.solvers.dc_search-ratios"}', "missing key"),
 ])
 def test_garbage_ratios_file_is_a_one_line_error(tmp_path, capsys, content, needle):
     path = tmp_path / "bad.json"

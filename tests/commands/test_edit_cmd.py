@@ -14,10 +14,11 @@ from safetensors.torch import save_file
 
 from clikit import one_line_error, ok, run
 from condiff.cli import main
-from condiff.commands.edit import bench_methods, make_method
+from condiff.cli.common import make_method
+from condiff.cli.edit import bench_methods
 from condiff.data import shapes
 from condiff.data.shapes import ATTRIBUTES
-from condiff.images import write_image
+from condiff.data.images import write_image
 from condiff.inversion.methods import METHODS, load_inverted
 
 STEPS = "4"
@@ -153,7 +154,7 @@ def test_other_sizes_give_a_note_and_an_output_at_the_input_size(tmp_path, capsy
 def test_no_resize_refuses_another_size(tmp_path, capsys, monkeypatch):
     src = tmp_path / "in.png"
     _rgba(src, (48, 40))
-    monkeypatch.setattr("condiff.cli._load", _no_load)
+    monkeypatch.setattr("condiff.cli.common.load_model", _no_load)
     for argv in (_edit(src, tmp_path / "e.png", "ddim", "--no-resize"),
                  _invert(src, tmp_path / "i.safetensors", "ddim", "--no-resize")):
         code, _, err = run(argv, capsys)
@@ -214,7 +215,7 @@ def test_mismatched_inversion_files_are_refused_before_loading(source, ddim_inve
             argv[argv.index(opt) + 1] = value
         else:
             argv += [opt, value]
-    monkeypatch.setattr("condiff.cli._load", _no_load)
+    monkeypatch.setattr("condiff.cli.common.load_model", _no_load)
     code, _, err = run(argv, capsys)
     one_line_error(code, err, needle)
     assert "--inversion" in err and not (tmp_path / "e.png").exists()
@@ -279,7 +280,7 @@ def test_bad_edit_inputs_are_one_line_errors(source, tmp_path, capsys, monkeypat
             "TEXT/e.png": str(tmp_path / "text.png" / "e.png")}
     base = _with_options(["edit", "--image", str(source), "--from", FROM, "--to", TO, "--method", "ddim", "--out",
                           str(tmp_path / "e.png")], argv, swap)
-    monkeypatch.setattr("condiff.cli._load", _no_load)
+    monkeypatch.setattr("condiff.cli.common.load_model", _no_load)
     code, _, err = run(base, capsys)
     one_line_error(code, err, needle)
     assert not (tmp_path / "e.png").exists() and not (tmp_path / "e.json").exists()
@@ -296,7 +297,7 @@ def test_bad_edit_inputs_are_one_line_errors(source, tmp_path, capsys, monkeypat
 def test_bad_invert_inputs_are_one_line_errors(source, tmp_path, capsys, monkeypatch, argv, needle):
     base = _with_options(["invert", "--image", str(source), "--prompt", FROM, "--method", "ddim", "--out",
                           str(tmp_path / "i.safetensors")], argv)
-    monkeypatch.setattr("condiff.cli._load", _no_load)
+    monkeypatch.setattr("condiff.cli.common.load_model", _no_load)
     code, _, err = run(base, capsys)
     one_line_error(code, err, needle)
     assert not list(tmp_path.iterdir())
@@ -345,7 +346,7 @@ def test_bad_bench_edit_inputs_are_one_line_errors(tmp_path, capsys, monkeypatch
             base[base.index(opt) + 1] = value if opt != "--json" else str(tmp_path / value)
         else:
             base += [opt, value]
-    monkeypatch.setattr("condiff.cli._load", _no_load)
+    monkeypatch.setattr("condiff.cli.common.load_model", _no_load)
     code, _, err = run(base, capsys)
     one_line_error(code, err, needle)
     assert not list(tmp_path.iterdir())
@@ -385,7 +386,7 @@ def test_digits_edit_has_no_labeller_reading(tmp_path, capsys):
 def test_bench_method_selection_follows_the_default_set():
     """--methods all is editbench.default_methods() as it stands; a listed name takes the default set's setting
     for it; NAME.KEY=VALUE changes that option on every run of NAME and nothing else."""
-    from condiff.editbench import default_methods
+    from condiff.evaluation.editbench import default_methods
 
     defaults = default_methods()
     assert [m.label for m in bench_methods("all", None)] == [m.label for m in defaults]

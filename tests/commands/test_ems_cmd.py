@@ -8,7 +8,7 @@ import torch
 
 from clikit import run
 from condiff.cli import main
-from condiff.ems import check_ems_fits, load_ems
+from condiff.solvers.ems import check_ems_fits, load_ems
 from condiff.models.base import load_model
 
 
@@ -85,7 +85,7 @@ def test_tiny_run_on_digits_writes_loadable_statistics(tmp_path, capsys):
     assert (t0, t1) == (m.schedule.default_t_start(), m.schedule.t_min)
     assert all(bool(torch.isfinite(getattr(ems, k)).all()) for k in "lsb")
 
-    from condiff.evaluate import generate
+    from condiff.evaluation.evaluate import generate
     from condiff.solvers import DPMSolverV3
 
     images, nfe = generate(m, torch.tensor([3, 7]), DPMSolverV3(ems=ems), 4, 2.0, torch.Generator().manual_seed(0))

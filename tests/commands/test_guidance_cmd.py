@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-import condiff.cli as cli
+from condiff.cli import common
 from clikit import run
 from condiff.cli import main
-from condiff.grids import make_grid
+from condiff.core.grids import make_grid
 from condiff.guidance.linear_ag import TERMS, fit_linear_ag, load_linear_ag
-from condiff.sampling import Gaussian
+from condiff.core.sampling import Gaussian
 from condiff.solvers import get_solver
 
 
@@ -27,7 +27,7 @@ def no_load(monkeypatch):
     """Loading the model fails loudly: a check that passes this fixture ran before any weights were read."""
     def refuse(model):
         raise AssertionError("the model was loaded before the inputs were checked")
-    monkeypatch.setattr(cli, "_load", refuse)
+    monkeypatch.setattr(common, "load_model", refuse)
 
 
 @pytest.mark.parametrize("option, value, needle", [
@@ -93,7 +93,7 @@ def test_tiny_fit_writes_file_equal_to_direct_library_call(tmp_path, capsys):
     got = load_linear_ag(out)
 
     torch.set_num_threads(1)
-    m = cli._load("digits")
+    m = common.load_model("digits")
     solver = get_solver("dpmpp-2m")
     grid = make_grid(m.schedule, 4)
     g = torch.Generator().manual_seed(5)

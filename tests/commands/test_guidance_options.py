@@ -9,10 +9,10 @@ import torch
 
 from clikit import ok, one_line_error, run
 from condiff.errors import ConfigError
-from condiff.grids import make_grid
+from condiff.core.grids import make_grid
 from condiff.guidance import CFG, PAG, AdaptiveGuidance, CountRows, GuidanceInterval, GuidanceRescale, NegativeGuidance
 from condiff.guidance.build import GuidanceOptions, NegativeAsNull, build_guidance
-from condiff.sampling import Gaussian, sample
+from condiff.core.sampling import Gaussian, sample
 from condiff.solvers import get_solver
 
 STEPS = 4
@@ -28,7 +28,7 @@ def shapes():
 
 def old_generate(model, raw, solver, steps, cfg, seed):
     """The sampler as it was before the guidance options: CFG(model.denoiser, cfg) in the loop."""
-    from condiff.grids import UniformT
+    from condiff.core.grids import UniformT
 
     g = torch.Generator().manual_seed(seed)
     grid = make_grid(model.schedule, steps, UniformT())
@@ -39,7 +39,7 @@ def old_generate(model, raw, solver, steps, cfg, seed):
 
 
 def new_generate(model, raw, solver, steps, cfg, seed, **options):
-    from condiff.evaluate import generate_counted
+    from condiff.evaluation.evaluate import generate_counted
 
     g = torch.Generator().manual_seed(seed)
     guide = GuidanceOptions(cfg=cfg, **options) if options else None
@@ -84,7 +84,7 @@ def test_builder_composes_the_library_objects(shapes):
     """build_guidance returns the library's own objects: CFG by default, PAG over the model's denoiser with
     cfg_scale, AG in x0 space, rescale in x0, GuidanceInterval, NegativeGuidance for a plain negative prompt and
     NegativeAsNull around a method otherwise."""
-    from condiff.denoiser import X0
+    from condiff.core.denoiser import X0
 
     D = shapes.denoiser
     assert type(build_guidance(D, GuidanceOptions(cfg=2.0))) is CFG
@@ -103,7 +103,7 @@ def test_builder_composes_the_library_objects(shapes):
 def test_negative_as_null_equals_negative_guidance(gmm):
     """NegativeAsNull(CFG(D, w)) is NegativeGuidance(D, w) and CFG with null := the negative condition, bit for
     bit, on the GMM oracle; and the negative condition is really used (it differs from plain CFG)."""
-    from condiff.schedules import VPCosine
+    from condiff.core.schedules import VPCosine
 
     sch = VPCosine()
     D = gmm.denoiser(sch)
@@ -186,12 +186,12 @@ def test_pag_zero_and_ag_one_are_plain_cfg_from_the_cli(tmp_path, capsys):
 def test_bad_values_are_one_line_errors(tmp_path, capsys, monkeypatch, flags, needle, command):
     """Bad guidance values and combinations are one `error:` line with exit 2, raised before the model is
     loaded and before anything is written."""
-    import condiff.cli as cli
+    from condiff.cli import common
 
     def no_load(model):
         raise AssertionError("the model was loaded before the options were checked")
 
-    monkeypatch.setattr(cli, "_load", no_load)
+    monkeypatch.setattr(common, "load_model", no_load)
     out = tmp_path / "g.png"
     argv = (SAMPLE + ["--out", str(out)] if command == "sample" else EVAL + ["--json", str(tmp_path / "e.json")])
     code, _, err = run(argv + flags, capsys)

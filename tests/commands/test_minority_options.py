@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from clikit import ok, one_line_error, run
-from condiff.evaluate import generate
-from condiff.grids import make_grid
+from condiff.evaluation.evaluate import generate
+from condiff.core.grids import make_grid
 from condiff.guidance import CFG
 from condiff.guidance.build import GuidanceOptions
 from condiff.guidance.minority import MinorityClassifier, MinorityGuidance, load_minority, save_minority
 from condiff.nets import AttributeClassifier
-from condiff.sampling import Gaussian, sample
+from condiff.core.sampling import Gaussian, sample
 from condiff.solvers import get_solver
 
 STEPS = 4

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from clikit import one_line_error, ok, run
-from condiff.commands.restore import read_mask, sr_factor
+from condiff.cli.restore import read_mask, sr_factor
 from condiff.data import shapes
 from condiff.guidance.steered import Colorize, SuperResolution
-from condiff.images import ImageInput, read_image, write_image
+from condiff.data.images import ImageInput, read_image, write_image
 
 FAST = ["--steps", "4", "--recurrence", "2"]
 SIDECAR_KEYS = {"command", "task", "model", "prompt", "steps", "seed", "recurrence", "solver", "image", "mask",
@@ -123,7 +123,7 @@ def no_model(monkeypatch):
     """Fail loudly if a command tries to read weights."""
     def boom(*a, **k):
         raise AssertionError("the model was loaded before the inputs were checked")
-    monkeypatch.setattr("condiff.cli._load", boom)
+    monkeypatch.setattr("condiff.cli.common.load_model", boom)
 
 
 def test_bad_inputs_are_one_line_errors(files, tmp_path, capsys, no_model):

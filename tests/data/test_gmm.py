@@ -8,7 +8,7 @@ from torch.distributions import Categorical, MixtureSameFamily, MultivariateNorm
 
 from condiff.data.gmm import GMM, NULL_CLASS, gaussian_pf_ode, reference_pf_ode
 from condiff.errors import ConfigError
-from condiff.schedules import EDM, VPCosine, VPLinear
+from condiff.core.schedules import EDM, VPCosine, VPLinear
 
 F64 = torch.float64
 SCHEDULES = [VPLinear(), EDM()]

@@ -14,7 +14,7 @@ from PIL import Image
 from condiff.data import photos as photos_mod
 from condiff.data.photos import NAMES, photos
 from condiff.errors import ConfigError
-from condiff.images import from_uint8, read_image
+from condiff.data.images import from_uint8, read_image
 
 
 def test_shapes_ranges_and_determinism():

@@ -54,7 +54,7 @@ def _guarded(*_args, **_kwargs):
 def expect_cli_error(argv: list[str], *needles: str) -> str:
     """Run ``argv``; assert the CLI error contract, and that it fails before any model is loaded or built;
     every needle must appear in the error line."""
-    with mock.patch("condiff.cli._load", _guarded), mock.patch("condiff.training.run.make_trainer", _guarded):
+    with mock.patch("condiff.cli.common.load_model", _guarded), mock.patch("condiff.cli.train.make_trainer", _guarded):
         code, out, err = run_cli(argv)
     assert "Traceback" not in out + err, (argv, err)
     lines = err.rstrip("\n").split("\n")

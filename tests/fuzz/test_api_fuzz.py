@@ -21,11 +21,11 @@ from hypothesis import strategies as st
 
 from condiff.data import text
 from condiff.errors import ConfigError, InputFileError
-from condiff.grids import MAX_STEPS, SPACINGS, Karras, make_grid
+from condiff.core.grids import MAX_STEPS, SPACINGS, Karras, make_grid
 from condiff.guidance import CFG
-from condiff.io import load_json, load_tensors, save_tensors
+from condiff.core.files import load_json, load_tensors, save_tensors
 from condiff.models.base import bundled_dir, load_model
-from condiff.schedules import EDM, VPCosine, VPDiscrete, VPLinear, Flow, schedule_from_config
+from condiff.core.schedules import EDM, VPCosine, VPDiscrete, VPLinear, Flow, schedule_from_config
 from condiff.solvers import SOLVERS, get_solver
 
 from fuzzkit import expect_api_error

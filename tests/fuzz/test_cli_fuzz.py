@@ -17,7 +17,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from condiff.data import text
-from condiff.grids import MAX_STEPS, SPACINGS
+from condiff.core.grids import MAX_STEPS, SPACINGS
 from condiff.solvers import SOLVERS
 
 from fuzzkit import IS_ROOT, TINY_RECIPE, expect_cli_error, no_stray_temp_files, run_cli

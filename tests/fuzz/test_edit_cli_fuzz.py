@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from condiff.data import shapes
-from condiff.grids import make_grid
-from condiff.images import write_image
+from condiff.core.grids import make_grid
+from condiff.data.images import write_image
 from condiff.inversion.methods import METHODS
 from fuzzkit import expect_cli_error, no_stray_temp_files
 
@@ -149,7 +149,7 @@ def test_garbage_inversion_files(source, tmp_path_factory, content):
 
 def _shapes_schedule():
     from condiff.models.base import resolve_model
-    from condiff.schedules import schedule_from_config
+    from condiff.core.schedules import schedule_from_config
 
     return schedule_from_config(resolve_model("shapes")[1]["schedule"])
 

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of ``condiff.images.read_image``: random bytes, PNG headers with random fields
+"""Property-based fuzzing of ``condiff.data.images.read_image``: random bytes, PNG headers with random fields
 and garbage, valid images of random sizes, modes and formats, and valid files with bytes flipped, cut or
 inserted. Every call either returns a (1, C, H, W) finite float32 tensor in [-1, 1] or raises a one-line
 InputFileError that names the file; no other exception ever escapes. Valid lossless files read exactly."""
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from condiff.errors import InputFileError
-from condiff.images import MAX_PIXELS, from_uint8, read_image
+from condiff.data.images import MAX_PIXELS, from_uint8, read_image
 
 SHAPES = st.tuples(st.sampled_from([1, 3]), st.integers(1, 40), st.integers(1, 40))
 

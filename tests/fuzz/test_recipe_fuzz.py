@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from condiff.errors import ConfigError, CondiffError
 from condiff.models.base import build_model
-from condiff.schedules import SCHEDULE_KEYS
+from condiff.core.schedules import SCHEDULE_KEYS
 from condiff.training.recipe import ObjectiveConfig, TrainConfig, load_recipe, recipe_from_dict
 
 from fuzzkit import TINY_RECIPE, expect_api_error, expect_cli_error

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from condiff.data.gmm import GMM
-from condiff.denoiser import Eps, X0
+from condiff.core.denoiser import Eps, X0
 from condiff.errors import ConfigError
-from condiff.grids import make_grid
+from condiff.core.grids import make_grid
 from condiff.guidance import CFG
 from condiff.guidance.adaptive import AdaptiveGuidance, AGState, CountRows, cosine
-from condiff.sampling import Gaussian, sample
-from condiff.schedules import VPLinear
+from condiff.core.sampling import Gaussian, sample
+from condiff.core.schedules import VPLinear
 from condiff.solvers import get_solver
 
 F64 = torch.float64

@@ -7,14 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from condiff.denoiser import coefficients
+from condiff.core.denoiser import coefficients
 from condiff.errors import ConfigError
-from condiff.grids import make_grid
+from condiff.core.grids import make_grid
 from condiff.guidance.attribute import TARGET_KEY, AttributeLogits, classifier_guidance, elucd_guidance
 from condiff.guidance.cfg import CFG
 from condiff.guidance.elucd import EluCD, softplus_smoothed
 from condiff.nets import AttributeClassifier
-from condiff.schedules import schedule_from_config
+from condiff.core.schedules import schedule_from_config
 
 SCHEDULE = schedule_from_config({"type": "vp_discrete", "beta_schedule": "squaredcos_cap_v2", "num_steps": 1000})
 

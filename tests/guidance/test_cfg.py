@@ -6,7 +6,7 @@ import torch
 from condiff.data.gmm import GMM, NULL_CLASS
 from condiff.errors import ConfigError
 from condiff.guidance import CFG
-from condiff.schedules import EDM, VPLinear
+from condiff.core.schedules import EDM, VPLinear
 
 F64 = torch.float64
 

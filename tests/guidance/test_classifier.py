@@ -7,7 +7,7 @@ import torch
 from condiff.errors import ConfigError
 from condiff.guidance import CFG
 from condiff.guidance.classifier import ClassifierGuidance, exact_gmm_classifier, from_logits
-from condiff.schedules import EDM, VPLinear
+from condiff.core.schedules import EDM, VPLinear
 
 F64 = torch.float64
 

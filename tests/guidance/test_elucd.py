@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from condiff.errors import ConfigError
-from condiff.grids import UniformT, make_grid
+from condiff.core.grids import UniformT, make_grid
 from condiff.guidance.elucd import EluCD, calibrated_log_likelihood, ddpm_guidance_variance, ddpm_step_factors, \
     edm_classifier_input, edm_guidance_shift, edm_guidance_weight, sine_bump, softplus_smoothed, x0_gradient
-from condiff.sampling import CountingDenoiser, Gaussian, NoiseSource, sample
-from condiff.schedules import VPLinear
+from condiff.core.sampling import CountingDenoiser, Gaussian, NoiseSource, sample
+from condiff.core.schedules import VPLinear
 from condiff.solvers import SOLVERS
 
 F64 = torch.float64

@@ -25,12 +25,12 @@ from torch import nn
 
 import condiff.guidance as G
 from condiff.data.gmm import GMM
-from condiff.denoiser import X0, Eps, wrap
+from condiff.core.denoiser import X0, Eps, wrap
 from condiff.errors import ConfigError
-from condiff.grids import UniformLogSNR, make_grid
+from condiff.core.grids import UniformLogSNR, make_grid
 from condiff.guidance.classifier import exact_gmm_classifier
-from condiff.sampling import Gaussian, initial_noise, sample
-from condiff.schedules import VPLinear
+from condiff.core.sampling import Gaussian, initial_noise, sample
+from condiff.core.schedules import VPLinear
 from condiff.solvers import SOLVERS, get_solver
 from noisekit import SlicedNoise
 

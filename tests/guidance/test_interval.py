@@ -8,13 +8,13 @@ import torch
 
 from condiff.data.gmm import GMM
 from condiff.errors import ConfigError
-from condiff.grids import make_grid
+from condiff.core.grids import make_grid
 from condiff.guidance import CFG
 from condiff.guidance.adaptive import CountRows
 from condiff.guidance.interval import GuidanceInterval, branches
 from condiff.guidance.schedules import IntervalScale, LinearScale
-from condiff.sampling import Gaussian, sample
-from condiff.schedules import EDM, VPLinear
+from condiff.core.sampling import Gaussian, sample
+from condiff.core.schedules import EDM, VPLinear
 from condiff.solvers import get_solver
 
 F64 = torch.float64

@@ -9,14 +9,14 @@ import torch
 
 from condiff.data.gmm import GMM, NULL_CLASS
 from condiff.errors import ConfigError, InputFileError
-from condiff.grids import make_grid
+from condiff.core.grids import make_grid
 from condiff.guidance import CFG
 from condiff.guidance.adaptive import CountRows
 from condiff.guidance.linear_ag import (TERMS, LinearAG, Regressors, fit_linear_ag, load_linear_ag,
                                         predict_record, record_cfg, save_linear_ag)
-from condiff.io import save_tensors
-from condiff.sampling import sample
-from condiff.schedules import VPLinear
+from condiff.core.files import save_tensors
+from condiff.core.sampling import sample
+from condiff.core.schedules import VPLinear
 from condiff.solvers import get_solver
 
 F64 = torch.float64

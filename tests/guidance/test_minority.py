@@ -7,14 +7,14 @@ from torch import nn
 
 from condiff.data.gmm import GMM
 from condiff.errors import ConfigError, InputFileError
-from condiff.grids import make_grid
+from condiff.core.grids import make_grid
 from condiff.guidance.classifier import ClassifierGuidance
 from condiff.guidance.minority import (MinorityClassifier, MinorityGuidance, assign_levels, level_accuracy,
                                        load_minority, minority_score, quantile_levels, save_minority,
                                        train_level_classifier)
 from condiff.nets.classifier import AttributeClassifier, time_features
-from condiff.sampling import initial_noise, sample
-from condiff.schedules import VPLinear
+from condiff.core.sampling import initial_noise, sample
+from condiff.core.schedules import VPLinear
 from condiff.solvers import DPMSolverPP2M
 
 F64 = torch.float64
@@ -212,7 +212,7 @@ def test_fit_minority_cli_writes_a_loadable_classifier(tmp_path, capsys):
     the score time defaults to 6% of the schedule's range, and the saved labels of the scores are balanced."""
     from clikit import ok
 
-    from condiff.io import load_tensors
+    from condiff.core.files import load_tensors
 
     out = ok(_fit_cmd(tmp_path / "mc", "--holdout", "0.1"), capsys)
     assert "wrote" in out and "2 levels" in out

@@ -6,11 +6,11 @@ import torch
 
 from condiff.data.gmm import GMM, NULL_CLASS
 from condiff.errors import ConfigError
-from condiff.grids import make_grid
+from condiff.core.grids import make_grid
 from condiff.guidance import CFG
 from condiff.guidance.negative import Negation, NegativeGuidance
-from condiff.sampling import sample
-from condiff.schedules import VPLinear
+from condiff.core.sampling import sample
+from condiff.core.schedules import VPLinear
 from condiff.solvers import get_solver
 
 F64 = torch.float64

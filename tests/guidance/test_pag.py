@@ -5,12 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from condiff.denoiser import wrap
+from condiff.core.denoiser import wrap
 from condiff.errors import ConfigError
 from condiff.guidance import CFG
 from condiff.guidance.pag import PAG, IdentityAttention, identity_attention, perturbed_attention, \
     select_layers, self_attention_layers
-from condiff.schedules import VPLinear
+from condiff.core.schedules import VPLinear
 
 F64 = torch.float64
 CTX, LEN = 8, 3
@@ -197,7 +197,7 @@ def test_pag_term_composes_with_cfg_ag_and_rescale(setup):
     has switched it is x0_c + s (x0_c - x0_p). Through a Tap, x0_c is read from the inner call (same numbers to
     1e-10, one perturbed row per sample instead of two); an inner call in another layout is detected and
     x0_c evaluated instead."""
-    from condiff.denoiser import X0
+    from condiff.core.denoiser import X0
     from condiff.guidance import AdaptiveGuidance, CountRows, GuidanceRescale
     from condiff.guidance.cfg import batch_cond, split_batch
     from condiff.guidance.pag import PAGTerm, Tap

@@ -14,16 +14,16 @@ import pytest
 import torch
 from torch import nn
 
-from condiff.denoiser import coefficients
+from condiff.core.denoiser import coefficients
 from condiff.errors import ConfigError, InputFileError
-from condiff.grids import make_grid
+from condiff.core.grids import make_grid
 from condiff.guidance.classifier import ClassifierGuidance, exact_gmm_classifier, from_logits
 from condiff.guidance.ppap import (T_KD, MultiExpert, adaptable_layers, distill_expert, expert_index,
                                    expert_interval, frozen_checksum, kd_loss, load_ppap, lora_expert,
                                    lora_parameters, lora_spec, ppap_guidance, save_ppap)
 from condiff.nets import AttributeClassifier
-from condiff.sampling import initial_noise, sample
-from condiff.schedules import VPLinear
+from condiff.core.sampling import initial_noise, sample
+from condiff.core.schedules import VPLinear
 from condiff.solvers import get_solver
 
 F64 = torch.float64

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from condiff.data.gmm import GMM
-from condiff.denoiser import Eps, V, X0, coefficients
+from condiff.core.denoiser import Eps, V, X0, coefficients
 from condiff.errors import ConfigError
-from condiff.grids import make_grid
+from condiff.core.grids import make_grid
 from condiff.guidance import CFG
 from condiff.guidance.rescale import GuidanceRescale, rescale_guidance, to_space
-from condiff.sampling import sample
-from condiff.schedules import VPLinear
+from condiff.core.sampling import sample
+from condiff.core.schedules import VPLinear
 from condiff.solvers import get_solver
 
 F64 = torch.float64

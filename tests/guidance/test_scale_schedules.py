@@ -10,7 +10,7 @@ from condiff.data.gmm import GMM
 from condiff.errors import ConfigError
 from condiff.guidance import CFG
 from condiff.guidance.schedules import CosineScale, IntervalScale, LinearScale, per_row, scale_at
-from condiff.schedules import VPLinear
+from condiff.core.schedules import VPLinear
 
 F64 = torch.float64
 

@@ -8,10 +8,10 @@ import torch
 
 from condiff.data.gmm import GMM
 from condiff.errors import ConfigError
-from condiff.grids import UniformT, make_grid
+from condiff.core.grids import UniformT, make_grid
 from condiff.guidance.steered import BT601, Colorize, Inpaint, Projection, SuperResolution, inpaint
-from condiff.sampling import Gaussian, initial_noise, sample
-from condiff.schedules import EDM, VPLinear
+from condiff.core.sampling import Gaussian, initial_noise, sample
+from condiff.core.schedules import EDM, VPLinear
 from condiff.solvers import SOLVERS
 
 F64 = torch.float64

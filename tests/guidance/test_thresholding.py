@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from condiff.grids import make_grid
+from condiff.core.grids import make_grid
 from condiff.guidance import CFG, DynamicThresholding, dynamic_threshold
 from condiff.errors import ConfigError
-from condiff.sampling import sample
-from condiff.schedules import VPLinear
+from condiff.core.sampling import sample
+from condiff.core.schedules import VPLinear
 from condiff.solvers import SOLVERS, get_solver
 
 diffusers = pytest.importorskip("diffusers")

@@ -8,15 +8,15 @@ import math
 import pytest
 import torch
 
-from condiff.analytic import GaussianFit
+from condiff.solvers.analytic import GaussianFit
 from condiff.data.gmm import GMM
 from condiff.errors import ConfigError
-from condiff.grids import UniformT, make_grid
+from condiff.core.grids import UniformT, make_grid
 from condiff.guidance.steered import Projection, SuperResolution
 from condiff.guidance.universal import Backward, Forward, SelfRecurrence, UniversalGuidance, backward_delta, \
     renoise
-from condiff.sampling import Gaussian, initial_noise, sample
-from condiff.schedules import EDM, VPLinear
+from condiff.core.sampling import Gaussian, initial_noise, sample
+from condiff.core.schedules import EDM, VPLinear
 from condiff.solvers import SOLVERS
 from condiff.solvers.base import Solver, point
 

@@ -172,7 +172,7 @@ def test_unet2d_model_wrapped_matches_diffusers_loop():
     grid_from_scheduler equals diffusers' own DDIMScheduler loop (set_timesteps, unet, step) to 1e-5."""
     from diffusers import DDIMScheduler, UNet2DModel
 
-    from condiff.sampling import sample
+    from condiff.core.sampling import sample
     from condiff.solvers import DDIM
 
     torch.manual_seed(0)

@@ -68,8 +68,8 @@ def test_invert_and_edit_pipeline(tiny_sd_dir, tmp_path, capsys):
     """invert/edit --pipeline run edit-friendly inversion on the VAE latents: exact maps reconstruct the
     latents, so the reconstruction PSNR is the VAE's own round trip; edit --inversion reuses the saved maps
     (the same edit as in one go) and refuses another image."""
-    from condiff.editbench import psnr
-    from condiff.images import read_image
+    from condiff.evaluation.editbench import psnr
+    from condiff.data.images import read_image
     from condiff.interop import decode, encode, load_pipeline
 
     img = tmp_path / "in.png"

@@ -31,7 +31,7 @@ def test_diffusers_loads_unet_and_scheduler_with_the_same_prediction(exported):
     (1.3e-5 at t = 999, ~3e-7 elsewhere); the x0 gap that leaves is bounded here too."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from condiff.denoiser import wrap
+    from condiff.core.denoiser import wrap
     from condiff.interop import schedule_from_scheduler
     from condiff.models.base import load_model
     from condiff.nets import SlotTextEncoder

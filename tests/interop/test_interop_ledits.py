@@ -14,7 +14,7 @@ import dataclasses
 
 import torch
 
-from condiff.editbench import psnr
+from condiff.evaluation.editbench import psnr
 from condiff.interop import decode, encode
 from condiff.inversion import extract_noise_maps, replay
 from condiff.solvers import DDPM

@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 import condiff.guidance as G
-from condiff.denoiser import X0
-from condiff.grids import UniformT, make_grid
+from condiff.core.denoiser import X0
+from condiff.core.grids import UniformT, make_grid
 from condiff.guidance.classifier import from_logits
 from condiff.interop import initial_latents
-from condiff.sampling import sample
+from condiff.core.sampling import sample
 from condiff.solvers import SOLVERS, get_solver
 from noisekit import SlicedNoise
 

@@ -11,7 +11,7 @@ import torch
 
 from condiff.guidance import CFG, PAG
 from condiff.interop import initial_latents
-from condiff.sampling import Gaussian, sample
+from condiff.core.sampling import Gaussian, sample
 from condiff.solvers import DDIM, DDPM, DPMSolverPP2M, DPMSolverPP3M, Euler, Heun, UniPC
 
 PROMPT, STEPS, CFG_SCALE, SIZE, SEED = "a red cat", 20, 7.5, 16, 0

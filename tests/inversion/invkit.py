@@ -5,7 +5,7 @@ eps_theta(z, t, c): z in R^16, a sinusoidal embedding of the timestep t, a condi
 hidden layer of 64 units, weights drawn from a fixed seed (1/sqrt(fan_in) scaling, so the output is O(1)).
 It is *arbitrary*: no training, no relation to any data, which is what the "exact for any model" oracles
 want. It runs on the SD-1.x schedule (scaled-linear betas 0.00085..0.012, T = 1000) as a VP-discrete
-schedule, behind ``condiff.denoiser.wrap`` (eps prediction). Conditions are ``{"c": (B, 8)}`` with the null
+schedule, behind ``condiff.core.denoiser.wrap`` (eps prediction). Conditions are ``{"c": (B, 8)}`` with the null
 condition ``{"c": zeros}`` under "null", as ``LoadedModel.condition`` returns them. ``x_gain`` scales the
 weights that read z (1: the raw draw) and ``cond(scale=...)`` the condition.
 
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from condiff.denoiser import wrap
-from condiff.schedules import VPDiscrete
+from condiff.core.denoiser import wrap
+from condiff.core.schedules import VPDiscrete
 
 DIM, COND_DIM, HIDDEN, FREQS = 16, 8, 64, 8
 NTI_X_GAIN, NTI_COND_SCALE = 0.05, 0.02

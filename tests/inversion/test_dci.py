@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from condiff.errors import ConfigError
-from condiff.grids import make_grid
+from condiff.core.grids import make_grid
 from condiff.inversion import Inversion, correction, dci_invert, fixed_point_residual, invert
-from condiff.sampling import sample
+from condiff.core.sampling import sample
 from condiff.solvers import DDIM
 
 F64 = torch.float64

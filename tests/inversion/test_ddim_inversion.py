@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from condiff.data.gmm import GMM
-from condiff.denoiser import wrap
+from condiff.core.denoiser import wrap
 from condiff.errors import ConfigError
-from condiff.grids import UniformLogSNR, make_grid
+from condiff.core.grids import UniformLogSNR, make_grid
 from condiff.guidance.cfg import CFG
 from condiff.inversion import DestinationLabel, invert
-from condiff.sampling import sample
-from condiff.schedules import VPCosine, VPLinear
+from condiff.core.sampling import sample
+from condiff.core.schedules import VPCosine, VPLinear
 from condiff.solvers import DDIM, DDPM, DPMSolverPP2M
 from condiff.solvers.base import point
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from condiff.errors import ConfigError
-from condiff.grids import make_grid
+from condiff.core.grids import make_grid
 from condiff.guidance.cfg import CFG
 from condiff.inversion import extract_noise_maps, noisy_latents, replay
 from condiff.solvers import DDIM, DDPM, DPMSolverPP2M

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from condiff.errors import ConfigError, InputFileError
-from condiff.grids import make_grid
+from condiff.core.grids import make_grid
 from condiff.inversion import METHODS, EditMethod, get_method, load_inverted, save_inverted
 
 N = 8

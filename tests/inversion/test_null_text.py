@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from condiff.errors import ConfigError
-from condiff.grids import make_grid
+from condiff.core.grids import make_grid
 from condiff.guidance.cfg import CFG, contrast
 from condiff.inversion import StepwiseNull, invert, learning_rate, null_text_inversion
-from condiff.sampling import sample
+from condiff.core.sampling import sample
 from condiff.solvers import DDIM
 
 from invkit import NTI_COND_SCALE, NTI_X_GAIN

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from condiff.errors import ConfigError
-from condiff.grids import make_grid
+from condiff.core.grids import make_grid
 from condiff.guidance.cfg import CFG
 from condiff.inversion import sdedit
 from condiff.inversion.sdedit import start_index
-from condiff.sampling import Gaussian, initial_noise, sample
+from condiff.core.sampling import Gaussian, initial_noise, sample
 from condiff.solvers import DDIM, DDPM
 from condiff.solvers.base import point
 

@@ -5,7 +5,7 @@ import json
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
-from condiff.evaluate import evaluate
+from condiff.evaluation.evaluate import evaluate
 from condiff.models.base import bundled_dir, load_model
 from condiff.solvers import DPMSolverPP2M
 
@@ -37,7 +37,7 @@ def test_shapes_model_follows_its_caption():
 
 
 def test_same_seed_same_samples_for_every_solver():
-    from condiff.evaluate import generate
+    from condiff.evaluation.evaluate import generate
     from condiff.solvers import SOLVERS
 
     m = load_model("digits")

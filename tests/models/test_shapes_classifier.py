@@ -12,9 +12,9 @@ from condiff.data import shapes
 from condiff.errors import InputFileError
 from condiff.models.shapes_classifier import (ShapesClassifierFamily, attribute_loss, load_classifier, noisy,
                                               unit_time)
-from condiff.schedules import schedule_from_config
+from condiff.core.schedules import schedule_from_config
 from condiff.training.recipe import load_recipe
-from condiff.training.run import train_recipe
+from condiff.cli.train import train_recipe
 
 SCHEDULE = schedule_from_config({"type": "vp_discrete", "beta_schedule": "squaredcos_cap_v2", "num_steps": 1000})
 

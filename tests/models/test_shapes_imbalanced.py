@@ -9,12 +9,12 @@ import torch
 
 from condiff.data import labeller, shapes, text
 from condiff.errors import ConfigError, InputFileError
-from condiff.io import load_tensors
+from condiff.core.files import load_tensors
 from condiff.models.base import get_family, load_model
 from condiff.models.shapes_imbalanced import (COLOR_WEIGHTS, EMPTY_CAPTION_SHARE, RARE_COLOR, RARE_SHARE,
                                               ShapesImbalancedFamily, imbalanced_attrs)
 from condiff.training.recipe import ObjectiveConfig, recipe_from_dict
-from condiff.training.run import make_trainer, train_recipe
+from condiff.cli.train import make_trainer, train_recipe
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "shapes-minority.toml"
 

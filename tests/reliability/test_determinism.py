@@ -12,11 +12,11 @@ FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "tiny_digits.tom
 SCRIPT = r"""
 import hashlib, json, sys, torch
 torch.set_num_threads(1)
-from condiff.evaluate import generate
+from condiff.evaluation.evaluate import generate
 from condiff.models.base import load_model, silence_diffusers
 from condiff.solvers import SOLVERS
 from condiff.training.recipe import load_recipe
-from condiff.training.run import train_recipe
+from condiff.cli.train import train_recipe
 silence_diffusers()
 m = load_model("digits")
 out = {}
@@ -24,7 +24,7 @@ for name, cls in SOLVERS.items():
     x, _ = generate(m, torch.arange(4), cls(), 3, 2.0, torch.Generator().manual_seed(11))
     out[name] = hashlib.sha256(x.numpy().tobytes()).hexdigest()
 from condiff.data import shapes, text
-from condiff.grids import make_grid
+from condiff.core.grids import make_grid
 from condiff.inversion import METHODS, get_method
 fast = {"null-text": {"inner_steps": 2}, "dci": {"iterations": 2}}
 s = load_model("shapes")

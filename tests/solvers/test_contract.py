@@ -5,9 +5,9 @@ import dataclasses
 import pytest
 import torch
 
-from condiff.grids import UniformLogSNR, make_grid
-from condiff.sampling import Gaussian, Recorded, initial_noise, sample
-from condiff.schedules import EDM, Flow, VPCosine, VPDiscrete, VPLinear
+from condiff.core.grids import UniformLogSNR, make_grid
+from condiff.core.sampling import Gaussian, Recorded, initial_noise, sample
+from condiff.core.schedules import EDM, Flow, VPCosine, VPDiscrete, VPLinear
 from condiff.solvers import DDIM, DDPM, SOLVERS, Euler, get_solver
 from noisekit import SlicedNoise
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from condiff.errors import ConfigError
-from condiff.grids import Karras, UniformLogSNR, UniformT, make_grid
+from condiff.core.grids import Karras, UniformLogSNR, UniformT, make_grid
 from condiff.guidance import CFG
-from condiff.sampling import initial_noise, sample
-from condiff.schedules import EDM, Flow, VPCosine, VPDiscrete, VPLinear
+from condiff.core.sampling import initial_noise, sample
+from condiff.core.schedules import EDM, Flow, VPCosine, VPDiscrete, VPLinear
 from condiff.solvers import DPMSolverPP2M, DPMSolverPP3M, Heun, UniPC, get_solver, point
 from condiff.solvers.dc_solver import DCSolver, LambdaAxis, TimeAxis, compensate, lagrange_weights
 

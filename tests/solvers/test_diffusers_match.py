@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from condiff.data.gmm import GMM
-from condiff.denoiser import wrap
-from condiff.sampling import sample
-from condiff.schedules import VPDiscrete
+from condiff.core.denoiser import wrap
+from condiff.core.sampling import sample
+from condiff.core.schedules import VPDiscrete
 from condiff.solvers import DDIM, DPMSolverPP2M, DPMSolverPP3M, UniPC
 
 diffusers = pytest.importorskip("diffusers")

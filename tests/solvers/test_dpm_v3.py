@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from condiff.data.gmm import GMM, gaussian_pf_ode, reference_pf_ode
-from condiff.ems import EMS, gmm_ems
+from condiff.solvers.ems import EMS, gmm_ems
 from condiff.errors import ConfigError
-from condiff.grids import UniformLogSNR, UniformT, make_grid
+from condiff.core.grids import UniformLogSNR, UniformT, make_grid
 from condiff.guidance import CFG
-from condiff.sampling import initial_noise, sample
-from condiff.schedules import EDM, Flow, VPCosine, VPDiscrete, VPLinear
+from condiff.core.sampling import initial_noise, sample
+from condiff.core.schedules import EDM, Flow, VPCosine, VPDiscrete, VPLinear
 from condiff.solvers import DDIM, DPMSolverPP3M, DPMSolverV3, get_solver
 from condiff.solvers.base import begin
 from condiff.solvers.dpm_v3 import V3State, derivative_weights, step_coefficients

@@ -9,9 +9,9 @@ import torch
 
 from condiff.data.gmm import reference_pf_ode
 from condiff.errors import ConfigError
-from condiff.grids import Karras, make_grid
-from condiff.sampling import Gaussian, NoiseSource, Recorded, sample
-from condiff.schedules import EDM, Flow, VPCosine, VPDiscrete, VPLinear
+from condiff.core.grids import Karras, make_grid
+from condiff.core.sampling import Gaussian, NoiseSource, Recorded, sample
+from condiff.core.schedules import EDM, Flow, VPCosine, VPDiscrete, VPLinear
 from condiff.solvers import SOLVERS, EDMHeun, EDMSDE, Heun, Solver
 from condiff.solvers.edm import GAMMA_CAP
 

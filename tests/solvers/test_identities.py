@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from condiff.errors import ConfigError
-from condiff.grids import UniformLogSNR, make_grid
-from condiff.sampling import initial_noise, sample
-from condiff.schedules import EDM, VPLinear
+from condiff.core.grids import UniformLogSNR, make_grid
+from condiff.core.sampling import initial_noise, sample
+from condiff.core.schedules import EDM, VPLinear
 from condiff.solvers import DDIM, DPMSolverPP2M, DPMSolverPP3M, UniPC
 
 F64 = torch.float64

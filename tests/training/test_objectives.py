@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from condiff.denoiser import as_prediction, coefficients
-from condiff.schedules import EDM, VPCosine, VPDiscrete
+from condiff.core.denoiser import as_prediction, coefficients
+from condiff.core.schedules import EDM, VPCosine, VPDiscrete
 from condiff.training.objectives import (ConstantWeight, LogitNormalTime, LogNormalSigma, MinSNRWeight,
                                          UniformTime, diffusion_loss)
 

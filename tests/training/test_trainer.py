@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from condiff.errors import ConfigError, NonFiniteError
-from condiff.io import load_tensors
+from condiff.core.files import load_tensors
 from condiff.training.recipe import load_recipe
-from condiff.training.run import train_recipe
+from condiff.cli.train import train_recipe
 from condiff.training.trainer import learning_rate
 
 RECIPE = Path(__file__).resolve().parent.parent / "fixtures" / "tiny_digits.toml"
@@ -76,7 +76,7 @@ def test_corrupt_newest_checkpoint_is_skipped(tmp_path, capsys):
     train_recipe(r, tmp_path / "c", steps=8, progress=False)
     newest = tmp_path / "c" / "checkpoints" / "step-00000008" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])  # truncate
-    from condiff.training.run import make_trainer
+    from condiff.cli.train import make_trainer
 
     tr = make_trainer(r, tmp_path / "c", progress=False)
     path = tr.resume()

@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import ConfigError
+from condiff.errors import ConfigError
 
 Tensor = torch.Tensor
 F64 = torch.float64
@@ -248,7 +248,7 @@ def reference_pf_ode(denoiser, x: Tensor, t_from: float, t_to: float, cond=None,
 def gaussian_pf_ode(mean: Tensor, cov: Tensor, schedule, x: Tensor, t_from: float, t_to: float) -> Tensor:
     """Closed-form PF-ODE flow of N(mean, cov) data (spec sec. 14), in float64:
     x_t = alpha_t mu + U diag(sqrt((alpha_t^2 l + sigma_t^2) / (alpha_T^2 l + sigma_T^2))) U^T (x_T - alpha_T mu).
-    The one implementation is ``condiff.analytic.GaussianFit.flow``."""
-    from ..analytic import GaussianFit
+    The one implementation is ``condiff.solvers.analytic.GaussianFit.flow``."""
+    from condiff.solvers.analytic import GaussianFit
 
     return GaussianFit.from_moments(mean, cov).flow(schedule, x.to(F64), t_from, t_to)

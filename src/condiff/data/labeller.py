@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .shapes import CELL, HALF_EXTENT, PALETTE
+from condiff.data.shapes import CELL, HALF_EXTENT, PALETTE
 
 _SIDE_SPLIT = HALF_EXTENT[0] + HALF_EXTENT[1]  # box side: small 6, large 10-12 (clean renders)
 _TOP_SHARE_SPLIT = 0.47  # triangle <= 0.445, circle and square = 0.5 (clean renders)

@@ -3,7 +3,7 @@
 These are the out-of-distribution real photos used by the editing oracle tests: scikit-image's bundled
 astronaut (512x512), coffee (400x600) and chelsea (300x451) from ``skimage.data``. They ship inside the
 scikit-image package, so loading them needs no network. Each is centre-cropped to a square and resized with
-Pillow's Lanczos filter (``condiff.images.fit_pixels``, the same path ``read_image`` takes), giving
+Pillow's Lanczos filter (``condiff.data.images.fit_pixels``, the same path ``read_image`` takes), giving
 (3, size, size) float32 tensors in [-1, 1]. The result is deterministic.
 """
 
@@ -14,8 +14,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from ..errors import ConfigError
-from ..images import fit_pixels, pixels_to_tensor
+from condiff.errors import ConfigError
+from condiff.data.images import fit_pixels, pixels_to_tensor
 
 NAMES = ("astronaut", "coffee", "chelsea")
 MAX_SIZE = 1024

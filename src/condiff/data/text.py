@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
-from .shapes import COLORS, POSITIONS, SHAPES, SIZES
+from condiff.errors import ConfigError
+from condiff.data.shapes import COLORS, POSITIONS, SHAPES, SIZES
 
 PAD = 0
 SLOTS = (("size", SIZES), ("color", COLORS), ("shape", SHAPES), ("position", POSITIONS))

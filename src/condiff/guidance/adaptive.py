@@ -51,12 +51,12 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..denoiser import Eps, Prediction
-from ..errors import ConfigError
-from .cfg import contrast
-from .interval import branches, split_null
-from .rescale import to_space
-from .schedules import check_scale, per_row, scale_at
+from condiff.core.denoiser import Eps, Prediction
+from condiff.errors import ConfigError
+from condiff.guidance.cfg import contrast
+from condiff.guidance.interval import branches, split_null
+from condiff.guidance.rescale import to_space
+from condiff.guidance.schedules import check_scale, per_row, scale_at
 
 
 @dataclass(frozen=True)

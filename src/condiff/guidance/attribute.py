@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
-from .classifier import ClassifierGuidance, from_logits
-from .elucd import EluCD, softplus_smoothed
+from condiff.errors import ConfigError
+from condiff.guidance.classifier import ClassifierGuidance, from_logits
+from condiff.guidance.elucd import EluCD, softplus_smoothed
 
 TARGET_KEY = "cg_target"
 
@@ -45,7 +45,7 @@ class AttributeLogits:
             raise ConfigError("a noise-aware classifier needs the schedule its t refers to")
 
     def __call__(self, x, t=None):
-        from ..models.shapes_classifier import unit_time
+        from condiff.models.shapes_classifier import unit_time
 
         if self.net.config.noise_aware:
             u = unit_time(self.schedule, t).to(x.device).reshape(-1).expand(x.shape[0])

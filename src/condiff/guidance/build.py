@@ -46,15 +46,15 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
-from ..denoiser import X0, Eps
-from ..errors import ConfigError, one_of
-from .adaptive import AdaptiveGuidance
-from .cfg import CFG, MAX_SCALE
-from .interval import GuidanceInterval, split_null
-from .negative import NegativeGuidance
-from .pag import PAG, PAGTerm, Tap
-from .rescale import GuidanceRescale
-from .schedules import IntervalScale
+from condiff.core.denoiser import X0, Eps
+from condiff.errors import ConfigError, one_of
+from condiff.guidance.adaptive import AdaptiveGuidance
+from condiff.guidance.cfg import CFG, MAX_SCALE
+from condiff.guidance.interval import GuidanceInterval, split_null
+from condiff.guidance.negative import NegativeGuidance
+from condiff.guidance.pag import PAG, PAGTerm, Tap
+from condiff.guidance.rescale import GuidanceRescale
+from condiff.guidance.schedules import IntervalScale
 
 AG_SPACES = {"x0": X0(), "eps": Eps()}
 
@@ -257,11 +257,11 @@ def with_classifier(den, options: GuidanceOptions, grid=None):
     o = options
     if o.classifier is None:
         return den
-    from ..models.shapes_classifier import classifier_path, load_classifier
-    from .attribute import classifier_guidance, elucd_guidance
+    from condiff.models.shapes_classifier import classifier_path, load_classifier
+    from condiff.guidance.attribute import classifier_guidance, elucd_guidance
 
     if (classifier_path(o.classifier) / "ppap.json").is_file():  # PPAP experts (`condiff guidance train-ppap`)
-        from .ppap import load_ppap, ppap_attribute_guidance
+        from condiff.guidance.ppap import load_ppap, ppap_attribute_guidance
 
         if o.cg_raw:
             raise ConfigError("--cg-raw applies to a clean classifier; PPAP experts are noise-aware by construction")
@@ -287,7 +287,7 @@ def with_minority(den, options: GuidanceOptions):
     """``den`` with minority guidance toward ``minority_level`` (default the top level) around it."""
     if options.minority is None:
         return den
-    from .minority import MinorityGuidance, load_minority
+    from condiff.guidance.minority import MinorityGuidance, load_minority
 
     return MinorityGuidance(den, load_minority(options.minority), options.minority_scale, options.minority_level)
 
@@ -295,7 +295,7 @@ def with_minority(den, options: GuidanceOptions):
 def linear_ag(denoiser, options: GuidanceOptions, grid=None):
     """``LinearAG`` from the coefficient file of ``options``, checked against the run: the coefficients hold
     the CFG scale and the evaluation times they were fitted for."""
-    from .linear_ag import LinearAG, load_linear_ag
+    from condiff.guidance.linear_ag import LinearAG, load_linear_ag
 
     coeffs = load_linear_ag(options.linear_ag)
     if abs(coeffs.scale - options.cfg) > 1e-12:
@@ -331,11 +331,11 @@ def _cfg_family(denoiser, options: GuidanceOptions, grid=None):
         else:
             den = GuidanceRescale(inner, scale, o.cfg_rescale, space=X0())
         if s_pag is not None:
-            from .pag import attention_root
+            from condiff.guidance.pag import attention_root
 
             den = PAGTerm(den, denoiser, s_pag, o.pag_layers, net=attention_root(_network(denoiser)), tap=inner)
     elif o.pag is not None:
-        from .pag import attention_root
+        from condiff.guidance.pag import attention_root
 
         den = PAG(denoiser, s_pag, o.pag_layers, cfg_scale=scale, net=attention_root(_network(denoiser)))
     elif o.negative_prompt is not None and o.interval is None:

@@ -16,7 +16,7 @@ import numbers
 
 import torch
 
-from ..errors import ConfigError
+from condiff.errors import ConfigError
 
 
 def contrast(pos, neg, w):

@@ -23,9 +23,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..denoiser import coefficients
-from ..errors import ConfigError
-from .cfg import _check_scale
+from condiff.core.denoiser import coefficients
+from condiff.errors import ConfigError
+from condiff.guidance.cfg import _check_scale
 
 
 def classifier_gradient(log_prob: Callable, x: torch.Tensor, t, cond) -> torch.Tensor:

@@ -40,8 +40,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from .cfg import _check_scale
+from condiff.errors import ConfigError
+from condiff.guidance.cfg import _check_scale
 
 EDM_MIN_WEIGHT = 1e-5  # the EDM script floors the linear part of w_i at this value
 
@@ -178,7 +178,7 @@ class EluCD:
     def check_solver(self, solver, grid=None) -> None:
         """One ConfigError now, before any sampling, if ``solver`` on ``grid`` (default: EluCD's own) would call
         the denoiser off the grid: a dry run with a zero denoiser records the times it asks for."""
-        from ..sampling import Gaussian, sample
+        from condiff.core.sampling import Gaussian, sample
 
         asked = []
 

@@ -24,9 +24,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..errors import ConfigError
-from .cfg import CFG, batch_cond, contrast
-from .schedules import check_scale, per_row, scale_at
+from condiff.errors import ConfigError
+from condiff.guidance.cfg import CFG, batch_cond, contrast
+from condiff.guidance.schedules import check_scale, per_row, scale_at
 
 
 def split_null(cond: Mapping[str, Any] | None, default: Mapping[str, Any] | None, key: str = "null",

@@ -33,14 +33,14 @@ from typing import Any, Mapping
 
 import torch
 
-from .. import parameterization as P
-from ..denoiser import coefficients
-from ..errors import ConfigError, InputFileError
-from ..io import load_tensors, save_tensors
-from ..sampling import sample
-from .cfg import contrast
-from .interval import branches, split_null
-from .schedules import check_scale
+from condiff.core import parameterization as P
+from condiff.core.denoiser import coefficients
+from condiff.errors import ConfigError, InputFileError
+from condiff.core.files import load_tensors, save_tensors
+from condiff.core.sampling import sample
+from condiff.guidance.cfg import contrast
+from condiff.guidance.interval import branches, split_null
+from condiff.guidance.schedules import check_scale
 
 F64 = torch.float64
 TERMS = ("intercept", "x", "cond", "prev_cond", "prev_uncond")

@@ -29,11 +29,11 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..denoiser import coefficients
-from ..errors import ConfigError, InputFileError
-from .classifier import ClassifierGuidance, from_logits
-from ..nets.classifier import unit_time
-from .cfg import _check_scale
+from condiff.core.denoiser import coefficients
+from condiff.errors import ConfigError, InputFileError
+from condiff.guidance.classifier import ClassifierGuidance, from_logits
+from condiff.nets.classifier import unit_time
+from condiff.guidance.cfg import _check_scale
 
 LEVEL_KEY = "minority_level"
 META_FILE = "minority.json"
@@ -54,7 +54,7 @@ def minority_score(denoiser, x0: torch.Tensor, t: float, n: int = 5, generator: 
     if batch_size is not None and batch_size < x0.shape[0]:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-        from .linear_ag import _rows
+        from condiff.guidance.linear_ag import _rows
 
         b = x0.shape[0]
         chunks = list(torch.split(torch.arange(b), batch_size))
@@ -124,8 +124,8 @@ class MinorityClassifier:
 def level_loss(net, schedule, x0: torch.Tensor, labels: torch.Tensor, generator) -> torch.Tensor:
     """Per-sample cross-entropy of ``net(x_t, unit_time(t))`` against the level labels, x_t ~ q(x_t | x0),
     t uniform on the schedule's range."""
-    from ..models.shapes_classifier import noisy
-    from ..training.objectives import UniformTime
+    from condiff.models.shapes_classifier import noisy
+    from condiff.training.objectives import UniformTime
 
     t = UniformTime().sample(schedule, x0.shape[0], generator)
     eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
@@ -169,7 +169,7 @@ def train_level_classifier(net, schedule, x0: torch.Tensor, labels: torch.Tensor
 def level_accuracy(net, schedule, x0: torch.Tensor, labels: torch.Tensor, t: float, generator=None) -> dict:
     """Accuracy of the level classifier at time t (t = schedule.t_min: almost clean) on (x0, labels): overall
     and per true level (a list; NaN where a level has no sample)."""
-    from ..models.shapes_classifier import noisy
+    from condiff.models.shapes_classifier import noisy
 
     tt = torch.full((x0.shape[0],), float(t), dtype=torch.float64)
     eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
@@ -200,7 +200,7 @@ def fit_minority_classifier(denoiser, x0: torch.Tensor, levels: int, t: float, n
     held = torch.zeros(x0.shape[0], dtype=torch.bool)
     held[torch.randperm(x0.shape[0], generator=g)[: int(round(holdout * x0.shape[0]))]] = True
     if net is None:
-        from ..nets.classifier import AttributeClassifier
+        from condiff.nets.classifier import AttributeClassifier
 
         net = AttributeClassifier(heads={"level": levels}, in_channels=x0.shape[1], noise_aware=True,
                                   sample_size=x0.shape[-1])
@@ -255,7 +255,7 @@ def save_minority(mc: MinorityClassifier, directory, tensors: dict | None = None
     """Write ``directory/classifier`` (the net's safetensors + config, via ``save_pretrained``),
     ``directory/minority.json`` (thresholds, t, n, levels, info) and, if given, ``tensors`` (e.g. the training
     scores) as ``directory/scores.safetensors``, atomically."""
-    from ..io import atomic_dir, atomic_write_json, save_tensors
+    from condiff.core.files import atomic_dir, atomic_write_json, save_tensors
 
     if not hasattr(mc.net, "save_pretrained"):
         raise ConfigError(f"only a diffusers ModelMixin classifier can be saved, got {type(mc.net).__name__}")
@@ -274,9 +274,9 @@ def save_minority(mc: MinorityClassifier, directory, tensors: dict | None = None
 
 def load_minority(directory) -> MinorityClassifier:
     """Read what ``save_minority`` wrote (an AttributeClassifier and its thresholds)."""
-    from ..io import load_json
-    from ..models.base import load_pretrained
-    from ..nets.classifier import AttributeClassifier
+    from condiff.core.files import load_json
+    from condiff.models.base import load_pretrained
+    from condiff.nets.classifier import AttributeClassifier
 
     directory = Path(directory)
     if not (directory / META_FILE).is_file():

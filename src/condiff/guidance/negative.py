@@ -28,9 +28,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .cfg import CFG, batch_cond
-from .interval import split_null
-from .schedules import check_scale, per_row, scale_at
+from condiff.guidance.cfg import CFG, batch_cond
+from condiff.guidance.interval import split_null
+from condiff.guidance.schedules import check_scale, per_row, scale_at
 
 
 @dataclass

@@ -40,8 +40,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..errors import ConfigError, one_of
-from .cfg import CFG, _check_scale, batch_cond, contrast, split_batch
+from condiff.errors import ConfigError, one_of
+from condiff.guidance.cfg import CFG, _check_scale, batch_cond, contrast, split_batch
 
 ALIASES = {"mid": "mid_block", "down": "down_blocks", "up": "up_blocks"}
 

@@ -44,10 +44,10 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..denoiser import coefficients
-from ..errors import ConfigError, InputFileError, one_of
-from ..io import atomic_dir, atomic_write_json, load_json, load_tensors, save_tensors
-from .classifier import ClassifierGuidance, from_logits
+from condiff.core.denoiser import coefficients
+from condiff.errors import ConfigError, InputFileError, one_of
+from condiff.core.files import atomic_dir, atomic_write_json, load_json, load_tensors, save_tensors
+from condiff.guidance.classifier import ClassifierGuidance, from_logits
 
 T_KD = 0.25  # the teacher's softmax temperature (PPAP's default)
 FORMAT = 1
@@ -341,7 +341,7 @@ def ppap_guidance(denoiser, experts: Callable, scale: float | Callable = 1.0, ke
 def ppap_attribute_guidance(denoiser, experts: MultiExpert, attribute: str, scale: float | Callable = 1.0):
     """PPAP guidance of one head (``attribute``) of AttributeClassifier experts, with the target class of every
     row in ``cond[attribute.TARGET_KEY]`` ('cg_target'), like ``guidance.attribute.classifier_guidance``."""
-    from .attribute import TARGET_KEY, Targeted
+    from condiff.guidance.attribute import TARGET_KEY, Targeted
 
     head = getattr(experts.experts[0], "head", None)
     if head is None:
@@ -398,7 +398,7 @@ def load_ppap(directory, classifier: nn.Module | None = None) -> MultiExpert:
     if classifier is None:
         if not meta.get("classifier"):
             raise InputFileError(f"{str(directory)!r} does not record its classifier; pass one to load_ppap")
-        from ..models.shapes_classifier import load_classifier
+        from condiff.models.shapes_classifier import load_classifier
 
         classifier = load_classifier(meta["classifier"])
     if frozen_checksum(classifier) != meta["base_checksum"]:

@@ -24,12 +24,12 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..denoiser import X0, Prediction, coefficients
-from ..errors import ConfigError
-from .cfg import contrast
-from .interval import branches, split_null
-from .schedules import check_scale, per_row, scale_at
-from .. import parameterization as P
+from condiff.core.denoiser import X0, Prediction, coefficients
+from condiff.errors import ConfigError
+from condiff.guidance.cfg import contrast
+from condiff.guidance.interval import branches, split_null
+from condiff.guidance.schedules import check_scale, per_row, scale_at
+from condiff.core import parameterization as P
 
 
 def rescale_guidance(y_cfg: torch.Tensor, y_cond: torch.Tensor, phi: float, eps: float = 0.0) -> torch.Tensor:

@@ -31,7 +31,7 @@ from typing import Callable, Union
 
 import torch
 
-from ..errors import ConfigError
+from condiff.errors import ConfigError
 
 Scale = Union[float, Callable]
 MAX_SCALE = 1e4  # the bound CFG uses (cfg.MAX_SCALE): beyond it guided estimates overflow float32

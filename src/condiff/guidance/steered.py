@@ -36,7 +36,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import ConfigError
+from condiff.errors import ConfigError
 
 BT601 = (0.299, 0.587, 0.114)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from condiff.errors import ConfigError
 
 
 def dynamic_threshold(x0: torch.Tensor, ratio: float = 0.995, max_value: float = math.inf) -> torch.Tensor:

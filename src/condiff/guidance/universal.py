@@ -38,10 +38,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..denoiser import coefficients
-from ..errors import ConfigError
-from ..solvers.base import Solver, point
-from .cfg import _check_scale
+from condiff.core.denoiser import coefficients
+from condiff.errors import ConfigError
+from condiff.solvers.base import Solver, point
+from condiff.guidance.cfg import _check_scale
 
 
 def _check_loss(loss):

@@ -9,10 +9,10 @@
 - ``tiny``: tiny random pipelines for tests and benchmarks.
 """
 
-from .denoiser import DiffusersCall, wrap_diffusers
-from .latents import decode, encode, initial_latents, latent_shape
-from .pipeline import DiffusersPipeline, load_pipeline
-from .schedule import final_time, grid_from_scheduler, prediction_from_config, schedule_from_scheduler
+from condiff.interop.denoiser import DiffusersCall, wrap_diffusers
+from condiff.interop.latents import decode, encode, initial_latents, latent_shape
+from condiff.interop.pipeline import DiffusersPipeline, load_pipeline
+from condiff.interop.schedule import final_time, grid_from_scheduler, prediction_from_config, schedule_from_scheduler
 
 __all__ = ["DiffusersCall", "wrap_diffusers", "decode", "encode", "initial_latents", "latent_shape",
            "DiffusersPipeline", "load_pipeline", "final_time", "grid_from_scheduler", "prediction_from_config",

@@ -1,6 +1,6 @@
 """diffusers networks as condiff Denoisers.
 
-``wrap_diffusers(model, scheduler)`` is ``condiff.denoiser.wrap`` with what the scheduler config says: the
+``wrap_diffusers(model, scheduler)`` is ``condiff.core.denoiser.wrap`` with what the scheduler config says: the
 VP-discrete schedule of its ``alphas_cumprod``, its ``prediction_type``, and the identity as time input
 (condiff's VP-discrete t is diffusers' timestep). The network is held as
 ``nn.ModuleDict({'unet' or 'transformer': model})``, the layout of condiff's own model families, so layer names
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..denoiser import WrappedDenoiser, wrap
-from ..errors import ConfigError
-from .schedule import prediction_from_config, schedule_from_scheduler
+from condiff.core.denoiser import WrappedDenoiser, wrap
+from condiff.errors import ConfigError
+from condiff.interop.schedule import prediction_from_config, schedule_from_scheduler
 
 SUPPORTED = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "PixArtTransformer2DModel",
              "Transformer2DModel")

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import ConfigError
-from ..io import atomic_dir, atomic_write_json
+from condiff.errors import ConfigError
+from condiff.core.files import atomic_dir, atomic_write_json
 
 DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 

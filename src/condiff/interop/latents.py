@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
+from condiff.errors import ConfigError
 
 
 def latent_shape(pipe, batch: int, height: int, width: int) -> tuple[int, int, int, int]:

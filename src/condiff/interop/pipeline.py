@@ -22,9 +22,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import ConfigError, InputFileError
-from .denoiser import SUPPORTED, wrap_diffusers
-from .schedule import grid_from_scheduler
+from condiff.errors import ConfigError, InputFileError
+from condiff.interop.denoiser import SUPPORTED, wrap_diffusers
+from condiff.interop.schedule import grid_from_scheduler
 
 NETWORK_KEYS = ("unet", "transformer")
 
@@ -175,7 +175,7 @@ def size_multiple(path) -> int:
 
 def _quiet():
     """No progress bars or info logs from diffusers / transformers (CLI errors must stay one line)."""
-    from ..models.base import silence_diffusers
+    from condiff.models.base import silence_diffusers
 
     silence_diffusers()
     try:

@@ -16,11 +16,11 @@ from typing import Sequence
 
 import torch
 
-from ..errors import ConfigError
-from ..grids import make_grid
-from ..guidance.build import GuidanceOptions, build_guidance
-from ..sampling import Gaussian, sample
-from .latents import decode, default_size, encode, initial_latents
+from condiff.errors import ConfigError
+from condiff.core.grids import make_grid
+from condiff.guidance.build import GuidanceOptions, build_guidance
+from condiff.core.sampling import Gaussian, sample
+from condiff.interop.latents import decode, default_size, encode, initial_latents
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def sample_pipeline(pipe, prompts: Sequence[str], n: int, solver, steps: int, op
     total = len(prompts) * n
     if spacing is None:  # the scheduler's grid: diffusers' latents, as its first step sees them
         x = initial_latents(pipe, total, height, width, g, steps=steps)
-    else:  # condiff's grid: x_T = sigma(t_start) N(0, I) (condiff.sampling.initial_noise)
+    else:  # condiff's grid: x_T = sigma(t_start) N(0, I) (condiff.core.sampling.initial_noise)
         x = initial_latents(pipe, total, height, width, g) * float(pipe.schedule.sigma(float(grid[0])))
     cond = pipe.condition(list(prompts), n, negative)
     guided = build_guidance(pipe.denoiser, options)

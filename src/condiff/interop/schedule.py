@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from ..denoiser import V, X0, Eps, Prediction
-from ..errors import ConfigError, one_of
-from ..schedules import VPDiscrete
+from condiff.core.denoiser import V, X0, Eps, Prediction
+from condiff.errors import ConfigError, one_of
+from condiff.core.schedules import VPDiscrete
 
 PREDICTION_TYPES = {"epsilon": Eps(), "v_prediction": V(), "sample": X0()}
 

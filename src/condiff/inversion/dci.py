@@ -23,12 +23,12 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import ConfigError, NonFiniteError
-from ..sampling import CountingDenoiser
-from ..solvers.base import point
-from ..solvers.ddim import DDIM
-from .ddim import DestinationLabel, Inversion, check_grid, ddim_inversion_step, eps_from_x0
-from .per_sample import early_stopping_step, per_sample
+from condiff.errors import ConfigError, NonFiniteError
+from condiff.core.sampling import CountingDenoiser
+from condiff.solvers.base import point
+from condiff.solvers.ddim import DDIM
+from condiff.inversion.ddim import DestinationLabel, Inversion, check_grid, ddim_inversion_step, eps_from_x0
+from condiff.inversion.per_sample import early_stopping_step, per_sample
 
 
 @dataclass(frozen=True)

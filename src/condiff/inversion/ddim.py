@@ -21,9 +21,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from ..errors import ConfigError, NonFiniteError
-from ..sampling import CountingDenoiser, StepInfo
-from ..solvers.base import point
+from condiff.errors import ConfigError, NonFiniteError
+from condiff.core.sampling import CountingDenoiser, StepInfo
+from condiff.solvers.base import point
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import ConfigError
-from ..sampling import CountingDenoiser, NoiseSource, Recorded, SampleOutput, sample
-from .ddim import check_grid
+from condiff.errors import ConfigError
+from condiff.core.sampling import CountingDenoiser, NoiseSource, Recorded, SampleOutput, sample
+from condiff.inversion.ddim import check_grid
 
 
 @dataclass(frozen=True)

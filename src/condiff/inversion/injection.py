@@ -21,8 +21,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..guidance.cfg import batch_cond
+from condiff.errors import ConfigError
+from condiff.guidance.cfg import batch_cond
 
 
 def parse_layers(text: str) -> tuple[str, ...]:

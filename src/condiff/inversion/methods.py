@@ -13,23 +13,23 @@ from __future__ import annotations
 
 import json
 import numbers
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 import torch
 
-from ..errors import ConfigError, InputFileError, one_of
-from ..guidance.cfg import CFG, _check_scale
-from ..io import load_tensors, save_tensors
-from ..sampling import Recorded, sample
-from ..solvers.ddim import DDIM
-from ..solvers.ddpm import DDPM
-from .dci import dci_invert
-from .ddim import invert
-from .edit_friendly import NoiseMaps, extract_noise_maps, replay
-from .injection import FeatureInjection, network, parse_layers, resolve_layers
-from .null_text import StepwiseNull, null_text_inversion
-from .sdedit import sdedit, start_index
+from condiff.errors import ConfigError, InputFileError, one_of
+from condiff.guidance.cfg import CFG, _check_scale
+from condiff.core.files import load_tensors, save_tensors
+from condiff.core.sampling import sample
+from condiff.solvers.ddim import DDIM
+from condiff.solvers.ddpm import DDPM
+from condiff.inversion.dci import dci_invert
+from condiff.inversion.ddim import invert
+from condiff.inversion.edit_friendly import NoiseMaps, extract_noise_maps, replay
+from condiff.inversion.injection import FeatureInjection, network, parse_layers, resolve_layers
+from condiff.inversion.null_text import StepwiseNull, null_text_inversion
+from condiff.inversion.sdedit import sdedit, start_index
 
 
 @dataclass

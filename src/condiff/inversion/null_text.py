@@ -23,12 +23,12 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import ConfigError
-from ..guidance.cfg import contrast
-from ..sampling import CountingDenoiser
-from ..solvers.ddim import DDIM
-from .ddim import Inversion, check_grid, invert
-from .per_sample import early_stopping_step, per_sample
+from condiff.errors import ConfigError
+from condiff.guidance.cfg import contrast
+from condiff.core.sampling import CountingDenoiser
+from condiff.solvers.ddim import DDIM
+from condiff.inversion.ddim import Inversion, check_grid, invert
+from condiff.inversion.per_sample import early_stopping_step, per_sample
 
 
 @dataclass(frozen=True)

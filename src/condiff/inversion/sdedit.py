@@ -10,9 +10,9 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import ConfigError
-from ..sampling import Gaussian, SampleOutput, sample
-from .ddim import check_grid
+from condiff.errors import ConfigError
+from condiff.core.sampling import Gaussian, SampleOutput, sample
+from condiff.inversion.ddim import check_grid
 
 
 def start_index(steps: int, strength: float) -> int:

@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..denoiser import Prediction, as_prediction, wrap
-from ..errors import ConfigError, InputFileError, one_of
-from ..io import atomic_dir, atomic_write_json, load_json
-from ..pfgmpp import GaussianNoise, noise_for_D, noise_from_config
-from ..schedules import NoiseSchedule, schedule_from_config
-from ..training.conditioning import cep, cfg_dropout
-from ..training.objectives import TIME_SAMPLERS, WEIGHTINGS, diffusion_loss
+from condiff.core.denoiser import Prediction, as_prediction, wrap
+from condiff.errors import ConfigError, InputFileError, one_of
+from condiff.core.files import atomic_dir, atomic_write_json, load_json
+from condiff.solvers.pfgmpp import GaussianNoise, noise_for_D, noise_from_config
+from condiff.core.schedules import NoiseSchedule, schedule_from_config
+from condiff.training.conditioning import cep, cfg_dropout
+from condiff.training.objectives import TIME_SAMPLERS, WEIGHTINGS, diffusion_loss
 
 BUNDLED_ROOT = Path(__file__).resolve().parent.parent / "bundled"
 
@@ -75,7 +75,7 @@ class ModelFamily:
         if objective.weighting not in WEIGHTINGS:
             raise one_of("weighting", objective.weighting, WEIGHTINGS)
         t = TIME_SAMPLERS[objective.time_sampler]().sample(schedule, x0.shape[0], generator)
-        # Gaussian (torch.randn) unless objective.pfgmpp_D > 0: PFGM++ kernel noise (condiff.pfgmpp)
+        # Gaussian (torch.randn) unless objective.pfgmpp_D > 0: PFGM++ kernel noise (condiff.solvers.pfgmpp)
         eps = noise_for_D(getattr(objective, "pfgmpp_D", 0)).unit(x0.shape, generator)
         fn = lambda x, tt, c: self.forward(module, model_cfg, x, tt.to(x.dtype), c)  # noqa: E731
         return diffusion_loss(fn, x0, cond, t, eps, schedule, pred, WEIGHTINGS[objective.weighting]())
@@ -107,7 +107,7 @@ class LoadedModel:
 
     def prior(self, shape, t_start: float, generator=None, dtype=torch.float32) -> torch.Tensor:
         """x_T at the first grid time: the noise family's prior at sigma(t_start) (Gaussian: exactly
-        condiff.sampling.initial_noise; PFGM++: the kernel around 0 at r = sigma sqrt(D))."""
+        condiff.core.sampling.initial_noise; PFGM++: the kernel around 0 at r = sigma sqrt(D))."""
         sig = float(self.schedule.sigma(torch.tensor(float(t_start), dtype=torch.float64)))
         return self.noise.prior(shape, sig, generator, dtype)
 
@@ -156,10 +156,10 @@ def load_pretrained(cls, directory: Path):
 
 
 def _families():
-    from .digits import DigitsFamily
-    from .shapes import ShapesFamily
-    from .shapes_classifier import ShapesClassifierFamily
-    from .shapes_imbalanced import ShapesImbalancedFamily
+    from condiff.models.digits import DigitsFamily
+    from condiff.models.shapes import ShapesFamily
+    from condiff.models.shapes_classifier import ShapesClassifierFamily
+    from condiff.models.shapes_imbalanced import ShapesImbalancedFamily
 
     return {"shapes": ShapesFamily(), "digits": DigitsFamily(), "shapes_classifier": ShapesClassifierFamily(),
             "shapes_imbalanced": ShapesImbalancedFamily()}

@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data import digits
-from ..errors import ConfigError
-from ..nets import build_unet
-from .base import ModelFamily, load_pretrained
+from condiff.data import digits
+from condiff.errors import ConfigError
+from condiff.nets import build_unet
+from condiff.models.base import ModelFamily, load_pretrained
 
 NULL = digits.NUM_CLASSES
 

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import labeller, shapes, text
-from ..nets import SlotTextEncoder, build_unet
-from .base import ModelFamily, load_pretrained
+from condiff.data import labeller, shapes, text
+from condiff.nets import SlotTextEncoder, build_unet
+from condiff.models.base import ModelFamily, load_pretrained
 
 
 class ShapesFamily(ModelFamily):

@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import shapes
-from ..denoiser import coefficients
-from ..errors import ConfigError
-from ..nets import AttributeClassifier
-from ..nets.classifier import unit_time as unit_interval
-from ..training.objectives import TIME_SAMPLERS
-from .base import ModelFamily, load_pretrained
+from condiff.data import shapes
+from condiff.core.denoiser import coefficients
+from condiff.errors import ConfigError
+from condiff.nets import AttributeClassifier
+from condiff.nets.classifier import unit_time as unit_interval
+from condiff.training.objectives import TIME_SAMPLERS
+from condiff.models.base import ModelFamily, load_pretrained
 
 EVAL_TIMES = (0.0, 0.25, 0.5, 0.75)  # fractions of the schedule's t range
 
@@ -98,7 +98,7 @@ BUNDLED_CLASSIFIERS = {"clean": "shapes-clean-classifier", "noisy": "shapes-nois
 
 def classifier_path(name_or_path) -> Path:
     """The directory of a bundled classifier name (clean, noisy, ppap: PPAP experts of the clean one) or a path."""
-    from .base import bundled_dir
+    from condiff.models.base import bundled_dir
 
     key = str(name_or_path)
     return bundled_dir(BUNDLED_CLASSIFIERS[key]) if key in BUNDLED_CLASSIFIERS else Path(key)
@@ -107,8 +107,8 @@ def classifier_path(name_or_path) -> Path:
 def load_classifier(name_or_path) -> AttributeClassifier:
     """A trained shapes classifier: a bundled name (clean, noisy) or a directory written by ``condiff train``
     with a shapes_classifier recipe. Anything else is one InputFileError line."""
-    from ..errors import InputFileError
-    from .base import load_model
+    from condiff.errors import InputFileError
+    from condiff.models.base import load_model
 
     key = str(name_or_path)
     target = classifier_path(key)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..data import shapes, text
-from .shapes import ShapesFamily
+from condiff.data import shapes, text
+from condiff.models.shapes import ShapesFamily
 
 RARE_COLOR = "cyan"
 RARE_SHARE = 0.05

@@ -1,7 +1,7 @@
 """Networks: diffusers' UNets built from small configs, and condiff's tiny caption encoder."""
 
-from .classifier import AttributeClassifier
-from .text_encoder import SlotTextEncoder
-from .unets import build_unet
+from condiff.nets.classifier import AttributeClassifier
+from condiff.nets.text_encoder import SlotTextEncoder
+from condiff.nets.unets import build_unet
 
 __all__ = ["AttributeClassifier", "SlotTextEncoder", "build_unet"]

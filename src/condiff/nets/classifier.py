@@ -81,7 +81,7 @@ class AttributeClassifier(ModelMixin, ConfigMixin):
 
     def features(self, x: torch.Tensor, t=None) -> torch.Tensor:
         """The penultimate layer before its ReLU (B, hidden; no dead, constant units): the feature space of
-        ``condiff.metrics.frechet_distance``."""
+        ``condiff.evaluation.metrics.frechet_distance``."""
         temb = None
         if self.time_mlp is not None:
             if t is None:
@@ -96,7 +96,7 @@ class AttributeClassifier(ModelMixin, ConfigMixin):
     def head(self, logits: torch.Tensor, name: str) -> torch.Tensor:
         """The logits of attribute ``name`` (B, C_name)."""
         if name not in self.head_names:
-            from ..errors import one_of
+            from condiff.errors import one_of
 
             raise one_of("classifier attribute", name, self.head_names)
         i = self.head_names.index(name)

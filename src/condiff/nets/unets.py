@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from diffusers import UNet2DConditionModel, UNet2DModel
 
-from ..errors import one_of
+from condiff.errors import one_of
 
 UNET_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
 

@@ -5,19 +5,19 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from .base import Solver, Point, point
-from .ddim import DDIM
-from .ddpm import DDPM
-from .dpmpp_2m import DPMSolverPP2M
-from .dpmpp_2s import DPMSolverPP2S
-from .dpmpp_3m import DPMSolverPP3M
-from .dpm_v3 import DPMSolverV3
-from .edm import EDMHeun, EDMSDE
-from .euler import Euler
-from .heun import Heun
-from .unipc import UniPC
-from .dc_solver import DCSolver
-from ..errors import ConfigError, one_of
+from condiff.solvers.base import Solver, Point, point
+from condiff.solvers.ddim import DDIM
+from condiff.solvers.ddpm import DDPM
+from condiff.solvers.dpmpp_2m import DPMSolverPP2M
+from condiff.solvers.dpmpp_2s import DPMSolverPP2S
+from condiff.solvers.dpmpp_3m import DPMSolverPP3M
+from condiff.solvers.dpm_v3 import DPMSolverV3
+from condiff.solvers.edm import EDMHeun, EDMSDE
+from condiff.solvers.euler import Euler
+from condiff.solvers.heun import Heun
+from condiff.solvers.unipc import UniPC
+from condiff.solvers.dc_solver import DCSolver
+from condiff.errors import ConfigError, one_of
 
 SOLVERS = {
     "ddpm": DDPM,

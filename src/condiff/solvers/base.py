@@ -51,7 +51,7 @@ class Solver:
     name: str = "?"
     order: int = 1
     stochastic: bool = False
-    default_spacing = None  # a spacing object (condiff.grids) the solver is meant for; None: no preference
+    default_spacing = None  # a spacing object (condiff.core.grids) the solver is meant for; None: no preference
 
     def init_state(self, grid=None):
         """The state before the first step; ``grid`` is the whole descending time grid when known."""

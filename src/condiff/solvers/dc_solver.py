@@ -15,8 +15,8 @@ where c is the interpolation coordinate of each stored point. rho_i = 1 leaves t
 interpolant passes through m_i); here rho_i == 1 skips the interpolation altogether, so rho = 1 reproduces the
 base solver bit for bit. As in the official code, the compensated value *replaces* the stored output: the
 base's predictor and its next corrector use it, and later interpolations use it as a node. The ratios are
-searched per step against a many-step reference trajectory (condiff.dc.search_ratios) or predicted for unseen
-(NFE, CFG) by cascade polynomial regression (condiff.dc.predict_cpr).
+searched per step against a many-step reference trajectory (condiff.solvers.dc_search.search_ratios) or predicted for unseen
+(NFE, CFG) by cascade polynomial regression (condiff.solvers.dc_search.predict_cpr).
 
 Coordinate (``axis``). The paper and both official implementations interpolate in the time variable t
 (discrete DDPM steps 0..999 in diffusers, t in [1/N, 1] in the LDM code: affine images of each other, and
@@ -25,7 +25,7 @@ t in [-1, 999]); ``TimeAxis()`` is that choice. condiff's default is ``LambdaAxi
 the variable UniPC and DPM-Solver++ already treat the model output as a polynomial in, and the same for every
 parameterisation of one process (t means sigma on EDM, where a Karras grid spans 80 .. 0.002). Every stored
 point has sigma > 0 (the clean point is only ever a step's end), so lambda is finite at every node. Measured
-on the GMM oracle (condiff.dc docstring): on VP-discrete cosine with uniform-t grids both axes give similar
+on the GMM oracle (condiff.solvers.dc_search docstring): on VP-discrete cosine with uniform-t grids both axes give similar
 gains (t better at NFE 5, w = 7: 0.16x against 0.42x of UniPC's error); on VP-linear/log-SNR and EDM/Karras
 grids lambda's searched ratios transfer better to held-out starts (t made 2M worse than plain 2M there).
 
@@ -48,11 +48,11 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
-from .base import Point, Solver, begin
-from .dpmpp_2m import DPMSolverPP2M
-from .dpmpp_3m import DPMSolverPP3M
-from .unipc import UniPC
+from condiff.errors import ConfigError
+from condiff.solvers.base import Point, Solver, begin
+from condiff.solvers.dpmpp_2m import DPMSolverPP2M
+from condiff.solvers.dpmpp_3m import DPMSolverPP3M
+from condiff.solvers.unipc import UniPC
 
 
 @dataclass(frozen=True)

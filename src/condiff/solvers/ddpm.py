@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .base import Solver, begin
+from condiff.solvers.base import Solver, begin
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 Statistics", NeurIPS; sec. 3.2 (the solver), sec. 3.3 (pseudo-order, half-corrector); specs/sampling_guidance.md
 sec. 1a and "Sampling algorithm"). Equation numbers of the paper are not cited: they could not be checked.
 
-With y = x/alpha, lambda = log(alpha/sigma) and the statistics l, s, b of condiff.ems (EMS), the PF-ODE of any
+With y = x/alpha, lambda = log(alpha/sigma) and the statistics l, s, b of condiff.solvers.ems (EMS), the PF-ODE of any
 schedule is dy/dlambda = -l y - f with f = e^{-lambda} eps - l y = (1 - l) y - x0_hat. For a step from
 lambda_s to lambda_t, with every integral taken from the anchor lambda_s (dL(u) = int_s^u l, dS(u) = int_s^u s,
 beta(u) = int_s^u e^{-dS} b, E(u) = e^{dL(u) - dL(t) + dS(u)}), the exact solution is (spec 1a.4)
@@ -64,9 +64,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..ems import EMS, check_ems_fits
-from ..errors import ConfigError
-from .base import Point, Solver, begin, point
+from condiff.solvers.ems import EMS, check_ems_fits
+from condiff.errors import ConfigError
+from condiff.solvers.base import Point, Solver, begin, point
 
 F64 = torch.float64
 GL_NODES = 6
@@ -263,7 +263,7 @@ def _noisy_half(schedule, t: float) -> bool:
 
 @dataclass(frozen=True, eq=False)
 class DPMSolverV3(Solver):
-    """DPM-Solver-v3 multistep predictor-corrector. ``ems``: statistics from condiff.ems (None: degenerate,
+    """DPM-Solver-v3 multistep predictor-corrector. ``ems``: statistics from condiff.solvers.ems (None: degenerate,
     which is DPM-Solver++). Defaults are the official ones for conditional sampling (spec sec. 1b)."""
 
     ems: EMS | None = None
@@ -278,7 +278,7 @@ class DPMSolverV3(Solver):
 
     def __post_init__(self):
         if self.ems is not None and not isinstance(self.ems, EMS):
-            raise ConfigError(f"dpm-v3 ems must be an EMS (condiff.ems.load_ems) or None, "
+            raise ConfigError(f"dpm-v3 ems must be an EMS (condiff.solvers.ems.load_ems) or None, "
                               f"got {type(self.ems).__name__}")
         if isinstance(self.order, bool) or self.order not in (1, 2, 3):
             raise ConfigError(f"dpm-v3 order must be 1, 2 or 3, got {self.order!r}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Solver, begin, point
+from condiff.solvers.base import Solver, begin, point
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Solver, begin
+from condiff.solvers.base import Solver, begin
 
 LOWER_ORDER_FINAL_BELOW = 15
 

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
-from ..grids import Karras
-from .base import Solver, point
-from .heun import heun_step
+from condiff.errors import ConfigError
+from condiff.core.grids import Karras
+from condiff.solvers.base import Solver, point
+from condiff.solvers.heun import heun_step
 
 GAMMA_CAP = math.sqrt(2.0) - 1.0
 

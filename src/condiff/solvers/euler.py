@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Solver, begin
+from condiff.solvers.base import Solver, begin
 
 
 def ode_slope(y, x0, rho):

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Point, Solver, point
-from .euler import ode_slope
+from condiff.solvers.base import Point, Solver, point
+from condiff.solvers.euler import ode_slope
 
 
 def heun_step(D, x, p: Point, q: Point):

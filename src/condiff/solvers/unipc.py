@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError, one_of
-from .base import Point, Solver, begin
+from condiff.errors import ConfigError, one_of
+from condiff.solvers.base import Point, Solver, begin
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ..errors import one_of
+from condiff.errors import one_of
 
 
 def cfg_dropout(cond: dict, null: dict, p: float, generator=None) -> dict:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..denoiser import Prediction, coefficients
-from ..schedules import NoiseSchedule
+from condiff.core.denoiser import Prediction, coefficients
+from condiff.core.schedules import NoiseSchedule
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def diffusion_loss(model_fn, x0: torch.Tensor, cond, t: torch.Tensor, eps: torch
 
     The network is called as ``model_fn(x_in, t_in, cond)`` with (x_in, t_in) = prediction.precondition(x_t,
     t, ...), which is (x_t, t) except for EDM preconditioning (c_in x_t, c_noise). ``eps`` is the noise in
-    x_t = alpha x0 + sigma eps: Gaussian, or PFGM++ kernel noise (condiff.pfgmpp). A weighting with
+    x_t = alpha x0 + sigma eps: Gaussian, or PFGM++ kernel noise (condiff.solvers.pfgmpp). A weighting with
     ``space = "x0"`` (EDMWeight) weights the x0 error and is converted by the prediction's x0_scale^2."""
     a, s = coefficients(schedule, t, x0)
     x_t = a * x0 + s * eps

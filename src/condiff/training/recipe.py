@@ -11,7 +11,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ConfigError, InputFileError
+from condiff.errors import ConfigError, InputFileError
 
 
 @dataclass
@@ -105,10 +105,10 @@ def _one_of(where: str, value, accepted):
 
 def check_recipe(r: Recipe) -> Recipe:
     """Value checks beyond types: names, families, ranges, finiteness, and the schedule table."""
-    from ..denoiser import PREDICTIONS
-    from ..pfgmpp import noise_for_D
-    from ..schedules import schedule_from_config
-    from .objectives import TIME_SAMPLERS, WEIGHTINGS
+    from condiff.core.denoiser import PREDICTIONS
+    from condiff.solvers.pfgmpp import noise_for_D
+    from condiff.core.schedules import schedule_from_config
+    from condiff.training.objectives import TIME_SAMPLERS, WEIGHTINGS
 
     if not NAME_RE.match(r.name) or len(r.name) > 100:
         raise ConfigError(f"recipe name {r.name!r} must be 1-100 letters, digits, '.', '_' or '-' "

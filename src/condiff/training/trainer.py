@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -19,10 +18,9 @@ from pathlib import Path
 import torch
 from diffusers.training_utils import EMAModel
 
-from ..errors import ConfigError, InputFileError, NonFiniteError
-from ..io import (atomic_dir, atomic_write_json, load_json, load_tensors, remove_dir, remove_stale_temps, save_tensors,
-                  sha256_file)
-from .recipe import Recipe
+from condiff.errors import ConfigError, InputFileError, NonFiniteError
+from condiff.core.files import atomic_dir, atomic_write_json, load_json, load_tensors, remove_dir, remove_stale_temps, save_tensors, sha256_file
+from condiff.training.recipe import Recipe
 
 CKPT_RE = re.compile(r"^step-(\d{8})$")
 

@@ -1,0 +1,3 @@
+from condiff.cli.app import main
+
+main()

@@ -1,0 +1,378 @@
+"""What the commands share: loaders and validators at the edge of the program, where names (a bundled model,
+a folder, a solver name) become objects. User errors are one-line ConfigErrors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from condiff.errors import ConfigError, InputFileError, OutputFileError, one_of
+
+MAX_SAMPLES = 1_000_000  # --n and --batch-size
+MAX_EDIT_STEPS = 1000  # the inversion stores tensors per step (edit-friendly: two per step)
+
+def make_solver(name: str, options: Optional[list[str]] = None):
+    from condiff.solvers import get_solver
+
+    return get_solver(name, **solver_options(options))
+
+
+def solver_options(options: Optional[list[str]]) -> dict:
+    """['order=1', 'corrector=false'] -> {'order': 1, 'corrector': False}: JSON values (true/false, numbers),
+    anything else a string; the solver refuses unknown keys and bad values itself."""
+    out = {}
+    for item in options or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ConfigError(f"--solver-opt must be KEY=VALUE such as order=1, got {item!r}")
+        try:
+            parsed = json.loads(value.strip())
+        except ValueError:
+            parsed = value.strip()
+        if isinstance(parsed, (dict, list)) or parsed is None:
+            raise ConfigError(f"--solver-opt {key.strip()} must be a number, true/false or a name, got {value!r}")
+        out[key.strip()] = parsed
+    return out
+
+
+def spacing_of(name: Optional[str], solver=None) -> tuple[str, object]:
+    """(name, spacing object); None picks the solver's default spacing, else uniform-t."""
+    from condiff.core.grids import SPACINGS
+
+    if name is None:
+        default = getattr(solver, "default_spacing", None)
+        name = default.name if default is not None else "uniform-t"
+    if name not in SPACINGS:
+        raise one_of("spacing", name, SPACINGS)
+    return name, SPACINGS[name]
+
+
+def configured_solver(name: str, steps: int, cfg: float, spacing: Optional[str], ems: Optional[Path],
+                       dc_ratios: Optional[Path], model: str, options: Optional[list[str]] = None):
+    """The solver for --solver with its --solver-opt options and --ems / --dc-ratios files, and the spacing
+    (name, object)."""
+    sol = make_solver(name, options)
+    if ems is not None and name != "dpm-v3":
+        raise ConfigError(f"--ems is for --solver dpm-v3, got --solver {name}")
+    if dc_ratios is not None and name != "dc-solver":
+        raise ConfigError(f"--dc-ratios is for --solver dc-solver, got --solver {name}")
+    spacing_name, spc = spacing_of(spacing, sol)
+    if ems is not None:
+        from condiff.solvers.ems import check_ems_fits, load_ems
+        from condiff.models.base import resolve_model
+        from condiff.core.schedules import schedule_from_config
+        from condiff.solvers import get_solver
+
+        family = family_of(model)
+        statistics = check_ems_fits(load_ems(ems), family.image_shape,
+                                    schedule_from_config(resolve_model(model)[1]["schedule"]), what=repr(model))
+        sol = get_solver("dpm-v3", ems=statistics, **solver_options(options))
+    if dc_ratios is not None:
+        from condiff.solvers.dc_search import dc_solver_for
+
+        if options:
+            raise ConfigError("--solver-opt does not combine with --dc-ratios (the ratios file sets the solver)")
+        sol = dc_solver_for(dc_ratios, steps, cfg, spacing_name)
+    return sol, spacing_name, spc
+
+
+def sampling_setup(model, solver, steps, cfg, spacing, ems, dc_ratios, solver_opt, analytic_skip):
+    """What `sample` and `eval` share, checked before any weights are read: the model's family, the configured
+    solver, the spacing (name, object) and the analytic skip."""
+    family = family_of(model)
+    sol, spacing_name, spc = configured_solver(solver, steps, cfg, spacing, ems, dc_ratios, model, solver_opt)
+    return family, sol, spacing_name, spc, analytic_skip_of(analytic_skip, model, steps, spc)
+
+
+def solver_flags(ems: Optional[Path], dc_ratios: Optional[Path], options: Optional[list[str]] = None) -> str:
+    return ("".join(f" --solver-opt {shlex.quote(o)}" for o in options or [])
+            + (f" --ems {shlex.quote(str(ems))}" if ems is not None else "")
+            + (f" --dc-ratios {shlex.quote(str(dc_ratios))}" if dc_ratios is not None else ""))
+
+
+def check_common(steps: int, cfg: float, n: int, batch_size: int, seed: int,
+                  dynamic_threshold: Optional[float] = None):
+    from condiff.core.grids import MAX_STEPS
+    from condiff.training.recipe import check_seed
+
+    if not 1 <= steps <= MAX_STEPS:
+        raise ConfigError(f"--steps must be an integer in [1, {MAX_STEPS}], got {steps}")
+    if not math.isfinite(cfg) or abs(cfg) > 1e4:
+        raise ConfigError(f"--cfg must be a finite number with |cfg| <= 10000, got {cfg}")
+    if not 1 <= n <= MAX_SAMPLES:
+        raise ConfigError(f"--n must be an integer in [1, {MAX_SAMPLES}], got {n}")
+    if not 1 <= batch_size <= MAX_SAMPLES:
+        raise ConfigError(f"--batch-size must be an integer in [1, {MAX_SAMPLES}], got {batch_size}")
+    check_seed(seed, "--seed")
+    if dynamic_threshold is not None and not 0 < dynamic_threshold <= 1:  # NaN fails too
+        raise ConfigError(f"--dynamic-threshold must be a quantile ratio in (0, 1] such as 0.995, "
+                          f"got {dynamic_threshold}")
+
+
+def guidance_options_of(family, cfg: float, pag=None, pag_layers=None, ag=None, ag_space=None, cfg_rescale=None,
+              guidance_interval=None, negative_prompt=None, classifier=None, cg_scale=None, cg_attribute=None,
+              cg_raw=False, linear_ag=None,
+              linear_ag_steps=None, minority=None, minority_level=None, minority_scale=None):
+    """The checked GuidanceOptions of the guidance flags, before any weights are read (PAG layer names are
+    checked against the network once it is loaded)."""
+    from condiff.guidance.build import GuidanceOptions, parse_interval, parse_layers
+
+    if pag_layers is not None and pag is None:
+        raise ConfigError("--pag-layers needs --pag")
+    if ag_space is not None and ag is None:
+        raise ConfigError("--ag-space needs --ag")
+    opts = GuidanceOptions(cfg=cfg, pag=pag, pag_layers=("mid",) if pag_layers is None else parse_layers(pag_layers),
+                           ag=ag, ag_space="x0" if ag_space is None else ag_space, cfg_rescale=cfg_rescale,
+                           interval=None if guidance_interval is None else parse_interval(guidance_interval),
+                           negative_prompt=negative_prompt, classifier=classifier,
+                           cg_scale=1.0 if cg_scale is None else cg_scale,
+                           cg_attribute="color" if cg_attribute is None else cg_attribute, cg_raw=cg_raw,
+                           linear_ag=None if linear_ag is None else str(linear_ag), linear_ag_steps=linear_ag_steps,
+                           minority=None if minority is None else str(minority), minority_level=minority_level,
+                           minority_scale=1.0 if minority_scale is None else minority_scale)
+    if classifier is not None and cg_attribute is not None and cg_attribute not in family.attributes:
+        from condiff.errors import one_of
+
+        raise one_of(f"--cg-attribute for the {family.name} model", cg_attribute, family.attributes)
+    if negative_prompt is not None:
+        try:
+            family.parse_prompt(negative_prompt)
+        except ConfigError as e:
+            raise ConfigError(f"--negative-prompt: {e}") from None
+    return opts
+
+
+def check_out(path: Path, option: str, suffix: str | None = None, kind: str = "file"):
+    """Refuse an output path before any model is loaded: wrong suffix, wrong kind, not writable."""
+    from condiff.core.files import check_writable
+
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise ConfigError(f"{option} must end in {suffix}, got {str(path)!r}")
+    try:
+        check_writable(path, kind)
+    except OutputFileError as e:
+        raise OutputFileError(f"{option}: {e}") from None
+
+
+def analytic_skip_of(value: Optional[str], model: str, steps: int, spacing):
+    """--analytic-skip parsed and checked against the model's grid, before any weights are read."""
+    if value is None:
+        return None
+    from condiff.solvers.analytic import AnalyticSkip
+    from condiff.core.grids import make_grid
+    from condiff.models.base import resolve_model
+    from condiff.core.schedules import schedule_from_config
+
+    skip = AnalyticSkip.parse(value, "--analytic-skip")
+    sch = schedule_from_config(resolve_model(model)[1]["schedule"])
+    skip.plan(sch, make_grid(sch, steps, spacing), spacing, name="--analytic-skip")
+    return skip
+
+
+def family_of(model: str):
+    """The model's family, from its checked condiff.json: a bad model path or metadata fails here, before
+    any weights are read."""
+    from condiff.models.base import get_family, resolve_model
+
+    _, meta = resolve_model(model)
+    return get_family(meta["family"])
+
+
+def thread_count() -> int:
+    value = os.environ.get("CONDIFF_THREADS", "2")
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ConfigError(f"CONDIFF_THREADS must be a positive integer, got {value!r}")
+    return max(1, min(os.cpu_count() or 1, int(value)))
+
+
+def load_model(model: str):
+    import torch
+
+    from condiff.models.base import load_model, silence_diffusers
+
+    silence_diffusers()
+    torch.set_num_threads(thread_count())
+    return load_model(model)
+
+
+def method_class(name: str):
+    from condiff.errors import one_of
+    from condiff.inversion.methods import METHODS
+
+    if not isinstance(name, str) or name not in METHODS:
+        raise one_of("editing method", name, METHODS)
+    return METHODS[name]
+
+
+def option_defaults(cls) -> dict:
+    """A method class's options and their defaults (string options take their values verbatim)."""
+    from dataclasses import fields, is_dataclass
+
+    return {f.name: f.default for f in fields(cls)} if is_dataclass(cls) else {}
+
+
+def parse_value(key: str, text: str, verbatim: bool, option: str):
+    """One option value: verbatim for string options, else JSON (true/false, numbers), else a name."""
+    text = text.strip()
+    if verbatim:
+        return text
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    if isinstance(value, (dict, list)) or value is None:
+        raise ConfigError(f"{option} {key} must be a number, true/false or a name, got {text!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{option} {key} must be a finite number, got {text!r}")
+    return value
+
+
+def split_item(item: str, option: str, form: str) -> tuple[str, str]:
+    key, sep, value = str(item).partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{option} must be {form}, got {item!r}")
+    return key.strip(), value
+
+
+def method_options(method: str, items: Optional[list[str]], option: str = "--method-opt") -> dict:
+    """['cfg=5', 'exact=false'] -> {'cfg': 5, 'exact': False} for ``method``; the method refuses unknown keys
+    and values of the wrong type itself (``get_method``)."""
+    from condiff.inversion.methods import get_method
+
+    defaults, out = option_defaults(method_class(method)), {}
+    for item in items or []:
+        key, value = split_item(item, option, "KEY=VALUE such as cfg=5")
+        if not key.isidentifier():
+            raise ConfigError(f"{option} must be KEY=VALUE such as cfg=5, got {item!r}")
+        if key in out:
+            raise ConfigError(f"{option} gives {key} twice, got {item!r}")
+        if key not in defaults:
+            get_method(method, **{key: value})  # refuses the unknown key, listing the accepted ones
+        out[key] = parse_value(key, value, isinstance(defaults.get(key), str), option)
+    return out
+
+
+def make_method(method: str, options: dict, what: str = "--method-opt"):
+    """``get_method(method, **options)``, with the options named in a refusal that does not name them."""
+    from condiff.inversion.methods import get_method
+
+    method_class(method)
+    try:
+        return get_method(method, **dict(options))
+    except ConfigError as e:
+        if not options or "unknown option" in str(e):
+            raise
+        given = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        raise ConfigError(f"{what} for {method} ({given}): {e}") from None
+
+
+def check_steps(steps: int, option: str = "--steps") -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_EDIT_STEPS:
+        raise ConfigError(f"{option} must be an integer in [1, {MAX_EDIT_STEPS}], got {steps!r}")
+    return steps
+
+
+def check_seed(seed: int) -> int:
+    from condiff.training.recipe import check_seed
+
+    return check_seed(seed, "--seed")
+
+
+def parse_prompt(family, text: str, option: str):
+    """The raw condition (1, ...) of a prompt, refused with the option's name."""
+    try:
+        return family.parse_prompt(text)
+    except ConfigError as e:
+        raise ConfigError(f"{option}: {e}") from None
+
+
+def read_source(image: Path, family, no_resize: bool):
+    """The input image for the model (ImageInput); a resize notice is printed as one 'note: ' line."""
+    from condiff.errors import one_line
+    from condiff.data.images import read_image
+
+    src = read_image(image, family.image_shape, resize=not no_resize)
+    if src.notice:
+        typer.echo(f"note: {one_line(src.notice)}", err=True)
+    return src
+
+
+def image_digest(x) -> str:
+    """SHA-256 of the model-size input tensor: an inversion file remembers which image it inverted."""
+    import hashlib
+
+    return hashlib.sha256(x.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
+
+
+def model_path(model: str) -> str:
+    from condiff.models.base import resolve_model
+
+    return str(resolve_model(model)[0].resolve())
+
+
+def attribute_names(labels) -> dict:
+    """A labeller row (shape, color, size, position ints) -> {'shape': 'circle', ...}; None where no object."""
+    from condiff.data.shapes import ATTRIBUTES
+
+    return {attr: (names[int(v)] if 0 <= int(v) < len(names) else None)
+            for (attr, names), v in zip(ATTRIBUTES.items(), labels)}
+
+
+def readings(family, images: dict) -> Optional[dict]:
+    """The labeller's reading of each (1, 3, 32, 32) image (shapes family only, else None)."""
+    if family.name != "shapes":
+        return None
+    import torch
+
+    from condiff.data import labeller
+
+    names = list(images)
+    rows = labeller.label(torch.cat([images[k].clamp(-1, 1) for k in names]))
+    return {k: attribute_names(r.tolist()) for k, r in zip(names, rows)}
+
+
+def caption(reading: dict) -> str:
+    words = [reading.get(a) for a in ("size", "color", "shape", "position")]
+    return " ".join(w for w in words if w) or "(no object)"
+
+
+def psnr(a, b) -> float:
+    from condiff.evaluation.editbench import psnr
+
+    return float(psnr(a, b).mean())
+
+
+def loaded_model(model: str):
+    """The model, loaded after every check has passed, with its weights frozen (the methods that optimise
+    take gradients with respect to their own variables only)."""
+
+    m = load_model(model)
+    m.module.requires_grad_(False)
+    return m
+
+
+def load_inversion(path: Path):
+    from condiff.inversion.methods import load_inverted
+
+    try:
+        state, meta = load_inverted(path)
+    except InputFileError as e:
+        raise InputFileError(f"--inversion: {e}") from None
+    if not isinstance(meta.get("options", {}), dict) or not isinstance(meta.get("prompt", ""), str) \
+            or not isinstance(state.info, dict):
+        raise InputFileError(f"--inversion {str(path)!r} has malformed metadata (write it with `condiff invert`)")
+    return state, meta
+
+
+def in_range(value: int, option: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ConfigError(f"{option} must be an integer in [{lo}, {hi}], got {value!r}")
+    return value
+
+

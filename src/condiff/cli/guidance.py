@@ -1,0 +1,333 @@
+"""``condiff guidance``: fit LinearAG's coefficients for a model (Castillo et al., AAAI 2025, arXiv 2312.12487,
+"Adaptive Guidance"; condiff.guidance.linear_ag, specs 5a).
+
+``condiff guidance fit-linear-ag --model shapes --cfg 3 --steps 20 --out coeffs.safetensors`` draws ``--n``
+random conditions and start points as ``condiff eval`` draws them (one generator seeded with ``--seed``:
+conditions first, then the start points of all rows, then any solver noise), records their CFG trajectories
+with ``--solver`` on the ``--steps`` grid and fits the per-evaluation least-squares coefficients
+(``fit_linear_ag``). The file is read back by ``load_linear_ag``. With ``--holdout M`` another M trajectories
+(drawn after the fitting ones from the same generator) are recorded and the teacher-forced R^2 of the fitted
+coefficients on them is reported (``predict_record``).
+
+``condiff guidance train-ppap --classifier DIR --model shapes --experts 5 --out DIR`` trains PPAP's experts (Go
+et al., CVPR 2023; condiff.guidance.ppap): ``--images`` unlabelled images sampled from the model with the empty
+prompt (``--solver``, ``--gen-steps``), then N LoRA copies of the clean classifier, each distilled on its
+interval of t (teacher: the clean classifier on x0; student: the expert on x_t), saved by ``save_ppap`` and read
+back by ``load_ppap``. The last ``--holdout`` images are kept out of training to report each expert's KD loss
+against the clean classifier's.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from condiff.cli import common
+
+from condiff.errors import ConfigError
+
+app = typer.Typer(help="Guidance helpers: fit LinearAG coefficients (Castillo et al. 2025).", no_args_is_help=True,
+                  add_completion=False)
+
+
+@dataclass
+class _Progress:
+    """Forwards every call to ``denoiser`` unchanged and ticks a progress bar (one tick per evaluation)."""
+
+    denoiser: Any
+    bar: Any
+
+    @property
+    def schedule(self):
+        return self.denoiser.schedule
+
+    def __call__(self, x, t, cond=None):
+        out = self.denoiser(x, t, cond)
+        self.bar.update(1)
+        return out
+
+
+def _summary(r2) -> str:
+    """'min A, median B, first half mean C' of a per-evaluation R^2 vector."""
+    import torch
+
+    half = r2[: max(1, r2.numel() // 2)]
+    return (f"min {float(r2.min()):.4f}, median {float(torch.median(r2)):.4f}, "
+            f"first-half mean {float(half.mean()):.4f}")
+
+
+def draw_starts(model, n: int, grid, generator):
+    """(condition mapping, start points [n, ...]) drawn as ``condiff eval`` draws them: conditions first, then
+    the start points from the model's prior at the first grid time."""
+    raw, _ = model.family.random_conditions(n, generator)
+    cond = model.condition(raw)
+    x = model.prior((n, *model.family.image_shape), float(grid[0]), generator)
+    return cond, x
+
+
+@app.command("fit-linear-ag")
+def fit_linear_ag_cmd(
+    model: str = typer.Option(..., help="bundled model name (shapes, digits) or a model directory"),
+    cfg: float = typer.Option(..., help="the CFG scale the coefficients are fitted for (LinearAG uses it)"),
+    steps: int = typer.Option(..., help="number of solver steps of the grid the coefficients belong to"),
+    out: Path = typer.Option(..., help="output coefficient file (.safetensors)"),
+    n: int = typer.Option(256, help="CFG trajectories to fit on"),
+    seed: int = typer.Option(0, help="random seed (conditions, start points, solver noise)"),
+    solver: str = typer.Option("dpmpp-2m", help="solver name (see `condiff solvers`)"),
+    spacing: Optional[str] = typer.Option(None, help="time grid: uniform-t, uniform-logsnr, karras (default: the "
+                                          "solver's own, else uniform-t)"),
+    batch_size: int = typer.Option(256, help="trajectories recorded at once (bounds memory)"),
+    holdout: int = typer.Option(0, help="also record this many held-out trajectories and report the "
+                                "teacher-forced R^2 on them (0: report the in-sample R^2 only)"),
+):
+    """Record CFG trajectories of a model and fit LinearAG's per-evaluation coefficients to a safetensors file."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from condiff.core.grids import make_grid
+    from condiff.guidance.linear_ag import CFGRecord, _rows, fit_linear_ag, predict_record, record_cfg, save_linear_ag
+    from condiff.core.sampling import Gaussian
+
+    common.check_common(steps, cfg, n, batch_size, seed)
+    if not 0 <= holdout <= common.MAX_SAMPLES:
+        raise ConfigError(f"--holdout must be an integer in [0, {common.MAX_SAMPLES}], got {holdout}")
+    sol = common.make_solver(solver)
+    spacing_name, spc = common.spacing_of(spacing, sol)
+    common.check_out(out, "--out", ".safetensors")
+    common.family_of(model)
+    m = common.load_model(model)
+
+    t0 = time.perf_counter()
+    grid = make_grid(m.schedule, steps, spc)
+    g = torch.Generator().manual_seed(seed)
+    bar = tqdm(desc="fit-linear-ag (evaluations)", unit="eval", leave=False)
+    try:
+        den = _Progress(m.denoiser, bar)
+        with torch.no_grad():
+            cond, x = draw_starts(m, n, grid, g)
+            coeffs = fit_linear_ag(den, sol, grid, x, cond, cfg, noise=Gaussian(g), batch_size=batch_size)
+            held = None
+            if holdout:
+                hcond, hx = draw_starts(m, holdout, grid, g)
+                records = []
+                for index in torch.split(torch.arange(holdout), batch_size):
+                    sub = {k: _rows(v, index, holdout) for k, v in hcond.items()}
+                    records.append(record_cfg(den, sol, grid, hx[index], sub, cfg, noise=Gaussian(g))[1])
+                held = predict_record(coeffs, CFGRecord.cat(records))[1]
+    finally:
+        bar.close()
+    save_linear_ag(coeffs, out)
+    seconds = time.perf_counter() - t0
+    line = (f"fitted {coeffs.steps} evaluations ({solver}, {steps} steps, {spacing_name}, cfg {cfg:g}) on {n} "
+            f"trajectories; in-sample R^2 {_summary(coeffs.r2)}")
+    if held is not None:
+        line += f"; held-out ({holdout}) teacher-forced R^2 {_summary(held)}"
+    typer.echo(f"{line}; wrote {out} in {seconds:.1f}s")
+
+
+@app.command("train-ppap")
+def train_ppap_cmd(
+    classifier: str = typer.Option(..., help="the clean (off-the-shelf) classifier: 'clean' (bundled) or a model "
+                                   "directory from `condiff train recipes/shapes-clean-classifier.toml`"),
+    model: str = typer.Option(..., help="the diffusion model whose empty-prompt samples are the unlabelled data "
+                              "(bundled name or directory); its schedule defines t"),
+    out: Path = typer.Option(..., help="output directory for the experts (LoRA weights + ppap.json)"),
+    experts: int = typer.Option(5, help="number of experts N: equal intervals of the model's noisy t range"),
+    images: int = typer.Option(3072, help="unlabelled images to generate"),
+    gen_steps: int = typer.Option(20, help="solver steps per generated image"),
+    solver: str = typer.Option("dpmpp-2m", help="solver for the generation (see `condiff solvers`)"),
+    rank: int = typer.Option(16, help="LoRA rank r of every conv / linear layer (PPAP: 16)"),
+    alpha: float = typer.Option(8.0, help="LoRA alpha (the update is scaled by alpha / r; PPAP: 8)"),
+    steps: int = typer.Option(800, help="distillation (AdamW) steps per expert"),
+    batch_size: int = typer.Option(64, help="images per distillation step (and per generation batch x4)"),
+    lr: float = typer.Option(3e-3, help="AdamW learning rate (cosine-annealed to 0)"),
+    weight_decay: float = typer.Option(0.05, help="AdamW weight decay"),
+    temperature: float = typer.Option(0.25, help="the teacher's softmax temperature T_kd"),
+    holdout: int = typer.Option(256, help="generated images kept out of training to report the KD loss on"),
+    seed: int = typer.Option(0, help="random seed (generation, then distillation)"),
+):
+    """PPAP (Go et al., CVPR 2023): distil N LoRA experts of a clean classifier on images the model generates."""
+    import math
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from condiff.core.grids import make_grid
+    from condiff.guidance.ppap import MultiExpert, distill_expert, expert_interval, head_groups, heldout_kd, lora_expert, save_ppap, teach
+    from condiff.models.shapes_classifier import load_classifier
+    from condiff.core.sampling import Gaussian, sample
+
+    common.check_common(gen_steps, 1.0, images, batch_size, seed)
+    for name, value, lo, hi in (("--experts", experts, 1, 1000), ("--rank", rank, 1, 4096),
+                                ("--steps", steps, 1, common.MAX_SAMPLES), ("--holdout", holdout, 0, images - 1)):
+        if not lo <= value <= hi:
+            raise ConfigError(f"{name} must be an integer in [{lo}, {hi}], got {value}")
+    for name, value in (("--alpha", alpha), ("--lr", lr), ("--temperature", temperature)):
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{name} must be a positive finite number, got {value}")
+    if not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ConfigError(f"--weight-decay must be a finite number >= 0, got {weight_decay}")
+    sol = common.make_solver(solver)
+    common.check_out(out, "--out", kind="dir")
+    common.family_of(model)
+    net = load_classifier(classifier)
+    if net.config.noise_aware:
+        raise ConfigError("--classifier is noise-aware; PPAP adapts an off-the-shelf clean classifier "
+                          "(recipes/shapes-clean-classifier.toml)")
+    for p in net.parameters():
+        p.requires_grad_(False)
+    m = common.load_model(model)
+    shape = (net.config.in_channels, net.config.sample_size, net.config.sample_size)
+    if tuple(m.family.image_shape) != shape:
+        raise ConfigError(f"the classifier reads {shape} images but model {model!r} makes "
+                          f"{tuple(m.family.image_shape)}")
+
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(seed)
+    grid = make_grid(m.schedule, gen_steps)
+    gen_batch = 4 * batch_size
+    chunks = [len(c) for c in torch.split(torch.arange(images), gen_batch)]
+    made = []
+    bar = tqdm(total=len(chunks) * gen_steps, desc="train-ppap: generating", unit="step", leave=False)
+    try:
+        with torch.no_grad():
+            for size in chunks:
+                cond = m.condition(m.family.null_raw(size))
+                cond.pop("null", None)
+                x = m.prior((size, *m.family.image_shape), float(grid[0]), g)
+                res = sample(m.denoiser, sol, grid, x, cond, Gaussian(g), callbacks=[lambda info: bar.update(1)])
+                made.append(res.x.clamp(-1, 1).float())
+    finally:
+        bar.close()
+    data = torch.cat(made)
+    gen_seconds = time.perf_counter() - t0
+    train, held = data[: images - holdout], data[images - holdout:]
+    groups = head_groups(net)
+    z_train = teach(lambda x: net(x), train)
+    z_held = teach(lambda x: net(x), held) if holdout else None
+    t_min, t_max = float(m.schedule.t_min), float(m.schedule.t_max)
+    trained, report = [], []
+    bar = tqdm(total=experts * steps, desc="train-ppap: distilling", unit="step", leave=False)
+    try:
+        for k in range(experts):
+            interval = expert_interval(k, experts, t_min, t_max)
+            e = lora_expert(net, rank, alpha)
+
+            def tick(step, loss, k=k):
+                bar.update(1)
+                if step % 20 == 0:
+                    bar.set_postfix(expert=k, loss=f"{loss:.4f}")
+
+            curve = distill_expert(e, z_train, train, m.schedule, interval, steps, batch_size, lr, weight_decay,
+                                   temperature, groups, g, tick)
+            row = {"expert": k, "interval": list(interval), "first_loss": curve[0], "last_loss": curve[-1]}
+            if holdout:
+                clean_kd = heldout_kd(lambda x, t: net(x), z_held, held, m.schedule, interval,
+                                      torch.Generator().manual_seed(seed + 1 + k), temperature, groups)
+                expert_kd = heldout_kd(e, z_held, held, m.schedule, interval,
+                                       torch.Generator().manual_seed(seed + 1 + k), temperature, groups)
+                row.update(heldout_kd_clean=clean_kd, heldout_kd_expert=expert_kd)
+            report.append(row)
+            trained.append(e)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    info = {"classifier": classifier, "model": model, "images": images, "holdout": holdout,
+            "gen_steps": gen_steps, "solver": solver, "steps": steps, "batch_size": batch_size, "lr": lr,
+            "weight_decay": weight_decay, "temperature": temperature, "seed": seed,
+            "seconds": {"generate": round(gen_seconds, 1), "total": round(seconds, 1)}, "experts": report}
+    save_ppap(MultiExpert(trained, t_min, t_max), out, net, info=info)
+    for r in report:
+        extra = (f", held-out KD {r['heldout_kd_clean']:.4f} (clean classifier) -> {r['heldout_kd_expert']:.4f}"
+                 if holdout else "")
+        typer.echo(f"expert {r['expert']} t in [{r['interval'][0]:.1f}, {r['interval'][1]:.1f}): train loss "
+                   f"{r['first_loss']:.4f} -> {r['last_loss']:.4f}{extra}")
+    typer.echo(f"trained {experts} PPAP experts (LoRA rank {rank}) on {images - holdout} generated images in "
+               f"{seconds:.1f}s (generation {gen_seconds:.1f}s); wrote {out}")
+
+
+@app.command("fit-minority")
+def fit_minority_cmd(
+    model: str = typer.Option(..., help="the diffusion model (bundled name or directory); its empty prompt is the "
+                              "unconditional denoiser that scores the data, and its schedule defines t"),
+    out: Path = typer.Option(..., help="output directory (classifier/ safetensors + minority.json + "
+                             "scores.safetensors)"),
+    n: int = typer.Option(8192, help="training renders to score (drawn from the model family's training "
+                          "distribution: for shapes_imbalanced, cyan is 5%)"),
+    levels: int = typer.Option(10, help="number of minority levels L (quantile bins of the score)"),
+    t: Optional[float] = typer.Option(None, help="perturbation time of the score, in the schedule's units "
+                                      "(default: 6% of the way from t_min to t_max, the paper's t = 60 of 1000)"),
+    draws: int = typer.Option(5, help="Monte-Carlo noise draws per sample (the paper's n)"),
+    steps: int = typer.Option(2000, help="classifier training (AdamW) steps"),
+    batch_size: int = typer.Option(128, help="images per classifier step (and x4 rows per scoring call)"),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate (cosine decay to lr/10)"),
+    weight_decay: float = typer.Option(0.05, help="AdamW weight decay (the paper's 0.05)"),
+    holdout: float = typer.Option(0.05, help="fraction of the renders held out to report level accuracy on"),
+    seed: int = typer.Option(0, help="random seed (renders, score noise, split, classifier training)"),
+):
+    """Minority guidance (Um et al., ICLR 2024): score training renders, bin them into L levels and train the
+    noise-aware minority classifier; guide with condiff.guidance.minority.MinorityGuidance."""
+    import math
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from condiff.guidance.minority import fit_minority_classifier, save_minority
+    from condiff.training.recipe import ObjectiveConfig, check_seed
+
+    check_seed(seed, "--seed")
+    for name, value, lo, hi in (("--n", n, 2, common.MAX_SAMPLES), ("--levels", levels, 2, 10000),
+                                ("--draws", draws, 1, 10000), ("--steps", steps, 1, common.MAX_SAMPLES),
+                                ("--batch-size", batch_size, 1, common.MAX_SAMPLES)):
+        if not lo <= value <= hi:
+            raise ConfigError(f"{name} must be an integer in [{lo}, {hi}], got {value}")
+    if levels > n:
+        raise ConfigError(f"--levels ({levels}) cannot exceed --n ({n})")
+    if not math.isfinite(lr) or lr <= 0:
+        raise ConfigError(f"--lr must be a positive finite number, got {lr}")
+    if not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ConfigError(f"--weight-decay must be a finite number >= 0, got {weight_decay}")
+    if not 0 <= holdout < 1:  # NaN fails too
+        raise ConfigError(f"--holdout must be a fraction in [0, 1), got {holdout}")
+    common.check_out(out, "--out", kind="dir")
+    fam = common.family_of(model)
+    if tuple(fam.image_shape) != (3, 32, 32):
+        raise ConfigError(f"fit-minority trains a classifier for (3, 32, 32) images; model {model!r} makes "
+                          f"{tuple(fam.image_shape)}")
+    m = common.load_model(model)
+    sch = m.schedule
+    if t is None:
+        t = float(sch.t_min + 0.06 * (sch.t_max - sch.t_min))
+    elif not (math.isfinite(t) and sch.t_min <= t <= sch.t_max):
+        raise ConfigError(f"--t must be in the schedule's range [{sch.t_min}, {sch.t_max}], got {t}")
+
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(seed)
+    x0, _ = m.family.training_batch(0, n, g, seed, ObjectiveConfig())
+    with torch.no_grad():
+        cond = m.condition(m.family.null_raw(n))
+    cond.pop("null")
+    bar = tqdm(total=steps, desc="fit-minority: classifier", unit="step", leave=False)
+    try:
+        mc, scores, held = fit_minority_classifier(
+            m.denoiser, x0, levels, t, draws, cond, steps, batch_size, lr, weight_decay, g,
+            progress=lambda i, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")),
+            score_batch_size=4 * batch_size, holdout=holdout)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    mc.info.update({"model": model, "renders": n, "seed": seed, "seconds": seconds,
+                    "command": "condiff guidance fit-minority " + " ".join(
+                        f"--{k.replace('_', '-')} {v}" for k, v in (
+                            ("model", model), ("out", out), ("n", n), ("levels", levels), ("t", t),
+                            ("draws", draws), ("steps", steps), ("batch_size", batch_size), ("lr", lr),
+                            ("weight_decay", weight_decay), ("holdout", holdout), ("seed", seed)))})
+    save_minority(mc, out, {"scores": scores, "heldout": held.to(torch.uint8)})
+    acc = mc.info.get("heldout_accuracy", {})
+    extra = "; ".join(f"held-out level accuracy at {k}: {v['accuracy']:.3f}" for k, v in acc.items())
+    typer.echo(f"scored {n} renders (t={t:g}, {draws} draws), {levels} levels, classifier loss "
+               f"{mc.info['train_loss_first100']:.3f} -> {mc.info['train_loss_last100']:.3f}"
+               f"{'; ' + extra if extra else ''}; wrote {out} in {seconds:.1f}s")

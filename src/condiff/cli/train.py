@@ -1,0 +1,85 @@
+"""Run a recipe end to end: build, (resume,) train with learning-curve evaluations, export."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from condiff.errors import ConfigError
+from condiff.training.recipe import Recipe
+from condiff.training.trainer import Trainer
+
+
+def make_trainer(recipe: Recipe, out_dir, progress: bool = True) -> Trainer:
+    from condiff.models.base import build_model, silence_diffusers
+
+    silence_diffusers()
+    torch.set_num_threads(recipe.train.threads)
+    torch.manual_seed(recipe.train.seed)  # deterministic initial weights
+    from condiff.solvers.pfgmpp import noise_for_D
+
+    model = build_model(recipe.family, recipe.model, recipe.schedule, recipe.objective.prediction,
+                        noise_for_D(recipe.objective.pfgmpp_D))
+    if recipe.train.init_from:
+        init_weights(model, recipe.train.init_from)
+    return Trainer(model, recipe, Path(out_dir), progress=progress, evaluate=_learning_curve_eval(recipe))
+
+
+def init_weights(model, init_from: str):
+    """Start ``model`` from the weights of a bundled model or model directory (``[train] init_from``): same
+    networks, prediction and schedule required. It runs before the Trainer copies the weights into its EMA, and a
+    resume then overwrites them with the checkpoint's, so resume stays exact."""
+    from condiff.models.base import load_model
+
+    src = load_model(init_from)
+    if src.prediction.name != model.prediction.name or src.info.get("schedule_cfg") != model.info.get("schedule_cfg"):
+        raise ConfigError(f"train.init_from {init_from!r} has prediction {src.prediction.name!r} and schedule "
+                          f"{src.info.get('schedule_cfg')}; the recipe needs {model.prediction.name!r} and "
+                          f"{model.info.get('schedule_cfg')}")
+    try:
+        model.module.load_state_dict(src.module.state_dict())
+    except RuntimeError as e:
+        first = (str(e).strip().splitlines() or [""])[0][:150]
+        raise ConfigError(f"train.init_from {init_from!r}: its networks do not match the recipe's [model] "
+                          f"({first})") from None
+
+
+def _learning_curve_eval(recipe: Recipe):
+    t = recipe.train
+    if not t.eval_every:
+        return None
+
+    def run(model, ema_module):
+        if hasattr(model.family, "learning_curve"):  # classifiers: accuracy on fresh renders
+            return model.family.learning_curve(ema_module, model.schedule)
+        from condiff.evaluation.evaluate import evaluate
+        from condiff.solvers import DPMSolverPP2M
+
+        m = dataclasses.replace(model, module=ema_module)
+        res = evaluate(m, DPMSolverPP2M(), t.eval_steps, t.eval_cfg, t.eval_n, seed=12345)
+        return {"accuracy": res["accuracy"], "eval_seconds": res["seconds"]}
+
+    return run
+
+
+def train_recipe(recipe: Recipe, out_dir, steps: int | None = None, resume: bool = False,
+                 progress: bool = True, stop_after: int | None = None) -> Trainer:
+    if steps is not None:
+        if steps < 1:
+            raise ConfigError(f"--steps must be a positive integer, got {steps}")
+        recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, steps=steps))
+    trainer = make_trainer(recipe, out_dir, progress)
+    if trainer.list_checkpoints() and not resume:
+        raise ConfigError(f"{str(out_dir)!r} already holds checkpoints; pass --resume to continue, or "
+                          f"choose another --out")
+    trainer.clear_stale_temps()
+    if resume:
+        path = trainer.resume()
+        if path is not None and progress:
+            print(f"resumed from {path} (step {trainer.step})")
+    trainer.run(stop_after=stop_after)
+    if trainer.step >= recipe.train.steps:
+        trainer.export()
+    return trainer

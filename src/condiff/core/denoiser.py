@@ -1,0 +1,223 @@
+"""The Denoiser protocol and ``wrap``.
+
+A Denoiser maps (x_t, t, cond) to x0_hat = E[x_0 | x_t, cond] and carries its NoiseSchedule. x0 is the
+canonical output: guidance mixes in x0 space and solvers consume x0 (the data-prediction view of
+DPM-Solver++, Lu et al. 2022b). ``cond`` is an opaque mapping passed through untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
+
+import torch
+
+from condiff.core import parameterization as P
+from condiff.errors import one_of
+from condiff.core.schedules import NoiseSchedule
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    schedule: NoiseSchedule
+
+    def __call__(self, x: torch.Tensor, t, cond: Mapping[str, Any] | None) -> torch.Tensor: ...
+
+
+def coefficients(schedule: NoiseSchedule, t, x: torch.Tensor):
+    """alpha(t), sigma(t) shaped to broadcast against x (t scalar or per-sample)."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    a, s = schedule.alpha(t), schedule.sigma(t)
+    shape = (-1,) + (1,) * (x.dim() - 1) if t.dim() == 1 else ()
+    return a.reshape(shape).to(x.dtype), s.reshape(shape).to(x.dtype)
+
+
+class Prediction:
+    """What a network outputs: converts an output to x0, and gives the training target.
+
+    ``precondition`` gives the network's inputs (x and time) for x_t at t; it is the identity for all but
+    EDM's preconditioning, which scales x by c_in and replaces t by c_noise. ``x0_scale`` is |d x0_hat / d out|
+    (a per-sample factor: ||x0_hat - x0||^2 = x0_scale^2 ||out - target||^2), which turns an x0-space loss
+    weighting into one on the prediction's own target."""
+
+    name = "?"
+
+    def to_x0(self, out, x, a, s, t, schedule):
+        raise NotImplementedError
+
+    def target(self, x0, eps, a, s, t, schedule):
+        raise NotImplementedError
+
+    def precondition(self, x, t, a, s, schedule):
+        """(network input, network time) for x_t at t (t one per sample)."""
+        return x, t
+
+    def x0_scale(self, a, s, t, schedule):
+        raise NotImplementedError(f"prediction {self.name!r} does not give its x0 error scale")
+
+
+class Eps(Prediction):
+    name = "eps"
+
+    def to_x0(self, out, x, a, s, t, schedule):
+        return P.eps_to_x0(x, out, a, s)
+
+    def target(self, x0, eps, a, s, t, schedule):
+        return eps
+
+    def x0_scale(self, a, s, t, schedule):
+        return s / a
+
+
+class X0(Prediction):
+    name = "x0"
+
+    def to_x0(self, out, x, a, s, t, schedule):
+        return out
+
+    def target(self, x0, eps, a, s, t, schedule):
+        return x0
+
+    def x0_scale(self, a, s, t, schedule):
+        return torch.ones_like(s)
+
+
+class V(Prediction):
+    name = "v"
+
+    def to_x0(self, out, x, a, s, t, schedule):
+        return P.v_to_x0(x, out, a, s)
+
+    def target(self, x0, eps, a, s, t, schedule):
+        return a * eps - s * x0
+
+    def x0_scale(self, a, s, t, schedule):
+        return s / (a * a + s * s)
+
+
+class FlowVelocity(Prediction):
+    """u = dx/dt; derivatives of alpha/sigma are taken numerically from the schedule (exact for Flow)."""
+
+    name = "flow"
+
+    @staticmethod
+    def _derivatives(a, t, schedule, dtype):
+        tt = torch.as_tensor(t, dtype=torch.float64)
+        h = 1e-6
+        da = (schedule.alpha(tt + h) - schedule.alpha(tt - h)) / (2 * h)
+        ds = (schedule.sigma(tt + h) - schedule.sigma(tt - h)) / (2 * h)
+        return tuple(d.reshape(a.shape).to(dtype) if tt.dim() else d.to(dtype) for d in (da, ds))
+
+    def to_x0(self, out, x, a, s, t, schedule):
+        da, ds = self._derivatives(a, t, schedule, x.dtype)
+        return P.flow_to_x0(x, out, a, s, da, ds)
+
+    def target(self, x0, eps, a, s, t, schedule):
+        da, ds = self._derivatives(a, t, schedule, x0.dtype)
+        return da * x0 + ds * eps
+
+    def x0_scale(self, a, s, t, schedule):
+        da, ds = self._derivatives(a, t, schedule, s.dtype)
+        return s / (a * ds - s * da).abs()
+
+
+class EDMPrecond(Prediction):
+    """EDM preconditioning (Karras et al. 2022, sec. 5 and Table 1; eqs. 7-8):
+    D(x, sigma) = c_skip x + c_out F(c_in x, c_noise), with, for sigma_data = s_d,
+
+        c_skip = s_d^2 / (sigma^2 + s_d^2),  c_out = sigma s_d / sqrt(sigma^2 + s_d^2),
+        c_in = 1 / sqrt(sigma^2 + s_d^2),    c_noise = 250 ln sigma.
+
+    Any schedule works: sigma is rho = sigma(t)/alpha(t), the noise level of the rescaled variable
+    x/alpha = x0 + rho eps (alpha = 1 on the EDM schedule), so the network sees c_in x / alpha.
+
+    The training target of F (Karras et al. eq. 8) is (x0 - c_skip x/alpha) / c_out, which simplifies to
+    (rho x0 - s_d^2 eps) / (s_d sqrt(rho^2 + s_d^2)): unit variance for data of variance s_d^2, and no
+    division by rho, so it is finite at rho -> 0. With EDM's weighting lambda = 1/c_out^2 the x0-space loss
+    lambda ||D - x0||^2 is exactly ||F - target||^2 (see training.objectives.EDMWeight).
+
+    c_noise. Karras et al. feed c_noise = ln(sigma)/4 to their own embedding; diffusers' sinusoidal time
+    embedding (UNet2DModel) has frequencies from 1 down to 1e-4 per unit and is built for timesteps spread
+    over ~[0, 1000]: over ln(sigma)/4 in [-1.6, 1.1] its fastest channel turns less than half a period and
+    the embedding is nearly constant. 250 ln sigma = 1000 * (ln(sigma)/4), the same factor diffusers puts
+    between continuous t in [0, 1] and its timesteps, spans ~2650 units over sigma in [0.002, 80] (and
+    ~[-900, 300] for the bulk of the log-normal training sigmas): the range the embedding was designed for.
+    """
+
+    name = "edm"
+
+    def __init__(self, sigma_data: float = 0.5, noise_scale: float = 250.0):
+        self.sigma_data = float(sigma_data)
+        self.noise_scale = float(noise_scale)
+
+    def coefficients(self, rho):
+        """(c_skip, c_out, c_in, c_noise) at noise level rho = sigma/alpha (numbers or tensors)."""
+        rho = torch.as_tensor(rho, dtype=torch.float64)
+        sd = self.sigma_data
+        norm = torch.sqrt(rho * rho + sd * sd)
+        return sd * sd / (norm * norm), rho * sd / norm, 1.0 / norm, self.noise_scale * torch.log(rho)
+
+    def _rho(self, a, s):
+        return s / a
+
+    def to_x0(self, out, x, a, s, t, schedule):
+        c_skip, c_out, _, _ = self.coefficients(self._rho(a, s))
+        return c_skip.to(x.dtype) * (x / a) + c_out.to(x.dtype) * out
+
+    def target(self, x0, eps, a, s, t, schedule):
+        rho, sd = self._rho(a, s), self.sigma_data
+        return (rho * x0 - sd * sd * eps) / (sd * torch.sqrt(rho * rho + sd * sd))
+
+    def precondition(self, x, t, a, s, schedule):
+        _, _, c_in, _ = self.coefficients(self._rho(a, s))
+        rho_t = schedule.sigma_over_alpha(torch.as_tensor(t, dtype=torch.float64))
+        return c_in.to(x.dtype) * (x / a), self.noise_scale * torch.log(rho_t)
+
+    def x0_scale(self, a, s, t, schedule):
+        return self.coefficients(self._rho(a, s))[1].to(s.dtype)
+
+
+PREDICTIONS = {p.name: p for p in (Eps(), X0(), V(), FlowVelocity(), EDMPrecond())}
+
+
+def as_prediction(name_or_obj) -> Prediction:
+    if isinstance(name_or_obj, Prediction):
+        return name_or_obj
+    if name_or_obj not in PREDICTIONS:
+        raise one_of("prediction type", name_or_obj, PREDICTIONS)
+    return PREDICTIONS[name_or_obj]
+
+
+def _default_call(net, x, t_in, cond):
+    return net(x, t_in, **dict(cond or {}))
+
+
+@dataclass
+class WrappedDenoiser:
+    """A network behind the Denoiser protocol (see ``wrap``)."""
+
+    net: Callable
+    schedule: NoiseSchedule
+    prediction: Prediction
+    time_input: Callable = lambda t: t
+    call: Callable = _default_call
+
+    def __call__(self, x, t, cond=None):
+        a, s = coefficients(self.schedule, t, x)
+        t_vec = torch.as_tensor(t, dtype=torch.float64)
+        if t_vec.dim() == 0:
+            t_vec = t_vec.expand(x.shape[0])
+        x_in, t_in = self.prediction.precondition(x, t_vec, a, s, self.schedule)
+        out = self.call(self.net, x_in, self.time_input(t_in).to(x.dtype), cond)
+        return self.prediction.to_x0(out, x, a, s, t, self.schedule)
+
+
+def wrap(net, schedule: NoiseSchedule, prediction="eps", time_input: Callable | None = None,
+         call: Callable | None = None) -> WrappedDenoiser:
+    """Adapt any network to the Denoiser protocol.
+
+    ``prediction``: a Prediction object or one of eps, x0, v, flow, edm. ``time_input`` maps the schedule's
+    time to what the network expects (identity by default: VP-discrete's t is diffusers' timestep).
+    ``call(net, x, t_in, cond)`` runs the network; by default ``net(x, t_in, **cond)``."""
+    return WrappedDenoiser(net, schedule, as_prediction(prediction),
+                           time_input or (lambda t: t), call or _default_call)

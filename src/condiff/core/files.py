@@ -1,0 +1,197 @@
+"""Atomic, safe file output: every file is written to a temporary sibling, fsynced, then renamed, so a
+crash or a full disk never leaves a half-written file under the final name. Loading uses safetensors
+and JSON only (never pickle)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from condiff.errors import InputFileError, OutputFileError
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _fsync_dir(path: Path):
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise OutputFileError(f"output path {str(path)!r} is a directory; give a file name")
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise OutputFileError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise OutputFileError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+    _fsync_dir(parent)
+    return path
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists (where a write would have to create things)."""
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(path, kind: str = "file") -> Path:
+    """Refuse, before any work is done, an output ``path`` (a ``file`` or a ``dir``) that cannot be
+    written: the wrong kind of thing already there, a path under a regular file, or a read-only location.
+    Probes with a temporary file that is removed at once; creates nothing else."""
+    path = Path(path)
+    if kind == "file" and path.is_dir():
+        raise OutputFileError(f"output path {str(path)!r} is a directory; give a file name")
+    if kind == "file" and os.path.lexists(path) and not path.is_file():
+        raise OutputFileError(f"output path {str(path)!r} exists and is not a regular file")
+    if kind == "dir" and os.path.lexists(path) and not path.is_dir():
+        raise OutputFileError(f"output path {str(path)!r} exists and is not a directory")
+    base = _nearest_existing(path if kind == "dir" else path.parent)
+    if not base.is_dir():
+        raise OutputFileError(f"cannot write {str(path)!r}: {str(base)!r} is not a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".condiff-probe.", suffix=".tmp", dir=base)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise OutputFileError(f"cannot write {str(path)!r}: {str(base)!r} is not writable "
+                              f"({e.strerror or e})") from None
+    return path
+
+
+def atomic_write_text(path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    return atomic_write_bytes(path, data)
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_tensors(path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; refuse anything else (a pickle renamed .safetensors included)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputFileError(f"file not found: {str(path)!r}")
+    if path.is_dir():
+        raise InputFileError(f"expected a .safetensors file, got a directory: {str(path)!r}")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InputFileError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
+    try:
+        return st_load(data)
+    except Exception as e:  # safetensors raises several types for bad headers
+        raise InputFileError(f"{str(path)!r} is not a valid safetensors file ({type(e).__name__})") from None
+
+
+def load_json(path) -> dict:
+    """Read a JSON file (any JSON value; callers check its shape)."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputFileError(f"expected a JSON file, got a directory: {str(path)!r}")
+    if not path.is_file():
+        raise InputFileError(f"JSON file not found: {str(path)!r}")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, over-long integers
+        raise InputFileError(f"{str(path)!r} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise InputFileError(f"{str(path)!r} is not valid JSON (nested too deeply)") from None
+    except OSError as e:
+        raise InputFileError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
+
+
+def remove_dir(path) -> None:
+    """Delete a directory so that a crash never leaves it half-deleted under its own name: rename it to a
+    temporary ``.NAME.*.tmp`` sibling first (what ``remove_stale_temps`` clears), then delete that."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{time.time_ns()}.deleting.tmp")
+    os.replace(path, tmp)
+    _fsync_dir(path.parent)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temps(directory) -> list[Path]:
+    """Delete the ``.*.tmp`` entries that interrupted atomic writes left in ``directory``. Only for a
+    directory this process owns (a run directory being resumed): another writer's temporaries would go too."""
+    removed = []
+    directory = Path(directory)
+    if directory.is_dir():
+        for p in directory.glob(".*.tmp"):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            removed.append(p)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_dir(path):
+    """Build a directory under a temporary name and rename it into place when the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if path.exists():
+            old = path.with_name(path.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

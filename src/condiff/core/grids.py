@@ -1,0 +1,108 @@
+"""Time grids: float64, strictly descending, from a start time down to an end time.
+
+Spacings are objects (``UniformT``, ``UniformLogSNR``, ``Karras``). ``make_grid`` returns ``steps + 1``
+points: ``steps`` spaced points from ``t_start`` to ``t_end`` and then, with ``final_zero=True``, the
+schedule's clean point (sigma = 0), so the last step returns the denoised estimate, as samplers usually do.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+from condiff.errors import ConfigError
+from condiff.core.schedules import NoiseSchedule
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class UniformT:
+    """Equal steps in t (diffusers' 'linspace' spacing)."""
+
+    name = "uniform-t"
+
+    def points(self, schedule: NoiseSchedule, t_start: float, t_end: float, n: int) -> torch.Tensor:
+        return torch.linspace(t_start, t_end, n, dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class UniformLogSNR:
+    """Equal steps in log-SNR (DPM-Solver's 'logSNR' skip type, Lu et al. 2022 sec. 3.3)."""
+
+    name = "uniform-logsnr"
+
+    def points(self, schedule, t_start, t_end, n):
+        lo, hi = schedule.log_snr(t_start), schedule.log_snr(t_end)
+        return schedule.t_from_log_snr(torch.linspace(float(lo), float(hi), n, dtype=torch.float64))
+
+
+@dataclass(frozen=True)
+class Karras:
+    """Karras et al. 2022 eq. 5: sigma/alpha spaced uniformly in its 1/rho power (rho = 7)."""
+
+    rho: float = 7.0
+    name = "karras"
+
+    def __post_init__(self):
+        if not _is_real(self.rho) or not 0 < self.rho <= 1e3:
+            raise ConfigError(f"Karras rho must be a number in (0, 1000], got {self.rho!r}")
+
+    def points(self, schedule, t_start, t_end, n):
+        s_max = float(schedule.sigma_over_alpha(t_start))
+        s_min = float(schedule.sigma_over_alpha(t_end))
+        ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+        inv = 1.0 / self.rho
+        ratio = (s_max**inv + ramp * (s_min**inv - s_max**inv)) ** self.rho
+        t = schedule.t_from_log_snr(-2.0 * torch.log(ratio))
+        t[-1] = t_end  # remove round-off at the ends; t_start last, so that n = 1 gives [t_start]
+        t[0] = t_start
+        return t
+
+
+SPACINGS = {"uniform-t": UniformT(), "uniform-logsnr": UniformLogSNR(), "karras": Karras()}
+MAX_STEPS = 100_000
+
+
+def _time(schedule: NoiseSchedule, value, name: str) -> float:
+    """A grid end point: a finite number within [t_clean, t_max] of ``schedule``."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    lo, hi = min(schedule.t_clean, schedule.t_min), schedule.t_max
+    if not _is_real(value) or not lo <= value <= hi:
+        raise ConfigError(f"{name} must be a finite number in [{lo}, {hi}] for {type(schedule).__name__}, "
+                          f"got {value!r}")
+    return float(value)
+
+
+def make_grid(schedule: NoiseSchedule, steps: int, spacing=UniformT(), t_start: float | None = None,
+              t_end: float | None = None, final_zero: bool = True) -> torch.Tensor:
+    """A descending float64 grid with ``steps`` transitions."""
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
+        raise ConfigError(f"steps must be an integer in [1, {MAX_STEPS}], got {steps!r}")
+    steps = int(steps)
+    if not callable(getattr(spacing, "points", None)):
+        names = ", ".join(f"{type(s).__name__}()" for s in SPACINGS.values())
+        raise ConfigError(f"spacing must be a spacing object ({names}), got {spacing!r}")
+    t_start = schedule.default_t_start() if t_start is None else _time(schedule, t_start, "t_start")
+    t_end = schedule.t_min if t_end is None else _time(schedule, t_end, "t_end")
+    if not t_start > t_end:
+        raise ConfigError(f"t_start ({t_start}) must be greater than t_end ({t_end})")
+    if final_zero and not t_end > schedule.t_clean:
+        raise ConfigError(f"t_end ({t_end}) must be greater than the clean time {schedule.t_clean} when "
+                          f"final_zero=True (the grid ends there)")
+    if final_zero:
+        pts = spacing.points(schedule, t_start, t_end, steps)
+        grid = torch.cat([pts, torch.tensor([schedule.t_clean], dtype=torch.float64)])
+    else:
+        grid = spacing.points(schedule, t_start, t_end, steps + 1)
+    if not bool(torch.isfinite(grid).all()) or not bool((grid[1:] < grid[:-1]).all()):
+        raise ConfigError(f"the {getattr(spacing, 'name', 'custom')} grid of {steps} steps from t_start "
+                          f"{t_start} to t_end {t_end} is not finite and strictly descending; use fewer steps, "
+                          f"a wider range, or end points where the log-SNR is finite")
+    return grid

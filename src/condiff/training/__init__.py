@@ -1,0 +1,1 @@
+"""Training: per-sample objectives, time samplers and weightings, conditioning dropout, recipes, the Trainer."""
