@@ -22,8 +22,9 @@ from condiff.data import labeller
 from condiff.core.grids import make_grid
 from condiff.guidance.attribute import TARGET_KEY, classifier_guidance, elucd_guidance
 from condiff.core.files import atomic_write_json
+from condiff.models.classifiers import load_guidance_classifier
 from condiff.models.base import load_model, silence_diffusers
-from condiff.models.shapes_classifier import load_classifier
+from condiff.models.classifiers import load_classifier
 from condiff.core.sampling import Gaussian, sample
 from condiff.solvers import SOLVERS
 
@@ -71,9 +72,9 @@ def main(argv=None):
               "elucd": lambda s: elucd_guidance(m.denoiser, clean, "color", s, grid),
               "noisy": lambda s: classifier_guidance(m.denoiser, noisy, "color", s)}
     if a.ppap and "ppap" in methods:
-        from condiff.guidance.ppap import load_ppap, ppap_attribute_guidance
+        from condiff.guidance.ppap import ppap_attribute_guidance
 
-        experts = load_ppap(a.ppap)
+        experts = load_guidance_classifier(a.ppap)
         makers["ppap"] = lambda s: ppap_attribute_guidance(m.denoiser, experts, "color", s)
     rows = []
     if "=" in a.scales:

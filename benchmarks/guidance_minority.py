@@ -25,7 +25,8 @@ import torch
 
 from condiff.data import labeller, shapes
 from condiff.core.grids import make_grid
-from condiff.guidance.minority import MinorityGuidance, load_minority
+from condiff.guidance.minority import MinorityGuidance
+from condiff.models.minority import load_minority
 from condiff.data.images import labelled_grid, save_png
 from condiff.core.files import atomic_write_json, load_tensors
 from condiff.models.base import load_model, silence_diffusers

@@ -29,7 +29,8 @@ from condiff.data import labeller, shapes
 from condiff.core.grids import make_grid
 from condiff.guidance.pag import PAG
 from condiff.core.files import atomic_write_json
-from condiff.evaluation.metrics import frechet_distance, shapes_features
+from condiff.evaluation.metrics import classifier_features, frechet_distance
+from condiff.models.classifiers import load_classifier
 from condiff.models.base import load_model, silence_diffusers
 from condiff.core.sampling import initial_noise, sample
 from condiff.solvers import get_solver
@@ -90,8 +91,9 @@ def main():
     configs = [("none", "-", 0.0)]
     for layers in args.layers.split(";"):
         configs += [(f"pag {layers}", layers, float(s)) for s in args.scales.split(",")]
-    real = shapes_features(shapes.sample_batch(args.real, torch.Generator().manual_seed(999)).images)
-    ref = shapes_features(shapes.sample_batch(args.n, torch.Generator().manual_seed(998)).images)
+    features = load_classifier("clean")
+    real = classifier_features(shapes.sample_batch(args.real, torch.Generator().manual_seed(999)).images, features)
+    ref = classifier_features(shapes.sample_batch(args.n, torch.Generator().manual_seed(998)).images, features)
     fd_ref = frechet_distance(ref, real)
     print(f"shapes, empty prompt, n={args.n}, dpmpp-2m {args.steps} steps, seed {args.seed}, no CFG; "
           f"fd ref (n real vs {args.real} real) = {fd_ref:.3f}\n")
@@ -105,7 +107,7 @@ def main():
             out = sample(den, solver, grid, x, cond).x.clamp(-1, 1)
         sec = time.perf_counter() - t0
         r = scores(out)
-        r["fd"] = frechet_distance(shapes_features(out), real)
+        r["fd"] = frechet_distance(classifier_features(out, features), real)
         rows.append({"guidance": name.split()[0], "layers": layers, "scale": s, **r, "seconds": sec})
         print(f"| {name.split()[0]} | {layers} | {s:g} | {r['found']:.3f} | {r['single']:.3f} | {r['valid']:.3f} "
               f"| {r['iou']:.3f} | {r['fd']:.3f} | {sec:.0f} |", flush=True)

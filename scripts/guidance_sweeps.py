@@ -15,6 +15,7 @@ from condiff.evaluation.evaluate import generate_counted
 from condiff.guidance.build import GuidanceOptions
 from condiff.data.images import labelled_grid, save_png
 from condiff.models.base import load_model, silence_diffusers
+from condiff.models.classifiers import load_guidance_classifier
 from condiff.solvers import get_solver
 
 SWEEPS = [
@@ -29,11 +30,11 @@ SWEEPS = [
     ("cfg 3, PAG 2 (up), AG 0.9995", GuidanceOptions(cfg=3.0, pag=2.0, pag_layers=("up",), ag=0.9995)),
     # classifier guidance of the caption's color on the unconditional model (cfg 0: the empty prompt only)
     ("uncond. (cfg 0)", GuidanceOptions(cfg=0.0)),
-    ("uncond., clean clf raw 16", GuidanceOptions(cfg=0.0, classifier="clean", cg_scale=16.0, cg_raw=True)),
-    ("uncond., EluCD 2", GuidanceOptions(cfg=0.0, classifier="clean", cg_scale=2.0)),
-    ("uncond., EluCD 4", GuidanceOptions(cfg=0.0, classifier="clean", cg_scale=4.0)),
-    ("uncond., noisy clf 4", GuidanceOptions(cfg=0.0, classifier="noisy", cg_scale=4.0)),
-    ("uncond., PPAP 16", GuidanceOptions(cfg=0.0, classifier="ppap", cg_scale=16.0)),
+    ("uncond., clean clf raw 16", GuidanceOptions(cfg=0.0, classifier=load_guidance_classifier("clean"), cg_scale=16.0, cg_raw=True)),
+    ("uncond., EluCD 2", GuidanceOptions(cfg=0.0, classifier=load_guidance_classifier("clean"), cg_scale=2.0)),
+    ("uncond., EluCD 4", GuidanceOptions(cfg=0.0, classifier=load_guidance_classifier("clean"), cg_scale=4.0)),
+    ("uncond., noisy clf 4", GuidanceOptions(cfg=0.0, classifier=load_guidance_classifier("noisy"), cg_scale=4.0)),
+    ("uncond., PPAP 16", GuidanceOptions(cfg=0.0, classifier=load_guidance_classifier("ppap"), cg_scale=16.0)),
 ]
 
 

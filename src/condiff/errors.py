@@ -1,6 +1,9 @@
 """Typed errors. Every user-facing failure is a CondiffError with a one-line message that names the bad
 value and what is accepted; the CLI prints it on one line and exits with code 2."""
 
+import math
+import numbers
+
 
 class CondiffError(Exception):
     """Base class of every error condiff raises on purpose."""
@@ -30,3 +33,35 @@ def one_of(kind: str, value, accepted) -> ConfigError:
 def one_line(message: str) -> str:
     """``message`` with every line break or other control character escaped, so it prints as one line."""
     return "".join(c if c.isprintable() or c == " " else ascii(c)[1:-1] for c in str(message))
+
+
+def check_real(what: str, value, lo: float = -math.inf, hi: float = math.inf, accepted: str | None = None,
+               lo_open: bool = False, hi_open: bool = False) -> float:
+    """``value`` as a float when it is a real number (not a bool, not NaN) in [lo, hi] (an open end with
+    ``lo_open`` / ``hi_open``); otherwise the one-line ConfigError '{what} must be {accepted}, got {value!r}'."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
+    ok = ok and (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        if accepted is None:
+            ends = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+            accepted = "a finite number" if math.isinf(lo) and math.isinf(hi) else f"a number in {ends}"
+        raise ConfigError(f"{what} must be {accepted}, got {value!r}")
+    return float(value)
+
+
+def check_int(what: str, value, lo: int | None = None, hi: int | None = None) -> int:
+    """``value`` when it is an integer (not a bool) in [lo, hi] (None: unbounded); otherwise a one-line
+    ConfigError naming it and the accepted range."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    ok = ok and (lo is None or value >= lo) and (hi is None or value <= hi)
+    if not ok:
+        if lo is not None and hi is not None:
+            accepted = f"an integer in [{lo}, {hi}]"
+        elif lo is not None:
+            accepted = f"an integer >= {lo}"
+        elif hi is not None:
+            accepted = f"an integer <= {hi}"
+        else:
+            accepted = "an integer"
+        raise ConfigError(f"{what} must be {accepted}, got {value!r}")
+    return int(value)

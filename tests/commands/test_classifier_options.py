@@ -12,7 +12,7 @@ from condiff.core.grids import make_grid
 from condiff.guidance import CFG
 from condiff.guidance.attribute import TARGET_KEY, classifier_guidance, elucd_guidance
 from condiff.guidance.build import GuidanceOptions
-from condiff.models.shapes_classifier import load_classifier
+from condiff.models.classifiers import load_classifier, load_guidance_classifier
 from condiff.core.sampling import Gaussian, sample
 from condiff.solvers import get_solver
 
@@ -57,7 +57,7 @@ def test_sample_equals_the_library_objects(tmp_path, capsys, raw):
         guide = lambda d, grid: elucd_guidance(d, net, "color", 4.0, grid)  # noqa: E731
     ref = _by_hand(load_model("shapes"), "red", 2, 3, guide).clamp(-1, 1)
     # the grid PNG is 8-bit, so the comparison goes through the function the command calls
-    opts = GuidanceOptions(cfg=0.0, classifier="clean", cg_scale=4.0, cg_raw=raw)
+    opts = GuidanceOptions(cfg=0.0, classifier=load_classifier("clean"), cg_scale=4.0, cg_raw=raw)
     m = load_model("shapes")
     img, _ = generate(m, m.family.parse_prompt("red").expand(2, -1), get_solver("ddpm"), STEPS, 0.0,
                       torch.Generator().manual_seed(3), guidance=opts)
@@ -107,7 +107,7 @@ def test_the_issue_stack_runs_end_to_end(tmp_path, capsys):
                                                                                             2.0, STEPS)
     # per step: cond (+ uncond until AG switches) + the perturbed row (PAG reads cond from AG's call)
     assert 2 * STEPS <= side["network_rows_per_sample"] <= 3 * STEPS
-    opts = GuidanceOptions(cfg=3.0, pag=2.0, pag_layers=("mid",), ag=0.995, classifier="clean", cg_scale=2.0)
+    opts = GuidanceOptions(cfg=3.0, pag=2.0, pag_layers=("mid",), ag=0.995, classifier=load_classifier("clean"), cg_scale=2.0)
     m = load_model("shapes")
     img, nfe = generate(m, m.family.parse_prompt("small blue square").expand(2, -1), get_solver("dpmpp-2m"), STEPS,
                         3.0, torch.Generator().manual_seed(1), guidance=opts)
@@ -118,7 +118,7 @@ def test_ppap_directory_as_classifier(tmp_path, capsys):
     """--classifier DIR with PPAP experts (saved by save_ppap; here fresh LoRA experts, equal to the clean
     classifier) runs PPAP guidance: the same images as ppap_attribute_guidance built by hand."""
     from condiff.evaluation.evaluate import generate
-    from condiff.guidance.ppap import MultiExpert, load_ppap, lora_expert, ppap_attribute_guidance, save_ppap
+    from condiff.guidance.ppap import MultiExpert, lora_expert, ppap_attribute_guidance, save_ppap
     from condiff.models.base import load_model
 
     clean = load_classifier("clean")
@@ -129,10 +129,10 @@ def test_ppap_directory_as_classifier(tmp_path, capsys):
     ok(["sample", "--model", "shapes", "--prompt", "green", "--cfg", "0", "--solver", "ddim", "--steps", str(STEPS),
         "--n", "2", "--classifier", str(tmp_path / "ppap"), "--cg-scale", "3", "--out", str(out)], capsys)
     assert json.loads(out.with_suffix(".json").read_text())["classifier"] == str(tmp_path / "ppap")
-    opts = GuidanceOptions(cfg=0.0, classifier=str(tmp_path / "ppap"), cg_scale=3.0)
+    opts = GuidanceOptions(cfg=0.0, classifier=load_guidance_classifier(tmp_path / "ppap"), cg_scale=3.0)
     raw = m.family.parse_prompt("green").expand(2, -1)
     img, _ = generate(m, raw, get_solver("ddim"), STEPS, 0.0, torch.Generator().manual_seed(0), guidance=opts)
-    loaded = load_ppap(tmp_path / "ppap")
+    loaded = load_guidance_classifier(tmp_path / "ppap")
     ref = _by_hand_solver(m, raw, 0, lambda d, grid: ppap_attribute_guidance(d, loaded, "color", 3.0), "ddim")
     assert torch.equal(img, ref.clamp(-1, 1))
     code, _, err = run(["sample", "--model", "shapes", "--prompt", "green", "--classifier", str(tmp_path / "ppap"),

@@ -214,9 +214,11 @@ def test_unknown_layer_and_shapes_words_are_one_line_errors(tmp_path, capsys):
 def test_options_object_refuses_bad_values_directly():
     """GuidanceOptions itself refuses non-composing methods and bad values (library callers get the same
     one-line errors as the CLI)."""
-    with pytest.raises(ConfigError, match="--ag and --cfg-rescale do not compose"):
+    with pytest.raises(ConfigError, match="ag and cfg_rescale do not compose"):
         GuidanceOptions(ag=0.9, cfg_rescale=0.5)
-    with pytest.raises(ConfigError, match="--pag-layers"):
+    with pytest.raises(ConfigError, match="pag_layers"):
         GuidanceOptions(pag=1.0, pag_layers="mid")
-    with pytest.raises(ConfigError, match="--cfg must be"):
+    with pytest.raises(ConfigError, match="cfg must be"):
         GuidanceOptions(cfg=math.nan)
+    with pytest.raises(ConfigError, match="--ag and --cfg-rescale do not compose"):  # the CLI's labels
+        GuidanceOptions(ag=0.9, cfg_rescale=0.5, labels={"ag": "--ag", "cfg_rescale": "--cfg-rescale"})

@@ -12,7 +12,8 @@ from condiff.evaluation.evaluate import generate
 from condiff.core.grids import make_grid
 from condiff.guidance import CFG
 from condiff.guidance.build import GuidanceOptions
-from condiff.guidance.minority import MinorityClassifier, MinorityGuidance, load_minority, save_minority
+from condiff.guidance.minority import MinorityClassifier, MinorityGuidance
+from condiff.models.minority import load_minority, save_minority
 from condiff.nets import AttributeClassifier
 from condiff.core.sampling import Gaussian, sample
 from condiff.solvers import get_solver
@@ -41,7 +42,7 @@ def test_sample_equals_minority_guidance_by_hand(tmp_path, capsys, level_dir):
     assert f"--minority {level_dir} --minority-scale 3.0 --minority-level 1" in side["reproduce"]
     m = load_model("shapes")
     raw = m.family.null_raw(2)
-    opts = GuidanceOptions(cfg=0.0, minority=str(level_dir), minority_level=1, minority_scale=3.0)
+    opts = GuidanceOptions(cfg=0.0, minority=load_minority(level_dir), minority_level=1, minority_scale=3.0)
     img, _ = generate(m, raw, get_solver("dpmpp-2m"), STEPS, 0.0, torch.Generator().manual_seed(5), guidance=opts)
     g = torch.Generator().manual_seed(5)
     grid = make_grid(m.schedule, STEPS)

@@ -9,9 +9,9 @@ from condiff.data.gmm import GMM
 from condiff.errors import ConfigError, InputFileError
 from condiff.core.grids import make_grid
 from condiff.guidance.classifier import ClassifierGuidance
-from condiff.guidance.minority import (MinorityClassifier, MinorityGuidance, assign_levels, level_accuracy,
-                                       load_minority, minority_score, quantile_levels, save_minority,
-                                       train_level_classifier)
+from condiff.guidance.minority import MinorityClassifier, MinorityGuidance, assign_levels, minority_score, quantile_levels
+from condiff.models.minority import load_minority, save_minority
+from condiff.training.minority import level_accuracy, train_level_classifier
 from condiff.nets.classifier import AttributeClassifier, time_features
 from condiff.core.sampling import initial_noise, sample
 from condiff.core.schedules import VPLinear

@@ -21,6 +21,7 @@ from condiff.guidance.classifier import ClassifierGuidance, exact_gmm_classifier
 from condiff.guidance.ppap import (T_KD, MultiExpert, adaptable_layers, distill_expert, expert_index,
                                    expert_interval, frozen_checksum, kd_loss, load_ppap, lora_expert,
                                    lora_parameters, lora_spec, ppap_guidance, save_ppap)
+from condiff.models.classifiers import load_guidance_classifier
 from condiff.nets import AttributeClassifier
 from condiff.core.sampling import initial_noise, sample
 from condiff.core.schedules import VPLinear
@@ -332,7 +333,7 @@ def test_cli_train_ppap_writes_loadable_experts_and_refuses_bad_input(tmp_path, 
     main(args)
     stdout = capsys.readouterr().out
     assert "trained 2 PPAP experts" in stdout and "held-out KD" in stdout
-    multi = load_ppap(out)  # the classifier recorded in ppap.json
+    multi = load_guidance_classifier(out)  # rebuilt on the classifier recorded in ppap.json
     assert multi.n_experts == 2 and (multi.t_min, multi.t_max) == (0.0, 999.0)
     assert lora_spec(multi.experts[0])["rank"] == 2
     assert frozen_checksum(multi.experts[1]) == frozen_checksum(net)
@@ -352,11 +353,11 @@ def test_bundled_experts_read_noisy_colours_that_the_clean_classifier_misses():
     renders noised to t = 500 of 999 (expert 2's interval), read the colour right >= 95% of the time where the
     clean classifier they were distilled from reads it right < 60%."""
     from condiff.data import shapes
-    from condiff.guidance.ppap import load_ppap
     from condiff.models.base import load_model
-    from condiff.models.shapes_classifier import classifier_path, load_classifier, noisy
+    from condiff.core.denoiser import diffuse as noisy
+    from condiff.models.classifiers import classifier_path, load_classifier, load_guidance_classifier
 
-    experts = load_ppap(classifier_path("ppap"))
+    experts = load_guidance_classifier(classifier_path("ppap"))
     clean = load_classifier("clean")
     assert experts.n_experts == 5 and int(experts.route(500.0)) == 2
     sch = load_model("shapes").schedule

@@ -10,8 +10,10 @@ import torch.nn.functional as F
 
 from condiff.data import shapes
 from condiff.errors import InputFileError
-from condiff.models.shapes_classifier import (ShapesClassifierFamily, attribute_loss, load_classifier, noisy,
-                                              unit_time)
+from condiff.core.denoiser import diffuse as noisy
+from condiff.core.schedules import unit_time
+from condiff.models.shapes_classifier import ShapesClassifierFamily, attribute_loss
+from condiff.models.classifiers import load_classifier
 from condiff.core.schedules import schedule_from_config
 from condiff.training.recipe import load_recipe
 from condiff.cli.train import train_recipe
@@ -21,7 +23,7 @@ SCHEDULE = schedule_from_config({"type": "vp_discrete", "beta_schedule": "square
 
 def test_unit_time_and_noising():
     """unit_time maps the schedule's [t_min, t_max] = [0, 999] onto [0, 1]; noisy is alpha x0 + sigma eps."""
-    assert unit_time(SCHEDULE, torch.tensor([0.0, 499.5, 999.0])).tolist() == [0.0, 0.5, 1.0]
+    assert unit_time(torch.tensor([0.0, 499.5, 999.0]), SCHEDULE.t_min, SCHEDULE.t_max).tolist() == [0.0, 0.5, 1.0]
     x0, eps, t = torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32), torch.tensor([10.0, 500.0, 990.0])
     a, s = SCHEDULE.alpha(t.double()).float(), SCHEDULE.sigma(t.double()).float()
     assert torch.allclose(noisy(SCHEDULE, x0, t, eps), a[:, None, None, None] * x0 + s[:, None, None, None] * eps,
@@ -88,7 +90,7 @@ def test_bundled_noisy_classifier_reads_noisy_renders():
         for t, names in ((250.0, ("shape", "color", "size", "position")), (500.0, ("color",))):
             tt = torch.full((512,), t, dtype=torch.float64)
             xt = noisy(sch, b.images, tt, eps)
-            z = net(xt, unit_time(sch, tt))
+            z = net(xt, unit_time(tt, sch.t_min, sch.t_max))
             for k in names:
                 i = ("shape", "color", "size", "position").index(k)
                 assert (net.head(z, k).argmax(1) == b.attrs[:, i]).float().mean() >= 0.98, (t, k)

@@ -78,10 +78,10 @@ def solvers_cmd(
         torch.set_num_threads(common.thread_count())
         problem = bench.gmm_problem(dim, components, classes, seed, n, cfg, ref_steps or 2048)
     else:
-        common.load_model(model)  # checks the model and sets the thread count before the reference run
+        loaded = common.load_model(model)
         from condiff.core.grids import SPACINGS
 
-        problem = bench.model_problem(model, n, cfg, seed, ref_steps or 1000,
+        problem = bench.model_problem(loaded, n, cfg, seed, ref_steps or 1000, name=model,
                                       spacing=None if spacing == "trailing" else SPACINGS[spacing])
     cases = bench.default_cases()
     if oracle is not None and tune:

@@ -57,6 +57,7 @@ def configured_solver(name: str, steps: int, cfg: float, spacing: Optional[str],
                        dc_ratios: Optional[Path], model: str, options: Optional[list[str]] = None):
     """The solver for --solver with its --solver-opt options and --ems / --dc-ratios files, and the spacing
     (name, object)."""
+    refuse_pickled_inputs({"--ems": ems, "--dc-ratios": dc_ratios})
     sol = make_solver(name, options)
     if ems is not None and name != "dpm-v3":
         raise ConfigError(f"--ems is for --solver dpm-v3, got --solver {name}")
@@ -90,12 +91,6 @@ def sampling_setup(model, solver, steps, cfg, spacing, ems, dc_ratios, solver_op
     return family, sol, spacing_name, spc, analytic_skip_of(analytic_skip, model, steps, spc)
 
 
-def solver_flags(ems: Optional[Path], dc_ratios: Optional[Path], options: Optional[list[str]] = None) -> str:
-    return ("".join(f" --solver-opt {shlex.quote(o)}" for o in options or [])
-            + (f" --ems {shlex.quote(str(ems))}" if ems is not None else "")
-            + (f" --dc-ratios {shlex.quote(str(dc_ratios))}" if dc_ratios is not None else ""))
-
-
 def check_common(steps: int, cfg: float, n: int, batch_size: int, seed: int,
                   dynamic_threshold: Optional[float] = None):
     from condiff.core.grids import MAX_STEPS
@@ -115,37 +110,154 @@ def check_common(steps: int, cfg: float, n: int, batch_size: int, seed: int,
                           f"got {dynamic_threshold}")
 
 
-def guidance_options_of(family, cfg: float, pag=None, pag_layers=None, ag=None, ag_space=None, cfg_rescale=None,
-              guidance_interval=None, negative_prompt=None, classifier=None, cg_scale=None, cg_attribute=None,
-              cg_raw=False, linear_ag=None,
-              linear_ag_steps=None, minority=None, minority_level=None, minority_scale=None):
-    """The checked GuidanceOptions of the guidance flags, before any weights are read (PAG layer names are
-    checked against the network once it is loaded)."""
-    from condiff.guidance.build import GuidanceOptions, parse_interval, parse_layers
+def argv_text(options) -> str:
+    """The command-line text of (flag, value) pairs, each with a leading space: None and False are left out,
+    True is the bare flag, a list repeats the flag, anything else is quoted for the shell."""
+    out = ""
+    for flag, value in options:
+        if value is None or value is False:
+            continue
+        if value is True:
+            out += f" {flag}"
+        elif isinstance(value, (list, tuple)):
+            out += "".join(f" {flag} {shlex.quote(str(v))}" for v in value)
+        else:
+            out += f" {flag} {shlex.quote(str(value))}"
+    return out
 
+
+def reproduce(command: str, options, *positional) -> str:
+    """The `condiff COMMAND [POSITIONAL...] [OPTIONS]` line that repeats a run (for JSON sidecars)."""
+    return f"condiff {command}" + "".join(f" {shlex.quote(str(p))}" for p in positional) + argv_text(options)
+
+
+# The CLI flag of each GuidanceOptions field: library errors name the flags through GuidanceOptions.labels.
+GUIDANCE_FLAGS = {"cfg": "--cfg", "pag": "--pag", "pag_layers": "--pag-layers", "ag": "--ag", "ag_space": "--ag-space",
+                  "cfg_rescale": "--cfg-rescale", "interval": "--guidance-interval",
+                  "negative_prompt": "--negative-prompt", "linear_ag": "--linear-ag",
+                  "linear_ag_steps": "--linear-ag-steps", "classifier": "--classifier", "cg_scale": "--cg-scale",
+                  "cg_attribute": "--cg-attribute", "cg_raw": "--cg-raw", "minority": "--minority",
+                  "minority_level": "--minority-level", "minority_scale": "--minority-scale"}
+
+
+def parse_pag_layers(text: str) -> tuple[str, ...]:
+    """--pag-layers 'mid, up_blocks.0' -> ('mid', 'up_blocks.0'); names are checked against the network later."""
+    from condiff.inversion.injection import parse_layers
+
+    names = parse_layers(str(text))
+    if not names:
+        raise ConfigError(f"--pag-layers must be a comma-separated list of layer names such as mid or down,mid,up, "
+                          f"got {text!r}")
+    return names
+
+
+class GuidanceFlags:
+    """The guidance flags of one run: the library's ``GuidanceOptions`` (with the classifier, minority
+    classifier and LinearAG coefficients loaded from what the flags name), and the flags as given, for the JSON
+    sidecar and the command that reproduces the run."""
+
+    def __init__(self, options, flags: dict):
+        self.options = options
+        self.given = flags
+
+    def describe(self) -> dict:
+        """JSON-ready values keyed like the CLI options (files and folders as given)."""
+        out = self.options.describe()
+        for key in ("classifier", "minority", "linear_ag"):
+            out[key] = None if self.given.get(key) is None else str(self.given[key])
+        return out
+
+    def flags(self) -> str:
+        """The CLI flags that reproduce these options (without --cfg), each with a leading space."""
+        o, g = self.options, self.given
+        return argv_text([
+            ("--pag", o.pag), ("--pag-layers", ",".join(o.pag_layers) if o.pag is not None else None),
+            ("--ag", o.ag), ("--ag-space", o.ag_space if o.ag is not None else None),
+            ("--cfg-rescale", o.cfg_rescale), ("--linear-ag", g.get("linear_ag")),
+            ("--linear-ag-steps", o.linear_ag_steps),
+            ("--guidance-interval", None if o.interval is None else f"{o.interval[0]!r},{o.interval[1]!r}"),
+            ("--negative-prompt", o.negative_prompt), ("--classifier", g.get("classifier")),
+            ("--cg-scale", o.cg_scale if o.classifier is not None else None),
+            ("--cg-attribute", o.cg_attribute if o.classifier is not None else None), ("--cg-raw", o.cg_raw),
+            ("--minority", g.get("minority")), ("--minority-scale", o.minority_scale if o.minority is not None else None),
+            ("--minority-level", o.minority_level)])
+
+
+def guidance_options_of(family, cfg: float, pag=None, pag_layers=None, ag=None, ag_space=None, cfg_rescale=None,
+                        guidance_interval=None, negative_prompt=None, classifier=None, cg_scale=None,
+                        cg_attribute=None, cg_raw=False, linear_ag=None, linear_ag_steps=None, minority=None,
+                        minority_level=None, minority_scale=None) -> GuidanceFlags:
+    """The checked guidance of the flags, before the model's weights are read (PAG layer names are checked
+    against the network once it is loaded; files and folders holding pickles are refused first). The names
+    --classifier, --minority and --linear-ag give are loaded here: this is where names become objects."""
+    from condiff.guidance.build import GuidanceOptions, parse_interval
+
+    refuse_pickled_inputs({"--classifier": classifier, "--minority": minority, "--linear-ag": linear_ag})
     if pag_layers is not None and pag is None:
         raise ConfigError("--pag-layers needs --pag")
     if ag_space is not None and ag is None:
         raise ConfigError("--ag-space needs --ag")
-    opts = GuidanceOptions(cfg=cfg, pag=pag, pag_layers=("mid",) if pag_layers is None else parse_layers(pag_layers),
-                           ag=ag, ag_space="x0" if ag_space is None else ag_space, cfg_rescale=cfg_rescale,
-                           interval=None if guidance_interval is None else parse_interval(guidance_interval),
-                           negative_prompt=negative_prompt, classifier=classifier,
-                           cg_scale=1.0 if cg_scale is None else cg_scale,
-                           cg_attribute="color" if cg_attribute is None else cg_attribute, cg_raw=cg_raw,
-                           linear_ag=None if linear_ag is None else str(linear_ag), linear_ag_steps=linear_ag_steps,
-                           minority=None if minority is None else str(minority), minority_level=minority_level,
-                           minority_scale=1.0 if minority_scale is None else minority_scale)
+    values = dict(cfg=cfg, pag=pag, pag_layers=("mid",) if pag_layers is None else parse_pag_layers(pag_layers),
+                  ag=ag, ag_space="x0" if ag_space is None else ag_space, cfg_rescale=cfg_rescale,
+                  interval=None if guidance_interval is None
+                  else parse_interval(guidance_interval, "--guidance-interval"),
+                  negative_prompt=negative_prompt, cg_scale=1.0 if cg_scale is None else cg_scale,
+                  cg_attribute="color" if cg_attribute is None else cg_attribute, cg_raw=cg_raw,
+                  linear_ag_steps=linear_ag_steps, minority_level=minority_level,
+                  minority_scale=1.0 if minority_scale is None else minority_scale)
+    pending = {key: None if value is None else _PENDING
+               for key, value in (("classifier", classifier), ("minority", minority), ("linear_ag", linear_ag))}
+    GuidanceOptions(**values, **pending, labels=GUIDANCE_FLAGS)  # every combination checked before any file is read
     if classifier is not None and cg_attribute is not None and cg_attribute not in family.attributes:
-        from condiff.errors import one_of
-
         raise one_of(f"--cg-attribute for the {family.name} model", cg_attribute, family.attributes)
     if negative_prompt is not None:
         try:
             family.parse_prompt(negative_prompt)
         except ConfigError as e:
             raise ConfigError(f"--negative-prompt: {e}") from None
-    return opts
+    objects = {}
+    if classifier is not None:
+        from condiff.models.classifiers import load_guidance_classifier
+
+        objects["classifier"] = load_guidance_classifier(classifier)
+    if minority is not None:
+        from condiff.models.minority import load_minority
+
+        objects["minority"] = load_minority(minority)
+    if linear_ag is not None:
+        from condiff.guidance.linear_ag import load_linear_ag
+
+        objects["linear_ag"] = load_linear_ag(linear_ag)
+    options = GuidanceOptions(**values, **objects, labels=GUIDANCE_FLAGS)
+    return GuidanceFlags(options, {"classifier": classifier, "minority": minority, "linear_ag": linear_ag})
+
+
+class _Pending:
+    """Stands for a classifier, minority classifier or LinearAG file not read yet, so that every option
+    combination is checked first."""
+
+    def __call__(self, *args):  # pragma: no cover - never called
+        raise AssertionError("a pending guidance object was used")
+
+    predict = __call__
+
+
+_PENDING = _Pending()
+
+
+def refuse_pickled_inputs(paths: dict) -> None:
+    """Refuse, before anything is loaded, each given input file or folder (option -> path, None when not given)
+    that holds pickled data (``condiff.core.files.refuse_pickles``); --classifier's bundled names resolve first."""
+    from condiff.core.files import refuse_pickles
+
+    for option, value in paths.items():
+        if value is None or not str(value):
+            continue
+        if option == "--classifier":
+            from condiff.models.classifiers import classifier_path
+
+            value = classifier_path(value)
+        refuse_pickles(value, option)
 
 
 def check_out(path: Path, option: str, suffix: str | None = None, kind: str = "file"):

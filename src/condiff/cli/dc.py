@@ -10,7 +10,6 @@ determines it. The file is read back by condiff.solvers.dc_search.load_ratios / 
 from __future__ import annotations
 
 import math
-import shlex
 import time
 from pathlib import Path
 from typing import Optional
@@ -119,10 +118,10 @@ def search_cmd(
     except ConfigError as e:
         cpr, note = None, f"no CPR fit ({e})"
     seconds = time.perf_counter() - t0
-    reproduce = (f"condiff dc search --model {shlex.quote(model)} --nfe {nfe} --cfg {cfg} --n-data {n_data} "
-                 f"--ref-steps {ref_steps} --iters {iters} --lr {lr} --seed {seed} --spacing {spacing} "
-                 f"--base {base} --axis {axis} {'--bounded' if bounded else '--no-bounded'} "
-                 f"--out {shlex.quote(str(out))}")
+    reproduce = common.reproduce("dc search", [
+        ("--model", model), ("--nfe", nfe), ("--cfg", cfg), ("--n-data", n_data), ("--ref-steps", ref_steps),
+        ("--iters", iters), ("--lr", lr), ("--seed", seed), ("--spacing", spacing), ("--base", base), ("--axis", axis),
+        ("--bounded" if bounded else "--no-bounded", True), ("--out", out)])
     meta = {"n_data": n_data, "ref_steps": ref_steps, "reference": "ddim", "iters": iters, "lr": lr, "seed": seed,
             "bounded": bounded, "seconds": round(seconds, 2), "threads": torch.get_num_threads(),
             "condiff_version": __version__, "torch_version": torch.__version__, "reproduce": reproduce}

@@ -20,7 +20,6 @@ inputs allow it. Each random phase (inversion, reconstruction, edit) draws from 
 
 from __future__ import annotations
 
-import shlex
 import time
 from pathlib import Path
 from typing import Optional
@@ -45,10 +44,6 @@ PipelineOpt = typer.Option(None, "--pipeline", help="a local diffusers pipeline 
 
 
 # ---- option parsing (before any model is loaded) ---------------------------------------------------------
-
-def _opt_flags(items: Optional[list[str]]) -> str:
-    return "".join(f" --method-opt {shlex.quote(o)}" for o in items or [])
-
 
 # ---- invert ----------------------------------------------------------------------------------------------
 
@@ -121,9 +116,9 @@ def invert_cmd(
              "original_size": list(src.original_size), "crop": list(src.crop), "notice": src.notice,
              "image_sha256": common.image_digest(x0), "reconstruction_psnr": p, "seconds": seconds,
              "condiff_version": __version__, "torch_version": torch.__version__,
-             "reproduce": f"condiff invert --model {shlex.quote(model)} --image {shlex.quote(str(image))} "
-             f"--prompt {shlex.quote(prompt)} --method {method} --steps {steps} --seed {seed}"
-             + _opt_flags(method_opt) + (" --no-resize" if no_resize else "") + f" --out {shlex.quote(str(out))}"}
+             "reproduce": common.reproduce("invert", [
+                 ("--model", model), ("--image", image), ("--prompt", prompt), ("--method", method), ("--steps", steps),
+                 ("--seed", seed), ("--method-opt", method_opt or []), ("--no-resize", no_resize), ("--out", out)])}
     save_inverted(state, out, extra)
     nfe = state.info.get("nfe")
     typer.echo(f"inverted with {meth.label}: wrote {out} ("
@@ -292,10 +287,10 @@ def edit_cmd(
         "seconds": seconds, "output": output,
         "outputs": {"image": str(out), "compare": str(compare), "sidecar": str(sidecar)},
         "condiff_version": __version__, "torch_version": torch.__version__,
-        "reproduce": f"condiff edit --model {shlex.quote(model)} --image {shlex.quote(str(image))} "
-        f"--from {shlex.quote(from_)} --to {shlex.quote(to)} --method {method} --steps {steps} --seed {seed}"
-        + _opt_flags(method_opt) + (f" --inversion {shlex.quote(str(inversion))}" if inversion is not None else "")
-        + (" --no-resize" if no_resize else "") + f" --out {shlex.quote(str(out))}"}
+        "reproduce": common.reproduce("edit", [
+            ("--model", model), ("--image", image), ("--from", from_), ("--to", to), ("--method", method),
+            ("--steps", steps), ("--seed", seed), ("--method-opt", method_opt or []), ("--inversion", inversion),
+            ("--no-resize", no_resize), ("--out", out)])}
     atomic_write_json(sidecar, record)
     typer.echo(f"edited with {meth.label}: wrote {out} ({output['size'][0]}x{output['size'][1]}), {compare} and "
                f"{sidecar} (reconstruction PSNR {p:.2f} dB, {seconds:.1f}s)")

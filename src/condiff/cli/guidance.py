@@ -27,6 +27,7 @@ from typing import Any, Optional
 import typer
 from condiff.cli import common
 
+from condiff.core.denoiser import Wrapper
 from condiff.errors import ConfigError
 
 app = typer.Typer(help="Guidance helpers: fit LinearAG coefficients (Castillo et al. 2025).", no_args_is_help=True,
@@ -34,15 +35,11 @@ app = typer.Typer(help="Guidance helpers: fit LinearAG coefficients (Castillo et
 
 
 @dataclass
-class _Progress:
+class _Progress(Wrapper):
     """Forwards every call to ``denoiser`` unchanged and ticks a progress bar (one tick per evaluation)."""
 
     denoiser: Any
     bar: Any
-
-    @property
-    def schedule(self):
-        return self.denoiser.schedule
 
     def __call__(self, x, t, cond=None):
         out = self.denoiser(x, t, cond)
@@ -88,7 +85,8 @@ def fit_linear_ag_cmd(
     from tqdm.auto import tqdm
 
     from condiff.core.grids import make_grid
-    from condiff.guidance.linear_ag import CFGRecord, _rows, fit_linear_ag, predict_record, record_cfg, save_linear_ag
+    from condiff.core.denoiser import take_rows
+    from condiff.guidance.linear_ag import CFGRecord, fit_linear_ag, predict_record, record_cfg, save_linear_ag
     from condiff.core.sampling import Gaussian
 
     common.check_common(steps, cfg, n, batch_size, seed)
@@ -114,7 +112,7 @@ def fit_linear_ag_cmd(
                 hcond, hx = draw_starts(m, holdout, grid, g)
                 records = []
                 for index in torch.split(torch.arange(holdout), batch_size):
-                    sub = {k: _rows(v, index, holdout) for k, v in hcond.items()}
+                    sub = take_rows(hcond, index, holdout)
                     records.append(record_cfg(den, sol, grid, hx[index], sub, cfg, noise=Gaussian(g))[1])
                 held = predict_record(coeffs, CFGRecord.cat(records))[1]
     finally:
@@ -157,7 +155,7 @@ def train_ppap_cmd(
 
     from condiff.core.grids import make_grid
     from condiff.guidance.ppap import MultiExpert, distill_expert, expert_interval, head_groups, heldout_kd, lora_expert, save_ppap, teach
-    from condiff.models.shapes_classifier import load_classifier
+    from condiff.models.classifiers import load_classifier
     from condiff.core.sampling import Gaussian, sample
 
     common.check_common(gen_steps, 1.0, images, batch_size, seed)
@@ -275,7 +273,9 @@ def fit_minority_cmd(
     import torch
     from tqdm.auto import tqdm
 
-    from condiff.guidance.minority import fit_minority_classifier, save_minority
+    from condiff.models.minority import save_minority
+    from condiff.nets.classifier import AttributeClassifier
+    from condiff.training.minority import fit_minority_classifier
     from condiff.training.recipe import ObjectiveConfig, check_seed
 
     check_seed(seed, "--seed")
@@ -314,6 +314,8 @@ def fit_minority_cmd(
     try:
         mc, scores, held = fit_minority_classifier(
             m.denoiser, x0, levels, t, draws, cond, steps, batch_size, lr, weight_decay, g,
+            net=AttributeClassifier(heads={"level": levels}, in_channels=x0.shape[1], noise_aware=True,
+                                    sample_size=x0.shape[-1]),
             progress=lambda i, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")),
             score_batch_size=4 * batch_size, holdout=holdout)
     finally:

@@ -7,7 +7,6 @@ Nothing here names a hub id, so with HF_HUB_OFFLINE=1 nothing reaches for the ne
 from __future__ import annotations
 
 import math
-import shlex
 import time
 from pathlib import Path
 from typing import Optional
@@ -42,7 +41,7 @@ def sample_cmd(pipeline: Path, prompt: Optional[str], negative_prompt: Optional[
 
     from condiff import __version__
     from condiff.core.grids import SPACINGS
-    from condiff.guidance.build import GuidanceOptions, parse_interval, parse_layers
+    from condiff.guidance.build import GuidanceOptions, parse_interval
     from condiff.data.images import grid_image, save_png
     from condiff.core.files import atomic_write_json
     from condiff.interop.latents import default_size, latent_shape
@@ -69,9 +68,10 @@ def sample_cmd(pipeline: Path, prompt: Optional[str], negative_prompt: Optional[
         raise ConfigError("--ag-space needs --ag")
     options = GuidanceOptions(
         cfg=cfg, pag=g.get("pag"),
-        pag_layers=("mid",) if g.get("pag_layers") is None else parse_layers(g["pag_layers"]),
+        pag_layers=("mid",) if g.get("pag_layers") is None else common.parse_pag_layers(g["pag_layers"]),
         ag=g.get("ag"), ag_space=g.get("ag_space") or "x0", cfg_rescale=g.get("cfg_rescale"),
-        interval=None if g.get("guidance_interval") is None else parse_interval(g["guidance_interval"]))
+        interval=None if g.get("guidance_interval") is None
+        else parse_interval(g["guidance_interval"], "--guidance-interval"), labels=common.GUIDANCE_FLAGS)
     step = size_multiple(pipeline)
     for name, v in (("--height", height), ("--width", width)):
         if v is not None and (v < step or v % step):
@@ -87,18 +87,18 @@ def sample_cmd(pipeline: Path, prompt: Optional[str], negative_prompt: Optional[
     result = sample_pipeline(pipe, [prompt], n, sol, steps, options, seed, h, w, negative_prompt, spc, batch_size)
     seconds = time.perf_counter() - t0
     save_png(grid_image(result.images, ncols=max(1, int(math.ceil(math.sqrt(n)))), scale=1), out)
-    flags = options.flags()
-    sidecar = {**options.describe(), "command": "sample", "pipeline": str(pipeline), "pipeline_class": pipe.kind,
+    guide = common.GuidanceFlags(options, {})
+    flags = guide.flags()
+    sidecar = {**guide.describe(), "command": "sample", "pipeline": str(pipeline), "pipeline_class": pipe.kind,
                "prompt": prompt, "negative_prompt": negative_prompt, "height": h, "width": w, "solver": solver,
                "solver_opt": solver_opt or [], "steps": steps, "cfg": cfg, "n": n, "seed": seed, "spacing": spacing,
                "grid": result.grid.tolist(), "nfe": result.nfe, "seconds": seconds, "condiff_version": __version__,
                "torch_version": torch.__version__,
-               "reproduce": f"condiff sample --pipeline {shlex.quote(str(pipeline))} --prompt {shlex.quote(prompt)}"
-               + (f" --negative-prompt {shlex.quote(negative_prompt)}" if negative_prompt is not None else "")
-               + f" --height {h} --width {w} --solver {solver} --steps {steps} --cfg {cfg} --n {n} --seed {seed}"
-               + (f" --spacing {spacing}" if spacing is not None else "")
-               + "".join(f" --solver-opt {shlex.quote(o)}" for o in solver_opt or [])
-               + f" --batch-size {batch_size}{flags} --out {shlex.quote(str(out))}"}
+               "reproduce": common.reproduce("sample", [
+                   ("--pipeline", pipeline), ("--prompt", prompt), ("--negative-prompt", negative_prompt),
+                   ("--height", h), ("--width", w), ("--solver", solver), ("--steps", steps), ("--cfg", cfg), ("--n", n),
+                   ("--seed", seed), ("--spacing", spacing), ("--solver-opt", solver_opt or []),
+                   ("--batch-size", batch_size)]) + flags + common.argv_text([("--out", out)])}
     atomic_write_json(out.with_suffix(".json"), sidecar)
     typer.echo(f"wrote {out} and {out.with_suffix('.json')} ({n} images, {result.nfe} NFE, {seconds:.1f}s)")
 

@@ -18,7 +18,6 @@ error is one ``error:`` line with exit code 2, raised before any weights are rea
 
 from __future__ import annotations
 
-import shlex
 import time
 from pathlib import Path
 from typing import Optional
@@ -217,10 +216,9 @@ def restore_cmd(
         "labels": readings, "seconds": seconds,
         "outputs": {"image": str(out), "compare": str(compare), "sidecar": str(sidecar), "size": [w, h]},
         "condiff_version": __version__, "torch_version": torch.__version__,
-        "reproduce": f"condiff restore --task {task} --image {shlex.quote(str(image))}"
-        + (f" --mask {shlex.quote(str(mask))}" if mask is not None else "")
-        + f" --model {shlex.quote(model)} --prompt {shlex.quote(prompt)} --steps {steps} --seed {seed} "
-        f"--recurrence {recurrence} --solver {shlex.quote(solver)} --out {shlex.quote(str(out))}"}
+        "reproduce": common.reproduce("restore", [
+            ("--task", task), ("--image", image), ("--mask", mask), ("--model", model), ("--prompt", prompt),
+            ("--steps", steps), ("--seed", seed), ("--recurrence", recurrence), ("--solver", solver), ("--out", out)])}
     atomic_write_json(sidecar, record)
     typer.echo(f"restored ({task}, {sol.name}): wrote {out} ({w}x{h}), {compare} and {sidecar} "
                f"(max|A x - y| {err:.2e}, {seconds:.1f}s)")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shlex
 import time
 from pathlib import Path
 from typing import Optional
@@ -30,7 +29,7 @@ def models_cmd():
         metrics = meta.get("metrics", {})
         typer.echo(f"{name:8s} family={meta['family']} prediction={meta['prediction']} "
                    f"steps={meta.get('trained_steps', '?')} metrics={json.dumps(metrics)}  ({d})")
-    from condiff.models.shapes_classifier import BUNDLED_CLASSIFIERS
+    from condiff.models.classifiers import BUNDLED_CLASSIFIERS
 
     for name, folder in BUNDLED_CLASSIFIERS.items():  # for --classifier NAME
         d = bundled_dir(folder)
@@ -113,7 +112,8 @@ def sample_cmd(
         raw = one.expand(n, *one.shape[1:])
     t0 = time.perf_counter()
     images, nfe, rows = generate_counted(m, raw, sol, steps, cfg, g, spc, batch_size, progress=True,
-                                         analytic_skip=skip, dynamic_threshold=dynamic_threshold, guidance=guide)
+                                         analytic_skip=skip, dynamic_threshold=dynamic_threshold,
+                                         guidance=guide.options)
     seconds = time.perf_counter() - t0
     save_png(grid_image(images, ncols=max(1, int(math.ceil(math.sqrt(n))))), out)
     sidecar = {"command": "sample", "model": model, "model_path": str(m.path), "prompt": prompt,
@@ -123,14 +123,11 @@ def sample_cmd(
                "ems": None if ems is None else str(ems), "dc_ratios": None if dc_ratios is None else str(dc_ratios),
                "solver_opt": solver_opt or [], "dynamic_threshold": dynamic_threshold,
                "network_rows_per_sample": rows, **guide.describe(),
-               "reproduce": f"condiff sample --model {shlex.quote(model)} "
-               + (f"--prompt {shlex.quote(prompt)} " if prompt is not None else "")
-               + f"--solver {solver} --steps {steps} --cfg {cfg} --n {n} --seed {seed} --spacing {spacing} "
-               f"--batch-size {batch_size} --out {shlex.quote(str(out))}"
-               + (f" --analytic-skip {shlex.quote(analytic_skip)}" if analytic_skip is not None else "")
-               + common.solver_flags(ems, dc_ratios, solver_opt)
-               + (f" --dynamic-threshold {dynamic_threshold}" if dynamic_threshold is not None else "")
-               + guide.flags()}
+               "reproduce": common.reproduce("sample", [
+                   ("--model", model), ("--prompt", prompt), ("--solver", solver), ("--steps", steps), ("--cfg", cfg),
+                   ("--n", n), ("--seed", seed), ("--spacing", spacing), ("--batch-size", batch_size), ("--out", out),
+                   ("--analytic-skip", analytic_skip), ("--solver-opt", solver_opt or []), ("--ems", ems),
+                   ("--dc-ratios", dc_ratios), ("--dynamic-threshold", dynamic_threshold)]) + guide.flags()}
     atomic_write_json(out.with_suffix(".json"), sidecar)
     typer.echo(f"wrote {out} and {out.with_suffix('.json')} ({n} images, {nfe} NFE, {seconds:.1f}s)")
 
@@ -165,7 +162,8 @@ def eval_cmd(
     guide = common.guidance_options_of(family, cfg, **guidance)
     m = common.load_model(model)
     res = evaluate(m, sol, steps, cfg, n, seed, spc, batch_size, progress=True, analytic_skip=skip,
-                   dynamic_threshold=dynamic_threshold, guidance=guide)
+                   dynamic_threshold=dynamic_threshold, guidance=guide.options)
+    res.update(**guide.describe())
     res.update(model=model, spacing=spacing, ems=None if ems is None else str(ems),
                dc_ratios=None if dc_ratios is None else str(dc_ratios), solver_opt=solver_opt or [])
     if m.family.name == "digits":

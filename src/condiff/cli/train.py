@@ -33,7 +33,7 @@ def init_weights(model, init_from: str):
     resume then overwrites them with the checkpoint's, so resume stays exact."""
     from condiff.models.base import load_model
 
-    src = load_model(init_from)
+    src = load_model(init_from, "train.init_from")
     if src.prediction.name != model.prediction.name or src.info.get("schedule_cfg") != model.info.get("schedule_cfg"):
         raise ConfigError(f"train.init_from {init_from!r} has prediction {src.prediction.name!r} and schedule "
                           f"{src.info.get('schedule_cfg')}; the recipe needs {model.prediction.name!r} and "

@@ -7,8 +7,8 @@ DPM-Solver++, Lu et al. 2022b). ``cond`` is an opaque mapping passed through unt
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol, runtime_checkable
+from dataclasses import dataclass, replace
+from typing import Any, Callable, ClassVar, Mapping, Protocol, runtime_checkable
 
 import torch
 
@@ -22,6 +22,47 @@ class Denoiser(Protocol):
     schedule: NoiseSchedule
 
     def __call__(self, x: torch.Tensor, t, cond: Mapping[str, Any] | None) -> torch.Tensor: ...
+
+
+def start_trajectory(denoiser, memo: dict | None = None):
+    """The denoiser to run one trajectory with: ``denoiser.start()`` where it has a ``start`` method (a method
+    with per-trajectory state, such as adaptive guidance, or a wrapper around one), else ``denoiser`` itself.
+    ``sample`` calls it once per call, and so does every loop that runs a trajectory by hand.
+
+    ``memo`` maps id(object) to the started object while one stack is started, so that an object reached along
+    two paths (a ``Tap`` that two wrappers hold) is started once and stays shared inside the trajectory."""
+    memo = {} if memo is None else memo
+    key = id(denoiser)
+    if key not in memo:
+        start = getattr(denoiser, "start", None)
+        if not callable(start):
+            memo[key] = denoiser
+        else:
+            memo[key] = start(memo) if isinstance(denoiser, Wrapper) else start()
+    return memo[key]
+
+
+class Wrapper:
+    """Mixin of a Denoiser -> Denoiser dataclass whose fields named in ``inner`` (default ``denoiser``) hold the
+    wrapped denoisers (None allowed). It gives ``schedule`` (the first inner denoiser's) and ``start``: the inner
+    denoisers are started with ``start_trajectory`` and ``self`` is returned when none of them changed (a
+    stateless stack is not copied), else a copy over the started ones (``dataclasses.replace``, which runs
+    ``__post_init__`` again, so objects built there from the inner denoiser are rebuilt over the started one)."""
+
+    inner: ClassVar[tuple[str, ...]] = ("denoiser",)
+
+    @property
+    def schedule(self):
+        return getattr(self, self.inner[0]).schedule
+
+    def start(self, memo: dict | None = None):
+        memo = {} if memo is None else memo
+        started = {}
+        for name in self.inner:
+            d = getattr(self, name)
+            if d is not None and start_trajectory(d, memo) is not d:
+                started[name] = start_trajectory(d, memo)
+        return replace(self, **started) if started else self
 
 
 def coefficients(schedule: NoiseSchedule, t, x: torch.Tensor):
@@ -221,3 +262,23 @@ def wrap(net, schedule: NoiseSchedule, prediction="eps", time_input: Callable | 
     ``call(net, x, t_in, cond)`` runs the network; by default ``net(x, t_in, **cond)``."""
     return WrappedDenoiser(net, schedule, as_prediction(prediction),
                            time_input or (lambda t: t), call or _default_call)
+
+
+def diffuse(schedule: NoiseSchedule, x0: torch.Tensor, t, eps: torch.Tensor) -> torch.Tensor:
+    """x_t = alpha(t) x0 + sigma(t) eps, the forward process (t scalar or per-sample), computed in float64 and
+    returned in x0's dtype."""
+    a, s = coefficients(schedule, t, x0)
+    return (a * x0.double() + s * eps.double()).to(x0.dtype)
+
+
+def take_rows(cond: Mapping[str, Any] | None, index, n: int):
+    """The rows ``index`` (a slice, an index tensor or a boolean mask) of every tensor in ``cond`` whose first
+    dimension is the batch size ``n``, in nested mappings too; other values (scalars, shared tensors,
+    non-tensors) pass through unchanged. None stays None."""
+    if cond is None:
+        return None
+    if isinstance(cond, Mapping):
+        return {k: take_rows(v, index, n) for k, v in cond.items()}
+    if isinstance(cond, torch.Tensor) and cond.dim() > 0 and cond.shape[0] == n:
+        return cond[index]
+    return cond

@@ -1,6 +1,7 @@
 """Atomic, safe file output: every file is written to a temporary sibling, fsynced, then renamed, so a
 crash or a full disk never leaves a half-written file under the final name. Loading uses safetensors
-and JSON only (never pickle)."""
+and JSON only (never pickle): ``refuse_pickles`` refuses a user-supplied file or folder that holds pickled
+weights before anything in it is read, and ``load_tensors`` / ``load_json`` run it on every file they read."""
 
 from __future__ import annotations
 
@@ -110,13 +111,97 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
-def load_tensors(path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file; refuse anything else (a pickle renamed .safetensors included)."""
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+SAFE_SUFFIXES = (".safetensors", ".json")  # where a file's first bytes are checked for a pickle header
+SCAN_DEPTH = 4  # folder levels refuse_pickles looks into
+SCAN_ENTRIES = 10_000  # entries it looks at, at most
+_NEVER = "condiff reads only safetensors and JSON files, never pickles"
+
+
+def _pickle_header(path: Path) -> str | None:
+    """What ``path``'s first bytes say it is when they are a pickle (protocol 2+) or a zip archive as torch.save
+    writes; None for anything else (a real safetensors file whose header length starts like a pickle included)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = path.stat().st_size
+    except OSError:
+        return None  # the loader reports an unreadable file itself
+    if head[:4] == b"PK\x03\x04":
+        return "a zip archive (torch.save's format)"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        if head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
+            return None  # a safetensors header: its length, then JSON
+        return "pickle data (torch.save / pickle.dump)"
+    return None
+
+
+def _unsafe(path: Path, checked_header: bool) -> str | None:
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        return f"is a pickle-format file ({suffix}); {_NEVER} (remove it, or convert it to .safetensors)"
+    if checked_header:
+        kind = _pickle_header(path)
+        if kind is not None:
+            want = "valid JSON" if suffix == ".json" else "a valid safetensors file"
+            return f"is not {want}: it holds {kind}; {_NEVER}"
+    return None
+
+
+def refuse_pickles(path, what: str | None = None) -> Path:
+    """Refuse a user-supplied file or folder (``what`` names the option, e.g. ``--model``) that holds pickled
+    weights, before anything in it is read: a file named ``.bin``, ``.pt``, ``.pth``, ``.ckpt``, ``.pkl`` or
+    ``.pickle``, or a file that starts with a pickle or torch.save zip header. A file is checked whatever its
+    name (callers pass the file they expect to be safetensors or JSON); a folder is searched ``SCAN_DEPTH`` levels
+    deep, ``SCAN_ENTRIES`` entries at most, by name, and by header for its ``.safetensors`` and ``.json`` files.
+    The first offending file (in name order) is named in a one-line InputFileError. A path that does not exist
+    passes: the loader that follows reports it. Returns ``path``."""
+    path = Path(path)
+    prefix = f"{what}: " if what else ""
+    if path.is_file():
+        why = _unsafe(path, checked_header=True)
+        if why:
+            raise InputFileError(f"{prefix}{str(path)!r} {why}")
+        return path
+    if not path.is_dir():
+        return path
+    seen = 0
+    pending = [(path, 0)]
+    while pending:
+        folder, depth = pending.pop(0)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue  # an unreadable sub-folder: nothing is read from it either
+        for entry in entries:
+            seen += 1
+            if seen > SCAN_ENTRIES:
+                return path
+            p = Path(entry.path)
+            try:
+                is_dir, is_file = entry.is_dir(), entry.is_file()
+            except OSError:
+                continue
+            if is_dir:
+                if depth + 1 < SCAN_DEPTH:
+                    pending.append((p, depth + 1))
+                continue
+            if is_file:
+                why = _unsafe(p, checked_header=p.suffix.lower() in SAFE_SUFFIXES)
+                if why:
+                    raise InputFileError(f"{prefix}{str(p)!r} {why}")
+    return path
+
+
+def load_tensors(path, what: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; refuse anything else (a pickle renamed .safetensors included). ``what`` (an
+    option name) prefixes a refusal of pickled data."""
     path = Path(path)
     if not path.exists():
         raise InputFileError(f"file not found: {str(path)!r}")
     if path.is_dir():
         raise InputFileError(f"expected a .safetensors file, got a directory: {str(path)!r}")
+    refuse_pickles(path, what)
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -127,13 +212,15 @@ def load_tensors(path) -> dict[str, torch.Tensor]:
         raise InputFileError(f"{str(path)!r} is not a valid safetensors file ({type(e).__name__})") from None
 
 
-def load_json(path) -> dict:
-    """Read a JSON file (any JSON value; callers check its shape)."""
+def load_json(path, what: str | None = None) -> dict:
+    """Read a JSON file (any JSON value; callers check its shape). ``what`` (an option name) prefixes a refusal of
+    pickled data."""
     path = Path(path)
     if path.is_dir():
         raise InputFileError(f"expected a JSON file, got a directory: {str(path)!r}")
     if not path.is_file():
         raise InputFileError(f"JSON file not found: {str(path)!r}")
+    refuse_pickles(path, what)
     try:
         return json.loads(path.read_text())
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, over-long integers

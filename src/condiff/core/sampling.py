@@ -7,11 +7,12 @@ wrap anything in ``no_grad``: the caller decides (reward fine-tuning backpropaga
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from condiff.core.denoiser import start_trajectory
 from condiff.errors import ConfigError, NonFiniteError
 
 
@@ -76,8 +77,12 @@ class CountingDenoiser:
 
 @dataclass(frozen=True)
 class SampleOutput:
+    """The final x, the number of denoiser calls, and the per-trajectory denoiser the run used
+    (``start_trajectory(denoiser)``: for adaptive guidance its switch state is ``denoiser.state``)."""
+
     x: torch.Tensor
     nfe: int
+    denoiser: Any = field(default=None, repr=False, compare=False)
 
 
 def initial_noise(schedule, t_start: float, shape, generator=None, dtype=torch.float32) -> torch.Tensor:
@@ -89,11 +94,12 @@ def initial_noise(schedule, t_start: float, shape, generator=None, dtype=torch.f
 def sample(denoiser, solver, grid: torch.Tensor, x: torch.Tensor, cond: Mapping[str, Any] | None = None,
            noise: NoiseSource | None = None, callbacks: Iterable[Callable[[StepInfo], None]] = (),
            progress: bool | str = False, check_finite: bool = True) -> SampleOutput:
-    """Integrate from grid[0] to grid[-1] with ``solver``; returns the final x and the NFE count."""
+    """Integrate from grid[0] to grid[-1] with ``solver``; returns the final x and the NFE count. The denoiser
+    is started once per call (``start_trajectory``), so a method with per-trajectory state begins afresh."""
     grid = torch.as_tensor(grid, dtype=torch.float64)
     if grid.dim() != 1 or grid.numel() < 2 or not bool(torch.all(grid[1:] < grid[:-1])):
         raise ConfigError("grid must be a 1-D, strictly descending tensor with at least 2 points")
-    D = CountingDenoiser(denoiser, cond)
+    D = CountingDenoiser(start_trajectory(denoiser), cond)
     noise = noise or Gaussian()
     state = solver.init_state(grid)
     callbacks = list(callbacks)
@@ -112,4 +118,4 @@ def sample(denoiser, solver, grid: torch.Tensor, x: torch.Tensor, cond: Mapping[
             info = StepInfo(i, t, t_next, x, D.last, D.nfe)
             for cb in callbacks:
                 cb(info)
-    return SampleOutput(x, D.nfe)
+    return SampleOutput(x, D.nfe, D.denoiser)

@@ -345,3 +345,12 @@ def schedule_from_config(cfg: dict) -> NoiseSchedule:
         lo = _number(cfg, "sigma_min", 0.002, 1e-12, 1e6)
         return EDM(lo, _number(cfg, "sigma_max", 80.0, lo * (1 + 1e-9), 1e6))
     return Flow()
+
+
+def unit_time(t, t_min: float, t_max: float):
+    """(t - t_min) / (t_max - t_min): a schedule's time mapped to [0, 1], the time input of a noise-aware
+    classifier (a VP-discrete schedule's t runs to 999). Tensors are mapped in float64 and returned as float32;
+    numbers stay numbers."""
+    if isinstance(t, torch.Tensor):
+        return ((t.double() - t_min) / (t_max - t_min)).float()
+    return (float(t) - t_min) / (t_max - t_min)

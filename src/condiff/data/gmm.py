@@ -226,7 +226,11 @@ class GMMDenoiser:
 
 def reference_pf_ode(denoiser, x: Tensor, t_from: float, t_to: float, cond=None, steps: int = 2048) -> Tensor:
     """Integrate the PF-ODE from t_from to t_to (both with sigma > 0) with ``steps`` RK4 steps uniform in
-    lambda, on y = x/alpha: dy/dlambda = D(alpha y, t(lambda)) - y. Any Denoiser works; use float64."""
+    lambda, on y = x/alpha: dy/dlambda = D(alpha y, t(lambda)) - y. Any Denoiser works (started once: one
+    trajectory); use float64."""
+    from condiff.core.denoiser import start_trajectory
+
+    denoiser = start_trajectory(denoiser)
     sch = denoiser.schedule
     lam = torch.linspace(float(sch.half_log_snr(t_from)), float(sch.half_log_snr(t_to)), steps + 1, dtype=F64)
 

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 import torch
 
+from condiff.core.denoiser import start_trajectory
 from condiff.errors import ConfigError, NonFiniteError, one_line
 from condiff.guidance import CFG
 from condiff.evaluation.peers import PEERS, Peer, betas_from_alphas_cumprod, run_peer, trailing_grid
@@ -103,23 +104,24 @@ def gmm_problem(dim: int = 8, components: int = 8, classes: int = 4, seed: int =
     return Problem(f"gmm-d{dim}-k{components}-s{seed}", den, cond, x_T, x_ref, info, oracle=gmm)
 
 
-def model_problem(model: str = "shapes", n: int = 32, cfg: float = 3.0, seed: int = 0, ref_steps: int = 1000,
-                  progress: bool = True, spacing=None) -> Problem:
-    """A bundled model under CFG. ``spacing`` None: diffusers' trailing grid from t = T - 1 (diffusers' peers
+def model_problem(model, n: int = 32, cfg: float = 3.0, seed: int = 0, ref_steps: int = 1000,
+                  progress: bool = True, spacing=None, name: str | None = None) -> Problem:
+    """A loaded model (``.denoiser``, ``.condition``, ``.prior``, ``.family``) under CFG; ``name`` labels it
+    (default: its family's name). ``spacing`` None: diffusers' trailing grid from t = T - 1 (diffusers' peers
     run too); a condiff spacing (e.g. UniformT(), the CLI default): condiff's grid from the default start,
     where the files of `condiff ems compute` and `condiff dc search` apply (peers are left out)."""
-    from condiff.models.base import load_model
     from condiff.solvers import get_solver
 
-    m = load_model(model)
+    m = model
+    name = m.family.name if name is None else name
     if not isinstance(m.schedule, VPDiscrete):
         raise ConfigError(f"bench --model needs a VP-discrete model (diffusers' schedulers), got "
-                          f"{type(m.schedule).__name__} for {model!r}")
+                          f"{type(m.schedule).__name__} for {name!r}")
     g = torch.Generator().manual_seed(seed)
     raw, _ = m.family.random_conditions(n, g)
     cond = m.condition(raw)
     den = CFG(m.denoiser, cfg)
-    problem = Problem(f"{model}-cfg{cfg:g}", den, cond, torch.empty(0), torch.empty(0), spacing=spacing)
+    problem = Problem(f"{name}-cfg{cfg:g}", den, cond, torch.empty(0), torch.empty(0), spacing=spacing)
     start = problem.grid(1)[0]
     problem.x_T = m.prior((n, *m.family.image_shape), float(start), g)
 
@@ -129,7 +131,7 @@ def model_problem(model: str = "shapes", n: int = 32, cfg: float = 3.0, seed: in
                           progress=f"reference {steps}" if progress else False).x
 
         problem.x_ref, x_half = ref(ref_steps), ref(ref_steps // 2)
-    problem.info = {"model": model, "n": n, "cfg": cfg, "seed": seed,
+    problem.info = {"model": name, "n": n, "cfg": cfg, "seed": seed,
                     "grid": "diffusers trailing" if spacing is None else spacing.name,
                     "reference": f"dpmpp-2m, {ref_steps} steps on the same grid type (float32)",
                     "reference_vs_half_steps": rms_error(problem.x_ref, x_half)}
@@ -253,7 +255,8 @@ class DiffusersCase:
 
     def run(self, problem: Problem, nfe: int) -> tuple[torch.Tensor, int]:
         sched = self.peer.make(betas_from_alphas_cumprod(problem.schedule.alphas_cumprod).float())
-        return run_peer(self.peer, sched, problem.eps, problem.x_T.clone(), self.peer.steps_for_nfe(nfe))
+        one = replace(problem, denoiser=start_trajectory(problem.denoiser))  # the denoiser of one trajectory
+        return run_peer(self.peer, sched, one.eps, problem.x_T.clone(), self.peer.steps_for_nfe(nfe))
 
 
 def default_cases() -> list:

@@ -4,7 +4,7 @@
 "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium", eq. 6, the FID formula):
 ||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a^{1/2} S_b S_a^{1/2})^{1/2}). The matrix square root is scipy's
 ``sqrtm``. For shapes the features are the clean attribute classifier's penultimate activations
-(``shapes_features``), a small stand-in for Inception features that needs no download.
+(``classifier_features``), a small stand-in for Inception features that needs no download.
 """
 
 from __future__ import annotations
@@ -31,10 +31,8 @@ def frechet_distance(a, b) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + max(trace, 0.0))
 
 
-def shapes_features(images: torch.Tensor, classifier="clean", batch: int = 512) -> torch.Tensor:
-    """Penultimate features of a shapes classifier (bundled name or directory, or the network itself)."""
-    from condiff.models.shapes_classifier import load_classifier
-
-    net = load_classifier(classifier) if isinstance(classifier, str) else classifier
+def classifier_features(images: torch.Tensor, net, batch: int = 512) -> torch.Tensor:
+    """Penultimate features ``net.features(x)`` of a classifier network (e.g. the bundled shapes classifier,
+    ``condiff.models.shapes_classifier.load_classifier("clean")``), in batches, without gradients."""
     with torch.no_grad():
         return torch.cat([net.features(x) for x in torch.split(images, batch)])

@@ -23,23 +23,18 @@ arithmetic); gamma_bar = -1 switches every row at its first evaluation.
 The switch is per sample and per trajectory; rows that switched are dropped from the null branch of the
 batched forward, layout [null rows still guided, cond rows], so the network cost is n + (rows still guided).
 
-Per-trajectory state. The state is an explicit frozen ``AGState`` and the pure function ``adaptive_step``
-maps (x, t, cond, state) to (x0, state'). ``AdaptiveGuidance`` is the Denoiser that holds the current state so
-that it runs under any solver and the ``sample`` loop. It starts a fresh state (nothing switched) when
-
-- it has none yet, or ``reset()`` was called;
-- the batch size changes;
-- t is at or above the first time of the current trajectory (a new run on the same grid), or
-- t rose since the previous evaluation (``reset_on_rising_t``, default on: samplers run t downwards, so a
-  rise is a new trajectory, such as SDEdit starting mid-grid after a full run).
-
-EDM's stochastic sampler raises the noise inside a step (churn); with ``reset_on_rising_t`` it then restarts
-the switch at each churned step, which costs savings, never correctness (a restart is plain CFG). Ascending
-grids (inversion) restart at every evaluation, i.e. run CFG. For full control create one object per trajectory
-or call ``reset()`` before each; ``state`` shows which rows switched and at which t.
+Per-trajectory state, explicit. The state is a frozen ``AGState`` and the pure function ``adaptive_step``
+maps (x, t, cond, state) to (x0, state'). ``AdaptiveGuidance`` is the configuration; its ``start()`` returns an
+``AGTrajectory``, the Denoiser of one trajectory, which creates the state (nothing switched) at its first
+evaluation and passes it from evaluation to evaluation. ``sample`` starts its denoiser once per call
+(``condiff.core.denoiser.start_trajectory``; wrappers forward ``start`` to what they wrap), so every run begins
+afresh, and two trajectories stepped by hand, interleaved, are two ``start()`` calls. Every evaluation of a
+trajectory belongs to it (repeated or rising t, as in EDM's churn, keep the switches); its batch size is fixed.
+Calling the configuration itself is a ConfigError. The run's ``state`` (``sample(...).denoiser.state``) shows
+which rows switched and at which t.
 
 ``CountRows`` wraps any Denoiser and counts its calls and batch rows: the network cost the loop's NFE (calls
-of the guided denoiser) does not see.
+of the guided denoiser) does not see. Its trajectories count into the object itself.
 """
 
 from __future__ import annotations
@@ -51,7 +46,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from condiff.core.denoiser import Eps, Prediction
+from condiff.core.denoiser import Eps, Prediction, Wrapper, start_trajectory
 from condiff.errors import ConfigError
 from condiff.guidance.cfg import contrast
 from condiff.guidance.interval import branches, split_null
@@ -66,7 +61,8 @@ class AGState:
     switched: bool [n], rows that are conditional-only from now on; switch_t: float64 [n], the t of the
     evaluation at which each row switched (nan if not yet); gamma: float64 [n], the cosine measured at the
     latest evaluation (nan for rows not measured); t_first / t_last: the largest t of the first / latest
-    evaluation; evaluations and rows: calls and network rows so far in this trajectory."""
+    evaluation (a record; nothing depends on them); evaluations and rows: calls and network rows so far in this
+    trajectory."""
 
     switched: torch.Tensor
     switch_t: torch.Tensor
@@ -146,18 +142,16 @@ def adaptive_step(denoiser, x: torch.Tensor, t, cond: Mapping[str, Any], null: M
 
 
 @dataclass
-class AdaptiveGuidance:
-    """AG as a Denoiser (module docstring): CFG with weight ``scale`` (a number or w(t)) until a row's
-    cosine between the two branches in ``space`` (eps by default) exceeds ``gamma_bar`` in [-1, 1];
-    conditional-only for that row afterwards."""
+class AdaptiveGuidance(Wrapper):
+    """AG (module docstring): CFG with weight ``scale`` (a number or w(t)) until a row's cosine between the two
+    branches in ``space`` (eps by default) exceeds ``gamma_bar`` in [-1, 1]; conditional-only for that row
+    afterwards. A configuration: ``start()`` gives the Denoiser of one trajectory (``sample`` calls it)."""
 
     denoiser: Any
     scale: float | Callable = 3.0
     gamma_bar: float = 0.995
     null: Mapping[str, Any] | None = None
     space: Prediction = field(default_factory=Eps)
-    reset_on_rising_t: bool = True
-    state: AGState | None = field(default=None, init=False)
 
     def __post_init__(self):
         self.scale = check_scale(self.scale)
@@ -168,41 +162,65 @@ class AdaptiveGuidance:
         if not isinstance(self.space, Prediction):
             raise ConfigError(f"AG similarity space must be a Prediction object (Eps(), X0(), V()), got {self.space!r}")
 
-    @property
-    def schedule(self):
-        return self.denoiser.schedule
-
-    def reset(self) -> None:
-        """Forget the switch state: the next evaluation starts a new trajectory."""
-        self.state = None
-
-    def is_new_trajectory(self, n: int, t) -> bool:
-        s, t_now = self.state, _t_max(t)
-        return (s is None or s.n != n or t_now >= s.t_first
-                or (self.reset_on_rising_t and t_now > s.t_last))
+    def start(self, memo: dict | None = None) -> "AGTrajectory":
+        """The Denoiser of one new trajectory (fresh state), over the started inner denoiser."""
+        return AGTrajectory(self, start_trajectory(self.denoiser, memo))
 
     def __call__(self, x, t, cond=None):
-        cond, null = split_null(cond, self.null, what="adaptive guidance")
-        if self.is_new_trajectory(x.shape[0], t):
-            self.state = AGState.start(x.shape[0], _t_max(t))
-        out, self.state = adaptive_step(self.denoiser, x, t, cond, null, self.scale, float(self.gamma_bar),
-                                        self.state, self.space)
+        raise ConfigError("AdaptiveGuidance keeps per-trajectory state: run it with sample(), or call .start() for "
+                          "the denoiser of one trajectory")
+
+
+@dataclass
+class AGTrajectory(Wrapper):
+    """One trajectory of adaptive guidance: ``config`` (the AdaptiveGuidance), the started inner ``denoiser``
+    and ``state``, the AGState (None before the first evaluation). ``start()`` begins a new trajectory."""
+
+    config: AdaptiveGuidance
+    denoiser: Any
+    state: AGState | None = None
+
+    def start(self, memo: dict | None = None) -> "AGTrajectory":
+        return self.config.start(memo)
+
+    def __call__(self, x, t, cond=None):
+        c = self.config
+        cond, null = split_null(cond, c.null, what="adaptive guidance")
+        state = AGState.start(x.shape[0], _t_max(t)) if self.state is None else self.state
+        out, self.state = adaptive_step(self.denoiser, x, t, cond, null, c.scale, float(c.gamma_bar), state, c.space)
         return out
 
 
 @dataclass
-class CountRows:
-    """Wraps a Denoiser; counts its calls and the batch rows it was given (the network's cost)."""
+class CountRows(Wrapper):
+    """Wraps a Denoiser; counts its calls and the batch rows it was given (the network's cost). A started
+    trajectory over a stateful inner denoiser counts into this object too."""
 
     denoiser: Any
     calls: int = 0
     rows: int = 0
 
-    @property
-    def schedule(self):
-        return self.denoiser.schedule
+    def start(self, memo: dict | None = None):
+        inner = start_trajectory(self.denoiser, memo)
+        return self if inner is self.denoiser else _CountInto(self, inner)
 
     def __call__(self, x, t, cond=None):
         self.calls += 1
         self.rows += x.shape[0]
+        return self.denoiser(x, t, cond)
+
+
+@dataclass
+class _CountInto(Wrapper):
+    """``CountRows`` over a started inner denoiser, counting into the ``counter`` it was started from."""
+
+    counter: CountRows
+    denoiser: Any
+
+    def start(self, memo: dict | None = None):
+        return self.counter.start(memo)
+
+    def __call__(self, x, t, cond=None):
+        self.counter.calls += 1
+        self.counter.rows += x.shape[0]
         return self.denoiser(x, t, cond)

@@ -13,7 +13,7 @@ denoiser never sees it), so the guidance stacks on any CFG-family denoiser and c
   margin (tau1, tau2 = kappa tau1) and the DDPM sine-bump schedule.
 
 ``AttributeLogits`` adapts the network: (x, t) -> that attribute's logits, with t converted to the
-classifier's [0, 1] time (``models.shapes_classifier.unit_time``) for a noise-aware net and ignored otherwise.
+classifier's [0, 1] time (``condiff.core.schedules.unit_time``) for a noise-aware net and ignored otherwise.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from condiff.core.denoiser import Wrapper
+from condiff.core.schedules import unit_time
 from condiff.errors import ConfigError
 from condiff.guidance.classifier import ClassifierGuidance, from_logits
 from condiff.guidance.elucd import EluCD, softplus_smoothed
@@ -45,10 +47,8 @@ class AttributeLogits:
             raise ConfigError("a noise-aware classifier needs the schedule its t refers to")
 
     def __call__(self, x, t=None):
-        from condiff.models.shapes_classifier import unit_time
-
         if self.net.config.noise_aware:
-            u = unit_time(self.schedule, t).to(x.device).reshape(-1).expand(x.shape[0])
+            u = unit_time(torch.as_tensor(t, dtype=torch.float64), self.schedule.t_min, self.schedule.t_max).to(x.device).reshape(-1).expand(x.shape[0])
             return self.net.head(self.net(x, u), self.attribute)
         return self.net.head(self.net(x), self.attribute)
 
@@ -59,14 +59,10 @@ def _check_target(cond):
 
 
 @dataclass
-class Targeted:
+class Targeted(Wrapper):
     """Refuses a cond without targets (one clear line instead of a KeyError deep in the gradient)."""
 
     denoiser: Any
-
-    @property
-    def schedule(self):
-        return self.denoiser.schedule
 
     def __call__(self, x, t, cond=None):
         _check_target(cond)

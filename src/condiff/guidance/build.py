@@ -13,72 +13,55 @@ papers are in the modules used (docs/guidance.md):
 - ``cfg_rescale``: guidance rescale (Lin et al., WACV 2024, eqs. 15-18) with phi = ``cfg_rescale``, in x0 space.
 - ``interval``: guidance in a limited interval (Kynkäänniemi et al., NeurIPS 2024, eq. 4), (t_lo, t_hi] in the
   model schedule's own t units (the t the solver passes the denoiser; the bundled VP models: 0-999, 999 =
-  noise). Alone: ``GuidanceInterval``; with --ag / --cfg-rescale the CFG scale becomes
-  ``IntervalScale(cfg, t_lo, t_hi)`` (1, the conditional model, outside); with --pag both the CFG and the PAG
+  noise). Alone: ``GuidanceInterval``; with ``ag`` / ``cfg_rescale`` the CFG scale becomes
+  ``IntervalScale(cfg, t_lo, t_hi)`` (1, the conditional model, outside); with ``pag`` both the CFG and the PAG
   scale are limited to it (outside: CFG scale 1 and PAG scale 0, i.e. the conditional model, one branch).
 - ``negative_prompt``: the negative condition replaces the null branch (cond['negative'], which the caller
   encodes): with plain CFG ``NegativeGuidance``; otherwise ``NegativeAsNull`` around the method, so that
   PAG / AG / rescale / interval contrast against the negative condition instead of the empty one.
 
-- ``linear_ag``: LinearAG (Castillo et al. 2025) from a coefficient file of ``condiff guidance fit-linear-ag``,
+- ``linear_ag``: LinearAG (Castillo et al. 2025) with fitted ``LinearAGCoefficients``,
   checked against the run's cfg and time grid; ``linear_ag_steps`` evaluations predict the unconditional branch
   (default: the first half of the fitted ones).
 - ``classifier``: classifier guidance of one attribute (``cg_attribute``, default color) at scale ``cg_scale``,
   wrapped around all of the above (guidance/attribute.py); the target of each row is the value its prompt names
   (cond['cg_target'], set by the caller). A noise-aware classifier gives ADM guidance (Dhariwal & Nichol 2021);
   a clean one gets EluCD's calibration (Ma et al., ICLR 2024) on the sampling grid, or, with ``cg_raw``, is
-  applied to x_t as it is (the naive off-the-shelf baseline); a PPAP directory (``condiff guidance train-ppap``)
-  gives guidance by its t-routed LoRA experts (Go et al., CVPR 2023).
-- ``minority``: minority guidance (Um et al., ICLR 2024) with the level classifier of ``condiff guidance
-  fit-minority``, toward ``minority_level`` (default the most minority) at scale ``minority_scale``; outermost.
+  applied to x_t as it is (the naive off-the-shelf baseline); PPAP experts (a ``MultiExpert``)
+  give guidance by its t-routed LoRA experts (Go et al., CVPR 2023).
+- ``minority``: minority guidance (Um et al., ICLR 2024) with a ``MinorityClassifier``, toward ``minority_level`` (default the most minority) at scale ``minority_scale``; outermost.
 
 AG, LinearAG and guidance rescale each run CFG their own way, so at most one of them is accepted (two: one
 ConfigError).
 PAG composes with each: its term s (x0_c - x0_p) is added to theirs (``PAGTerm``, reading x0_c from their own
-network call through a ``Tap``, so PAG adds one perturbed row per call); alone (with plain CFG) it is ``PAG``. Interval, negative prompt and the classifier compose with all.
+network call through a ``Tap``, so PAG adds one perturbed row per call); alone (with plain CFG) it is ``PAG``. Interval,
+negative prompt and the classifier compose with all.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-import numbers
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
-from condiff.core.denoiser import X0, Eps
-from condiff.errors import ConfigError, one_of
+from condiff.core.denoiser import X0, Eps, Wrapper
+from condiff.errors import ConfigError, check_int, check_real, one_of
 from condiff.guidance.adaptive import AdaptiveGuidance
-from condiff.guidance.cfg import CFG, MAX_SCALE
+from condiff.guidance.cfg import CFG
 from condiff.guidance.interval import GuidanceInterval, split_null
 from condiff.guidance.negative import NegativeGuidance
 from condiff.guidance.pag import PAG, PAGTerm, Tap
 from condiff.guidance.rescale import GuidanceRescale
-from condiff.guidance.schedules import IntervalScale
+from condiff.guidance.schedules import MAX_SCALE, IntervalScale
 
 AG_SPACES = {"x0": X0(), "eps": Eps()}
 
 
-def _number(option: str, value, lo: float, hi: float, what: str) -> float:
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not lo <= value <= hi:  # NaN fails
-        raise ConfigError(f"{option} must be {what}, got {value!r}")
-    return float(value)
-
-
-def parse_layers(text: str) -> tuple[str, ...]:
-    """'mid, up_blocks.0' -> ('mid', 'up_blocks.0'); an empty list is a ConfigError (names are checked
-    against the network by the builder)."""
-    names = tuple(p.strip() for p in str(text).split(",") if p.strip())
-    if not names:
-        raise ConfigError(f"--pag-layers must be a comma-separated list of layer names such as mid or "
-                          f"down,mid,up, got {text!r}")
-    return names
-
-
-def parse_interval(text: str) -> tuple[float, float]:
+def parse_interval(text: str, what: str = "interval") -> tuple[float, float]:
     """'LO,HI' -> (t_lo, t_hi) in the model schedule's t units; HI may be inf; needs LO < HI."""
     parts = str(text).split(",")
-    bad = ConfigError(f"--guidance-interval must be LO,HI with LO < HI in the model's t units (e.g. 200,800 "
+    bad = ConfigError(f"{what} must be LO,HI with LO < HI in the model's t units (e.g. 200,800 "
                       f"for the bundled models, t in 0-999), got {text!r}")
     if len(parts) != 2:
         raise bad
@@ -93,8 +76,14 @@ def parse_interval(text: str) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class GuidanceOptions:
-    """The guidance of one run (module docstring); None means the option is off. Checked on construction:
-    bad values and combinations that do not compose are one-line ConfigErrors naming the CLI option."""
+    """The guidance of one run (module docstring); None means the option is off. Checked on construction: bad
+    values and combinations that do not compose are one-line ConfigErrors. They name each option by its field
+    name, or by ``labels[field]`` when the caller gives labels (the CLI passes its flag names).
+
+    The classifier, the minority classifier and the LinearAG coefficients are objects, never names or paths:
+    ``classifier`` is a classifier network with heads (``AttributeClassifier`` or any module with ``head`` and
+    ``config.noise_aware``) or PPAP experts (``condiff.guidance.ppap.MultiExpert``); ``minority`` a
+    ``MinorityClassifier``; ``linear_ag`` ``LinearAGCoefficients``."""
 
     cfg: float = 3.0
     pag: float | None = None
@@ -104,127 +93,105 @@ class GuidanceOptions:
     cfg_rescale: float | None = None
     interval: tuple[float, float] | None = None
     negative_prompt: str | None = None
-    linear_ag: str | None = None
+    linear_ag: Any = None
     linear_ag_steps: int | None = None
-    classifier: str | None = None
+    classifier: Any = None
     cg_scale: float = 1.0
     cg_attribute: str = "color"
     cg_raw: bool = False
-    minority: str | None = None
+    minority: Any = None
     minority_level: int | None = None
     minority_scale: float = 1.0
+    labels: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def name(self, key: str) -> str:
+        """How errors call the option ``key``: its label, else the field name."""
+        return self.labels.get(key, key)
 
     def __post_init__(self):
-        _number("--cfg", self.cfg, -MAX_SCALE, MAX_SCALE, f"a finite number with |cfg| <= {MAX_SCALE:g}")
+        L = self.name
+        scale = f"a finite number with |scale| <= {MAX_SCALE:g}"
+        check_real(L("cfg"), self.cfg, -MAX_SCALE, MAX_SCALE, f"a finite number with |cfg| <= {MAX_SCALE:g}")
         if self.pag is not None:
-            _number("--pag", self.pag, -MAX_SCALE, MAX_SCALE, f"a finite number with |scale| <= {MAX_SCALE:g}")
+            check_real(L("pag"), self.pag, -MAX_SCALE, MAX_SCALE, scale)
         if (isinstance(self.pag_layers, str) or not isinstance(self.pag_layers, tuple) or not self.pag_layers
                 or not all(isinstance(n, str) and n.strip() for n in self.pag_layers)):
-            raise ConfigError(f"--pag-layers must be a non-empty list of layer names, got {self.pag_layers!r}")
+            raise ConfigError(f"{L('pag_layers')} must be a non-empty list of layer names, got {self.pag_layers!r}")
         if self.ag is not None:
-            _number("--ag", self.ag, -1.0, 1.0, "a cosine threshold gamma_bar in [-1, 1] (1: never switch, "
-                    "i.e. CFG)")
+            check_real(L("ag"), self.ag, -1.0, 1.0, "a cosine threshold gamma_bar in [-1, 1] (1: never switch, "
+                       "i.e. CFG)")
         if self.ag_space not in AG_SPACES:
-            raise one_of("--ag-space", self.ag_space, AG_SPACES)
+            raise one_of(L("ag_space"), self.ag_space, AG_SPACES)
         if self.cfg_rescale is not None:
-            _number("--cfg-rescale", self.cfg_rescale, 0.0, 1.0, "a rescale factor phi in [0, 1]")
+            check_real(L("cfg_rescale"), self.cfg_rescale, 0.0, 1.0, "a rescale factor phi in [0, 1]")
         if self.interval is not None:
             if not isinstance(self.interval, tuple) or len(self.interval) != 2:
-                raise ConfigError(f"--guidance-interval must be a pair (t_lo, t_hi), got {self.interval!r}")
-            parse_interval(",".join(repr(float(v)) for v in self.interval))
+                raise ConfigError(f"{L('interval')} must be a pair (t_lo, t_hi), got {self.interval!r}")
+            parse_interval(",".join(repr(float(v)) for v in self.interval), L("interval"))
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
-            raise ConfigError(f"--negative-prompt must be a string, got {self.negative_prompt!r}")
-        if self.classifier is not None and (not isinstance(self.classifier, str) or not self.classifier):
-            raise ConfigError(f"--classifier must be a bundled classifier (clean, noisy) or a directory, got "
-                              f"{self.classifier!r}")
-        _number("--cg-scale", self.cg_scale, -MAX_SCALE, MAX_SCALE, f"a finite number with |scale| <= {MAX_SCALE:g}")
+            raise ConfigError(f"{L('negative_prompt')} must be a string, got {self.negative_prompt!r}")
+        check_real(L("cg_scale"), self.cg_scale, -MAX_SCALE, MAX_SCALE, scale)
         if not isinstance(self.cg_attribute, str) or not self.cg_attribute:
-            raise ConfigError(f"--cg-attribute must be an attribute name such as color, got {self.cg_attribute!r}")
-        if self.minority is not None and (not isinstance(self.minority, str) or not self.minority):
-            raise ConfigError(f"--minority must be a directory from `condiff guidance fit-minority`, got "
-                              f"{self.minority!r}")
-        _number("--minority-scale", self.minority_scale, -MAX_SCALE, MAX_SCALE,
-                f"a finite number with |scale| <= {MAX_SCALE:g}")
-        if self.minority_level is not None and (isinstance(self.minority_level, bool)
-                                                or not isinstance(self.minority_level, int) or self.minority_level < 0):
-            raise ConfigError(f"--minority-level must be an integer >= 0, got {self.minority_level!r}")
+            raise ConfigError(f"{L('cg_attribute')} must be an attribute name such as color, got {self.cg_attribute!r}")
+        if self.classifier is not None and not callable(self.classifier):
+            raise ConfigError(f"{L('classifier')} must be a classifier network or PPAP experts, got "
+                              f"{type(self.classifier).__name__}")
+        if self.minority is not None and not callable(self.minority):
+            raise ConfigError(f"{L('minority')} must be a minority level classifier, got "
+                              f"{type(self.minority).__name__}")
+        check_real(L("minority_scale"), self.minority_scale, -MAX_SCALE, MAX_SCALE, scale)
+        if self.minority_level is not None:
+            check_int(L("minority_level"), self.minority_level, 0)
         if self.minority is None and (self.minority_scale != 1.0 or self.minority_level is not None):
-            raise ConfigError("--minority-scale and --minority-level need --minority")
+            raise ConfigError(f"{L('minority_scale')} and {L('minority_level')} need {L('minority')}")
         if self.classifier is None and (self.cg_scale != 1.0 or self.cg_attribute != "color" or self.cg_raw):
-            raise ConfigError("--cg-scale, --cg-attribute and --cg-raw need --classifier")
-        own = [name for name, v in (("--ag", self.ag), ("--cfg-rescale", self.cfg_rescale),
-                                    ("--linear-ag", self.linear_ag)) if v is not None]
+            raise ConfigError(f"{L('cg_scale')}, {L('cg_attribute')} and {L('cg_raw')} need {L('classifier')}")
+        own = [L(key) for key in ("ag", "cfg_rescale", "linear_ag") if getattr(self, key) is not None]
         if len(own) > 1:
             raise ConfigError(f"{' and '.join(own)} do not compose (each runs CFG its own way); use one of "
-                              f"--ag, --cfg-rescale, --linear-ag (each composes with --pag)")
+                              f"{L('ag')}, {L('cfg_rescale')}, {L('linear_ag')} (each composes with {L('pag')})")
         if self.linear_ag is not None:
-            if not isinstance(self.linear_ag, str) or not self.linear_ag:
-                raise ConfigError(f"--linear-ag must be a coefficient file, got {self.linear_ag!r}")
-            for name, v in (("--guidance-interval", self.interval), ("--negative-prompt", self.negative_prompt)):
-                if v is not None:
-                    raise ConfigError(f"--linear-ag predicts the branch it was fitted on (empty prompt, its fixed "
-                                      f"--cfg at every step), so it does not combine with {name}")
+            if not hasattr(self.linear_ag, "predict"):
+                raise ConfigError(f"{L('linear_ag')} must be LinearAG coefficients, got "
+                                  f"{type(self.linear_ag).__name__}")
+            for key in ("interval", "negative_prompt"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"{L('linear_ag')} predicts the branch it was fitted on (empty prompt, its "
+                                      f"fixed {L('cfg')} at every step), so it does not combine with {L(key)}")
         if self.linear_ag_steps is not None:
             if self.linear_ag is None:
-                raise ConfigError("--linear-ag-steps needs --linear-ag")
-            if isinstance(self.linear_ag_steps, bool) or not isinstance(self.linear_ag_steps, int) \
-                    or self.linear_ag_steps < 0:
-                raise ConfigError(f"--linear-ag-steps must be an integer >= 0, got {self.linear_ag_steps!r}")
+                raise ConfigError(f"{L('linear_ag_steps')} needs {L('linear_ag')}")
+            check_int(L("linear_ag_steps"), self.linear_ag_steps, 0)
 
     @property
     def is_plain_cfg(self) -> bool:
         return self == GuidanceOptions(cfg=self.cfg)
 
     def describe(self) -> dict:
-        """JSON-ready values, keyed like the CLI options."""
+        """JSON-ready values keyed by field (objects by their type name)."""
+
+        def kind(obj):
+            return None if obj is None else type(obj).__name__
+
+        on = self.classifier is not None
         return {"pag": self.pag, "pag_layers": ",".join(self.pag_layers) if self.pag is not None else None,
                 "ag": self.ag, "ag_space": self.ag_space if self.ag is not None else None,
-                "cfg_rescale": self.cfg_rescale, "linear_ag": self.linear_ag, "linear_ag_steps": self.linear_ag_steps,
+                "cfg_rescale": self.cfg_rescale, "linear_ag": kind(self.linear_ag),
+                "linear_ag_steps": self.linear_ag_steps,
                 "guidance_interval": None if self.interval is None else list(self.interval),
-                "negative_prompt": self.negative_prompt, "classifier": self.classifier,
-                "cg_scale": self.cg_scale if self.classifier is not None else None,
-                "cg_attribute": self.cg_attribute if self.classifier is not None else None,
-                "cg_raw": self.cg_raw if self.classifier is not None else None, "minority": self.minority,
+                "negative_prompt": self.negative_prompt, "classifier": kind(self.classifier),
+                "cg_scale": self.cg_scale if on else None, "cg_attribute": self.cg_attribute if on else None,
+                "cg_raw": self.cg_raw if on else None, "minority": kind(self.minority),
                 "minority_level": self.minority_level,
                 "minority_scale": self.minority_scale if self.minority is not None else None}
 
-    def flags(self) -> str:
-        """The CLI flags that reproduce these options (without --cfg), each with a leading space."""
-        import shlex
-
-        out = ""
-        if self.pag is not None:
-            out += f" --pag {self.pag!r} --pag-layers {shlex.quote(','.join(self.pag_layers))}"
-        if self.ag is not None:
-            out += f" --ag {self.ag!r} --ag-space {self.ag_space}"
-        if self.cfg_rescale is not None:
-            out += f" --cfg-rescale {self.cfg_rescale!r}"
-        if self.linear_ag is not None:
-            out += f" --linear-ag {shlex.quote(self.linear_ag)}"
-            out += "" if self.linear_ag_steps is None else f" --linear-ag-steps {self.linear_ag_steps}"
-        if self.interval is not None:
-            out += f" --guidance-interval {self.interval[0]!r},{self.interval[1]!r}"
-        if self.negative_prompt is not None:
-            out += f" --negative-prompt {shlex.quote(self.negative_prompt)}"
-        if self.classifier is not None:
-            out += (f" --classifier {shlex.quote(self.classifier)} --cg-scale {self.cg_scale!r} "
-                    f"--cg-attribute {shlex.quote(self.cg_attribute)}" + (" --cg-raw" if self.cg_raw else ""))
-        if self.minority is not None:
-            out += f" --minority {shlex.quote(self.minority)} --minority-scale {self.minority_scale!r}"
-            out += "" if self.minority_level is None else f" --minority-level {self.minority_level}"
-        return out
-
 
 @dataclass
-class NegativeAsNull:
+class NegativeAsNull(Wrapper):
     """The wrapped guided denoiser sees cond['negative'] as its null condition: a negative prompt for any
     method of the CFG family (with plain CFG this is exactly ``NegativeGuidance``)."""
 
     denoiser: Any
-
-    @property
-    def schedule(self):
-        return self.denoiser.schedule
 
     def __call__(self, x, t, cond=None):
         cond, negative = split_null(cond, None, key="negative", what="a negative prompt")
@@ -241,7 +208,7 @@ def _network(denoiser):
         if getattr(d, "denoiser", None) is None:
             break
         d = d.denoiser
-    raise ConfigError(f"--pag needs a denoiser over a torch network, got {type(denoiser).__name__}")
+    raise ConfigError(f"PAG needs a denoiser over a torch network, got {type(denoiser).__name__}")
 
 
 def _finite_ends(interval: tuple[float, float]) -> tuple[float, float]:
@@ -257,16 +224,15 @@ def with_classifier(den, options: GuidanceOptions, grid=None):
     o = options
     if o.classifier is None:
         return den
-    from condiff.models.shapes_classifier import classifier_path, load_classifier
     from condiff.guidance.attribute import classifier_guidance, elucd_guidance
+    from condiff.guidance.ppap import MultiExpert, ppap_attribute_guidance
 
-    if (classifier_path(o.classifier) / "ppap.json").is_file():  # PPAP experts (`condiff guidance train-ppap`)
-        from condiff.guidance.ppap import load_ppap, ppap_attribute_guidance
-
+    if isinstance(o.classifier, MultiExpert):
         if o.cg_raw:
-            raise ConfigError("--cg-raw applies to a clean classifier; PPAP experts are noise-aware by construction")
-        return ppap_attribute_guidance(den, load_ppap(classifier_path(o.classifier)), o.cg_attribute, o.cg_scale)
-    net = load_classifier(o.classifier)
+            raise ConfigError(f"{o.name('cg_raw')} applies to a clean classifier; PPAP experts are noise-aware by "
+                              f"construction")
+        return ppap_attribute_guidance(den, o.classifier, o.cg_attribute, o.cg_scale)
+    net = o.classifier
     if net.config.noise_aware or o.cg_raw:
         return classifier_guidance(den, net, o.cg_attribute, o.cg_scale)
     if grid is None:
@@ -277,7 +243,7 @@ def with_classifier(den, options: GuidanceOptions, grid=None):
 def build_guidance(denoiser, options: GuidanceOptions, grid=None):
     """The guided Denoiser for ``options`` over the model's own ``denoiser`` (or a transparent wrapper of it,
     such as ``CountRows``). No option: ``CFG(denoiser, options.cfg)``. ``grid``: the sampling grid (used by
-    EluCD classifier guidance)."""
+    EluCD classifier guidance and to check LinearAG's fitted times)."""
     if not isinstance(options, GuidanceOptions):
         raise ConfigError(f"build_guidance needs GuidanceOptions, got {type(options).__name__}")
     return with_minority(with_classifier(_cfg_family(denoiser, options, grid), options, grid), options)
@@ -287,19 +253,19 @@ def with_minority(den, options: GuidanceOptions):
     """``den`` with minority guidance toward ``minority_level`` (default the top level) around it."""
     if options.minority is None:
         return den
-    from condiff.guidance.minority import MinorityGuidance, load_minority
+    from condiff.guidance.minority import MinorityGuidance
 
-    return MinorityGuidance(den, load_minority(options.minority), options.minority_scale, options.minority_level)
+    return MinorityGuidance(den, options.minority, options.minority_scale, options.minority_level)
 
 
 def linear_ag(denoiser, options: GuidanceOptions, grid=None):
-    """``LinearAG`` from the coefficient file of ``options``, checked against the run: the coefficients hold
-    the CFG scale and the evaluation times they were fitted for."""
-    from condiff.guidance.linear_ag import LinearAG, load_linear_ag
+    """``LinearAG`` with the coefficients of ``options``, checked against the run: the coefficients hold the
+    CFG scale and the evaluation times they were fitted for."""
+    from condiff.guidance.linear_ag import LinearAG
 
-    coeffs = load_linear_ag(options.linear_ag)
+    coeffs, L = options.linear_ag, options.name
     if abs(coeffs.scale - options.cfg) > 1e-12:
-        raise ConfigError(f"--linear-ag {options.linear_ag!r} was fitted at cfg {coeffs.scale:g}; run with --cfg "
+        raise ConfigError(f"{L('linear_ag')} was fitted at cfg {coeffs.scale:g}; run with {L('cfg')} "
                           f"{coeffs.scale:g} (got {options.cfg:g})")
     if grid is not None:
         import torch
@@ -307,12 +273,12 @@ def linear_ag(denoiser, options: GuidanceOptions, grid=None):
         times = torch.as_tensor(grid, dtype=torch.float64)[:-1]
         fitted = coeffs.times
         if fitted.numel() > times.numel() or not torch.allclose(fitted, times[:fitted.numel()], rtol=1e-9, atol=1e-9):
-            raise ConfigError(f"--linear-ag {options.linear_ag!r} was fitted on another time grid ({fitted.numel()} "
-                              f"evaluations from t={float(fitted[0]):g}); fit it with the same --steps, --spacing "
-                              f"and a one-evaluation-per-step solver")
+            raise ConfigError(f"{L('linear_ag')} was fitted on another time grid ({fitted.numel()} evaluations "
+                              f"from t={float(fitted[0]):g}); fit it with the same steps, spacing and a "
+                              f"one-evaluation-per-step solver")
     steps = options.linear_ag_steps
     if steps is not None and steps > coeffs.steps:
-        raise ConfigError(f"--linear-ag-steps must be at most the {coeffs.steps} fitted evaluations, got {steps}")
+        raise ConfigError(f"{L('linear_ag_steps')} must be at most the {coeffs.steps} fitted evaluations, got {steps}")
     return LinearAG(denoiser, coeffs, steps=steps)
 
 

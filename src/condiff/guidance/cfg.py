@@ -16,6 +16,7 @@ import numbers
 
 import torch
 
+from condiff.core.denoiser import Wrapper
 from condiff.errors import ConfigError
 
 
@@ -51,7 +52,7 @@ def _check_scale(w):
 
 
 @dataclass
-class CFG:
+class CFG(Wrapper):
     """Classifier-free guidance. ``scale`` is a number or a function t -> number.
 
     The null condition is ``cond['null']`` (a mapping with the same keys), or ``null`` given here.
@@ -65,10 +66,6 @@ class CFG:
 
     def __post_init__(self):
         _check_scale(self.scale)
-
-    @property
-    def schedule(self):
-        return self.denoiser.schedule
 
     def __call__(self, x, t, cond=None):
         cond = dict(cond or {})

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from condiff.core.denoiser import coefficients
+from condiff.core.denoiser import Wrapper, coefficients
 from condiff.errors import ConfigError
 from condiff.guidance.cfg import _check_scale
 
@@ -63,7 +63,7 @@ def exact_gmm_classifier(gmm_denoiser, key: str = "y") -> Callable:
 
 
 @dataclass
-class ClassifierGuidance:
+class ClassifierGuidance(Wrapper):
     """x0 = x0_u + (sigma^2 / alpha) s grad_x log p(y | x_t) (module docstring).
 
     ``log_prob(x, t, cond)`` returns log p(y | x_t) per sample (shape (B,)), reading its target from cond.
@@ -79,10 +79,6 @@ class ClassifierGuidance:
         _check_scale(self.scale)
         if not callable(self.log_prob):
             raise ConfigError(f"classifier guidance needs a callable log_prob(x, t, cond), got {self.log_prob!r}")
-
-    @property
-    def schedule(self):
-        return self.denoiser.schedule
 
     def __call__(self, x, t, cond=None):
         cond = dict(cond or {})

@@ -40,6 +40,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from condiff.core.denoiser import Wrapper
 from condiff.errors import ConfigError
 from condiff.guidance.cfg import _check_scale
 
@@ -140,7 +141,7 @@ def ddpm_step_factors(schedule, grid: torch.Tensor, gamma: float) -> tuple[torch
 
 
 @dataclass
-class EluCD:
+class EluCD(Wrapper):
     """Off-the-shelf clean-classifier guidance on a sampling grid (module docstring).
 
     ``classifier(x0) -> logits (B, C)`` (smooth it first with ``softplus_smoothed``); the target class is
@@ -170,10 +171,6 @@ class EluCD:
             raise ConfigError("EluCD grid must be a 1-D, strictly descending tensor with at least 2 points")
         v, c = ddpm_step_factors(self.schedule, grid, self.gamma)
         self._factor = {float(t): float(vk / ck) if ck > 0 else 0.0 for t, vk, ck in zip(grid[:-1], v, c)}
-
-    @property
-    def schedule(self):
-        return self.denoiser.schedule
 
     def check_solver(self, solver, grid=None) -> None:
         """One ConfigError now, before any sampling, if ``solver`` on ``grid`` (default: EluCD's own) would call

@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from condiff.core.denoiser import Wrapper, take_rows
 from condiff.errors import ConfigError
 from condiff.guidance.cfg import CFG, batch_cond, contrast
 from condiff.guidance.schedules import check_scale, per_row, scale_at
@@ -38,12 +39,6 @@ def split_null(cond: Mapping[str, Any] | None, default: Mapping[str, Any] | None
         raise ConfigError(f"{what} needs a {key} condition: pass cond[{key!r}] or give it at construction")
     return cond, null
 
-
-def take_rows(cond: Mapping[str, Any], index: torch.Tensor, n: int) -> dict:
-    """The rows ``index`` of every tensor in ``cond`` whose first dimension is the batch size n; other values
-    (scalars, shared tensors, non-tensors) pass through unchanged."""
-    return {k: v[index] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
-            for k, v in cond.items()}
 
 
 def branches(denoiser, x: torch.Tensor, t, cond: Mapping[str, Any], null: Mapping[str, Any],
@@ -72,7 +67,7 @@ def branches(denoiser, x: torch.Tensor, t, cond: Mapping[str, Any], null: Mappin
 
 
 @dataclass
-class GuidanceInterval:
+class GuidanceInterval(Wrapper):
     """CFG with weight ``scale`` (a number or a function of t) inside t_lo < t <= t_hi; the conditional
     model elsewhere. ``null`` as in CFG (or ``cond['null']``)."""
 
@@ -92,10 +87,6 @@ class GuidanceInterval:
         if not self.t_hi > self.t_lo:
             raise ConfigError(f"guidance interval needs t_lo < t_hi, got t_lo={self.t_lo!r}, t_hi={self.t_hi!r}")
         self._cfg = CFG(self.denoiser, self.scale, self.null)
-
-    @property
-    def schedule(self):
-        return self.denoiser.schedule
 
     def inside(self, t) -> torch.Tensor:
         tt = torch.as_tensor(t, dtype=torch.float64)

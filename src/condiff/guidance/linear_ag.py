@@ -17,11 +17,14 @@ single-step solver and an unconditional model that is exactly affine in (x, eps_
 of (eps_c(k-1), eps_u(k-1)), so the full regressor set is collinear; OLS then returns the minimum-norm solution
 (same predictions, different coefficients). ``Regressors(prev_uncond=False)`` removes that term.
 
-State. The coefficients belong to the evaluation times of the fitting run. ``LinearAG`` matches each call's t
-to them: a call at the first time starts a trajectory; the history of the previous evaluation is used only if
-that evaluation was at the preceding fitted time with the same batch size. Anything else (a time that was not
-fitted, a per-sample t, a missing predecessor) runs the exact CFG evaluation, so no state can leak from one
-trajectory into the next.
+State, explicit. The coefficients belong to the evaluations of the fitting run: row k to the k-th evaluation
+of a trajectory, at the fitted time k. ``LinearAG`` is the configuration; its ``start()`` returns a
+``LinearAGTrajectory``, the Denoiser of one trajectory, which holds the evaluation counter k and the previous
+evaluation's (eps_c, eps_u). ``sample`` starts its denoiser once per call
+(``condiff.core.denoiser.start_trajectory``). Evaluation k < ``steps`` uses row k and must be at the fitted
+time k (every entry of a per-sample t): anything else (another grid or solver, a mid-grid start) is a
+ConfigError, never a silent fallback. Later evaluations run the exact CFG evaluation. Calling the
+configuration itself is a ConfigError.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from typing import Any, Mapping
 import torch
 
 from condiff.core import parameterization as P
-from condiff.core.denoiser import coefficients
+from condiff.core.denoiser import Wrapper, coefficients, start_trajectory, take_rows
 from condiff.errors import ConfigError, InputFileError
 from condiff.core.files import load_tensors, save_tensors
 from condiff.core.sampling import sample
@@ -106,17 +109,13 @@ class CFGRecord:
 
 
 @dataclass
-class _Recorder:
+class _Recorder(Wrapper):
     """CFG that records (t, x, eps_c, eps_u) at every evaluation."""
 
     denoiser: Any
     scale: float
     null: Mapping[str, Any] | None
     rows: list = field(default_factory=list)
-
-    @property
-    def schedule(self):
-        return self.denoiser.schedule
 
     def __call__(self, x, t, cond=None):
         if isinstance(t, torch.Tensor) and t.dim() > 0:
@@ -200,17 +199,10 @@ def fit_linear_ag(denoiser, solver, grid, x, cond, scale: float, regressors: Reg
     records = []
     for start in range(0, n, size):
         index = torch.arange(start, min(start + size, n))
-        sub = {k: _rows(v, index, n) for k, v in dict(cond or {}).items()}
+        sub = take_rows(dict(cond or {}), index, n)
         records.append(record_cfg(denoiser, solver, grid, x[index], sub, scale, null, noise)[1])
     return fit_record(CFGRecord.cat(records), scale, regressors)
 
-
-def _rows(value, index, n):
-    if isinstance(value, Mapping):
-        return {k: _rows(v, index, n) for k, v in value.items()}
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
-        return value[index]
-    return value
 
 
 def predict_record(coeffs: LinearAGCoefficients, record: CFGRecord, steps: int | None = None):
@@ -257,24 +249,16 @@ def load_linear_ag(path) -> LinearAGCoefficients:
                                 Regressors.from_mask(data["regressors"]), scale)
 
 
-@dataclass(frozen=True)
-class _History:
-    k: int
-    n: int
-    eps_c: torch.Tensor
-    eps_u: torch.Tensor
-
-
 @dataclass
-class LinearAG:
+class LinearAG(Wrapper):
     """CFG at the fitted scale whose first ``steps`` evaluations (default: the first half) predict the
-    unconditional branch from ``coefficients`` instead of evaluating it (module docstring)."""
+    unconditional branch from ``coefficients`` instead of evaluating it (module docstring). A configuration:
+    ``start()`` gives the Denoiser of one trajectory (``sample`` calls it)."""
 
     denoiser: Any
     coefficients: LinearAGCoefficients
     steps: int | None = None
     null: Mapping[str, Any] | None = None
-    history: _History | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         K = self.coefficients.steps
@@ -285,42 +269,56 @@ class LinearAG:
             raise ConfigError(f"LinearAG steps must be an integer in [0, {K}] (the fitted evaluations), got {s!r}")
 
     @property
-    def schedule(self):
-        return self.denoiser.schedule
-
-    @property
     def scale(self) -> float:
         return self.coefficients.scale
 
-    def reset(self) -> None:
-        self.history = None
+    def check_time(self, k: int, t) -> None:
+        """Evaluation k must be at the fitted time k (every entry of a per-sample t); ConfigError otherwise."""
+        fitted = float(self.coefficients.times[k])
+        tt = torch.as_tensor(t, dtype=F64)
+        if not bool(((tt - fitted).abs() <= 1e-12 * max(1.0, abs(fitted))).all()):
+            got = float(tt) if tt.dim() == 0 else tt.tolist()
+            raise ConfigError(f"LinearAG evaluation {k} of this trajectory is at t={got!r}, but its coefficients were "
+                              f"fitted at t={fitted!r}: sample from the start of the grid, with the solver they "
+                              f"were fitted on (or fewer LinearAG steps)")
 
-    def index(self, t) -> int | None:
-        """The fitted evaluation this call is (None: not a fitted time, or per-sample t)."""
-        if isinstance(t, torch.Tensor) and t.dim() > 0:
-            return None
-        times, tf = self.coefficients.times, float(t)
-        hits = (times - tf).abs() <= 1e-12 * max(1.0, abs(tf))
-        h = self.history
-        if h is not None and h.k + 1 < times.numel() and bool(hits[h.k + 1]):
-            return h.k + 1
-        found = hits.nonzero()
-        return int(found[0]) if found.numel() else None
+    def start(self, memo: dict | None = None) -> "LinearAGTrajectory":
+        """The Denoiser of one new trajectory (evaluation 0, no history), over the started inner denoiser."""
+        return LinearAGTrajectory(self, start_trajectory(self.denoiser, memo))
 
     def __call__(self, x, t, cond=None):
-        cond, null = split_null(cond, self.null, what="LinearAG")
-        n, k = x.shape[0], self.index(t)
-        h = self.history
-        prev = (h.eps_c, h.eps_u) if (k is not None and k > 0 and h is not None and h.k == k - 1 and h.n == n) \
-            else None
+        raise ConfigError("LinearAG keeps per-trajectory state: run it with sample(), or call .start() for the "
+                          "denoiser of one trajectory")
+
+
+@dataclass
+class LinearAGTrajectory(Wrapper):
+    """One trajectory of LinearAG: ``config`` (the LinearAG), the started inner ``denoiser``, the index ``k`` of
+    the next evaluation and ``prev``, (eps_c, eps_u) of the previous one (None before the first).
+    ``start()`` begins a new trajectory."""
+
+    config: LinearAG
+    denoiser: Any
+    k: int = 0
+    prev: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def start(self, memo: dict | None = None) -> "LinearAGTrajectory":
+        return self.config.start(memo)
+
+    def __call__(self, x, t, cond=None):
+        c, k, prev = self.config, self.k, self.prev
+        cond, null = split_null(cond, c.null, what="LinearAG")
+        if prev is not None and prev[0].shape[0] != x.shape[0]:
+            raise ConfigError(f"LinearAG trajectory of batch {prev[0].shape[0]} got x with batch {x.shape[0]}")
         a, s = coefficients(self.denoiser.schedule, t, x)
-        if k is not None and k < self.steps and (k == 0 or prev is not None):
+        if k < c.steps:
+            c.check_time(k, t)
             x0_c = self.denoiser(x, t, cond)
             eps_c = P.x0_to_eps(x, x0_c, a, s)
-            eps_u = self.coefficients.predict(k, x, eps_c, prev).to(x.dtype)
+            eps_u = c.coefficients.predict(k, x, eps_c, prev).to(x.dtype)
             x0_u = P.eps_to_x0(x, eps_u, a, s)
         else:
             x0_c, x0_u = branches(self.denoiser, x, t, cond, null)
             eps_c, eps_u = P.x0_to_eps(x, x0_c, a, s), P.x0_to_eps(x, x0_u, a, s)
-        self.history = None if k is None else _History(k, n, eps_c, eps_u)
-        return contrast(x0_c, x0_u, self.scale)
+        self.k, self.prev = k + 1, (eps_c, eps_u)
+        return contrast(x0_c, x0_u, c.scale)

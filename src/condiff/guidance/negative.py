@@ -28,13 +28,14 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from condiff.core.denoiser import Wrapper
 from condiff.guidance.cfg import CFG, batch_cond
 from condiff.guidance.interval import split_null
 from condiff.guidance.schedules import check_scale, per_row, scale_at
 
 
 @dataclass
-class NegativeGuidance:
+class NegativeGuidance(Wrapper):
     """CFG whose null branch is the negative condition (module docstring); ``scale`` a number or w(t)."""
 
     denoiser: Any
@@ -46,10 +47,6 @@ class NegativeGuidance:
         self.scale = check_scale(self.scale)
         self._cfg = CFG(self.denoiser, self.scale)
 
-    @property
-    def schedule(self):
-        return self.denoiser.schedule
-
     def __call__(self, x, t, cond=None):
         cond, negative = split_null(cond, self.negative, key="negative", what="negative guidance")
         cond.pop("null", None)
@@ -57,7 +54,7 @@ class NegativeGuidance:
 
 
 @dataclass
-class Negation:
+class Negation(Wrapper):
     """x0_u + w (x0_c - x0_u) - w_neg (x0_neg - x0_u) in one forward [uncond, cond, negative]."""
 
     denoiser: Any
@@ -69,10 +66,6 @@ class Negation:
     def __post_init__(self):
         self.scale = check_scale(self.scale)
         self.negative_scale = check_scale(self.negative_scale, "negative guidance scale")
-
-    @property
-    def schedule(self):
-        return self.denoiser.schedule
 
     def __call__(self, x, t, cond=None):
         cond, negative = split_null(cond, self.negative, key="negative", what="negation")

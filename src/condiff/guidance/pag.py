@@ -40,6 +40,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from condiff.core.denoiser import Wrapper
 from condiff.errors import ConfigError, one_of
 from condiff.guidance.cfg import CFG, _check_scale, batch_cond, contrast, split_batch
 
@@ -171,7 +172,7 @@ def _repeat_t(t, k: int):
 
 
 @dataclass
-class PAG:
+class PAG(Wrapper):
     """Perturbed-attention guidance (module docstring). ``scale`` (s) and ``cfg_scale`` (w) are numbers or
     functions of t; ``cfg_scale=None`` means no CFG (then a 'null' entry of cond is ignored). ``layers``:
     names as in ``select_layers`` (default the middle block, as in diffusers). ``net`` overrides the network
@@ -193,10 +194,6 @@ class PAG:
             _check_scale(self.cfg_scale)
         self.modules = select_layers(self.net if self.net is not None else attention_root(self.denoiser),
                                      self.layers)
-
-    @property
-    def schedule(self):
-        return self.denoiser.schedule
 
     def perturbed(self, x, t, cond=None):
         """The perturbed estimate x0_p alone (identity attention in the chosen layers, every row)."""
@@ -238,16 +235,12 @@ class PAG:
 
 
 @dataclass
-class Tap:
+class Tap(Wrapper):
     """A transparent Denoiser wrapper that keeps its last call (x, t, cond, x0): ``PAGTerm`` reads the
     conditional rows of the inner guidance's own network call from it instead of evaluating them again."""
 
     denoiser: Any
     last: tuple | None = field(default=None, repr=False)
-
-    @property
-    def schedule(self):
-        return self.denoiser.schedule
 
     def __call__(self, x, t, cond=None):
         out = self.denoiser(x, t, cond)
@@ -286,7 +279,7 @@ def tapped_conditional(tap: Tap | None, x, t, cond) -> torch.Tensor | None:
 
 
 @dataclass
-class PAGTerm:
+class PAGTerm(Wrapper):
     """PAG's term added to any other guided denoiser: x0 = guided(x) + s (x0_c - x0_p), with x0_p the model's
     own ``denoiser`` with perturbed self-attention on the conditional input (paper eq. 11). This is how PAG
     composes with a guidance that runs CFG its own way (adaptive guidance, LinearAG, guidance rescale).
@@ -295,7 +288,10 @@ class PAGTerm:
     ``tap = Tap(denoiser)``), the conditional rows of that call are reused after checking that they were
     exactly (x, t, cond), so PAG costs one perturbed row per sample and call; otherwise [cond, perturbed] run
     in one batch (two rows). Over CFG it equals ``PAG(denoiser, s, layers, cfg_scale=w)``. ``scale`` 0 is
-    ``guided`` bit for bit."""
+    ``guided`` bit for bit. ``start()`` starts ``guided``, ``denoiser`` and ``tap`` in one pass of
+    ``start_trajectory``, so the tap inside the started ``guided`` is the started ``tap``: still one object."""
+
+    inner = ("guided", "denoiser", "tap")
 
     guided: Any
     denoiser: Any
@@ -309,10 +305,6 @@ class PAGTerm:
         _check_scale(self.scale)
         self.modules = select_layers(self.net if self.net is not None else attention_root(self.denoiser),
                                      self.layers)
-
-    @property
-    def schedule(self):
-        return self.guided.schedule
 
     def __call__(self, x, t, cond=None):
         if self.tap is not None:

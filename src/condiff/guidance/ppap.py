@@ -46,7 +46,7 @@ from torch import nn
 
 from condiff.core.denoiser import coefficients
 from condiff.errors import ConfigError, InputFileError, one_of
-from condiff.core.files import atomic_dir, atomic_write_json, load_json, load_tensors, save_tensors
+from condiff.core.files import atomic_dir, atomic_write_json, load_json, load_tensors, refuse_pickles, save_tensors
 from condiff.guidance.classifier import ClassifierGuidance, from_logits
 
 T_KD = 0.25  # the teacher's softmax temperature (PPAP's default)
@@ -386,21 +386,14 @@ def read_ppap_meta(directory) -> dict:
     return meta
 
 
-def load_ppap(directory, classifier: nn.Module | None = None) -> MultiExpert:
-    """Rebuild the experts saved by ``save_ppap`` on ``classifier`` (default: the shapes classifier recorded as
-    'classifier' in ppap.json, a bundled name such as 'clean' or a model directory, read by
-    ``models.shapes_classifier.load_classifier``). The classifier must be the one they were trained on (checked
-    by checksum)."""
+def load_ppap(directory, classifier: nn.Module) -> MultiExpert:
+    """Rebuild the experts saved by ``save_ppap`` on ``classifier``, the clean classifier they were trained on
+    (checked by checksum; ``read_ppap_meta(directory)['classifier']`` records its name or folder)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise InputFileError(f"PPAP experts directory not found: {str(directory)!r}")
+    refuse_pickles(directory, "PPAP experts")
     meta = read_ppap_meta(directory)
-    if classifier is None:
-        if not meta.get("classifier"):
-            raise InputFileError(f"{str(directory)!r} does not record its classifier; pass one to load_ppap")
-        from condiff.models.shapes_classifier import load_classifier
-
-        classifier = load_classifier(meta["classifier"])
     if frozen_checksum(classifier) != meta["base_checksum"]:
         raise InputFileError(f"the experts in {str(directory)!r} were trained on another classifier "
                              f"(base checksum differs)")

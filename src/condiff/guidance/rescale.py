@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from condiff.core.denoiser import X0, Prediction, coefficients
+from condiff.core.denoiser import X0, Prediction, Wrapper, coefficients
 from condiff.errors import ConfigError
 from condiff.guidance.cfg import contrast
 from condiff.guidance.interval import branches, split_null
@@ -53,7 +53,7 @@ def from_space(space: Prediction, x, y, t, schedule):
 
 
 @dataclass
-class GuidanceRescale:
+class GuidanceRescale(Wrapper):
     """CFG followed by guidance rescale with factor ``phi`` in [0, 1] in ``space`` (module docstring)."""
 
     denoiser: Any
@@ -70,10 +70,6 @@ class GuidanceRescale:
         if not isinstance(self.space, Prediction):
             raise ConfigError(f"guidance rescale space must be a Prediction object (X0(), Eps(), V(), ...), "
                               f"got {self.space!r}")
-
-    @property
-    def schedule(self):
-        return self.denoiser.schedule
 
     def __call__(self, x, t, cond=None):
         cond, null = split_null(cond, self.null, what="guidance rescale")

@@ -36,6 +36,7 @@ from typing import Any, Sequence
 
 import torch
 
+from condiff.core.denoiser import Wrapper
 from condiff.errors import ConfigError
 
 BT601 = (0.299, 0.587, 0.114)
@@ -182,7 +183,7 @@ def _as_list(v) -> list:
 
 
 @dataclass
-class Projection:
+class Projection(Wrapper):
     """x0_hat -> x0_hat - A^+ (A x0_hat - y) after the wrapped denoiser (module docstring). ``operator`` and
     ``y`` may be lists of equal length (projected onto in order)."""
 
@@ -200,10 +201,6 @@ class Projection:
                 raise ConfigError(f"projection operators must be LinearOperator objects (Inpaint, "
                                   f"SuperResolution, Colorize), got {op!r}")
         self._pairs = list(zip(ops, ys))
-
-    @property
-    def schedule(self):
-        return self.denoiser.schedule
 
     def __call__(self, x, t, cond=None):
         x0 = self.denoiser(x, t, cond)

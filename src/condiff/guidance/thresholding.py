@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from condiff.core.denoiser import Wrapper
 from condiff.errors import ConfigError
 
 
@@ -29,7 +30,7 @@ def dynamic_threshold(x0: torch.Tensor, ratio: float = 0.995, max_value: float =
 
 
 @dataclass
-class DynamicThresholding:
+class DynamicThresholding(Wrapper):
     """Wrap a Denoiser so that its x0 estimates are dynamically thresholded (module docstring)."""
 
     denoiser: Any
@@ -42,10 +43,6 @@ class DynamicThresholding:
             raise ConfigError(f"dynamic thresholding ratio must be a number in (0, 1], got {r!r}")
         if not isinstance(m, numbers.Real) or isinstance(m, bool) or not m >= 1:  # NaN fails too
             raise ConfigError(f"dynamic thresholding max_value must be a number >= 1, got {m!r}")
-
-    @property
-    def schedule(self):
-        return self.denoiser.schedule
 
     def __call__(self, x, t, cond=None):
         return dynamic_threshold(self.denoiser(x, t, cond), self.ratio, self.max_value)

@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from condiff.core.denoiser import coefficients
+from condiff.core.denoiser import Wrapper, coefficients
 from condiff.errors import ConfigError
 from condiff.solvers.base import Solver, point
 from condiff.guidance.cfg import _check_scale
@@ -102,7 +102,7 @@ def backward_delta(losses: Sequence[Callable], x0: torch.Tensor, cond, steps: in
 
 
 @dataclass
-class UniversalGuidance:
+class UniversalGuidance(Wrapper):
     """Forward and backward guidance terms on the wrapped denoiser's x0_hat (module docstring). The wrapped
     denoiser gets ``cond`` unchanged; each loss gets it too (to read its target)."""
 
@@ -119,10 +119,6 @@ class UniversalGuidance:
         if len(steps) > 1 or len(lrs) > 1:
             raise ConfigError(f"backward terms are minimised jointly and must share steps and lr, got steps "
                               f"{sorted(steps)} and lr {sorted(lrs)}")
-
-    @property
-    def schedule(self):
-        return self.denoiser.schedule
 
     def __call__(self, x, t, cond=None):
         forward = [(f, f.at(t)) for f in self.terms if isinstance(f, Forward)]
@@ -180,6 +176,12 @@ class SelfRecurrence(Solver):
 
     def evals_per_step(self) -> int:
         return self.k * self.solver.evals_per_step()
+
+    def step_from_x0(self, schedule, x, t, t_next, x0_hat, state, noise):
+        if self.k > 1:
+            raise ConfigError(f"self-recurrence with k = {self.k} evaluates the denoiser again at every repeat, so it "
+                              f"cannot step from one given x0_hat")
+        return self.solver.step_from_x0(schedule, x, t, t_next, x0_hat, state, noise)
 
     def step(self, D, x, t, t_next, state, noise):
         x_next, new_state = self.solver.step(D, x, t, t_next, state, noise)

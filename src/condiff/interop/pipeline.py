@@ -1,7 +1,9 @@
 """A local diffusers pipeline folder, loaded offline, as condiff parts.
 
 ``load_pipeline(DIR)`` reads ``model_index.json`` and loads each part with its own class's
-``from_pretrained(..., local_files_only=True)`` (no hub name is ever resolved, so nothing reaches the network):
+``from_pretrained(..., local_files_only=True)`` (no hub name is ever resolved, so nothing reaches the network;
+weights from safetensors only, ``use_safetensors=True``, and a folder holding any pickled file is refused
+before anything in it is read, by ``condiff.core.files.refuse_pickles``):
 the denoising network (``unet`` or ``transformer``), ``scheduler``, and where present ``vae``,
 ``text_encoder`` + ``tokenizer`` (CLIP-style text conditioning as Stable Diffusion v1/v2 use it) and
 DiT's ``id2label``. The result gives:
@@ -22,6 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
+from condiff.core.files import refuse_pickles
 from condiff.errors import ConfigError, InputFileError
 from condiff.interop.denoiser import SUPPORTED, wrap_diffusers
 from condiff.interop.schedule import grid_from_scheduler
@@ -117,6 +120,7 @@ def _load_index(path: Path) -> dict:
         raise InputFileError(f"pipeline folder {str(path)!r} does not exist")
     if not path.is_dir():
         raise InputFileError(f"--pipeline must be a diffusers pipeline folder, got the file {str(path)!r}")
+    refuse_pickles(path, "--pipeline")  # before any file in it is read
     index = path / "model_index.json"
     if not index.is_file():
         raise InputFileError(f"{str(path)!r} is not a diffusers pipeline folder (no model_index.json)")
@@ -130,7 +134,8 @@ def _load_index(path: Path) -> dict:
 
 
 def _load_part(path: Path, name: str, entry):
-    """``library.Class.from_pretrained(path/name, local_files_only=True)`` for a model_index entry."""
+    """``library.Class.from_pretrained(path/name, local_files_only=True)`` for a model_index entry, with
+    ``use_safetensors=True`` for the parts with weights (schedulers and tokenizers hold JSON and text only)."""
     import importlib
 
     if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):

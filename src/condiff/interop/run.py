@@ -19,6 +19,7 @@ import torch
 from condiff.errors import ConfigError
 from condiff.core.grids import make_grid
 from condiff.guidance.build import GuidanceOptions, build_guidance
+from condiff.core.denoiser import take_rows
 from condiff.core.sampling import Gaussian, sample
 from condiff.interop.latents import decode, default_size, encode, initial_latents
 
@@ -59,17 +60,12 @@ def sample_pipeline(pipe, prompts: Sequence[str], n: int, solver, steps: int, op
     with torch.no_grad():
         for start in range(0, total, size):
             rows = slice(start, min(start + size, total))
-            out = sample(guided, solver, grid, x[rows], _rows(cond, rows), Gaussian(g))
+            out = sample(guided, solver, grid, x[rows], take_rows(cond, rows, total), Gaussian(g))
             outs.append(out.x)
             nfe += out.nfe
     latents = torch.cat(outs)
     return PipelineSample(latents, decode(pipe, latents).clamp(-1, 1), nfe, grid)
 
-
-def _rows(cond, rows):
-    if isinstance(cond, dict):
-        return {k: _rows(v, rows) for k, v in cond.items()}
-    return cond[rows] if isinstance(cond, torch.Tensor) and cond.dim() > 0 else cond
 
 
 def invert_pipeline(pipe, method, image: torch.Tensor, prompt: str, steps: int, seed: int):

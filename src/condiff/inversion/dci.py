@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 import torch
 
+from condiff.core.denoiser import start_trajectory
 from condiff.errors import ConfigError, NonFiniteError
 from condiff.core.sampling import CountingDenoiser
 from condiff.solvers.base import point
@@ -53,7 +54,7 @@ def dci_invert(denoiser, grid, x0: torch.Tensor, cond: Mapping[str, Any] | None 
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
         raise ConfigError(f"iterations must be a non-negative integer, got {iterations!r}")
     ref = x0 if reference is None else reference
-    D = CountingDenoiser(denoiser, {k: v for k, v in (cond or {}).items() if k != "null"} or None)
+    D = CountingDenoiser(start_trajectory(denoiser), {k: v for k, v in (cond or {}).items() if k != "null"} or None)
     sch = denoiser.schedule
     asc = grid.flip(0)
     n, b = asc.numel() - 1, x0.shape[0]
@@ -91,7 +92,7 @@ def dci_invert(denoiser, grid, x0: torch.Tensor, cond: Mapping[str, Any] | None 
 
 def fixed_point_residual(denoiser, inversion: Inversion, cond=None) -> torch.Tensor:
     """(N, B): per step of an inversion, mean (z_t - f(z_t))^2 of the implicit DDIM step (lam = 0)."""
-    D = CountingDenoiser(denoiser, cond)
+    D = CountingDenoiser(start_trajectory(denoiser), cond)
     asc, traj = inversion.grid.flip(0), inversion.trajectory[::-1]
     out = []
     with torch.no_grad():

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from condiff.core.denoiser import start_trajectory
 from condiff.errors import ConfigError, NonFiniteError
 from condiff.core.sampling import CountingDenoiser, StepInfo
 from condiff.solvers.base import point
@@ -89,7 +90,7 @@ def invert(denoiser, solver, grid, x: torch.Tensor, cond: Mapping[str, Any] | No
     if solver.stochastic:
         raise ConfigError(f"inversion needs a deterministic solver, got {solver.name!r} (use ddim, dpmpp-2m, ...)")
     asc = grid.flip(0)
-    D = CountingDenoiser(denoiser, cond)
+    D = CountingDenoiser(start_trajectory(denoiser), cond)
     traj = [x]
     state = solver.init_state()
     nxt = {float(asc[i]): float(asc[i + 1]) for i in range(asc.numel() - 1)}

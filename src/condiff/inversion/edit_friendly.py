@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 import torch
 
+from condiff.core.denoiser import start_trajectory
 from condiff.errors import ConfigError
 from condiff.core.sampling import CountingDenoiser, NoiseSource, Recorded, SampleOutput, sample
 from condiff.inversion.ddim import check_grid
@@ -92,7 +93,7 @@ def extract_noise_maps(denoiser, solver, grid, x0: torch.Tensor, cond: Mapping[s
         raise ConfigError(f"edit-friendly inversion needs a stochastic solver (ddpm, or ddim with eta > 0), "
                           f"got {solver.name!r}")
     drawn = noisy_latents(denoiser.schedule, grid, x0, generator)
-    D = CountingDenoiser(denoiser, cond)
+    D = CountingDenoiser(start_trajectory(denoiser), cond)
     memo = _Memo(D)
     x, state = drawn[0], solver.init_state(grid)
     latents, maps = [x], []

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from condiff.core.denoiser import Wrapper
 from condiff.errors import ConfigError
 from condiff.guidance.cfg import batch_cond
 
@@ -55,7 +56,7 @@ def network(denoiser) -> nn.Module:
 
 
 @dataclass
-class FeatureInjection:
+class FeatureInjection(Wrapper):
     """Denoiser -> Denoiser. ``source[k]`` is the source latent at ``grid[k]``; injection is active at the
     first ``steps`` grid times. Guidance goes *outside*: ``CFG(FeatureInjection(D, ...), w)``."""
 
@@ -69,10 +70,6 @@ class FeatureInjection:
     def __post_init__(self):
         self._latent = {float(t): z for t, z in zip(self.grid, self.source)}
         self._active = {float(t) for t in self.grid[: self.steps]}
-
-    @property
-    def schedule(self):
-        return self.denoiser.schedule
 
     def __call__(self, x, t, cond=None):
         key = float(t) if not isinstance(t, torch.Tensor) or t.dim() == 0 else None

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 import torch
 
+from condiff.core.denoiser import Wrapper, start_trajectory
 from condiff.errors import ConfigError
 from condiff.guidance.cfg import contrast
 from condiff.core.sampling import CountingDenoiser
@@ -47,17 +48,6 @@ def learning_rate(lr: float, i: int, steps: int) -> float:
     return lr * (1.0 - i / max(100, 2 * steps))
 
 
-@dataclass
-class _Fixed:
-    """A 'denoiser' that returns a precomputed x0 (to run one solver step with a given estimate)."""
-
-    schedule: Any
-    value: torch.Tensor
-
-    def __call__(self, x, t):
-        return self.value
-
-
 def _floating(null: Mapping[str, Any]) -> list[str]:
     return [k for k, v in null.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
 
@@ -79,7 +69,7 @@ def null_text_inversion(denoiser, grid, x0: torch.Tensor, cond: Mapping[str, Any
     ddim, n, b = DDIM(), grid.numel() - 1, x0.shape[0]
     with torch.no_grad():
         pivot = invert(denoiser, ddim, grid, x0, cond_c)
-    count = CountingDenoiser(denoiser, None)
+    count = CountingDenoiser(start_trajectory(denoiser), None)
     z = pivot.latent
     nulls, losses, iters = [], torch.zeros(n, b), torch.zeros(n, b, dtype=torch.long)
     steps = range(n)
@@ -100,7 +90,7 @@ def null_text_inversion(denoiser, grid, x0: torch.Tensor, cond: Mapping[str, Any
         for _ in range(inner_steps):
             count.cond = {**null, **dict(zip(keys, params))}
             guided = contrast(x0_c, count(z, t), scale)
-            z_prev, _ = ddim.step(_Fixed(denoiser.schedule, guided), z, t, s, None, None)
+            z_prev, _ = ddim.step_from_x0(denoiser.schedule, z, t, s, guided, None, None)
             loss = per_sample((z_prev - target) ** 2).mean(1)
             active = early_stopping_step(opt, params, loss, active, threshold, losses[i], iters[i])
             if not bool(active.any()):
@@ -110,12 +100,12 @@ def null_text_inversion(denoiser, grid, x0: torch.Tensor, cond: Mapping[str, Any
         with torch.no_grad():
             count.cond = null
             x0_u = count(z, t)
-            z, _ = ddim.step(_Fixed(denoiser.schedule, contrast(x0_c, x0_u, scale)), z, t, s, None, None)
+            z, _ = ddim.step_from_x0(denoiser.schedule, z, t, s, contrast(x0_c, x0_u, scale), None, None)
     return NullText(pivot, tuple(nulls), losses, iters, pivot.nfe + count.nfe)
 
 
 @dataclass
-class StepwiseNull:
+class StepwiseNull(Wrapper):
     """Denoiser wrapper: at grid time ``grid[k]`` it puts ``nulls[k]`` in cond['null'], so a CFG inside it
     uses the null-text embedding of that step. Wrap a CFG: ``StepwiseNull(CFG(D, w), grid, nulls)``."""
 
@@ -125,10 +115,6 @@ class StepwiseNull:
 
     def __post_init__(self):
         self._index = {float(t): k for k, t in enumerate(self.grid[:-1])}
-
-    @property
-    def schedule(self):
-        return self.denoiser.schedule
 
     def __call__(self, x, t, cond=None):
         k = self._index.get(float(t))

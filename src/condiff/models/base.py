@@ -19,73 +19,12 @@ from torch import nn
 
 from condiff.core.denoiser import Prediction, as_prediction, wrap
 from condiff.errors import ConfigError, InputFileError, one_of
-from condiff.core.files import atomic_dir, atomic_write_json, load_json
-from condiff.solvers.pfgmpp import GaussianNoise, noise_for_D, noise_from_config
+from condiff.core.files import atomic_dir, atomic_write_json, load_json, refuse_pickles
+from condiff.solvers.pfgmpp import GaussianNoise, noise_from_config
 from condiff.core.schedules import NoiseSchedule, schedule_from_config
-from condiff.training.conditioning import cep, cfg_dropout
-from condiff.training.objectives import TIME_SAMPLERS, WEIGHTINGS, diffusion_loss
+from condiff.models.family import ModelFamily, load_pretrained  # noqa: F401 (re-exported)
 
 BUNDLED_ROOT = Path(__file__).resolve().parent.parent / "bundled"
-
-
-class ModelFamily:
-    name = "?"
-    attributes: tuple[str, ...] = ()
-    image_shape: tuple[int, int, int] = (3, 32, 32)
-
-    # networks --------------------------------------------------------------------------------------
-    def build(self, model_cfg: dict) -> nn.ModuleDict:
-        raise NotImplementedError
-
-    def forward(self, module: nn.ModuleDict, model_cfg: dict, x, t_in, cond) -> torch.Tensor:
-        raise NotImplementedError
-
-    # conditions ------------------------------------------------------------------------------------
-    def encode(self, module, raw: torch.Tensor) -> dict:
-        raise NotImplementedError
-
-    def null_raw(self, n: int) -> torch.Tensor:
-        raise NotImplementedError
-
-    def parse_prompt(self, text: str) -> torch.Tensor:
-        raise NotImplementedError
-
-    def random_conditions(self, n: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(raw conditions, target attributes) for evaluation."""
-        raise NotImplementedError
-
-    def score(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-        raise NotImplementedError
-
-    # training --------------------------------------------------------------------------------------
-    def training_batch(self, step: int, n: int, generator, seed: int, objective) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
-    def loss(self, module, model_cfg, schedule, objective, x0, raw, generator) -> torch.Tensor:
-        """Per-sample loss: encode, CFG dropout, optional CEP, then the diffusion objective."""
-        cond = self.encode(module, raw)
-        null = self.encode(module, self.null_raw(1))
-        cond = cfg_dropout(cond, null, objective.cond_dropout, generator)
-        if objective.cep_gamma > 0:
-            cond = {k: cep(v, objective.cep_gamma, objective.cep_kind, generator)
-                    if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in cond.items()}
-        pred = as_prediction(objective.prediction)
-        if objective.time_sampler not in TIME_SAMPLERS:
-            raise one_of("time sampler", objective.time_sampler, TIME_SAMPLERS)
-        if objective.weighting not in WEIGHTINGS:
-            raise one_of("weighting", objective.weighting, WEIGHTINGS)
-        t = TIME_SAMPLERS[objective.time_sampler]().sample(schedule, x0.shape[0], generator)
-        # Gaussian (torch.randn) unless objective.pfgmpp_D > 0: PFGM++ kernel noise (condiff.solvers.pfgmpp)
-        eps = noise_for_D(getattr(objective, "pfgmpp_D", 0)).unit(x0.shape, generator)
-        fn = lambda x, tt, c: self.forward(module, model_cfg, x, tt.to(x.dtype), c)  # noqa: E731
-        return diffusion_loss(fn, x0, cond, t, eps, schedule, pred, WEIGHTINGS[objective.weighting]())
-
-    # saving ----------------------------------------------------------------------------------------
-    def save_parts(self, module, directory: Path):
-        module["unet"].save_pretrained(directory / "unet")
-
-    def load_parts(self, directory: Path, model_cfg: dict) -> nn.ModuleDict:
-        raise NotImplementedError
 
 
 @dataclass
@@ -110,6 +49,13 @@ class LoadedModel:
         condiff.core.sampling.initial_noise; PFGM++: the kernel around 0 at r = sigma sqrt(D))."""
         sig = float(self.schedule.sigma(torch.tensor(float(t_start), dtype=torch.float64)))
         return self.noise.prior(shape, sig, generator, dtype)
+
+    def data_batch(self, step: int, n: int, generator, seed: int) -> torch.Tensor:
+        """``n`` clean training images x0 of the family (batch ``step`` of the data order), without the
+        objective's condition dropout."""
+        from condiff.training.recipe import ObjectiveConfig
+
+        return self.family.training_batch(step, n, generator, seed, ObjectiveConfig())[0]
 
     def condition(self, raw: torch.Tensor) -> dict:
         """The cond mapping for raw conditions, with its 'null' variant for CFG."""
@@ -142,19 +88,6 @@ def _save_scheduler_config(schedule_cfg: dict, prediction, directory: Path):
                   clip_sample=False).save_pretrained(directory)
 
 
-def load_pretrained(cls, directory: Path):
-    """``cls.from_pretrained(directory)``, refusing weights that leave parameters missing, mismatched or
-    unused (diffusers only warns, and fills missing parameters with random values)."""
-    module, info = cls.from_pretrained(directory, output_loading_info=True)
-    bad = [f"missing {k}" for k in info.get("missing_keys", [])]
-    bad += [f"mismatched {k[0] if isinstance(k, tuple) else k}" for k in info.get("mismatched_keys", [])]
-    bad += [f"unexpected {k}" for k in info.get("unexpected_keys", [])]
-    if bad:
-        raise InputFileError(f"the weights in {str(directory)!r} do not match its config: {len(bad)} tensor(s) "
-                             f"wrong, e.g. {bad[0]}")
-    return module
-
-
 def _families():
     from condiff.models.digits import DigitsFamily
     from condiff.models.shapes import ShapesFamily
@@ -179,9 +112,10 @@ def bundled_dir(name: str) -> Path:
     return BUNDLED_ROOT / name
 
 
-def resolve_model(name_or_path: str | Path) -> tuple[Path, dict]:
+def resolve_model(name_or_path: str | Path, what: str = "--model") -> tuple[Path, dict]:
     """The directory of a bundled model name or model directory, and its checked ``condiff.json``
-    (family, prediction and schedule are validated here, before any weights are read)."""
+    (family, prediction and schedule are validated here, before any weights are read). A directory holding
+    pickled weights is refused first (``refuse_pickles``; ``what`` names the option in that refusal)."""
     path = Path(name_or_path)
     if str(name_or_path) in BUNDLED:
         path = bundled_dir(str(name_or_path))
@@ -193,6 +127,7 @@ def resolve_model(name_or_path: str | Path) -> tuple[Path, dict]:
     if not path.is_dir():
         raise InputFileError(f"model path {str(path)!r} must be a directory with condiff.json")
     where = str(path / "condiff.json")
+    refuse_pickles(path, what)
     if not (path / "condiff.json").is_file():
         raise InputFileError(f"model directory {str(path)!r} has no condiff.json file (not a condiff model)")
     meta = load_json(path / "condiff.json")
@@ -213,9 +148,10 @@ def resolve_model(name_or_path: str | Path) -> tuple[Path, dict]:
     return path, meta
 
 
-def load_model(name_or_path: str | Path) -> LoadedModel:
-    """Load a bundled model by name (shapes, digits) or a model directory written by condiff."""
-    path, meta = resolve_model(name_or_path)
+def load_model(name_or_path: str | Path, what: str = "--model") -> LoadedModel:
+    """Load a bundled model by name (shapes, digits) or a model directory written by condiff (safetensors and
+    JSON only; ``what`` names the option in a refusal)."""
+    path, meta = resolve_model(name_or_path, what)
     fam = get_family(meta["family"])
     try:
         module = fam.load_parts(path, meta["model"]).eval()

@@ -10,7 +10,7 @@ from torch import nn
 from condiff.data import digits
 from condiff.errors import ConfigError
 from condiff.nets import build_unet
-from condiff.models.base import ModelFamily, load_pretrained
+from condiff.models.family import ModelFamily, load_pretrained
 
 NULL = digits.NUM_CLASSES
 

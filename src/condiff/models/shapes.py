@@ -15,7 +15,7 @@ from torch import nn
 
 from condiff.data import labeller, shapes, text
 from condiff.nets import SlotTextEncoder, build_unet
-from condiff.models.base import ModelFamily, load_pretrained
+from condiff.models.family import ModelFamily, load_pretrained
 
 
 class ShapesFamily(ModelFamily):

@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from condiff.data import shapes
-from condiff.core.denoiser import coefficients
+from condiff.core.denoiser import diffuse
+from condiff.core.schedules import unit_time
 from condiff.errors import ConfigError
 from condiff.nets import AttributeClassifier
-from condiff.nets.classifier import unit_time as unit_interval
 from condiff.training.objectives import TIME_SAMPLERS
-from condiff.models.base import ModelFamily, load_pretrained
+from condiff.models.family import ModelFamily, load_pretrained
 
 EVAL_TIMES = (0.0, 0.25, 0.5, 0.75)  # fractions of the schedule's t range
 
@@ -32,16 +32,6 @@ def attribute_loss(net: AttributeClassifier, logits: torch.Tensor, attrs: torch.
                for i, name in enumerate(net.head_names))
 
 
-def unit_time(schedule, t) -> torch.Tensor:
-    """t in the schedule's own units -> (t - t_min) / (t_max - t_min) in [0, 1], the classifier's time input
-    (the bundled VP models run t in 0-999)."""
-    return unit_interval(torch.as_tensor(t, dtype=torch.float64), schedule.t_min, schedule.t_max)
-
-
-def noisy(schedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """x_t = alpha_t x0 + sigma_t eps (per-sample t)."""
-    a, s = coefficients(schedule, t, x0)
-    return (a * x0.double() + s * eps.double()).to(x0.dtype)
 
 
 class ShapesClassifierFamily(ModelFamily):
@@ -67,7 +57,7 @@ class ShapesClassifierFamily(ModelFamily):
             return attribute_loss(net, net(x0), raw)
         t = TIME_SAMPLERS[objective.time_sampler]().sample(schedule, x0.shape[0], generator)
         eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
-        return attribute_loss(net, net(noisy(schedule, x0, t, eps), unit_time(schedule, t)), raw)
+        return attribute_loss(net, net(diffuse(schedule, x0, t, eps), unit_time(t, schedule.t_min, schedule.t_max)), raw)
 
     def learning_curve(self, module, schedule, n: int = 512, seed: int = 12345) -> dict:
         """Accuracy per attribute on fresh renders, clean and (noise-aware only) at t in EVAL_TIMES."""
@@ -80,8 +70,8 @@ class ShapesClassifierFamily(ModelFamily):
         with torch.no_grad():
             for t in times:
                 tt = torch.full((n,), schedule.t_min + t * (schedule.t_max - schedule.t_min), dtype=torch.float64)
-                x = b.images if t == 0 else noisy(schedule, b.images, tt, eps)
-                logits = net(x, unit_time(schedule, tt))
+                x = b.images if t == 0 else diffuse(schedule, b.images, tt, eps)
+                logits = net(x, unit_time(tt, schedule.t_min, schedule.t_max))
                 out[f"t={t}"] = {name: float((net.head(logits, name).argmax(1) == b.attrs[:, i]).float().mean())
                                  for i, name in enumerate(net.head_names)}
         return {"accuracy": out}
@@ -93,30 +83,3 @@ class ShapesClassifierFamily(ModelFamily):
         return nn.ModuleDict({"classifier": load_pretrained(AttributeClassifier, directory / "classifier")})
 
 
-BUNDLED_CLASSIFIERS = {"clean": "shapes-clean-classifier", "noisy": "shapes-noisy-classifier", "ppap": "shapes-ppap"}
-
-
-def classifier_path(name_or_path) -> Path:
-    """The directory of a bundled classifier name (clean, noisy, ppap: PPAP experts of the clean one) or a path."""
-    from condiff.models.base import bundled_dir
-
-    key = str(name_or_path)
-    return bundled_dir(BUNDLED_CLASSIFIERS[key]) if key in BUNDLED_CLASSIFIERS else Path(key)
-
-
-def load_classifier(name_or_path) -> AttributeClassifier:
-    """A trained shapes classifier: a bundled name (clean, noisy) or a directory written by ``condiff train``
-    with a shapes_classifier recipe. Anything else is one InputFileError line."""
-    from condiff.errors import InputFileError
-    from condiff.models.base import load_model
-
-    key = str(name_or_path)
-    target = classifier_path(key)
-    if not key or not target.exists():
-        raise InputFileError(f"classifier {key!r} is neither a bundled classifier "
-                             f"({', '.join(BUNDLED_CLASSIFIERS)}) nor an existing directory")
-    m = load_model(target)
-    if m.family.name != ShapesClassifierFamily.name:
-        raise InputFileError(f"{key!r} holds a {m.family.name} model, not a classifier (train one with "
-                             f"condiff train recipes/shapes-noisy-classifier.toml)")
-    return m.module["classifier"].eval()

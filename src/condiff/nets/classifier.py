@@ -19,13 +19,6 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 
-def unit_time(t, t_min: float, t_max: float):
-    """(t - t_min) / (t_max - t_min): a schedule's time mapped to [0, 1], the time input of a noise-aware
-    classifier (``time_features`` expects [0, 1]; a VP-discrete schedule's t runs to 999). Tensors are mapped
-    in float64 and returned as float32; numbers stay numbers."""
-    if isinstance(t, torch.Tensor):
-        return ((t.double() - t_min) / (t_max - t_min)).float()
-    return (float(t) - t_min) / (t_max - t_min)
 
 
 def time_features(t: torch.Tensor, dim: int) -> torch.Tensor:

@@ -455,16 +455,14 @@ def load_fit(path, key: str | None = None, dim: int | None = None) -> GaussianFi
 
 def fit_model_data(model, n: int = DEFAULT_FIT_N, rank: int | None = DEFAULT_FIT_RANK, seed: int = 0,
                    batch: int = 256) -> GaussianFit:
-    """Fit the Gaussian to ``n`` images from ``model.family.training_batch`` (unconditional; the digits
+    """Fit the Gaussian to ``n`` images from ``model.data_batch`` (unconditional; the digits
     family repeats its 1347 training images across epochs as the trainer does)."""
-    from condiff.training.recipe import ObjectiveConfig
-
     if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 2:
         raise ConfigError(f"the analytic fit needs an integer number of samples >= 2, got {n!r}")
     g = torch.Generator().manual_seed(seed)
     xs, have, step = [], 0, 0
     while have < n:
-        x0, _ = model.family.training_batch(step, min(batch, n - have), g, seed, ObjectiveConfig())
+        x0 = model.data_batch(step, min(batch, n - have), g, seed)
         xs.append(x0)
         have += x0.shape[0]
         step += 1

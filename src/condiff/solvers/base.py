@@ -9,6 +9,15 @@ history (``init_state(grid)`` at the start of a trajectory; solvers whose order 
 number of steps left, like DPM-Solver++(3M)'s lower-order final steps, read it from the grid, and
 ``init_state()`` without a grid means "unknown", which every solver accepts); ``noise`` is a NoiseSource, used only by
 stochastic solvers. Steps into the clean point (sigma = 0) return the denoised estimate.
+
+A solver with one evaluation per step also steps from a denoised estimate it is given:
+
+    x_next, state = solver.step_from_x0(schedule, x, t, t_next, x0_hat, state, noise)
+
+is the step with ``D(x, t)`` replaced by ``x0_hat`` (``step`` is exactly this with x0_hat = D(x, t)), for
+callers that compute x0_hat themselves (null-text inversion's guided estimate, DC-Solver's compensated output).
+Solvers that evaluate the denoiser more than once a step (heun, dpmpp-2s, edm-heun, edm-sde) raise a
+ConfigError from it.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from condiff.errors import ConfigError
 
 @dataclass(frozen=True)
 class Point:
@@ -63,7 +73,14 @@ class Solver:
         return self.order
 
     def step(self, D, x, t, t_next, state, noise):
-        raise NotImplementedError
+        """One step from t to t_next with one evaluation x0_hat = D(x, t): ``step_from_x0`` with it. Solvers that
+        evaluate more than once a step override this."""
+        return self.step_from_x0(D.schedule, x, t, t_next, D(x, t), state, noise)
+
+    def step_from_x0(self, schedule, x, t, t_next, x0_hat, state, noise):
+        """The step from t to t_next given the denoised estimate x0_hat at (x, t): (x_next, state)."""
+        raise ConfigError(f"solver {self.name!r} evaluates the denoiser {self.evals_per_step()} times a step, so it "
+                          f"cannot step from one given x0_hat; use a one-evaluation solver (ddim, dpmpp-2m, unipc, ...)")
 
     def evals_per_step(self) -> int:
         return 1

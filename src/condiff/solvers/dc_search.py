@@ -55,6 +55,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from condiff.core.denoiser import start_trajectory
 from condiff.errors import ConfigError, InputFileError
 from condiff.core.grids import SPACINGS, MAX_STEPS, UniformT, make_grid
 from condiff.core.files import atomic_write_json, load_json
@@ -172,7 +173,7 @@ def search_ratios(denoiser, cond, x_T: torch.Tensor, grid, base=UniPC(), referen
     if reference is None:
         reference = reference_trajectory(denoiser, cond, x_T, grid, ref_steps, spacing)
     sch = denoiser.schedule
-    D = CountingDenoiser(denoiser, cond)
+    D = CountingDenoiser(start_trajectory(denoiser), cond)
     steps = grid.numel() - 1
     state = solver.init_state(grid)
     x = x_T.detach()

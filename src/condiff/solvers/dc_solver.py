@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from condiff.errors import ConfigError
-from condiff.solvers.base import Point, Solver, begin
+from condiff.solvers.base import Point, Solver, point
 from condiff.solvers.dpmpp_2m import DPMSolverPP2M
 from condiff.solvers.dpmpp_3m import DPMSolverPP3M
 from condiff.solvers.unipc import UniPC
@@ -132,18 +132,7 @@ class _PredictorOnly:
         return x
 
     def predict(self, x, p, q, m, state):
-        return self.solver.step(_Given(m, self.schedule), x, p.t, q.t, state, None)
-
-
-@dataclass(frozen=True, eq=False)
-class _Given:
-    """A denoiser that returns a fixed output (the compensated m) whatever it is asked."""
-
-    m: torch.Tensor
-    schedule: Any
-
-    def __call__(self, x, t, cond=None):
-        return self.m
+        return self.solver.step_from_x0(self.schedule, x, p.t, q.t, m, state, None)
 
 
 def _real(v) -> bool:
@@ -216,11 +205,11 @@ class DCSolver(Solver):
         """The base's ``correct``/``predict`` halves."""
         return self.base if isinstance(self.base, UniPC) else _PredictorOnly(self.base, schedule)
 
-    def step(self, D, x, t, t_next, state, noise):
+    def step_from_x0(self, schedule, x, t, t_next, m, state, noise):
         st = state if state is not None else DCState()
-        p, q, m = begin(D, x, t, t_next)
-        x_c, nodes = absorb(self, D.schedule, x, p, m, st)
-        return advance(self, D.schedule, x_c, p, q, nodes, st, self.ratio(st.i))
+        p, q = point(schedule, t), point(schedule, t_next)
+        x_c, nodes = absorb(self, schedule, x, p, m, st)
+        return advance(self, schedule, x_c, p, q, nodes, st, self.ratio(st.i))
 
 
 def absorb(solver: DCSolver, schedule, x, p: Point, m, state: DCState):

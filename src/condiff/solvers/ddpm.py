@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from condiff.solvers.base import Solver, begin
+from condiff.solvers.base import Solver, point
 
 
 @dataclass(frozen=True)
@@ -20,8 +20,8 @@ class DDPM(Solver):
     order = 1
     stochastic = True
 
-    def step(self, D, x, t, t_next, state, noise):
-        p, q, x0 = begin(D, x, t, t_next)
+    def step_from_x0(self, schedule, x, t, t_next, x0, state, noise):
+        p, q = point(schedule, t), point(schedule, t_next)
         if q.sigma == 0:
             return x0, state
         a_ts = p.alpha / q.alpha

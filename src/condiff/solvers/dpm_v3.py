@@ -66,7 +66,7 @@ import torch
 
 from condiff.solvers.ems import EMS, check_ems_fits
 from condiff.errors import ConfigError
-from condiff.solvers.base import Point, Solver, begin, point
+from condiff.solvers.base import Point, Solver, point
 
 F64 = torch.float64
 GL_NODES = 6
@@ -311,12 +311,20 @@ class DPMSolverV3(Solver):
             return None
         return V3State(steps_left=len(grid) - 1)
 
-    def step(self, D, x, t, t_next, state, noise):
+    def _check_sample(self, x) -> EMS:
         ems = self.statistics
         if ems.sample_shape != () and tuple(x.shape[1:]) != ems.sample_shape:
             check_ems_fits(ems, x.shape[1:], what="this sampler")
+        return ems
+
+    def step(self, D, x, t, t_next, state, noise):
+        self._check_sample(x)  # before the evaluation
+        return super().step(D, x, t, t_next, state, noise)
+
+    def step_from_x0(self, schedule, x, t, t_next, d, state, noise):
+        ems = self._check_sample(x)
         st = state if state is not None else V3State()
-        p, q, d = begin(D, x, t, t_next)
+        p, q = point(schedule, t), point(schedule, t_next)
         y = x / p.alpha
         f = (1.0 - _shaped(ems.l_at(p.lam), ems, x)) * y - d  # f = e^{-lambda} eps - l y
         left = None if st.steps_left is None else st.steps_left - 1
@@ -326,9 +334,9 @@ class DPMSolverV3(Solver):
             if not (self.ems is not None and self.integrate_final and lam_end > p.lam):
                 return d, V3State((st.fs + (f,))[-self.order:], (st.lams + (p.lam,))[-self.order:], None, left)
             # with statistics, integrate the last interval to the EMS grid's end (module docstring)
-            q = point(D.schedule, float(D.schedule.t_from_log_snr(torch.tensor(2.0 * lam_end, dtype=torch.float64))))
+            q = point(schedule, float(schedule.t_from_log_snr(torch.tensor(2.0 * lam_end, dtype=torch.float64))))
         pend = st.pending
-        if pend is not None and self.corrector and (not self.half or _noisy_half(D.schedule, p.t)):
+        if pend is not None and self.corrector and (not self.half or _noisy_half(schedule, p.t)):
             c_order = pend.order + int(self.corrector_pseudo)
             if c_order > 1:
                 coef = pend.coef

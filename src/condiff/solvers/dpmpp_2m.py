@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from condiff.solvers.base import Solver, begin
+from condiff.solvers.base import Solver, point
 
 
 @dataclass(frozen=True)
@@ -21,8 +21,8 @@ class DPMSolverPP2M(Solver):
     name = "dpmpp-2m"
     order = 2
 
-    def step(self, D, x, t, t_next, state, noise):
-        p, q, d = begin(D, x, t, t_next)
+    def step_from_x0(self, schedule, x, t, t_next, d, state, noise):
+        p, q = point(schedule, t), point(schedule, t_next)
         if q.sigma == 0:
             return d, (d, p.lam)
         h = q.lam - p.lam

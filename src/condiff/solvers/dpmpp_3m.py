@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from condiff.solvers.base import Solver, begin
+from condiff.solvers.base import Solver, point
 
 LOWER_ORDER_FINAL_BELOW = 15
 
@@ -62,9 +62,9 @@ class DPMSolverPP3M(Solver):
             return History(steps_left=steps)
         return None
 
-    def step(self, D, x, t, t_next, state, noise):
+    def step_from_x0(self, schedule, x, t, t_next, d, state, noise):
         hist = state if state is not None else History()
-        p, q, d = begin(D, x, t, t_next)
+        p, q = point(schedule, t), point(schedule, t_next)
         left = None if hist.steps_left is None else hist.steps_left - 1
         new = History((hist.ds + (d,))[-2:], (hist.lams + (p.lam,))[-2:], left)
         if q.sigma == 0:

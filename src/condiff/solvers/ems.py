@@ -54,6 +54,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from condiff.core.denoiser import take_rows
 from condiff.errors import ConfigError, InputFileError
 from condiff.core.files import load_tensors, save_tensors
 
@@ -360,7 +361,7 @@ def _resolve_jvp(jvp, denoiser, schedule, cond, x, n: int, lam: float):
             raise ConfigError(f"jvp must be ForwardAD(), CentralDifference() or None, got {jvp!r}")
         return jvp
     probe = x[:1]
-    eps_1 = eps_function(denoiser, schedule, _slice_cond(cond, slice(0, 1), n))
+    eps_1 = eps_function(denoiser, schedule, take_rows(cond, slice(0, 1), n))
     try:
         ForwardAD()(eps_1, probe, lam, torch.ones_like(probe), 1.0)
         return ForwardAD()
@@ -378,16 +379,6 @@ def _log_alpha_rate(schedule, lam: float, h: float = 1e-5) -> float:
 # ------------------------------------------------------------------------------------------------------------
 # The estimator
 
-
-def _slice_cond(cond, sl: slice, n: int):
-    """Rows ``sl`` of every tensor with n rows in a (nested) condition mapping; other values pass through."""
-    if cond is None:
-        return None
-    if isinstance(cond, Mapping):
-        return {k: _slice_cond(v, sl, n) for k, v in cond.items()}
-    if isinstance(cond, torch.Tensor) and cond.dim() > 0 and cond.shape[0] == n:
-        return cond[sl]
-    return cond
 
 
 def smooth_derivative(values: torch.Tensor, lam: torch.Tensor, window: int = SMOOTH_WINDOW) -> torch.Tensor:
@@ -443,7 +434,7 @@ def compute_ems(denoiser, x0: torch.Tensor, cond: Mapping[str, Any] | None, sche
     if z.shape != x0.shape or v.shape != x0.shape:
         raise ConfigError(f"noise and probes must have the shape of x0 {_shape_str(x0.shape)}")
     batches = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-    eps_fns = [eps_function(denoiser, schedule, _slice_cond(cond, sl, n)) for sl in batches]
+    eps_fns = [eps_function(denoiser, schedule, take_rows(cond, sl, n)) for sl in batches]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -523,7 +514,6 @@ def gmm_ems(gmm, schedule, t_start: float | None = None, t_end: float | None = N
     on data (x0, y) drawn from the mixture, in float64. The default JVP is CentralDifference(1e-4): in float64
     its error (~1e-8) is far below the Monte-Carlo error, and it runs ~10x faster than torch.func.jvp on this
     small denoiser (a second or two for d <= 16, 2048 points, 400 intervals)."""
-    from condiff.data.gmm import GMM
     from condiff.guidance import CFG
 
     g = torch.Generator().manual_seed(seed)
@@ -531,7 +521,7 @@ def gmm_ems(gmm, schedule, t_start: float | None = None, t_end: float | None = N
     den = gmm.denoiser(schedule)
     cond = {"y": y}
     if scale is not None:
-        den, cond = CFG(den, scale), {"y": y, "null": GMM.null_cond(n_data)}
+        den, cond = CFG(den, scale), {"y": y, "null": gmm.null_cond(n_data)}
     t_start = schedule.default_t_start() if t_start is None else t_start
     t_end = schedule.t_min if t_end is None else t_end
     return compute_ems(den, x0, cond, schedule, t_start, t_end, n_grid, g, batch_size=n_data,

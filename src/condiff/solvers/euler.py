@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from condiff.solvers.base import Solver, begin
+from condiff.solvers.base import Solver, point
 
 
 def ode_slope(y, x0, rho):
@@ -21,8 +21,8 @@ class Euler(Solver):
     name = "euler"
     order = 1
 
-    def step(self, D, x, t, t_next, state, noise):
-        p, q, x0 = begin(D, x, t, t_next)
+    def step_from_x0(self, schedule, x, t, t_next, x0, state, noise):
+        p, q = point(schedule, t), point(schedule, t_next)
         y = x / p.alpha
         y_next = y + (q.rho - p.rho) * ode_slope(y, x0, p.rho)
         return q.alpha * y_next, state

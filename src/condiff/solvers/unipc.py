@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from condiff.errors import ConfigError, one_of
-from condiff.solvers.base import Point, Solver, begin
+from condiff.solvers.base import Point, Solver, point
 
 
 @dataclass(frozen=True)
@@ -139,8 +139,8 @@ class UniPC(Solver):
             return UniPCState(steps_left=len(grid) - 1)
         return None
 
-    def step(self, D, x, t, t_next, state, noise):
-        p, q, m = begin(D, x, t, t_next)
+    def step_from_x0(self, schedule, x, t, t_next, m, state, noise):
+        p, q = point(schedule, t), point(schedule, t_next)
         return self.predict(self.correct(x, p, m, state), p, q, m, state)
 
     # The two halves of ``step``, public so that DC-Solver (dc_solver.py) can change m between them.

@@ -1,0 +1,97 @@
+"""What a model family is (``ModelFamily``) and the safe loader its parts use (``load_pretrained``).
+
+A ModelFamily knows one conditional task: its networks (diffusers classes), how a raw condition (token ids,
+class labels) is encoded into the ``cond`` mapping the denoiser takes, how to make training batches, how to draw
+random evaluation conditions and how to score samples with an exact (or fixed) judge. The families
+(``shapes``, ``digits``, ...) subclass it; ``condiff.models.base`` registers them and loads models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from condiff.core.denoiser import as_prediction
+from condiff.core.files import refuse_pickles
+from condiff.errors import InputFileError, one_of
+from condiff.solvers.pfgmpp import noise_for_D
+from condiff.training.conditioning import cep, cfg_dropout
+from condiff.training.objectives import TIME_SAMPLERS, WEIGHTINGS, diffusion_loss
+
+
+class ModelFamily:
+    name = "?"
+    attributes: tuple[str, ...] = ()
+    image_shape: tuple[int, int, int] = (3, 32, 32)
+
+    # networks --------------------------------------------------------------------------------------
+    def build(self, model_cfg: dict) -> nn.ModuleDict:
+        raise NotImplementedError
+
+    def forward(self, module: nn.ModuleDict, model_cfg: dict, x, t_in, cond) -> torch.Tensor:
+        raise NotImplementedError
+
+    # conditions ------------------------------------------------------------------------------------
+    def encode(self, module, raw: torch.Tensor) -> dict:
+        raise NotImplementedError
+
+    def null_raw(self, n: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def parse_prompt(self, text: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def random_conditions(self, n: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(raw conditions, target attributes) for evaluation."""
+        raise NotImplementedError
+
+    def score(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        raise NotImplementedError
+
+    # training --------------------------------------------------------------------------------------
+    def training_batch(self, step: int, n: int, generator, seed: int, objective) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def loss(self, module, model_cfg, schedule, objective, x0, raw, generator) -> torch.Tensor:
+        """Per-sample loss: encode, CFG dropout, optional CEP, then the diffusion objective."""
+        cond = self.encode(module, raw)
+        null = self.encode(module, self.null_raw(1))
+        cond = cfg_dropout(cond, null, objective.cond_dropout, generator)
+        if objective.cep_gamma > 0:
+            cond = {k: cep(v, objective.cep_gamma, objective.cep_kind, generator)
+                    if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in cond.items()}
+        pred = as_prediction(objective.prediction)
+        if objective.time_sampler not in TIME_SAMPLERS:
+            raise one_of("time sampler", objective.time_sampler, TIME_SAMPLERS)
+        if objective.weighting not in WEIGHTINGS:
+            raise one_of("weighting", objective.weighting, WEIGHTINGS)
+        t = TIME_SAMPLERS[objective.time_sampler]().sample(schedule, x0.shape[0], generator)
+        # Gaussian (torch.randn) unless objective.pfgmpp_D > 0: PFGM++ kernel noise (condiff.solvers.pfgmpp)
+        eps = noise_for_D(getattr(objective, "pfgmpp_D", 0)).unit(x0.shape, generator)
+        fn = lambda x, tt, c: self.forward(module, model_cfg, x, tt.to(x.dtype), c)  # noqa: E731
+        return diffusion_loss(fn, x0, cond, t, eps, schedule, pred, WEIGHTINGS[objective.weighting]())
+
+    # saving ----------------------------------------------------------------------------------------
+    def save_parts(self, module, directory: Path):
+        module["unet"].save_pretrained(directory / "unet")
+
+    def load_parts(self, directory: Path, model_cfg: dict) -> nn.ModuleDict:
+        raise NotImplementedError
+
+
+def load_pretrained(cls, directory: Path, what: str | None = None):
+    """``cls.from_pretrained(directory)`` offline and from safetensors only (a folder holding pickled weights is
+    refused first, by ``refuse_pickles``; ``what`` names the option in that refusal), refusing weights that leave
+    parameters missing, mismatched or unused (diffusers only warns, and fills missing parameters with random
+    values)."""
+    refuse_pickles(directory, what)
+    module, info = cls.from_pretrained(directory, output_loading_info=True, use_safetensors=True,
+                                       local_files_only=True)
+    bad = [f"missing {k}" for k in info.get("missing_keys", [])]
+    bad += [f"mismatched {k[0] if isinstance(k, tuple) else k}" for k in info.get("mismatched_keys", [])]
+    bad += [f"unexpected {k}" for k in info.get("unexpected_keys", [])]
+    if bad:
+        raise InputFileError(f"the weights in {str(directory)!r} do not match its config: {len(bad)} tensor(s) "
+                             f"wrong, e.g. {bad[0]}")
+    return module
