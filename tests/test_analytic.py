@@ -260,6 +260,9 @@ class _Model:
         torch.manual_seed(seed)
         self.family, self.module = _Family(), nn.Linear(3, 3)
 
+    def data_batch(self, step, n, generator, seed):
+        return self.family.training_batch(step, n, generator, seed, None)[0]
+
 
 def test_model_fit_fits_training_data_and_round_trips_through_the_cache(tmp_path, monkeypatch):
     """model_fit fits the family's training batches (a rank-3 + iso Gaussian: recovered to sampling

@@ -116,3 +116,50 @@ def test_sample_keeps_gradients_and_does_not_mutate_input(gmm):
     out = sample(den, get_solver("heun"), grid, x)
     assert out.x.requires_grad
     assert torch.equal(x.detach(), x0)
+
+
+class Trajectories:
+    """A denoiser with per-trajectory state: ``start()`` returns a fresh ``One`` (which counts its calls) and is
+    recorded; calling the object itself is an error."""
+
+    def __init__(self, inner):
+        self.inner, self.started = inner, []
+
+    @property
+    def schedule(self):
+        return self.inner.schedule
+
+    def start(self):
+        one = One(self.inner)
+        self.started.append(one)
+        return one
+
+    def __call__(self, x, t, cond=None):
+        raise AssertionError("called without start()")
+
+
+class One:
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    @property
+    def schedule(self):
+        return self.inner.schedule
+
+    def __call__(self, x, t, cond=None):
+        self.calls += 1
+        return self.inner(x, t, cond)
+
+
+@pytest.mark.parametrize("name", ["ddim", "heun", "ddpm"])
+def test_sample_starts_the_denoiser_once_per_call(gmm, name):
+    """sample() calls start() once per call, runs the whole trajectory on what it returned and hands it back as
+    SampleOutput.denoiser; a denoiser without start() is used (and returned) as it is."""
+    den, grid, x = setup(gmm)
+    stateful = Trajectories(den)
+    first = sample(stateful, get_solver(name), grid, x, noise=Gaussian(torch.Generator().manual_seed(0)))
+    second = sample(stateful, get_solver(name), grid, x, noise=Gaussian(torch.Generator().manual_seed(0)))
+    assert stateful.started == [first.denoiser, second.denoiser] and first.denoiser is not second.denoiser
+    assert first.denoiser.calls == first.nfe == second.denoiser.calls
+    plain = sample(den, get_solver(name), grid, x, noise=Gaussian(torch.Generator().manual_seed(0)))
+    assert plain.denoiser is den and torch.equal(plain.x, first.x) and torch.equal(first.x, second.x)

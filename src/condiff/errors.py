@@ -35,33 +35,35 @@ def one_line(message: str) -> str:
     return "".join(c if c.isprintable() or c == " " else ascii(c)[1:-1] for c in str(message))
 
 
+def is_real(value) -> bool:
+    """A finite real number (not a bool, not NaN or inf)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_real(what: str, value, lo: float = -math.inf, hi: float = math.inf, accepted: str | None = None,
                lo_open: bool = False, hi_open: bool = False) -> float:
-    """``value`` as a float when it is a real number (not a bool, not NaN) in [lo, hi] (an open end with
+    """``value`` as a float when it is a finite real number (not a bool) in [lo, hi] (an open end with
     ``lo_open`` / ``hi_open``); otherwise the one-line ConfigError '{what} must be {accepted}, got {value!r}'."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
-    ok = ok and (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
+    ok = is_real(value) and (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
     if not ok:
         if accepted is None:
             ends = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-            accepted = "a finite number" if math.isinf(lo) and math.isinf(hi) else f"a number in {ends}"
+            accepted = "a finite number" + ("" if math.isinf(lo) and math.isinf(hi) else f" in {ends}")
         raise ConfigError(f"{what} must be {accepted}, got {value!r}")
     return float(value)
 
 
-def check_int(what: str, value, lo: int | None = None, hi: int | None = None) -> int:
+def check_int(what: str, value, lo: int | None = None, hi: int | None = None, accepted: str | None = None) -> int:
     """``value`` when it is an integer (not a bool) in [lo, hi] (None: unbounded); otherwise a one-line
     ConfigError naming it and the accepted range."""
     ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
     ok = ok and (lo is None or value >= lo) and (hi is None or value <= hi)
     if not ok:
-        if lo is not None and hi is not None:
+        if accepted is None and lo is not None and hi is not None:
             accepted = f"an integer in [{lo}, {hi}]"
-        elif lo is not None:
+        elif accepted is None and lo is not None:
             accepted = f"an integer >= {lo}"
-        elif hi is not None:
+        elif accepted is None and hi is not None:
             accepted = f"an integer <= {hi}"
-        else:
-            accepted = "an integer"
-        raise ConfigError(f"{what} must be {accepted}, got {value!r}")
+        raise ConfigError(f"{what} must be {accepted or 'an integer'}, got {value!r}")
     return int(value)

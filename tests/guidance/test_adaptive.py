@@ -1,5 +1,6 @@
 """Adaptive Guidance on the exact GMM: its two limits (CFG, conditional), the per-sample switch and its network
-cost counted in rows, batch independence, and no switch state leaking from one trajectory into the next."""
+cost counted in rows, batch independence, and the explicit per-trajectory state: each sample() call (or
+start()) is a fresh trajectory, so no switch state leaks from one into the next."""
 
 import math
 
@@ -11,8 +12,8 @@ from condiff.core.denoiser import Eps, X0
 from condiff.errors import ConfigError
 from condiff.core.grids import make_grid
 from condiff.guidance import CFG
-from condiff.guidance.adaptive import AdaptiveGuidance, AGState, CountRows, cosine
-from condiff.core.sampling import Gaussian, sample
+from condiff.guidance.adaptive import AdaptiveGuidance, AGState, AGTrajectory, CountRows, cosine
+from condiff.core.sampling import CountingDenoiser, Gaussian, sample
 from condiff.core.schedules import VPLinear
 from condiff.solvers import get_solver
 
@@ -29,6 +30,17 @@ def start(gmm, schedule, grid, n=32, seed=0):
 
 def run(den, solver, grid, x, cond, seed=1):
     return sample(den, get_solver(solver), grid, x, cond, Gaussian(torch.Generator().manual_seed(seed)))
+
+
+def by_hand(trajectory, solver, grid, x, cond, each=None):
+    """Step one started trajectory over ``grid`` by hand (deterministic solvers); ``each()`` after every step."""
+    solver = get_solver(solver)
+    D, state = CountingDenoiser(trajectory, cond), solver.init_state(grid)
+    for i in range(grid.numel() - 1):
+        x, state = solver.step(D, x, float(grid[i]), float(grid[i + 1]), state, None)
+        if each is not None:
+            each()
+    return x
 
 
 class FirstCFGThenCond:
@@ -62,7 +74,8 @@ def test_gamma_bar_one_is_cfg_bit_for_bit(gmm, solver):
     out = run(ag, solver, grid, x, cond)
     assert torch.equal(out.x, ref.x)
     assert out.nfe == ref.nfe and counted.rows == 2 * x.shape[0] * ref.nfe
-    assert not bool(ag.state.switched.any()) and ag.state.rows == counted.rows
+    state = out.denoiser.state
+    assert not bool(state.switched.any()) and state.rows == counted.rows and state.evaluations == out.nfe
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -80,7 +93,8 @@ def test_gamma_bar_minus_one_is_conditional_after_the_first_evaluation(gmm, solv
     n = x.shape[0]
     assert torch.equal(out.x, ref.x)
     assert counted.rows == 2 * n + n * (out.nfe - 1) and counted.calls == out.nfe
-    assert bool(ag.state.switched.all()) and bool((ag.state.switch_t == float(grid[0])).all())
+    state = out.denoiser.state
+    assert bool(state.switched.all()) and bool((state.switch_t == float(grid[0])).all())
 
 
 def test_measured_gamma_is_the_cosine_of_the_exact_eps_predictions(gmm):
@@ -92,10 +106,10 @@ def test_measured_gamma_is_the_cosine_of_the_exact_eps_predictions(gmm):
     t = float(grid[2])
     y = {"y": cond["y"]}
     for space, c, u in [(Eps(), den.eps(x, t, y), den.eps(x, t)), (X0(), den(x, t, y), den(x, t))]:
-        ag = AdaptiveGuidance(den, 3.0, gamma_bar=1.0, space=space)
-        ag(x, t, cond)
+        one = AdaptiveGuidance(den, 3.0, gamma_bar=1.0, space=space).start()
+        one(x, t, cond)
         want = torch.nn.functional.cosine_similarity(c, u, dim=1)
-        assert torch.allclose(ag.state.gamma, want, rtol=0, atol=1e-12)
+        assert torch.allclose(one.state.gamma, want, rtol=0, atol=1e-12)
 
 
 def test_gamma_rises_to_one_along_cfg_trajectories(gmm):
@@ -108,10 +122,9 @@ def test_gamma_rises_to_one_along_cfg_trajectories(gmm):
     x, cond = start(gmm, sch, grid, n=256)
     curves = {}
     for space in (Eps(), X0()):
-        ag = AdaptiveGuidance(gmm.denoiser(sch), 3.0, gamma_bar=1.0, space=space)
+        one = AdaptiveGuidance(gmm.denoiser(sch), 3.0, gamma_bar=1.0, space=space).start()
         medians = []
-        sample(ag, get_solver("dpmpp-2m"), grid, x, cond,
-               callbacks=[lambda info: medians.append(float(ag.state.gamma.median()))])
+        by_hand(one, "dpmpp-2m", grid, x, cond, lambda: medians.append(float(one.state.gamma.median())))
         assert min(medians[12:]) > max(medians[4:8]) and medians[-1] > 0.999
         curves[space.name] = torch.tensor(medians)
     eps, x0 = curves["eps"], curves["x0"]
@@ -128,25 +141,27 @@ def test_switch_is_per_sample_and_rows_add_up_over_single_rows(gmm):
     den = gmm.denoiser(sch)
     counted = CountRows(den)
     ag = AdaptiveGuidance(counted, 3.0, gamma_bar=0.9999, space=X0())
-    out = run(ag, "dpmpp-2m", grid, x, cond).x
-    switch_t = ag.state.switch_t
+    whole = run(ag, "dpmpp-2m", grid, x, cond)
+    out, switch_t = whole.x, whole.denoiser.state.switch_t
     assert torch.unique(switch_t[~switch_t.isnan()]).numel() >= 3  # the rows do switch at different steps
     singles = 0
     for i in range(x.shape[0]):
         one = CountRows(den)
         ag1 = AdaptiveGuidance(one, 3.0, gamma_bar=0.9999, space=X0())
         ci = {"y": cond["y"][i:i + 1], "null": GMM.null_cond(1)}
-        xi = run(ag1, "dpmpp-2m", grid, x[i:i + 1], ci).x
+        single = run(ag1, "dpmpp-2m", grid, x[i:i + 1], ci)
+        xi, st1 = single.x, single.denoiser.state
         assert torch.allclose(xi, out[i:i + 1], rtol=0, atol=1e-12)
-        assert torch.equal(ag1.state.switch_t.isnan(), switch_t[i:i + 1].isnan())
-        assert bool(ag1.state.switch_t.isnan().all()) or float(ag1.state.switch_t) == float(switch_t[i])
+        assert torch.equal(st1.switch_t.isnan(), switch_t[i:i + 1].isnan())
+        assert bool(st1.switch_t.isnan().all()) or float(st1.switch_t) == float(switch_t[i])
         singles += one.rows
     assert counted.rows == singles < 2 * x.shape[0] * 12
 
 
 def test_no_state_leaks_between_trajectories(gmm):
     """One AG object reused: a second trajectory (new start, same grid), a mid-grid start (SDEdit-like), a
-    different batch size, and a repeat of the first all equal a fresh object's run, bit for bit."""
+    different batch size, and a repeat of the first all equal a fresh object's run, bit for bit; each run has
+    its own started trajectory and the configuration object holds no state."""
     sch = VPLinear()
     grid = make_grid(sch, 10)
     den = gmm.denoiser(sch)
@@ -158,8 +173,10 @@ def test_no_state_leaks_between_trajectories(gmm):
         return run(AdaptiveGuidance(den, 3.0, gamma_bar=0.9999, space=X0()), "dpmpp-2m", g, x, c).x
 
     reused = AdaptiveGuidance(den, 3.0, gamma_bar=0.9999, space=X0())
-    first = run(reused, "dpmpp-2m", grid, x1, c1).x
-    assert bool(reused.state.switched.any())
+    whole = run(reused, "dpmpp-2m", grid, x1, c1)
+    first = whole.x
+    assert bool(whole.denoiser.state.switched.any()) and not hasattr(reused, "state")
+    assert run(reused, "dpmpp-2m", grid, x1, c1).denoiser is not whole.denoiser
     assert torch.equal(run(reused, "dpmpp-2m", grid, x2, c2).x, fresh(x2, c2))
     mid = grid[4:]
     assert torch.equal(run(reused, "dpmpp-2m", mid, x2 * 0.5, c2).x, fresh(x2 * 0.5, c2, mid))
@@ -167,23 +184,30 @@ def test_no_state_leaks_between_trajectories(gmm):
     assert torch.equal(run(reused, "dpmpp-2m", grid, x1, c1).x, first)
 
 
-def test_explicit_state_and_reset(gmm):
-    """The state is explicit: it records evaluations and rows, keeps its switches across the evaluations of a
-    trajectory (repeated time, as EDM's Heun makes) and reset() clears it."""
+def test_explicit_state_and_start(gmm):
+    """The state is explicit: a started trajectory records evaluations and rows and keeps its switches across
+    all its evaluations (repeated time, as EDM's Heun makes, and rising time, as EDM's churn makes); start()
+    gives a new trajectory with no state, leaving the first untouched; a trajectory's batch size is fixed."""
     sch = VPLinear()
     den = gmm.denoiser(sch)
     grid = make_grid(sch, 4)
     x, cond = start(gmm, sch, grid, n=5)
     ag = AdaptiveGuidance(den, 3.0, gamma_bar=-1.0)
-    ag(x, float(grid[0]), cond)
-    assert isinstance(ag.state, AGState) and ag.state.evaluations == 1 and ag.state.rows == 10
-    ag(x, float(grid[1]), cond)
-    ag(x, float(grid[1]), cond)  # same t again: same trajectory
-    assert ag.state.evaluations == 3 and ag.state.rows == 20 and bool(ag.state.switched.all())
-    ag.reset()
-    assert ag.state is None
-    ag(x, float(grid[1]), cond)
-    assert ag.state.evaluations == 1 and ag.state.rows == 10
+    one = ag.start()
+    assert isinstance(one, AGTrajectory) and one.state is None and one.config is ag and one.schedule is den.schedule
+    one(x, float(grid[0]), cond)
+    assert isinstance(one.state, AGState) and one.state.evaluations == 1 and one.state.rows == 10
+    one(x, float(grid[1]), cond)
+    one(x, float(grid[1]), cond)  # same t again: same trajectory
+    one(x, float(grid[0]), cond)  # t rises: still the same trajectory (the switches stay)
+    assert one.state.evaluations == 4 and one.state.rows == 25 and bool(one.state.switched.all())
+    two = ag.start()
+    assert two.state is None and one.state.evaluations == 4
+    two(x, float(grid[1]), cond)
+    assert two.state.evaluations == 1 and two.state.rows == 10 and one.state.evaluations == 4
+    assert one.start().state is None  # start() of a trajectory begins a new one of the same configuration
+    with pytest.raises(ConfigError, match="batch of 5"):
+        one(x[:3], float(grid[2]), {"y": cond["y"][:3], "null": GMM.null_cond(3)})
 
 
 def test_per_sample_times_and_mixed_switch_state(gmm):
@@ -197,7 +221,7 @@ def test_per_sample_times_and_mixed_switch_state(gmm):
     y = torch.arange(n) % 2
     cond = {"y": y, "null": GMM.null_cond(n)}
     counted = CountRows(den)
-    ag = AdaptiveGuidance(counted, 2.0, gamma_bar=1.0)
+    ag = AdaptiveGuidance(counted, 2.0, gamma_bar=1.0).start()
     ag.state = AGState.start(n, 1.0)
     switched = torch.tensor([True, False, True, False, False, True])
     ag.state = AGState(switched, ag.state.switch_t, ag.state.gamma, 1.0, 1.0)
@@ -225,4 +249,8 @@ def test_errors(gmm):
     with pytest.raises(ConfigError, match="space"):
         AdaptiveGuidance(den, 3.0, space="eps")
     with pytest.raises(ConfigError, match="null"):
-        AdaptiveGuidance(den, 3.0)(torch.zeros(2, 2, dtype=F64), 0.5, {"y": torch.tensor([0, 1])})
+        AdaptiveGuidance(den, 3.0).start()(torch.zeros(2, 2, dtype=F64), 0.5, {"y": torch.tensor([0, 1])})
+    cond = {"y": torch.tensor([0, 1]), "null": GMM.null_cond(2)}
+    with pytest.raises(ConfigError, match=r"sample\(\).*\.start\(\)") as info:  # a configuration, not a trajectory
+        AdaptiveGuidance(den, 3.0)(torch.zeros(2, 2, dtype=F64), 0.5, cond)
+    assert "\n" not in str(info.value)

@@ -1,6 +1,7 @@
 """LinearAG: exact recovery of the coefficients of an exactly affine toy, fit quality on GMM CFG trajectories
-(held out), the network rows it saves, CFG as its limit, no history leaking between trajectories, and the
-safetensors round trip."""
+(held out), the network rows it saves, CFG as its limit, the explicit per-trajectory state (evaluation k uses
+row k at the fitted time k; each sample() call or start() is a fresh trajectory), and the safetensors round
+trip."""
 
 import math
 
@@ -139,9 +140,11 @@ def test_gmm_linear_ag_stays_close_to_cfg_and_saves_rows(gmm):
     assert agree >= 0.99 and agree > (label(plain) == label(ref)).float().mean()
 
 
-def test_zero_steps_is_cfg_and_foreign_times_run_exact_cfg(gmm):
-    """steps = 0, a grid whose times were not fitted, and per-sample t all run the exact CFG evaluation: the
-    trajectory is CFG's bit for bit with 2n rows per evaluation."""
+def test_zero_steps_is_cfg_and_other_times_are_refused(gmm):
+    """steps = 0 runs the exact CFG evaluation: the trajectory is CFG's bit for bit with 2n rows per evaluation
+    (on any grid). A predicted evaluation k must be at the fitted time k: a grid whose times were not fitted,
+    or a per-sample t that differs from it, is a one-line ConfigError (no silent fallback); a per-sample t
+    equal to it is the scalar evaluation."""
     sch = VPLinear()
     grid = make_grid(sch, 8)
     solver = get_solver("unipc")
@@ -150,18 +153,25 @@ def test_zero_steps_is_cfg_and_foreign_times_run_exact_cfg(gmm):
     co = fit_linear_ag(den, solver, grid, x, cond, 2.0)
     ref = sample(CFG(den, 2.0), solver, grid, x, cond).x
     assert torch.equal(sample(LinearAG(den, co, steps=0), solver, grid, x, cond).x, ref)
-    other = make_grid(sch, 7, t_start=0.75)  # its last time is a fitted one, but without its predecessor
+    other = make_grid(sch, 7, t_start=0.75)  # its last time is a fitted one, but not its first
     counted = CountRows(den)
-    out = sample(LinearAG(counted, co, steps=8), solver, other, x, cond).x
-    assert torch.equal(out, sample(CFG(den, 2.0), solver, other, x, cond).x) and counted.rows == 2 * 16 * 7
-    t = torch.full((16,), float(grid[0]), dtype=F64)
-    assert torch.equal(LinearAG(den, co, steps=8)(x, t, cond), CFG(den, 2.0)(x, t, cond))
+    assert torch.equal(sample(LinearAG(counted, co, steps=0), solver, other, x, cond).x,
+                       sample(CFG(den, 2.0), solver, other, x, cond).x) and counted.rows == 2 * 16 * 7
+    with pytest.raises(ConfigError, match="evaluation 0 .* fitted at t=") as info:
+        sample(LinearAG(den, co, steps=8), solver, other, x, cond)
+    assert "\n" not in str(info.value)
+    t0 = float(grid[0])
+    t = torch.full((16,), t0, dtype=F64)
+    assert torch.equal(LinearAG(den, co, steps=8).start()(x, t, cond), LinearAG(den, co, steps=8).start()(x, t0, cond))
+    t[3] = float(grid[1])
+    with pytest.raises(ConfigError, match="fitted at t="):
+        LinearAG(den, co, steps=8).start()(x, t, cond)
 
 
 def test_no_history_leaks_between_trajectories(gmm):
-    """A reused LinearAG object gives each trajectory exactly what a fresh object gives: a second run, and a
-    mid-grid start, whose first evaluation has no predecessor and so runs the exact CFG evaluation (2n rows)
-    even though it is among the replaced steps."""
+    """A reused LinearAG object gives each trajectory exactly what a fresh object gives: a second run, and the
+    first again after a mid-grid start, which is refused (its evaluation 0 is not at the fitted time 0: the
+    coefficients of the replaced steps belong to trajectories from the top of the grid)."""
     sch = VPLinear()
     grid = make_grid(sch, 10)
     solver = get_solver("dpmpp-2m")
@@ -173,12 +183,36 @@ def test_no_history_leaks_between_trajectories(gmm):
     reused = LinearAG(counted, co, steps=6)
     first = sample(reused, solver, grid, x1, c1).x
     assert torch.equal(sample(reused, solver, grid, x2, c2).x, sample(LinearAG(den, co, 6), solver, grid, x2, c2).x)
-    mid = grid[3:]
-    before = counted.rows
-    out = sample(reused, solver, mid, 0.5 * x2, c2).x
-    assert torch.equal(out, sample(LinearAG(den, co, 6), solver, mid, 0.5 * x2, c2).x)
-    assert counted.rows - before == 32 * (2 * 7 - 2)  # evaluations 3..9: 3 exact (no history), 4 and 5 replaced
+    assert counted.rows == 2 * 32 * (2 * 10 - 6)  # per run: 6 evaluations replaced (n rows), 4 exact (2n)
+    with pytest.raises(ConfigError, match="evaluation 0 .* fitted at t="):
+        sample(reused, solver, grid[3:], 0.5 * x2, c2)
     assert torch.equal(sample(reused, solver, grid, x1, c1).x, first)
+    assert not hasattr(reused, "history") and not hasattr(reused, "k")
+
+
+def test_started_trajectory_counts_its_evaluations(gmm):
+    """A started trajectory holds k (the next evaluation) and the previous (eps_c, eps_u); evaluation k uses
+    coefficient row k and must be at the fitted time k: repeating a time is refused (one line), and start()
+    begins again at k = 0."""
+    sch = VPLinear()
+    grid = make_grid(sch, 6)
+    den = gmm.denoiser(sch)
+    x, cond = gmm_start(gmm, sch, grid, 8, 0)
+    co = fit_linear_ag(den, get_solver("ddim"), grid, x, cond, 2.0)
+    lag = LinearAG(den, co, steps=3)
+    one = lag.start()
+    assert one.k == 0 and one.prev is None and one.config is lag and one.schedule is den.schedule
+    one(x, float(grid[0]), cond)
+    one(x, float(grid[1]), cond)
+    assert one.k == 2 and one.prev[0].shape == x.shape
+    with pytest.raises(ConfigError, match="evaluation 2 .* fitted at t=") as info:
+        one(x, float(grid[1]), cond)
+    assert "\n" not in str(info.value)
+    two = one.start()
+    assert two.k == 0 and two.prev is None and one.k == 2
+    for k in range(5):  # evaluations past ``steps`` run exact CFG at any time
+        two(x, float(grid[k]), cond)
+    assert two.k == 5 and torch.equal(two(x, 0.123, cond), CFG(den, 2.0)(x, 0.123, cond))
 
 
 def test_save_load_round_trip(gmm, tmp_path):
@@ -225,4 +259,7 @@ def test_errors(gmm):
     with pytest.raises(ConfigError, match="at least one term"):
         Regressors(False, False, False, False, False)
     with pytest.raises(ConfigError, match="null"):
-        LinearAG(den, co)(x, float(grid[0]), {"y": cond["y"]})
+        LinearAG(den, co).start()(x, float(grid[0]), {"y": cond["y"]})
+    with pytest.raises(ConfigError, match=r"sample\(\).*\.start\(\)") as info:  # a configuration, not a trajectory
+        LinearAG(den, co)(x, float(grid[0]), cond)
+    assert "\n" not in str(info.value)

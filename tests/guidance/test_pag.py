@@ -215,7 +215,7 @@ def test_pag_term_composes_with_cfg_ag_and_rescale(setup):
         assert torch.allclose(tapped(x, t, cond), ref, rtol=1e-10, atol=1e-10)
         assert counted.rows == 3 * n and tap.last is None  # uncond + cond + perturbed, nothing kept
         never = AdaptiveGuidance(den, w, 1.0, space=X0())
-        assert torch.allclose(PAGTerm(never, den, s, "mid")(x, t, cond), ref, rtol=1e-10, atol=1e-10)
+        assert torch.allclose(PAGTerm(never, den, s, "mid").start()(x, t, cond), ref, rtol=1e-10, atol=1e-10)
         resc = GuidanceRescale(den, w, 0.7, space=X0())
         assert torch.equal(PAGTerm(resc, den, 0.0, "mid")(x, t, cond), resc(x, t, cond))
         x0_p = lambda tt: PAG(den, s, layers="mid").perturbed(x, tt, no_null(cond))  # noqa: E731
@@ -225,7 +225,7 @@ def test_pag_term_composes_with_cfg_ag_and_rescale(setup):
             counted = CountRows(den)
             tap = Tap(counted)
             always = AdaptiveGuidance(tap if use_tap else counted, w, -1.0, space=X0())  # switches at once
-            term = PAGTerm(always, counted, s, "mid", net=net["unet"], tap=tap if use_tap else None)
+            term = PAGTerm(always, counted, s, "mid", net=net["unet"], tap=tap if use_tap else None).start()
             term(x, t, cond)  # the switch
             rows = counted.rows
             out = term(x, t2, cond)

@@ -18,9 +18,9 @@ from condiff.core.denoiser import coefficients
 from condiff.errors import ConfigError, InputFileError
 from condiff.core.grids import make_grid
 from condiff.guidance.classifier import ClassifierGuidance, exact_gmm_classifier, from_logits
-from condiff.guidance.ppap import (T_KD, MultiExpert, adaptable_layers, distill_expert, expert_index,
-                                   expert_interval, frozen_checksum, kd_loss, load_ppap, lora_expert,
-                                   lora_parameters, lora_spec, ppap_guidance, save_ppap)
+from condiff.guidance.ppap import (MultiExpert, adaptable_layers, expert_index, expert_interval, frozen_checksum,
+                                   load_ppap, lora_expert, lora_parameters, lora_spec, ppap_guidance, save_ppap)
+from condiff.training.ppap import T_KD, distill_expert, kd_loss
 from condiff.models.classifiers import load_guidance_classifier
 from condiff.nets import AttributeClassifier
 from condiff.core.sampling import initial_noise, sample

@@ -19,8 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from clikit import run
-from condiff.core.files import (PICKLE_SUFFIXES, SCAN_DEPTH, load_json, load_tensors, refuse_pickles,
-                                save_tensors)
+from condiff.core.files import PICKLE_SUFFIXES, SCAN_DEPTH, load_json, load_tensors, refuse_pickles, save_tensors
 from condiff.errors import InputFileError
 from condiff.models.base import bundled_dir, load_model
 

@@ -162,3 +162,72 @@ def test_float32_in_float32_out(gmm, name):
     grid, x = start(sch)
     out = run(gmm, name, sch, grid, x.float())
     assert out.x.dtype == torch.float32 and out.x.shape == x.shape and bool(torch.isfinite(out.x).all())
+
+
+class Given:
+    """A denoiser that returns the estimate it was handed (``value``), whatever it is asked."""
+
+    def __init__(self, schedule):
+        self.schedule, self.value = schedule, None
+
+    def __call__(self, x, t):
+        return self.value
+
+
+ONE_EVAL = sorted(n for n in SOLVERS if get_solver(n).evals_per_step() == 1)
+TWO_EVAL = sorted(set(SOLVERS) - set(ONE_EVAL))
+
+
+def test_the_one_and_two_evaluation_solvers():
+    assert set(TWO_EVAL) == {"heun", "dpmpp-2s", "edm-heun", "edm-sde"}
+
+
+@pytest.mark.parametrize("schedule", [VPLinear(), EDM()], ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize("name", ONE_EVAL + ["dc-solver-ratios"])
+def test_step_from_x0_equals_step_with_a_denoiser_returning_that_x0(gmm, name, schedule):
+    """Over whole trajectories (multistep state carried, the step into sigma = 0 included), step_from_x0 with
+    a given x0_hat equals step with a denoiser that returns that x0_hat, bit for bit, for every one-evaluation
+    solver; the x0_hat fed in is the model's estimate perturbed per step, so it is no denoiser's output."""
+    from condiff.solvers import DCSolver
+
+    solver = DCSolver(ratios=(1.0, 1.0, 0.9, 1.1, 1.05, 1.0)) if name == "dc-solver-ratios" else get_solver(name)
+    grid, x = start(schedule)
+    den, cond = gmm.denoiser(schedule), {"y": torch.arange(x.shape[0]) % 2}
+    given = Given(schedule)
+    g = torch.Generator().manual_seed(4)
+    xa, sa, xb, sb = x, solver.init_state(grid), x, solver.init_state(grid)
+    na, nb = Gaussian(torch.Generator().manual_seed(2)), Gaussian(torch.Generator().manual_seed(2))
+    for i in range(STEPS):
+        t, tn = float(grid[i]), float(grid[i + 1])
+        given.value = den(xa, t, cond) + 0.01 * torch.randn(x.shape, generator=g, dtype=F64)
+        xa, sa = solver.step(given, xa, t, tn, sa, na)
+        xb, sb = solver.step_from_x0(schedule, xb, t, tn, given.value, sb, nb)
+        assert torch.equal(xa, xb), (name, i)
+
+
+@pytest.mark.parametrize("name", ONE_EVAL)
+def test_step_is_step_from_x0_of_the_denoiser_output(gmm, name):
+    """A whole sample() run equals the loop of step_from_x0 over the denoiser's own estimates, bit for bit."""
+    sch = VPLinear()
+    grid, x = start(sch)
+    den, cond = gmm.denoiser(sch), {"y": torch.arange(x.shape[0]) % 2}
+    solver = get_solver(name)
+    ref = run(gmm, name, sch, grid, x).x
+    state, noise = solver.init_state(grid), Gaussian(torch.Generator().manual_seed(1))
+    for i in range(STEPS):
+        t, tn = float(grid[i]), float(grid[i + 1])
+        x, state = solver.step_from_x0(sch, x, t, tn, den(x, t, cond), state, noise)
+    assert torch.equal(x, ref)
+
+
+@pytest.mark.parametrize("name", TWO_EVAL)
+def test_two_evaluation_solvers_refuse_step_from_x0(gmm, name):
+    """A solver that evaluates the denoiser twice a step has no step from one given x0: a one-line ConfigError."""
+    from condiff.errors import ConfigError
+
+    sch = VPLinear()
+    grid, x = start(sch)
+    solver = get_solver(name)
+    with pytest.raises(ConfigError, match="2 times a step") as info:
+        solver.step_from_x0(sch, x, float(grid[0]), float(grid[1]), x, solver.init_state(grid), None)
+    assert "\n" not in str(info.value)

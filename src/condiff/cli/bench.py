@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from condiff.cli import common, edit
 
-from condiff.errors import ConfigError
+from condiff.errors import ConfigError, check_int
 from condiff.cli.dc import parse_list
 
 app = typer.Typer(help="Benchmarks: condiff against diffusers, side by side.", no_args_is_help=True)
@@ -55,9 +55,9 @@ def solvers_cmd(
     check_seed(seed, "--seed")
     if not math.isfinite(cfg) or abs(cfg) > 100:
         raise ConfigError(f"--cfg must be a finite number with |cfg| <= 100, got {cfg}")
-    common.in_range(n, "--n", 1, 100_000)
+    check_int("--n", n, 1, 100_000)
     if ref_steps != 0:  # 0: the default; the reference is also run at half the steps, so at least 2
-        common.in_range(ref_steps, "--ref-steps", 2, 100_000)
+        check_int("--ref-steps", ref_steps, 2, 100_000)
     if json_out is not None:
         common.check_out(json_out, "--json", ".json")
     plot = plot if plot is not None else (json_out.with_suffix(".png") if json_out is not None else None)
@@ -72,9 +72,9 @@ def solvers_cmd(
         if spacing not in SPACINGS:
             raise one_of("--spacing", spacing, ["trailing", *SPACINGS])
     if oracle == "gmm":
-        common.in_range(dim, "--dim", 1, 4096)
-        common.in_range(components, "--components", 1, 1024)
-        common.in_range(classes, "--classes", 1, components)
+        check_int("--dim", dim, 1, 4096)
+        check_int("--components", components, 1, 1024)
+        check_int("--classes", classes, 1, components)
         torch.set_num_threads(common.thread_count())
         problem = bench.gmm_problem(dim, components, classes, seed, n, cfg, ref_steps or 2048)
     else:

@@ -12,7 +12,8 @@ from typing import Optional
 
 import typer
 
-from condiff.errors import ConfigError, InputFileError, OutputFileError, one_of
+from condiff.guidance.schedules import MAX_SCALE
+from condiff.errors import ConfigError, InputFileError, OutputFileError, check_real, one_of
 
 MAX_SAMPLES = 1_000_000  # --n and --batch-size
 MAX_EDIT_STEPS = 1000  # the inversion stores tensors per step (edit-friendly: two per step)
@@ -98,8 +99,7 @@ def check_common(steps: int, cfg: float, n: int, batch_size: int, seed: int,
 
     if not 1 <= steps <= MAX_STEPS:
         raise ConfigError(f"--steps must be an integer in [1, {MAX_STEPS}], got {steps}")
-    if not math.isfinite(cfg) or abs(cfg) > 1e4:
-        raise ConfigError(f"--cfg must be a finite number with |cfg| <= 10000, got {cfg}")
+    check_real("--cfg", cfg, -MAX_SCALE, MAX_SCALE, f"a finite number with |cfg| <= {MAX_SCALE:g}")
     if not 1 <= n <= MAX_SAMPLES:
         raise ConfigError(f"--n must be an integer in [1, {MAX_SAMPLES}], got {n}")
     if not 1 <= batch_size <= MAX_SAMPLES:
@@ -480,11 +480,5 @@ def load_inversion(path: Path):
             or not isinstance(state.info, dict):
         raise InputFileError(f"--inversion {str(path)!r} has malformed metadata (write it with `condiff invert`)")
     return state, meta
-
-
-def in_range(value: int, option: str, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ConfigError(f"{option} must be an integer in [{lo}, {hi}], got {value!r}")
-    return value
 
 

@@ -17,7 +17,8 @@ from typing import Optional
 import typer
 from condiff.cli import common
 
-from condiff.errors import ConfigError
+from condiff.guidance.schedules import MAX_SCALE
+from condiff.errors import ConfigError, check_int
 
 app = typer.Typer(help="DC-Solver: search dynamic-compensation ratios (Zhao et al. 2024).", no_args_is_help=True,
                   add_completion=False)
@@ -75,10 +76,10 @@ def search_cmd(
     from condiff.training.recipe import check_seed
 
     nfes = parse_list(nfe, "--nfe", int, MIN_NFE, MAX_NFE, "integers")
-    cfgs = parse_list(cfg, "--cfg", float, -1e4, 1e4, "finite numbers")
-    common.in_range(n_data, "--n-data", 1, MAX_DATA)
-    common.in_range(ref_steps, "--ref-steps", max(nfes), 100_000)
-    common.in_range(iters, "--iters", 1, 100_000)
+    cfgs = parse_list(cfg, "--cfg", float, -MAX_SCALE, MAX_SCALE, "finite numbers")
+    check_int("--n-data", n_data, 1, MAX_DATA)
+    check_int("--ref-steps", ref_steps, max(nfes), 100_000)
+    check_int("--iters", iters, 1, 100_000)
     if not math.isfinite(lr) or lr <= 0:
         raise ConfigError(f"--lr must be a positive finite number, got {lr}")
     check_seed(seed, "--seed")

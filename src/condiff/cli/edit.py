@@ -28,7 +28,7 @@ import typer
 from condiff.cli import common
 from condiff.cli import pipeline as diffusers_cmds
 
-from condiff.errors import ConfigError, InputFileError
+from condiff.errors import ConfigError, InputFileError, check_int
 
 MAX_BENCH_N = 100_000
 MAX_EXAMPLES = 64
@@ -409,11 +409,11 @@ def bench_edit_cmd(
     from condiff.data.images import save_png
     from condiff.core.files import atomic_write_json
 
-    common.in_range(n, "--n", 1, MAX_BENCH_N)
+    check_int("--n", n, 1, MAX_BENCH_N)
     common.check_seed(seed)
     common.check_steps(steps)
-    common.in_range(batch_size, "--batch-size", 1, MAX_BENCH_N)
-    examples = min(common.in_range(examples, "--examples", 1, MAX_EXAMPLES), n)
+    check_int("--batch-size", batch_size, 1, MAX_BENCH_N)
+    examples = min(check_int("--examples", examples, 1, MAX_EXAMPLES), n)
     common.check_out(json_out, "--json", ".json")
     grid = grid if grid is not None else json_out.with_name(json_out.stem + "_grid.png")
     common.check_out(grid, "--grid", ".png")

@@ -1,5 +1,5 @@
 """``condiff ems``: empirical model statistics for the dpm-v3 solver (Zheng, Lu, Chen & Zhu 2023,
-"DPM-Solver-v3", NeurIPS; sec. 3.1 and App. C; specs/sampling_guidance.md sec. 1).
+"DPM-Solver-v3", NeurIPS; sec. 3.1 and App. C).
 
 ``condiff ems compute`` estimates l, s, b (condiff.solvers.ems.compute_ems) for one model at one CFG scale, on real
 training images of the model's family (``training_batch``), over the lambda range the CLI samples
@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
 import typer
 from condiff.cli import common
 
+from condiff.errors import check_real
+from condiff.guidance.schedules import MAX_SCALE
 from condiff.errors import ConfigError
 
 app = typer.Typer(help="Empirical model statistics (EMS) for the dpm-v3 solver (DPM-Solver-v3).",
@@ -37,8 +38,7 @@ def _check(grid: int, n_data: int, batch_size: int, cfg: float, seed: int, jvp: 
         raise ConfigError(f"--n-data must be an integer in [2, {MAX_DATA}] (variances need 2 points), got {n_data}")
     if not 1 <= batch_size <= MAX_DATA:
         raise ConfigError(f"--batch-size must be an integer in [1, {MAX_DATA}], got {batch_size}")
-    if not math.isfinite(cfg) or abs(cfg) > 1e4:
-        raise ConfigError(f"--cfg must be a finite number with |cfg| <= 10000, got {cfg}")
+    check_real("--cfg", cfg, -MAX_SCALE, MAX_SCALE, f"a finite number with |cfg| <= {MAX_SCALE:g}")
     if jvp not in JVP_CHOICES:
         raise ConfigError(f"unknown --jvp {jvp!r}; accepted: {', '.join(JVP_CHOICES)}")
     check_seed(seed, "--seed")

@@ -1,5 +1,5 @@
 """``condiff guidance``: fit LinearAG's coefficients for a model (Castillo et al., AAAI 2025, arXiv 2312.12487,
-"Adaptive Guidance"; condiff.guidance.linear_ag, specs 5a).
+"Adaptive Guidance"; condiff.guidance.linear_ag).
 
 ``condiff guidance fit-linear-ag --model shapes --cfg 3 --steps 20 --out coeffs.safetensors`` draws ``--n``
 random conditions and start points as ``condiff eval`` draws them (one generator seeded with ``--seed``:
@@ -154,7 +154,8 @@ def train_ppap_cmd(
     from tqdm.auto import tqdm
 
     from condiff.core.grids import make_grid
-    from condiff.guidance.ppap import MultiExpert, distill_expert, expert_interval, head_groups, heldout_kd, lora_expert, save_ppap, teach
+    from condiff.guidance.ppap import save_ppap
+    from condiff.training.ppap import distill_experts
     from condiff.models.classifiers import load_classifier
     from condiff.core.sampling import Gaussian, sample
 
@@ -203,33 +204,16 @@ def train_ppap_cmd(
     data = torch.cat(made)
     gen_seconds = time.perf_counter() - t0
     train, held = data[: images - holdout], data[images - holdout:]
-    groups = head_groups(net)
-    z_train = teach(lambda x: net(x), train)
-    z_held = teach(lambda x: net(x), held) if holdout else None
-    t_min, t_max = float(m.schedule.t_min), float(m.schedule.t_max)
-    trained, report = [], []
     bar = tqdm(total=experts * steps, desc="train-ppap: distilling", unit="step", leave=False)
+
+    def tick(k, step, loss):
+        bar.update(1)
+        if step % 20 == 0:
+            bar.set_postfix(expert=k, loss=f"{loss:.4f}")
+
     try:
-        for k in range(experts):
-            interval = expert_interval(k, experts, t_min, t_max)
-            e = lora_expert(net, rank, alpha)
-
-            def tick(step, loss, k=k):
-                bar.update(1)
-                if step % 20 == 0:
-                    bar.set_postfix(expert=k, loss=f"{loss:.4f}")
-
-            curve = distill_expert(e, z_train, train, m.schedule, interval, steps, batch_size, lr, weight_decay,
-                                   temperature, groups, g, tick)
-            row = {"expert": k, "interval": list(interval), "first_loss": curve[0], "last_loss": curve[-1]}
-            if holdout:
-                clean_kd = heldout_kd(lambda x, t: net(x), z_held, held, m.schedule, interval,
-                                      torch.Generator().manual_seed(seed + 1 + k), temperature, groups)
-                expert_kd = heldout_kd(e, z_held, held, m.schedule, interval,
-                                       torch.Generator().manual_seed(seed + 1 + k), temperature, groups)
-                row.update(heldout_kd_clean=clean_kd, heldout_kd_expert=expert_kd)
-            report.append(row)
-            trained.append(e)
+        multi, _, report = distill_experts(net, train, m.schedule, experts, None, rank, alpha, steps, batch_size, lr,
+                                           weight_decay, temperature, None, g, tick, held if holdout else None, seed)
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
@@ -237,7 +221,7 @@ def train_ppap_cmd(
             "gen_steps": gen_steps, "solver": solver, "steps": steps, "batch_size": batch_size, "lr": lr,
             "weight_decay": weight_decay, "temperature": temperature, "seed": seed,
             "seconds": {"generate": round(gen_seconds, 1), "total": round(seconds, 1)}, "experts": report}
-    save_ppap(MultiExpert(trained, t_min, t_max), out, net, info=info)
+    save_ppap(multi, out, net, info=info)
     for r in report:
         extra = (f", held-out KD {r['heldout_kd_clean']:.4f} (clean classifier) -> {r['heldout_kd_expert']:.4f}"
                  if holdout else "")
@@ -322,11 +306,10 @@ def fit_minority_cmd(
         bar.close()
     seconds = time.perf_counter() - t0
     mc.info.update({"model": model, "renders": n, "seed": seed, "seconds": seconds,
-                    "command": "condiff guidance fit-minority " + " ".join(
-                        f"--{k.replace('_', '-')} {v}" for k, v in (
-                            ("model", model), ("out", out), ("n", n), ("levels", levels), ("t", t),
-                            ("draws", draws), ("steps", steps), ("batch_size", batch_size), ("lr", lr),
-                            ("weight_decay", weight_decay), ("holdout", holdout), ("seed", seed)))})
+                    "command": common.reproduce("guidance fit-minority", [
+                        ("--model", model), ("--out", out), ("--n", n), ("--levels", levels), ("--t", t),
+                        ("--draws", draws), ("--steps", steps), ("--batch-size", batch_size), ("--lr", lr),
+                        ("--weight-decay", weight_decay), ("--holdout", holdout), ("--seed", seed)])})
     save_minority(mc, out, {"scores": scores, "heldout": held.to(torch.uint8)})
     acc = mc.info.get("heldout_accuracy", {})
     extra = "; ".join(f"held-out level accuracy at {k}: {v['accuracy']:.3f}" for k, v in acc.items())

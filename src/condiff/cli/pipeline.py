@@ -23,7 +23,7 @@ def refuse_model_options(options: dict) -> None:
                           f"(condiff's own models only)")
 
 
-def _load(pipeline: Path):
+def _open_pipeline(pipeline: Path):
     import torch
 
     from condiff.interop.pipeline import load_pipeline
@@ -76,7 +76,7 @@ def sample_cmd(pipeline: Path, prompt: Optional[str], negative_prompt: Optional[
     for name, v in (("--height", height), ("--width", width)):
         if v is not None and (v < step or v % step):
             raise ConfigError(f"{name} must be a positive multiple of {step} for this pipeline, got {v}")
-    pipe = _load(pipeline)
+    pipe = _open_pipeline(pipeline)
     if dict(pipe.scheduler.config).get("clip_sample") and spacing is None:
         typer.echo("note: the folder's scheduler config sets clip_sample=True; condiff does not clip x0, so results "
                    "differ from diffusers' (see docs/diffusers.md)", err=True)
@@ -123,7 +123,7 @@ def invert_cmd(pipeline: Path, image: Path, prompt: str, method: str, steps: int
     common.check_seed(seed)
     common.check_out(out, "--out", ".safetensors")
     meth = common.make_method(method, common.method_options(method, method_opt))
-    pipe = _load(pipeline)
+    pipe = _open_pipeline(pipeline)
     x = _image(pipe, image)
     t0 = time.perf_counter()
     state, recon = invert_pipeline(pipe, meth, x, prompt, steps, seed)
@@ -182,7 +182,7 @@ def edit_cmd(pipeline: Path, image: Path, from_: Optional[str], to: str, method:
         raise ConfigError("with --pipeline, give --from (the source prompt) and --method, or --inversion FILE")
     steps = 50 if steps is None else steps
     meth = common.make_method(method, {**options, **common.method_options(method, method_opt)})
-    pipe = _load(pipeline)
+    pipe = _open_pipeline(pipeline)
     x = _image(pipe, image)
     if state is None:
         state, recon = invert_pipeline(pipe, meth, x, from_, steps, seed)

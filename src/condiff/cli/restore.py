@@ -25,7 +25,7 @@ from typing import Optional
 import typer
 from condiff.cli import common
 
-from condiff.errors import ConfigError, InputFileError
+from condiff.errors import ConfigError, InputFileError, check_int
 
 TASKS = {"inpaint": "fill the white pixels of --mask", "sr": "super-resolve a low-resolution image",
          "colorize": "color a grayscale (luminance) image"}
@@ -38,12 +38,6 @@ def _check_task(task: str) -> str:
     if not isinstance(task, str) or task not in TASKS:
         raise one_of("task", task, TASKS)
     return task
-
-
-def _check_recurrence(k: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_RECURRENCE:
-        raise ConfigError(f"--recurrence must be an integer in [1, {MAX_RECURRENCE}], got {k!r}")
-    return k
 
 
 def file_size(path: Path, channels: int) -> tuple[int, int]:
@@ -147,7 +141,7 @@ def restore_cmd(
     _check_task(task)
     common.check_steps(steps)
     common.check_seed(seed)
-    _check_recurrence(recurrence)
+    check_int("--recurrence", recurrence, 1, MAX_RECURRENCE)
     sol = SelfRecurrence(get_solver(solver), recurrence)
     if task == "inpaint" and mask is None:
         raise ConfigError("--task inpaint needs --mask (white pixels are filled, black pixels are kept)")

@@ -1,7 +1,7 @@
 """The Gaussian-mixture oracle: exact scores, denoisers, classifiers and PF-ODE solutions, in float64.
 
 Data ``p_0 = sum_k pi_k N(mu_k, Sigma_k)`` in R^d; component k belongs to class ``c_k``. Under
-``x_t = alpha x_0 + sigma eps`` every marginal is again a mixture (specs/sampling_guidance.md sec. 0.2):
+``x_t = alpha x_0 + sigma eps`` every marginal is again a mixture:
 
     p_t(x | y) = sum_{k in y} pi_k N(x; alpha mu_k, C_k),      C_k = alpha^2 Sigma_k + sigma^2 I
     r_k(x)     = pi_k N(x; alpha mu_k, C_k) / p_t(x)            (responsibilities, via log-sum-exp)
@@ -250,7 +250,7 @@ def reference_pf_ode(denoiser, x: Tensor, t_from: float, t_to: float, cond=None,
 
 
 def gaussian_pf_ode(mean: Tensor, cov: Tensor, schedule, x: Tensor, t_from: float, t_to: float) -> Tensor:
-    """Closed-form PF-ODE flow of N(mean, cov) data (spec sec. 14), in float64:
+    """Closed-form PF-ODE flow of N(mean, cov) data, in float64:
     x_t = alpha_t mu + U diag(sqrt((alpha_t^2 l + sigma_t^2) / (alpha_T^2 l + sigma_T^2))) U^T (x_T - alpha_T mu).
     The one implementation is ``condiff.solvers.analytic.GaussianFit.flow``."""
     from condiff.solvers.analytic import GaussianFit

@@ -21,10 +21,9 @@ __all__ += ["LinearScale", "CosineScale", "IntervalScale", "GuidanceInterval", "
             "LinearAGCoefficients", "Regressors", "fit_linear_ag", "load_linear_ag", "save_linear_ag"]
 __all__ += ["Inpaint", "SuperResolution", "Colorize", "Projection", "inpaint", "UniversalGuidance", "Forward",
             "Backward", "SelfRecurrence"]
-from condiff.guidance.ppap import MultiExpert, distill_experts, load_ppap, lora_expert, ppap_guidance, save_ppap  # noqa: E402
+from condiff.guidance.ppap import MultiExpert, load_ppap, lora_expert, ppap_guidance, save_ppap  # noqa: E402
 
-__all__ += ["MultiExpert", "distill_experts", "load_ppap", "lora_expert", "ppap_guidance", "save_ppap"]
-from condiff.guidance.minority import MinorityClassifier, MinorityGuidance, fit_minority_classifier, load_minority, minority_score, quantile_levels, save_minority
+__all__ += ["MultiExpert", "load_ppap", "lora_expert", "ppap_guidance", "save_ppap"]
+from condiff.guidance.minority import MinorityClassifier, MinorityGuidance, minority_score, quantile_levels  # noqa: E402
 
-__all__ += ["MinorityClassifier", "MinorityGuidance", "fit_minority_classifier", "load_minority", "minority_score",
-            "quantile_levels", "save_minority"]
+__all__ += ["MinorityClassifier", "MinorityGuidance", "minority_score", "quantile_levels"]

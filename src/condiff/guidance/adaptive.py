@@ -1,22 +1,20 @@
 """Adaptive Guidance, AG (Castillo, Kohler, Pérez, Pérez, Pumarola, Ghanem, Arbeláez, Thabet, AAAI 2025,
-"Adaptive guidance: training-free acceleration of conditional diffusion models", arXiv 2312.12487; specs 5a).
+"Adaptive guidance: training-free acceleration of conditional diffusion models", arXiv 2312.12487).
 
 At every evaluation of a row that still uses guidance, both branches run and
 
-    gamma = cos(eps_c(x_t), eps_u(x_t))      (each sample flattened; specs 5a)
+    gamma = cos(eps_c(x_t), eps_u(x_t))      (each sample flattened)
 
 Where alpha_t is (nearly) 0 at the start of the grid, eps_c = eps_u = x / sigma there and gamma ~ 1, so the
-eps-space rule switches at the first evaluation for any gamma_bar below that; on the GMM oracle the eps cosine
-starts near 1, dips, then rises to 1, and on the bundled shapes model (cosine schedule) it stays above 0.9996
-at every step of a CFG-3 trajectory. The similarity space is therefore an option: ``space`` is a condiff
-Prediction object, ``Eps()`` by default (the spec's rule), ``X0()`` (the cosine of the two denoised estimates,
-which on both rises monotonically, from ~0.96 at the first step to ~1 half way on shapes: the rise the spec
-expects of gamma) or ``V()``.
+eps-space rule switches at the first evaluation for any gamma_bar below that, and on a model whose eps
+cosine stays near 1 throughout it switches at once or never (docs/guidance.md). The similarity space is therefore an option: ``space`` is a condiff
+Prediction object, ``Eps()`` by default (the paper's rule), ``X0()`` (the cosine of the two denoised estimates,
+which rises monotonically over a trajectory, as the paper expects of gamma) or ``V()``.
 
 The evaluation returns the CFG estimate contrast(x0_c, x0_u, w). At the first evaluation where gamma > gamma_bar
 the row switches: every later evaluation of that row in the trajectory is conditional-only (x0_guided = x0_c),
 one network row instead of two. The evaluation that detects the switch still returns CFG, since both branches
-were paid for (the spec leaves this open; the community implementation does the same). The cosine is clamped
+were paid for (the paper leaves this open; the community implementation does the same). The cosine is clamped
 to [-1, 1], so gamma_bar = 1 never switches and AG is then CFG bit for bit (same batched call, same
 arithmetic); gamma_bar = -1 switches every row at its first evaluation.
 

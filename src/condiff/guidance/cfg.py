@@ -2,7 +2,7 @@
 
     x0_guided = contrast(x0_cond, x0_uncond, w) = x0_uncond + w (x0_cond - x0_uncond)
 
-w = 1 is the conditional model, w = 0 the unconditional one (the diffusers convention, specs 0.1). Because
+w = 1 is the conditional model, w = 0 the unconditional one (the diffusers convention). Because
 x0 is affine in eps at fixed (x, t), mixing in x0 space equals mixing in eps space exactly. The condition
 and the null condition are concatenated into one batch, layout [uncond, cond], so one forward serves both.
 """
@@ -12,12 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-import numbers
 
 import torch
 
 from condiff.core.denoiser import Wrapper
 from condiff.errors import ConfigError
+from condiff.guidance.schedules import check_scale
 
 
 def contrast(pos, neg, w):
@@ -41,14 +41,6 @@ def split_batch(x: torch.Tensor, n: int):
     return x.chunk(n, 0)
 
 
-MAX_SCALE = 1e4  # beyond this, guided x0 estimates overflow float32 long before they are useful
-
-
-def _check_scale(w):
-    if not callable(w):
-        if not isinstance(w, numbers.Real) or isinstance(w, bool) or not abs(w) <= MAX_SCALE:  # NaN fails too
-            raise ConfigError(f"guidance scale must be a finite number with |scale| <= {MAX_SCALE:g} or a "
-                              f"function of t, got {w!r}")
 
 
 @dataclass
@@ -65,7 +57,7 @@ class CFG(Wrapper):
     skip_trivial: bool = True
 
     def __post_init__(self):
-        _check_scale(self.scale)
+        check_scale(self.scale)
 
     def __call__(self, x, t, cond=None):
         cond = dict(cond or {})

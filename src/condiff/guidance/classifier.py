@@ -24,8 +24,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from condiff.core.denoiser import Wrapper, coefficients
+from condiff.guidance.schedules import check_scale
 from condiff.errors import ConfigError
-from condiff.guidance.cfg import _check_scale
 
 
 def classifier_gradient(log_prob: Callable, x: torch.Tensor, t, cond) -> torch.Tensor:
@@ -76,7 +76,7 @@ class ClassifierGuidance(Wrapper):
     drop: Sequence[str] = ("y",)
 
     def __post_init__(self):
-        _check_scale(self.scale)
+        check_scale(self.scale)
         if not callable(self.log_prob):
             raise ConfigError(f"classifier guidance needs a callable log_prob(x, t, cond), got {self.log_prob!r}")
 

@@ -1,6 +1,5 @@
 """EluCD: guidance by an off-the-shelf *clean* classifier, calibrated (Ma, Wang, Chen, Sun, Li, Zhang,
-"Elucidating the Design Space of Classifier-Guided Diffusion Generation", ICLR 2024, sec. 4;
-specs/sampling_guidance.md sec. 6, whose "code-exact" notes follow the official AlexMaOLS/EluCD scripts).
+"Elucidating the Design Space of Classifier-Guided Diffusion Generation", ICLR 2024, sec. 4, whose "code-exact" notes follow the official AlexMaOLS/EluCD scripts).
 
 The pieces, each a pure function here:
 
@@ -41,8 +40,8 @@ import torch
 from torch import nn
 
 from condiff.core.denoiser import Wrapper
+from condiff.guidance.schedules import check_scale
 from condiff.errors import ConfigError
-from condiff.guidance.cfg import _check_scale
 
 EDM_MIN_WEIGHT = 1e-5  # the EDM script floors the linear part of w_i at this value
 
@@ -161,7 +160,7 @@ class EluCD(Wrapper):
     _factor: dict = field(init=False, repr=False)
 
     def __post_init__(self):
-        _check_scale(self.scale)
+        check_scale(self.scale)
         for name in ("tau1", "gamma") + (("tau2",) if self.tau2 is not None else ()):
             v = getattr(self, name)
             if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v) or v < 0:

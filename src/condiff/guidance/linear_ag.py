@@ -1,4 +1,4 @@
-"""LinearAG (Castillo et al., AAAI 2025, arXiv 2312.12487; specs 5a): replace the unconditional evaluation of
+"""LinearAG (Castillo et al., AAAI 2025, arXiv 2312.12487): replace the unconditional evaluation of
 the early CFG steps by an affine function of quantities the sampler has without it.
 
 At evaluation k of a trajectory (times t_0 > t_1 > ... of a fixed grid and solver) the estimate is
@@ -10,9 +10,9 @@ recorded CFG trajectories (``fit_linear_ag``). eps_u(k-1) is the unconditional p
 the previous evaluation (the network's, or the previous estimate when that one was predicted too). Evaluation
 0 has no history and uses (1, x, eps_c) only. The guided estimate is CFG with x0_u from eps_u_hat, so an
 evaluation in ``LinearAG(..., steps=s)``'s first s costs n network rows instead of 2n. Which terms enter is a
-``Regressors`` object. [UNVERIFIED: the paper's exact regressor set and which steps it replaces; specs 5a.]
+``Regressors`` object. [UNVERIFIED: the paper's exact regressor set and which steps it replaces]
 
-Everything is in eps space (eps = (x - alpha x0) / sigma), as in the spec. Identifiability: with a first-order
+Everything is in eps space (eps = (x - alpha x0) / sigma), as in the paper. Identifiability: with a first-order
 single-step solver and an unconditional model that is exactly affine in (x, eps_c), x_k is an affine function
 of (eps_c(k-1), eps_u(k-1)), so the full regressor set is collinear; OLS then returns the minimum-norm solution
 (same predictions, different coefficients). ``Regressors(prev_uncond=False)`` removes that term.

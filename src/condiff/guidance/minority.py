@@ -1,5 +1,5 @@
 """Minority guidance (Um, Lee, Ye, ICLR 2024, "Don't Play Favorites: Minority Guidance for Diffusion Models",
-arXiv 2301.12334; specs/sampling_guidance.md sec. 7).
+arXiv 2301.12334).
 
 1. Minority score (the paper's eq. 6, "Tweedie reconstruction loss"): for a clean sample x0 and one fixed
    perturbation time t,

@@ -1,5 +1,5 @@
 """Perturbed-Attention Guidance (Ahn et al., "Self-Rectifying Diffusion Sampling with Perturbed-Attention
-Guidance", ECCV 2024, sec. 4, eqs. 9-11; specs/sampling_guidance.md sec. 4).
+Guidance", ECCV 2024, sec. 4, eqs. 9-11).
 
 The perturbed branch runs the network with the self-attention map of chosen layers replaced by the identity:
 softmax(Q K^T / sqrt(d)) V becomes V, so such a layer outputs to_out(to_v(h)) (its output projection of the
@@ -18,7 +18,7 @@ chosen diffusers ``Attention`` module gets an ``IdentityAttention`` processor vi
 ``finally`` puts every original processor object back (also when the forward raises). No hook or processor
 stays on the network between calls, so PAG nests with anything and leaves the model as it found it.
 
-Branches go through the network in one batch, layout [uncond, cond, perturbed] (spec 0.1); the swapped
+Branches go through the network in one batch, layout [uncond, cond, perturbed]; the swapped
 processors perturb only the last ``n`` rows of what they see (n = the caller's batch) and run the original
 processor on the others. ``batched=False`` runs the perturbed rows as a forward of their own instead (every
 row perturbed): the same numbers, for inner denoisers that reorder or split batches. PAG does CFG itself
@@ -41,8 +41,9 @@ import torch
 from torch import nn
 
 from condiff.core.denoiser import Wrapper
+from condiff.guidance.schedules import check_scale
 from condiff.errors import ConfigError, one_of
-from condiff.guidance.cfg import CFG, _check_scale, batch_cond, contrast, split_batch
+from condiff.guidance.cfg import CFG, batch_cond, contrast, split_batch
 
 ALIASES = {"mid": "mid_block", "down": "down_blocks", "up": "up_blocks"}
 
@@ -189,9 +190,9 @@ class PAG(Wrapper):
     modules: dict = field(init=False, repr=False)
 
     def __post_init__(self):
-        _check_scale(self.scale)
+        check_scale(self.scale)
         if self.cfg_scale is not None:
-            _check_scale(self.cfg_scale)
+            check_scale(self.cfg_scale)
         self.modules = select_layers(self.net if self.net is not None else attention_root(self.denoiser),
                                      self.layers)
 
@@ -302,7 +303,7 @@ class PAGTerm(Wrapper):
     modules: dict = field(init=False, repr=False)
 
     def __post_init__(self):
-        _check_scale(self.scale)
+        check_scale(self.scale)
         self.modules = select_layers(self.net if self.net is not None else attention_root(self.denoiser),
                                      self.layers)
 

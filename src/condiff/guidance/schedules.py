@@ -3,7 +3,7 @@
 Every schedule here is a frozen object ``w(t)``: for a Python float t it returns a Python float, for a
 per-sample tensor t (shape [n]) a float64 tensor of shape [n], so it can be given as ``scale`` to CFG and to
 every guidance in this package (``CFG(D, LinearScale(5.0, 1.0, 1.0, 0.0))``). The convention is the
-diffusers one (specs 0.1): w = 1 is the conditional model, w = 0 the unconditional one.
+diffusers one: w = 1 is the conditional model, w = 0 the unconditional one.
 
 - ``LinearScale``: w linear in t between (t_start, w_start) and (t_end, w_end), constant outside. The
   "linearly increasing" scheduler of Wang et al. 2024 ("Analysis of classifier-free guidance weight
@@ -31,18 +31,10 @@ from typing import Callable, Union
 
 import torch
 
-from condiff.errors import ConfigError
+from condiff.errors import ConfigError, check_real
 
 Scale = Union[float, Callable]
 MAX_SCALE = 1e4  # the bound CFG uses (cfg.MAX_SCALE): beyond it guided estimates overflow float32
-
-
-def _finite(name: str, value, lo: float = -MAX_SCALE, hi: float = MAX_SCALE) -> float:
-    if (not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value)
-            or not lo <= value <= hi):
-        where = "" if math.isinf(lo) and math.isinf(hi) else f" in [{lo:g}, {hi:g}]"
-        raise ConfigError(f"{name} must be a finite number{where}, got {value!r}")
-    return float(value)
 
 
 def check_scale(scale, what: str = "guidance scale"):
@@ -92,10 +84,10 @@ class _TwoPoint:
     t_end: float
 
     def __post_init__(self):
-        _finite(f"{type(self).__name__} w_start", self.w_start)
-        _finite(f"{type(self).__name__} w_end", self.w_end)
-        _finite(f"{type(self).__name__} t_start", self.t_start, -math.inf, math.inf)
-        _finite(f"{type(self).__name__} t_end", self.t_end, -math.inf, math.inf)
+        check_real(f"{type(self).__name__} w_start", self.w_start, -MAX_SCALE, MAX_SCALE)
+        check_real(f"{type(self).__name__} w_end", self.w_end, -MAX_SCALE, MAX_SCALE)
+        check_real(f"{type(self).__name__} t_start", self.t_start, -math.inf, math.inf)
+        check_real(f"{type(self).__name__} t_end", self.t_end, -math.inf, math.inf)
         if not self.t_start > self.t_end:
             raise ConfigError(f"{type(self).__name__} needs t_start > t_end (sampling runs from t_start down), "
                               f"got t_start={self.t_start!r}, t_end={self.t_end!r}")
@@ -124,7 +116,7 @@ class CosineScale(_TwoPoint):
 
     def __post_init__(self):
         super().__post_init__()
-        _finite("CosineScale power", self.power, 1e-3, 1e3)
+        check_real("CosineScale power", self.power, 1e-3, 1e3)
 
     def __call__(self, t):
         tt, scalar = _times(t)
@@ -142,10 +134,10 @@ class IntervalScale:
     outside: float = 1.0
 
     def __post_init__(self):
-        _finite("IntervalScale scale", self.scale)
-        _finite("IntervalScale outside", self.outside)
-        _finite("IntervalScale t_lo", self.t_lo, -math.inf, math.inf)
-        _finite("IntervalScale t_hi", self.t_hi, -math.inf, math.inf)
+        check_real("IntervalScale scale", self.scale, -MAX_SCALE, MAX_SCALE)
+        check_real("IntervalScale outside", self.outside, -MAX_SCALE, MAX_SCALE)
+        check_real("IntervalScale t_lo", self.t_lo, -math.inf, math.inf)
+        check_real("IntervalScale t_hi", self.t_hi, -math.inf, math.inf)
         if not self.t_hi > self.t_lo:
             raise ConfigError(f"IntervalScale needs t_lo < t_hi, got t_lo={self.t_lo!r}, t_hi={self.t_hi!r}")
 

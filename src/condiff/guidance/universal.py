@@ -39,9 +39,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from condiff.core.denoiser import Wrapper, coefficients
+from condiff.guidance.schedules import check_scale
 from condiff.errors import ConfigError
 from condiff.solvers.base import Solver, point
-from condiff.guidance.cfg import _check_scale
 
 
 def _check_loss(loss):
@@ -66,7 +66,7 @@ class Forward:
 
     def __post_init__(self):
         _check_loss(self.loss)
-        _check_scale(self.scale)
+        check_scale(self.scale)
 
     def at(self, t) -> float:
         return self.scale(t) if callable(self.scale) else self.scale

@@ -87,7 +87,7 @@ def noisy_latents(schedule, grid, x0: torch.Tensor, generator: torch.Generator |
 def extract_noise_maps(denoiser, solver, grid, x0: torch.Tensor, cond: Mapping[str, Any] | None = None,
                        generator: torch.Generator | None = None, exact: bool = True,
                        progress: bool | str = False) -> NoiseMaps:
-    """The maps z_k that make ``solver`` on ``grid`` reproduce ``x0`` from the drawn x_N (spec A3, steps 1-3)."""
+    """The maps z_k that make ``solver`` on ``grid`` reproduce ``x0`` from the drawn x_N."""
     grid = check_grid(grid)
     if not solver.stochastic:
         raise ConfigError(f"edit-friendly inversion needs a stochastic solver (ddpm, or ddim with eta > 0), "

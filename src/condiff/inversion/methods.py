@@ -12,14 +12,14 @@ is the unguided model denoiser: each method applies its own guidance.
 from __future__ import annotations
 
 import json
-import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 import torch
 
-from condiff.errors import ConfigError, InputFileError, one_of
-from condiff.guidance.cfg import CFG, _check_scale
+from condiff.guidance.schedules import check_scale
+from condiff.errors import ConfigError, InputFileError, check_int, one_of
+from condiff.guidance.cfg import CFG
 from condiff.core.files import load_tensors, save_tensors
 from condiff.core.sampling import sample
 from condiff.solvers.ddim import DDIM
@@ -91,11 +91,6 @@ def _injected(denoiser, layers: str, share: float, grid, source, source_cond):
     return FeatureInjection(denoiser, resolve_layers(network(denoiser), names), grid, source, source_cond, steps)
 
 
-def _positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
-
-
 @dataclass(frozen=True)
 class DDIMInversion(EditMethod):
     """DDIM inversion at ``invert_cfg`` (1: the paper's), then sampling at ``cfg`` with the target."""
@@ -105,7 +100,7 @@ class DDIMInversion(EditMethod):
     name = "ddim"
 
     def __post_init__(self):
-        _check_scale(self.cfg), _check_scale(self.invert_cfg)
+        check_scale(self.cfg), check_scale(self.invert_cfg)
 
     def invert(self, denoiser, grid, x0, cond, generator=None, progress=False):
         inv = invert(CFG(denoiser, self.invert_cfg), DDIM(), grid, x0, cond, progress=progress)
@@ -135,7 +130,7 @@ class EditFriendly(EditMethod):
     name = "edit-friendly"
 
     def __post_init__(self):
-        _check_scale(self.cfg), _check_scale(self.cfg_src), _positive_int(self.skip, "skip")
+        check_scale(self.cfg), check_scale(self.cfg_src), check_int("skip", self.skip, 0, accepted="a non-negative integer")
         parse_layers(self.layers), _check_share(self.inject, "inject")
         if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not 0 < self.eta <= 1:
             raise ConfigError(f"eta must be a number in (0, 1], got {self.eta!r}")
@@ -185,7 +180,7 @@ class NullTextInversion(EditMethod):
     name = "null-text"
 
     def __post_init__(self):
-        _check_scale(self.cfg), _positive_int(self.inner_steps, "inner_steps")
+        check_scale(self.cfg), check_int("inner_steps", self.inner_steps, 0, accepted="a non-negative integer")
 
     def invert(self, denoiser, grid, x0, cond, generator=None, progress=False):
         res = null_text_inversion(denoiser, grid, x0, cond, self.cfg, self.inner_steps, self.lr, self.early_stop,
@@ -222,7 +217,7 @@ class DCIInversion(EditMethod):
     name = "dci"
 
     def __post_init__(self):
-        _check_scale(self.cfg), _positive_int(self.iterations, "iterations")
+        check_scale(self.cfg), check_int("iterations", self.iterations, 0, accepted="a non-negative integer")
 
     def invert(self, denoiser, grid, x0, cond, generator=None, progress=False):
         src, _ = _split(cond)
@@ -248,7 +243,7 @@ class PlugAndPlay(EditMethod):
     name = "pnp"
 
     def __post_init__(self):
-        _check_scale(self.cfg), parse_layers(self.layers), _check_share(self.inject, "inject")
+        check_scale(self.cfg), parse_layers(self.layers), _check_share(self.inject, "inject")
 
     def invert(self, denoiser, grid, x0, cond, generator=None, progress=False):
         src, _ = _split(cond)
@@ -273,7 +268,7 @@ class SDEdit(EditMethod):
     name = "sdedit"
 
     def __post_init__(self):
-        _check_scale(self.cfg), start_index(10, self.strength)
+        check_scale(self.cfg), start_index(10, self.strength)
 
     def invert(self, denoiser, grid, x0, cond, generator=None, progress=False):
         return Inverted(self.name, torch.as_tensor(grid, dtype=torch.float64), {"image": x0}, {"nfe": 0})

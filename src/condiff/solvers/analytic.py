@@ -4,7 +4,7 @@ Papers: Wang & Vastola 2023, "Diffusion models generate images like painters: an
 outline first, details later" (the PF-ODE of Gaussian data in closed form); Wang & Vastola, TMLR 2024, "The
 unreasonable effectiveness of Gaussian score approximation for diffusion models and its applications"
 (analytic teleportation: replace the first, high-noise part of sampling by that closed form).
-Equations as in specs/sampling_guidance.md sec. 14(a) (the papers' own equation numbers are not checked here).
+Equations as in(a) (the papers' own equation numbers are not checked here).
 
 Gaussian data N(mu, Sigma), Sigma = U diag(l) U^T, under x_t = alpha_t x_0 + sigma_t eps (any schedule: VP,
 EDM/VE, flow) has Gaussian marginals N(alpha_t mu, C_t), C_t = alpha_t^2 Sigma + sigma_t^2 I, all diagonal in
@@ -41,15 +41,8 @@ condition and guidance scale (shapes captions may leave any attribute out, so pe
 exist in general): the guided flow over the skipped span is replaced by the unconditional one, and the
 solver's remaining steps must bring the condition in. That is what limits the skip under guidance.
 
-How much to skip (benchmarks/analytic_skip.py, bundled shapes model, CFG 3, uniform-t grid from
-sigma/alpha = 20). The unconditional Gaussian score explains 99.85% of the network's unguided score variance
-at sigma/alpha = 5 (99.99% at 10), in line with the >99% the spec records for the TMLR paper, but under
-CFG 3 the guided trajectory leaves the unconditional one early. Skipping 5% of the budget (sigma/alpha ~7) cut the error against a 1000-step
-reference by 16-27% for DPM-Solver++(2M) and UniPC at every total NFE from 4 to 10 (0.4-2.3 NFE saved at
-equal error); labeller accuracy (512 samples) rose at NFE 4 and 6 and was equal or 1 sample lower at 10;
-10% (~sigma/alpha 4) was still no worse anywhere; 15% (~sigma/alpha 3) hurt at NFE 8-10 (up to +22% / +46%
-error) and 25% (inside the spec's 15-30%) multiplied it by 1.4-3.4.
-Hence DEFAULT_SKIP = 5%: on this grid the first step alone already spans sigma/alpha 20 -> 4.5 at 10 steps.
+How much to skip: DEFAULT_SKIP is 5% of the step budget; docs/solvers.md holds the measured trade-off
+(benchmarks/analytic_skip.py).
 """
 
 from __future__ import annotations
@@ -65,7 +58,7 @@ from pathlib import Path
 
 import torch
 
-from condiff.errors import ConfigError, InputFileError, OutputFileError, one_line
+from condiff.errors import ConfigError, InputFileError, OutputFileError, is_real, one_line
 
 Tensor = torch.Tensor
 F64 = torch.float64
@@ -232,10 +225,6 @@ class SkipPlan:
         return fit.flow(schedule, x, self.t_from, self.t_skip)
 
 
-def _real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
 ACCEPTED = "a positive sigma/alpha number such as 2.5, or a share of the step budget such as 25% (in (0%, 100%))"
 
 
@@ -254,9 +243,9 @@ class AnalyticSkip:
         if (self.sigma is None) == (self.fraction is None):
             raise ConfigError(f"AnalyticSkip takes exactly one of sigma or fraction, got sigma={self.sigma!r}, "
                               f"fraction={self.fraction!r}")
-        if self.sigma is not None and not (_real(self.sigma) and self.sigma > 0):
+        if self.sigma is not None and not (is_real(self.sigma) and self.sigma > 0):
             raise ConfigError(f"analytic skip sigma must be a finite positive sigma/alpha, got {self.sigma!r}")
-        if self.fraction is not None and not (_real(self.fraction) and 0 < self.fraction < 1):
+        if self.fraction is not None and not (is_real(self.fraction) and 0 < self.fraction < 1):
             raise ConfigError(f"analytic skip fraction must be a number in (0, 1), got {self.fraction!r}")
         if not isinstance(self.same_nfe, bool):
             raise ConfigError(f"analytic skip same_nfe must be True or False, got {self.same_nfe!r}")

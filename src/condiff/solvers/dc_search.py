@@ -1,6 +1,5 @@
 """DC-Solver's ratio search, cascade polynomial regression and ratios files (Zhao, Wang, Zhou & Lu 2024,
-"DC-Solver", ECCV: the compensation-ratio search and the cascade polynomial regression; specs/sampling_guidance.md
-sec. 2 and the official code wl-zhao/DC-Solver; the paper's equation numbers could not be checked here, so the
+"DC-Solver", ECCV: the compensation-ratio search and the cascade polynomial regression and the official code wl-zhao/DC-Solver; the paper's equation numbers could not be checked here, so the
 objectives are written out). The solver itself is condiff.solvers.dc_solver.
 
 Ratio search (greedy, one step at a time, on a small batch of starts x_T with their conditions). For step i
@@ -56,7 +55,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from condiff.core.denoiser import start_trajectory
-from condiff.errors import ConfigError, InputFileError
+from condiff.errors import ConfigError, InputFileError, check_int, is_real
 from condiff.core.grids import SPACINGS, MAX_STEPS, UniformT, make_grid
 from condiff.core.files import atomic_write_json, load_json
 from condiff.core.sampling import CountingDenoiser, sample
@@ -151,12 +150,6 @@ class SearchResult:
     mse_dc: float
 
 
-def _check_int(value, name: str, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= value <= hi:
-        raise ConfigError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-    return int(value)
-
-
 def search_ratios(denoiser, cond, x_T: torch.Tensor, grid, base=UniPC(), reference: Reference | None = None,
                   iters: int = 20, lr: float = 0.1, bounded: bool = False,
                   progress: Callable[[int, int, float], None] | None = None, dc_order: int = 2,
@@ -166,7 +159,7 @@ def search_ratios(denoiser, cond, x_T: torch.Tensor, grid, base=UniPC(), referen
     ``reference`` defaults to ``reference_trajectory(denoiser, cond, x_T, grid, ref_steps, spacing)``.
     ``progress(i, steps, rho)`` is called after every step. Returns one ratio per step of ``grid``."""
     grid = _as_grid(grid)
-    _check_int(iters, "iters", 1, 100_000)
+    check_int("iters", iters, 1, 100_000)
     if not isinstance(lr, numbers.Real) or isinstance(lr, bool) or not 0 < lr < math.inf:
         raise ConfigError(f"lr must be a positive number, got {lr!r}")
     solver = DCSolver(None, dc_order, base, axis)
@@ -267,7 +260,7 @@ def _table_rows(table: Mapping) -> tuple[list, list, list, list]:
     nfes, cfgs, steps, ys = [], [], [], []
     for key, ratios in table.items():
         nfe, cfg = key
-        _check_int(nfe, "CPR table NFE", 1, MAX_STEPS)
+        check_int("CPR table NFE", nfe, 1, MAX_STEPS)
         if not isinstance(cfg, numbers.Real) or isinstance(cfg, bool) or not math.isfinite(cfg):
             raise ConfigError(f"CPR table CFG must be a finite number, got {cfg!r}")
         ratios = list(ratios)
@@ -319,8 +312,8 @@ def _nested(v):
 
 def predict_cpr(cpr: CPR, nfe: int, cfg: float, steps: int | None = None) -> tuple[float, ...]:
     """Ratios for ``steps`` steps (default ``nfe``) at (nfe, cfg): 1 for steps 1-2, the polynomial after."""
-    nfe = _check_int(nfe, "nfe", 1, MAX_STEPS)
-    steps = nfe if steps is None else _check_int(steps, "steps", 1, MAX_STEPS)
+    nfe = check_int("nfe", nfe, 1, MAX_STEPS)
+    steps = nfe if steps is None else check_int("steps", steps, 1, MAX_STEPS)
     if not isinstance(cfg, numbers.Real) or isinstance(cfg, bool) or not math.isfinite(cfg):
         raise ConfigError(f"cfg must be a finite number, got {cfg!r}")
     theta = cpr.tensor().flatten()
@@ -370,10 +363,6 @@ def _bad(path, msg: str) -> InputFileError:
     return InputFileError(f"{str(path)!r} is not a valid DC ratios file: {msg}")
 
 
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def parse_ratios(obj, path="<ratios>") -> DCRatios:
     """Validate the JSON value of a ratios file (InputFileError naming the first problem)."""
     if not isinstance(obj, dict):
@@ -414,14 +403,14 @@ def parse_ratios(obj, path="<ratios>") -> DCRatios:
         nfe, cfg, ratios = e["nfe"], e["cfg"], e["ratios"]
         if isinstance(nfe, bool) or not isinstance(nfe, int) or not 1 <= nfe <= MAX_STEPS:
             raise _bad(path, f"{where}.nfe must be an integer in [1, {MAX_STEPS}], got {nfe!r}")
-        if not _finite(cfg):
+        if not is_real(cfg):
             raise _bad(path, f"{where}.cfg must be a finite number, got {cfg!r}")
-        if not isinstance(ratios, list) or len(ratios) != nfe or not all(_finite(r) for r in ratios):
+        if not isinstance(ratios, list) or len(ratios) != nfe or not all(is_real(r) for r in ratios):
             raise _bad(path, f"{where}.ratios must be a list of {nfe} finite numbers")
         if ratios[0] != 1:
             raise _bad(path, f"{where}.ratios[0] must be 1, got {ratios[0]!r}")
         for name in ENTRY_METRICS:
-            if name in e and not _finite(e[name]):
+            if name in e and not is_real(e[name]):
                 raise _bad(path, f"{where}.{name} must be a finite number, got {e[name]!r}")
         key = (nfe, float(cfg))
         if key in entries:
@@ -440,7 +429,7 @@ def parse_ratios(obj, path="<ratios>") -> DCRatios:
         th = c["theta"]
         ok = isinstance(th, list) and len(th) == CPR_SHAPE[0] and all(
             isinstance(a, list) and len(a) == CPR_SHAPE[1] and all(
-                isinstance(b, list) and len(b) == CPR_SHAPE[2] and all(_finite(v) for v in b) for b in a)
+                isinstance(b, list) and len(b) == CPR_SHAPE[2] and all(is_real(v) for v in b) for b in a)
             for a in th)
         if not ok:
             raise _bad(path, "cpr.theta must be a 4 x 3 x 3 nested list of finite numbers")
@@ -464,7 +453,7 @@ def _as_ratios(file_or_obj) -> DCRatios:
 def ratios_for(file_or_obj, nfe: int, cfg: float) -> tuple[float, ...]:
     """The searched ratios of (nfe, cfg) when the file has them, else the CPR prediction."""
     r = _as_ratios(file_or_obj)
-    nfe = _check_int(nfe, "nfe", 1, MAX_STEPS)
+    nfe = check_int("nfe", nfe, 1, MAX_STEPS)
     if not isinstance(cfg, numbers.Real) or isinstance(cfg, bool) or not math.isfinite(cfg):
         raise ConfigError(f"cfg must be a finite number, got {cfg!r}")
     for (n, c), ratios in r.entries.items():

@@ -1,6 +1,6 @@
 """DC-Solver: dynamic compensation of the predictor-corrector misalignment (Zhao, Wang, Zhou & Lu 2024,
 "DC-Solver: Improving Predictor-Corrector Diffusion Sampler via Dynamic Compensation", ECCV; the dynamic
-compensation method; specs/sampling_guidance.md sec. 2, and the official code wl-zhao/DC-Solver. The paper's
+compensation method; the official code wl-zhao/DC-Solver. The paper's
 equation numbers could not be checked here, so the equations are written out below).
 
 UniPC (unipc.py) evaluates m_i = D(x~_i, t_i) at the *predicted* sample x~_i, corrects x~_i -> x_i^c with it
@@ -41,14 +41,13 @@ per step.
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from condiff.errors import ConfigError
+from condiff.errors import ConfigError, is_real
 from condiff.solvers.base import Point, Solver, point
 from condiff.solvers.dpmpp_2m import DPMSolverPP2M
 from condiff.solvers.dpmpp_3m import DPMSolverPP3M
@@ -135,10 +134,6 @@ class _PredictorOnly:
         return self.solver.step_from_x0(self.schedule, x, p.t, q.t, m, state, None)
 
 
-def _real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def check_ratios(ratios, what: str = "dc-solver ratios") -> tuple[float, ...]:
     """``ratios`` as a tuple of finite floats whose first entry is 1 (ConfigError otherwise)."""
     if isinstance(ratios, (str, bytes)) or not hasattr(ratios, "__iter__"):
@@ -147,7 +142,7 @@ def check_ratios(ratios, what: str = "dc-solver ratios") -> tuple[float, ...]:
     if not out:
         raise ConfigError(f"{what} must hold one number per step, got an empty sequence")
     for i, r in enumerate(out):
-        if not _real(r):
+        if not is_real(r):
             raise ConfigError(f"{what}: ratio {i} must be a finite number, got {r!r}")
     if float(out[0]) != 1.0:
         raise ConfigError(f"{what}: the ratio of step 0 must be 1 (there is no previous point to interpolate "

@@ -1,21 +1,20 @@
 """DPM-Solver-v3 (Zheng, Lu, Chen & Zhu 2023, "DPM-Solver-v3: Improved Diffusion ODE Solver with Empirical Model
-Statistics", NeurIPS; sec. 3.2 (the solver), sec. 3.3 (pseudo-order, half-corrector); specs/sampling_guidance.md
-sec. 1a and "Sampling algorithm"). Equation numbers of the paper are not cited: they could not be checked.
+Statistics", NeurIPS; sec. 3.2 (the solver), sec. 3.3 (pseudo-order, half-corrector) and "Sampling algorithm"). Equation numbers of the paper are not cited: they could not be checked.
 
 With y = x/alpha, lambda = log(alpha/sigma) and the statistics l, s, b of condiff.solvers.ems (EMS), the PF-ODE of any
 schedule is dy/dlambda = -l y - f with f = e^{-lambda} eps - l y = (1 - l) y - x0_hat. For a step from
 lambda_s to lambda_t, with every integral taken from the anchor lambda_s (dL(u) = int_s^u l, dS(u) = int_s^u s,
-beta(u) = int_s^u e^{-dS} b, E(u) = e^{dL(u) - dL(t) + dS(u)}), the exact solution is (spec 1a.4)
+beta(u) = int_s^u e^{-dS} b, E(u) = e^{dL(u) - dL(t) + dS(u)}), the exact solution is
 
     y_t = e^{-dL(t)} y_s - int_s^t E g dlambda - int_s^t E beta dlambda,   g(u) = e^{-dS(u)} f(u) - beta(u),
 
-and the order-k update Taylor-expands g at lambda_s (spec 1a.5):
+and the order-k update Taylor-expands g at lambda_s:
 
     y_t ~ e^{-dL(t)} y_s - sum_{n<k} Phi_n g^(n)(lambda_s) - B,
     Phi_n = int_s^t E (u - lambda_s)^n / n! du,   B = int_s^t E beta du.
 
 g^(n) come from the previous points' f, all anchored at lambda_s: solving the Vandermonde system, or
-(``pseudo``) from Newton's divided differences, g^(n) ~ n! g[lambda_s, ..., lambda_{s-n}] (spec 1a.6).
+(``pseudo``) from Newton's divided differences, g^(n) ~ n! g[lambda_s, ..., lambda_{s-n}].
 
 Multistep predictor-corrector, as in the official code (thu-ml/DPM-Solver-v3, ``sample``): step i evaluates the
 model once at x_{i-1}; if the corrector is on, x_{i-1} is first recomputed by the same update from the previous
@@ -51,7 +50,7 @@ converges at order k; the pseudo-order corrector (the default) makes the first d
 the global order is 2 whatever ``order`` is; the non-pseudo corrector keeps the predictor's order.
 
 ``ems=None`` means degenerate statistics: then the order-1 step is DDIM / DPM-Solver++(1), and order k is
-DPM-Solver++ in its Taylor form (spec 3a, "taylor"; for k = 3 DPMSolverPP3M(taylor_exact=True)).
+DPM-Solver++ in its Taylor form ("taylor"; for k = 3 DPMSolverPP3M(taylor_exact=True)).
 """
 
 from __future__ import annotations
@@ -113,7 +112,7 @@ def _nodes(grid, a, b):
 
 @dataclass(frozen=True, eq=False)
 class StepCoefficients:
-    """Per-dimension (D,) float64 coefficients of one step lambda_s -> lambda_t (spec 1a.4-5): the decay
+    """Per-dimension (D,) float64 coefficients of one step lambda_s -> lambda_t: the decay
     e^{-dL(t)}, Phi_0..Phi_{n_max} (n_max + 1, D), B, and dS(t), beta(t) (for g at lambda_t in the corrector)."""
 
     lam_s: float
@@ -264,7 +263,7 @@ def _noisy_half(schedule, t: float) -> bool:
 @dataclass(frozen=True, eq=False)
 class DPMSolverV3(Solver):
     """DPM-Solver-v3 multistep predictor-corrector. ``ems``: statistics from condiff.solvers.ems (None: degenerate,
-    which is DPM-Solver++). Defaults are the official ones for conditional sampling (spec sec. 1b)."""
+    which is DPM-Solver++). Defaults are the official ones for conditional sampling."""
 
     ems: EMS | None = None
     order: int = 2

@@ -1,5 +1,5 @@
 """DPM-Solver++(3M), the multistep third-order data-prediction solver (Lu et al. 2022b, "DPM-Solver++",
-sec. 4 and App. B; specs/sampling_guidance.md sec. 3a).
+sec. 4 and App. B).
 
 With lambda = log(alpha/sigma), h = lambda_n - lambda, phi1 = exp(-h) - 1, phi2 = phi1/h + 1,
 phi3 = phi2/h - 1/2 and the previous steps' h_0, h_1 (r0 = h_0/h, r1 = h_1/h):

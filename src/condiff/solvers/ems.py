@@ -1,6 +1,5 @@
 """Empirical model statistics (EMS) for DPM-Solver-v3 (Zheng, Lu, Chen & Zhu 2023, "DPM-Solver-v3: Improved
-Diffusion ODE Solver with Empirical Model Statistics", NeurIPS; sec. 3.1 and App. C; specs/sampling_guidance.md
-sec. 1, "EMS - how they are computed"). Equation numbers of the paper are not cited: they could not be checked.
+Diffusion ODE Solver with Empirical Model Statistics", NeurIPS; sec. 3.1 and App. C, "EMS - how they are computed"). Equation numbers of the paper are not cited: they could not be checked.
 
 With lambda = log(alpha/sigma), y = x/alpha and the model's noise prediction eps, the PF-ODE of ANY schedule
 reads dy/dlambda = -e^{-lambda} eps (x = alpha y, dx/dlambda = (dlog alpha/dlambda) x - sigma eps). DPM-Solver-v3
@@ -11,7 +10,7 @@ splits off a per-dimension linear part l and models the rest's change with s, b:
     s*, b*  = argmin    E || f' - s f - b ||^2        (per dimension, f' = df/dlambda along the PF-ODE)
 
 The expectation runs over x = alpha x0 + sigma z, x0 real data. The estimator ``compute_ems`` follows the
-official EMS script (spec sec. 1):
+official EMS script:
 
 - a lambda grid uniform between lambda(t_start) and lambda(t_end) (n_grid intervals, ascending);
 - ``l``: Hutchinson's diagonal estimator with one Rademacher probe v per data point,
@@ -55,7 +54,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from condiff.core.denoiser import take_rows
-from condiff.errors import ConfigError, InputFileError
+from condiff.errors import ConfigError, InputFileError, check_int
 from condiff.core.files import load_tensors, save_tensors
 
 F64 = torch.float64
@@ -149,7 +148,7 @@ class EMS:
     @classmethod
     def degenerate(cls, sample_shape=(), lam_range=(-1.0, 1.0), n_grid: int = 1, **meta) -> "EMS":
         """l = 1, s = 0, b = 0: DPM-Solver-v3 with these statistics is DPM-Solver++ (Taylor form) and, at first
-        order, DDIM (spec sec. 1a.7). Constant, so the grid range does not matter (values extend constantly)."""
+        order, DDIM. Constant, so the grid range does not matter (values extend constantly)."""
         lam = torch.linspace(float(lam_range[0]), float(lam_range[1]), int(n_grid) + 1, dtype=F64)
         shape = (lam.numel(), *tuple(int(s) for s in sample_shape))
         return cls(lam, torch.ones(shape, dtype=F64), torch.zeros(shape, dtype=F64), torch.zeros(shape, dtype=F64),
@@ -398,12 +397,6 @@ def smooth_derivative(values: torch.Tensor, lam: torch.Tensor, window: int = SMO
     return d.reshape(values.shape)
 
 
-def _check_int(value, name: str, lo: int) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < lo:
-        raise ConfigError(f"{name} must be an integer >= {lo}, got {value!r}")
-    return int(value)
-
-
 def compute_ems(denoiser, x0: torch.Tensor, cond: Mapping[str, Any] | None, schedule, t_start: float,
                 t_end: float, n_grid: int = 200, generator: torch.Generator | None = None, batch_size: int = 256,
                 progress: bool | str = False, jvp=None, window: int = SMOOTH_WINDOW,
@@ -418,9 +411,9 @@ def compute_ems(denoiser, x0: torch.Tensor, cond: Mapping[str, Any] | None, sche
     ForwardAD(), CentralDifference(delta) or None (forward AD if the model supports it, else central
     differences). Runs without building autograd graphs. ``meta`` (EMS fields: model, cfg, seed, schedule (a
     config; default ``schedule.to_config()``), info) is stored in the result."""
-    n_grid = _check_int(n_grid, "n_grid", 1)
-    batch_size = _check_int(batch_size, "batch_size", 1)
-    window = _check_int(window, "window", 0)
+    n_grid = check_int("n_grid", n_grid, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
+    window = check_int("window", window, 0)
     if not isinstance(x0, torch.Tensor) or x0.dim() < 2 or x0.shape[0] < 2 or not x0.is_floating_point():
         raise ConfigError("x0 must be a floating tensor (N, *sample_shape) with at least 2 data points")
     lam_a = float(schedule.half_log_snr(torch.tensor(float(t_start), dtype=F64)))

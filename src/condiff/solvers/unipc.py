@@ -1,5 +1,5 @@
 """UniPC, the unified predictor-corrector (Zhao, Bai, Rao, Zhou & Lu 2023, "UniPC", NeurIPS; Alg. 2 and 3,
-eqs. 8-10 in data prediction; specs/sampling_guidance.md sec. 3a, the "bh" variants).
+eqs. 8-10 in data prediction, the "bh" variants).
 
 Going from point i-1 (model output m_{i-1}) to point i, with h = lambda_i - lambda_{i-1}, hh = -h and
 x' = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (exp(-h) - 1) m_{i-1} (= DDIM):

@@ -5,13 +5,13 @@ Unknown keys and wrongly typed values are refused with one-line ConfigErrors tha
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from condiff.errors import ConfigError, InputFileError
+from condiff.guidance.schedules import MAX_SCALE
+from condiff.errors import ConfigError, InputFileError, check_real
 
 
 @dataclass
@@ -90,14 +90,6 @@ def check_seed(seed, where: str = "train.seed") -> int:
     return seed
 
 
-def _in_range(where: str, value, lo, hi, lo_open: bool = False, hi_open: bool = False):
-    """value in [lo, hi] (open at an end if asked); NaN and inf fail."""
-    ok = (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
-    if not ok or (isinstance(value, float) and not math.isfinite(value)):
-        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise ConfigError(f"{where} must be in {interval}, got {value!r}")
-
-
 def _one_of(where: str, value, accepted):
     if value not in accepted:
         raise ConfigError(f"{where} {value!r} is not accepted; accepted: {', '.join(accepted)}")
@@ -120,21 +112,21 @@ def check_recipe(r: Recipe) -> Recipe:
     _one_of("objective.weighting", o.weighting, WEIGHTINGS)
     _one_of("objective.cep_kind", o.cep_kind, ("uniform", "gaussian"))
     _one_of("train.lr_decay", t.lr_decay, ("cosine", "constant"))
-    _in_range("objective.cond_dropout", o.cond_dropout, 0, 1, hi_open=True)
-    _in_range("objective.attr_dropout", o.attr_dropout, 0, 1, hi_open=True)
-    _in_range("objective.cep_gamma", o.cep_gamma, 0, 1e3)
+    check_real("objective.cond_dropout", o.cond_dropout, 0, 1, hi_open=True)
+    check_real("objective.attr_dropout", o.attr_dropout, 0, 1, hi_open=True)
+    check_real("objective.cep_gamma", o.cep_gamma, 0, 1e3)
     noise_for_D(o.pfgmpp_D)
     for key in ("steps", "batch_size", "ckpt_every", "keep_checkpoints", "eval_n", "eval_steps"):
-        _in_range(f"train.{key}", getattr(t, key), 1, 2**62)
+        check_real(f"train.{key}", getattr(t, key), 1, 2**62)
     for key in ("warmup", "eval_every"):
-        _in_range(f"train.{key}", getattr(t, key), 0, 2**62)
-    _in_range("train.threads", t.threads, 1, MAX_THREADS)
-    _in_range("train.lr", t.lr, 0, 10, lo_open=True)
-    _in_range("train.min_lr_ratio", t.min_lr_ratio, 0, 1)
-    _in_range("train.weight_decay", t.weight_decay, 0, 1e3)
-    _in_range("train.ema_decay", t.ema_decay, 0, 1)
-    _in_range("train.grad_clip", t.grad_clip, 0, 1e9)
-    _in_range("train.eval_cfg", t.eval_cfg, -1e4, 1e4)
+        check_real(f"train.{key}", getattr(t, key), 0, 2**62)
+    check_real("train.threads", t.threads, 1, MAX_THREADS)
+    check_real("train.lr", t.lr, 0, 10, lo_open=True)
+    check_real("train.min_lr_ratio", t.min_lr_ratio, 0, 1)
+    check_real("train.weight_decay", t.weight_decay, 0, 1e3)
+    check_real("train.ema_decay", t.ema_decay, 0, 1)
+    check_real("train.grad_clip", t.grad_clip, 0, 1e9)
+    check_real("train.eval_cfg", t.eval_cfg, -MAX_SCALE, MAX_SCALE)
     check_seed(t.seed)
     schedule_from_config(r.schedule)
     return r
