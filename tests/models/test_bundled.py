@@ -46,3 +46,17 @@ def test_same_seed_same_samples_for_every_solver():
         a, _ = generate(m, raw, cls(), 4, 2.0, torch.Generator().manual_seed(5))
         b, _ = generate(m, raw, cls(), 4, 2.0, torch.Generator().manual_seed(5))
         assert torch.equal(a, b), name
+
+
+def test_data_batch_is_the_familys_clean_training_batch():
+    """LoadedModel.data_batch (what the analytic fit reads) is the family's training batch x0 with the default
+    objective: same generator, same images."""
+    import torch
+
+    from condiff.models import load_model
+    from condiff.training.recipe import ObjectiveConfig
+
+    m = load_model("shapes")
+    a = m.data_batch(0, 8, torch.Generator().manual_seed(3), 0)
+    b = m.family.training_batch(0, 8, torch.Generator().manual_seed(3), 0, ObjectiveConfig())[0]
+    assert a.shape == (8, 3, 32, 32) and torch.equal(a, b)

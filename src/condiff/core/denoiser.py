@@ -1,4 +1,4 @@
-"""The Denoiser protocol and ``wrap``.
+"""The Denoiser protocol, ``wrap``, and ``start_trajectory`` / ``Wrapper`` (the denoiser of one trajectory).
 
 A Denoiser maps (x_t, t, cond) to x0_hat = E[x_0 | x_t, cond] and carries its NoiseSchedule. x0 is the
 canonical output: guidance mixes in x0 space and solvers consume x0 (the data-prediction view of
@@ -60,8 +60,9 @@ class Wrapper:
         started = {}
         for name in self.inner:
             d = getattr(self, name)
-            if d is not None and start_trajectory(d, memo) is not d:
-                started[name] = start_trajectory(d, memo)
+            s = d if d is None else start_trajectory(d, memo)
+            if s is not d:
+                started[name] = s
         return replace(self, **started) if started else self
 
 

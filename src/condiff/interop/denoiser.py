@@ -14,6 +14,8 @@ UNet2DModel, nothing for an unconditional UNet2DModel). For a network with learn
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 from torch import nn
@@ -35,8 +37,21 @@ class DiffusersCall:
     channels: int | None = None
 
     def __call__(self, net, x, t_in, cond):
-        out = net[self.key](x, t_in, **dict(cond or {}), return_dict=False)[0]
+        model = net[self.key]
+        accepted = forward_keywords(type(model))
+        kwargs = {k: v for k, v in dict(cond or {}).items() if accepted is None or k in accepted}
+        out = model(x, t_in, **kwargs, return_dict=False)[0]
         return out if self.channels is None or out.shape[1] == self.channels else out[:, : self.channels]
+
+
+@functools.lru_cache(maxsize=None)
+def forward_keywords(cls) -> frozenset | None:
+    """The keyword arguments ``cls.forward`` takes (None when it takes any). Condition entries that are not
+    among them, such as the null condition CFG reads or a classifier's target, never reach the network."""
+    params = inspect.signature(cls.forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params)
 
 
 def part_name(model) -> str:
