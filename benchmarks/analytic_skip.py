@@ -33,13 +33,13 @@ from pathlib import Path
 
 import torch
 
-from condiff.solvers.analytic import AnalyticSkip, model_fit
-from condiff.evaluation.evaluate import evaluate
 from condiff.core.grids import make_grid
+from condiff.core.sampling import initial_noise, sample
+from condiff.evaluation.evaluate import evaluate
 from condiff.guidance import CFG
 from condiff.models.base import load_model, silence_diffusers
-from condiff.core.sampling import initial_noise, sample
 from condiff.solvers import get_solver
+from condiff.solvers.analytic import AnalyticSkip, model_fit
 from condiff.training.recipe import ObjectiveConfig
 
 NFES = (4, 5, 6, 8, 10)
@@ -131,11 +131,22 @@ def main():
     fit_seconds = time.perf_counter() - t0
     skips = {k: AnalyticSkip(v.sigma, v.fraction, v.same_nfe, fit) for k, v in SKIPS.items()}
     sch, den = model.schedule, CFG(model.denoiser, CFG_SCALE)
-    report = {"model": "shapes", "cfg": CFG_SCALE, "n": args.n, "n_eval": args.n_eval, "seed": args.seed,
-              "reference": f"dpmpp-2m, {args.ref_steps} uniform-t steps, same x_T",
-              "fit": {"n": fit.n, "rank": fit.rank, "iso": fit.iso, "seconds (fit or cache load)": fit_seconds,
-                      "top eigenvalues": fit.evals[:5].tolist(), "trace": float(fit.evals.sum()) +
-                      fit.iso * (fit.dim - fit.rank)}}
+    report = {
+        "model": "shapes",
+        "cfg": CFG_SCALE,
+        "n": args.n,
+        "n_eval": args.n_eval,
+        "seed": args.seed,
+        "reference": f"dpmpp-2m, {args.ref_steps} uniform-t steps, same x_T",
+        "fit": {
+            "n": fit.n,
+            "rank": fit.rank,
+            "iso": fit.iso,
+            "seconds (fit or cache load)": fit_seconds,
+            "top eigenvalues": fit.evals[:5].tolist(),
+            "trace": float(fit.evals.sum()) + fit.iso * (fit.dim - fit.rank),
+        },
+    }
 
     with torch.no_grad():
         t0 = time.perf_counter()
@@ -152,11 +163,14 @@ def main():
         ref = sample(den, get_solver("dpmpp-2m"), grid_ref, x_T, cond).x.clamp(-1, 1)
         report["reference_seconds"] = time.perf_counter() - t0
         k = min(16, args.n)
-        half = sample(den, get_solver("dpmpp-2m"), make_grid(sch, args.ref_steps // 2), x_T[:k],
-                      subset(cond, k)).x.clamp(-1, 1)
+        half = sample(
+            den, get_solver("dpmpp-2m"), make_grid(sch, args.ref_steps // 2), x_T[:k], subset(cond, k)
+        ).x.clamp(-1, 1)
         report["reference_error_vs_half"] = float(rms(half, ref[:k]).mean())
-        print(f"reference {args.ref_steps} steps: {report['reference_seconds']:.0f}s; mean RMS vs "
-              f"{args.ref_steps // 2} steps (first {k}): {report['reference_error_vs_half']:.2e}")
+        print(
+            f"reference {args.ref_steps} steps: {report['reference_seconds']:.0f}s; mean RMS vs "
+            f"{args.ref_steps // 2} steps (first {k}): {report['reference_error_vs_half']:.2e}"
+        )
 
         def err_of(solver, grid, x):
             out = sample(den, get_solver(solver), grid, x, cond)
@@ -173,15 +187,23 @@ def main():
                 for n_ in NFES:
                     plan = skip.plan(sch, make_grid(sch, n_))
                     e, nfe = err_of(solver, plan.grid, plan.teleport(fit, sch, x_T))
-                    rows[name][n_] = {"err": e, "nfe": nfe, "sigma_skip": float(sch.sigma_over_alpha(plan.t_skip)),
-                                      "steps_skipped": plan.steps}
+                    rows[name][n_] = {
+                        "err": e,
+                        "nfe": nfe,
+                        "sigma_skip": float(sch.sigma_over_alpha(plan.t_skip)),
+                        "steps_skipped": plan.steps,
+                    }
             rows["save 1 step"] = {}
             for n_ in NFES:
                 grid = make_grid(sch, n_)
                 plan = AnalyticSkip(fraction=1.0 / n_, same_nfe=False, fit=fit).plan(sch, grid)
                 e, nfe = err_of(solver, plan.grid, plan.teleport(fit, sch, x_T))
-                rows["save 1 step"][n_] = {"err": e, "nfe": nfe, "sigma_skip": float(sch.sigma_over_alpha(plan.t_skip)),
-                                           "steps_skipped": plan.steps}
+                rows["save 1 step"][n_] = {
+                    "err": e,
+                    "nfe": nfe,
+                    "sigma_skip": float(sch.sigma_over_alpha(plan.t_skip)),
+                    "steps_skipped": plan.steps,
+                }
             errors[solver] = rows
             print(f"[{time.perf_counter() - t_all:.0f}s] errors done for {solver}")
         report["errors"] = errors
@@ -211,12 +233,16 @@ def main():
                 eq = equal_error_nfe(r["err"], curve)
                 saved[solver][name][n_] = None if eq is None else eq - r["nfe"]
     report["nfe_saved_at_equal_error"] = saved
-    print("\nNFE saved at equal error (a plain run's NFE for the same error minus the skip run's NFE; "
-          "None: below the plain error at NFE 20)")
+    print(
+        "\nNFE saved at equal error (a plain run's NFE for the same error minus the skip run's NFE; "
+        "None: below the plain error at NFE 20)"
+    )
     for solver, rows in saved.items():
         for name, row in rows.items():
-            print(f"{solver:9s} {name:12s} " + " ".join(
-                f"{'None' if v is None else f'{v:+.1f}':>6s}" for v in row.values()))
+            print(
+                f"{solver:9s} {name:12s} "
+                + " ".join(f"{'None' if v is None else f'{v:+.1f}':>6s}" for v in row.values())
+            )
 
     # the default: the best skip (mean log error ratio) among those no worse anywhere at NFE <= 10
     safe = {}
@@ -236,13 +262,19 @@ def main():
             for solver in SOLVERS:
                 for n_ in EVAL_NFES:
                     for name, skip in (("none", None), (chosen, skips[chosen])):
-                        res = evaluate(model, get_solver(solver), n_, CFG_SCALE, args.n_eval, args.seed + 1,
-                                       analytic_skip=skip)
-                        acc[f"{solver} NFE {n_} {name}"] = {"accuracy": res["accuracy"], "nfe": res["nfe"],
-                                                             "seconds": res["seconds"]}
-                        print(f"[{time.perf_counter() - t_all:.0f}s] eval {solver} NFE {n_} {name:8s}: "
-                              f"all {res['accuracy']['all']:.4f} "
-                              + " ".join(f"{k} {v:.3f}" for k, v in res["accuracy"].items() if k != "all"))
+                        res = evaluate(
+                            model, get_solver(solver), n_, CFG_SCALE, args.n_eval, args.seed + 1, analytic_skip=skip
+                        )
+                        acc[f"{solver} NFE {n_} {name}"] = {
+                            "accuracy": res["accuracy"],
+                            "nfe": res["nfe"],
+                            "seconds": res["seconds"],
+                        }
+                        print(
+                            f"[{time.perf_counter() - t_all:.0f}s] eval {solver} NFE {n_} {name:8s}: "
+                            f"all {res['accuracy']['all']:.4f} "
+                            + " ".join(f"{k} {v:.3f}" for k, v in res["accuracy"].items() if k != "all")
+                        )
     report["accuracy"] = acc
     report["seconds"] = time.perf_counter() - t_all
     report["torch_threads"] = torch.get_num_threads()
@@ -265,8 +297,14 @@ def plot(errors, path: Path):
             style = dict(lw=2.5, color="k") if name == "none" else dict(lw=1.2, ls="--" if "%" in name else "-")
             if name == "save 1 step":
                 style = dict(lw=1.2, ls=":", marker="s", color="saddlebrown")
-            ax.plot([row[n]["nfe"] for n in ns], [row[n]["err"] for n in ns], marker=style.pop("marker", "o"),
-                    ms=3, label=name, **style)
+            ax.plot(
+                [row[n]["nfe"] for n in ns],
+                [row[n]["err"] for n in ns],
+                marker=style.pop("marker", "o"),
+                ms=3,
+                label=name,
+                **style,
+            )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks([3, 4, 5, 6, 8, 10, 15, 20])

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
+from condiff.core.files import atomic_write_json
+from condiff.core.sampling import sample
 from condiff.guidance import CFG
 from condiff.interop import initial_latents, load_pipeline
 from condiff.interop.tiny import build_tiny_sd
-from condiff.core.files import atomic_write_json
-from condiff.core.sampling import sample
 from condiff.solvers import DDIM, DPMSolverPP2M
 
 PROMPT, CFG_SCALE, SIZE = "a red cat", 7.5, 16
@@ -63,16 +63,25 @@ def main():
     pipe.set_progress_bar_config(disable=True)
     ours = load_pipeline(folder)
     rows = []
-    for name, sched_cls, solver in (("ddim", DDIMScheduler, DDIM()),
-                                    ("dpmpp-2m", DPMSolverMultistepScheduler, DPMSolverPP2M())):
+    for name, sched_cls, solver in (
+        ("ddim", DDIMScheduler, DDIM()),
+        ("dpmpp-2m", DPMSolverMultistepScheduler, DPMSolverPP2M()),
+    ):
         pipe.scheduler = sched_cls.from_config(pipe.scheduler.config)
         p = dataclasses.replace(ours, scheduler=pipe.scheduler)
 
         def run_diffusers():
             with torch.no_grad():
-                return pipe(PROMPT, num_inference_steps=args.steps, guidance_scale=CFG_SCALE, height=SIZE, width=SIZE,
-                            num_images_per_prompt=args.batch, generator=torch.Generator().manual_seed(0),
-                            output_type="latent").images
+                return pipe(
+                    PROMPT,
+                    num_inference_steps=args.steps,
+                    guidance_scale=CFG_SCALE,
+                    height=SIZE,
+                    width=SIZE,
+                    num_images_per_prompt=args.batch,
+                    generator=torch.Generator().manual_seed(0),
+                    output_type="latent",
+                ).images
 
         def run_condiff():
             with torch.no_grad():
@@ -82,18 +91,30 @@ def main():
 
         t_d, ref = median_time(run_diffusers, args.repeats)
         t_c, out = median_time(run_condiff, args.repeats)
-        rows.append({"solver": name, "diffusers_s": t_d, "condiff_s": t_c, "ratio": t_c / t_d,
-                     "max_abs_diff": float((out - ref).abs().max())})
+        rows.append(
+            {
+                "solver": name,
+                "diffusers_s": t_d,
+                "condiff_s": t_c,
+                "ratio": t_c / t_d,
+                "max_abs_diff": float((out - ref).abs().max()),
+            }
+        )
 
-    print(f"tiny SD pipeline, batch {args.batch}, {args.steps} steps, CFG {CFG_SCALE}, float32, "
-          f"{args.threads} thread(s), median of {args.repeats}")
+    print(
+        f"tiny SD pipeline, batch {args.batch}, {args.steps} steps, CFG {CFG_SCALE}, float32, "
+        f"{args.threads} thread(s), median of {args.repeats}"
+    )
     print("| solver | diffusers (s) | condiff (s) | condiff / diffusers | max abs diff (latents) |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['solver']} | {r['diffusers_s']:.3f} | {r['condiff_s']:.3f} | {r['ratio']:.2f} | "
-              f"{r['max_abs_diff']:.2e} |")
-    atomic_write_json(args.json, {"config": vars(args) | {"json": str(args.json)}, "rows": rows,
-                                  "torch_version": torch.__version__})
+        print(
+            f"| {r['solver']} | {r['diffusers_s']:.3f} | {r['condiff_s']:.3f} | {r['ratio']:.2f} | "
+            f"{r['max_abs_diff']:.2e} |"
+        )
+    atomic_write_json(
+        args.json, {"config": vars(args) | {"json": str(args.json)}, "rows": rows, "torch_version": torch.__version__}
+    )
     print(f"wrote {args.json}")
 
 

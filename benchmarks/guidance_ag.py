@@ -28,14 +28,14 @@ from pathlib import Path
 
 import torch
 
-from condiff.core.denoiser import Eps, X0
+from condiff.core.denoiser import X0, Eps
 from condiff.core.grids import make_grid
+from condiff.core.sampling import Gaussian, sample
 from condiff.guidance import CFG
 from condiff.guidance.adaptive import AdaptiveGuidance, CountRows
 from condiff.guidance.interval import GuidanceInterval
 from condiff.guidance.linear_ag import LinearAG, fit_linear_ag
 from condiff.models.base import load_model, silence_diffusers
-from condiff.core.sampling import Gaussian, sample
 from condiff.solvers import get_solver
 
 SCALE = 3.0
@@ -57,8 +57,12 @@ def run(model, make_guided, n, seed, batch_size, grid, solver):
             images.append(sample(guided, solver, grid, x, cond, Gaussian(g)).x.clamp(-1, 1))
     images = torch.cat(images)
     acc = model.family.score(images, targets)
-    return images, {"accuracy": acc, "rows_per_sample": counter.rows / n, "calls": counter.calls,
-                    "seconds": round(time.perf_counter() - t0, 1)}
+    return images, {
+        "accuracy": acc,
+        "rows_per_sample": counter.rows / n,
+        "calls": counter.calls,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def fit(model, n, seed, batch_size, grid, solver):
@@ -111,18 +115,33 @@ def main(argv=None):
         results[name]["rms_to_cfg"] = float((images - reference).flatten(1).pow(2).mean(1).sqrt().mean())
         print(name, results[name], flush=True)
     base = results["cfg 3"]
-    print(f"\n{'method':<22} {'rows/sample':>11} {'saved':>7} {'all':>6} {'d all':>7} {'shape':>6} "
-          f"{'rms to cfg':>10} {'s':>6}")
+    print(
+        f"\n{'method':<22} {'rows/sample':>11} {'saved':>7} {'all':>6} {'d all':>7} {'shape':>6} "
+        f"{'rms to cfg':>10} {'s':>6}"
+    )
     for name, r in results.items():
         r["saved"] = 1.0 - r["rows_per_sample"] / base["rows_per_sample"]
         r["d_all_points"] = 100.0 * (r["accuracy"]["all"] - base["accuracy"]["all"])
-        print(f"{name:<22} {r['rows_per_sample']:>11.2f} {r['saved']:>7.1%} {r['accuracy']['all']:>6.3f} "
-              f"{r['d_all_points']:>+7.2f} {r['accuracy']['shape']:>6.3f} {r['rms_to_cfg']:>10.4f} "
-              f"{r['seconds']:>6.1f}")
-    out = {"protocol": {"model": "shapes", "solver": SOLVER, "steps": STEPS, "cfg": SCALE, "n": args.n,
-                        "seed": args.seed, "fit_n": args.fit_n, "fit_seed": args.seed + 1,
-                        "fit_seconds": fit_seconds},
-           "linear_ag_fit_r2": [round(float(v), 6) for v in coeffs.r2], "results": results}
+        print(
+            f"{name:<22} {r['rows_per_sample']:>11.2f} {r['saved']:>7.1%} {r['accuracy']['all']:>6.3f} "
+            f"{r['d_all_points']:>+7.2f} {r['accuracy']['shape']:>6.3f} {r['rms_to_cfg']:>10.4f} "
+            f"{r['seconds']:>6.1f}"
+        )
+    out = {
+        "protocol": {
+            "model": "shapes",
+            "solver": SOLVER,
+            "steps": STEPS,
+            "cfg": SCALE,
+            "n": args.n,
+            "seed": args.seed,
+            "fit_n": args.fit_n,
+            "fit_seed": args.seed + 1,
+            "fit_seconds": fit_seconds,
+        },
+        "linear_ag_fit_r2": [round(float(v), 6) for v in coeffs.r2],
+        "results": results,
+    }
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")

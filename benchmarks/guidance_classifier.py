@@ -18,14 +18,13 @@ from pathlib import Path
 
 import torch
 
-from condiff.data import labeller
-from condiff.core.grids import make_grid
-from condiff.guidance.attribute import TARGET_KEY, classifier_guidance, elucd_guidance
 from condiff.core.files import atomic_write_json
-from condiff.models.classifiers import load_guidance_classifier
-from condiff.models.base import load_model, silence_diffusers
-from condiff.models.classifiers import load_classifier
+from condiff.core.grids import make_grid
 from condiff.core.sampling import Gaussian, sample
+from condiff.data import labeller
+from condiff.guidance.attribute import TARGET_KEY, classifier_guidance, elucd_guidance
+from condiff.models.base import load_model, silence_diffusers
+from condiff.models.classifiers import load_classifier, load_guidance_classifier
 from condiff.solvers import SOLVERS
 
 
@@ -52,8 +51,11 @@ def main(argv=None):
     p.add_argument("--solver", default="ddpm")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scales", default="0,1,2,4,8,16",
-                   help="one list for every method, or per method: 'naive=1,4,16;elucd=1,2,4' (0 = unguided)")
+    p.add_argument(
+        "--scales",
+        default="0,1,2,4,8,16",
+        help="one list for every method, or per method: 'naive=1,4,16;elucd=1,2,4' (0 = unguided)",
+    )
     p.add_argument("--clean", default="clean", help="clean classifier: bundled name or directory")
     p.add_argument("--noisy", default="noisy", help="noise-aware classifier: bundled name or directory")
     p.add_argument("--ppap", default="src/condiff/bundled/shapes-ppap", help="PPAP experts directory")
@@ -68,9 +70,11 @@ def main(argv=None):
     methods = a.methods.split(",")
     clean = load_classifier(a.clean) if {"naive", "elucd"} & set(methods) else None
     noisy = load_classifier(a.noisy) if "noisy" in methods else None
-    makers = {"naive": lambda s: classifier_guidance(m.denoiser, clean, "color", s),
-              "elucd": lambda s: elucd_guidance(m.denoiser, clean, "color", s, grid),
-              "noisy": lambda s: classifier_guidance(m.denoiser, noisy, "color", s)}
+    makers = {
+        "naive": lambda s: classifier_guidance(m.denoiser, clean, "color", s),
+        "elucd": lambda s: elucd_guidance(m.denoiser, clean, "color", s, grid),
+        "noisy": lambda s: classifier_guidance(m.denoiser, noisy, "color", s),
+    }
     if a.ppap and "ppap" in methods:
         from condiff.guidance.ppap import ppap_attribute_guidance
 

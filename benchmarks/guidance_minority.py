@@ -23,14 +23,14 @@ from pathlib import Path
 
 import torch
 
-from condiff.data import labeller, shapes
-from condiff.core.grids import make_grid
-from condiff.guidance.minority import MinorityGuidance
-from condiff.models.minority import load_minority
-from condiff.data.images import labelled_grid, save_png
 from condiff.core.files import atomic_write_json, load_tensors
-from condiff.models.base import load_model, silence_diffusers
+from condiff.core.grids import make_grid
 from condiff.core.sampling import Gaussian, sample
+from condiff.data import labeller, shapes
+from condiff.data.images import labelled_grid, save_png
+from condiff.guidance.minority import MinorityGuidance
+from condiff.models.base import load_model, silence_diffusers
+from condiff.models.minority import load_minority
 from condiff.solvers import get_solver
 from condiff.training.recipe import ObjectiveConfig
 
@@ -70,10 +70,13 @@ def judge(images):
     valid = (lab >= 0).all(1)
     palette = on_palette(images, labeller.masks(images)) & valid
     colors = torch.bincount(lab[valid, 1], minlength=len(shapes.COLORS)).double() / images.shape[0]
-    return {"rare_share": float(colors[RARE]), "valid": float(valid.double().mean()),
-            "on_palette": float(palette.double().mean()),
-            "rare_share_of_valid": float((lab[valid, 1] == RARE).double().mean()) if bool(valid.any()) else 0.0,
-            "color_shares": {c: round(float(v), 4) for c, v in zip(shapes.COLORS, colors)}}
+    return {
+        "rare_share": float(colors[RARE]),
+        "valid": float(valid.double().mean()),
+        "on_palette": float(palette.double().mean()),
+        "rare_share_of_valid": float((lab[valid, 1] == RARE).double().mean()) if bool(valid.any()) else 0.0,
+        "color_shares": {c: round(float(v), 4) for c, v in zip(shapes.COLORS, colors)},
+    }
 
 
 def diagnostics(m, mc, mc_dir):
@@ -88,15 +91,28 @@ def diagnostics(m, mc, mc_dir):
     scores, held = saved["scores"], saved["heldout"].bool()
     colors = labeller.label(x0)[:, 1]
     levels = mc.label(scores)
-    per_color = {c: {"mean": float(scores[colors == k].mean()), "share_of_data": float((colors == k).double().mean())}
-                 for k, c in enumerate(shapes.COLORS)}
+    per_color = {
+        c: {"mean": float(scores[colors == k].mean()), "share_of_data": float((colors == k).double().mean())}
+        for k, c in enumerate(shapes.COLORS)
+    }
     rare = colors == RARE
     auc = float((scores[rare][:, None] > scores[~rare][None]).double().mean())
-    per_level = [{"level": int(l_), "rare_share": float(rare[levels == l_].double().mean()),
-                  "mean_score": float(scores[levels == l_].mean())} for l_ in range(mc.levels)]
-    return {"per_color": per_color, "rare_vs_rest_auc": auc, "per_level": per_level,
-            "classifier": {k: v for k, v in info.items() if k != "command"}, "fit_command": info.get("command"),
-            "heldout": int(held.sum())}
+    per_level = [
+        {
+            "level": int(l_),
+            "rare_share": float(rare[levels == l_].double().mean()),
+            "mean_score": float(scores[levels == l_].mean()),
+        }
+        for l_ in range(mc.levels)
+    ]
+    return {
+        "per_color": per_color,
+        "rare_vs_rest_auc": auc,
+        "per_level": per_level,
+        "classifier": {k: v for k, v in info.items() if k != "command"},
+        "fit_command": info.get("command"),
+        "heldout": int(held.sum()),
+    }
 
 
 def main(argv=None):
@@ -110,8 +126,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scales", default="0,1,2,4,8")
     p.add_argument("--levels", default="top", help="comma list of target levels; 'top' = L-1")
-    p.add_argument("--level-sweep-scale", type=float, default=None,
-                   help="also sweep every level at this scale")
+    p.add_argument("--level-sweep-scale", type=float, default=None, help="also sweep every level at this scale")
     p.add_argument("--show", type=int, default=12, help="samples per row in the PNG")
     p.add_argument("--json", default="outputs/guidance_minority.json")
     p.add_argument("--png", default="docs/guidance_minority.png")
@@ -127,8 +142,7 @@ def main(argv=None):
     levels = [top if v == "top" else int(v) for v in a.levels.split(",")]
     settings = [(0.0, top)] + [(float(w), lv) for lv in levels for w in a.scales.split(",") if float(w) != 0]
     if a.level_sweep_scale is not None:
-        settings += [(a.level_sweep_scale, lv) for lv in range(mc.levels)
-                     if (a.level_sweep_scale, lv) not in settings]
+        settings += [(a.level_sweep_scale, lv) for lv in range(mc.levels) if (a.level_sweep_scale, lv) not in settings]
     diag = diagnostics(m, mc, mc_dir)
     rows, shown, base = [], [], None
     for w, lv in settings:
@@ -140,17 +154,24 @@ def main(argv=None):
         res["rare_ratio"] = res["rare_share"] / base if base else float("nan")
         rows.append(res)
         shown.append(images[: a.show])
-        print(f"w={w:g} level={res['level']}: rare {res['rare_share']:.3f} (x{res['rare_ratio']:.2f}) valid "
-              f"{res['valid']:.3f} nfe {nfe} ({secs:.0f}s)", flush=True)
+        print(
+            f"w={w:g} level={res['level']}: rare {res['rare_share']:.3f} (x{res['rare_ratio']:.2f}) valid "
+            f"{res['valid']:.3f} nfe {nfe} ({secs:.0f}s)",
+            flush=True,
+        )
     print("\n| w | level | cyan share | x unguided | valid | on palette | cyan share of valid | NFE |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['scale']:g} | {'-' if r['level'] is None else r['level']} | {r['rare_share']:.3f} | "
-              f"{r['rare_ratio']:.2f} | {r['valid']:.3f} | {r['on_palette']:.3f} | {r['rare_share_of_valid']:.3f} | "
-              f"{r['nfe']} |")
+        print(
+            f"| {r['scale']:g} | {'-' if r['level'] is None else r['level']} | {r['rare_share']:.3f} | "
+            f"{r['rare_ratio']:.2f} | {r['valid']:.3f} | {r['on_palette']:.3f} | {r['rare_share_of_valid']:.3f} | "
+            f"{r['nfe']} |"
+        )
     if diag:
-        print(f"\nscore diagnostics on {diag['classifier'].get('renders')} training renders: cyan-vs-rest AUC "
-              f"{diag['rare_vs_rest_auc']:.3f}")
+        print(
+            f"\nscore diagnostics on {diag['classifier'].get('renders')} training renders: cyan-vs-rest AUC "
+            f"{diag['rare_vs_rest_auc']:.3f}"
+        )
         print("| color | share of data | mean score |\n|---|---|---|")
         for c, v in diag["per_color"].items():
             print(f"| {c} | {v['share_of_data']:.3f} | {v['mean']:.4f} |")
@@ -158,15 +179,32 @@ def main(argv=None):
         for v in diag["per_level"]:
             print(f"| {v['level']} | {v['rare_share']:.3f} | {v['mean_score']:.4f} |")
     cmd = "OMP_NUM_THREADS=1 python benchmarks/guidance_minority.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v is not None)
-    atomic_write_json(a.json, {"command": cmd, "model": a.model, "minority": a.minority, "n": a.n,
-                               "solver": a.solver, "steps": a.steps, "seed": a.seed, "levels": mc.levels,
-                               "score_t": mc.t, "score_draws": mc.n, "results": rows, "diagnostics": diag,
-                               "valid_definition": "labeller.label reads no -1 (a non-empty object)",
-                               "on_palette_definition": f"valid and the object's mean RGB in [0, 1] is within "
-                                                        f"{PALETTE_TOL} (Euclidean) of a palette color"})
-    labels = [f"w={r['scale']:g}" + ("" if r["level"] is None else f" l={r['level']}") +
-              f" cyan {r['rare_share']:.2f}" for r in rows]
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v is not None
+    )
+    atomic_write_json(
+        a.json,
+        {
+            "command": cmd,
+            "model": a.model,
+            "minority": a.minority,
+            "n": a.n,
+            "solver": a.solver,
+            "steps": a.steps,
+            "seed": a.seed,
+            "levels": mc.levels,
+            "score_t": mc.t,
+            "score_draws": mc.n,
+            "results": rows,
+            "diagnostics": diag,
+            "valid_definition": "labeller.label reads no -1 (a non-empty object)",
+            "on_palette_definition": f"valid and the object's mean RGB in [0, 1] is within "
+            f"{PALETTE_TOL} (Euclidean) of a palette color",
+        },
+    )
+    labels = [
+        f"w={r['scale']:g}" + ("" if r["level"] is None else f" l={r['level']}") + f" cyan {r['rare_share']:.2f}"
+        for r in rows
+    ]
     save_png(labelled_grid(torch.cat(shown), labels, [str(i) for i in range(a.show)], scale=2), a.png)
     print(f"wrote {a.json} and {a.png}")
 

@@ -25,14 +25,14 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from condiff.data import labeller, shapes
-from condiff.core.grids import make_grid
-from condiff.guidance.pag import PAG
 from condiff.core.files import atomic_write_json
-from condiff.evaluation.metrics import classifier_features, frechet_distance
-from condiff.models.classifiers import load_classifier
-from condiff.models.base import load_model, silence_diffusers
+from condiff.core.grids import make_grid
 from condiff.core.sampling import initial_noise, sample
+from condiff.data import labeller, shapes
+from condiff.evaluation.metrics import classifier_features, frechet_distance
+from condiff.guidance.pag import PAG
+from condiff.models.base import load_model, silence_diffusers
+from condiff.models.classifiers import load_classifier
 from condiff.solvers import get_solver
 
 MIN_BLOB = 3
@@ -65,8 +65,12 @@ def scores(images: torch.Tensor) -> dict[str, float]:
     found = (labels != -1).all(1)
     iou = clean_iou(labels, masks)
     valid = single & found & (iou >= VALID_IOU)
-    return {"found": float(found.float().mean()), "single": float(single.float().mean()),
-            "valid": float(valid.float().mean()), "iou": float(iou[found].mean()) if found.any() else 0.0}
+    return {
+        "found": float(found.float().mean()),
+        "single": float(single.float().mean()),
+        "valid": float(valid.float().mean()),
+        "iou": float(iou[found].mean()) if found.any() else 0.0,
+    }
 
 
 def main():
@@ -86,8 +90,9 @@ def main():
     cond = model.condition(model.family.null_raw(args.n))
     grid = make_grid(model.schedule, args.steps)
     solver = get_solver("dpmpp-2m")
-    x = initial_noise(model.schedule, float(grid[0]), (args.n, *model.family.image_shape),
-                      torch.Generator().manual_seed(args.seed))
+    x = initial_noise(
+        model.schedule, float(grid[0]), (args.n, *model.family.image_shape), torch.Generator().manual_seed(args.seed)
+    )
     configs = [("none", "-", 0.0)]
     for layers in args.layers.split(";"):
         configs += [(f"pag {layers}", layers, float(s)) for s in args.scales.split(",")]
@@ -95,10 +100,14 @@ def main():
     real = classifier_features(shapes.sample_batch(args.real, torch.Generator().manual_seed(999)).images, features)
     ref = classifier_features(shapes.sample_batch(args.n, torch.Generator().manual_seed(998)).images, features)
     fd_ref = frechet_distance(ref, real)
-    print(f"shapes, empty prompt, n={args.n}, dpmpp-2m {args.steps} steps, seed {args.seed}, no CFG; "
-          f"fd ref (n real vs {args.real} real) = {fd_ref:.3f}\n")
-    print("| guidance | layers | scale | found | single | valid | mean IoU | fd | s |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+    print(
+        f"shapes, empty prompt, n={args.n}, dpmpp-2m {args.steps} steps, seed {args.seed}, no CFG; "
+        f"fd ref (n real vs {args.real} real) = {fd_ref:.3f}\n"
+    )
+    print(
+        "| guidance | layers | scale | found | single | valid | mean IoU | fd | s |\n"
+        "|---|---|---|---|---|---|---|---|---|"
+    )
     rows = []
     for name, layers, s in configs:
         den = model.denoiser if s == 0 else PAG(model.denoiser, s, layers=layers)
@@ -109,11 +118,16 @@ def main():
         r = scores(out)
         r["fd"] = frechet_distance(classifier_features(out, features), real)
         rows.append({"guidance": name.split()[0], "layers": layers, "scale": s, **r, "seconds": sec})
-        print(f"| {name.split()[0]} | {layers} | {s:g} | {r['found']:.3f} | {r['single']:.3f} | {r['valid']:.3f} "
-              f"| {r['iou']:.3f} | {r['fd']:.3f} | {sec:.0f} |", flush=True)
+        print(
+            f"| {name.split()[0]} | {layers} | {s:g} | {r['found']:.3f} | {r['single']:.3f} | {r['valid']:.3f} "
+            f"| {r['iou']:.3f} | {r['fd']:.3f} | {sec:.0f} |",
+            flush=True,
+        )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.json, {"n": args.n, "steps": args.steps, "seed": args.seed, "fd_ref": fd_ref,
-                                  "real": args.real, "results": rows})
+    atomic_write_json(
+        args.json,
+        {"n": args.n, "steps": args.steps, "seed": args.seed, "fd_ref": fd_ref, "real": args.real, "results": rows},
+    )
     print(json.dumps({"best_valid": max(rows, key=lambda r: r["valid"]), "best_fd": min(rows, key=lambda r: r["fd"])}))
 
 

@@ -34,14 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from guidance_pag import MIN_BLOB, VALID_IOU, clean_iou  # noqa: E402
 
-from condiff.data import labeller, shapes  # noqa: E402
 from condiff.core.denoiser import coefficients  # noqa: E402
+from condiff.core.files import atomic_write_json  # noqa: E402
 from condiff.core.grids import make_grid  # noqa: E402
+from condiff.core.sampling import Gaussian, sample  # noqa: E402
+from condiff.data import labeller, shapes  # noqa: E402
 from condiff.guidance.attribute import TARGET_KEY, classifier_guidance  # noqa: E402
 from condiff.guidance.ppap import load_ppap, ppap_attribute_guidance, read_ppap_meta  # noqa: E402
-from condiff.core.files import atomic_write_json  # noqa: E402
 from condiff.models.base import load_model, silence_diffusers  # noqa: E402
-from condiff.core.sampling import Gaussian, sample  # noqa: E402
 from condiff.solvers import get_solver  # noqa: E402
 
 COLOR = list(shapes.ATTRIBUTES).index("color")  # the labeller's column
@@ -65,9 +65,14 @@ def run(den, m, grid, solver, targets, x_T, batch, seed):
     lab = labeller.label(images)
     color = lab[:, COLOR] == targets
     found, valid = validity(images, lab)
-    return {"color_accuracy": float(color.float().mean()), "found": float(found.float().mean()),
-            "valid": float(valid.float().mean()), "color_and_valid": float((color & valid).float().mean()),
-            "nfe": nfe, "seconds": round(seconds, 1)}
+    return {
+        "color_accuracy": float(color.float().mean()),
+        "found": float(found.float().mean()),
+        "valid": float(valid.float().mean()),
+        "color_and_valid": float((color & valid).float().mean()),
+        "nfe": nfe,
+        "seconds": round(seconds, 1),
+    }
 
 
 def validity(images, lab):
@@ -97,9 +102,14 @@ def noisy_accuracy(experts, net, schedule, n, seed):
         with torch.no_grad():
             clean = net.head(net(x_t), "color").argmax(1)
             ours = net.head(experts(x_t, t), "color").argmax(1)
-        rows.append({"expert": k, "interval": [lo, hi],
-                     "clean": float((clean == b.attrs[:, COLOR]).float().mean()),
-                     "expert_acc": float((ours == b.attrs[:, COLOR]).float().mean())})
+        rows.append(
+            {
+                "expert": k,
+                "interval": [lo, hi],
+                "clean": float((clean == b.attrs[:, COLOR]).float().mean()),
+                "expert_acc": float((ours == b.attrs[:, COLOR]).float().mean()),
+            }
+        )
     return rows
 
 
@@ -128,35 +138,54 @@ def main(argv=None):
     g = torch.Generator().manual_seed(a.seed)
     targets = torch.randint(len(shapes.ATTRIBUTES["color"]), (a.n,), generator=g)
     x_T = m.prior((a.n, *m.family.image_shape), float(grid[0]), g)
-    makers = {"naive": lambda s: classifier_guidance(m.denoiser, net, "color", s),
-              "ppap": lambda s: ppap_attribute_guidance(m.denoiser, experts, "color", s)}
+    makers = {
+        "naive": lambda s: classifier_guidance(m.denoiser, net, "color", s),
+        "ppap": lambda s: ppap_attribute_guidance(m.denoiser, experts, "color", s),
+    }
     rows = [{"method": "none", "scale": 0.0, **run(m.denoiser, m, grid, solver, targets, x_T, a.batch, a.seed)}]
     print(rows[-1], flush=True)
     for name in a.methods.split(","):
         if name not in makers:
             raise SystemExit(f"unknown method {name!r}; accepted: {', '.join(makers)}")
         for s in (float(v) for v in a.scales.split(",")):
-            rows.append({"method": name, "scale": s,
-                         **run(makers[name](s), m, grid, solver, targets, x_T, a.batch, a.seed)})
+            rows.append(
+                {"method": name, "scale": s, **run(makers[name](s), m, grid, solver, targets, x_T, a.batch, a.seed)}
+            )
             print(rows[-1], flush=True)
     noisy = noisy_accuracy(experts, net, m.schedule, 512, a.seed)
-    print(f"\nColor guidance on the empty-prompt shapes model ({a.n} samples, {a.solver}, {a.steps} steps, "
-          f"seed {a.seed}; chance 0.167)\n")
+    print(
+        f"\nColor guidance on the empty-prompt shapes model ({a.n} samples, {a.solver}, {a.steps} steps, "
+        f"seed {a.seed}; chance 0.167)\n"
+    )
     print("| method | scale | color acc | found | valid | color & valid | NFE | seconds |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['scale']:g} | {r['color_accuracy']:.3f} | {r['found']:.3f} | {r['valid']:.3f} "
-              f"| {r['color_and_valid']:.3f} | {r['nfe']} | {r['seconds']:.1f} |")
+        print(
+            f"| {r['method']} | {r['scale']:g} | {r['color_accuracy']:.3f} | {r['found']:.3f} | {r['valid']:.3f} "
+            f"| {r['color_and_valid']:.3f} | {r['nfe']} | {r['seconds']:.1f} |"
+        )
     print("\nColor accuracy on noisy renders (512, t uniform in each expert's interval)\n")
     print("| expert | t interval | clean classifier | expert |\n|---|---|---|---|")
     for r in noisy:
-        print(f"| {r['expert']} | [{r['interval'][0]:.1f}, {r['interval'][1]:.1f}) | {r['clean']:.3f} | "
-              f"{r['expert_acc']:.3f} |")
+        print(
+            f"| {r['expert']} | [{r['interval'][0]:.1f}, {r['interval'][1]:.1f}) | {r['clean']:.3f} | "
+            f"{r['expert_acc']:.3f} |"
+        )
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(a.json, {"n": a.n, "steps": a.steps, "solver": a.solver, "seed": a.seed,
-                               "ppap": str(a.ppap), "classifier": a.classifier or meta["classifier"],
-                               "experts": {k: meta[k] for k in ("n_experts", "rank", "alpha", "t_min", "t_max")},
-                               "results": rows, "noisy_accuracy": noisy})
+    atomic_write_json(
+        a.json,
+        {
+            "n": a.n,
+            "steps": a.steps,
+            "solver": a.solver,
+            "seed": a.seed,
+            "ppap": str(a.ppap),
+            "classifier": a.classifier or meta["classifier"],
+            "experts": {k: meta[k] for k in ("n_experts", "rank", "alpha", "t_min", "t_max")},
+            "results": rows,
+            "noisy_accuracy": noisy,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -10,18 +10,19 @@
 
     OMP_NUM_THREADS=1 python benchmarks/guidance_restore.py [steps=25] [k=4] [n=64]
 """
+
 import sys
 import time
 
 import torch
 
 torch.set_num_threads(1)
-from condiff.data import labeller, shapes  # noqa: E402
 from condiff.core.grids import make_grid  # noqa: E402
+from condiff.core.sampling import Gaussian, sample  # noqa: E402
+from condiff.data import labeller, shapes  # noqa: E402
 from condiff.guidance.steered import Colorize, Inpaint, Projection, SuperResolution  # noqa: E402
 from condiff.guidance.universal import SelfRecurrence  # noqa: E402
 from condiff.models.base import load_model  # noqa: E402
-from condiff.core.sampling import Gaussian, sample  # noqa: E402
 from condiff.solvers import SOLVERS  # noqa: E402
 
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 25
@@ -55,16 +56,24 @@ fill[..., 16:] = True
 op = Inpaint(fill)
 out, lab, err, s = run(op, op(x_true), [""] * n)
 kd = float((out[..., :16] - x_true[..., :16]).abs().max())
-print(f"inpaint (right half, empty prompt): valid {(lab >= 0).all(1).float().mean():.3f} | max|known diff| {kd:.3g} "
-      f"| max|Ax-y| {err:.3g} | {s:.0f}s")
+print(
+    f"inpaint (right half, empty prompt): valid {(lab >= 0).all(1).float().mean():.3f} | max|known diff| {kd:.3g} "
+    f"| max|Ax-y| {err:.3g} | {s:.0f}s"
+)
 op = SuperResolution(4)
 out, lab, err, s = run(op, op(x_true), [""] * n)
-print(f"sr x4 from 8x8 (empty prompt): all four attributes = render {(lab == truth).all(1).float().mean():.3f} "
-      f"| valid {(lab >= 0).all(1).float().mean():.3f} | max|Ax-y| {err:.3g} | {s:.0f}s")
+print(
+    f"sr x4 from 8x8 (empty prompt): all four attributes = render {(lab == truth).all(1).float().mean():.3f} "
+    f"| valid {(lab >= 0).all(1).float().mean():.3f} | max|Ax-y| {err:.3g} | {s:.0f}s"
+)
 op = Colorize()
 colors = [shapes.COLORS[int(c)] for c in batch.attrs[:, 1]]
 out, lab, err, s = run(op, op(x_true), colors)
-print(f"colorize (prompt = color word): color = render {(lab[:, 1] == truth[:, 1]).float().mean():.3f} "
-      f"| all four = render {(lab == truth).all(1).float().mean():.3f} | max|Ax-y| {err:.3g} | {s:.0f}s")
-print(f"labeller on the renders themselves: valid {(truth >= 0).all(1).float().mean():.3f}, "
-      f"color = attrs {(truth[:, 1] == batch.attrs[:, 1]).float().mean():.3f}")
+print(
+    f"colorize (prompt = color word): color = render {(lab[:, 1] == truth[:, 1]).float().mean():.3f} "
+    f"| all four = render {(lab == truth).all(1).float().mean():.3f} | max|Ax-y| {err:.3g} | {s:.0f}s"
+)
+print(
+    f"labeller on the renders themselves: valid {(truth >= 0).all(1).float().mean():.3f}, "
+    f"color = attrs {(truth[:, 1] == batch.attrs[:, 1]).float().mean():.3f}"
+)

@@ -8,9 +8,9 @@ import time
 
 import torch
 
+from condiff.core.grids import make_grid
 from condiff.data import text
 from condiff.evaluation.editbench import edit_cases
-from condiff.core.grids import make_grid
 from condiff.inversion import get_method
 from condiff.models.base import load_model, silence_diffusers
 

@@ -49,12 +49,14 @@ def parse_args():
 
 # ---- processes ------------------------------------------------------------------------------------------
 
+
 def launch(recipe: Path, out: Path, steps: int, resume: bool, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "condiff.cli", "train", str(recipe), "--steps", str(steps), "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     with open(log, "w") as f:
-        return subprocess.Popen(cmd + (["--resume"] if resume else []), env=env, stdout=f, stderr=subprocess.STDOUT,
-                                cwd=ROOT)
+        return subprocess.Popen(
+            cmd + (["--resume"] if resume else []), env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT
+        )
 
 
 def temp_entries(out: Path) -> set[str]:
@@ -63,8 +65,11 @@ def temp_entries(out: Path) -> set[str]:
     found = set()
     for d in (out, out / "checkpoints"):
         try:
-            found |= {str(d / e.name) for e in os.scandir(d) if e.name.startswith(".") and e.name.endswith(".tmp")
-                      and not e.name.startswith(".condiff-probe.")}
+            found |= {
+                str(d / e.name)
+                for e in os.scandir(d)
+                if e.name.startswith(".") and e.name.endswith(".tmp") and not e.name.startswith(".condiff-probe.")
+            }
         except FileNotFoundError:
             pass
     return found
@@ -91,6 +96,7 @@ def newest_step(out: Path) -> int:
 
 # ---- the two runs ---------------------------------------------------------------------------------------
 
+
 def reference_run(recipe: Path, out: Path, steps: int, logs: Path) -> dict:
     """Uninterrupted run; also measures (from its progress bar) when training starts and how long a step takes."""
     log = logs / "reference.txt"
@@ -110,12 +116,16 @@ def reference_run(recipe: Path, out: Path, steps: int, logs: Path) -> dict:
         sys.exit(f"reference run failed (exit {proc.returncode}); see {log}")
     bar_start = bar_start or 0.0
     bar_end = bar_end or total
-    return {"seconds": round(total, 2), "startup_s": round(bar_start, 2),
-            "step_s": round(max((bar_end - bar_start) / steps, 1e-3), 4)}
+    return {
+        "seconds": round(total, 2),
+        "startup_s": round(bar_start, 2),
+        "step_s": round(max((bar_end - bar_start) / steps, 1e-3), 4),
+    }
 
 
-def kill_once(i: int, kills: int, mode: str, rng: random.Random, recipe: Path, out: Path, steps: int,
-              timing: dict, logs: Path) -> dict:
+def kill_once(
+    i: int, kills: int, mode: str, rng: random.Random, recipe: Path, out: Path, steps: int, timing: dict, logs: Path
+) -> dict:
     """Launch (resuming), kill at the chosen moment, report what was left behind.
 
     mode "write": as soon as a new temporary entry of an atomic write exists (a checkpoint being built, or
@@ -147,11 +157,19 @@ def kill_once(i: int, kills: int, mode: str, rng: random.Random, recipe: Path, o
         proc.kill()  # SIGKILL
     proc.wait()
     new_tmp = sorted(temp_entries(out) - before_tmp)
-    return {"kill": i + 1, "mode": mode, "when_s": round(when, 3), "killed": not finished,
-            "exit_code": proc.returncode, "ckpt_before": before_step, "bar_step": bar_step(log),
-            "ckpt_after": newest_step(out), "during_write": bool(new_tmp) and not finished,
-            "temp_left": [Path(p).name for p in new_tmp],
-            "corrupt_after_kill": [c["checkpoint"] for c in verify_all(out)["corrupt"]]}
+    return {
+        "kill": i + 1,
+        "mode": mode,
+        "when_s": round(when, 3),
+        "killed": not finished,
+        "exit_code": proc.returncode,
+        "ckpt_before": before_step,
+        "bar_step": bar_step(log),
+        "ckpt_after": newest_step(out),
+        "during_write": bool(new_tmp) and not finished,
+        "temp_left": [Path(p).name for p in new_tmp],
+        "corrupt_after_kill": [c["checkpoint"] for c in verify_all(out)["corrupt"]],
+    }
 
 
 def finish(recipe: Path, out: Path, steps: int, logs: Path) -> dict:
@@ -162,6 +180,7 @@ def finish(recipe: Path, out: Path, steps: int, logs: Path) -> dict:
 
 
 # ---- checks ---------------------------------------------------------------------------------------------
+
 
 def compare(ref: Path, run: Path, steps: int) -> dict:
     import torch
@@ -178,8 +197,9 @@ def compare(ref: Path, run: Path, steps: int) -> dict:
         same = ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
         res[name] = {"present": True, "tensors_equal": same, "bytes_equal": a.read_bytes() == b.read_bytes()}
     exported = [d / "model" / "unet" / "diffusion_pytorch_model.safetensors" for d in (ref, run)]
-    res["exported_model_bytes_equal"] = all(p.is_file() for p in exported) and \
-        exported[0].read_bytes() == exported[1].read_bytes()
+    res["exported_model_bytes_equal"] = (
+        all(p.is_file() for p in exported) and exported[0].read_bytes() == exported[1].read_bytes()
+    )
     return res
 
 
@@ -198,6 +218,7 @@ def verify_all(out: Path) -> dict:
 
 
 # ---- main -----------------------------------------------------------------------------------------------
+
 
 def derived_recipe(args, work: Path) -> Path:
     if not args.ckpt_every:
@@ -222,15 +243,20 @@ def main():
     from condiff.training.recipe import load_recipe
 
     ckpt_every = load_recipe(recipe).train.ckpt_every
-    print(f"  {timing['seconds']:.1f} s; training starts after ~{timing['startup_s']:.1f} s, "
-          f"~{1000 * timing['step_s']:.0f} ms a step (checkpoint every {ckpt_every})", flush=True)
+    print(
+        f"  {timing['seconds']:.1f} s; training starts after ~{timing['startup_s']:.1f} s, "
+        f"~{1000 * timing['step_s']:.0f} ms a step (checkpoint every {ckpt_every})",
+        flush=True,
+    )
 
     rng = random.Random(args.seed)
     n_write = round(args.kills * args.write_fraction)
     write_set = set(rng.sample(range(args.kills), n_write))
     rows = []
-    header = (f"{'kill':>4} {'mode':>5} {'when s':>7} {'ckpt before':>11} {'step reached':>12} {'ckpt after':>10} "
-              f"{'during write':>12} {'corrupt':>7}  temp left")
+    header = (
+        f"{'kill':>4} {'mode':>5} {'when s':>7} {'ckpt before':>11} {'step reached':>12} {'ckpt after':>10} "
+        f"{'during write':>12} {'corrupt':>7}  temp left"
+    )
     print(header)
     for i in range(args.kills):
         mode = "write" if i in write_set else "time"
@@ -238,10 +264,13 @@ def main():
         rows.append(row)
         status = "" if row["killed"] else "  (finished before the kill)"
         reached = "-" if row["bar_step"] is None else row["bar_step"]
-        print(f"{row['kill']:>4} {mode:>5} {row['when_s']:>7.2f} {row['ckpt_before']:>11} {reached:>12} "
-              f"{row['ckpt_after']:>10} {'yes' if row['during_write'] else 'no':>12} "
-              f"{len(row['corrupt_after_kill']):>7}  "
-              f"{', '.join(row['temp_left']) or '-'}{status}", flush=True)
+        print(
+            f"{row['kill']:>4} {mode:>5} {row['when_s']:>7.2f} {row['ckpt_before']:>11} {reached:>12} "
+            f"{row['ckpt_after']:>10} {'yes' if row['during_write'] else 'no':>12} "
+            f"{len(row['corrupt_after_kill']):>7}  "
+            f"{', '.join(row['temp_left']) or '-'}{status}",
+            flush=True,
+        )
 
     final = finish(recipe, run_dir, args.steps, logs)
     stray_before_final = sorted({t for r in rows for t in r["temp_left"]})
@@ -250,17 +279,33 @@ def main():
     notices = sum(f.read_text().count("notice: skipping checkpoint") for f in logs.glob("*.txt"))
     bitwise = all(cmp[n]["tensors_equal"] and cmp[n]["bytes_equal"] for n in ("model.safetensors", "ema.safetensors"))
     summary = {
-        "kills": sum(r["killed"] for r in rows), "kills_during_writes": sum(r["during_write"] for r in rows),
-        "kills_aimed_at_writes": n_write, "corrupt_checkpoints": len(checks["corrupt"]),
+        "kills": sum(r["killed"] for r in rows),
+        "kills_during_writes": sum(r["during_write"] for r in rows),
+        "kills_aimed_at_writes": n_write,
+        "corrupt_checkpoints": len(checks["corrupt"]),
         "corrupt_checkpoints_seen_after_kills": sum(len(r["corrupt_after_kill"]) for r in rows),
-        "verified_checkpoints": len(checks["verified"]), "resume_notices_skipping_corrupt": notices,
-        "final_exit_code": final["exit_code"], "bitwise_match": bitwise,
+        "verified_checkpoints": len(checks["verified"]),
+        "resume_notices_skipping_corrupt": notices,
+        "final_exit_code": final["exit_code"],
+        "bitwise_match": bitwise,
         "exported_model_bytes_equal": cmp["exported_model_bytes_equal"],
-        "temp_entries_left_by_kills": stray_before_final, "stray_temp_entries_at_end": checks["stray_temp_entries"],
-        "total_seconds": round(time.perf_counter() - t_start, 1)}
-    result = {"command": "python benchmarks/kill_resume.py " + " ".join(sys.argv[1:]), "recipe": str(recipe),
-              "steps": args.steps, "ckpt_every": ckpt_every, "seed": args.seed, "reference": timing, "kills": rows,
-              "final_run": final, "checks": checks, "comparison": cmp, "summary": summary}
+        "temp_entries_left_by_kills": stray_before_final,
+        "stray_temp_entries_at_end": checks["stray_temp_entries"],
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+    }
+    result = {
+        "command": "python benchmarks/kill_resume.py " + " ".join(sys.argv[1:]),
+        "recipe": str(recipe),
+        "steps": args.steps,
+        "ckpt_every": ckpt_every,
+        "seed": args.seed,
+        "reference": timing,
+        "kills": rows,
+        "final_run": final,
+        "checks": checks,
+        "comparison": cmp,
+        "summary": summary,
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print()

@@ -24,9 +24,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler  # noqa: E402
 
+from condiff.core.sampling import sample  # noqa: E402
 from condiff.guidance import CFG  # noqa: E402
 from condiff.models.base import load_model, silence_diffusers  # noqa: E402
-from condiff.core.sampling import sample  # noqa: E402
 from condiff.solvers import DDIM, DPMSolverPP2M  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,10 +34,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def schedulers(sched_cfg: dict, steps: int):
     common = dict(num_train_timesteps=1000, beta_schedule=sched_cfg["beta_schedule"])
-    ddim = DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True, timestep_spacing="leading",
-                         steps_offset=1)
-    dpm = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
-                                      timestep_spacing="leading", steps_offset=1, final_sigmas_type="zero")
+    ddim = DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True, timestep_spacing="leading", steps_offset=1)
+    dpm = DPMSolverMultistepScheduler(
+        **common,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        timestep_spacing="leading",
+        steps_offset=1,
+        final_sigmas_type="zero",
+    )
     for s in (ddim, dpm):
         s.set_timesteps(steps)
     return {"ddim": (ddim, DDIM()), "dpmpp-2m": (dpm, DPMSolverPP2M())}
@@ -101,27 +106,44 @@ def main():
                     best = min(best, time.perf_counter() - t0)
                 timings[label] = best
         diff = float((outs["condiff"] - outs["diffusers"]).abs().max())
-        row = {"scheduler": name, "steps": args.steps, "nfe": len(ts), "batch": b, "cfg": args.cfg,
-               "condiff_s": timings["condiff"], "diffusers_s": timings["diffusers"], "forward_s": timings["forward"],
-               "ratio": timings["condiff"] / timings["diffusers"],
-               "condiff_overhead": timings["condiff"] / timings["forward"] - 1,
-               "diffusers_overhead": timings["diffusers"] / timings["forward"] - 1,
-               "max_abs_diff": diff}
+        row = {
+            "scheduler": name,
+            "steps": args.steps,
+            "nfe": len(ts),
+            "batch": b,
+            "cfg": args.cfg,
+            "condiff_s": timings["condiff"],
+            "diffusers_s": timings["diffusers"],
+            "forward_s": timings["forward"],
+            "ratio": timings["condiff"] / timings["diffusers"],
+            "condiff_overhead": timings["condiff"] / timings["forward"] - 1,
+            "diffusers_overhead": timings["diffusers"] / timings["forward"] - 1,
+            "max_abs_diff": diff,
+        }
         results.append(row)
 
-    header = ("| scheduler | NFE | batch | condiff s | diffusers s | forward-only s | ratio condiff/diffusers "
-              "| condiff overhead | diffusers overhead | max abs diff |")
+    header = (
+        "| scheduler | NFE | batch | condiff s | diffusers s | forward-only s | ratio condiff/diffusers "
+        "| condiff overhead | diffusers overhead | max abs diff |"
+    )
     lines = [header, "|" + "---|" * 10]
     for r in results:
-        lines.append(f"| {r['scheduler']} | {r['nfe']} | {r['batch']} | {r['condiff_s']:.3f} | {r['diffusers_s']:.3f} "
-                     f"| {r['forward_s']:.3f} | {r['ratio']:.3f} | {100 * r['condiff_overhead']:.1f}% "
-                     f"| {100 * r['diffusers_overhead']:.1f}% | {r['max_abs_diff']:.1e} |")
+        lines.append(
+            f"| {r['scheduler']} | {r['nfe']} | {r['batch']} | {r['condiff_s']:.3f} | {r['diffusers_s']:.3f} "
+            f"| {r['forward_s']:.3f} | {r['ratio']:.3f} | {100 * r['condiff_overhead']:.1f}% "
+            f"| {100 * r['diffusers_overhead']:.1f}% | {r['max_abs_diff']:.1e} |"
+        )
     table = "\n".join(lines)
     print(table)
-    meta = {"torch": torch.__version__, "threads": args.threads, "machine": platform.machine(),
-            "cpus": os.cpu_count(), "command": "python benchmarks/sampling_speed.py " +
-            f"--steps {args.steps} --batch {args.batch} --cfg {args.cfg} --repeats {args.repeats} "
-            f"--threads {args.threads}"}
+    meta = {
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "command": "python benchmarks/sampling_speed.py "
+        + f"--steps {args.steps} --batch {args.batch} --cfg {args.cfg} --repeats {args.repeats} "
+        f"--threads {args.threads}",
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     if not args.no_docs:
@@ -132,9 +154,11 @@ def update_docs(table: str, meta: dict):
     path = ROOT / "docs" / "benchmarks.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     start, end = "<!-- sampling_speed:start -->", "<!-- sampling_speed:end -->"
-    block = (f"{start}\nCommand: `{meta['command']}` (torch {meta['torch']}, {meta['threads']} threads, "
-             f"{meta['cpus']} CPUs, {meta['machine']}). Times are the best of the repeats, in seconds.\n\n"
-             f"{table}\n{end}")
+    block = (
+        f"{start}\nCommand: `{meta['command']}` (torch {meta['torch']}, {meta['threads']} threads, "
+        f"{meta['cpus']} CPUs, {meta['machine']}). Times are the best of the repeats, in seconds.\n\n"
+        f"{table}\n{end}"
+    )
     if start in text:
         pre, rest = text.split(start, 1)
         text = pre + block + rest.split(end, 1)[1]

@@ -31,15 +31,14 @@ Prints a table and writes outputs/solver_order.json.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 
-from condiff.data.gmm import GMM, gaussian_pf_ode, reference_pf_ode
 from condiff.core.grids import UniformLogSNR, make_grid
 from condiff.core.sampling import sample
 from condiff.core.schedules import VPLinear
+from condiff.data.gmm import GMM, gaussian_pf_ode, reference_pf_ode
 from condiff.solvers import get_solver
 
 _NO_LOF = {"lower_order_final": False}
@@ -59,9 +58,21 @@ CASES = {
     "unipc-bh1-p1-nocorr": ("unipc", dict(order=1, variant="bh1", corrector=False, **_NO_LOF)),
     "unipc-bh2-p2-nocorr": ("unipc", dict(order=2, variant="bh2", corrector=False, **_NO_LOF)),
 }
-THEORY = {"euler": 1, "ddim": 1, "heun": 2, "dpmpp-2m": 2, "dpmpp-2s": 2, "dpmpp-3m": 3, "dpmpp-3m-reference": 2,
-          "unipc-bh1-p1": 2, "unipc-bh2-p1": 2, "unipc-bh1-p2": 3, "unipc-bh2-p2": 3, "unipc-bh1-p1-nocorr": 1,
-          "unipc-bh2-p2-nocorr": 2}
+THEORY = {
+    "euler": 1,
+    "ddim": 1,
+    "heun": 2,
+    "dpmpp-2m": 2,
+    "dpmpp-2s": 2,
+    "dpmpp-3m": 3,
+    "dpmpp-3m-reference": 2,
+    "unipc-bh1-p1": 2,
+    "unipc-bh2-p1": 2,
+    "unipc-bh1-p2": 3,
+    "unipc-bh2-p2": 3,
+    "unipc-bh1-p1-nocorr": 1,
+    "unipc-bh2-p2-nocorr": 2,
+}
 _STD, _TWO = (8, 16, 32, 64, 128), (16, 32, 64, 128, 256)
 NFES = {label: _TWO if get_solver(n, **kw).evals_per_step() == 2 else _STD for label, (n, kw) in CASES.items()}
 NFES["dpmpp-3m"] = (16, 32, 64, 128, 256)
@@ -96,8 +107,15 @@ def setup(problem: str = "gmm", batch: int = 256, seed: int = 0, ref_steps: int 
     else:
         ref = gaussian_pf_ode(gmm.means[0], gmm.covs[0], sch, x_start, t_start, t_end)
         ref_err = 0.0
-    return {"problem": problem, "denoiser": den, "t_start": t_start, "t_end": t_end, "x_start": x_start,
-            "ref": ref, "ref_err": ref_err}
+    return {
+        "problem": problem,
+        "denoiser": den,
+        "t_start": t_start,
+        "t_end": t_end,
+        "x_start": x_start,
+        "ref": ref,
+        "ref_err": ref_err,
+    }
 
 
 def terminal_error(problem, solver, nfe: int) -> float:
@@ -124,8 +142,7 @@ def measure(problem, names=tuple(THEORY)) -> dict:
             continue
         solver = case_solver(name)
         errs = [terminal_error(problem, solver, n) for n in NFES[name]]
-        rows[name] = {"nfe": list(NFES[name]), "err": errs, "slope": slope(NFES[name], errs),
-                      "theory": -THEORY[name]}
+        rows[name] = {"nfe": list(NFES[name]), "err": errs, "slope": slope(NFES[name], errs), "theory": -THEORY[name]}
     return rows
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from condiff.core.files import atomic_write_json, atomic_write_text, load_json
 from condiff.data import digits
 from condiff.evaluation.evaluate import evaluate
-from condiff.core.files import atomic_write_json, atomic_write_text, load_json
 from condiff.models.base import bundled_dir, load_model, silence_diffusers
 from condiff.solvers import DPMSolverPP2M
 
@@ -53,18 +53,27 @@ def main():
     params = sum(p.numel() for p in model.module.parameters())
     recipe = meta["recipe"]
     lines = [
-        f"# condiff bundled model: {args.name}", "",
+        f"# condiff bundled model: {args.name}",
+        "",
         f"- family: `{meta['family']}`; prediction: `{meta['prediction']}`; schedule: "
         f"{json.dumps({k: v for k, v in recipe['schedule'].items()})}",
         f"- parameters: {params / 1e6:.2f} M (diffusers `{type(model.module['unet']).__name__}`"
-        + (" + condiff `SlotTextEncoder`" if "text_encoder" in model.module else "") + ")",
+        + (" + condiff `SlotTextEncoder`" if "text_encoder" in model.module else "")
+        + ")",
         f"- trained: {meta['trained_steps']} steps, batch {recipe['train']['batch_size']}, "
         f"{meta['train_minutes']:.1f} CPU-minutes of training compute ({recipe['train']['threads']} thread(s))",
-        "", "## How it was made", "",
-        "```", f"condiff train recipes/{args.name}.toml --out {args.run}",
-        f"python scripts/bundle_model.py {args.run} {args.name} --n {args.n}", "```", "",
-        "## Measured", "",
-        f"`condiff eval --model {args.name} --solver dpmpp-2m --steps 20 --cfg W --n {args.n} --seed 0`:", "",
+        "",
+        "## How it was made",
+        "",
+        "```",
+        f"condiff train recipes/{args.name}.toml --out {args.run}",
+        f"python scripts/bundle_model.py {args.run} {args.name} --n {args.n}",
+        "```",
+        "",
+        "## Measured",
+        "",
+        f"`condiff eval --model {args.name} --solver dpmpp-2m --steps 20 --cfg W --n {args.n} --seed 0`:",
+        "",
         "| cfg | " + " | ".join(metrics["cfg3"]["accuracy"]) + " |",
         "|---|" + "---|" * len(metrics["cfg3"]["accuracy"]),
     ]
@@ -73,15 +82,26 @@ def main():
     if args.name == "digits":
         lines += ["", f"Scorer (MLP on real digits) held-out accuracy: {metrics['scorer_heldout_accuracy']:.3f}"]
     if curve:
-        lines += ["", "## Learning curve (EMA weights, dpmpp-2m 20 steps, cfg "
-                  f"{recipe['train']['eval_cfg']}, {recipe['train']['eval_n']} samples)", "",
-                  "| step | train minutes | " + " | ".join(curve[0]["accuracy"]) + " |",
-                  "|---|---|" + "---|" * len(curve[0]["accuracy"])]
+        lines += [
+            "",
+            "## Learning curve (EMA weights, dpmpp-2m 20 steps, cfg "
+            f"{recipe['train']['eval_cfg']}, {recipe['train']['eval_n']} samples)",
+            "",
+            "| step | train minutes | " + " | ".join(curve[0]["accuracy"]) + " |",
+            "|---|---|" + "---|" * len(curve[0]["accuracy"]),
+        ]
         for e in curve:
-            lines.append(f"| {e['step']} | {e['train_minutes']:.1f} | "
-                         + " | ".join(f"{v:.3f}" for v in e["accuracy"].values()) + " |")
-    lines += ["", "Load it with diffusers too: `UNet2DConditionModel.from_pretrained(path / 'unet')` or "
-              "`UNet2DModel.from_pretrained(path / 'unet')`; the DDPMScheduler config is in `scheduler/`.", ""]
+            lines.append(
+                f"| {e['step']} | {e['train_minutes']:.1f} | "
+                + " | ".join(f"{v:.3f}" for v in e["accuracy"].values())
+                + " |"
+            )
+    lines += [
+        "",
+        "Load it with diffusers too: `UNet2DConditionModel.from_pretrained(path / 'unet')` or "
+        "`UNet2DModel.from_pretrained(path / 'unet')`; the DDPMScheduler config is in `scheduler/`.",
+        "",
+    ]
     if curve:
         plot_curve(curve, args.name, ROOT / "docs" / f"{args.name}_learning_curve.png")
         lines += ["", f"Plot: docs/{args.name}_learning_curve.png", ""]

@@ -56,12 +56,20 @@ KINDS = {
     "dit": "diffusers DiT",
 }
 # The CFG-family options of `condiff sample` / `condiff eval`: GuidanceOptions field -> CLI flag.
-OPTIONS = {"pag": "--pag", "ag": "--ag", "cfg_rescale": "--cfg-rescale", "linear_ag": "--linear-ag",
-           "interval": "--guidance-interval", "negative_prompt": "--negative-prompt", "classifier": "--classifier",
-           "minority": "--minority"}
+OPTIONS = {
+    "pag": "--pag",
+    "ag": "--ag",
+    "cfg_rescale": "--cfg-rescale",
+    "linear_ag": "--linear-ag",
+    "interval": "--guidance-interval",
+    "negative_prompt": "--negative-prompt",
+    "classifier": "--classifier",
+    "minority": "--minority",
+}
 
 
 # ---- the models ----------------------------------------------------------------------------------------------
+
 
 def condiff_kit():
     """A tiny random digits-family network (UNet2DModel with self-attention down, up and in the middle) on the
@@ -73,14 +81,29 @@ def condiff_kit():
     from condiff.models.digits import DigitsFamily
 
     meta = json.loads((bundled_dir("digits") / "condiff.json").read_text())
-    cfg = {"unet": dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=[8, 16],
-                        down_block_types=["DownBlock2D", "AttnDownBlock2D"],
-                        up_block_types=["AttnUpBlock2D", "UpBlock2D"], norm_num_groups=4, num_class_embeds=11,
-                        attention_head_dim=4)}
+    cfg = {
+        "unet": dict(
+            sample_size=8,
+            in_channels=1,
+            out_channels=1,
+            layers_per_block=1,
+            block_out_channels=[8, 16],
+            down_block_types=["DownBlock2D", "AttnDownBlock2D"],
+            up_block_types=["AttnUpBlock2D", "UpBlock2D"],
+            norm_num_groups=4,
+            num_class_embeds=11,
+            attention_head_dim=4,
+        )
+    }
     family = DigitsFamily()
     torch.manual_seed(0)
-    model = LoadedModel(family=family, module=family.build(cfg).eval(), schedule=schedule_from_config(meta["schedule"]),
-                        prediction=as_prediction(meta["prediction"]), model_cfg=cfg)
+    model = LoadedModel(
+        family=family,
+        module=family.build(cfg).eval(),
+        schedule=schedule_from_config(meta["schedule"]),
+        prediction=as_prediction(meta["prediction"]),
+        model_cfg=cfg,
+    )
 
     def cond(n, seed):
         return model.condition((torch.arange(n) + seed) % 10)
@@ -89,8 +112,15 @@ def condiff_kit():
         return {"class_labels": (torch.arange(n) + seed + 5) % 10}
 
     den = model.denoiser
-    return image_kit("condiff", den, (1, 8, 8), cond, make_grid(den.schedule, STEPS, UniformT()),
-                     {"down": "down", "up": "up"}, negative)
+    return image_kit(
+        "condiff",
+        den,
+        (1, 8, 8),
+        cond,
+        make_grid(den.schedule, STEPS, UniformT()),
+        {"down": "down", "up": "up"},
+        negative,
+    )
 
 
 def pipeline_kits(directory: Path):
@@ -104,10 +134,13 @@ def pipeline_kits(directory: Path):
         dit = load_pipeline(build_tiny_dit(directory / "dit"))
     prompts = {"unet": ["red cat", "blue dog", "green circle"], "dit": ["circle", "square", "triangle"]}
     negatives = {"unet": "photo", "dit": "star"}
-    layers = {"unet": {"down": "down", "up": "up"},
-              "dit": {"down": "transformer.transformer_blocks.0", "up": "transformer.transformer_blocks.1"}}
+    layers = {
+        "unet": {"down": "down", "up": "up"},
+        "dit": {"down": "transformer.transformer_blocks.0", "up": "transformer.transformer_blocks.1"},
+    }
     kits = {}
     for kind, p in (("unet", sd), ("dit", dit)):
+
         def cond(n, seed, p=p, kind=kind):
             ps = prompts[kind]
             return p.condition([ps[(i + seed) % len(ps)] for i in range(n)])
@@ -117,8 +150,9 @@ def pipeline_kits(directory: Path):
 
         den = p.denoiser
         shape = (int(p.latent_channels), *([int(p.network.config.sample_size)] * 2))
-        kits[kind] = image_kit(kind, den, shape, cond, make_grid(den.schedule, STEPS, UniformT()), layers[kind],
-                               negative)
+        kits[kind] = image_kit(
+            kind, den, shape, cond, make_grid(den.schedule, STEPS, UniformT()), layers[kind], negative
+        )
     return kits
 
 
@@ -127,6 +161,7 @@ def build_kits(directory: Path) -> dict:
 
 
 # ---- one cell ------------------------------------------------------------------------------------------------
+
 
 def _clean(message: str) -> str:
     """One line, no object addresses or temporary paths (the JSON must not change from run to run)."""
@@ -179,16 +214,23 @@ def model_matrix(kits: dict, cases=CASES, solvers=None, cells=None) -> dict:
 
 # ---- which options compose -----------------------------------------------------------------------------------
 
+
 def _option_candidates() -> dict:
     """Values to try per option, a plain value first, then an object (the classifier, minority classifier and
     LinearAG coefficients are names at the CLI and objects in the library); the first one that
     ``GuidanceOptions`` takes alone is used for the pairs."""
     from guidancekit import HalvesExpert, image_levels, linear_ag_coefficients
 
-    return {"pag": [2.0], "ag": [0.99], "cfg_rescale": [0.7],
-            "linear_ag": ["coefficients.safetensors", linear_ag_coefficients("ddim")], "interval": [(200.0, 800.0)],
-            "negative_prompt": ["blurry"], "classifier": ["clean", HalvesExpert(0)],
-            "minority": ["minority", image_levels]}
+    return {
+        "pag": [2.0],
+        "ag": [0.99],
+        "cfg_rescale": [0.7],
+        "linear_ag": ["coefficients.safetensors", linear_ag_coefficients("ddim")],
+        "interval": [(200.0, 800.0)],
+        "negative_prompt": ["blurry"],
+        "classifier": ["clean", HalvesExpert(0)],
+        "minority": ["minority", image_levels],
+    }
 
 
 def _options(**kwargs):
@@ -214,11 +256,13 @@ def option_pairs() -> dict:
             break
     keys = list(OPTIONS)
     for i, a in enumerate(keys):
-        for b in keys[i + 1:]:
+        for b in keys[i + 1 :]:
             pair = f"{OPTIONS[a]}|{OPTIONS[b]}"
             if a not in values or b not in values:
-                out[pair] = {"status": "fails", "reason": f"no value of {OPTIONS[a if a not in values else b]} is "
-                                                          f"accepted alone"}
+                out[pair] = {
+                    "status": "fails",
+                    "reason": f"no value of {OPTIONS[a if a not in values else b]} is accepted alone",
+                }
                 continue
             try:
                 _options(**{a: values[a], b: values[b]})
@@ -230,9 +274,16 @@ def option_pairs() -> dict:
     return out
 
 
-PIPELINE_VALUES = {"--pag": "2", "--ag": "0.99", "--cfg-rescale": "0.7", "--linear-ag": "coefficients.safetensors",
-                   "--guidance-interval": "200,800", "--negative-prompt": "blurry", "--classifier": "clean",
-                   "--minority": "minority"}
+PIPELINE_VALUES = {
+    "--pag": "2",
+    "--ag": "0.99",
+    "--cfg-rescale": "0.7",
+    "--linear-ag": "coefficients.safetensors",
+    "--guidance-interval": "200,800",
+    "--negative-prompt": "blurry",
+    "--classifier": "clean",
+    "--minority": "minority",
+}
 
 
 def with_pipeline(directory: Path) -> dict:
@@ -243,8 +294,19 @@ def with_pipeline(directory: Path) -> dict:
 
     out = {}
     for flag in OPTIONS.values():
-        argv = ["sample", "--pipeline", str(directory / "no-pipeline"), "--prompt", "red cat", flag,
-                PIPELINE_VALUES[flag], "--steps", "0", "--out", str(directory / "x.png")]
+        argv = [
+            "sample",
+            "--pipeline",
+            str(directory / "no-pipeline"),
+            "--prompt",
+            "red cat",
+            flag,
+            PIPELINE_VALUES[flag],
+            "--steps",
+            "0",
+            "--out",
+            str(directory / "x.png"),
+        ]
         err = io.StringIO()
         code = None
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -264,14 +326,22 @@ def with_pipeline(directory: Path) -> dict:
 
 # ---- the whole thing -----------------------------------------------------------------------------------------
 
+
 def generate(directory: Path) -> dict:
     from condiff.solvers import SOLVERS
 
     torch.set_num_threads(1)
     kits = build_kits(directory)
-    return {"generated_by": "scripts/compat_matrix.py", "steps": STEPS, "batch": BATCH, "kinds": KINDS,
-            "solvers": sorted(SOLVERS), "cases": [c.name for c in CASES], "cells": model_matrix(kits),
-            "options": {"pairs": option_pairs(), "with_pipeline": with_pipeline(directory)}}
+    return {
+        "generated_by": "scripts/compat_matrix.py",
+        "steps": STEPS,
+        "batch": BATCH,
+        "kinds": KINDS,
+        "solvers": sorted(SOLVERS),
+        "cases": [c.name for c in CASES],
+        "cells": model_matrix(kits),
+        "options": {"pairs": option_pairs(), "with_pipeline": with_pipeline(directory)},
+    }
 
 
 def counts(data: dict) -> dict:
@@ -345,8 +415,9 @@ def render(data: dict) -> str:
         "|---|" + "---|" * len(kinds),
     ]
     for case in data["cases"]:
-        lines.append(f"| `{case}` | " + " | ".join(_summary(data["cells"][k][case], solvers, notes) for k in kinds)
-                     + " |")
+        lines.append(
+            f"| `{case}` | " + " | ".join(_summary(data["cells"][k][case], solvers, notes) for k in kinds) + " |"
+        )
     lines += [""] + notes.lines()
 
     opt = Notes()
@@ -369,8 +440,13 @@ def render(data: dict) -> str:
     ]
     for a in flags:
         p = pipe[a]
-        lines.append(f"| `{a}` | " + " | ".join(pair(a, b) for b in flags) + " | "
-                     + ("✓" if p["status"] == "ok" else opt.mark(p)) + " |")
+        lines.append(
+            f"| `{a}` | "
+            + " | ".join(pair(a, b) for b in flags)
+            + " | "
+            + ("✓" if p["status"] == "ok" else opt.mark(p))
+            + " |"
+        )
     lines += [""] + opt.lines()
     return "\n".join(lines)
 
@@ -395,8 +471,10 @@ def main() -> None:
     JSON_PATH.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     DOC_PATH.write_text(replace_block(DOC_PATH.read_text(), render(data)))
     c = counts(data)
-    print(f"{sum(c.values())} cells: {c['ok']} ok, {c['refused']} refused, {c['fails']} fails "
-          f"({time.perf_counter() - t0:.1f} s) -> {JSON_PATH.relative_to(ROOT)}, {DOC_PATH.relative_to(ROOT)}")
+    print(
+        f"{sum(c.values())} cells: {c['ok']} ok, {c['refused']} refused, {c['fails']} fails "
+        f"({time.perf_counter() - t0:.1f} s) -> {JSON_PATH.relative_to(ROOT)}, {DOC_PATH.relative_to(ROOT)}"
+    )
     for kind, by_case in data["cells"].items():
         for case, by_solver in by_case.items():
             for s, cell in by_solver.items():

@@ -37,6 +37,7 @@ GRID = make_grid(SCH, STEPS, UniformLogSNR())
 
 # ---- what a case gets from a model -------------------------------------------------------------------------
 
+
 @dataclass(eq=False)
 class Kit:
     """One model as the cases see it. ``cond(n, seed, extras)`` gives per-row conditions with 'null' (and
@@ -68,6 +69,7 @@ class Kit:
 
 
 # ---- the exact GMM oracle ----------------------------------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=None)
 def _gmm():
@@ -126,22 +128,44 @@ def linear_ag_coefficients(solver: str):
     gmm = _gmm()
     g = torch.Generator().manual_seed(77)
     x = initial_noise(SCH, float(GRID[0]), (16, 2), g, dtype=F64)
-    return G.fit_linear_ag(gmm.denoiser(SCH), get_solver(solver), GRID, x, gmm_cond(16, 0), 3.0,
-                           noise=Gaussian(torch.Generator().manual_seed(78)))
+    return G.fit_linear_ag(
+        gmm.denoiser(SCH),
+        get_solver(solver),
+        GRID,
+        x,
+        gmm_cond(16, 0),
+        3.0,
+        noise=Gaussian(torch.Generator().manual_seed(78)),
+    )
 
 
 @functools.lru_cache(maxsize=None)
 def gmm_kit() -> Kit:
     """The exact GMM oracle on VPLinear (no network: PAG has no attention layers to perturb)."""
     den = _gmm().denoiser(SCH)
-    return Kit("gmm", den, (2,), gmm_cond, GRID, lambda: exact_gmm_classifier(den), clean_logits(_gmm()),
-               level_logits, ppap_experts, target_loss, (torch.tensor([1, 0]), torch.tensor([0.0, 0.7])),
-               (G.SuperResolution(2, dims=1), torch.tensor([0.3])),
-               (G.Colorize((0.3, 0.7), channel_dim=-1), torch.tensor([-0.4])), {"down": "down", "up": "up"},
-               linear_ag_coefficients, drop=(), t_scale=float(SCH.t_max))
+    return Kit(
+        "gmm",
+        den,
+        (2,),
+        gmm_cond,
+        GRID,
+        lambda: exact_gmm_classifier(den),
+        clean_logits(_gmm()),
+        level_logits,
+        ppap_experts,
+        target_loss,
+        (torch.tensor([1, 0]), torch.tensor([0.0, 0.7])),
+        (G.SuperResolution(2, dims=1), torch.tensor([0.3])),
+        (G.Colorize((0.3, 0.7), channel_dim=-1), torch.tensor([-0.4])),
+        {"down": "down", "up": "up"},
+        linear_ag_coefficients,
+        drop=(),
+        t_scale=float(SCH.t_max),
+    )
 
 
 # ---- any image-shaped model --------------------------------------------------------------------------------
+
 
 def halves(x, t=None):
     """A fixed smooth 2-class 'classifier' of images: logits = the means of the top and the bottom half."""
@@ -192,16 +216,38 @@ def image_kit(name, den, shape, cond, grid, pag_layers, negative=None, dtype=F32
         g = torch.Generator().manual_seed(77)
         x = initial_noise(den.schedule, float(grid[0]), (fit_rows, *shape), g, dtype=dtype)
         with torch.no_grad():
-            return G.fit_linear_ag(den, get_solver(solver), grid, x, cond(fit_rows, 0), 3.0,
-                                   noise=Gaussian(torch.Generator().manual_seed(78)))
+            return G.fit_linear_ag(
+                den,
+                get_solver(solver),
+                grid,
+                x,
+                cond(fit_rows, 0),
+                3.0,
+                noise=Gaussian(torch.Generator().manual_seed(78)),
+            )
 
     mask = torch.zeros(shape, dtype=dtype)
     mask[..., : w // 2] = 1.0
-    return Kit(name, den, tuple(shape), full_cond, grid, lambda: from_logits(halves), lambda x0: halves(x0),
-               image_levels, experts, mean_square, (mask, torch.zeros(shape, dtype=dtype)),
-               (G.SuperResolution(2), torch.zeros(c, h // 2, w // 2, dtype=dtype)),
-               (G.Colorize(tuple([1.0 / c] * c)), torch.zeros(1, h, w, dtype=dtype)), pag_layers, coefficients,
-               drop=("y",), t_scale=float(den.schedule.t_max), info=dict(info or {}))
+    return Kit(
+        name,
+        den,
+        tuple(shape),
+        full_cond,
+        grid,
+        lambda: from_logits(halves),
+        lambda x0: halves(x0),
+        image_levels,
+        experts,
+        mean_square,
+        (mask, torch.zeros(shape, dtype=dtype)),
+        (G.SuperResolution(2), torch.zeros(c, h // 2, w // 2, dtype=dtype)),
+        (G.Colorize(tuple([1.0 / c] * c)), torch.zeros(1, h, w, dtype=dtype)),
+        pag_layers,
+        coefficients,
+        drop=("y",),
+        t_scale=float(den.schedule.t_max),
+        info=dict(info or {}),
+    )
 
 
 CTX, LEN = 8, 3  # cross-attention width and token count of the contract's tiny UNet
@@ -215,10 +261,17 @@ def tiny_unet_denoiser(dtype):
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, cross_attention_dim=CTX,
-        attention_head_dim=4)
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        cross_attention_dim=CTX,
+        attention_head_dim=4,
+    )
     with torch.no_grad():
         for p in unet.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -236,14 +289,18 @@ def unet_kit(dtype) -> Kit:
 
     def cond(n, seed):
         g = torch.Generator().manual_seed(100 + seed)
-        return {"encoder_hidden_states": torch.randn(n, LEN, CTX, generator=g, dtype=F64).to(dtype),
-                "null": {"encoder_hidden_states": torch.zeros(n, LEN, CTX, dtype=dtype)}}
+        return {
+            "encoder_hidden_states": torch.randn(n, LEN, CTX, generator=g, dtype=F64).to(dtype),
+            "null": {"encoder_hidden_states": torch.zeros(n, LEN, CTX, dtype=dtype)},
+        }
 
-    return image_kit("unet", tiny_unet_denoiser(dtype), (3, 8, 8), cond, GRID, {"down": "down", "up": "up"},
-                     dtype=dtype)
+    return image_kit(
+        "unet", tiny_unet_denoiser(dtype), (3, 8, 8), cond, GRID, {"down": "down", "up": "up"}, dtype=dtype
+    )
 
 
 # ---- the cases ---------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Case:
@@ -259,14 +316,16 @@ class Case:
 
 
 def _stack(b, solver):  # CFG + AG + classifier guidance, nested
-    return G.ClassifierGuidance(G.AdaptiveGuidance(b.den, 3.0, gamma_bar=0.98, space=X0()), b.classifier(), 1.5,
-                                drop=b.drop)
+    return G.ClassifierGuidance(
+        G.AdaptiveGuidance(b.den, 3.0, gamma_bar=0.98, space=X0()), b.classifier(), 1.5, drop=b.drop
+    )
 
 
 def _pag_ag(b):  # PAG's term over AG, x0_c read through a Tap (what --pag --ag builds)
     tap = G.Tap(b.den)
-    return G.PAGTerm(G.AdaptiveGuidance(tap, 3.0, gamma_bar=0.98, space=X0()), b.den, 2.0,
-                     layers=b.pag_layers["down"], tap=tap)
+    return G.PAGTerm(
+        G.AdaptiveGuidance(tap, 3.0, gamma_bar=0.98, space=X0()), b.den, 2.0, layers=b.pag_layers["down"], tap=tap
+    )
 
 
 def _linear_ag(b, solver):  # every fitted evaluation predicted: the history is used at every step
@@ -276,26 +335,31 @@ def _linear_ag(b, solver):  # every fitted evaluation predicted: the history is 
 
 CASES = [
     Case("cfg", lambda b, s: G.CFG(b.den, 3.0), (G.CFG,)),
-    Case("cfg-linear-scale", lambda b, s: G.CFG(b.den, G.LinearScale(5.0, 1.0, b.t(1.0), b.t(0.0))),
-         (G.LinearScale,)),
-    Case("cfg-cosine-scale", lambda b, s: G.CFG(b.den, G.CosineScale(1.0, 4.0, b.t(1.0), b.t(0.0), power=2.0)),
-         (G.CosineScale,)),
-    Case("cfg-interval-scale", lambda b, s: G.CFG(b.den, G.IntervalScale(3.0, b.t(0.3), b.t(0.8))),
-         (G.IntervalScale,)),
-    Case("interval", lambda b, s: G.GuidanceInterval(b.den, 3.0, t_lo=b.t(0.3), t_hi=b.t(0.8)),
-         (G.GuidanceInterval,)),
+    Case("cfg-linear-scale", lambda b, s: G.CFG(b.den, G.LinearScale(5.0, 1.0, b.t(1.0), b.t(0.0))), (G.LinearScale,)),
+    Case(
+        "cfg-cosine-scale",
+        lambda b, s: G.CFG(b.den, G.CosineScale(1.0, 4.0, b.t(1.0), b.t(0.0), power=2.0)),
+        (G.CosineScale,),
+    ),
+    Case("cfg-interval-scale", lambda b, s: G.CFG(b.den, G.IntervalScale(3.0, b.t(0.3), b.t(0.8))), (G.IntervalScale,)),
+    Case("interval", lambda b, s: G.GuidanceInterval(b.den, 3.0, t_lo=b.t(0.3), t_hi=b.t(0.8)), (G.GuidanceInterval,)),
     Case("rescale-x0", lambda b, s: G.GuidanceRescale(b.den, 3.0, 0.7), (G.GuidanceRescale,)),
-    Case("rescale-eps", lambda b, s: G.GuidanceRescale(b.den, G.LinearScale(4.0, 1.0, b.t(1.0), b.t(0.0)), 0.5,
-                                                       space=Eps())),
+    Case(
+        "rescale-eps",
+        lambda b, s: G.GuidanceRescale(b.den, G.LinearScale(4.0, 1.0, b.t(1.0), b.t(0.0)), 0.5, space=Eps()),
+    ),
     Case("negative", lambda b, s: G.NegativeGuidance(b.den, 3.0), (G.NegativeGuidance,), extras=("negative",)),
     Case("negation", lambda b, s: G.Negation(b.den, 3.0, 1.0), (G.Negation,), extras=("negative",)),
-    Case("thresholding", lambda b, s: G.DynamicThresholding(G.CFG(b.den, 3.0), ratio=0.9),
-         (G.DynamicThresholding,)),
+    Case("thresholding", lambda b, s: G.DynamicThresholding(G.CFG(b.den, 3.0), ratio=0.9), (G.DynamicThresholding,)),
     Case("ag-eps", lambda b, s: G.AdaptiveGuidance(b.den, 3.0), (G.AdaptiveGuidance,)),
     Case("ag-x0", lambda b, s: G.AdaptiveGuidance(b.den, 3.0, gamma_bar=0.98, space=X0())),
     Case("linear-ag", _linear_ag, (G.LinearAG,)),
-    Case("classifier", lambda b, s: G.ClassifierGuidance(b.den, b.classifier(), 2.0), (G.ClassifierGuidance,),
-         extras=("y",)),
+    Case(
+        "classifier",
+        lambda b, s: G.ClassifierGuidance(b.den, b.classifier(), 2.0),
+        (G.ClassifierGuidance,),
+        extras=("y",),
+    ),
     Case("elucd", lambda b, s: G.EluCD(b.den, b.clean_logits, b.grid, scale=0.5), (G.EluCD,), extras=("y",)),
     Case("minority", lambda b, s: G.MinorityGuidance(b.den, b.level_logits, 2.0, levels=3), (G.MinorityGuidance,)),
     Case("ppap", lambda b, s: G.ppap_guidance(b.den, b.experts(), 2.0), extras=("y",)),  # t-routed classifier
@@ -303,13 +367,18 @@ CASES = [
     Case("inpaint", lambda b, s: G.inpaint(b.den, *b.inpaint), (G.Projection, G.Inpaint)),
     Case("super-resolution", lambda b, s: G.Projection(b.den, *b.sr), (G.SuperResolution,)),
     Case("colorize", lambda b, s: G.Projection(b.den, *b.colorize), (G.Colorize,)),
-    Case("universal-forward", lambda b, s: G.UniversalGuidance(b.den, [G.Forward(b.loss, 0.5)]),
-         (G.UniversalGuidance, G.Forward)),
-    Case("universal-both-recurrence", lambda b, s: G.UniversalGuidance(
-        b.den, [G.Forward(b.loss, 0.3), G.Backward(b.loss, steps=2, lr=0.1)]), (G.Backward, G.SelfRecurrence),
-        solver_wrap=lambda solver: G.SelfRecurrence(solver, k=2)),
-    Case("pag-cfg", lambda b, s: G.PAG(b.den, 2.0, layers=b.pag_layers["down"], cfg_scale=3.0), (G.PAG,),
-         base="unet"),
+    Case(
+        "universal-forward",
+        lambda b, s: G.UniversalGuidance(b.den, [G.Forward(b.loss, 0.5)]),
+        (G.UniversalGuidance, G.Forward),
+    ),
+    Case(
+        "universal-both-recurrence",
+        lambda b, s: G.UniversalGuidance(b.den, [G.Forward(b.loss, 0.3), G.Backward(b.loss, steps=2, lr=0.1)]),
+        (G.Backward, G.SelfRecurrence),
+        solver_wrap=lambda solver: G.SelfRecurrence(solver, k=2),
+    ),
+    Case("pag-cfg", lambda b, s: G.PAG(b.den, 2.0, layers=b.pag_layers["down"], cfg_scale=3.0), (G.PAG,), base="unet"),
     Case("pag", lambda b, s: G.PAG(b.den, 2.0, layers=b.pag_layers["up"], batched=False), base="unet"),
     Case("pag-term-ag", lambda b, s: _pag_ag(b), (G.PAGTerm, G.Tap), base="unet"),  # --pag with --ag
 ]

@@ -98,7 +98,11 @@ def test_only_init_and_errors_at_the_top_level():
 
 
 def test_nothing_outside_cli_imports_cli():
-    offenders = [f"{path.relative_to(SRC.parent)}:{line}" for path in SRC.rglob("*.py")
-                 if "cli" not in path.relative_to(SRC).parts[:1]
-                 for target, _, line in imported_names(path) if target.startswith("condiff.cli")]
+    offenders = [
+        f"{path.relative_to(SRC.parent)}:{line}"
+        for path in SRC.rglob("*.py")
+        if "cli" not in path.relative_to(SRC).parts[:1]
+        for target, _, line in imported_names(path)
+        if target.startswith("condiff.cli")
+    ]
     assert offenders == []

@@ -40,8 +40,15 @@ def is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check_real(what: str, value, lo: float = -math.inf, hi: float = math.inf, accepted: str | None = None,
-               lo_open: bool = False, hi_open: bool = False) -> float:
+def check_real(
+    what: str,
+    value,
+    lo: float = -math.inf,
+    hi: float = math.inf,
+    accepted: str | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> float:
     """``value`` as a float when it is a finite real number (not a bool) in [lo, hi] (an open end with
     ``lo_open`` / ``hi_open``); otherwise the one-line ConfigError '{what} must be {accepted}, got {value!r}'."""
     ok = is_real(value) and (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)

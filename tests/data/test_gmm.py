@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal
 
+from condiff.core.schedules import EDM, VPCosine, VPLinear
 from condiff.data.gmm import GMM, NULL_CLASS, gaussian_pf_ode, reference_pf_ode
 from condiff.errors import ConfigError
-from condiff.core.schedules import EDM, VPCosine, VPLinear
 
 F64 = torch.float64
 SCHEDULES = [VPLinear(), EDM()]
@@ -123,8 +123,9 @@ def test_class_posterior_at_t_to_zero_is_the_clean_posterior(gmm):
     # the posterior of unit-scale components moves by O(1e-6)
     t = float(sch.t_from_log_snr(torch.tensor(-2 * math.log(1e-6), dtype=F64)))
     assert 0 < t < 1e-9
-    xt = sch.alpha(t) * x0 + sch.sigma(t) * torch.randn(x0.shape, generator=torch.Generator().manual_seed(12),
-                                                         dtype=F64)
+    xt = sch.alpha(t) * x0 + sch.sigma(t) * torch.randn(
+        x0.shape, generator=torch.Generator().manual_seed(12), dtype=F64
+    )
     assert torch.allclose(den.class_posterior(xt, t), clean, rtol=0, atol=1e-5)
 
 
@@ -189,8 +190,9 @@ def test_gaussian_closed_form_matches_reference_ode(schedule):
     mean, cov = random_gaussian(16, seed=5)
     den = GMM.gaussian(mean, cov).denoiser(schedule)
     t_from, t_to = schedule.default_t_start(), schedule.t_min
-    x = schedule.sigma(torch.tensor(t_from, dtype=F64)) * torch.randn(8, 16, generator=torch.Generator()
-                                                                      .manual_seed(6), dtype=F64)
+    x = schedule.sigma(torch.tensor(t_from, dtype=F64)) * torch.randn(
+        8, 16, generator=torch.Generator().manual_seed(6), dtype=F64
+    )
     exact = gaussian_pf_ode(mean, cov, schedule, x, t_from, t_to)
     ref = reference_pf_ode(den, x, t_from, t_to, steps=512)
     assert float((ref - exact).abs().max()) < 1e-6

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from condiff.data import photos as photos_mod
+from condiff.data.images import from_uint8, read_image
 from condiff.data.photos import NAMES, photos
 from condiff.errors import ConfigError
-from condiff.data.images import from_uint8, read_image
 
 
 def test_shapes_ranges_and_determinism():
@@ -56,6 +56,7 @@ def test_same_as_read_image_of_the_file(tmp_path):
 
 def test_loads_without_network(monkeypatch):
     """The photos ship with scikit-image: loading them with every socket connection refused works."""
+
     def refuse(*_a, **_k):
         raise OSError("network disabled by the test")
 

@@ -21,9 +21,19 @@ from condiff.cli import main
 from condiff.errors import CondiffError
 
 # derandomize: the same examples on every run and machine (no example database is consulted).
-settings.register_profile("condiff-fuzz", derandomize=True, deadline=None, database=None, print_blob=True,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-                                                 HealthCheck.filter_too_much, HealthCheck.data_too_large])
+settings.register_profile(
+    "condiff-fuzz",
+    derandomize=True,
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.filter_too_much,
+        HealthCheck.data_too_large,
+    ],
+)
 settings.load_profile("condiff-fuzz")
 
 ROOT = Path(__file__).resolve().parents[2]

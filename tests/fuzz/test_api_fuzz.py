@@ -16,19 +16,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from fuzzkit import expect_api_error
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from condiff.core.files import load_json, load_tensors, save_tensors
+from condiff.core.grids import MAX_STEPS, SPACINGS, Karras, make_grid
+from condiff.core.schedules import EDM, Flow, VPCosine, VPDiscrete, VPLinear, schedule_from_config
 from condiff.data import text
 from condiff.errors import ConfigError, InputFileError
-from condiff.core.grids import MAX_STEPS, SPACINGS, Karras, make_grid
 from condiff.guidance import CFG
-from condiff.core.files import load_json, load_tensors, save_tensors
 from condiff.models.base import bundled_dir, load_model
-from condiff.core.schedules import EDM, VPCosine, VPDiscrete, VPLinear, Flow, schedule_from_config
 from condiff.solvers import SOLVERS, get_solver
-
-from fuzzkit import expect_api_error
 
 TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30)
 SCHEDULES = [VPLinear(), VPCosine(), EDM(), Flow(), VPDiscrete.from_betas("squaredcos_cap_v2", 1000)]
@@ -37,14 +36,26 @@ SPACING = st.sampled_from(list(SPACINGS.values()))
 
 
 def _is_grid(g: torch.Tensor, steps: int) -> bool:
-    return g.dtype == torch.float64 and g.numel() == steps + 1 and bool(torch.isfinite(g).all()) \
+    return (
+        g.dtype == torch.float64
+        and g.numel() == steps + 1
+        and bool(torch.isfinite(g).all())
         and bool((g[1:] < g[:-1]).all())
+    )
 
 
 # ---- make_grid ------------------------------------------------------------------------------------------
 
-BAD_STEPS = st.one_of(st.integers(max_value=0), st.integers(min_value=MAX_STEPS + 1), st.booleans(),
-                      st.floats(), st.text(max_size=3), st.none(), st.just([3]), st.just(torch.tensor([2, 3])))
+BAD_STEPS = st.one_of(
+    st.integers(max_value=0),
+    st.integers(min_value=MAX_STEPS + 1),
+    st.booleans(),
+    st.floats(),
+    st.text(max_size=3),
+    st.none(),
+    st.just([3]),
+    st.just(torch.tensor([2, 3])),
+)
 
 
 @settings(max_examples=40)
@@ -56,9 +67,17 @@ def test_make_grid_bad_steps(schedule, spacing, steps):
 def _times(schedule):
     """None (the default), in range, out of range, NaN, inf, or not a number at all."""
     lo, hi = min(schedule.t_clean, schedule.t_min), schedule.t_max
-    return st.one_of(st.none(), st.floats(lo, hi), st.floats(lo, hi), st.floats(max_value=lo, exclude_max=True),
-                     st.floats(min_value=hi, exclude_min=True), st.sampled_from([math.nan, math.inf, -math.inf]),
-                     st.text(max_size=3), st.booleans(), st.just(torch.tensor(0.5)))
+    return st.one_of(
+        st.none(),
+        st.floats(lo, hi),
+        st.floats(lo, hi),
+        st.floats(max_value=lo, exclude_max=True),
+        st.floats(min_value=hi, exclude_min=True),
+        st.sampled_from([math.nan, math.inf, -math.inf]),
+        st.text(max_size=3),
+        st.booleans(),
+        st.just(torch.tensor(0.5)),
+    )
 
 
 @settings(max_examples=60)
@@ -97,6 +116,7 @@ def test_karras_bad_rho(rho):
 
 # ---- guidance, solvers ----------------------------------------------------------------------------------
 
+
 class _Den:
     schedule = VPLinear()
 
@@ -104,9 +124,16 @@ class _Den:
         return x
 
 
-BAD_SCALES = st.one_of(st.floats().filter(lambda w: not abs(w) <= 1e4), st.integers().filter(lambda w: abs(w) > 1e4),
-                       st.booleans(), TEXT, st.none(), st.complex_numbers(), st.lists(st.floats(), max_size=2),
-                       st.just(torch.tensor([1.0, 2.0])))
+BAD_SCALES = st.one_of(
+    st.floats().filter(lambda w: not abs(w) <= 1e4),
+    st.integers().filter(lambda w: abs(w) > 1e4),
+    st.booleans(),
+    TEXT,
+    st.none(),
+    st.complex_numbers(),
+    st.lists(st.floats(), max_size=2),
+    st.just(torch.tensor([1.0, 2.0])),
+)
 
 
 @settings(max_examples=30)
@@ -143,6 +170,7 @@ def test_get_solver_unknown_options(name, option):
 
 # ---- schedules ------------------------------------------------------------------------------------------
 
+
 def _valid_table(a) -> bool:
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in a):
         return False
@@ -153,8 +181,12 @@ BAD_TABLES = st.one_of(
     st.lists(st.floats(), max_size=8).filter(lambda a: not _valid_table(a)),
     st.lists(st.floats(0.01, 0.99), min_size=2, max_size=8).map(sorted),  # increasing
     st.lists(st.floats(0.01, 0.99), min_size=3, max_size=8).map(lambda a: sorted(a, reverse=True) + [max(a)]),
-    st.lists(st.text(max_size=2), min_size=1, max_size=3), st.none(), TEXT, st.just([[0.9, 0.5], [0.4]]),
-    st.just({"a": 0.5}))
+    st.lists(st.text(max_size=2), min_size=1, max_size=3),
+    st.none(),
+    TEXT,
+    st.just([[0.9, 0.5], [0.4]]),
+    st.just({"a": 0.5}),
+)
 
 
 @settings(max_examples=30)
@@ -166,13 +198,26 @@ def test_vp_discrete_rejects_bad_tables(table):
 
 SCHEDULE_CFG = st.one_of(
     st.dictionaries(TEXT, st.integers(), max_size=3),
-    st.fixed_dictionaries({"type": st.sampled_from(["vp_linear", "vp_cosine", "vp_discrete", "edm", "flow"])},
-                          optional={"beta_min": st.floats(), "beta_max": st.floats(), "s": st.floats(),
-                                    "num_steps": st.one_of(st.integers(-5, 5), st.floats()),
-                                    "beta_start": st.floats(), "beta_end": st.floats(),
-                                    "beta_schedule": TEXT, "sigma_min": st.floats(), "sigma_max": st.floats(),
-                                    "junk": st.integers()}),
-    TEXT, st.integers(), st.lists(st.integers(), max_size=2), st.none())
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(["vp_linear", "vp_cosine", "vp_discrete", "edm", "flow"])},
+        optional={
+            "beta_min": st.floats(),
+            "beta_max": st.floats(),
+            "s": st.floats(),
+            "num_steps": st.one_of(st.integers(-5, 5), st.floats()),
+            "beta_start": st.floats(),
+            "beta_end": st.floats(),
+            "beta_schedule": TEXT,
+            "sigma_min": st.floats(),
+            "sigma_max": st.floats(),
+            "junk": st.integers(),
+        },
+    ),
+    TEXT,
+    st.integers(),
+    st.lists(st.integers(), max_size=2),
+    st.none(),
+)
 
 
 @settings(max_examples=40)
@@ -189,9 +234,14 @@ def test_schedule_from_config_gives_a_schedule_or_a_config_error(cfg):
 
 # ---- the caption tokenizer ------------------------------------------------------------------------------
 
+
 @settings(max_examples=80)
-@given(prompt=st.one_of(TEXT, st.lists(st.sampled_from(sorted(text.VOCAB) + sorted(text.ALIASES) + ["", ",", "x"]),
-                                        max_size=6).map(" ".join)))
+@given(
+    prompt=st.one_of(
+        TEXT,
+        st.lists(st.sampled_from(sorted(text.VOCAB) + sorted(text.ALIASES) + ["", ",", "x"]), max_size=6).map(" ".join),
+    )
+)
 def test_tokenize_arbitrary_text(prompt):
     try:
         ids = text.tokenize(prompt)
@@ -205,8 +255,12 @@ def test_tokenize_arbitrary_text(prompt):
 
 
 @settings(max_examples=20)
-@given(words=st.lists(st.sampled_from(sorted(text.VOCAB)), max_size=4, unique_by=lambda w: text.VOCAB[w][0]),
-       data=st.data(), sep=st.sampled_from([" ", ", ", "\t", "\n", "  "]), upper=st.booleans())
+@given(
+    words=st.lists(st.sampled_from(sorted(text.VOCAB)), max_size=4, unique_by=lambda w: text.VOCAB[w][0]),
+    data=st.data(),
+    sep=st.sampled_from([" ", ", ", "\t", "\n", "  "]),
+    upper=st.booleans(),
+)
 def test_tokenize_ignores_order_case_and_separators(words, data, sep, upper):
     shuffled = data.draw(st.permutations(words))
     a = text.tokenize(" ".join(words))
@@ -226,6 +280,7 @@ def test_tokenize_non_strings(prompt):
 
 
 # ---- files ----------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def real_safetensors(workdir) -> bytes:
@@ -247,7 +302,7 @@ def test_load_tensors_refuses_garbage_truncated_and_pickles(workdir, real_safete
     if kind == "garbage":
         blob = data.draw(st.binary(max_size=200))
     elif kind == "truncated":
-        blob = real[:data.draw(st.integers(0, len(real) - 1))]
+        blob = real[: data.draw(st.integers(0, len(real) - 1))]
     elif kind == "pickle":
         blob = pickle.dumps({"w": [1.0, 2.0]}, protocol=data.draw(st.integers(0, pickle.HIGHEST_PROTOCOL)))
     elif kind == "torch-save":
@@ -255,10 +310,10 @@ def test_load_tensors_refuses_garbage_truncated_and_pickles(workdir, real_safete
         torch.save({"w": torch.ones(2)}, buf)
         blob = buf.getvalue()
     elif kind == "header-only":
-        blob = real[:8 + int.from_bytes(real[:8], "little")]
+        blob = real[: 8 + int.from_bytes(real[:8], "little")]
     else:  # a corrupted length prefix
         n = data.draw(st.integers(0, 7))
-        blob = real[:n] + bytes([real[n] ^ 0xFF]) + real[n + 1:]
+        blob = real[:n] + bytes([real[n] ^ 0xFF]) + real[n + 1 :]
     path = _file(workdir, "model.safetensors", blob)
     expect_api_error(load_tensors, path, needles=(repr(str(path)),))
 
@@ -274,8 +329,12 @@ def test_load_tensors_missing_or_directory(workdir, kind):
 
 
 @settings(max_examples=25)
-@given(blob=st.one_of(st.binary(max_size=100), st.sampled_from([b"[" * 100_000, b"{\"a\":" * 50_000, b"9" * 5000,
-                                                                 b"\xff\xfe\x00", b"", b"{'a': 1}", b"NaN x"])))
+@given(
+    blob=st.one_of(
+        st.binary(max_size=100),
+        st.sampled_from([b"[" * 100_000, b'{"a":' * 50_000, b"9" * 5000, b"\xff\xfe\x00", b"", b"{'a': 1}", b"NaN x"]),
+    )
+)
 def test_load_json_refuses_garbage(workdir, blob):
     try:
         json.loads(blob.decode())
@@ -288,6 +347,7 @@ def test_load_json_refuses_garbage(workdir, blob):
 
 # ---- model directories ----------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def digits_meta() -> dict:
     return json.loads((bundled_dir("digits") / "condiff.json").read_text())
@@ -295,11 +355,26 @@ def digits_meta() -> dict:
 
 META_MUTATIONS = st.one_of(
     st.sampled_from(["family", "prediction", "schedule", "model"]).map(lambda k: ("drop", k, None)),
-    st.tuples(st.just("set"), st.just("family"), st.one_of(TEXT.filter(lambda s: s not in ("digits", "shapes")), st.integers(), st.none())),
-    st.tuples(st.just("set"), st.just("prediction"), st.one_of(TEXT.filter(lambda s: s not in ("eps", "x0", "v", "flow")), st.lists(st.integers(), max_size=1))),
-    st.tuples(st.just("set"), st.just("schedule"), st.one_of(st.integers(), st.just({"type": "nope"}),
-                                                              st.just({"type": "vp_discrete", "num_steps": -3}),
-                                                              st.just({"type": "vp_discrete", "alphas_cumprod": [0.5, 0.9]}))),
+    st.tuples(
+        st.just("set"),
+        st.just("family"),
+        st.one_of(TEXT.filter(lambda s: s not in ("digits", "shapes")), st.integers(), st.none()),
+    ),
+    st.tuples(
+        st.just("set"),
+        st.just("prediction"),
+        st.one_of(TEXT.filter(lambda s: s not in ("eps", "x0", "v", "flow")), st.lists(st.integers(), max_size=1)),
+    ),
+    st.tuples(
+        st.just("set"),
+        st.just("schedule"),
+        st.one_of(
+            st.integers(),
+            st.just({"type": "nope"}),
+            st.just({"type": "vp_discrete", "num_steps": -3}),
+            st.just({"type": "vp_discrete", "alphas_cumprod": [0.5, 0.9]}),
+        ),
+    ),
     st.tuples(st.just("set"), st.just("model"), st.one_of(st.integers(), TEXT, st.none())),
     st.tuples(st.just("whole"), st.just(""), st.one_of(st.lists(st.integers(), max_size=2), st.integers(), TEXT)),
 )
@@ -323,8 +398,10 @@ def test_load_model_with_bad_condiff_json(workdir, digits_meta, mutation):
 
 
 @settings(max_examples=8)
-@given(kind=st.sampled_from(["no-unet", "truncated", "pickle", "garbage-config", "empty-weights"]),
-       cut=st.integers(0, 4000))
+@given(
+    kind=st.sampled_from(["no-unet", "truncated", "pickle", "garbage-config", "empty-weights"]),
+    cut=st.integers(0, 4000),
+)
 def test_load_model_with_bad_weights(workdir, kind, cut):
     """condiff.json is fine but the networks are missing or broken: an InputFileError, not a diffusers trace."""
     d = Path(tempfile.mkdtemp(dir=workdir)) / "m"
@@ -351,12 +428,19 @@ def test_load_model_with_bad_weights(workdir, kind, cut):
 
 # ---- checkpoints ----------------------------------------------------------------------------------------
 
+
 @settings(max_examples=15)
-@given(meta=st.one_of(st.binary(max_size=40).map(lambda b: ("bytes", b)),
-                      st.sampled_from([[], 3, "x", None, {}, {"sha256": {}}, {"sha256": []}, {"step": 4}]).map(lambda v: ("json", v)),
-                      st.dictionaries(st.sampled_from(["model.safetensors", "ema.safetensors", "optim.safetensors"]),
-                                      st.text("0123456789abcdef", min_size=64, max_size=64), min_size=1)
-                      .map(lambda d: ("json", {"sha256": d}))))
+@given(
+    meta=st.one_of(
+        st.binary(max_size=40).map(lambda b: ("bytes", b)),
+        st.sampled_from([[], 3, "x", None, {}, {"sha256": {}}, {"sha256": []}, {"step": 4}]).map(lambda v: ("json", v)),
+        st.dictionaries(
+            st.sampled_from(["model.safetensors", "ema.safetensors", "optim.safetensors"]),
+            st.text("0123456789abcdef", min_size=64, max_size=64),
+            min_size=1,
+        ).map(lambda d: ("json", {"sha256": d})),
+    )
+)
 def test_checkpoint_with_bad_trainer_json_fails_verification(workdir, meta):
     """Trainer.verify (what --resume uses to skip corrupt checkpoints) refuses with an InputFileError."""
     from condiff.training.trainer import Trainer

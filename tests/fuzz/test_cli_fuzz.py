@@ -13,14 +13,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from fuzzkit import IS_ROOT, TINY_RECIPE, expect_cli_error, no_stray_temp_files, run_cli
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from condiff.data import text
 from condiff.core.grids import MAX_STEPS, SPACINGS
+from condiff.data import text
 from condiff.solvers import SOLVERS
-
-from fuzzkit import IS_ROOT, TINY_RECIPE, expect_cli_error, no_stray_temp_files, run_cli
 
 MAX_SAMPLES = 1_000_000
 SEED_MAX = 2**63 - 1
@@ -43,6 +42,7 @@ def _fresh(workdir: Path) -> Path:
 
 
 # ---- registry names ------------------------------------------------------------------------------------
+
 
 @settings(max_examples=25)
 @given(command=COMMANDS, name=ARG_TEXT)
@@ -79,11 +79,14 @@ def test_out_of_range_counts(workdir, command, option, data):
 
 
 @settings(max_examples=15)
-@given(command=st.sampled_from(["sample", "eval", "train"]),
-       seed=st.one_of(st.integers(max_value=-1), st.integers(min_value=SEED_MAX + 1)))
+@given(
+    command=st.sampled_from(["sample", "eval", "train"]),
+    seed=st.one_of(st.integers(max_value=-1), st.integers(min_value=SEED_MAX + 1)),
+)
 def test_out_of_range_seed(workdir, command, seed):
-    base = (["train", str(TINY_RECIPE), "--out", str(workdir / "never")] if command == "train"
-            else _base(command, workdir))
+    base = (
+        ["train", str(TINY_RECIPE), "--out", str(workdir / "never")] if command == "train" else _base(command, workdir)
+    )
     expect_cli_error(base + [f"--seed={seed}"], "--seed", str(seed))
     assert not (workdir / "never").exists()
 
@@ -91,7 +94,8 @@ def test_out_of_range_seed(workdir, command, seed):
 NOT_AN_INTEGER = st.one_of(
     st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: x != int(x)).map(repr),
     WORD.filter(lambda w: not re.fullmatch(r"[+-]?[\d_]+(\.0*)?", w.strip())),
-    st.sampled_from(["", "nan", "inf", "1e3", "0x10", "1/2", "--"]))
+    st.sampled_from(["", "nan", "inf", "1e3", "0x10", "1/2", "--"]),
+)
 
 
 @settings(max_examples=30)
@@ -120,15 +124,22 @@ SEPARATORS = st.sampled_from([" ", "  ", ", ", "\t", " ,"])
 
 
 @settings(max_examples=30)
-@given(known=st.lists(st.sampled_from(VOCAB_WORDS), max_size=3, unique_by=lambda w: text.VOCAB[w][0]),
-       unknown=st.text("abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=10), sep=SEPARATORS,
-       position=st.integers(0, 3), upper=st.booleans())
+@given(
+    known=st.lists(st.sampled_from(VOCAB_WORDS), max_size=3, unique_by=lambda w: text.VOCAB[w][0]),
+    unknown=st.text("abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=10),
+    sep=SEPARATORS,
+    position=st.integers(0, 3),
+    upper=st.booleans(),
+)
 def test_shapes_prompt_with_unknown_word(workdir, known, unknown, sep, position, upper):
     assume(unknown not in text.VOCAB and unknown not in text.ALIASES)
     words = known[:position] + [unknown.upper() if upper else unknown] + known[position:]
     prompt = sep.join(words)
-    expect_cli_error(["sample", "--model", "shapes", f"--prompt={prompt}", "--out", str(workdir / "p.png")],
-                     repr(unknown), "accepted words: small")
+    expect_cli_error(
+        ["sample", "--model", "shapes", f"--prompt={prompt}", "--out", str(workdir / "p.png")],
+        repr(unknown),
+        "accepted words: small",
+    )
     assert not (workdir / "p.png").exists()
 
 
@@ -137,26 +148,50 @@ def test_shapes_prompt_with_unknown_word(workdir, known, unknown, sep, position,
 def test_shapes_prompt_with_repeated_attribute(workdir, slot, data, sep):
     name, words = text.SLOTS[slot]
     first, second = data.draw(st.sampled_from(words)), data.draw(st.sampled_from(words))
-    others = data.draw(st.lists(st.sampled_from([w for w in VOCAB_WORDS if text.VOCAB[w][0] != slot]),
-                                max_size=2, unique_by=lambda w: text.VOCAB[w][0]))
+    others = data.draw(
+        st.lists(
+            st.sampled_from([w for w in VOCAB_WORDS if text.VOCAB[w][0] != slot]),
+            max_size=2,
+            unique_by=lambda w: text.VOCAB[w][0],
+        )
+    )
     prompt = sep.join(data.draw(st.permutations([first, second] + others)))
-    expect_cli_error(["sample", "--model", "shapes", f"--prompt={prompt}", "--out", str(workdir / "p.png")],
-                     f"names the {name} twice", repr(prompt))
+    expect_cli_error(
+        ["sample", "--model", "shapes", f"--prompt={prompt}", "--out", str(workdir / "p.png")],
+        f"names the {name} twice",
+        repr(prompt),
+    )
 
 
 @settings(max_examples=15)
 @given(prompt=ARG_TEXT)
 def test_digits_prompt_must_be_one_digit(workdir, prompt):
     assume(prompt.strip() not in [str(i) for i in range(10)])
-    expect_cli_error(["sample", "--model", "digits", f"--prompt={prompt}", "--out", str(workdir / "d.png")],
-                     repr(prompt), "0-9")
+    expect_cli_error(
+        ["sample", "--model", "digits", f"--prompt={prompt}", "--out", str(workdir / "d.png")], repr(prompt), "0-9"
+    )
 
 
 def test_empty_shapes_prompt_is_unconditional(workdir):
     """The empty caption is valid (the null condition): it samples, and the sidecar reproduces it."""
     out = workdir / "empty.png"
-    code, stdout, err = run_cli(["sample", "--model", "shapes", "--prompt", "", "--steps", "1", "--n", "1",
-                                 "--solver", "ddim", "--out", str(out)])
+    code, stdout, err = run_cli(
+        [
+            "sample",
+            "--model",
+            "shapes",
+            "--prompt",
+            "",
+            "--steps",
+            "1",
+            "--n",
+            "1",
+            "--solver",
+            "ddim",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0 and "Traceback" not in err, err
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["prompt"] == "" and "--prompt ''" in side["reproduce"]
@@ -164,6 +199,7 @@ def test_empty_shapes_prompt_is_unconditional(workdir):
 
 
 # ---- output paths ---------------------------------------------------------------------------------------
+
 
 def _unwritable_dir(workdir: Path, kind: str) -> Path:
     """A directory no file can be created in (as root, permissions do not apply: use /sys or /proc)."""
@@ -186,8 +222,11 @@ def _unwritable_dir(workdir: Path, kind: str) -> Path:
 
 
 @settings(max_examples=25)
-@given(command=COMMANDS, kind=st.sampled_from(["under-file", "under-file-deep", "read-only", "proc"]),
-       stem=st.text("abcdefghij_-0123456789", min_size=1, max_size=10))
+@given(
+    command=COMMANDS,
+    kind=st.sampled_from(["under-file", "under-file-deep", "read-only", "proc"]),
+    stem=st.text("abcdefghij_-0123456789", min_size=1, max_size=10),
+)
 def test_unwritable_output(workdir, command, kind, stem):
     d = _fresh(workdir)
     target = _unwritable_dir(d, kind) / (stem + (".png" if command == "sample" else ".json"))
@@ -199,8 +238,11 @@ def test_unwritable_output(workdir, command, kind, stem):
 
 
 @settings(max_examples=20)
-@given(command=COMMANDS, stem=st.text("abcdefghij_-0123456789", min_size=1, max_size=10),
-       suffix=st.sampled_from(["", ".jpg", ".jpeg", ".pn", ".png.txt", ".txt", ".json.bak", ".npy", "."]))
+@given(
+    command=COMMANDS,
+    stem=st.text("abcdefghij_-0123456789", min_size=1, max_size=10),
+    suffix=st.sampled_from(["", ".jpg", ".jpeg", ".pn", ".png.txt", ".txt", ".json.bak", ".npy", "."]),
+)
 def test_wrong_output_suffix(workdir, command, stem, suffix):
     option, want = ("--out", ".png") if command == "sample" else ("--json", ".json")
     target = workdir / (stem + suffix)
@@ -221,8 +263,10 @@ def test_directory_as_output_file(workdir, command, stem):
 
 
 @settings(max_examples=10)
-@given(kind=st.sampled_from(["file", "under-file", "under-file-deep", "read-only"]),
-       stem=st.text("abcdefghij", min_size=1, max_size=8))
+@given(
+    kind=st.sampled_from(["file", "under-file", "under-file-deep", "read-only"]),
+    stem=st.text("abcdefghij", min_size=1, max_size=8),
+)
 def test_train_output_directory_not_writable(workdir, kind, stem):
     d = _fresh(workdir)
     if kind == "file":
@@ -236,6 +280,7 @@ def test_train_output_directory_not_writable(workdir, kind, stem):
 
 # ---- input paths ----------------------------------------------------------------------------------------
 
+
 @settings(max_examples=10)
 @given(stem=st.text("abcdefghij_-", min_size=1, max_size=10), as_dir=st.booleans())
 def test_train_missing_recipe_or_directory(workdir, stem, as_dir):
@@ -248,7 +293,9 @@ def test_train_missing_recipe_or_directory(workdir, stem, as_dir):
 
 
 @settings(max_examples=10)
-@given(kind=st.sampled_from(["empty-dir", "regular-file", "missing"]), stem=st.text("abcdefghij", min_size=1, max_size=8))
+@given(
+    kind=st.sampled_from(["empty-dir", "regular-file", "missing"]), stem=st.text("abcdefghij", min_size=1, max_size=8)
+)
 def test_model_path_is_not_a_model_directory(workdir, kind, stem):
     d = _fresh(workdir)
     model = d / stem
@@ -262,19 +309,43 @@ def test_model_path_is_not_a_model_directory(workdir, kind, stem):
 
 GARBAGE_META = st.one_of(
     st.binary(max_size=64).map(lambda b: ("bytes", b)),
-    st.sampled_from([b"", b"{", b'{"family": "digits"', b"\xff\xfe{}", b"[" * 5000, b"1" * 5000]).map(lambda b: ("bytes", b)),
+    st.sampled_from([b"", b"{", b'{"family": "digits"', b"\xff\xfe{}", b"[" * 5000, b"1" * 5000]).map(
+        lambda b: ("bytes", b)
+    ),
     st.sampled_from([[], 3, "digits", None, [1, 2]]).map(lambda v: ("json", v)),
-    st.fixed_dictionaries({}, optional={"family": st.just("digits"), "prediction": st.just("eps"),
-                                        "schedule": st.just({"type": "vp_discrete"}), "model": st.just({})})
-    .filter(lambda m: len(m) < 4).map(lambda v: ("json", v)),
-    st.fixed_dictionaries({"family": st.one_of(st.just("digits"), ARG_TEXT, st.integers(), st.lists(st.integers(), max_size=2)),
-                           "prediction": st.one_of(st.just("eps"), ARG_TEXT, st.none()),
-                           "schedule": st.one_of(st.just({"type": "vp_discrete"}), st.dictionaries(ARG_TEXT, st.integers(), max_size=2),
-                                                 st.integers()),
-                           "model": st.one_of(st.just({}), st.integers(), st.text(max_size=3))})
-    .filter(lambda m: not (m["family"] == "digits" and m["prediction"] == "eps"
-                           and m["schedule"] == {"type": "vp_discrete"} and m["model"] == {}))
-    .map(lambda v: ("json", v)))
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "family": st.just("digits"),
+            "prediction": st.just("eps"),
+            "schedule": st.just({"type": "vp_discrete"}),
+            "model": st.just({}),
+        },
+    )
+    .filter(lambda m: len(m) < 4)
+    .map(lambda v: ("json", v)),
+    st.fixed_dictionaries(
+        {
+            "family": st.one_of(st.just("digits"), ARG_TEXT, st.integers(), st.lists(st.integers(), max_size=2)),
+            "prediction": st.one_of(st.just("eps"), ARG_TEXT, st.none()),
+            "schedule": st.one_of(
+                st.just({"type": "vp_discrete"}), st.dictionaries(ARG_TEXT, st.integers(), max_size=2), st.integers()
+            ),
+            "model": st.one_of(st.just({}), st.integers(), st.text(max_size=3)),
+        }
+    )
+    .filter(
+        lambda m: (
+            not (
+                m["family"] == "digits"
+                and m["prediction"] == "eps"
+                and m["schedule"] == {"type": "vp_discrete"}
+                and m["model"] == {}
+            )
+        )
+    )
+    .map(lambda v: ("json", v)),
+)
 
 
 @settings(max_examples=25)
@@ -292,12 +363,29 @@ def test_model_directory_with_garbage_condiff_json(workdir, meta):
 
 # ---- the command line itself ----------------------------------------------------------------------------
 
+
 @settings(max_examples=15)
-@given(command=st.sampled_from(["sample", "eval", "train", "models", "solvers"]),
-       option=st.text("abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=12))
+@given(
+    command=st.sampled_from(["sample", "eval", "train", "models", "solvers"]),
+    option=st.text("abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=12),
+)
 def test_unknown_option(workdir, command, option):
-    known = {"model", "prompt", "solver", "steps", "cfg", "n", "seed", "spacing", "batch-size", "out", "json",
-             "resume", "help", "no-resume"}
+    known = {
+        "model",
+        "prompt",
+        "solver",
+        "steps",
+        "cfg",
+        "n",
+        "seed",
+        "spacing",
+        "batch-size",
+        "out",
+        "json",
+        "resume",
+        "help",
+        "no-resume",
+    }
     assume(option.strip("-") not in known and not any(k.startswith(option.strip("-")) for k in known))
     assume(option.strip("-"))
     flag = "--" + option.strip("-")

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from fuzzkit import expect_cli_error, no_stray_temp_files
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from condiff.data import shapes
 from condiff.core.grids import make_grid
+from condiff.data import shapes
 from condiff.data.images import write_image
 from condiff.inversion.methods import METHODS
-from fuzzkit import expect_cli_error, no_stray_temp_files
 
 COMMANDS = st.sampled_from(["invert", "edit"])
 NAMES = st.sampled_from(list(METHODS))
@@ -39,20 +39,42 @@ def source(workdir) -> Path:
 
 def _argv(command: str, source: Path, out_dir: Path, method: str = "ddim") -> list[str]:
     if command == "invert":
-        return ["invert", "--image", str(source), "--prompt", "large red circle top-left", f"--method={method}",
-                "--out", str(out_dir / "inv.safetensors")]
-    return ["edit", "--image", str(source), "--from", "large red circle top-left", "--to", "large blue circle",
-            f"--method={method}", "--out", str(out_dir / "edit.png")]
+        return [
+            "invert",
+            "--image",
+            str(source),
+            "--prompt",
+            "large red circle top-left",
+            f"--method={method}",
+            "--out",
+            str(out_dir / "inv.safetensors"),
+        ]
+    return [
+        "edit",
+        "--image",
+        str(source),
+        "--from",
+        "large red circle top-left",
+        "--to",
+        "large blue circle",
+        f"--method={method}",
+        "--out",
+        str(out_dir / "edit.png"),
+    ]
 
 
 def _nothing_written(out_dir: Path) -> bool:
-    return not any(p.name.startswith(("inv", "edit", "bench")) for p in out_dir.iterdir()) and \
-        no_stray_temp_files(out_dir)
+    return not any(p.name.startswith(("inv", "edit", "bench")) for p in out_dir.iterdir()) and no_stray_temp_files(
+        out_dir
+    )
 
 
 @settings(max_examples=25)
-@given(command=COMMANDS, option=st.sampled_from(["--steps", "--seed"]),
-       value=st.one_of(st.integers(max_value=0), st.integers(min_value=1001, max_value=10**30)))
+@given(
+    command=COMMANDS,
+    option=st.sampled_from(["--steps", "--seed"]),
+    value=st.one_of(st.integers(max_value=0), st.integers(min_value=1001, max_value=10**30)),
+)
 def test_bad_steps_and_seeds(source, tmp_path_factory, command, option, value):
     """--steps outside [1, 1000] and negative or too-large seeds are refused, naming the option."""
     assume(option == "--steps" or value < 0 or value > 2**63 - 1)
@@ -62,12 +84,15 @@ def test_bad_steps_and_seeds(source, tmp_path_factory, command, option, value):
 
 
 @settings(max_examples=25)
-@given(option=st.sampled_from(["--n", "--steps", "--batch-size", "--examples"]),
-       value=st.one_of(st.integers(max_value=0), st.integers(min_value=100_001, max_value=10**12)))
+@given(
+    option=st.sampled_from(["--n", "--steps", "--batch-size", "--examples"]),
+    value=st.one_of(st.integers(max_value=0), st.integers(min_value=100_001, max_value=10**12)),
+)
 def test_bench_edit_bad_numbers(tmp_path_factory, option, value):
     out = tmp_path_factory.mktemp("w")
-    expect_cli_error(["bench", "edit", "--methods", "ddim", "--json", str(out / "bench.json"), option, str(value)],
-                     option)
+    expect_cli_error(
+        ["bench", "edit", "--methods", "ddim", "--json", str(out / "bench.json"), option, str(value)], option
+    )
     assert _nothing_written(out)
 
 
@@ -109,9 +134,10 @@ def test_unknown_option_keys(source, tmp_path_factory, command, method, key, val
     assert _nothing_written(out)
 
 
-BAD_VALUES = st.one_of(st.from_regex(r"[a-zA-Z_][a-zA-Z0-9_]{0,7}", fullmatch=True)
-                       .filter(lambda s: s not in ("true", "false")),
-                       st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-1e999", "[1]", "{}", "null"]))
+BAD_VALUES = st.one_of(
+    st.from_regex(r"[a-zA-Z_][a-zA-Z0-9_]{0,7}", fullmatch=True).filter(lambda s: s not in ("true", "false")),
+    st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-1e999", "[1]", "{}", "null"]),
+)
 
 
 @settings(max_examples=40)
@@ -142,23 +168,33 @@ def test_garbage_inversion_files(source, tmp_path_factory, content):
     out = tmp_path_factory.mktemp("w")
     path = out / "garbage.safetensors"
     path.write_bytes(content)
-    expect_cli_error(["edit", "--image", str(source), "--to", "blue", "--inversion", str(path), "--out",
-                      str(out / "edit.png")], "--inversion", str(path))
+    expect_cli_error(
+        ["edit", "--image", str(source), "--to", "blue", "--inversion", str(path), "--out", str(out / "edit.png")],
+        "--inversion",
+        str(path),
+    )
     assert _nothing_written(out)
 
 
 def _shapes_schedule():
-    from condiff.models.base import resolve_model
     from condiff.core.schedules import schedule_from_config
+    from condiff.models.base import resolve_model
 
     return schedule_from_config(resolve_model("shapes")[1]["schedule"])
 
 
-JSONISH = st.recursive(st.none() | st.booleans() | st.integers(-3, 60) | st.floats(allow_nan=False) | TEXT,
-                       lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=3),
-                       max_leaves=8)
-OPTIONAL = {"prompt": st.one_of(st.just("large red circle top-left"), TEXT, JSONISH), "tokens": JSONISH,
-            "options": st.one_of(st.just({}), JSONISH), "info": JSONISH, "image_sha256": st.one_of(TEXT, JSONISH)}
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 60) | st.floats(allow_nan=False) | TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=3),
+    max_leaves=8,
+)
+OPTIONAL = {
+    "prompt": st.one_of(st.just("large red circle top-left"), TEXT, JSONISH),
+    "tokens": JSONISH,
+    "options": st.one_of(st.just({}), JSONISH),
+    "info": JSONISH,
+    "image_sha256": st.one_of(TEXT, JSONISH),
+}
 SHAPES_GRIDS = {k: make_grid(_shapes_schedule(), k).tolist() for k in range(1, 7)}
 
 
@@ -166,14 +202,24 @@ SHAPES_GRIDS = {k: make_grid(_shapes_schedule(), k).tolist() for k in range(1, 7
 # the later checks (steps, model, prompt, options, grid, image digest) are reached
 META = st.one_of(
     JSONISH,
-    st.fixed_dictionaries({}, optional={"method": st.one_of(NAMES, TEXT), "steps": JSONISH, "grid": JSONISH,
-                                        "model": JSONISH, **OPTIONAL}),
-    st.fixed_dictionaries({"method": NAMES, "grid": st.lists(st.floats(0, 1000), min_size=2, max_size=6),
-                           "steps": st.one_of(st.integers(-2, 8), JSONISH),
-                           "model": st.one_of(st.just("shapes"), JSONISH)}, optional=OPTIONAL),
-    st.integers(1, 6).flatmap(lambda k: st.fixed_dictionaries(
-        {"method": NAMES, "grid": st.just(SHAPES_GRIDS[k]), "steps": st.just(k), "model": st.just("shapes")},
-        optional=OPTIONAL)),
+    st.fixed_dictionaries(
+        {}, optional={"method": st.one_of(NAMES, TEXT), "steps": JSONISH, "grid": JSONISH, "model": JSONISH, **OPTIONAL}
+    ),
+    st.fixed_dictionaries(
+        {
+            "method": NAMES,
+            "grid": st.lists(st.floats(0, 1000), min_size=2, max_size=6),
+            "steps": st.one_of(st.integers(-2, 8), JSONISH),
+            "model": st.one_of(st.just("shapes"), JSONISH),
+        },
+        optional=OPTIONAL,
+    ),
+    st.integers(1, 6).flatmap(
+        lambda k: st.fixed_dictionaries(
+            {"method": NAMES, "grid": st.just(SHAPES_GRIDS[k]), "steps": st.just(k), "model": st.just("shapes")},
+            optional=OPTIONAL,
+        )
+    ),
 )
 
 
@@ -186,6 +232,8 @@ def test_fuzzed_inversion_metadata(source, tmp_path_factory, meta, raw):
     path = out / "fuzzed.safetensors"
     text = json.dumps(meta) if not raw else json.dumps(meta)[:-1]
     save_file({"latent": torch.zeros(1, 3, 32, 32)}, str(path), metadata={"condiff_inversion": text})
-    expect_cli_error(["edit", "--image", str(source), "--to", "blue", "--inversion", str(path), "--out",
-                      str(out / "edit.png")], "--inversion")
+    expect_cli_error(
+        ["edit", "--image", str(source), "--to", "blue", "--inversion", str(path), "--out", str(out / "edit.png")],
+        "--inversion",
+    )
     assert _nothing_written(out)

@@ -16,8 +16,8 @@ from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from condiff.errors import InputFileError
 from condiff.data.images import MAX_PIXELS, from_uint8, read_image
+from condiff.errors import InputFileError
 
 SHAPES = st.tuples(st.sampled_from([1, 3]), st.integers(1, 40), st.integers(1, 40))
 
@@ -59,10 +59,18 @@ SIDE = st.one_of(st.integers(0, 48), st.integers(8_000, 2**31 - 1), st.integers(
 
 
 @settings(max_examples=100)
-@given(w=SIDE, h=SIDE, depth=st.one_of(st.sampled_from([1, 2, 4, 8, 16]), st.integers(0, 255)),
-       colour=st.one_of(st.sampled_from(list(PNG_MODES)), st.integers(0, 255)), interlace=st.integers(0, 2),
-       raw=st.binary(max_size=2000), compress=st.booleans(), tail=st.binary(max_size=200), iend=st.booleans(),
-       shape=SHAPES)
+@given(
+    w=SIDE,
+    h=SIDE,
+    depth=st.one_of(st.sampled_from([1, 2, 4, 8, 16]), st.integers(0, 255)),
+    colour=st.one_of(st.sampled_from(list(PNG_MODES)), st.integers(0, 255)),
+    interlace=st.integers(0, 2),
+    raw=st.binary(max_size=2000),
+    compress=st.booleans(),
+    tail=st.binary(max_size=200),
+    iend=st.booleans(),
+    shape=SHAPES,
+)
 def test_png_headers_with_garbage(workdir, w, h, depth, colour, interlace, raw, compress, tail, iend, shape):
     """A PNG signature and IHDR with random fields, then image data that is random (zlib-compressed or
     not) and random trailing bytes: a result or one InputFileError."""
@@ -70,16 +78,25 @@ def test_png_headers_with_garbage(workdir, w, h, depth, colour, interlace, raw, 
     if valid:  # a valid header gets decoded: keep the allocation small (big ones: the next test)
         assume(w * h <= 48 * 48)
     ihdr = struct.pack(">IIBBBBB", w, h, depth, colour, 0, 0, interlace)
-    data = (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw) if compress else raw)
-            + (_chunk(b"IEND", b"") if iend else b"") + tail)
+    data = (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", ihdr)
+        + _chunk(b"IDAT", zlib.compress(raw) if compress else raw)
+        + (_chunk(b"IEND", b"") if iend else b"")
+        + tail
+    )
     path = workdir / "header.png"
     path.write_bytes(data)
     _read(path, shape)
 
 
 @settings(max_examples=40)
-@given(mode=st.sampled_from([(c, d) for c, ds in PNG_MODES.items() for d in ds]),
-       w=st.integers(1, 2**31 - 1), h=st.integers(1, 2**31 - 1), raw=st.binary(max_size=200))
+@given(
+    mode=st.sampled_from([(c, d) for c, ds in PNG_MODES.items() for d in ds]),
+    w=st.integers(1, 2**31 - 1),
+    h=st.integers(1, 2**31 - 1),
+    raw=st.binary(max_size=200),
+)
 def test_png_over_the_pixel_cap(workdir, mode, w, h, raw):
     """A valid PNG header claiming more than MAX_PIXELS pixels is refused with a message about pixels,
     whatever data follows (none is decoded)."""
@@ -92,9 +109,15 @@ def test_png_over_the_pixel_cap(workdir, mode, w, h, raw):
 
 
 @settings(max_examples=100)
-@given(mode=st.sampled_from([(c, d) for c, ds in PNG_MODES.items() for d in ds]), w=st.integers(1, 40),
-       h=st.integers(1, 40), seed=st.integers(0, 2**32 - 1), trns=st.booleans(), bad_filter=st.booleans(),
-       shape=SHAPES)
+@given(
+    mode=st.sampled_from([(c, d) for c, ds in PNG_MODES.items() for d in ds]),
+    w=st.integers(1, 40),
+    h=st.integers(1, 40),
+    seed=st.integers(0, 2**32 - 1),
+    trns=st.booleans(),
+    bad_filter=st.booleans(),
+    shape=SHAPES,
+)
 def test_png_decodable_payloads(workdir, mode, w, h, seed, trns, bad_filter, shape):
     """A hand-built PNG of every colour type and bit depth with random pixel bytes (a full palette for
     colour type 3, an optional tRNS chunk) reads; with an invalid row filter type it reads or is refused."""
@@ -124,7 +147,7 @@ def _make(mode: str, w: int, h: int, rng: np.random.Generator) -> Image.Image:
     if mode == "I;16":
         return Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
     if mode == "I":
-        return Image.fromarray(rng.integers(-2**20, 2**20, (h, w), dtype=np.int32), "I")
+        return Image.fromarray(rng.integers(-(2**20), 2**20, (h, w), dtype=np.int32), "I")
     return Image.fromarray(rng.integers(0, 256, (h, w, 4), dtype=np.uint8), "RGBA").convert(mode)
 
 
@@ -187,8 +210,14 @@ def test_valid_images_of_any_mode_and_format(workdir, mode, fmt, data, shape, sa
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @settings(max_examples=25)
-@given(data=st.data(), shape=SHAPES, cut=st.floats(0, 1), flips=st.lists(st.tuples(st.floats(0, 1),
-       st.integers(1, 255)), max_size=4), insert=st.binary(max_size=40), where=st.floats(0, 1))
+@given(
+    data=st.data(),
+    shape=SHAPES,
+    cut=st.floats(0, 1),
+    flips=st.lists(st.tuples(st.floats(0, 1), st.integers(1, 255)), max_size=4),
+    insert=st.binary(max_size=40),
+    where=st.floats(0, 1),
+)
 def test_damaged_valid_files(workdir, fmt, data, shape, cut, flips, insert, where):
     """A valid file with bytes flipped, random bytes inserted and its end cut off: a result or one
     InputFileError."""

@@ -11,15 +11,14 @@ import tempfile
 import tomllib
 from pathlib import Path
 
+from fuzzkit import TINY_RECIPE, expect_api_error, expect_cli_error
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from condiff.errors import ConfigError, CondiffError
-from condiff.models.base import build_model
 from condiff.core.schedules import SCHEDULE_KEYS
+from condiff.errors import CondiffError, ConfigError
+from condiff.models.base import build_model
 from condiff.training.recipe import ObjectiveConfig, TrainConfig, load_recipe, recipe_from_dict
-
-from fuzzkit import TINY_RECIPE, expect_api_error, expect_cli_error
 
 BASE = tomllib.loads(TINY_RECIPE.read_text())
 TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12)
@@ -27,6 +26,7 @@ IDENT = st.from_regex(r"[a-z][a-z0-9_]{0,11}", fullmatch=True)
 
 
 # ---- a small TOML writer (tomllib only reads) ------------------------------------------------------------
+
 
 def _key(k: str) -> str:
     return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _string(k)
@@ -119,7 +119,12 @@ def test_wrong_types(workdir, field, data, via_cli):
 
 
 @settings(max_examples=25)
-@given(where=st.sampled_from(["", "objective", "train", "schedule"]), key=IDENT, value=st.integers(0, 9), via_cli=st.booleans())
+@given(
+    where=st.sampled_from(["", "objective", "train", "schedule"]),
+    key=IDENT,
+    value=st.integers(0, 9),
+    via_cli=st.booleans(),
+)
 def test_extra_keys(workdir, where, key, value, via_cli):
     r = _copy(BASE)
     table = r if not where else r.setdefault(where, {})
@@ -140,9 +145,11 @@ def test_missing_keys(workdir, missing, via_cli):
 
 
 @settings(max_examples=15)
-@given(section=st.sampled_from(["model", "schedule", "objective", "train"]),
-       value=st.one_of(st.integers(), st.text(max_size=4), st.lists(st.integers(), max_size=2), st.booleans()),
-       via_cli=st.booleans())
+@given(
+    section=st.sampled_from(["model", "schedule", "objective", "train"]),
+    value=st.one_of(st.integers(), st.text(max_size=4), st.lists(st.integers(), max_size=2), st.booleans()),
+    via_cli=st.booleans(),
+)
 def test_non_table_sections(workdir, section, value, via_cli):
     r = _copy(BASE)
     r[section] = value
@@ -172,9 +179,13 @@ def test_zero_negative_and_non_finite_values(workdir, data, via_cli):
     kind = data.draw(st.sampled_from(["pos-int", "nonneg-int", "train-float", "objective-float", "seed"]))
     r = _copy(BASE)
     if kind == "pos-int":
-        key, section, value = data.draw(st.sampled_from(POSITIVE_INTS)), "train", data.draw(st.integers(-2**63, 0))
+        key, section, value = data.draw(st.sampled_from(POSITIVE_INTS)), "train", data.draw(st.integers(-(2**63), 0))
     elif kind == "nonneg-int":
-        key, section, value = data.draw(st.sampled_from(NON_NEGATIVE_INTS)), "train", data.draw(st.integers(-2**63, -1))
+        key, section, value = (
+            data.draw(st.sampled_from(NON_NEGATIVE_INTS)),
+            "train",
+            data.draw(st.integers(-(2**63), -1)),
+        )
     elif kind == "train-float":
         key = data.draw(st.sampled_from(sorted(BAD_FLOATS)))
         section, value = "train", data.draw(BAD_FLOATS[key])
@@ -182,7 +193,7 @@ def test_zero_negative_and_non_finite_values(workdir, data, via_cli):
         key = data.draw(st.sampled_from(sorted(BAD_OBJECTIVE)))
         section, value = "objective", data.draw(BAD_OBJECTIVE[key])
     else:
-        key, section, value = "seed", "train", data.draw(st.integers(-2**63, -1))
+        key, section, value = "seed", "train", data.draw(st.integers(-(2**63), -1))
     r.setdefault(section, {})[key] = value
     _check(r, workdir, f"{section}.{key}", via_cli=via_cli)
 
@@ -195,11 +206,16 @@ def test_absurd_thread_count(workdir, threads):
     _check(r, workdir, "train.threads", str(threads))
 
 
-NAMES = {("", "family"): ["shapes", "digits"], ("objective", "prediction"): ["eps", "x0", "v", "flow"],
-         ("objective", "time_sampler"): ["uniform", "logit-normal", "lognormal-sigma"],
-         ("objective", "weighting"): ["constant", "min-snr"], ("objective", "cep_kind"): ["uniform", "gaussian"],
-         ("train", "lr_decay"): ["cosine", "constant"], ("schedule", "type"): ["vp_linear", "vp_cosine", "vp_discrete", "edm", "flow"],
-         ("schedule", "beta_schedule"): ["linear", "scaled_linear", "squaredcos_cap_v2"]}
+NAMES = {
+    ("", "family"): ["shapes", "digits"],
+    ("objective", "prediction"): ["eps", "x0", "v", "flow"],
+    ("objective", "time_sampler"): ["uniform", "logit-normal", "lognormal-sigma"],
+    ("objective", "weighting"): ["constant", "min-snr"],
+    ("objective", "cep_kind"): ["uniform", "gaussian"],
+    ("train", "lr_decay"): ["cosine", "constant"],
+    ("schedule", "type"): ["vp_linear", "vp_cosine", "vp_discrete", "edm", "flow"],
+    ("schedule", "beta_schedule"): ["linear", "scaled_linear", "squaredcos_cap_v2"],
+}
 
 
 @settings(max_examples=30)
@@ -218,9 +234,14 @@ def test_unknown_names(workdir, where, value, via_cli):
 
 
 @settings(max_examples=15)
-@given(name=st.one_of(st.just(""), st.sampled_from([".", "..", "../up", "a/b", "/abs", "-x", ".hidden"]),
-                      TEXT.filter(lambda s: not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", s))),
-       via_cli=st.booleans())
+@given(
+    name=st.one_of(
+        st.just(""),
+        st.sampled_from([".", "..", "../up", "a/b", "/abs", "-x", ".hidden"]),
+        TEXT.filter(lambda s: not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", s)),
+    ),
+    via_cli=st.booleans(),
+)
 def test_bad_recipe_names(workdir, name, via_cli):
     r = _copy(BASE)
     r["name"] = name
@@ -228,19 +249,41 @@ def test_bad_recipe_names(workdir, name, via_cli):
 
 
 SCHEDULE_MUTATIONS = st.one_of(
-    st.fixed_dictionaries({"type": st.just("vp_discrete"), "num_steps": st.one_of(st.integers(max_value=1),
-                                                                                  st.integers(min_value=100_001),
-                                                                                  st.floats(), st.text(max_size=3))}),
-    st.fixed_dictionaries({"type": st.just("vp_discrete"), "beta_start": st.one_of(st.floats(max_value=0), st.floats(min_value=1),
-                                                                                   st.just(math.nan), st.booleans())}),
-    st.fixed_dictionaries({"type": st.just("vp_discrete"), "alphas_cumprod": st.lists(st.floats(), max_size=4)
-                           .filter(lambda a: not (len(a) >= 2 and all(0 < x < 1 for x in a)
-                                                  and all(b < a_ for a_, b in zip(a, a[1:]))))}),
-    st.fixed_dictionaries({"type": st.just("vp_linear"), "beta_max": st.one_of(st.floats(max_value=0), st.just(math.inf),
-                                                                               st.text(max_size=3))}),
+    st.fixed_dictionaries(
+        {
+            "type": st.just("vp_discrete"),
+            "num_steps": st.one_of(
+                st.integers(max_value=1), st.integers(min_value=100_001), st.floats(), st.text(max_size=3)
+            ),
+        }
+    ),
+    st.fixed_dictionaries(
+        {
+            "type": st.just("vp_discrete"),
+            "beta_start": st.one_of(st.floats(max_value=0), st.floats(min_value=1), st.just(math.nan), st.booleans()),
+        }
+    ),
+    st.fixed_dictionaries(
+        {
+            "type": st.just("vp_discrete"),
+            "alphas_cumprod": st.lists(st.floats(), max_size=4).filter(
+                lambda a: not (len(a) >= 2 and all(0 < x < 1 for x in a) and all(b < a_ for a_, b in zip(a, a[1:])))
+            ),
+        }
+    ),
+    st.fixed_dictionaries(
+        {
+            "type": st.just("vp_linear"),
+            "beta_max": st.one_of(st.floats(max_value=0), st.just(math.inf), st.text(max_size=3)),
+        }
+    ),
     st.fixed_dictionaries({"type": st.just("edm"), "sigma_min": st.one_of(st.floats(max_value=0), st.just(math.nan))}),
-    st.fixed_dictionaries({"type": st.just("vp_cosine"), "s": st.one_of(st.floats(max_value=-1e-9), st.floats(min_value=1.01),
-                                                                        st.lists(st.integers(), max_size=2))}),
+    st.fixed_dictionaries(
+        {
+            "type": st.just("vp_cosine"),
+            "s": st.one_of(st.floats(max_value=-1e-9), st.floats(min_value=1.01), st.lists(st.integers(), max_size=2)),
+        }
+    ),
     st.fixed_dictionaries({"type": st.just("flow"), "sigma_max": st.integers()}),
 )
 
@@ -255,9 +298,26 @@ def test_bad_schedule_tables(workdir, schedule, via_cli):
 
 
 @settings(max_examples=25)
-@given(junk=st.one_of(TEXT, st.sampled_from(["name = ", "[train", "[train]\nsteps = 1\nsteps = 2", "a = 1\na = 2",
-                                              "x = [1,", 'name = "unterminated', "= 3", "[[train]]\n[train]",
-                                              "steps = 01", "lr = .5", "t = 1979-05-27T07:32:00Zjunk"])))
+@given(
+    junk=st.one_of(
+        TEXT,
+        st.sampled_from(
+            [
+                "name = ",
+                "[train",
+                "[train]\nsteps = 1\nsteps = 2",
+                "a = 1\na = 2",
+                "x = [1,",
+                'name = "unterminated',
+                "= 3",
+                "[[train]]\n[train]",
+                "steps = 01",
+                "lr = .5",
+                "t = 1979-05-27T07:32:00Zjunk",
+            ]
+        ),
+    )
+)
 def test_invalid_toml(workdir, junk):
     try:
         tomllib.loads(junk)
@@ -283,13 +343,19 @@ def test_recipe_that_is_not_text(workdir, junk):
     assert not (d / "run").exists()
 
 
-JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | TEXT,
-                       lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3), max_leaves=8)
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3),
+    max_leaves=8,
+)
 
 
 @settings(max_examples=30)
-@given(data=st.dictionaries(st.sampled_from(["name", "family", "model", "schedule", "objective", "train", "extra"]),
-                            JSONISH, max_size=6))
+@given(
+    data=st.dictionaries(
+        st.sampled_from(["name", "family", "model", "schedule", "objective", "train", "extra"]), JSONISH, max_size=6
+    )
+)
 def test_arbitrary_tables_only_raise_config_errors(data):
     """recipe_from_dict on arbitrary data: a Recipe or a one-line ConfigError, never another exception."""
     try:
@@ -301,15 +367,28 @@ def test_arbitrary_tables_only_raise_config_errors(data):
 UNET_GARBAGE = st.one_of(
     st.just({}),  # no [model.unet]
     st.fixed_dictionaries({"unet": st.one_of(st.integers(), st.text(max_size=3), st.lists(st.integers(), max_size=2))}),
-    st.fixed_dictionaries({"unet": st.dictionaries(IDENT.filter(lambda k: k not in ("sample_size", "in_channels")),
-                                                   st.integers(1, 4), min_size=1, max_size=2)
-                           .map(lambda d: {**BASE["model"]["unet"], **{f"zz_{k}": v for k, v in d.items()}})}),
-    st.fixed_dictionaries({"unet": st.sampled_from([
-        {**BASE["model"]["unet"], "down_block_types": ["NoSuchBlock2D", "DownBlock2D"]},
-        {**BASE["model"]["unet"], "block_out_channels": [16]},
-        {**BASE["model"]["unet"], "norm_num_groups": "eight"},
-        {**BASE["model"]["unet"], "layers_per_block": [1, [2]]},
-    ])}),
+    st.fixed_dictionaries(
+        {
+            "unet": st.dictionaries(
+                IDENT.filter(lambda k: k not in ("sample_size", "in_channels")),
+                st.integers(1, 4),
+                min_size=1,
+                max_size=2,
+            ).map(lambda d: {**BASE["model"]["unet"], **{f"zz_{k}": v for k, v in d.items()}})
+        }
+    ),
+    st.fixed_dictionaries(
+        {
+            "unet": st.sampled_from(
+                [
+                    {**BASE["model"]["unet"], "down_block_types": ["NoSuchBlock2D", "DownBlock2D"]},
+                    {**BASE["model"]["unet"], "block_out_channels": [16]},
+                    {**BASE["model"]["unet"], "norm_num_groups": "eight"},
+                    {**BASE["model"]["unet"], "layers_per_block": [1, [2]]},
+                ]
+            )
+        }
+    ),
 )
 
 

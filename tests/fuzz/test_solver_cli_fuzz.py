@@ -10,10 +10,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from fuzzkit import expect_cli_error
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-
-from fuzzkit import expect_cli_error
 
 COMMANDS = st.sampled_from(["sample", "eval"])
 ARG_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=16)
@@ -30,8 +29,9 @@ def _base(command: str, workdir: Path) -> list[str]:
 def test_bad_solver_option_values(tmp_path_factory, command, value):
     """UniPC's order must be 1, 2 or 3: any other value is refused, naming it."""
     assume(value.strip() not in {"1", "2", "3"})
-    line = expect_cli_error(_base(command, tmp_path_factory.mktemp("w")) + ["--solver", "unipc", "--solver-opt",
-                                                                              f"order={value}"])
+    line = expect_cli_error(
+        _base(command, tmp_path_factory.mktemp("w")) + ["--solver", "unipc", "--solver-opt", f"order={value}"]
+    )
     assert "order" in line
 
 
@@ -39,22 +39,29 @@ def test_bad_solver_option_values(tmp_path_factory, command, value):
 @given(command=COMMANDS, key=st.from_regex(r"[a-z_]{1,10}", fullmatch=True))
 def test_unknown_solver_option_keys(tmp_path_factory, command, key):
     assume(key not in {"order", "variant", "corrector", "lower_order_final"})
-    expect_cli_error(_base(command, tmp_path_factory.mktemp("w")) + ["--solver", "unipc", "--solver-opt",
-                                                                      f"{key}=1"], repr(key)[1:-1])
+    expect_cli_error(
+        _base(command, tmp_path_factory.mktemp("w")) + ["--solver", "unipc", "--solver-opt", f"{key}=1"],
+        repr(key)[1:-1],
+    )
 
 
 @settings(max_examples=25)
-@given(command=COMMANDS, ratio=st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0, exclude_min=True),
-                                         st.just(math.nan)))
+@given(
+    command=COMMANDS,
+    ratio=st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0, exclude_min=True), st.just(math.nan)),
+)
 def test_bad_dynamic_threshold(tmp_path_factory, command, ratio):
-    expect_cli_error(_base(command, tmp_path_factory.mktemp("w")) + ["--dynamic-threshold", repr(ratio)],
-                     "--dynamic-threshold")
+    expect_cli_error(
+        _base(command, tmp_path_factory.mktemp("w")) + ["--dynamic-threshold", repr(ratio)], "--dynamic-threshold"
+    )
 
 
 @settings(max_examples=25)
-@given(command=COMMANDS, flag=st.sampled_from([("--ems", "dpm-v3", "x.safetensors"),
-                                               ("--dc-ratios", "dc-solver", "x.json")]),
-       content=st.binary(max_size=64))
+@given(
+    command=COMMANDS,
+    flag=st.sampled_from([("--ems", "dpm-v3", "x.safetensors"), ("--dc-ratios", "dc-solver", "x.json")]),
+    content=st.binary(max_size=64),
+)
 def test_garbage_statistics_and_ratios_files(tmp_path_factory, command, flag, content):
     """Random bytes as an EMS or ratios file: a one-line InputFileError naming the file."""
     option, solver, name = flag
@@ -65,7 +72,8 @@ def test_garbage_statistics_and_ratios_files(tmp_path_factory, command, flag, co
 
 
 BAD_LISTS = st.one_of(
-    st.lists(st.integers(-50, 2000), min_size=1, max_size=4).filter(lambda v: any(x < 1 or x > 1000 for x in v))
+    st.lists(st.integers(-50, 2000), min_size=1, max_size=4)
+    .filter(lambda v: any(x < 1 or x > 1000 for x in v))
     .map(lambda v: ",".join(map(str, v))),
     st.lists(st.integers(1, 50), min_size=1, max_size=3).map(lambda v: ",".join(map(str, v)) + ",,"),
     st.from_regex(r"[a-z ;.]{1,8}", fullmatch=True),

@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from condiff.data.gmm import GMM
-from condiff.core.denoiser import Eps, X0
-from condiff.errors import ConfigError
+from condiff.core.denoiser import X0, Eps
 from condiff.core.grids import make_grid
-from condiff.guidance import CFG
-from condiff.guidance.adaptive import AdaptiveGuidance, AGState, AGTrajectory, CountRows, cosine
 from condiff.core.sampling import CountingDenoiser, Gaussian, sample
 from condiff.core.schedules import VPLinear
+from condiff.data.gmm import GMM
+from condiff.errors import ConfigError
+from condiff.guidance import CFG
+from condiff.guidance.adaptive import AdaptiveGuidance, AGState, AGTrajectory, CountRows, cosine
 from condiff.solvers import get_solver
 
 F64 = torch.float64
@@ -148,11 +148,11 @@ def test_switch_is_per_sample_and_rows_add_up_over_single_rows(gmm):
     for i in range(x.shape[0]):
         one = CountRows(den)
         ag1 = AdaptiveGuidance(one, 3.0, gamma_bar=0.9999, space=X0())
-        ci = {"y": cond["y"][i:i + 1], "null": GMM.null_cond(1)}
-        single = run(ag1, "dpmpp-2m", grid, x[i:i + 1], ci)
+        ci = {"y": cond["y"][i : i + 1], "null": GMM.null_cond(1)}
+        single = run(ag1, "dpmpp-2m", grid, x[i : i + 1], ci)
         xi, st1 = single.x, single.denoiser.state
-        assert torch.allclose(xi, out[i:i + 1], rtol=0, atol=1e-12)
-        assert torch.equal(st1.switch_t.isnan(), switch_t[i:i + 1].isnan())
+        assert torch.allclose(xi, out[i : i + 1], rtol=0, atol=1e-12)
+        assert torch.equal(st1.switch_t.isnan(), switch_t[i : i + 1].isnan())
         assert bool(st1.switch_t.isnan().all()) or float(st1.switch_t) == float(switch_t[i])
         singles += one.rows
     assert counted.rows == singles < 2 * x.shape[0] * 12

@@ -8,13 +8,13 @@ import torch
 from torch import nn
 
 from condiff.core.denoiser import coefficients
-from condiff.errors import ConfigError
 from condiff.core.grids import make_grid
+from condiff.core.schedules import schedule_from_config
+from condiff.errors import ConfigError
 from condiff.guidance.attribute import TARGET_KEY, AttributeLogits, classifier_guidance, elucd_guidance
 from condiff.guidance.cfg import CFG
 from condiff.guidance.elucd import EluCD, softplus_smoothed
 from condiff.nets import AttributeClassifier
-from condiff.core.schedules import schedule_from_config
 
 SCHEDULE = schedule_from_config({"type": "vp_discrete", "beta_schedule": "squaredcos_cap_v2", "num_steps": 1000})
 
@@ -84,8 +84,16 @@ def test_elucd_guidance_is_eluCD_on_a_smoothed_copy():
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 4])
     cond = {TARGET_KEY: y}
     out = elucd_guidance(den, net, "color", 3.0, grid)(x, float(grid[3]), cond)
-    ref = EluCD(den, AttributeLogits(softplus_smoothed(net, 3.0), "color"), grid, 3.0, tau1=1.0, tau2=0.5,
-                gamma=0.3, key=TARGET_KEY)(x, float(grid[3]), cond)
+    ref = EluCD(
+        den,
+        AttributeLogits(softplus_smoothed(net, 3.0), "color"),
+        grid,
+        3.0,
+        tau1=1.0,
+        tau2=0.5,
+        gamma=0.3,
+        key=TARGET_KEY,
+    )(x, float(grid[3]), cond)
     assert torch.allclose(out, ref, atol=1e-6)
     assert not torch.allclose(out, 0.3 * x)
     assert any(isinstance(m, nn.ReLU) for m in net.modules())

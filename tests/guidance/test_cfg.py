@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from condiff.core.schedules import EDM, VPLinear
 from condiff.data.gmm import GMM, NULL_CLASS
 from condiff.errors import ConfigError
 from condiff.guidance import CFG
-from condiff.core.schedules import EDM, VPLinear
 
 F64 = torch.float64
 

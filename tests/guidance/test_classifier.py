@@ -4,10 +4,10 @@ and scale s the tempered posterior p_t(x) p(y | x_t)^s, in x0, eps and score for
 import pytest
 import torch
 
+from condiff.core.schedules import EDM, VPLinear
 from condiff.errors import ConfigError
 from condiff.guidance import CFG
 from condiff.guidance.classifier import ClassifierGuidance, exact_gmm_classifier, from_logits
-from condiff.core.schedules import EDM, VPLinear
 
 F64 = torch.float64
 
@@ -15,8 +15,9 @@ F64 = torch.float64
 def setup(gmm, schedule, ratio=0.8, n=64, seed=0):
     t = schedule.t_for_sigma_ratio(ratio)
     g = torch.Generator().manual_seed(seed)
-    x = float(schedule.alpha(torch.tensor(t, dtype=F64))) * gmm.sample(n, g)[0] + \
-        float(schedule.sigma(torch.tensor(t, dtype=F64))) * torch.randn(n, gmm.dim, generator=g, dtype=F64)
+    x = float(schedule.alpha(torch.tensor(t, dtype=F64))) * gmm.sample(n, g)[0] + float(
+        schedule.sigma(torch.tensor(t, dtype=F64))
+    ) * torch.randn(n, gmm.dim, generator=g, dtype=F64)
     y = torch.arange(n) % gmm.num_classes
     return gmm.denoiser(schedule), x, t, y
 

@@ -49,10 +49,12 @@ def test_json_covers_every_case_solver_and_kind():
 
 def test_option_composition_is_current(tmp_path):
     """Every pair of guidance options and every option with --pipeline (both cheap: nothing samples)."""
-    assert {k: _key(v) for k, v in CM.option_pairs().items()} == \
-        {k: _key(v) for k, v in DATA["options"]["pairs"].items()}, REGENERATE
-    assert {k: _key(v) for k, v in CM.with_pipeline(tmp_path).items()} == \
-        {k: _key(v) for k, v in DATA["options"]["with_pipeline"].items()}, REGENERATE
+    assert {k: _key(v) for k, v in CM.option_pairs().items()} == {
+        k: _key(v) for k, v in DATA["options"]["pairs"].items()
+    }, REGENERATE
+    assert {k: _key(v) for k, v in CM.with_pipeline(tmp_path).items()} == {
+        k: _key(v) for k, v in DATA["options"]["with_pipeline"].items()
+    }, REGENERATE
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +71,9 @@ def test_a_subset_of_the_cells_is_current(kits):
             subset.add((kind, case, solvers[(i + 5 * j) % len(solvers)]))
             subset |= {(kind, case, s) for s, cell in DATA["cells"][kind][case].items() if cell["status"] != "ok"}
     got = CM.model_matrix(kits, cells=subset)
-    stale = [f"{k}/{c}/{s}: {_key(got[k][c][s])} != {_key(DATA['cells'][k][c][s])}" for k, c, s in sorted(subset)
-             if _key(got[k][c][s]) != _key(DATA["cells"][k][c][s])]
+    stale = [
+        f"{k}/{c}/{s}: {_key(got[k][c][s])} != {_key(DATA['cells'][k][c][s])}"
+        for k, c, s in sorted(subset)
+        if _key(got[k][c][s]) != _key(DATA["cells"][k][c][s])
+    ]
     assert not stale, f"{REGENERATE}: {stale[:5]}"

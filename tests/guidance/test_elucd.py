@@ -8,12 +8,22 @@ import pytest
 import torch
 from torch import nn
 
-from condiff.errors import ConfigError
 from condiff.core.grids import UniformT, make_grid
-from condiff.guidance.elucd import EluCD, calibrated_log_likelihood, ddpm_guidance_variance, ddpm_step_factors, \
-    edm_classifier_input, edm_guidance_shift, edm_guidance_weight, sine_bump, softplus_smoothed, x0_gradient
 from condiff.core.sampling import CountingDenoiser, Gaussian, NoiseSource, sample
 from condiff.core.schedules import VPLinear
+from condiff.errors import ConfigError
+from condiff.guidance.elucd import (
+    EluCD,
+    calibrated_log_likelihood,
+    ddpm_guidance_variance,
+    ddpm_step_factors,
+    edm_classifier_input,
+    edm_guidance_shift,
+    edm_guidance_weight,
+    sine_bump,
+    softplus_smoothed,
+    x0_gradient,
+)
 from condiff.solvers import SOLVERS
 
 F64 = torch.float64
@@ -79,8 +89,9 @@ def test_x0_gradient_is_the_exact_clean_posterior_gradient_at_the_clipped_point(
     (ref,) = torch.autograd.grad(torch.log(gmm.class_posterior(leaf, 1.0, 0.0).gather(1, y[:, None])).sum(), leaf)
     assert torch.allclose(x0_gradient(clean_logits(gmm), x0, y, 1.0, 1.0), ref, rtol=1e-10, atol=1e-10)
     xg = x0.clone().requires_grad_(True)  # differentiating through the clamp would zero clipped coordinates
-    (through,) = torch.autograd.grad(torch.log(gmm.class_posterior(xg.clamp(-1, 1), 1.0, 0.0)
-                                               .gather(1, y[:, None])).sum(), xg)
+    (through,) = torch.autograd.grad(
+        torch.log(gmm.class_posterior(xg.clamp(-1, 1), 1.0, 0.0).gather(1, y[:, None])).sum(), xg
+    )
     clipped = x0.abs() > 1
     assert bool((through[clipped] == 0).all()) and bool((ref[clipped] != 0).all())
     leaf = x0.clone().requires_grad_(True)

@@ -49,6 +49,7 @@ def _id(param):
 
 # ---- running -----------------------------------------------------------------------------------------------
 
+
 def take(cond, rows):
     """The rows of every per-row tensor in a (nested) condition mapping."""
     if isinstance(cond, dict):
@@ -91,6 +92,7 @@ class Setup:
 
 # ---- the contract ------------------------------------------------------------------------------------------
 
+
 def test_every_exported_guidance_has_a_case():
     """Every class exported by condiff.guidance that guides (a Denoiser -> Denoiser class, i.e. one with a
     ``denoiser`` field), every scale schedule, measurement operator, universal-guidance term and solver wrapper
@@ -105,8 +107,12 @@ def test_every_exported_guidance_has_a_case():
         if not isinstance(obj, type):
             continue
         fields = getattr(obj, "__dataclass_fields__", {})
-        if ("denoiser" in fields or name.endswith("Scale") or issubclass(obj, (LinearOperator, Solver))
-                or obj in (G.Forward, G.Backward)):
+        if (
+            "denoiser" in fields
+            or name.endswith("Scale")
+            or issubclass(obj, (LinearOperator, Solver))
+            or obj in (G.Forward, G.Backward)
+        ):
             exported.add(name)
     assert exported - NOT_GUIDANCE <= covered, sorted(exported - NOT_GUIDANCE - covered)
     assert set(CASE) >= {c for c, _ in REFUSED} and set(SOLVERS) >= {s for _, s in REFUSED}
@@ -198,9 +204,8 @@ def test_a_run_that_stopped_mid_grid_does_not_leak_into_the_next(case, solver):
     grid = GRID if case in MID_GRID_REFUSED else GRID[MID:]
     xc, condc, drawsc = st.start(N, 2, grid=grid)
     guided = st.fresh()
-    st.run(guided, x, cond, draws, grid=GRID[:MID + 1])
-    assert torch.equal(st.run(guided, xc, condc, drawsc, grid=grid),
-                       st.run(st.fresh(), xc, condc, drawsc, grid=grid))
+    st.run(guided, x, cond, draws, grid=GRID[: MID + 1])
+    assert torch.equal(st.run(guided, xc, condc, drawsc, grid=grid), st.run(st.fresh(), xc, condc, drawsc, grid=grid))
 
 
 @pytest.mark.parametrize("pair", sorted(REFUSED))

@@ -6,15 +6,15 @@ import math
 import pytest
 import torch
 
+from condiff.core.grids import make_grid
+from condiff.core.sampling import Gaussian, sample
+from condiff.core.schedules import EDM, VPLinear
 from condiff.data.gmm import GMM
 from condiff.errors import ConfigError
-from condiff.core.grids import make_grid
 from condiff.guidance import CFG
 from condiff.guidance.adaptive import CountRows
 from condiff.guidance.interval import GuidanceInterval, branches
 from condiff.guidance.schedules import IntervalScale, LinearScale
-from condiff.core.sampling import Gaussian, sample
-from condiff.core.schedules import EDM, VPLinear
 from condiff.solvers import get_solver
 
 F64 = torch.float64

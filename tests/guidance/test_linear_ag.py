@@ -8,16 +8,24 @@ import math
 import pytest
 import torch
 
-from condiff.data.gmm import GMM, NULL_CLASS
-from condiff.errors import ConfigError, InputFileError
-from condiff.core.grids import make_grid
-from condiff.guidance import CFG
-from condiff.guidance.adaptive import CountRows
-from condiff.guidance.linear_ag import (TERMS, LinearAG, Regressors, fit_linear_ag, load_linear_ag,
-                                        predict_record, record_cfg, save_linear_ag)
 from condiff.core.files import save_tensors
+from condiff.core.grids import make_grid
 from condiff.core.sampling import sample
 from condiff.core.schedules import VPLinear
+from condiff.data.gmm import GMM, NULL_CLASS
+from condiff.errors import ConfigError, InputFileError
+from condiff.guidance import CFG
+from condiff.guidance.adaptive import CountRows
+from condiff.guidance.linear_ag import (
+    TERMS,
+    LinearAG,
+    Regressors,
+    fit_linear_ag,
+    load_linear_ag,
+    predict_record,
+    record_cfg,
+    save_linear_ag,
+)
 from condiff.solvers import get_solver
 
 F64 = torch.float64
@@ -108,8 +116,9 @@ def test_gmm_fit_generalises_to_held_out_trajectories(gmm):
     assert bool((r2 > 0.99).all())
     full = direction_r2(pred, held)
     assert bool((full[1:5] >= 0.95).all())
-    no_history = fit_linear_ag(gmm.denoiser(sch), solver, grid, x, cond, 3.0,
-                               Regressors(prev_cond=False, prev_uncond=False))
+    no_history = fit_linear_ag(
+        gmm.denoiser(sch), solver, grid, x, cond, 3.0, Regressors(prev_cond=False, prev_uncond=False)
+    )
     bare = direction_r2(predict_record(no_history, held, steps=5)[0], held)
     assert bool((bare[2:5] < full[2:5] - 0.02).all())
 
@@ -155,8 +164,13 @@ def test_zero_steps_is_cfg_and_other_times_are_refused(gmm):
     assert torch.equal(sample(LinearAG(den, co, steps=0), solver, grid, x, cond).x, ref)
     other = make_grid(sch, 7, t_start=0.75)  # its last time is a fitted one, but not its first
     counted = CountRows(den)
-    assert torch.equal(sample(LinearAG(counted, co, steps=0), solver, other, x, cond).x,
-                       sample(CFG(den, 2.0), solver, other, x, cond).x) and counted.rows == 2 * 16 * 7
+    assert (
+        torch.equal(
+            sample(LinearAG(counted, co, steps=0), solver, other, x, cond).x,
+            sample(CFG(den, 2.0), solver, other, x, cond).x,
+        )
+        and counted.rows == 2 * 16 * 7
+    )
     with pytest.raises(ConfigError, match="evaluation 0 .* fitted at t=") as info:
         sample(LinearAG(den, co, steps=8), solver, other, x, cond)
     assert "\n" not in str(info.value)
@@ -218,8 +232,9 @@ def test_started_trajectory_counts_its_evaluations(gmm):
 def test_save_load_round_trip(gmm, tmp_path):
     sch = VPLinear()
     grid = make_grid(sch, 5)
-    co = fit_linear_ag(gmm.denoiser(sch), get_solver("ddim"), grid, *gmm_start(gmm, sch, grid, 32, 0), 2.5,
-                       Regressors(intercept=False))
+    co = fit_linear_ag(
+        gmm.denoiser(sch), get_solver("ddim"), grid, *gmm_start(gmm, sch, grid, 32, 0), 2.5, Regressors(intercept=False)
+    )
     path = save_linear_ag(co, tmp_path / "coeffs.safetensors")
     back = load_linear_ag(path)
     assert torch.equal(back.times, co.times) and torch.equal(back.coef, co.coef) and torch.equal(back.r2, co.r2)
@@ -235,11 +250,19 @@ def test_load_errors(tmp_path):
     save_tensors(tmp_path / "other.safetensors", {"w": torch.zeros(2)})
     with pytest.raises(InputFileError, match="missing"):
         load_linear_ag(tmp_path / "other.safetensors")
-    good = {"times": torch.tensor([0.9, 0.5], dtype=F64), "coef": torch.zeros(2, len(TERMS), dtype=F64),
-            "r2": torch.ones(2, dtype=F64), "regressors": torch.ones(len(TERMS), dtype=torch.uint8),
-            "scale": torch.tensor([3.0], dtype=F64), "format": torch.tensor([1])}
-    for key, bad in [("coef", torch.zeros(2, 3, dtype=F64)), ("times", torch.tensor([0.5, 0.9], dtype=F64)),
-                     ("coef", torch.full((2, len(TERMS)), math.nan, dtype=F64))]:
+    good = {
+        "times": torch.tensor([0.9, 0.5], dtype=F64),
+        "coef": torch.zeros(2, len(TERMS), dtype=F64),
+        "r2": torch.ones(2, dtype=F64),
+        "regressors": torch.ones(len(TERMS), dtype=torch.uint8),
+        "scale": torch.tensor([3.0], dtype=F64),
+        "format": torch.tensor([1]),
+    }
+    for key, bad in [
+        ("coef", torch.zeros(2, 3, dtype=F64)),
+        ("times", torch.tensor([0.5, 0.9], dtype=F64)),
+        ("coef", torch.full((2, len(TERMS)), math.nan, dtype=F64)),
+    ]:
         save_tensors(tmp_path / "bad.safetensors", {**good, key: bad})
         with pytest.raises(InputFileError, match="malformed"):
             load_linear_ag(tmp_path / "bad.safetensors")

@@ -5,17 +5,23 @@ import pytest
 import torch
 from torch import nn
 
-from condiff.data.gmm import GMM
-from condiff.errors import ConfigError, InputFileError
 from condiff.core.grids import make_grid
-from condiff.guidance.classifier import ClassifierGuidance
-from condiff.guidance.minority import MinorityClassifier, MinorityGuidance, assign_levels, minority_score, quantile_levels
-from condiff.models.minority import load_minority, save_minority
-from condiff.training.minority import level_accuracy, train_level_classifier
-from condiff.nets.classifier import AttributeClassifier, time_features
 from condiff.core.sampling import initial_noise, sample
 from condiff.core.schedules import VPLinear
+from condiff.data.gmm import GMM
+from condiff.errors import ConfigError, InputFileError
+from condiff.guidance.classifier import ClassifierGuidance
+from condiff.guidance.minority import (
+    MinorityClassifier,
+    MinorityGuidance,
+    assign_levels,
+    minority_score,
+    quantile_levels,
+)
+from condiff.models.minority import load_minority, save_minority
+from condiff.nets.classifier import AttributeClassifier, time_features
 from condiff.solvers import DPMSolverPP2M
+from condiff.training.minority import level_accuracy, train_level_classifier
 
 F64 = torch.float64
 LEVELS = 5
@@ -24,8 +30,12 @@ LEVELS = 5
 @pytest.fixture(scope="module")
 def imbalanced():
     """N(0, 0.25 I) with weight 0.95 (class 0) and N((3, 0), 0.25 I) with weight 0.05 (class 1: the minority)."""
-    return GMM(torch.tensor([[0.0, 0.0], [3.0, 0.0]], dtype=F64), torch.full((2, 2), 0.25, dtype=F64),
-               torch.tensor([0.95, 0.05], dtype=F64), torch.tensor([0, 1]))
+    return GMM(
+        torch.tensor([[0.0, 0.0], [3.0, 0.0]], dtype=F64),
+        torch.full((2, 2), 0.25, dtype=F64),
+        torch.tensor([0.95, 0.05], dtype=F64),
+        torch.tensor([0, 1]),
+    )
 
 
 class LevelMLP(nn.Module):
@@ -54,8 +64,18 @@ def fitted(imbalanced):
     torch.manual_seed(0)
     net = LevelMLP(LEVELS)
     losses = train_level_classifier(net, sch, x0, labels, steps=1500, batch_size=256, lr=3e-3, generator=g)
-    return dict(den=den, x0=x0, y=y, t=t, scores=scores, thresholds=thresholds, labels=labels, net=net,
-                losses=losses, mc=MinorityClassifier(net, thresholds, t, 16, t_range=(sch.t_min, sch.t_max)))
+    return dict(
+        den=den,
+        x0=x0,
+        y=y,
+        t=t,
+        scores=scores,
+        thresholds=thresholds,
+        labels=labels,
+        net=net,
+        losses=losses,
+        mc=MinorityClassifier(net, thresholds, t, 16, t_range=(sch.t_min, sch.t_max)),
+    )
 
 
 def test_score_is_larger_for_the_rare_component(fitted):
@@ -80,8 +100,9 @@ def test_score_matches_its_definition(imbalanced):
     assert torch.allclose(one, ((x0 - den(a * x0 + s * eps, t)) ** 2).sum(1), rtol=1e-12, atol=1e-12)
     g = torch.Generator().manual_seed(3)
     singles = torch.stack([minority_score(den, x0, t, 1, g) for _ in range(4)])
-    assert torch.allclose(minority_score(den, x0, t, 4, torch.Generator().manual_seed(3)), singles.mean(0),
-                          rtol=1e-12, atol=1e-12)
+    assert torch.allclose(
+        minority_score(den, x0, t, 4, torch.Generator().manual_seed(3)), singles.mean(0), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_quantile_levels_are_the_rank_bins():
@@ -104,8 +125,9 @@ def test_level_classifier_learns(fitted):
 
     losses = fitted["losses"]
     assert sum(losses[-100:]) / 100 < math.log(LEVELS) - 0.04
-    acc = level_accuracy(fitted["net"], VPLinear(), fitted["x0"], fitted["labels"], VPLinear().t_min,
-                         torch.Generator().manual_seed(5))
+    acc = level_accuracy(
+        fitted["net"], VPLinear(), fitted["x0"], fitted["labels"], VPLinear().t_min, torch.Generator().manual_seed(5)
+    )
     assert acc["accuracy"] > 1.5 / LEVELS
     assert acc["per_level"][0] > 0.8 and acc["per_level"][LEVELS - 1] > 0.6
 
@@ -185,19 +207,39 @@ def test_batching_does_not_change_the_score(imbalanced):
 
 
 def _fit_cmd(out, *extra):
-    return ["guidance", "fit-minority", "--model", "shapes", "--out", str(out), "--n", "40", "--levels", "2",
-            "--draws", "1", "--steps", "2", "--batch-size", "8", *extra]
+    return [
+        "guidance",
+        "fit-minority",
+        "--model",
+        "shapes",
+        "--out",
+        str(out),
+        "--n",
+        "40",
+        "--levels",
+        "2",
+        "--draws",
+        "1",
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize("option, value, needle", [
-    ("--levels", "1", "--levels must be an integer in [2,"),
-    ("--levels", "41", "--levels (41) cannot exceed --n (40)"),
-    ("--draws", "0", "--draws must be"),
-    ("--lr", "nan", "--lr must be a positive finite number"),
-    ("--holdout", "1", "--holdout must be a fraction"),
-    ("--t", "5000", "--t must be in the schedule's range"),
-    ("--seed", "-1", "--seed"),
-])
+@pytest.mark.parametrize(
+    "option, value, needle",
+    [
+        ("--levels", "1", "--levels must be an integer in [2,"),
+        ("--levels", "41", "--levels (41) cannot exceed --n (40)"),
+        ("--draws", "0", "--draws must be"),
+        ("--lr", "nan", "--lr must be a positive finite number"),
+        ("--holdout", "1", "--holdout must be a fraction"),
+        ("--t", "5000", "--t must be in the schedule's range"),
+        ("--seed", "-1", "--seed"),
+    ],
+)
 def test_fit_minority_cli_refuses_bad_options(tmp_path, capsys, option, value, needle):
     """Each bad option is one `error:` line with exit 2, and nothing is written."""
     from clikit import one_line_error, run
@@ -211,7 +253,6 @@ def test_fit_minority_cli_writes_a_loadable_classifier(tmp_path, capsys):
     """A tiny fit on the bundled shapes model writes classifier + thresholds + scores that load back: L levels,
     the score time defaults to 6% of the schedule's range, and the saved labels of the scores are balanced."""
     from clikit import ok
-
     from condiff.core.files import load_tensors
 
     out = ok(_fit_cmd(tmp_path / "mc", "--holdout", "0.1"), capsys)

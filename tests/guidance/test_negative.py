@@ -4,13 +4,13 @@ trajectories); Negation (composable diffusion) is the exact score_u + w grad log
 import pytest
 import torch
 
-from condiff.data.gmm import GMM, NULL_CLASS
-from condiff.errors import ConfigError
 from condiff.core.grids import make_grid
-from condiff.guidance import CFG
-from condiff.guidance.negative import Negation, NegativeGuidance
 from condiff.core.sampling import sample
 from condiff.core.schedules import VPLinear
+from condiff.data.gmm import GMM, NULL_CLASS
+from condiff.errors import ConfigError
+from condiff.guidance import CFG
+from condiff.guidance.negative import Negation, NegativeGuidance
 from condiff.solvers import get_solver
 
 F64 = torch.float64
@@ -51,8 +51,13 @@ def test_negative_replaces_the_null_branch(gmm3, solver):
     x, y, neg = setup(gmm3)
     x = x * float(sch.sigma(grid[0]))
     den = gmm3.denoiser(sch)
-    out = sample(NegativeGuidance(den, 4.0), get_solver(solver), grid, x,
-                 {"y": y, "negative": {"y": neg}, "null": GMM.null_cond(x.shape[0])}).x
+    out = sample(
+        NegativeGuidance(den, 4.0),
+        get_solver(solver),
+        grid,
+        x,
+        {"y": y, "negative": {"y": neg}, "null": GMM.null_cond(x.shape[0])},
+    ).x
     ref = sample(CFG(den, 4.0), get_solver(solver), grid, x, {"y": y, "null": {"y": neg}}).x
     assert torch.equal(out, ref)
     given = sample(NegativeGuidance(den, 4.0, negative={"y": neg}), get_solver(solver), grid, x, {"y": y}).x
@@ -86,7 +91,7 @@ def test_negation_is_the_exact_composed_score(gmm3):
     assert len(rec.calls) == 1 and rec.calls[0][0] == 3 * n
     labels = rec.calls[0][1]["y"]
     assert bool((labels[:n] == NULL_CLASS).all())
-    assert torch.equal(labels[n:2 * n], y) and torch.equal(labels[2 * n:], neg)
+    assert torch.equal(labels[n : 2 * n], y) and torch.equal(labels[2 * n :], neg)
     xg = x.clone().requires_grad_(True)
     logp = torch.log(den.class_posterior(xg, t))
     (g_c,) = torch.autograd.grad(logp.gather(1, y[:, None]).sum(), xg, retain_graph=True)

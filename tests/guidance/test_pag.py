@@ -6,11 +6,17 @@ import torch
 from torch import nn
 
 from condiff.core.denoiser import wrap
+from condiff.core.schedules import VPLinear
 from condiff.errors import ConfigError
 from condiff.guidance import CFG
-from condiff.guidance.pag import PAG, IdentityAttention, identity_attention, perturbed_attention, \
-    select_layers, self_attention_layers
-from condiff.core.schedules import VPLinear
+from condiff.guidance.pag import (
+    PAG,
+    IdentityAttention,
+    identity_attention,
+    perturbed_attention,
+    select_layers,
+    self_attention_layers,
+)
 
 F64 = torch.float64
 CTX, LEN = 8, 3
@@ -21,10 +27,17 @@ def tiny_unet(seed=0):
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, cross_attention_dim=CTX,
-        attention_head_dim=4)
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        cross_attention_dim=CTX,
+        attention_head_dim=4,
+    )
     with torch.no_grad():  # diffusers zero-initialises some output layers; make every path matter
         for p in unet.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -42,8 +55,10 @@ def setup():
     g = torch.Generator().manual_seed(1)
     n = 3
     x = torch.randn(n, 3, 8, 8, generator=g, dtype=F64)
-    cond = {"encoder_hidden_states": torch.randn(n, LEN, CTX, generator=g, dtype=F64),
-            "null": {"encoder_hidden_states": torch.zeros(n, LEN, CTX, dtype=F64)}}
+    cond = {
+        "encoder_hidden_states": torch.randn(n, LEN, CTX, generator=g, dtype=F64),
+        "null": {"encoder_hidden_states": torch.zeros(n, LEN, CTX, dtype=F64)},
+    }
     return net, den, x, 0.5, cond
 
 
@@ -100,8 +115,11 @@ def test_perturbed_forward_equals_a_hand_made_identity_attention_forward(setup):
     replaces each selected attn1's output by to_out(to_v(input)), computed independently."""
     net, den, x, t, cond = setup
     pag = PAG(den, 2.0, layers=["mid", "up_blocks.0"])
-    chosen = [m for name, m in net["unet"].named_modules()
-              if name.endswith("attn1") and name.startswith(("mid_block.", "up_blocks.0."))]
+    chosen = [
+        m
+        for name, m in net["unet"].named_modules()
+        if name.endswith("attn1") and name.startswith(("mid_block.", "up_blocks.0."))
+    ]
     assert len(chosen) == 3 and len(pag.modules) == 3 and all(a is b for a, b in zip(pag.modules.values(), chosen))
 
     def hook(m, args, kwargs, out):

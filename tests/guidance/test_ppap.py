@@ -15,17 +15,28 @@ import torch
 from torch import nn
 
 from condiff.core.denoiser import coefficients
-from condiff.errors import ConfigError, InputFileError
 from condiff.core.grids import make_grid
-from condiff.guidance.classifier import ClassifierGuidance, exact_gmm_classifier, from_logits
-from condiff.guidance.ppap import (MultiExpert, adaptable_layers, expert_index, expert_interval, frozen_checksum,
-                                   load_ppap, lora_expert, lora_parameters, lora_spec, ppap_guidance, save_ppap)
-from condiff.training.ppap import T_KD, distill_expert, kd_loss
-from condiff.models.classifiers import load_guidance_classifier
-from condiff.nets import AttributeClassifier
 from condiff.core.sampling import initial_noise, sample
 from condiff.core.schedules import VPLinear
+from condiff.errors import ConfigError, InputFileError
+from condiff.guidance.classifier import ClassifierGuidance, exact_gmm_classifier, from_logits
+from condiff.guidance.ppap import (
+    MultiExpert,
+    adaptable_layers,
+    expert_index,
+    expert_interval,
+    frozen_checksum,
+    load_ppap,
+    lora_expert,
+    lora_parameters,
+    lora_spec,
+    ppap_guidance,
+    save_ppap,
+)
+from condiff.models.classifiers import load_guidance_classifier
+from condiff.nets import AttributeClassifier
 from condiff.solvers import get_solver
+from condiff.training.ppap import T_KD, distill_expert, kd_loss
 
 F64 = torch.float64
 N_EXPERTS = 5
@@ -79,18 +90,27 @@ def ppap(gmm):
         e = lora_expert(net, rank=4, alpha=4.0)
         with torch.no_grad():
             before = float(kd_loss(z, e(xt, t)).mean())
-        distill_expert(e, z, images, sch, (lo, hi), steps=150, batch_size=256, lr=1e-2, weight_decay=0.0,
-                       generator=g)
+        distill_expert(e, z, images, sch, (lo, hi), steps=150, batch_size=256, lr=1e-2, weight_decay=0.0, generator=g)
         with torch.no_grad():
             after = float(kd_loss(z, e(xt, t)).mean())
         held.append((before, after))
         sums.append(frozen_checksum(e))
         experts.append(e)
-    return {"net": net, "clean": clean, "schedule": sch, "multi": MultiExpert(experts, sch.t_min, sch.t_max),
-            "held": held, "sums": sums, "base_sum": base_sum, "images": images, "labels": labels}
+    return {
+        "net": net,
+        "clean": clean,
+        "schedule": sch,
+        "multi": MultiExpert(experts, sch.t_min, sch.t_max),
+        "held": held,
+        "sums": sums,
+        "base_sum": base_sum,
+        "images": images,
+        "labels": labels,
+    }
 
 
 # ---- routing --------------------------------------------------------------------------------------------
+
 
 def test_routing_is_floor_t_n_over_T_with_half_open_intervals():
     """k = floor(t N / T) on [0, T); intervals closed on the left; t = T goes to the last expert, times outside
@@ -170,6 +190,7 @@ def test_ppap_guidance_with_exact_noisy_experts_is_the_conditional_denoiser(gmm)
 
 # ---- LoRA experts ---------------------------------------------------------------------------------------
 
+
 def test_lora_expert_wraps_every_conv_and_linear_and_starts_as_the_classifier():
     """On condiff's AttributeClassifier: every nn.Conv2d / nn.Linear gets LoRA (rank, alpha read back), only
     LoRA requires grad, the base weights keep their checksum, and B = 0 makes the fresh expert equal the
@@ -244,6 +265,7 @@ def test_experts_approximate_the_exact_noisy_classifier(gmm, ppap):
 
 # ---- guided sampling ------------------------------------------------------------------------------------
 
+
 def test_guided_sampling_with_experts_beats_the_clean_teacher_on_x_t(gmm, ppap):
     """DDIM, 20 steps, 512 samples, targets alternating, same x_T for every guidance, scale 2. A sample is a
     valid hit when the exact clean classifier puts it in its target class and its log p_0 is above the 1%
@@ -282,6 +304,7 @@ def test_guided_sampling_with_experts_beats_the_clean_teacher_on_x_t(gmm, ppap):
 
 # ---- saving ---------------------------------------------------------------------------------------------
 
+
 def test_save_and_load_round_trip(ppap, tmp_path):
     """LoRA weights + JSON metadata, read back onto the same classifier: identical logits at every t; another
     classifier or a damaged file is an InputFileError."""
@@ -306,12 +329,17 @@ def test_save_and_load_round_trip(ppap, tmp_path):
 
 # ---- CLI ------------------------------------------------------------------------------------------------
 
+
 def _classifier_dir(tmp_path, noise_aware=False):
     from condiff.models.base import build_model
 
     cfg = {"width": 8, "hidden": 16, "noise_aware": noise_aware}
-    m = build_model("shapes_classifier", cfg, {"type": "vp_discrete", "beta_schedule": "squaredcos_cap_v2",
-                                                "num_steps": 1000}, "eps")
+    m = build_model(
+        "shapes_classifier",
+        cfg,
+        {"type": "vp_discrete", "beta_schedule": "squaredcos_cap_v2", "num_steps": 1000},
+        "eps",
+    )
     path = tmp_path / ("noisy" if noise_aware else "clean")
     m.save(path)
     return path, m.module["classifier"]
@@ -327,9 +355,30 @@ def test_cli_train_ppap_writes_loadable_experts_and_refuses_bad_input(tmp_path, 
 
     clean, net = _classifier_dir(tmp_path)
     out = tmp_path / "experts"
-    args = ["guidance", "train-ppap", "--classifier", str(clean), "--model", "shapes", "--out", str(out),
-            "--experts", "2", "--images", "12", "--gen-steps", "2", "--steps", "2", "--batch-size", "4",
-            "--holdout", "4", "--rank", "2"]
+    args = [
+        "guidance",
+        "train-ppap",
+        "--classifier",
+        str(clean),
+        "--model",
+        "shapes",
+        "--out",
+        str(out),
+        "--experts",
+        "2",
+        "--images",
+        "12",
+        "--gen-steps",
+        "2",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--holdout",
+        "4",
+        "--rank",
+        "2",
+    ]
     main(args)
     stdout = capsys.readouterr().out
     assert "trained 2 PPAP experts" in stdout and "held-out KD" in stdout
@@ -338,8 +387,11 @@ def test_cli_train_ppap_writes_loadable_experts_and_refuses_bad_input(tmp_path, 
     assert lora_spec(multi.experts[0])["rank"] == 2
     assert frozen_checksum(multi.experts[1]) == frozen_checksum(net)
     noisy_dir, _ = _classifier_dir(tmp_path, noise_aware=True)
-    for bad, message in [(["--classifier", str(noisy_dir)], "noise-aware"), (["--experts", "0"], "--experts"),
-                         (["--classifier", str(bundled_dir("shapes"))], "not a classifier")]:
+    for bad, message in [
+        (["--classifier", str(noisy_dir)], "noise-aware"),
+        (["--experts", "0"], "--experts"),
+        (["--classifier", str(bundled_dir("shapes"))], "not a classifier"),
+    ]:
         with pytest.raises(SystemExit) as exc:
             main(args + bad + ["--out", str(tmp_path / "bad")])
         assert exc.value.code == 2
@@ -352,9 +404,9 @@ def test_bundled_experts_read_noisy_colours_that_the_clean_classifier_misses():
     """The bundled PPAP experts (`--classifier ppap`) load onto the bundled clean classifier and, on 256 fresh
     renders noised to t = 500 of 999 (expert 2's interval), read the colour right >= 95% of the time where the
     clean classifier they were distilled from reads it right < 60%."""
+    from condiff.core.denoiser import diffuse as noisy
     from condiff.data import shapes
     from condiff.models.base import load_model
-    from condiff.core.denoiser import diffuse as noisy
     from condiff.models.classifiers import classifier_path, load_classifier, load_guidance_classifier
 
     experts = load_guidance_classifier(classifier_path("ppap"))

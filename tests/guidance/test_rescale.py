@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from condiff.data.gmm import GMM
-from condiff.core.denoiser import Eps, V, X0, coefficients
-from condiff.errors import ConfigError
+from condiff.core.denoiser import X0, Eps, V, coefficients
 from condiff.core.grids import make_grid
-from condiff.guidance import CFG
-from condiff.guidance.rescale import GuidanceRescale, rescale_guidance, to_space
 from condiff.core.sampling import sample
 from condiff.core.schedules import VPLinear
+from condiff.data.gmm import GMM
+from condiff.errors import ConfigError
+from condiff.guidance import CFG
+from condiff.guidance.rescale import GuidanceRescale, rescale_guidance, to_space
 from condiff.solvers import get_solver
 
 F64 = torch.float64
@@ -61,8 +61,9 @@ def test_phi_one_matches_the_conditional_std_per_sample(gmm8, space, per_sample_
     y_cfg = to_space(space, x, CFG(den, 5.0)(x, t, cond), t, sch)
     assert torch.allclose(y_out.std(1), y_c.std(1), rtol=1e-10, atol=0)
     assert (y_cfg.std(1) / y_c.std(1) - 1).abs().max() > 0.05
-    assert torch.allclose(torch.nn.functional.cosine_similarity(y_out, y_cfg, dim=1), torch.ones(16, dtype=F64),
-                          rtol=0, atol=1e-12)
+    assert torch.allclose(
+        torch.nn.functional.cosine_similarity(y_out, y_cfg, dim=1), torch.ones(16, dtype=F64), rtol=0, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("space", SPACES, ids=lambda s: s.name)
@@ -71,8 +72,10 @@ def test_result_is_affine_in_phi_in_its_space(gmm8, space):
     x, _, cond = setup(gmm8)
     sch = VPLinear()
     den = gmm8.denoiser(sch)
-    ys = {phi: to_space(space, x, GuidanceRescale(den, 4.0, phi=phi, space=space)(x, 0.4, cond), 0.4, sch)
-          for phi in (0.0, 0.3, 1.0)}
+    ys = {
+        phi: to_space(space, x, GuidanceRescale(den, 4.0, phi=phi, space=space)(x, 0.4, cond), 0.4, sch)
+        for phi in (0.0, 0.3, 1.0)
+    }
     assert torch.allclose(ys[0.3], 0.3 * ys[1.0] + 0.7 * ys[0.0], rtol=1e-10, atol=1e-10)
 
 

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
+from condiff.core.schedules import VPLinear
 from condiff.data.gmm import GMM
 from condiff.errors import ConfigError
 from condiff.guidance import CFG
 from condiff.guidance.schedules import CosineScale, IntervalScale, LinearScale, per_row, scale_at
-from condiff.core.schedules import VPLinear
 
 F64 = torch.float64
 
@@ -40,7 +40,7 @@ def test_cosine_end_points_midpoint_flatness_and_power():
     t = torch.linspace(0, 1, 50, dtype=F64)  # ascending t: w rises from w_end to w_start
     assert bool((s(t)[1:] >= s(t)[:-1]).all())
     p = CosineScale(5.0, 1.0, 1.0, 0.0, power=2.0)  # u^2 = 1/2 at u = 1/sqrt(2): the midpoint value
-    assert p(1.0 - 2 ** -0.5) == pytest.approx(3.0, abs=1e-12)
+    assert p(1.0 - 2**-0.5) == pytest.approx(3.0, abs=1e-12)
 
 
 def test_interval_is_half_open():
@@ -49,8 +49,11 @@ def test_interval_is_half_open():
     assert IntervalScale(6.0, 0.2, 0.6, outside=0.0)(0.9) == 0.0
 
 
-@pytest.mark.parametrize("sched", [LinearScale(7.0, 1.0, 0.9, 0.1), CosineScale(2.0, 6.0, 0.9, 0.1, power=1.5),
-                                   IntervalScale(4.0, 0.3, 0.7)], ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize(
+    "sched",
+    [LinearScale(7.0, 1.0, 0.9, 0.1), CosineScale(2.0, 6.0, 0.9, 0.1, power=1.5), IntervalScale(4.0, 0.3, 0.7)],
+    ids=lambda s: type(s).__name__,
+)
 def test_per_sample_t_gives_the_pointwise_values(sched):
     t = torch.linspace(0.0, 1.0, 11, dtype=F64)
     vals = sched(t)

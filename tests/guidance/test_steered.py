@@ -6,12 +6,12 @@ final inpainting sample."""
 import pytest
 import torch
 
-from condiff.data.gmm import GMM
-from condiff.errors import ConfigError
 from condiff.core.grids import UniformT, make_grid
-from condiff.guidance.steered import BT601, Colorize, Inpaint, Projection, SuperResolution, inpaint
 from condiff.core.sampling import Gaussian, initial_noise, sample
 from condiff.core.schedules import EDM, VPLinear
+from condiff.data.gmm import GMM
+from condiff.errors import ConfigError
+from condiff.guidance.steered import BT601, Colorize, Inpaint, Projection, SuperResolution, inpaint
 from condiff.solvers import SOLVERS
 
 F64 = torch.float64
@@ -104,8 +104,9 @@ def test_measurement_holds_at_every_step_on_the_gmm(case, solver):
     out = sample(Projection(gmm.denoiser(sch), op, y), SOLVERS[solver](), grid, x, None, Gaussian(g), [rec])
     assert len(rec.errors) == 12 and max(rec.errors) < 1e-6
     assert (op(out.x) - y).abs().max() < 1e-6
-    unguided = op(sample(gmm.denoiser(sch), SOLVERS[solver](), grid, x, None, Gaussian(
-        torch.Generator().manual_seed(0))).x)
+    unguided = op(
+        sample(gmm.denoiser(sch), SOLVERS[solver](), grid, x, None, Gaussian(torch.Generator().manual_seed(0))).x
+    )
     assert (unguided - y).abs().max() > 0.1  # the constraint is not met by accident
 
 
@@ -136,8 +137,9 @@ def test_measurement_holds_at_every_step_on_random_images(name, solver, dtype):
     grid = make_grid(sch, 8, UniformT())
     x = initial_noise(sch, float(grid[0]), (2, 3, 8, 8), g, dtype=dtype)
     rec = Recorder(op, y)
-    out = sample(Projection(RandomImageDenoiser(sch, dtype), op, y), SOLVERS[solver](), grid, x, None, Gaussian(g),
-                 [rec])
+    out = sample(
+        Projection(RandomImageDenoiser(sch, dtype), op, y), SOLVERS[solver](), grid, x, None, Gaussian(g), [rec]
+    )
     assert len(rec.errors) == 8 and max(rec.errors) < 1e-6
     # Heun's float32 final step rounds y (|y| up to ~80 here) before subtracting it back: float32 eps * 80 ~ 1e-5
     tol = 1e-4 if (dtype == torch.float32 and solver == "heun") else 1e-6
@@ -171,8 +173,9 @@ def test_gaussian_prior_inpainting_moves_toward_the_exact_posterior_mean():
     grid = make_grid(sch, 50, UniformT())
     g = torch.Generator().manual_seed(0)
     x = initial_noise(sch, float(grid[0]), (4000, 2), g, dtype=F64)
-    out = sample(inpaint(gmm.denoiser(sch), torch.tensor([1.0, 0.0]), y), SOLVERS["ddpm"](), grid, x, None,
-                 Gaussian(g)).x
+    out = sample(
+        inpaint(gmm.denoiser(sch), torch.tensor([1.0, 0.0]), y), SOLVERS["ddpm"](), grid, x, None, Gaussian(g)
+    ).x
     m = float(out[:, 0].mean())
     assert abs(m - post) < 0.5 * abs(post - float(mu[0])), (m, post)
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from condiff.core.grids import make_grid
-from condiff.guidance import CFG, DynamicThresholding, dynamic_threshold
-from condiff.errors import ConfigError
 from condiff.core.sampling import sample
 from condiff.core.schedules import VPLinear
+from condiff.errors import ConfigError
+from condiff.guidance import CFG, DynamicThresholding, dynamic_threshold
 from condiff.solvers import SOLVERS, get_solver
 
 diffusers = pytest.importorskip("diffusers")
@@ -20,10 +20,10 @@ diffusers = pytest.importorskip("diffusers")
 def test_equals_diffusers(ratio, max_value):
     g = torch.Generator().manual_seed(0)
     x0 = 3.0 * torch.randn(6, 3, 8, 8, generator=g)
-    sch = diffusers.DPMSolverMultistepScheduler(thresholding=True, dynamic_thresholding_ratio=ratio,
-                                                sample_max_value=max_value)
-    assert torch.allclose(dynamic_threshold(x0, ratio, max_value), sch._threshold_sample(x0.clone()),
-                          rtol=0, atol=1e-6)
+    sch = diffusers.DPMSolverMultistepScheduler(
+        thresholding=True, dynamic_thresholding_ratio=ratio, sample_max_value=max_value
+    )
+    assert torch.allclose(dynamic_threshold(x0, ratio, max_value), sch._threshold_sample(x0.clone()), rtol=0, atol=1e-6)
 
 
 def test_bounds_and_identity_inside():
@@ -50,8 +50,17 @@ def test_every_solver_ends_inside_the_bounds(gmm, name):
     assert float(out.abs().max()) <= 1.0 + 1e-9
 
 
-@pytest.mark.parametrize("kwargs", [dict(ratio=0.0), dict(ratio=1.5), dict(ratio=math.nan), dict(max_value=0.5),
-                                    dict(max_value=math.nan), dict(ratio=True)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(ratio=0.0),
+        dict(ratio=1.5),
+        dict(ratio=math.nan),
+        dict(max_value=0.5),
+        dict(max_value=math.nan),
+        dict(ratio=True),
+    ],
+)
 def test_bad_options(gmm, kwargs):
     with pytest.raises(ConfigError, match="dynamic thresholding"):
         DynamicThresholding(gmm.denoiser(VPLinear()), **kwargs)

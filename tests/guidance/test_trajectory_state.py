@@ -70,8 +70,9 @@ def test_interleaved_ag_trajectories_equal_separate_sample_runs(gmm, solver):
     (a, b), (ta, tb) = interleaved(ag, solver, GRID, [(x1, c1, noise(5)), (x2, c2, noise(6))])
     assert torch.equal(a, ref1.x) and torch.equal(b, ref2.x)
     for mine, ref in ((ta.state, ref1.denoiser.state), (tb.state, ref2.denoiser.state)):
-        assert torch.equal(mine.switched, ref.switched) and torch.equal(mine.switch_t.nan_to_num(-1.0),
-                                                                        ref.switch_t.nan_to_num(-1.0))
+        assert torch.equal(mine.switched, ref.switched) and torch.equal(
+            mine.switch_t.nan_to_num(-1.0), ref.switch_t.nan_to_num(-1.0)
+        )
         assert mine.evaluations == ref1.nfe and mine.rows == ref.rows
     assert bool(ta.state.switched.any()) and bool(tb.state.switched.any())
     assert not torch.equal(ta.state.switch_t.nan_to_num(-1.0), tb.state.switch_t.nan_to_num(-1.0))
@@ -103,8 +104,9 @@ NESTS = {
     "negative-as-null": lambda ag, den: NegativeAsNull(ag),
     "universal": lambda ag, den: G.UniversalGuidance(ag, [G.Forward(loss, 0.3)]),
     "inpaint": lambda ag, den: G.inpaint(ag, torch.tensor([1, 0]), torch.tensor([0.0, 0.7])),
-    "two-deep": lambda ag, den: G.DynamicThresholding(G.ClassifierGuidance(ag, exact_gmm_classifier(den), 1.5,
-                                                                           drop=()), ratio=0.9),
+    "two-deep": lambda ag, den: G.DynamicThresholding(
+        G.ClassifierGuidance(ag, exact_gmm_classifier(den), 1.5, drop=()), ratio=0.9
+    ),
 }
 
 
@@ -182,9 +184,15 @@ def test_start_trajectory_copies_only_stateful_paths(gmm):
     ``start`` is its own trajectory; a foreign object's start() is called without arguments."""
     den = gmm.denoiser(SCH)
     assert start_trajectory(den) is den
-    stateless = [G.CFG(den, 3.0), G.DynamicThresholding(G.CFG(G.CountRows(den), 3.0)), NegativeAsNull(G.CFG(den)),
-                 G.ClassifierGuidance(G.CFG(den), exact_gmm_classifier(den), 1.0), G.Tap(den),
-                 G.GuidanceInterval(den, 3.0, 0.2, 0.8), G.inpaint(den, torch.tensor([1, 0]), torch.tensor([0.0, 0.7]))]
+    stateless = [
+        G.CFG(den, 3.0),
+        G.DynamicThresholding(G.CFG(G.CountRows(den), 3.0)),
+        NegativeAsNull(G.CFG(den)),
+        G.ClassifierGuidance(G.CFG(den), exact_gmm_classifier(den), 1.0),
+        G.Tap(den),
+        G.GuidanceInterval(den, 3.0, 0.2, 0.8),
+        G.inpaint(den, torch.tensor([1, 0]), torch.tensor([0.0, 0.7])),
+    ]
     for stack in stateless:
         assert stack.start() is stack and start_trajectory(stack) is stack
     ag = G.AdaptiveGuidance(den, 3.0)
@@ -212,10 +220,17 @@ def unet():
 
     torch.manual_seed(0)
     net = UNet2DConditionModel(
-        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, cross_attention_dim=CTX,
-        attention_head_dim=4)
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        cross_attention_dim=CTX,
+        attention_head_dim=4,
+    )
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -228,8 +243,10 @@ def unet():
     g = torch.Generator().manual_seed(1)
     n = 2
     x = torch.randn(n, 3, 8, 8, generator=g, dtype=F64)
-    cond = {"encoder_hidden_states": torch.randn(n, LEN, CTX, generator=g, dtype=F64),
-            "null": {"encoder_hidden_states": torch.zeros(n, LEN, CTX, dtype=F64)}}
+    cond = {
+        "encoder_hidden_states": torch.randn(n, LEN, CTX, generator=g, dtype=F64),
+        "null": {"encoder_hidden_states": torch.zeros(n, LEN, CTX, dtype=F64)},
+    }
     return den, x, cond
 
 
@@ -246,8 +263,9 @@ def test_pag_term_over_ag_keeps_one_tap_per_trajectory(unet, stateful_tap):
 
     def fresh():
         tap = G.Tap(Starts(counted) if stateful_tap else counted)
-        return G.PAGTerm(G.AdaptiveGuidance(tap, 3.0, gamma_bar=1.0, space=X0()), counted, 2.0, "mid",
-                         net=den.net["unet"], tap=tap), tap
+        return G.PAGTerm(
+            G.AdaptiveGuidance(tap, 3.0, gamma_bar=1.0, space=X0()), counted, 2.0, "mid", net=den.net["unet"], tap=tap
+        ), tap
 
     term, tap = fresh()
     run = term.start()

@@ -8,16 +8,15 @@ import math
 import pytest
 import torch
 
-from condiff.solvers.analytic import GaussianFit
-from condiff.data.gmm import GMM
-from condiff.errors import ConfigError
 from condiff.core.grids import UniformT, make_grid
-from condiff.guidance.steered import Projection, SuperResolution
-from condiff.guidance.universal import Backward, Forward, SelfRecurrence, UniversalGuidance, backward_delta, \
-    renoise
 from condiff.core.sampling import Gaussian, initial_noise, sample
 from condiff.core.schedules import EDM, VPLinear
+from condiff.data.gmm import GMM
+from condiff.errors import ConfigError
+from condiff.guidance.steered import Projection, SuperResolution
+from condiff.guidance.universal import Backward, Forward, SelfRecurrence, UniversalGuidance, backward_delta, renoise
 from condiff.solvers import SOLVERS
+from condiff.solvers.analytic import GaussianFit
 from condiff.solvers.base import Solver, point
 
 F64 = torch.float64
@@ -32,8 +31,9 @@ def quadratic(c):
 def noisy(gmm, sch, t, n, seed):
     g = torch.Generator().manual_seed(seed)
     tt = torch.tensor(t, dtype=F64)
-    return float(sch.alpha(tt)) * gmm.sample(n, g)[0] + float(sch.sigma(tt)) * torch.randn(n, gmm.dim, generator=g,
-                                                                                          dtype=F64)
+    return float(sch.alpha(tt)) * gmm.sample(n, g)[0] + float(sch.sigma(tt)) * torch.randn(
+        n, gmm.dim, generator=g, dtype=F64
+    )
 
 
 @pytest.mark.parametrize("schedule", [VPLinear(), EDM()], ids=lambda s: type(s).__name__)
@@ -72,8 +72,8 @@ def test_forward_terms_combine_as_a_sum_and_per_sample_times_work(gmm):
     ts = torch.tensor([t, sch.t_for_sigma_ratio(0.3)], dtype=F64).repeat(8)
     rows = UniversalGuidance(den, [Forward(l1, 0.7)])(x, ts)
     for i in (0, 1):
-        single = UniversalGuidance(den, [Forward(l1, 0.7)])(x[i:i + 1], float(ts[i]))
-        assert torch.allclose(rows[i:i + 1], single, rtol=1e-10, atol=1e-12)
+        single = UniversalGuidance(den, [Forward(l1, 0.7)])(x[i : i + 1], float(ts[i]))
+        assert torch.allclose(rows[i : i + 1], single, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("steps,lr", [(1, 0.1), (5, 0.3), (20, 0.05)])
@@ -110,8 +110,12 @@ def test_scale_zero_and_k_one_are_the_unguided_sampler_bit_for_bit(gmm, solver):
     """Forward scale 0 and backward steps 0 return the denoiser's own output; SelfRecurrence with k = 1 runs
     the inner solver's step once and draws no extra noise: identical samples and NFE."""
     plain = guided_samples(gmm, None, solver, k=None)
-    for terms, k in [([Forward(quadratic([3.0, 3.0]), 0.0)], None), ([Backward(quadratic([3.0, 3.0]), 0)], None),
-                     (None, 1), ([Forward(quadratic([3.0, 3.0]), 0.0)], 1)]:
+    for terms, k in [
+        ([Forward(quadratic([3.0, 3.0]), 0.0)], None),
+        ([Backward(quadratic([3.0, 3.0]), 0)], None),
+        (None, 1),
+        ([Forward(quadratic([3.0, 3.0]), 0.0)], 1),
+    ]:
         out = guided_samples(gmm, terms, solver, k=k)
         assert torch.equal(out.x, plain.x) and out.nfe == plain.nfe
 
@@ -157,7 +161,7 @@ def test_self_recurrence_with_an_exact_step_leaves_the_marginals_invariant():
 
     def check(v, time):
         p = point(sch, time)
-        m, c = p.alpha * mu, p.alpha ** 2 * cov + p.sigma ** 2 * torch.eye(2, dtype=F64)
+        m, c = p.alpha * mu, p.alpha**2 * cov + p.sigma**2 * torch.eye(2, dtype=F64)
         tol = 5 * math.sqrt(float(c.diagonal().max()) / n)
         assert (v.mean(0) - m).abs().max() < tol
         assert (torch.cov(v.T) - c).abs().max() < 5 * float(c.diagonal().max()) * math.sqrt(2 / n)
@@ -186,8 +190,15 @@ def test_projection_after_universal_guidance_keeps_the_measurement_exact(gmm):
     grid = make_grid(sch, 10, UniformT())
     g = torch.Generator().manual_seed(0)
     x = initial_noise(sch, float(grid[0]), (64, 2), g, dtype=F64)
-    out = sample(den, SOLVERS["unipc"](), grid, x, None, Gaussian(g),
-                 [lambda info: errs.append(float((op(info.x0_hat) - y).abs().max()))])
+    out = sample(
+        den,
+        SOLVERS["unipc"](),
+        grid,
+        x,
+        None,
+        Gaussian(g),
+        [lambda info: errs.append(float((op(info.x0_hat) - y).abs().max()))],
+    )
     assert max(errs) < 1e-6 and (op(out.x) - y).abs().max() < 1e-6
 
 

@@ -11,8 +11,15 @@ import pytest
 import torch
 
 from condiff.errors import ConfigError, InputFileError
-from condiff.interop import (final_time, grid_from_scheduler, initial_latents, load_pipeline, prediction_from_config,
-                             schedule_from_scheduler, wrap_diffusers)
+from condiff.interop import (
+    final_time,
+    grid_from_scheduler,
+    initial_latents,
+    load_pipeline,
+    prediction_from_config,
+    schedule_from_scheduler,
+    wrap_diffusers,
+)
 from condiff.interop.tiny import SD_SCHEDULER
 
 
@@ -28,18 +35,23 @@ def test_schedule_is_the_scheduler_table():
     s = _sched("DDIMScheduler")
     sch = schedule_from_scheduler(s)
     t = torch.arange(1000, dtype=torch.float64)
-    assert torch.equal(sch.alpha(t) ** 2, s.alphas_cumprod.double()) or \
-        float((sch.alpha(t) ** 2 / s.alphas_cumprod.double() - 1).abs().max()) < 1e-15
+    assert (
+        torch.equal(sch.alpha(t) ** 2, s.alphas_cumprod.double())
+        or float((sch.alpha(t) ** 2 / s.alphas_cumprod.double() - 1).abs().max()) < 1e-15
+    )
     assert float(sch.sigma(-1.0)) == 0.0
 
 
-@pytest.mark.parametrize("cls_name,kw,final", [
-    ("DDIMScheduler", dict(timestep_spacing="leading"), 0.0),
-    ("DDIMScheduler", dict(timestep_spacing="trailing", set_alpha_to_one=True), -1.0),
-    ("DPMSolverMultistepScheduler", dict(timestep_spacing="linspace"), -1.0),
-    ("DPMSolverMultistepScheduler", dict(timestep_spacing="trailing", final_sigmas_type="sigma_min"), 0.0),
-    ("EulerDiscreteScheduler", dict(timestep_spacing="leading"), -1.0),
-])
+@pytest.mark.parametrize(
+    "cls_name,kw,final",
+    [
+        ("DDIMScheduler", dict(timestep_spacing="leading"), 0.0),
+        ("DDIMScheduler", dict(timestep_spacing="trailing", set_alpha_to_one=True), -1.0),
+        ("DPMSolverMultistepScheduler", dict(timestep_spacing="linspace"), -1.0),
+        ("DPMSolverMultistepScheduler", dict(timestep_spacing="trailing", final_sigmas_type="sigma_min"), 0.0),
+        ("EulerDiscreteScheduler", dict(timestep_spacing="leading"), -1.0),
+    ],
+)
 def test_grid_is_the_scheduler_timesteps(cls_name, kw, final):
     """The grid is diffusers' timesteps for N steps, then the point its last step lands on (DDIM's
     final_alpha_cumprod, DPM-Solver's final sigma); the scheduler given is left untouched."""
@@ -62,8 +74,11 @@ def test_grid_refuses_karras_sigmas_and_bad_steps():
 
 def test_prediction_types():
     """epsilon, v_prediction and sample map to Eps, V, X0; anything else names the accepted values."""
-    assert [prediction_from_config({"prediction_type": k}).name for k in ("epsilon", "v_prediction", "sample")] \
-        == ["eps", "v", "x0"]
+    assert [prediction_from_config({"prediction_type": k}).name for k in ("epsilon", "v_prediction", "sample")] == [
+        "eps",
+        "v",
+        "x0",
+    ]
     with pytest.raises(ConfigError, match="epsilon"):
         prediction_from_config({"prediction_type": "flow"})
 
@@ -176,11 +191,23 @@ def test_unet2d_model_wrapped_matches_diffusers_loop():
     from condiff.solvers import DDIM
 
     torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=4).eval()
-    s = DDIMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False, prediction_type="v_prediction",
-                      timestep_spacing="trailing")
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=4,
+    ).eval()
+    s = DDIMScheduler(
+        beta_schedule="squaredcos_cap_v2",
+        clip_sample=False,
+        prediction_type="v_prediction",
+        timestep_spacing="trailing",
+    )
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
     ref = x
     s.set_timesteps(10)

@@ -52,8 +52,9 @@ def test_diffusers_loads_unet_and_scheduler_with_the_same_prediction(exported):
     for t in (999, 500, 20):
         with torch.no_grad():
             hidden, pooled = text(raw)
-            v = F.pixel_shuffle(unet(F.pixel_unshuffle(x, f), t, encoder_hidden_states=hidden,
-                                     class_labels=pooled).sample, f)
+            v = F.pixel_shuffle(
+                unet(F.pixel_unshuffle(x, f), t, encoder_hidden_states=hidden, class_labels=pooled).sample, f
+            )
             ref = sched.step(v, t, x).pred_original_sample
             v_condiff = m.family.forward(m.module, m.model_cfg, x, torch.full((2,), float(t)), cond)
             ours = wrap(m.module, schedule_from_scheduler(sched), m.prediction, call=call)(x, float(t), cond)

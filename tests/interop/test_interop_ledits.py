@@ -56,8 +56,10 @@ def test_edit_friendly_reconstructs_at_least_as_well_as_ledits(sd, tiny_sd_dir):
     for name, z in rows.items():
         rec = decode(p, z).clamp(-1, 1)
         scores[name] = (float(psnr(rec, img)), float(psnr(rec, vae)), float((z - x0).abs().max()))
-        print(f"{name}: PSNR {scores[name][0]:.2f} dB vs image, {scores[name][1]:.2f} dB vs VAE round trip, "
-              f"max latent error {scores[name][2]:.3g}")
+        print(
+            f"{name}: PSNR {scores[name][0]:.2f} dB vs image, {scores[name][1]:.2f} dB vs VAE round trip, "
+            f"max latent error {scores[name][2]:.3g}"
+        )
     print(f"VAE round trip alone: {float(psnr(vae, img)):.2f} dB")
     exact = scores["condiff edit-friendly exact=True"]
     assert exact[2] <= 1e-5 and exact[1] >= 80.0

@@ -18,9 +18,9 @@ from torch import nn
 import condiff.guidance as G
 from condiff.core.denoiser import X0
 from condiff.core.grids import UniformT, make_grid
+from condiff.core.sampling import sample
 from condiff.guidance.classifier import from_logits
 from condiff.interop import initial_latents
-from condiff.core.sampling import sample
 from condiff.solvers import SOLVERS, get_solver
 from noisekit import SlicedNoise
 
@@ -139,25 +139,50 @@ CASES = [
     Case("thresholding", lambda d, k, p: G.DynamicThresholding(G.CFG(d, 3.0), ratio=0.9), (G.DynamicThresholding,)),
     Case("ag", lambda d, k, p: G.AdaptiveGuidance(d, 3.0, gamma_bar=0.98, space=X0()), (G.AdaptiveGuidance,)),
     Case("linear-ag", _linear_ag, (G.LinearAG,)),
-    Case("classifier", lambda d, k, p: G.ClassifierGuidance(G.CFG(d, 3.0), from_logits(_latent_classifier), 1.0),
-         (G.ClassifierGuidance,), extras=("y",)),
-    Case("ppap", lambda d, k, p: G.ClassifierGuidance(
-        G.CFG(d, 3.0), from_logits(G.MultiExpert([_Expert(1.0), _Expert(-1.0)], 0.0, 999.0)), 1.0),
-        extras=("y",)),
-    Case("minority", lambda d, k, p: G.MinorityGuidance(G.CFG(d, 3.0), _latent_classifier, 1.0, levels=2),
-         (G.MinorityGuidance,)),
-    Case("elucd", lambda d, k, p: G.EluCD(G.CFG(d, 3.0), lambda x0: _latent_classifier(x0, None),
-                                          _grid(p, get_solver("dpmpp-2m")), scale=0.5), (G.EluCD,), extras=("y",)),
+    Case(
+        "classifier",
+        lambda d, k, p: G.ClassifierGuidance(G.CFG(d, 3.0), from_logits(_latent_classifier), 1.0),
+        (G.ClassifierGuidance,),
+        extras=("y",),
+    ),
+    Case(
+        "ppap",
+        lambda d, k, p: G.ClassifierGuidance(
+            G.CFG(d, 3.0), from_logits(G.MultiExpert([_Expert(1.0), _Expert(-1.0)], 0.0, 999.0)), 1.0
+        ),
+        extras=("y",),
+    ),
+    Case(
+        "minority",
+        lambda d, k, p: G.MinorityGuidance(G.CFG(d, 3.0), _latent_classifier, 1.0, levels=2),
+        (G.MinorityGuidance,),
+    ),
+    Case(
+        "elucd",
+        lambda d, k, p: G.EluCD(
+            G.CFG(d, 3.0), lambda x0: _latent_classifier(x0, None), _grid(p, get_solver("dpmpp-2m")), scale=0.5
+        ),
+        (G.EluCD,),
+        extras=("y",),
+    ),
     Case("inpaint", lambda d, k, p: G.inpaint(G.CFG(d, 3.0), _mask(), torch.zeros(LATENT)), (G.Projection,)),
-    Case("super-resolution", lambda d, k, p: G.Projection(G.CFG(d, 3.0), G.SuperResolution(2),
-                                                          torch.zeros(4, 4, 4))),
-    Case("colorize", lambda d, k, p: G.Projection(G.CFG(d, 3.0), G.Colorize((0.25, 0.25, 0.25, 0.25)),
-                                                  torch.zeros(1, 8, 8))),
-    Case("universal", lambda d, k, p: G.UniversalGuidance(G.CFG(d, 3.0), [G.Forward(_universal_loss, 0.3)]),
-         (G.UniversalGuidance,)),
-    Case("universal-recurrence", lambda d, k, p: G.UniversalGuidance(
-        G.CFG(d, 3.0), [G.Forward(_universal_loss, 0.3), G.Backward(_universal_loss, steps=1, lr=0.1)]),
-        solver_wrap=lambda s: G.SelfRecurrence(s, k=2)),
+    Case("super-resolution", lambda d, k, p: G.Projection(G.CFG(d, 3.0), G.SuperResolution(2), torch.zeros(4, 4, 4))),
+    Case(
+        "colorize",
+        lambda d, k, p: G.Projection(G.CFG(d, 3.0), G.Colorize((0.25, 0.25, 0.25, 0.25)), torch.zeros(1, 8, 8)),
+    ),
+    Case(
+        "universal",
+        lambda d, k, p: G.UniversalGuidance(G.CFG(d, 3.0), [G.Forward(_universal_loss, 0.3)]),
+        (G.UniversalGuidance,),
+    ),
+    Case(
+        "universal-recurrence",
+        lambda d, k, p: G.UniversalGuidance(
+            G.CFG(d, 3.0), [G.Forward(_universal_loss, 0.3), G.Backward(_universal_loss, steps=1, lr=0.1)]
+        ),
+        solver_wrap=lambda s: G.SelfRecurrence(s, k=2),
+    ),
     Case("pag-cfg", lambda d, k, p: G.PAG(d, 2.0, PAG_LAYERS[k], cfg_scale=3.0), (G.PAG,)),
     Case("pag", lambda d, k, p: G.PAG(d, 2.0, PAG_LAYERS[k], batched=False)),
     Case("pag-term-ag", lambda d, k, p: _pag_term_ag(d, PAG_LAYERS[k]), (G.PAGTerm, G.Tap)),
@@ -167,8 +192,11 @@ CASES = [
 def test_cases_cover_every_guidance_class():
     """Every guidance class exported by condiff.guidance (a dataclass with a 'denoiser' field) has a case."""
     covered = {cls for c in CASES for cls in c.covers}
-    exported = {getattr(G, n) for n in G.__all__ if isinstance(getattr(G, n), type)
-                and "denoiser" in getattr(getattr(G, n), "__dataclass_fields__", {})} - {G.CountRows}
+    exported = {
+        getattr(G, n)
+        for n in G.__all__
+        if isinstance(getattr(G, n), type) and "denoiser" in getattr(getattr(G, n), "__dataclass_fields__", {})
+    } - {G.CountRows}
     assert exported <= covered, sorted(c.__name__ for c in exported - covered)
 
 

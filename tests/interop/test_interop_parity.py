@@ -9,9 +9,9 @@ import dataclasses
 import pytest
 import torch
 
+from condiff.core.sampling import Gaussian, sample
 from condiff.guidance import CFG, PAG
 from condiff.interop import initial_latents
-from condiff.core.sampling import Gaussian, sample
 from condiff.solvers import DDIM, DDPM, DPMSolverPP2M, DPMSolverPP3M, Euler, Heun, UniPC
 
 PROMPT, STEPS, CFG_SCALE, SIZE, SEED = "a red cat", 20, 7.5, 16, 0
@@ -23,9 +23,17 @@ def diffusers_latents(pipe_cls, folder, make_scheduler, n=2, **kwargs):
     pipe = pipe_cls.from_pretrained(folder, local_files_only=True, **kwargs.pop("load", {}))
     pipe.scheduler = make_scheduler(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=CFG_SCALE, height=SIZE, width=SIZE,
-               num_images_per_prompt=n, generator=torch.Generator().manual_seed(SEED), output_type="latent",
-               **kwargs)
+    out = pipe(
+        PROMPT,
+        num_inference_steps=STEPS,
+        guidance_scale=CFG_SCALE,
+        height=SIZE,
+        width=SIZE,
+        num_images_per_prompt=n,
+        generator=torch.Generator().manual_seed(SEED),
+        output_type="latent",
+        **kwargs,
+    )
     return out.images, pipe.scheduler
 
 
@@ -65,8 +73,9 @@ def test_cfg_sampling_matches_diffusers(sd, tiny_sd_dir, name):
 
     cls_name, options, solver = SAME[name]
     cls = getattr(diffusers, cls_name)
-    ref, scheduler = diffusers_latents(StableDiffusionPipeline, tiny_sd_dir,
-                                       lambda config: cls.from_config(config, **options))
+    ref, scheduler = diffusers_latents(
+        StableDiffusionPipeline, tiny_sd_dir, lambda config: cls.from_config(config, **options)
+    )
     ours = condiff_latents(sd, scheduler, lambda d: CFG(d, CFG_SCALE), solver)
     err = float((ours - ref).abs().max())
     print(f"{name}: max |condiff - diffusers| = {err:.3g} (|latent| max {float(ref.abs().max()):.3g})")
@@ -81,8 +90,13 @@ def test_pag_matches_diffusers(sd, tiny_sd_dir, layers):
     DDIM, and PAG visibly matters (it differs from plain CFG by far more than the tolerance)."""
     from diffusers import DDIMScheduler, StableDiffusionPAGPipeline
 
-    ref, scheduler = diffusers_latents(StableDiffusionPAGPipeline, tiny_sd_dir, DDIMScheduler.from_config,
-                                       pag_scale=3.0, load={"pag_applied_layers": list(layers)})
+    ref, scheduler = diffusers_latents(
+        StableDiffusionPAGPipeline,
+        tiny_sd_dir,
+        DDIMScheduler.from_config,
+        pag_scale=3.0,
+        load={"pag_applied_layers": list(layers)},
+    )
     ours = condiff_latents(sd, scheduler, lambda d: PAG(d, 3.0, layers, cfg_scale=CFG_SCALE), DDIM())
     err = float((ours - ref).abs().max())
     print(f"pag {layers}: max |condiff - diffusers| = {err:.3g}")
@@ -102,8 +116,13 @@ def test_dit_matches_diffusers(dit, tiny_dit_dir):
     pipe.set_progress_bar_config(disable=True)
     seen, decode = {}, pipe.vae.decode
     pipe.vae.decode = lambda z, *a, **k: (seen.setdefault("z", z.clone()), decode(z, *a, **k))[1]
-    pipe([1, 2], guidance_scale=4.0, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(SEED),
-         output_type="np")
+    pipe(
+        [1, 2],
+        guidance_scale=4.0,
+        num_inference_steps=STEPS,
+        generator=torch.Generator().manual_seed(SEED),
+        output_type="np",
+    )
     ref = seen["z"] * pipe.vae.config.scaling_factor
     x = initial_latents(dit, 2, SIZE, SIZE, torch.Generator().manual_seed(SEED), steps=STEPS)
     with torch.no_grad():

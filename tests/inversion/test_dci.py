@@ -9,10 +9,10 @@ correction is a step of length exactly lam.
 import pytest
 import torch
 
-from condiff.errors import ConfigError
 from condiff.core.grids import make_grid
-from condiff.inversion import Inversion, correction, dci_invert, fixed_point_residual, invert
 from condiff.core.sampling import sample
+from condiff.errors import ConfigError
+from condiff.inversion import Inversion, correction, dci_invert, fixed_point_residual, invert
 from condiff.solvers import DDIM
 
 F64 = torch.float64
@@ -64,9 +64,11 @@ def test_refinement_never_raises_a_steps_fixed_point_residual(refined):
     start = candidate_residuals(m, dci.inversion, c)
     plain = fixed_point_residual(m.denoiser, ddim, c)
     moved = dci.iterations > 0
-    print(f"\n[dci lam=0] steps refined {moved.float().mean():.2f}; residual / candidate where refined: max "
-          f"{(mine / start)[moved].max():.3f}; vs plain DDIM: {(mine <= plain).float().mean():.3f} of steps <=, "
-          f"sum {mine.sum():.3g} vs {plain.sum():.3g}")
+    print(
+        f"\n[dci lam=0] steps refined {moved.float().mean():.2f}; residual / candidate where refined: max "
+        f"{(mine / start)[moved].max():.3f}; vs plain DDIM: {(mine <= plain).float().mean():.3f} of steps <=, "
+        f"sum {mine.sum():.3g} vs {plain.sum():.3g}"
+    )
     assert mine.shape == (N, 8)
     assert bool((mine <= start).all())
     assert torch.equal(mine[~moved], start[~moved])
@@ -78,8 +80,10 @@ def test_refinement_improves_the_reconstruction(refined):
     """A4: DDIM sampling at w = 1 from the DCI latent (lam = 0) reconstructs x0 at least as well as from
     the DDIM-inversion latent, for every sample (measured RMS max 0.132 against 0.338)."""
     m, x0, c, grid, ddim, dci = refined
-    err = {k: (sample(m.denoiser, DDIM(), grid, inv.latent, c).x - x0).pow(2).mean(1).sqrt()
-           for k, inv in (("dci", dci.inversion), ("ddim", ddim))}
+    err = {
+        k: (sample(m.denoiser, DDIM(), grid, inv.latent, c).x - x0).pow(2).mean(1).sqrt()
+        for k, inv in (("dci", dci.inversion), ("ddim", ddim))
+    }
     print(f"\n[dci lam=0] reconstruction RMS max {err['dci'].max():.3g} vs DDIM {err['ddim'].max():.3g}")
     assert bool((err["dci"] <= err["ddim"]).all())
 
@@ -109,8 +113,11 @@ def test_small_correction_keeps_the_reconstruction_gain(toy):
     grid = make_grid(m.schedule, N)
     err = {}
     for lam in (None, 0.03):
-        inv = invert(m.denoiser, DDIM(), grid, x0, c) if lam is None else \
-            dci_invert(m.denoiser, grid, x0, c, iterations=5, lam=lam).inversion
+        inv = (
+            invert(m.denoiser, DDIM(), grid, x0, c)
+            if lam is None
+            else dci_invert(m.denoiser, grid, x0, c, iterations=5, lam=lam).inversion
+        )
         err[lam] = (sample(m.denoiser, DDIM(), grid, inv.latent, c).x - x0).pow(2).mean(1).sqrt()
     print(f"\n[dci lam=0.03] reconstruction RMS max {err[0.03].max():.3g} vs DDIM {err[None].max():.3g}")
     assert bool((err[0.03] <= err[None]).all())
@@ -125,8 +132,9 @@ def test_correction_is_a_step_of_length_exactly_lam_towards_the_reference(lam):
     step = (correction(raw, ref, lam) - raw).reshape(5, -1)
     d = (ref - raw).reshape(5, -1)
     assert torch.allclose(step.norm(dim=1), torch.full((5,), lam, dtype=F64), rtol=1e-12, atol=0)
-    assert torch.allclose(torch.nn.functional.cosine_similarity(step, d, dim=1), torch.ones(5, dtype=F64),
-                          rtol=0, atol=1e-12)
+    assert torch.allclose(
+        torch.nn.functional.cosine_similarity(step, d, dim=1), torch.ones(5, dtype=F64), rtol=0, atol=1e-12
+    )
 
 
 def test_correction_at_the_reference_is_finite():

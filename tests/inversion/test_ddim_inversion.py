@@ -11,19 +11,18 @@ import math
 import numpy as np
 import pytest
 import torch
+from invkit import sd_schedule
 
-from condiff.data.gmm import GMM
 from condiff.core.denoiser import wrap
-from condiff.errors import ConfigError
 from condiff.core.grids import UniformLogSNR, make_grid
-from condiff.guidance.cfg import CFG
-from condiff.inversion import DestinationLabel, invert
 from condiff.core.sampling import sample
 from condiff.core.schedules import VPCosine, VPLinear
+from condiff.data.gmm import GMM
+from condiff.errors import ConfigError
+from condiff.guidance.cfg import CFG
+from condiff.inversion import DestinationLabel, invert
 from condiff.solvers import DDIM, DDPM, DPMSolverPP2M
 from condiff.solvers.base import point
-
-from invkit import sd_schedule
 
 F64 = torch.float64
 
@@ -96,8 +95,10 @@ def gmm_slope(schedule, solver, destination_label):
         rec = round_trip(D, solver, make_grid(schedule, n, spacing=UniformLogSNR()), x0, None, destination_label)
         errs.append((rec - x0).pow(2).mean().sqrt().item())
     slope = float(np.polyfit(np.log(CONV_STEPS), np.log(errs), 1)[0])
-    print(f"\n[gmm round trip] {type(schedule).__name__} {solver.name} destination_label={destination_label}: "
-          f"RMS {' '.join(f'{e:.3g}' for e in errs)} (N {CONV_STEPS}), slope {slope:.3f}")
+    print(
+        f"\n[gmm round trip] {type(schedule).__name__} {solver.name} destination_label={destination_label}: "
+        f"RMS {' '.join(f'{e:.3g}' for e in errs)} (N {CONV_STEPS}), slope {slope:.3f}"
+    )
     return errs, slope
 
 

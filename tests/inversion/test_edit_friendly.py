@@ -11,15 +11,14 @@ import math
 
 import pytest
 import torch
+from invkit import sd_schedule
 
-from condiff.errors import ConfigError
 from condiff.core.grids import make_grid
+from condiff.errors import ConfigError
 from condiff.guidance.cfg import CFG
 from condiff.inversion import extract_noise_maps, noisy_latents, replay
 from condiff.solvers import DDIM, DDPM, DPMSolverPP2M
 from condiff.solvers.base import point
-
-from invkit import sd_schedule
 
 F64 = torch.float64
 SOLVERS = [DDPM(), DDIM(eta=0.7)]

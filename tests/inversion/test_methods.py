@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from condiff.errors import ConfigError, InputFileError
 from condiff.core.grids import make_grid
+from condiff.errors import ConfigError, InputFileError
 from condiff.inversion import METHODS, EditMethod, get_method, load_inverted, save_inverted
 
 N = 8
@@ -98,22 +98,41 @@ def test_unknown_option_is_refused_by_name(name):
     assert all(f.name in str(e.value) for f in dataclasses.fields(METHODS[name]))
 
 
-@pytest.mark.parametrize("name, options", [
-    ("ddim", {"cfg": "3"}), ("ddim", {"cfg": True}), ("ddim", {"invert_cfg": None}),
-    ("edit-friendly", {"skip": 1.5}), ("edit-friendly", {"skip": True}), ("edit-friendly", {"exact": 1}),
-    ("null-text", {"inner_steps": 2.0}), ("dci", {"lam": "1"}), ("sdedit", {"strength": [0.5]})])
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("ddim", {"cfg": "3"}),
+        ("ddim", {"cfg": True}),
+        ("ddim", {"invert_cfg": None}),
+        ("edit-friendly", {"skip": 1.5}),
+        ("edit-friendly", {"skip": True}),
+        ("edit-friendly", {"exact": 1}),
+        ("null-text", {"inner_steps": 2.0}),
+        ("dci", {"lam": "1"}),
+        ("sdedit", {"strength": [0.5]}),
+    ],
+)
 def test_wrongly_typed_option_is_refused(name, options):
     """An option of the wrong type (bools are not numbers, floats are not integers, strings are not
     numbers) is a ConfigError naming the option and the expected type."""
-    (key, value), = options.items()
+    ((key, value),) = options.items()
     with pytest.raises(ConfigError, match=f"option {key} of '{name}' must be a"):
         get_method(name, **options)
 
 
-@pytest.mark.parametrize("name, options", [
-    ("ddim", {"cfg": float("nan")}), ("edit-friendly", {"eta": 0.0}), ("edit-friendly", {"eta": 1.5}),
-    ("edit-friendly", {"skip": -1}), ("null-text", {"inner_steps": -2}), ("dci", {"iterations": -1}),
-    ("sdedit", {"strength": 0.0}), ("sdedit", {"strength": 1.2})])
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("ddim", {"cfg": float("nan")}),
+        ("edit-friendly", {"eta": 0.0}),
+        ("edit-friendly", {"eta": 1.5}),
+        ("edit-friendly", {"skip": -1}),
+        ("null-text", {"inner_steps": -2}),
+        ("dci", {"iterations": -1}),
+        ("sdedit", {"strength": 0.0}),
+        ("sdedit", {"strength": 1.2}),
+    ],
+)
 def test_out_of_range_option_is_refused(name, options):
     """Well-typed but out-of-range values are refused when the method is built (ConfigError)."""
     with pytest.raises(ConfigError):

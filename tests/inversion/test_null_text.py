@@ -9,15 +9,14 @@ set of independent inversions.
 
 import pytest
 import torch
+from invkit import NTI_COND_SCALE, NTI_X_GAIN
 
-from condiff.errors import ConfigError
 from condiff.core.grids import make_grid
+from condiff.core.sampling import sample
+from condiff.errors import ConfigError
 from condiff.guidance.cfg import CFG, contrast
 from condiff.inversion import StepwiseNull, invert, learning_rate, null_text_inversion
-from condiff.core.sampling import sample
 from condiff.solvers import DDIM
-
-from invkit import NTI_COND_SCALE, NTI_X_GAIN
 
 F64 = torch.float64
 N = 20
@@ -45,8 +44,10 @@ def test_per_step_nulls_cut_the_guided_reconstruction_error_tenfold(setting):
     tuned = sample(StepwiseNull(CFG(m.denoiser, 7.5), grid, nt.nulls), DDIM(), grid, nt.pivot.latent, cond).x
     ratio = rms(tuned, x0) / rms(fixed, x0)
     batch = rms(tuned, x0).norm() / rms(fixed, x0).norm()
-    print(f"\n[null-text] per-sample error ratio max {ratio.max():.3g}, batch {batch:.3g}; "
-          f"max abs {(tuned - x0).abs().max():.3g} vs fixed {(fixed - x0).abs().max():.3g}")
+    print(
+        f"\n[null-text] per-sample error ratio max {ratio.max():.3g}, batch {batch:.3g}; "
+        f"max abs {(tuned - x0).abs().max():.3g} vs fixed {(fixed - x0).abs().max():.3g}"
+    )
     assert bool((ratio <= 0.1).all())
 
 
@@ -57,8 +58,10 @@ def test_loss_meets_the_early_stop_threshold_in_most_steps(setting):
     *_, nt = setting
     threshold = 1e-5 + torch.arange(N, dtype=F64)[:, None] * 2e-5
     met = (nt.losses.double() <= threshold).float()
-    print(f"\n[null-text] threshold met in {met.mean():.3f} of steps (worst sample {met.mean(0).min():.2f}); "
-          f"mean Adam iterations {nt.iterations.float().mean():.2f}")
+    print(
+        f"\n[null-text] threshold met in {met.mean():.3f} of steps (worst sample {met.mean(0).min():.2f}); "
+        f"mean Adam iterations {nt.iterations.float().mean():.2f}"
+    )
     assert nt.losses.shape == nt.iterations.shape == (N, 32)
     assert met.mean().item() >= 0.8
     # a step stops early exactly when its recorded loss meets the threshold
@@ -148,8 +151,8 @@ def test_a_batch_is_a_set_of_independent_inversions(toy):
     grid = make_grid(m.schedule, N)
     batch = null_text_inversion(m.denoiser, grid, x0, cond, 7.5)
     for b in range(4):
-        one = {"c": cond["c"][b:b + 1], "null": {"c": cond["null"]["c"][b:b + 1]}}
-        alone = null_text_inversion(m.denoiser, grid, x0[b:b + 1], one, 7.5)
+        one = {"c": cond["c"][b : b + 1], "null": {"c": cond["null"]["c"][b : b + 1]}}
+        alone = null_text_inversion(m.denoiser, grid, x0[b : b + 1], one, 7.5)
         assert torch.equal(alone.iterations[:, 0], batch.iterations[:, b])
         assert torch.allclose(alone.losses[:, 0], batch.losses[:, b], rtol=1e-10, atol=0)
         for k in range(N):

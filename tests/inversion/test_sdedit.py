@@ -6,19 +6,32 @@ import math
 import pytest
 import torch
 
-from condiff.errors import ConfigError
 from condiff.core.grids import make_grid
+from condiff.core.sampling import Gaussian, initial_noise, sample
+from condiff.errors import ConfigError
 from condiff.guidance.cfg import CFG
 from condiff.inversion import sdedit
 from condiff.inversion.sdedit import start_index
-from condiff.core.sampling import Gaussian, initial_noise, sample
 from condiff.solvers import DDIM, DDPM
 from condiff.solvers.base import point
 
 
-@pytest.mark.parametrize("steps, strength, start", [
-    (50, 1.0, 0), (50, 0.6, 20), (50, 0.5, 25), (50, 0.01, 49), (50, 1e-9, 49), (10, 0.25, 7), (10, 0.35, 6),
-    (10, 0.05, 9), (1, 0.3, 0), (1, 1, 0), (7, 0.5, 3)])
+@pytest.mark.parametrize(
+    "steps, strength, start",
+    [
+        (50, 1.0, 0),
+        (50, 0.6, 20),
+        (50, 0.5, 25),
+        (50, 0.01, 49),
+        (50, 1e-9, 49),
+        (10, 0.25, 7),
+        (10, 0.35, 6),
+        (10, 0.05, 9),
+        (1, 0.3, 0),
+        (1, 1, 0),
+        (7, 0.5, 3),
+    ],
+)
 def test_start_index_runs_the_rounded_share_of_the_steps(steps, strength, start):
     """start_index(N, s) = N - max(1, round-half-up(s N)): strength 1 runs every step, any positive strength
     runs at least one, 0.6 of 50 runs 30 (start at grid[20]); 0.25 of 10 rounds 2.5 up to 3."""

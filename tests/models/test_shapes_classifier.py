@@ -8,15 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from condiff.cli.train import train_recipe
+from condiff.core.denoiser import diffuse as noisy
+from condiff.core.schedules import schedule_from_config, unit_time
 from condiff.data import shapes
 from condiff.errors import InputFileError
-from condiff.core.denoiser import diffuse as noisy
-from condiff.core.schedules import unit_time
-from condiff.models.shapes_classifier import ShapesClassifierFamily, attribute_loss
 from condiff.models.classifiers import load_classifier
-from condiff.core.schedules import schedule_from_config
+from condiff.models.shapes_classifier import ShapesClassifierFamily, attribute_loss
 from condiff.training.recipe import load_recipe
-from condiff.cli.train import train_recipe
 
 SCHEDULE = schedule_from_config({"type": "vp_discrete", "beta_schedule": "squaredcos_cap_v2", "num_steps": 1000})
 
@@ -26,8 +25,9 @@ def test_unit_time_and_noising():
     assert unit_time(torch.tensor([0.0, 499.5, 999.0]), SCHEDULE.t_min, SCHEDULE.t_max).tolist() == [0.0, 0.5, 1.0]
     x0, eps, t = torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32), torch.tensor([10.0, 500.0, 990.0])
     a, s = SCHEDULE.alpha(t.double()).float(), SCHEDULE.sigma(t.double()).float()
-    assert torch.allclose(noisy(SCHEDULE, x0, t, eps), a[:, None, None, None] * x0 + s[:, None, None, None] * eps,
-                          atol=1e-6)
+    assert torch.allclose(
+        noisy(SCHEDULE, x0, t, eps), a[:, None, None, None] * x0 + s[:, None, None, None] * eps, atol=1e-6
+    )
 
 
 def test_attribute_loss_is_the_sum_of_head_cross_entropies():
@@ -35,8 +35,10 @@ def test_attribute_loss_is_the_sum_of_head_cross_entropies():
     net = fam.build({"width": 16, "hidden": 32})["classifier"]
     b = shapes.sample_batch(5, torch.Generator().manual_seed(0))
     z = net(b.images)
-    expect = sum(F.cross_entropy(net.head(z, k), b.attrs[:, i], reduction="none")
-                 for i, k in enumerate(("shape", "color", "size", "position")))
+    expect = sum(
+        F.cross_entropy(net.head(z, k), b.attrs[:, i], reduction="none")
+        for i, k in enumerate(("shape", "color", "size", "position"))
+    )
     assert torch.allclose(attribute_loss(net, z, b.attrs), expect)
 
 
@@ -44,8 +46,11 @@ def test_attribute_loss_is_the_sum_of_head_cross_entropies():
 def test_training_resumes_exactly(tmp_path, kind):
     """6 steps in one go and 3 + resume + 3 give bit-identical weights (noise-aware: t and eps replay too)."""
     r = load_recipe(f"recipes/shapes-{kind}-classifier.toml")
-    r = dataclasses.replace(r, model={**r.model, "width": 8, "hidden": 16},
-                            train=dataclasses.replace(r.train, steps=6, batch_size=8, ckpt_every=3, eval_every=0))
+    r = dataclasses.replace(
+        r,
+        model={**r.model, "width": 8, "hidden": 16},
+        train=dataclasses.replace(r.train, steps=6, batch_size=8, ckpt_every=3, eval_every=0),
+    )
     one = train_recipe(r, tmp_path / "a", progress=False)
     train_recipe(r, tmp_path / "b", progress=False, stop_after=3)
     two = train_recipe(r, tmp_path / "b", progress=False, resume=True)

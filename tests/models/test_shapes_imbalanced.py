@@ -7,14 +7,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from condiff.cli.train import make_trainer, train_recipe
+from condiff.core.files import load_tensors
 from condiff.data import labeller, shapes, text
 from condiff.errors import ConfigError, InputFileError
-from condiff.core.files import load_tensors
 from condiff.models.base import get_family, load_model
-from condiff.models.shapes_imbalanced import (COLOR_WEIGHTS, EMPTY_CAPTION_SHARE, RARE_COLOR, RARE_SHARE,
-                                              ShapesImbalancedFamily, imbalanced_attrs)
+from condiff.models.shapes_imbalanced import (
+    COLOR_WEIGHTS,
+    EMPTY_CAPTION_SHARE,
+    RARE_COLOR,
+    RARE_SHARE,
+    ShapesImbalancedFamily,
+    imbalanced_attrs,
+)
 from condiff.training.recipe import ObjectiveConfig, recipe_from_dict
-from condiff.cli.train import make_trainer, train_recipe
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "shapes-minority.toml"
 
@@ -26,8 +32,12 @@ def test_color_weights_and_uniform_other_attributes():
     attrs = imbalanced_attrs(n, torch.Generator().manual_seed(0))
     assert COLOR_WEIGHTS[shapes.COLORS.index(RARE_COLOR)] == RARE_SHARE
     assert abs(float(COLOR_WEIGHTS.sum()) - 1) < 1e-12
-    for col, weights in ((1, COLOR_WEIGHTS), (0, torch.full((3,), 1 / 3)), (2, torch.full((2,), 1 / 2)),
-                         (3, torch.full((9,), 1 / 9))):
+    for col, weights in (
+        (1, COLOR_WEIGHTS),
+        (0, torch.full((3,), 1 / 3)),
+        (2, torch.full((2,), 1 / 2)),
+        (3, torch.full((9,), 1 / 9)),
+    ):
         share = torch.bincount(attrs[:, col], minlength=len(weights)).double() / n
         se = (weights.double() * (1 - weights.double()) / n).sqrt()
         assert bool(((share - weights.double()).abs() < 4 * se).all()), (col, share)

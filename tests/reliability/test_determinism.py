@@ -50,8 +50,13 @@ print(json.dumps(out))
 
 def _run(tmp_path, tag):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-c", SCRIPT, str(FIXTURE), str(tmp_path / tag)], env=env,
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(FIXTURE), str(tmp_path / tag)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 

@@ -31,6 +31,7 @@ SHAPES_PROMPT = "large red circle top-left"
 @pytest.fixture(autouse=True)
 def no_unpickling(monkeypatch):
     """Anything that tries to unpickle fails the test (and the one thread the shared cores allow)."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("something tried to unpickle")
 
@@ -80,6 +81,7 @@ def refused(argv, capsys, bad: Path, option: str, out_dir: Path):
 
 # ---- --model ----------------------------------------------------------------------------------------------------
 
+
 def pickled_model(tmp_path: Path, kind: str) -> tuple[Path, Path]:
     """A copy of the bundled digits model whose UNet weights are pickled in one of several ways; (folder, the
     file the refusal must name)."""
@@ -107,8 +109,13 @@ def pickled_model(tmp_path: Path, kind: str) -> tuple[Path, Path]:
 def test_model_folder_with_pickles_is_refused(tmp_path, capsys, kind):
     d, bad = pickled_model(tmp_path, kind)
     out = tmp_path / "out"
-    refused(["sample", "--model", str(d), "--steps", "2", "--n", "1", "--out", str(out / "g.png")], capsys,
-            bad, "--model", out)
+    refused(
+        ["sample", "--model", str(d), "--steps", "2", "--n", "1", "--out", str(out / "g.png")],
+        capsys,
+        bad,
+        "--model",
+        out,
+    )
 
 
 def test_model_folder_with_pickles_is_refused_by_the_api(tmp_path):
@@ -120,14 +127,20 @@ def test_model_folder_with_pickles_is_refused_by_the_api(tmp_path):
 
 # ---- --pipeline -------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("keep", [False, True], ids=["bin", "stray-bin"])
 def test_pipeline_folder_with_pickles_is_refused(tmp_path, capsys, tiny_dit, keep):
     d = tmp_path / "pipe"
     shutil.copytree(tiny_dit, d)
     bad = to_pickle(d / "transformer" / "diffusion_pytorch_model.safetensors", keep=keep)
     out = tmp_path / "out"
-    refused(["sample", "--pipeline", str(d), "--prompt", "circle", "--steps", "2", "--n", "1",
-             "--out", str(out / "g.png")], capsys, bad, "--pipeline", out)
+    refused(
+        ["sample", "--pipeline", str(d), "--prompt", "circle", "--steps", "2", "--n", "1", "--out", str(out / "g.png")],
+        capsys,
+        bad,
+        "--pipeline",
+        out,
+    )
 
 
 def test_pipeline_loader_refuses_pickles(tmp_path, tiny_dit):
@@ -143,6 +156,7 @@ def test_pipeline_loader_refuses_pickles(tmp_path, tiny_dit):
 
 # ---- --classifier (a trained classifier, or PPAP experts) --------------------------------------------------------
 
+
 @pytest.mark.parametrize("bundled", ["shapes-noisy-classifier", "shapes-ppap"])
 def test_classifier_folder_with_pickles_is_refused(tmp_path, capsys, bundled):
     d = tmp_path / "clf"
@@ -152,8 +166,25 @@ def test_classifier_folder_with_pickles_is_refused(tmp_path, capsys, bundled):
     else:
         bad = to_pickle(d / "classifier" / "diffusion_pytorch_model.safetensors")
     out = tmp_path / "out"
-    refused(["sample", "--model", "shapes", "--classifier", str(d), "--steps", "2", "--n", "1",
-             "--out", str(out / "g.png")], capsys, bad, "--classifier", out)
+    refused(
+        [
+            "sample",
+            "--model",
+            "shapes",
+            "--classifier",
+            str(d),
+            "--steps",
+            "2",
+            "--n",
+            "1",
+            "--out",
+            str(out / "g.png"),
+        ],
+        capsys,
+        bad,
+        "--classifier",
+        out,
+    )
 
 
 def test_ppap_and_classifier_loaders_refuse_pickles(tmp_path):
@@ -175,18 +206,26 @@ def test_ppap_and_classifier_loaders_refuse_pickles(tmp_path):
 
 # ---- --minority -------------------------------------------------------------------------------------------------
 
+
 def test_minority_folder_with_pickles_is_refused(tmp_path, capsys):
     d = tmp_path / "minority"
     shutil.copytree(bundled_dir("shapes-noisy-classifier") / "classifier", d / "classifier")
-    (d / "minority.json").write_text(json.dumps({"levels": 3, "thresholds": [0.2, 0.5], "t": 59.94, "n": 5,
-                                                 "t_range": [0.0, 999.0], "info": {}}))
+    (d / "minority.json").write_text(
+        json.dumps({"levels": 3, "thresholds": [0.2, 0.5], "t": 59.94, "n": 5, "t_range": [0.0, 999.0], "info": {}})
+    )
     bad = to_pickle(d / "classifier" / "diffusion_pytorch_model.safetensors")
     out = tmp_path / "out"
-    refused(["sample", "--model", "shapes", "--minority", str(d), "--steps", "2", "--n", "1",
-             "--out", str(out / "g.png")], capsys, bad, "--minority", out)
+    refused(
+        ["sample", "--model", "shapes", "--minority", str(d), "--steps", "2", "--n", "1", "--out", str(out / "g.png")],
+        capsys,
+        bad,
+        "--minority",
+        out,
+    )
 
 
 # ---- --inversion ------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["torch-save-pt", "pickle-as-safetensors"])
 def test_inversion_file_with_pickles_is_refused(tmp_path, capsys, kind):
@@ -200,8 +239,25 @@ def test_inversion_file_with_pickles_is_refused(tmp_path, capsys, kind):
         with open(bad, "wb") as f:
             pickle.dump({"x_T": [0.0] * 4}, f, protocol=pickle.HIGHEST_PROTOCOL)
     out = tmp_path / "out"
-    refused(["edit", "--model", "shapes", "--image", str(image), "--to", SHAPES_PROMPT, "--inversion", str(bad),
-             "--out", str(out / "e.png")], capsys, bad, "--inversion", out)
+    refused(
+        [
+            "edit",
+            "--model",
+            "shapes",
+            "--image",
+            str(image),
+            "--to",
+            SHAPES_PROMPT,
+            "--inversion",
+            str(bad),
+            "--out",
+            str(out / "e.png"),
+        ],
+        capsys,
+        bad,
+        "--inversion",
+        out,
+    )
 
 
 def test_pipeline_inversion_file_with_pickles_is_refused(tmp_path, capsys, tiny_dit):
@@ -210,11 +266,29 @@ def test_pipeline_inversion_file_with_pickles_is_refused(tmp_path, capsys, tiny_
     bad = tmp_path / "inversion.pth"
     torch.save({"x_T": torch.zeros(1, 4, 8, 8)}, bad)
     out = tmp_path / "out"
-    refused(["edit", "--pipeline", str(tiny_dit), "--image", str(image), "--to", "square", "--inversion", str(bad),
-             "--out", str(out / "e.png")], capsys, bad, "--inversion", out)
+    refused(
+        [
+            "edit",
+            "--pipeline",
+            str(tiny_dit),
+            "--image",
+            str(image),
+            "--to",
+            "square",
+            "--inversion",
+            str(bad),
+            "--out",
+            str(out / "e.png"),
+        ],
+        capsys,
+        bad,
+        "--inversion",
+        out,
+    )
 
 
 # ---- a recipe's train.init_from ---------------------------------------------------------------------------------
+
 
 def test_recipe_init_from_a_pickled_model_is_refused(tmp_path, capsys):
     d, bad = pickled_model(tmp_path, "bin")
@@ -225,6 +299,7 @@ def test_recipe_init_from_a_pickled_model_is_refused(tmp_path, capsys):
 
 
 # ---- the check itself ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("suffix", PICKLE_SUFFIXES)
 def test_every_pickle_suffix_is_refused_in_a_folder(tmp_path, suffix):
@@ -261,8 +336,11 @@ def test_safetensors_whose_header_length_looks_like_a_pickle_still_loads(tmp_pat
     assert torch.equal(load_tensors(path)["w"], torch.arange(3.0))
 
 
-@pytest.mark.parametrize("blob", [pickle.dumps({"a": 1}, protocol=2), pickle.dumps([1], protocol=5),
-                                  torch_save_bytes({"w": torch.ones(1)})], ids=["pickle-2", "pickle-5", "torch-zip"])
+@pytest.mark.parametrize(
+    "blob",
+    [pickle.dumps({"a": 1}, protocol=2), pickle.dumps([1], protocol=5), torch_save_bytes({"w": torch.ones(1)})],
+    ids=["pickle-2", "pickle-5", "torch-zip"],
+)
 def test_pickle_headers_are_refused_where_safetensors_or_json_is_expected(tmp_path, blob):
     for name, load in (("x.safetensors", load_tensors), ("x.json", load_json)):
         path = tmp_path / name
@@ -304,8 +382,9 @@ def test_every_from_pretrained_in_src_is_offline_and_safetensors_only():
             if isinstance(node.func, ast.Attribute) and node.func.attr == "from_pretrained":
                 kw = {k.arg: k.value for k in node.keywords}
                 where = f"{self.path}:{node.lineno}"
-                assert isinstance(kw.get("local_files_only"), ast.Constant) and kw["local_files_only"].value is True, \
+                assert isinstance(kw.get("local_files_only"), ast.Constant) and kw["local_files_only"].value is True, (
                     where
+                )
                 if not (isinstance(kw.get("use_safetensors"), ast.Constant) and kw["use_safetensors"].value is True):
                     without.append((self.path, self.function))
             self.generic_visit(node)

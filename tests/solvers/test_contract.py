@@ -17,8 +17,20 @@ STEPS = 6
 # Evaluations a solver skips on the step into sigma = 0 (it returns the denoised estimate instead):
 # Heun's correction would divide by rho = 0, so it takes one Euler step (1 eval of its 2).
 # DPM-Solver++(2S) returns D(x, t) there without its midpoint evaluation (1 of 2).
-SKIPPED_AT_ZERO = {"ddpm": 0, "ddim": 0, "euler": 0, "heun": 1, "dpmpp-2m": 0, "dpmpp-3m": 0, "dpmpp-2s": 1,
-                   "unipc": 0, "edm-heun": 1, "edm-sde": 1, "dc-solver": 0, "dpm-v3": 0}
+SKIPPED_AT_ZERO = {
+    "ddpm": 0,
+    "ddim": 0,
+    "euler": 0,
+    "heun": 1,
+    "dpmpp-2m": 0,
+    "dpmpp-3m": 0,
+    "dpmpp-2s": 1,
+    "unipc": 0,
+    "edm-heun": 1,
+    "edm-sde": 1,
+    "dc-solver": 0,
+    "dpm-v3": 0,
+}
 
 
 def start(schedule, n=16, seed=0, requires_grad=False):
@@ -28,8 +40,15 @@ def start(schedule, n=16, seed=0, requires_grad=False):
 
 
 def run(gmm, name, schedule, grid, x, noise_seed=1, **kw):
-    return sample(gmm.denoiser(schedule), get_solver(name), grid, x, {"y": torch.arange(x.shape[0]) % 2},
-                  noise=Gaussian(torch.Generator().manual_seed(noise_seed)), **kw)
+    return sample(
+        gmm.denoiser(schedule),
+        get_solver(name),
+        grid,
+        x,
+        {"y": torch.arange(x.shape[0]) % 2},
+        noise=Gaussian(torch.Generator().manual_seed(noise_seed)),
+        **kw,
+    )
 
 
 def test_registry_covers_every_solver():
@@ -107,8 +126,6 @@ def test_euler_equals_deterministic_ddim(gmm, schedule):
     a = sample(den, Euler(), grid, x).x
     b = sample(den, DDIM(eta=0.0), grid, x).x
     assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
-
-
 
 
 def _draws(shape, count=2 * STEPS + 2, seed=5):

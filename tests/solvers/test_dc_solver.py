@@ -6,17 +6,22 @@ import math
 import pytest
 import torch
 
-from condiff.errors import ConfigError
 from condiff.core.grids import Karras, UniformLogSNR, UniformT, make_grid
-from condiff.guidance import CFG
 from condiff.core.sampling import initial_noise, sample
 from condiff.core.schedules import EDM, Flow, VPCosine, VPDiscrete, VPLinear
+from condiff.errors import ConfigError
+from condiff.guidance import CFG
 from condiff.solvers import DPMSolverPP2M, DPMSolverPP3M, Heun, UniPC, get_solver, point
 from condiff.solvers.dc_solver import DCSolver, LambdaAxis, TimeAxis, compensate, lagrange_weights
 
 F64 = torch.float64
-SETUPS = [(VPLinear(), UniformLogSNR()), (VPCosine(), UniformT()),
-          (VPDiscrete.from_betas("squaredcos_cap_v2"), UniformT()), (EDM(), Karras()), (Flow(), UniformLogSNR())]
+SETUPS = [
+    (VPLinear(), UniformLogSNR()),
+    (VPCosine(), UniformT()),
+    (VPDiscrete.from_betas("squaredcos_cap_v2"), UniformT()),
+    (EDM(), Karras()),
+    (Flow(), UniformLogSNR()),
+]
 IDS = ["vplinear", "vpcosine", "vpdiscrete", "edm", "flow"]
 
 
@@ -28,8 +33,11 @@ def _start(gmm, schedule, spacing, steps, n=32, dtype=F64, w=5.0):
 
 
 @pytest.mark.parametrize("schedule, spacing", SETUPS, ids=IDS)
-@pytest.mark.parametrize("base", [UniPC(), UniPC(variant="bh1", order=3), DPMSolverPP2M(), DPMSolverPP3M()],
-                         ids=["unipc", "unipc-bh1-3", "dpmpp-2m", "dpmpp-3m"])
+@pytest.mark.parametrize(
+    "base",
+    [UniPC(), UniPC(variant="bh1", order=3), DPMSolverPP2M(), DPMSolverPP3M()],
+    ids=["unipc", "unipc-bh1-3", "dpmpp-2m", "dpmpp-3m"],
+)
 def test_unit_ratios_reproduce_the_base_bit_for_bit(gmm, schedule, spacing, base):
     """rho = 1 at every step (or no ratios) gives exactly the base solver's trajectory, with CFG."""
     steps = 7
@@ -63,6 +71,7 @@ def test_gradients_flow_with_ratios(gmm):
 
 # ---- the compensation is Lagrange interpolation ----------------------------------------------------------
 
+
 def _poly(coeffs, c):
     return sum(a * c**k for k, a in enumerate(coeffs))
 
@@ -88,8 +97,14 @@ def test_compensation_is_exact_for_polynomials_up_to_degree_k(K):
 
 def test_compensation_is_differentiable_in_the_ratio():
     """A 0-d tensor ratio gives the derivative of the interpolant, P'(tau) (c_{-1} - c_{-2})."""
-    coords, coeffs = (3.0, 2.0, 0.5), [torch.tensor([1.0, -2.0], dtype=F64), torch.tensor([0.5, 0.25], dtype=F64),
-                                       torch.tensor([-0.3, 0.7], dtype=F64)]
+    coords, coeffs = (
+        (3.0, 2.0, 0.5),
+        [
+            torch.tensor([1.0, -2.0], dtype=F64),
+            torch.tensor([0.5, 0.25], dtype=F64),
+            torch.tensor([-0.3, 0.7], dtype=F64),
+        ],
+    )
     ms = tuple(_poly(coeffs, c) for c in coords)
     rho = torch.tensor(1.4, dtype=F64, requires_grad=True)
     out = compensate(coords, ms, rho)
@@ -141,6 +156,7 @@ def test_solver_stores_and_uses_the_interpolant_of_a_quadratic_model(axis, base)
 
 # ---- configuration errors --------------------------------------------------------------------------------
 
+
 def test_ratio_count_must_match_the_grid(gmm):
     """A ratios tuple of the wrong length is a ConfigError naming both counts, before any evaluation."""
     den, grid, x, cond = _start(gmm, VPLinear(), UniformLogSNR(), 5)
@@ -155,19 +171,22 @@ def test_ratio_count_must_match_the_grid(gmm):
             x, st = s.step(D, x, float(grid[k]), float(grid[k + 1]), st, None)
 
 
-@pytest.mark.parametrize("kwargs, needle", [
-    ({"ratios": (1.2, 1.0)}, "step 0 must be 1"),
-    ({"ratios": (1.0, math.nan)}, "ratio 1 must be a finite number"),
-    ({"ratios": (1.0, "a")}, "ratio 1"),
-    ({"ratios": ()}, "empty"),
-    ({"ratios": 3.0}, "sequence of numbers"),
-    ({"dc_order": 0}, "dc_order"),
-    ({"dc_order": 4}, "dc_order"),
-    ({"dc_order": True}, "dc_order"),
-    ({"base": Heun()}, "base must be"),
-    ({"base": "unipc"}, "base must be"),
-    ({"axis": "t"}, "axis must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"ratios": (1.2, 1.0)}, "step 0 must be 1"),
+        ({"ratios": (1.0, math.nan)}, "ratio 1 must be a finite number"),
+        ({"ratios": (1.0, "a")}, "ratio 1"),
+        ({"ratios": ()}, "empty"),
+        ({"ratios": 3.0}, "sequence of numbers"),
+        ({"dc_order": 0}, "dc_order"),
+        ({"dc_order": 4}, "dc_order"),
+        ({"dc_order": True}, "dc_order"),
+        ({"base": Heun()}, "base must be"),
+        ({"base": "unipc"}, "base must be"),
+        ({"axis": "t"}, "axis must be"),
+    ],
+)
 def test_bad_configuration_is_a_one_line_config_error(kwargs, needle):
     with pytest.raises(ConfigError, match=needle) as e:
         DCSolver(**kwargs)

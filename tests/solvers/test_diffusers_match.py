@@ -12,10 +12,10 @@ checks that the formulas agree to float64 round-off.
 import pytest
 import torch
 
-from condiff.data.gmm import GMM
 from condiff.core.denoiser import wrap
 from condiff.core.sampling import sample
 from condiff.core.schedules import VPDiscrete
+from condiff.data.gmm import GMM
 from condiff.solvers import DDIM, DPMSolverPP2M, DPMSolverPP3M, UniPC
 
 diffusers = pytest.importorskip("diffusers")
@@ -53,16 +53,25 @@ def run_condiff(solver, scheduler, net, x, timesteps, cond):
 def schedulers():
     common = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=2e-2)
     return {
-        "ddim": (lambda: diffusers.DDIMScheduler(clip_sample=False, set_alpha_to_one=True, **common),
-                 DDIM(eta=0.0)),
-        "dpmpp-2m": (lambda: diffusers.DPMSolverMultistepScheduler(
-            algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", final_sigmas_type="zero",
-            **common), DPMSolverPP2M()),
-        "dpmpp-3m": (lambda: diffusers.DPMSolverMultistepScheduler(
-            algorithm_type="dpmsolver++", solver_order=3, final_sigmas_type="zero", lower_order_final=True,
-            **common), DPMSolverPP3M()),
-        "unipc": (lambda: diffusers.UniPCMultistepScheduler(
-            solver_type="bh2", solver_order=2, final_sigmas_type="zero", **common), UniPC(order=2, variant="bh2")),
+        "ddim": (lambda: diffusers.DDIMScheduler(clip_sample=False, set_alpha_to_one=True, **common), DDIM(eta=0.0)),
+        "dpmpp-2m": (
+            lambda: diffusers.DPMSolverMultistepScheduler(
+                algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", final_sigmas_type="zero", **common
+            ),
+            DPMSolverPP2M(),
+        ),
+        "dpmpp-3m": (
+            lambda: diffusers.DPMSolverMultistepScheduler(
+                algorithm_type="dpmsolver++", solver_order=3, final_sigmas_type="zero", lower_order_final=True, **common
+            ),
+            DPMSolverPP3M(),
+        ),
+        "unipc": (
+            lambda: diffusers.UniPCMultistepScheduler(
+                solver_type="bh2", solver_order=2, final_sigmas_type="zero", **common
+            ),
+            UniPC(order=2, variant="bh2"),
+        ),
     }
 
 

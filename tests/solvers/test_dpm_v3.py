@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from condiff.data.gmm import GMM, gaussian_pf_ode, reference_pf_ode
-from condiff.solvers.ems import EMS, gmm_ems
-from condiff.errors import ConfigError
 from condiff.core.grids import UniformLogSNR, UniformT, make_grid
-from condiff.guidance import CFG
 from condiff.core.sampling import initial_noise, sample
 from condiff.core.schedules import EDM, Flow, VPCosine, VPDiscrete, VPLinear
+from condiff.data.gmm import GMM, gaussian_pf_ode, reference_pf_ode
+from condiff.errors import ConfigError
+from condiff.guidance import CFG
 from condiff.solvers import DDIM, DPMSolverPP3M, DPMSolverV3, get_solver
 from condiff.solvers.base import begin
 from condiff.solvers.dpm_v3 import V3State, derivative_weights, step_coefficients
 from condiff.solvers.dpmpp_3m import History
+from condiff.solvers.ems import EMS, gmm_ems
 
 F64 = torch.float64
 SCHEDULES = [VPLinear(), VPCosine(), VPDiscrete.from_betas("squaredcos_cap_v2"), EDM(), Flow()]
@@ -152,7 +152,8 @@ def brute_force(ems, a, b, n_max, points=400_001):
 @pytest.mark.parametrize("a, b", [(-2.5, -1.1), (-1.0, 2.7), (0.4, 0.45), (2.0, -0.5), (-4.0, 4.5)])
 def test_coefficients_of_general_statistics_match_brute_force_quadrature(a, b):
     """Random piecewise-linear l, s, b (9 grid points in [-3, 3], 3 dimensions; the last case also extends
-    beyond the grid: l = 1, s = b = 0 below it, constant above): decay, Phi_0..3, B, dS(t), beta(t) agree with a 400k-point
+    beyond the grid: l = 1, s = b = 0 below it, constant above): decay, Phi_0..3, B, dS(t), beta(t) agree with a
+    400k-point
     trapezoid rule to its accuracy (~1e-9)."""
     g = torch.Generator().manual_seed(2)
     lam = torch.linspace(-3, 3, 9, dtype=F64)
@@ -182,8 +183,12 @@ def test_derivative_weights_are_exact_for_polynomials():
 
 def exact_gaussian_ems(schedule, sd, n_grid=1200):
     """l_i = sigma^2 / (alpha^2 s_i^2 + sigma^2) on a uniform lambda grid over the sampling range, s = b = 0."""
-    lam = torch.linspace(float(schedule.half_log_snr(schedule.default_t_start())),
-                         float(schedule.half_log_snr(schedule.t_min)), n_grid + 1, dtype=F64)
+    lam = torch.linspace(
+        float(schedule.half_log_snr(schedule.default_t_start())),
+        float(schedule.half_log_snr(schedule.t_min)),
+        n_grid + 1,
+        dtype=F64,
+    )
     a = torch.exp(schedule.log_alpha(schedule.t_from_log_snr(2 * lam)))[:, None]
     s = a * torch.exp(-lam)[:, None]
     l = s**2 / (a**2 * sd**2 + s**2)
@@ -201,8 +206,7 @@ def test_exact_l_makes_one_first_order_step_exact_on_gaussian_data(schedule):
     grid = torch.tensor([schedule.default_t_start(), schedule.t_min], dtype=F64)
     x = initial_noise(schedule, float(grid[0]), (64, 4), torch.Generator().manual_seed(0), dtype=F64)
     out = sample(g.denoiser(schedule), DPMSolverV3(ems=ems, order=1, corrector=False), grid, x).x
-    exact = gaussian_pf_ode(torch.zeros(4, dtype=F64), torch.diag(sd**2), schedule, x, float(grid[0]),
-                            float(grid[1]))
+    exact = gaussian_pf_ode(torch.zeros(4, dtype=F64), torch.diag(sd**2), schedule, x, float(grid[0]), float(grid[1]))
     err = float((out - exact).abs().max() / exact.abs().max())
     assert err < 1e-4, err
     ddim = sample(g.denoiser(schedule), DDIM(), grid, x).x
@@ -315,8 +319,12 @@ def test_refuses_mismatched_statistics_and_bad_options(gmm):
 
 
 ORDER_CASES = [  # (options, expected slope): the predictor alone, then with the corrector
-    (dict(order=1, corrector=False), 1), (dict(order=2, corrector=False), 2), (dict(order=3, corrector=False), 3),
-    (dict(order=2), 2), (dict(order=3), 2), (dict(order=3, corrector_pseudo=False), 3),
+    (dict(order=1, corrector=False), 1),
+    (dict(order=2, corrector=False), 2),
+    (dict(order=3, corrector=False), 3),
+    (dict(order=2), 2),
+    (dict(order=3), 2),
+    (dict(order=3, corrector_pseudo=False), 3),
 ]
 
 
@@ -341,8 +349,10 @@ def test_order_of_convergence_on_the_gmm(gmm):
             grid = make_grid(sch, nfe, UniformLogSNR(), t_start=t0, t_end=t1, final_zero=False)
             errs.append(float((sample(den, solver, grid, x, labels(256)).x - ref).norm(dim=1).mean()))
         slope = np.polyfit(np.log(nfes), np.log(errs), 1)[0]
-        print(f"\n[dpm-v3 order] {options}: slope {slope:.2f} (expected -{order}); err "
-              + " ".join(f"{e:.2e}" for e in errs))
+        print(
+            f"\n[dpm-v3 order] {options}: slope {slope:.2f} (expected -{order}); err "
+            + " ".join(f"{e:.2e}" for e in errs)
+        )
         assert solver.convergence_order == order
         assert abs(slope + order) <= 0.3, (options, slope, errs)
 
@@ -364,9 +374,14 @@ def comparison(seed, dim, comps, scale, spacing, nfes=(5, 8, 10), n=256, n_data=
         if x is None:
             x = initial_noise(sch, float(grid[0]), (n, dim), torch.Generator().manual_seed(1), dtype=F64)
             ref = reference_pf_ode(den, x, float(grid[0]), float(grid[-1]), cond, steps=ref_steps)
-        rows[nfe] = {name: float((sample(den, solver, grid, x, cond).x - ref).norm(dim=1).mean())
-                     for name, solver in [("dpm-v3", DPMSolverV3(ems=ems)), ("dpmpp-2m", get_solver("dpmpp-2m")),
-                                          ("dpmpp-3m", get_solver("dpmpp-3m"))]}
+        rows[nfe] = {
+            name: float((sample(den, solver, grid, x, cond).x - ref).norm(dim=1).mean())
+            for name, solver in [
+                ("dpm-v3", DPMSolverV3(ems=ems)),
+                ("dpmpp-2m", get_solver("dpmpp-2m")),
+                ("dpmpp-3m", get_solver("dpmpp-3m")),
+            ]
+        }
     return rows
 
 

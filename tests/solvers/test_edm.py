@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from condiff.data.gmm import reference_pf_ode
-from condiff.errors import ConfigError
 from condiff.core.grids import Karras, make_grid
 from condiff.core.sampling import Gaussian, NoiseSource, Recorded, sample
 from condiff.core.schedules import EDM, Flow, VPCosine, VPDiscrete, VPLinear
-from condiff.solvers import SOLVERS, EDMHeun, EDMSDE, Heun, Solver
+from condiff.data.gmm import reference_pf_ode
+from condiff.errors import ConfigError
+from condiff.solvers import EDMSDE, SOLVERS, EDMHeun, Heun, Solver
 from condiff.solvers.edm import GAMMA_CAP
 
 F64 = torch.float64
@@ -160,13 +160,21 @@ def test_churn_never_goes_past_t_max(gmm):
     grid = make_grid(sch, 6, Karras(), t_start=sch.t_max)
     rec = Recorder(gmm.denoiser(sch))
     x = sch.sigma(grid[0]) * starts(16, sigma=1.0)
-    out = sample(rec, EDMSDE(S_churn=40.0, S_min=0.0, S_max=math.inf), grid, x, cond(16),
-                 Gaussian(torch.Generator().manual_seed(0)))
+    out = sample(
+        rec,
+        EDMSDE(S_churn=40.0, S_min=0.0, S_max=math.inf),
+        grid,
+        x,
+        cond(16),
+        Gaussian(torch.Generator().manual_seed(0)),
+    )
     assert max(t for _, t in rec.calls) <= sch.t_max and bool(torch.isfinite(out.x).all())
 
 
-@pytest.mark.parametrize("kw", [dict(S_churn=-1.0), dict(S_min=2.0, S_max=1.0), dict(S_noise=math.nan),
-                                dict(S_churn=True), dict(S_max=-math.inf)])
+@pytest.mark.parametrize(
+    "kw",
+    [dict(S_churn=-1.0), dict(S_min=2.0, S_max=1.0), dict(S_noise=math.nan), dict(S_churn=True), dict(S_max=-math.inf)],
+)
 def test_bad_options_are_config_errors(kw):
     with pytest.raises(ConfigError, match="edm-sde"):
         EDMSDE(**kw)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from condiff.errors import ConfigError
 from condiff.core.grids import UniformLogSNR, make_grid
 from condiff.core.sampling import initial_noise, sample
 from condiff.core.schedules import EDM, VPLinear
+from condiff.errors import ConfigError
 from condiff.solvers import DDIM, DPMSolverPP2M, DPMSolverPP3M, UniPC
 
 F64 = torch.float64
@@ -54,8 +54,9 @@ def test_dpmpp_3m_second_step_is_dpmpp_2m(gmm):
     assert float((a - b).abs().max()) <= 1e-10
 
 
-@pytest.mark.parametrize("kwargs", [dict(order=0), dict(order=4), dict(order=True), dict(variant="bh3"),
-                                    dict(corrector="yes")])
+@pytest.mark.parametrize(
+    "kwargs", [dict(order=0), dict(order=4), dict(order=True), dict(variant="bh3"), dict(corrector="yes")]
+)
 def test_unipc_rejects_bad_arguments(kwargs):
     with pytest.raises(ConfigError) as e:
         UniPC(**kwargs)

@@ -43,7 +43,9 @@ def test_order_of_convergence(problem_name, name, capsys):
     row = rows[name]
     with capsys.disabled():
         errs = " ".join(f"{e:.2e}" for e in row["err"])
-        print(f"\n[order] {problem['problem']} {name}: slope {row['slope']:.3f} (theory {row['theory']}); "
-              f"NFE {row['nfe']} err {errs}")
+        print(
+            f"\n[order] {problem['problem']} {name}: slope {row['slope']:.3f} (theory {row['theory']}); "
+            f"NFE {row['nfe']} err {errs}"
+        )
     assert abs(row["slope"] - row["theory"]) <= TOL
     assert solver_order.case_solver(name).convergence_order == -row["theory"]

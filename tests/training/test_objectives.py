@@ -5,8 +5,14 @@ import torch
 
 from condiff.core.denoiser import as_prediction, coefficients
 from condiff.core.schedules import EDM, VPCosine, VPDiscrete
-from condiff.training.objectives import (ConstantWeight, LogitNormalTime, LogNormalSigma, MinSNRWeight,
-                                         UniformTime, diffusion_loss)
+from condiff.training.objectives import (
+    ConstantWeight,
+    LogitNormalTime,
+    LogNormalSigma,
+    MinSNRWeight,
+    UniformTime,
+    diffusion_loss,
+)
 
 
 @pytest.mark.parametrize("pred", ["eps", "x0", "v", "flow"])

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from condiff.errors import ConfigError, NonFiniteError
-from condiff.core.files import load_tensors
-from condiff.training.recipe import load_recipe
 from condiff.cli.train import train_recipe
+from condiff.core.files import load_tensors
+from condiff.errors import ConfigError, NonFiniteError
+from condiff.training.recipe import load_recipe
 from condiff.training.trainer import learning_rate
 
 RECIPE = Path(__file__).resolve().parent.parent / "fixtures" / "tiny_digits.toml"

@@ -8,12 +8,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import typer  # noqa: E402
 
+from condiff.cli import bench, dc, edit, ems, export, guidance, restore, sample  # noqa: E402
 from condiff.errors import CondiffError, one_line  # noqa: E402
 
-from condiff.cli import bench, dc, edit, ems, export, guidance, restore, sample  # noqa: E402
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="condiff: conditional diffusion - sample, evaluate, train, demo.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="condiff: conditional diffusion - sample, evaluate, train, demo.",
+)
 app.command("models")(sample.models_cmd)
 app.command("solvers")(sample.solvers_cmd)
 app.command("sample")(sample.sample_cmd)
@@ -28,6 +31,7 @@ app.add_typer(guidance.app, name="guidance")
 app.add_typer(ems.app, name="ems")
 app.add_typer(dc.app, name="dc")
 app.add_typer(bench.app, name="bench")
+
 
 def _fail(message: str):
     """Print the one-line error and exit with code 2."""

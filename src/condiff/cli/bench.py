@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from condiff.cli import common, edit
 
-from condiff.errors import ConfigError, check_int
+from condiff.cli import common, edit
 from condiff.cli.dc import parse_list
+from condiff.errors import ConfigError, check_int
 
 app = typer.Typer(help="Benchmarks: condiff against diffusers, side by side.", no_args_is_help=True)
 
@@ -19,8 +19,9 @@ app = typer.Typer(help="Benchmarks: condiff against diffusers, side by side.", n
 @app.command("solvers")
 def solvers_cmd(
     oracle: Optional[str] = typer.Option(None, help="exact oracle problem: gmm"),
-    model: Optional[str] = typer.Option(None, help="or a bundled VP-discrete model (shapes, digits), against a "
-                                        "1000-step reference"),
+    model: Optional[str] = typer.Option(
+        None, help="or a bundled VP-discrete model (shapes, digits), against a 1000-step reference"
+    ),
     dim: int = typer.Option(8, help="gmm: dimension"),
     components: int = typer.Option(8, help="gmm: number of mixture components"),
     classes: int = typer.Option(4, help="gmm: number of classes"),
@@ -31,13 +32,19 @@ def solvers_cmd(
     ref_steps: int = typer.Option(0, help="reference steps (default: 2048 RK4 steps for gmm, 1000 for a model)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write {config, results, best, table} here"),
     plot: Optional[Path] = typer.Option(None, help="log-log error-vs-NFE plot (default: beside --json)"),
-    tune: bool = typer.Option(True, help="gmm: also run DPM-Solver-v3 with EMS and DC-Solver with searched "
-                              "ratios, both tuned on data the evaluation does not use"),
+    tune: bool = typer.Option(
+        True,
+        help="gmm: also run DPM-Solver-v3 with EMS and DC-Solver with searched "
+        "ratios, both tuned on data the evaluation does not use",
+    ),
     ems: Optional[Path] = typer.Option(None, "--ems", help="model: EMS file for a dpm-v3 case"),
     dc_ratios: Optional[Path] = typer.Option(None, "--dc-ratios", help="model: ratios file for a dc-solver case"),
-    spacing: str = typer.Option("trailing", help="model: 'trailing' (diffusers' timesteps; its schedulers run "
-                                "too) or a condiff spacing (uniform-t is the grid of `condiff sample`, where "
-                                "--ems/--dc-ratios files apply; condiff solvers only)"),
+    spacing: str = typer.Option(
+        "trailing",
+        help="model: 'trailing' (diffusers' timesteps; its schedulers run "
+        "too) or a condiff spacing (uniform-t is the grid of `condiff sample`, where "
+        "--ems/--dc-ratios files apply; condiff solvers only)",
+    ),
 ):
     """Terminal error against the reference ODE solution for every solver, condiff and diffusers."""
     import math
@@ -66,8 +73,8 @@ def solvers_cmd(
     if oracle is not None and (ems is not None or dc_ratios is not None):
         raise ConfigError("--ems and --dc-ratios are for --model (the gmm oracle tunes its own with --tune)")
     if model is not None and spacing != "trailing":
-        from condiff.errors import one_of
         from condiff.core.grids import SPACINGS
+        from condiff.errors import one_of
 
         if spacing not in SPACINGS:
             raise one_of("--spacing", spacing, ["trailing", *SPACINGS])
@@ -81,8 +88,15 @@ def solvers_cmd(
         loaded = common.load_model(model)
         from condiff.core.grids import SPACINGS
 
-        problem = bench.model_problem(loaded, n, cfg, seed, ref_steps or 1000, name=model,
-                                      spacing=None if spacing == "trailing" else SPACINGS[spacing])
+        problem = bench.model_problem(
+            loaded,
+            n,
+            cfg,
+            seed,
+            ref_steps or 1000,
+            name=model,
+            spacing=None if spacing == "trailing" else SPACINGS[spacing],
+        )
     cases = bench.default_cases()
     if oracle is not None and tune:
         cases += bench.tuned_cases(problem, nfes)
@@ -96,13 +110,14 @@ def solvers_cmd(
     if json_out is not None:
         from condiff.core.files import atomic_write_json
 
-        atomic_write_json(json_out, {"config": problem.info, "results": rows,
-                                     "best": {str(k): v for k, v in best.items()}, "table": text})
+        atomic_write_json(
+            json_out,
+            {"config": problem.info, "results": rows, "best": {str(k): v for k, v in best.items()}, "table": text},
+        )
         typer.echo(f"wrote {json_out}")
     if plot is not None:
         bench.plot(rows, plot, title=problem.name)
         typer.echo(f"wrote {plot}")
-
 
 
 app.command("edit")(edit.bench_edit_cmd)

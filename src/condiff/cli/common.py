@@ -12,11 +12,12 @@ from typing import Optional
 
 import typer
 
-from condiff.guidance.schedules import MAX_SCALE
 from condiff.errors import ConfigError, InputFileError, OutputFileError, check_real, one_of
+from condiff.guidance.schedules import MAX_SCALE
 
 MAX_SAMPLES = 1_000_000  # --n and --batch-size
 MAX_EDIT_STEPS = 1000  # the inversion stores tensors per step (edit-friendly: two per step)
+
 
 def make_solver(name: str, options: Optional[list[str]] = None):
     from condiff.solvers import get_solver
@@ -54,8 +55,16 @@ def spacing_of(name: Optional[str], solver=None) -> tuple[str, object]:
     return name, SPACINGS[name]
 
 
-def configured_solver(name: str, steps: int, cfg: float, spacing: Optional[str], ems: Optional[Path],
-                       dc_ratios: Optional[Path], model: str, options: Optional[list[str]] = None):
+def configured_solver(
+    name: str,
+    steps: int,
+    cfg: float,
+    spacing: Optional[str],
+    ems: Optional[Path],
+    dc_ratios: Optional[Path],
+    model: str,
+    options: Optional[list[str]] = None,
+):
     """The solver for --solver with its --solver-opt options and --ems / --dc-ratios files, and the spacing
     (name, object)."""
     refuse_pickled_inputs({"--ems": ems, "--dc-ratios": dc_ratios})
@@ -66,14 +75,18 @@ def configured_solver(name: str, steps: int, cfg: float, spacing: Optional[str],
         raise ConfigError(f"--dc-ratios is for --solver dc-solver, got --solver {name}")
     spacing_name, spc = spacing_of(spacing, sol)
     if ems is not None:
-        from condiff.solvers.ems import check_ems_fits, load_ems
-        from condiff.models.base import resolve_model
         from condiff.core.schedules import schedule_from_config
+        from condiff.models.base import resolve_model
         from condiff.solvers import get_solver
+        from condiff.solvers.ems import check_ems_fits, load_ems
 
         family = family_of(model)
-        statistics = check_ems_fits(load_ems(ems), family.image_shape,
-                                    schedule_from_config(resolve_model(model)[1]["schedule"]), what=repr(model))
+        statistics = check_ems_fits(
+            load_ems(ems),
+            family.image_shape,
+            schedule_from_config(resolve_model(model)[1]["schedule"]),
+            what=repr(model),
+        )
         sol = get_solver("dpm-v3", ems=statistics, **solver_options(options))
     if dc_ratios is not None:
         from condiff.solvers.dc_search import dc_solver_for
@@ -92,8 +105,7 @@ def sampling_setup(model, solver, steps, cfg, spacing, ems, dc_ratios, solver_op
     return family, sol, spacing_name, spc, analytic_skip_of(analytic_skip, model, steps, spc)
 
 
-def check_common(steps: int, cfg: float, n: int, batch_size: int, seed: int,
-                  dynamic_threshold: Optional[float] = None):
+def check_common(steps: int, cfg: float, n: int, batch_size: int, seed: int, dynamic_threshold: Optional[float] = None):
     from condiff.core.grids import MAX_STEPS
     from condiff.training.recipe import check_seed
 
@@ -106,8 +118,9 @@ def check_common(steps: int, cfg: float, n: int, batch_size: int, seed: int,
         raise ConfigError(f"--batch-size must be an integer in [1, {MAX_SAMPLES}], got {batch_size}")
     check_seed(seed, "--seed")
     if dynamic_threshold is not None and not 0 < dynamic_threshold <= 1:  # NaN fails too
-        raise ConfigError(f"--dynamic-threshold must be a quantile ratio in (0, 1] such as 0.995, "
-                          f"got {dynamic_threshold}")
+        raise ConfigError(
+            f"--dynamic-threshold must be a quantile ratio in (0, 1] such as 0.995, got {dynamic_threshold}"
+        )
 
 
 def argv_text(options) -> str:
@@ -132,12 +145,25 @@ def reproduce(command: str, options, *positional) -> str:
 
 
 # The CLI flag of each GuidanceOptions field: library errors name the flags through GuidanceOptions.labels.
-GUIDANCE_FLAGS = {"cfg": "--cfg", "pag": "--pag", "pag_layers": "--pag-layers", "ag": "--ag", "ag_space": "--ag-space",
-                  "cfg_rescale": "--cfg-rescale", "interval": "--guidance-interval",
-                  "negative_prompt": "--negative-prompt", "linear_ag": "--linear-ag",
-                  "linear_ag_steps": "--linear-ag-steps", "classifier": "--classifier", "cg_scale": "--cg-scale",
-                  "cg_attribute": "--cg-attribute", "cg_raw": "--cg-raw", "minority": "--minority",
-                  "minority_level": "--minority-level", "minority_scale": "--minority-scale"}
+GUIDANCE_FLAGS = {
+    "cfg": "--cfg",
+    "pag": "--pag",
+    "pag_layers": "--pag-layers",
+    "ag": "--ag",
+    "ag_space": "--ag-space",
+    "cfg_rescale": "--cfg-rescale",
+    "interval": "--guidance-interval",
+    "negative_prompt": "--negative-prompt",
+    "linear_ag": "--linear-ag",
+    "linear_ag_steps": "--linear-ag-steps",
+    "classifier": "--classifier",
+    "cg_scale": "--cg-scale",
+    "cg_attribute": "--cg-attribute",
+    "cg_raw": "--cg-raw",
+    "minority": "--minority",
+    "minority_level": "--minority-level",
+    "minority_scale": "--minority-scale",
+}
 
 
 def parse_pag_layers(text: str) -> tuple[str, ...]:
@@ -146,8 +172,9 @@ def parse_pag_layers(text: str) -> tuple[str, ...]:
 
     names = parse_layers(str(text))
     if not names:
-        raise ConfigError(f"--pag-layers must be a comma-separated list of layer names such as mid or down,mid,up, "
-                          f"got {text!r}")
+        raise ConfigError(
+            f"--pag-layers must be a comma-separated list of layer names such as mid or down,mid,up, got {text!r}"
+        )
     return names
 
 
@@ -170,23 +197,48 @@ class GuidanceFlags:
     def flags(self) -> str:
         """The CLI flags that reproduce these options (without --cfg), each with a leading space."""
         o, g = self.options, self.given
-        return argv_text([
-            ("--pag", o.pag), ("--pag-layers", ",".join(o.pag_layers) if o.pag is not None else None),
-            ("--ag", o.ag), ("--ag-space", o.ag_space if o.ag is not None else None),
-            ("--cfg-rescale", o.cfg_rescale), ("--linear-ag", g.get("linear_ag")),
-            ("--linear-ag-steps", o.linear_ag_steps),
-            ("--guidance-interval", None if o.interval is None else f"{o.interval[0]!r},{o.interval[1]!r}"),
-            ("--negative-prompt", o.negative_prompt), ("--classifier", g.get("classifier")),
-            ("--cg-scale", o.cg_scale if o.classifier is not None else None),
-            ("--cg-attribute", o.cg_attribute if o.classifier is not None else None), ("--cg-raw", o.cg_raw),
-            ("--minority", g.get("minority")), ("--minority-scale", o.minority_scale if o.minority is not None else None),
-            ("--minority-level", o.minority_level)])
+        return argv_text(
+            [
+                ("--pag", o.pag),
+                ("--pag-layers", ",".join(o.pag_layers) if o.pag is not None else None),
+                ("--ag", o.ag),
+                ("--ag-space", o.ag_space if o.ag is not None else None),
+                ("--cfg-rescale", o.cfg_rescale),
+                ("--linear-ag", g.get("linear_ag")),
+                ("--linear-ag-steps", o.linear_ag_steps),
+                ("--guidance-interval", None if o.interval is None else f"{o.interval[0]!r},{o.interval[1]!r}"),
+                ("--negative-prompt", o.negative_prompt),
+                ("--classifier", g.get("classifier")),
+                ("--cg-scale", o.cg_scale if o.classifier is not None else None),
+                ("--cg-attribute", o.cg_attribute if o.classifier is not None else None),
+                ("--cg-raw", o.cg_raw),
+                ("--minority", g.get("minority")),
+                ("--minority-scale", o.minority_scale if o.minority is not None else None),
+                ("--minority-level", o.minority_level),
+            ]
+        )
 
 
-def guidance_options_of(family, cfg: float, pag=None, pag_layers=None, ag=None, ag_space=None, cfg_rescale=None,
-                        guidance_interval=None, negative_prompt=None, classifier=None, cg_scale=None,
-                        cg_attribute=None, cg_raw=False, linear_ag=None, linear_ag_steps=None, minority=None,
-                        minority_level=None, minority_scale=None) -> GuidanceFlags:
+def guidance_options_of(
+    family,
+    cfg: float,
+    pag=None,
+    pag_layers=None,
+    ag=None,
+    ag_space=None,
+    cfg_rescale=None,
+    guidance_interval=None,
+    negative_prompt=None,
+    classifier=None,
+    cg_scale=None,
+    cg_attribute=None,
+    cg_raw=False,
+    linear_ag=None,
+    linear_ag_steps=None,
+    minority=None,
+    minority_level=None,
+    minority_scale=None,
+) -> GuidanceFlags:
     """The checked guidance of the flags, before the model's weights are read (PAG layer names are checked
     against the network once it is loaded; files and folders holding pickles are refused first). The names
     --classifier, --minority and --linear-ag give are loaded here: this is where names become objects."""
@@ -197,16 +249,26 @@ def guidance_options_of(family, cfg: float, pag=None, pag_layers=None, ag=None, 
         raise ConfigError("--pag-layers needs --pag")
     if ag_space is not None and ag is None:
         raise ConfigError("--ag-space needs --ag")
-    values = dict(cfg=cfg, pag=pag, pag_layers=("mid",) if pag_layers is None else parse_pag_layers(pag_layers),
-                  ag=ag, ag_space="x0" if ag_space is None else ag_space, cfg_rescale=cfg_rescale,
-                  interval=None if guidance_interval is None
-                  else parse_interval(guidance_interval, "--guidance-interval"),
-                  negative_prompt=negative_prompt, cg_scale=1.0 if cg_scale is None else cg_scale,
-                  cg_attribute="color" if cg_attribute is None else cg_attribute, cg_raw=cg_raw,
-                  linear_ag_steps=linear_ag_steps, minority_level=minority_level,
-                  minority_scale=1.0 if minority_scale is None else minority_scale)
-    pending = {key: None if value is None else _PENDING
-               for key, value in (("classifier", classifier), ("minority", minority), ("linear_ag", linear_ag))}
+    values = dict(
+        cfg=cfg,
+        pag=pag,
+        pag_layers=("mid",) if pag_layers is None else parse_pag_layers(pag_layers),
+        ag=ag,
+        ag_space="x0" if ag_space is None else ag_space,
+        cfg_rescale=cfg_rescale,
+        interval=None if guidance_interval is None else parse_interval(guidance_interval, "--guidance-interval"),
+        negative_prompt=negative_prompt,
+        cg_scale=1.0 if cg_scale is None else cg_scale,
+        cg_attribute="color" if cg_attribute is None else cg_attribute,
+        cg_raw=cg_raw,
+        linear_ag_steps=linear_ag_steps,
+        minority_level=minority_level,
+        minority_scale=1.0 if minority_scale is None else minority_scale,
+    )
+    pending = {
+        key: None if value is None else _PENDING
+        for key, value in (("classifier", classifier), ("minority", minority), ("linear_ag", linear_ag))
+    }
     GuidanceOptions(**values, **pending, labels=GUIDANCE_FLAGS)  # every combination checked before any file is read
     if classifier is not None and cg_attribute is not None and cg_attribute not in family.attributes:
         raise one_of(f"--cg-attribute for the {family.name} model", cg_attribute, family.attributes)
@@ -276,10 +338,10 @@ def analytic_skip_of(value: Optional[str], model: str, steps: int, spacing):
     """--analytic-skip parsed and checked against the model's grid, before any weights are read."""
     if value is None:
         return None
-    from condiff.solvers.analytic import AnalyticSkip
     from condiff.core.grids import make_grid
-    from condiff.models.base import resolve_model
     from condiff.core.schedules import schedule_from_config
+    from condiff.models.base import resolve_model
+    from condiff.solvers.analytic import AnalyticSkip
 
     skip = AnalyticSkip.parse(value, "--analytic-skip")
     sch = schedule_from_config(resolve_model(model)[1]["schedule"])
@@ -406,8 +468,8 @@ def parse_prompt(family, text: str, option: str):
 
 def read_source(image: Path, family, no_resize: bool):
     """The input image for the model (ImageInput); a resize notice is printed as one 'note: ' line."""
-    from condiff.errors import one_line
     from condiff.data.images import read_image
+    from condiff.errors import one_line
 
     src = read_image(image, family.image_shape, resize=not no_resize)
     if src.notice:
@@ -432,8 +494,10 @@ def attribute_names(labels) -> dict:
     """A labeller row (shape, color, size, position ints) -> {'shape': 'circle', ...}; None where no object."""
     from condiff.data.shapes import ATTRIBUTES
 
-    return {attr: (names[int(v)] if 0 <= int(v) < len(names) else None)
-            for (attr, names), v in zip(ATTRIBUTES.items(), labels)}
+    return {
+        attr: (names[int(v)] if 0 <= int(v) < len(names) else None)
+        for (attr, names), v in zip(ATTRIBUTES.items(), labels)
+    }
 
 
 def readings(family, images: dict) -> Optional[dict]:
@@ -476,9 +540,10 @@ def load_inversion(path: Path):
         state, meta = load_inverted(path)
     except InputFileError as e:
         raise InputFileError(f"--inversion: {e}") from None
-    if not isinstance(meta.get("options", {}), dict) or not isinstance(meta.get("prompt", ""), str) \
-            or not isinstance(state.info, dict):
+    if (
+        not isinstance(meta.get("options", {}), dict)
+        or not isinstance(meta.get("prompt", ""), str)
+        or not isinstance(state.info, dict)
+    ):
         raise InputFileError(f"--inversion {str(path)!r} has malformed metadata (write it with `condiff invert`)")
     return state, meta
-
-

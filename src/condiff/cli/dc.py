@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+
 from condiff.cli import common
-
-from condiff.guidance.schedules import MAX_SCALE
 from condiff.errors import ConfigError, check_int
+from condiff.guidance.schedules import MAX_SCALE
 
-app = typer.Typer(help="DC-Solver: search dynamic-compensation ratios (Zhao et al. 2024).", no_args_is_help=True,
-                  add_completion=False)
+app = typer.Typer(
+    help="DC-Solver: search dynamic-compensation ratios (Zhao et al. 2024).", no_args_is_help=True, add_completion=False
+)
 
 MIN_NFE, MAX_NFE = 3, 1000  # steps 1-2 keep ratio 1, so fewer than 3 steps have nothing to search
 MAX_DATA = 10_000
@@ -49,8 +50,9 @@ def parse_list(text: str, option: str, kind, lo, hi, what: str) -> list:
 @app.command("search")
 def search_cmd(
     model: str = typer.Option(..., help="bundled model name (shapes, digits) or a model directory"),
-    nfe: str = typer.Option(..., help=f"comma-separated numbers of steps (= NFE), each in [{MIN_NFE}, {MAX_NFE}], "
-                            "e.g. 5,8,10"),
+    nfe: str = typer.Option(
+        ..., help=f"comma-separated numbers of steps (= NFE), each in [{MIN_NFE}, {MAX_NFE}], e.g. 5,8,10"
+    ),
     cfg: str = typer.Option(..., help="comma-separated guidance scales, e.g. 3 or 3,5,7.5"),
     n_data: int = typer.Option(10, help="random conditions + initial noises the ratios are searched on"),
     ref_steps: int = typer.Option(200, help="steps of the DDIM reference (refined with every searched grid point)"),
@@ -68,10 +70,10 @@ def search_cmd(
     from tqdm.auto import tqdm
 
     from condiff import __version__
-    from condiff.solvers.dc_search import CPR, DCRatios, fit_cpr, reference_trajectory, save_ratios, search
-    from condiff.errors import one_of
     from condiff.core.grids import make_grid
+    from condiff.errors import one_of
     from condiff.guidance import CFG
+    from condiff.solvers.dc_search import CPR, DCRatios, fit_cpr, reference_trajectory, save_ratios, search
     from condiff.solvers.dc_solver import AXES, BASES
     from condiff.training.recipe import check_seed
 
@@ -103,12 +105,24 @@ def search_cmd(
     try:
         for w in cfgs:
             den = CFG(m.denoiser, w)
-            ref = reference_trajectory(den, cond, x_T, list(grids.values()), ref_steps, spc,
-                                       progress=f"reference cfg {w:g}")
+            ref = reference_trajectory(
+                den, cond, x_T, list(grids.values()), ref_steps, spc, progress=f"reference cfg {w:g}"
+            )
             for n in nfes:
                 bar.set_postfix(nfe=n, cfg=f"{w:g}")
-                res = search(den, cond, x_T, grids[n], BASES[base], ref, iters, lr, bounded,
-                             progress=lambda i, steps, rho: bar.update(1), axis=AXES[axis])
+                res = search(
+                    den,
+                    cond,
+                    x_T,
+                    grids[n],
+                    BASES[base],
+                    ref,
+                    iters,
+                    lr,
+                    bounded,
+                    progress=lambda i, steps, rho: bar.update(1),
+                    axis=AXES[axis],
+                )
                 entries[(n, float(w))] = res.ratios
                 metrics[(n, float(w))] = {"mse_base": res.mse_base, "mse_dc": res.mse_dc}
     finally:
@@ -119,18 +133,45 @@ def search_cmd(
     except ConfigError as e:
         cpr, note = None, f"no CPR fit ({e})"
     seconds = time.perf_counter() - t0
-    reproduce = common.reproduce("dc search", [
-        ("--model", model), ("--nfe", nfe), ("--cfg", cfg), ("--n-data", n_data), ("--ref-steps", ref_steps),
-        ("--iters", iters), ("--lr", lr), ("--seed", seed), ("--spacing", spacing), ("--base", base), ("--axis", axis),
-        ("--bounded" if bounded else "--no-bounded", True), ("--out", out)])
-    meta = {"n_data": n_data, "ref_steps": ref_steps, "reference": "ddim", "iters": iters, "lr": lr, "seed": seed,
-            "bounded": bounded, "seconds": round(seconds, 2), "threads": torch.get_num_threads(),
-            "condiff_version": __version__, "torch_version": torch.__version__, "reproduce": reproduce}
+    reproduce = common.reproduce(
+        "dc search",
+        [
+            ("--model", model),
+            ("--nfe", nfe),
+            ("--cfg", cfg),
+            ("--n-data", n_data),
+            ("--ref-steps", ref_steps),
+            ("--iters", iters),
+            ("--lr", lr),
+            ("--seed", seed),
+            ("--spacing", spacing),
+            ("--base", base),
+            ("--axis", axis),
+            ("--bounded" if bounded else "--no-bounded", True),
+            ("--out", out),
+        ],
+    )
+    meta = {
+        "n_data": n_data,
+        "ref_steps": ref_steps,
+        "reference": "ddim",
+        "iters": iters,
+        "lr": lr,
+        "seed": seed,
+        "bounded": bounded,
+        "seconds": round(seconds, 2),
+        "threads": torch.get_num_threads(),
+        "condiff_version": __version__,
+        "torch_version": torch.__version__,
+        "reproduce": reproduce,
+    }
     save_ratios(out, DCRatios(entries, cpr, base, axis, 2, spacing, model, meta, metrics))
     for (n, w), r in entries.items():
         mt = metrics[(n, w)]
-        typer.echo(f"nfe {n} cfg {w:g}: ratios {', '.join(f'{v:.3f}' for v in r)}; final-state MSE to the "
-                   f"reference {mt['mse_base']:.3e} ({base}) -> {mt['mse_dc']:.3e} (dc)")
+        typer.echo(
+            f"nfe {n} cfg {w:g}: ratios {', '.join(f'{v:.3f}' for v in r)}; final-state MSE to the "
+            f"reference {mt['mse_base']:.3e} ({base}) -> {mt['mse_dc']:.3e} (dc)"
+        )
     typer.echo(f"{note}; wrote {out} in {seconds:.1f}s")
 
 
@@ -146,8 +187,10 @@ def show_cmd(
     if (nfe is None) != (cfg is None):
         raise ConfigError("--nfe and --cfg go together")
     r = load_ratios(path)
-    typer.echo(f"{path}: base {r.base}, axis {r.axis}, dc_order {r.dc_order}, spacing {r.spacing}, "
-               f"model {r.model}, CPR {'degrees ' + str(r.cpr.degrees) if r.cpr else 'none'}")
+    typer.echo(
+        f"{path}: base {r.base}, axis {r.axis}, dc_order {r.dc_order}, spacing {r.spacing}, "
+        f"model {r.model}, CPR {'degrees ' + str(r.cpr.degrees) if r.cpr else 'none'}"
+    )
     for (n, w), ratios in sorted(r.entries.items()):
         typer.echo(f"nfe {n} cfg {w:g}: {', '.join(f'{v:.4f}' for v in ratios)}")
     if nfe is not None:

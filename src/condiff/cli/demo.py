@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-from condiff.data import shapes as S
 from condiff.cli import common
-from condiff.evaluation.evaluate import evaluate, generate
-from condiff.data.images import grid_image, save_png
 from condiff.core.files import atomic_write_json, atomic_write_text
+from condiff.data import shapes as S
+from condiff.data.images import grid_image, save_png
+from condiff.evaluation.evaluate import evaluate, generate
 from condiff.solvers import DPMSolverPP2M
 
 STEPS = 20
@@ -21,8 +21,14 @@ PER_ROW = 8
 
 
 def _rows(model, prompts: list[str], cfg: float, seed: int):
-    raw = torch.cat([model.family.parse_prompt(p).expand(PER_ROW, -1) if model.family.name == "shapes"
-                     else model.family.parse_prompt(p).expand(PER_ROW) for p in prompts])
+    raw = torch.cat(
+        [
+            model.family.parse_prompt(p).expand(PER_ROW, -1)
+            if model.family.name == "shapes"
+            else model.family.parse_prompt(p).expand(PER_ROW)
+            for p in prompts
+        ]
+    )
     g = torch.Generator().manual_seed(seed)
     images, _ = generate(model, raw, DPMSolverPP2M(), STEPS, cfg, g)
     return images, raw
@@ -34,11 +40,11 @@ FEW_STEPS = 5
 def _few_step_solvers(model, steps: int):
     """(label, solver, analytic skip) rows of the few-step section: the standard multistep solvers, DC-Solver
     with ratios searched here on 10 other starts (about half a minute), and UniPC after the Gaussian skip."""
-    from condiff.solvers.analytic import AnalyticSkip
-    from condiff.solvers.dc_search import search
     from condiff.core.grids import make_grid
     from condiff.guidance import CFG
     from condiff.solvers import DCSolver, get_solver
+    from condiff.solvers.analytic import AnalyticSkip
+    from condiff.solvers.dc_search import search
 
     g = torch.Generator().manual_seed(123)
     raw, _ = model.family.random_conditions(10, g)
@@ -46,9 +52,13 @@ def _few_step_solvers(model, steps: int):
     x_T = model.prior((10, *model.family.image_shape), float(grid[0]), g)
     with torch.enable_grad():
         ratios = search(CFG(model.denoiser, 3.0), model.condition(raw), x_T, grid).ratios
-    return [("ddim", get_solver("ddim"), None), ("dpmpp-2m", get_solver("dpmpp-2m"), None),
-            ("unipc", get_solver("unipc"), None), ("dc-solver (ratios searched on 10 starts)", DCSolver(ratios), None),
-            ("unipc + analytic skip 5%", get_solver("unipc"), AnalyticSkip.parse("5%", "skip"))]
+    return [
+        ("ddim", get_solver("ddim"), None),
+        ("dpmpp-2m", get_solver("dpmpp-2m"), None),
+        ("unipc", get_solver("unipc"), None),
+        ("dc-solver (ratios searched on 10 starts)", DCSolver(ratios), None),
+        ("unipc + analytic skip 5%", get_solver("unipc"), AnalyticSkip.parse("5%", "skip")),
+    ]
 
 
 def run_demo(out: Path, n_eval: int = 256, progress: bool = True) -> Path:
@@ -66,13 +76,24 @@ def run_demo(out: Path, n_eval: int = 256, progress: bool = True) -> Path:
     prompts = list(S.SHAPES) + list(S.COLORS) + list(S.SIZES) + list(S.POSITIONS)
     imgs, _ = _rows(shapes_m, prompts, 3.0, 0)
     save_png(grid_image(imgs, PER_ROW), out / "shapes_by_attribute.png")
-    sections.append(("Shapes, one attribute per row (partial captions, cfg 3, dpmpp-2m 20 steps)",
-                     "shapes_by_attribute.png", "rows: " + ", ".join(prompts)))
+    sections.append(
+        (
+            "Shapes, one attribute per row (partial captions, cfg 3, dpmpp-2m 20 steps)",
+            "shapes_by_attribute.png",
+            "rows: " + ", ".join(prompts),
+        )
+    )
     bar.update()
 
     # 2. full captions
-    full = ["large red circle top-left", "small blue square center", "large green triangle bottom-right",
-            "small yellow circle top-right", "large magenta square left", "small cyan triangle bottom"]
+    full = [
+        "large red circle top-left",
+        "small blue square center",
+        "large green triangle bottom-right",
+        "small yellow circle top-right",
+        "large magenta square left",
+        "small cyan triangle bottom",
+    ]
     imgs, _ = _rows(shapes_m, full, 3.0, 1)
     save_png(grid_image(imgs, PER_ROW), out / "shapes_captions.png")
     sections.append(("Shapes, full captions (cfg 3)", "shapes_captions.png", "rows: " + "; ".join(full)))
@@ -96,9 +117,14 @@ def run_demo(out: Path, n_eval: int = 256, progress: bool = True) -> Path:
 
     attrs = torch.tensor([[S.SHAPES.index("triangle"), S.COLORS.index("red"), 0, 0]])
     sweep_acc = [labeller.accuracy(labeller.label(r), attrs.expand(PER_ROW, -1))["all"] for r in rows]
-    sections.append((f"Guidance sweep: '{prompt}', rows cfg = {scales}", "guidance_sweep.png",
-                     "fraction with all four attributes right: " +
-                     ", ".join(f"cfg {w}: {a:.2f}" for w, a in zip(scales, sweep_acc))))
+    sections.append(
+        (
+            f"Guidance sweep: '{prompt}', rows cfg = {scales}",
+            "guidance_sweep.png",
+            "fraction with all four attributes right: "
+            + ", ".join(f"cfg {w}: {a:.2f}" for w, a in zip(scales, sweep_acc)),
+        )
+    )
     bar.update()
 
     # 5. metrics
@@ -119,9 +145,14 @@ def run_demo(out: Path, n_eval: int = 256, progress: bool = True) -> Path:
         res = evaluate(shapes_m, solver, few, 3.0, n_eval, seed=0, analytic_skip=skip)
         metrics.append({"model": "shapes", "cfg": 3.0, **res, "solver": label})
     save_png(grid_image(torch.cat(few_rows), PER_ROW), out / "few_steps.png")
-    sections.append((f"Few-step sampling: {few} NFE, shapes, cfg 3 (one row per solver, same noise)",
-                     "few_steps.png", "rows: " + "; ".join(few_names) + ". Accuracies in the metrics table; "
-                     "docs/solvers.md compares every solver against diffusers."))
+    sections.append(
+        (
+            f"Few-step sampling: {few} NFE, shapes, cfg 3 (one row per solver, same noise)",
+            "few_steps.png",
+            "rows: " + "; ".join(few_names) + ". Accuracies in the metrics table; "
+            "docs/solvers.md compares every solver against diffusers.",
+        )
+    )
     bar.update()
     bar.close()
     atomic_write_json(out / "metrics.json", metrics)
@@ -134,10 +165,14 @@ def _html(sections, metrics, seconds, n_eval) -> str:
     rows = []
     for m in metrics:
         acc = " ".join(f"{k}={v:.3f}" for k, v in m["accuracy"].items())
-        rows.append(f"<tr><td>{m['model']}</td><td>{m['cfg']}</td><td>{m['solver']}</td><td>{m['steps']}</td>"
-                    f"<td>{m['nfe']}</td><td>{html.escape(acc)}</td><td>{m['seconds']:.1f}</td></tr>")
-    body = "\n".join(f"<h2>{html.escape(t)}</h2><p>{html.escape(c)}</p><img src='{f}' alt='{html.escape(t)}'>"
-                     for t, f, c in sections)
+        rows.append(
+            f"<tr><td>{m['model']}</td><td>{m['cfg']}</td><td>{m['solver']}</td><td>{m['steps']}</td>"
+            f"<td>{m['nfe']}</td><td>{html.escape(acc)}</td><td>{m['seconds']:.1f}</td></tr>"
+        )
+    body = "\n".join(
+        f"<h2>{html.escape(t)}</h2><p>{html.escape(c)}</p><img src='{f}' alt='{html.escape(t)}'>"
+        for t, f, c in sections
+    )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>condiff demo</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:auto;background:#fafafa}}
 img{{image-rendering:pixelated;max-width:100%;border:1px solid #ccc}}
@@ -146,7 +181,7 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #bbb;padding:4px 8px}}<
 {FEW_STEPS} steps in the last section). Finished in {seconds:.0f} s.</p>
 <h2>Metrics ({n_eval} random conditions each; shapes scored by the exact labeller, digits by the scorer)</h2>
 <table><tr><th>model</th><th>cfg</th><th>solver</th><th>steps</th><th>NFE</th><th>accuracy</th><th>seconds</th></tr>
-{''.join(rows)}</table>
+{"".join(rows)}</table>
 {body}
 <p>Reproduce: <code>make demo</code> (or <code>condiff demo</code>).</p></body></html>
 """

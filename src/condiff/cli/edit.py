@@ -25,27 +25,39 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+
 from condiff.cli import common
 from condiff.cli import pipeline as diffusers_cmds
-
 from condiff.errors import ConfigError, InputFileError, check_int
 
 MAX_BENCH_N = 100_000
 MAX_EXAMPLES = 64
 
-MethodOpt = typer.Option(None, "--method-opt", help="an option of the editing method KEY=VALUE, repeatable (e.g. "
-                         "cfg=5, skip=10, inner_steps=1, exact=false); a wrong key lists the accepted ones")
-NoResizeOpt = typer.Option(False, "--no-resize", help="refuse an image of another size instead of centre-cropping "
-                           "and resizing it to the model's size")
+MethodOpt = typer.Option(
+    None,
+    "--method-opt",
+    help="an option of the editing method KEY=VALUE, repeatable (e.g. "
+    "cfg=5, skip=10, inner_steps=1, exact=false); a wrong key lists the accepted ones",
+)
+NoResizeOpt = typer.Option(
+    False,
+    "--no-resize",
+    help="refuse an image of another size instead of centre-cropping and resizing it to the model's size",
+)
 ModelOpt = typer.Option("shapes", help="bundled model name (shapes, digits) or a model directory")
 MethodHelp = "editing method, e.g. ddim or edit-friendly (a wrong name lists them all)"
-PipelineOpt = typer.Option(None, "--pipeline", help="a local diffusers pipeline folder (e.g. Stable Diffusion) "
-                           "instead of --model: the method runs on its VAE latents; offline only")
+PipelineOpt = typer.Option(
+    None,
+    "--pipeline",
+    help="a local diffusers pipeline folder (e.g. Stable Diffusion) "
+    "instead of --model: the method runs on its VAE latents; offline only",
+)
 
 
 # ---- option parsing (before any model is loaded) ---------------------------------------------------------
 
 # ---- invert ----------------------------------------------------------------------------------------------
+
 
 def _invert(m, meth, grid, x0, cond, seed: int):
     import torch
@@ -66,29 +78,32 @@ def _sample(fn, m, state, cond, seed: int, what: Optional[str] = None):
             raise
         from condiff.errors import one_line
 
-        raise InputFileError(f"{what} does not hold a usable {state.method} inversion for this model "
-                             f"({type(e).__name__}: {one_line(str(e))[:120]})") from None
+        raise InputFileError(
+            f"{what} does not hold a usable {state.method} inversion for this model "
+            f"({type(e).__name__}: {one_line(str(e))[:120]})"
+        ) from None
 
 
 def invert_cmd(
     model: str = ModelOpt,
-    image: Path = typer.Option(..., help="the image to invert (PNG, JPEG, ...); other sizes are centre-cropped "
-                               "and resized to the model's, with a note"),
+    image: Path = typer.Option(
+        ...,
+        help="the image to invert (PNG, JPEG, ...); other sizes are centre-cropped "
+        "and resized to the model's, with a note",
+    ),
     prompt: str = typer.Option(..., help="the image's caption, e.g. 'large red circle top-left' (digits: 0-9)"),
     method: str = typer.Option(..., help=MethodHelp),
     steps: int = typer.Option(50, help=f"sampler steps of the inversion, 1 to {common.MAX_EDIT_STEPS}"),
     seed: int = typer.Option(0, help="random seed (edit-friendly's noise maps, SDEdit's noise)"),
     method_opt: Optional[list[str]] = MethodOpt,
     no_resize: bool = NoResizeOpt,
-    out: Path = typer.Option(..., help="the inversion file to write (.safetensors), for `condiff edit "
-                             "--inversion`"),
+    out: Path = typer.Option(..., help="the inversion file to write (.safetensors), for `condiff edit --inversion`"),
     pipeline: Optional[Path] = PipelineOpt,
 ):
     """Invert an image under its caption, sample it back, and save the inversion for `condiff edit`."""
     import torch
 
     if pipeline is not None:  # a diffusers folder: condiff.cli.pipeline
-
         return diffusers_cmds.invert_cmd(pipeline, image, prompt, method, steps, seed, method_opt, out)
 
     from condiff import __version__
@@ -110,55 +125,92 @@ def invert_cmd(
     recon = _sample(meth.reconstruct, m, state, cond, seed)
     seconds = time.perf_counter() - t0
     p = common.psnr(recon, x0)
-    extra = {"format": "condiff.inversion", "model": model, "model_path": common.model_path(model),
-             "family": m.family.name, "prompt": prompt, "tokens": raw.tolist(), "steps": steps, "seed": seed,
-             "options": meth.options(), "label": meth.label, "image": str(image),
-             "original_size": list(src.original_size), "crop": list(src.crop), "notice": src.notice,
-             "image_sha256": common.image_digest(x0), "reconstruction_psnr": p, "seconds": seconds,
-             "condiff_version": __version__, "torch_version": torch.__version__,
-             "reproduce": common.reproduce("invert", [
-                 ("--model", model), ("--image", image), ("--prompt", prompt), ("--method", method), ("--steps", steps),
-                 ("--seed", seed), ("--method-opt", method_opt or []), ("--no-resize", no_resize), ("--out", out)])}
+    extra = {
+        "format": "condiff.inversion",
+        "model": model,
+        "model_path": common.model_path(model),
+        "family": m.family.name,
+        "prompt": prompt,
+        "tokens": raw.tolist(),
+        "steps": steps,
+        "seed": seed,
+        "options": meth.options(),
+        "label": meth.label,
+        "image": str(image),
+        "original_size": list(src.original_size),
+        "crop": list(src.crop),
+        "notice": src.notice,
+        "image_sha256": common.image_digest(x0),
+        "reconstruction_psnr": p,
+        "seconds": seconds,
+        "condiff_version": __version__,
+        "torch_version": torch.__version__,
+        "reproduce": common.reproduce(
+            "invert",
+            [
+                ("--model", model),
+                ("--image", image),
+                ("--prompt", prompt),
+                ("--method", method),
+                ("--steps", steps),
+                ("--seed", seed),
+                ("--method-opt", method_opt or []),
+                ("--no-resize", no_resize),
+                ("--out", out),
+            ],
+        ),
+    }
     save_inverted(state, out, extra)
     nfe = state.info.get("nfe")
-    typer.echo(f"inverted with {meth.label}: wrote {out} ("
-               + (f"{nfe} NFE, " if nfe is not None else "")
-               + f"reconstruction PSNR {p:.2f} dB, {seconds:.1f}s)")
+    typer.echo(
+        f"inverted with {meth.label}: wrote {out} ("
+        + (f"{nfe} NFE, " if nfe is not None else "")
+        + f"reconstruction PSNR {p:.2f} dB, {seconds:.1f}s)"
+    )
 
 
 # ---- edit ------------------------------------------------------------------------------------------------
 
-def _check_inversion(path: Path, state, meta: dict, method: Optional[str], steps: Optional[int], model: str,
-                     tokens: Optional[list]) -> None:
+
+def _check_inversion(
+    path: Path, state, meta: dict, method: Optional[str], steps: Optional[int], model: str, tokens: Optional[list]
+) -> None:
     """Refuse an inversion file made with another method, number of steps, model, time grid or source
     prompt (all before any weights are read)."""
     import torch
 
     where = repr(str(path))
     if method is not None and method != meta.get("method"):
-        raise ConfigError(f"--inversion {where} was made with --method {meta.get('method')}, not {method}; "
-                          f"give --method {meta.get('method')} or invert again")
+        raise ConfigError(
+            f"--inversion {where} was made with --method {meta.get('method')}, not {method}; "
+            f"give --method {meta.get('method')} or invert again"
+        )
     saved = meta.get("steps")
     if isinstance(saved, bool) or not isinstance(saved, int) or not 1 <= saved <= common.MAX_EDIT_STEPS:
         raise InputFileError(f"--inversion {where} does not record its steps (write it with `condiff invert`)")
     if steps is not None and steps != saved:
-        raise ConfigError(f"--inversion {where} was made with --steps {saved}, not {steps}; give --steps {saved} "
-                          f"or invert again")
+        raise ConfigError(
+            f"--inversion {where} was made with --steps {saved}, not {steps}; give --steps {saved} or invert again"
+        )
     if meta.get("model") != model and meta.get("model_path") != common.model_path(model):
         raise ConfigError(f"--inversion {where} was made with --model {meta.get('model')!r}, not {model!r}")
     if tokens is not None and meta.get("tokens") != tokens:
-        raise ConfigError(f"--from does not match the prompt {meta.get('prompt')!r} that --inversion {where} was "
-                          f"made under; leave --from out or invert again")
+        raise ConfigError(
+            f"--from does not match the prompt {meta.get('prompt')!r} that --inversion {where} was "
+            f"made under; leave --from out or invert again"
+        )
     if not torch.equal(state.grid, _grid(model, saved)):
-        raise InputFileError(f"--inversion {where} was made on another time grid than --model {model} with "
-                             f"{saved} steps (write it with `condiff invert`)")
+        raise InputFileError(
+            f"--inversion {where} was made on another time grid than --model {model} with "
+            f"{saved} steps (write it with `condiff invert`)"
+        )
 
 
 def _grid(model: str, steps: int):
     """The sampling grid of ``model`` (its schedule, read from condiff.json without the weights)."""
     from condiff.core.grids import make_grid
-    from condiff.models.base import resolve_model
     from condiff.core.schedules import schedule_from_config
+    from condiff.models.base import resolve_model
 
     return make_grid(schedule_from_config(resolve_model(model)[1]["schedule"]), steps)
 
@@ -181,28 +233,44 @@ def _write_edit(edited, image: Path, src, out: Path, channels: int) -> dict:
     patch = from_uint8(torch.from_numpy(resize_pixels(pixels, (right - left, bottom - top)))).permute(2, 0, 1)
     full[:, top:bottom, left:right] = patch.expand(3, -1, -1) if channels == 1 else patch
     write_image(full, out)
-    return {"size": [w, h], "fit": "pasted", "crop": list(box),
-            "detail": "the edit was resized to the centre-crop box and pasted into the original; the borders "
-                      "outside the box are the original's"}
+    return {
+        "size": [w, h],
+        "fit": "pasted",
+        "crop": list(box),
+        "detail": "the edit was resized to the centre-crop box and pasted into the original; the borders "
+        "outside the box are the original's",
+    }
 
 
 def edit_cmd(
     model: str = ModelOpt,
-    image: Path = typer.Option(..., help="the image to edit (PNG, JPEG, ...); other sizes are centre-cropped and "
-                               "resized to the model's, with a note, and the edit is written at the input's size"),
-    from_: Optional[str] = typer.Option(None, "--from", help="the image's caption, e.g. 'large red circle "
-                                        "top-left' (default with --inversion: the prompt it was made under)"),
+    image: Path = typer.Option(
+        ...,
+        help="the image to edit (PNG, JPEG, ...); other sizes are centre-cropped and "
+        "resized to the model's, with a note, and the edit is written at the input's size",
+    ),
+    from_: Optional[str] = typer.Option(
+        None,
+        "--from",
+        help="the image's caption, e.g. 'large red circle "
+        "top-left' (default with --inversion: the prompt it was made under)",
+    ),
     to: str = typer.Option(..., "--to", help="the target caption, e.g. 'large blue circle top-left'"),
     method: Optional[str] = typer.Option(None, help=MethodHelp + " (default with --inversion: its method)"),
-    steps: Optional[int] = typer.Option(None, help=f"sampler steps, 1 to {common.MAX_EDIT_STEPS} (default 50, or the "
-                                        "inversion's)"),
+    steps: Optional[int] = typer.Option(
+        None, help=f"sampler steps, 1 to {common.MAX_EDIT_STEPS} (default 50, or the inversion's)"
+    ),
     seed: int = typer.Option(0, help="random seed (edit-friendly's noise maps, SDEdit's noise)"),
     method_opt: Optional[list[str]] = MethodOpt,
-    inversion: Optional[Path] = typer.Option(None, help="reuse an inversion from `condiff invert` (same image, "
-                                             "model, method and steps) instead of inverting again"),
+    inversion: Optional[Path] = typer.Option(
+        None,
+        help="reuse an inversion from `condiff invert` (same image, "
+        "model, method and steps) instead of inverting again",
+    ),
     no_resize: bool = NoResizeOpt,
-    out: Path = typer.Option(..., help="the edited image (.png); <stem>_compare.png and a JSON sidecar "
-                             "(<stem>.json) are written beside it"),
+    out: Path = typer.Option(
+        ..., help="the edited image (.png); <stem>_compare.png and a JSON sidecar (<stem>.json) are written beside it"
+    ),
     pipeline: Optional[Path] = PipelineOpt,
 ):
     """Edit an image from one caption to another; writes the edit, a comparison strip and a JSON sidecar.
@@ -212,13 +280,12 @@ def edit_cmd(
     import torch
 
     if pipeline is not None:  # a diffusers folder: condiff.cli.pipeline
-
         return diffusers_cmds.edit_cmd(pipeline, image, from_, to, method, steps, seed, method_opt, inversion, out)
 
     from condiff import __version__
+    from condiff.core.files import atomic_write_json
     from condiff.core.grids import make_grid
     from condiff.data.images import compare_image, save_png
-    from condiff.core.files import atomic_write_json
 
     if steps is not None:
         common.check_steps(steps)
@@ -256,13 +323,18 @@ def edit_cmd(
     meth = common.make_method(method, {**options, **given})
     for key, value in given.items():
         if key in options and meth.options()[key] != options[key]:
-            typer.echo(f"note: --method-opt {key}={value} differs from the inversion's {key}={options[key]}; the "
-                       "saved inversion is used as it is", err=True)
+            typer.echo(
+                f"note: --method-opt {key}={value} differs from the inversion's {key}={options[key]}; the "
+                "saved inversion is used as it is",
+                err=True,
+            )
     src = common.read_source(image, family, no_resize)
     x0 = src.tensor
     if meta is not None and meta.get("image_sha256") != common.image_digest(x0):
-        raise ConfigError(f"--inversion {str(inversion)!r} was made from another image than --image "
-                          f"{str(image)!r} (as read for the model); give that image or invert again")
+        raise ConfigError(
+            f"--inversion {str(inversion)!r} was made from another image than --image "
+            f"{str(image)!r} (as read for the model); give that image or invert again"
+        )
 
     m = common.loaded_model(model)
     src_cond, tgt_cond = m.condition(src_raw), m.condition(tgt_raw)
@@ -275,31 +347,68 @@ def edit_cmd(
     seconds = time.perf_counter() - t0
     p = common.psnr(recon, x0)
     output = _write_edit(edited, image, src, out, family.image_shape[0])
-    save_png(compare_image([(f"source: {from_}", x0[0]), (f"reconstruction ({p:.1f} dB)", recon[0]),
-                            (f"edited: {to}", edited[0])]), compare)
+    save_png(
+        compare_image(
+            [(f"source: {from_}", x0[0]), (f"reconstruction ({p:.1f} dB)", recon[0]), (f"edited: {to}", edited[0])]
+        ),
+        compare,
+    )
     readings = common.readings(m.family, {"source": x0, "reconstruction": recon, "edited": edited})
     record = {
-        "command": "edit", "model": model, "model_path": common.model_path(model), "method": method,
-        "method_label": meth.label, "options": meth.options(), "from": from_, "to": to, "steps": steps,
-        "seed": seed, "image": str(image), "original_size": list(src.original_size), "crop": list(src.crop),
-        "notice": src.notice, "inversion": None if inversion is None else str(inversion),
-        "nfe_inversion": state.info.get("nfe"), "reconstruction_psnr": p, "labels": readings,
-        "seconds": seconds, "output": output,
+        "command": "edit",
+        "model": model,
+        "model_path": common.model_path(model),
+        "method": method,
+        "method_label": meth.label,
+        "options": meth.options(),
+        "from": from_,
+        "to": to,
+        "steps": steps,
+        "seed": seed,
+        "image": str(image),
+        "original_size": list(src.original_size),
+        "crop": list(src.crop),
+        "notice": src.notice,
+        "inversion": None if inversion is None else str(inversion),
+        "nfe_inversion": state.info.get("nfe"),
+        "reconstruction_psnr": p,
+        "labels": readings,
+        "seconds": seconds,
+        "output": output,
         "outputs": {"image": str(out), "compare": str(compare), "sidecar": str(sidecar)},
-        "condiff_version": __version__, "torch_version": torch.__version__,
-        "reproduce": common.reproduce("edit", [
-            ("--model", model), ("--image", image), ("--from", from_), ("--to", to), ("--method", method),
-            ("--steps", steps), ("--seed", seed), ("--method-opt", method_opt or []), ("--inversion", inversion),
-            ("--no-resize", no_resize), ("--out", out)])}
+        "condiff_version": __version__,
+        "torch_version": torch.__version__,
+        "reproduce": common.reproduce(
+            "edit",
+            [
+                ("--model", model),
+                ("--image", image),
+                ("--from", from_),
+                ("--to", to),
+                ("--method", method),
+                ("--steps", steps),
+                ("--seed", seed),
+                ("--method-opt", method_opt or []),
+                ("--inversion", inversion),
+                ("--no-resize", no_resize),
+                ("--out", out),
+            ],
+        ),
+    }
     atomic_write_json(sidecar, record)
-    typer.echo(f"edited with {meth.label}: wrote {out} ({output['size'][0]}x{output['size'][1]}), {compare} and "
-               f"{sidecar} (reconstruction PSNR {p:.2f} dB, {seconds:.1f}s)")
+    typer.echo(
+        f"edited with {meth.label}: wrote {out} ({output['size'][0]}x{output['size'][1]}), {compare} and "
+        f"{sidecar} (reconstruction PSNR {p:.2f} dB, {seconds:.1f}s)"
+    )
     if readings is not None:
-        typer.echo(f"labeller reads: source '{common.caption(readings['source'])}', reconstruction "
-                   f"'{common.caption(readings['reconstruction'])}', edited '{common.caption(readings['edited'])}'")
+        typer.echo(
+            f"labeller reads: source '{common.caption(readings['source'])}', reconstruction "
+            f"'{common.caption(readings['reconstruction'])}', edited '{common.caption(readings['edited'])}'"
+        )
 
 
 # ---- bench edit ------------------------------------------------------------------------------------------
+
 
 def bench_methods(names: str, items: Optional[list[str]]) -> list:
     """--methods and --method-opt NAME.KEY=VALUE -> method objects. 'all' is the benchmark's default set
@@ -333,8 +442,10 @@ def bench_methods(names: str, items: Optional[list[str]]) -> list:
             raise ConfigError(f"--method-opt must be NAME.KEY=VALUE such as null-text.inner_steps=5, got {item!r}")
         common.method_class(name)
         if name not in chosen:
-            raise ConfigError(f"--method-opt {item!r} is for {name}, which --methods does not run "
-                              f"({', '.join(dict.fromkeys(chosen))})")
+            raise ConfigError(
+                f"--method-opt {item!r} is for {name}, which --methods does not run "
+                f"({', '.join(dict.fromkeys(chosen))})"
+            )
         per.setdefault(name, []).append(f"{key}={value}")
     out = []
     for m in runs:
@@ -361,16 +472,26 @@ def bench_figure(images: dict, labels: list[str], scale: int = 3):
     import torch
     from PIL import Image, ImageDraw, ImageFont
 
-    from condiff.evaluation.editbench import KINDS
     from condiff.data.images import labelled_grid
+    from condiff.evaluation.editbench import KINDS
 
     src = images["source"]
     k = src.shape[0]
-    blocks = [("reconstruction (source caption)", [f"#{i + 1}" for i in range(k)],
-               [images[lab]["reconstruction"] for lab in labels])]
+    blocks = [
+        (
+            "reconstruction (source caption)",
+            [f"#{i + 1}" for i in range(k)],
+            [images[lab]["reconstruction"] for lab in labels],
+        )
+    ]
     for kind in KINDS:
-        blocks.append((f"{kind} edit", [_changed_word(c, kind) for c in images["targets"][kind]],
-                       [images[lab][kind] for lab in labels]))
+        blocks.append(
+            (
+                f"{kind} edit",
+                [_changed_word(c, kind) for c in images["targets"][kind]],
+                [images[lab][kind] for lab in labels],
+            )
+        )
     font = ImageFont.load_default()
     parts = []
     for title, cols, rows in blocks:
@@ -391,23 +512,32 @@ def bench_edit_cmd(
     n: int = typer.Option(200, help="held-out renders, each edited three ways (color, shape, position)"),
     seed: int = typer.Option(0, help="seed of the renders, the targets and the methods' noise"),
     steps: int = typer.Option(50, help=f"sampler steps, 1 to {common.MAX_EDIT_STEPS}"),
-    methods: str = typer.Option("all", help="all (the benchmark's default set), or a comma-separated list of editing "
-                                "methods, each at the benchmark's setting for it"),
-    method_opt: Optional[list[str]] = typer.Option(None, "--method-opt", help="an option of one method, "
-                                                   "NAME.KEY=VALUE, repeatable (e.g. null-text.inner_steps=5, "
-                                                   "edit-friendly.skip=10)"),
+    methods: str = typer.Option(
+        "all",
+        help="all (the benchmark's default set), or a comma-separated list of editing "
+        "methods, each at the benchmark's setting for it",
+    ),
+    method_opt: Optional[list[str]] = typer.Option(
+        None,
+        "--method-opt",
+        help="an option of one method, "
+        "NAME.KEY=VALUE, repeatable (e.g. null-text.inner_steps=5, "
+        "edit-friendly.skip=10)",
+    ),
     batch_size: int = typer.Option(50, help="renders inverted at once (bounds memory)"),
-    examples: int = typer.Option(6, help=f"examples per method in the figure, 1 to {MAX_EXAMPLES} (at most --n "
-                                 "are shown)"),
+    examples: int = typer.Option(
+        6, help=f"examples per method in the figure, 1 to {MAX_EXAMPLES} (at most --n are shown)"
+    ),
     json_out: Path = typer.Option(..., "--json", help="write {config, results, table} here"),
-    grid: Optional[Path] = typer.Option(None, "--grid", help="the figure of examples (default: beside --json, "
-                                        "<stem>_grid.png)"),
+    grid: Optional[Path] = typer.Option(
+        None, "--grid", help="the figure of examples (default: beside --json, <stem>_grid.png)"
+    ),
 ):
     """Every editing method on the same held-out shapes renders, scored by the exact labeller: reconstruction
     PSNR and color / shape / position edit success."""
-    from condiff.evaluation.editbench import run_bench
-    from condiff.data.images import save_png
     from condiff.core.files import atomic_write_json
+    from condiff.data.images import save_png
+    from condiff.evaluation.editbench import run_bench
 
     check_int("--n", n, 1, MAX_BENCH_N)
     common.check_seed(seed)
@@ -419,12 +549,15 @@ def bench_edit_cmd(
     common.check_out(grid, "--grid", ".png")
     family = common.family_of(model)
     if family.name != "shapes":
-        raise ConfigError(f"bench edit scores edits with the shapes labeller, so --model must be a shapes model; "
-                          f"{model!r} is a {family.name} model")
+        raise ConfigError(
+            f"bench edit scores edits with the shapes labeller, so --model must be a shapes model; "
+            f"{model!r} is a {family.name} model"
+        )
     chosen = bench_methods(methods, method_opt)
     m = common.loaded_model(model)
-    report, images = run_bench(m, chosen, n=n, seed=seed, steps=steps, batch_size=batch_size, progress=True,
-                               examples=examples)
+    report, images = run_bench(
+        m, chosen, n=n, seed=seed, steps=steps, batch_size=batch_size, progress=True, examples=examples
+    )
     report["config"].update(model=model, model_path=common.model_path(model), method_opt=list(method_opt or []))
     atomic_write_json(json_out, report)
     save_png(bench_figure(images, report["config"]["methods"]), grid)

@@ -15,14 +15,12 @@ import time
 from pathlib import Path
 
 import typer
+
 from condiff.cli import common
-
-from condiff.errors import check_real
+from condiff.errors import ConfigError, check_real
 from condiff.guidance.schedules import MAX_SCALE
-from condiff.errors import ConfigError
 
-app = typer.Typer(help="Empirical model statistics (EMS) for the dpm-v3 solver (DPM-Solver-v3).",
-                  no_args_is_help=True)
+app = typer.Typer(help="Empirical model statistics (EMS) for the dpm-v3 solver (DPM-Solver-v3).", no_args_is_help=True)
 
 MAX_GRID = 100_000
 MAX_DATA = 1_000_000
@@ -52,16 +50,19 @@ def compute(
     grid: int = typer.Option(200, help="number of lambda-grid intervals"),
     seed: int = typer.Option(0, help="random seed (data, noises, probes)"),
     batch_size: int = typer.Option(64, help="data points per network batch (bounds memory)"),
-    jvp: str = typer.Option("auto", help="Jacobian-vector products: auto (forward AD if the model supports it, "
-                            "else central differences), forward-ad, central-difference"),
+    jvp: str = typer.Option(
+        "auto",
+        help="Jacobian-vector products: auto (forward AD if the model supports it, "
+        "else central differences), forward-ad, central-difference",
+    ),
     out: Path = typer.Option(..., help="output .safetensors file"),
 ):
     """Estimate the statistics of a model at a CFG scale and write them for `--solver dpm-v3 --ems FILE`."""
     import torch
 
     from condiff import __version__
-    from condiff.solvers.ems import JVPS, compute_ems
     from condiff.guidance import CFG
+    from condiff.solvers.ems import JVPS, compute_ems
     from condiff.solvers.pfgmpp import GaussianNoise
     from condiff.training.recipe import ObjectiveConfig
 
@@ -79,16 +80,34 @@ def compute(
     t0 = time.perf_counter()
     # PFGM++ models are perturbed with their own kernel noise; Gaussian ones draw z inside compute_ems
     z = None if isinstance(m.noise, GaussianNoise) else m.noise.unit(x0.shape, g, x0.dtype)
-    ems = compute_ems(CFG(m.denoiser, cfg), x0, cond, sch, sch.default_t_start(), sch.t_min, grid, g,
-                      batch_size, progress="EMS", jvp=None if jvp == "auto" else JVPS[jvp], noise=z,
-                      meta={"model": model, "cfg": cfg, "seed": seed, "schedule": m.info.get("schedule_cfg"),
-                            "info": {"condiff_version": __version__, "torch_threads": torch.get_num_threads(),
-                                     "family": m.family.name}})
+    ems = compute_ems(
+        CFG(m.denoiser, cfg),
+        x0,
+        cond,
+        sch,
+        sch.default_t_start(),
+        sch.t_min,
+        grid,
+        g,
+        batch_size,
+        progress="EMS",
+        jvp=None if jvp == "auto" else JVPS[jvp],
+        noise=z,
+        meta={
+            "model": model,
+            "cfg": cfg,
+            "seed": seed,
+            "schedule": m.info.get("schedule_cfg"),
+            "info": {"condiff_version": __version__, "torch_threads": torch.get_num_threads(), "family": m.family.name},
+        },
+    )
     seconds = time.perf_counter() - t0
     ems = dataclasses.replace(ems, info={**ems.info, "seconds": round(seconds, 2)})
     ems.save(out)
-    typer.echo(f"wrote {out} ({grid} intervals, lambda {ems.lam_range[0]:.3f}..{ems.lam_range[1]:.3f}, {n_data} "
-               f"images, cfg {cfg}, jvp {ems.info['jvp']}, {seconds:.1f}s)")
+    typer.echo(
+        f"wrote {out} ({grid} intervals, lambda {ems.lam_range[0]:.3f}..{ems.lam_range[1]:.3f}, {n_data} "
+        f"images, cfg {cfg}, jvp {ems.info['jvp']}, {seconds:.1f}s)"
+    )
 
 
 @app.command("show")
@@ -97,6 +116,9 @@ def show(path: Path = typer.Argument(..., help="a .safetensors file written by `
     from condiff.solvers.ems import load_ems
 
     ems = load_ems(path)
-    summary = {**ems.metadata(), "lam_range": list(ems.lam_range),
-               **{f"{k}_range": [float(getattr(ems, k).min()), float(getattr(ems, k).max())] for k in "lsb"}}
+    summary = {
+        **ems.metadata(),
+        "lam_range": list(ems.lam_range),
+        **{f"{k}_range": [float(getattr(ems, k).min()), float(getattr(ems, k).max())] for k in "lsb"},
+    }
     typer.echo(json.dumps(summary, indent=2, sort_keys=True))

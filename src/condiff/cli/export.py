@@ -6,10 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+
 from condiff.cli import common
 
-app = typer.Typer(help="Write a condiff model as a diffusers-format folder (UNet + scheduler load in diffusers).",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Write a condiff model as a diffusers-format folder (UNet + scheduler load in diffusers).",
+    no_args_is_help=True,
+)
 
 
 @app.callback(invoke_without_command=True)

@@ -25,13 +25,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from condiff.cli import common
 
+from condiff.cli import common
 from condiff.core.denoiser import Wrapper
 from condiff.errors import ConfigError
 
-app = typer.Typer(help="Guidance helpers: fit LinearAG coefficients (Castillo et al. 2025).", no_args_is_help=True,
-                  add_completion=False)
+app = typer.Typer(
+    help="Guidance helpers: fit LinearAG coefficients (Castillo et al. 2025).",
+    no_args_is_help=True,
+    add_completion=False,
+)
 
 
 @dataclass
@@ -52,8 +55,7 @@ def _summary(r2) -> str:
     import torch
 
     half = r2[: max(1, r2.numel() // 2)]
-    return (f"min {float(r2.min()):.4f}, median {float(torch.median(r2)):.4f}, "
-            f"first-half mean {float(half.mean()):.4f}")
+    return f"min {float(r2.min()):.4f}, median {float(torch.median(r2)):.4f}, first-half mean {float(half.mean()):.4f}"
 
 
 def draw_starts(model, n: int, grid, generator):
@@ -74,20 +76,24 @@ def fit_linear_ag_cmd(
     n: int = typer.Option(256, help="CFG trajectories to fit on"),
     seed: int = typer.Option(0, help="random seed (conditions, start points, solver noise)"),
     solver: str = typer.Option("dpmpp-2m", help="solver name (see `condiff solvers`)"),
-    spacing: Optional[str] = typer.Option(None, help="time grid: uniform-t, uniform-logsnr, karras (default: the "
-                                          "solver's own, else uniform-t)"),
+    spacing: Optional[str] = typer.Option(
+        None, help="time grid: uniform-t, uniform-logsnr, karras (default: the solver's own, else uniform-t)"
+    ),
     batch_size: int = typer.Option(256, help="trajectories recorded at once (bounds memory)"),
-    holdout: int = typer.Option(0, help="also record this many held-out trajectories and report the "
-                                "teacher-forced R^2 on them (0: report the in-sample R^2 only)"),
+    holdout: int = typer.Option(
+        0,
+        help="also record this many held-out trajectories and report the "
+        "teacher-forced R^2 on them (0: report the in-sample R^2 only)",
+    ),
 ):
     """Record CFG trajectories of a model and fit LinearAG's per-evaluation coefficients to a safetensors file."""
     import torch
     from tqdm.auto import tqdm
 
-    from condiff.core.grids import make_grid
     from condiff.core.denoiser import take_rows
-    from condiff.guidance.linear_ag import CFGRecord, fit_linear_ag, predict_record, record_cfg, save_linear_ag
+    from condiff.core.grids import make_grid
     from condiff.core.sampling import Gaussian
+    from condiff.guidance.linear_ag import CFGRecord, fit_linear_ag, predict_record, record_cfg, save_linear_ag
 
     common.check_common(steps, cfg, n, batch_size, seed)
     if not 0 <= holdout <= common.MAX_SAMPLES:
@@ -119,8 +125,10 @@ def fit_linear_ag_cmd(
         bar.close()
     save_linear_ag(coeffs, out)
     seconds = time.perf_counter() - t0
-    line = (f"fitted {coeffs.steps} evaluations ({solver}, {steps} steps, {spacing_name}, cfg {cfg:g}) on {n} "
-            f"trajectories; in-sample R^2 {_summary(coeffs.r2)}")
+    line = (
+        f"fitted {coeffs.steps} evaluations ({solver}, {steps} steps, {spacing_name}, cfg {cfg:g}) on {n} "
+        f"trajectories; in-sample R^2 {_summary(coeffs.r2)}"
+    )
     if held is not None:
         line += f"; held-out ({holdout}) teacher-forced R^2 {_summary(held)}"
     typer.echo(f"{line}; wrote {out} in {seconds:.1f}s")
@@ -128,10 +136,16 @@ def fit_linear_ag_cmd(
 
 @app.command("train-ppap")
 def train_ppap_cmd(
-    classifier: str = typer.Option(..., help="the clean (off-the-shelf) classifier: 'clean' (bundled) or a model "
-                                   "directory from `condiff train recipes/shapes-clean-classifier.toml`"),
-    model: str = typer.Option(..., help="the diffusion model whose empty-prompt samples are the unlabelled data "
-                              "(bundled name or directory); its schedule defines t"),
+    classifier: str = typer.Option(
+        ...,
+        help="the clean (off-the-shelf) classifier: 'clean' (bundled) or a model "
+        "directory from `condiff train recipes/shapes-clean-classifier.toml`",
+    ),
+    model: str = typer.Option(
+        ...,
+        help="the diffusion model whose empty-prompt samples are the unlabelled data "
+        "(bundled name or directory); its schedule defines t",
+    ),
     out: Path = typer.Option(..., help="output directory for the experts (LoRA weights + ppap.json)"),
     experts: int = typer.Option(5, help="number of experts N: equal intervals of the model's noisy t range"),
     images: int = typer.Option(3072, help="unlabelled images to generate"),
@@ -154,14 +168,18 @@ def train_ppap_cmd(
     from tqdm.auto import tqdm
 
     from condiff.core.grids import make_grid
-    from condiff.guidance.ppap import save_ppap
-    from condiff.training.ppap import distill_experts
-    from condiff.models.classifiers import load_classifier
     from condiff.core.sampling import Gaussian, sample
+    from condiff.guidance.ppap import save_ppap
+    from condiff.models.classifiers import load_classifier
+    from condiff.training.ppap import distill_experts
 
     common.check_common(gen_steps, 1.0, images, batch_size, seed)
-    for name, value, lo, hi in (("--experts", experts, 1, 1000), ("--rank", rank, 1, 4096),
-                                ("--steps", steps, 1, common.MAX_SAMPLES), ("--holdout", holdout, 0, images - 1)):
+    for name, value, lo, hi in (
+        ("--experts", experts, 1, 1000),
+        ("--rank", rank, 1, 4096),
+        ("--steps", steps, 1, common.MAX_SAMPLES),
+        ("--holdout", holdout, 0, images - 1),
+    ):
         if not lo <= value <= hi:
             raise ConfigError(f"{name} must be an integer in [{lo}, {hi}], got {value}")
     for name, value in (("--alpha", alpha), ("--lr", lr), ("--temperature", temperature)):
@@ -174,15 +192,18 @@ def train_ppap_cmd(
     common.family_of(model)
     net = load_classifier(classifier)
     if net.config.noise_aware:
-        raise ConfigError("--classifier is noise-aware; PPAP adapts an off-the-shelf clean classifier "
-                          "(recipes/shapes-clean-classifier.toml)")
+        raise ConfigError(
+            "--classifier is noise-aware; PPAP adapts an off-the-shelf clean classifier "
+            "(recipes/shapes-clean-classifier.toml)"
+        )
     for p in net.parameters():
         p.requires_grad_(False)
     m = common.load_model(model)
     shape = (net.config.in_channels, net.config.sample_size, net.config.sample_size)
     if tuple(m.family.image_shape) != shape:
-        raise ConfigError(f"the classifier reads {shape} images but model {model!r} makes "
-                          f"{tuple(m.family.image_shape)}")
+        raise ConfigError(
+            f"the classifier reads {shape} images but model {model!r} makes {tuple(m.family.image_shape)}"
+        )
 
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
@@ -203,7 +224,7 @@ def train_ppap_cmd(
         bar.close()
     data = torch.cat(made)
     gen_seconds = time.perf_counter() - t0
-    train, held = data[: images - holdout], data[images - holdout:]
+    train, held = data[: images - holdout], data[images - holdout :]
     bar = tqdm(total=experts * steps, desc="train-ppap: distilling", unit="step", leave=False)
 
     def tick(k, step, loss):
@@ -212,36 +233,82 @@ def train_ppap_cmd(
             bar.set_postfix(expert=k, loss=f"{loss:.4f}")
 
     try:
-        multi, _, report = distill_experts(net, train, m.schedule, experts, None, rank, alpha, steps, batch_size, lr,
-                                           weight_decay, temperature, None, g, tick, held if holdout else None, seed)
+        multi, _, report = distill_experts(
+            net,
+            train,
+            m.schedule,
+            experts,
+            None,
+            rank,
+            alpha,
+            steps,
+            batch_size,
+            lr,
+            weight_decay,
+            temperature,
+            None,
+            g,
+            tick,
+            held if holdout else None,
+            seed,
+        )
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    info = {"classifier": classifier, "model": model, "images": images, "holdout": holdout,
-            "gen_steps": gen_steps, "solver": solver, "steps": steps, "batch_size": batch_size, "lr": lr,
-            "weight_decay": weight_decay, "temperature": temperature, "seed": seed,
-            "seconds": {"generate": round(gen_seconds, 1), "total": round(seconds, 1)}, "experts": report}
+    info = {
+        "classifier": classifier,
+        "model": model,
+        "images": images,
+        "holdout": holdout,
+        "gen_steps": gen_steps,
+        "solver": solver,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "temperature": temperature,
+        "seed": seed,
+        "seconds": {"generate": round(gen_seconds, 1), "total": round(seconds, 1)},
+        "experts": report,
+    }
     save_ppap(multi, out, net, info=info)
     for r in report:
-        extra = (f", held-out KD {r['heldout_kd_clean']:.4f} (clean classifier) -> {r['heldout_kd_expert']:.4f}"
-                 if holdout else "")
-        typer.echo(f"expert {r['expert']} t in [{r['interval'][0]:.1f}, {r['interval'][1]:.1f}): train loss "
-                   f"{r['first_loss']:.4f} -> {r['last_loss']:.4f}{extra}")
-    typer.echo(f"trained {experts} PPAP experts (LoRA rank {rank}) on {images - holdout} generated images in "
-               f"{seconds:.1f}s (generation {gen_seconds:.1f}s); wrote {out}")
+        extra = (
+            f", held-out KD {r['heldout_kd_clean']:.4f} (clean classifier) -> {r['heldout_kd_expert']:.4f}"
+            if holdout
+            else ""
+        )
+        typer.echo(
+            f"expert {r['expert']} t in [{r['interval'][0]:.1f}, {r['interval'][1]:.1f}): train loss "
+            f"{r['first_loss']:.4f} -> {r['last_loss']:.4f}{extra}"
+        )
+    typer.echo(
+        f"trained {experts} PPAP experts (LoRA rank {rank}) on {images - holdout} generated images in "
+        f"{seconds:.1f}s (generation {gen_seconds:.1f}s); wrote {out}"
+    )
 
 
 @app.command("fit-minority")
 def fit_minority_cmd(
-    model: str = typer.Option(..., help="the diffusion model (bundled name or directory); its empty prompt is the "
-                              "unconditional denoiser that scores the data, and its schedule defines t"),
-    out: Path = typer.Option(..., help="output directory (classifier/ safetensors + minority.json + "
-                             "scores.safetensors)"),
-    n: int = typer.Option(8192, help="training renders to score (drawn from the model family's training "
-                          "distribution: for shapes_imbalanced, cyan is 5%)"),
+    model: str = typer.Option(
+        ...,
+        help="the diffusion model (bundled name or directory); its empty prompt is the "
+        "unconditional denoiser that scores the data, and its schedule defines t",
+    ),
+    out: Path = typer.Option(
+        ..., help="output directory (classifier/ safetensors + minority.json + scores.safetensors)"
+    ),
+    n: int = typer.Option(
+        8192,
+        help="training renders to score (drawn from the model family's training "
+        "distribution: for shapes_imbalanced, cyan is 5%)",
+    ),
     levels: int = typer.Option(10, help="number of minority levels L (quantile bins of the score)"),
-    t: Optional[float] = typer.Option(None, help="perturbation time of the score, in the schedule's units "
-                                      "(default: 6% of the way from t_min to t_max, the paper's t = 60 of 1000)"),
+    t: Optional[float] = typer.Option(
+        None,
+        help="perturbation time of the score, in the schedule's units "
+        "(default: 6% of the way from t_min to t_max, the paper's t = 60 of 1000)",
+    ),
     draws: int = typer.Option(5, help="Monte-Carlo noise draws per sample (the paper's n)"),
     steps: int = typer.Option(2000, help="classifier training (AdamW) steps"),
     batch_size: int = typer.Option(128, help="images per classifier step (and x4 rows per scoring call)"),
@@ -263,9 +330,13 @@ def fit_minority_cmd(
     from condiff.training.recipe import ObjectiveConfig, check_seed
 
     check_seed(seed, "--seed")
-    for name, value, lo, hi in (("--n", n, 2, common.MAX_SAMPLES), ("--levels", levels, 2, 10000),
-                                ("--draws", draws, 1, 10000), ("--steps", steps, 1, common.MAX_SAMPLES),
-                                ("--batch-size", batch_size, 1, common.MAX_SAMPLES)):
+    for name, value, lo, hi in (
+        ("--n", n, 2, common.MAX_SAMPLES),
+        ("--levels", levels, 2, 10000),
+        ("--draws", draws, 1, 10000),
+        ("--steps", steps, 1, common.MAX_SAMPLES),
+        ("--batch-size", batch_size, 1, common.MAX_SAMPLES),
+    ):
         if not lo <= value <= hi:
             raise ConfigError(f"{name} must be an integer in [{lo}, {hi}], got {value}")
     if levels > n:
@@ -279,8 +350,9 @@ def fit_minority_cmd(
     common.check_out(out, "--out", kind="dir")
     fam = common.family_of(model)
     if tuple(fam.image_shape) != (3, 32, 32):
-        raise ConfigError(f"fit-minority trains a classifier for (3, 32, 32) images; model {model!r} makes "
-                          f"{tuple(fam.image_shape)}")
+        raise ConfigError(
+            f"fit-minority trains a classifier for (3, 32, 32) images; model {model!r} makes {tuple(fam.image_shape)}"
+        )
     m = common.load_model(model)
     sch = m.schedule
     if t is None:
@@ -297,22 +369,57 @@ def fit_minority_cmd(
     bar = tqdm(total=steps, desc="fit-minority: classifier", unit="step", leave=False)
     try:
         mc, scores, held = fit_minority_classifier(
-            m.denoiser, x0, levels, t, draws, cond, steps, batch_size, lr, weight_decay, g,
-            net=AttributeClassifier(heads={"level": levels}, in_channels=x0.shape[1], noise_aware=True,
-                                    sample_size=x0.shape[-1]),
+            m.denoiser,
+            x0,
+            levels,
+            t,
+            draws,
+            cond,
+            steps,
+            batch_size,
+            lr,
+            weight_decay,
+            g,
+            net=AttributeClassifier(
+                heads={"level": levels}, in_channels=x0.shape[1], noise_aware=True, sample_size=x0.shape[-1]
+            ),
             progress=lambda i, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")),
-            score_batch_size=4 * batch_size, holdout=holdout)
+            score_batch_size=4 * batch_size,
+            holdout=holdout,
+        )
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    mc.info.update({"model": model, "renders": n, "seed": seed, "seconds": seconds,
-                    "command": common.reproduce("guidance fit-minority", [
-                        ("--model", model), ("--out", out), ("--n", n), ("--levels", levels), ("--t", t),
-                        ("--draws", draws), ("--steps", steps), ("--batch-size", batch_size), ("--lr", lr),
-                        ("--weight-decay", weight_decay), ("--holdout", holdout), ("--seed", seed)])})
+    mc.info.update(
+        {
+            "model": model,
+            "renders": n,
+            "seed": seed,
+            "seconds": seconds,
+            "command": common.reproduce(
+                "guidance fit-minority",
+                [
+                    ("--model", model),
+                    ("--out", out),
+                    ("--n", n),
+                    ("--levels", levels),
+                    ("--t", t),
+                    ("--draws", draws),
+                    ("--steps", steps),
+                    ("--batch-size", batch_size),
+                    ("--lr", lr),
+                    ("--weight-decay", weight_decay),
+                    ("--holdout", holdout),
+                    ("--seed", seed),
+                ],
+            ),
+        }
+    )
     save_minority(mc, out, {"scores": scores, "heldout": held.to(torch.uint8)})
     acc = mc.info.get("heldout_accuracy", {})
     extra = "; ".join(f"held-out level accuracy at {k}: {v['accuracy']:.3f}" for k, v in acc.items())
-    typer.echo(f"scored {n} renders (t={t:g}, {draws} draws), {levels} levels, classifier loss "
-               f"{mc.info['train_loss_first100']:.3f} -> {mc.info['train_loss_last100']:.3f}"
-               f"{'; ' + extra if extra else ''}; wrote {out} in {seconds:.1f}s")
+    typer.echo(
+        f"scored {n} renders (t={t:g}, {draws} draws), {levels} levels, classifier loss "
+        f"{mc.info['train_loss_first100']:.3f} -> {mc.info['train_loss_last100']:.3f}"
+        f"{'; ' + extra if extra else ''}; wrote {out} in {seconds:.1f}s"
+    )

@@ -11,16 +11,18 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from condiff.errors import ConfigError
 from condiff.cli import common
+from condiff.errors import ConfigError
 
 
 def refuse_model_options(options: dict) -> None:
     """Options of condiff's own models that --pipeline does not take: a one-line error naming them."""
     given = [name for name, value in options.items() if value not in (None, False, [], ())]
     if given:
-        raise ConfigError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not combine with --pipeline "
-                          f"(condiff's own models only)")
+        raise ConfigError(
+            f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not combine with --pipeline "
+            f"(condiff's own models only)"
+        )
 
 
 def _open_pipeline(pipeline: Path):
@@ -32,18 +34,32 @@ def _open_pipeline(pipeline: Path):
     return load_pipeline(pipeline)
 
 
-def sample_cmd(pipeline: Path, prompt: Optional[str], negative_prompt: Optional[str], height: Optional[int],
-               width: Optional[int], solver: str, solver_opt, steps: int, cfg: float, n: int, seed: int,
-               spacing: Optional[str], batch_size: int, out: Path, guidance: dict) -> None:
+def sample_cmd(
+    pipeline: Path,
+    prompt: Optional[str],
+    negative_prompt: Optional[str],
+    height: Optional[int],
+    width: Optional[int],
+    solver: str,
+    solver_opt,
+    steps: int,
+    cfg: float,
+    n: int,
+    seed: int,
+    spacing: Optional[str],
+    batch_size: int,
+    out: Path,
+    guidance: dict,
+) -> None:
     """``condiff sample --pipeline DIR``: a PNG grid of the decoded samples and a JSON sidecar."""
     import torch
     import typer
 
     from condiff import __version__
-    from condiff.core.grids import SPACINGS
-    from condiff.guidance.build import GuidanceOptions, parse_interval
-    from condiff.data.images import grid_image, save_png
     from condiff.core.files import atomic_write_json
+    from condiff.core.grids import SPACINGS
+    from condiff.data.images import grid_image, save_png
+    from condiff.guidance.build import GuidanceOptions, parse_interval
     from condiff.interop.latents import default_size, latent_shape
     from condiff.interop.pipeline import size_multiple
     from condiff.interop.run import sample_pipeline
@@ -67,19 +83,28 @@ def sample_cmd(pipeline: Path, prompt: Optional[str], negative_prompt: Optional[
     if g.get("ag_space") is not None and g.get("ag") is None:
         raise ConfigError("--ag-space needs --ag")
     options = GuidanceOptions(
-        cfg=cfg, pag=g.get("pag"),
+        cfg=cfg,
+        pag=g.get("pag"),
         pag_layers=("mid",) if g.get("pag_layers") is None else common.parse_pag_layers(g["pag_layers"]),
-        ag=g.get("ag"), ag_space=g.get("ag_space") or "x0", cfg_rescale=g.get("cfg_rescale"),
-        interval=None if g.get("guidance_interval") is None
-        else parse_interval(g["guidance_interval"], "--guidance-interval"), labels=common.GUIDANCE_FLAGS)
+        ag=g.get("ag"),
+        ag_space=g.get("ag_space") or "x0",
+        cfg_rescale=g.get("cfg_rescale"),
+        interval=None
+        if g.get("guidance_interval") is None
+        else parse_interval(g["guidance_interval"], "--guidance-interval"),
+        labels=common.GUIDANCE_FLAGS,
+    )
     step = size_multiple(pipeline)
     for name, v in (("--height", height), ("--width", width)):
         if v is not None and (v < step or v % step):
             raise ConfigError(f"{name} must be a positive multiple of {step} for this pipeline, got {v}")
     pipe = _open_pipeline(pipeline)
     if dict(pipe.scheduler.config).get("clip_sample") and spacing is None:
-        typer.echo("note: the folder's scheduler config sets clip_sample=True; condiff does not clip x0, so results "
-                   "differ from diffusers' (see docs/diffusers.md)", err=True)
+        typer.echo(
+            "note: the folder's scheduler config sets clip_sample=True; condiff does not clip x0, so results "
+            "differ from diffusers' (see docs/diffusers.md)",
+            err=True,
+        )
     h = default_size(pipe) if height is None else height
     w = default_size(pipe) if width is None else width
     latent_shape(pipe, 1, h, w)  # checks the size before any sampling
@@ -89,16 +114,48 @@ def sample_cmd(pipeline: Path, prompt: Optional[str], negative_prompt: Optional[
     save_png(grid_image(result.images, ncols=max(1, int(math.ceil(math.sqrt(n)))), scale=1), out)
     guide = common.GuidanceFlags(options, {})
     flags = guide.flags()
-    sidecar = {**guide.describe(), "command": "sample", "pipeline": str(pipeline), "pipeline_class": pipe.kind,
-               "prompt": prompt, "negative_prompt": negative_prompt, "height": h, "width": w, "solver": solver,
-               "solver_opt": solver_opt or [], "steps": steps, "cfg": cfg, "n": n, "seed": seed, "spacing": spacing,
-               "grid": result.grid.tolist(), "nfe": result.nfe, "seconds": seconds, "condiff_version": __version__,
-               "torch_version": torch.__version__,
-               "reproduce": common.reproduce("sample", [
-                   ("--pipeline", pipeline), ("--prompt", prompt), ("--negative-prompt", negative_prompt),
-                   ("--height", h), ("--width", w), ("--solver", solver), ("--steps", steps), ("--cfg", cfg), ("--n", n),
-                   ("--seed", seed), ("--spacing", spacing), ("--solver-opt", solver_opt or []),
-                   ("--batch-size", batch_size)]) + flags + common.argv_text([("--out", out)])}
+    sidecar = {
+        **guide.describe(),
+        "command": "sample",
+        "pipeline": str(pipeline),
+        "pipeline_class": pipe.kind,
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "height": h,
+        "width": w,
+        "solver": solver,
+        "solver_opt": solver_opt or [],
+        "steps": steps,
+        "cfg": cfg,
+        "n": n,
+        "seed": seed,
+        "spacing": spacing,
+        "grid": result.grid.tolist(),
+        "nfe": result.nfe,
+        "seconds": seconds,
+        "condiff_version": __version__,
+        "torch_version": torch.__version__,
+        "reproduce": common.reproduce(
+            "sample",
+            [
+                ("--pipeline", pipeline),
+                ("--prompt", prompt),
+                ("--negative-prompt", negative_prompt),
+                ("--height", h),
+                ("--width", w),
+                ("--solver", solver),
+                ("--steps", steps),
+                ("--cfg", cfg),
+                ("--n", n),
+                ("--seed", seed),
+                ("--spacing", spacing),
+                ("--solver-opt", solver_opt or []),
+                ("--batch-size", batch_size),
+            ],
+        )
+        + flags
+        + common.argv_text([("--out", out)]),
+    }
     atomic_write_json(out.with_suffix(".json"), sidecar)
     typer.echo(f"wrote {out} and {out.with_suffix('.json')} ({n} images, {result.nfe} NFE, {seconds:.1f}s)")
 
@@ -111,13 +168,14 @@ def _image(pipe, path: Path):
     return read_image(path, (3, size, size)).tensor
 
 
-def invert_cmd(pipeline: Path, image: Path, prompt: str, method: str, steps: int, seed: int, method_opt,
-               out: Path) -> None:
+def invert_cmd(
+    pipeline: Path, image: Path, prompt: str, method: str, steps: int, seed: int, method_opt, out: Path
+) -> None:
     """``condiff invert --pipeline DIR``: invert an image's VAE latents; save the inversion (safetensors)."""
     import typer
 
-    from condiff.inversion.methods import save_inverted
     from condiff.interop.run import invert_pipeline
+    from condiff.inversion.methods import save_inverted
 
     common.check_steps(steps)
     common.check_seed(seed)
@@ -129,12 +187,27 @@ def invert_cmd(pipeline: Path, image: Path, prompt: str, method: str, steps: int
     state, recon = invert_pipeline(pipe, meth, x, prompt, steps, seed)
     seconds = time.perf_counter() - t0
     p = common.psnr(recon, x)
-    save_inverted(state, out, {"format": "condiff.inversion", "pipeline": str(Path(pipeline).resolve()),
-                               "prompt": prompt, "steps": steps, "seed": seed, "options": meth.options(),
-                               "label": meth.label, "image": str(image), "image_sha256": common.image_digest(x),
-                               "reconstruction_psnr": p, "seconds": seconds, "space": "latent"})
-    typer.echo(f"inverted with {meth.label}: wrote {out} (reconstruction PSNR {p:.2f} dB through the VAE, "
-               f"{seconds:.1f}s)")
+    save_inverted(
+        state,
+        out,
+        {
+            "format": "condiff.inversion",
+            "pipeline": str(Path(pipeline).resolve()),
+            "prompt": prompt,
+            "steps": steps,
+            "seed": seed,
+            "options": meth.options(),
+            "label": meth.label,
+            "image": str(image),
+            "image_sha256": common.image_digest(x),
+            "reconstruction_psnr": p,
+            "seconds": seconds,
+            "space": "latent",
+        },
+    )
+    typer.echo(
+        f"inverted with {meth.label}: wrote {out} (reconstruction PSNR {p:.2f} dB through the VAE, {seconds:.1f}s)"
+    )
 
 
 def _saved_inversion(path: Path, pipeline: Path, method: Optional[str], steps: Optional[int]):
@@ -145,20 +218,33 @@ def _saved_inversion(path: Path, pipeline: Path, method: Optional[str], steps: O
     state, meta = common.load_inversion(path)
     where = repr(str(path))
     if meta.get("pipeline") != str(Path(pipeline).resolve()):
-        raise ConfigError(f"--inversion {where} was made for --pipeline {meta.get('pipeline')!r}, not "
-                          f"{str(pipeline)!r}; invert again with this pipeline")
+        raise ConfigError(
+            f"--inversion {where} was made for --pipeline {meta.get('pipeline')!r}, not "
+            f"{str(pipeline)!r}; invert again with this pipeline"
+        )
     if method is not None and method != meta.get("method"):
         raise ConfigError(f"--inversion {where} was made with --method {meta.get('method')}, not {method}")
     if steps is not None and steps != meta.get("steps"):
         raise ConfigError(f"--inversion {where} was made with --steps {meta.get('steps')}, not {steps}")
     if not isinstance(meta.get("prompt"), str) or not isinstance(meta.get("options", {}), dict):
-        raise InputFileError(f"--inversion {where} lacks its prompt or options (write it with `condiff invert "
-                             f"--pipeline`)")
+        raise InputFileError(
+            f"--inversion {where} lacks its prompt or options (write it with `condiff invert --pipeline`)"
+        )
     return state, meta
 
 
-def edit_cmd(pipeline: Path, image: Path, from_: Optional[str], to: str, method: Optional[str],
-             steps: Optional[int], seed: int, method_opt, inversion: Optional[Path], out: Path) -> None:
+def edit_cmd(
+    pipeline: Path,
+    image: Path,
+    from_: Optional[str],
+    to: str,
+    method: Optional[str],
+    steps: Optional[int],
+    seed: int,
+    method_opt,
+    inversion: Optional[Path],
+    out: Path,
+) -> None:
     """``condiff edit --pipeline DIR``: invert under --from (or reuse --inversion from ``invert --pipeline``),
     sample under --to, write the edit and a comparison strip."""
     import typer
@@ -188,12 +274,18 @@ def edit_cmd(pipeline: Path, image: Path, from_: Optional[str], to: str, method:
         state, recon = invert_pipeline(pipe, meth, x, from_, steps, seed)
     else:
         if meta.get("image_sha256") != common.image_digest(x):
-            raise ConfigError(f"--inversion {str(inversion)!r} was made from another image than --image "
-                              f"{str(image)!r}; give that image or invert again")
+            raise ConfigError(
+                f"--inversion {str(inversion)!r} was made from another image than --image "
+                f"{str(image)!r}; give that image or invert again"
+            )
         recon = edit_pipeline(pipe, meth, state, from_, seed, reconstruct=True)
     edited = edit_pipeline(pipe, meth, state, to, seed)
     p = common.psnr(recon, x)
     write_image(edited, out)
-    save_png(compare_image([(f"source: {from_}", x[0]), (f"reconstruction ({p:.1f} dB)", recon[0]),
-                            (f"edited: {to}", edited[0])]), compare)
+    save_png(
+        compare_image(
+            [(f"source: {from_}", x[0]), (f"reconstruction ({p:.1f} dB)", recon[0]), (f"edited: {to}", edited[0])]
+        ),
+        compare,
+    )
     typer.echo(f"edited with {meth.label}: wrote {out} and {compare} (reconstruction PSNR {p:.2f} dB)")

@@ -23,12 +23,15 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from condiff.cli import common
 
+from condiff.cli import common
 from condiff.errors import ConfigError, InputFileError, check_int
 
-TASKS = {"inpaint": "fill the white pixels of --mask", "sr": "super-resolve a low-resolution image",
-         "colorize": "color a grayscale (luminance) image"}
+TASKS = {
+    "inpaint": "fill the white pixels of --mask",
+    "sr": "super-resolve a low-resolution image",
+    "colorize": "color a grayscale (luminance) image",
+}
 MAX_RECURRENCE = 100
 
 
@@ -82,8 +85,10 @@ def read_mask(path: Path, src, height: int, width: int):
         left, top, right, bottom = src.crop
         m = m[top:bottom, left:right]
     elif (mh, mw) != (height, width):
-        raise InputFileError(f"--mask {str(path)!r} is {mw}x{mh} (width x height); accepted: the image's size "
-                             f"{iw}x{ih} or the model's size {width}x{height}")
+        raise InputFileError(
+            f"--mask {str(path)!r} is {mw}x{mh} (width x height); accepted: the image's size "
+            f"{iw}x{ih} or the model's size {width}x{height}"
+        )
     m = torch.nn.functional.interpolate(m[None, None].float(), size=(height, width), mode="nearest-exact")
     return m > 0.5
 
@@ -95,8 +100,10 @@ def sr_factor(size: tuple[int, int], shape) -> int:
     accepted = [h // f for f in range(2, h + 1) if h % f == 0 and w % f == 0 and h // f == w // f]
     if h != w or size[0] != size[1] or size[0] not in accepted:
         sizes = ", ".join(f"{s}x{s}" for s in accepted) or "none"
-        raise InputFileError(f"--task sr needs a square low-resolution image whose side divides the model's "
-                             f"{w}x{h}, got {size[0]}x{size[1]}; accepted: {sizes}")
+        raise InputFileError(
+            f"--task sr needs a square low-resolution image whose side divides the model's "
+            f"{w}x{h}, got {size[0]}x{size[1]}; accepted: {sizes}"
+        )
     return h // size[0]
 
 
@@ -107,22 +114,36 @@ def measurement_error(op, x, y) -> float:
 
 
 def restore_cmd(
-    task: str = typer.Option(..., help="inpaint (fill the white pixels of --mask), sr (super-resolution from a "
-                             "low-resolution image) or colorize (color a grayscale image)"),
-    image: Path = typer.Option(..., help="the input image (PNG, JPEG, ...): for inpaint and colorize at the model's "
-                               "size (others are centre-cropped and resized, with a note); for sr the "
-                               "low-resolution image, e.g. 8x8 for x4 on a 32x32 model"),
-    mask: Optional[Path] = typer.Option(None, help="inpaint only: white pixels are filled, black pixels are kept "
-                                        "(diffusers' convention), at the image's or the model's size"),
+    task: str = typer.Option(
+        ...,
+        help="inpaint (fill the white pixels of --mask), sr (super-resolution from a "
+        "low-resolution image) or colorize (color a grayscale image)",
+    ),
+    image: Path = typer.Option(
+        ...,
+        help="the input image (PNG, JPEG, ...): for inpaint and colorize at the model's "
+        "size (others are centre-cropped and resized, with a note); for sr the "
+        "low-resolution image, e.g. 8x8 for x4 on a 32x32 model",
+    ),
+    mask: Optional[Path] = typer.Option(
+        None,
+        help="inpaint only: white pixels are filled, black pixels are kept "
+        "(diffusers' convention), at the image's or the model's size",
+    ),
     model: str = typer.Option("shapes", help="bundled model name (shapes, digits) or a model directory"),
     prompt: str = typer.Option("", help="caption to sample under (default: the empty caption, unconditional)"),
     steps: int = typer.Option(50, help="sampler steps, 1 to 1000"),
     seed: int = typer.Option(0, help="random seed of the initial noise and the solver's noise"),
-    recurrence: int = typer.Option(4, help=f"self-recurrence: each step is repeated k times, re-noising in between "
-                                   f"(1 = off), 1 to {MAX_RECURRENCE}"),
+    recurrence: int = typer.Option(
+        4,
+        help=f"self-recurrence: each step is repeated k times, re-noising in between (1 = off), 1 to {MAX_RECURRENCE}",
+    ),
     solver: str = typer.Option("ddpm", help="solver name (see `condiff solvers`)"),
-    out: Path = typer.Option(..., help="the restored image (.png, at the model's size); <stem>_compare.png and a "
-                             "JSON sidecar (<stem>.json) are written beside it"),
+    out: Path = typer.Option(
+        ...,
+        help="the restored image (.png, at the model's size); <stem>_compare.png and a "
+        "JSON sidecar (<stem>.json) are written beside it",
+    ),
 ):
     """Steered restoration: inpainting, super-resolution or colorization with the model as the prior.
 
@@ -130,12 +151,12 @@ def restore_cmd(
     import torch
 
     from condiff import __version__
+    from condiff.core.files import atomic_write_json
     from condiff.core.grids import make_grid
+    from condiff.core.sampling import Gaussian, sample
+    from condiff.data.images import compare_image, read_image, save_png, write_image
     from condiff.guidance.steered import Colorize, Inpaint, Projection, SuperResolution
     from condiff.guidance.universal import SelfRecurrence
-    from condiff.data.images import compare_image, read_image, save_png, write_image
-    from condiff.core.files import atomic_write_json
-    from condiff.core.sampling import Gaussian, sample
     from condiff.solvers import get_solver
 
     _check_task(task)
@@ -179,8 +200,9 @@ def restore_cmd(
             shown = torch.where(fill, torch.zeros_like(x_in), x_in)
         else:
             if c != 3:
-                raise ConfigError(f"--task colorize needs a color (3-channel) model; {model!r} is a {c}-channel "
-                                  f"{family.name} model")
+                raise ConfigError(
+                    f"--task colorize needs a color (3-channel) model; {model!r} is a {c}-channel {family.name} model"
+                )
             op = Colorize()
             y = op(x_in)
             shown = y.expand(-1, 3, -1, -1)
@@ -202,19 +224,51 @@ def restore_cmd(
     save_png(compare_image([(f"input ({task})", shown[0]), ("restored", restored[0].clamp(-1, 1))]), compare)
     readings = common.readings(m.family, {"output": restored})
     record = {
-        "command": "restore", "task": task, "model": model, "model_path": common.model_path(model), "prompt": prompt,
-        "tokens": raw.tolist(), "steps": steps, "seed": seed, "recurrence": recurrence, "solver": solver,
-        "solver_label": sol.name, "nfe": int(result.nfe),
-        "image": str(image), "mask": None if mask is None else str(mask), "original_size": orig, "crop": crop,
-        "notice": notice, "factor": factor, "measurement_error": err, "measurement_error_written": err_written,
-        "labels": readings, "seconds": seconds,
+        "command": "restore",
+        "task": task,
+        "model": model,
+        "model_path": common.model_path(model),
+        "prompt": prompt,
+        "tokens": raw.tolist(),
+        "steps": steps,
+        "seed": seed,
+        "recurrence": recurrence,
+        "solver": solver,
+        "solver_label": sol.name,
+        "nfe": int(result.nfe),
+        "image": str(image),
+        "mask": None if mask is None else str(mask),
+        "original_size": orig,
+        "crop": crop,
+        "notice": notice,
+        "factor": factor,
+        "measurement_error": err,
+        "measurement_error_written": err_written,
+        "labels": readings,
+        "seconds": seconds,
         "outputs": {"image": str(out), "compare": str(compare), "sidecar": str(sidecar), "size": [w, h]},
-        "condiff_version": __version__, "torch_version": torch.__version__,
-        "reproduce": common.reproduce("restore", [
-            ("--task", task), ("--image", image), ("--mask", mask), ("--model", model), ("--prompt", prompt),
-            ("--steps", steps), ("--seed", seed), ("--recurrence", recurrence), ("--solver", solver), ("--out", out)])}
+        "condiff_version": __version__,
+        "torch_version": torch.__version__,
+        "reproduce": common.reproduce(
+            "restore",
+            [
+                ("--task", task),
+                ("--image", image),
+                ("--mask", mask),
+                ("--model", model),
+                ("--prompt", prompt),
+                ("--steps", steps),
+                ("--seed", seed),
+                ("--recurrence", recurrence),
+                ("--solver", solver),
+                ("--out", out),
+            ],
+        ),
+    }
     atomic_write_json(sidecar, record)
-    typer.echo(f"restored ({task}, {sol.name}): wrote {out} ({w}x{h}), {compare} and {sidecar} "
-               f"(max|A x - y| {err:.2e}, {seconds:.1f}s)")
+    typer.echo(
+        f"restored ({task}, {sol.name}): wrote {out} ({w}x{h}), {compare} and {sidecar} "
+        f"(max|A x - y| {err:.2e}, {seconds:.1f}s)"
+    )
     if readings is not None:
         typer.echo(f"labeller reads: '{common.caption(readings['output'])}'")

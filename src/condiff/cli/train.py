@@ -20,8 +20,13 @@ def make_trainer(recipe: Recipe, out_dir, progress: bool = True) -> Trainer:
     torch.manual_seed(recipe.train.seed)  # deterministic initial weights
     from condiff.solvers.pfgmpp import noise_for_D
 
-    model = build_model(recipe.family, recipe.model, recipe.schedule, recipe.objective.prediction,
-                        noise_for_D(recipe.objective.pfgmpp_D))
+    model = build_model(
+        recipe.family,
+        recipe.model,
+        recipe.schedule,
+        recipe.objective.prediction,
+        noise_for_D(recipe.objective.pfgmpp_D),
+    )
     if recipe.train.init_from:
         init_weights(model, recipe.train.init_from)
     return Trainer(model, recipe, Path(out_dir), progress=progress, evaluate=_learning_curve_eval(recipe))
@@ -35,15 +40,18 @@ def init_weights(model, init_from: str):
 
     src = load_model(init_from, "train.init_from")
     if src.prediction.name != model.prediction.name or src.info.get("schedule_cfg") != model.info.get("schedule_cfg"):
-        raise ConfigError(f"train.init_from {init_from!r} has prediction {src.prediction.name!r} and schedule "
-                          f"{src.info.get('schedule_cfg')}; the recipe needs {model.prediction.name!r} and "
-                          f"{model.info.get('schedule_cfg')}")
+        raise ConfigError(
+            f"train.init_from {init_from!r} has prediction {src.prediction.name!r} and schedule "
+            f"{src.info.get('schedule_cfg')}; the recipe needs {model.prediction.name!r} and "
+            f"{model.info.get('schedule_cfg')}"
+        )
     try:
         model.module.load_state_dict(src.module.state_dict())
     except RuntimeError as e:
         first = (str(e).strip().splitlines() or [""])[0][:150]
-        raise ConfigError(f"train.init_from {init_from!r}: its networks do not match the recipe's [model] "
-                          f"({first})") from None
+        raise ConfigError(
+            f"train.init_from {init_from!r}: its networks do not match the recipe's [model] ({first})"
+        ) from None
 
 
 def _learning_curve_eval(recipe: Recipe):
@@ -64,16 +72,23 @@ def _learning_curve_eval(recipe: Recipe):
     return run
 
 
-def train_recipe(recipe: Recipe, out_dir, steps: int | None = None, resume: bool = False,
-                 progress: bool = True, stop_after: int | None = None) -> Trainer:
+def train_recipe(
+    recipe: Recipe,
+    out_dir,
+    steps: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> Trainer:
     if steps is not None:
         if steps < 1:
             raise ConfigError(f"--steps must be a positive integer, got {steps}")
         recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, steps=steps))
     trainer = make_trainer(recipe, out_dir, progress)
     if trainer.list_checkpoints() and not resume:
-        raise ConfigError(f"{str(out_dir)!r} already holds checkpoints; pass --resume to continue, or "
-                          f"choose another --out")
+        raise ConfigError(
+            f"{str(out_dir)!r} already holds checkpoints; pass --resume to continue, or choose another --out"
+        )
     trainer.clear_stale_temps()
     if resume:
         path = trainer.resume()

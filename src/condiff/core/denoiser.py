@@ -13,8 +13,8 @@ from typing import Any, Callable, ClassVar, Mapping, Protocol, runtime_checkable
 import torch
 
 from condiff.core import parameterization as P
-from condiff.errors import one_of
 from condiff.core.schedules import NoiseSchedule
+from condiff.errors import one_of
 
 
 @runtime_checkable
@@ -254,15 +254,15 @@ class WrappedDenoiser:
         return self.prediction.to_x0(out, x, a, s, t, self.schedule)
 
 
-def wrap(net, schedule: NoiseSchedule, prediction="eps", time_input: Callable | None = None,
-         call: Callable | None = None) -> WrappedDenoiser:
+def wrap(
+    net, schedule: NoiseSchedule, prediction="eps", time_input: Callable | None = None, call: Callable | None = None
+) -> WrappedDenoiser:
     """Adapt any network to the Denoiser protocol.
 
     ``prediction``: a Prediction object or one of eps, x0, v, flow, edm. ``time_input`` maps the schedule's
     time to what the network expects (identity by default: VP-discrete's t is diffusers' timestep).
     ``call(net, x, t_in, cond)`` runs the network; by default ``net(x, t_in, **cond)``."""
-    return WrappedDenoiser(net, schedule, as_prediction(prediction),
-                           time_input or (lambda t: t), call or _default_call)
+    return WrappedDenoiser(net, schedule, as_prediction(prediction), time_input or (lambda t: t), call or _default_call)
 
 
 def diffuse(schedule: NoiseSchedule, x0: torch.Tensor, t, eps: torch.Tensor) -> torch.Tensor:

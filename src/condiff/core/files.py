@@ -20,7 +20,6 @@ from safetensors.torch import save as st_save
 
 from condiff.errors import InputFileError, OutputFileError
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -85,8 +84,9 @@ def check_writable(path, kind: str = "file") -> Path:
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        raise OutputFileError(f"cannot write {str(path)!r}: {str(base)!r} is not writable "
-                              f"({e.strerror or e})") from None
+        raise OutputFileError(
+            f"cannot write {str(path)!r}: {str(base)!r} is not writable ({e.strerror or e})"
+        ) from None
     return path
 
 

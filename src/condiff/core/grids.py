@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from condiff.errors import ConfigError
 from condiff.core.schedules import NoiseSchedule
+from condiff.errors import ConfigError
 
 
 def _is_real(x) -> bool:
@@ -75,13 +75,20 @@ def _time(schedule: NoiseSchedule, value, name: str) -> float:
         value = value.item()
     lo, hi = min(schedule.t_clean, schedule.t_min), schedule.t_max
     if not _is_real(value) or not lo <= value <= hi:
-        raise ConfigError(f"{name} must be a finite number in [{lo}, {hi}] for {type(schedule).__name__}, "
-                          f"got {value!r}")
+        raise ConfigError(
+            f"{name} must be a finite number in [{lo}, {hi}] for {type(schedule).__name__}, got {value!r}"
+        )
     return float(value)
 
 
-def make_grid(schedule: NoiseSchedule, steps: int, spacing=UniformT(), t_start: float | None = None,
-              t_end: float | None = None, final_zero: bool = True) -> torch.Tensor:
+def make_grid(
+    schedule: NoiseSchedule,
+    steps: int,
+    spacing=UniformT(),
+    t_start: float | None = None,
+    t_end: float | None = None,
+    final_zero: bool = True,
+) -> torch.Tensor:
     """A descending float64 grid with ``steps`` transitions."""
     if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
         raise ConfigError(f"steps must be an integer in [1, {MAX_STEPS}], got {steps!r}")
@@ -94,15 +101,19 @@ def make_grid(schedule: NoiseSchedule, steps: int, spacing=UniformT(), t_start: 
     if not t_start > t_end:
         raise ConfigError(f"t_start ({t_start}) must be greater than t_end ({t_end})")
     if final_zero and not t_end > schedule.t_clean:
-        raise ConfigError(f"t_end ({t_end}) must be greater than the clean time {schedule.t_clean} when "
-                          f"final_zero=True (the grid ends there)")
+        raise ConfigError(
+            f"t_end ({t_end}) must be greater than the clean time {schedule.t_clean} when "
+            f"final_zero=True (the grid ends there)"
+        )
     if final_zero:
         pts = spacing.points(schedule, t_start, t_end, steps)
         grid = torch.cat([pts, torch.tensor([schedule.t_clean], dtype=torch.float64)])
     else:
         grid = spacing.points(schedule, t_start, t_end, steps + 1)
     if not bool(torch.isfinite(grid).all()) or not bool((grid[1:] < grid[:-1]).all()):
-        raise ConfigError(f"the {getattr(spacing, 'name', 'custom')} grid of {steps} steps from t_start "
-                          f"{t_start} to t_end {t_end} is not finite and strictly descending; use fewer steps, "
-                          f"a wider range, or end points where the log-SNR is finite")
+        raise ConfigError(
+            f"the {getattr(spacing, 'name', 'custom')} grid of {steps} steps from t_start "
+            f"{t_start} to t_end {t_end} is not finite and strictly descending; use fewer steps, "
+            f"a wider range, or end points where the log-SNR is finite"
+        )
     return grid

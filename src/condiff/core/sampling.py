@@ -91,9 +91,17 @@ def initial_noise(schedule, t_start: float, shape, generator=None, dtype=torch.f
     return sig * torch.randn(shape, generator=generator, dtype=dtype)
 
 
-def sample(denoiser, solver, grid: torch.Tensor, x: torch.Tensor, cond: Mapping[str, Any] | None = None,
-           noise: NoiseSource | None = None, callbacks: Iterable[Callable[[StepInfo], None]] = (),
-           progress: bool | str = False, check_finite: bool = True) -> SampleOutput:
+def sample(
+    denoiser,
+    solver,
+    grid: torch.Tensor,
+    x: torch.Tensor,
+    cond: Mapping[str, Any] | None = None,
+    noise: NoiseSource | None = None,
+    callbacks: Iterable[Callable[[StepInfo], None]] = (),
+    progress: bool | str = False,
+    check_finite: bool = True,
+) -> SampleOutput:
     """Integrate from grid[0] to grid[-1] with ``solver``; returns the final x and the NFE count. The denoiser
     is started once per call (``start_trajectory``), so a method with per-trajectory state begins afresh."""
     grid = torch.as_tensor(grid, dtype=torch.float64)
@@ -112,8 +120,9 @@ def sample(denoiser, solver, grid: torch.Tensor, x: torch.Tensor, cond: Mapping[
         t, t_next = float(grid[i]), float(grid[i + 1])
         x, state = solver.step(D, x, t, t_next, state, noise)
         if check_finite and not bool(torch.isfinite(x).all()):
-            raise NonFiniteError(f"non-finite values in x after step {i} (t={t:.4g} -> {t_next:.4g}) "
-                                 f"of solver {solver.name!r}")
+            raise NonFiniteError(
+                f"non-finite values in x after step {i} (t={t:.4g} -> {t_next:.4g}) of solver {solver.name!r}"
+            )
         if callbacks:
             info = StepInfo(i, t, t_next, x, D.last, D.nfe)
             for cb in callbacks:

@@ -170,8 +170,7 @@ def _check_alphas_cumprod(table) -> Tensor:
     rising = ~(ac[1:] < ac[:-1])
     if bool(rising.any()):
         i = int(rising.nonzero()[0]) + 1
-        raise ConfigError(f"{want}; value {i} ({float(ac[i])!r}) is not below value {i - 1} "
-                          f"({float(ac[i - 1])!r})")
+        raise ConfigError(f"{want}; value {i} ({float(ac[i])!r}) is not below value {i - 1} ({float(ac[i - 1])!r})")
     return ac
 
 
@@ -212,8 +211,9 @@ class VPDiscrete(NoiseSchedule):
         return float(self.num_steps - 1)
 
     @classmethod
-    def from_betas(cls, kind: str = "linear", num_steps: int = 1000, beta_start: float = 1e-4,
-                   beta_end: float = 2e-2) -> "VPDiscrete":
+    def from_betas(
+        cls, kind: str = "linear", num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2
+    ) -> "VPDiscrete":
         """Build the table like diffusers' DDPMScheduler, in float64 (kinds: linear, scaled_linear,
         squaredcos_cap_v2)."""
         n = num_steps
@@ -223,8 +223,7 @@ class VPDiscrete(NoiseSchedule):
             betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float64) ** 2
         elif kind == "squaredcos_cap_v2":
             f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
-            betas = torch.tensor([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)],
-                                 dtype=torch.float64)
+            betas = torch.tensor([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)], dtype=torch.float64)
         else:
             raise one_of("beta schedule", kind, ["linear", "scaled_linear", "squaredcos_cap_v2"])
         return cls(alphas_cumprod=torch.cumprod(1.0 - betas, 0))
@@ -325,8 +324,9 @@ def schedule_from_config(cfg: dict) -> NoiseSchedule:
         raise one_of("schedule type", kind, SCHEDULE_KEYS)
     for key in cfg:
         if key != "type" and key not in SCHEDULE_KEYS[kind]:
-            raise ConfigError(f"unknown key schedule.{key} for type {kind!r}; accepted: "
-                              f"{', '.join(('type',) + SCHEDULE_KEYS[kind])}")
+            raise ConfigError(
+                f"unknown key schedule.{key} for type {kind!r}; accepted: {', '.join(('type',) + SCHEDULE_KEYS[kind])}"
+            )
     if kind == "vp_linear":
         b0 = _number(cfg, "beta_min", 0.1, 0.0, 1e3)
         return VPLinear(b0, _number(cfg, "beta_max", 20.0, max(b0, 1e-6), 1e3))
@@ -338,9 +338,12 @@ def schedule_from_config(cfg: dict) -> NoiseSchedule:
         beta_schedule = cfg.get("beta_schedule", "linear")
         if not isinstance(beta_schedule, str):
             raise ConfigError(f"schedule.beta_schedule must be a string, got {_short(beta_schedule)}")
-        return VPDiscrete.from_betas(beta_schedule, _number(cfg, "num_steps", 1000, 2, 100_000, integer=True),
-                                     _number(cfg, "beta_start", 1e-4, 1e-12, 0.999),
-                                     _number(cfg, "beta_end", 2e-2, 1e-12, 0.999))
+        return VPDiscrete.from_betas(
+            beta_schedule,
+            _number(cfg, "num_steps", 1000, 2, 100_000, integer=True),
+            _number(cfg, "beta_start", 1e-4, 1e-12, 0.999),
+            _number(cfg, "beta_end", 2e-2, 1e-12, 0.999),
+        )
     if kind == "edm":
         lo = _number(cfg, "sigma_min", 0.002, 1e-12, 1e6)
         return EDM(lo, _number(cfg, "sigma_max", 80.0, lo * (1 + 1e-9), 1e6))

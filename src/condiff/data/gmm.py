@@ -62,11 +62,16 @@ class GMM:
         covs = torch.as_tensor(self.covs, dtype=F64)
         covs = torch.diag_embed(covs) if covs.dim() == 2 else covs
         weights = torch.as_tensor(self.weights, dtype=F64)
-        classes = torch.zeros(k, dtype=torch.long) if self.classes is None else \
-            torch.as_tensor(self.classes, dtype=torch.long)
+        classes = (
+            torch.zeros(k, dtype=torch.long)
+            if self.classes is None
+            else torch.as_tensor(self.classes, dtype=torch.long)
+        )
         if covs.shape != (k, d, d) or weights.shape != (k,) or classes.shape != (k,):
-            raise ConfigError(f"GMM shapes disagree: means {tuple(means.shape)}, covs {tuple(covs.shape)}, "
-                              f"weights {tuple(weights.shape)}, classes {tuple(classes.shape)}")
+            raise ConfigError(
+                f"GMM shapes disagree: means {tuple(means.shape)}, covs {tuple(covs.shape)}, "
+                f"weights {tuple(weights.shape)}, classes {tuple(classes.shape)}"
+            )
         if not bool((weights > 0).all()) or bool((classes < 0).any()):
             raise ConfigError("GMM weights must be positive and classes non-negative")
         if not bool((torch.bincount(classes) > 0).all()):
@@ -74,8 +79,14 @@ class GMM:
         evals, evecs = torch.linalg.eigh(0.5 * (covs + covs.transpose(1, 2)))
         if not bool((evals > 0).all()):
             raise ConfigError("GMM covariances must be positive definite")
-        for name, val in [("means", means), ("covs", covs), ("weights", weights / weights.sum()),
-                          ("classes", classes), ("evals", evals), ("evecs", evecs)]:
+        for name, val in [
+            ("means", means),
+            ("covs", covs),
+            ("weights", weights / weights.sum()),
+            ("classes", classes),
+            ("evals", evals),
+            ("evecs", evecs),
+        ]:
             object.__setattr__(self, name, val)
 
     @classmethod
@@ -86,8 +97,15 @@ class GMM:
         return cls(mean[None], cov[None], torch.ones(1, dtype=F64))
 
     @classmethod
-    def random(cls, dim: int = 2, components: int = 4, num_classes: int = 2, seed: int = 0,
-               spread: float = 2.0, var_range: tuple[float, float] = (0.05, 0.5)) -> "GMM":
+    def random(
+        cls,
+        dim: int = 2,
+        components: int = 4,
+        num_classes: int = 2,
+        seed: int = 0,
+        spread: float = 2.0,
+        var_range: tuple[float, float] = (0.05, 0.5),
+    ) -> "GMM":
         """A seeded random mixture: means ~ N(0, spread^2), random rotations, variances log-uniform in
         ``var_range``, weights in [0.5, 1.5] (normalised), component k in class k % num_classes."""
         g = torch.Generator().manual_seed(seed)

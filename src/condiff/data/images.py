@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from condiff.errors import ConfigError, InputFileError, NonFiniteError, one_line
 from condiff.core.files import atomic_write_bytes
+from condiff.errors import ConfigError, InputFileError, NonFiniteError, one_line
 
 MAX_PIXELS = 64_000_000  # decompression-bomb cap (width * height), checked before decoding
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")  # Pillow plugins read_image opens
@@ -51,7 +51,7 @@ def grid_image(images: torch.Tensor, ncols: int, scale: int = 4, pad: int = 2) -
     canvas = torch.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, 3), 40, dtype=torch.uint8)
     for i in range(b):
         r, c = divmod(i, ncols)
-        canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = x[i]
+        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = x[i]
     img = Image.fromarray(canvas.numpy())
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
 
@@ -63,6 +63,7 @@ def save_png(img: Image.Image, path):
 
 
 # ---- reading ---------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ImageInput:
@@ -78,19 +79,27 @@ class ImageInput:
 
 
 def _check_shape(shape) -> tuple[int, int, int]:
-    ok = isinstance(shape, (tuple, list)) and len(shape) == 3 \
-        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape) \
-        and shape[0] in (1, 3) and shape[1] * shape[2] <= MAX_PIXELS
+    ok = (
+        isinstance(shape, (tuple, list))
+        and len(shape) == 3
+        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)
+        and shape[0] in (1, 3)
+        and shape[1] * shape[2] <= MAX_PIXELS
+    )
     if not ok:
-        raise ConfigError(f"image shape {shape!r} is not accepted; expected (channels, height, width) with "
-                          f"channels 1 or 3 and positive sizes of at most {MAX_PIXELS} pixels")
+        raise ConfigError(
+            f"image shape {shape!r} is not accepted; expected (channels, height, width) with "
+            f"channels 1 or 3 and positive sizes of at most {MAX_PIXELS} pixels"
+        )
     return int(shape[0]), int(shape[1]), int(shape[2])
 
 
 def _check_pixels(size: tuple[int, int], where: str):
     if size[0] * size[1] > MAX_PIXELS:
-        raise InputFileError(f"{where} is {size[0]}x{size[1]} = {size[0] * size[1]} pixels, over the limit of "
-                             f"{MAX_PIXELS} (a decompression bomb?); accepted: {ACCEPTED}")
+        raise InputFileError(
+            f"{where} is {size[0]}x{size[1]} = {size[0] * size[1]} pixels, over the limit of "
+            f"{MAX_PIXELS} (a decompression bomb?); accepted: {ACCEPTED}"
+        )
 
 
 def _pixels(im: Image.Image) -> np.ndarray:
@@ -140,8 +149,12 @@ def centre_crop_box(size: tuple[int, int], target: tuple[int, int]) -> tuple[int
 def resize_pixels(pixels: np.ndarray, size: tuple[int, int], box=None) -> np.ndarray:
     """(H, W, K) float values -> (height, width, K) for ``size`` = (width, height): the ``box`` region
     (default all) resampled with a Lanczos filter per channel in float32, clipped to 0..255."""
-    chans = [np.asarray(Image.fromarray(np.ascontiguousarray(pixels[..., k], dtype=np.float32))
-                        .resize(size, _RESAMPLE, box=box)) for k in range(pixels.shape[-1])]
+    chans = [
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(pixels[..., k], dtype=np.float32)).resize(size, _RESAMPLE, box=box)
+        )
+        for k in range(pixels.shape[-1])
+    ]
     return np.clip(np.stack(chans, -1), 0, 255)
 
 
@@ -201,14 +214,15 @@ def read_image(path, shape=(3, 32, 32), resize: bool = True) -> ImageInput:
         raise InputFileError(f"{name} is not an image of an accepted format; accepted: {ACCEPTED}") from None
     except Exception as e:  # noqa: BLE001  Pillow's decoders raise many types for truncated or corrupt data
         detail = one_line(str(e))[:120] or type(e).__name__
-        raise InputFileError(f"cannot read image {name} ({type(e).__name__}: {detail}); "
-                             f"accepted: {ACCEPTED}") from None
+        raise InputFileError(f"cannot read image {name} ({type(e).__name__}: {detail}); accepted: {ACCEPTED}") from None
     src_h, src_w = pixels.shape[:2]
     notice = None
     if (src_h, src_w) != (h, w):
         if not resize:
-            raise InputFileError(f"image {name} is {src_w}x{src_h} (width x height) but {w}x{h} is expected "
-                                 f"and resizing is off; give a {w}x{h} image or allow resizing")
+            raise InputFileError(
+                f"image {name} is {src_w}x{src_h} (width x height) but {w}x{h} is expected "
+                f"and resizing is off; give a {w}x{h} image or allow resizing"
+            )
         pixels, box = fit_pixels(pixels, h, w)
         cw, ch = box[2] - box[0], box[3] - box[1]
         crop = "" if (cw, ch) == (src_w, src_h) else f" (centre crop {cw}x{ch})"
@@ -219,6 +233,7 @@ def read_image(path, shape=(3, 32, 32), resize: bool = True) -> ImageInput:
 
 
 # ---- writing ---------------------------------------------------------------------------------------------
+
 
 def _one_image(image, what: str = "image") -> torch.Tensor:
     """(C, H, W) or (1, C, H, W) with C in {1, 3} -> (C, H, W) float, finite."""
@@ -236,12 +251,16 @@ def _one_image(image, what: str = "image") -> torch.Tensor:
 
 
 def _check_size(size) -> tuple[int, int]:
-    ok = isinstance(size, (tuple, list)) and len(size) == 2 \
-        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size) \
+    ok = (
+        isinstance(size, (tuple, list))
+        and len(size) == 2
+        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size)
         and size[0] * size[1] <= MAX_PIXELS
+    )
     if not ok:
-        raise ConfigError(f"image size {size!r} is not accepted; expected (width, height), positive, "
-                          f"at most {MAX_PIXELS} pixels")
+        raise ConfigError(
+            f"image size {size!r} is not accepted; expected (width, height), positive, at most {MAX_PIXELS} pixels"
+        )
     return int(size[0]), int(size[1])
 
 
@@ -293,8 +312,9 @@ def compare_image(rows: list[tuple[str, torch.Tensor]], scale: int = 4) -> Image
     tiles = [_tile(_one_image(img, f"image {label!r}"), scale) for label, img in rows]
     text_h = max(_text_size(font, s)[1] for s in labels)
     widths = [max(t.width, _text_size(font, s)[0]) for t, s in zip(tiles, labels)]
-    canvas = Image.new("RGB", (sum(widths) + _PAD * (len(rows) + 1),
-                               text_h + max(t.height for t in tiles) + 3 * _PAD), "white")
+    canvas = Image.new(
+        "RGB", (sum(widths) + _PAD * (len(rows) + 1), text_h + max(t.height for t in tiles) + 3 * _PAD), "white"
+    )
     draw, x0 = ImageDraw.Draw(canvas), _PAD
     for tile, label, width in zip(tiles, labels, widths):
         draw.text((x0 + (width - _text_size(font, label)[0]) // 2, _PAD), label, fill="black", font=font)
@@ -308,11 +328,18 @@ def labelled_grid(images: torch.Tensor, row_labels, col_labels, scale: int = 4) 
     = examples), with each row's label on its left and each column's label above it."""
     scale = _check_scale(scale)
     rl, cl = [one_line(str(s)) for s in row_labels], [one_line(str(s)) for s in col_labels]
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] not in (1, 3) \
-            or images.shape[0] != len(rl) * len(cl) or images.shape[0] == 0:
+    if (
+        not isinstance(images, torch.Tensor)
+        or images.dim() != 4
+        or images.shape[1] not in (1, 3)
+        or images.shape[0] != len(rl) * len(cl)
+        or images.shape[0] == 0
+    ):
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ConfigError(f"labelled_grid images have shape {shape}; expected (rows x columns = "
-                          f"{len(rl)} x {len(cl)}, C, H, W) with C 1 or 3")
+        raise ConfigError(
+            f"labelled_grid images have shape {shape}; expected (rows x columns = "
+            f"{len(rl)} x {len(cl)}, C, H, W) with C 1 or 3"
+        )
     font = ImageFont.load_default()
     tiles = [_tile(_one_image(img), scale) for img in images]
     tw, th = tiles[0].width, tiles[0].height
@@ -322,8 +349,9 @@ def labelled_grid(images: torch.Tensor, row_labels, col_labels, scale: int = 4) 
     canvas = Image.new("RGB", (left + len(cl) * (cell_w + _PAD), top + len(rl) * (th + _PAD)), "white")
     draw = ImageDraw.Draw(canvas)
     for j, s in enumerate(cl):
-        draw.text((left + j * (cell_w + _PAD) + (cell_w - _text_size(font, s)[0]) // 2, _PAD), s,
-                  fill="black", font=font)
+        draw.text(
+            (left + j * (cell_w + _PAD) + (cell_w - _text_size(font, s)[0]) // 2, _PAD), s, fill="black", font=font
+        )
     for i, s in enumerate(rl):
         y = top + i * (th + _PAD)
         draw.text((_PAD, y + (th - _text_size(font, s)[1]) // 2), s, fill="black", font=font)

@@ -14,8 +14,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from condiff.errors import ConfigError
 from condiff.data.images import fit_pixels, pixels_to_tensor
+from condiff.errors import ConfigError
 
 NAMES = ("astronaut", "coffee", "chelsea")
 MAX_SIZE = 1024

@@ -15,12 +15,10 @@ import torch
 SIZE = 32
 SHAPES = ("circle", "square", "triangle")
 COLORS = ("red", "green", "blue", "yellow", "magenta", "cyan")
-PALETTE = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1]],
-                       dtype=torch.float32)
+PALETTE = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1]], dtype=torch.float32)
 SIZES = ("small", "large")
 HALF_EXTENT = (3.0, 5.5)  # half the side of the bounding box, in pixels
-POSITIONS = ("top-left", "top", "top-right", "left", "center", "right", "bottom-left", "bottom",
-             "bottom-right")
+POSITIONS = ("top-left", "top", "top-right", "left", "center", "right", "bottom-left", "bottom", "bottom-right")
 ATTRIBUTES = {"shape": SHAPES, "color": COLORS, "size": SIZES, "position": POSITIONS}
 CELL = SIZE / 3  # the labeller's cell boundaries
 CENTRES = torch.tensor([7.0, 16.0, 25.0])  # object centres (on pixel corners), inset so large shapes fit
@@ -65,8 +63,7 @@ def _coverage(attrs: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor) -> torch.
     return inside.float().view(b, SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE).mean((2, 4))
 
 
-def render_batch(attrs: torch.Tensor, generator: torch.Generator | None = None,
-                 jitter: int = JITTER) -> ShapesBatch:
+def render_batch(attrs: torch.Tensor, generator: torch.Generator | None = None, jitter: int = JITTER) -> ShapesBatch:
     """Render images for an (B, 4) attribute tensor; position jitter is drawn from ``generator``."""
     attrs = attrs.long()
     b = attrs.shape[0]
@@ -93,6 +90,10 @@ def sample_batch(n: int, generator: torch.Generator | None = None) -> ShapesBatc
 def caption(attrs_row, keep=(True, True, True, True)) -> str:
     """'large red circle top-left': size, color, shape, position; omitted attributes are left out."""
     s, c, z, p = (int(v) for v in attrs_row)
-    words = [SIZES[z] if keep[2] else None, COLORS[c] if keep[1] else None,
-             SHAPES[s] if keep[0] else None, POSITIONS[p] if keep[3] else None]
+    words = [
+        SIZES[z] if keep[2] else None,
+        COLORS[c] if keep[1] else None,
+        SHAPES[s] if keep[0] else None,
+        POSITIONS[p] if keep[3] else None,
+    ]
     return " ".join(w for w in words if w)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from condiff.errors import ConfigError
 from condiff.data.shapes import COLORS, POSITIONS, SHAPES, SIZES
+from condiff.errors import ConfigError
 
 PAD = 0
 SLOTS = (("size", SIZES), ("color", COLORS), ("shape", SHAPES), ("position", POSITIONS))
@@ -20,8 +20,16 @@ for _slot, (_name, _words) in enumerate(SLOTS):
         _next += 1
 VOCAB_SIZE = _next
 SEQ_LEN = len(SLOTS)
-ALIASES = {"middle": "center", "centre": "center", "top-center": "top", "bottom-center": "bottom",
-           "middle-left": "left", "middle-right": "right", "top-middle": "top", "bottom-middle": "bottom"}
+ALIASES = {
+    "middle": "center",
+    "centre": "center",
+    "top-center": "top",
+    "bottom-center": "bottom",
+    "middle-left": "left",
+    "middle-right": "right",
+    "top-middle": "top",
+    "bottom-middle": "bottom",
+}
 
 
 def tokenize(prompt: str) -> list[int]:
@@ -32,8 +40,7 @@ def tokenize(prompt: str) -> list[int]:
     for word in prompt.lower().replace(",", " ").split():
         word = ALIASES.get(word, word)
         if word not in VOCAB:
-            raise ConfigError(f"unknown word {word!r} in prompt {prompt!r}; accepted words: "
-                              f"{', '.join(VOCAB)}")
+            raise ConfigError(f"unknown word {word!r} in prompt {prompt!r}; accepted words: {', '.join(VOCAB)}")
         slot, tok = VOCAB[word]
         if ids[slot] != PAD:
             raise ConfigError(f"prompt {prompt!r} names the {SLOTS[slot][0]} twice")

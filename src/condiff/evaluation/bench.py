@@ -26,11 +26,11 @@ from typing import Any, Mapping
 import torch
 
 from condiff.core.denoiser import start_trajectory
-from condiff.errors import ConfigError, NonFiniteError, one_line
-from condiff.guidance import CFG
-from condiff.evaluation.peers import PEERS, Peer, betas_from_alphas_cumprod, run_peer, trailing_grid
 from condiff.core.sampling import Gaussian, initial_noise, sample
 from condiff.core.schedules import VPDiscrete
+from condiff.errors import ConfigError, NonFiniteError, one_line
+from condiff.evaluation.peers import PEERS, Peer, betas_from_alphas_cumprod, run_peer, trailing_grid
+from condiff.guidance import CFG
 
 F64 = torch.float64
 
@@ -69,7 +69,10 @@ class Problem:
     def eps(self, x: torch.Tensor, t) -> torch.Tensor:
         """The guided eps at (x, t): (x - alpha x0_hat) / sigma."""
         t = float(t)
-        a, s = float(self.schedule.alpha(torch.tensor(t, dtype=F64))), float(self.schedule.sigma(torch.tensor(t, dtype=F64)))
+        a, s = (
+            float(self.schedule.alpha(torch.tensor(t, dtype=F64))),
+            float(self.schedule.sigma(torch.tensor(t, dtype=F64))),
+        )
         return (x - a * self.denoiser(x, t, self.cond)) / s
 
 
@@ -79,8 +82,15 @@ def rms_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((d.norm(dim=1) / math.sqrt(d.shape[1])).mean())
 
 
-def gmm_problem(dim: int = 8, components: int = 8, classes: int = 4, seed: int = 0, n: int = 512,
-                cfg: float = 1.0, ref_steps: int = 2048) -> Problem:
+def gmm_problem(
+    dim: int = 8,
+    components: int = 8,
+    classes: int = 4,
+    seed: int = 0,
+    n: int = 512,
+    cfg: float = 1.0,
+    ref_steps: int = 2048,
+) -> Problem:
     from condiff.data.gmm import GMM, reference_pf_ode
 
     sch = VPDiscrete.from_betas("linear")
@@ -98,14 +108,30 @@ def gmm_problem(dim: int = 8, components: int = 8, classes: int = 4, seed: int =
         return den(x, t_end, cond)
 
     x_ref, x_half = ref(ref_steps), ref(ref_steps // 2)
-    info = {"oracle": "gmm", "dim": dim, "components": components, "classes": classes, "seed": seed, "n": n,
-            "cfg": cfg, "reference": f"RK4 in lambda, {ref_steps} steps, to sigma/alpha = 1e-6",
-            "reference_error_estimate": rms_error(x_ref, x_half) / 15.0}
+    info = {
+        "oracle": "gmm",
+        "dim": dim,
+        "components": components,
+        "classes": classes,
+        "seed": seed,
+        "n": n,
+        "cfg": cfg,
+        "reference": f"RK4 in lambda, {ref_steps} steps, to sigma/alpha = 1e-6",
+        "reference_error_estimate": rms_error(x_ref, x_half) / 15.0,
+    }
     return Problem(f"gmm-d{dim}-k{components}-s{seed}", den, cond, x_T, x_ref, info, oracle=gmm)
 
 
-def model_problem(model, n: int = 32, cfg: float = 3.0, seed: int = 0, ref_steps: int = 1000,
-                  progress: bool = True, spacing=None, name: str | None = None) -> Problem:
+def model_problem(
+    model,
+    n: int = 32,
+    cfg: float = 3.0,
+    seed: int = 0,
+    ref_steps: int = 1000,
+    progress: bool = True,
+    spacing=None,
+    name: str | None = None,
+) -> Problem:
     """A loaded model (``.denoiser``, ``.condition``, ``.prior``, ``.family``) under CFG; ``name`` labels it
     (default: its family's name). ``spacing`` None: diffusers' trailing grid from t = T - 1 (diffusers' peers
     run too); a condiff spacing (e.g. UniformT(), the CLI default): condiff's grid from the default start,
@@ -115,8 +141,10 @@ def model_problem(model, n: int = 32, cfg: float = 3.0, seed: int = 0, ref_steps
     m = model
     name = m.family.name if name is None else name
     if not isinstance(m.schedule, VPDiscrete):
-        raise ConfigError(f"bench --model needs a VP-discrete model (diffusers' schedulers), got "
-                          f"{type(m.schedule).__name__} for {name!r}")
+        raise ConfigError(
+            f"bench --model needs a VP-discrete model (diffusers' schedulers), got "
+            f"{type(m.schedule).__name__} for {name!r}"
+        )
     g = torch.Generator().manual_seed(seed)
     raw, _ = m.family.random_conditions(n, g)
     cond = m.condition(raw)
@@ -126,15 +154,27 @@ def model_problem(model, n: int = 32, cfg: float = 3.0, seed: int = 0, ref_steps
     problem.x_T = m.prior((n, *m.family.image_shape), float(start), g)
 
     with torch.no_grad():
+
         def ref(steps):
-            return sample(den, get_solver("dpmpp-2m"), problem.grid(steps), problem.x_T, cond,
-                          progress=f"reference {steps}" if progress else False).x
+            return sample(
+                den,
+                get_solver("dpmpp-2m"),
+                problem.grid(steps),
+                problem.x_T,
+                cond,
+                progress=f"reference {steps}" if progress else False,
+            ).x
 
         problem.x_ref, x_half = ref(ref_steps), ref(ref_steps // 2)
-    problem.info = {"model": name, "n": n, "cfg": cfg, "seed": seed,
-                    "grid": "diffusers trailing" if spacing is None else spacing.name,
-                    "reference": f"dpmpp-2m, {ref_steps} steps on the same grid type (float32)",
-                    "reference_vs_half_steps": rms_error(problem.x_ref, x_half)}
+    problem.info = {
+        "model": name,
+        "n": n,
+        "cfg": cfg,
+        "seed": seed,
+        "grid": "diffusers trailing" if spacing is None else spacing.name,
+        "reference": f"dpmpp-2m, {ref_steps} steps on the same grid type (float32)",
+        "reference_vs_half_steps": rms_error(problem.x_ref, x_half),
+    }
     return problem
 
 
@@ -156,8 +196,14 @@ class CondiffCase:
 
     def run(self, problem: Problem, nfe: int) -> tuple[torch.Tensor, int]:
         grid = problem.grid(self.steps_for_nfe(nfe))
-        out = sample(problem.denoiser, self.solver, grid, problem.x_T.clone(), problem.cond,
-                     noise=Gaussian(torch.Generator().manual_seed(1234)))
+        out = sample(
+            problem.denoiser,
+            self.solver,
+            grid,
+            problem.x_T.clone(),
+            problem.cond,
+            noise=Gaussian(torch.Generator().manual_seed(1234)),
+        )
         return out.x, out.nfe
 
 
@@ -183,15 +229,21 @@ def tuned_cases(problem: Problem, nfes, n_tune: int = 10, progress: bool = True)
     Model problems: nothing here (pass --ems / --dc-ratios files to the command)."""
     if problem.oracle is None:
         return []
+    from condiff.solvers import DCSolver, get_solver
     from condiff.solvers import dc_search as dc
     from condiff.solvers.ems import gmm_ems
-    from condiff.solvers import DCSolver, get_solver
 
     gmm, cfg = problem.oracle, problem.info["cfg"]
     sch = problem.schedule
     t0 = time.perf_counter()
-    ems = gmm_ems(gmm, sch, t_start=float(sch.t_max), t_end=float(sch.t_min), scale=None if cfg == 1 else cfg,
-                  seed=problem.info["seed"] + 7)
+    ems = gmm_ems(
+        gmm,
+        sch,
+        t_start=float(sch.t_max),
+        t_end=float(sch.t_min),
+        scale=None if cfg == 1 else cfg,
+        seed=problem.info["seed"] + 7,
+    )
     problem.info["ems_seconds"] = time.perf_counter() - t0
     cases = [CondiffCase("dpm-v3+ems", get_solver("dpm-v3", ems=ems), note="EMS from the exact GMM denoiser")]
     g = torch.Generator().manual_seed(problem.info["seed"] + 11)
@@ -207,8 +259,11 @@ def tuned_cases(problem: Problem, nfes, n_tune: int = 10, progress: bool = True)
             ratios = dc.search_ratios(problem.denoiser, cond, x_T, grid, reference=ref)
         per_nfe[nfe] = DCSolver(ratios)
     problem.info["dc_search_seconds"] = time.perf_counter() - t0
-    cases.append(TunedCase("dc-solver+search", DCSolver(), per_nfe=per_nfe,
-                           note=f"ratios searched on {n_tune} other starts per NFE"))
+    cases.append(
+        TunedCase(
+            "dc-solver+search", DCSolver(), per_nfe=per_nfe, note=f"ratios searched on {n_tune} other starts per NFE"
+        )
+    )
     return cases
 
 
@@ -216,8 +271,8 @@ def file_cases(problem: Problem, model: str, nfes, cfg: float, ems_path=None, ra
     """dpm-v3 with an EMS file and dc-solver with a ratios file (from `condiff ems compute` / `dc search`)."""
     cases = []
     if ems_path is not None:
-        from condiff.solvers.ems import check_ems_fits, load_ems
         from condiff.solvers import get_solver
+        from condiff.solvers.ems import check_ems_fits, load_ems
 
         ems = check_ems_fits(load_ems(ems_path), problem.x_T.shape[1:], problem.schedule, what=repr(model))
         cases.append(CondiffCase("dpm-v3+ems", get_solver("dpm-v3", ems=ems), note=str(ems_path)))
@@ -225,8 +280,8 @@ def file_cases(problem: Problem, model: str, nfes, cfg: float, ems_path=None, ra
         # corrector) is the robust choice at very low NFE on the bundled models (docs/solvers.md)
         cases.append(CondiffCase("dpm-v3+ems order=1", get_solver("dpm-v3", ems=ems, order=1), note=str(ems_path)))
     if ratios_path is not None:
-        from condiff.solvers.dc_search import dc_solver_for
         from condiff.solvers import DCSolver
+        from condiff.solvers.dc_search import dc_solver_for
 
         name = "trailing" if problem.spacing is None else problem.spacing.name
         per_nfe, missing = {}, {}
@@ -237,8 +292,7 @@ def file_cases(problem: Problem, model: str, nfes, cfg: float, ems_path=None, ra
                 if "spacing" in str(e):
                     raise
                 missing[k] = one_line(str(e))
-        cases.append(TunedCase("dc-solver+ratios", DCSolver(), per_nfe=per_nfe, missing=missing,
-                               note=str(ratios_path)))
+        cases.append(TunedCase("dc-solver+ratios", DCSolver(), per_nfe=per_nfe, missing=missing, note=str(ratios_path)))
     return cases
 
 
@@ -284,14 +338,32 @@ def run_bench(problem: Problem, nfes, cases=None, progress: bool = True) -> list
             try:
                 x, used = case.run(problem, nfe)
             except (NonFiniteError, ConfigError) as e:  # one failing case must not lose the whole run
-                rows.append({"solver": case.label, "impl": case.impl, "nfe": int(nfe), "nfe_budget": int(nfe),
-                             "error": None, "deterministic": case.deterministic, "seconds": 0.0,
-                             "note": one_line(str(e))})
+                rows.append(
+                    {
+                        "solver": case.label,
+                        "impl": case.impl,
+                        "nfe": int(nfe),
+                        "nfe_budget": int(nfe),
+                        "error": None,
+                        "deterministic": case.deterministic,
+                        "seconds": 0.0,
+                        "note": one_line(str(e)),
+                    }
+                )
                 continue
             err = rms_error(x, problem.x_ref)
-            rows.append({"solver": case.label, "impl": case.impl, "nfe": int(used), "nfe_budget": int(nfe),
-                         "error": err if math.isfinite(err) else None, "deterministic": case.deterministic,
-                         "seconds": time.perf_counter() - t0, **({"note": case.note} if case.note else {})})
+            rows.append(
+                {
+                    "solver": case.label,
+                    "impl": case.impl,
+                    "nfe": int(used),
+                    "nfe_budget": int(nfe),
+                    "error": err if math.isfinite(err) else None,
+                    "deterministic": case.deterministic,
+                    "seconds": time.perf_counter() - t0,
+                    **({"note": case.note} if case.note else {}),
+                }
+            )
     return rows
 
 
@@ -301,13 +373,24 @@ def best_ratios(rows: list[dict]) -> dict[int, dict]:
     for nfe in sorted({r["nfe_budget"] for r in rows}):
         best = {}
         for impl in ("condiff", "diffusers"):
-            cand = [r for r in rows if r["nfe_budget"] == nfe and r["impl"] == impl and r["deterministic"]
-                    and r["error"] is not None and r["nfe"] <= nfe]
+            cand = [
+                r
+                for r in rows
+                if r["nfe_budget"] == nfe
+                and r["impl"] == impl
+                and r["deterministic"]
+                and r["error"] is not None
+                and r["nfe"] <= nfe
+            ]
             best[impl] = min(cand, key=lambda r: r["error"]) if cand else None
         if best["condiff"] and best["diffusers"]:
-            out[nfe] = {"condiff": best["condiff"]["solver"], "condiff_error": best["condiff"]["error"],
-                        "diffusers": best["diffusers"]["solver"], "diffusers_error": best["diffusers"]["error"],
-                        "ratio": best["condiff"]["error"] / best["diffusers"]["error"]}
+            out[nfe] = {
+                "condiff": best["condiff"]["solver"],
+                "condiff_error": best["condiff"]["error"],
+                "diffusers": best["diffusers"]["solver"],
+                "diffusers_error": best["diffusers"]["error"],
+                "ratio": best["condiff"]["error"] / best["diffusers"]["error"],
+            }
     return out
 
 
@@ -315,8 +398,7 @@ def table(rows: list[dict]) -> str:
     """A markdown table: one row per (solver, impl), one column per NFE budget, then the best-vs-best ratios."""
     nfes = sorted({r["nfe_budget"] for r in rows})
     keys = list(dict.fromkeys((r["solver"], r["impl"]) for r in rows))
-    lines = ["| solver | impl | " + " | ".join(f"NFE {k}" for k in nfes) + " |",
-             "|---|---|" + "---:|" * len(nfes)]
+    lines = ["| solver | impl | " + " | ".join(f"NFE {k}" for k in nfes) + " |", "|---|---|" + "---:|" * len(nfes)]
     cell = {(r["solver"], r["impl"], r["nfe_budget"]): r for r in rows}
     for s, impl in keys:
         vals = []
@@ -332,8 +414,11 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {s}{mark} | {impl} | " + " | ".join(vals) + " |")
     best = best_ratios(rows)
     if best:
-        lines.append("| **best condiff / best diffusers** | ratio | "
-                     + " | ".join(f"{best[k]['ratio']:.2f}" if k in best else "" for k in nfes) + " |")
+        lines.append(
+            "| **best condiff / best diffusers** | ratio | "
+            + " | ".join(f"{best[k]['ratio']:.2f}" if k in best else "" for k in nfes)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -342,22 +427,29 @@ def plot(rows: list[dict], path, title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    import io as _io
+
     import matplotlib.pyplot as plt
 
     from condiff.core.files import atomic_write_bytes
-    import io as _io
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     keys = list(dict.fromkeys((r["solver"], r["impl"]) for r in rows if r["deterministic"]))
     for i, (s, impl) in enumerate(keys):
-        pts = sorted((r["nfe"], r["error"]) for r in rows
-                     if r["solver"] == s and r["impl"] == impl and r["error"] is not None)
+        pts = sorted(
+            (r["nfe"], r["error"]) for r in rows if r["solver"] == s and r["impl"] == impl and r["error"] is not None
+        )
         if not pts:
             continue
         tuned = "+" in s  # tuned condiff cases (EMS, searched ratios) stand out
-        ax.plot(*zip(*pts), ("-o" if impl == "condiff" else "--s"), ms=4 if tuned else 3, lw=2.6 if tuned else 1.1,
-                color=("black", "crimson", "darkorange")[i % 3] if tuned else plt.cm.tab20(i % 20),
-                label=f"{s} ({impl})")
+        ax.plot(
+            *zip(*pts),
+            ("-o" if impl == "condiff" else "--s"),
+            ms=4 if tuned else 3,
+            lw=2.6 if tuned else 1.1,
+            color=("black", "crimson", "darkorange")[i % 3] if tuned else plt.cm.tab20(i % 20),
+            label=f"{s} ({impl})",
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("NFE (model evaluations)")
@@ -370,4 +462,3 @@ def plot(rows: list[dict], path, title: str = "") -> None:
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
-

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from condiff.data import labeller, shapes, text
 from condiff.core.grids import make_grid
+from condiff.data import labeller, shapes, text
 
 KINDS = ("color", "shape", "position")
 _COLUMN = {"shape": 0, "color": 1, "size": 2, "position": 3}
@@ -86,8 +86,9 @@ def literal_success(res: dict, source_masks: torch.Tensor, kind: str) -> torch.T
     return res["hit"] & res["others"] & (labeller.iou(res["masks"], source_masks) >= 0.8)
 
 
-def run_method(model, method, cases: EditCases, steps: int = 50, batch_size: int = 50, seed: int = 0,
-               progress: bool = True) -> dict:
+def run_method(
+    model, method, cases: EditCases, steps: int = 50, batch_size: int = 50, seed: int = 0, progress: bool = True
+) -> dict:
     """Invert every source with ``method``, reconstruct it, and run the three edits; rates and timings."""
     grid = make_grid(model.schedule, steps)
     den = model.denoiser
@@ -117,11 +118,21 @@ def run_method(model, method, cases: EditCases, steps: int = 50, batch_size: int
                 t_edit += time.perf_counter() - t0
     recon = torch.cat(recon)
     p = psnr(recon, cases.images)
-    out = {"method": method.label, "options": method.options(), "n": n, "steps": steps,
-           "psnr": float(p.mean()), "psnr_median": float(p.median()),
-           "seconds": (t_inv + t_edit / len(KINDS)) / n, "invert_seconds": t_inv / n,
-           "edit_seconds": t_edit / (len(KINDS) * n), "edit_success": {}, "edit_success_literal_iou": {},
-           "target_hit": {}, "others_kept": {}}
+    out = {
+        "method": method.label,
+        "options": method.options(),
+        "n": n,
+        "steps": steps,
+        "psnr": float(p.mean()),
+        "psnr_median": float(p.median()),
+        "seconds": (t_inv + t_edit / len(KINDS)) / n,
+        "invert_seconds": t_inv / n,
+        "edit_seconds": t_edit / (len(KINDS) * n),
+        "edit_success": {},
+        "edit_success_literal_iou": {},
+        "target_hit": {},
+        "others_kept": {},
+    }
     images = {"reconstruction": recon}
     for kind in KINDS:
         e = torch.cat(edits[kind])
@@ -148,24 +159,42 @@ def table(results: list[dict]) -> str:
     lines = ["| method | recon. PSNR (dB) | color | shape | position | s / image |", "|---|---|---|---|---|---|"]
     for r in results:
         e = r["edit_success"]
-        lines.append(f"| {r['method']} | {r['psnr']:.2f} | {e['color']:.3f} | {e['shape']:.3f} | {e['position']:.3f} "
-                     f"| {r['seconds']:.2f} |")
+        lines.append(
+            f"| {r['method']} | {r['psnr']:.2f} | {e['color']:.3f} | {e['shape']:.3f} | {e['position']:.3f} "
+            f"| {r['seconds']:.2f} |"
+        )
     return "\n".join(lines)
 
 
-def run_bench(model, methods: list, n: int = 200, seed: int = 0, steps: int = 50, batch_size: int = 50,
-              progress: bool = True, examples: int = 6) -> tuple[dict, dict]:
+def run_bench(
+    model,
+    methods: list,
+    n: int = 200,
+    seed: int = 0,
+    steps: int = 50,
+    batch_size: int = 50,
+    progress: bool = True,
+    examples: int = 6,
+) -> tuple[dict, dict]:
     """Run every method on the same ``n`` held-out renders. Returns (report, images): report holds
     ``config``, ``results`` (one dict per method: method, options, psnr, edit_success, seconds, ...) and the
     markdown ``table``; images maps each method name to its first ``examples`` reconstructions and edits
     (for figures) and 'source' to the sources."""
     cases = edit_cases(n, seed)
-    results, images = [], {"source": cases.images[:examples],
-                           "targets": {k: cases.captions(cases.targets[k][:examples]) for k in KINDS}}
+    results, images = (
+        [],
+        {"source": cases.images[:examples], "targets": {k: cases.captions(cases.targets[k][:examples]) for k in KINDS}},
+    )
     for method in methods:
         out, imgs = run_method(model, method, cases, steps, batch_size, seed, progress)
         results.append(out)
         images[method.label] = {k: v[:examples] for k, v in imgs.items()}
-    config = {"n": n, "seed": seed, "steps": steps, "batch_size": batch_size, "held_out_offset": HELD_OUT_OFFSET,
-              "methods": [m.label for m in methods]}
+    config = {
+        "n": n,
+        "seed": seed,
+        "steps": steps,
+        "batch_size": batch_size,
+        "held_out_offset": HELD_OUT_OFFSET,
+        "methods": [m.label for m in methods],
+    }
     return {"config": config, "results": results, "table": table(results)}, images

@@ -7,23 +7,48 @@ import time
 
 import torch
 
-from condiff.errors import ConfigError, one_of
 from condiff.core.grids import UniformT, make_grid
+from condiff.core.sampling import Gaussian, sample
+from condiff.errors import ConfigError, one_of
 from condiff.guidance import CountRows, DynamicThresholding
 from condiff.guidance.attribute import TARGET_KEY
 from condiff.guidance.build import GuidanceOptions, build_guidance
-from condiff.core.sampling import Gaussian, sample
 
 
-def generate(model, raw: torch.Tensor, solver, steps: int, cfg_scale: float, generator: torch.Generator,
-             spacing=UniformT(), batch_size: int = 256, progress: bool = False, desc: str = "sampling",
-             analytic_skip=None, dynamic_threshold: float | None = None, guidance: GuidanceOptions | None = None):
+def generate(
+    model,
+    raw: torch.Tensor,
+    solver,
+    steps: int,
+    cfg_scale: float,
+    generator: torch.Generator,
+    spacing=UniformT(),
+    batch_size: int = 256,
+    progress: bool = False,
+    desc: str = "sampling",
+    analytic_skip=None,
+    dynamic_threshold: float | None = None,
+    guidance: GuidanceOptions | None = None,
+):
     """Sample one image per raw condition, in batches; returns (images in [-1, 1], nfe per sample).
     ``analytic_skip`` (condiff.solvers.analytic.AnalyticSkip) jumps from the grid's start with the Gaussian flow;
     ``dynamic_threshold``: the quantile ratio of Imagen's dynamic thresholding of the guided x0 (None: off);
     ``guidance``: condiff.guidance.build.GuidanceOptions (its cfg must be ``cfg_scale``; None: plain CFG)."""
-    images, nfe, _ = generate_counted(model, raw, solver, steps, cfg_scale, generator, spacing, batch_size,
-                                      progress, desc, analytic_skip, dynamic_threshold, guidance)
+    images, nfe, _ = generate_counted(
+        model,
+        raw,
+        solver,
+        steps,
+        cfg_scale,
+        generator,
+        spacing,
+        batch_size,
+        progress,
+        desc,
+        analytic_skip,
+        dynamic_threshold,
+        guidance,
+    )
     return images, nfe
 
 
@@ -45,15 +70,28 @@ def classifier_targets(family, raw: torch.Tensor, attribute: str) -> torch.Tenso
         raise one_of(f"--cg-attribute for the {family.name} model", attribute, family.attributes)
     y = family.attribute_targets(raw)[:, family.attributes.index(attribute)]
     if bool((y < 0).any()):
-        raise ConfigError(f"classifier guidance of {attribute} needs prompts that name a {attribute}; give "
-                          f"--prompt with one (e.g. 'red' for color), or use condiff eval")
+        raise ConfigError(
+            f"classifier guidance of {attribute} needs prompts that name a {attribute}; give "
+            f"--prompt with one (e.g. 'red' for color), or use condiff eval"
+        )
     return y
 
 
-def generate_counted(model, raw: torch.Tensor, solver, steps: int, cfg_scale: float, generator: torch.Generator,
-                     spacing=UniformT(), batch_size: int = 256, progress: bool = False, desc: str = "sampling",
-                     analytic_skip=None, dynamic_threshold: float | None = None,
-                     guidance: GuidanceOptions | None = None):
+def generate_counted(
+    model,
+    raw: torch.Tensor,
+    solver,
+    steps: int,
+    cfg_scale: float,
+    generator: torch.Generator,
+    spacing=UniformT(),
+    batch_size: int = 256,
+    progress: bool = False,
+    desc: str = "sampling",
+    analytic_skip=None,
+    dynamic_threshold: float | None = None,
+    guidance: GuidanceOptions | None = None,
+):
     """``generate`` that also returns the network batch rows per sample (counted by CountRows under the
     guidance): (images, nfe per sample, rows per sample)."""
     opts = GuidanceOptions(cfg=cfg_scale) if guidance is None else guidance
@@ -80,32 +118,71 @@ def generate_counted(model, raw: torch.Tensor, solver, steps: int, cfg_scale: fl
             if opts.classifier is not None:
                 cond[TARGET_KEY] = classifier_targets(model.family, chunk, opts.cg_attribute)
             if negative is not None:
-                cond["negative"] = model.family.encode(model.module,
-                                                       negative.expand(chunk.shape[0], *negative.shape[1:]))
+                cond["negative"] = model.family.encode(
+                    model.module, negative.expand(chunk.shape[0], *negative.shape[1:])
+                )
             x = model.prior((chunk.shape[0], *model.family.image_shape), float(grid[0]), generator)
             if skip is not None:
                 x = skip.teleport(x)
-            res = sample(den, solver, grid if skip is None else skip.grid, x, cond, Gaussian(generator),
-                         progress=progress and len(chunks) == 1)
+            res = sample(
+                den,
+                solver,
+                grid if skip is None else skip.grid,
+                x,
+                cond,
+                Gaussian(generator),
+                progress=progress and len(chunks) == 1,
+            )
             out.append(res.x.clamp(-1, 1))
             nfe = res.nfe
     return torch.cat(out), nfe, counter.rows / raw.shape[0]
 
 
-def evaluate(model, solver, steps: int, cfg_scale: float, n: int, seed: int, spacing=UniformT(),
-             batch_size: int = 256, progress: bool = False, analytic_skip=None,
-             dynamic_threshold: float | None = None, guidance: GuidanceOptions | None = None) -> dict:
+def evaluate(
+    model,
+    solver,
+    steps: int,
+    cfg_scale: float,
+    n: int,
+    seed: int,
+    spacing=UniformT(),
+    batch_size: int = 256,
+    progress: bool = False,
+    analytic_skip=None,
+    dynamic_threshold: float | None = None,
+    guidance: GuidanceOptions | None = None,
+) -> dict:
     """Accuracy of n samples of random conditions, with nfe (guided-denoiser calls per sample, from the
     loop) and network_rows_per_sample (network batch rows per sample: CFG 2 per call, AG fewer, PAG 3)."""
     g = torch.Generator().manual_seed(seed)
     raw, targets = model.family.random_conditions(n, g)
     t0 = time.perf_counter()
-    images, nfe, rows = generate_counted(model, raw, solver, steps, cfg_scale, g, spacing, batch_size, progress,
-                                         analytic_skip=analytic_skip, dynamic_threshold=dynamic_threshold,
-                                         guidance=guidance)
+    images, nfe, rows = generate_counted(
+        model,
+        raw,
+        solver,
+        steps,
+        cfg_scale,
+        g,
+        spacing,
+        batch_size,
+        progress,
+        analytic_skip=analytic_skip,
+        dynamic_threshold=dynamic_threshold,
+        guidance=guidance,
+    )
     seconds = time.perf_counter() - t0
-    return {"accuracy": model.family.score(images, targets), "nfe": nfe, "seconds": seconds, "n": n,
-            "solver": solver.name, "steps": steps, "cfg": cfg_scale, "seed": seed,
-            "analytic_skip": None if analytic_skip is None else analytic_skip.describe(),
-            "dynamic_threshold": dynamic_threshold, "network_rows_per_sample": rows,
-            **(guidance or GuidanceOptions(cfg=cfg_scale)).describe()}
+    return {
+        "accuracy": model.family.score(images, targets),
+        "nfe": nfe,
+        "seconds": seconds,
+        "n": n,
+        "solver": solver.name,
+        "steps": steps,
+        "cfg": cfg_scale,
+        "seed": seed,
+        "analytic_skip": None if analytic_skip is None else analytic_skip.describe(),
+        "dynamic_threshold": dynamic_threshold,
+        "network_rows_per_sample": rows,
+        **(guidance or GuidanceOptions(cfg=cfg_scale)).describe(),
+    }

@@ -21,8 +21,9 @@ def frechet_distance(a, b) -> float:
     a = np.asarray(torch.as_tensor(a, dtype=torch.float64))
     b = np.asarray(torch.as_tensor(b, dtype=torch.float64))
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(a.shape[0], b.shape[0]) < 2:
-        raise ConfigError(f"frechet_distance needs two (n, d) feature arrays with the same d and n >= 2, got "
-                          f"{a.shape} and {b.shape}")
+        raise ConfigError(
+            f"frechet_distance needs two (n, d) feature arrays with the same d and n >= 2, got {a.shape} and {b.shape}"
+        )
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     root_a = linalg.sqrtm(s_a)

@@ -50,11 +50,13 @@ PEERS = (
     Peer("dpmpp-2s", "DPMSolverSinglestepScheduler", dict(solver_order=2, **_MS), custom_timesteps=True),
     # bh1 with final_sigmas_type="zero" returns NaN in diffusers (B(h) = -h is infinite on the step to sigma = 0),
     # so its bh1 peers stop at the smallest training sigma, as diffusers' default final_sigmas_type does.
-    Peer("unipc-bh1", "UniPCMultistepScheduler", dict(solver_type="bh1", solver_order=2,
-                                                      final_sigmas_type="sigma_min")),
+    Peer(
+        "unipc-bh1", "UniPCMultistepScheduler", dict(solver_type="bh1", solver_order=2, final_sigmas_type="sigma_min")
+    ),
     Peer("unipc-bh2", "UniPCMultistepScheduler", dict(solver_type="bh2", solver_order=2, final_sigmas_type="zero")),
-    Peer("unipc-bh1-3", "UniPCMultistepScheduler", dict(solver_type="bh1", solver_order=3,
-                                                        final_sigmas_type="sigma_min")),
+    Peer(
+        "unipc-bh1-3", "UniPCMultistepScheduler", dict(solver_type="bh1", solver_order=3, final_sigmas_type="sigma_min")
+    ),
     Peer("unipc-bh2-3", "UniPCMultistepScheduler", dict(solver_type="bh2", solver_order=3, final_sigmas_type="zero")),
     Peer("euler", "EulerDiscreteScheduler", dict(final_sigmas_type="zero")),
     Peer("heun", "HeunDiscreteScheduler", {}, evals=2),
@@ -75,8 +77,9 @@ def trailing_grid(num_train: int, steps: int) -> torch.Tensor:
     return torch.cat([ts, torch.tensor([-1.0], dtype=torch.float64)])
 
 
-def run_peer(peer: Peer, scheduler, eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-             x_T: torch.Tensor, steps: int) -> tuple[torch.Tensor, int]:
+def run_peer(
+    peer: Peer, scheduler, eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_T: torch.Tensor, steps: int
+) -> tuple[torch.Tensor, int]:
     """Sample with a diffusers scheduler from the VP sample ``x_T``; returns (x at sigma = 0, NFE).
 
     ``eps_fn(x_vp, t)`` is the (guided) eps model at a float timestep; the Karras schedulers' scaled model

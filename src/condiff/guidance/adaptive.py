@@ -7,7 +7,8 @@ At every evaluation of a row that still uses guidance, both branches run and
 
 Where alpha_t is (nearly) 0 at the start of the grid, eps_c = eps_u = x / sigma there and gamma ~ 1, so the
 eps-space rule switches at the first evaluation for any gamma_bar below that, and on a model whose eps
-cosine stays near 1 throughout it switches at once or never (docs/guidance.md). The similarity space is therefore an option: ``space`` is a condiff
+cosine stays near 1 throughout it switches at once or never (docs/guidance.md). The similarity space is therefore an
+option: ``space`` is a condiff
 Prediction object, ``Eps()`` by default (the paper's rule), ``X0()`` (the cosine of the two denoised estimates,
 which rises monotonically over a trajectory, as the paper expects of gamma) or ``V()``.
 
@@ -97,8 +98,17 @@ def similarity(space: Prediction, schedule, x, t, x0_c, x0_u) -> torch.Tensor:
     return cosine(to_space(space, x, x0_c, t, schedule), to_space(space, x, x0_u, t, schedule))
 
 
-def adaptive_step(denoiser, x: torch.Tensor, t, cond: Mapping[str, Any], null: Mapping[str, Any], scale,
-                  gamma_bar: float, state: AGState, space: Prediction = Eps()):
+def adaptive_step(
+    denoiser,
+    x: torch.Tensor,
+    t,
+    cond: Mapping[str, Any],
+    null: Mapping[str, Any],
+    scale,
+    gamma_bar: float,
+    state: AGState,
+    space: Prediction = Eps(),
+):
     """One AG evaluation: (x0_guided, next state). ``cond`` without its null entry; ``null`` the null one;
     gamma is measured in the prediction ``space``."""
     n = x.shape[0]
@@ -109,8 +119,7 @@ def adaptive_step(denoiser, x: torch.Tensor, t, cond: Mapping[str, Any], null: M
     nan = torch.full((n,), math.nan, dtype=torch.float64)
     if isinstance(w, float) and w in (0.0, 1.0):  # as CFG: one branch, nothing to measure
         out = denoiser(x, t, cond if w == 1.0 else null)
-        return out, replace(state, gamma=nan, t_last=t_now, evaluations=state.evaluations + 1,
-                            rows=state.rows + n)
+        return out, replace(state, gamma=nan, t_last=t_now, evaluations=state.evaluations + 1, rows=state.rows + n)
     active = ~state.switched.to(x.device)
     x0_c, x0_u = branches(denoiser, x, t, cond, null, active)
     k = x0_u.shape[0]
@@ -128,8 +137,7 @@ def adaptive_step(denoiser, x: torch.Tensor, t, cond: Mapping[str, Any], null: M
     gamma = nan.clone()
     switched, switch_t = state.switched.clone(), state.switch_t.clone()
     if k:
-        g = similarity(space, denoiser.schedule, x[index] if k < n else x, t_rows,
-                       x0_c[index] if k < n else x0_c, x0_u)
+        g = similarity(space, denoiser.schedule, x[index] if k < n else x, t_rows, x0_c[index] if k < n else x0_c, x0_u)
         index = index.cpu()
         gamma[index] = g.cpu()
         flip = index[g.cpu() > gamma_bar]
@@ -155,8 +163,9 @@ class AdaptiveGuidance(Wrapper):
         self.scale = check_scale(self.scale)
         g = self.gamma_bar
         if not isinstance(g, numbers.Real) or isinstance(g, bool) or not -1.0 <= g <= 1.0:
-            raise ConfigError(f"AG threshold gamma_bar must be a number in [-1, 1] (1: never switch, i.e. CFG), "
-                              f"got {g!r}")
+            raise ConfigError(
+                f"AG threshold gamma_bar must be a number in [-1, 1] (1: never switch, i.e. CFG), got {g!r}"
+            )
         if not isinstance(self.space, Prediction):
             raise ConfigError(f"AG similarity space must be a Prediction object (Eps(), X0(), V()), got {self.space!r}")
 
@@ -165,8 +174,10 @@ class AdaptiveGuidance(Wrapper):
         return AGTrajectory(self, start_trajectory(self.denoiser, memo))
 
     def __call__(self, x, t, cond=None):
-        raise ConfigError("AdaptiveGuidance keeps per-trajectory state: run it with sample(), or call .start() for "
-                          "the denoiser of one trajectory")
+        raise ConfigError(
+            "AdaptiveGuidance keeps per-trajectory state: run it with sample(), or call .start() for "
+            "the denoiser of one trajectory"
+        )
 
 
 @dataclass

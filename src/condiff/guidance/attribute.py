@@ -48,7 +48,12 @@ class AttributeLogits:
 
     def __call__(self, x, t=None):
         if self.net.config.noise_aware:
-            u = unit_time(torch.as_tensor(t, dtype=torch.float64), self.schedule.t_min, self.schedule.t_max).to(x.device).reshape(-1).expand(x.shape[0])
+            u = (
+                unit_time(torch.as_tensor(t, dtype=torch.float64), self.schedule.t_min, self.schedule.t_max)
+                .to(x.device)
+                .reshape(-1)
+                .expand(x.shape[0])
+            )
             return self.net.head(self.net(x, u), self.attribute)
         return self.net.head(self.net(x), self.attribute)
 
@@ -89,9 +94,20 @@ class EluCDSettings:
 def elucd_guidance(denoiser, net, attribute: str, scale, grid, settings: EluCDSettings = EluCDSettings()):
     """The clean classifier with EluCD's calibration on a sampling grid (module docstring)."""
     if net.config.noise_aware:
-        raise ConfigError("EluCD calibrates an off-the-shelf clean classifier; this one is noise-aware: use "
-                          "noisy_classifier_guidance")
+        raise ConfigError(
+            "EluCD calibrates an off-the-shelf clean classifier; this one is noise-aware: use noisy_classifier_guidance"
+        )
     smooth = softplus_smoothed(net, settings.beta)
     logits = AttributeLogits(smooth, attribute)
-    return Targeted(EluCD(denoiser, logits, grid, scale, tau1=settings.tau1, tau2=settings.tau1 * settings.kappa,
-                           gamma=settings.gamma, key=TARGET_KEY))
+    return Targeted(
+        EluCD(
+            denoiser,
+            logits,
+            grid,
+            scale,
+            tau1=settings.tau1,
+            tau2=settings.tau1 * settings.kappa,
+            gamma=settings.gamma,
+            key=TARGET_KEY,
+        )
+    )

@@ -29,7 +29,8 @@ papers are in the modules used (docs/guidance.md):
   a clean one gets EluCD's calibration (Ma et al., ICLR 2024) on the sampling grid, or, with ``cg_raw``, is
   applied to x_t as it is (the naive off-the-shelf baseline); PPAP experts (a ``MultiExpert``)
   give guidance by its t-routed LoRA experts (Go et al., CVPR 2023).
-- ``minority``: minority guidance (Um et al., ICLR 2024) with a ``MinorityClassifier``, toward ``minority_level`` (default the most minority) at scale ``minority_scale``; outermost.
+- ``minority``: minority guidance (Um et al., ICLR 2024) with a ``MinorityClassifier``, toward ``minority_level``
+(default the most minority) at scale ``minority_scale``; outermost.
 
 AG, LinearAG and guidance rescale each run CFG their own way, so at most one of them is accepted (two: one
 ConfigError).
@@ -61,8 +62,10 @@ AG_SPACES = {"x0": X0(), "eps": Eps()}
 def parse_interval(text: str, what: str = "interval") -> tuple[float, float]:
     """'LO,HI' -> (t_lo, t_hi) in the model schedule's t units; HI may be inf; needs LO < HI."""
     parts = str(text).split(",")
-    bad = ConfigError(f"{what} must be LO,HI with LO < HI in the model's t units (e.g. 200,800 "
-                      f"for the bundled models, t in 0-999), got {text!r}")
+    bad = ConfigError(
+        f"{what} must be LO,HI with LO < HI in the model's t units (e.g. 200,800 "
+        f"for the bundled models, t in 0-999), got {text!r}"
+    )
     if len(parts) != 2:
         raise bad
     try:
@@ -114,12 +117,17 @@ class GuidanceOptions:
         check_real(L("cfg"), self.cfg, -MAX_SCALE, MAX_SCALE, f"a finite number with |cfg| <= {MAX_SCALE:g}")
         if self.pag is not None:
             check_real(L("pag"), self.pag, -MAX_SCALE, MAX_SCALE, scale)
-        if (isinstance(self.pag_layers, str) or not isinstance(self.pag_layers, tuple) or not self.pag_layers
-                or not all(isinstance(n, str) and n.strip() for n in self.pag_layers)):
+        if (
+            isinstance(self.pag_layers, str)
+            or not isinstance(self.pag_layers, tuple)
+            or not self.pag_layers
+            or not all(isinstance(n, str) and n.strip() for n in self.pag_layers)
+        ):
             raise ConfigError(f"{L('pag_layers')} must be a non-empty list of layer names, got {self.pag_layers!r}")
         if self.ag is not None:
-            check_real(L("ag"), self.ag, -1.0, 1.0, "a cosine threshold gamma_bar in [-1, 1] (1: never switch, "
-                       "i.e. CFG)")
+            check_real(
+                L("ag"), self.ag, -1.0, 1.0, "a cosine threshold gamma_bar in [-1, 1] (1: never switch, i.e. CFG)"
+            )
         if self.ag_space not in AG_SPACES:
             raise one_of(L("ag_space"), self.ag_space, AG_SPACES)
         if self.cfg_rescale is not None:
@@ -134,11 +142,13 @@ class GuidanceOptions:
         if not isinstance(self.cg_attribute, str) or not self.cg_attribute:
             raise ConfigError(f"{L('cg_attribute')} must be an attribute name such as color, got {self.cg_attribute!r}")
         if self.classifier is not None and not callable(self.classifier):
-            raise ConfigError(f"{L('classifier')} must be a classifier network or PPAP experts, got "
-                              f"{type(self.classifier).__name__}")
+            raise ConfigError(
+                f"{L('classifier')} must be a classifier network or PPAP experts, got {type(self.classifier).__name__}"
+            )
         if self.minority is not None and not callable(self.minority):
-            raise ConfigError(f"{L('minority')} must be a minority level classifier, got "
-                              f"{type(self.minority).__name__}")
+            raise ConfigError(
+                f"{L('minority')} must be a minority level classifier, got {type(self.minority).__name__}"
+            )
         check_real(L("minority_scale"), self.minority_scale, -MAX_SCALE, MAX_SCALE, scale)
         if self.minority_level is not None:
             check_int(L("minority_level"), self.minority_level, 0)
@@ -148,16 +158,21 @@ class GuidanceOptions:
             raise ConfigError(f"{L('cg_scale')}, {L('cg_attribute')} and {L('cg_raw')} need {L('classifier')}")
         own = [L(key) for key in ("ag", "cfg_rescale", "linear_ag") if getattr(self, key) is not None]
         if len(own) > 1:
-            raise ConfigError(f"{' and '.join(own)} do not compose (each runs CFG its own way); use one of "
-                              f"{L('ag')}, {L('cfg_rescale')}, {L('linear_ag')} (each composes with {L('pag')})")
+            raise ConfigError(
+                f"{' and '.join(own)} do not compose (each runs CFG its own way); use one of "
+                f"{L('ag')}, {L('cfg_rescale')}, {L('linear_ag')} (each composes with {L('pag')})"
+            )
         if self.linear_ag is not None:
             if not hasattr(self.linear_ag, "predict"):
-                raise ConfigError(f"{L('linear_ag')} must be LinearAG coefficients, got "
-                                  f"{type(self.linear_ag).__name__}")
+                raise ConfigError(
+                    f"{L('linear_ag')} must be LinearAG coefficients, got {type(self.linear_ag).__name__}"
+                )
             for key in ("interval", "negative_prompt"):
                 if getattr(self, key) is not None:
-                    raise ConfigError(f"{L('linear_ag')} predicts the branch it was fitted on (empty prompt, its "
-                                      f"fixed {L('cfg')} at every step), so it does not combine with {L(key)}")
+                    raise ConfigError(
+                        f"{L('linear_ag')} predicts the branch it was fitted on (empty prompt, its "
+                        f"fixed {L('cfg')} at every step), so it does not combine with {L(key)}"
+                    )
         if self.linear_ag_steps is not None:
             if self.linear_ag is None:
                 raise ConfigError(f"{L('linear_ag_steps')} needs {L('linear_ag')}")
@@ -174,16 +189,24 @@ class GuidanceOptions:
             return None if obj is None else type(obj).__name__
 
         on = self.classifier is not None
-        return {"pag": self.pag, "pag_layers": ",".join(self.pag_layers) if self.pag is not None else None,
-                "ag": self.ag, "ag_space": self.ag_space if self.ag is not None else None,
-                "cfg_rescale": self.cfg_rescale, "linear_ag": kind(self.linear_ag),
-                "linear_ag_steps": self.linear_ag_steps,
-                "guidance_interval": None if self.interval is None else list(self.interval),
-                "negative_prompt": self.negative_prompt, "classifier": kind(self.classifier),
-                "cg_scale": self.cg_scale if on else None, "cg_attribute": self.cg_attribute if on else None,
-                "cg_raw": self.cg_raw if on else None, "minority": kind(self.minority),
-                "minority_level": self.minority_level,
-                "minority_scale": self.minority_scale if self.minority is not None else None}
+        return {
+            "pag": self.pag,
+            "pag_layers": ",".join(self.pag_layers) if self.pag is not None else None,
+            "ag": self.ag,
+            "ag_space": self.ag_space if self.ag is not None else None,
+            "cfg_rescale": self.cfg_rescale,
+            "linear_ag": kind(self.linear_ag),
+            "linear_ag_steps": self.linear_ag_steps,
+            "guidance_interval": None if self.interval is None else list(self.interval),
+            "negative_prompt": self.negative_prompt,
+            "classifier": kind(self.classifier),
+            "cg_scale": self.cg_scale if on else None,
+            "cg_attribute": self.cg_attribute if on else None,
+            "cg_raw": self.cg_raw if on else None,
+            "minority": kind(self.minority),
+            "minority_level": self.minority_level,
+            "minority_scale": self.minority_scale if self.minority is not None else None,
+        }
 
 
 @dataclass
@@ -229,8 +252,9 @@ def with_classifier(den, options: GuidanceOptions, grid=None):
 
     if isinstance(o.classifier, MultiExpert):
         if o.cg_raw:
-            raise ConfigError(f"{o.name('cg_raw')} applies to a clean classifier; PPAP experts are noise-aware by "
-                              f"construction")
+            raise ConfigError(
+                f"{o.name('cg_raw')} applies to a clean classifier; PPAP experts are noise-aware by construction"
+            )
         return ppap_attribute_guidance(den, o.classifier, o.cg_attribute, o.cg_scale)
     net = o.classifier
     if net.config.noise_aware or o.cg_raw:
@@ -265,17 +289,21 @@ def linear_ag(denoiser, options: GuidanceOptions, grid=None):
 
     coeffs, L = options.linear_ag, options.name
     if abs(coeffs.scale - options.cfg) > 1e-12:
-        raise ConfigError(f"{L('linear_ag')} was fitted at cfg {coeffs.scale:g}; run with {L('cfg')} "
-                          f"{coeffs.scale:g} (got {options.cfg:g})")
+        raise ConfigError(
+            f"{L('linear_ag')} was fitted at cfg {coeffs.scale:g}; run with {L('cfg')} "
+            f"{coeffs.scale:g} (got {options.cfg:g})"
+        )
     if grid is not None:
         import torch
 
         times = torch.as_tensor(grid, dtype=torch.float64)[:-1]
         fitted = coeffs.times
-        if fitted.numel() > times.numel() or not torch.allclose(fitted, times[:fitted.numel()], rtol=1e-9, atol=1e-9):
-            raise ConfigError(f"{L('linear_ag')} was fitted on another time grid ({fitted.numel()} evaluations "
-                              f"from t={float(fitted[0]):g}); fit it with the same steps, spacing and a "
-                              f"one-evaluation-per-step solver")
+        if fitted.numel() > times.numel() or not torch.allclose(fitted, times[: fitted.numel()], rtol=1e-9, atol=1e-9):
+            raise ConfigError(
+                f"{L('linear_ag')} was fitted on another time grid ({fitted.numel()} evaluations "
+                f"from t={float(fitted[0]):g}); fit it with the same steps, spacing and a "
+                f"one-evaluation-per-step solver"
+            )
     steps = options.linear_ag_steps
     if steps is not None and steps > coeffs.steps:
         raise ConfigError(f"{L('linear_ag_steps')} must be at most the {coeffs.steps} fitted evaluations, got {steps}")

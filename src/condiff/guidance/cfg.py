@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-
 import torch
 
 from condiff.core.denoiser import Wrapper
@@ -39,8 +38,6 @@ def batch_cond(conds: list[Mapping[str, Any]]) -> dict:
 
 def split_batch(x: torch.Tensor, n: int):
     return x.chunk(n, 0)
-
-
 
 
 @dataclass

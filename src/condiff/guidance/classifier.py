@@ -24,8 +24,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from condiff.core.denoiser import Wrapper, coefficients
-from condiff.guidance.schedules import check_scale
 from condiff.errors import ConfigError
+from condiff.guidance.schedules import check_scale
 
 
 def classifier_gradient(log_prob: Callable, x: torch.Tensor, t, cond) -> torch.Tensor:
@@ -34,8 +34,10 @@ def classifier_gradient(log_prob: Callable, x: torch.Tensor, t, cond) -> torch.T
         xg = x.detach().requires_grad_(True)
         lp = log_prob(xg, t, cond)
         if lp.shape != (x.shape[0],):
-            raise ConfigError(f"a classifier's log_prob must return one value per sample, shape "
-                              f"({x.shape[0]},), got {tuple(lp.shape)}")
+            raise ConfigError(
+                f"a classifier's log_prob must return one value per sample, shape "
+                f"({x.shape[0]},), got {tuple(lp.shape)}"
+            )
         (grad,) = torch.autograd.grad(lp.sum(), xg)
     return grad
 

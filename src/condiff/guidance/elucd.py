@@ -1,5 +1,6 @@
 """EluCD: guidance by an off-the-shelf *clean* classifier, calibrated (Ma, Wang, Chen, Sun, Li, Zhang,
-"Elucidating the Design Space of Classifier-Guided Diffusion Generation", ICLR 2024, sec. 4, whose "code-exact" notes follow the official AlexMaOLS/EluCD scripts).
+"Elucidating the Design Space of Classifier-Guided Diffusion Generation", ICLR 2024, sec. 4, whose "code-exact" notes
+follow the official AlexMaOLS/EluCD scripts).
 
 The pieces, each a pure function here:
 
@@ -40,13 +41,14 @@ import torch
 from torch import nn
 
 from condiff.core.denoiser import Wrapper
-from condiff.guidance.schedules import check_scale
 from condiff.errors import ConfigError
+from condiff.guidance.schedules import check_scale
 
 EDM_MIN_WEIGHT = 1e-5  # the EDM script floors the linear part of w_i at this value
 
 
 # ---- 1. smoothing ---------------------------------------------------------------------------------------
+
 
 def softplus_smoothed(net: nn.Module, beta: float) -> nn.Module:
     """A deep copy of ``net`` with every ``nn.ReLU`` module replaced by ``nn.Softplus(beta)`` (functional
@@ -65,8 +67,10 @@ def softplus_smoothed(net: nn.Module, beta: float) -> nn.Module:
 
 # ---- 3. temperature and margin --------------------------------------------------------------------------
 
-def calibrated_log_likelihood(logits: torch.Tensor, y: torch.Tensor, tau1: float = 1.0,
-                              tau2: float | None = None) -> torch.Tensor:
+
+def calibrated_log_likelihood(
+    logits: torch.Tensor, y: torch.Tensor, tau1: float = 1.0, tau2: float | None = None
+) -> torch.Tensor:
     """J = tau1 z_y - logsumexp(tau2 z) per sample, (B,); tau2 defaults to tau1 (temperature-scaled
     log-softmax). The DDPM code's margin form is tau2 = tau1 * kappa."""
     tau2 = tau1 if tau2 is None else tau2
@@ -76,8 +80,15 @@ def calibrated_log_likelihood(logits: torch.Tensor, y: torch.Tensor, tau1: float
 
 # ---- 2. the classifier on the predicted clean image ------------------------------------------------------
 
-def x0_gradient(classifier: Callable, x0: torch.Tensor, y, tau1: float = 1.0, tau2: float | None = None,
-                clip: tuple[float, float] | None = (-1.0, 1.0)) -> torch.Tensor:
+
+def x0_gradient(
+    classifier: Callable,
+    x0: torch.Tensor,
+    y,
+    tau1: float = 1.0,
+    tau2: float | None = None,
+    clip: tuple[float, float] | None = (-1.0, 1.0),
+) -> torch.Tensor:
     """dJ/dx0 at x0 (clipped to ``clip`` first, then a detached leaf): ``classifier(x0) -> logits (B, C)``."""
     with torch.enable_grad():
         leaf = (x0 if clip is None else x0.clamp(*clip)).detach().requires_grad_(True)
@@ -88,6 +99,7 @@ def x0_gradient(classifier: Callable, x0: torch.Tensor, y, tau1: float = 1.0, ta
 
 # ---- 4./5. schedules -----------------------------------------------------------------------------------
 
+
 def sine_bump(u) -> torch.Tensor:
     """max(sin(pi u), 0): 0 at u = 0 and u = 1, 1 at u = 1/2."""
     return torch.clamp(torch.sin(math.pi * torch.as_tensor(u, dtype=torch.float64)), min=0.0)
@@ -96,8 +108,9 @@ def sine_bump(u) -> torch.Tensor:
 def ddpm_guidance_variance(variance, max_variance, step, num_steps: int, gamma: float = 0.3):
     """Sigma_t + max(gamma sin(pi t / T) Sigma_max, 0): the factor multiplying the guidance gradient in the
     DDPM mean shift, at step index t of T (official DDPM script)."""
-    return torch.as_tensor(variance, dtype=torch.float64) + \
-        gamma * torch.as_tensor(max_variance, dtype=torch.float64) * sine_bump(torch.as_tensor(step) / num_steps)
+    return torch.as_tensor(variance, dtype=torch.float64) + gamma * torch.as_tensor(
+        max_variance, dtype=torch.float64
+    ) * sine_bump(torch.as_tensor(step) / num_steps)
 
 
 def edm_guidance_weight(i, num_steps: int, w_max: float = 0.004, gamma: float = 0.3):
@@ -123,6 +136,7 @@ def edm_guidance_shift(x: torch.Tensor, grad: torch.Tensor, weight) -> torch.Ten
 
 
 # ---- the Denoiser wrapper (DDPM schedule) ---------------------------------------------------------------
+
 
 def ddpm_step_factors(schedule, grid: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per grid step k (t_k -> t_{k+1}): V_k = Sigma_k + max(gamma sin(pi u_k) max_{j<=k} Sigma_j, 0) with
@@ -186,8 +200,15 @@ class EluCD(Wrapper):
                 return torch.zeros_like(x)
 
         grid = self.grid if grid is None else grid
-        sample(Probe(), solver, grid, torch.zeros(1, 1, dtype=torch.float64), None,
-               Gaussian(torch.Generator().manual_seed(0)), check_finite=False)
+        sample(
+            Probe(),
+            solver,
+            grid,
+            torch.zeros(1, 1, dtype=torch.float64),
+            None,
+            Gaussian(torch.Generator().manual_seed(0)),
+            check_finite=False,
+        )
         for t in asked:
             self.factor(t)
 
@@ -195,8 +216,10 @@ class EluCD(Wrapper):
         """V_k / c_k at grid time t (the x0 shift per unit of s * grad)."""
         key = float(t) if not isinstance(t, torch.Tensor) or t.numel() == 1 else None
         if key is None or key not in self._factor:
-            raise ConfigError(f"EluCD is defined at its grid times (one scalar t per call); got t={t!r}. Use a "
-                              f"solver with one evaluation per step (ddpm, ddim, dpmpp-2m)")
+            raise ConfigError(
+                f"EluCD is defined at its grid times (one scalar t per call); got t={t!r}. Use a "
+                f"solver with one evaluation per step (ddpm, ddim, dpmpp-2m)"
+            )
         return self._factor[key]
 
     def __call__(self, x, t, cond=None):

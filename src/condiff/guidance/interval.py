@@ -30,8 +30,9 @@ from condiff.guidance.cfg import CFG, batch_cond, contrast
 from condiff.guidance.schedules import check_scale, per_row, scale_at
 
 
-def split_null(cond: Mapping[str, Any] | None, default: Mapping[str, Any] | None, key: str = "null",
-               what: str = "guidance"):
+def split_null(
+    cond: Mapping[str, Any] | None, default: Mapping[str, Any] | None, key: str = "null", what: str = "guidance"
+):
     """(cond without ``key``, the null condition): ``cond[key]`` or else ``default``; neither is an error."""
     cond = dict(cond or {})
     null = cond.pop(key, None) or default
@@ -40,9 +41,9 @@ def split_null(cond: Mapping[str, Any] | None, default: Mapping[str, Any] | None
     return cond, null
 
 
-
-def branches(denoiser, x: torch.Tensor, t, cond: Mapping[str, Any], null: Mapping[str, Any],
-             rows: torch.Tensor | None = None):
+def branches(
+    denoiser, x: torch.Tensor, t, cond: Mapping[str, Any], null: Mapping[str, Any], rows: torch.Tensor | None = None
+):
     """(x0_cond for all n rows, x0_null for the rows in the boolean mask ``rows``; all rows when None).
 
     One forward of batch n + len(rows), layout [null rows, cond]. With ``rows=None`` the call is exactly the

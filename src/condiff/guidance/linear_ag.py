@@ -38,9 +38,9 @@ import torch
 
 from condiff.core import parameterization as P
 from condiff.core.denoiser import Wrapper, coefficients, start_trajectory, take_rows
-from condiff.errors import ConfigError, InputFileError
 from condiff.core.files import load_tensors, save_tensors
 from condiff.core.sampling import sample
+from condiff.errors import ConfigError, InputFileError
 from condiff.guidance.cfg import contrast
 from condiff.guidance.interval import branches, split_null
 from condiff.guidance.schedules import check_scale
@@ -101,8 +101,9 @@ class CFGRecord:
         for r in records[1:]:
             if r.times.shape != first.times.shape or not torch.equal(r.times, first.times):
                 raise ConfigError("CFG records to join must share their evaluation times (same grid and solver)")
-        return CFGRecord(first.times, *(torch.cat([getattr(r, k) for r in records], 1)
-                                        for k in ("x", "eps_c", "eps_u")))
+        return CFGRecord(
+            first.times, *(torch.cat([getattr(r, k) for r in records], 1) for k in ("x", "eps_c", "eps_u"))
+        )
 
     def previous(self, k: int):
         return None if k == 0 else (self.eps_c[k - 1], self.eps_u[k - 1])
@@ -123,8 +124,9 @@ class _Recorder(Wrapper):
         cond, null = split_null(cond, self.null, what="LinearAG recording")
         x0_c, x0_u = branches(self.denoiser, x, t, cond, null)
         a, s = coefficients(self.denoiser.schedule, t, x)
-        self.rows.append((float(t), x.detach().clone(), P.x0_to_eps(x, x0_c, a, s).detach(),
-                          P.x0_to_eps(x, x0_u, a, s).detach()))
+        self.rows.append(
+            (float(t), x.detach().clone(), P.x0_to_eps(x, x0_c, a, s).detach(), P.x0_to_eps(x, x0_u, a, s).detach())
+        )
         return contrast(x0_c, x0_u, self.scale)
 
 
@@ -190,8 +192,18 @@ def fit_record(record: CFGRecord, scale: float, regressors: Regressors = Regress
     return LinearAGCoefficients(record.times.clone(), coef, r2, regressors, float(scale))
 
 
-def fit_linear_ag(denoiser, solver, grid, x, cond, scale: float, regressors: Regressors = Regressors(),
-                  null=None, noise=None, batch_size: int | None = None) -> LinearAGCoefficients:
+def fit_linear_ag(
+    denoiser,
+    solver,
+    grid,
+    x,
+    cond,
+    scale: float,
+    regressors: Regressors = Regressors(),
+    null=None,
+    noise=None,
+    batch_size: int | None = None,
+) -> LinearAGCoefficients:
     """Record CFG trajectories from the start points ``x`` (rows; in chunks of ``batch_size``) with ``solver``
     on ``grid`` and fit the LinearAG coefficients. ``cond`` holds per-row tensors (and 'null', or pass null)."""
     n = x.shape[0]
@@ -202,7 +214,6 @@ def fit_linear_ag(denoiser, solver, grid, x, cond, scale: float, regressors: Reg
         sub = take_rows(dict(cond or {}), index, n)
         records.append(record_cfg(denoiser, solver, grid, x[index], sub, scale, null, noise)[1])
     return fit_record(CFGRecord.cat(records), scale, regressors)
-
 
 
 def predict_record(coeffs: LinearAGCoefficients, record: CFGRecord, steps: int | None = None):
@@ -220,10 +231,17 @@ def predict_record(coeffs: LinearAGCoefficients, record: CFGRecord, steps: int |
 
 def save_linear_ag(coeffs: LinearAGCoefficients, path):
     """Write the coefficients as a safetensors file (atomically)."""
-    return save_tensors(path, {"times": coeffs.times, "coef": coeffs.coef, "r2": coeffs.r2,
-                               "regressors": coeffs.regressors.mask().to(torch.uint8),
-                               "scale": torch.tensor([coeffs.scale], dtype=F64),
-                               "format": torch.tensor([FORMAT], dtype=torch.int64)})
+    return save_tensors(
+        path,
+        {
+            "times": coeffs.times,
+            "coef": coeffs.coef,
+            "r2": coeffs.r2,
+            "regressors": coeffs.regressors.mask().to(torch.uint8),
+            "scale": torch.tensor([coeffs.scale], dtype=F64),
+            "format": torch.tensor([FORMAT], dtype=torch.int64),
+        },
+    )
 
 
 def load_linear_ag(path) -> LinearAGCoefficients:
@@ -231,22 +249,33 @@ def load_linear_ag(path) -> LinearAGCoefficients:
     data = load_tensors(path)
     need = {"times", "coef", "r2", "regressors", "scale", "format"}
     if not need <= set(data):
-        raise InputFileError(f"{str(path)!r} is not a LinearAG coefficient file (missing "
-                             f"{', '.join(sorted(need - set(data)))})")
+        raise InputFileError(
+            f"{str(path)!r} is not a LinearAG coefficient file (missing {', '.join(sorted(need - set(data)))})"
+        )
     times, coef = data["times"], data["coef"]
     K, P = times.numel(), len(TERMS)
-    ok = (data["format"].numel() == 1 and int(data["format"][0]) == FORMAT and times.dim() == 1
-          and tuple(coef.shape) == (K, P) and data["r2"].numel() == K and data["regressors"].numel() == P
-          and data["scale"].numel() == 1 and bool(torch.isfinite(coef).all())
-          and bool((times[1:] <= times[:-1]).all()))
+    ok = (
+        data["format"].numel() == 1
+        and int(data["format"][0]) == FORMAT
+        and times.dim() == 1
+        and tuple(coef.shape) == (K, P)
+        and data["r2"].numel() == K
+        and data["regressors"].numel() == P
+        and data["scale"].numel() == 1
+        and bool(torch.isfinite(coef).all())
+        and bool((times[1:] <= times[:-1]).all())
+    )
     if not ok:
-        raise InputFileError(f"{str(path)!r} holds malformed LinearAG coefficients (format {FORMAT}: times [K] "
-                             f"non-increasing, coef [K, {P}] finite, r2 [K], regressors [{P}], scale [1])")
+        raise InputFileError(
+            f"{str(path)!r} holds malformed LinearAG coefficients (format {FORMAT}: times [K] "
+            f"non-increasing, coef [K, {P}] finite, r2 [K], regressors [{P}], scale [1])"
+        )
     scale = float(data["scale"][0])
     if not math.isfinite(scale):
         raise InputFileError(f"{str(path)!r} holds a non-finite LinearAG scale")
-    return LinearAGCoefficients(data["times"].to(F64), data["coef"].to(F64), data["r2"].to(F64),
-                                Regressors.from_mask(data["regressors"]), scale)
+    return LinearAGCoefficients(
+        data["times"].to(F64), data["coef"].to(F64), data["r2"].to(F64), Regressors.from_mask(data["regressors"]), scale
+    )
 
 
 @dataclass
@@ -278,17 +307,21 @@ class LinearAG(Wrapper):
         tt = torch.as_tensor(t, dtype=F64)
         if not bool(((tt - fitted).abs() <= 1e-12 * max(1.0, abs(fitted))).all()):
             got = float(tt) if tt.dim() == 0 else tt.tolist()
-            raise ConfigError(f"LinearAG evaluation {k} of this trajectory is at t={got!r}, but its coefficients were "
-                              f"fitted at t={fitted!r}: sample from the start of the grid, with the solver they "
-                              f"were fitted on (or fewer LinearAG steps)")
+            raise ConfigError(
+                f"LinearAG evaluation {k} of this trajectory is at t={got!r}, but its coefficients were "
+                f"fitted at t={fitted!r}: sample from the start of the grid, with the solver they "
+                f"were fitted on (or fewer LinearAG steps)"
+            )
 
     def start(self, memo: dict | None = None) -> "LinearAGTrajectory":
         """The Denoiser of one new trajectory (evaluation 0, no history), over the started inner denoiser."""
         return LinearAGTrajectory(self, start_trajectory(self.denoiser, memo))
 
     def __call__(self, x, t, cond=None):
-        raise ConfigError("LinearAG keeps per-trajectory state: run it with sample(), or call .start() for the "
-                          "denoiser of one trajectory")
+        raise ConfigError(
+            "LinearAG keeps per-trajectory state: run it with sample(), or call .start() for the "
+            "denoiser of one trajectory"
+        )
 
 
 @dataclass

@@ -28,9 +28,9 @@ from typing import Any, Callable
 import torch
 
 from condiff.core.denoiser import Wrapper, coefficients, take_rows
+from condiff.core.schedules import unit_time
 from condiff.errors import ConfigError
 from condiff.guidance.classifier import ClassifierGuidance, from_logits
-from condiff.core.schedules import unit_time
 from condiff.guidance.schedules import check_scale
 
 LEVEL_KEY = "minority_level"
@@ -41,8 +41,16 @@ def squared_error(x0: torch.Tensor, x0_hat: torch.Tensor) -> torch.Tensor:
     return (x0 - x0_hat).pow(2).flatten(1).sum(1)
 
 
-def minority_score(denoiser, x0: torch.Tensor, t: float, n: int = 5, generator: torch.Generator | None = None,
-                   distance: Callable = squared_error, cond=None, batch_size: int | None = None) -> torch.Tensor:
+def minority_score(
+    denoiser,
+    x0: torch.Tensor,
+    t: float,
+    n: int = 5,
+    generator: torch.Generator | None = None,
+    distance: Callable = squared_error,
+    cond=None,
+    batch_size: int | None = None,
+) -> torch.Tensor:
     """l(x0) = mean over ``n`` draws of d(x0, D(alpha_t x0 + sigma_t eps, t, cond)), shape (B,) (module doc, 1).
 
     Runs without gradients; eps is drawn from ``generator`` in x0's dtype, one (B, ...) batch per draw (so the
@@ -145,5 +153,3 @@ class MinorityGuidance(Wrapper):
 
     def __call__(self, x, t, cond=None):
         return self._guide(x, t, cond)
-
-

@@ -41,9 +41,9 @@ import torch
 from torch import nn
 
 from condiff.core.denoiser import Wrapper
-from condiff.guidance.schedules import check_scale
 from condiff.errors import ConfigError, one_of
 from condiff.guidance.cfg import CFG, batch_cond, contrast, split_batch
+from condiff.guidance.schedules import check_scale
 
 ALIASES = {"mid": "mid_block", "down": "down_blocks", "up": "up_blocks"}
 
@@ -85,16 +85,18 @@ class IdentityAttention:
         n = hidden_states.shape[0] if self.rows is None else self.rows
         keep = hidden_states.shape[0] - n
         if keep < 0:
-            raise ConfigError(f"PAG: the layer saw a batch of {hidden_states.shape[0]} rows, fewer than the "
-                              f"{n} perturbed rows")
+            raise ConfigError(
+                f"PAG: the layer saw a batch of {hidden_states.shape[0]} rows, fewer than the {n} perturbed rows"
+            )
         pert = identity_attention(attn, hidden_states[keep:], None if temb is None else temb[keep:])
         if keep == 0:
             return pert
         mask = attention_mask
         if mask is not None and mask.shape[0] == hidden_states.shape[0]:
             mask = mask[:keep]
-        normal = self.original(attn, hidden_states[:keep], None, mask,
-                               **({"temb": temb[:keep]} if temb is not None else {}), **kwargs)
+        normal = self.original(
+            attn, hidden_states[:keep], None, mask, **({"temb": temb[:keep]} if temb is not None else {}), **kwargs
+        )
         return torch.cat([normal, pert])
 
 
@@ -109,8 +111,9 @@ def attention_root(denoiser_or_net) -> nn.Module:
     is a ModuleDict with a 'unet' (condiff's model families), else the network itself."""
     net = denoiser_or_net if isinstance(denoiser_or_net, nn.Module) else getattr(denoiser_or_net, "net", None)
     if not isinstance(net, nn.Module):
-        raise ConfigError(f"PAG needs a denoiser over a torch network (a .net module), got "
-                          f"{type(denoiser_or_net).__name__}")
+        raise ConfigError(
+            f"PAG needs a denoiser over a torch network (a .net module), got {type(denoiser_or_net).__name__}"
+        )
     if isinstance(net, nn.ModuleDict) and "unet" in net:
         return net["unet"]
     return net
@@ -193,8 +196,7 @@ class PAG(Wrapper):
         check_scale(self.scale)
         if self.cfg_scale is not None:
             check_scale(self.cfg_scale)
-        self.modules = select_layers(self.net if self.net is not None else attention_root(self.denoiser),
-                                     self.layers)
+        self.modules = select_layers(self.net if self.net is not None else attention_root(self.denoiser), self.layers)
 
     def perturbed(self, x, t, cond=None):
         """The perturbed estimate x0_p alone (identity attention in the chosen layers, every row)."""
@@ -226,8 +228,9 @@ class PAG(Wrapper):
             x0_u = parts[0] if need_u else None
         else:
             if need_u:
-                x0_u, x0_c = split_batch(self.denoiser(torch.cat([x, x]), _repeat_t(t, 2),
-                                                       batch_cond([dict(null), cond])), 2)
+                x0_u, x0_c = split_batch(
+                    self.denoiser(torch.cat([x, x]), _repeat_t(t, 2), batch_cond([dict(null), cond])), 2
+                )
             else:
                 x0_u, x0_c = None, self.denoiser(x, t, cond)
             x0_p = self.perturbed(x, t, cond)
@@ -304,8 +307,7 @@ class PAGTerm(Wrapper):
 
     def __post_init__(self):
         check_scale(self.scale)
-        self.modules = select_layers(self.net if self.net is not None else attention_root(self.denoiser),
-                                     self.layers)
+        self.modules = select_layers(self.net if self.net is not None else attention_root(self.denoiser), self.layers)
 
     def __call__(self, x, t, cond=None):
         if self.tap is not None:

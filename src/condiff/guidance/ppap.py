@@ -44,8 +44,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from condiff.errors import ConfigError, InputFileError, one_of
 from condiff.core.files import atomic_dir, atomic_write_json, load_json, load_tensors, refuse_pickles, save_tensors
+from condiff.errors import ConfigError, InputFileError, one_of
 from condiff.guidance.classifier import ClassifierGuidance, from_logits
 
 FORMAT = 1
@@ -55,6 +55,7 @@ META_FILE = "ppap.json"
 
 
 # ---- 1. routing -----------------------------------------------------------------------------------------
+
 
 def check_range(n_experts, t_min, t_max):
     if not isinstance(n_experts, numbers.Integral) or isinstance(n_experts, bool) or n_experts < 1:
@@ -128,6 +129,7 @@ class MultiExpert(nn.Module):
 
 # ---- 2. LoRA experts ------------------------------------------------------------------------------------
 
+
 def adaptable_layers(net: nn.Module) -> list[str]:
     """The names of every ``nn.Conv2d`` and ``nn.Linear`` module of ``net`` (PPAP's LoRA targets)."""
     return [name for name, m in net.named_modules() if name and isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -137,8 +139,9 @@ def is_lora(name: str) -> bool:
     return "lora_" in name
 
 
-def lora_expert(classifier: nn.Module, rank: int = 16, alpha: float = 8.0,
-                targets: Sequence[str] | None = None) -> nn.Module:
+def lora_expert(
+    classifier: nn.Module, rank: int = 16, alpha: float = 8.0, targets: Sequence[str] | None = None
+) -> nn.Module:
     """A deep copy of the frozen ``classifier`` with LoRA adapters (W + (alpha / rank) B A, B = 0 at start) on
     the layers named in ``targets`` (default: every conv / linear layer, ``adaptable_layers``). Only the LoRA
     parameters require grad."""
@@ -157,8 +160,9 @@ def lora_expert(classifier: nn.Module, rank: int = 16, alpha: float = 8.0,
         if n not in allowed:
             raise one_of("LoRA target layer", n, allowed)
     pattern = "|".join(re.escape(n) for n in names)  # a str is matched in full by peft: exactly these layers
-    cfg = LoraConfig(r=int(rank), lora_alpha=float(alpha), target_modules=f"(?:{pattern})", lora_dropout=0.0,
-                     bias="none")
+    cfg = LoraConfig(
+        r=int(rank), lora_alpha=float(alpha), target_modules=f"(?:{pattern})", lora_dropout=0.0, bias="none"
+    )
     net = inject_adapter_in_model(cfg, net, adapter_name=ADAPTER)
     for name, p in net.named_parameters():
         p.requires_grad_(is_lora(name))
@@ -186,8 +190,7 @@ def frozen_checksum(net: nn.Module) -> str:
     """sha256 of every non-LoRA parameter and buffer of ``net`` (names normalised, so a classifier and its
     LoRA expert give the same value while the base weights are untouched)."""
     h = hashlib.sha256()
-    items = sorted((name.replace(".base_layer.", "."), v) for name, v in net.state_dict().items()
-                   if not is_lora(name))
+    items = sorted((name.replace(".base_layer.", "."), v) for name, v in net.state_dict().items() if not is_lora(name))
     for name, v in items:
         h.update(name.encode())
         h.update(str(v.dtype).encode())
@@ -199,8 +202,14 @@ def frozen_checksum(net: nn.Module) -> str:
 
 # ---- 4. guidance ----------------------------------------------------------------------------------------
 
-def ppap_guidance(denoiser, experts: Callable, scale: float | Callable = 1.0, key: str = "y",
-                  select: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ClassifierGuidance:
+
+def ppap_guidance(
+    denoiser,
+    experts: Callable,
+    scale: float | Callable = 1.0,
+    key: str = "y",
+    select: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> ClassifierGuidance:
     """ADM classifier guidance with the routed experts as the noisy classifier: log p(y | x_t) =
     log_softmax(select(experts(x_t, t)))[y], y = cond[key] (dropped from the denoiser's cond). ``select`` picks
     one head's logits of a multi-head classifier, e.g. ``lambda z: net.head(z, 'color')``."""
@@ -215,13 +224,16 @@ def ppap_attribute_guidance(denoiser, experts: MultiExpert, attribute: str, scal
 
     head = getattr(experts.experts[0], "head", None)
     if head is None:
-        raise ConfigError(f"attribute guidance needs experts with a head(logits, name) method (AttributeClassifier), "
-                          f"got {type(experts.experts[0]).__name__}")
+        raise ConfigError(
+            f"attribute guidance needs experts with a head(logits, name) method (AttributeClassifier), "
+            f"got {type(experts.experts[0]).__name__}"
+        )
     head(torch.zeros(1, sum(experts.experts[0].head_sizes)), attribute)  # names the attribute or errors
     return Targeted(ppap_guidance(denoiser, experts, scale, TARGET_KEY, lambda z: head(z, attribute)))
 
 
 # ---- saving ---------------------------------------------------------------------------------------------
+
 
 def save_ppap(experts: MultiExpert, directory, classifier: nn.Module, info: dict | None = None) -> Path:
     """Write the experts' LoRA weights (``experts.safetensors``, keys ``'{k}.{name}'``) and ``ppap.json`` (format,
@@ -235,10 +247,19 @@ def save_ppap(experts: MultiExpert, directory, classifier: nn.Module, info: dict
     for k, e in enumerate(experts.experts):
         if frozen_checksum(e) != base:
             raise ConfigError(f"save_ppap: expert {k}'s frozen weights differ from the given classifier's")
-    tensors = {f"{k}.{name}": p.detach() for k, e in enumerate(experts.experts)
-               for name, p in lora_parameters(e).items()}
-    meta = {**(info or {}), "format": FORMAT, "method": "ppap", "n_experts": experts.n_experts,
-            "t_min": experts.t_min, "t_max": experts.t_max, **specs[0], "base_checksum": base}
+    tensors = {
+        f"{k}.{name}": p.detach() for k, e in enumerate(experts.experts) for name, p in lora_parameters(e).items()
+    }
+    meta = {
+        **(info or {}),
+        "format": FORMAT,
+        "method": "ppap",
+        "n_experts": experts.n_experts,
+        "t_min": experts.t_min,
+        "t_max": experts.t_max,
+        **specs[0],
+        "base_checksum": base,
+    }
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
         save_tensors(tmp / WEIGHTS_FILE, tensors, metadata={"format": str(FORMAT)})
@@ -251,8 +272,10 @@ def read_ppap_meta(directory) -> dict:
     meta = load_json(Path(directory) / META_FILE)
     need = {"format", "n_experts", "t_min", "t_max", "rank", "alpha", "targets", "base_checksum"}
     if not isinstance(meta, dict) or not need <= set(meta) or meta.get("format") != FORMAT:
-        raise InputFileError(f"{str(Path(directory) / META_FILE)!r} is not PPAP expert metadata (format {FORMAT} "
-                             f"with {', '.join(sorted(need))})")
+        raise InputFileError(
+            f"{str(Path(directory) / META_FILE)!r} is not PPAP expert metadata (format {FORMAT} "
+            f"with {', '.join(sorted(need))})"
+        )
     return meta
 
 
@@ -265,30 +288,46 @@ def load_ppap(directory, classifier: nn.Module) -> MultiExpert:
     refuse_pickles(directory, "PPAP experts")
     meta = read_ppap_meta(directory)
     if frozen_checksum(classifier) != meta["base_checksum"]:
-        raise InputFileError(f"the experts in {str(directory)!r} were trained on another classifier "
-                             f"(base checksum differs)")
+        raise InputFileError(
+            f"the experts in {str(directory)!r} were trained on another classifier (base checksum differs)"
+        )
     data = load_tensors(directory / WEIGHTS_FILE)
     experts = []
     try:
         for k in range(int(meta["n_experts"])):
             e = lora_expert(classifier, int(meta["rank"]), float(meta["alpha"]), list(meta["targets"]))
             own = lora_parameters(e)
-            got = {name[len(f"{k}."):]: v for name, v in data.items() if name.startswith(f"{k}.")}
+            got = {name[len(f"{k}.") :]: v for name, v in data.items() if name.startswith(f"{k}.")}
             if set(got) != set(own) or any(got[n].shape != own[n].shape for n in own):
-                raise InputFileError(f"{str(directory / WEIGHTS_FILE)!r}: expert {k}'s LoRA weights do not match "
-                                     f"rank {meta['rank']} on {len(meta['targets'])} layers")
+                raise InputFileError(
+                    f"{str(directory / WEIGHTS_FILE)!r}: expert {k}'s LoRA weights do not match "
+                    f"rank {meta['rank']} on {len(meta['targets'])} layers"
+                )
             with torch.no_grad():
                 for n, p in own.items():
                     p.copy_(got[n].to(p.dtype))
             experts.append(e.eval())
         if len(data) != sum(len(lora_parameters(e)) for e in experts):
-            raise InputFileError(f"{str(directory / WEIGHTS_FILE)!r} holds weights of more than "
-                                 f"{meta['n_experts']} experts")
+            raise InputFileError(
+                f"{str(directory / WEIGHTS_FILE)!r} holds weights of more than {meta['n_experts']} experts"
+            )
         return MultiExpert(experts, float(meta["t_min"]), float(meta["t_max"]))
     except ConfigError as e:
         raise InputFileError(f"{str(directory)!r} holds malformed PPAP experts ({e})") from None
 
 
-__all__ = ["expert_index", "expert_interval", "MultiExpert", "adaptable_layers", "lora_expert", "lora_parameters",
-           "lora_spec", "frozen_checksum", "ppap_guidance", "ppap_attribute_guidance", "save_ppap", "load_ppap",
-           "read_ppap_meta"]
+__all__ = [
+    "expert_index",
+    "expert_interval",
+    "MultiExpert",
+    "adaptable_layers",
+    "lora_expert",
+    "lora_parameters",
+    "lora_spec",
+    "frozen_checksum",
+    "ppap_guidance",
+    "ppap_attribute_guidance",
+    "save_ppap",
+    "load_ppap",
+    "read_ppap_meta",
+]

@@ -24,12 +24,12 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from condiff.core import parameterization as P
 from condiff.core.denoiser import X0, Prediction, Wrapper, coefficients
 from condiff.errors import ConfigError
 from condiff.guidance.cfg import contrast
 from condiff.guidance.interval import branches, split_null
 from condiff.guidance.schedules import check_scale, per_row, scale_at
-from condiff.core import parameterization as P
 
 
 def rescale_guidance(y_cfg: torch.Tensor, y_cond: torch.Tensor, phi: float, eps: float = 0.0) -> torch.Tensor:
@@ -68,8 +68,9 @@ class GuidanceRescale(Wrapper):
         if not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
             raise ConfigError(f"guidance rescale phi must be a number in [0, 1], got {p!r}")
         if not isinstance(self.space, Prediction):
-            raise ConfigError(f"guidance rescale space must be a Prediction object (X0(), Eps(), V(), ...), "
-                              f"got {self.space!r}")
+            raise ConfigError(
+                f"guidance rescale space must be a Prediction object (X0(), Eps(), V(), ...), got {self.space!r}"
+            )
 
     def __call__(self, x, t, cond=None):
         cond, null = split_null(cond, self.null, what="guidance rescale")

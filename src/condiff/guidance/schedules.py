@@ -42,8 +42,9 @@ def check_scale(scale, what: str = "guidance scale"):
     if callable(scale):
         return scale
     if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not abs(scale) <= MAX_SCALE:
-        raise ConfigError(f"{what} must be a finite number with |scale| <= {MAX_SCALE:g} or a function of t, "
-                          f"got {scale!r}")
+        raise ConfigError(
+            f"{what} must be a finite number with |scale| <= {MAX_SCALE:g} or a function of t, got {scale!r}"
+        )
     return float(scale)
 
 
@@ -89,8 +90,10 @@ class _TwoPoint:
         check_real(f"{type(self).__name__} t_start", self.t_start, -math.inf, math.inf)
         check_real(f"{type(self).__name__} t_end", self.t_end, -math.inf, math.inf)
         if not self.t_start > self.t_end:
-            raise ConfigError(f"{type(self).__name__} needs t_start > t_end (sampling runs from t_start down), "
-                              f"got t_start={self.t_start!r}, t_end={self.t_end!r}")
+            raise ConfigError(
+                f"{type(self).__name__} needs t_start > t_end (sampling runs from t_start down), "
+                f"got t_start={self.t_start!r}, t_end={self.t_end!r}"
+            )
 
     def _progress(self, t: torch.Tensor) -> torch.Tensor:
         """0 at t_start, 1 at t_end, linear in t, clamped to [0, 1]."""
@@ -147,6 +150,9 @@ class IntervalScale:
 
     def __call__(self, t):
         tt, scalar = _times(t)
-        w = torch.where(self.inside(tt), torch.tensor(self.scale, dtype=torch.float64),
-                        torch.tensor(self.outside, dtype=torch.float64))
+        w = torch.where(
+            self.inside(tt),
+            torch.tensor(self.scale, dtype=torch.float64),
+            torch.tensor(self.outside, dtype=torch.float64),
+        )
         return _out(w, scalar)

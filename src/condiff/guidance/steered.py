@@ -65,8 +65,9 @@ class LinearOperator:
     def project(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x - A^+ (A x - y): the nearest point (along A^+) with A x = y."""
         ax = self(x)
-        y = _measurement(y, ax, f"measurement y of shape {{}} does not match A x of shape {{}} for "
-                         f"{type(self).__name__}")
+        y = _measurement(
+            y, ax, f"measurement y of shape {{}} does not match A x of shape {{}} for {type(self).__name__}"
+        )
         return x - self.pinv(ax - y)
 
 
@@ -77,8 +78,9 @@ def _binary_mask(mask) -> torch.Tensor:
     if not (m.is_floating_point() or m.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
         raise ConfigError(f"inpainting mask must be a bool or 0/1 tensor, got dtype {m.dtype}")
     if not bool(((m == 0) | (m == 1)).all()):
-        raise ConfigError("inpainting mask must hold only 0 (known) and 1 (to fill); a soft mask has no "
-                          "exact projection")
+        raise ConfigError(
+            "inpainting mask must hold only 0 (known) and 1 (to fill); a soft mask has no exact projection"
+        )
     return m == 1
 
 
@@ -121,8 +123,9 @@ class SuperResolution(LinearOperator):
     def __call__(self, x):
         r, k = self.factor, self.dims
         if x.dim() < k or any(n % r for n in x.shape[-k:]):
-            raise ConfigError(f"super-resolution by {r} needs the last {k} axes divisible by {r}, got shape "
-                              f"{tuple(x.shape)}")
+            raise ConfigError(
+                f"super-resolution by {r} needs the last {k} axes divisible by {r}, got shape {tuple(x.shape)}"
+            )
         shape = list(x.shape[:-k])
         for n in x.shape[-k:]:
             shape += [n // r, r]
@@ -145,22 +148,29 @@ class Colorize(LinearOperator):
 
     def __post_init__(self):
         w = torch.as_tensor(self.weights, dtype=torch.float64).reshape(-1)
-        d = torch.ones_like(w) if self.direction is None else \
-            torch.as_tensor(self.direction, dtype=torch.float64).reshape(-1)
+        d = (
+            torch.ones_like(w)
+            if self.direction is None
+            else torch.as_tensor(self.direction, dtype=torch.float64).reshape(-1)
+        )
         if d.shape != w.shape or not bool(torch.isfinite(w).all() and torch.isfinite(d).all()):
-            raise ConfigError(f"colorize weights and direction must be finite vectors of one length, got "
-                              f"{tuple(w.shape)} and {tuple(d.shape)}")
+            raise ConfigError(
+                f"colorize weights and direction must be finite vectors of one length, got "
+                f"{tuple(w.shape)} and {tuple(d.shape)}"
+            )
         wd = float(w @ d)
         if not abs(wd) > 1e-12 or not math.isfinite(wd):
-            raise ConfigError(f"colorize direction must not be orthogonal to the weights (weights . direction "
-                              f"= {wd:g})")
+            raise ConfigError(
+                f"colorize direction must not be orthogonal to the weights (weights . direction = {wd:g})"
+            )
         object.__setattr__(self, "weights", w)
         object.__setattr__(self, "direction", d)
 
     def _along(self, v, x):
         if x.dim() < -self.channel_dim or x.shape[self.channel_dim] != v.numel():
-            raise ConfigError(f"colorize expects {v.numel()} channels on axis {self.channel_dim}, got shape "
-                              f"{tuple(x.shape)}")
+            raise ConfigError(
+                f"colorize expects {v.numel()} channels on axis {self.channel_dim}, got shape {tuple(x.shape)}"
+            )
         shape = [1] * x.dim()
         shape[self.channel_dim] = -1
         return v.to(device=x.device, dtype=x.dtype).reshape(shape)
@@ -170,8 +180,9 @@ class Colorize(LinearOperator):
 
     def pinv(self, y):
         if y.dim() < -self.channel_dim or y.shape[self.channel_dim] != 1:
-            raise ConfigError(f"colorize measurements have one channel on axis {self.channel_dim}, got shape "
-                              f"{tuple(y.shape)}")
+            raise ConfigError(
+                f"colorize measurements have one channel on axis {self.channel_dim}, got shape {tuple(y.shape)}"
+            )
         shape = [1] * y.dim()
         shape[self.channel_dim] = -1
         d = self.direction / (self.weights @ self.direction)
@@ -194,12 +205,15 @@ class Projection(Wrapper):
     def __post_init__(self):
         ops, ys = _as_list(self.operator), _as_list(self.y)
         if not ops or len(ops) != len(ys):
-            raise ConfigError(f"projection needs one measurement per operator, got {len(ops)} operators and "
-                              f"{len(ys)} measurements")
+            raise ConfigError(
+                f"projection needs one measurement per operator, got {len(ops)} operators and {len(ys)} measurements"
+            )
         for op in ops:
             if not isinstance(op, LinearOperator):
-                raise ConfigError(f"projection operators must be LinearOperator objects (Inpaint, "
-                                  f"SuperResolution, Colorize), got {op!r}")
+                raise ConfigError(
+                    f"projection operators must be LinearOperator objects (Inpaint, "
+                    f"SuperResolution, Colorize), got {op!r}"
+                )
         self._pairs = list(zip(ops, ys))
 
     def __call__(self, x, t, cond=None):

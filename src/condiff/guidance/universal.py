@@ -39,8 +39,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from condiff.core.denoiser import Wrapper, coefficients
-from condiff.guidance.schedules import check_scale
 from condiff.errors import ConfigError
+from condiff.guidance.schedules import check_scale
 from condiff.solvers.base import Solver, point
 
 
@@ -52,8 +52,7 @@ def _check_loss(loss):
 def _evaluate(loss, x0, cond, batch):
     v = loss(x0, cond)
     if v.shape != (batch,):
-        raise ConfigError(f"a guidance loss must return one value per sample, shape ({batch},), got "
-                          f"{tuple(v.shape)}")
+        raise ConfigError(f"a guidance loss must return one value per sample, shape ({batch},), got {tuple(v.shape)}")
     return v
 
 
@@ -117,8 +116,10 @@ class UniversalGuidance(Wrapper):
         steps = {b.steps for b in self.terms if isinstance(b, Backward)}
         lrs = {b.lr for b in self.terms if isinstance(b, Backward)}
         if len(steps) > 1 or len(lrs) > 1:
-            raise ConfigError(f"backward terms are minimised jointly and must share steps and lr, got steps "
-                              f"{sorted(steps)} and lr {sorted(lrs)}")
+            raise ConfigError(
+                f"backward terms are minimised jointly and must share steps and lr, got steps "
+                f"{sorted(steps)} and lr {sorted(lrs)}"
+            )
 
     def __call__(self, x, t, cond=None):
         forward = [(f, f.at(t)) for f in self.terms if isinstance(f, Forward)]
@@ -143,7 +144,7 @@ def renoise(schedule, x_s: torch.Tensor, s: float, t: float, z: torch.Tensor) ->
     """A draw from the forward kernel q(x_t | x_s) for t > s (VDM eq. 6): alpha_{t|s} x_s + sigma_{t|s} z."""
     p, q = point(schedule, t), point(schedule, s)
     a_ts = p.alpha / q.alpha
-    return a_ts * x_s + math.sqrt(max(p.sigma ** 2 - a_ts ** 2 * q.sigma ** 2, 0.0)) * z
+    return a_ts * x_s + math.sqrt(max(p.sigma**2 - a_ts**2 * q.sigma**2, 0.0)) * z
 
 
 @dataclass(frozen=True)
@@ -179,8 +180,10 @@ class SelfRecurrence(Solver):
 
     def step_from_x0(self, schedule, x, t, t_next, x0_hat, state, noise):
         if self.k > 1:
-            raise ConfigError(f"self-recurrence with k = {self.k} evaluates the denoiser again at every repeat, so it "
-                              f"cannot step from one given x0_hat")
+            raise ConfigError(
+                f"self-recurrence with k = {self.k} evaluates the denoiser again at every repeat, so it "
+                f"cannot step from one given x0_hat"
+            )
         return self.solver.step_from_x0(schedule, x, t, t_next, x0_hat, state, noise)
 
     def step(self, D, x, t, t_next, state, noise):

@@ -14,6 +14,17 @@ from condiff.interop.latents import decode, encode, initial_latents, latent_shap
 from condiff.interop.pipeline import DiffusersPipeline, load_pipeline
 from condiff.interop.schedule import final_time, grid_from_scheduler, prediction_from_config, schedule_from_scheduler
 
-__all__ = ["DiffusersCall", "wrap_diffusers", "decode", "encode", "initial_latents", "latent_shape",
-           "DiffusersPipeline", "load_pipeline", "final_time", "grid_from_scheduler", "prediction_from_config",
-           "schedule_from_scheduler"]
+__all__ = [
+    "DiffusersCall",
+    "wrap_diffusers",
+    "decode",
+    "encode",
+    "initial_latents",
+    "latent_shape",
+    "DiffusersPipeline",
+    "load_pipeline",
+    "final_time",
+    "grid_from_scheduler",
+    "prediction_from_config",
+    "schedule_from_scheduler",
+]

@@ -24,8 +24,13 @@ from condiff.core.denoiser import WrappedDenoiser, wrap
 from condiff.errors import ConfigError
 from condiff.interop.schedule import prediction_from_config, schedule_from_scheduler
 
-SUPPORTED = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "PixArtTransformer2DModel",
-             "Transformer2DModel")
+SUPPORTED = (
+    "UNet2DModel",
+    "UNet2DConditionModel",
+    "DiTTransformer2DModel",
+    "PixArtTransformer2DModel",
+    "Transformer2DModel",
+)
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,10 @@ def wrap_diffusers(model, scheduler) -> WrappedDenoiser:
     if name not in SUPPORTED:
         raise ConfigError(f"cannot wrap a {name}; supported diffusers models: {', '.join(SUPPORTED)}")
     key = part_name(model)
-    return wrap(nn.ModuleDict({key: model}), schedule_from_scheduler(scheduler),
-                prediction_from_config(scheduler.config), time_input=lambda t: t,
-                call=DiffusersCall(key, mean_channels(model)))
+    return wrap(
+        nn.ModuleDict({key: model}),
+        schedule_from_scheduler(scheduler),
+        prediction_from_config(scheduler.config),
+        time_input=lambda t: t,
+        call=DiffusersCall(key, mean_channels(model)),
+    )

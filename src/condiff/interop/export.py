@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from condiff.errors import ConfigError
 from condiff.core.files import atomic_dir, atomic_write_json
+from condiff.errors import ConfigError
 
 DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
@@ -27,13 +27,21 @@ DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 def scheduler_config(schedule_cfg: dict, prediction: str) -> dict:
     """DDPMScheduler keyword arguments for a VP-discrete beta schedule and a prediction type."""
     if schedule_cfg.get("type") != "vp_discrete" or "beta_schedule" not in schedule_cfg:
-        raise ConfigError(f"export needs a VP-discrete beta schedule (as diffusers' schedulers have), got "
-                          f"{schedule_cfg.get('type')!r}")
+        raise ConfigError(
+            f"export needs a VP-discrete beta schedule (as diffusers' schedulers have), got "
+            f"{schedule_cfg.get('type')!r}"
+        )
     if prediction not in DIFFUSERS_PREDICTION:
         raise ConfigError(f"export supports the prediction types {', '.join(DIFFUSERS_PREDICTION)}, got {prediction!r}")
-    return dict(num_train_timesteps=schedule_cfg.get("num_steps", 1000), beta_schedule=schedule_cfg["beta_schedule"],
-                beta_start=schedule_cfg.get("beta_start", 1e-4), beta_end=schedule_cfg.get("beta_end", 2e-2),
-                prediction_type=DIFFUSERS_PREDICTION[prediction], clip_sample=False, timestep_spacing="trailing")
+    return dict(
+        num_train_timesteps=schedule_cfg.get("num_steps", 1000),
+        beta_schedule=schedule_cfg["beta_schedule"],
+        beta_start=schedule_cfg.get("beta_start", 1e-4),
+        beta_end=schedule_cfg.get("beta_end", 2e-2),
+        prediction_type=DIFFUSERS_PREDICTION[prediction],
+        clip_sample=False,
+        timestep_spacing="trailing",
+    )
 
 
 def export_model(model, out) -> Path:
@@ -48,13 +56,22 @@ def export_model(model, out) -> Path:
     with atomic_dir(out) as tmp:
         model.family.save_parts(model.module, tmp)
         DDPMScheduler(**cfg).save_pretrained(tmp / "scheduler")
-        atomic_write_json(tmp / "condiff_export.json", {
-            "family": model.family.name, "parts": parts, "prediction": model.prediction.name,
-            "pixel_unshuffle": model.model_cfg.get("pixel_unshuffle", 1),
-            "call": ("unet(pixel_unshuffle(x, f), t, encoder_hidden_states=hidden, class_labels=pooled), output "
-                     "pixel_shuffle(., f); (hidden, pooled) = text_encoder(tokens)")
-            if "text_encoder" in model.module else "unet(x, t, class_labels=y)",
-            "loads_in_diffusers": ["unet", "scheduler"],
-            "not_loadable_in_diffusers": [p for p in parts if p not in ("unet", "scheduler")]
-            + ["the folder as a DiffusionPipeline (no pipeline class calls the UNet this way)"]})
+        atomic_write_json(
+            tmp / "condiff_export.json",
+            {
+                "family": model.family.name,
+                "parts": parts,
+                "prediction": model.prediction.name,
+                "pixel_unshuffle": model.model_cfg.get("pixel_unshuffle", 1),
+                "call": (
+                    "unet(pixel_unshuffle(x, f), t, encoder_hidden_states=hidden, class_labels=pooled), output "
+                    "pixel_shuffle(., f); (hidden, pooled) = text_encoder(tokens)"
+                )
+                if "text_encoder" in model.module
+                else "unet(x, t, class_labels=y)",
+                "loads_in_diffusers": ["unet", "scheduler"],
+                "not_loadable_in_diffusers": [p for p in parts if p not in ("unet", "scheduler")]
+                + ["the folder as a DiffusionPipeline (no pipeline class calls the UNet this way)"],
+            },
+        )
     return out

@@ -21,8 +21,10 @@ def latent_shape(pipe, batch: int, height: int, width: int) -> tuple[int, int, i
     step = f * patch
     for name, v in (("--height", height), ("--width", width)):
         if isinstance(v, bool) or not isinstance(v, int) or v < step or v % step:
-            raise ConfigError(f"{name} must be a positive multiple of {step} for this pipeline "
-                              f"(VAE factor {f}{f' x patch {patch}' if patch > 1 else ''}), got {v!r}")
+            raise ConfigError(
+                f"{name} must be a positive multiple of {step} for this pipeline "
+                f"(VAE factor {f}{f' x patch {patch}' if patch > 1 else ''}), got {v!r}"
+            )
     return (batch, pipe.latent_channels, height // f, width // f)
 
 
@@ -33,8 +35,15 @@ def default_size(pipe) -> int:
     return int(size) * pipe.vae_scale_factor
 
 
-def initial_latents(pipe, batch: int, height: int, width: int, generator: torch.Generator | None,
-                    dtype: torch.dtype = torch.float32, steps: int | None = None) -> torch.Tensor:
+def initial_latents(
+    pipe,
+    batch: int,
+    height: int,
+    width: int,
+    generator: torch.Generator | None,
+    dtype: torch.dtype = torch.float32,
+    steps: int | None = None,
+) -> torch.Tensor:
     """diffusers' ``prepare_latents``: randn(shape, generator) * init_noise_sigma (module docstring).
 
     With ``steps`` (the scheduler set up for that many steps, as the pipeline does before drawing) the result

@@ -74,8 +74,9 @@ class DiffusersPipeline:
     def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
         """The text encoder's last hidden state for ``prompts`` padded to the tokenizer's max length."""
         tok = self.tokenizer
-        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt")
+        ids = tok(
+            list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        )
         mask = ids.attention_mask if getattr(self.text_encoder.config, "use_attention_mask", False) else None
         with torch.no_grad():
             return self.text_encoder(ids.input_ids, attention_mask=mask)[0]
@@ -90,16 +91,21 @@ class DiffusersPipeline:
             return int(prompt)
         shown = sorted(names)
         accepted = ", ".join(shown[:12]) + (f" ... ({len(shown)} names)" if len(shown) > 12 else "")
-        raise ConfigError(f"prompt {prompt!r} is not a class of this pipeline; accepted: a class index in "
-                          f"[0, {count - 1}]" + (f" or a name: {accepted}" if shown else ""))
+        raise ConfigError(
+            f"prompt {prompt!r} is not a class of this pipeline; accepted: a class index in "
+            f"[0, {count - 1}]" + (f" or a name: {accepted}" if shown else "")
+        )
 
     def condition(self, prompts: Sequence[str], n: int = 1, negative: str | Sequence[str] | None = None) -> dict:
         """The cond mapping for ``n`` samples of each prompt (``[p0]*n + [p1]*n + ...``), with ``null``."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if self.text_conditioned:
             emb = self.encode_prompt(prompts).repeat_interleave(n, 0)
-            neg = [""] * len(prompts) if negative is None else (
-                [negative] * len(prompts) if isinstance(negative, str) else list(negative))
+            neg = (
+                [""] * len(prompts)
+                if negative is None
+                else ([negative] * len(prompts) if isinstance(negative, str) else list(negative))
+            )
             null = self.encode_prompt(neg).repeat_interleave(n, 0)
             return {"encoder_hidden_states": emb, "null": {"encoder_hidden_states": null}}
         if self.network.config.get("num_embeds_ada_norm"):
@@ -142,8 +148,10 @@ def _load_part(path: Path, name: str, entry):
         return None
     library, cls_name = entry
     if library not in ("diffusers", "transformers"):
-        raise InputFileError(f"part {name!r} of {str(path)!r} is a {library}.{cls_name}; condiff loads "
-                             f"diffusers and transformers parts only")
+        raise InputFileError(
+            f"part {name!r} of {str(path)!r} is a {library}.{cls_name}; condiff loads "
+            f"diffusers and transformers parts only"
+        )
     cls = getattr(importlib.import_module(library), cls_name, None)
     if cls is None:
         raise InputFileError(f"part {name!r}: {library} has no class {cls_name!r}")
@@ -199,21 +207,35 @@ def load_pipeline(path, dtype: torch.dtype = torch.float32) -> DiffusersPipeline
     meta = _load_index(path)
     key = next((k for k in NETWORK_KEYS if k in meta), None)
     if key is None or "scheduler" not in meta:
-        raise InputFileError(f"{str(path)!r}: model_index.json names no unet/transformer and scheduler; condiff "
-                             f"needs both")
+        raise InputFileError(
+            f"{str(path)!r}: model_index.json names no unet/transformer and scheduler; condiff needs both"
+        )
     entry = meta[key]
     cls_name = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else entry
     if cls_name not in SUPPORTED:
         raise InputFileError(f"{str(path)!r}: its {key} is a {cls_name}; condiff wraps {', '.join(SUPPORTED)}")
-    parts = {name: _load_part(path, name, meta[name])
-             for name in (key, "scheduler", "vae", "text_encoder", "tokenizer") if name in meta}
+    parts = {
+        name: _load_part(path, name, meta[name])
+        for name in (key, "scheduler", "vae", "text_encoder", "tokenizer")
+        if name in meta
+    }
     extra = parts[key].config.get("addition_embed_type")
     if extra is not None:
-        raise InputFileError(f"{str(path)!r}: the UNet takes added conditions ({extra!r}, SDXL-style: two text "
-                             f"encoders and size conditioning), which condiff's pipeline loader does not build yet")
+        raise InputFileError(
+            f"{str(path)!r}: the UNet takes added conditions ({extra!r}, SDXL-style: two text "
+            f"encoders and size conditioning), which condiff's pipeline loader does not build yet"
+        )
     for name in (key, "vae", "text_encoder"):
         if parts.get(name) is not None:
             parts[name] = parts[name].to(dtype)
     labels = meta.get("id2label") or {}
-    return DiffusersPipeline(str(meta.get("_class_name", "?")), parts[key], parts["scheduler"], parts.get("vae"),
-                             parts.get("text_encoder"), parts.get("tokenizer"), dict(labels), path)
+    return DiffusersPipeline(
+        str(meta.get("_class_name", "?")),
+        parts[key],
+        parts["scheduler"],
+        parts.get("vae"),
+        parts.get("text_encoder"),
+        parts.get("tokenizer"),
+        dict(labels),
+        path,
+    )

@@ -16,11 +16,11 @@ from typing import Sequence
 
 import torch
 
-from condiff.errors import ConfigError
-from condiff.core.grids import make_grid
-from condiff.guidance.build import GuidanceOptions, build_guidance
 from condiff.core.denoiser import take_rows
+from condiff.core.grids import make_grid
 from condiff.core.sampling import Gaussian, sample
+from condiff.errors import ConfigError
+from condiff.guidance.build import GuidanceOptions, build_guidance
 from condiff.interop.latents import decode, default_size, encode, initial_latents
 
 
@@ -37,9 +37,20 @@ def pipeline_grid(pipe, steps: int, spacing=None) -> torch.Tensor:
     return pipe.grid(steps) if spacing is None else make_grid(pipe.schedule, steps, spacing)
 
 
-def sample_pipeline(pipe, prompts: Sequence[str], n: int, solver, steps: int, options: GuidanceOptions,
-                    seed: int, height: int | None = None, width: int | None = None, negative: str | None = None,
-                    spacing=None, batch_size: int | None = None) -> PipelineSample:
+def sample_pipeline(
+    pipe,
+    prompts: Sequence[str],
+    n: int,
+    solver,
+    steps: int,
+    options: GuidanceOptions,
+    seed: int,
+    height: int | None = None,
+    width: int | None = None,
+    negative: str | None = None,
+    spacing=None,
+    batch_size: int | None = None,
+) -> PipelineSample:
     """``n`` samples of each prompt (module docstring). One generator seeded with ``seed`` draws the initial
     latents (as diffusers does) and then the solver's noise, batch by batch of ``batch_size`` prompts-rows."""
     if options.negative_prompt is not None:
@@ -65,7 +76,6 @@ def sample_pipeline(pipe, prompts: Sequence[str], n: int, solver, steps: int, op
             nfe += out.nfe
     latents = torch.cat(outs)
     return PipelineSample(latents, decode(pipe, latents).clamp(-1, 1), nfe, grid)
-
 
 
 def invert_pipeline(pipe, method, image: torch.Tensor, prompt: str, steps: int, seed: int):

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from condiff.core.denoiser import V, X0, Eps, Prediction
-from condiff.errors import ConfigError, one_of
+from condiff.core.denoiser import X0, Eps, Prediction, V
 from condiff.core.schedules import VPDiscrete
+from condiff.errors import ConfigError, one_of
 
 PREDICTION_TYPES = {"epsilon": Eps(), "v_prediction": V(), "sample": X0()}
 
@@ -28,8 +28,10 @@ def schedule_from_scheduler(scheduler) -> VPDiscrete:
     """The VP-discrete schedule of a diffusers DDPM-family scheduler (one that has ``alphas_cumprod``)."""
     table = getattr(scheduler, "alphas_cumprod", None)
     if table is None:
-        raise ConfigError(f"scheduler {type(scheduler).__name__} has no alphas_cumprod table; condiff reads "
-                          f"DDPM-family schedulers (DDPM, DDIM, PNDM, DPMSolver*, UniPC, Euler, Heun, LMS)")
+        raise ConfigError(
+            f"scheduler {type(scheduler).__name__} has no alphas_cumprod table; condiff reads "
+            f"DDPM-family schedulers (DDPM, DDIM, PNDM, DPMSolver*, UniPC, Euler, Heun, LMS)"
+        )
     return VPDiscrete(alphas_cumprod=torch.as_tensor(table).double())
 
 
@@ -44,8 +46,11 @@ def prediction_from_config(config) -> Prediction:
 def final_time(scheduler) -> float:
     """Where the scheduler's last step lands, in condiff's VP-discrete time (-1: clean, 0: the first table entry)."""
     cfg = dict(scheduler.config)
-    if "set_alpha_to_one" in cfg and type(scheduler).__name__ in ("DDIMScheduler", "DDIMInverseScheduler",
-                                                                   "PNDMScheduler"):
+    if "set_alpha_to_one" in cfg and type(scheduler).__name__ in (
+        "DDIMScheduler",
+        "DDIMInverseScheduler",
+        "PNDMScheduler",
+    ):
         return -1.0 if cfg["set_alpha_to_one"] else 0.0
     if cfg.get("final_sigmas_type", "zero") == "sigma_min":
         return 0.0
@@ -59,16 +64,20 @@ def grid_from_scheduler(scheduler, steps: int) -> torch.Tensor:
         raise ConfigError(f"steps must be an integer in [1, {len(scheduler.alphas_cumprod)}], got {steps!r}")
     cfg = dict(scheduler.config)
     if cfg.get("use_karras_sigmas") or cfg.get("use_exponential_sigmas") or cfg.get("use_beta_sigmas"):
-        raise ConfigError("scheduler configs with use_karras/exponential/beta sigmas feed rounded timesteps to the "
-                          "network at non-table noise levels; use condiff's own spacing (--spacing karras) instead")
+        raise ConfigError(
+            "scheduler configs with use_karras/exponential/beta sigmas feed rounded timesteps to the "
+            "network at non-table noise levels; use condiff's own spacing (--spacing karras) instead"
+        )
     copy = type(scheduler).from_config(scheduler.config)
     copy.set_timesteps(steps)
     ts = torch.as_tensor(copy.timesteps).double()
     # Heun (2 evaluations a step) and PNDM's PLMS warm-up list a timestep twice in a row: keep each once
     ts = torch.unique_consecutive(ts)
     if ts.numel() != steps:
-        raise ConfigError(f"{type(scheduler).__name__} gives {ts.numel()} distinct timesteps for {steps} steps; "
-                          f"condiff needs one grid point per step")
+        raise ConfigError(
+            f"{type(scheduler).__name__} gives {ts.numel()} distinct timesteps for {steps} steps; "
+            f"condiff needs one grid point per step"
+        )
     end = final_time(scheduler)
     if float(ts[-1]) <= end:  # e.g. linspace spacing ends at t = 0 and the final alpha is table[0]: no step left
         ts = ts[ts > end]

@@ -17,8 +17,16 @@ from pathlib import Path
 
 import torch
 
-SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                    steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True, prediction_type="epsilon")
+SD_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    steps_offset=1,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    prediction_type="epsilon",
+)
 WORDS = ("red", "blue", "green", "cat", "dog", "circle", "square", "large", "small", "photo", "of")
 MAX_TOKENS = 16
 
@@ -41,8 +49,9 @@ def write_clip_vocab(directory: Path, max_length: int = MAX_TOKENS) -> Path:
             vocab.setdefault(left, len(vocab))
     (directory / "vocab.json").write_text(json.dumps(vocab))
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    (directory / "tokenizer_config.json").write_text(json.dumps({"model_max_length": max_length,
-                                                                 "tokenizer_class": "CLIPTokenizer"}))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"model_max_length": max_length, "tokenizer_class": "CLIPTokenizer"})
+    )
     return directory
 
 
@@ -54,15 +63,41 @@ def tiny_sd_components(seed: int = 0) -> dict:
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, norm_num_groups=4, attention_head_dim=4)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=4, sample_size=16)
-    text = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32,
-                                        intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                                        vocab_size=200, max_position_embeddings=MAX_TOKENS, projection_dim=32))
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=4,
+        attention_head_dim=4,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=200,
+            max_position_embeddings=MAX_TOKENS,
+            projection_dim=32,
+        )
+    )
     return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": text.eval()}
 
 
@@ -74,9 +109,14 @@ def build_tiny_sd(directory, seed: int = 0) -> Path:
     directory = Path(directory)
     vocab = write_clip_vocab(directory / "_vocab")
     tokenizer = CLIPTokenizer.from_pretrained(vocab, local_files_only=True)
-    pipe = StableDiffusionPipeline(**tiny_sd_components(seed), tokenizer=tokenizer,
-                                   scheduler=PNDMScheduler(**SD_SCHEDULER), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        **tiny_sd_components(seed),
+        tokenizer=tokenizer,
+        scheduler=PNDMScheduler(**SD_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(directory)
     cfg_path = directory / "scheduler" / "scheduler_config.json"  # SD v1's file also carries DDIM's clip_sample
     cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "clip_sample": False}, indent=2))
@@ -95,13 +135,35 @@ def build_tiny_dit(directory, seed: int = 0, num_classes: int = 4) -> Path:
     directory = Path(directory)
     torch.manual_seed(seed)
     transformer = DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
-        patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=4)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=4, sample_size=16)
-    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                          clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+        norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    sched = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        beta_start=1e-4,
+        beta_end=0.02,
+        clip_sample=False,
+        set_alpha_to_one=True,
+        timestep_spacing="trailing",
+    )
     labels = {i: name for i, name in enumerate(["circle", "square", "triangle", "star"][:num_classes])}
     pipe = DiTPipeline(transformer=transformer.eval(), vae=vae.eval(), scheduler=sched, id2label=labels)
     pipe.save_pretrained(directory)

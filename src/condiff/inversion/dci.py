@@ -24,12 +24,12 @@ from typing import Any, Mapping
 import torch
 
 from condiff.core.denoiser import start_trajectory
-from condiff.errors import ConfigError, NonFiniteError
 from condiff.core.sampling import CountingDenoiser
-from condiff.solvers.base import point
-from condiff.solvers.ddim import DDIM
+from condiff.errors import ConfigError, NonFiniteError
 from condiff.inversion.ddim import DestinationLabel, Inversion, check_grid, ddim_inversion_step, eps_from_x0
 from condiff.inversion.per_sample import early_stopping_step, per_sample
+from condiff.solvers.base import point
+from condiff.solvers.ddim import DDIM
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,18 @@ def correction(eps_raw: torch.Tensor, eps_ref: torch.Tensor, lam: float) -> torc
     return eps_raw + lam * d / norm
 
 
-def dci_invert(denoiser, grid, x0: torch.Tensor, cond: Mapping[str, Any] | None = None,
-               reference: torch.Tensor | None = None, iterations: int = 5, lam: float = 1.0, lr: float = 1e-3,
-               tol: float = 5e-6, progress: bool | str = False) -> DCIResult:
+def dci_invert(
+    denoiser,
+    grid,
+    x0: torch.Tensor,
+    cond: Mapping[str, Any] | None = None,
+    reference: torch.Tensor | None = None,
+    iterations: int = 5,
+    lam: float = 1.0,
+    lr: float = 1e-3,
+    tol: float = 5e-6,
+    progress: bool | str = False,
+) -> DCIResult:
     """DCI inversion of ``x0`` under ``cond`` (the source condition, guidance 1). ``reference`` defaults to x0."""
     grid = check_grid(grid)
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
@@ -69,8 +78,11 @@ def dci_invert(denoiser, grid, x0: torch.Tensor, cond: Mapping[str, Any] | None 
         s, t = float(asc[i]), float(asc[i + 1])
         p, q = point(sch, s), point(sch, t)
         with torch.no_grad():  # the DDIM candidate, computed exactly as ``invert`` does (bit for bit)
-            z_t = ddim_inversion_step(D, z_s, s, t) if p.sigma == 0 else \
-                DDIM().step(DestinationLabel(D, {s: t}), z_s, s, t, None, None)[0]
+            z_t = (
+                ddim_inversion_step(D, z_s, s, t)
+                if p.sigma == 0
+                else DDIM().step(DestinationLabel(D, {s: t}), z_s, s, t, None, None)[0]
+            )
         if iterations > 0:
             var = z_t.detach().clone().requires_grad_(True)
             opt = torch.optim.AdamW([var], lr=lr)

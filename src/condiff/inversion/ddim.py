@@ -22,8 +22,8 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from condiff.core.denoiser import start_trajectory
-from condiff.errors import ConfigError, NonFiniteError
 from condiff.core.sampling import CountingDenoiser, StepInfo
+from condiff.errors import ConfigError, NonFiniteError
 from condiff.solvers.base import point
 
 
@@ -44,8 +44,10 @@ class Inversion:
 def check_grid(grid) -> torch.Tensor:
     grid = torch.as_tensor(grid, dtype=torch.float64)
     if grid.dim() != 1 or grid.numel() < 2 or not bool(torch.all(grid[1:] < grid[:-1])):
-        raise ConfigError("grid must be a 1-D, strictly descending tensor with at least 2 points (the sampling "
-                          "grid; inversion runs it backwards)")
+        raise ConfigError(
+            "grid must be a 1-D, strictly descending tensor with at least 2 points (the sampling "
+            "grid; inversion runs it backwards)"
+        )
     return grid
 
 
@@ -79,9 +81,17 @@ def ddim_inversion_step(D, x, s: float, t: float) -> torch.Tensor:
     return q.alpha * (x - p.sigma * eps) / p.alpha + q.sigma * eps
 
 
-def invert(denoiser, solver, grid, x: torch.Tensor, cond: Mapping[str, Any] | None = None, *,
-           destination_label: bool = True, callbacks: Iterable[Callable[[StepInfo], None]] = (),
-           progress: bool | str = False) -> Inversion:
+def invert(
+    denoiser,
+    solver,
+    grid,
+    x: torch.Tensor,
+    cond: Mapping[str, Any] | None = None,
+    *,
+    destination_label: bool = True,
+    callbacks: Iterable[Callable[[StepInfo], None]] = (),
+    progress: bool | str = False,
+) -> Inversion:
     """Invert ``x`` (the image at ``grid[-1]``) to ``grid[0]`` with a deterministic ``solver``.
 
     ``denoiser`` may be guided (``CFG(D, w)``); sampling ``trajectory[0]`` back down the same grid with the

@@ -23,8 +23,8 @@ from typing import Any, Mapping
 import torch
 
 from condiff.core.denoiser import start_trajectory
-from condiff.errors import ConfigError
 from condiff.core.sampling import CountingDenoiser, NoiseSource, Recorded, SampleOutput, sample
+from condiff.errors import ConfigError
 from condiff.inversion.ddim import check_grid
 
 
@@ -52,7 +52,9 @@ class _Constant(NoiseSource):
 
     def sample(self, like):
         self.used = True
-        return (torch.zeros_like(like) + self.value) if not isinstance(self.value, torch.Tensor) else self.value.to(like)
+        return (
+            (torch.zeros_like(like) + self.value) if not isinstance(self.value, torch.Tensor) else self.value.to(like)
+        )
 
 
 @dataclass
@@ -84,14 +86,22 @@ def noisy_latents(schedule, grid, x0: torch.Tensor, generator: torch.Generator |
     return out
 
 
-def extract_noise_maps(denoiser, solver, grid, x0: torch.Tensor, cond: Mapping[str, Any] | None = None,
-                       generator: torch.Generator | None = None, exact: bool = True,
-                       progress: bool | str = False) -> NoiseMaps:
+def extract_noise_maps(
+    denoiser,
+    solver,
+    grid,
+    x0: torch.Tensor,
+    cond: Mapping[str, Any] | None = None,
+    generator: torch.Generator | None = None,
+    exact: bool = True,
+    progress: bool | str = False,
+) -> NoiseMaps:
     """The maps z_k that make ``solver`` on ``grid`` reproduce ``x0`` from the drawn x_N."""
     grid = check_grid(grid)
     if not solver.stochastic:
-        raise ConfigError(f"edit-friendly inversion needs a stochastic solver (ddpm, or ddim with eta > 0), "
-                          f"got {solver.name!r}")
+        raise ConfigError(
+            f"edit-friendly inversion needs a stochastic solver (ddpm, or ddim with eta > 0), got {solver.name!r}"
+        )
     drawn = noisy_latents(denoiser.schedule, grid, x0, generator)
     D = CountingDenoiser(start_trajectory(denoiser), cond)
     memo = _Memo(D)
@@ -109,8 +119,10 @@ def extract_noise_maps(denoiser, solver, grid, x0: torch.Tensor, cond: Mapping[s
         mu, new_state = solver.step(memo, x, t, s, state, zero)
         if not zero.used:  # a deterministic step (into sigma = 0): keep its residual
             if k != grid.numel() - 2:
-                raise ConfigError(f"solver {solver.name!r} injects no noise at step {k} of {grid.numel() - 1}; "
-                                  f"edit-friendly inversion needs noise at every step but the last")
+                raise ConfigError(
+                    f"solver {solver.name!r} injects no noise at step {k} of {grid.numel() - 1}; "
+                    f"edit-friendly inversion needs noise at every step but the last"
+                )
             if exact:
                 residual = x0 - mu
             state = new_state
@@ -124,13 +136,26 @@ def extract_noise_maps(denoiser, solver, grid, x0: torch.Tensor, cond: Mapping[s
     return NoiseMaps(grid, tuple(latents), tuple(maps), residual, D.nfe)
 
 
-def replay(denoiser, solver, maps: NoiseMaps, cond: Mapping[str, Any] | None = None, skip: int = 0,
-           progress: bool | str = False) -> SampleOutput:
+def replay(
+    denoiser,
+    solver,
+    maps: NoiseMaps,
+    cond: Mapping[str, Any] | None = None,
+    skip: int = 0,
+    progress: bool | str = False,
+) -> SampleOutput:
     """Sample with the recorded maps from step ``skip`` (the edit; spec A3 step 4). Same condition, scale and
     ``skip = 0`` reconstruct the image exactly (with exact maps)."""
     n = maps.steps
     if isinstance(skip, bool) or not isinstance(skip, int) or not 0 <= skip < n:
         raise ConfigError(f"skip must be an integer in [0, {n - 1}] (sampler steps out of {n}), got {skip!r}")
-    out = sample(denoiser, solver, maps.grid[skip:], maps.latents[skip], cond, Recorded(list(maps.maps[skip:])),
-                 progress=progress)
+    out = sample(
+        denoiser,
+        solver,
+        maps.grid[skip:],
+        maps.latents[skip],
+        cond,
+        Recorded(list(maps.maps[skip:])),
+        progress=progress,
+    )
     return SampleOutput(out.x + maps.residual, out.nfe)

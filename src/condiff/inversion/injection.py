@@ -41,8 +41,9 @@ def resolve_layers(net: nn.Module, names: Sequence[str]) -> list[nn.Module]:
     for name in names:
         if name not in table or not name:
             blocks = [n for n in table if n.count(".") <= 3 and ("resnets." in n or "attentions." in n)]
-            raise ConfigError(f"unknown layer {name!r} for injection; accepted: module names such as "
-                              f"{', '.join(blocks[:8])} ...")
+            raise ConfigError(
+                f"unknown layer {name!r} for injection; accepted: module names such as {', '.join(blocks[:8])} ..."
+            )
         out.append(table[name])
     return out
 
@@ -50,8 +51,9 @@ def resolve_layers(net: nn.Module, names: Sequence[str]) -> list[nn.Module]:
 def network(denoiser) -> nn.Module:
     net = getattr(denoiser, "net", None)
     if not isinstance(net, nn.Module):
-        raise ConfigError(f"feature injection needs a denoiser over a torch network (a .net module), got "
-                          f"{type(denoiser).__name__}")
+        raise ConfigError(
+            f"feature injection needs a denoiser over a torch network (a .net module), got {type(denoiser).__name__}"
+        )
     return net
 
 

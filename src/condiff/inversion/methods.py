@@ -17,19 +17,19 @@ from typing import Any, Mapping
 
 import torch
 
-from condiff.guidance.schedules import check_scale
-from condiff.errors import ConfigError, InputFileError, check_int, one_of
-from condiff.guidance.cfg import CFG
 from condiff.core.files import load_tensors, save_tensors
 from condiff.core.sampling import sample
-from condiff.solvers.ddim import DDIM
-from condiff.solvers.ddpm import DDPM
+from condiff.errors import ConfigError, InputFileError, check_int, one_of
+from condiff.guidance.cfg import CFG
+from condiff.guidance.schedules import check_scale
 from condiff.inversion.dci import dci_invert
 from condiff.inversion.ddim import invert
 from condiff.inversion.edit_friendly import NoiseMaps, extract_noise_maps, replay
 from condiff.inversion.injection import FeatureInjection, network, parse_layers, resolve_layers
 from condiff.inversion.null_text import StepwiseNull, null_text_inversion
 from condiff.inversion.sdedit import sdedit, start_index
+from condiff.solvers.ddim import DDIM
+from condiff.solvers.ddpm import DDPM
 
 
 @dataclass
@@ -50,7 +50,7 @@ def _pack(prefix: str, mapping: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def _unpack(prefix: str, tensors: Mapping[str, torch.Tensor]) -> dict:
-    return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    return {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
 
 class EditMethod:
@@ -107,8 +107,7 @@ class DDIMInversion(EditMethod):
         return Inverted(self.name, inv.grid, {"latent": inv.latent}, {"nfe": inv.nfe})
 
     def sample(self, denoiser, state, cond, generator=None, progress=False):
-        return sample(CFG(denoiser, self.cfg), DDIM(), state.grid, state.tensors["latent"], cond,
-                      progress=progress).x
+        return sample(CFG(denoiser, self.cfg), DDIM(), state.grid, state.tensors["latent"], cond, progress=progress).x
 
 
 @dataclass(frozen=True)
@@ -130,7 +129,11 @@ class EditFriendly(EditMethod):
     name = "edit-friendly"
 
     def __post_init__(self):
-        check_scale(self.cfg), check_scale(self.cfg_src), check_int("skip", self.skip, 0, accepted="a non-negative integer")
+        (
+            check_scale(self.cfg),
+            check_scale(self.cfg_src),
+            check_int("skip", self.skip, 0, accepted="a non-negative integer"),
+        )
         parse_layers(self.layers), _check_share(self.inject, "inject")
         if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not 0 < self.eta <= 1:
             raise ConfigError(f"eta must be a number in (0, 1], got {self.eta!r}")
@@ -140,8 +143,9 @@ class EditFriendly(EditMethod):
         return DDPM() if self.eta == 1 else DDIM(eta=float(self.eta))
 
     def invert(self, denoiser, grid, x0, cond, generator=None, progress=False):
-        maps = extract_noise_maps(CFG(denoiser, self.cfg_src), self.solver, grid, x0, cond, generator, self.exact,
-                                  progress)
+        maps = extract_noise_maps(
+            CFG(denoiser, self.cfg_src), self.solver, grid, x0, cond, generator, self.exact, progress
+        )
         t = {"residual": maps.residual, **_pack("source", _split(cond)[0])}
         t.update({f"latents.{k}": v for k, v in enumerate(maps.latents)})
         t.update({f"maps.{k}": v for k, v in enumerate(maps.maps)})
@@ -155,8 +159,9 @@ class EditFriendly(EditMethod):
 
     def sample(self, denoiser, state, cond, generator=None, progress=False):
         maps = self._maps(state)
-        den = _injected(denoiser, self.layers, self.inject, maps.grid[:-1], maps.latents,
-                        _unpack("source", state.tensors))
+        den = _injected(
+            denoiser, self.layers, self.inject, maps.grid[:-1], maps.latents, _unpack("source", state.tensors)
+        )
         return replay(CFG(den, self.cfg), self.solver, maps, cond, self.skip, progress).x
 
     def reconstruct(self, denoiser, state, cond, generator=None, progress=False):
@@ -183,13 +188,24 @@ class NullTextInversion(EditMethod):
         check_scale(self.cfg), check_int("inner_steps", self.inner_steps, 0, accepted="a non-negative integer")
 
     def invert(self, denoiser, grid, x0, cond, generator=None, progress=False):
-        res = null_text_inversion(denoiser, grid, x0, cond, self.cfg, self.inner_steps, self.lr, self.early_stop,
-                                  progress, self.early_stop_slope)
+        res = null_text_inversion(
+            denoiser,
+            grid,
+            x0,
+            cond,
+            self.cfg,
+            self.inner_steps,
+            self.lr,
+            self.early_stop,
+            progress,
+            self.early_stop_slope,
+        )
         t = {"latent": res.pivot.latent}
         for k, null in enumerate(res.nulls):
             t.update(_pack(f"null.{k}", null))
-        return Inverted(self.name, res.pivot.grid, t, {"nfe": res.nfe,
-                                                       "mean_iterations": float(res.iterations.float().mean())})
+        return Inverted(
+            self.name, res.pivot.grid, t, {"nfe": res.nfe, "mean_iterations": float(res.iterations.float().mean())}
+        )
 
     def nulls(self, state) -> tuple[dict, ...]:
         return tuple(_unpack(f"null.{k}", state.tensors) for k in range(state.grid.numel() - 1))
@@ -222,14 +238,17 @@ class DCIInversion(EditMethod):
     def invert(self, denoiser, grid, x0, cond, generator=None, progress=False):
         src, _ = _split(cond)
         res = dci_invert(denoiser, grid, x0, src, None, self.iterations, self.lam, self.lr, self.tol, progress)
-        return Inverted(self.name, res.inversion.grid, {"latent": res.inversion.latent, **_pack("source", src)},
-                        {"nfe": res.inversion.nfe, "mean_iterations": float(res.iterations.float().mean())})
+        return Inverted(
+            self.name,
+            res.inversion.grid,
+            {"latent": res.inversion.latent, **_pack("source", src)},
+            {"nfe": res.inversion.nfe, "mean_iterations": float(res.iterations.float().mean())},
+        )
 
     def sample(self, denoiser, state, cond, generator=None, progress=False):
         target, _ = _split(cond)
         guided = {**target, "null": _unpack("source", state.tensors)}
-        return sample(CFG(denoiser, self.cfg), DDIM(), state.grid, state.tensors["latent"], guided,
-                      progress=progress).x
+        return sample(CFG(denoiser, self.cfg), DDIM(), state.grid, state.tensors["latent"], guided, progress=progress).x
 
 
 @dataclass(frozen=True)
@@ -274,8 +293,16 @@ class SDEdit(EditMethod):
         return Inverted(self.name, torch.as_tensor(grid, dtype=torch.float64), {"image": x0}, {"nfe": 0})
 
     def sample(self, denoiser, state, cond, generator=None, progress=False):
-        return sdedit(CFG(denoiser, self.cfg), DDIM(), state.grid, state.tensors["image"], cond, self.strength,
-                      generator, progress).x
+        return sdedit(
+            CFG(denoiser, self.cfg),
+            DDIM(),
+            state.grid,
+            state.tensors["image"],
+            cond,
+            self.strength,
+            generator,
+            progress,
+        ).x
 
 
 METHODS = {m.name: m for m in (DDIMInversion, EditFriendly, NullTextInversion, DCIInversion, PlugAndPlay, SDEdit)}
@@ -289,7 +316,9 @@ def get_method(name: str, **options) -> EditMethod:
     known = {f.name for f in fields(cls)}
     for key in options:
         if key not in known:
-            raise ConfigError(f"unknown option {key!r} for editing method {name!r}; accepted: {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"unknown option {key!r} for editing method {name!r}; accepted: {', '.join(sorted(known))}"
+            )
     defaults = {f.name: f.default for f in fields(cls)}
     for key, value in options.items():
         want = type(defaults[key])
@@ -317,8 +346,10 @@ def load_inverted(path) -> tuple[Inverted, dict]:
         grid = torch.tensor(meta["grid"], dtype=torch.float64)
         method = meta["method"]
     except Exception:
-        raise InputFileError(f"{str(path)!r} is not a condiff inversion file (no valid 'condiff_inversion' "
-                             f"metadata; write one with `condiff invert`)") from None
+        raise InputFileError(
+            f"{str(path)!r} is not a condiff inversion file (no valid 'condiff_inversion' "
+            f"metadata; write one with `condiff invert`)"
+        ) from None
     if method not in METHODS:
         raise InputFileError(f"{str(path)!r} holds an inversion by unknown method {method!r}")
     return Inverted(method, grid, tensors, meta.get("info", {})), meta

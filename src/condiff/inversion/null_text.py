@@ -4,7 +4,8 @@
 2. Walking down the grid from the pivot's noise, at each step i optimise the null condition so that one
    guided DDIM step lands on the pivot: minimise || DDIM(z_bar, CFG_w(null_i)) - z*_{i+1} ||^2 with a fresh
    Adam at lr_i = lr (1 - i / max(100, 2N)) (the paper's 1e-2 (1 - i/100) for N <= 50), for at most
-   ``inner_steps`` Adam steps, stopping early once the loss is below ``early_stop + i * early_stop_slope`` (paper: 1e-5 + i 2e-5). null_i
+   ``inner_steps`` Adam steps, stopping early once the loss is below ``early_stop + i * early_stop_slope`` (paper:
+   1e-5 + i 2e-5). null_i
    starts from null_{i-1} and is stored after its last Adam step; z_bar then advances with it.
    condiff tests the threshold *before* each Adam step: the paper's loop steps first and tests after, so
    its first step (of size ~lr on every entry) is taken even when the loss already meets the threshold,
@@ -24,12 +25,12 @@ from typing import Any, Mapping
 import torch
 
 from condiff.core.denoiser import Wrapper, start_trajectory
+from condiff.core.sampling import CountingDenoiser
 from condiff.errors import ConfigError
 from condiff.guidance.cfg import contrast
-from condiff.core.sampling import CountingDenoiser
-from condiff.solvers.ddim import DDIM
 from condiff.inversion.ddim import Inversion, check_grid, invert
 from condiff.inversion.per_sample import early_stopping_step, per_sample
+from condiff.solvers.ddim import DDIM
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,18 @@ def _floating(null: Mapping[str, Any]) -> list[str]:
     return [k for k, v in null.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
 
 
-def null_text_inversion(denoiser, grid, x0: torch.Tensor, cond: Mapping[str, Any], scale: float = 7.5,
-                        inner_steps: int = 10, lr: float = 1e-2, early_stop: float = 1e-5,
-                        progress: bool | str = False, early_stop_slope: float = 2e-5) -> NullText:
+def null_text_inversion(
+    denoiser,
+    grid,
+    x0: torch.Tensor,
+    cond: Mapping[str, Any],
+    scale: float = 7.5,
+    inner_steps: int = 10,
+    lr: float = 1e-2,
+    early_stop: float = 1e-5,
+    progress: bool | str = False,
+    early_stop_slope: float = 2e-5,
+) -> NullText:
     """Null-text inversion of ``x0`` under ``cond`` (which holds 'null', the starting null condition)."""
     grid = check_grid(grid)
     if "null" not in cond:

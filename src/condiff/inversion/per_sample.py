@@ -12,8 +12,15 @@ def per_sample(v: torch.Tensor) -> torch.Tensor:
     return v.reshape(v.shape[0], -1)
 
 
-def early_stopping_step(opt, params, loss: torch.Tensor, active: torch.Tensor, threshold: float,
-                        losses: torch.Tensor, iterations: torch.Tensor) -> torch.Tensor:
+def early_stopping_step(
+    opt,
+    params,
+    loss: torch.Tensor,
+    active: torch.Tensor,
+    threshold: float,
+    losses: torch.Tensor,
+    iterations: torch.Tensor,
+) -> torch.Tensor:
     """Record ``loss`` (B,) for the active samples in ``losses``, stop the samples whose loss is below
     ``threshold`` (tested before stepping, so a sample that already meets it is not moved), and take one
     ``opt`` step on the rest: only their loss is differentiated, and samples that had stopped get their

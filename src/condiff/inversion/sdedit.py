@@ -10,8 +10,8 @@ from typing import Any, Mapping
 
 import torch
 
-from condiff.errors import ConfigError
 from condiff.core.sampling import Gaussian, SampleOutput, sample
+from condiff.errors import ConfigError
 from condiff.inversion.ddim import check_grid
 
 
@@ -21,9 +21,16 @@ def start_index(steps: int, strength: float) -> int:
     return steps - max(1, int(math.floor(strength * steps + 0.5)))
 
 
-def sdedit(denoiser, solver, grid, x0: torch.Tensor, cond: Mapping[str, Any] | None = None,
-           strength: float = 0.9, generator: torch.Generator | None = None,
-           progress: bool | str = False) -> SampleOutput:
+def sdedit(
+    denoiser,
+    solver,
+    grid,
+    x0: torch.Tensor,
+    cond: Mapping[str, Any] | None = None,
+    strength: float = 0.9,
+    generator: torch.Generator | None = None,
+    progress: bool | str = False,
+) -> SampleOutput:
     grid = check_grid(grid)
     k = start_index(grid.numel() - 1, strength)
     t0 = torch.tensor(float(grid[k]), dtype=torch.float64)

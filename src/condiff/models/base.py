@@ -14,15 +14,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import torch
 from torch import nn
 
 from condiff.core.denoiser import Prediction, as_prediction, wrap
-from condiff.errors import ConfigError, InputFileError, one_of
 from condiff.core.files import atomic_dir, atomic_write_json, load_json, refuse_pickles
-from condiff.solvers.pfgmpp import GaussianNoise, noise_from_config
 from condiff.core.schedules import NoiseSchedule, schedule_from_config
+from condiff.errors import ConfigError, InputFileError, one_of
 from condiff.models.family import ModelFamily, load_pretrained  # noqa: F401 (re-exported)
+from condiff.solvers.pfgmpp import GaussianNoise, noise_from_config
 
 BUNDLED_ROOT = Path(__file__).resolve().parent.parent / "bundled"
 
@@ -41,8 +42,12 @@ class LoadedModel:
     @property
     def denoiser(self):
         fam, cfg = self.family, self.model_cfg
-        return wrap(self.module, self.schedule, self.prediction,
-                    call=lambda net, x, t_in, cond: fam.forward(net, cfg, x, t_in, cond))
+        return wrap(
+            self.module,
+            self.schedule,
+            self.prediction,
+            call=lambda net, x, t_in, cond: fam.forward(net, cfg, x, t_in, cond),
+        )
 
     def prior(self, shape, t_start: float, generator=None, dtype=torch.float32) -> torch.Tensor:
         """x_T at the first grid time: the noise family's prior at sigma(t_start) (Gaussian: exactly
@@ -69,10 +74,17 @@ class LoadedModel:
         with atomic_dir(directory) as tmp:
             self.family.save_parts(self.module, tmp)
             _save_scheduler_config(self.info.get("schedule_cfg", {}), self.prediction, tmp / "scheduler")
-            atomic_write_json(tmp / "condiff.json", {
-                "family": self.family.name, "prediction": self.prediction.name,
-                "schedule": self.info.get("schedule_cfg") or self.schedule.to_config(),
-                "model": self.model_cfg, "noise": self.noise.to_config(), **(extra or {})})
+            atomic_write_json(
+                tmp / "condiff.json",
+                {
+                    "family": self.family.name,
+                    "prediction": self.prediction.name,
+                    "schedule": self.info.get("schedule_cfg") or self.schedule.to_config(),
+                    "model": self.model_cfg,
+                    "noise": self.noise.to_config(),
+                    **(extra or {}),
+                },
+            )
 
 
 def _save_scheduler_config(schedule_cfg: dict, prediction, directory: Path):
@@ -82,10 +94,14 @@ def _save_scheduler_config(schedule_cfg: dict, prediction, directory: Path):
     from diffusers import DDPMScheduler
 
     pred = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}.get(prediction.name, "epsilon")
-    DDPMScheduler(num_train_timesteps=schedule_cfg.get("num_steps", 1000),
-                  beta_schedule=schedule_cfg["beta_schedule"], beta_start=schedule_cfg.get("beta_start", 1e-4),
-                  beta_end=schedule_cfg.get("beta_end", 2e-2), prediction_type=pred,
-                  clip_sample=False).save_pretrained(directory)
+    DDPMScheduler(
+        num_train_timesteps=schedule_cfg.get("num_steps", 1000),
+        beta_schedule=schedule_cfg["beta_schedule"],
+        beta_start=schedule_cfg.get("beta_start", 1e-4),
+        beta_end=schedule_cfg.get("beta_end", 2e-2),
+        prediction_type=pred,
+        clip_sample=False,
+    ).save_pretrained(directory)
 
 
 def _families():
@@ -94,8 +110,12 @@ def _families():
     from condiff.models.shapes_classifier import ShapesClassifierFamily
     from condiff.models.shapes_imbalanced import ShapesImbalancedFamily
 
-    return {"shapes": ShapesFamily(), "digits": DigitsFamily(), "shapes_classifier": ShapesClassifierFamily(),
-            "shapes_imbalanced": ShapesImbalancedFamily()}
+    return {
+        "shapes": ShapesFamily(),
+        "digits": DigitsFamily(),
+        "shapes_classifier": ShapesClassifierFamily(),
+        "shapes_imbalanced": ShapesImbalancedFamily(),
+    }
 
 
 def get_family(name: str) -> ModelFamily:
@@ -122,8 +142,9 @@ def resolve_model(name_or_path: str | Path, what: str = "--model") -> tuple[Path
         if not (path / "condiff.json").is_file():
             raise InputFileError(f"bundled model {name_or_path!r} is missing its weights at {str(path)!r}")
     elif not str(name_or_path) or not path.exists():
-        raise InputFileError(f"model {str(name_or_path)!r} is neither a bundled model ({', '.join(BUNDLED)}) "
-                             f"nor an existing directory")
+        raise InputFileError(
+            f"model {str(name_or_path)!r} is neither a bundled model ({', '.join(BUNDLED)}) nor an existing directory"
+        )
     if not path.is_dir():
         raise InputFileError(f"model path {str(path)!r} must be a directory with condiff.json")
     where = str(path / "condiff.json")
@@ -138,8 +159,10 @@ def resolve_model(name_or_path: str | Path, what: str = "--model") -> tuple[Path
             raise InputFileError(f"{where!r} lacks the key {key!r}")
     for key, kind in (("family", str), ("prediction", str), ("schedule", dict), ("model", dict)):
         if not isinstance(meta[key], kind):
-            raise InputFileError(f"{where!r}: {key!r} must be a JSON {'string' if kind is str else 'object'}, "
-                                 f"got {type(meta[key]).__name__}")
+            raise InputFileError(
+                f"{where!r}: {key!r} must be a JSON {'string' if kind is str else 'object'}, "
+                f"got {type(meta[key]).__name__}"
+            )
     try:
         get_family(meta["family"]), as_prediction(meta["prediction"]), schedule_from_config(meta["schedule"])
         noise_from_config(meta.get("noise"))
@@ -158,13 +181,23 @@ def load_model(name_or_path: str | Path, what: str = "--model") -> LoadedModel:
     except InputFileError:
         raise
     except Exception as e:  # diffusers raises many types for missing, truncated or mismatched weights
-        raise InputFileError(f"cannot load the {fam.name} networks from {str(path)!r} "
-                             f"({type(e).__name__}: {_first_line(e)})") from None
+        raise InputFileError(
+            f"cannot load the {fam.name} networks from {str(path)!r} ({type(e).__name__}: {_first_line(e)})"
+        ) from None
     sch = schedule_from_config(meta["schedule"])
-    return LoadedModel(fam, module, sch, as_prediction(meta["prediction"]), meta["model"], path,
-                       {"schedule_cfg": meta["schedule"], **{k: v for k, v in meta.items() if k not in
-                                                              ("family", "prediction", "schedule", "model", "noise")}},
-                       noise_from_config(meta.get("noise")))
+    return LoadedModel(
+        fam,
+        module,
+        sch,
+        as_prediction(meta["prediction"]),
+        meta["model"],
+        path,
+        {
+            "schedule_cfg": meta["schedule"],
+            **{k: v for k, v in meta.items() if k not in ("family", "prediction", "schedule", "model", "noise")},
+        },
+        noise_from_config(meta.get("noise")),
+    )
 
 
 def _first_line(e: Exception, limit: int = 200) -> str:
@@ -180,14 +213,15 @@ def build_model(family_name: str, model_cfg: dict, schedule_cfg: dict, predictio
     try:
         module = fam.build(model_cfg)
     except (TypeError, ValueError, KeyError, AttributeError, RuntimeError, OverflowError) as e:
-        raise ConfigError(f"[model] is not a valid {fam.name} model config ({type(e).__name__}: "
-                          f"{_first_line(e)})") from None
-    return LoadedModel(fam, module, sch, pred, model_cfg, None, {"schedule_cfg": schedule_cfg},
-                       noise or GaussianNoise())
+        raise ConfigError(
+            f"[model] is not a valid {fam.name} model config ({type(e).__name__}: {_first_line(e)})"
+        ) from None
+    return LoadedModel(
+        fam, module, sch, pred, model_cfg, None, {"schedule_cfg": schedule_cfg}, noise or GaussianNoise()
+    )
 
 
 def silence_diffusers():
     from diffusers.utils import logging as dlog
 
     dlog.set_verbosity_error()
-

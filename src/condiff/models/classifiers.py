@@ -11,7 +11,6 @@ from condiff.models.base import bundled_dir, load_model
 from condiff.models.shapes_classifier import ShapesClassifierFamily
 from condiff.nets import AttributeClassifier
 
-
 BUNDLED_CLASSIFIERS = {"clean": "shapes-clean-classifier", "noisy": "shapes-noisy-classifier", "ppap": "shapes-ppap"}
 
 
@@ -27,12 +26,16 @@ def load_classifier(name_or_path) -> AttributeClassifier:
     key = str(name_or_path)
     target = classifier_path(key)
     if not key or not target.exists():
-        raise InputFileError(f"classifier {key!r} is neither a bundled classifier "
-                             f"({', '.join(BUNDLED_CLASSIFIERS)}) nor an existing directory")
+        raise InputFileError(
+            f"classifier {key!r} is neither a bundled classifier "
+            f"({', '.join(BUNDLED_CLASSIFIERS)}) nor an existing directory"
+        )
     m = load_model(target, "--classifier")
     if m.family.name != ShapesClassifierFamily.name:
-        raise InputFileError(f"{key!r} holds a {m.family.name} model, not a classifier (train one with "
-                             f"condiff train recipes/shapes-noisy-classifier.toml)")
+        raise InputFileError(
+            f"{key!r} holds a {m.family.name} model, not a classifier (train one with "
+            f"condiff train recipes/shapes-noisy-classifier.toml)"
+        )
     return m.module["classifier"].eval()
 
 

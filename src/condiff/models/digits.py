@@ -9,8 +9,8 @@ from torch import nn
 
 from condiff.data import digits
 from condiff.errors import ConfigError
-from condiff.nets import build_unet
 from condiff.models.family import ModelFamily, load_pretrained
+from condiff.nets import build_unet
 
 NULL = digits.NUM_CLASSES
 
@@ -56,7 +56,7 @@ class DigitsFamily(ModelFamily):
         epoch, k = divmod(step, per_epoch)
         perm_seed = (seed * 100_003 + epoch) % (2**63 - 1)  # the identity for every seed below ~9e13
         perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(perm_seed))
-        idx = perm[k * n:(k + 1) * n]
+        idx = perm[k * n : (k + 1) * n]
         return x[idx], y[idx]
 
     def load_parts(self, directory: Path, model_cfg):

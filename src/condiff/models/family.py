@@ -59,8 +59,12 @@ class ModelFamily:
         null = self.encode(module, self.null_raw(1))
         cond = cfg_dropout(cond, null, objective.cond_dropout, generator)
         if objective.cep_gamma > 0:
-            cond = {k: cep(v, objective.cep_gamma, objective.cep_kind, generator)
-                    if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in cond.items()}
+            cond = {
+                k: cep(v, objective.cep_gamma, objective.cep_kind, generator)
+                if isinstance(v, torch.Tensor) and v.is_floating_point()
+                else v
+                for k, v in cond.items()
+            }
         pred = as_prediction(objective.prediction)
         if objective.time_sampler not in TIME_SAMPLERS:
             raise one_of("time sampler", objective.time_sampler, TIME_SAMPLERS)
@@ -86,12 +90,12 @@ def load_pretrained(cls, directory: Path, what: str | None = None):
     parameters missing, mismatched or unused (diffusers only warns, and fills missing parameters with random
     values)."""
     refuse_pickles(directory, what)
-    module, info = cls.from_pretrained(directory, output_loading_info=True, use_safetensors=True,
-                                       local_files_only=True)
+    module, info = cls.from_pretrained(directory, output_loading_info=True, use_safetensors=True, local_files_only=True)
     bad = [f"missing {k}" for k in info.get("missing_keys", [])]
     bad += [f"mismatched {k[0] if isinstance(k, tuple) else k}" for k in info.get("mismatched_keys", [])]
     bad += [f"unexpected {k}" for k in info.get("unexpected_keys", [])]
     if bad:
-        raise InputFileError(f"the weights in {str(directory)!r} do not match its config: {len(bad)} tensor(s) "
-                             f"wrong, e.g. {bad[0]}")
+        raise InputFileError(
+            f"the weights in {str(directory)!r} do not match its config: {len(bad)} tensor(s) wrong, e.g. {bad[0]}"
+        )
     return module

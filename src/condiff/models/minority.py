@@ -25,11 +25,19 @@ def save_minority(mc: MinorityClassifier, directory, tensors: dict | None = None
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
         mc.net.save_pretrained(tmp / "classifier")
-        atomic_write_json(tmp / META_FILE, {
-            "method": "minority guidance (Um, Lee, Ye, ICLR 2024)", "levels": mc.levels,
-            "thresholds": [float(v) for v in mc.thresholds.double()], "t": mc.t, "n": mc.n,
-            "t_range": [float(v) for v in mc.t_range],
-            "distance": "squared_error", "info": mc.info})
+        atomic_write_json(
+            tmp / META_FILE,
+            {
+                "method": "minority guidance (Um, Lee, Ye, ICLR 2024)",
+                "levels": mc.levels,
+                "thresholds": [float(v) for v in mc.thresholds.double()],
+                "t": mc.t,
+                "n": mc.n,
+                "t_range": [float(v) for v in mc.t_range],
+                "distance": "squared_error",
+                "info": mc.info,
+            },
+        )
         if tensors:
             save_tensors(tmp / "scores.safetensors", tensors)
     return directory
@@ -52,6 +60,8 @@ def load_minority(directory) -> MinorityClassifier:
         raise InputFileError(f"{str(directory / META_FILE)!r} is malformed ({type(e).__name__}: {e})") from None
     net = load_pretrained(AttributeClassifier, directory / "classifier").eval()
     if net.head_sizes != [thresholds.numel() + 1]:
-        raise InputFileError(f"{str(directory)!r}: the classifier has heads {net.head_sizes}, but the "
-                             f"thresholds give {thresholds.numel() + 1} levels")
+        raise InputFileError(
+            f"{str(directory)!r}: the classifier has heads {net.head_sizes}, but the "
+            f"thresholds give {thresholds.numel() + 1} levels"
+        )
     return MinorityClassifier(net, thresholds, t, n, meta.get("info", {}), t_range)

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from condiff.data import labeller, shapes, text
-from condiff.nets import SlotTextEncoder, build_unet
 from condiff.models.family import ModelFamily, load_pretrained
+from condiff.nets import SlotTextEncoder, build_unet
 
 
 class ShapesFamily(ModelFamily):
@@ -25,14 +25,16 @@ class ShapesFamily(ModelFamily):
 
     def build(self, model_cfg):
         te_cfg = {"vocab_size": text.VOCAB_SIZE, "seq_len": text.SEQ_LEN, **model_cfg.get("text_encoder", {})}
-        return nn.ModuleDict({"unet": build_unet("UNet2DConditionModel", model_cfg["unet"]),
-                              "text_encoder": SlotTextEncoder(**te_cfg)})
+        return nn.ModuleDict(
+            {"unet": build_unet("UNet2DConditionModel", model_cfg["unet"]), "text_encoder": SlotTextEncoder(**te_cfg)}
+        )
 
     def forward(self, module, model_cfg, x, t_in, cond):
         f = model_cfg.get("pixel_unshuffle", 1)
         h = F.pixel_unshuffle(x, f) if f > 1 else x
-        out = module["unet"](h, t_in, encoder_hidden_states=cond["encoder_hidden_states"],
-                             class_labels=cond["pooled"]).sample
+        out = module["unet"](
+            h, t_in, encoder_hidden_states=cond["encoder_hidden_states"], class_labels=cond["pooled"]
+        ).sample
         return F.pixel_shuffle(out, f) if f > 1 else out
 
     def encode(self, module, raw):
@@ -68,5 +70,9 @@ class ShapesFamily(ModelFamily):
     def load_parts(self, directory: Path, model_cfg):
         from diffusers import UNet2DConditionModel
 
-        return nn.ModuleDict({"unet": load_pretrained(UNet2DConditionModel, directory / "unet"),
-                              "text_encoder": load_pretrained(SlotTextEncoder, directory / "text_encoder")})
+        return nn.ModuleDict(
+            {
+                "unet": load_pretrained(UNet2DConditionModel, directory / "unet"),
+                "text_encoder": load_pretrained(SlotTextEncoder, directory / "text_encoder"),
+            }
+        )

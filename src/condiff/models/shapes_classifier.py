@@ -15,23 +15,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from condiff.data import shapes
 from condiff.core.denoiser import diffuse
 from condiff.core.schedules import unit_time
+from condiff.data import shapes
 from condiff.errors import ConfigError
+from condiff.models.family import ModelFamily, load_pretrained
 from condiff.nets import AttributeClassifier
 from condiff.training.objectives import TIME_SAMPLERS
-from condiff.models.family import ModelFamily, load_pretrained
 
 EVAL_TIMES = (0.0, 0.25, 0.5, 0.75)  # fractions of the schedule's t range
 
 
 def attribute_loss(net: AttributeClassifier, logits: torch.Tensor, attrs: torch.Tensor) -> torch.Tensor:
     """Per-sample cross-entropy summed over the attribute heads (attrs columns in ``net.head_names`` order)."""
-    return sum(F.cross_entropy(net.head(logits, name), attrs[:, i], reduction="none")
-               for i, name in enumerate(net.head_names))
-
-
+    return sum(
+        F.cross_entropy(net.head(logits, name), attrs[:, i], reduction="none") for i, name in enumerate(net.head_names)
+    )
 
 
 class ShapesClassifierFamily(ModelFamily):
@@ -42,8 +41,10 @@ class ShapesClassifierFamily(ModelFamily):
     def build(self, model_cfg):
         unknown = set(model_cfg) - {"width", "hidden", "noise_aware", "time_dim"}
         if unknown:
-            raise ConfigError(f"unknown [model] key {sorted(unknown)[0]!r} for a shapes classifier; accepted: "
-                              f"width, hidden, noise_aware, time_dim")
+            raise ConfigError(
+                f"unknown [model] key {sorted(unknown)[0]!r} for a shapes classifier; accepted: "
+                f"width, hidden, noise_aware, time_dim"
+            )
         heads = [[k, len(v)] for k, v in shapes.ATTRIBUTES.items()]
         return nn.ModuleDict({"classifier": AttributeClassifier(heads=heads, **model_cfg)})
 
@@ -57,7 +58,9 @@ class ShapesClassifierFamily(ModelFamily):
             return attribute_loss(net, net(x0), raw)
         t = TIME_SAMPLERS[objective.time_sampler]().sample(schedule, x0.shape[0], generator)
         eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
-        return attribute_loss(net, net(diffuse(schedule, x0, t, eps), unit_time(t, schedule.t_min, schedule.t_max)), raw)
+        return attribute_loss(
+            net, net(diffuse(schedule, x0, t, eps), unit_time(t, schedule.t_min, schedule.t_max)), raw
+        )
 
     def learning_curve(self, module, schedule, n: int = 512, seed: int = 12345) -> dict:
         """Accuracy per attribute on fresh renders, clean and (noise-aware only) at t in EVAL_TIMES."""
@@ -72,8 +75,10 @@ class ShapesClassifierFamily(ModelFamily):
                 tt = torch.full((n,), schedule.t_min + t * (schedule.t_max - schedule.t_min), dtype=torch.float64)
                 x = b.images if t == 0 else diffuse(schedule, b.images, tt, eps)
                 logits = net(x, unit_time(tt, schedule.t_min, schedule.t_max))
-                out[f"t={t}"] = {name: float((net.head(logits, name).argmax(1) == b.attrs[:, i]).float().mean())
-                                 for i, name in enumerate(net.head_names)}
+                out[f"t={t}"] = {
+                    name: float((net.head(logits, name).argmax(1) == b.attrs[:, i]).float().mean())
+                    for i, name in enumerate(net.head_names)
+                }
         return {"accuracy": out}
 
     def save_parts(self, module, directory: Path):
@@ -81,5 +86,3 @@ class ShapesClassifierFamily(ModelFamily):
 
     def load_parts(self, directory: Path, model_cfg):
         return nn.ModuleDict({"classifier": load_pretrained(AttributeClassifier, directory / "classifier")})
-
-

@@ -16,8 +16,10 @@ from condiff.models.shapes import ShapesFamily
 RARE_COLOR = "cyan"
 RARE_SHARE = 0.05
 EMPTY_CAPTION_SHARE = 0.8  # of training captions, before the objective's cond_dropout
-COLOR_WEIGHTS = torch.tensor([RARE_SHARE if c == RARE_COLOR else (1 - RARE_SHARE) / (len(shapes.COLORS) - 1)
-                              for c in shapes.COLORS], dtype=torch.float64)
+COLOR_WEIGHTS = torch.tensor(
+    [RARE_SHARE if c == RARE_COLOR else (1 - RARE_SHARE) / (len(shapes.COLORS) - 1) for c in shapes.COLORS],
+    dtype=torch.float64,
+)
 
 
 def imbalanced_attrs(n: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -19,8 +19,6 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 
-
-
 def time_features(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal features of t in [0, 1] (frequencies 1 .. 1000), (B, dim)."""
     half = dim // 2
@@ -48,8 +46,16 @@ class AttributeClassifier(ModelMixin, ConfigMixin):
     """logits = net(x, t): (B, sum(heads)); ``head(logits, name)`` slices one attribute's logits."""
 
     @register_to_config
-    def __init__(self, heads: list | dict | None = None, in_channels: int = 3, width: int = 32, hidden: int = 128,
-                 noise_aware: bool = False, time_dim: int = 64, sample_size: int = 32):
+    def __init__(
+        self,
+        heads: list | dict | None = None,
+        in_channels: int = 3,
+        width: int = 32,
+        hidden: int = 128,
+        noise_aware: bool = False,
+        time_dim: int = 64,
+        sample_size: int = 32,
+    ):
         super().__init__()
         # (name, size) pairs, kept as a list: diffusers writes config dicts with sorted keys, which would
         # reorder a dict of heads on reload
@@ -59,11 +65,20 @@ class AttributeClassifier(ModelMixin, ConfigMixin):
         self.head_names = [str(k) for k, _ in pairs]
         self.head_sizes = [int(v) for _, v in pairs]
         tdim = time_dim if noise_aware else None
-        self.time_mlp = nn.Sequential(nn.Linear(time_dim, time_dim), nn.ReLU(),
-                                      nn.Linear(time_dim, time_dim)) if noise_aware else None
+        self.time_mlp = (
+            nn.Sequential(nn.Linear(time_dim, time_dim), nn.ReLU(), nn.Linear(time_dim, time_dim))
+            if noise_aware
+            else None
+        )
         w = width
-        self.blocks = nn.ModuleList([_Block(in_channels, w, 1, tdim), _Block(w, 2 * w, 2, tdim),
-                                     _Block(2 * w, 2 * w, 2, tdim), _Block(2 * w, 2 * w, 2, tdim)])
+        self.blocks = nn.ModuleList(
+            [
+                _Block(in_channels, w, 1, tdim),
+                _Block(w, 2 * w, 2, tdim),
+                _Block(2 * w, 2 * w, 2, tdim),
+                _Block(2 * w, 2 * w, 2, tdim),
+            ]
+        )
         side = sample_size // 8
         self.fc = nn.Linear(2 * w * side * side, hidden)
         self.act = nn.ReLU()
@@ -94,4 +109,4 @@ class AttributeClassifier(ModelMixin, ConfigMixin):
             raise one_of("classifier attribute", name, self.head_names)
         i = self.head_names.index(name)
         start = sum(self.head_sizes[:i])
-        return logits[:, start:start + self.head_sizes[i]]
+        return logits[:, start : start + self.head_sizes[i]]

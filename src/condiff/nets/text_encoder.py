@@ -15,14 +15,12 @@ from torch import nn
 
 class SlotTextEncoder(ModelMixin, ConfigMixin):
     @register_to_config
-    def __init__(self, vocab_size: int = 21, seq_len: int = 4, dim: int = 64, layers: int = 2,
-                 heads: int = 4):
+    def __init__(self, vocab_size: int = 21, seq_len: int = 4, dim: int = 64, layers: int = 2, heads: int = 4):
         super().__init__()
         self.tokens = nn.Embedding(vocab_size, dim)
         self.positions = nn.Parameter(torch.zeros(seq_len, dim))
         nn.init.normal_(self.positions, std=0.02)
-        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True,
-                                           norm_first=True)
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
 

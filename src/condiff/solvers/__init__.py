@@ -5,19 +5,19 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from condiff.solvers.base import Solver, Point, point
+from condiff.errors import ConfigError, one_of
+from condiff.solvers.base import Point, Solver, point
+from condiff.solvers.dc_solver import DCSolver
 from condiff.solvers.ddim import DDIM
 from condiff.solvers.ddpm import DDPM
+from condiff.solvers.dpm_v3 import DPMSolverV3
 from condiff.solvers.dpmpp_2m import DPMSolverPP2M
 from condiff.solvers.dpmpp_2s import DPMSolverPP2S
 from condiff.solvers.dpmpp_3m import DPMSolverPP3M
-from condiff.solvers.dpm_v3 import DPMSolverV3
-from condiff.solvers.edm import EDMHeun, EDMSDE
+from condiff.solvers.edm import EDMSDE, EDMHeun
 from condiff.solvers.euler import Euler
 from condiff.solvers.heun import Heun
 from condiff.solvers.unipc import UniPC
-from condiff.solvers.dc_solver import DCSolver
-from condiff.errors import ConfigError, one_of
 
 SOLVERS = {
     "ddpm": DDPM,
@@ -44,7 +44,7 @@ DESCRIPTIONS = {
     "dpmpp-2s": "DPM-Solver++(2S), singlestep midpoint in log-SNR, 2 evaluations a step (order 2; Lu et al. 2022)",
     "unipc": "UniPC bh2, UniP-2 predictor + UniC corrector, no extra evaluation (order 3; Zhao et al. 2023)",
     "dpm-v3": "DPM-Solver-v3, order 2 + pseudo-order corrector; statistics from `condiff ems compute` (--ems), "
-              "none = DPM-Solver++ (Zheng et al. 2023)",
+    "none = DPM-Solver++ (Zheng et al. 2023)",
     "edm-heun": "EDM's deterministic Heun sampler on the Karras grid, 2N-1 evaluations (order 2; Karras et al. 2022)",
     "edm-sde": "EDM's stochastic churn sampler, Heun after adding noise in [S_min, S_max] (Karras et al. 2022)",
     "dc-solver": "DC-Solver: UniPC with dynamic compensation; ratios from `condiff dc search` (Zhao et al. 2024)",
@@ -66,14 +66,21 @@ def _check_simple_options(name: str, cls, kwargs: dict) -> None:
             continue
         default = fields[key].default
         kind = type(default)
-        ok = (isinstance(value, bool) if kind is bool
-              else isinstance(value, int) and not isinstance(value, bool) if kind is int
-              else isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-              if kind is float
-              else isinstance(value, str) if kind is str else False)
+        ok = (
+            isinstance(value, bool)
+            if kind is bool
+            else isinstance(value, int) and not isinstance(value, bool)
+            if kind is int
+            else isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if kind is float
+            else isinstance(value, str)
+            if kind is str
+            else False
+        )
         if not ok:
             want = {bool: "true or false", int: "an integer", float: "a finite number", str: "a name"}.get(
-                kind, "an object (library use only)")
+                kind, "an object (library use only)"
+            )
             raise ConfigError(f"solver {name!r} option {key} must be {want}, got {value!r}")
 
 
@@ -87,10 +94,28 @@ def get_solver(name: str, **kwargs) -> Solver:
     except TypeError:
         cls = SOLVERS[name]
         fields = ", ".join(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else ""
-        raise ConfigError(f"solver {name!r} does not take the options {sorted(kwargs)}; "
-                          f"accepted: {fields or 'none'}") from None
+        raise ConfigError(
+            f"solver {name!r} does not take the options {sorted(kwargs)}; accepted: {fields or 'none'}"
+        ) from None
 
 
-__all__ = ["Solver", "Point", "point", "DDIM", "DDPM", "DPMSolverPP2M", "DPMSolverPP2S", "DPMSolverPP3M", "Euler",
-           "Heun", "UniPC", "EDMHeun", "EDMSDE", "DCSolver", "DPMSolverV3", "SOLVERS",
-           "DESCRIPTIONS", "get_solver"]
+__all__ = [
+    "Solver",
+    "Point",
+    "point",
+    "DDIM",
+    "DDPM",
+    "DPMSolverPP2M",
+    "DPMSolverPP2S",
+    "DPMSolverPP3M",
+    "Euler",
+    "Heun",
+    "UniPC",
+    "EDMHeun",
+    "EDMSDE",
+    "DCSolver",
+    "DPMSolverV3",
+    "SOLVERS",
+    "DESCRIPTIONS",
+    "get_solver",
+]

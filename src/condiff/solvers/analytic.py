@@ -70,6 +70,7 @@ DEFAULT_SKIP = "5%"  # the recommended --analytic-skip: benchmarks/analytic_skip
 
 # ---- the Gaussian fit and its flow ----------------------------------------------------------------------
 
+
 @dataclass(frozen=True, eq=False)
 class GaussianFit:
     """N(mean, U diag(evals) U^T + iso (I - U U^T)) in R^d, float64. ``evecs`` is (d, r) orthonormal,
@@ -85,11 +86,15 @@ class GaussianFit:
         mean, evecs, evals = (torch.as_tensor(v, dtype=F64) for v in (self.mean, self.evecs, self.evals))
         d = mean.numel()
         if mean.dim() != 1 or evecs.dim() != 2 or evecs.shape[0] != d or evals.shape != (evecs.shape[1],):
-            raise ConfigError(f"GaussianFit shapes disagree: mean {tuple(mean.shape)}, evecs "
-                              f"{tuple(evecs.shape)}, evals {tuple(evals.shape)}")
+            raise ConfigError(
+                f"GaussianFit shapes disagree: mean {tuple(mean.shape)}, evecs "
+                f"{tuple(evecs.shape)}, evals {tuple(evals.shape)}"
+            )
         if not (math.isfinite(self.iso) and self.iso >= 0) or not bool((evals >= 0).all()):
-            raise ConfigError(f"GaussianFit variances must be finite and non-negative, got iso {self.iso!r}, "
-                              f"smallest eigenvalue {float(evals.min()) if evals.numel() else 'none'}")
+            raise ConfigError(
+                f"GaussianFit variances must be finite and non-negative, got iso {self.iso!r}, "
+                f"smallest eigenvalue {float(evals.min()) if evals.numel() else 'none'}"
+            )
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "evecs", evecs)
         object.__setattr__(self, "evals", evals)
@@ -133,7 +138,6 @@ class GaussianFit:
             iso_scale = math.sqrt((a1 * a1 * self.iso + s1 * s1) / (a0 * a0 * self.iso + s0 * s0))
             out = out + iso_scale * (y - z @ self.evecs.T)
         return out.reshape(shape).to(dtype)
-
 
     def denoise(self, schedule, x: Tensor, t: float) -> Tensor:
         """E[x_0 | x_t = x] under this Gaussian: mu + Sigma (Sigma + rho^2 I)^{-1} (x / alpha - mu), rho =
@@ -203,12 +207,14 @@ def fit_gaussian(x: Tensor, rank: int | None = None) -> GaussianFit:
 def _complement(u: Tensor) -> Tensor:
     """An orthonormal basis (d, d - m) of the complement of the orthonormal columns of u (d, m)."""
     d, m = u.shape
-    q, _ = torch.linalg.qr(torch.cat([u, torch.randn(d, d - m, dtype=F64,
-                                                      generator=torch.Generator().manual_seed(0))], 1))
+    q, _ = torch.linalg.qr(
+        torch.cat([u, torch.randn(d, d - m, dtype=F64, generator=torch.Generator().manual_seed(0))], 1)
+    )
     return q[:, m:]
 
 
 # ---- the skip -----------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class SkipPlan:
@@ -241,8 +247,10 @@ class AnalyticSkip:
 
     def __post_init__(self):
         if (self.sigma is None) == (self.fraction is None):
-            raise ConfigError(f"AnalyticSkip takes exactly one of sigma or fraction, got sigma={self.sigma!r}, "
-                              f"fraction={self.fraction!r}")
+            raise ConfigError(
+                f"AnalyticSkip takes exactly one of sigma or fraction, got sigma={self.sigma!r}, "
+                f"fraction={self.fraction!r}"
+            )
         if self.sigma is not None and not (is_real(self.sigma) and self.sigma > 0):
             raise ConfigError(f"analytic skip sigma must be a finite positive sigma/alpha, got {self.sigma!r}")
         if self.fraction is not None and not (is_real(self.fraction) and 0 < self.fraction < 1):
@@ -281,37 +289,47 @@ class AnalyticSkip:
         noisy = grid[:-1] if final_zero else grid
         n_steps = grid.numel() - 1
         if noisy.numel() < 2:
-            raise ConfigError(f"{name} {self.describe()} needs a grid with at least 2 noisy points (2 steps or "
-                              f"more), got {n_steps} step(s)")
+            raise ConfigError(
+                f"{name} {self.describe()} needs a grid with at least 2 noisy points (2 steps or "
+                f"more), got {n_steps} step(s)"
+            )
         t_from, t_end = float(noisy[0]), float(noisy[-1])
         rho = lambda t: float(schedule.sigma_over_alpha(torch.tensor(t, dtype=F64)))  # noqa: E731
         lo, hi = rho(t_end), rho(t_from)
         limit = 100.0 * (noisy.numel() - 1) / n_steps
-        accepted = (f"accepted: a sigma/alpha in ({lo:.4g}, {hi:.4g}), or a share of the step budget below "
-                    f"{limit:g}% for {n_steps} step(s)")
+        accepted = (
+            f"accepted: a sigma/alpha in ({lo:.4g}, {hi:.4g}), or a share of the step budget below "
+            f"{limit:g}% for {n_steps} step(s)"
+        )
         if self.fraction is not None:
             pos = self.fraction * n_steps
             if not pos < noisy.numel() - 1:
-                raise ConfigError(f"{name} {self.describe()} of {n_steps} step(s) reaches the grid's last noisy "
-                                  f"point; {accepted}")
+                raise ConfigError(
+                    f"{name} {self.describe()} of {n_steps} step(s) reaches the grid's last noisy point; {accepted}"
+                )
             i = int(math.floor(pos))
             w = pos - i
             t_skip = float(noisy[i]) * (1 - w) + float(noisy[i + 1]) * w
         else:
             if not lo < self.sigma < hi:
-                where = "at or above sigma/alpha at the grid's start" if self.sigma >= hi else \
-                    "at or below the grid's last noisy sigma/alpha"
+                where = (
+                    "at or above sigma/alpha at the grid's start"
+                    if self.sigma >= hi
+                    else "at or below the grid's last noisy sigma/alpha"
+                )
                 raise ConfigError(f"{name} {self.describe()} is {where}; {accepted}")
             t_skip = float(schedule.t_from_log_snr(torch.tensor(-2.0 * math.log(self.sigma), dtype=F64)))
             t_skip = min(max(t_skip, t_end), t_from)
         if not t_end < t_skip < t_from:  # round-off at the ends
-            raise ConfigError(f"{name} {self.describe()} leaves no span to skip or no noisy step on this grid; "
-                              f"{accepted}")
+            raise ConfigError(
+                f"{name} {self.describe()} leaves no span to skip or no noisy step on this grid; {accepted}"
+            )
         below = grid[grid < t_skip]
         skipped = _steps_covered(grid, t_skip)
         if self.same_nfe:
-            new = make_grid(schedule, n_steps, spacing or UniformT(), t_start=t_skip, t_end=t_end,
-                            final_zero=final_zero)
+            new = make_grid(
+                schedule, n_steps, spacing or UniformT(), t_start=t_skip, t_end=t_end, final_zero=final_zero
+            )
             new[0] = t_skip
         else:
             new = torch.cat([torch.tensor([t_skip], dtype=F64), below])
@@ -325,8 +343,10 @@ class AnalyticSkip:
 
         noise = getattr(model, "noise", None)
         if noise is not None and not isinstance(noise, GaussianNoise):
-            raise ConfigError(f"the analytic skip needs a Gaussian-noise model; this one uses "
-                              f"{type(noise).__name__} (the closed form is for x_t = alpha x_0 + sigma eps)")
+            raise ConfigError(
+                f"the analytic skip needs a Gaussian-noise model; this one uses "
+                f"{type(noise).__name__} (the closed form is for x_t = alpha x_0 + sigma eps)"
+            )
         plan = self.plan(model.schedule, grid, spacing)
         fit = self.fit if self.fit is not None else model_fit(model)
         return PreparedSkip(plan, fit, model.schedule)
@@ -357,6 +377,7 @@ def _steps_covered(grid: Tensor, t_skip: float) -> float:
 
 # ---- the per-model fit and its cache ------------------------------------------------------------------
 
+
 def cache_dir() -> Path:
     """$CONDIFF_CACHE, or ~/.cache/condiff."""
     root = os.environ.get("CONDIFF_CACHE")
@@ -374,13 +395,20 @@ def weights_hash(module: torch.nn.Module) -> str:
 
 
 def fit_key(model, n: int, rank: int | None, seed: int) -> str:
-    spec = {"format": FORMAT, "family": model.family.name, "weights": weights_hash(model.module), "n": n,
-            "rank": rank, "seed": seed}
+    spec = {
+        "format": FORMAT,
+        "family": model.family.name,
+        "weights": weights_hash(model.module),
+        "n": n,
+        "rank": rank,
+        "seed": seed,
+    }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-def fit_path(model, n: int = DEFAULT_FIT_N, rank: int | None = DEFAULT_FIT_RANK, seed: int = 0,
-             directory=None) -> tuple[Path, str]:
+def fit_path(
+    model, n: int = DEFAULT_FIT_N, rank: int | None = DEFAULT_FIT_RANK, seed: int = 0, directory=None
+) -> tuple[Path, str]:
     key = fit_key(model, n, rank, seed)
     root = Path(directory) if directory is not None else cache_dir()
     return root / "analytic" / f"{model.family.name}-{key[:24]}.safetensors", key
@@ -390,8 +418,7 @@ def save_fit(path, fit: GaussianFit, key: str = "") -> Path:
     """Write a fit as safetensors (atomically), with the format and its cache key in the metadata."""
     from condiff.core.files import save_tensors
 
-    tensors = {"mean": fit.mean, "evecs": fit.evecs, "evals": fit.evals,
-               "iso": torch.tensor([fit.iso], dtype=F64)}
+    tensors = {"mean": fit.mean, "evecs": fit.evecs, "evals": fit.evals, "iso": torch.tensor([fit.iso], dtype=F64)}
     return save_tensors(path, tensors, {"format": FORMAT, "key": key, "n": str(fit.n)})
 
 
@@ -425,8 +452,10 @@ def load_fit(path, key: str | None = None, dim: int | None = None) -> GaussianFi
     mean, u, lam, iso = (tensors[k].to(F64) for k in ("mean", "evecs", "evals", "iso"))
     d = mean.numel()
     if mean.dim() != 1 or u.dim() != 2 or u.shape[0] != d or lam.shape != (u.shape[1],) or iso.shape != (1,):
-        raise bad(f"shapes mean {tuple(mean.shape)}, evecs {tuple(u.shape)}, evals {tuple(lam.shape)}, "
-                  f"iso {tuple(iso.shape)} disagree")
+        raise bad(
+            f"shapes mean {tuple(mean.shape)}, evecs {tuple(u.shape)}, evals {tuple(lam.shape)}, "
+            f"iso {tuple(iso.shape)} disagree"
+        )
     if dim is not None and d != dim:
         raise bad(f"dimension {d}, expected {dim}")
     if not all(bool(torch.isfinite(t).all()) for t in (mean, u, lam, iso)):
@@ -442,8 +471,9 @@ def load_fit(path, key: str | None = None, dim: int | None = None) -> GaussianFi
     return GaussianFit(mean, u, lam, float(iso), n)
 
 
-def fit_model_data(model, n: int = DEFAULT_FIT_N, rank: int | None = DEFAULT_FIT_RANK, seed: int = 0,
-                   batch: int = 256) -> GaussianFit:
+def fit_model_data(
+    model, n: int = DEFAULT_FIT_N, rank: int | None = DEFAULT_FIT_RANK, seed: int = 0, batch: int = 256
+) -> GaussianFit:
     """Fit the Gaussian to ``n`` images from ``model.data_batch`` (unconditional; the digits
     family repeats its 1347 training images across epochs as the trainer does)."""
     if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 2:
@@ -458,8 +488,14 @@ def fit_model_data(model, n: int = DEFAULT_FIT_N, rank: int | None = DEFAULT_FIT
     return fit_gaussian(torch.cat(xs)[:n], rank)
 
 
-def model_fit(model, n: int = DEFAULT_FIT_N, rank: int | None = DEFAULT_FIT_RANK, seed: int = 0,
-              directory=None, refit: bool = False) -> GaussianFit:
+def model_fit(
+    model,
+    n: int = DEFAULT_FIT_N,
+    rank: int | None = DEFAULT_FIT_RANK,
+    seed: int = 0,
+    directory=None,
+    refit: bool = False,
+) -> GaussianFit:
     """The Gaussian fit of a model's training data, from the cache when a valid entry exists (keyed by the
     weights hash and n, rank, seed); otherwise fitted (seconds) and cached. An invalid cache file is
     refit with a warning that names it and the reason."""
@@ -474,6 +510,9 @@ def model_fit(model, n: int = DEFAULT_FIT_N, rank: int | None = DEFAULT_FIT_RANK
     try:
         save_fit(path, fit, key)
     except (OSError, OutputFileError) as e:  # the cache is an optimisation: sampling goes on without it
-        warnings.warn(f"could not cache the Gaussian fit at {path} ({one_line(str(e))}); set CONDIFF_CACHE to a "
-                      f"writable directory to keep it", stacklevel=2)
+        warnings.warn(
+            f"could not cache the Gaussian fit at {path} ({one_line(str(e))}); set CONDIFF_CACHE to a "
+            f"writable directory to keep it",
+            stacklevel=2,
+        )
     return fit

@@ -29,6 +29,7 @@ import torch
 
 from condiff.errors import ConfigError
 
+
 @dataclass(frozen=True)
 class Point:
     """alpha, sigma and lambda = log(alpha/sigma) at one grid time, as float64 Python floats."""
@@ -79,8 +80,10 @@ class Solver:
 
     def step_from_x0(self, schedule, x, t, t_next, x0_hat, state, noise):
         """The step from t to t_next given the denoised estimate x0_hat at (x, t): (x_next, state)."""
-        raise ConfigError(f"solver {self.name!r} evaluates the denoiser {self.evals_per_step()} times a step, so it "
-                          f"cannot step from one given x0_hat; use a one-evaluation solver (ddim, dpmpp-2m, ...)")
+        raise ConfigError(
+            f"solver {self.name!r} evaluates the denoiser {self.evals_per_step()} times a step, so it "
+            f"cannot step from one given x0_hat; use a one-evaluation solver (ddim, dpmpp-2m, ...)"
+        )
 
     def evals_per_step(self) -> int:
         return 1

@@ -1,5 +1,6 @@
 """DC-Solver's ratio search, cascade polynomial regression and ratios files (Zhao, Wang, Zhou & Lu 2024,
-"DC-Solver", ECCV: the compensation-ratio search and the cascade polynomial regression and the official code wl-zhao/DC-Solver; the paper's equation numbers could not be checked here, so the
+"DC-Solver", ECCV: the compensation-ratio search and the cascade polynomial regression and the official code
+wl-zhao/DC-Solver; the paper's equation numbers could not be checked here, so the
 objectives are written out). The solver itself is condiff.solvers.dc_solver.
 
 Ratio search (greedy, one step at a time, on a small batch of starts x_T with their conditions). For step i
@@ -34,7 +35,8 @@ Ratios file (JSON, written atomically, loaded strictly): the searched ratios per
 what they belong to (base solver, interpolation axis, dc_order, grid spacing, model). ``ratios_for`` returns
 the searched ratios of an (nfe, cfg) when present, else the CPR prediction.
 
-Measured on the GMM oracle (tests/test_dc.py; 4-d, 4 components, 2 classes, exact CFG; ratios searched on 10
+Measured on the GMM oracle (tests/solvers/test_dc_search.py; 4-d, 4 components, 2 classes, exact CFG; ratios searched
+on 10
 starts against DDIM-200; final-state MSE to the exact PF-ODE on 200 held-out starts, DC / base, lambda axis):
 VP-discrete cosine, uniform-t grid, UniPC base: w = 3: 0.22x, 0.11x, 0.07x at NFE 5, 8, 10; w = 7: 0.42x,
 0.14x, 0.05x (t axis: 0.22x, 0.10x, 0.05x and 0.16x, 0.09x, 0.03x). DPM-Solver++(2M) base: w = 3: 0.38x, 0.18x,
@@ -55,10 +57,10 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from condiff.core.denoiser import start_trajectory
-from condiff.errors import ConfigError, InputFileError, check_int, is_real
-from condiff.core.grids import SPACINGS, MAX_STEPS, UniformT, make_grid
 from condiff.core.files import atomic_write_json, load_json
+from condiff.core.grids import MAX_STEPS, SPACINGS, UniformT, make_grid
 from condiff.core.sampling import CountingDenoiser, sample
+from condiff.errors import ConfigError, InputFileError, check_int, is_real
 from condiff.solvers.base import begin
 from condiff.solvers.dc_solver import AXES, BASES, MAX_DC_ORDER, DCSolver, LambdaAxis, absorb, advance, has_corrector
 from condiff.solvers.ddim import DDIM
@@ -73,6 +75,7 @@ CPR_SCALES = (12.0, 50.0)
 
 
 # ---- reference trajectory ---------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Reference:
@@ -103,8 +106,9 @@ def fine_grid(schedule, grids: Sequence[torch.Tensor], steps: int = 200, spacing
     grids = [_as_grid(g) for g in grids]
     start = float(grids[0][0])
     if any(abs(float(g[0]) - start) > 1e-9 * max(1.0, abs(start)) for g in grids):
-        raise ConfigError(f"the grids of a ratio search must share their start time, got "
-                          f"{sorted({float(g[0]) for g in grids})}")
+        raise ConfigError(
+            f"the grids of a ratio search must share their start time, got {sorted({float(g[0]) for g in grids})}"
+        )
     clean = schedule.t_clean
     coarse = torch.unique(torch.cat(grids))
     noisy = coarse[coarse > clean]
@@ -118,8 +122,16 @@ def fine_grid(schedule, grids: Sequence[torch.Tensor], steps: int = 200, spacing
     return torch.sort(pts, descending=True).values
 
 
-def reference_trajectory(denoiser, cond, x_T: torch.Tensor, grids, steps: int = 200, spacing=UniformT(),
-                         solver=DDIM(), progress: bool | str = False) -> Reference:
+def reference_trajectory(
+    denoiser,
+    cond,
+    x_T: torch.Tensor,
+    grids,
+    steps: int = 200,
+    spacing=UniformT(),
+    solver=DDIM(),
+    progress: bool | str = False,
+) -> Reference:
     """Run ``solver`` (deterministic DDIM by default) from x_T over ``fine_grid(grids, steps, spacing)`` and keep
     the states at the coarse grid points (no gradients). ``progress``: a bar (its label) as in ``sample``."""
     if isinstance(grids, torch.Tensor) and grids.dim() == 1:
@@ -140,6 +152,7 @@ def reference_trajectory(denoiser, cond, x_T: torch.Tensor, grids, steps: int = 
 
 # ---- ratio search -----------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class SearchResult:
     """Searched ratios (one per step) and the final-state MSE to the reference of the base solver (all ratios
@@ -150,10 +163,22 @@ class SearchResult:
     mse_dc: float
 
 
-def search_ratios(denoiser, cond, x_T: torch.Tensor, grid, base=UniPC(), reference: Reference | None = None,
-                  iters: int = 20, lr: float = 0.1, bounded: bool = False,
-                  progress: Callable[[int, int, float], None] | None = None, dc_order: int = 2,
-                  axis=LambdaAxis(), ref_steps: int = 200, spacing=UniformT()) -> tuple[float, ...]:
+def search_ratios(
+    denoiser,
+    cond,
+    x_T: torch.Tensor,
+    grid,
+    base=UniPC(),
+    reference: Reference | None = None,
+    iters: int = 20,
+    lr: float = 0.1,
+    bounded: bool = False,
+    progress: Callable[[int, int, float], None] | None = None,
+    dc_order: int = 2,
+    axis=LambdaAxis(),
+    ref_steps: int = 200,
+    spacing=UniformT(),
+) -> tuple[float, ...]:
     """Greedy per-step search of DC ratios on the starts ``x_T`` (a batch) with condition ``cond``.
 
     ``reference`` defaults to ``reference_trajectory(denoiser, cond, x_T, grid, ref_steps, spacing)``.
@@ -218,22 +243,35 @@ def final_mse(denoiser, cond, x_T, grid, solver, reference: Reference) -> float:
     return float(torch.mean((out - reference.at(float(grid[-1])).to(out)) ** 2))
 
 
-def search(denoiser, cond, x_T, grid, base=UniPC(), reference: Reference | None = None, iters: int = 20,
-           lr: float = 0.1, bounded: bool = False, progress=None, dc_order: int = 2, axis=LambdaAxis(),
-           ref_steps: int = 200, spacing=UniformT()) -> SearchResult:
+def search(
+    denoiser,
+    cond,
+    x_T,
+    grid,
+    base=UniPC(),
+    reference: Reference | None = None,
+    iters: int = 20,
+    lr: float = 0.1,
+    bounded: bool = False,
+    progress=None,
+    dc_order: int = 2,
+    axis=LambdaAxis(),
+    ref_steps: int = 200,
+    spacing=UniformT(),
+) -> SearchResult:
     """``search_ratios`` plus the final-state MSE to the reference of the base solver and of DC (the quick
     entry point for the GMM benchmark: give the exact CFG denoiser, its cond, a batch of x_T and the grid)."""
     grid = _as_grid(grid)
     if reference is None:
         reference = reference_trajectory(denoiser, cond, x_T, grid, ref_steps, spacing)
-    ratios = search_ratios(denoiser, cond, x_T, grid, base, reference, iters, lr, bounded, progress, dc_order,
-                           axis)
+    ratios = search_ratios(denoiser, cond, x_T, grid, base, reference, iters, lr, bounded, progress, dc_order, axis)
     mse_base = final_mse(denoiser, cond, x_T, grid, DCSolver(None, dc_order, base, axis), reference)
     mse_dc = final_mse(denoiser, cond, x_T, grid, DCSolver(ratios, dc_order, base, axis), reference)
     return SearchResult(ratios, mse_base, mse_dc)
 
 
 # ---- cascade polynomial regression ------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class CPR:
@@ -286,9 +324,11 @@ def fit_cpr(table: Mapping[tuple[int, float], Sequence[float]]) -> CPR:
     top = (min(3, len(set(steps)) - 1), min(2, len(set(cfgs)) - 1), min(2, len(set(nfes)) - 1))
     X_all = cpr_features(nfes, cfgs, steps)
     y = torch.tensor(ys, dtype=F64)
-    candidates = sorted(((du, dc, dn) for du in range(top[0] + 1) for dc in range(top[1] + 1)
-                         for dn in range(top[2] + 1)),
-                        key=lambda d: ((d[0] + 1) * (d[1] + 1) * (d[2] + 1), d[0], d[2], d[1]), reverse=True)
+    candidates = sorted(
+        ((du, dc, dn) for du in range(top[0] + 1) for dc in range(top[1] + 1) for dn in range(top[2] + 1)),
+        key=lambda d: ((d[0] + 1) * (d[1] + 1) * (d[2] + 1), d[0], d[2], d[1]),
+        reverse=True,
+    )
     for deg in candidates:
         active = torch.zeros(CPR_SHAPE, dtype=torch.bool)
         active[: deg[0] + 1, : deg[1] + 1, : deg[2] + 1] = True
@@ -325,6 +365,7 @@ def predict_cpr(cpr: CPR, nfe: int, cfg: float, steps: int | None = None) -> tup
 
 # ---- ratios files -----------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class DCRatios:
     """The contents of a ratios file. ``entries`` maps (nfe, cfg) to searched ratios; ``cpr`` may be None."""
@@ -345,11 +386,20 @@ class DCRatios:
             e = {"nfe": int(nfe), "cfg": float(cfg), "ratios": [float(r) for r in ratios]}
             e.update({k: float(v) for k, v in self.metrics.get((nfe, cfg), {}).items()})
             entries.append(e)
-        return {"format": FORMAT, "version": VERSION, "base": self.base, "axis": self.axis,
-                "dc_order": self.dc_order, "spacing": self.spacing, "model": self.model,
-                "search": dict(self.search), "entries": entries,
-                "cpr": None if self.cpr is None else {"degrees": list(self.cpr.degrees),
-                                                      "theta": [[list(r) for r in m] for m in self.cpr.theta]}}
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "base": self.base,
+            "axis": self.axis,
+            "dc_order": self.dc_order,
+            "spacing": self.spacing,
+            "model": self.model,
+            "search": dict(self.search),
+            "entries": entries,
+            "cpr": None
+            if self.cpr is None
+            else {"degrees": list(self.cpr.degrees), "theta": [[list(r) for r in m] for m in self.cpr.theta]},
+        }
 
 
 def save_ratios(path, ratios: DCRatios) -> Path:
@@ -375,8 +425,9 @@ def parse_ratios(obj, path="<ratios>") -> DCRatios:
     if unknown:
         raise _bad(path, f"unknown key {sorted(unknown)[0]!r}")
     if obj["format"] != FORMAT or obj["version"] != VERSION:
-        raise _bad(path, f"format must be {FORMAT!r} version {VERSION}, got {obj['format']!r} version "
-                         f"{obj['version']!r}")
+        raise _bad(
+            path, f"format must be {FORMAT!r} version {VERSION}, got {obj['format']!r} version {obj['version']!r}"
+        )
     for key, accepted in (("base", BASES), ("axis", AXES), ("spacing", SPACINGS)):
         if not isinstance(obj[key], str) or obj[key] not in accepted:
             raise _bad(path, f"{key} must be one of {', '.join(accepted)}, got {obj[key]!r}")
@@ -398,8 +449,10 @@ def parse_ratios(obj, path="<ratios>") -> DCRatios:
             raise _bad(path, f"{where} must be an object")
         extra = set(e) - {"nfe", "cfg", "ratios"} - set(ENTRY_METRICS)
         if extra or not {"nfe", "cfg", "ratios"} <= set(e):
-            raise _bad(path, f"{where} must have nfe, cfg, ratios (and optionally {', '.join(ENTRY_METRICS)}); "
-                             f"got keys {sorted(e)}")
+            raise _bad(
+                path,
+                f"{where} must have nfe, cfg, ratios (and optionally {', '.join(ENTRY_METRICS)}); got keys {sorted(e)}",
+            )
         nfe, cfg, ratios = e["nfe"], e["cfg"], e["ratios"]
         if isinstance(nfe, bool) or not isinstance(nfe, int) or not 1 <= nfe <= MAX_STEPS:
             raise _bad(path, f"{where}.nfe must be an integer in [1, {MAX_STEPS}], got {nfe!r}")
@@ -423,14 +476,23 @@ def parse_ratios(obj, path="<ratios>") -> DCRatios:
         if not isinstance(c, dict) or set(c) != {"degrees", "theta"}:
             raise _bad(path, "cpr must be null or an object with keys degrees and theta")
         deg = c["degrees"]
-        if not isinstance(deg, list) or len(deg) != 3 or not all(
-                isinstance(d, int) and not isinstance(d, bool) and 0 <= d < s for d, s in zip(deg, CPR_SHAPE)):
+        if (
+            not isinstance(deg, list)
+            or len(deg) != 3
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < s for d, s in zip(deg, CPR_SHAPE))
+        ):
             raise _bad(path, f"cpr.degrees must be 3 integers within (0..3, 0..2, 0..2), got {deg!r}")
         th = c["theta"]
-        ok = isinstance(th, list) and len(th) == CPR_SHAPE[0] and all(
-            isinstance(a, list) and len(a) == CPR_SHAPE[1] and all(
-                isinstance(b, list) and len(b) == CPR_SHAPE[2] and all(is_real(v) for v in b) for b in a)
-            for a in th)
+        ok = (
+            isinstance(th, list)
+            and len(th) == CPR_SHAPE[0]
+            and all(
+                isinstance(a, list)
+                and len(a) == CPR_SHAPE[1]
+                and all(isinstance(b, list) and len(b) == CPR_SHAPE[2] and all(is_real(v) for v in b) for b in a)
+                for a in th
+            )
+        )
         if not ok:
             raise _bad(path, "cpr.theta must be a 4 x 3 x 3 nested list of finite numbers")
         cpr = CPR(_nested(th), tuple(deg))
@@ -461,15 +523,18 @@ def ratios_for(file_or_obj, nfe: int, cfg: float) -> tuple[float, ...]:
             return ratios
     if r.cpr is None:
         have = ", ".join(f"(nfe {n}, cfg {c:g})" for n, c in sorted(r.entries)) or "none"
-        raise ConfigError(f"the DC ratios have no entry for nfe {nfe}, cfg {cfg:g} and no CPR fit to predict "
-                          f"one; searched: {have}")
+        raise ConfigError(
+            f"the DC ratios have no entry for nfe {nfe}, cfg {cfg:g} and no CPR fit to predict one; searched: {have}"
+        )
     nfes = [n for n, _ in r.entries] or [nfe]
     cfgs = [c for _, c in r.entries] or [float(cfg)]
     if not (min(nfes) <= nfe <= max(nfes) and min(cfgs) - 1e-12 <= float(cfg) <= max(cfgs) + 1e-12):
         # a cubic-in-u, quadratic-in-NFE/CFG fit is an interpolant: outside its data it extrapolates wildly
-        raise ConfigError(f"no DC ratios for nfe {nfe}, cfg {cfg:g}: the CPR fit only interpolates within the "
-                          f"searched nfe {min(nfes)}..{max(nfes)} and cfg {min(cfgs):g}..{max(cfgs):g}; "
-                          f"search it: condiff dc search --nfe {nfe} --cfg {cfg:g} ...")
+        raise ConfigError(
+            f"no DC ratios for nfe {nfe}, cfg {cfg:g}: the CPR fit only interpolates within the "
+            f"searched nfe {min(nfes)}..{max(nfes)} and cfg {min(cfgs):g}..{max(cfgs):g}; "
+            f"search it: condiff dc search --nfe {nfe} --cfg {cfg:g} ..."
+        )
     return predict_cpr(r.cpr, nfe, float(cfg))
 
 

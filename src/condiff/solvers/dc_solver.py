@@ -15,7 +15,8 @@ where c is the interpolation coordinate of each stored point. rho_i = 1 leaves t
 interpolant passes through m_i); here rho_i == 1 skips the interpolation altogether, so rho = 1 reproduces the
 base solver bit for bit. As in the official code, the compensated value *replaces* the stored output: the
 base's predictor and its next corrector use it, and later interpolations use it as a node. The ratios are
-searched per step against a many-step reference trajectory (condiff.solvers.dc_search.search_ratios) or predicted for unseen
+searched per step against a many-step reference trajectory (condiff.solvers.dc_search.search_ratios) or predicted for
+unseen
 (NFE, CFG) by cascade polynomial regression (condiff.solvers.dc_search.predict_cpr).
 
 Coordinate (``axis``). The paper and both official implementations interpolate in the time variable t
@@ -25,7 +26,8 @@ t in [-1, 999]); ``TimeAxis()`` is that choice. condiff's default is ``LambdaAxi
 the variable UniPC and DPM-Solver++ already treat the model output as a polynomial in, and the same for every
 parameterisation of one process (t means sigma on EDM, where a Karras grid spans 80 .. 0.002). Every stored
 point has sigma > 0 (the clean point is only ever a step's end), so lambda is finite at every node. Measured
-on the GMM oracle (condiff.solvers.dc_search docstring): on VP-discrete cosine with uniform-t grids both axes give similar
+on the GMM oracle (condiff.solvers.dc_search docstring): on VP-discrete cosine with uniform-t grids both axes give
+similar
 gains (t better at NFE 5, w = 7: 0.16x against 0.42x of UniPC's error); on VP-linear/log-SNR and EDM/Karras
 grids lambda's searched ratios transfer better to held-out starts (t made 2M worse than plain 2M there).
 
@@ -145,8 +147,9 @@ def check_ratios(ratios, what: str = "dc-solver ratios") -> tuple[float, ...]:
         if not is_real(r):
             raise ConfigError(f"{what}: ratio {i} must be a finite number, got {r!r}")
     if float(out[0]) != 1.0:
-        raise ConfigError(f"{what}: the ratio of step 0 must be 1 (there is no previous point to interpolate "
-                          f"from), got {out[0]!r}")
+        raise ConfigError(
+            f"{what}: the ratio of step 0 must be 1 (there is no previous point to interpolate from), got {out[0]!r}"
+        )
     return tuple(float(r) for r in out)
 
 
@@ -163,12 +166,16 @@ class DCSolver(Solver):
     def __post_init__(self):
         if self.ratios is not None:
             object.__setattr__(self, "ratios", check_ratios(self.ratios))
-        if isinstance(self.dc_order, bool) or not isinstance(self.dc_order, numbers.Integral) \
-                or not 1 <= self.dc_order <= MAX_DC_ORDER:
+        if (
+            isinstance(self.dc_order, bool)
+            or not isinstance(self.dc_order, numbers.Integral)
+            or not 1 <= self.dc_order <= MAX_DC_ORDER
+        ):
             raise ConfigError(f"dc-solver dc_order must be an integer in [1, {MAX_DC_ORDER}], got {self.dc_order!r}")
         if not isinstance(self.base, (UniPC,) + PREDICTOR_ONLY):
-            raise ConfigError(f"dc-solver base must be UniPC(...), DPMSolverPP2M() or DPMSolverPP3M(), got "
-                              f"{self.base!r}")
+            raise ConfigError(
+                f"dc-solver base must be UniPC(...), DPMSolverPP2M() or DPMSolverPP3M(), got {self.base!r}"
+            )
         if not callable(getattr(self.axis, "coord", None)):
             raise ConfigError(f"dc-solver axis must be TimeAxis() or LambdaAxis(), got {self.axis!r}")
 
@@ -185,8 +192,10 @@ class DCSolver(Solver):
             return None
         steps = len(grid) - 1
         if self.ratios is not None and len(self.ratios) != steps:
-            raise ConfigError(f"dc-solver has {len(self.ratios)} ratios but the grid has {steps} steps; give one "
-                              f"ratio per step (search them for this NFE, or predict them with CPR)")
+            raise ConfigError(
+                f"dc-solver has {len(self.ratios)} ratios but the grid has {steps} steps; give one "
+                f"ratio per step (search them for this NFE, or predict them with CPR)"
+            )
         return DCState(base=self.base.init_state(grid), steps=steps)
 
     def ratio(self, i: int) -> float:

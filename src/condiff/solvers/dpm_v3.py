@@ -1,5 +1,6 @@
 """DPM-Solver-v3 (Zheng, Lu, Chen & Zhu 2023, "DPM-Solver-v3: Improved Diffusion ODE Solver with Empirical Model
-Statistics", NeurIPS; sec. 3.2 (the solver), sec. 3.3 (pseudo-order, half-corrector) and "Sampling algorithm"). Equation numbers of the paper are not cited: they could not be checked.
+Statistics", NeurIPS; sec. 3.2 (the solver), sec. 3.3 (pseudo-order, half-corrector) and "Sampling algorithm").
+Equation numbers of the paper are not cited: they could not be checked.
 
 With y = x/alpha, lambda = log(alpha/sigma) and the statistics l, s, b of condiff.solvers.ems (EMS), the PF-ODE of any
 schedule is dy/dlambda = -l y - f with f = e^{-lambda} eps - l y = (1 - l) y - x0_hat. For a step from
@@ -63,9 +64,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from condiff.solvers.ems import EMS, check_ems_fits
 from condiff.errors import ConfigError
 from condiff.solvers.base import Point, Solver, point
+from condiff.solvers.ems import EMS, check_ems_fits
 
 F64 = torch.float64
 GL_NODES = 6
@@ -80,8 +81,9 @@ def _gauss_legendre(n: int):
     nodes (cumulative integration inside one interval, exact for polynomials of degree < n)."""
     x, w = np.polynomial.legendre.leggauss(n)
     vander = np.polynomial.legendre.legvander(x, n - 1)  # V[i, m] = P_m(x_i)
-    ints = np.stack([np.polynomial.legendre.legval(x, np.polynomial.legendre.legint(np.eye(n)[m], lbnd=-1))
-                     for m in range(n)], 1)  # A[j, m] = int_{-1}^{x_j} P_m
+    ints = np.stack(
+        [np.polynomial.legendre.legval(x, np.polynomial.legendre.legint(np.eye(n)[m], lbnd=-1)) for m in range(n)], 1
+    )  # A[j, m] = int_{-1}^{x_j} P_m
     q = ints @ np.linalg.inv(vander)
     return (torch.tensor(x, dtype=F64), torch.tensor(w, dtype=F64), torch.tensor(q, dtype=F64))
 
@@ -192,7 +194,7 @@ def derivative_weights(offsets: list[float], pseudo: bool) -> np.ndarray:
             rows = [(rows[j] - rows[j + 1]) / (nodes[j] - nodes[j + k]) for j in range(len(rows) - 1)]
             out.append(math.factorial(k) * rows[0])
         return np.stack(out)
-    vander = np.array([[d ** k / math.factorial(k) for k in range(1, m + 1)] for d in offsets])
+    vander = np.array([[d**k / math.factorial(k) for k in range(1, m + 1)] for d in offsets])
     inv = np.linalg.inv(vander)  # g^(n) = sum_i inv[n-1, i] (g_i - g_0)
     return np.concatenate([-inv.sum(1, keepdims=True), inv], 1)
 
@@ -201,8 +203,7 @@ def _shaped(v: torch.Tensor, ems: EMS, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(ems.sample_shape).to(dtype=like.dtype, device=like.device)
 
 
-def _update(ems: EMS, coef: StepCoefficients, x_s, alpha_s: float, alpha_t: float, points, order: int,
-            pseudo: bool):
+def _update(ems: EMS, coef: StepCoefficients, x_s, alpha_s: float, alpha_t: float, points, order: int, pseudo: bool):
     """x_t by the order-``order`` update from the anchor; ``points`` = [(lambda_j, f_j)], the anchor first."""
     lam_s = coef.lam_s
     pts = points[:order]
@@ -277,12 +278,19 @@ class DPMSolverV3(Solver):
 
     def __post_init__(self):
         if self.ems is not None and not isinstance(self.ems, EMS):
-            raise ConfigError(f"dpm-v3 ems must be an EMS (condiff.solvers.ems.load_ems) or None, "
-                              f"got {type(self.ems).__name__}")
+            raise ConfigError(
+                f"dpm-v3 ems must be an EMS (condiff.solvers.ems.load_ems) or None, got {type(self.ems).__name__}"
+            )
         if isinstance(self.order, bool) or self.order not in (1, 2, 3):
             raise ConfigError(f"dpm-v3 order must be 1, 2 or 3, got {self.order!r}")
-        for flag in ("predictor_pseudo", "corrector", "corrector_pseudo", "lower_order_final", "half",
-                     "integrate_final"):
+        for flag in (
+            "predictor_pseudo",
+            "corrector",
+            "corrector_pseudo",
+            "lower_order_final",
+            "half",
+            "integrate_final",
+        ):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"dpm-v3 {flag} must be true or false, got {getattr(self, flag)!r}")
 
@@ -331,7 +339,7 @@ class DPMSolverV3(Solver):
         if clean:
             lam_end = ems.lam_range[1]
             if not (self.ems is not None and self.integrate_final and lam_end > p.lam):
-                return d, V3State((st.fs + (f,))[-self.order:], (st.lams + (p.lam,))[-self.order:], None, left)
+                return d, V3State((st.fs + (f,))[-self.order :], (st.lams + (p.lam,))[-self.order :], None, left)
             # with statistics, integrate the last interval to the EMS grid's end (module docstring)
             q = point(schedule, float(schedule.t_from_log_snr(torch.tensor(2.0 * lam_end, dtype=torch.float64))))
         pend = st.pending
@@ -343,7 +351,7 @@ class DPMSolverV3(Solver):
                     coef = cached_step_coefficients(ems, pend.start.lam, p.lam, self.order)
                 points = [(pend.start.lam, st.fs[-1]), (p.lam, f)] + list(zip(st.lams[-2::-1], st.fs[-2::-1]))
                 x = _update(ems, coef, pend.x, pend.start.alpha, p.alpha, points, c_order, self.corrector_pseudo)
-        fs, lams = (st.fs + (f,))[-self.order:], (st.lams + (p.lam,))[-self.order:]
+        fs, lams = (st.fs + (f,))[-self.order :], (st.lams + (p.lam,))[-self.order :]
         order = min(self.order, len(fs))
         if self.lower_order_final and st.steps_left is not None:
             order = min(order, st.steps_left)

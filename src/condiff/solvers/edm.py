@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from condiff.errors import ConfigError
 from condiff.core.grids import Karras
+from condiff.errors import ConfigError
 from condiff.solvers.base import Solver, point
 from condiff.solvers.heun import heun_step
 

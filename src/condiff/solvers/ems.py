@@ -1,5 +1,6 @@
 """Empirical model statistics (EMS) for DPM-Solver-v3 (Zheng, Lu, Chen & Zhu 2023, "DPM-Solver-v3: Improved
-Diffusion ODE Solver with Empirical Model Statistics", NeurIPS; sec. 3.1 and App. C, "EMS - how they are computed"). Equation numbers of the paper are not cited: they could not be checked.
+Diffusion ODE Solver with Empirical Model Statistics", NeurIPS; sec. 3.1 and App. C, "EMS - how they are computed").
+Equation numbers of the paper are not cited: they could not be checked.
 
 With lambda = log(alpha/sigma), y = x/alpha and the model's noise prediction eps, the PF-ODE of ANY schedule
 reads dy/dlambda = -e^{-lambda} eps (x = alpha y, dx/dlambda = (dlog alpha/dlambda) x - sigma eps). DPM-Solver-v3
@@ -54,8 +55,8 @@ from typing import Any, Callable, Mapping
 import torch
 
 from condiff.core.denoiser import take_rows
-from condiff.errors import ConfigError, InputFileError, check_int
 from condiff.core.files import load_tensors, save_tensors
+from condiff.errors import ConfigError, InputFileError, check_int
 
 F64 = torch.float64
 FORMAT = "condiff-ems-1"
@@ -102,14 +103,17 @@ class EMS:
         for name in ("l", "s", "b"):
             v = _as_f64(getattr(self, name), name)
             if v.dim() < 1 or v.shape[0] != lam.numel():
-                raise ConfigError(f"EMS {name} must have shape (n_grid + 1 = {lam.numel()}, *sample_shape), got "
-                                  f"{_shape_str(v.shape)}")
+                raise ConfigError(
+                    f"EMS {name} must have shape (n_grid + 1 = {lam.numel()}, *sample_shape), got {_shape_str(v.shape)}"
+                )
             if not bool(torch.isfinite(v).all()):
                 raise ConfigError(f"EMS {name} has non-finite values")
             stats[name] = v
         if not stats["l"].shape == stats["s"].shape == stats["b"].shape:
-            raise ConfigError(f"EMS l, s, b shapes disagree: {_shape_str(stats['l'].shape)}, "
-                              f"{_shape_str(stats['s'].shape)}, {_shape_str(stats['b'].shape)}")
+            raise ConfigError(
+                f"EMS l, s, b shapes disagree: {_shape_str(stats['l'].shape)}, "
+                f"{_shape_str(stats['s'].shape)}, {_shape_str(stats['b'].shape)}"
+            )
         if self.cfg is not None and (not isinstance(self.cfg, numbers.Real) or not math.isfinite(self.cfg)):
             raise ConfigError(f"EMS cfg must be a finite number or None, got {self.cfg!r}")
         if not isinstance(self.n_data, numbers.Integral) or self.n_data < 0:
@@ -121,8 +125,10 @@ class EMS:
         # flattened (G+1, D) views and the exact antiderivatives of the piecewise-linear l and s at the nodes
         flat = {k: v.reshape(lam.numel(), -1) for k, v in stats.items()}
         dlam = (lam[1:] - lam[:-1])[:, None]
-        cum = {k: torch.cat([torch.zeros_like(flat[k][:1]), torch.cumsum(0.5 * dlam * (flat[k][1:] + flat[k][:-1]), 0)])
-               for k in ("l", "s")}
+        cum = {
+            k: torch.cat([torch.zeros_like(flat[k][:1]), torch.cumsum(0.5 * dlam * (flat[k][1:] + flat[k][:-1]), 0)])
+            for k in ("l", "s")
+        }
         object.__setattr__(self, "_flat", flat)
         object.__setattr__(self, "_cum", cum)
         object.__setattr__(self, "zero_s", bool((flat["s"] == 0).all()))
@@ -151,8 +157,9 @@ class EMS:
         order, DDIM. Constant, so the grid range does not matter (values extend constantly)."""
         lam = torch.linspace(float(lam_range[0]), float(lam_range[1]), int(n_grid) + 1, dtype=F64)
         shape = (lam.numel(), *tuple(int(s) for s in sample_shape))
-        return cls(lam, torch.ones(shape, dtype=F64), torch.zeros(shape, dtype=F64), torch.zeros(shape, dtype=F64),
-                   **meta)
+        return cls(
+            lam, torch.ones(shape, dtype=F64), torch.zeros(shape, dtype=F64), torch.zeros(shape, dtype=F64), **meta
+        )
 
     # -- piecewise-linear evaluation --------------------------------------------------------------------
     def evaluate(self, lam: torch.Tensor, with_b: bool = True):
@@ -194,9 +201,17 @@ class EMS:
 
     # -- metadata and files ------------------------------------------------------------------------------
     def metadata(self) -> dict:
-        return {"format": FORMAT, "model": self.model, "cfg": self.cfg, "n_data": int(self.n_data),
-                "n_grid": self.n_grid, "schedule": self.schedule, "seed": self.seed,
-                "sample_shape": list(self.sample_shape), "info": self.info}
+        return {
+            "format": FORMAT,
+            "model": self.model,
+            "cfg": self.cfg,
+            "n_data": int(self.n_data),
+            "n_grid": self.n_grid,
+            "schedule": self.schedule,
+            "seed": self.seed,
+            "sample_shape": list(self.sample_shape),
+            "info": self.info,
+        }
 
     def save(self, path):
         """Write the statistics atomically as safetensors (float64) with JSON metadata."""
@@ -238,14 +253,25 @@ def load_ems(path) -> EMS:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise InputFileError(f"{where} has EMS metadata of an unknown format (want {FORMAT!r})")
     try:
-        ems = EMS(tensors["lam"], tensors["l"], tensors["s"], tensors["b"], model=meta.get("model"),
-                  cfg=meta.get("cfg"), n_data=meta.get("n_data", 0), schedule=meta.get("schedule"),
-                  seed=meta.get("seed"), info=meta.get("info") or {})
+        ems = EMS(
+            tensors["lam"],
+            tensors["l"],
+            tensors["s"],
+            tensors["b"],
+            model=meta.get("model"),
+            cfg=meta.get("cfg"),
+            n_data=meta.get("n_data", 0),
+            schedule=meta.get("schedule"),
+            seed=meta.get("seed"),
+            info=meta.get("info") or {},
+        )
     except ConfigError as e:
         raise InputFileError(f"{where} holds invalid statistics: {e}") from None
     if list(ems.sample_shape) != list(meta.get("sample_shape", ems.sample_shape)):
-        raise InputFileError(f"{where}: the tensors' sample shape {_shape_str(ems.sample_shape)} disagrees with "
-                             f"its metadata {meta.get('sample_shape')}")
+        raise InputFileError(
+            f"{where}: the tensors' sample shape {_shape_str(ems.sample_shape)} disagrees with "
+            f"its metadata {meta.get('sample_shape')}"
+        )
     if ems.schedule is not None and not isinstance(ems.schedule, dict):
         raise InputFileError(f"{where}: the metadata 'schedule' must be a JSON object")
     return ems
@@ -268,12 +294,15 @@ def check_ems_fits(ems: EMS, sample_shape, schedule=None, what: str = "the model
     sample_shape = tuple(int(s) for s in sample_shape)
     src = f"EMS of {ems.model!r}" if ems.model else "the EMS"
     if ems.sample_shape != () and ems.sample_shape != sample_shape:
-        raise ConfigError(f"{src} are for samples of shape {_shape_str(ems.sample_shape)}, but {what} makes "
-                          f"{_shape_str(sample_shape)}")
+        raise ConfigError(
+            f"{src} are for samples of shape {_shape_str(ems.sample_shape)}, but {what} makes "
+            f"{_shape_str(sample_shape)}"
+        )
     if schedule is not None and ems.schedule is not None and not same_schedule(ems.schedule, schedule):
         kind = ems.schedule.get("type", "?")
-        raise ConfigError(f"{src} were computed for another noise schedule ({kind!r}) than {what}'s "
-                          f"({type(schedule).__name__})")
+        raise ConfigError(
+            f"{src} were computed for another noise schedule ({kind!r}) than {what}'s ({type(schedule).__name__})"
+        )
     return ems
 
 
@@ -379,7 +408,6 @@ def _log_alpha_rate(schedule, lam: float, h: float = 1e-5) -> float:
 # The estimator
 
 
-
 def smooth_derivative(values: torch.Tensor, lam: torch.Tensor, window: int = SMOOTH_WINDOW) -> torch.Tensor:
     """d values / d lambda on the grid: central differences (one-sided at the ends), then a moving average over
     +-window grid points that shrinks at the ends (official EMS script)."""
@@ -397,11 +425,23 @@ def smooth_derivative(values: torch.Tensor, lam: torch.Tensor, window: int = SMO
     return d.reshape(values.shape)
 
 
-def compute_ems(denoiser, x0: torch.Tensor, cond: Mapping[str, Any] | None, schedule, t_start: float,
-                t_end: float, n_grid: int = 200, generator: torch.Generator | None = None, batch_size: int = 256,
-                progress: bool | str = False, jvp=None, window: int = SMOOTH_WINDOW,
-                meta: Mapping[str, Any] | None = None, noise: torch.Tensor | None = None,
-                probes: torch.Tensor | None = None) -> EMS:
+def compute_ems(
+    denoiser,
+    x0: torch.Tensor,
+    cond: Mapping[str, Any] | None,
+    schedule,
+    t_start: float,
+    t_end: float,
+    n_grid: int = 200,
+    generator: torch.Generator | None = None,
+    batch_size: int = 256,
+    progress: bool | str = False,
+    jvp=None,
+    window: int = SMOOTH_WINDOW,
+    meta: Mapping[str, Any] | None = None,
+    noise: torch.Tensor | None = None,
+    probes: torch.Tensor | None = None,
+) -> EMS:
     """Estimate l, s, b for ``denoiser`` (any condiff Denoiser, e.g. ``CFG(model.denoiser, 3)``) on the data
     points ``x0`` (N, *sample_shape) with their conditions ``cond`` (tensors with N rows are split into batches;
     a 'null' entry for CFG is sliced the same way), on a grid uniform in lambda from t_start to t_end.
@@ -493,16 +533,24 @@ def compute_ems(denoiser, x0: torch.Tensor, cond: Mapping[str, Any] | None, sche
         info["jvp_delta"] = method.delta
     if meta.get("schedule") is None:
         meta["schedule"] = schedule_config(schedule)
-    return EMS(lam, l_grid.reshape(shape), s_grid.reshape(shape), b_grid.reshape(shape), n_data=n, info=info,
-               **meta)
+    return EMS(lam, l_grid.reshape(shape), s_grid.reshape(shape), b_grid.reshape(shape), n_data=n, info=info, **meta)
 
 
 def _log_alpha_at(schedule, lam: float) -> float:
     return float(schedule.log_alpha(schedule.t_from_log_snr(torch.tensor(2.0 * lam, dtype=F64))))
 
 
-def gmm_ems(gmm, schedule, t_start: float | None = None, t_end: float | None = None, scale: float | None = None,
-            n_data: int = 2048, n_grid: int = 400, seed: int = 0, jvp=None) -> EMS:
+def gmm_ems(
+    gmm,
+    schedule,
+    t_start: float | None = None,
+    t_end: float | None = None,
+    scale: float | None = None,
+    n_data: int = 2048,
+    n_grid: int = 400,
+    seed: int = 0,
+    jvp=None,
+) -> EMS:
     """EMS of the exact GMM denoiser (condiff.data.gmm), conditional (``scale=None``) or with CFG at ``scale``,
     on data (x0, y) drawn from the mixture, in float64. The default JVP is CentralDifference(1e-4): in float64
     its error (~1e-8) is far below the Monte-Carlo error, and it runs ~10x faster than torch.func.jvp on this
@@ -517,6 +565,21 @@ def gmm_ems(gmm, schedule, t_start: float | None = None, t_end: float | None = N
         den, cond = CFG(den, scale), {"y": y, "null": gmm.null_cond(n_data)}
     t_start = schedule.default_t_start() if t_start is None else t_start
     t_end = schedule.t_min if t_end is None else t_end
-    return compute_ems(den, x0, cond, schedule, t_start, t_end, n_grid, g, batch_size=n_data,
-                       jvp=jvp or CentralDifference(1e-4), meta={"model": "gmm", "cfg": scale, "seed": seed, "info": {
-                           "gmm_dim": gmm.dim, "gmm_components": int(gmm.means.shape[0])}})
+    return compute_ems(
+        den,
+        x0,
+        cond,
+        schedule,
+        t_start,
+        t_end,
+        n_grid,
+        g,
+        batch_size=n_data,
+        jvp=jvp or CentralDifference(1e-4),
+        meta={
+            "model": "gmm",
+            "cfg": scale,
+            "seed": seed,
+            "info": {"gmm_dim": gmm.dim, "gmm_components": int(gmm.means.shape[0])},
+        },
+    )

@@ -81,10 +81,10 @@ class PFGMPPNoise:
 
     def __post_init__(self):
         d = self.D
-        if (not isinstance(d, numbers.Real) or isinstance(d, bool) or not math.isfinite(d)
-                or not 0 < d <= MAX_D):
-            raise ConfigError(f"PFGM++ D must be a finite number in (0, {MAX_D:g}] (use GaussianNoise() for "
-                              f"D = inf), got {d!r}")
+        if not isinstance(d, numbers.Real) or isinstance(d, bool) or not math.isfinite(d) or not 0 < d <= MAX_D:
+            raise ConfigError(
+                f"PFGM++ D must be a finite number in (0, {MAX_D:g}] (use GaussianNoise() for D = inf), got {d!r}"
+            )
 
     def _radius_ratio(self, z: torch.Tensor, generator, clip) -> torch.Tensor:
         """sqrt(D B / (1 - B)) / ||z|| per sample, with B = G_N / (G_N + G_D) and G_N = ||z||^2 / 2, so that
@@ -92,8 +92,7 @@ class PFGMPPNoise:
         n = z.shape[0]
         flat = z.reshape(n, -1).to(torch.float64)
         g_n = 0.5 * flat.square().sum(1)
-        g_d = torch._standard_gamma(torch.full((n,), 0.5 * float(self.D), dtype=torch.float64),
-                                    generator=generator)
+        g_d = torch._standard_gamma(torch.full((n,), 0.5 * float(self.D), dtype=torch.float64), generator=generator)
         if clip is None:
             odds = g_n / g_d  # B / (1 - B), without the round-off of forming B first
         else:
@@ -143,10 +142,13 @@ def noise_for_D(D) -> GaussianNoise | PFGMPPNoise:
     if isinstance(D, numbers.Real) and not isinstance(D, bool) and D == 0:
         return GaussianNoise()
     if isinstance(D, numbers.Real) and not isinstance(D, bool) and math.isinf(D) and D > 0:
-        raise ConfigError("objective.pfgmpp_D must be 0 for Gaussian noise (D = inf) or a finite number in "
-                          f"(0, {MAX_D:g}], got inf (write 0 for the D = inf member)")
+        raise ConfigError(
+            "objective.pfgmpp_D must be 0 for Gaussian noise (D = inf) or a finite number in "
+            f"(0, {MAX_D:g}], got inf (write 0 for the D = inf member)"
+        )
     try:
         return PFGMPPNoise(D)
     except ConfigError:
-        raise ConfigError(f"objective.pfgmpp_D must be 0 (Gaussian noise, D = inf) or a finite number in "
-                          f"(0, {MAX_D:g}], got {D!r}") from None
+        raise ConfigError(
+            f"objective.pfgmpp_D must be 0 (Gaussian noise, D = inf) or a finite number in (0, {MAX_D:g}], got {D!r}"
+        ) from None

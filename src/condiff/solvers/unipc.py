@@ -159,7 +159,7 @@ class UniPC(Solver):
         sigma = 0 return m. Returns (x_next, state)."""
         st = state if state is not None else UniPCState()
         variant = VARIANTS[self.variant]
-        ms, lams = (st.ms + (m,))[-self.order:], (st.lams + (p.lam,))[-self.order:]
+        ms, lams = (st.ms + (m,))[-self.order :], (st.lams + (p.lam,))[-self.order :]
         left = None if st.steps_left is None else st.steps_left - 1
         if q.sigma == 0:
             return m, UniPCState(ms, lams, None, left)

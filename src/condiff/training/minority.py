@@ -27,9 +27,18 @@ def level_loss(net, schedule, x0: torch.Tensor, labels: torch.Tensor, generator)
     return F.cross_entropy(logits, labels, reduction="none")
 
 
-def train_level_classifier(net, schedule, x0: torch.Tensor, labels: torch.Tensor, steps: int = 1000,
-                           batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.0,
-                           generator: torch.Generator | None = None, progress=None) -> list[float]:
+def train_level_classifier(
+    net,
+    schedule,
+    x0: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int = 1000,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    generator: torch.Generator | None = None,
+    progress=None,
+) -> list[float]:
     """Train ``net(x, unit_time(t)) -> (B, L)`` in place with AdamW on random batches of (x0, labels) (``level_loss``),
     a cosine learning-rate decay to lr/10. Returns the loss of every step. ``progress(step, loss)`` is called
     after each step when given."""
@@ -37,8 +46,7 @@ def train_level_classifier(net, schedule, x0: torch.Tensor, labels: torch.Tensor
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ConfigError(f"minority classifier {name} must be a positive integer, got {v!r}")
     if labels.shape != (x0.shape[0],):
-        raise ConfigError(f"need one level label per sample: x0 has {x0.shape[0]} rows, labels "
-                          f"{tuple(labels.shape)}")
+        raise ConfigError(f"need one level label per sample: x0 has {x0.shape[0]} rows, labels {tuple(labels.shape)}")
     g = generator or torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     net.train()
@@ -66,16 +74,31 @@ def level_accuracy(net, schedule, x0: torch.Tensor, labels: torch.Tensor, t: flo
     with torch.no_grad():
         logits = net(diffuse(schedule, x0, tt, eps), unit_time(tt, schedule.t_min, schedule.t_max))
     pred = logits.argmax(1)
-    per = [float((pred[labels == k] == k).float().mean()) if bool((labels == k).any()) else float("nan")
-           for k in range(logits.shape[1])]
+    per = [
+        float((pred[labels == k] == k).float().mean()) if bool((labels == k).any()) else float("nan")
+        for k in range(logits.shape[1])
+    ]
     return {"accuracy": float((pred == labels).float().mean()), "per_level": per}
 
 
-def fit_minority_classifier(denoiser, x0: torch.Tensor, levels: int, t: float, n: int = 5, cond=None,
-                            steps: int = 1000, batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.0,
-                            generator: torch.Generator | None = None, net=None, distance: Callable = squared_error,
-                            progress=None, score_batch_size: int | None = None, holdout: float = 0.05
-                            ) -> tuple[MinorityClassifier, torch.Tensor, torch.Tensor]:
+def fit_minority_classifier(
+    denoiser,
+    x0: torch.Tensor,
+    levels: int,
+    t: float,
+    n: int = 5,
+    cond=None,
+    steps: int = 1000,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    generator: torch.Generator | None = None,
+    net=None,
+    distance: Callable = squared_error,
+    progress=None,
+    score_batch_size: int | None = None,
+    holdout: float = 0.05,
+) -> tuple[MinorityClassifier, torch.Tensor, torch.Tensor]:
     """The whole fit on training samples ``x0``: minority scores at (t, n) with ``cond`` (the empty prompt for
     an unconditional model; cond tensors with one row per sample), quantile levels over all samples, then a
     noise-aware level classifier trained on all but a random ``holdout`` fraction (the paper's 5% validation
@@ -93,12 +116,18 @@ def fit_minority_classifier(denoiser, x0: torch.Tensor, levels: int, t: float, n
     if not callable(net):
         raise ConfigError(f"the minority level classifier must be a network net(x, t01) -> (B, {levels}), got {net!r}")
     sch = denoiser.schedule
-    losses = train_level_classifier(net, sch, x0[~held], labels[~held], steps, batch_size, lr, weight_decay, g,
-                                    progress)
-    info = {"train_loss_first100": sum(losses[:100]) / len(losses[:100]),
-            "train_loss_last100": sum(losses[-100:]) / len(losses[-100:]), "steps": steps,
-            "train_samples": int((~held).sum()), "heldout_samples": int(held.sum())}
+    losses = train_level_classifier(
+        net, sch, x0[~held], labels[~held], steps, batch_size, lr, weight_decay, g, progress
+    )
+    info = {
+        "train_loss_first100": sum(losses[:100]) / len(losses[:100]),
+        "train_loss_last100": sum(losses[-100:]) / len(losses[-100:]),
+        "steps": steps,
+        "train_samples": int((~held).sum()),
+        "heldout_samples": int(held.sum()),
+    }
     if bool(held.any()):
-        info["heldout_accuracy"] = {f"t={tt:g}": level_accuracy(net, sch, x0[held], labels[held], tt, g)
-                                    for tt in (float(sch.t_min), float(t))}
+        info["heldout_accuracy"] = {
+            f"t={tt:g}": level_accuracy(net, sch, x0[held], labels[held], tt, g) for tt in (float(sch.t_min), float(t))
+        }
     return MinorityClassifier(net, thresholds, float(t), n, info, (float(sch.t_min), float(sch.t_max))), scores, held

@@ -94,8 +94,16 @@ TIME_SAMPLERS = {"uniform": UniformTime, "logit-normal": LogitNormalTime, "logno
 WEIGHTINGS = {"constant": ConstantWeight, "min-snr": MinSNRWeight, "edm": EDMWeight}
 
 
-def diffusion_loss(model_fn, x0: torch.Tensor, cond, t: torch.Tensor, eps: torch.Tensor,
-                   schedule: NoiseSchedule, prediction: Prediction, weighting=ConstantWeight()) -> torch.Tensor:
+def diffusion_loss(
+    model_fn,
+    x0: torch.Tensor,
+    cond,
+    t: torch.Tensor,
+    eps: torch.Tensor,
+    schedule: NoiseSchedule,
+    prediction: Prediction,
+    weighting=ConstantWeight(),
+) -> torch.Tensor:
     """Per-sample weighted MSE between the network output and the prediction's target.
 
     The network is called as ``model_fn(x_in, t_in, cond)`` with (x_in, t_in) = prediction.precondition(x_t,

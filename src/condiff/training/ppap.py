@@ -23,7 +23,6 @@ from condiff.core.denoiser import coefficients
 from condiff.errors import ConfigError
 from condiff.guidance.ppap import MultiExpert, check_range, expert_interval, lora_expert, lora_parameters
 
-
 T_KD = 0.25  # the teacher's softmax temperature (PPAP's default)
 
 
@@ -46,15 +45,21 @@ def head_groups(net: nn.Module) -> list[tuple[int, int]] | None:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def kd_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = T_KD,
-            groups: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
+def kd_loss(
+    teacher_logits: torch.Tensor,
+    student_logits: torch.Tensor,
+    temperature: float = T_KD,
+    groups: Sequence[tuple[int, int]] | None = None,
+) -> torch.Tensor:
     """Per-sample KL(softmax(z_teacher / temperature) || softmax(z_student)), summed over the logit ``groups``
     (one softmax each; None: one group of all logits). Shape (B,)."""
     if not isinstance(temperature, numbers.Real) or not 0 < temperature < math.inf:
         raise ConfigError(f"the distillation temperature must be a positive finite number, got {temperature!r}")
     if teacher_logits.shape != student_logits.shape:
-        raise ConfigError(f"teacher and student logits differ in shape: {tuple(teacher_logits.shape)} vs "
-                          f"{tuple(student_logits.shape)}")
+        raise ConfigError(
+            f"teacher and student logits differ in shape: {tuple(teacher_logits.shape)} vs "
+            f"{tuple(student_logits.shape)}"
+        )
     total = 0.0
     for a, b in _groups(groups, teacher_logits.shape[1]):
         log_p = torch.log_softmax(teacher_logits[:, a:b].to(student_logits.dtype) / temperature, dim=1)
@@ -69,11 +74,21 @@ def teach(teacher: Callable, images: torch.Tensor, batch_size: int = 256) -> tor
         return torch.cat([teacher(chunk) for chunk in torch.split(images, batch_size)])
 
 
-def distill_expert(expert: nn.Module, teacher_logits: torch.Tensor, images: torch.Tensor, schedule,
-                   interval: tuple[float, float], steps: int, batch_size: int = 64, lr: float = 1e-3,
-                   weight_decay: float = 0.05, temperature: float = T_KD,
-                   groups: Sequence[tuple[int, int]] | None = None, generator: torch.Generator | None = None,
-                   callback: Callable[[int, float], None] | None = None) -> list[float]:
+def distill_expert(
+    expert: nn.Module,
+    teacher_logits: torch.Tensor,
+    images: torch.Tensor,
+    schedule,
+    interval: tuple[float, float],
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    weight_decay: float = 0.05,
+    temperature: float = T_KD,
+    groups: Sequence[tuple[int, int]] | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callable[[int, float], None] | None = None,
+) -> list[float]:
     """Train the LoRA parameters of ``expert`` in place by data-free knowledge distillation (module docstring,
     3): each step draws ``batch_size`` images x0 (with their precomputed ``teacher_logits``, see ``teach``),
     t ~ U(interval) and eps ~ N(0, I), and takes one AdamW step on mean KD loss of expert(x_t, t); the learning
@@ -113,10 +128,17 @@ def distill_expert(expert: nn.Module, teacher_logits: torch.Tensor, images: torc
     return losses
 
 
-def heldout_kd(net: Callable, teacher_logits: torch.Tensor, images: torch.Tensor, schedule,
-               interval: tuple[float, float], generator: torch.Generator | None = None,
-               temperature: float = T_KD, groups: Sequence[tuple[int, int]] | None = None,
-               batch_size: int = 256) -> float:
+def heldout_kd(
+    net: Callable,
+    teacher_logits: torch.Tensor,
+    images: torch.Tensor,
+    schedule,
+    interval: tuple[float, float],
+    generator: torch.Generator | None = None,
+    temperature: float = T_KD,
+    groups: Sequence[tuple[int, int]] | None = None,
+    batch_size: int = 256,
+) -> float:
     """Mean KD loss of ``net(x_t, t)`` on ``images`` with one fixed draw of t ~ U(interval) and eps per image
     (no graph): the number distillation lowers, for comparing an expert with the clean classifier."""
     lo, hi = (float(v) for v in interval)
@@ -130,13 +152,25 @@ def heldout_kd(net: Callable, teacher_logits: torch.Tensor, images: torch.Tensor
     return total / images.shape[0]
 
 
-def distill_experts(classifier: nn.Module, images: torch.Tensor, schedule, n_experts: int = 5,
-                    t_range: tuple[float, float] | None = None, rank: int = 16, alpha: float = 8.0,
-                    steps: int = 500, batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.05,
-                    temperature: float = T_KD, groups: Sequence[tuple[int, int]] | None = None,
-                    generator: torch.Generator | None = None,
-                    callback: Callable[[int, int, float], None] | None = None,
-                    heldout: torch.Tensor | None = None, heldout_seed: int = 0) -> tuple[MultiExpert, list, list]:
+def distill_experts(
+    classifier: nn.Module,
+    images: torch.Tensor,
+    schedule,
+    n_experts: int = 5,
+    t_range: tuple[float, float] | None = None,
+    rank: int = 16,
+    alpha: float = 8.0,
+    steps: int = 500,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    weight_decay: float = 0.05,
+    temperature: float = T_KD,
+    groups: Sequence[tuple[int, int]] | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callable[[int, int, float], None] | None = None,
+    heldout: torch.Tensor | None = None,
+    heldout_seed: int = 0,
+) -> tuple[MultiExpert, list, list]:
     """PPAP end to end on unlabelled ``images``: N LoRA experts of the clean ``classifier``, each distilled on
     its interval of ``t_range`` (default: the schedule's noisy range [t_min, t_max]). ``groups`` None: one
     softmax per head of a multi-head classifier (``head_groups``; all logits for a one-head one).
@@ -154,16 +188,43 @@ def distill_experts(classifier: nn.Module, images: torch.Tensor, schedule, n_exp
         interval = expert_interval(k, n_experts, t_min, t_max)
         expert = lora_expert(classifier, rank, alpha)
         cb = None if callback is None else (lambda step, loss, k=k: callback(k, step, loss))
-        curve = distill_expert(expert, z, images, schedule, interval, steps, batch_size, lr, weight_decay,
-                               temperature, groups, generator, cb)
+        curve = distill_expert(
+            expert,
+            z,
+            images,
+            schedule,
+            interval,
+            steps,
+            batch_size,
+            lr,
+            weight_decay,
+            temperature,
+            groups,
+            generator,
+            cb,
+        )
         row = {"expert": k, "interval": list(interval), "first_loss": curve[0], "last_loss": curve[-1]}
         if z_held is not None:
-            row["heldout_kd_clean"] = heldout_kd(lambda x, t: classifier(x), z_held, heldout, schedule, interval,
-                                                 torch.Generator().manual_seed(heldout_seed + 1 + k), temperature,
-                                                 groups)
-            row["heldout_kd_expert"] = heldout_kd(expert, z_held, heldout, schedule, interval,
-                                                  torch.Generator().manual_seed(heldout_seed + 1 + k), temperature,
-                                                  groups)
+            row["heldout_kd_clean"] = heldout_kd(
+                lambda x, t: classifier(x),
+                z_held,
+                heldout,
+                schedule,
+                interval,
+                torch.Generator().manual_seed(heldout_seed + 1 + k),
+                temperature,
+                groups,
+            )
+            row["heldout_kd_expert"] = heldout_kd(
+                expert,
+                z_held,
+                heldout,
+                schedule,
+                interval,
+                torch.Generator().manual_seed(heldout_seed + 1 + k),
+                temperature,
+                groups,
+            )
         curves.append(curve)
         experts.append(expert)
         report.append(row)

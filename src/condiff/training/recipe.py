@@ -10,8 +10,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from condiff.guidance.schedules import MAX_SCALE
 from condiff.errors import ConfigError, InputFileError, check_real
+from condiff.guidance.schedules import MAX_SCALE
 
 
 @dataclass
@@ -98,13 +98,15 @@ def _one_of(where: str, value, accepted):
 def check_recipe(r: Recipe) -> Recipe:
     """Value checks beyond types: names, families, ranges, finiteness, and the schedule table."""
     from condiff.core.denoiser import PREDICTIONS
-    from condiff.solvers.pfgmpp import noise_for_D
     from condiff.core.schedules import schedule_from_config
+    from condiff.solvers.pfgmpp import noise_for_D
     from condiff.training.objectives import TIME_SAMPLERS, WEIGHTINGS
 
     if not NAME_RE.match(r.name) or len(r.name) > 100:
-        raise ConfigError(f"recipe name {r.name!r} must be 1-100 letters, digits, '.', '_' or '-' "
-                          f"(it names the default output directory runs/<name>)")
+        raise ConfigError(
+            f"recipe name {r.name!r} must be 1-100 letters, digits, '.', '_' or '-' "
+            f"(it names the default output directory runs/<name>)"
+        )
     _one_of("family", r.family, FAMILIES)
     o, t = r.objective, r.train
     _one_of("objective.prediction", o.prediction, PREDICTIONS)
@@ -143,9 +145,14 @@ def recipe_from_dict(data: dict) -> Recipe:
     for key in ("model", "schedule"):
         if not isinstance(data.get(key, {}), dict):
             raise ConfigError(f"[{key}] must be a table, got {data.get(key)!r}")
-    r = Recipe(data["name"], data["family"], data.get("model", {}), data.get("schedule", {}),
-               _typed(ObjectiveConfig, data.get("objective", {}), "objective"),
-               _typed(TrainConfig, data.get("train", {}), "train"))
+    r = Recipe(
+        data["name"],
+        data["family"],
+        data.get("model", {}),
+        data.get("schedule", {}),
+        _typed(ObjectiveConfig, data.get("objective", {}), "objective"),
+        _typed(TrainConfig, data.get("train", {}), "train"),
+    )
     return check_recipe(r)
 
 

@@ -18,8 +18,17 @@ from pathlib import Path
 import torch
 from diffusers.training_utils import EMAModel
 
+from condiff.core.files import (
+    atomic_dir,
+    atomic_write_json,
+    load_json,
+    load_tensors,
+    remove_dir,
+    remove_stale_temps,
+    save_tensors,
+    sha256_file,
+)
 from condiff.errors import ConfigError, InputFileError, NonFiniteError
-from condiff.core.files import atomic_dir, atomic_write_json, load_json, load_tensors, remove_dir, remove_stale_temps, save_tensors, sha256_file
 from condiff.training.recipe import Recipe
 
 CKPT_RE = re.compile(r"^step-(\d{8})$")
@@ -96,11 +105,20 @@ class Trainer:
             save_tensors(tmp / "optim.safetensors", tens)
             ema_sd = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}
             files = ("model.safetensors", "ema.safetensors", "optim.safetensors")
-            atomic_write_json(tmp / "trainer.json", {
-                "step": self.step, "train_seconds": self.train_seconds, "recipe": self.recipe.to_dict(),
-                "optimizer_scalars": scal, "param_groups": groups, "ema": ema_sd, "log": self.log,
-                "threads": torch.get_num_threads(),
-                "sha256": {f: sha256_file(tmp / f) for f in files}})
+            atomic_write_json(
+                tmp / "trainer.json",
+                {
+                    "step": self.step,
+                    "train_seconds": self.train_seconds,
+                    "recipe": self.recipe.to_dict(),
+                    "optimizer_scalars": scal,
+                    "param_groups": groups,
+                    "ema": ema_sd,
+                    "log": self.log,
+                    "threads": torch.get_num_threads(),
+                    "sha256": {f: sha256_file(tmp / f) for f in files},
+                },
+            )
         keep = self.recipe.train.keep_checkpoints
         for old in sorted(self.list_checkpoints())[:-keep]:
             remove_dir(old)  # renamed away first: a kill never leaves a half-deleted checkpoint
@@ -141,9 +159,11 @@ class Trainer:
                 self._restore(path, meta)
             except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
                 first = (str(e).strip().splitlines() or [""])[0][:150]
-                raise ConfigError(f"checkpoint {str(path)!r} does not fit this recipe's model and optimizer "
-                                  f"({type(e).__name__}: {first}); resume with the recipe that wrote it, or "
-                                  f"choose another --out") from None
+                raise ConfigError(
+                    f"checkpoint {str(path)!r} does not fit this recipe's model and optimizer "
+                    f"({type(e).__name__}: {first}); resume with the recipe that wrote it, or "
+                    f"choose another --out"
+                ) from None
             return path
         return None
 
@@ -151,8 +171,11 @@ class Trainer:
         self.module.load_state_dict(load_tensors(path / "model.safetensors"))
         ema_t = load_tensors(path / "ema.safetensors")
         self.ema.load_state_dict({**meta["ema"], "shadow_params": [ema_t[n] for n in self.names]})
-        self.opt.load_state_dict(_unflatten_optimizer(load_tensors(path / "optim.safetensors"),
-                                                      meta["optimizer_scalars"], meta["param_groups"]))
+        self.opt.load_state_dict(
+            _unflatten_optimizer(
+                load_tensors(path / "optim.safetensors"), meta["optimizer_scalars"], meta["param_groups"]
+            )
+        )
         self.step = meta["step"]
         self.train_seconds = meta["train_seconds"]
         self.log = meta["log"]
@@ -165,14 +188,18 @@ class Trainer:
         x0, raw = fam.training_batch(self.step, cfg.batch_size, g, cfg.seed, obj)
         loss = fam.loss(self.module, self.model.model_cfg, self.model.schedule, obj, x0, raw, g).mean()
         if not torch.isfinite(loss):
-            raise NonFiniteError(f"non-finite loss ({loss.item()}) at step {self.step}; the last good "
-                                 f"checkpoint is kept in {str(self.ckpt_root)!r}")
+            raise NonFiniteError(
+                f"non-finite loss ({loss.item()}) at step {self.step}; the last good "
+                f"checkpoint is kept in {str(self.ckpt_root)!r}"
+            )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         for name, p in zip(self.names, self.params):
             if p.grad is not None and not torch.isfinite(p.grad).all():
-                raise NonFiniteError(f"non-finite gradient in {name} at step {self.step}; the last good "
-                                     f"checkpoint is kept in {str(self.ckpt_root)!r}")
+                raise NonFiniteError(
+                    f"non-finite gradient in {name} at step {self.step}; the last good "
+                    f"checkpoint is kept in {str(self.ckpt_root)!r}"
+                )
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         lr = learning_rate(cfg, self.step)
@@ -200,8 +227,13 @@ class Trainer:
         torch.set_num_threads(cfg.threads)
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, initial=self.step, desc=f"train {self.recipe.name}", disable=not self.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=total,
+            initial=self.step,
+            desc=f"train {self.recipe.name}",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
         done = 0
         loss_avg = None
         while self.step < total:
@@ -231,8 +263,10 @@ class Trainer:
         orig = self.model.module
         self.model.module = m
         try:
-            self.model.save(directory, {"trained_steps": self.step, "train_minutes": self.train_seconds / 60,
-                                        "recipe": self.recipe.to_dict()})
+            self.model.save(
+                directory,
+                {"trained_steps": self.step, "train_minutes": self.train_seconds / 60, "recipe": self.recipe.to_dict()},
+            )
         finally:
             self.model.module = orig
         atomic_write_json(self.out_dir / "learning_curve.json", self.log)

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from condiff.errors import CondiffError, InputFileError
 from condiff.core.files import atomic_dir, atomic_write_bytes, load_json, load_tensors, save_tensors
+from condiff.errors import CondiffError, InputFileError
 
-SRC = Path(__file__).resolve().parent.parent / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def test_round_trip(tmp_path):

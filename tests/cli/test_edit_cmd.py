@@ -12,21 +12,38 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from clikit import one_line_error, ok, run
+from clikit import ok, one_line_error, run
 from condiff.cli import main
 from condiff.cli.common import make_method
 from condiff.cli.edit import bench_methods
 from condiff.data import shapes
-from condiff.data.shapes import ATTRIBUTES
 from condiff.data.images import write_image
+from condiff.data.shapes import ATTRIBUTES
 from condiff.inversion.methods import METHODS, load_inverted
 
 STEPS = "4"
 FAST = {"null-text": ["inner_steps=1"], "dci": ["iterations=1"]}  # the optimising methods, cut to one iteration
 SOURCE_ATTRS = (0, 0, 1, 0)  # circle, red, large, top-left (shape, color, size, position)
 FROM, TO = "large red circle top-left", "large blue circle top-left"
-SIDECAR_KEYS = {"command", "model", "method", "options", "from", "to", "steps", "seed", "reconstruction_psnr",
-                "labels", "notice", "seconds", "outputs", "output", "reproduce", "inversion", "original_size"}
+SIDECAR_KEYS = {
+    "command",
+    "model",
+    "method",
+    "options",
+    "from",
+    "to",
+    "steps",
+    "seed",
+    "reconstruction_psnr",
+    "labels",
+    "notice",
+    "seconds",
+    "outputs",
+    "output",
+    "reproduce",
+    "inversion",
+    "original_size",
+}
 
 
 def _opts(method):
@@ -47,13 +64,41 @@ def source(tmp_path_factory):
 
 
 def _invert(source, out, method, *extra):
-    return ["invert", "--image", str(source), "--prompt", FROM, "--method", method, "--steps", STEPS,
-            *_opts(method), *extra, "--out", str(out)]
+    return [
+        "invert",
+        "--image",
+        str(source),
+        "--prompt",
+        FROM,
+        "--method",
+        method,
+        "--steps",
+        STEPS,
+        *_opts(method),
+        *extra,
+        "--out",
+        str(out),
+    ]
 
 
 def _edit(source, out, method, *extra):
-    return ["edit", "--image", str(source), "--from", FROM, "--to", TO, "--method", method, "--steps", STEPS,
-            *_opts(method), *extra, "--out", str(out)]
+    return [
+        "edit",
+        "--image",
+        str(source),
+        "--from",
+        FROM,
+        "--to",
+        TO,
+        "--method",
+        method,
+        "--steps",
+        STEPS,
+        *_opts(method),
+        *extra,
+        "--out",
+        str(out),
+    ]
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -76,12 +121,21 @@ def test_invert_then_edit_every_method(source, tmp_path, capsys, method):
     ok(_edit(source, one, method), capsys)
     side = json.loads((tmp_path / "one.json").read_text())
     assert SIDECAR_KEYS <= set(side)
-    assert (side["command"], side["method"], side["from"], side["to"], side["steps"], side["seed"]) == \
-        ("edit", method, FROM, TO, int(STEPS), 0)
+    assert (side["command"], side["method"], side["from"], side["to"], side["steps"], side["seed"]) == (
+        "edit",
+        method,
+        FROM,
+        TO,
+        int(STEPS),
+        0,
+    )
     assert side["options"] == expect.options() and side["inversion"] is None and side["notice"] is None
     assert side["reconstruction_psnr"] == meta["reconstruction_psnr"]
-    assert side["outputs"] == {"image": str(one), "compare": str(tmp_path / "one_compare.png"),
-                               "sidecar": str(tmp_path / "one.json")}
+    assert side["outputs"] == {
+        "image": str(one),
+        "compare": str(tmp_path / "one_compare.png"),
+        "sidecar": str(tmp_path / "one.json"),
+    }
     assert side["output"] == {"size": [32, 32], "fit": "native"}
     assert Image.open(one).size == (32, 32)
     strip = Image.open(tmp_path / "one_compare.png")
@@ -93,8 +147,10 @@ def test_invert_then_edit_every_method(source, tmp_path, capsys, method):
     assert side["labels"]["source"] == _names(SOURCE_ATTRS)
 
     again = tmp_path / "again.png"
-    ok(["edit", "--image", str(source), "--to", TO, "--inversion", str(inv), *_opts(method), "--out", str(again)],
-       capsys)
+    ok(
+        ["edit", "--image", str(source), "--to", TO, "--inversion", str(inv), *_opts(method), "--out", str(again)],
+        capsys,
+    )
     assert again.read_bytes() == one.read_bytes()
     assert (tmp_path / "again_compare.png").read_bytes() == (tmp_path / "one_compare.png").read_bytes()
     side2 = json.loads((tmp_path / "again.json").read_text())
@@ -118,23 +174,39 @@ def _rgba(path, size):
     w, h = size
     a = np.zeros((h, w, 4), np.uint8)
     a[..., 3] = 255
-    a[h // 8:h // 8 + h // 3, w // 5:w // 5 + h // 3, 0] = 255
+    a[h // 8 : h // 8 + h // 3, w // 5 : w // 5 + h // 3, 0] = 255
     a[:, :4, 1] = 200
     a[:, -4:, 0] = a[:, -4:, 2] = 150
     Image.fromarray(a, "RGBA").save(path)
     return a[..., :3]
 
 
-@pytest.mark.parametrize("size, fit, crop", [((48, 40), "pasted", [4, 0, 44, 40]),
-                                             ((64, 64), "resized", [0, 0, 64, 64])])
+@pytest.mark.parametrize(
+    "size, fit, crop", [((48, 40), "pasted", [4, 0, 44, 40]), ((64, 64), "resized", [0, 0, 64, 64])]
+)
 def test_other_sizes_give_a_note_and_an_output_at_the_input_size(tmp_path, capsys, size, fit, crop):
     """A 48x40 RGBA input is centre-cropped to 40x40: one `note: ` line on stderr, the edit is pasted back into
     the crop box and every pixel outside the box is the original's; a 64x64 input is resized both ways."""
     src = tmp_path / "in.png"
     rgb = _rgba(src, size)
     out = tmp_path / "e.png"
-    main(["edit", "--image", str(src), "--from", "red square", "--to", "blue square", "--method", "ddim", "--steps",
-          "3", "--out", str(out)])
+    main(
+        [
+            "edit",
+            "--image",
+            str(src),
+            "--from",
+            "red square",
+            "--to",
+            "blue square",
+            "--method",
+            "ddim",
+            "--steps",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err
     notes = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("note: ")]
     assert len(notes) == 1 and f"from {size[0]}x{size[1]} to 32x32" in notes[0]
@@ -155,8 +227,10 @@ def test_no_resize_refuses_another_size(tmp_path, capsys, monkeypatch):
     src = tmp_path / "in.png"
     _rgba(src, (48, 40))
     monkeypatch.setattr("condiff.cli.common.load_model", _no_load)
-    for argv in (_edit(src, tmp_path / "e.png", "ddim", "--no-resize"),
-                 _invert(src, tmp_path / "i.safetensors", "ddim", "--no-resize")):
+    for argv in (
+        _edit(src, tmp_path / "e.png", "ddim", "--no-resize"),
+        _invert(src, tmp_path / "i.safetensors", "ddim", "--no-resize"),
+    ):
         code, _, err = run(argv, capsys)
         one_line_error(code, err, "is 48x40 (width x height) but 32x32 is expected")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
@@ -187,17 +261,21 @@ def _broken_copy(path, dest, drop=None, metadata=None):
     return dest
 
 
-@pytest.mark.parametrize("change, needle", [
-    (["--method", "sdedit"], "was made with --method ddim, not sdedit"),
-    (["--steps", "5"], "was made with --steps 4, not 5"),
-    (["--from", "small red circle top-left"], "--from does not match the prompt 'large red circle top-left'"),
-    (["--image", "OTHER"], "was made from another image"),
-    (["--model", "digits", "--to", "3"], "was made with --model 'shapes', not 'digits'"),
-    (["--inversion", "GARBAGE"], "is not a valid safetensors file"),
-    (["--inversion", "PLAIN"], "is not a condiff inversion file"),
-])
-def test_mismatched_inversion_files_are_refused_before_loading(source, ddim_inversion, tmp_path, capsys, monkeypatch,
-                                                              change, needle):
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (["--method", "sdedit"], "was made with --method ddim, not sdedit"),
+        (["--steps", "5"], "was made with --steps 4, not 5"),
+        (["--from", "small red circle top-left"], "--from does not match the prompt 'large red circle top-left'"),
+        (["--image", "OTHER"], "was made from another image"),
+        (["--model", "digits", "--to", "3"], "was made with --model 'shapes', not 'digits'"),
+        (["--inversion", "GARBAGE"], "is not a valid safetensors file"),
+        (["--inversion", "PLAIN"], "is not a condiff inversion file"),
+    ],
+)
+def test_mismatched_inversion_files_are_refused_before_loading(
+    source, ddim_inversion, tmp_path, capsys, monkeypatch, change, needle
+):
     """An inversion made with another method, steps, prompt, image or model, or a file that is not one: one
     line naming --inversion, exit 2, nothing written, no model loaded."""
     other = tmp_path / "other.png"
@@ -207,8 +285,17 @@ def test_mismatched_inversion_files_are_refused_before_loading(source, ddim_inve
     plain = tmp_path / "plain.safetensors"
     save_file({"latent": torch.zeros(1, 3, 32, 32)}, str(plain))
     swap = {"OTHER": str(other), "GARBAGE": str(garbage), "PLAIN": str(plain)}
-    argv = ["edit", "--image", str(source), "--to", TO, "--inversion", str(ddim_inversion), "--out",
-            str(tmp_path / "e.png")]
+    argv = [
+        "edit",
+        "--image",
+        str(source),
+        "--to",
+        TO,
+        "--inversion",
+        str(ddim_inversion),
+        "--out",
+        str(tmp_path / "e.png"),
+    ]
     for opt, value in zip(change[::2], change[1::2]):
         value = swap.get(value, value)
         if opt in argv:
@@ -224,8 +311,9 @@ def test_mismatched_inversion_files_are_refused_before_loading(source, ddim_inve
 def test_inversion_file_missing_a_tensor_is_a_one_line_error(source, ddim_inversion, tmp_path, capsys):
     """Right metadata but no 'latent' tensor: found when sampling, one line naming the file."""
     bad = _broken_copy(ddim_inversion, tmp_path / "bad.safetensors", drop="latent")
-    code, _, err = run(["edit", "--image", str(source), "--to", TO, "--inversion", str(bad), "--out",
-                        str(tmp_path / "e.png")], capsys)
+    code, _, err = run(
+        ["edit", "--image", str(source), "--to", TO, "--inversion", str(bad), "--out", str(tmp_path / "e.png")], capsys
+    )
     one_line_error(code, err, f"--inversion {str(bad)!r} does not hold a usable ddim inversion")
     assert not (tmp_path / "e.png").exists()
 
@@ -243,60 +331,98 @@ def _with_options(base, argv, swap=None):
     return base
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--from", "large purple circle"], "--from: unknown word 'purple'"),
-    (["--to", "huge blue circle"], "--to: unknown word 'huge'"),
-    (["--to", "red blue"], "names the color twice"),
-    (["--method", "nope"], "unknown editing method 'nope'; accepted: ddim, edit-friendly"),
-    (["--method-opt", "foo=1"], "unknown option 'foo' for editing method 'ddim'"),
-    (["--method-opt", "cfg=abc"], "must be a float, got 'abc'"),
-    (["--method-opt", "cfg=NaN"], "--method-opt cfg must be a finite number, got 'NaN'"),
-    (["--method-opt", "cfg=1e9"], "guidance scale"),
-    (["--method-opt", "cfg"], "--method-opt must be KEY=VALUE"),
-    (["--method-opt", "cfg=[1]"], "must be a number, true/false or a name"),
-    (["--method-opt", "cfg=1", "--method-opt", "cfg=2"], "gives cfg twice"),
-    (["--method", "edit-friendly", "--method-opt", "skip=1.5"], "option skip of 'edit-friendly' must be a int"),
-    (["--method", "edit-friendly", "--method-opt", "exact=maybe"], "must be a bool, got 'maybe'"),
-    (["--method", "sdedit", "--method-opt", "strength=0"], "strength must be a number in (0, 1]"),
-    (["--steps", "0"], "--steps must be an integer in [1, 1000], got 0"),
-    (["--steps", "abc"], "--steps"),
-    (["--seed", "-1"], "--seed must be an integer"),
-    (["--image", "MISSING"], "image file not found"),
-    (["--image", "DIR"], "expected an image file, got a directory"),
-    (["--image", "TEXT"], "is not an image of an accepted format"),
-    (["--out", "e.jpg"], "--out must end in .png"),
-    (["--out", "DIR/e.png"], "is a directory"),
-    (["--out", "TEXT/e.png"], "is not a directory"),
-    (["--model", "/no/such/model"], "'/no/such/model' is neither a bundled model"),
-    (["--model", "digits"], "digits prompt must be a digit"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--from", "large purple circle"], "--from: unknown word 'purple'"),
+        (["--to", "huge blue circle"], "--to: unknown word 'huge'"),
+        (["--to", "red blue"], "names the color twice"),
+        (["--method", "nope"], "unknown editing method 'nope'; accepted: ddim, edit-friendly"),
+        (["--method-opt", "foo=1"], "unknown option 'foo' for editing method 'ddim'"),
+        (["--method-opt", "cfg=abc"], "must be a float, got 'abc'"),
+        (["--method-opt", "cfg=NaN"], "--method-opt cfg must be a finite number, got 'NaN'"),
+        (["--method-opt", "cfg=1e9"], "guidance scale"),
+        (["--method-opt", "cfg"], "--method-opt must be KEY=VALUE"),
+        (["--method-opt", "cfg=[1]"], "must be a number, true/false or a name"),
+        (["--method-opt", "cfg=1", "--method-opt", "cfg=2"], "gives cfg twice"),
+        (["--method", "edit-friendly", "--method-opt", "skip=1.5"], "option skip of 'edit-friendly' must be a int"),
+        (["--method", "edit-friendly", "--method-opt", "exact=maybe"], "must be a bool, got 'maybe'"),
+        (["--method", "sdedit", "--method-opt", "strength=0"], "strength must be a number in (0, 1]"),
+        (["--steps", "0"], "--steps must be an integer in [1, 1000], got 0"),
+        (["--steps", "abc"], "--steps"),
+        (["--seed", "-1"], "--seed must be an integer"),
+        (["--image", "MISSING"], "image file not found"),
+        (["--image", "DIR"], "expected an image file, got a directory"),
+        (["--image", "TEXT"], "is not an image of an accepted format"),
+        (["--out", "e.jpg"], "--out must end in .png"),
+        (["--out", "DIR/e.png"], "is a directory"),
+        (["--out", "TEXT/e.png"], "is not a directory"),
+        (["--model", "/no/such/model"], "'/no/such/model' is neither a bundled model"),
+        (["--model", "digits"], "digits prompt must be a digit"),
+    ],
+)
 def test_bad_edit_inputs_are_one_line_errors(source, tmp_path, capsys, monkeypatch, argv, needle):
     """Each bad input: exit 2, one `error:` line naming it, no traceback, no output, no model loaded."""
     (tmp_path / "dir").mkdir()
     (tmp_path / "text.png").write_text("not an image")
     (tmp_path / "dir" / "e.png").mkdir()
-    swap = {"MISSING": str(tmp_path / "missing.png"), "DIR": str(tmp_path / "dir"), "TEXT": str(tmp_path / "text.png"),
-            "e.jpg": str(tmp_path / "e.jpg"), "DIR/e.png": str(tmp_path / "dir" / "e.png"),
-            "TEXT/e.png": str(tmp_path / "text.png" / "e.png")}
-    base = _with_options(["edit", "--image", str(source), "--from", FROM, "--to", TO, "--method", "ddim", "--out",
-                          str(tmp_path / "e.png")], argv, swap)
+    swap = {
+        "MISSING": str(tmp_path / "missing.png"),
+        "DIR": str(tmp_path / "dir"),
+        "TEXT": str(tmp_path / "text.png"),
+        "e.jpg": str(tmp_path / "e.jpg"),
+        "DIR/e.png": str(tmp_path / "dir" / "e.png"),
+        "TEXT/e.png": str(tmp_path / "text.png" / "e.png"),
+    }
+    base = _with_options(
+        [
+            "edit",
+            "--image",
+            str(source),
+            "--from",
+            FROM,
+            "--to",
+            TO,
+            "--method",
+            "ddim",
+            "--out",
+            str(tmp_path / "e.png"),
+        ],
+        argv,
+        swap,
+    )
     monkeypatch.setattr("condiff.cli.common.load_model", _no_load)
     code, _, err = run(base, capsys)
     one_line_error(code, err, needle)
     assert not (tmp_path / "e.png").exists() and not (tmp_path / "e.json").exists()
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--prompt", "large purple circle"], "--prompt: unknown word 'purple'"),
-    (["--method", "nope"], "unknown editing method 'nope'"),
-    (["--method-opt", "foo=1"], "unknown option 'foo'"),
-    (["--method", "null-text", "--method-opt", "inner_steps=-1"], "inner_steps must be a non-negative integer"),
-    (["--out", "i.npz"], "--out must end in .safetensors"),
-    (["--steps", "1001"], "--steps must be an integer in [1, 1000]"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--prompt", "large purple circle"], "--prompt: unknown word 'purple'"),
+        (["--method", "nope"], "unknown editing method 'nope'"),
+        (["--method-opt", "foo=1"], "unknown option 'foo'"),
+        (["--method", "null-text", "--method-opt", "inner_steps=-1"], "inner_steps must be a non-negative integer"),
+        (["--out", "i.npz"], "--out must end in .safetensors"),
+        (["--steps", "1001"], "--steps must be an integer in [1, 1000]"),
+    ],
+)
 def test_bad_invert_inputs_are_one_line_errors(source, tmp_path, capsys, monkeypatch, argv, needle):
-    base = _with_options(["invert", "--image", str(source), "--prompt", FROM, "--method", "ddim", "--out",
-                          str(tmp_path / "i.safetensors")], argv)
+    base = _with_options(
+        [
+            "invert",
+            "--image",
+            str(source),
+            "--prompt",
+            FROM,
+            "--method",
+            "ddim",
+            "--out",
+            str(tmp_path / "i.safetensors"),
+        ],
+        argv,
+    )
     monkeypatch.setattr("condiff.cli.common.load_model", _no_load)
     code, _, err = run(base, capsys)
     one_line_error(code, err, needle)
@@ -308,8 +434,7 @@ def test_bench_edit_writes_report_and_grid(tmp_path, capsys):
     success of each kind in [0, 1], a finite PSNR and positive seconds; the table is printed; the figure has a
     block per kind (reconstruction, color, shape, position) of 3 rows (source + 2 methods) of 96-px tiles."""
     out = tmp_path / "b.json"
-    printed = ok(["bench", "edit", "--n", "2", "--steps", "3", "--methods", "ddim,sdedit", "--json", str(out)],
-                 capsys)
+    printed = ok(["bench", "edit", "--n", "2", "--steps", "3", "--methods", "ddim,sdedit", "--json", str(out)], capsys)
     rep = json.loads(out.read_text())
     labels = [m.label for m in bench_methods("ddim,sdedit", None)]
     assert [r["method"] for r in rep["results"]] == rep["config"]["methods"] == labels
@@ -324,21 +449,24 @@ def test_bench_edit_writes_report_and_grid(tmp_path, capsys):
     assert fig.height >= 4 * 3 * 96 and fig.width >= 2 * 96
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--model", "digits"], "must be a shapes model; 'digits' is a digits model"),
-    (["--methods", "ddim,nope"], "unknown editing method 'nope'"),
-    (["--methods", "ddim,ddim"], "--methods repeats ddim"),
-    (["--methods", "ddim,"], "--methods must be all or a comma-separated list"),
-    (["--method-opt", "null-text.inner_steps=1"], "is for null-text, which --methods does not run"),
-    (["--method-opt", "inner_steps=1"], "--method-opt must be NAME.KEY=VALUE"),
-    (["--method-opt", "ddim.foo=1"], "unknown option 'foo' for editing method 'ddim'"),
-    (["--method-opt", "ddim.cfg=x"], "must be a float, got 'x'"),
-    (["--n", "0"], "--n must be an integer in [1, 100000], got 0"),
-    (["--examples", "0"], "--examples must be an integer in [1, 64], got 0"),
-    (["--batch-size", "0"], "--batch-size"),
-    (["--json", "b.txt"], "--json must end in .json"),
-    (["--grid", "g.jpg"], "--grid must end in .png"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--model", "digits"], "must be a shapes model; 'digits' is a digits model"),
+        (["--methods", "ddim,nope"], "unknown editing method 'nope'"),
+        (["--methods", "ddim,ddim"], "--methods repeats ddim"),
+        (["--methods", "ddim,"], "--methods must be all or a comma-separated list"),
+        (["--method-opt", "null-text.inner_steps=1"], "is for null-text, which --methods does not run"),
+        (["--method-opt", "inner_steps=1"], "--method-opt must be NAME.KEY=VALUE"),
+        (["--method-opt", "ddim.foo=1"], "unknown option 'foo' for editing method 'ddim'"),
+        (["--method-opt", "ddim.cfg=x"], "must be a float, got 'x'"),
+        (["--n", "0"], "--n must be an integer in [1, 100000], got 0"),
+        (["--examples", "0"], "--examples must be an integer in [1, 64], got 0"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--json", "b.txt"], "--json must end in .json"),
+        (["--grid", "g.jpg"], "--grid must end in .png"),
+    ],
+)
 def test_bad_bench_edit_inputs_are_one_line_errors(tmp_path, capsys, monkeypatch, argv, needle):
     base = ["bench", "edit", "--n", "2", "--methods", "ddim,sdedit", "--json", str(tmp_path / "b.json")]
     for opt, value in zip(argv[::2], argv[1::2]):
@@ -352,19 +480,32 @@ def test_bad_bench_edit_inputs_are_one_line_errors(tmp_path, capsys, monkeypatch
     assert not list(tmp_path.iterdir())
 
 
-
 def test_method_options_given_with_an_inversion_are_noted(source, ddim_inversion, tmp_path, capsys):
     """--method-opt on top of a saved inversion: the sampling uses it (recorded in the sidecar) and one `note: `
     line says the inversion itself is used as saved."""
     out = tmp_path / "e.png"
     saved = make_method("ddim", {}).options()["cfg"]
     cfg = int(saved) + 2
-    main(["edit", "--image", str(source), "--to", TO, "--inversion", str(ddim_inversion), "--method-opt",
-          f"cfg={cfg}", "--out", str(out)])
+    main(
+        [
+            "edit",
+            "--image",
+            str(source),
+            "--to",
+            TO,
+            "--inversion",
+            str(ddim_inversion),
+            "--method-opt",
+            f"cfg={cfg}",
+            "--out",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err.replace("\r", "\n")
     notes = [line for line in err.splitlines() if line.startswith("note: ")]
-    assert notes == [f"note: --method-opt cfg={cfg} differs from the inversion's cfg={saved}; the saved inversion "
-                     "is used as it is"]
+    assert notes == [
+        f"note: --method-opt cfg={cfg} differs from the inversion's cfg={saved}; the saved inversion is used as it is"
+    ]
     side = json.loads((tmp_path / "e.json").read_text())
     assert side["options"]["cfg"] == cfg and side["method_label"] == f"ddim(cfg={float(cfg)})"
     assert f"--method-opt cfg={cfg}" in side["reproduce"] and f"--inversion {ddim_inversion}" in side["reproduce"]
@@ -375,11 +516,30 @@ def test_digits_edit_has_no_labeller_reading(tmp_path, capsys):
     src = tmp_path / "d.png"
     write_image(torch.full((1, 16, 16), -1.0).index_fill_(2, torch.arange(7, 9), 1.0), src)
     out = tmp_path / "e.png"
-    ok(["edit", "--model", "digits", "--image", str(src), "--from", "1", "--to", "7", "--method", "ddim", "--steps",
-        "3", "--out", str(out)], capsys)
+    ok(
+        [
+            "edit",
+            "--model",
+            "digits",
+            "--image",
+            str(src),
+            "--from",
+            "1",
+            "--to",
+            "7",
+            "--method",
+            "ddim",
+            "--steps",
+            "3",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     side = json.loads((tmp_path / "e.json").read_text())
-    assert side["labels"] is None and side["model"] == "digits" and side["output"] == {"size": [16, 16],
-                                                                                       "fit": "native"}
+    assert (
+        side["labels"] is None and side["model"] == "digits" and side["output"] == {"size": [16, 16], "fit": "native"}
+    )
     assert Image.open(out).size == (16, 16)
 
 

@@ -62,8 +62,12 @@ def test_round_trips_of_arbitrary_outputs(schedule, per_sample):
     x0, eps, t, a, s, x = _batch(schedule, per_sample)
     other = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=F64)
     da, ds = _derivatives(schedule, t, x)
-    pairs = [(P.x0_to_eps, P.eps_to_x0, ()), (P.x0_to_v, P.v_to_x0, ()),
-             (P.x0_to_score, P.score_to_x0, ()), (P.x0_to_flow, P.flow_to_x0, (da, ds))]
+    pairs = [
+        (P.x0_to_eps, P.eps_to_x0, ()),
+        (P.x0_to_v, P.v_to_x0, ()),
+        (P.x0_to_score, P.score_to_x0, ()),
+        (P.x0_to_flow, P.flow_to_x0, (da, ds)),
+    ]
     for fwd, back, extra in pairs:
         assert close(back(x, fwd(x, other, a, s, *extra), a, s, *extra), other, tol=1e-8)
         assert close(fwd(x, back(x, other, a, s, *extra), a, s, *extra), other, tol=1e-8)

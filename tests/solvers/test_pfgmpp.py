@@ -18,10 +18,10 @@ import torch
 from scipy import stats
 
 from condiff.core.denoiser import PREDICTIONS, EDMPrecond, as_prediction, coefficients, wrap
-from condiff.errors import ConfigError
-from condiff.solvers.pfgmpp import GaussianNoise, PFGMPPNoise, noise_for_D, noise_from_config
 from condiff.core.sampling import initial_noise
 from condiff.core.schedules import EDM, VPCosine
+from condiff.errors import ConfigError
+from condiff.solvers.pfgmpp import GaussianNoise, PFGMPPNoise, noise_for_D, noise_from_config
 from condiff.training.objectives import EDMWeight, LogNormalSigma, diffusion_loss
 
 F64 = torch.float64
@@ -37,6 +37,7 @@ def norms2(noise, sigma=SIGMA, seed=0, shape=SHAPE, prior=True):
 
 
 # ---- PFGM++ kernel -------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("D", [16, 128, 2048])
 @pytest.mark.parametrize("prior", [True, False], ids=["prior", "training"])
@@ -275,11 +276,13 @@ def test_edm_weighting_is_lambda_times_x0_error(pred):
 
 # ---- training and sampling integration -----------------------------------------------------------------------
 
+
 def _objective(D):
     from condiff.training.recipe import ObjectiveConfig
 
-    return ObjectiveConfig(prediction="edm", time_sampler="lognormal-sigma", weighting="edm", cond_dropout=0.3,
-                           pfgmpp_D=D)
+    return ObjectiveConfig(
+        prediction="edm", time_sampler="lognormal-sigma", weighting="edm", cond_dropout=0.3, pfgmpp_D=D
+    )
 
 
 def _recording_family():
@@ -336,7 +339,7 @@ def test_recipes_differ_only_in_the_noise():
 
     from condiff.training.recipe import load_recipe, recipe_from_dict
 
-    root = Path(__file__).resolve().parents[1] / "recipes"
+    root = Path(__file__).resolve().parents[2] / "recipes"
     a, b = load_recipe(root / "digits_pfgmpp.toml"), load_recipe(root / "digits_edm.toml")
     assert a.objective.pfgmpp_D == 128 and b.objective.pfgmpp_D == 0
     same = lambda r: dataclasses.replace(r, name="x", objective=dataclasses.replace(r.objective, pfgmpp_D=0))  # noqa: E731
@@ -355,13 +358,21 @@ def test_saved_pfgmpp_model_samples_from_its_prior(tmp_path, monkeypatch):
 
     import condiff.evaluation.evaluate as ev
     from condiff.core.grids import Karras, make_grid
-    from condiff.models.base import build_model, load_model
     from condiff.core.sampling import SampleOutput
+    from condiff.models.base import build_model, load_model
     from condiff.solvers import EDMHeun
 
-    unet = {"sample_size": 16, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 8],
-            "down_block_types": ["DownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "UpBlock2D"],
-            "layers_per_block": 1, "norm_num_groups": 4, "num_class_embeds": 11}
+    unet = {
+        "sample_size": 16,
+        "in_channels": 1,
+        "out_channels": 1,
+        "block_out_channels": [8, 8],
+        "down_block_types": ["DownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "UpBlock2D"],
+        "layers_per_block": 1,
+        "norm_num_groups": 4,
+        "num_class_embeds": 11,
+    }
     m = build_model("digits", {"unet": unet}, {"type": "edm"}, "edm", PFGMPPNoise(64))
     m.save(tmp_path / "m")
     assert json.loads((tmp_path / "m" / "condiff.json").read_text())["noise"] == {"type": "pfgmpp", "D": 64}
@@ -371,8 +382,10 @@ def test_saved_pfgmpp_model_samples_from_its_prior(tmp_path, monkeypatch):
     b = PFGMPPNoise(64).prior((3, 1, 16, 16), 20.0, torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
     gm = build_model("digits", {"unet": unet}, {"type": "edm"}, "eps")
-    assert torch.equal(gm.prior((3, 2), 20.0, torch.Generator().manual_seed(0)),
-                       initial_noise(gm.schedule, 20.0, (3, 2), torch.Generator().manual_seed(0)))
+    assert torch.equal(
+        gm.prior((3, 2), 20.0, torch.Generator().manual_seed(0)),
+        initial_noise(gm.schedule, 20.0, (3, 2), torch.Generator().manual_seed(0)),
+    )
     seen = []
     monkeypatch.setattr(ev, "sample", lambda den, sol, grid, x, *r, **k: seen.append(x) or SampleOutput(x, 0))
     ev.generate(loaded, torch.arange(4), EDMHeun(), 5, 2.0, torch.Generator().manual_seed(6), Karras())

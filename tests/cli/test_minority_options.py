@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from clikit import ok, one_line_error, run
-from condiff.evaluation.evaluate import generate
 from condiff.core.grids import make_grid
+from condiff.core.sampling import Gaussian, sample
+from condiff.evaluation.evaluate import generate
 from condiff.guidance import CFG
 from condiff.guidance.build import GuidanceOptions
 from condiff.guidance.minority import MinorityClassifier, MinorityGuidance
 from condiff.models.minority import load_minority, save_minority
 from condiff.nets import AttributeClassifier
-from condiff.core.sampling import Gaussian, sample
 from condiff.solvers import get_solver
 
 STEPS = 4
@@ -35,8 +35,30 @@ def test_sample_equals_minority_guidance_by_hand(tmp_path, capsys, level_dir):
     from condiff.models.base import load_model
 
     out = tmp_path / "m.png"
-    ok(["sample", "--model", "shapes", "--cfg", "0", "--steps", str(STEPS), "--n", "2", "--seed", "5",
-        "--minority", str(level_dir), "--minority-level", "1", "--minority-scale", "3", "--out", str(out)], capsys)
+    ok(
+        [
+            "sample",
+            "--model",
+            "shapes",
+            "--cfg",
+            "0",
+            "--steps",
+            str(STEPS),
+            "--n",
+            "2",
+            "--seed",
+            "5",
+            "--minority",
+            str(level_dir),
+            "--minority-level",
+            "1",
+            "--minority-scale",
+            "3",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     side = json.loads(out.with_suffix(".json").read_text())
     assert (side["minority"], side["minority_level"], side["minority_scale"]) == (str(level_dir), 1, 3.0)
     assert f"--minority {level_dir} --minority-scale 3.0 --minority-level 1" in side["reproduce"]
@@ -55,12 +77,15 @@ def test_sample_equals_minority_guidance_by_hand(tmp_path, capsys, level_dir):
     assert not torch.equal(img, unguided)
 
 
-@pytest.mark.parametrize("extra, needle", [
-    (["--minority-scale", "2"], "need --minority"),
-    (["--minority", "LEVEL_DIR", "--minority-level", "3"], "minority level must be an integer in [0, 2]"),
-    (["--minority", "LEVEL_DIR", "--minority-level", "-1"], "--minority-level must be an integer >= 0"),
-    (["--minority", "LEVEL_DIR", "--minority-scale", "inf"], "--minority-scale must be"),
-])
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--minority-scale", "2"], "need --minority"),
+        (["--minority", "LEVEL_DIR", "--minority-level", "3"], "minority level must be an integer in [0, 2]"),
+        (["--minority", "LEVEL_DIR", "--minority-level", "-1"], "--minority-level must be an integer >= 0"),
+        (["--minority", "LEVEL_DIR", "--minority-scale", "inf"], "--minority-scale must be"),
+    ],
+)
 def test_misuse_is_one_line(tmp_path, capsys, level_dir, extra, needle):
     extra = [str(level_dir) if e == "LEVEL_DIR" else e for e in extra]
     code, _, err = run(["eval", "--model", "shapes", "--n", "2", "--steps", "2"] + extra, capsys)

@@ -5,10 +5,10 @@ import dataclasses
 import pytest
 import torch
 
-from condiff.errors import ConfigError, NonFiniteError
 from condiff.core.grids import UniformT, make_grid
 from condiff.core.sampling import Gaussian, NoiseSource, Recorded, initial_noise, sample
 from condiff.core.schedules import VPLinear
+from condiff.errors import ConfigError, NonFiniteError
 from condiff.solvers import DDPM, SOLVERS, get_solver
 
 F64 = torch.float64
@@ -53,8 +53,14 @@ def setup(gmm, steps=5):
 def test_callbacks_receive_step_info(gmm, name):
     den, grid, x = setup(gmm)
     seen = []
-    out = sample(den, get_solver(name), grid, x, noise=Gaussian(torch.Generator().manual_seed(1)),
-                 callbacks=[seen.append, lambda info: None])
+    out = sample(
+        den,
+        get_solver(name),
+        grid,
+        x,
+        noise=Gaussian(torch.Generator().manual_seed(1)),
+        callbacks=[seen.append, lambda info: None],
+    )
     assert [s.i for s in seen] == list(range(len(grid) - 1))
     assert [s.t for s in seen] == grid[:-1].tolist() and [s.t_next for s in seen] == grid[1:].tolist()
     assert [s.nfe for s in seen] == list(range(1, len(grid)))
@@ -96,13 +102,16 @@ def test_check_finite_can_be_turned_off(gmm):
     assert bool(torch.isnan(out.x).all())
 
 
-@pytest.mark.parametrize("grid", [
-    [0.5, 0.7, 0.0],                      # not descending
-    [0.5, 0.5, 0.0],                      # not strictly descending
-    [0.5],                                # one point
-    [],                                   # empty
-    [[0.9, 0.5], [0.3, 0.0]],             # 2-D
-])
+@pytest.mark.parametrize(
+    "grid",
+    [
+        [0.5, 0.7, 0.0],  # not descending
+        [0.5, 0.5, 0.0],  # not strictly descending
+        [0.5],  # one point
+        [],  # empty
+        [[0.9, 0.5], [0.3, 0.0]],  # 2-D
+    ],
+)
 def test_bad_grids_raise_config_error(gmm, grid):
     den, _, x = setup(gmm)
     with pytest.raises(ConfigError):

@@ -11,11 +11,18 @@ from condiff.cli import main
 
 
 @pytest.mark.parametrize("command", ["sample", "eval"])
-@pytest.mark.parametrize("value, needle", [
-    ("-1", "'-1'"), ("nan", "'nan'"), ("150%", "'150%'"), ("abc", "'abc'"), ("", "''"),
-    ("30", "--analytic-skip 30 is at or above sigma/alpha at the grid's start"),
-    ("90%", "--analytic-skip 90% of 4 step(s) reaches the grid's last noisy point"),
-])
+@pytest.mark.parametrize(
+    "value, needle",
+    [
+        ("-1", "'-1'"),
+        ("nan", "'nan'"),
+        ("150%", "'150%'"),
+        ("abc", "'abc'"),
+        ("", "''"),
+        ("30", "--analytic-skip 30 is at or above sigma/alpha at the grid's start"),
+        ("90%", "--analytic-skip 90% of 4 step(s) reaches the grid's last noisy point"),
+    ],
+)
 def test_bad_analytic_skip_is_one_line_exit_2(command, value, needle, capsys, tmp_path, monkeypatch):
     """Each bad value names itself and the accepted forms on one line; nothing is fitted or cached."""
     monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path))
@@ -52,8 +59,21 @@ def test_eval_with_analytic_skip_reports_it(tmp_path, capsys, monkeypatch):
     """`condiff eval --analytic-skip 5` spends the full --steps budget and records the skip in its JSON."""
     monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CONDIFF_THREADS", "1")
-    main(["eval", "--model", "digits", "--steps", "4", "--n", "20", "--analytic-skip", "5",
-          "--json", str(tmp_path / "e.json")])
+    main(
+        [
+            "eval",
+            "--model",
+            "digits",
+            "--steps",
+            "4",
+            "--n",
+            "20",
+            "--analytic-skip",
+            "5",
+            "--json",
+            str(tmp_path / "e.json"),
+        ]
+    )
     res = json.loads((tmp_path / "e.json").read_text())
     assert res["analytic_skip"] == "5" and res["nfe"] == 4 and 0 <= res["accuracy"]["class"] <= 1
     capsys.readouterr()

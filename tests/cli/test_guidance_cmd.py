@@ -8,42 +8,59 @@ import math
 import pytest
 import torch
 
-from condiff.cli import common
 from clikit import run
-from condiff.cli import main
+from condiff.cli import common, main
 from condiff.core.grids import make_grid
-from condiff.guidance.linear_ag import TERMS, fit_linear_ag, load_linear_ag
 from condiff.core.sampling import Gaussian
+from condiff.guidance.linear_ag import TERMS, fit_linear_ag, load_linear_ag
 from condiff.solvers import get_solver
 
 
 def _fit(out, *extra):
-    return ["guidance", "fit-linear-ag", "--model", "digits", "--cfg", "3", "--steps", "4", "--n", "8",
-            "--out", str(out), *extra]
+    return [
+        "guidance",
+        "fit-linear-ag",
+        "--model",
+        "digits",
+        "--cfg",
+        "3",
+        "--steps",
+        "4",
+        "--n",
+        "8",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 @pytest.fixture
 def no_load(monkeypatch):
     """Loading the model fails loudly: a check that passes this fixture ran before any weights were read."""
+
     def refuse(model):
         raise AssertionError("the model was loaded before the inputs were checked")
+
     monkeypatch.setattr(common, "load_model", refuse)
 
 
-@pytest.mark.parametrize("option, value, needle", [
-    ("--steps", "0", "--steps must be an integer in [1,"),
-    ("--steps", "x", "got 'x'"),
-    ("--cfg", "nan", "--cfg must be a finite number"),
-    ("--cfg", "inf", "--cfg must be a finite number"),
-    ("--cfg", "1e9", "--cfg must be a finite number"),
-    ("--n", "0", "--n must be an integer in [1,"),
-    ("--seed", "-1", "--seed"),
-    ("--batch-size", "0", "--batch-size must be an integer"),
-    ("--holdout", "-1", "--holdout must be an integer in [0,"),
-    ("--solver", "nope", "nope"),
-    ("--spacing", "nope", "unknown spacing 'nope'"),
-    ("--model", "nope", "'nope' is neither a bundled model"),
-])
+@pytest.mark.parametrize(
+    "option, value, needle",
+    [
+        ("--steps", "0", "--steps must be an integer in [1,"),
+        ("--steps", "x", "got 'x'"),
+        ("--cfg", "nan", "--cfg must be a finite number"),
+        ("--cfg", "inf", "--cfg must be a finite number"),
+        ("--cfg", "1e9", "--cfg must be a finite number"),
+        ("--n", "0", "--n must be an integer in [1,"),
+        ("--seed", "-1", "--seed"),
+        ("--batch-size", "0", "--batch-size must be an integer"),
+        ("--holdout", "-1", "--holdout must be an integer in [0,"),
+        ("--solver", "nope", "nope"),
+        ("--spacing", "nope", "unknown spacing 'nope'"),
+        ("--model", "nope", "'nope' is neither a bundled model"),
+    ],
+)
 def test_bad_options_are_one_line_errors_before_loading(tmp_path, capsys, no_load, option, value, needle):
     """Each bad value exits 2 with one `error:` line naming it; the model is never loaded, no file appears."""
     argv = _fit(tmp_path / "c.safetensors")
@@ -60,8 +77,11 @@ def test_bad_out_is_refused_before_loading(tmp_path, capsys, no_load):
     """--out must end in .safetensors and be a writable file path; refused with nothing written."""
     (tmp_path / "file").write_text("x")
     (tmp_path / "d.safetensors").mkdir()
-    cases = [(tmp_path / "c.json", "must end in .safetensors"), (tmp_path / "d.safetensors", "is a directory"),
-             (tmp_path / "file" / "c.safetensors", "not a directory")]
+    cases = [
+        (tmp_path / "c.json", "must end in .safetensors"),
+        (tmp_path / "d.safetensors", "is a directory"),
+        (tmp_path / "file" / "c.safetensors", "not a directory"),
+    ]
     for out, needle in cases:
         code, _, err = run(_fit(out), capsys)
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "--out" in err and needle in err
@@ -73,7 +93,7 @@ def test_missing_required_option_is_a_one_line_error(tmp_path, capsys, no_load):
     """--cfg is required (the coefficients belong to one scale)."""
     argv = _fit(tmp_path / "c.safetensors")
     i = argv.index("--cfg")
-    del argv[i:i + 2]
+    del argv[i : i + 2]
     code, _, err = run(argv, capsys)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "--cfg" in err
 
@@ -114,19 +134,37 @@ def test_linear_ag_option_uses_the_fitted_file(tmp_path, capsys):
     """`condiff eval --linear-ag FILE` runs LinearAG from a `fit-linear-ag` file: the network rows per sample
     drop by exactly the predicted evaluations (2 per step for CFG, 1 for each predicted one), and a file fitted
     for another cfg or another grid is one error line."""
-    from clikit import ok as ok_, one_line_error as ole, run as run_
+    from clikit import ok as ok_
+    from clikit import one_line_error as ole
+    from clikit import run as run_
 
     coeffs = tmp_path / "c.safetensors"
-    ok_(["guidance", "fit-linear-ag", "--model", "digits", "--cfg", "3", "--steps", "4", "--n", "8",
-         "--out", str(coeffs)], capsys)
+    ok_(
+        [
+            "guidance",
+            "fit-linear-ag",
+            "--model",
+            "digits",
+            "--cfg",
+            "3",
+            "--steps",
+            "4",
+            "--n",
+            "8",
+            "--out",
+            str(coeffs),
+        ],
+        capsys,
+    )
     base = ["eval", "--model", "digits", "--n", "4", "--steps", "4", "--json", str(tmp_path / "e.json")]
     ok_(base + ["--cfg", "3", "--linear-ag", str(coeffs), "--linear-ag-steps", "3"], capsys)
     res = json.loads((tmp_path / "e.json").read_text())
     assert res["network_rows_per_sample"] == 2 * 4 - 3 and res["nfe"] == 4 and res["linear_ag"] == str(coeffs)
     code, _, err = run_(base + ["--cfg", "2", "--linear-ag", str(coeffs)], capsys)
     ole(code, err, "was fitted at cfg 3")
-    code, _, err = run_(["eval", "--model", "digits", "--n", "4", "--steps", "6", "--cfg", "3", "--linear-ag",
-                         str(coeffs)], capsys)
+    code, _, err = run_(
+        ["eval", "--model", "digits", "--n", "4", "--steps", "6", "--cfg", "3", "--linear-ag", str(coeffs)], capsys
+    )
     ole(code, err, "was fitted on another time grid")
     code, _, err = run_(base + ["--cfg", "3", "--linear-ag", str(coeffs), "--ag", "0.9"], capsys)
     ole(code, err, "--ag and --linear-ag do not compose")

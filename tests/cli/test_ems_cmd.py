@@ -8,8 +8,8 @@ import torch
 
 from clikit import run
 from condiff.cli import main
-from condiff.solvers.ems import check_ems_fits, load_ems
 from condiff.models.base import load_model
+from condiff.solvers.ems import check_ems_fits, load_ems
 
 
 def compute_argv(out, *extra):
@@ -21,22 +21,25 @@ def one_line_error(code, out, err, needle):
     assert "Traceback" not in out + err
 
 
-@pytest.mark.parametrize("option, value, needle", [
-    ("--model", "nope", "'nope' is neither a bundled model"),
-    ("--model", "/no/such/dir", "/no/such/dir"),
-    ("--grid", "0", "--grid must be an integer in [1, 100000], got 0"),
-    ("--grid", "-5", "--grid must be an integer in [1, 100000], got -5"),
-    ("--grid", "x", "got 'x'"),
-    ("--n-data", "0", "--n-data must be an integer in [2, 1000000]"),
-    ("--n-data", "-1", "got -1"),
-    ("--n-data", "1", "variances need 2 points"),
-    ("--n-data", "5000", "--n-data 5000"),
-    ("--batch-size", "0", "--batch-size"),
-    ("--cfg", "nan", "--cfg must be a finite number"),
-    ("--seed", "-1", "--seed"),
-    ("--jvp", "magic", "unknown --jvp 'magic'"),
-    ("--out", "stats.bin", "--out must end in .safetensors"),
-])
+@pytest.mark.parametrize(
+    "option, value, needle",
+    [
+        ("--model", "nope", "'nope' is neither a bundled model"),
+        ("--model", "/no/such/dir", "/no/such/dir"),
+        ("--grid", "0", "--grid must be an integer in [1, 100000], got 0"),
+        ("--grid", "-5", "--grid must be an integer in [1, 100000], got -5"),
+        ("--grid", "x", "got 'x'"),
+        ("--n-data", "0", "--n-data must be an integer in [2, 1000000]"),
+        ("--n-data", "-1", "got -1"),
+        ("--n-data", "1", "variances need 2 points"),
+        ("--n-data", "5000", "--n-data 5000"),
+        ("--batch-size", "0", "--batch-size"),
+        ("--cfg", "nan", "--cfg must be a finite number"),
+        ("--seed", "-1", "--seed"),
+        ("--jvp", "magic", "unknown --jvp 'magic'"),
+        ("--out", "stats.bin", "--out must end in .safetensors"),
+    ],
+)
 def test_bad_options_are_one_line_errors(tmp_path, capsys, option, value, needle):
     argv = compute_argv(tmp_path / "e.safetensors")
     if option in argv:

@@ -7,16 +7,30 @@ import math
 import pytest
 import torch
 
-from condiff.data.gmm import GMM, reference_pf_ode
-from condiff.solvers.dc_search import (CPR, DCRatios, Reference, cpr_features, dc_solver_for, fine_grid, fit_cpr, load_ratios,
-                        parse_ratios, predict_cpr, ratios_for, reference_trajectory, save_ratios, search,
-                        search_ratios)
-from condiff.errors import ConfigError, InputFileError
 from condiff.core.grids import UniformLogSNR, UniformT, make_grid
-from condiff.guidance import CFG
 from condiff.core.sampling import initial_noise, sample
 from condiff.core.schedules import VPDiscrete, VPLinear
+from condiff.data.gmm import GMM, reference_pf_ode
+from condiff.errors import ConfigError, InputFileError
+from condiff.guidance import CFG
 from condiff.solvers import DDIM, DPMSolverPP2M, UniPC
+from condiff.solvers.dc_search import (
+    CPR,
+    DCRatios,
+    Reference,
+    cpr_features,
+    dc_solver_for,
+    fine_grid,
+    fit_cpr,
+    load_ratios,
+    parse_ratios,
+    predict_cpr,
+    ratios_for,
+    reference_trajectory,
+    save_ratios,
+    search,
+    search_ratios,
+)
 from condiff.solvers.dc_solver import DCSolver, LambdaAxis, TimeAxis
 
 F64 = torch.float64
@@ -30,8 +44,11 @@ NFES, CFGS = (5, 6, 8, 10, 12, 15, 20), (1.5, 3.0, 5.0, 7.5, 10.0)
 
 def _synthetic_table(theta):
     flat = theta.flatten()
-    return {(n, c): tuple(1.0 if i < 2 else float(cpr_features(n, c, i + 1) @ flat) for i in range(n))
-            for n in NFES for c in CFGS}
+    return {
+        (n, c): tuple(1.0 if i < 2 else float(cpr_features(n, c, i + 1) @ flat) for i in range(n))
+        for n in NFES
+        for c in CFGS
+    }
 
 
 def test_cpr_recovers_a_known_polynomial_and_predicts_its_grid_points():
@@ -76,8 +93,10 @@ def test_cpr_lowers_its_degrees_until_the_points_determine_them():
     not determined; the fit falls back to (u 2, CFG 0, NFE 2), which it recovers exactly from data made by it."""
     theta = torch.zeros(4, 3, 3, dtype=F64)
     theta[:3, 0, :] = torch.randn(3, 3, generator=torch.Generator().manual_seed(3), dtype=F64)
-    table = {(n, 3.0): tuple(1.0 if i < 2 else float(cpr_features(n, 3.0, i + 1) @ theta.flatten())
-                             for i in range(n)) for n in (5, 8, 10)}
+    table = {
+        (n, 3.0): tuple(1.0 if i < 2 else float(cpr_features(n, 3.0, i + 1) @ theta.flatten()) for i in range(n))
+        for n in (5, 8, 10)
+    }
     cpr = fit_cpr(table)
     assert cpr.degrees == (2, 0, 2)
     assert float((cpr.tensor() - theta).abs().max()) < 1e-8
@@ -85,17 +104,21 @@ def test_cpr_lowers_its_degrees_until_the_points_determine_them():
     assert one.degrees == (0, 0, 0) and predict_cpr(one, 6, 9.0) == pytest.approx((1.0, 1.0) + (0.8,) * 4)
 
 
-@pytest.mark.parametrize("table, needle", [
-    ({}, "at least one"),
-    ({(5, 3.0): (1.0, 1.0, 1.1)}, "has 3 ratios, expected 5"),
-    ({(2, 3.0): (1.0, 1.0)}, "steps >= 3"),
-])
+@pytest.mark.parametrize(
+    "table, needle",
+    [
+        ({}, "at least one"),
+        ({(5, 3.0): (1.0, 1.0, 1.1)}, "has 3 ratios, expected 5"),
+        ({(2, 3.0): (1.0, 1.0)}, "steps >= 3"),
+    ],
+)
 def test_cpr_refuses_tables_without_searched_ratios(table, needle):
     with pytest.raises(ConfigError, match=needle):
         fit_cpr(table)
 
 
 # ---- reference trajectory ---------------------------------------------------------------------------------
+
 
 def test_fine_grid_contains_every_coarse_point_and_reference_reads_them_exactly(gmm):
     """The reference grid holds all coarse points; Reference.at returns DDIM's state there (and the state at the
@@ -162,8 +185,10 @@ def test_searched_ratios_at_least_halve_the_held_out_error_with_strong_cfg(base,
     assert res.mse_dc < res.mse_base  # on the search starts, against the DDIM reference
     e_base = _mse(den, DCSolver(None, base=base), grid, xh, ch, ref)
     e_dc = _mse(den, DCSolver(res.ratios, base=base), grid, xh, ch, ref)
-    print(f"\n[dc] {type(base).__name__} nfe {nfe} w 6: held-out MSE {e_base:.3e} -> {e_dc:.3e} "
-          f"({e_dc / e_base:.2f}x); ratios {[round(r, 3) for r in res.ratios]}")
+    print(
+        f"\n[dc] {type(base).__name__} nfe {nfe} w 6: held-out MSE {e_base:.3e} -> {e_dc:.3e} "
+        f"({e_dc / e_base:.2f}x); ratios {[round(r, 3) for r in res.ratios]}"
+    )
     assert e_dc < 0.5 * e_base
 
 
@@ -230,13 +255,23 @@ def test_error_reduction_table_for_the_benchmark(w):
 
 # ---- ratios files -----------------------------------------------------------------------------------------
 
+
 def _file_obj(with_cpr=True):
     theta = torch.randn(4, 3, 3, generator=torch.Generator().manual_seed(5), dtype=F64) * 0.1
     table = _synthetic_table(theta)
     cpr = fit_cpr(table) if with_cpr else None
     entries = {k: v for k, v in table.items() if k in ((5, 3.0), (8, 3.0))}
-    return DCRatios(entries, cpr, "unipc", "lambda", 2, "uniform-t", "gmm", {"iters": 20},
-                    {(5, 3.0): {"mse_base": 0.5, "mse_dc": 0.1}})
+    return DCRatios(
+        entries,
+        cpr,
+        "unipc",
+        "lambda",
+        2,
+        "uniform-t",
+        "gmm",
+        {"iters": 20},
+        {(5, 3.0): {"mse_base": 0.5, "mse_dc": 0.1}},
+    )
 
 
 def test_ratios_file_round_trip_and_lookup(tmp_path):
@@ -270,23 +305,26 @@ def _mutate(fn):
     return obj
 
 
-@pytest.mark.parametrize("content, needle", [
-    ("not json", "not valid JSON"),
-    ("[1, 2]", "JSON object"),
-    (_mutate(lambda o: o.pop("entries")), "missing key 'entries'"),
-    (_mutate(lambda o: o.update(extra=1)), "unknown key 'extra'"),
-    (_mutate(lambda o: o.update(format="other")), "format"),
-    (_mutate(lambda o: o.update(base="heun")), "base"),
-    (_mutate(lambda o: o.update(axis="sigma")), "axis"),
-    (_mutate(lambda o: o.update(dc_order=7)), "dc_order"),
-    (_mutate(lambda o: o["entries"][0].update(nfe=6)), "6 finite numbers"),
-    (_mutate(lambda o: o["entries"][0]["ratios"].__setitem__(3, "x")), "finite numbers"),
-    (_mutate(lambda o: o["entries"][0]["ratios"].__setitem__(0, 2.0)), r"ratios\[0\] must be 1"),
-    (_mutate(lambda o: o["entries"][0].update(cfg=None)), "cfg"),
-    (_mutate(lambda o: o["entries"].append(dict(o["entries"][0]))), "repeats"),
-    (_mutate(lambda o: o["cpr"]["theta"].pop()), "4 x 3 x 3"),
-    (_mutate(lambda o: o["cpr"].update(degrees=[4, 0, 0])), "degrees"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ("not json", "not valid JSON"),
+        ("[1, 2]", "JSON object"),
+        (_mutate(lambda o: o.pop("entries")), "missing key 'entries'"),
+        (_mutate(lambda o: o.update(extra=1)), "unknown key 'extra'"),
+        (_mutate(lambda o: o.update(format="other")), "format"),
+        (_mutate(lambda o: o.update(base="heun")), "base"),
+        (_mutate(lambda o: o.update(axis="sigma")), "axis"),
+        (_mutate(lambda o: o.update(dc_order=7)), "dc_order"),
+        (_mutate(lambda o: o["entries"][0].update(nfe=6)), "6 finite numbers"),
+        (_mutate(lambda o: o["entries"][0]["ratios"].__setitem__(3, "x")), "finite numbers"),
+        (_mutate(lambda o: o["entries"][0]["ratios"].__setitem__(0, 2.0)), r"ratios\[0\] must be 1"),
+        (_mutate(lambda o: o["entries"][0].update(cfg=None)), "cfg"),
+        (_mutate(lambda o: o["entries"].append(dict(o["entries"][0]))), "repeats"),
+        (_mutate(lambda o: o["cpr"]["theta"].pop()), "4 x 3 x 3"),
+        (_mutate(lambda o: o["cpr"].update(degrees=[4, 0, 0])), "degrees"),
+    ],
+)
 def test_garbage_ratios_files_are_one_line_input_errors(tmp_path, content, needle):
     path = tmp_path / "bad.json"
     path.write_text(content if isinstance(content, str) else json.dumps(content))

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from clikit import ok, one_line_error, run
-from condiff.errors import ConfigError
 from condiff.core.grids import make_grid
+from condiff.core.sampling import Gaussian, sample
+from condiff.errors import ConfigError
 from condiff.guidance import CFG, PAG, AdaptiveGuidance, CountRows, GuidanceInterval, GuidanceRescale, NegativeGuidance
 from condiff.guidance.build import GuidanceOptions, NegativeAsNull, build_guidance
-from condiff.core.sampling import Gaussian, sample
 from condiff.solvers import get_solver
 
 STEPS = 4
@@ -46,10 +46,18 @@ def new_generate(model, raw, solver, steps, cfg, seed, **options):
     return generate_counted(model, raw, solver, steps, cfg, g, guidance=guide)
 
 
-@pytest.mark.parametrize("options", [
-    {}, {"pag": 0.0}, {"ag": 1.0}, {"ag": 1.0, "ag_space": "eps"}, {"cfg_rescale": 0.0},
-    {"interval": (-math.inf, math.inf)}, {"negative_prompt": ""},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"pag": 0.0},
+        {"ag": 1.0},
+        {"ag": 1.0, "ag_space": "eps"},
+        {"cfg_rescale": 0.0},
+        {"interval": (-math.inf, math.inf)},
+        {"negative_prompt": ""},
+    ],
+)
 def test_neutral_options_equal_old_cfg_bit_for_bit(shapes, options):
     """No option, --pag 0, --ag 1, --cfg-rescale 0, an interval that holds every t and the empty negative
     prompt (= the null caption) give exactly the images of the old CFG sampler, at CFG's network cost."""
@@ -70,9 +78,14 @@ def test_row_counts_follow_each_method(shapes):
     times = make_grid(shapes.schedule, STEPS)[:STEPS]
     inside = int(((times > 500.0) & (times <= 900.0)).sum())
     assert 0 < inside < STEPS
-    cases = [({"pag": 2.0}, 3 * STEPS), ({"ag": -1.0}, STEPS + 1), ({"interval": (500.0, 900.0)}, STEPS + inside),
-             ({"pag": 2.0, "interval": (500.0, 900.0)}, STEPS + 2 * inside),
-             ({"negative_prompt": "red"}, 2 * STEPS), ({"cfg_rescale": 0.7}, 2 * STEPS)]
+    cases = [
+        ({"pag": 2.0}, 3 * STEPS),
+        ({"ag": -1.0}, STEPS + 1),
+        ({"interval": (500.0, 900.0)}, STEPS + inside),
+        ({"pag": 2.0, "interval": (500.0, 900.0)}, STEPS + 2 * inside),
+        ({"negative_prompt": "red"}, 2 * STEPS),
+        ({"cfg_rescale": 0.7}, 2 * STEPS),
+    ]
     plain = new_generate(shapes, raw, solver, STEPS, 3.0, 4)[0]
     for options, rows in cases:
         images, nfe, got = new_generate(shapes, raw, solver, STEPS, 3.0, 4, **options)
@@ -123,10 +136,17 @@ SAMPLE = ["sample", "--model", "digits", "--steps", "3", "--n", "2", "--cfg", "2
 EVAL = ["eval", "--model", "digits", "--steps", "3", "--n", "4", "--cfg", "2", "--seed", "5"]
 
 
-@pytest.mark.parametrize("flags, rows", [
-    ([], 6), (["--pag", "1.5", "--pag-layers", "mid,up"], 9), (["--ag", "-1", "--ag-space", "eps"], 4),
-    (["--cfg-rescale", "0.7"], 6), (["--guidance-interval", "-inf,inf"], 6), (["--negative-prompt", "3"], 6),
-])
+@pytest.mark.parametrize(
+    "flags, rows",
+    [
+        ([], 6),
+        (["--pag", "1.5", "--pag-layers", "mid,up"], 9),
+        (["--ag", "-1", "--ag-space", "eps"], 4),
+        (["--cfg-rescale", "0.7"], 6),
+        (["--guidance-interval", "-inf,inf"], 6),
+        (["--negative-prompt", "3"], 6),
+    ],
+)
 def test_each_option_end_to_end(tmp_path, capsys, flags, rows):
     """Each option runs through `sample` (sidecar records it, its reproduce command carries it) and `eval`
     (JSON keeps the accuracy keys and reports nfe and network_rows_per_sample)."""
@@ -147,8 +167,7 @@ def test_sidecar_reproduce_command_reproduces(tmp_path, capsys):
     import shlex
 
     out = tmp_path / "a.png"
-    ok(SAMPLE + ["--pag", "1", "--guidance-interval", "300,inf", "--negative-prompt", "4", "--out", str(out)],
-       capsys)
+    ok(SAMPLE + ["--pag", "1", "--guidance-interval", "300,inf", "--negative-prompt", "4", "--out", str(out)], capsys)
     argv = shlex.split(json.loads(out.with_suffix(".json").read_text())["reproduce"])[1:]
     argv[argv.index("--out") + 1] = str(tmp_path / "b.png")
     ok(argv, capsys)
@@ -164,24 +183,27 @@ def test_pag_zero_and_ag_one_are_plain_cfg_from_the_cli(tmp_path, capsys):
     assert (tmp_path / "pag.png").read_bytes() == plain == (tmp_path / "ag.png").read_bytes()
 
 
-@pytest.mark.parametrize("flags, needle", [
-    (["--pag", "nan"], "--pag must be a finite number"),
-    (["--pag", "1e5"], "--pag must be a finite number"),
-    (["--ag", "nan"], "--ag must be a cosine threshold"),
-    (["--ag", "1.5"], "--ag must be a cosine threshold gamma_bar in [-1, 1] (1: never switch, i.e. CFG), got 1.5"),
-    (["--cfg-rescale", "nan"], "--cfg-rescale must be a rescale factor phi in [0, 1], got nan"),
-    (["--cfg-rescale", "2"], "--cfg-rescale must be a rescale factor phi in [0, 1], got 2.0"),
-    (["--pag", "1", "--pag-layers", " , "], "--pag-layers must be a comma-separated list"),
-    (["--pag-layers", "mid"], "--pag-layers needs --pag"),
-    (["--ag-space", "eps"], "--ag-space needs --ag"),
-    (["--ag", "0.9", "--ag-space", "v"], "unknown --ag-space 'v'; accepted: x0, eps"),
-    (["--guidance-interval", "500"], "--guidance-interval must be LO,HI"),
-    (["--guidance-interval", "a,b"], "got 'a,b'"),
-    (["--guidance-interval", "800,200"], "got '800,200'"),
-    (["--guidance-interval", "nan,1"], "got 'nan,1'"),
-    (["--ag", "0.9", "--cfg-rescale", "0.5"], "--ag and --cfg-rescale do not compose"),
-    (["--negative-prompt", "seven"], "--negative-prompt: digits prompt must be a digit 0-9, got 'seven'"),
-])
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--pag", "nan"], "--pag must be a finite number"),
+        (["--pag", "1e5"], "--pag must be a finite number"),
+        (["--ag", "nan"], "--ag must be a cosine threshold"),
+        (["--ag", "1.5"], "--ag must be a cosine threshold gamma_bar in [-1, 1] (1: never switch, i.e. CFG), got 1.5"),
+        (["--cfg-rescale", "nan"], "--cfg-rescale must be a rescale factor phi in [0, 1], got nan"),
+        (["--cfg-rescale", "2"], "--cfg-rescale must be a rescale factor phi in [0, 1], got 2.0"),
+        (["--pag", "1", "--pag-layers", " , "], "--pag-layers must be a comma-separated list"),
+        (["--pag-layers", "mid"], "--pag-layers needs --pag"),
+        (["--ag-space", "eps"], "--ag-space needs --ag"),
+        (["--ag", "0.9", "--ag-space", "v"], "unknown --ag-space 'v'; accepted: x0, eps"),
+        (["--guidance-interval", "500"], "--guidance-interval must be LO,HI"),
+        (["--guidance-interval", "a,b"], "got 'a,b'"),
+        (["--guidance-interval", "800,200"], "got '800,200'"),
+        (["--guidance-interval", "nan,1"], "got 'nan,1'"),
+        (["--ag", "0.9", "--cfg-rescale", "0.5"], "--ag and --cfg-rescale do not compose"),
+        (["--negative-prompt", "seven"], "--negative-prompt: digits prompt must be a digit 0-9, got 'seven'"),
+    ],
+)
 @pytest.mark.parametrize("command", ["sample", "eval"])
 def test_bad_values_are_one_line_errors(tmp_path, capsys, monkeypatch, flags, needle, command):
     """Bad guidance values and combinations are one `error:` line with exit 2, raised before the model is
@@ -193,7 +215,7 @@ def test_bad_values_are_one_line_errors(tmp_path, capsys, monkeypatch, flags, ne
 
     monkeypatch.setattr(common, "load_model", no_load)
     out = tmp_path / "g.png"
-    argv = (SAMPLE + ["--out", str(out)] if command == "sample" else EVAL + ["--json", str(tmp_path / "e.json")])
+    argv = SAMPLE + ["--out", str(out)] if command == "sample" else EVAL + ["--json", str(tmp_path / "e.json")]
     code, _, err = run(argv + flags, capsys)
     one_line_error(code, err, needle)
     assert not out.exists() and not (tmp_path / "e.json").exists()
@@ -206,8 +228,9 @@ def test_unknown_layer_and_shapes_words_are_one_line_errors(tmp_path, capsys):
     code, _, err = run(SAMPLE + ["--pag", "1", "--pag-layers", "mid,bogus", "--out", str(out)], capsys)
     one_line_error(code, err, "unknown PAG layer 'bogus'; accepted: mid, down, up")
     assert not out.exists()
-    code, _, err = run(["eval", "--model", "shapes", "--n", "2", "--steps", "3", "--negative-prompt", "blue wiggly"],
-                       capsys)
+    code, _, err = run(
+        ["eval", "--model", "shapes", "--n", "2", "--steps", "3", "--negative-prompt", "blue wiggly"], capsys
+    )
     one_line_error(code, err, "--negative-prompt: unknown word 'wiggly'")
 
 

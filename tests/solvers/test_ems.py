@@ -7,11 +7,20 @@ import math
 import pytest
 import torch
 
-from condiff.data.gmm import GMM
-from condiff.solvers.ems import (EMS, CentralDifference, ForwardAD, check_ems_fits, compute_ems, eps_function, gmm_ems,
-                         load_ems, smooth_derivative)
-from condiff.errors import ConfigError, InputFileError
 from condiff.core.schedules import EDM, Flow, VPCosine, VPDiscrete, VPLinear
+from condiff.data.gmm import GMM
+from condiff.errors import ConfigError, InputFileError
+from condiff.solvers.ems import (
+    EMS,
+    CentralDifference,
+    ForwardAD,
+    check_ems_fits,
+    compute_ems,
+    eps_function,
+    gmm_ems,
+    load_ems,
+    smooth_derivative,
+)
 
 F64 = torch.float64
 SCHEDULES = [VPLinear(), VPCosine(), VPDiscrete.from_betas("squaredcos_cap_v2"), EDM(), Flow()]
@@ -27,8 +36,18 @@ def gaussian_ems(schedule, cov, n, n_grid=12, seed=0, jvp=ForwardAD()):
     g = GMM.gaussian(torch.zeros(cov.shape[0], dtype=F64), cov)
     gen = torch.Generator().manual_seed(seed)
     x0, _ = g.sample(n, gen)
-    return compute_ems(g.denoiser(schedule), x0, None, schedule, schedule.default_t_start(), schedule.t_min,
-                       n_grid, gen, batch_size=1024, jvp=jvp)
+    return compute_ems(
+        g.denoiser(schedule),
+        x0,
+        None,
+        schedule,
+        schedule.default_t_start(),
+        schedule.t_min,
+        n_grid,
+        gen,
+        batch_size=1024,
+        jvp=jvp,
+    )
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: type(s).__name__)
@@ -64,8 +83,12 @@ def test_central_differences_agree_with_forward_ad(gmm):
     """The derivative-free JVP gives the same statistics as forward-mode AD (float64, delta 1e-4: O(delta^2))."""
     sch = VPLinear()
     x0, y = gmm.sample(128, torch.Generator().manual_seed(0))
-    run = lambda jvp: compute_ems(gmm.denoiser(sch), x0, {"y": y}, sch, 0.5, 10 * sch.t_min, 10,  # noqa: E731
-                                  torch.Generator().manual_seed(1), jvp=jvp)
+
+    def run(jvp):
+        return compute_ems(
+            gmm.denoiser(sch), x0, {"y": y}, sch, 0.5, 10 * sch.t_min, 10, torch.Generator().manual_seed(1), jvp=jvp
+        )
+
     ad, cd = run(ForwardAD()), run(CentralDifference(1e-4))
     assert cd.info["jvp"] == "central-difference"
     for k in "lsb":
@@ -122,7 +145,7 @@ def test_s_b_equal_a_direct_least_squares_fit_with_f_prime_along_the_ode(gmm, sc
         fp = ap - dl[j] * yv + ems.l[j] * a0
         for i in range(gmm.dim):
             design = torch.stack([f[:, i], torch.ones(n, dtype=F64)], 1)
-            sol = torch.linalg.lstsq(design, fp[:, i:i + 1]).solution[:, 0]
+            sol = torch.linalg.lstsq(design, fp[:, i : i + 1]).solution[:, 0]
             assert abs(float(sol[0] - ems.s[j, i])) <= 1e-5 * (1 + abs(float(sol[0]))), (j, i)
             assert abs(float(sol[1] - ems.b[j, i])) <= 1e-5 * (1 + abs(float(sol[1]))), (j, i)
 
@@ -178,8 +201,9 @@ def test_degenerate_statistics():
 
 
 def test_save_load_round_trip(tmp_path):
-    ems = random_ems(model="digits", cfg=3.0, n_data=17, seed=4, schedule={"type": "vp_linear"},
-                     info={"jvp": "forward-ad"})
+    ems = random_ems(
+        model="digits", cfg=3.0, n_data=17, seed=4, schedule={"type": "vp_linear"}, info={"jvp": "forward-ad"}
+    )
     path = ems.save(tmp_path / "e.safetensors")
     back = load_ems(path)
     for k in ("lam", "l", "s", "b"):
@@ -201,21 +225,28 @@ def _good_meta(**over):
     return {"condiff_ems": json.dumps(meta)}
 
 
-@pytest.mark.parametrize("case, needle", [
-    ("garbage", "not a valid safetensors"),
-    ("missing", "lacks the tensor"),
-    ("no-meta", "no 'condiff_ems' metadata"),
-    ("format", "unknown format"),
-    ("shape", "shape"),
-    ("nan", "non-finite"),
-    ("descending", "ascending"),
-    ("meta-shape", "disagrees"),
-])
+@pytest.mark.parametrize(
+    "case, needle",
+    [
+        ("garbage", "not a valid safetensors"),
+        ("missing", "lacks the tensor"),
+        ("no-meta", "no 'condiff_ems' metadata"),
+        ("format", "unknown format"),
+        ("shape", "shape"),
+        ("nan", "non-finite"),
+        ("descending", "ascending"),
+        ("meta-shape", "disagrees"),
+    ],
+)
 def test_load_refuses_bad_files_with_one_line(tmp_path, case, needle):
     p = tmp_path / "bad.safetensors"
     lam = torch.linspace(-1, 1, 3, dtype=F64)
-    good = {"lam": lam, "l": torch.ones(3, 3, dtype=F64), "s": torch.zeros(3, 3, dtype=F64),
-            "b": torch.zeros(3, 3, dtype=F64)}
+    good = {
+        "lam": lam,
+        "l": torch.ones(3, 3, dtype=F64),
+        "s": torch.zeros(3, 3, dtype=F64),
+        "b": torch.zeros(3, 3, dtype=F64),
+    }
     if case == "garbage":
         p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!" + bytes(range(40)))
     elif case == "missing":
@@ -250,12 +281,22 @@ def test_check_fits_refuses_other_shapes_and_schedules():
         check_ems_fits(ems, (1, 16, 16), EDM())
 
 
-@pytest.mark.parametrize("kw, needle", [({"n_grid": 0}, "n_grid"), ({"batch_size": 0}, "batch_size"),
-                                        ({"t_start": 0.1, "t_end": 0.5}, "noisier")])
+@pytest.mark.parametrize(
+    "kw, needle",
+    [({"n_grid": 0}, "n_grid"), ({"batch_size": 0}, "batch_size"), ({"t_start": 0.1, "t_end": 0.5}, "noisier")],
+)
 def test_estimator_refuses_bad_arguments(gmm, kw, needle):
     sch = VPLinear()
     x0, _ = gmm.sample(4)
     args = {"n_grid": 3, "batch_size": 4, "t_start": 0.9, "t_end": 0.1, **kw}
     with pytest.raises(ConfigError, match=needle):
-        compute_ems(gmm.denoiser(sch), x0, None, sch, args["t_start"], args["t_end"], args["n_grid"],
-                    batch_size=args["batch_size"])
+        compute_ems(
+            gmm.denoiser(sch),
+            x0,
+            None,
+            sch,
+            args["t_start"],
+            args["t_end"],
+            args["n_grid"],
+            batch_size=args["batch_size"],
+        )

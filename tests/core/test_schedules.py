@@ -5,9 +5,17 @@ import math
 import pytest
 import torch
 
-from condiff.errors import ConfigError
 from condiff.core.grids import SPACINGS, make_grid
-from condiff.core.schedules import DEFAULT_START_SIGMA_RATIO, EDM, Flow, VPCosine, VPDiscrete, VPLinear, schedule_from_config
+from condiff.core.schedules import (
+    DEFAULT_START_SIGMA_RATIO,
+    EDM,
+    Flow,
+    VPCosine,
+    VPDiscrete,
+    VPLinear,
+    schedule_from_config,
+)
+from condiff.errors import ConfigError
 
 F64 = torch.float64
 
@@ -38,8 +46,9 @@ def test_t_log_snr_round_trip(schedule):
 
 
 def test_log_snr_t_round_trip(schedule):
-    lam = torch.linspace(float(schedule.log_snr(schedule.t_max)), float(schedule.log_snr(schedule.t_min)), 2001,
-                         dtype=F64)
+    lam = torch.linspace(
+        float(schedule.log_snr(schedule.t_max)), float(schedule.log_snr(schedule.t_min)), 2001, dtype=F64
+    )
     back = schedule.log_snr(schedule.t_from_log_snr(lam))
     assert float((back - lam).abs().max()) <= 1e-9
 

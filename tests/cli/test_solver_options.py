@@ -7,14 +7,16 @@ import pytest
 
 from clikit import ok, one_line_error, run
 
-
 SAMPLE = ["sample", "--model", "digits", "--steps", "3", "--n", "2", "--cfg", "2"]
 
 
-@pytest.mark.parametrize("flag, solver, needle", [
-    ("--ems", "ddim", "--ems is for --solver dpm-v3, got --solver ddim"),
-    ("--dc-ratios", "unipc", "--dc-ratios is for --solver dc-solver, got --solver unipc"),
-])
+@pytest.mark.parametrize(
+    "flag, solver, needle",
+    [
+        ("--ems", "ddim", "--ems is for --solver dpm-v3, got --solver ddim"),
+        ("--dc-ratios", "unipc", "--dc-ratios is for --solver dc-solver, got --solver unipc"),
+    ],
+)
 def test_file_options_belong_to_their_solver(tmp_path, capsys, flag, solver, needle):
     f = tmp_path / "x.json"
     f.write_text("{}")
@@ -34,8 +36,10 @@ def test_garbage_files_are_refused(tmp_path, capsys, flag, solver, content):
 
 def test_ems_from_the_command_drives_dpm_v3(tmp_path, capsys):
     stats = tmp_path / "ems.safetensors"
-    ok(["ems", "compute", "--model", "digits", "--n-data", "16", "--grid", "8", "--cfg", "2", "--out", str(stats)],
-       capsys)
+    ok(
+        ["ems", "compute", "--model", "digits", "--n-data", "16", "--grid", "8", "--cfg", "2", "--out", str(stats)],
+        capsys,
+    )
     out = tmp_path / "g.png"
     ok(SAMPLE + ["--solver", "dpm-v3", "--ems", str(stats), "--out", str(out)], capsys)
     side = json.loads(out.with_suffix(".json").read_text())
@@ -47,13 +51,68 @@ def test_ems_from_the_command_drives_dpm_v3(tmp_path, capsys):
 
 def test_dc_ratios_from_the_command_drive_dc_solver(tmp_path, capsys):
     ratios = tmp_path / "r.json"
-    ok(["dc", "search", "--model", "digits", "--nfe", "3", "--cfg", "2", "--n-data", "2", "--iters", "2",
-        "--ref-steps", "20", "--out", str(ratios)], capsys)
-    res = json.loads(ok(["eval", "--model", "digits", "--solver", "dc-solver", "--dc-ratios", str(ratios),
-                         "--steps", "3", "--cfg", "2", "--n", "4"], capsys))
+    ok(
+        [
+            "dc",
+            "search",
+            "--model",
+            "digits",
+            "--nfe",
+            "3",
+            "--cfg",
+            "2",
+            "--n-data",
+            "2",
+            "--iters",
+            "2",
+            "--ref-steps",
+            "20",
+            "--out",
+            str(ratios),
+        ],
+        capsys,
+    )
+    res = json.loads(
+        ok(
+            [
+                "eval",
+                "--model",
+                "digits",
+                "--solver",
+                "dc-solver",
+                "--dc-ratios",
+                str(ratios),
+                "--steps",
+                "3",
+                "--cfg",
+                "2",
+                "--n",
+                "4",
+            ],
+            capsys,
+        )
+    )
     assert res["dc_ratios"] == str(ratios) and res["nfe"] == 3
-    code, _, err = run(["eval", "--model", "digits", "--solver", "dc-solver", "--dc-ratios", str(ratios),
-                        "--steps", "3", "--cfg", "2", "--n", "4", "--spacing", "karras"], capsys)
+    code, _, err = run(
+        [
+            "eval",
+            "--model",
+            "digits",
+            "--solver",
+            "dc-solver",
+            "--dc-ratios",
+            str(ratios),
+            "--steps",
+            "3",
+            "--cfg",
+            "2",
+            "--n",
+            "4",
+            "--spacing",
+            "karras",
+        ],
+        capsys,
+    )
     one_line_error(code, err, "'karras'")
 
 
@@ -66,14 +125,17 @@ def test_solver_default_spacing(tmp_path, capsys):
     assert json.loads(out.with_suffix(".json").read_text())["spacing"] == "uniform-t"
 
 
-@pytest.mark.parametrize("opt, needle", [
-    ("order=x", "solver 'unipc' option order must be an integer, got 'x'"),
-    ("corrector=1", "option corrector must be true or false, got 1"),
-    ("eta=0.5", "does not take the options ['eta']; accepted: order, variant, corrector"),
-    ("variant=bh9", "bh9"),
-    ("noequals", "--solver-opt must be KEY=VALUE such as order=1, got 'noequals'"),
-    ("order=[1]", "must be a number, true/false or a name"),
-])
+@pytest.mark.parametrize(
+    "opt, needle",
+    [
+        ("order=x", "solver 'unipc' option order must be an integer, got 'x'"),
+        ("corrector=1", "option corrector must be true or false, got 1"),
+        ("eta=0.5", "does not take the options ['eta']; accepted: order, variant, corrector"),
+        ("variant=bh9", "bh9"),
+        ("noequals", "--solver-opt must be KEY=VALUE such as order=1, got 'noequals'"),
+        ("order=[1]", "must be a number, true/false or a name"),
+    ],
+)
 def test_bad_solver_options(tmp_path, capsys, opt, needle):
     code, _, err = run(SAMPLE + ["--solver", "unipc", "--solver-opt", opt, "--out", str(tmp_path / "g.png")], capsys)
     one_line_error(code, err, needle)
@@ -83,8 +145,10 @@ def test_bad_solver_options(tmp_path, capsys, opt, needle):
 def test_solver_options_reach_the_solver(tmp_path, capsys):
     """--solver-opt order=1 corrector=false makes UniPC plain DDIM: identical images, recorded in the sidecar."""
     a, b = tmp_path / "a.png", tmp_path / "b.png"
-    ok(SAMPLE + ["--solver", "unipc", "--solver-opt", "order=1", "--solver-opt", "corrector=false", "--out", str(a)],
-       capsys)
+    ok(
+        SAMPLE + ["--solver", "unipc", "--solver-opt", "order=1", "--solver-opt", "corrector=false", "--out", str(a)],
+        capsys,
+    )
     ok(SAMPLE + ["--solver", "ddim", "--out", str(b)], capsys)
     assert a.read_bytes() == b.read_bytes()
     side = json.loads(a.with_suffix(".json").read_text())

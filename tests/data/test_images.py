@@ -13,9 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from condiff.data.images import MAX_PIXELS, compare_image, from_uint8, labelled_grid, read_image, to_uint8, write_image
 from condiff.errors import ConfigError, InputFileError, NonFiniteError, OutputFileError
-from condiff.data.images import (MAX_PIXELS, compare_image, from_uint8, labelled_grid, read_image, to_uint8,
-                            write_image)
 
 
 def _chw(a: np.ndarray) -> torch.Tensor:
@@ -30,8 +29,12 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 def _png(width: int, height: int, depth: int, colour: int, raw: bytes) -> bytes:
     """A PNG file built by hand: IHDR with the given header fields, one IDAT holding zlib(raw)."""
     ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(raw))
-            + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(raw))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def _save(tmp_path, img: Image.Image, name: str, **kw):
@@ -49,6 +52,7 @@ def _one_line_error(exc_info, *needles):
 
 
 # ---- round trip ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("shape", [(3, 32, 32), (1, 16, 24), (3, 5, 40)])
 def test_round_trip_is_exactly_the_uint8_quantisation(tmp_path, shape):
@@ -74,14 +78,18 @@ def test_every_8bit_level_is_a_fixed_point(tmp_path):
 
 # ---- crop and resize -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("size, shape, notice, crop", [
-    ((64, 48), (3, 32, 32), "from 64x48 to 32x32 (centre crop 48x48)", (8, 0, 56, 48)),
-    ((48, 64), (3, 32, 32), "from 48x64 to 32x32 (centre crop 48x48)", (0, 8, 48, 56)),
-    ((16, 16), (3, 32, 32), "from 16x16 to 32x32", (0, 0, 16, 16)),
-    ((100, 20), (1, 8, 8), "from 100x20 to 8x8 (centre crop 20x20)", (40, 0, 60, 20)),
-    ((64, 64), (3, 16, 32), "from 64x64 to 32x16 (centre crop 64x32)", (0, 16, 64, 48)),
-    ((7, 3), (3, 32, 32), "from 7x3 to 32x32 (centre crop 3x3)", (2, 0, 5, 3)),
-])
+
+@pytest.mark.parametrize(
+    "size, shape, notice, crop",
+    [
+        ((64, 48), (3, 32, 32), "from 64x48 to 32x32 (centre crop 48x48)", (8, 0, 56, 48)),
+        ((48, 64), (3, 32, 32), "from 48x64 to 32x32 (centre crop 48x48)", (0, 8, 48, 56)),
+        ((16, 16), (3, 32, 32), "from 16x16 to 32x32", (0, 0, 16, 16)),
+        ((100, 20), (1, 8, 8), "from 100x20 to 8x8 (centre crop 20x20)", (40, 0, 60, 20)),
+        ((64, 64), (3, 16, 32), "from 64x64 to 32x16 (centre crop 64x32)", (0, 16, 64, 48)),
+        ((7, 3), (3, 32, 32), "from 7x3 to 32x32 (centre crop 3x3)", (2, 0, 5, 3)),
+    ],
+)
 def test_resize_notice_shape_and_crop(tmp_path, size, shape, notice, crop):
     """A file of another size is centre-cropped to the target aspect and resized: the notice names the
     file, both sizes and the crop; a constant colour stays that colour (the filter is normalised)."""
@@ -91,8 +99,11 @@ def test_resize_notice_shape_and_crop(tmp_path, size, shape, notice, crop):
     assert got.tensor.shape == (1, *shape)
     assert got.notice == f"resized {path} from {notice.removeprefix('from ')}"
     assert got.original_size == size and got.crop == crop
-    value = torch.tensor(colour, dtype=torch.float32) if shape[0] == 3 else \
-        torch.tensor([(299 * colour[0] + 587 * colour[1] + 114 * colour[2]) / 1000])
+    value = (
+        torch.tensor(colour, dtype=torch.float32)
+        if shape[0] == 3
+        else torch.tensor([(299 * colour[0] + 587 * colour[1] + 114 * colour[2]) / 1000])
+    )
     assert torch.allclose(got.tensor[0], from_uint8(value)[:, None, None].expand(shape), atol=1e-5, rtol=0)
 
 
@@ -124,6 +135,7 @@ def test_resize_off_names_both_sizes(tmp_path):
 
 
 # ---- colour modes ----------------------------------------------------------------------------------------
+
 
 def test_rgba_is_composited_on_black(tmp_path):
     """Opaque red reads (1, -1, -1); alpha 0 reads black (-1) whatever its colour; alpha 128 scales red
@@ -168,8 +180,9 @@ def test_palette_with_transparency_and_bilevel(tmp_path):
     assert torch.equal(got, want)
     b = Image.new("1", (2, 1))
     b.putpixel((1, 0), 1)
-    assert torch.equal(read_image(_save(tmp_path, b, "b.png"), shape=(1, 1, 2)).tensor.flatten(),
-                       torch.tensor([-1.0, 1.0]))
+    assert torch.equal(
+        read_image(_save(tmp_path, b, "b.png"), shape=(1, 1, 2)).tensor.flatten(), torch.tensor([-1.0, 1.0])
+    )
 
 
 def test_16bit_gray_keeps_its_precision(tmp_path):
@@ -217,6 +230,7 @@ def test_cmyk_first_frame_and_exif_orientation(tmp_path):
 
 # ---- refusals --------------------------------------------------------------------------------------------
 
+
 def _bad_files(tmp_path):
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     buf = io.BytesIO()
@@ -227,12 +241,18 @@ def _bad_files(tmp_path):
     jpg = buf.getvalue()
     corrupt = bytearray(png)
     corrupt[200] ^= 0xFF
-    files = {"text.png": b"hello, not an image\n", "empty.png": b"", "truncated.png": png[: len(png) // 2],
-             "truncated.jpg": jpg[: len(jpg) // 2], "corrupt.png": bytes(corrupt),
-             "garbage.png": png[:33] + b"\x00" * 100,
-             # headers claiming more pixels than the cap, than Pillow's warning limit and its error limit
-             "bomb70M.png": _png(10_000, 7_000, 8, 2, b""), "bomb100M.png": _png(10_000, 10_000, 8, 2, b""),
-             "bomb200M.png": _png(20_000, 10_000, 8, 2, b"")}
+    files = {
+        "text.png": b"hello, not an image\n",
+        "empty.png": b"",
+        "truncated.png": png[: len(png) // 2],
+        "truncated.jpg": jpg[: len(jpg) // 2],
+        "corrupt.png": bytes(corrupt),
+        "garbage.png": png[:33] + b"\x00" * 100,
+        # headers claiming more pixels than the cap, than Pillow's warning limit and its error limit
+        "bomb70M.png": _png(10_000, 7_000, 8, 2, b""),
+        "bomb100M.png": _png(10_000, 10_000, 8, 2, b""),
+        "bomb200M.png": _png(20_000, 10_000, 8, 2, b""),
+    }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     Image.new("F", (3, 3)).save(tmp_path / "float.tif")
@@ -257,7 +277,7 @@ def test_every_bad_file_is_one_input_file_error(tmp_path):
 
 def test_bomb_is_refused_before_decoding(tmp_path):
     """A header over MAX_PIXELS is refused from its size alone (the file holds no pixel data at all)."""
-    side = int(MAX_PIXELS ** 0.5) + 1
+    side = int(MAX_PIXELS**0.5) + 1
     (tmp_path / "b.png").write_bytes(_png(side, side, 8, 0, b""))
     with pytest.raises(InputFileError) as info:
         read_image(tmp_path / "b.png")
@@ -273,6 +293,7 @@ def test_bad_shape_is_a_config_error(tmp_path, shape):
 
 
 # ---- writing ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("channels, size", [(3, (64, 48)), (3, (20, 7)), (1, (13, 40)), (3, (16, 16))])
 def test_write_at_a_given_size(tmp_path, channels, size):

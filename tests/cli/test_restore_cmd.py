@@ -9,16 +9,34 @@ import pytest
 import torch
 from PIL import Image
 
-from clikit import one_line_error, ok, run
+from clikit import ok, one_line_error, run
 from condiff.cli.restore import read_mask, sr_factor
 from condiff.data import shapes
-from condiff.guidance.steered import Colorize, SuperResolution
 from condiff.data.images import ImageInput, read_image, write_image
+from condiff.guidance.steered import Colorize, SuperResolution
 
 FAST = ["--steps", "4", "--recurrence", "2"]
-SIDECAR_KEYS = {"command", "task", "model", "prompt", "steps", "seed", "recurrence", "solver", "image", "mask",
-                "seconds", "measurement_error", "measurement_error_written", "labels", "reproduce", "outputs",
-                "factor", "notice", "nfe"}
+SIDECAR_KEYS = {
+    "command",
+    "task",
+    "model",
+    "prompt",
+    "steps",
+    "seed",
+    "recurrence",
+    "solver",
+    "image",
+    "mask",
+    "seconds",
+    "measurement_error",
+    "measurement_error_written",
+    "labels",
+    "reproduce",
+    "outputs",
+    "factor",
+    "notice",
+    "nfe",
+}
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +70,21 @@ def test_inpaint_keeps_black_pixels_exactly(files, tmp_path, capsys, known, fill
     """White mask pixels are filled and black ones are known: the written PNG equals the input bit for bit on
     the black half (for either half), the sample meets the measurement exactly, and the output is 32x32."""
     out = tmp_path / "out.png"
-    ok(["restore", "--task", "inpaint", "--image", str(files / "in.png"), "--mask", str(files / fill), *FAST,
-        "--out", str(out)], capsys)
+    ok(
+        [
+            "restore",
+            "--task",
+            "inpaint",
+            "--image",
+            str(files / "in.png"),
+            "--mask",
+            str(files / fill),
+            *FAST,
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     src, res = _pixels(files / "in.png"), _pixels(out)
     assert res.shape == (32, 32, 3)
     cols = slice(0, 16) if known == "left" else slice(16, 32)
@@ -79,8 +110,21 @@ def test_sr_output_pools_to_the_input(files, tmp_path, capsys):
 def test_colorize_keeps_the_luminance(files, tmp_path, capsys):
     """Colorization: a color 32x32 PNG whose sample has the input's BT.601 luminance to 1e-5."""
     out = tmp_path / "col.png"
-    ok(["restore", "--task", "colorize", "--image", str(files / "in.png"), "--prompt", "red", *FAST,
-        "--out", str(out)], capsys)
+    ok(
+        [
+            "restore",
+            "--task",
+            "colorize",
+            "--image",
+            str(files / "in.png"),
+            "--prompt",
+            "red",
+            *FAST,
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     assert _pixels(out).shape == (32, 32, 3)
     rec = _sidecar(out)
     assert rec["measurement_error"] <= 1e-5 and rec["prompt"] == "red"
@@ -121,8 +165,10 @@ def test_sr_factor_sizes():
 @pytest.fixture
 def no_model(monkeypatch):
     """Fail loudly if a command tries to read weights."""
+
     def boom(*a, **k):
         raise AssertionError("the model was loaded before the inputs were checked")
+
     monkeypatch.setattr("condiff.cli.common.load_model", boom)
 
 
@@ -146,8 +192,10 @@ def test_bad_inputs_are_one_line_errors(files, tmp_path, capsys, no_model):
         (["--task", "colorize", "--image", img, "--steps", "0"], "--steps must be"),
         (["--task", "colorize", "--image", img, "--solver", "nope"], "unknown solver 'nope'"),
     ]
-    cases += [(["--task", "colorize", "--image", img, "--out", str(tmp_path / "o.jpg")], "--out must end in .png"),
-              (["--task", "colorize", "--image", img, "--out", img], "would overwrite --image")]
+    cases += [
+        (["--task", "colorize", "--image", img, "--out", str(tmp_path / "o.jpg")], "--out must end in .png"),
+        (["--task", "colorize", "--image", img, "--out", img], "would overwrite --image"),
+    ]
     for args, needle in cases:
         argv = ["restore", *args] + ([] if "--out" in args else ["--out", out])
         code, _, err = run(argv, capsys)

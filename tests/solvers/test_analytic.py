@@ -8,14 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from condiff.solvers import analytic
-from condiff.solvers.analytic import AnalyticSkip, GaussianFit, fit_gaussian, load_fit, model_fit, save_fit
-from condiff.data.gmm import GMM, reference_pf_ode
-from condiff.errors import ConfigError, InputFileError
 from condiff.core.grids import Karras, UniformT, make_grid
 from condiff.core.sampling import sample
 from condiff.core.schedules import EDM, Flow, VPCosine, VPDiscrete, VPLinear
-from condiff.solvers import DPMSolverPP2M
+from condiff.data.gmm import GMM, reference_pf_ode
+from condiff.errors import ConfigError, InputFileError
+from condiff.solvers import DPMSolverPP2M, analytic
+from condiff.solvers.analytic import AnalyticSkip, GaussianFit, fit_gaussian, load_fit, model_fit, save_fit
 
 F64 = torch.float64
 
@@ -152,9 +151,15 @@ def test_plan_fraction_and_sigma_semantics():
     assert torch.allclose(s.grid, make_grid(sch, 8, Karras(), t_start=s.t_skip))
 
 
-@pytest.mark.parametrize("skip, needle", [
-    (AnalyticSkip(sigma=25.0), "25"), (AnalyticSkip(sigma=20.0), "20"), (AnalyticSkip(sigma=1e-4), "0.0001"),
-    (AnalyticSkip(fraction=0.8), "80%")])
+@pytest.mark.parametrize(
+    "skip, needle",
+    [
+        (AnalyticSkip(sigma=25.0), "25"),
+        (AnalyticSkip(sigma=20.0), "20"),
+        (AnalyticSkip(sigma=1e-4), "0.0001"),
+        (AnalyticSkip(fraction=0.8), "80%"),
+    ],
+)
 def test_plan_refuses_skips_off_the_grid(skip, needle):
     """A sigma at or above the start, at or below the last noisy point, or a fraction reaching the last noisy
     point is one ConfigError line naming the value and the accepted range."""
@@ -165,8 +170,15 @@ def test_plan_refuses_skips_off_the_grid(skip, needle):
         skip.plan(SHAPES_SCHEDULE, make_grid(SHAPES_SCHEDULE, 1))
 
 
-@pytest.mark.parametrize("text, want", [("2.5", AnalyticSkip(sigma=2.5)), ("25%", AnalyticSkip(fraction=0.25)),
-                                        (" 1e1 ", AnalyticSkip(sigma=10.0)), ("0.5%", AnalyticSkip(fraction=0.005))])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("2.5", AnalyticSkip(sigma=2.5)),
+        ("25%", AnalyticSkip(fraction=0.25)),
+        (" 1e1 ", AnalyticSkip(sigma=10.0)),
+        ("0.5%", AnalyticSkip(fraction=0.005)),
+    ],
+)
 def test_parse_accepts_sigma_and_percent(text, want):
     """'2.5' is a sigma/alpha, '25%' a share of the budget; describe() gives the CLI form back."""
     got = AnalyticSkip.parse(text)
@@ -183,8 +195,15 @@ def test_parse_refuses_other_values(text):
 
 def test_constructor_refuses_ambiguous_or_bad_amounts():
     """Exactly one of sigma / fraction, each in range."""
-    for kwargs in ({}, {"sigma": 1.0, "fraction": 0.2}, {"sigma": -1.0}, {"sigma": math.nan},
-                   {"fraction": 1.0}, {"fraction": 0.0}, {"sigma": 1.0, "same_nfe": 1}):
+    for kwargs in (
+        {},
+        {"sigma": 1.0, "fraction": 0.2},
+        {"sigma": -1.0},
+        {"sigma": math.nan},
+        {"fraction": 1.0},
+        {"fraction": 0.0},
+        {"sigma": 1.0, "same_nfe": 1},
+    ):
         with pytest.raises(ConfigError):
             AnalyticSkip(**kwargs)
 
@@ -237,6 +256,7 @@ def test_teleport_error_decreases_as_sigma_skip_increases():
 
 
 # ---- the per-model fit and its cache ------------------------------------------------------------------
+
 
 class _Family:
     """A stand-in model family: 2x2x3 'images' from a fixed Gaussian, served in training batches."""
