@@ -27,6 +27,7 @@ from condiff.core.sampling import Gaussian, initial_noise
 from condiff.core.schedules import VPLinear
 from condiff.data.gmm import GMM
 from condiff.guidance.classifier import exact_gmm_classifier, from_logits
+from condiff.interop.tiny import tiny_unet as tiny_cross_attention_unet
 from condiff.solvers import get_solver
 
 F64, F32 = torch.float64, torch.float32
@@ -257,24 +258,7 @@ CTX, LEN = 8, 3  # cross-attention width and token count of the contract's tiny 
 def tiny_unet_denoiser(dtype):
     """A tiny random UNet2DConditionModel (two levels, self- and cross-attention in the lower one), eps
     prediction on VPLinear, t fed as 1000 t; weights perturbed so that every path matters."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        cross_attention_dim=CTX,
-        attention_head_dim=4,
-    )
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    unet = tiny_cross_attention_unet(in_channels=3, cross_attention_dim=CTX, seed=0, perturb=0.1)
     net = nn.ModuleDict({"unet": (unet.double() if dtype == F64 else unet).eval()})
 
     def call(net, x, t_in, cond):

@@ -17,30 +17,14 @@ from condiff.guidance.pag import (
     select_layers,
     self_attention_layers,
 )
+from condiff.interop.tiny import tiny_unet as tiny_cross_attention_unet
 
 F64 = torch.float64
 CTX, LEN = 8, 3
 
 
 def tiny_unet(seed=0):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        cross_attention_dim=CTX,
-        attention_head_dim=4,
-    )
-    with torch.no_grad():  # diffusers zero-initialises some output layers; make every path matter
-        for p in unet.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    unet = tiny_cross_attention_unet(in_channels=3, cross_attention_dim=CTX, seed=seed, perturb=0.1)
     return unet.to(F64).eval()
 
 

@@ -20,6 +20,7 @@ from condiff.guidance.adaptive import AGTrajectory
 from condiff.guidance.build import NegativeAsNull
 from condiff.guidance.classifier import exact_gmm_classifier
 from condiff.guidance.linear_ag import LinearAGTrajectory
+from condiff.interop.tiny import tiny_unet as tiny_cross_attention_unet
 from condiff.solvers import get_solver
 
 F64 = torch.float64
@@ -216,24 +217,7 @@ CTX, LEN = 8, 3
 
 @pytest.fixture(scope="module")
 def unet():
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    net = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        cross_attention_dim=CTX,
-        attention_head_dim=4,
-    )
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    net = tiny_cross_attention_unet(in_channels=3, cross_attention_dim=CTX, seed=0, perturb=0.1)
     net = nn.ModuleDict({"unet": net.to(F64).eval()})
 
     def call(net, x, t_in, cond):

@@ -55,25 +55,39 @@ def write_clip_vocab(directory: Path, max_length: int = MAX_TOKENS) -> Path:
     return directory
 
 
-def tiny_sd_components(seed: int = 0) -> dict:
-    """UNet2DConditionModel (block channels 8, 16; cross-attention in the second block and the middle),
-    AutoencoderKL (scale factor 2) and CLIPTextModel (width 32, 2 layers), seeded."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def tiny_unet(in_channels: int = 4, cross_attention_dim: int = 32, seed: int = 0, perturb: float = 0.0):
+    """A tiny UNet2DConditionModel (block channels 8, 16; cross-attention in the second block and the middle),
+    seeded; ``perturb`` > 0 adds that much N(0, 1) noise to every weight, so that the output layers diffusers
+    initialises to zero do not hide any path."""
+    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=8,
-        in_channels=4,
-        out_channels=4,
+        in_channels=in_channels,
+        out_channels=in_channels,
         layers_per_block=1,
         block_out_channels=(8, 16),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
+        cross_attention_dim=cross_attention_dim,
         norm_num_groups=4,
         attention_head_dim=4,
     )
+    if perturb:
+        with torch.no_grad():
+            for p in unet.parameters():
+                p.add_(perturb * torch.randn_like(p))
+    return unet
+
+
+def tiny_sd_components(seed: int = 0) -> dict:
+    """UNet2DConditionModel (block channels 8, 16; cross-attention in the second block and the middle),
+    AutoencoderKL (scale factor 2) and CLIPTextModel (width 32, 2 layers), seeded."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = tiny_unet(in_channels=4, cross_attention_dim=32, seed=seed)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,

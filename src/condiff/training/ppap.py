@@ -205,26 +205,9 @@ def distill_experts(
         )
         row = {"expert": k, "interval": list(interval), "first_loss": curve[0], "last_loss": curve[-1]}
         if z_held is not None:
-            row["heldout_kd_clean"] = heldout_kd(
-                lambda x, t: classifier(x),
-                z_held,
-                heldout,
-                schedule,
-                interval,
-                torch.Generator().manual_seed(heldout_seed + 1 + k),
-                temperature,
-                groups,
-            )
-            row["heldout_kd_expert"] = heldout_kd(
-                expert,
-                z_held,
-                heldout,
-                schedule,
-                interval,
-                torch.Generator().manual_seed(heldout_seed + 1 + k),
-                temperature,
-                groups,
-            )
+            for name, net in (("heldout_kd_clean", lambda x, t: classifier(x)), ("heldout_kd_expert", expert)):
+                draw = torch.Generator().manual_seed(heldout_seed + 1 + k)  # the same t and eps for both
+                row[name] = heldout_kd(net, z_held, heldout, schedule, interval, draw, temperature, groups)
         curves.append(curve)
         experts.append(expert)
         report.append(row)
