@@ -35,15 +35,7 @@ Ratios file (JSON, written atomically, loaded strictly): the searched ratios per
 what they belong to (base solver, interpolation axis, dc_order, grid spacing, model). ``ratios_for`` returns
 the searched ratios of an (nfe, cfg) when present, else the CPR prediction.
 
-Measured on the GMM oracle (tests/solvers/test_dc_search.py; 4-d, 4 components, 2 classes, exact CFG; ratios searched
-on 10
-starts against DDIM-200; final-state MSE to the exact PF-ODE on 200 held-out starts, DC / base, lambda axis):
-VP-discrete cosine, uniform-t grid, UniPC base: w = 3: 0.22x, 0.11x, 0.07x at NFE 5, 8, 10; w = 7: 0.42x,
-0.14x, 0.05x (t axis: 0.22x, 0.10x, 0.05x and 0.16x, 0.09x, 0.03x). DPM-Solver++(2M) base: w = 3: 0.38x, 0.18x,
-0.07x; w = 7: 0.23x, 0.09x, 0.04x. On VP-linear/log-SNR grids (w = 3, NFE 5/8/10, UniPC) t: 0.90x, 0.42x, 0.46x,
-lambda: 1.04x, 0.20x, 0.20x, and for 2M the t axis made held-out errors *worse* (1.50x, 1.24x at NFE 8, 10;
-lambda 0.58x, 0.46x); on EDM/Karras at NFE 8/10 lambda 0.01x-0.19x against t 0.11x-0.40x. Hence lambda is
-condiff's default axis; NFE 5 with a weak guidance scale is where DC helps least (up to no gain).
+Why lambda is the default interpolation axis, measured on the GMM oracle: docs/solvers.md (DC-Solver's axis).
 """
 
 from __future__ import annotations

@@ -25,11 +25,8 @@ Lagrange interpolation is invariant under affine changes of variable, so both eq
 t in [-1, 999]); ``TimeAxis()`` is that choice. condiff's default is ``LambdaAxis()``: lambda = log(alpha/sigma),
 the variable UniPC and DPM-Solver++ already treat the model output as a polynomial in, and the same for every
 parameterisation of one process (t means sigma on EDM, where a Karras grid spans 80 .. 0.002). Every stored
-point has sigma > 0 (the clean point is only ever a step's end), so lambda is finite at every node. Measured
-on the GMM oracle (condiff.solvers.dc_search docstring): on VP-discrete cosine with uniform-t grids both axes give
-similar
-gains (t better at NFE 5, w = 7: 0.16x against 0.42x of UniPC's error); on VP-linear/log-SNR and EDM/Karras
-grids lambda's searched ratios transfer better to held-out starts (t made 2M worse than plain 2M there).
+point has sigma > 0 (the clean point is only ever a step's end), so lambda is finite at every node. docs/solvers.md
+has the measured comparison of the two axes.
 
 Bases. ``base`` is the solver being compensated: ``UniPC()`` (bh2, order 2, corrector, lower-order final; the
 paper's setting) through its ``correct``/``predict`` halves, or a deterministic predictor-only multistep solver
