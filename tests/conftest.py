@@ -2,8 +2,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("CONDIFF_THREADS", "1")  # the CLI sets torch's threads from it (default 2), also on failures
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # torch's threads, and the CLI's default --threads
 
 import torch  # noqa: E402
 

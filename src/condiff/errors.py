@@ -13,6 +13,11 @@ class ConfigError(CondiffError, ValueError):
     """A bad argument, option or recipe value."""
 
 
+class NetworkInputError(ConfigError, RuntimeError):
+    """Inputs a network's forward refused (PyTorch's RuntimeError, re-raised in one line with the shapes
+    involved). Also a RuntimeError, so code that caught PyTorch's error still catches it."""
+
+
 class InputFileError(CondiffError, OSError):
     """A missing, unreadable, truncated or unsafe input file."""
 
@@ -23,6 +28,18 @@ class OutputFileError(CondiffError, OSError):
 
 class NonFiniteError(CondiffError, FloatingPointError):
     """A NaN or inf appeared during sampling or training."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived during a command: the CLI's signal handlers raise it, and ``main`` prints one line
+    and exits with 128 + the signal's number. A BaseException, as KeyboardInterrupt is, so no ``except Exception``
+    swallows it; unlike KeyboardInterrupt, typer does not turn it into a silent return. ``kept``, set on the way
+    out by code that knows (the trainer's CLI: its last checkpoint), says what the command leaves to build on."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = int(signum)
+        self.kept: str | None = None
 
 
 def one_of(kind: str, value, accepted) -> ConfigError:

@@ -39,7 +39,7 @@ def test_sample_with_analytic_skip_records_and_reproduces(tmp_path, capsys, monk
     Gaussian under $CONDIFF_CACHE, records the value in the sidecar, and its `reproduce` command (which
     reuses the cache) writes the same PNG bytes."""
     monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("CONDIFF_THREADS", "1")  # the CLI sets torch's threads from it (default 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the CLI's default thread count follows it
     out = tmp_path / "a.png"
     main(["sample", "--model", "digits", "--analytic-skip", "30%", "--steps", "4", "--n", "4", "--out", str(out)])
     side = json.loads(out.with_suffix(".json").read_text())
@@ -58,7 +58,7 @@ def test_sample_with_analytic_skip_records_and_reproduces(tmp_path, capsys, monk
 def test_eval_with_analytic_skip_reports_it(tmp_path, capsys, monkeypatch):
     """`condiff eval --analytic-skip 5` spends the full --steps budget and records the skip in its JSON."""
     monkeypatch.setenv("CONDIFF_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("CONDIFF_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     main(
         [
             "eval",

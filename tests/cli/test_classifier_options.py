@@ -208,6 +208,7 @@ def test_the_issue_stack_runs_end_to_end(tmp_path, capsys):
 def test_ppap_directory_as_classifier(tmp_path, capsys):
     """--classifier DIR with PPAP experts (saved by save_ppap; here fresh LoRA experts, equal to the clean
     classifier) runs PPAP guidance: the same images as ppap_attribute_guidance built by hand."""
+    from condiff.core.fitted import weights_digest
     from condiff.evaluation.evaluate import generate
     from condiff.guidance.ppap import MultiExpert, lora_expert, ppap_attribute_guidance, save_ppap
     from condiff.models.base import load_model
@@ -215,7 +216,8 @@ def test_ppap_directory_as_classifier(tmp_path, capsys):
     clean = load_classifier("clean")
     m = load_model("shapes")
     experts = MultiExpert([lora_expert(clean, rank=2) for _ in range(2)], m.schedule.t_min, m.schedule.t_max)
-    save_ppap(experts, tmp_path / "ppap", clean, info={"classifier": "clean"})
+    recorded = {"classifier": "clean", "model": "shapes", "model_weights": weights_digest(m.module)}  # as train-ppap
+    save_ppap(experts, tmp_path / "ppap", clean, info=recorded)
     out = tmp_path / "p.png"
     ok(
         [

@@ -14,10 +14,10 @@ from safetensors.torch import save_file
 
 from clikit import ok, one_line_error, run
 from condiff.cli import main
-from condiff.cli.common import make_method
+from condiff.cli.common import make_method, psnr
 from condiff.cli.edit import bench_methods
 from condiff.data import shapes
-from condiff.data.images import write_image
+from condiff.data.images import read_image, write_image
 from condiff.data.shapes import ATTRIBUTES
 from condiff.inversion.methods import METHODS, load_inverted
 
@@ -115,7 +115,11 @@ def test_invert_then_edit_every_method(source, tmp_path, capsys, method):
     assert meta["steps"] == int(STEPS) and meta["seed"] == 0 and meta["prompt"] == FROM and meta["model"] == "shapes"
     assert meta["options"] == expect.options() and meta["original_size"] == [32, 32] and meta["notice"] is None
     assert math.isfinite(meta["reconstruction_psnr"]) and f"PSNR {meta['reconstruction_psnr']:.2f} dB" in printed
-    assert printed.startswith(f"inverted with {expect.label}: wrote {inv}")
+    recon = tmp_path / "inv_reconstruction.png"
+    assert printed.startswith(f"inverted with {expect.label}: wrote {inv} and its reconstruction {recon} (")
+    assert meta["reconstruction"] == str(recon) and Image.open(recon).size == (32, 32)
+    written = read_image(recon, (3, 32, 32), resize=False).tensor
+    assert meta["reconstruction_psnr_written"] == psnr(written, read_image(source, (3, 32, 32)).tensor)
 
     one = tmp_path / "one.png"
     ok(_edit(source, one, method), capsys)
@@ -245,7 +249,7 @@ def ddim_inversion(source, tmp_path_factory):
     """A 4-step ddim inversion of the source (written with one thread, like the tests)."""
     out = tmp_path_factory.mktemp("inv") / "ddim.safetensors"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CONDIFF_THREADS", "1")
+        mp.setenv("OMP_NUM_THREADS", "1")
         main(_invert(source, out, "ddim"))
     return out
 

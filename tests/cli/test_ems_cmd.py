@@ -8,6 +8,7 @@ import torch
 
 from clikit import run
 from condiff.cli import main
+from condiff.core.fitted import weights_digest
 from condiff.models.base import load_model
 from condiff.solvers.ems import check_ems_fits, load_ems
 
@@ -82,6 +83,7 @@ def test_tiny_run_on_digits_writes_loadable_statistics(tmp_path, capsys):
     check_ems_fits(ems, m.family.image_shape, m.schedule)
     assert ems.sample_shape == (1, 16, 16) and ems.n_grid == 4 and ems.n_data == 4
     assert ems.model == "digits" and ems.cfg == 2.0 and ems.seed == 3
+    assert ems.weights == weights_digest(m.module)  # the weights they were computed on (condiff.core.fitted)
     # bundled UNets have no forward-AD rule for CPU flash attention: the estimator fell back
     assert ems.info["jvp"] == "central-difference" and ems.info["seconds"] > 0
     t0, t1 = ems.info["t_start"], ems.info["t_end"]

@@ -10,6 +10,7 @@ import torch
 
 from clikit import run
 from condiff.cli import common, main
+from condiff.core.fitted import weights_digest
 from condiff.core.grids import make_grid
 from condiff.core.sampling import Gaussian
 from condiff.guidance.linear_ag import TERMS, fit_linear_ag, load_linear_ag
@@ -126,6 +127,8 @@ def test_tiny_fit_writes_file_equal_to_direct_library_call(tmp_path, capsys):
     assert torch.equal(got.times, want.times) and torch.equal(got.times, grid[:-1].to(torch.float64))
     assert torch.equal(got.coef, want.coef) and torch.equal(got.r2, want.r2)
     assert got.regressors == want.regressors and got.scale == want.scale == 3.0
+    assert (got.model, got.spacing, got.solver, got.grid) == ("digits", "uniform-t", "dpmpp-2m", tuple(grid.tolist()))
+    assert got.weights == weights_digest(m.module)  # what they were fitted for (condiff.core.fitted)
     assert f"min {float(want.r2.min()):.4f}" in line
     assert all(math.isfinite(v) for v in got.coef.flatten().tolist())
 
@@ -161,10 +164,10 @@ def test_linear_ag_option_uses_the_fitted_file(tmp_path, capsys):
     res = json.loads((tmp_path / "e.json").read_text())
     assert res["network_rows_per_sample"] == 2 * 4 - 3 and res["nfe"] == 4 and res["linear_ag"] == str(coeffs)
     code, _, err = run_(base + ["--cfg", "2", "--linear-ag", str(coeffs)], capsys)
-    ole(code, err, "was fitted at cfg 3")
+    ole(code, err, "was fitted for cfg 3, but this run uses cfg 2")
     code, _, err = run_(
         ["eval", "--model", "digits", "--n", "4", "--steps", "6", "--cfg", "3", "--linear-ag", str(coeffs)], capsys
     )
-    ole(code, err, "was fitted on another time grid")
+    ole(code, err, "was fitted for a grid of 4 'uniform-t' steps")
     code, _, err = run_(base + ["--cfg", "3", "--linear-ag", str(coeffs), "--ag", "0.9"], capsys)
     ole(code, err, "--ag and --linear-ag do not compose")

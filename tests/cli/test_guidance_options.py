@@ -156,7 +156,8 @@ def test_each_option_end_to_end(tmp_path, capsys, flags, rows):
     assert side["nfe"] == 3 and side["network_rows_per_sample"] == rows
     for flag in flags[::2]:
         assert flag in side["reproduce"]
-    res = json.loads(ok(EVAL + flags, capsys))
+    ok(EVAL + flags + ["--json", str(tmp_path / "e.json")], capsys)
+    res = json.loads((tmp_path / "e.json").read_text())
     assert set(res["accuracy"]) == {"class"} and 0 <= res["accuracy"]["class"] <= 1  # the digits judge's key
     assert res["nfe"] == 3 and res["network_rows_per_sample"] == rows
     assert res["pag"] == (1.5 if "--pag" in flags else None) and res["ag"] == (-1.0 if "--ag" in flags else None)

@@ -23,11 +23,16 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def level_dir(tmp_path_factory):
-    """A 3-level minority classifier with random weights, saved as fit-minority saves one."""
+    """A 3-level minority classifier with random weights, saved as fit-minority saves one (recording the model
+    it was fitted for, the bundled shapes model)."""
+    from condiff.core.fitted import weights_digest
+    from condiff.models.base import load_model
+
     torch.manual_seed(0)
     net = AttributeClassifier(heads=[["level", 3]], noise_aware=True, width=8, hidden=16).eval()
     d = tmp_path_factory.mktemp("mino") / "minority"
-    save_minority(MinorityClassifier(net, torch.tensor([0.2, 0.5]), 59.94, 5, {}, (0.0, 999.0)), d)
+    digest = weights_digest(load_model("shapes").module)
+    save_minority(MinorityClassifier(net, torch.tensor([0.2, 0.5]), 59.94, 5, {}, (0.0, 999.0), "shapes", digest), d)
     return d
 
 

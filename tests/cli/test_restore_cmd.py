@@ -1,6 +1,7 @@
-"""`condiff restore` on the bundled shapes model (few steps): each task end to end (files, sizes, sidecar, the
-measurement satisfied by the sample, known pixels kept bit for bit in the written PNG), diffusers' mask
-convention (white = fill, black = known), and one-line errors (exit 2) before any model loads."""
+"""`condiff restore` on the bundled shapes model (few steps): each task end to end (files, sizes, outputs at the
+input's size, sidecar, the measurement satisfied by the sample, known pixels kept bit for bit in the written
+PNG), diffusers' mask convention (white = fill, black = known), and one-line errors (exit 2) before any model
+loads."""
 
 import json
 
@@ -130,6 +131,28 @@ def test_colorize_keeps_the_luminance(files, tmp_path, capsys):
     assert rec["measurement_error"] <= 1e-5 and rec["prompt"] == "red"
     y = Colorize()(read_image(files / "in.png").tensor.double())
     x = read_image(out, (3, 32, 32), resize=False).tensor.double()
+    assert abs(float((Colorize()(x) - y).abs().max()) - rec["measurement_error_written"]) < 1e-9
+
+
+@pytest.mark.parametrize("size, fit", [((128, 128), "resized"), ((48, 32), "pasted")])
+def test_output_is_written_at_the_input_size(files, tmp_path, capsys, size, fit):
+    """An input of another size gives an output of its size, as `edit` writes it: resized back (square), or
+    resized to the centre-crop box and pasted into the original, whose borders survive unchanged; the sidecar's
+    error of the written file is the one recomputed from the file read back for the model."""
+    big = tmp_path / "big.png"
+    Image.open(files / "in.png").convert("RGB").resize(size, Image.BICUBIC).save(big)
+    out = tmp_path / "col.png"
+    printed = ok(["restore", "--task", "colorize", "--image", str(big), *FAST, "--out", str(out)], capsys)
+    assert Image.open(out).size == size and f"wrote {out} ({size[0]}x{size[1]})" in printed
+    rec = _sidecar(out)
+    assert rec["output"]["size"] == list(size) and rec["output"]["fit"] == fit and rec["outputs"]["size"] == list(size)
+    if fit == "pasted":
+        left, _, right, _ = rec["output"]["crop"]
+        src, res = _pixels(big), _pixels(out)
+        assert (left, right) == (8, 40) and np.array_equal(res[:, :left], src[:, :left])
+        assert np.array_equal(res[:, right:], src[:, right:])
+    y = Colorize()(read_image(big, (3, 32, 32)).tensor.double())
+    x = read_image(out, (3, 32, 32)).tensor.double()
     assert abs(float((Colorize()(x) - y).abs().max()) - rec["measurement_error_written"]) < 1e-9
 
 

@@ -72,26 +72,27 @@ def test_dc_ratios_from_the_command_drive_dc_solver(tmp_path, capsys):
         ],
         capsys,
     )
-    res = json.loads(
-        ok(
-            [
-                "eval",
-                "--model",
-                "digits",
-                "--solver",
-                "dc-solver",
-                "--dc-ratios",
-                str(ratios),
-                "--steps",
-                "3",
-                "--cfg",
-                "2",
-                "--n",
-                "4",
-            ],
-            capsys,
-        )
+    ok(
+        [
+            "eval",
+            "--model",
+            "digits",
+            "--solver",
+            "dc-solver",
+            "--dc-ratios",
+            str(ratios),
+            "--steps",
+            "3",
+            "--cfg",
+            "2",
+            "--n",
+            "4",
+            "--json",
+            str(tmp_path / "e.json"),
+        ],
+        capsys,
     )
+    res = json.loads((tmp_path / "e.json").read_text())
     assert res["dc_ratios"] == str(ratios) and res["nfe"] == 3
     code, _, err = run(
         [

@@ -86,3 +86,45 @@ def test_outputs_get_normal_permissions(tmp_path):
     os.umask(old)
     atomic_write_bytes(tmp_path / "f.bin", b"x")
     assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o666 & ~old
+
+
+def test_an_interrupt_mid_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """SIGINT or SIGTERM (the CLI raises Interrupted, a BaseException) while the bytes are written or while a
+    folder replaces an older one: no `.*.tmp` entry stays, and the older folder stays in place."""
+    from condiff.core import files
+    from condiff.errors import Interrupted
+
+    def interrupted(*args):
+        raise Interrupted(2)
+
+    with monkeypatch.context() as m:
+        m.setattr(files.os, "fsync", interrupted)
+        with pytest.raises(Interrupted):
+            atomic_write_bytes(tmp_path / "f.bin", b"x")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "f").write_text("old")
+    real_replace = os.replace
+
+    def replace(src, dst):  # the rename of the new folder into place is interrupted (after the old one moved)
+        if Path(dst) == tmp_path / "d" and Path(src).name.endswith(".tmp"):
+            raise Interrupted(15)
+        real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(files.os, "replace", replace)
+        with pytest.raises(Interrupted):
+            with atomic_dir(tmp_path / "d") as tmp:
+                (tmp / "f").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"] and (tmp_path / "d" / "f").read_text() == "old"
+
+
+def test_log_writes_names_what_was_put_in_place(tmp_path):
+    from condiff.core.files import log_writes
+
+    with log_writes() as written:
+        atomic_write_bytes(tmp_path / "a.bin", b"a")
+        with atomic_dir(tmp_path / "d") as tmp:
+            atomic_write_bytes(tmp / "inner.bin", b"i")
+    atomic_write_bytes(tmp_path / "after.bin", b"x")
+    assert [p for p in written if p.exists()] == [tmp_path / "a.bin", tmp_path / "d"]

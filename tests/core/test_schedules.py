@@ -116,6 +116,12 @@ def test_vp_discrete_interpolates_log_alpha_linearly():
     assert torch.allclose(la[1], 0.75 * la[0] + 0.25 * la[2], rtol=1e-15, atol=0)
 
 
+def test_vp_discrete_repr_is_one_short_line():
+    """Not the table's 1000 values."""
+    assert repr(VPDiscrete.from_betas("squaredcos_cap_v2")) == "VPDiscrete(T=1000, t in [-1, 999])"
+    assert repr(VPDiscrete.from_betas(num_steps=10)) == "VPDiscrete(T=10, t in [-1, 9])"
+
+
 def test_vp_discrete_rejects_bad_tables():
     with pytest.raises(ConfigError):
         VPDiscrete(alphas_cumprod=torch.tensor([0.9, 0.95, 0.5]))

@@ -72,7 +72,7 @@ def test_tuned_dpm_v3_beats_every_diffusers_scheduler(problem):
 
 
 def test_cli_writes_json_table_and_plot(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("CONDIFF_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "b.json"
     main(
         [

@@ -1,5 +1,6 @@
 """Property-based fuzzing of the public API: grids, guidance scales, solver names, VP-discrete tables,
-schedule configs, the caption tokenizer, safetensors/JSON loading and the model-directory loader.
+schedule configs, the caption tokenizer, safetensors/JSON loading, the model-directory loader and the sampling
+loop's inputs (shapes, channels, dtypes and condition rows).
 
 Bad input must raise a typed CondiffError subclass with a one-line message; valid input must give a
 well-formed result (a finite, strictly descending grid; four slot tokens)."""
@@ -19,15 +20,18 @@ import torch
 from fuzzkit import expect_api_error
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from torch import nn
 
+from condiff.core.denoiser import wrap
 from condiff.core.files import load_json, load_tensors, save_tensors
 from condiff.core.grids import MAX_STEPS, SPACINGS, Karras, make_grid
+from condiff.core.sampling import sample
 from condiff.core.schedules import EDM, Flow, VPCosine, VPDiscrete, VPLinear, schedule_from_config
 from condiff.data import text
-from condiff.errors import ConfigError, InputFileError
+from condiff.errors import CondiffError, ConfigError, InputFileError
 from condiff.guidance import CFG
 from condiff.models.base import bundled_dir, load_model
-from condiff.solvers import SOLVERS, get_solver
+from condiff.solvers import DDIM, SOLVERS, get_solver
 
 TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30)
 SCHEDULES = [VPLinear(), VPCosine(), EDM(), Flow(), VPDiscrete.from_betas("squaredcos_cap_v2", 1000)]
@@ -452,3 +456,98 @@ def test_checkpoint_with_bad_trainer_json_fails_verification(workdir, meta):
     (d / "trainer.json").write_bytes(value if kind == "bytes" else json.dumps(value).encode())
     err = expect_api_error(Trainer.verify, d, needles=(str(d),))
     assert isinstance(err, InputFileError)
+
+
+# ---- the sampling loop's inputs: shapes, channels, dtypes and condition rows ------------------------------
+# Whatever x and cond are, ``sample`` (and the CFG batch under it) returns a sample or raises a typed condiff
+# error with a one-line message: never PyTorch's RuntimeError from inside the network.
+
+
+class _Conv(nn.Module):
+    """eps = conv(x) * y: a plain float32 network over 3 channels, y one value per sample or a shared 0-d one."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x, t, y):
+        out = self.conv(x)
+        return out * y.to(out.dtype).reshape(-1, *(1,) * (out.dim() - 1))
+
+
+DTYPES = st.sampled_from([torch.float32, torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64])
+# the valid value first in each list: hypothesis (derandomized) starts from and shrinks towards it
+ROWS = st.sampled_from(["n", None, 1, 0, 2, 5])  # "n": one row per sample; None: a shared 0-d condition
+
+
+def _sample_outcome(den, grid, x, cond):
+    """The sampled x, or the CondiffError ``sample`` raised (checked: a typed subclass, one line)."""
+    try:
+        with torch.no_grad():
+            return sample(den, DDIM(), grid, x, cond).x
+    except CondiffError as err:
+        msg = str(err)
+        assert msg and msg.splitlines() == [msg] and type(err) is not CondiffError, msg
+        return err
+
+
+def _noise(n, channels, spatial, dtype):
+    x = torch.randn(n, channels, *spatial) if spatial is not None else torch.tensor(0.5)
+    return x.to(dtype)
+
+
+@settings(max_examples=25)
+@given(
+    n=st.integers(1, 4),
+    channels=st.sampled_from([3, 1, 2, 4]),
+    spatial=st.sampled_from([(6, 6), (5, 7), (), (6,), (2, 6, 6), None]),
+    dtype=DTYPES,
+    rows=ROWS,
+    guided=st.booleans(),
+)
+def test_plain_wrapped_module_inputs_give_a_sample_or_a_condiff_error(n, channels, spatial, dtype, rows, guided):
+    den = wrap(_Conv(), VPCosine(), "eps")
+    rows = n if rows == "n" else rows
+    y = torch.tensor(2.0) if rows is None else torch.linspace(1, 2, rows)
+    cond = {"y": y, "null": {"y": torch.zeros_like(y)}} if guided else {"y": y}
+    x = _noise(n, channels, spatial, dtype)
+    out = _sample_outcome(CFG(den, 2.0) if guided else den, make_grid(VPCosine(), 2), x, cond)
+    four_d = spatial is not None and len(spatial) == 2
+    rows_ok = rows is None or rows == n
+    if dtype == torch.float32 and channels == 3 and four_d and rows_ok:
+        assert isinstance(out, torch.Tensor) and out.shape == x.shape, out
+    if dtype != torch.float32 or spatial is None or (four_d and channels != 3) or (guided and not rows_ok):
+        assert isinstance(out, ConfigError), out
+
+
+@pytest.fixture(scope="module")
+def digits_model():
+    return load_model("digits")
+
+
+@settings(max_examples=20)
+@given(
+    n=st.integers(1, 3),
+    channels=st.sampled_from([1, 3, 2]),
+    spatial=st.sampled_from([(16, 16), (8, 8), (6, 6), (), (16,), None]),
+    dtype=DTYPES,
+    rows=ROWS,
+    guided=st.booleans(),
+)
+def test_digits_model_inputs_give_a_sample_or_a_condiff_error(digits_model, n, channels, spatial, dtype, rows, guided):
+    """The bundled digits model (1 channel, class labels; a 1-row label broadcasts when unguided)."""
+    m = digits_model
+    rows = n if rows == "n" else rows
+    if rows is None:
+        cond = {"class_labels": torch.tensor(3), "null": {"class_labels": torch.tensor(10)}}
+    else:
+        cond = m.condition(torch.arange(rows) % 10)
+    den = CFG(m.denoiser, 3.0) if guided else m.denoiser
+    x = _noise(n, channels, spatial, dtype)
+    out = _sample_outcome(den, make_grid(m.schedule, 2), x, cond if guided else {"class_labels": cond["class_labels"]})
+    rows_ok = rows is None or rows == n
+    if dtype == torch.float32 and channels == 1 and spatial in ((16, 16), (8, 8)) and rows_ok:
+        assert isinstance(out, torch.Tensor) and out.shape == x.shape, out
+    if dtype != torch.float32 or spatial is None or channels != 1 or (guided and not rows_ok):
+        assert isinstance(out, ConfigError), out

@@ -4,11 +4,13 @@ row k at the fitted time k; each sample() call or start() is a fresh trajectory)
 trip."""
 
 import math
+import warnings
 
 import pytest
 import torch
 
 from condiff.core.files import save_tensors
+from condiff.core.fitted import FitWarning
 from condiff.core.grids import make_grid
 from condiff.core.sampling import sample
 from condiff.core.schedules import VPLinear
@@ -20,6 +22,7 @@ from condiff.guidance.linear_ag import (
     TERMS,
     LinearAG,
     Regressors,
+    check_linear_ag_fits,
     fit_linear_ag,
     load_linear_ag,
     predict_record,
@@ -286,3 +289,93 @@ def test_errors(gmm):
     with pytest.raises(ConfigError, match=r"sample\(\).*\.start\(\)") as info:  # a configuration, not a trajectory
         LinearAG(den, co)(x, float(grid[0]), cond)
     assert "\n" not in str(info.value)
+
+
+def test_coefficients_record_and_check_what_they_were_fitted_for(gmm, tmp_path):
+    """fit_linear_ag records the grid, the solver and the model's name and weights digest it is given; they
+    round-trip through the file. check_linear_ag_fits refuses other weights, another cfg or another grid with
+    one line naming the file; with allow_mismatch it warns, and build_guidance's LinearAG then runs at the
+    run's cfg (steps 0: exactly CFG at that cfg) and on the run's grid (no per-evaluation time check)."""
+    from condiff.guidance.build import GuidanceOptions, build_guidance
+
+    sch = VPLinear()
+    grid = make_grid(sch, 4)
+    den = gmm.denoiser(sch)
+    x, cond = gmm_start(gmm, sch, grid, 8, 0)
+    co = fit_linear_ag(den, get_solver("ddim"), grid, x, cond, 2.0, model="gmm", weights="a" * 64, spacing="uniform-t")
+    assert co.grid == tuple(grid.tolist()) and co.solver == "ddim" and (co.model, co.weights) == ("gmm", "a" * 64)
+    path = save_linear_ag(co, tmp_path / "c.safetensors")
+    back = load_linear_ag(path)
+    assert (back.model, back.weights, back.grid, back.spacing, back.solver) == (
+        "gmm",
+        "a" * 64,
+        co.grid,
+        "uniform-t",
+        "ddim",
+    )
+    assert back.source == str(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_linear_ag_fits(back, 2.0, grid, weights="a" * 64)
+    where = f"the LinearAG coefficients {str(path)!r}"
+    with pytest.raises(ConfigError) as e:
+        check_linear_ag_fits(back, 2.0, grid, weights="b" * 64, model="other")
+    assert str(e.value) == (
+        f"{where} was fitted for model 'gmm' (weights aaaaaaaaaaaa), but this run uses model 'other' "
+        f"(weights bbbbbbbbbbbb); refit it for this run, or give --allow-mismatch to use it anyway"
+    )
+    with pytest.raises(ConfigError, match=r"was fitted for cfg 2, but this run uses cfg 3; refit"):
+        check_linear_ag_fits(back, 3.0, grid)
+    other = make_grid(sch, 6)
+    t0 = f"{float(grid[0]):g}"
+    with pytest.raises(ConfigError) as e:
+        check_linear_ag_fits(back, 2.0, other)
+    assert f"fitted for a grid of 4 'uniform-t' steps from t={t0} to t=0, but this run uses a grid of 6 " in str(
+        e.value
+    )
+    with pytest.warns(FitWarning, match="cfg 2 and a grid of 4 'uniform-t' steps .* used anyway") as w:
+        check_linear_ag_fits(back, 3.0, other, allow_mismatch=True)
+    assert len(w) == 1
+    opts = GuidanceOptions(cfg=3.0, linear_ag=back, linear_ag_steps=0, allow_mismatch=True)
+    with pytest.warns(FitWarning):
+        guided = build_guidance(den, opts, other)
+    assert torch.equal(
+        sample(guided, get_solver("ddim"), other, x, cond).x,
+        sample(CFG(den, 3.0), get_solver("ddim"), other, x, cond).x,
+    )
+    with pytest.warns(FitWarning):
+        predicted = build_guidance(den, GuidanceOptions(cfg=2.0, linear_ag=back, allow_mismatch=True), other)
+    assert bool(torch.isfinite(sample(predicted, get_solver("ddim"), other, x, cond).x).all())
+    with pytest.raises(ConfigError, match="fitted for a grid of 4 'uniform-t' steps"):
+        build_guidance(den, GuidanceOptions(cfg=2.0, linear_ag=back), other)
+
+
+def test_coefficients_without_their_record_load_and_are_checked_by_their_times(gmm, tmp_path):
+    """A file written before the coefficients recorded what they were fitted for (tensors only): it loads,
+    its evaluation times and scale are still checked, and a run that gives the model's weights is warned that
+    they cannot be checked."""
+    sch = VPLinear()
+    grid = make_grid(sch, 4)
+    co = fit_linear_ag(gmm.denoiser(sch), get_solver("ddim"), grid, *gmm_start(gmm, sch, grid, 8, 0), 2.0)
+    tensors = {
+        "times": co.times,
+        "coef": co.coef,
+        "r2": co.r2,
+        "regressors": co.regressors.mask().to(torch.uint8),
+        "scale": torch.tensor([2.0], dtype=F64),
+        "format": torch.tensor([1]),
+    }
+    old = load_linear_ag(save_tensors(tmp_path / "old.safetensors", tensors))
+    assert (old.model, old.weights, old.grid, old.spacing, old.solver) == (None,) * 5
+    with pytest.warns(FitWarning, match="does not record the weights it was fitted with") as w:
+        check_linear_ag_fits(old, 2.0, grid, weights="b" * 64)
+    assert len(w) == 1
+    t0 = f"{float(grid[0]):g}"
+    with pytest.raises(ConfigError) as e:
+        check_linear_ag_fits(old, 2.0, make_grid(sch, 6))
+    assert (
+        f"fitted for 4 evaluations from t={t0} (one per step of its grid, in order), but this run uses a grid"
+        in str(e.value)
+    )
+    with pytest.raises(ConfigError, match="fitted for cfg 2, but this run uses cfg 3"):
+        check_linear_ag_fits(old, 3.0, grid)

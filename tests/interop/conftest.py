@@ -6,9 +6,9 @@ import torch
 
 @pytest.fixture(autouse=True)
 def one_thread(monkeypatch):
-    """The CLI sets torch's thread count from CONDIFF_THREADS (default 2), also on runs that then fail: keep
+    """The CLI sets torch's thread count (--threads, default OMP_NUM_THREADS), also on runs that then fail: keep
     every test here on one core (two threads on the shared cores made later tests 100x slower)."""
-    monkeypatch.setenv("CONDIFF_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     yield
     torch.set_num_threads(1)
 

@@ -19,7 +19,7 @@ def offline(monkeypatch):
     """HF_HUB_OFFLINE=1, one thread, and every socket connection refused: any network use fails the test."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    monkeypatch.setenv("CONDIFF_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
     def refuse(*args, **kwargs):
         raise OSError("network access attempted in an offline test")
@@ -167,6 +167,13 @@ def test_invert_and_edit_pipeline(tiny_sd_dir, tmp_path, capsys):
     x = read_image(img, (3, 16, 16)).tensor
     ceiling = float(psnr(decode(p, encode(p, x)).clamp(-1, 1), x))
     assert f"PSNR {ceiling:.2f} dB" in text
+    recon = tmp_path / "inv_reconstruction.png"
+    assert f"its reconstruction {recon}" in text and Image.open(recon).size == (16, 16)
+    from condiff.inversion.methods import load_inverted
+
+    meta = load_inverted(tmp_path / "inv.safetensors")[1]
+    assert meta["reconstruction"] == str(recon)
+    assert meta["reconstruction_psnr_written"] == float(psnr(read_image(recon, (3, 16, 16)).tensor, x).mean())
     ok(
         [
             "edit",
@@ -188,6 +195,21 @@ def test_invert_and_edit_pipeline(tiny_sd_dir, tmp_path, capsys):
         capsys,
     )
     assert Image.open(tmp_path / "e.png").size == (16, 16) and (tmp_path / "e_compare.png").is_file()
+    side = json.loads((tmp_path / "e.json").read_text())  # a sidecar like `edit`'s
+    assert (side["command"], side["method"], side["from"], side["to"], side["steps"]) == (
+        "edit",
+        "edit-friendly",
+        "red cat",
+        "blue dog",
+        5,
+    )
+    assert side["reconstruction_psnr"] == pytest.approx(ceiling, abs=5e-3) and side["inversion"] is None
+    assert side["outputs"] == {
+        "image": str(tmp_path / "e.png"),
+        "compare": str(tmp_path / "e_compare.png"),
+        "sidecar": str(tmp_path / "e.json"),
+    }
+    assert side["reproduce"].startswith(f"condiff edit --pipeline {tiny_sd_dir} --image {img} --from 'red cat'")
     text = ok(
         [
             "edit",
@@ -206,6 +228,7 @@ def test_invert_and_edit_pipeline(tiny_sd_dir, tmp_path, capsys):
     )
     assert f"PSNR {ceiling:.2f} dB" in text  # the saved maps reconstruct as the fresh ones do
     assert (tmp_path / "e2.png").read_bytes() == (tmp_path / "e.png").read_bytes()  # the same edit
+    assert json.loads((tmp_path / "e2.json").read_text())["inversion"] == str(tmp_path / "inv.safetensors")
     other = tmp_path / "other.png"
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(other)
     code, _, err = run(

@@ -18,7 +18,7 @@ def exported(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("export") / "shapes_diffusers"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CONDIFF_THREADS", "1")
+        mp.setenv("OMP_NUM_THREADS", "1")
         main(["export", "--model", "shapes", "--out", str(out)])
     return out
 

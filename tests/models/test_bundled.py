@@ -60,3 +60,19 @@ def test_data_batch_is_the_familys_clean_training_batch():
     a = m.data_batch(0, 8, torch.Generator().manual_seed(3), 0)
     b = m.family.training_batch(0, 8, torch.Generator().manual_seed(3), 0, ObjectiveConfig())[0]
     assert a.shape == (8, 3, 32, 32) and torch.equal(a, b)
+
+
+def test_reprs_are_one_short_line():
+    """A loaded model, its denoiser, its schedule and guidance around them print as one line each, not as
+    module trees or the schedule's 1000-entry table."""
+    from condiff.guidance import CFG, PAG, AdaptiveGuidance
+
+    m = load_model("digits")
+    sched = "VPDiscrete(T=1000, t in [-1, 999])"
+    den = f"WrappedDenoiser(eps, {sched}, net=ModuleDict)"
+    assert repr(m.schedule) == sched and repr(m.denoiser) == den
+    assert repr(m) == f"LoadedModel(digits, eps, {sched}, 1.11 M parameters, path={str(m.path)!r})"
+    assert repr(CFG(m.denoiser, 3.0)) == f"CFG(denoiser={den}, scale=3.0, null=None, skip_trivial=True)"
+    assert repr(AdaptiveGuidance(m.denoiser, 3.0, 0.99)).startswith(f"AdaptiveGuidance(denoiser={den}, scale=3.0")
+    for obj in (m, AdaptiveGuidance(m.denoiser, 3.0, 0.99), PAG(m.denoiser, 1.0, cfg_scale=3.0, net=m.module["unet"])):
+        assert "\n" not in repr(obj) and len(repr(obj)) < 200, repr(obj)

@@ -1,12 +1,15 @@
 """DC-Solver's ratio search, CPR and ratios files (condiff.solvers.dc_search), checked on the exact GMM oracle."""
 
+import dataclasses
 import functools
 import json
 import math
+import warnings
 
 import pytest
 import torch
 
+from condiff.core.fitted import FitWarning
 from condiff.core.grids import UniformLogSNR, UniformT, make_grid
 from condiff.core.sampling import initial_noise, sample
 from condiff.core.schedules import VPDiscrete, VPLinear
@@ -18,6 +21,7 @@ from condiff.solvers.dc_search import (
     CPR,
     DCRatios,
     Reference,
+    check_ratios_fit,
     cpr_features,
     dc_solver_for,
     fine_grid,
@@ -338,3 +342,34 @@ def test_non_finite_numbers_in_a_ratios_file_are_refused(tmp_path):
     obj["entries"][0]["ratios"][2] = math.inf
     with pytest.raises(InputFileError, match="finite"):
         parse_ratios(json.loads(json.dumps(obj)))
+
+
+def test_ratios_record_the_weights_they_were_searched_on(tmp_path):
+    """The weights digest round-trips; dc_solver_for refuses ratios searched on other weights (or another
+    spacing) with one line naming the file, what they were fitted for and what the run uses, warns instead
+    with allow_mismatch (and still builds the solver), and a file without the digest (written before it was
+    recorded) loads and warns that it cannot be checked."""
+    a, b = "a" * 64, "b" * 64
+    path = save_ratios(tmp_path / "r.json", dataclasses.replace(_file_obj(), weights=a))
+    r = load_ratios(path)
+    assert r.weights == a and json.loads(path.read_text())["model_weights"] == a
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = dc_solver_for(r, 8, 3.0, spacing="uniform-t", weights=a)
+    assert s.ratios == r.entries[(8, 3.0)]
+    with pytest.raises(ConfigError) as e:
+        dc_solver_for(r, 8, 3.0, weights=b, model="other", where="--dc-ratios 'r.json'")
+    assert str(e.value) == (
+        "--dc-ratios 'r.json' was fitted for model 'gmm' (weights aaaaaaaaaaaa), but this run uses model 'other' "
+        "(weights bbbbbbbbbbbb); refit it for this run, or give --allow-mismatch to use it anyway"
+    )
+    with pytest.raises(ConfigError, match="the 'uniform-t' spacing, but this run uses the 'karras' spacing; refit"):
+        check_ratios_fit(r, spacing="karras")
+    with pytest.warns(FitWarning, match="used anyway") as w:
+        s = dc_solver_for(r, 8, 3.0, spacing="karras", weights=b, allow_mismatch=True)
+    assert len(w) == 1 and s.ratios == r.entries[(8, 3.0)]
+    old = _valid_json()
+    old.pop("model_weights")
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.warns(FitWarning, match="does not record the weights it was fitted with"):
+        assert check_ratios_fit(load_ratios(tmp_path / "old.json"), weights=b).weights is None

@@ -3,10 +3,12 @@ against a direct least-squares fit with f' taken along the PF-ODE by finite diff
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
 
+from condiff.core.fitted import FitWarning
 from condiff.core.schedules import EDM, Flow, VPCosine, VPDiscrete, VPLinear
 from condiff.data.gmm import GMM
 from condiff.errors import ConfigError, InputFileError
@@ -300,3 +302,34 @@ def test_estimator_refuses_bad_arguments(gmm, kw, needle):
             args["n_grid"],
             batch_size=args["batch_size"],
         )
+
+
+def test_statistics_record_the_weights_and_cfg_they_were_computed_for(tmp_path):
+    """The weights digest round-trips through the file; check_ems_fits refuses other weights or another cfg
+    with one line naming the file, what it was computed for and what the run uses, warns instead with
+    allow_mismatch, and warns that a file without the digest (written before it was recorded) cannot be
+    checked. cfg None (the model's own output) is scale 1."""
+    shape, a, b = (1, 4, 4), "a" * 64, "b" * 64
+    path = EMS.degenerate(shape, model="digits", cfg=3.0, weights=a).save(tmp_path / "e.safetensors")
+    ems = load_ems(path)
+    assert ems.weights == a and ems.metadata()["model_weights"] == a
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fitting run: no warning
+        assert check_ems_fits(ems, shape, weights=a, cfg=3.0, model="digits") is ems
+        check_ems_fits(EMS.degenerate(shape), shape, cfg=1.0)
+    with pytest.raises(ConfigError) as e:
+        check_ems_fits(ems, shape, weights=b, model="other", where="--ems 'e.safetensors'")
+    assert str(e.value) == (
+        "--ems 'e.safetensors' was fitted for model 'digits' (weights aaaaaaaaaaaa), but this run uses model "
+        "'other' (weights bbbbbbbbbbbb); refit it for this run, or give --allow-mismatch to use it anyway"
+    )
+    with pytest.raises(ConfigError, match=r"^the EMS file was fitted for cfg 3, but this run uses cfg 1; "):
+        check_ems_fits(ems, shape, cfg=1.0)
+    with pytest.warns(FitWarning, match=r"was fitted for cfg 3, but this run uses cfg 1; used anyway"):
+        assert check_ems_fits(ems, shape, cfg=1.0, allow_mismatch=True) is ems
+    with pytest.raises(ConfigError, match=r"\(1, 4, 4\)"):  # another sample shape stays an error
+        check_ems_fits(ems, (1, 8, 8), cfg=1.0, allow_mismatch=True)
+    old = EMS.degenerate(shape, model="digits", cfg=3.0).save(tmp_path / "old.safetensors")
+    with pytest.warns(FitWarning, match="does not record the weights it was fitted with") as w:
+        check_ems_fits(load_ems(old), shape, weights=b, cfg=3.0)
+    assert len(w) == 1 and "\n" not in str(w[0].message)

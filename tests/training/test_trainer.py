@@ -73,7 +73,7 @@ def test_existing_run_needs_resume_flag(tmp_path):
 
 def test_corrupt_newest_checkpoint_is_skipped(tmp_path, capsys):
     r = load_recipe(RECIPE)
-    train_recipe(r, tmp_path / "c", steps=8, progress=False)
+    train_recipe(r, tmp_path / "c", progress=False, stop_after=8)
     newest = tmp_path / "c" / "checkpoints" / "step-00000008" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])  # truncate
     from condiff.cli.train import make_trainer
@@ -81,7 +81,7 @@ def test_corrupt_newest_checkpoint_is_skipped(tmp_path, capsys):
     tr = make_trainer(r, tmp_path / "c", progress=False)
     path = tr.resume()
     assert path.name == "step-00000004" and tr.step == 4
-    assert "skipping checkpoint step-00000008" in capsys.readouterr().out
+    assert "skipping checkpoint step-00000008" in capsys.readouterr().err
 
 
 def test_nan_loss_stops_training_and_names_the_step(tmp_path, monkeypatch):

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -9,7 +11,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import typer  # noqa: E402
 
 from condiff.cli import bench, dc, edit, ems, export, guidance, restore, sample  # noqa: E402
-from condiff.errors import CondiffError, one_line  # noqa: E402
+from condiff.core.files import log_writes  # noqa: E402
+from condiff.errors import CondiffError, Interrupted, one_line  # noqa: E402
 
 app = typer.Typer(
     add_completion=False,
@@ -17,6 +20,30 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="condiff: conditional diffusion - sample, evaluate, train, demo.",
 )
+
+
+def _print_version(value: bool):
+    if value:
+        from condiff import __version__
+
+        typer.echo(f"condiff {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        is_eager=True,
+        expose_value=False,
+        callback=_print_version,
+        help="print the version and exit",
+    ),
+):
+    """condiff: conditional diffusion - sample, evaluate, train, demo."""
+
+
 app.command("models")(sample.models_cmd)
 app.command("solvers")(sample.solvers_cmd)
 app.command("sample")(sample.sample_cmd)
@@ -51,14 +78,78 @@ def _bad_input(e: Exception) -> str:
     return ""
 
 
+@contextlib.contextmanager
+def _signals_interrupt():
+    """Within the block SIGINT and SIGTERM raise ``Interrupted``. Python's own SIGINT handler raises
+    KeyboardInterrupt, which typer's main loop (0.29) turns into ``Exit(130)`` and, outside standalone mode, returns
+    instead of raising: the command stopped, printed nothing and exited 0. The first signal also ignores further
+    ones, so cleanup (temporary files, the trainer's report) runs to its end. A signal the parent ignores (a shell's
+    background job) stays ignored; outside the main thread nothing is installed."""
+    caught = (signal.SIGINT, signal.SIGTERM)
+
+    def handler(signum, frame):
+        for s in caught:
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {}
+    with contextlib.suppress(ValueError):  # signal.signal works only in the main thread
+        for s in caught:
+            if signal.getsignal(s) is not signal.SIG_IGN:
+                previous[s] = signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _close_progress_bars():
+    """Close the progress bars an interrupt left open (a bar with ``leave=True`` ends its line, one with
+    ``leave=False`` clears it), so the interrupt's line starts a line of its own and no bar redraws after it."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        with contextlib.suppress(Exception):
+            bar.close()
+
+
+def _exit_interrupted(e: Interrupted, written):
+    """Close the progress bars, print the interrupt's one line and exit with 128 + the signal's number."""
+    _close_progress_bars()
+    typer.echo(f"error: {one_line(_interrupted(e, written))}", err=True)
+    sys.exit(128 + e.signum)
+
+
+def _interrupted(e: Interrupted, written) -> str:
+    """The one line for an interrupted command: what it leaves (``e.kept``), else what it wrote before the signal."""
+    name = signal.Signals(e.signum).name
+    if e.kept:
+        return f"interrupted ({name}): {e.kept}"
+    there = list(dict.fromkeys(str(p) for p in written if os.path.lexists(p)))
+    if not there:
+        return f"interrupted ({name}): no output was written"
+    more = f" and {len(there) - 3} more" if len(there) > 3 else ""
+    return f"interrupted ({name}): only {', '.join(there[:3])}{more} had been written; the rest was not"
+
+
 def main(argv=None):
+    """Run the CLI: exit 2 with one ``error:`` line on a bad input; 130 (SIGINT) or 143 (SIGTERM) with one line
+    naming what was kept when interrupted."""
     try:
         from typer._click import exceptions as click_exc  # typer >= 0.25 vendors click
     except ImportError:  # pragma: no cover
         from click import exceptions as click_exc
 
+    written = []
     try:
-        app(args=argv, standalone_mode=False)
+        with log_writes() as written, _signals_interrupt():
+            try:
+                app(args=argv, standalone_mode=False)
+            except Interrupted as e:  # reported while the handlers still ignore a second signal
+                _exit_interrupted(e, written)
+    except Interrupted as e:  # a signal just as the command ended, before the handlers were put back
+        _exit_interrupted(e, written)
     except CondiffError as e:
         _fail(str(e))
     except click_exc.NoArgsIsHelpError as e:
@@ -69,9 +160,6 @@ def main(argv=None):
         _fail(msg + (f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""))
     except click_exc.ClickException as e:
         _fail(e.format_message())
-    except KeyboardInterrupt:
-        typer.echo("error: interrupted", err=True)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,14 @@ import typer
 
 from condiff.cli import common, edit
 from condiff.cli.dc import parse_list
+from condiff.cli.options import AllowMismatchOpt, ThreadsOpt
 from condiff.errors import ConfigError, check_int
 
 app = typer.Typer(help="Benchmarks: condiff against diffusers, side by side.", no_args_is_help=True)
 
 
 @app.command("solvers")
+@common.reports_fit_warnings
 def solvers_cmd(
     oracle: Optional[str] = typer.Option(None, help="exact oracle problem: gmm"),
     model: Optional[str] = typer.Option(
@@ -45,11 +47,11 @@ def solvers_cmd(
         "too) or a condiff spacing (uniform-t is the grid of `condiff sample`, where "
         "--ems/--dc-ratios files apply; condiff solvers only)",
     ),
+    allow_mismatch: AllowMismatchOpt = False,
+    threads: ThreadsOpt = None,
 ):
     """Terminal error against the reference ODE solution for every solver, condiff and diffusers."""
     import math
-
-    import torch
 
     from condiff.evaluation import bench
     from condiff.training.recipe import check_seed
@@ -78,14 +80,15 @@ def solvers_cmd(
 
         if spacing not in SPACINGS:
             raise one_of("--spacing", spacing, ["trailing", *SPACINGS])
+    threads = common.use_threads(threads)
     if oracle == "gmm":
         check_int("--dim", dim, 1, 4096)
         check_int("--components", components, 1, 1024)
         check_int("--classes", classes, 1, components)
-        torch.set_num_threads(common.thread_count())
         problem = bench.gmm_problem(dim, components, classes, seed, n, cfg, ref_steps or 2048)
     else:
         loaded = common.load_model(model)
+        common.check_solver_files(loaded, model, cfg, ems, dc_ratios, allow_mismatch)
         from condiff.core.grids import SPACINGS
 
         problem = bench.model_problem(
@@ -104,6 +107,7 @@ def solvers_cmd(
         cases += bench.file_cases(problem, model, nfes, cfg, ems, dc_ratios)
     rows = bench.run_bench(problem, nfes, cases)
     text = bench.table(rows)
+    problem.info["threads"] = threads
     typer.echo(f"{problem.name}: {json.dumps(problem.info)}")
     typer.echo(text)
     best = bench.best_ratios(rows)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shlex
 from pathlib import Path
 from typing import Optional
@@ -55,6 +56,90 @@ def spacing_of(name: Optional[str], solver=None) -> tuple[str, object]:
     return name, SPACINGS[name]
 
 
+class FittedFiles:
+    """The fitted files one run reads (--ems, --dc-ratios, --linear-ag, --minority, PPAP experts as --classifier,
+    --inversion). Each is checked against the run's cfg and grid when it is read, before any weights are;
+    the check against the model's weights waits here until the model is loaded (``check_model``).
+    ``allow_mismatch`` (--allow-mismatch) turns every mismatch into a one-line warning."""
+
+    def __init__(self, allow_mismatch: bool = False):
+        self.allow_mismatch = bool(allow_mismatch)
+        self.pending = []  # check(weights digest, model name) for each file read
+
+    def add(self, check) -> None:
+        self.pending.append(check)
+
+    def check_model(self, loaded, model: str) -> Optional[str]:
+        """Run the pending checks against the loaded model's weights digest (condiff.core.fitted); returns the
+        digest (None when no file waits for it)."""
+        if not self.pending:
+            return None
+        from condiff.core.fitted import weights_digest
+
+        digest = weights_digest(loaded.module)
+        for check in self.pending:
+            check(digest, model)
+        return digest
+
+
+def reports_fit_warnings(command):
+    """The command with every ``condiff.core.fitted.FitWarning`` (a fitted file used with --allow-mismatch, or
+    one too old to check) printed once on stderr as one ``warning: `` line."""
+    import functools
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        import warnings
+
+        from condiff.core.fitted import FitWarning
+        from condiff.errors import one_line
+
+        seen = set()
+        with warnings.catch_warnings():
+            show = warnings.showwarning
+
+            def echo(message, category, filename, lineno, file=None, line=None):
+                if not issubclass(category, FitWarning):
+                    return show(message, category, filename, lineno, file, line)
+                text = one_line(str(message))
+                if text not in seen:
+                    seen.add(text)
+                    typer.echo(f"warning: {text}", err=True)
+
+            warnings.showwarning = echo
+            warnings.simplefilter("always", FitWarning)
+            return command(*args, **kwargs)
+
+    return run
+
+
+def solver_fallback(solver) -> Optional[str]:
+    """What a solver that needs a fitted file runs as without one (dpm-v3 without --ems, dc-solver without
+    --dc-ratios), else None."""
+    from condiff.solvers import DCSolver, DPMSolverV3
+
+    if isinstance(solver, DPMSolverV3) and solver.ems is None:
+        as_ = "DDIM (DPM-Solver++(1))" if solver.order == 1 else f"DPM-Solver++({solver.order}M) in Taylor form"
+        return (
+            f"dpm-v3 without --ems runs as {as_}{' with its pseudo-order corrector' if solver.corrector else ''}: "
+            f"the statistics l = 1, s = b = 0; compute the model's with `condiff ems compute`"
+        )
+    if isinstance(solver, DCSolver) and solver.ratios is None:
+        return (
+            f"dc-solver without --dc-ratios runs as its base {solver.base.name} (every compensation ratio 1); "
+            f"search the model's ratios with `condiff dc search`"
+        )
+    return None
+
+
+def note_fallback(solver) -> Optional[str]:
+    """Print ``solver_fallback``'s note, if any, as one ``note: `` line on stderr, and return it."""
+    note = solver_fallback(solver)
+    if note is not None:
+        typer.echo(f"note: {note}", err=True)
+    return note
+
+
 def configured_solver(
     name: str,
     steps: int,
@@ -64,9 +149,13 @@ def configured_solver(
     dc_ratios: Optional[Path],
     model: str,
     options: Optional[list[str]] = None,
+    fitted: Optional[FittedFiles] = None,
 ):
     """The solver for --solver with its --solver-opt options and --ems / --dc-ratios files, and the spacing
-    (name, object)."""
+    (name, object). The files are checked against --cfg and the spacing here and, through ``fitted``, against
+    the model's weights once it is loaded; a solver without the file it needs prints what it runs as."""
+    fitted = FittedFiles() if fitted is None else fitted
+    allow = fitted.allow_mismatch
     refuse_pickled_inputs({"--ems": ems, "--dc-ratios": dc_ratios})
     sol = make_solver(name, options)
     if ems is not None and name != "dpm-v3":
@@ -81,27 +170,74 @@ def configured_solver(
         from condiff.solvers.ems import check_ems_fits, load_ems
 
         family = family_of(model)
+        where = f"--ems {str(ems)!r}"
         statistics = check_ems_fits(
             load_ems(ems),
             family.image_shape,
             schedule_from_config(resolve_model(model)[1]["schedule"]),
             what=repr(model),
+            cfg=cfg,
+            where=where,
+            allow_mismatch=allow,
+        )
+        fitted.add(
+            lambda digest, name, where=where: check_ems_fits(
+                statistics, family.image_shape, weights=digest, model=name, where=where, allow_mismatch=allow
+            )
         )
         sol = get_solver("dpm-v3", ems=statistics, **solver_options(options))
     if dc_ratios is not None:
-        from condiff.solvers.dc_search import dc_solver_for
+        from condiff.solvers.dc_search import check_ratios_fit, dc_solver_for, load_ratios
 
         if options:
             raise ConfigError("--solver-opt does not combine with --dc-ratios (the ratios file sets the solver)")
-        sol = dc_solver_for(dc_ratios, steps, cfg, spacing_name)
+        where = f"--dc-ratios {str(dc_ratios)!r}"
+        ratios = load_ratios(dc_ratios)
+        sol = dc_solver_for(ratios, steps, cfg, spacing_name, where=where, allow_mismatch=allow)
+        fitted.add(
+            lambda digest, name, where=where: check_ratios_fit(
+                ratios, digest, model=name, where=where, allow_mismatch=allow
+            )
+        )
+    note_fallback(sol)
     return sol, spacing_name, spc
 
 
-def sampling_setup(model, solver, steps, cfg, spacing, ems, dc_ratios, solver_opt, analytic_skip):
+def check_solver_files(loaded, model: str, cfg: float, ems, dc_ratios, allow_mismatch: bool = False) -> None:
+    """--ems and --dc-ratios of a command that builds its solvers itself (`bench solvers`), checked against the
+    loaded model's weights and --cfg (the spacing and NFE are checked per solver it builds)."""
+    if ems is None and dc_ratios is None:
+        return
+    from condiff.core.fitted import weights_digest
+
+    digest = weights_digest(loaded.module)
+    if ems is not None:
+        from condiff.solvers.ems import check_ems_fits, load_ems
+
+        where = f"--ems {str(ems)!r}"
+        check_ems_fits(
+            load_ems(ems),
+            loaded.family.image_shape,
+            loaded.schedule,
+            repr(model),
+            weights=digest,
+            cfg=cfg,
+            model=model,
+            where=where,
+            allow_mismatch=allow_mismatch,
+        )
+    if dc_ratios is not None:
+        from condiff.solvers.dc_search import check_ratios_fit, load_ratios
+
+        where = f"--dc-ratios {str(dc_ratios)!r}"
+        check_ratios_fit(load_ratios(dc_ratios), digest, model=model, where=where, allow_mismatch=allow_mismatch)
+
+
+def sampling_setup(model, solver, steps, cfg, spacing, ems, dc_ratios, solver_opt, analytic_skip, fitted=None):
     """What `sample` and `eval` share, checked before any weights are read: the model's family, the configured
-    solver, the spacing (name, object) and the analytic skip."""
+    solver, the spacing (name, object) and the analytic skip (``fitted``: see ``configured_solver``)."""
     family = family_of(model)
-    sol, spacing_name, spc = configured_solver(solver, steps, cfg, spacing, ems, dc_ratios, model, solver_opt)
+    sol, spacing_name, spc = configured_solver(solver, steps, cfg, spacing, ems, dc_ratios, model, solver_opt, fitted)
     return family, sol, spacing_name, spc, analytic_skip_of(analytic_skip, model, steps, spc)
 
 
@@ -140,7 +276,13 @@ def argv_text(options) -> str:
 
 
 def reproduce(command: str, options, *positional) -> str:
-    """The `condiff COMMAND [POSITIONAL...] [OPTIONS]` line that repeats a run (for JSON sidecars)."""
+    """The `condiff COMMAND [POSITIONAL...] [OPTIONS]` line that repeats a run (for JSON sidecars). It ends with
+    ``--threads N``, the count the run used (``use_threads`` set it), unless ``options`` give --threads."""
+    import torch
+
+    options = list(options)
+    if not any(flag == "--threads" for flag, _ in options):
+        options.append(("--threads", torch.get_num_threads()))
     return f"condiff {command}" + "".join(f" {shlex.quote(str(p))}" for p in positional) + argv_text(options)
 
 
@@ -163,6 +305,7 @@ GUIDANCE_FLAGS = {
     "minority": "--minority",
     "minority_level": "--minority-level",
     "minority_scale": "--minority-scale",
+    "allow_mismatch": "--allow-mismatch",
 }
 
 
@@ -238,10 +381,14 @@ def guidance_options_of(
     minority=None,
     minority_level=None,
     minority_scale=None,
+    fitted: Optional[FittedFiles] = None,
 ) -> GuidanceFlags:
     """The checked guidance of the flags, before the model's weights are read (PAG layer names are checked
     against the network once it is loaded; files and folders holding pickles are refused first). The names
-    --classifier, --minority and --linear-ag give are loaded here: this is where names become objects."""
+    --classifier, --minority and --linear-ag give are loaded here: this is where names become objects. The
+    fitted ones (a minority classifier, LinearAG coefficients, PPAP experts) are checked against the model's
+    weights through ``fitted`` (``FittedFiles``) once it is loaded; LinearAG's cfg and grid when the guidance
+    is built."""
     from condiff.guidance.build import GuidanceOptions, parse_interval
 
     refuse_pickled_inputs({"--classifier": classifier, "--minority": minority, "--linear-ag": linear_ag})
@@ -264,6 +411,7 @@ def guidance_options_of(
         linear_ag_steps=linear_ag_steps,
         minority_level=minority_level,
         minority_scale=1.0 if minority_scale is None else minority_scale,
+        allow_mismatch=False if fitted is None else fitted.allow_mismatch,
     )
     pending = {
         key: None if value is None else _PENDING
@@ -278,18 +426,33 @@ def guidance_options_of(
         except ConfigError as e:
             raise ConfigError(f"--negative-prompt: {e}") from None
     objects = {}
+    fitted = FittedFiles() if fitted is None else fitted
+    allow = fitted.allow_mismatch
     if classifier is not None:
-        from condiff.models.classifiers import load_guidance_classifier
+        from condiff.guidance.ppap import META_FILE, check_ppap_fits, read_ppap_meta
+        from condiff.models.classifiers import classifier_path, load_guidance_classifier
 
         objects["classifier"] = load_guidance_classifier(classifier)
+        folder = classifier_path(classifier)
+        if (folder / META_FILE).is_file():  # PPAP experts, distilled on the samples of one model
+            meta, where = read_ppap_meta(folder), f"--classifier {str(classifier)!r}"
+            fitted.add(lambda digest, name, where=where: check_ppap_fits(meta, digest, name, where, allow))
     if minority is not None:
-        from condiff.models.minority import load_minority
+        from condiff.models.minority import check_minority_fits, load_minority
 
-        objects["minority"] = load_minority(minority)
+        objects["minority"] = mc = load_minority(minority)
+        where = f"--minority {str(minority)!r}"
+        fitted.add(lambda digest, name, where=where: check_minority_fits(mc, digest, name, where, allow))
     if linear_ag is not None:
-        from condiff.guidance.linear_ag import load_linear_ag
+        from condiff.guidance.linear_ag import check_linear_ag_fits, load_linear_ag
 
-        objects["linear_ag"] = load_linear_ag(linear_ag)
+        objects["linear_ag"] = coeffs = load_linear_ag(linear_ag)
+        where = f"--linear-ag {str(linear_ag)!r}"
+        fitted.add(
+            lambda digest, name, where=where: check_linear_ag_fits(
+                coeffs, weights=digest, model=name, where=where, allow_mismatch=allow
+            )
+        )
     options = GuidanceOptions(**values, **objects, labels=GUIDANCE_FLAGS)
     return GuidanceFlags(options, {"classifier": classifier, "minority": minority, "linear_ag": linear_ag})
 
@@ -358,20 +521,59 @@ def family_of(model: str):
     return get_family(meta["family"])
 
 
-def thread_count() -> int:
-    value = os.environ.get("CONDIFF_THREADS", "2")
-    if not value.strip().isdigit() or int(value) < 1:
-        raise ConfigError(f"CONDIFF_THREADS must be a positive integer, got {value!r}")
-    return max(1, min(os.cpu_count() or 1, int(value)))
+def cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the platform has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # read in this order, as torch reads them
+
+
+def thread_count(threads: Optional[int] = None) -> int:
+    """A command's intra-op thread count. ``--threads N`` must be an integer from 1 to ``cores()``. Without it:
+    OMP_NUM_THREADS (else MKL_NUM_THREADS) where set, else 1; never more than the cores, nor than torch's own
+    setting in this process (a caller's ``torch.set_num_threads``). One thread is the default because CPU
+    sampling of these small networks gains little from a second thread on an idle machine and loses many times
+    over on a busy one (OpenMP's threads wait for each other at every op: docs/reliability.md)."""
+    import torch
+
+    n = cores()
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= n:
+            raise ConfigError(
+                f"--threads must be an integer in [1, {n}] (the CPU cores this process may use), got {threads!r}"
+            )
+        return threads
+    wanted = 1
+    for variable in THREAD_VARIABLES:
+        value = os.environ.get(variable, "").strip()
+        if value:
+            first = value.split(",")[0].strip()  # OpenMP also takes a list, one count per nesting level
+            if not re.fullmatch(r"[0-9]+", first) or int(first) < 1:
+                raise ConfigError(f"{variable} must be a positive integer, got {value!r} (unset it or give --threads)")
+            wanted = int(first)
+            break
+    return max(1, min(wanted, n, torch.get_num_threads()))
+
+
+def use_threads(threads: Optional[int] = None) -> int:
+    """Set torch's intra-op thread count for this command (``thread_count``) and return it; every command that
+    computes calls it before its heavy work, and records the count in its JSON and ``reproduce`` line."""
+    import torch
+
+    count = thread_count(threads)
+    torch.set_num_threads(count)
+    return count
 
 
 def load_model(model: str):
-    import torch
-
+    """The model (thread count left as ``use_threads`` set it)."""
     from condiff.models.base import load_model, silence_diffusers
 
     silence_diffusers()
-    torch.set_num_threads(thread_count())
     return load_model(model)
 
 
@@ -547,3 +749,45 @@ def load_inversion(path: Path):
     ):
         raise InputFileError(f"--inversion {str(path)!r} has malformed metadata (write it with `condiff invert`)")
     return state, meta
+
+
+def reconstruction_path(out: Path) -> Path:
+    """Where `invert` writes the reconstruction of an inversion written to ``out``: <stem>_reconstruction.png."""
+    return out.with_name(out.stem + "_reconstruction.png")
+
+
+def write_reconstruction(recon, path: Path, x0) -> float:
+    """Write the reconstruction (1, C, H, W) at its own size (the model's, where its PSNR is measured) and return
+    the PSNR of the written 8-bit file, read back, against ``x0`` (the input as the model read it)."""
+    from condiff.data.images import read_image, write_image
+
+    write_image(recon, path)
+    return psnr(read_image(path, tuple(recon.shape[1:]), resize=False).tensor, x0)
+
+
+def write_at_input_size(edited, image: Path, src, out: Path, channels: int) -> dict:
+    """An output image (`edit`'s edit, `restore`'s restoration; (1, C, H, W) at the model's size) written at
+    the input's size: resized back, or, when the input was centre-cropped, resized to the crop box and pasted
+    into the original so the borders survive. Returns what was done."""
+    import torch
+
+    from condiff.data.images import from_uint8, read_image, resize_pixels, write_image
+
+    w, h = src.original_size
+    box = tuple(src.crop)
+    if box == (0, 0, w, h):
+        write_image(edited, out, size=(w, h))
+        return {"size": [w, h], "fit": "native" if (h, w) == tuple(edited.shape[-2:]) else "resized"}
+    full = read_image(image, (3, h, w), resize=False).tensor[0]
+    left, top, right, bottom = box
+    pixels = ((edited[0].clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0).numpy()
+    patch = from_uint8(torch.from_numpy(resize_pixels(pixels, (right - left, bottom - top)))).permute(2, 0, 1)
+    full[:, top:bottom, left:right] = patch.expand(3, -1, -1) if channels == 1 else patch
+    write_image(full, out)
+    return {
+        "size": [w, h],
+        "fit": "pasted",
+        "crop": list(box),
+        "detail": "the output was resized to the centre-crop box and pasted into the original; the borders "
+        "outside the box are the original's",
+    }

@@ -17,6 +17,7 @@ from typing import Optional
 import typer
 
 from condiff.cli import common
+from condiff.cli.options import ThreadsOpt
 from condiff.errors import ConfigError, check_int
 from condiff.guidance.schedules import MAX_SCALE
 
@@ -64,12 +65,14 @@ def search_cmd(
     axis: str = typer.Option("lambda", help="interpolation variable: lambda (log alpha/sigma) or t (the paper's)"),
     bounded: bool = typer.Option(False, help="search p in rho = 1 + 0.5 tanh(p) instead of rho"),
     out: Path = typer.Option(..., help="output ratios file (.json)"),
+    threads: ThreadsOpt = None,
 ):
     """Search DC ratios per (NFE, CFG) on a model and write them, with a CPR fit, to a JSON ratios file."""
     import torch
     from tqdm.auto import tqdm
 
     from condiff import __version__
+    from condiff.core.fitted import weights_digest
     from condiff.core.grids import make_grid
     from condiff.errors import one_of
     from condiff.guidance import CFG
@@ -92,6 +95,7 @@ def search_cmd(
         raise one_of("--axis", axis, AXES)
     common.check_out(out, "--out", ".json")
     common.family_of(model)
+    common.use_threads(threads)
     m = common.load_model(model)
 
     t0 = time.perf_counter()
@@ -165,7 +169,7 @@ def search_cmd(
         "torch_version": torch.__version__,
         "reproduce": reproduce,
     }
-    save_ratios(out, DCRatios(entries, cpr, base, axis, 2, spacing, model, meta, metrics))
+    save_ratios(out, DCRatios(entries, cpr, base, axis, 2, spacing, model, meta, metrics, weights_digest(m.module)))
     for (n, w), r in entries.items():
         mt = metrics[(n, w)]
         typer.echo(

@@ -3,7 +3,7 @@ line, over the editing methods of condiff.inversion (``get_method`` / ``METHODS`
 
 ``condiff invert --image in.png --prompt "large red circle top-left" --method ddim --out inv.safetensors``
 inverts an image under its caption, samples it back and saves the inversion (``save_inverted``) with its
-settings and the reconstruction PSNR in the file's metadata.
+settings and the reconstruction PSNR in the file's metadata, and the reconstruction as ``inv_reconstruction.png``.
 
 ``condiff edit --image in.png --from "large red circle top-left" --to "large blue circle top-left" --method ddim
 --out edited.png`` inverts (or, with ``--inversion FILE``, reuses a saved inversion), samples the edit and
@@ -28,6 +28,7 @@ import typer
 
 from condiff.cli import common
 from condiff.cli import pipeline as diffusers_cmds
+from condiff.cli.options import AllowMismatchOpt, ThreadsOpt
 from condiff.errors import ConfigError, InputFileError, check_int
 
 MAX_BENCH_N = 100_000
@@ -45,6 +46,9 @@ NoResizeOpt = typer.Option(
     help="refuse an image of another size instead of centre-cropping and resizing it to the model's size",
 )
 ModelOpt = typer.Option("shapes", help="bundled model name (shapes, digits) or a model directory")
+ModelOrPipelineOpt = typer.Option(
+    None, help="bundled model name (shapes, digits) or a model directory [default: shapes]; not with --pipeline"
+)
 MethodHelp = "editing method, e.g. ddim or edit-friendly (a wrong name lists them all)"
 PipelineOpt = typer.Option(
     None,
@@ -85,7 +89,7 @@ def _sample(fn, m, state, cond, seed: int, what: Optional[str] = None):
 
 
 def invert_cmd(
-    model: str = ModelOpt,
+    model: Optional[str] = ModelOrPipelineOpt,
     image: Path = typer.Option(
         ...,
         help="the image to invert (PNG, JPEG, ...); other sizes are centre-cropped "
@@ -97,22 +101,34 @@ def invert_cmd(
     seed: int = typer.Option(0, help="random seed (edit-friendly's noise maps, SDEdit's noise)"),
     method_opt: Optional[list[str]] = MethodOpt,
     no_resize: bool = NoResizeOpt,
-    out: Path = typer.Option(..., help="the inversion file to write (.safetensors), for `condiff edit --inversion`"),
+    out: Path = typer.Option(
+        ...,
+        help="the inversion file to write (.safetensors), for `condiff edit --inversion`; the reconstruction "
+        "(the inversion sampled back, at the model's size) is written beside it as <stem>_reconstruction.png",
+    ),
     pipeline: Optional[Path] = PipelineOpt,
+    threads: ThreadsOpt = None,
 ):
-    """Invert an image under its caption, sample it back, and save the inversion for `condiff edit`."""
+    """Invert an image under its caption, sample it back, and save the inversion for `condiff edit` and the
+    reconstruction (<stem>_reconstruction.png)."""
     import torch
 
+    threads = common.use_threads(threads)
     if pipeline is not None:  # a diffusers folder: condiff.cli.pipeline
+        diffusers_cmds.refuse_model_options({"--model": model})
         return diffusers_cmds.invert_cmd(pipeline, image, prompt, method, steps, seed, method_opt, out)
+    model = "shapes" if model is None else model
 
     from condiff import __version__
+    from condiff.core.fitted import weights_digest
     from condiff.core.grids import make_grid
     from condiff.inversion.methods import save_inverted
 
     common.check_steps(steps)
     common.check_seed(seed)
     common.check_out(out, "--out", ".safetensors")
+    recon_path = common.reconstruction_path(out)
+    common.check_out(recon_path, "--out (its reconstruction image)")
     family = common.family_of(model)
     raw = common.parse_prompt(family, prompt, "--prompt")
     options = common.method_options(method, method_opt)
@@ -125,10 +141,12 @@ def invert_cmd(
     recon = _sample(meth.reconstruct, m, state, cond, seed)
     seconds = time.perf_counter() - t0
     p = common.psnr(recon, x0)
+    p_written = common.write_reconstruction(recon, recon_path, x0)
     extra = {
         "format": "condiff.inversion",
         "model": model,
         "model_path": common.model_path(model),
+        "model_weights": weights_digest(m.module),
         "family": m.family.name,
         "prompt": prompt,
         "tokens": raw.tolist(),
@@ -142,7 +160,10 @@ def invert_cmd(
         "notice": src.notice,
         "image_sha256": common.image_digest(x0),
         "reconstruction_psnr": p,
+        "reconstruction": str(recon_path),
+        "reconstruction_psnr_written": p_written,
         "seconds": seconds,
+        "threads": threads,
         "condiff_version": __version__,
         "torch_version": torch.__version__,
         "reproduce": common.reproduce(
@@ -163,7 +184,7 @@ def invert_cmd(
     save_inverted(state, out, extra)
     nfe = state.info.get("nfe")
     typer.echo(
-        f"inverted with {meth.label}: wrote {out} ("
+        f"inverted with {meth.label}: wrote {out} and its reconstruction {recon_path} ("
         + (f"{nfe} NFE, " if nfe is not None else "")
         + f"reconstruction PSNR {p:.2f} dB, {seconds:.1f}s)"
     )
@@ -173,11 +194,24 @@ def invert_cmd(
 
 
 def _check_inversion(
-    path: Path, state, meta: dict, method: Optional[str], steps: Optional[int], model: str, tokens: Optional[list]
+    path: Path,
+    state,
+    meta: dict,
+    method: Optional[str],
+    steps: Optional[int],
+    model: str,
+    tokens: Optional[list],
+    fitted: Optional[common.FittedFiles] = None,
 ) -> None:
-    """Refuse an inversion file made with another method, number of steps, model, time grid or source
-    prompt (all before any weights are read)."""
+    """Refuse an inversion file made with another method, number of steps, model family, time grid or source
+    prompt (all before any weights are read). The model's weights are checked through ``fitted`` once it is
+    loaded (``check_inversion_fits``); a file that does not record them is checked by the model's name here."""
     import torch
+
+    from condiff.core.fitted import FittedFor, describe, mismatch
+    from condiff.inversion.methods import check_inversion_fits
+
+    fitted = common.FittedFiles() if fitted is None else fitted
 
     where = repr(str(path))
     if method is not None and method != meta.get("method"):
@@ -192,8 +226,24 @@ def _check_inversion(
         raise ConfigError(
             f"--inversion {where} was made with --steps {saved}, not {steps}; give --steps {saved} or invert again"
         )
+    family = common.family_of(model).name
     if meta.get("model") != model and meta.get("model_path") != common.model_path(model):
-        raise ConfigError(f"--inversion {where} was made with --model {meta.get('model')!r}, not {model!r}")
+        if meta.get("family", family) != family or not meta.get("model_weights"):
+            text = f"--inversion {where} was made with --model {meta.get('model')!r}, not {model!r}"
+            if meta.get("family", family) != family:
+                raise ConfigError(f"{text} (a {meta.get('family')} model, not a {family} one)")
+            # written before inversions recorded the model's weights: the names are all there is to compare
+            named = FittedFor(str(meta.get("model")))
+            mismatch(
+                f"--inversion {where}",
+                describe(named, ["model"]),
+                describe(FittedFor(model), ["model"]),
+                fitted.allow_mismatch,
+                "made",
+                "invert the image again",
+            )
+    allow = fitted.allow_mismatch
+    fitted.add(lambda digest, name: check_inversion_fits(meta, digest, name, f"--inversion {where}", allow))
     if tokens is not None and meta.get("tokens") != tokens:
         raise ConfigError(
             f"--from does not match the prompt {meta.get('prompt')!r} that --inversion {where} was "
@@ -215,35 +265,9 @@ def _grid(model: str, steps: int):
     return make_grid(schedule_from_config(resolve_model(model)[1]["schedule"]), steps)
 
 
-def _write_edit(edited, image: Path, src, out: Path, channels: int) -> dict:
-    """The edited image at the input's size: resized back, or, when the input was centre-cropped, resized to
-    the crop box and pasted into the original so the borders survive. Returns what was done."""
-    import torch
-
-    from condiff.data.images import from_uint8, read_image, resize_pixels, write_image
-
-    w, h = src.original_size
-    box = tuple(src.crop)
-    if box == (0, 0, w, h):
-        write_image(edited, out, size=(w, h))
-        return {"size": [w, h], "fit": "native" if (h, w) == tuple(edited.shape[-2:]) else "resized"}
-    full = read_image(image, (3, h, w), resize=False).tensor[0]
-    left, top, right, bottom = box
-    pixels = ((edited[0].clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0).numpy()
-    patch = from_uint8(torch.from_numpy(resize_pixels(pixels, (right - left, bottom - top)))).permute(2, 0, 1)
-    full[:, top:bottom, left:right] = patch.expand(3, -1, -1) if channels == 1 else patch
-    write_image(full, out)
-    return {
-        "size": [w, h],
-        "fit": "pasted",
-        "crop": list(box),
-        "detail": "the edit was resized to the centre-crop box and pasted into the original; the borders "
-        "outside the box are the original's",
-    }
-
-
+@common.reports_fit_warnings
 def edit_cmd(
-    model: str = ModelOpt,
+    model: Optional[str] = ModelOrPipelineOpt,
     image: Path = typer.Option(
         ...,
         help="the image to edit (PNG, JPEG, ...); other sizes are centre-cropped and "
@@ -268,10 +292,12 @@ def edit_cmd(
         "model, method and steps) instead of inverting again",
     ),
     no_resize: bool = NoResizeOpt,
+    allow_mismatch: AllowMismatchOpt = False,
     out: Path = typer.Option(
         ..., help="the edited image (.png); <stem>_compare.png and a JSON sidecar (<stem>.json) are written beside it"
     ),
     pipeline: Optional[Path] = PipelineOpt,
+    threads: ThreadsOpt = None,
 ):
     """Edit an image from one caption to another; writes the edit, a comparison strip and a JSON sidecar.
 
@@ -279,8 +305,11 @@ def edit_cmd(
     edit at the input's size, <stem>_compare.png (source | reconstruction | edited) and <stem>.json."""
     import torch
 
+    threads = common.use_threads(threads)
     if pipeline is not None:  # a diffusers folder: condiff.cli.pipeline
+        diffusers_cmds.refuse_model_options({"--model": model})
         return diffusers_cmds.edit_cmd(pipeline, image, from_, to, method, steps, seed, method_opt, inversion, out)
+    model = "shapes" if model is None else model
 
     from condiff import __version__
     from condiff.core.files import atomic_write_json
@@ -303,9 +332,11 @@ def edit_cmd(
     tgt_raw = common.parse_prompt(family, to, "--to")
     state = meta = None
     options = {}
+    fitted = common.FittedFiles(allow_mismatch)
     if inversion is not None:
         state, meta = common.load_inversion(inversion)
-        _check_inversion(inversion, state, meta, method, steps, model, None if src_raw is None else src_raw.tolist())
+        tokens = None if src_raw is None else src_raw.tolist()
+        _check_inversion(inversion, state, meta, method, steps, model, tokens, fitted)
         method, steps = meta["method"], meta["steps"]
         if from_ is None:
             from_ = meta.get("prompt")
@@ -337,6 +368,7 @@ def edit_cmd(
         )
 
     m = common.loaded_model(model)
+    fitted.check_model(m, model)
     src_cond, tgt_cond = m.condition(src_raw), m.condition(tgt_raw)
     what = None if inversion is None else f"--inversion {str(inversion)!r}"
     t0 = time.perf_counter()
@@ -346,7 +378,7 @@ def edit_cmd(
     edited = _sample(meth.sample, m, state, tgt_cond, seed, what)
     seconds = time.perf_counter() - t0
     p = common.psnr(recon, x0)
-    output = _write_edit(edited, image, src, out, family.image_shape[0])
+    output = common.write_at_input_size(edited, image, src, out, family.image_shape[0])
     save_png(
         compare_image(
             [(f"source: {from_}", x0[0]), (f"reconstruction ({p:.1f} dB)", recon[0]), (f"edited: {to}", edited[0])]
@@ -370,12 +402,14 @@ def edit_cmd(
         "crop": list(src.crop),
         "notice": src.notice,
         "inversion": None if inversion is None else str(inversion),
+        "allow_mismatch": allow_mismatch,
         "nfe_inversion": state.info.get("nfe"),
         "reconstruction_psnr": p,
         "labels": readings,
         "seconds": seconds,
         "output": output,
         "outputs": {"image": str(out), "compare": str(compare), "sidecar": str(sidecar)},
+        "threads": threads,
         "condiff_version": __version__,
         "torch_version": torch.__version__,
         "reproduce": common.reproduce(
@@ -390,6 +424,7 @@ def edit_cmd(
                 ("--seed", seed),
                 ("--method-opt", method_opt or []),
                 ("--inversion", inversion),
+                ("--allow-mismatch", allow_mismatch),
                 ("--no-resize", no_resize),
                 ("--out", out),
             ],
@@ -532,6 +567,7 @@ def bench_edit_cmd(
     grid: Optional[Path] = typer.Option(
         None, "--grid", help="the figure of examples (default: beside --json, <stem>_grid.png)"
     ),
+    threads: ThreadsOpt = None,
 ):
     """Every editing method on the same held-out shapes renders, scored by the exact labeller: reconstruction
     PSNR and color / shape / position edit success."""
@@ -554,11 +590,14 @@ def bench_edit_cmd(
             f"{model!r} is a {family.name} model"
         )
     chosen = bench_methods(methods, method_opt)
+    threads = common.use_threads(threads)
     m = common.loaded_model(model)
     report, images = run_bench(
         m, chosen, n=n, seed=seed, steps=steps, batch_size=batch_size, progress=True, examples=examples
     )
-    report["config"].update(model=model, model_path=common.model_path(model), method_opt=list(method_opt or []))
+    report["config"].update(
+        model=model, model_path=common.model_path(model), method_opt=list(method_opt or []), threads=threads
+    )
     atomic_write_json(json_out, report)
     save_png(bench_figure(images, report["config"]["methods"]), grid)
     typer.echo(report["table"])

@@ -17,6 +17,7 @@ from pathlib import Path
 import typer
 
 from condiff.cli import common
+from condiff.cli.options import ThreadsOpt
 from condiff.errors import ConfigError, check_real
 from condiff.guidance.schedules import MAX_SCALE
 
@@ -56,11 +57,13 @@ def compute(
         "else central differences), forward-ad, central-difference",
     ),
     out: Path = typer.Option(..., help="output .safetensors file"),
+    threads: ThreadsOpt = None,
 ):
     """Estimate the statistics of a model at a CFG scale and write them for `--solver dpm-v3 --ems FILE`."""
     import torch
 
     from condiff import __version__
+    from condiff.core.fitted import weights_digest
     from condiff.guidance import CFG
     from condiff.solvers.ems import JVPS, compute_ems
     from condiff.solvers.pfgmpp import GaussianNoise
@@ -74,6 +77,7 @@ def compute(
         x0, raw = family.training_batch(0, n_data, g, seed, ObjectiveConfig())
     except ConfigError as e:
         raise ConfigError(f"--n-data {n_data} is more than the {family.name} training data allows ({e})") from None
+    common.use_threads(threads)
     m = common.load_model(model)
     cond = m.condition(raw)
     sch = m.schedule
@@ -97,6 +101,7 @@ def compute(
             "model": model,
             "cfg": cfg,
             "seed": seed,
+            "weights": weights_digest(m.module),
             "schedule": m.info.get("schedule_cfg"),
             "info": {"condiff_version": __version__, "torch_threads": torch.get_num_threads(), "family": m.family.name},
         },

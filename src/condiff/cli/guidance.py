@@ -27,6 +27,7 @@ from typing import Any, Optional
 import typer
 
 from condiff.cli import common
+from condiff.cli.options import ThreadsOpt
 from condiff.core.denoiser import Wrapper
 from condiff.errors import ConfigError
 
@@ -85,12 +86,14 @@ def fit_linear_ag_cmd(
         help="also record this many held-out trajectories and report the "
         "teacher-forced R^2 on them (0: report the in-sample R^2 only)",
     ),
+    threads: ThreadsOpt = None,
 ):
     """Record CFG trajectories of a model and fit LinearAG's per-evaluation coefficients to a safetensors file."""
     import torch
     from tqdm.auto import tqdm
 
     from condiff.core.denoiser import take_rows
+    from condiff.core.fitted import weights_digest
     from condiff.core.grids import make_grid
     from condiff.core.sampling import Gaussian
     from condiff.guidance.linear_ag import CFGRecord, fit_linear_ag, predict_record, record_cfg, save_linear_ag
@@ -99,9 +102,11 @@ def fit_linear_ag_cmd(
     if not 0 <= holdout <= common.MAX_SAMPLES:
         raise ConfigError(f"--holdout must be an integer in [0, {common.MAX_SAMPLES}], got {holdout}")
     sol = common.make_solver(solver)
+    common.note_fallback(sol)
     spacing_name, spc = common.spacing_of(spacing, sol)
     common.check_out(out, "--out", ".safetensors")
     common.family_of(model)
+    common.use_threads(threads)
     m = common.load_model(model)
 
     t0 = time.perf_counter()
@@ -112,7 +117,19 @@ def fit_linear_ag_cmd(
         den = _Progress(m.denoiser, bar)
         with torch.no_grad():
             cond, x = draw_starts(m, n, grid, g)
-            coeffs = fit_linear_ag(den, sol, grid, x, cond, cfg, noise=Gaussian(g), batch_size=batch_size)
+            coeffs = fit_linear_ag(
+                den,
+                sol,
+                grid,
+                x,
+                cond,
+                cfg,
+                noise=Gaussian(g),
+                batch_size=batch_size,
+                model=model,
+                weights=weights_digest(m.module),
+                spacing=spacing_name,
+            )
             held = None
             if holdout:
                 hcond, hx = draw_starts(m, holdout, grid, g)
@@ -160,6 +177,7 @@ def train_ppap_cmd(
     temperature: float = typer.Option(0.25, help="the teacher's softmax temperature T_kd"),
     holdout: int = typer.Option(256, help="generated images kept out of training to report the KD loss on"),
     seed: int = typer.Option(0, help="random seed (generation, then distillation)"),
+    threads: ThreadsOpt = None,
 ):
     """PPAP (Go et al., CVPR 2023): distil N LoRA experts of a clean classifier on images the model generates."""
     import math
@@ -167,6 +185,7 @@ def train_ppap_cmd(
     import torch
     from tqdm.auto import tqdm
 
+    from condiff.core.fitted import weights_digest
     from condiff.core.grids import make_grid
     from condiff.core.sampling import Gaussian, sample
     from condiff.guidance.ppap import save_ppap
@@ -188,8 +207,10 @@ def train_ppap_cmd(
     if not math.isfinite(weight_decay) or weight_decay < 0:
         raise ConfigError(f"--weight-decay must be a finite number >= 0, got {weight_decay}")
     sol = common.make_solver(solver)
+    common.note_fallback(sol)
     common.check_out(out, "--out", kind="dir")
     common.family_of(model)
+    threads = common.use_threads(threads)
     net = load_classifier(classifier)
     if net.config.noise_aware:
         raise ConfigError(
@@ -258,6 +279,7 @@ def train_ppap_cmd(
     info = {
         "classifier": classifier,
         "model": model,
+        "model_weights": weights_digest(m.module),
         "images": images,
         "holdout": holdout,
         "gen_steps": gen_steps,
@@ -268,6 +290,7 @@ def train_ppap_cmd(
         "weight_decay": weight_decay,
         "temperature": temperature,
         "seed": seed,
+        "threads": threads,
         "seconds": {"generate": round(gen_seconds, 1), "total": round(seconds, 1)},
         "experts": report,
     }
@@ -316,6 +339,7 @@ def fit_minority_cmd(
     weight_decay: float = typer.Option(0.05, help="AdamW weight decay (the paper's 0.05)"),
     holdout: float = typer.Option(0.05, help="fraction of the renders held out to report level accuracy on"),
     seed: int = typer.Option(0, help="random seed (renders, score noise, split, classifier training)"),
+    threads: ThreadsOpt = None,
 ):
     """Minority guidance (Um et al., ICLR 2024): score training renders, bin them into L levels and train the
     noise-aware minority classifier; guide with condiff.guidance.minority.MinorityGuidance."""
@@ -324,6 +348,7 @@ def fit_minority_cmd(
     import torch
     from tqdm.auto import tqdm
 
+    from condiff.core.fitted import weights_digest
     from condiff.models.minority import save_minority
     from condiff.nets.classifier import AttributeClassifier
     from condiff.training.minority import fit_minority_classifier
@@ -353,6 +378,7 @@ def fit_minority_cmd(
         raise ConfigError(
             f"fit-minority trains a classifier for (3, 32, 32) images; model {model!r} makes {tuple(fam.image_shape)}"
         )
+    threads = common.use_threads(threads)
     m = common.load_model(model)
     sch = m.schedule
     if t is None:
@@ -390,11 +416,13 @@ def fit_minority_cmd(
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
+    mc.model, mc.weights = model, weights_digest(m.module)
     mc.info.update(
         {
             "model": model,
             "renders": n,
             "seed": seed,
+            "threads": threads,
             "seconds": seconds,
             "command": common.reproduce(
                 "guidance fit-minority",

@@ -7,6 +7,17 @@ from typing import Annotated, Optional
 
 import typer
 
+# Every command that computes (declared once; condiff.cli.common.thread_count checks it and picks the default).
+ThreadsOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--threads",
+        help="CPU threads for torch, 1 to the cores (default: OMP_NUM_THREADS, else MKL_NUM_THREADS, else 1; "
+        "train: the recipe's train.threads); more threads help only on idle cores",
+        show_default=False,
+    ),
+]
+
 # Options shared by `sample` and `eval`.
 SolverOpt = Annotated[str, typer.Option(help="solver name (see `condiff solvers`)")]
 StepsOpt = Annotated[int, typer.Option(help="number of solver steps")]
@@ -39,6 +50,15 @@ DcRatiosOpt = Annotated[
     typer.Option("--dc-ratios", help="DC-Solver ratios from `condiff dc search` (with --solver dc-solver)"),
 ]
 BatchOpt = Annotated[int, typer.Option(help="samples per batch (bounds memory; large --n is streamed)")]
+# `sample`, `eval` and `edit`: the check of fitted files against the run (condiff.core.fitted).
+AllowMismatchOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-mismatch",
+        help="use fitted files (--ems, --dc-ratios, --linear-ag, --minority, PPAP experts, --inversion) made for "
+        "another model, cfg or grid, with a one-line warning instead of an error",
+    ),
+]
 AnalyticSkipOpt = Annotated[
     Optional[str],
     typer.Option(

@@ -26,11 +26,9 @@ def refuse_model_options(options: dict) -> None:
 
 
 def _open_pipeline(pipeline: Path):
-    import torch
-
+    """The pipeline (at the thread count the command set with ``common.use_threads``)."""
     from condiff.interop.pipeline import load_pipeline
 
-    torch.set_num_threads(common.thread_count())
     return load_pipeline(pipeline)
 
 
@@ -133,6 +131,7 @@ def sample_cmd(
         "grid": result.grid.tolist(),
         "nfe": result.nfe,
         "seconds": seconds,
+        "threads": torch.get_num_threads(),
         "condiff_version": __version__,
         "torch_version": torch.__version__,
         "reproduce": common.reproduce(
@@ -171,7 +170,9 @@ def _image(pipe, path: Path):
 def invert_cmd(
     pipeline: Path, image: Path, prompt: str, method: str, steps: int, seed: int, method_opt, out: Path
 ) -> None:
-    """``condiff invert --pipeline DIR``: invert an image's VAE latents; save the inversion (safetensors)."""
+    """``condiff invert --pipeline DIR``: invert an image's VAE latents; save the inversion (safetensors) and the
+    decoded reconstruction (<stem>_reconstruction.png)."""
+    import torch
     import typer
 
     from condiff.interop.run import invert_pipeline
@@ -180,6 +181,8 @@ def invert_cmd(
     common.check_steps(steps)
     common.check_seed(seed)
     common.check_out(out, "--out", ".safetensors")
+    recon_path = common.reconstruction_path(out)
+    common.check_out(recon_path, "--out (its reconstruction image)")
     meth = common.make_method(method, common.method_options(method, method_opt))
     pipe = _open_pipeline(pipeline)
     x = _image(pipe, image)
@@ -187,6 +190,7 @@ def invert_cmd(
     state, recon = invert_pipeline(pipe, meth, x, prompt, steps, seed)
     seconds = time.perf_counter() - t0
     p = common.psnr(recon, x)
+    p_written = common.write_reconstruction(recon, recon_path, x)
     save_inverted(
         state,
         out,
@@ -201,12 +205,16 @@ def invert_cmd(
             "image": str(image),
             "image_sha256": common.image_digest(x),
             "reconstruction_psnr": p,
+            "reconstruction": str(recon_path),
+            "reconstruction_psnr_written": p_written,
             "seconds": seconds,
+            "threads": torch.get_num_threads(),
             "space": "latent",
         },
     )
     typer.echo(
-        f"inverted with {meth.label}: wrote {out} (reconstruction PSNR {p:.2f} dB through the VAE, {seconds:.1f}s)"
+        f"inverted with {meth.label}: wrote {out} and its reconstruction {recon_path} (reconstruction PSNR "
+        f"{p:.2f} dB through the VAE, {seconds:.1f}s)"
     )
 
 
@@ -246,18 +254,22 @@ def edit_cmd(
     out: Path,
 ) -> None:
     """``condiff edit --pipeline DIR``: invert under --from (or reuse --inversion from ``invert --pipeline``),
-    sample under --to, write the edit and a comparison strip."""
+    sample under --to, write the edit, a comparison strip and a JSON sidecar (as `edit` does)."""
+    import torch
     import typer
 
+    from condiff import __version__
+    from condiff.core.files import atomic_write_json
     from condiff.data.images import compare_image, save_png, write_image
     from condiff.interop.run import edit_pipeline, invert_pipeline
 
     if steps is not None:
         common.check_steps(steps)
     common.check_seed(seed)
-    compare = out.with_name(out.stem + "_compare.png")
+    compare, sidecar = out.with_name(out.stem + "_compare.png"), out.with_suffix(".json")
     common.check_out(out, "--out", ".png")
     common.check_out(compare, "--out (its comparison image)")
+    common.check_out(sidecar, "--out (its JSON sidecar)")
     state = None
     options = {}
     if inversion is not None:
@@ -270,6 +282,7 @@ def edit_cmd(
     meth = common.make_method(method, {**options, **common.method_options(method, method_opt)})
     pipe = _open_pipeline(pipeline)
     x = _image(pipe, image)
+    t0 = time.perf_counter()
     if state is None:
         state, recon = invert_pipeline(pipe, meth, x, from_, steps, seed)
     else:
@@ -280,6 +293,7 @@ def edit_cmd(
             )
         recon = edit_pipeline(pipe, meth, state, from_, seed, reconstruct=True)
     edited = edit_pipeline(pipe, meth, state, to, seed)
+    seconds = time.perf_counter() - t0
     p = common.psnr(recon, x)
     write_image(edited, out)
     save_png(
@@ -288,4 +302,45 @@ def edit_cmd(
         ),
         compare,
     )
-    typer.echo(f"edited with {meth.label}: wrote {out} and {compare} (reconstruction PSNR {p:.2f} dB)")
+    record = {
+        "command": "edit",
+        "pipeline": str(Path(pipeline).resolve()),
+        "pipeline_class": pipe.kind,
+        "method": method,
+        "method_label": meth.label,
+        "options": meth.options(),
+        "from": from_,
+        "to": to,
+        "steps": steps,
+        "seed": seed,
+        "image": str(image),
+        "inversion": None if inversion is None else str(inversion),
+        "nfe_inversion": state.info.get("nfe"),
+        "reconstruction_psnr": p,
+        "seconds": seconds,
+        "output": {"size": [int(edited.shape[-1]), int(edited.shape[-2])], "space": "latent, decoded by the VAE"},
+        "outputs": {"image": str(out), "compare": str(compare), "sidecar": str(sidecar)},
+        "threads": torch.get_num_threads(),
+        "condiff_version": __version__,
+        "torch_version": torch.__version__,
+        "reproduce": common.reproduce(
+            "edit",
+            [
+                ("--pipeline", pipeline),
+                ("--image", image),
+                ("--from", from_),
+                ("--to", to),
+                ("--method", method),
+                ("--steps", steps),
+                ("--seed", seed),
+                ("--method-opt", method_opt or []),
+                ("--inversion", inversion),
+                ("--out", out),
+            ],
+        ),
+    }
+    atomic_write_json(sidecar, record)
+    typer.echo(
+        f"edited with {meth.label}: wrote {out}, {compare} and {sidecar} (reconstruction PSNR {p:.2f} dB, "
+        f"{seconds:.1f}s)"
+    )

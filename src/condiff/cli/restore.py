@@ -5,14 +5,16 @@ Algorithm 1).
 
 ``condiff restore --task inpaint --image in.png --mask m.png --out out.png`` fills the white pixels of the mask
 (diffusers' convention: white = fill, black = known; read as grayscale, thresholded at mid-gray, resized to
-the model's size with nearest-neighbour sampling) and keeps the known pixels bit for bit.
+the model's size with nearest-neighbour sampling) and keeps the known pixels bit for bit (in the model-size sample).
 ``--task sr`` takes a low-resolution square image whose side divides the model's (8x8 for x4 on 32x32) and
 samples a model-size image whose average pooling equals it. ``--task colorize`` reads the image, keeps its
 BT.601 luminance and samples the colors. The prompt defaults to the empty caption (unconditional).
 
-Writes --out (PNG at the model's size), ``<stem>_compare.png`` (input | output) and ``<stem>.json`` with the
-task, the options, the time, the measurement error max|A x - y| of the sample (and of the written 8-bit
-file), the labeller's reading of the output (shapes models) and a command that reproduces it. Every user
+Writes --out at the input's size as `edit` does (inpaint, colorize: the model-size sample resized back, or
+resized to the centre-crop box and pasted into the original; sr: the model's size, the input's times the
+factor), ``<stem>_compare.png`` (input | output) and ``<stem>.json`` with the task, the options, the time, the
+measurement error max|A x - y| of the model-size sample (and of the written 8-bit file as read back for the
+model), the labeller's reading of the output (shapes models) and a command that reproduces it. Every user
 error is one ``error:`` line with exit code 2, raised before any weights are read.
 """
 
@@ -25,6 +27,7 @@ from typing import Optional
 import typer
 
 from condiff.cli import common
+from condiff.cli.options import ThreadsOpt
 from condiff.errors import ConfigError, InputFileError, check_int
 
 TASKS = {
@@ -141,9 +144,10 @@ def restore_cmd(
     solver: str = typer.Option("ddpm", help="solver name (see `condiff solvers`)"),
     out: Path = typer.Option(
         ...,
-        help="the restored image (.png, at the model's size); <stem>_compare.png and a "
+        help="the restored image (.png, at the input's size; sr: the model's); <stem>_compare.png and a "
         "JSON sidecar (<stem>.json) are written beside it",
     ),
+    threads: ThreadsOpt = None,
 ):
     """Steered restoration: inpainting, super-resolution or colorization with the model as the prior.
 
@@ -163,6 +167,7 @@ def restore_cmd(
     common.check_steps(steps)
     common.check_seed(seed)
     check_int("--recurrence", recurrence, 1, MAX_RECURRENCE)
+    threads = common.use_threads(threads)
     sol = SelfRecurrence(get_solver(solver), recurrence)
     if task == "inpaint" and mask is None:
         raise ConfigError("--task inpaint needs --mask (white pixels are filled, black pixels are kept)")
@@ -218,8 +223,12 @@ def restore_cmd(
     seconds = time.perf_counter() - t0
     restored = result.x
     err = measurement_error(op, restored, y)
-    write_image(restored, out)
-    written = read_image(out, (c, h, w), resize=False).tensor
+    if task == "sr":
+        write_image(restored, out)
+        output = {"size": [w, h], "fit": "native"}
+    else:
+        output = common.write_at_input_size(restored, image, src, out, c)
+    written = read_image(out, (c, h, w), resize=output["fit"] != "native").tensor
     err_written = measurement_error(op, written, y)
     save_png(compare_image([(f"input ({task})", shown[0]), ("restored", restored[0].clamp(-1, 1))]), compare)
     readings = common.readings(m.family, {"output": restored})
@@ -246,7 +255,9 @@ def restore_cmd(
         "measurement_error_written": err_written,
         "labels": readings,
         "seconds": seconds,
-        "outputs": {"image": str(out), "compare": str(compare), "sidecar": str(sidecar), "size": [w, h]},
+        "output": output,
+        "outputs": {"image": str(out), "compare": str(compare), "sidecar": str(sidecar), "size": output["size"]},
+        "threads": threads,
         "condiff_version": __version__,
         "torch_version": torch.__version__,
         "reproduce": common.reproduce(
@@ -267,8 +278,8 @@ def restore_cmd(
     }
     atomic_write_json(sidecar, record)
     typer.echo(
-        f"restored ({task}, {sol.name}): wrote {out} ({w}x{h}), {compare} and {sidecar} "
-        f"(max|A x - y| {err:.2e}, {seconds:.1f}s)"
+        f"restored ({task}, {sol.name}): wrote {out} ({output['size'][0]}x{output['size'][1]}), {compare} and "
+        f"{sidecar} (max|A x - y| {err:.2e}, {seconds:.1f}s)"
     )
     if readings is not None:
         typer.echo(f"labeller reads: '{common.caption(readings['output'])}'")

@@ -12,6 +12,7 @@ import typer
 
 from condiff.cli import common
 from condiff.cli.options import (
+    AllowMismatchOpt,
     AnalyticSkipOpt,
     BatchOpt,
     CfgOpt,
@@ -22,6 +23,7 @@ from condiff.cli.options import (
     SolverOptOpt,
     SpacingOpt,
     StepsOpt,
+    ThreadsOpt,
     ThresholdOpt,
     guidance_options,
 )
@@ -70,9 +72,12 @@ def solvers_cmd():
         typer.echo(f"{name:10s} {desc}")
 
 
+@common.reports_fit_warnings
 @guidance_options
 def sample_cmd(
-    model: str = typer.Option("shapes", help="bundled model name (shapes, digits) or a model directory"),
+    model: Optional[str] = typer.Option(
+        None, help="bundled model name (shapes, digits) or a model directory [default: shapes]"
+    ),
     prompt: Optional[str] = typer.Option(
         None,
         help="shapes: a caption such as 'large red circle top-left' "
@@ -89,6 +94,7 @@ def sample_cmd(
     analytic_skip: AnalyticSkipOpt = None,
     ems: EmsOpt = None,
     dc_ratios: DcRatiosOpt = None,
+    allow_mismatch: AllowMismatchOpt = False,
     solver_opt: SolverOptOpt = None,
     dynamic_threshold: ThresholdOpt = None,
     guidance: dict = None,  # the guidance options (GUIDANCE_OPTIONS), filled in by @guidance_options
@@ -101,15 +107,18 @@ def sample_cmd(
         None, help="with --pipeline: image height in pixels (default: the network's size)"
     ),
     width: Optional[int] = typer.Option(None, help="with --pipeline: image width in pixels"),
+    threads: ThreadsOpt = None,
 ):
     """Sample a grid of images and write it as a PNG with a JSON sidecar that reproduces it."""
     import torch
 
+    threads = common.use_threads(threads)
     if pipeline is not None:  # a diffusers folder: condiff.cli.pipeline
         from condiff.cli import pipeline as diffusers_cmds
 
         diffusers_cmds.refuse_model_options(
             {
+                "--model": model,
                 "--analytic-skip": analytic_skip,
                 "--ems": ems,
                 "--dc-ratios": dc_ratios,
@@ -136,6 +145,7 @@ def sample_cmd(
             out,
             {k: guidance[k] for k in ("pag", "pag_layers", "ag", "ag_space", "cfg_rescale", "guidance_interval")},
         )
+    model = "shapes" if model is None else model
     if height is not None or width is not None:
         raise ConfigError("--height and --width go with --pipeline (condiff's own models have a fixed size)")
 
@@ -147,12 +157,14 @@ def sample_cmd(
     common.check_common(steps, cfg, n, batch_size, seed, dynamic_threshold)
     common.check_out(out, "--out", ".png")
     common.check_out(out.with_suffix(".json"), "--out (its JSON sidecar)")
+    fitted = common.FittedFiles(allow_mismatch)
     family, sol, spacing, spc, skip = common.sampling_setup(
-        model, solver, steps, cfg, spacing, ems, dc_ratios, solver_opt, analytic_skip
+        model, solver, steps, cfg, spacing, ems, dc_ratios, solver_opt, analytic_skip, fitted
     )
-    guide = common.guidance_options_of(family, cfg, **guidance)
+    guide = common.guidance_options_of(family, cfg, fitted=fitted, **guidance)
     one = None if prompt is None else family.parse_prompt(prompt)
     m = common.load_model(model)
+    fitted.check_model(m, model)
     g = torch.Generator().manual_seed(seed)
     if one is None:
         raw, _ = m.family.random_conditions(n, g)
@@ -180,6 +192,7 @@ def sample_cmd(
         "model": model,
         "model_path": str(m.path),
         "prompt": prompt,
+        "captions": m.family.captions(raw),  # one per tile, row by row
         "solver": solver,
         "steps": steps,
         "cfg": cfg,
@@ -194,9 +207,12 @@ def sample_cmd(
         "analytic_skip": analytic_skip,
         "ems": None if ems is None else str(ems),
         "dc_ratios": None if dc_ratios is None else str(dc_ratios),
+        "solver_fallback": common.solver_fallback(sol),
+        "allow_mismatch": allow_mismatch,
         "solver_opt": solver_opt or [],
         "dynamic_threshold": dynamic_threshold,
         "network_rows_per_sample": rows,
+        "threads": threads,
         **guide.describe(),
         "reproduce": common.reproduce(
             "sample",
@@ -215,6 +231,7 @@ def sample_cmd(
                 ("--solver-opt", solver_opt or []),
                 ("--ems", ems),
                 ("--dc-ratios", dc_ratios),
+                ("--allow-mismatch", allow_mismatch),
                 ("--dynamic-threshold", dynamic_threshold),
             ],
         )
@@ -224,6 +241,7 @@ def sample_cmd(
     typer.echo(f"wrote {out} and {out.with_suffix('.json')} ({n} images, {nfe} NFE, {seconds:.1f}s)")
 
 
+@common.reports_fit_warnings
 @guidance_options
 def eval_cmd(
     model: str = typer.Option(..., help="bundled model name (shapes, digits) or a model directory"),
@@ -238,22 +256,30 @@ def eval_cmd(
     analytic_skip: AnalyticSkipOpt = None,
     ems: EmsOpt = None,
     dc_ratios: DcRatiosOpt = None,
+    allow_mismatch: AllowMismatchOpt = False,
     solver_opt: SolverOptOpt = None,
     dynamic_threshold: ThresholdOpt = None,
     guidance: dict = None,  # the guidance options (GUIDANCE_OPTIONS), filled in by @guidance_options
+    threads: ThreadsOpt = None,
 ):
-    """Sample random conditions and score them with the exact labeller (shapes) or the scorer (digits)."""
+    """Sample random conditions and score them with the exact labeller (shapes) or the scorer (digits).
+
+    Prints a short table (digits add Fréchet distance, precision and recall against held-out digits); --json
+    writes every setting and result."""
     from condiff.core.files import atomic_write_json
     from condiff.evaluation.evaluate import evaluate
 
     common.check_common(steps, cfg, n, batch_size, seed, dynamic_threshold)
     if json_out is not None:
         common.check_out(json_out, "--json", ".json")
+    fitted = common.FittedFiles(allow_mismatch)
     family, sol, spacing, spc, skip = common.sampling_setup(
-        model, solver, steps, cfg, spacing, ems, dc_ratios, solver_opt, analytic_skip
+        model, solver, steps, cfg, spacing, ems, dc_ratios, solver_opt, analytic_skip, fitted
     )
-    guide = common.guidance_options_of(family, cfg, **guidance)
+    guide = common.guidance_options_of(family, cfg, fitted=fitted, **guidance)
+    threads = common.use_threads(threads)
     m = common.load_model(model)
+    fitted.check_model(m, model)
     res = evaluate(
         m,
         sol,
@@ -274,7 +300,10 @@ def eval_cmd(
         spacing=spacing,
         ems=None if ems is None else str(ems),
         dc_ratios=None if dc_ratios is None else str(dc_ratios),
+        solver_fallback=common.solver_fallback(sol),
+        allow_mismatch=allow_mismatch,
         solver_opt=solver_opt or [],
+        threads=threads,
     )
     if m.family.name == "digits":
         from condiff.data.digits import scorer
@@ -282,7 +311,57 @@ def eval_cmd(
         res["scorer_heldout_accuracy"] = scorer().heldout_accuracy
     if json_out is not None:
         atomic_write_json(json_out, res)
-    typer.echo(json.dumps(res, indent=2))
+    typer.echo(eval_table(res))
+    typer.echo(
+        f"wrote {json_out} (every setting and result)"
+        if json_out is not None
+        else "(--json FILE writes every setting and result)"
+    )
+
+
+OPTION_KEYS = (
+    "analytic_skip",
+    "dynamic_threshold",
+    "ems",
+    "dc_ratios",
+    "solver_opt",
+    "pag",
+    "ag",
+    "cfg_rescale",
+    "linear_ag",
+    "guidance_interval",
+    "negative_prompt",
+    "classifier",
+    "cg_scale",
+    "minority",
+)
+
+
+def eval_table(res: dict) -> str:
+    """What `condiff eval` prints: the run in one line, then one row per metric (accuracies, the family's
+    distribution metrics), NFE, network rows and seconds. The JSON (--json) keeps everything."""
+    run = (
+        f"{res['model']}: {res['solver']}, {res['steps']} steps {res.get('spacing')}, cfg {res['cfg']:g}, "
+        f"n {res['n']}, seed {res['seed']}"
+    )
+    given = [f"{k}={res[k]}" for k in OPTION_KEYS if res.get(k) not in (None, [], False)]
+    rows = [("all attributes right" if k == "all" else f"{k} accuracy", f"{v:.3f}") for k, v in res["accuracy"].items()]
+    quality = res.get("quality") or {}
+    for key, label, fmt in (
+        ("frechet", "Frechet distance", ".2f"),
+        ("precision", "precision", ".3f"),
+        ("recall", "recall", ".3f"),
+    ):
+        if key in quality:
+            value = "- (too few samples)" if quality[key] is None else format(quality[key], fmt)
+            rows.append((label, value + (f"  ({quality['features']})" if key == "frechet" else "")))
+    rows += [
+        ("NFE", str(res["nfe"])),
+        ("network rows", f"{res['network_rows_per_sample']:g} per sample"),
+        ("seconds", f"{res['seconds']:.1f}"),
+    ]
+    lines = [run + (f" ({', '.join(given)})" if given else "")]
+    return "\n".join(lines + [f"  {label:<22s}{value}" for label, value in rows])
 
 
 def train_cmd(
@@ -291,6 +370,13 @@ def train_cmd(
     out: Optional[Path] = typer.Option(None, help="output directory (default runs/<recipe name>)"),
     resume: bool = typer.Option(False, help="continue from the newest valid checkpoint in --out"),
     seed: Optional[int] = typer.Option(None, help="override the recipe's seed (data order, noise, init)"),
+    threads: ThreadsOpt = None,
+    allow_changes: bool = typer.Option(
+        False,
+        "--allow-changes",
+        help="with --resume: go on although the seed or recipe values differ from the checkpoint's (recorded in "
+        "trainer.json and the model's condiff.json as recipe_changes); without it such a resume is refused",
+    ),
 ):
     """Train a recipe; checkpoints go to OUT/checkpoints, the final EMA model to OUT/model."""
     from condiff.cli.train import train_recipe
@@ -301,20 +387,31 @@ def train_cmd(
         import dataclasses
 
         r = dataclasses.replace(r, train=dataclasses.replace(r.train, seed=check_seed(seed, "--seed")))
+    if threads is not None:
+        import dataclasses
+
+        r = dataclasses.replace(r, train=dataclasses.replace(r.train, threads=common.thread_count(threads)))
     if steps is not None and steps < 1:
         raise ConfigError(f"--steps must be a positive integer, got {steps}")
     out = out or Path("runs") / r.name
     common.check_out(out, "--out", kind="dir")
-    tr = train_recipe(r, out, steps=steps, resume=resume)
-    typer.echo(f"trained {tr.step} steps in {tr.train_seconds / 60:.1f} min; model at {out / 'model'}")
+    if allow_changes and not resume:
+        raise ConfigError("--allow-changes goes with --resume (it lets a resume change the seed or recipe values)")
+    tr = train_recipe(r, out, steps=steps, resume=resume, allow_changes=allow_changes)
+    if tr.start_step >= tr.recipe.train.steps:
+        typer.echo(f"finished at step {tr.start_step}: nothing to train; model at {out / 'model'}")
+    else:
+        typer.echo(f"trained {tr.step} steps in {tr.train_seconds / 60:.1f} min; model at {out / 'model'}")
 
 
 def demo_cmd(
     out: Path = typer.Option(Path("outputs/demo"), help="output directory"),
     n_eval: int = typer.Option(256, help="samples per metric"),
+    threads: ThreadsOpt = None,
 ):
     """The main job: grids and metrics from the bundled models, as outputs/demo/index.html."""
     from condiff.cli.demo import run_demo
 
+    common.use_threads(threads)
     path = run_demo(out, n_eval=n_eval)
     typer.echo(f"wrote {path}")

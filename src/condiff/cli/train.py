@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import torch
 
-from condiff.errors import ConfigError
+from condiff.errors import ConfigError, Interrupted
 from condiff.training.recipe import Recipe
-from condiff.training.trainer import Trainer
+from condiff.training.trainer import CKPT_RE, Trainer
 
 
 def make_trainer(recipe: Recipe, out_dir, progress: bool = True) -> Trainer:
@@ -72,6 +73,19 @@ def _learning_curve_eval(recipe: Recipe):
     return run
 
 
+def interrupted_note(trainer: Trainer) -> str:
+    """What an interrupted run leaves: its newest checkpoint (each one on disk either verified on resume or
+    written by this run; corrupt ones were renamed away) and that --resume continues from it."""
+    kept = trainer.list_checkpoints()
+    if not kept:
+        return (
+            f"nothing was written (the first checkpoint comes at step {trainer.recipe.train.ckpt_every}); "
+            f"nothing to resume"
+        )
+    step = int(CKPT_RE.match(kept[-1].name).group(1))
+    return f"kept checkpoint {kept[-1]} (step {step}); the same command with --resume continues from it"
+
+
 def train_recipe(
     recipe: Recipe,
     out_dir,
@@ -79,7 +93,11 @@ def train_recipe(
     resume: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
+    allow_changes: bool = False,
 ) -> Trainer:
+    """Train ``recipe`` into ``out_dir``; ``resume`` continues from its newest valid checkpoint (other recipe
+    values refused unless ``allow_changes``). A run already at its last step trains nothing and exports again.
+    Interrupted (SIGINT, SIGTERM under the CLI), it names the checkpoint --resume continues from."""
     if steps is not None:
         if steps < 1:
             raise ConfigError(f"--steps must be a positive integer, got {steps}")
@@ -91,10 +109,22 @@ def train_recipe(
         )
     trainer.clear_stale_temps()
     if resume:
-        path = trainer.resume()
-        if path is not None and progress:
+        had = trainer.list_checkpoints()
+        path = trainer.resume(allow_changes)
+        if path is None and had:
+            print(
+                f"notice: no checkpoint in {str(trainer.ckpt_root)!r} verifies ({len(had)} corrupt, renamed to "
+                f"*.corrupt); starting from scratch at step 0",
+                file=sys.stderr,
+            )
+        elif path is not None and progress:
             print(f"resumed from {path} (step {trainer.step})")
-    trainer.run(stop_after=stop_after)
-    if trainer.step >= recipe.train.steps:
-        trainer.export()
+    try:
+        if trainer.step < recipe.train.steps:
+            trainer.run(stop_after=stop_after)
+        if trainer.step >= recipe.train.steps:
+            trainer.export()
+    except Interrupted as e:
+        e.kept = interrupted_note(trainer)
+        raise
     return trainer

@@ -3,18 +3,24 @@
 A Denoiser maps (x_t, t, cond) to x0_hat = E[x_0 | x_t, cond] and carries its NoiseSchedule. x0 is the
 canonical output: guidance mixes in x0 space and solvers consume x0 (the data-prediction view of
 DPM-Solver++, Lu et al. 2022b). ``cond`` is an opaque mapping passed through untouched.
+
+Inputs are checked where they enter, so a bad one is a one-line ConfigError naming the mismatch rather than a
+PyTorch error from deep inside a network: ``check_batch`` (x is a floating tensor with a batch dimension),
+``check_cond_rows`` (one condition row per sample; ``guidance.cfg.batch_cond`` runs it for every method that
+batches conditions), and ``WrappedDenoiser`` (x's channels and dtype against the network's, and a forward that
+PyTorch refuses re-raised with the shapes involved).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar, Mapping, Protocol, runtime_checkable
 
 import torch
 
 from condiff.core import parameterization as P
 from condiff.core.schedules import NoiseSchedule
-from condiff.errors import one_of
+from condiff.errors import ConfigError, NetworkInputError, check_int, one_line, one_of
 
 
 @runtime_checkable
@@ -83,6 +89,9 @@ class Prediction:
     weighting into one on the prediction's own target."""
 
     name = "?"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
 
     def to_x0(self, out, x, a, s, t, schedule):
         raise NotImplementedError
@@ -192,6 +201,9 @@ class EDMPrecond(Prediction):
         self.sigma_data = float(sigma_data)
         self.noise_scale = float(noise_scale)
 
+    def __repr__(self) -> str:
+        return f"EDMPrecond(sigma_data={self.sigma_data:g}, noise_scale={self.noise_scale:g})"
+
     def coefficients(self, rho):
         """(c_skip, c_out, c_in, c_noise) at noise level rho = sigma/alpha (numbers or tensors)."""
         rho = torch.as_tensor(rho, dtype=torch.float64)
@@ -230,39 +242,188 @@ def as_prediction(name_or_obj) -> Prediction:
     return PREDICTIONS[name_or_obj]
 
 
+ROWS_HINT = "conditions need one row per sample, or pass a shared tensor with no batch dimension"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'float32' for torch.float32."""
+    return str(dtype).removeprefix("torch.")
+
+
+def describe(value) -> str:
+    """'a float32 tensor of shape (8, 1, 16, 16)', or the type of a value that is not a tensor."""
+    if isinstance(value, torch.Tensor):
+        name = dtype_name(value.dtype)
+        return f"{'an' if name[0] in 'aeiou' else 'a'} {name} tensor of shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {value!r}"[:80]
+
+
+def check_batch(x, what: str = "x") -> torch.Tensor:
+    """``x`` when it is a floating-point tensor with a batch dimension (at least 1-D); otherwise the one-line
+    ConfigError naming what it is. ``sample``, ``invert`` and ``WrappedDenoiser`` run it."""
+    if not (isinstance(x, torch.Tensor) and x.dim() >= 1 and x.is_floating_point()):
+        raise ConfigError(f"{what} must be a floating-point tensor with a batch dimension, got {describe(x)}")
+    return x
+
+
+def rows_mismatch(cond: Mapping[str, Any] | None, n: int, label: str = "condition", against: str = "x") -> str | None:
+    """The message for the first tensor of ``cond`` (top level) with a batch dimension but not ``n`` rows (the
+    rows of ``against``), or None when every one has ``n`` (0-d tensors are shared by every sample; other
+    values are not rows)."""
+    for key, value in (cond or {}).items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] != n:
+            r = value.shape[0]
+            return f"{label} {key!r} has {r} row{'' if r == 1 else 's'} but {against} has {n} ({ROWS_HINT})"
+    return None
+
+
+def check_cond_rows(cond: Mapping[str, Any] | None, n: int, label: str = "condition", against: str = "x") -> None:
+    """Raise the one-line ConfigError of ``rows_mismatch`` when a tensor of ``cond`` does not have ``n`` rows."""
+    message = rows_mismatch(cond, n, label, against)
+    if message is not None:
+        raise ConfigError(message)
+
+
+def first_weight(net) -> torch.Tensor | None:
+    """The first floating-point parameter of ``net`` (an ``nn.Module``), or None (no such parameter, or not
+    a module)."""
+    if not isinstance(net, torch.nn.Module):
+        return None
+    return next((p for p in net.parameters() if p.is_floating_point()), None)
+
+
+def config_channels(net) -> int | None:
+    """``net.config['in_channels']`` for a network with a diffusers-style config (``ModelMixin``), else None."""
+    cfg = getattr(net, "config", None)
+    c = cfg.get("in_channels") if isinstance(cfg, Mapping) else getattr(cfg, "in_channels", None)
+    return c if isinstance(c, int) and not isinstance(c, bool) and c > 0 else None
+
+
+def _weight_or_false(net):
+    w = first_weight(net)
+    return False if w is None else w
+
+
+def _torch_message(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return one_line(lines[0] if lines else type(err).__name__)
+
+
 def _default_call(net, x, t_in, cond):
     return net(x, t_in, **dict(cond or {}))
 
 
 @dataclass
 class WrappedDenoiser:
-    """A network behind the Denoiser protocol (see ``wrap``)."""
+    """A network behind the Denoiser protocol (see ``wrap``).
+
+    Every call checks x (``check_batch``), its channels against ``channels`` (dimension 1; None: not known)
+    and its dtype against the network's first floating-point weight (an ``nn.Module``'s; the parameter is
+    looked up once and kept, so the checks cost about a microsecond). A RuntimeError from the forward or from
+    converting its output is re-raised as a one-line ``NetworkInputError`` (a ConfigError that is also a
+    RuntimeError): the shapes involved, PyTorch's first line, and a likely cause where one is seen (a condition
+    tensor without one row per sample, x on another device than the weights). Out-of-memory errors and
+    NotImplementedError (an op without a kernel or a forward-AD rule) pass through unchanged."""
 
     net: Callable
     schedule: NoiseSchedule
     prediction: Prediction
     time_input: Callable = lambda t: t
     call: Callable = _default_call
+    channels: int | None = None
+    _weight: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __repr__(self) -> str:  # one line: the network's class, not its module tree
+        return f"WrappedDenoiser({self.prediction.name}, {self.schedule!r}, net={type(self.net).__name__})"
+
+    def _check_weights(self, x):
+        w = self._weight
+        if w is None:
+            w = self._weight = _weight_or_false(self.net)
+        if w is False or w.dtype == x.dtype:
+            return
+        w = self._weight = _weight_or_false(self.net)  # the parameters may have been replaced since
+        if w is False or w.dtype == x.dtype or torch.is_autocast_enabled(x.device.type):
+            return
+        raise ConfigError(
+            f"x is {dtype_name(x.dtype)} but the network's weights are {dtype_name(w.dtype)} "
+            f"(cast x with x.to(torch.{dtype_name(w.dtype)}), or the network with .to(torch.{dtype_name(x.dtype)}))"
+        )
+
+    def _refusal(self, x, cond, err, out=None) -> NetworkInputError:
+        """The one-line NetworkInputError (a ConfigError) for a RuntimeError ``err`` of the forward (``out``
+        None) or of converting its output ``out`` to x0: the shapes involved and PyTorch's first line, then a
+        likely cause where one is seen (a condition without one row per sample, x on another device)."""
+        if out is not None:
+            what = f"the network's output ({describe(out)}) does not fit x ({describe(x)})"
+        else:
+            tensors = {k: v for k, v in (cond or {}).items() if isinstance(v, torch.Tensor)}
+            conds = ", ".join(f"{k!r}: {tuple(v.shape)} {dtype_name(v.dtype)}" for k, v in tensors.items())
+            what = f"the network refused x ({describe(x)}) with cond {{{conds}}}"
+        seen = [rows_mismatch(cond, x.shape[0])]
+        w = first_weight(self.net)
+        if w is not None and w.device != x.device:
+            seen.append(f"x is on {x.device} but the network's weights are on {w.device}")
+        return NetworkInputError("; ".join([f"{what}: {_torch_message(err)}", *filter(None, seen)]))
 
     def __call__(self, x, t, cond=None):
+        check_batch(x)
+        if self.channels is not None and (x.dim() < 2 or x.shape[1] != self.channels):
+            got = x.shape[1] if x.dim() >= 2 else "no"
+            raise ConfigError(
+                f"x has {got} channel{'' if got == 1 else 's'} but the network expects {self.channels} "
+                f"(x's shape after its batch dimension is {tuple(x.shape[1:])})"
+            )
+        self._check_weights(x)
         a, s = coefficients(self.schedule, t, x)
         t_vec = torch.as_tensor(t, dtype=torch.float64)
         if t_vec.dim() == 0:
             t_vec = t_vec.expand(x.shape[0])
         x_in, t_in = self.prediction.precondition(x, t_vec, a, s, self.schedule)
-        out = self.call(self.net, x_in, self.time_input(t_in).to(x.dtype), cond)
-        return self.prediction.to_x0(out, x, a, s, t, self.schedule)
+        try:
+            out = self.call(self.net, x_in, self.time_input(t_in).to(x.dtype), cond)
+        except (torch.OutOfMemoryError, NotImplementedError):
+            raise
+        except RuntimeError as err:
+            raise self._refusal(x, cond, err) from err
+        try:
+            return self.prediction.to_x0(out, x, a, s, t, self.schedule)
+        except (torch.OutOfMemoryError, NotImplementedError):
+            raise
+        except RuntimeError as err:
+            raise self._refusal(x, cond, err, out) from err
 
 
 def wrap(
-    net, schedule: NoiseSchedule, prediction="eps", time_input: Callable | None = None, call: Callable | None = None
+    net,
+    schedule: NoiseSchedule,
+    prediction="eps",
+    time_input: Callable | None = None,
+    call: Callable | None = None,
+    channels: int | None = None,
 ) -> WrappedDenoiser:
     """Adapt any network to the Denoiser protocol.
 
     ``prediction``: a Prediction object or one of eps, x0, v, flow, edm. ``time_input`` maps the schedule's
     time to what the network expects (identity by default: VP-discrete's t is diffusers' timestep).
-    ``call(net, x, t_in, cond)`` runs the network; by default ``net(x, t_in, **cond)``."""
-    return WrappedDenoiser(net, schedule, as_prediction(prediction), time_input or (lambda t: t), call or _default_call)
+    ``call(net, x, t_in, cond)`` runs the network; by default ``net(x, t_in, **cond)``.
+    ``channels``: the channels x must have (dimension 1); by default the network's ``config.in_channels``
+    when it has one (a diffusers model), else not checked before the forward. A ``call`` that changes the
+    number of channels (pixel unshuffling, concatenated masks) passes the number x has.
+
+    dtype: x must have the dtype of the network's weights. A float64 x with float32 weights (or the reverse)
+    is a ConfigError naming both, not a silent cast: casting would change the precision the caller asked for
+    without saying so. Under ``torch.autocast`` the check is skipped (autocast casts on purpose)."""
+    if channels is not None:
+        channels = check_int("channels", channels, lo=1)
+    return WrappedDenoiser(
+        net,
+        schedule,
+        as_prediction(prediction),
+        time_input or (lambda t: t),
+        call or _default_call,
+        channels if channels is not None else config_channels(net),
+    )
 
 
 def diffuse(schedule: NoiseSchedule, x0: torch.Tensor, t, eps: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,28 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+_WRITE_LOGS: list[list[Path]] = []
+
+
+@contextlib.contextmanager
+def log_writes():
+    """Collect, in order, the paths the atomic writers put in place inside the block (a file, or an ``atomic_dir``
+    folder): the CLI names them when a command is interrupted. Paths written inside an ``atomic_dir`` are listed
+    too; they no longer exist once the folder is renamed into place."""
+    written: list[Path] = []
+    _WRITE_LOGS.append(written)
+    try:
+        yield written
+    finally:
+        _WRITE_LOGS.pop()
+
+
+def _logged(path: Path) -> Path:
+    for log in _WRITE_LOGS:
+        log.append(path)
+    return path
+
+
 def _fsync_dir(path: Path):
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -50,12 +72,14 @@ def atomic_write_bytes(path, data: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # a failed write, or an interrupt (SIGINT, SIGTERM): no temporary file stays
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise OutputFileError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+        if isinstance(e, OSError):
+            raise OutputFileError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+        raise
     _fsync_dir(parent)
-    return path
+    return _logged(path)
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -237,8 +261,12 @@ def remove_dir(path) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{time.time_ns()}.deleting.tmp")
     os.replace(path, tmp)
-    _fsync_dir(path.parent)
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _fsync_dir(path.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:  # an interrupt: finish deleting, so no temporary folder stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def remove_stale_temps(directory) -> list[Path]:
@@ -264,6 +292,7 @@ def atomic_dir(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)
+    old, moved = path.with_name(path.name + ".old"), False
     try:
         yield tmp
         for f in tmp.rglob("*"):
@@ -271,14 +300,19 @@ def atomic_dir(path):
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if path.exists():
-            old = path.with_name(path.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
+            moved = True
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException:  # a failure or an interrupt: no temporary folder stays, and what PATH held stays there
         shutil.rmtree(tmp, ignore_errors=True)
+        if moved and not os.path.lexists(path):
+            os.replace(old, path)
+        elif moved:
+            shutil.rmtree(old, ignore_errors=True)
         raise
+    _logged(path)

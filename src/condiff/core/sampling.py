@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from condiff.core.denoiser import start_trajectory
+from condiff.core.denoiser import check_batch, start_trajectory
 from condiff.errors import ConfigError, NonFiniteError
 
 
@@ -103,10 +103,13 @@ def sample(
     check_finite: bool = True,
 ) -> SampleOutput:
     """Integrate from grid[0] to grid[-1] with ``solver``; returns the final x and the NFE count. The denoiser
-    is started once per call (``start_trajectory``), so a method with per-trajectory state begins afresh."""
+    is started once per call (``start_trajectory``), so a method with per-trajectory state begins afresh.
+    ``x`` must be a floating-point tensor with a batch dimension (``check_batch``); the denoiser checks the rest
+    (a ``WrappedDenoiser``: channels and dtype; guidance: one condition row per sample)."""
     grid = torch.as_tensor(grid, dtype=torch.float64)
     if grid.dim() != 1 or grid.numel() < 2 or not bool(torch.all(grid[1:] < grid[:-1])):
         raise ConfigError("grid must be a 1-D, strictly descending tensor with at least 2 points")
+    check_batch(x)
     D = CountingDenoiser(start_trajectory(denoiser), cond)
     noise = noise or Gaussian()
     state = solver.init_state(grid)

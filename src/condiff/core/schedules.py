@@ -198,6 +198,9 @@ class VPDiscrete(NoiseSchedule):
     def num_steps(self) -> int:
         return self.alphas_cumprod.numel()
 
+    def __repr__(self) -> str:  # not the 1000 table values
+        return f"VPDiscrete(T={self.num_steps}, t in [-1, {self.num_steps - 1}])"
+
     @property
     def t_clean(self) -> float:  # type: ignore[override]
         return -1.0

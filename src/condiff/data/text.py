@@ -1,9 +1,13 @@
 """Caption tokenizer for ``shapes``: every word of the vocabulary names one attribute value, so a caption
 is tokenized into 4 slots (size, color, shape, position); an omitted attribute is the pad token. Word
 order in the prompt does not matter; the empty caption is all pads and is the null condition for CFG.
+Captions may read as English: the articles and prepositions in ``FILLER`` are skipped ("a red circle in the
+top left"), and a position may be written with a space ("top left", "bottom right") as well as a hyphen.
 """
 
 from __future__ import annotations
+
+import difflib
 
 import torch
 
@@ -30,21 +34,68 @@ ALIASES = {
     "top-middle": "top",
     "bottom-middle": "bottom",
 }
+FILLER = frozenset({"a", "an", "the", "at", "in", "on"})  # skipped: they name no attribute
+
+
+def _words(prompt: str) -> list[str]:
+    """The caption's words, lower case, with each two-word position joined ("top left" -> "top-left"); a comma
+    separates words and never joins them."""
+    out = []
+    for part in prompt.lower().split(","):
+        words = part.split()
+        i = 0
+        while i < len(words):
+            pair = "-".join(words[i : i + 2])
+            if i + 1 < len(words) and (pair in VOCAB or pair in ALIASES):
+                out.append(pair)
+                i += 2
+            else:
+                out.append(words[i])
+                i += 1
+    return out
+
+
+def _unknown(word: str, prompt: str) -> ConfigError:
+    """The one-line error of an unknown word: the closest accepted word (difflib), then every accepted word."""
+    close = difflib.get_close_matches(word, [*VOCAB, *ALIASES], n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(
+        f"unknown word {word!r} in prompt {prompt!r}{hint}; accepted words: {', '.join(VOCAB)} (a position may "
+        f"also be written with a space, e.g. 'top left'; {', '.join(sorted(FILLER))} are skipped)"
+    )
+
+
+def _twice(prompt: str, slot: int, first: str, second: str) -> ConfigError:
+    """The one-line error of an attribute named twice; two words that make one position ("left top", "top, left")
+    are told how to write it."""
+    name, hint = SLOTS[slot][0], ""
+    for a, b in ((first, second), (second, first)):
+        if f"{a}-{b}" in VOCAB or f"{a}-{b}" in ALIASES:
+            hint = f"; for one position write '{a} {b}' or '{a}-{b}'"
+            break
+    return ConfigError(f"prompt {prompt!r} names the {name} twice ({first!r} and {second!r}){hint}")
 
 
 def tokenize(prompt: str) -> list[int]:
     """'large red circle top-left' -> 4 token ids; raises ConfigError on unknown or repeated words."""
     if not isinstance(prompt, str):
         raise ConfigError(f"prompt must be a string, got {type(prompt).__name__}")
-    ids = [PAD] * SEQ_LEN
-    for word in prompt.lower().replace(",", " ").split():
-        word = ALIASES.get(word, word)
-        if word not in VOCAB:
-            raise ConfigError(f"unknown word {word!r} in prompt {prompt!r}; accepted words: {', '.join(VOCAB)}")
-        slot, tok = VOCAB[word]
+    ids, given = [PAD] * SEQ_LEN, [None] * SEQ_LEN
+    words = _words(prompt)
+    for word in words:
+        if word in FILLER:
+            continue
+        name = ALIASES.get(word, word)
+        if name not in VOCAB:
+            raise _unknown(word, prompt)
+        slot, tok = VOCAB[name]
         if ids[slot] != PAD:
-            raise ConfigError(f"prompt {prompt!r} names the {SLOTS[slot][0]} twice")
-        ids[slot] = tok
+            raise _twice(prompt, slot, given[slot], word)
+        ids[slot], given[slot] = tok, word
+    if words and all(w in FILLER for w in words):
+        raise ConfigError(
+            f"prompt {prompt!r} names no attribute (give e.g. 'a red circle', or '' for the unconditional model)"
+        )
     return ids
 
 

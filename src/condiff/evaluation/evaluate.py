@@ -152,8 +152,10 @@ def evaluate(
     dynamic_threshold: float | None = None,
     guidance: GuidanceOptions | None = None,
 ) -> dict:
-    """Accuracy of n samples of random conditions, with nfe (guided-denoiser calls per sample, from the
-    loop) and network_rows_per_sample (network batch rows per sample: CFG 2 per call, AG fewer, PAG 3)."""
+    """Accuracy of n samples of random conditions, the family's distribution metrics against real data
+    (``quality``: digits' Fréchet distance, precision and recall; {} for shapes), nfe (guided-denoiser calls per
+    sample, from the loop) and network_rows_per_sample (network batch rows per sample: CFG 2 per call, AG
+    fewer, PAG 3)."""
     g = torch.Generator().manual_seed(seed)
     raw, targets = model.family.random_conditions(n, g)
     t0 = time.perf_counter()
@@ -174,6 +176,7 @@ def evaluate(
     seconds = time.perf_counter() - t0
     return {
         "accuracy": model.family.score(images, targets),
+        "quality": model.family.quality(images),
         "nfe": nfe,
         "seconds": seconds,
         "n": n,

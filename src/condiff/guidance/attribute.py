@@ -18,7 +18,7 @@ classifier's [0, 1] time (``condiff.core.schedules.unit_time``) for a noise-awar
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,7 +37,7 @@ class AttributeLogits:
     """(x, t) -> net's logits for ``attribute`` (B, C); ``schedule`` maps the sampler's t to [0, 1] for a
     noise-aware net (a clean net ignores t)."""
 
-    net: Any
+    net: Any = field(repr=False)  # a module tree
     attribute: str
     schedule: Any = None
 

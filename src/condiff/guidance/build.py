@@ -21,8 +21,9 @@ papers are in the modules used (docs/guidance.md):
   PAG / AG / rescale / interval contrast against the negative condition instead of the empty one.
 
 - ``linear_ag``: LinearAG (Castillo et al. 2025) with fitted ``LinearAGCoefficients``,
-  checked against the run's cfg and time grid; ``linear_ag_steps`` evaluations predict the unconditional branch
-  (default: the first half of the fitted ones).
+  checked against the run's cfg and time grid (``allow_mismatch``: a warning, and LinearAG runs at the run's cfg
+  on its grid); ``linear_ag_steps`` evaluations predict the unconditional branch (default: the first half of
+  the fitted ones).
 - ``classifier``: classifier guidance of one attribute (``cg_attribute``, default color) at scale ``cg_scale``,
   wrapped around all of the above (guidance/attribute.py); the target of each row is the value its prompt names
   (cond['cg_target'], set by the caller). A noise-aware classifier gives ADM guidance (Dhariwal & Nichol 2021);
@@ -86,7 +87,8 @@ class GuidanceOptions:
     The classifier, the minority classifier and the LinearAG coefficients are objects, never names or paths:
     ``classifier`` is a classifier network with heads (``AttributeClassifier`` or any module with ``head`` and
     ``config.noise_aware``) or PPAP experts (``condiff.guidance.ppap.MultiExpert``); ``minority`` a
-    ``MinorityClassifier``; ``linear_ag`` ``LinearAGCoefficients``."""
+    ``MinorityClassifier``; ``linear_ag`` ``LinearAGCoefficients``. ``allow_mismatch``: LinearAG coefficients
+    fitted for another cfg or grid run with a warning instead of an error (``check_linear_ag_fits``)."""
 
     cfg: float = 3.0
     pag: float | None = None
@@ -105,6 +107,7 @@ class GuidanceOptions:
     minority: Any = None
     minority_level: int | None = None
     minority_scale: float = 1.0
+    allow_mismatch: bool = field(default=False, compare=False)
     labels: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def name(self, key: str) -> str:
@@ -114,6 +117,8 @@ class GuidanceOptions:
     def __post_init__(self):
         L = self.name
         scale = f"a finite number with |scale| <= {MAX_SCALE:g}"
+        if not isinstance(self.allow_mismatch, bool):
+            raise ConfigError(f"{L('allow_mismatch')} must be true or false, got {self.allow_mismatch!r}")
         check_real(L("cfg"), self.cfg, -MAX_SCALE, MAX_SCALE, f"a finite number with |cfg| <= {MAX_SCALE:g}")
         if self.pag is not None:
             check_real(L("pag"), self.pag, -MAX_SCALE, MAX_SCALE, scale)
@@ -283,31 +288,18 @@ def with_minority(den, options: GuidanceOptions):
 
 
 def linear_ag(denoiser, options: GuidanceOptions, grid=None):
-    """``LinearAG`` with the coefficients of ``options``, checked against the run: the coefficients hold the
-    CFG scale and the evaluation times they were fitted for."""
-    from condiff.guidance.linear_ag import LinearAG
+    """``LinearAG`` with the coefficients of ``options``, checked against the run's cfg and grid
+    (``check_linear_ag_fits``; with ``allow_mismatch`` a mismatch is a warning and LinearAG runs at the run's
+    cfg, using row k at evaluation k whatever its time)."""
+    from condiff.guidance.linear_ag import LinearAG, check_linear_ag_fits
 
     coeffs, L = options.linear_ag, options.name
-    if abs(coeffs.scale - options.cfg) > 1e-12:
-        raise ConfigError(
-            f"{L('linear_ag')} was fitted at cfg {coeffs.scale:g}; run with {L('cfg')} "
-            f"{coeffs.scale:g} (got {options.cfg:g})"
-        )
-    if grid is not None:
-        import torch
-
-        times = torch.as_tensor(grid, dtype=torch.float64)[:-1]
-        fitted = coeffs.times
-        if fitted.numel() > times.numel() or not torch.allclose(fitted, times[: fitted.numel()], rtol=1e-9, atol=1e-9):
-            raise ConfigError(
-                f"{L('linear_ag')} was fitted on another time grid ({fitted.numel()} evaluations "
-                f"from t={float(fitted[0]):g}); fit it with the same steps, spacing and a "
-                f"one-evaluation-per-step solver"
-            )
+    where = L("linear_ag") + ("" if getattr(coeffs, "source", None) is None else f" {coeffs.source!r}")
+    check_linear_ag_fits(coeffs, options.cfg, grid, where=where, allow_mismatch=options.allow_mismatch)
     steps = options.linear_ag_steps
     if steps is not None and steps > coeffs.steps:
         raise ConfigError(f"{L('linear_ag_steps')} must be at most the {coeffs.steps} fitted evaluations, got {steps}")
-    return LinearAG(denoiser, coeffs, steps=steps)
+    return LinearAG(denoiser, coeffs, steps=steps, cfg=options.cfg, check_times=not options.allow_mismatch)
 
 
 def _cfg_family(denoiser, options: GuidanceOptions, grid=None):

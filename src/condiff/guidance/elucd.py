@@ -162,8 +162,8 @@ class EluCD(Wrapper):
     a function of t. The denoiser must be called at grid times only (ddpm, ddim, dpmpp-2m, ...)."""
 
     denoiser: Any
-    classifier: Callable
-    grid: torch.Tensor
+    classifier: Callable = field(repr=False)  # a module tree
+    grid: torch.Tensor = field(repr=False)
     scale: float | Callable = 1.0
     tau1: float = 1.0
     tau2: float | None = 0.5

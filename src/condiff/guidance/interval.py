@@ -24,9 +24,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from condiff.core.denoiser import Wrapper, take_rows
+from condiff.core.denoiser import Wrapper, check_cond_rows, take_rows
 from condiff.errors import ConfigError
-from condiff.guidance.cfg import CFG, batch_cond, contrast
+from condiff.guidance.cfg import CFG, NAMES, batch_cond, contrast
 from condiff.guidance.schedules import check_scale, per_row, scale_at
 
 
@@ -55,15 +55,17 @@ def branches(
         rows = None
     if rows is None:
         t2 = torch.cat([tt, tt]) if tt.dim() == 1 else t
-        both = denoiser(torch.cat([x, x]), t2, batch_cond([dict(null), cond]))
+        both = denoiser(torch.cat([x, x]), t2, batch_cond([dict(null), cond], n, NAMES))
         x0_u, x0_c = both.chunk(2, 0)
         return x0_c, x0_u
+    check_cond_rows(cond, n)
+    check_cond_rows(null, n, NAMES[0])  # before take_rows picks the null's rows
     index = rows.nonzero().squeeze(1)
     k = index.numel()
     if k == 0:
         return denoiser(x, t, cond), x[:0]
     t2 = torch.cat([tt[index.to(tt.device)], tt]) if tt.dim() == 1 else t
-    out = denoiser(torch.cat([x[index], x]), t2, batch_cond([take_rows(dict(null), index, n), cond]))
+    out = denoiser(torch.cat([x[index], x]), t2, batch_cond([take_rows(dict(null), index, n), cond], (k, n), NAMES))
     return out[k:], out[:k]
 
 

@@ -25,13 +25,20 @@ evaluation's (eps_c, eps_u). ``sample`` starts its denoiser once per call
 time k (every entry of a per-sample t): anything else (another grid or solver, a mid-grid start) is a
 ConfigError, never a silent fallback. Later evaluations run the exact CFG evaluation. Calling the
 configuration itself is a ConfigError.
+
+What the coefficients were fitted for is recorded with them: the CFG scale, the evaluation times, and (files
+written by ``fit_linear_ag`` callers that give them) the model and the digest of its weights, the sampling grid,
+its spacing and the solver. ``check_linear_ag_fits`` compares them with a run (condiff.core.fitted): another
+model, scale or grid is a one-line ConfigError, or with ``allow_mismatch`` a warning, after which LinearAG
+runs at the run's scale and uses row k at evaluation k whatever its time (``LinearAG(cfg=..., check_times=False)``).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
 import torch
@@ -39,6 +46,7 @@ import torch
 from condiff.core import parameterization as P
 from condiff.core.denoiser import Wrapper, coefficients, start_trajectory, take_rows
 from condiff.core.files import load_tensors, save_tensors
+from condiff.core.fitted import FittedFor, check_fitted, grid_times, mismatch, same_times
 from condiff.core.sampling import sample
 from condiff.errors import ConfigError, InputFileError
 from condiff.guidance.cfg import contrast
@@ -48,6 +56,7 @@ from condiff.guidance.schedules import check_scale
 F64 = torch.float64
 TERMS = ("intercept", "x", "cond", "prev_cond", "prev_uncond")
 FORMAT = 1
+META_KEY = "condiff_linear_ag"  # the safetensors metadata entry: what the coefficients were fitted for (JSON)
 
 
 @dataclass(frozen=True)
@@ -147,13 +156,22 @@ def _constant_scale(scale) -> float:
 @dataclass(frozen=True)
 class LinearAGCoefficients:
     """Per-evaluation OLS coefficients: times [K] float64, coef [K, 5] (TERMS order, 0 for unused terms),
-    r2 [K] (in-sample), the Regressors, and the CFG scale the trajectories were recorded with."""
+    r2 [K] (in-sample), the Regressors, and the CFG scale the trajectories were recorded with. What else they
+    were fitted for (None: not recorded): the model (a name) and ``weights`` (its
+    ``condiff.core.fitted.weights_digest``), the sampling ``grid`` (its steps + 1 times), its ``spacing`` and the
+    ``solver``'s name; ``source`` is the file they were read from (for messages)."""
 
     times: torch.Tensor
     coef: torch.Tensor
     r2: torch.Tensor
     regressors: Regressors
     scale: float
+    model: str | None = None
+    weights: str | None = None
+    grid: tuple[float, ...] | None = None
+    spacing: str | None = None
+    solver: str | None = None
+    source: str | None = field(default=None, compare=False)
 
     @property
     def steps(self) -> int:
@@ -203,9 +221,14 @@ def fit_linear_ag(
     null=None,
     noise=None,
     batch_size: int | None = None,
+    model: str | None = None,
+    weights: str | None = None,
+    spacing: str | None = None,
 ) -> LinearAGCoefficients:
     """Record CFG trajectories from the start points ``x`` (rows; in chunks of ``batch_size``) with ``solver``
-    on ``grid`` and fit the LinearAG coefficients. ``cond`` holds per-row tensors (and 'null', or pass null)."""
+    on ``grid`` and fit the LinearAG coefficients. ``cond`` holds per-row tensors (and 'null', or pass null).
+    The result records the grid and the solver's name, and ``model``, ``weights`` (the digest of the model's
+    weights) and ``spacing`` (the grid's spacing name) as given."""
     n = x.shape[0]
     size = n if batch_size is None else int(batch_size)
     records = []
@@ -213,7 +236,55 @@ def fit_linear_ag(
         index = torch.arange(start, min(start + size, n))
         sub = take_rows(dict(cond or {}), index, n)
         records.append(record_cfg(denoiser, solver, grid, x[index], sub, scale, null, noise)[1])
-    return fit_record(CFGRecord.cat(records), scale, regressors)
+    coeffs = fit_record(CFGRecord.cat(records), scale, regressors)
+    solver_name = getattr(solver, "name", None)
+    return replace(
+        coeffs,
+        model=model,
+        weights=weights,
+        grid=grid_times(grid),
+        spacing=spacing,
+        solver=solver_name if isinstance(solver_name, str) else None,
+    )
+
+
+def fitted_for(coeffs: LinearAGCoefficients) -> FittedFor:
+    """What the coefficients were fitted for: the model, its weights digest, the CFG scale and the grid."""
+    steps = None if coeffs.grid is None else len(coeffs.grid) - 1
+    return FittedFor(coeffs.model, coeffs.weights, float(coeffs.scale), steps, coeffs.spacing, coeffs.grid)
+
+
+def check_linear_ag_fits(
+    coeffs: LinearAGCoefficients,
+    cfg: float | None = None,
+    grid=None,
+    weights: str | None = None,
+    model: str | None = None,
+    where: str | None = None,
+    allow_mismatch: bool = False,
+) -> LinearAGCoefficients:
+    """Check the coefficients against what a run gives: its CFG scale ``cfg``, its sampling ``grid`` and the
+    digest of its model's ``weights`` (``model`` names it). Another model, scale or grid is ``check_fitted``'s
+    one-line ConfigError naming ``where`` (default: the file they were read from), or with ``allow_mismatch``
+    a FitWarning. For coefficients that do not record their grid, the fitted evaluation times must be the
+    first times of ``grid`` (a one-evaluation-per-step solver on the same grid)."""
+    if where is None:
+        where = "the LinearAG coefficients" + ("" if coeffs.source is None else f" {coeffs.source!r}")
+    fitted = fitted_for(coeffs)
+    times = grid_times(grid)
+    check_fitted(where, fitted, FittedFor(model, weights, cfg, times=times), allow_mismatch)
+    if times is None or fitted.times is not None and not same_times(fitted.times, times):
+        return coeffs  # no grid, or another grid: refused or warned about above
+    evals = times[:-1]
+    k = coeffs.steps
+    if k > len(evals) or not same_times(tuple(coeffs.times.tolist()), evals[:k]):
+        mismatch(
+            where,
+            f"{k} evaluations from t={float(coeffs.times[0]):g} (one per step of its grid, in order)",
+            f"a grid of {len(evals)} steps from t={times[0]:g}",
+            allow_mismatch,
+        )
+    return coeffs
 
 
 def predict_record(coeffs: LinearAGCoefficients, record: CFGRecord, steps: int | None = None):
@@ -230,7 +301,9 @@ def predict_record(coeffs: LinearAGCoefficients, record: CFGRecord, steps: int |
 
 
 def save_linear_ag(coeffs: LinearAGCoefficients, path):
-    """Write the coefficients as a safetensors file (atomically)."""
+    """Write the coefficients as a safetensors file (atomically), with what they were fitted for as JSON
+    metadata (``META_KEY``)."""
+    fitted = {**fitted_for(coeffs).to_json(), "solver": coeffs.solver}
     return save_tensors(
         path,
         {
@@ -241,6 +314,7 @@ def save_linear_ag(coeffs: LinearAGCoefficients, path):
             "scale": torch.tensor([coeffs.scale], dtype=F64),
             "format": torch.tensor([FORMAT], dtype=torch.int64),
         },
+        {META_KEY: json.dumps(fitted)},
     )
 
 
@@ -273,9 +347,36 @@ def load_linear_ag(path) -> LinearAGCoefficients:
     scale = float(data["scale"][0])
     if not math.isfinite(scale):
         raise InputFileError(f"{str(path)!r} holds a non-finite LinearAG scale")
+    meta = _read_meta(path)  # None: written before the coefficients recorded what they were fitted for
+    fitted = FittedFor() if meta is None else FittedFor.from_json(meta, repr(str(path)))
+    solver = None if meta is None else meta.get("solver")
+    if solver is not None and not isinstance(solver, str):
+        raise InputFileError(f"{str(path)!r}: its fitted-for solver is malformed, got {solver!r}")
     return LinearAGCoefficients(
-        data["times"].to(F64), data["coef"].to(F64), data["r2"].to(F64), Regressors.from_mask(data["regressors"]), scale
+        data["times"].to(F64),
+        data["coef"].to(F64),
+        data["r2"].to(F64),
+        Regressors.from_mask(data["regressors"]),
+        scale,
+        fitted.model,
+        fitted.weights,
+        fitted.times,
+        fitted.spacing,
+        solver,
+        str(path),
     )
+
+
+def _read_meta(path):
+    """The JSON under META_KEY in a (valid) safetensors file's metadata, or None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+        return None if raw is None else json.loads(raw)
+    except Exception as e:  # noqa: BLE001 - safetensors and json raise several types
+        raise InputFileError(f"{str(path)!r}: cannot read its LinearAG metadata ({type(e).__name__})") from None
 
 
 @dataclass
@@ -288,8 +389,14 @@ class LinearAG(Wrapper):
     coefficients: LinearAGCoefficients
     steps: int | None = None
     null: Mapping[str, Any] | None = None
+    cfg: float | None = None  # the CFG scale (None: the fitted one)
+    check_times: bool = True  # refuse an evaluation away from its fitted time (False: use row k regardless)
 
     def __post_init__(self):
+        if self.cfg is not None:
+            _constant_scale(self.cfg)
+        if not isinstance(self.check_times, bool):
+            raise ConfigError(f"LinearAG check_times must be true or false, got {self.check_times!r}")
         K = self.coefficients.steps
         if self.steps is None:
             self.steps = K // 2
@@ -299,7 +406,7 @@ class LinearAG(Wrapper):
 
     @property
     def scale(self) -> float:
-        return self.coefficients.scale
+        return self.coefficients.scale if self.cfg is None else float(self.cfg)
 
     def check_time(self, k: int, t) -> None:
         """Evaluation k must be at the fitted time k (every entry of a per-sample t); ConfigError otherwise."""
@@ -345,7 +452,8 @@ class LinearAGTrajectory(Wrapper):
             raise ConfigError(f"LinearAG trajectory of batch {prev[0].shape[0]} got x with batch {x.shape[0]}")
         a, s = coefficients(self.denoiser.schedule, t, x)
         if k < c.steps:
-            c.check_time(k, t)
+            if c.check_times:
+                c.check_time(k, t)
             x0_c = self.denoiser(x, t, cond)
             eps_c = P.x0_to_eps(x, x0_c, a, s)
             eps_u = c.coefficients.predict(k, x, eps_c, prev).to(x.dtype)

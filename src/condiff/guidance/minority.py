@@ -104,14 +104,17 @@ class MinorityClassifier:
     """A noise-aware level classifier with the score settings it was fitted with (``thresholds`` (L-1,), score
     time ``t``, ``n`` draws). Called as ``mc(x, t) -> (B, L)`` logits with the schedule's t; the net itself sees
     t mapped to [0, 1] over ``t_range`` (the schedule's (t_min, t_max); see ``unit_time``). ``info`` holds
-    free-form metrics."""
+    free-form metrics; ``model`` and ``weights`` (``condiff.core.fitted.weights_digest``) name the diffusion
+    model whose scores it was fitted on (None: not recorded)."""
 
-    net: Any
+    net: Any = field(repr=False)  # a module tree
     thresholds: torch.Tensor
     t: float
     n: int = 5
     info: dict = field(default_factory=dict)
     t_range: tuple = (0.0, 1.0)
+    model: str | None = None
+    weights: str | None = None
 
     @property
     def levels(self) -> int:

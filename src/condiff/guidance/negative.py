@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from condiff.core.denoiser import Wrapper
-from condiff.guidance.cfg import CFG, batch_cond
+from condiff.guidance.cfg import CFG, NAMES, batch_cond
 from condiff.guidance.interval import split_null
 from condiff.guidance.schedules import check_scale, per_row, scale_at
 
@@ -72,7 +72,8 @@ class Negation(Wrapper):
         cond, null = split_null(cond, self.null, what="negation")
         tt = torch.as_tensor(t)
         t3 = torch.cat([tt, tt, tt]) if tt.dim() == 1 else t
-        out = self.denoiser(torch.cat([x, x, x]), t3, batch_cond([dict(null), cond, dict(negative)]))
+        conds = [dict(null), cond, dict(negative)]
+        out = self.denoiser(torch.cat([x, x, x]), t3, batch_cond(conds, x.shape[0], (*NAMES, "negative condition")))
         x0_u, x0_c, x0_n = out.chunk(3, 0)
         w = per_row(scale_at(self.scale, t), x0_u)
         w_neg = per_row(scale_at(self.negative_scale, t), x0_u)

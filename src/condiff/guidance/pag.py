@@ -42,7 +42,7 @@ from torch import nn
 
 from condiff.core.denoiser import Wrapper
 from condiff.errors import ConfigError, one_of
-from condiff.guidance.cfg import CFG, batch_cond, contrast, split_batch
+from condiff.guidance.cfg import CFG, NAMES, batch_cond, contrast, split_batch
 from condiff.guidance.schedules import check_scale
 
 ALIASES = {"mid": "mid_block", "down": "down_blocks", "up": "up_blocks"}
@@ -189,7 +189,7 @@ class PAG(Wrapper):
     null: Mapping[str, Any] | None = None
     batched: bool = True
     skip_trivial: bool = True
-    net: nn.Module | None = None
+    net: nn.Module | None = field(default=None, repr=False)  # a module tree
     modules: dict = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -222,14 +222,15 @@ class PAG(Wrapper):
             conds = ([dict(null)] if need_u else []) + [cond, cond]
             k = len(conds)
             with perturbed_attention(mods, rows=n):
-                out = self.denoiser(torch.cat([x] * k), _repeat_t(t, k), batch_cond(conds))
+                names = ([NAMES[0]] if need_u else []) + ["condition", "condition"]
+                out = self.denoiser(torch.cat([x] * k), _repeat_t(t, k), batch_cond(conds, n, names))
             parts = split_batch(out, k)
             x0_c, x0_p = parts[-2], parts[-1]
             x0_u = parts[0] if need_u else None
         else:
             if need_u:
                 x0_u, x0_c = split_batch(
-                    self.denoiser(torch.cat([x, x]), _repeat_t(t, 2), batch_cond([dict(null), cond])), 2
+                    self.denoiser(torch.cat([x, x]), _repeat_t(t, 2), batch_cond([dict(null), cond], n, NAMES)), 2
                 )
             else:
                 x0_u, x0_c = None, self.denoiser(x, t, cond)
@@ -301,7 +302,7 @@ class PAGTerm(Wrapper):
     denoiser: Any
     scale: float | Callable = 3.0
     layers: str | Sequence[str] = ("mid",)
-    net: nn.Module | None = None
+    net: nn.Module | None = field(default=None, repr=False)
     tap: Tap | None = None
     modules: dict = field(init=False, repr=False)
 
@@ -321,7 +322,8 @@ class PAGTerm(Wrapper):
         mods = list(self.modules.values())
         if x0_c is None:
             with perturbed_attention(mods, rows=x.shape[0]):
-                x0_c, x0_p = split_batch(self.denoiser(torch.cat([x, x]), _repeat_t(t, 2), batch_cond([c, c])), 2)
+                both = self.denoiser(torch.cat([x, x]), _repeat_t(t, 2), batch_cond([c, c], x.shape[0]))
+                x0_c, x0_p = split_batch(both, 2)
         else:
             with perturbed_attention(mods):
                 x0_p = self.denoiser(x, t, c)

@@ -28,7 +28,9 @@ pieces are named by the paper's section titles.
 
 Experts are saved as LoRA weights only (``save_ppap``: ``experts.safetensors`` + ``ppap.json`` with the ranges,
 the LoRA shape and a checksum of the base classifier, written atomically) and rebuilt on the same clean
-classifier by ``load_ppap``.
+classifier by ``load_ppap``. ``ppap.json`` also records the diffusion model whose samples the experts were
+distilled on (``model``, and ``model_weights``, the digest of its weights), which ``check_ppap_fits`` compares
+with the model of a run (condiff.core.fitted).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import torch
 from torch import nn
 
 from condiff.core.files import atomic_dir, atomic_write_json, load_json, load_tensors, refuse_pickles, save_tensors
+from condiff.core.fitted import FittedFor, check_fitted
 from condiff.errors import ConfigError, InputFileError, one_of
 from condiff.guidance.classifier import ClassifierGuidance, from_logits
 
@@ -279,6 +282,21 @@ def read_ppap_meta(directory) -> dict:
     return meta
 
 
+def check_ppap_fits(
+    meta: dict,
+    weights: str | None = None,
+    model: str | None = None,
+    where: str = "the PPAP experts",
+    allow_mismatch: bool = False,
+) -> None:
+    """Experts (``read_ppap_meta``'s metadata) distilled on the samples of another model (``weights``: the digest
+    of the run's model's weights, ``model`` its name) are ``check_fitted``'s one-line ConfigError naming
+    ``where`` (a FitWarning with ``allow_mismatch``; experts that record no weights: a FitWarning that they
+    cannot be checked). Their base classifier is checked by ``load_ppap``."""
+    fitted = FittedFor.from_json({k: meta.get(k) for k in ("model", "model_weights")}, where)
+    check_fitted(where, fitted, FittedFor(model, weights), allow_mismatch)
+
+
 def load_ppap(directory, classifier: nn.Module) -> MultiExpert:
     """Rebuild the experts saved by ``save_ppap`` on ``classifier``, the clean classifier they were trained on
     (checked by checksum; ``read_ppap_meta(directory)['classifier']`` records its name or folder)."""
@@ -330,4 +348,5 @@ __all__ = [
     "save_ppap",
     "load_ppap",
     "read_ppap_meta",
+    "check_ppap_fits",
 ]

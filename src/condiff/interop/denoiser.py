@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from condiff.core.denoiser import WrappedDenoiser, wrap
+from condiff.core.denoiser import WrappedDenoiser, config_channels, wrap
 from condiff.errors import ConfigError
 from condiff.interop.schedule import prediction_from_config, schedule_from_scheduler
 
@@ -86,4 +86,5 @@ def wrap_diffusers(model, scheduler) -> WrappedDenoiser:
         prediction_from_config(scheduler.config),
         time_input=lambda t: t,
         call=DiffusersCall(key, mean_channels(model)),
+        channels=config_channels(model),
     )

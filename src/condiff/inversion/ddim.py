@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from condiff.core.denoiser import start_trajectory
+from condiff.core.denoiser import check_batch, start_trajectory
 from condiff.core.sampling import CountingDenoiser, StepInfo
 from condiff.errors import ConfigError, NonFiniteError
 from condiff.solvers.base import point
@@ -95,8 +95,10 @@ def invert(
     """Invert ``x`` (the image at ``grid[-1]``) to ``grid[0]`` with a deterministic ``solver``.
 
     ``denoiser`` may be guided (``CFG(D, w)``); sampling ``trajectory[0]`` back down the same grid with the
-    same solver and guidance reconstructs ``x`` up to the solver's discretisation error."""
+    same solver and guidance reconstructs ``x`` up to the solver's discretisation error. ``x`` must be a
+    floating-point tensor with a batch dimension (``check_batch``)."""
     grid = check_grid(grid)
+    check_batch(x)
     if solver.stochastic:
         raise ConfigError(f"inversion needs a deterministic solver, got {solver.name!r} (use ddim, dpmpp-2m, ...)")
     asc = grid.flip(0)

@@ -21,9 +21,11 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from condiff.core.denoiser import Wrapper
+from condiff.core.denoiser import Wrapper, check_cond_rows
 from condiff.errors import ConfigError
 from condiff.guidance.cfg import batch_cond
+
+SOURCE_NAMES = ("source condition", "condition")  # batch_cond's labels of the [source, edit] layout
 
 
 def parse_layers(text: str) -> tuple[str, ...]:
@@ -70,6 +72,9 @@ class FeatureInjection(Wrapper):
     steps: int
 
     def __post_init__(self):
+        if len(self.source):
+            b = self.source[0].shape[0]
+            check_cond_rows(self.source_cond, b, "source condition", against="the source latent")
         self._latent = {float(t): z for t, z in zip(self.grid, self.source)}
         self._active = {float(t) for t in self.grid[: self.steps]}
 
@@ -91,7 +96,8 @@ class FeatureInjection(Wrapper):
 
         handles = [m.register_forward_hook(hook) for m in self.layers]
         try:
-            both = self.denoiser(torch.cat([z, x]), t, batch_cond([dict(self.source_cond), dict(cond or {})]))
+            conds = [dict(self.source_cond), dict(cond or {})]
+            both = self.denoiser(torch.cat([z, x]), t, batch_cond(conds, (b, x.shape[0]), SOURCE_NAMES))
         finally:
             for h in handles:
                 h.remove()

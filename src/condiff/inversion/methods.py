@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import torch
 
 from condiff.core.files import load_tensors, save_tensors
+from condiff.core.fitted import FittedFor, check_fitted
 from condiff.core.sampling import sample
 from condiff.errors import ConfigError, InputFileError, check_int, one_of
 from condiff.guidance.cfg import CFG
@@ -332,6 +333,8 @@ def get_method(name: str, **options) -> EditMethod:
 
 
 def save_inverted(state: Inverted, path, extra: dict | None = None):
+    """Write the state as safetensors with JSON metadata: the method, grid and info, and ``extra`` (the CLI
+    records the model, ``model_weights``, the digest of its weights, the steps and the settings there)."""
     meta = {"method": state.method, "grid": state.grid.tolist(), "info": state.info, **(extra or {})}
     save_tensors(path, {**state.tensors}, {"condiff_inversion": json.dumps(meta)})
 
@@ -352,4 +355,20 @@ def load_inverted(path) -> tuple[Inverted, dict]:
         ) from None
     if method not in METHODS:
         raise InputFileError(f"{str(path)!r} holds an inversion by unknown method {method!r}")
+    FittedFor.from_json({k: meta.get(k) for k in ("model", "model_weights")}, repr(str(path)))
     return Inverted(method, grid, tensors, meta.get("info", {})), meta
+
+
+def check_inversion_fits(
+    meta: Mapping[str, Any],
+    weights: str | None = None,
+    model: str | None = None,
+    where: str = "the inversion",
+    allow_mismatch: bool = False,
+) -> None:
+    """An inversion (the metadata ``load_inverted`` returns) made with another model's weights (``weights``: the
+    digest of the run's model's weights, ``model`` its name) is ``check_fitted``'s one-line ConfigError naming
+    ``where`` (a FitWarning with ``allow_mismatch``; one that records no weights: a FitWarning that it cannot
+    be checked). Its grid is the state's own (``Inverted.grid``)."""
+    fitted = FittedFor.from_json({k: meta.get(k) for k in ("model", "model_weights")}, where)
+    check_fitted(where, fitted, FittedFor(model, weights), allow_mismatch, "made", "invert the image again")

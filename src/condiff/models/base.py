@@ -39,6 +39,13 @@ class LoadedModel:
     info: dict = field(default_factory=dict)
     noise: object = field(default_factory=GaussianNoise)  # the training noise family (GaussianNoise, PFGMPPNoise)
 
+    def __repr__(self) -> str:  # one line, not the module tree
+        params = sum(p.numel() for p in self.module.parameters())
+        return (
+            f"LoadedModel({self.family.name}, {self.prediction.name}, {self.schedule!r}, "
+            f"{params / 1e6:.2f} M parameters, path={None if self.path is None else str(self.path)!r})"
+        )
+
     @property
     def denoiser(self):
         fam, cfg = self.family, self.model_cfg
@@ -47,6 +54,7 @@ class LoadedModel:
             self.schedule,
             self.prediction,
             call=lambda net, x, t_in, cond: fam.forward(net, cfg, x, t_in, cond),
+            channels=fam.image_shape[0],
         )
 
     def prior(self, shape, t_start: float, generator=None, dtype=torch.float32) -> torch.Tensor:

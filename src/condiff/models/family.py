@@ -42,12 +42,22 @@ class ModelFamily:
     def parse_prompt(self, text: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def captions(self, raw: torch.Tensor) -> list[str]:
+        """Each raw condition as the prompt that names it (what a sample's sidecar records per tile)."""
+        raise NotImplementedError
+
     def random_conditions(self, n: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(raw conditions, target attributes) for evaluation."""
         raise NotImplementedError
 
     def score(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         raise NotImplementedError
+
+    def quality(self, images: torch.Tensor) -> dict:
+        """How close the samples' distribution is to real data, beside ``score``'s per-sample accuracy:
+        {"frechet", "precision", "recall", "features"} where the family has a feature space and held-out
+        real images (digits), else {}."""
+        return {}
 
     # training --------------------------------------------------------------------------------------
     def training_batch(self, step: int, n: int, generator, seed: int, objective) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,6 +47,10 @@ class ShapesFamily(ModelFamily):
     def parse_prompt(self, prompt):
         return torch.tensor([text.tokenize(prompt)], dtype=torch.long)
 
+    def captions(self, raw):
+        attrs = text.tokens_to_attrs(raw)
+        return [shapes.caption(a.clamp(min=0), (a >= 0).tolist()) for a in attrs]
+
     def random_conditions(self, n, generator):
         attrs = shapes.random_attrs(n, generator)
         return text.attrs_to_tokens(attrs), attrs

@@ -35,11 +35,12 @@ The skip itself costs no network evaluation.
 The fit. ``model_fit(model)`` fits mu and Sigma once per model from the family's own training data
 (``family.training_batch``, 4096 images by default, rank 256 + isotropic remainder), unconditionally, as the
 papers do, and caches it as safetensors under $CONDIFF_CACHE (default ~/.cache/condiff)/analytic, keyed by
-the model's weights hash and the fit settings, written atomically and checked on load; an invalid cache file
-is refused (``load_fit``) and refit with a warning (``model_fit``). One unconditional Gaussian serves every
-condition and guidance scale (shapes captions may leave any attribute out, so per-condition fits do not
-exist in general): the guided flow over the skipped span is replaced by the unconditional one, and the
-solver's remaining steps must bring the condition in. That is what limits the skip under guidance.
+the model's weights digest (``condiff.core.fitted.weights_digest``) and the fit settings, written atomically
+and checked on load; an invalid cache file is refused (``load_fit``) and refit with a warning (``model_fit``).
+One unconditional Gaussian serves every condition and guidance scale (shapes captions may leave any attribute
+out, so per-condition fits do not exist in general): the guided flow over the skipped span is replaced by the
+unconditional one, and the solver's remaining steps must bring the condition in. That is what limits the
+skip under guidance.
 
 How much to skip: DEFAULT_SKIP is 5% of the step budget; docs/solvers.md holds the measured trade-off
 (benchmarks/analytic_skip.py).
@@ -58,6 +59,7 @@ from pathlib import Path
 
 import torch
 
+from condiff.core.fitted import weights_digest
 from condiff.errors import ConfigError, InputFileError, OutputFileError, is_real, one_line
 
 Tensor = torch.Tensor
@@ -384,21 +386,11 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "condiff"
 
 
-def weights_hash(module: torch.nn.Module) -> str:
-    """sha256 of a module's state dict (names, dtypes, shapes and bytes, in name order)."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def fit_key(model, n: int, rank: int | None, seed: int) -> str:
     spec = {
         "format": FORMAT,
         "family": model.family.name,
-        "weights": weights_hash(model.module),
+        "weights": weights_digest(model.module),
         "n": n,
         "rank": rank,
         "seed": seed,
@@ -497,7 +489,7 @@ def model_fit(
     refit: bool = False,
 ) -> GaussianFit:
     """The Gaussian fit of a model's training data, from the cache when a valid entry exists (keyed by the
-    weights hash and n, rank, seed); otherwise fitted (seconds) and cached. An invalid cache file is
+    weights digest and n, rank, seed); otherwise fitted (seconds) and cached. An invalid cache file is
     refit with a warning that names it and the reason."""
     path, key = fit_path(model, n, rank, seed, directory)
     dim = math.prod(model.family.image_shape)

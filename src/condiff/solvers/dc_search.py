@@ -32,8 +32,10 @@ the searched points determine the coefficients (``fit_cpr``); unused coefficient
 predicts the same ratios for every CFG.
 
 Ratios file (JSON, written atomically, loaded strictly): the searched ratios per (nfe, cfg), the CPR fit, and
-what they belong to (base solver, interpolation axis, dc_order, grid spacing, model). ``ratios_for`` returns
-the searched ratios of an (nfe, cfg) when present, else the CPR prediction.
+what they belong to (base solver, interpolation axis, dc_order, grid spacing, model and the digest of its
+weights, ``model_weights``). ``ratios_for`` returns the searched ratios of an (nfe, cfg) when present, else the
+CPR prediction; ``dc_solver_for`` checks the spacing and (given) the weights against the run
+(``check_ratios_fit``, condiff.core.fitted).
 
 Why lambda is the default interpolation axis, measured on the GMM oracle: docs/solvers.md (DC-Solver's axis).
 """
@@ -50,6 +52,7 @@ import torch
 
 from condiff.core.denoiser import start_trajectory
 from condiff.core.files import atomic_write_json, load_json
+from condiff.core.fitted import FittedFor, check_fitted
 from condiff.core.grids import MAX_STEPS, SPACINGS, UniformT, make_grid
 from condiff.core.sampling import CountingDenoiser, sample
 from condiff.errors import ConfigError, InputFileError, check_int, is_real
@@ -371,6 +374,7 @@ class DCRatios:
     model: str | None = None
     search: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[tuple[int, float], Mapping[str, float]] = field(default_factory=dict)
+    weights: str | None = None  # condiff.core.fitted.weights_digest of the model searched on (None: not recorded)
 
     def to_json(self) -> dict:
         entries = []
@@ -386,6 +390,7 @@ class DCRatios:
             "dc_order": self.dc_order,
             "spacing": self.spacing,
             "model": self.model,
+            "model_weights": self.weights,
             "search": dict(self.search),
             "entries": entries,
             "cpr": None
@@ -410,7 +415,7 @@ def parse_ratios(obj, path="<ratios>") -> DCRatios:
     if not isinstance(obj, dict):
         raise _bad(path, f"expected a JSON object, got {type(obj).__name__}")
     required = {"format", "version", "base", "axis", "dc_order", "spacing", "entries", "cpr"}
-    optional = {"model", "search"}
+    optional = {"model", "model_weights", "search"}
     missing, unknown = required - set(obj), set(obj) - required - optional
     if missing:
         raise _bad(path, f"missing key {sorted(missing)[0]!r}")
@@ -429,6 +434,9 @@ def parse_ratios(obj, path="<ratios>") -> DCRatios:
     model = obj.get("model")
     if model is not None and not isinstance(model, str):
         raise _bad(path, f"model must be a string or null, got {model!r}")
+    weights = obj.get("model_weights")
+    if weights is not None and not isinstance(weights, str):
+        raise _bad(path, f"model_weights must be a digest string or null, got {weights!r}")
     search_meta = obj.get("search", {})
     if not isinstance(search_meta, dict):
         raise _bad(path, f"search must be an object, got {type(search_meta).__name__}")
@@ -488,7 +496,9 @@ def parse_ratios(obj, path="<ratios>") -> DCRatios:
         if not ok:
             raise _bad(path, "cpr.theta must be a 4 x 3 x 3 nested list of finite numbers")
         cpr = CPR(_nested(th), tuple(deg))
-    return DCRatios(entries, cpr, obj["base"], obj["axis"], dc_order, obj["spacing"], model, search_meta, metrics)
+    return DCRatios(
+        entries, cpr, obj["base"], obj["axis"], dc_order, obj["spacing"], model, search_meta, metrics, weights
+    )
 
 
 def load_ratios(path) -> DCRatios:
@@ -530,10 +540,37 @@ def ratios_for(file_or_obj, nfe: int, cfg: float) -> tuple[float, ...]:
     return predict_cpr(r.cpr, nfe, float(cfg))
 
 
-def dc_solver_for(file_or_obj, nfe: int, cfg: float, spacing: str | None = None) -> DCSolver:
-    """The DCSolver a ratios file describes (its base, axis and dc_order) with the ratios for (nfe, cfg).
-    ``spacing``: the grid spacing name the sampler will use; it must be the one the ratios were searched on."""
+def check_ratios_fit(
+    file_or_obj,
+    weights: str | None = None,
+    spacing: str | None = None,
+    model: str | None = None,
+    where: str = "the DC ratios file",
+    allow_mismatch: bool = False,
+) -> DCRatios:
+    """The ratios, checked for what is given: searched on other weights (``weights``: the run's
+    ``condiff.core.fitted.weights_digest``; ``model`` names it) or another grid spacing is ``check_fitted``'s
+    one-line ConfigError naming ``where`` (a FitWarning with ``allow_mismatch``; a file that records no weights:
+    a FitWarning that it cannot be checked). NFE and CFG are checked per lookup (``ratios_for``)."""
     r = _as_ratios(file_or_obj)
-    if spacing is not None and spacing != r.spacing:
-        raise ConfigError(f"the DC ratios were searched on the {r.spacing!r} grid spacing, not {spacing!r}")
+    fitted = FittedFor(r.model, r.weights, spacing=r.spacing)
+    check_fitted(where, fitted, FittedFor(model, weights, spacing=spacing), allow_mismatch)
+    return r
+
+
+def dc_solver_for(
+    file_or_obj,
+    nfe: int,
+    cfg: float,
+    spacing: str | None = None,
+    *,
+    weights: str | None = None,
+    model: str | None = None,
+    where: str = "the DC ratios file",
+    allow_mismatch: bool = False,
+) -> DCSolver:
+    """The DCSolver a ratios file describes (its base, axis and dc_order) with the ratios for (nfe, cfg).
+    ``spacing``: the grid spacing name the sampler will use, and ``weights``: the digest of the model's weights;
+    each, when given, must be what the ratios were searched on (``check_ratios_fit``)."""
+    r = check_ratios_fit(file_or_obj, weights, spacing, model, where, allow_mismatch)
     return DCSolver(ratios_for(r, nfe, cfg), r.dc_order, BASES[r.base], AXES[r.axis])

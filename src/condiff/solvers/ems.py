@@ -41,7 +41,9 @@ Choices of this implementation (not in the paper):
 
 The statistics are stored on the lambda grid and read as piecewise-linear functions of lambda, held constant
 beyond the grid ends (see condiff.solvers.dpm_v3). Files are safetensors (float64 tensors ``lam``, ``l``,
-``s``, ``b``) with the metadata as JSON under the key ``condiff_ems``.
+``s``, ``b``) with the metadata as JSON under the key ``condiff_ems``: among it the model, the digest of its
+weights (``model_weights``) and the CFG scale, which ``check_ems_fits`` compares with the run that uses them
+(condiff.core.fitted).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ import torch
 
 from condiff.core.denoiser import take_rows
 from condiff.core.files import load_tensors, save_tensors
+from condiff.core.fitted import FittedFor, check_fitted
 from condiff.errors import ConfigError, InputFileError, check_int
 
 F64 = torch.float64
@@ -78,9 +81,11 @@ class EMS:
     """Per-dimension statistics l, s, b of shape (n_grid + 1, *sample_shape) on an ascending float64 lambda grid.
 
     ``sample_shape == ()`` means one value per grid point that broadcasts to any sample (degenerate statistics).
-    Metadata: the model (name or path), the CFG scale the statistics were computed with (None: the model's
-    own output), the number of data points, the schedule config, the seed, and ``info`` (anything else:
-    time range, JVP method, ...). Construct from tensors (validated, stored float64 on CPU)."""
+    Metadata: the model (name or path) and ``weights``, the digest of its weights
+    (``condiff.core.fitted.weights_digest``; None: not recorded), the CFG scale the statistics were computed
+    with (None: the model's own output), the number of data points, the schedule config, the seed, and
+    ``info`` (anything else: time range, JVP method, ...). Construct from tensors (validated, stored float64 on
+    CPU)."""
 
     lam: torch.Tensor
     l: torch.Tensor
@@ -92,6 +97,7 @@ class EMS:
     schedule: dict | None = None
     seed: int | None = None
     info: dict = field(default_factory=dict)
+    weights: str | None = None
 
     def __post_init__(self):
         lam = _as_f64(self.lam, "lam")
@@ -118,6 +124,8 @@ class EMS:
             raise ConfigError(f"EMS cfg must be a finite number or None, got {self.cfg!r}")
         if not isinstance(self.n_data, numbers.Integral) or self.n_data < 0:
             raise ConfigError(f"EMS n_data must be a non-negative integer, got {self.n_data!r}")
+        if self.weights is not None and not isinstance(self.weights, str):
+            raise ConfigError(f"EMS weights must be a digest string or None, got {self.weights!r}")
         object.__setattr__(self, "lam", lam)
         for name, v in stats.items():
             object.__setattr__(self, name, v)
@@ -204,6 +212,7 @@ class EMS:
         return {
             "format": FORMAT,
             "model": self.model,
+            "model_weights": self.weights,
             "cfg": self.cfg,
             "n_data": int(self.n_data),
             "n_grid": self.n_grid,
@@ -264,6 +273,7 @@ def load_ems(path) -> EMS:
             schedule=meta.get("schedule"),
             seed=meta.get("seed"),
             info=meta.get("info") or {},
+            weights=meta.get("model_weights"),
         )
     except ConfigError as e:
         raise InputFileError(f"{where} holds invalid statistics: {e}") from None
@@ -289,8 +299,29 @@ def _read_metadata(path):
         raise InputFileError(f"{str(path)!r}: cannot read the EMS metadata ({type(e).__name__})") from None
 
 
-def check_ems_fits(ems: EMS, sample_shape, schedule=None, what: str = "the model") -> EMS:
-    """Refuse statistics made for other samples or another noise schedule, with a one-line ConfigError."""
+def fitted_for(ems: EMS) -> FittedFor:
+    """What the statistics were computed for: the model and its weights digest, the CFG scale (None, the model's
+    own output, is scale 1). They hold for any grid inside their lambda range."""
+    return FittedFor(ems.model, ems.weights, 1.0 if ems.cfg is None else float(ems.cfg))
+
+
+def check_ems_fits(
+    ems: EMS,
+    sample_shape,
+    schedule=None,
+    what: str = "the model",
+    *,
+    weights: str | None = None,
+    cfg: float | None = None,
+    model: str | None = None,
+    where: str = "the EMS file",
+    allow_mismatch: bool = False,
+) -> EMS:
+    """Refuse statistics made for other samples or another noise schedule, with a one-line ConfigError; and,
+    for what is given, statistics computed for other weights (``weights``: the run's
+    ``condiff.core.fitted.weights_digest``; ``model`` names it) or another CFG scale (``cfg``), with
+    ``check_fitted``'s one-line ConfigError naming ``where`` (a FitWarning with ``allow_mismatch``; statistics
+    that record no weights: a FitWarning that they cannot be checked)."""
     sample_shape = tuple(int(s) for s in sample_shape)
     src = f"EMS of {ems.model!r}" if ems.model else "the EMS"
     if ems.sample_shape != () and ems.sample_shape != sample_shape:
@@ -303,6 +334,7 @@ def check_ems_fits(ems: EMS, sample_shape, schedule=None, what: str = "the model
         raise ConfigError(
             f"{src} were computed for another noise schedule ({kind!r}) than {what}'s ({type(schedule).__name__})"
         )
+    check_fitted(where, fitted_for(ems), FittedFor(model, weights, cfg), allow_mismatch)
     return ems
 
 

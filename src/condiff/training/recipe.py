@@ -5,6 +5,7 @@ Unknown keys and wrongly typed values are refused with one-line ConfigErrors tha
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -154,6 +155,30 @@ def recipe_from_dict(data: dict) -> Recipe:
         _typed(TrainConfig, data.get("train", {}), "train"),
     )
     return check_recipe(r)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def recipe_changes(old, new: dict) -> dict[str, tuple]:
+    """``{dotted key: (old value, new value)}`` for every value that differs between a recorded recipe (a
+    checkpoint's ``Recipe.to_dict()``, read back from JSON) and ``new``, in ``new``'s key order; a key one side lacks
+    reads as None. The recorded recipe is first filled in with the defaults of keys added since it was written."""
+    old = old if isinstance(old, dict) else {}
+    try:
+        old = recipe_from_dict(old).to_dict()
+    except (ValueError, TypeError):  # keys or values this version no longer takes: compare as recorded
+        pass
+    a, b = _flat(json.loads(json.dumps(old))), _flat(json.loads(json.dumps(new)))
+    keys = list(b) + [k for k in a if k not in b]
+    return {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)}
 
 
 def load_recipe(path) -> Recipe:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,7 @@ from condiff.core.files import (
     sha256_file,
 )
 from condiff.errors import ConfigError, InputFileError, NonFiniteError
-from condiff.training.recipe import Recipe
+from condiff.training.recipe import Recipe, recipe_changes
 
 CKPT_RE = re.compile(r"^step-(\d{8})$")
 
@@ -68,6 +70,23 @@ def _unflatten_optimizer(tensors, scalars, groups):
     return {"state": state, "param_groups": groups}
 
 
+def _describe(changes: dict, most: int = 8) -> str:
+    """'train.seed 3 -> 5, train.lr 0.001 -> 0.002' (the first ``most`` changed keys, then how many more)."""
+    items = [f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items()]
+    more = f" and {len(items) - most} more" if len(items) > most else ""
+    return ", ".join(items[:most]) + more
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename a corrupt checkpoint to ``step-N.corrupt`` (``step-N.corrupt-2``, ... when taken)."""
+    aside, k = path.with_name(path.name + ".corrupt"), 1
+    while os.path.lexists(aside):
+        k += 1
+        aside = path.with_name(f"{path.name}.corrupt-{k}")
+    os.replace(path, aside)
+    return aside
+
+
 @dataclass
 class Trainer:
     """Train ``model`` (a LoadedModel built from ``recipe``) into ``out_dir``."""
@@ -89,7 +108,9 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.ema = EMAModel(self.params, decay=cfg.ema_decay)
         self.step = 0
+        self.start_step = 0  # the step this trainer started from: 0, or the resumed checkpoint's
         self.train_seconds = 0.0
+        self.recipe_changes: list = []  # what --allow-changes let a resume change: [{step, changes: {key: [old, new]}}]
 
     # checkpoints -------------------------------------------------------------------------------------
     @property
@@ -115,6 +136,7 @@ class Trainer:
                     "param_groups": groups,
                     "ema": ema_sd,
                     "log": self.log,
+                    "recipe_changes": self.recipe_changes,
                     "threads": torch.get_num_threads(),
                     "sha256": {f: sha256_file(tmp / f) for f in files},
                 },
@@ -146,15 +168,27 @@ class Trainer:
                 raise InputFileError(f"checkpoint {str(path)!r}: {name} is missing or fails its checksum")
         return meta
 
-    def resume(self) -> Path | None:
-        """Restore the newest valid checkpoint (skipping corrupt ones with a notice); None if none."""
+    def resume(self, allow_changes: bool = False) -> Path | None:
+        """Restore the newest valid checkpoint; None if there is none. A corrupt one is renamed to
+        ``step-N.corrupt`` (kept for inspection, out of the way of new checkpoints and of pruning) with a notice on
+        stderr. A checkpoint written with other recipe values (any key: seed, lr, batch size, objective, schedule,
+        steps, threads) is refused with a ConfigError naming each as old -> new; with ``allow_changes`` the run
+        goes on with the new values and ``recipe_changes`` records them (in later checkpoints and the exported
+        model's condiff.json)."""
         self.clear_stale_temps()
         for path in reversed(self.list_checkpoints()):
             try:
                 meta = self.verify(path)
             except (InputFileError, KeyError, json.JSONDecodeError) as e:
-                print(f"notice: skipping checkpoint {path.name}: {e}")
+                aside = _move_aside(path)
+                print(f"notice: skipping checkpoint {path.name}: {e} (renamed to {aside.name})", file=sys.stderr)
                 continue
+            changes = recipe_changes(meta.get("recipe"), self.recipe.to_dict())
+            if changes and not allow_changes:
+                raise ConfigError(
+                    f"--resume: {str(self.out_dir)!r} was trained with other recipe values ({_describe(changes)}); "
+                    f"resume with the values it was trained with, or pass --allow-changes to go on with the new ones"
+                )
             try:
                 self._restore(path, meta)
             except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
@@ -164,6 +198,10 @@ class Trainer:
                     f"({type(e).__name__}: {first}); resume with the recipe that wrote it, or "
                     f"choose another --out"
                 ) from None
+            if changes:
+                entry = {"step": self.step, "changes": {k: list(v) for k, v in changes.items()}}
+                self.recipe_changes = [*self.recipe_changes, entry]
+                print(f"notice: --allow-changes: from step {self.step}, {_describe(changes)}", file=sys.stderr)
             return path
         return None
 
@@ -176,9 +214,10 @@ class Trainer:
                 load_tensors(path / "optim.safetensors"), meta["optimizer_scalars"], meta["param_groups"]
             )
         )
-        self.step = meta["step"]
+        self.step = self.start_step = meta["step"]
         self.train_seconds = meta["train_seconds"]
         self.log = meta["log"]
+        self.recipe_changes = list(meta.get("recipe_changes") or [])
 
     # training ----------------------------------------------------------------------------------------
     def train_step(self):
@@ -234,6 +273,14 @@ class Trainer:
             disable=not self.progress,
             dynamic_ncols=True,
         )
+        try:
+            self._run(bar, total, stop_after)
+        finally:
+            bar.close()
+        return self
+
+    def _run(self, bar, total: int, stop_after: int | None):
+        cfg = self.recipe.train
         done = 0
         loss_avg = None
         while self.step < total:
@@ -253,8 +300,6 @@ class Trainer:
             done += 1
             if stop_after is not None and done >= stop_after:
                 break
-        bar.close()
-        return self
 
     def export(self, directory=None):
         """Write the EMA weights as a loadable model directory (diffusers layout)."""
@@ -265,7 +310,12 @@ class Trainer:
         try:
             self.model.save(
                 directory,
-                {"trained_steps": self.step, "train_minutes": self.train_seconds / 60, "recipe": self.recipe.to_dict()},
+                {
+                    "trained_steps": self.step,
+                    "train_minutes": self.train_seconds / 60,
+                    "recipe": self.recipe.to_dict(),
+                    **({"recipe_changes": self.recipe_changes} if self.recipe_changes else {}),
+                },
             )
         finally:
             self.model.module = orig
