@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from condiff.core.grids import UniformT
+from condiff.core.grids import SPACINGS
 from condiff.data import labeller, shapes
 from condiff.data.images import grid_image, save_png
 from condiff.evaluation.evaluate import generate
@@ -57,12 +57,13 @@ def texture(images: torch.Tensor) -> dict:
     }
 
 
-SETTINGS = [
-    ("real renders", None, None, None),
-    ("dpmpp-2m, 20 steps (default)", "dpmpp-2m", 20, 3.0),
-    ("dpmpp-2m, 100 steps", "dpmpp-2m", 100, 3.0),
-    ("ddim, 250 steps", "ddim", 250, 3.0),
-    ("dpmpp-2m, 20 steps, cfg 1", "dpmpp-2m", 20, 1.0),
+SETTINGS = [  # (name, solver, steps, cfg, spacing)
+    ("real renders", None, None, None, None),
+    ("dpmpp-2m, 20 steps, uniform-t (default)", "dpmpp-2m", 20, 3.0, "uniform-t"),
+    ("dpmpp-2m, 20 steps, uniform-logsnr", "dpmpp-2m", 20, 3.0, "uniform-logsnr"),
+    ("dpmpp-2m, 20 steps, karras", "dpmpp-2m", 20, 3.0, "karras"),
+    ("dpmpp-2m, 100 steps, uniform-t", "dpmpp-2m", 100, 3.0, "uniform-t"),
+    ("dpmpp-2m, 20 steps, cfg 1", "dpmpp-2m", 20, 1.0, "uniform-t"),
 ]
 
 
@@ -78,14 +79,16 @@ def main():
     g0 = torch.Generator().manual_seed(0)
     raw, _ = m.family.random_conditions(args.n, g0)
     rows, tiles = [], []
-    for name, solver, steps, cfg in SETTINGS:
+    for name, solver, steps, cfg, spacing in SETTINGS:
         t0 = time.perf_counter()
         if solver is None:
             images = shapes.sample_batch(args.n, torch.Generator().manual_seed(0)).images
         else:
             g = torch.Generator().manual_seed(0)
             with torch.no_grad():
-                images, _ = generate(m, raw, get_solver(solver), steps, cfg, g, UniformT(), progress=True, desc=name)
+                images, _ = generate(
+                    m, raw, get_solver(solver), steps, cfg, g, SPACINGS[spacing], progress=True, desc=name
+                )
         row = {"setting": name, **texture(images.clamp(-1, 1)), "seconds": time.perf_counter() - t0}
         rows.append(row)
         tiles.append(images[:16])
