@@ -42,7 +42,9 @@ SolverOptOpt = Annotated[
 ThresholdOpt = Annotated[
     Optional[float],
     typer.Option(
-        "--dynamic-threshold", help="Imagen's dynamic thresholding of the guided x0 at this quantile (e.g. 0.995)"
+        "--dynamic-threshold",
+        help="Imagen's dynamic thresholding of the guided x0 at this quantile (e.g. 0.995); "
+        "it greys black backgrounds (shapes: docs/guidance.md)",
     ),
 ]
 DcRatiosOpt = Annotated[

@@ -70,6 +70,6 @@ def precision_recall(real, fake, k: int = 3) -> tuple[float, float]:
 
 def classifier_features(images: torch.Tensor, net, batch: int = 512) -> torch.Tensor:
     """Penultimate features ``net.features(x)`` of a classifier network (e.g. the bundled shapes classifier,
-    ``condiff.models.shapes_classifier.load_classifier("clean")``), in batches, without gradients."""
+    ``condiff.models.classifiers.load_classifier("clean")``), in batches, without gradients."""
     with torch.no_grad():
         return torch.cat([net.features(x) for x in torch.split(images, batch)])

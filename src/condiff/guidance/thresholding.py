@@ -6,6 +6,11 @@ least 1 (and capped at ``max_value``); then x0_hat <- clamp(x0_hat, -s, s) / s. 
 are only clipped to [-1, 1], so with ``max_value = 1`` this is static clipping. As a Denoiser -> Denoiser object
 it gives every solver the option (diffusers has it as a flag on some schedulers), and it nests with CFG:
 ``DynamicThresholding(CFG(model.denoiser, 7.5))`` thresholds the guided estimate, as the paper does.
+
+It is made for natural images, whose x0 overshoots in a few saturated pixels. On data with a large area at the
+bound (the shapes model's black background, -1) the division by s > 1 lifts that area towards 0 at every step:
+on shapes it turns the background grey at every scale and cuts accuracy at large ones (docs/guidance.md,
+"Dynamic thresholding"; there ``max_value=1``, static clipping, is the setting that helps).
 """
 
 from __future__ import annotations

@@ -42,11 +42,14 @@ DESCRIPTIONS = {
     "dpmpp-2m": "DPM-Solver++(2M), multistep data prediction (order 2; Lu et al. 2022)",
     "dpmpp-3m": "DPM-Solver++(3M), multistep data prediction as in diffusers (order 3 nominal; Lu et al. 2022)",
     "dpmpp-2s": "DPM-Solver++(2S), singlestep midpoint in log-SNR, 2 evaluations a step (order 2; Lu et al. 2022)",
-    "unipc": "UniPC bh2, UniP-2 predictor + UniC corrector, no extra evaluation (order 3; Zhao et al. 2023)",
+    "unipc": "UniPC bh2, UniP-2 predictor + UniC corrector, no extra evaluation (order 3; Zhao et al. 2023); "
+    "variant=bh1 is for unconditional sampling (shapes, cfg 3, 6 steps: 0.33 against bh2's 0.85)",
     "dpm-v3": "DPM-Solver-v3, order 2 + pseudo-order corrector; statistics from `condiff ems compute` (--ems), "
     "none = DPM-Solver++ (Zheng et al. 2023)",
-    "edm-heun": "EDM's deterministic Heun sampler on the Karras grid, 2N-1 evaluations (order 2; Karras et al. 2022)",
-    "edm-sde": "EDM's stochastic churn sampler, Heun after adding noise in [S_min, S_max] (Karras et al. 2022)",
+    "edm-heun": "EDM's deterministic Heun sampler on the Karras grid, 2N-1 evaluations (order 2; Karras et al. 2022); "
+    "needs 8-10 steps or more under guidance (shapes, cfg 3: 0.91 at 8, 0.00 at 5)",
+    "edm-sde": "EDM's stochastic churn sampler, Heun after adding noise in [S_min, S_max] (Karras et al. 2022); "
+    "needs 15-20 steps or more with the default S_churn 40 (shapes, cfg 3: 0.99 at 15, 0.35 at 10, 0.00 at 5)",
     "dc-solver": "DC-Solver: UniPC with dynamic compensation; ratios from `condiff dc search` (Zhao et al. 2024)",
 }
 
