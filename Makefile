@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: venv demo test lint test-slow bench clean
+.PHONY: venv demo test lint test-slow bench wheel clean
 
 venv: $(STAMP)
 
@@ -35,5 +35,9 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/sampling_speed.py
 
+wheel: $(STAMP)  # dist/condiff-*.whl: the code, the bundled models and the recipes (scripts/check_wheel.py tries it)
+	rm -rf build
+	$(BIN)/python -m build --wheel --no-isolation --outdir dist
+
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) outputs build dist

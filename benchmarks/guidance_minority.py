@@ -1,5 +1,5 @@
 """Minority guidance (Um, Lee, Ye, ICLR 2024) on the imbalanced shapes model (issue 4, acceptance 5): the model is
-fine-tuned on shapes in which cyan is 5% of the data (recipes/shapes-minority.toml); sampling the empty prompt
+fine-tuned on shapes in which cyan is 5% of the data (the packaged recipe shapes-minority); sampling the empty prompt
 (the unconditional model) with guidance toward a high minority level should raise cyan's share >= 3x over
 unguided sampling while the labeller still reads a valid object in >= 90% of the samples.
 

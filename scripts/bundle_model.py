@@ -71,7 +71,7 @@ def main():
         "## How it was made",
         "",
         "```",
-        f"condiff train recipes/{args.name}.toml --out {args.run}",
+        f"condiff train {args.name} --out {args.run}",
         f"python scripts/bundle_model.py {args.run} {args.name} --n {args.n}",
         "```",
         "",

@@ -34,7 +34,7 @@ def test_solvers_lists_canonical_names(capsys):
 
 def test_models_lists_bundled(capsys):
     out = ok(["models"], capsys)
-    assert out.startswith("shapes") and "\ndigits" in out
+    assert out.startswith("name") and "\nshapes " in out and "\ndigits " in out
 
 
 def test_sample_writes_png_and_sidecar_reproducibly(tmp_path, capsys):

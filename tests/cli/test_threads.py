@@ -86,6 +86,7 @@ def test_every_computing_command_takes_threads():
         "guidance fit-linear-ag",
         "guidance train-ppap",
         "guidance fit-minority",
+        "ui",
     }
     found = set()
 
@@ -117,6 +118,7 @@ def test_every_computing_command_takes_threads():
         ["guidance", "fit-linear-ag", "--model", "digits", "--cfg", "3", "--steps", "4", "--out", "{d}/l.safetensors"],
         ["guidance", "train-ppap", "--classifier", "clean", "--model", "shapes", "--out", "{d}/p"],
         ["guidance", "fit-minority", "--model", "shapes", "--out", "{d}/m"],
+        ["ui"],
     ],
     ids=lambda argv: " ".join(a for a in argv if not a.startswith("-") and "{d}" not in a)[:40],
 )

@@ -160,8 +160,21 @@ def _encode(im: Image.Image, fmt: str, **kwargs) -> bytes | None:
     return buf.getvalue()
 
 
+def _pillow_reads(data: bytes | None) -> bool:
+    """Whether Pillow itself decodes what it wrote (Pillow < 13 writes YCbCr TIFFs it cannot read back)."""
+    if data is None:
+        return False
+    try:
+        Image.open(io.BytesIO(data)).load()
+    except OSError:
+        return False
+    return True
+
+
 _RNG = np.random.default_rng(0)
-SAVABLE = [(m, f) for m in MODES for f in FORMATS if _encode(_make(m, 3, 2, _RNG), f) is not None]
+ENCODED = {(m, f): _encode(_make(m, 3, 2, _RNG), f) for m in MODES for f in FORMATS}
+SAVABLE = [pair for pair, data in ENCODED.items() if _pillow_reads(data)]
+UNREADABLE = [pair for pair, data in ENCODED.items() if data is not None and not _pillow_reads(data)]
 
 
 @st.composite
@@ -206,6 +219,17 @@ def test_valid_images_of_any_mode_and_format(workdir, mode, fmt, data, shape, sa
     if fmt in LOSSLESS and shape[1:] == (h, w) and (mode, shape[0]) in (("RGB", 3), ("L", 1)):
         want = from_uint8(torch.from_numpy(np.array(im)).reshape(h, w, shape[0]).permute(2, 0, 1))
         assert torch.equal(got.tensor[0], want)
+
+
+@pytest.mark.parametrize("mode, fmt", UNREADABLE or [pytest.param(None, None, marks=pytest.mark.skip("none"))])
+def test_files_pillow_writes_but_cannot_read_are_refused(workdir, mode, fmt):
+    """A file Pillow writes but cannot decode (YCbCr TIFF before Pillow 13) is one InputFileError, not a crash."""
+    path = workdir / f"unreadable.{fmt.lower()}"
+    path.write_bytes(ENCODED[mode, fmt])
+    with pytest.raises(InputFileError) as e:
+        read_image(path, shape=(3, 2, 3))
+    msg = str(e.value)
+    assert msg.splitlines() == [msg] and str(path) in msg and "cannot read image" in msg, msg
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

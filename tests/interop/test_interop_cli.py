@@ -80,8 +80,8 @@ def test_sample_pipeline_offline_equals_diffusers_image(tiny_sd_dir, tmp_path, c
     )
     assert "wrote" in text
     ours = np.asarray(Image.open(out).convert("RGB")).astype(int)
-    grid = ours[2:18, 2:18]  # grid_image's 2-pixel frame around the one image
-    assert int(np.abs(grid - np.round(ref * 255).astype(int)).max()) <= 1
+    assert ours.shape == (16, 16, 3)  # --n 1: the image itself, no grid frame
+    assert int(np.abs(ours - np.round(ref * 255).astype(int)).max()) <= 1
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["nfe"] == 20 * 1 and side["grid"][0] == 951.0 and side["grid"][-1] == 0.0
     assert "--pipeline" in side["reproduce"] and "--negative-prompt" in side["reproduce"]
@@ -129,10 +129,17 @@ def test_sample_pipeline_pag_and_dit(tiny_sd_dir, tiny_dit_dir, tmp_path, capsys
             "uniform-logsnr",
             "--out",
             str(tmp_path / "d.png"),
+            "--out-dir",
+            str(tmp_path / "each"),
         ],
         capsys,
     )
     assert Image.open(tmp_path / "d.png").size == (2 + 2 * 18, 2 + 2 * 18)
+    files = json.loads((tmp_path / "each" / "samples.json").read_text())["files"]  # --out-dir: one PNG per sample
+    assert [f["file"] for f in files] == [f"sample_00{i}.png" for i in range(4)] and files[3]["caption"] == "square"
+    grid = np.asarray(Image.open(tmp_path / "d.png").convert("RGB"))
+    one = np.asarray(Image.open(tmp_path / "each" / "sample_003.png").convert("RGB"))
+    assert one.shape == (16, 16, 3) and np.array_equal(one, grid[20:36, 20:36])  # the grid's fourth tile
 
 
 def test_invert_and_edit_pipeline(tiny_sd_dir, tmp_path, capsys):

@@ -15,7 +15,7 @@ def test_bundled_dirs_load_with_diffusers_from_pretrained():
     assert isinstance(UNet2DModel.from_pretrained(bundled_dir("digits") / "unet"), UNet2DModel)
     for name in ("shapes", "digits"):
         card = (bundled_dir(name) / "README.md").read_text()
-        assert f"condiff train recipes/{name}.toml" in card
+        assert f"condiff train {name} --out" in card
         meta = json.loads((bundled_dir(name) / "condiff.json").read_text())
         assert "metrics" in meta
 

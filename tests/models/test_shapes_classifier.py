@@ -3,11 +3,13 @@ exact resume of a classifier training run, the bundled clean classifier's accura
 their exact attributes, and load_classifier's errors."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import condiff
 from condiff.cli.train import train_recipe
 from condiff.core.denoiser import diffuse as noisy
 from condiff.core.schedules import schedule_from_config, unit_time
@@ -45,7 +47,7 @@ def test_attribute_loss_is_the_sum_of_head_cross_entropies():
 @pytest.mark.parametrize("kind", ["clean", "noisy"])
 def test_training_resumes_exactly(tmp_path, kind):
     """6 steps in one go and 3 + resume + 3 give bit-identical weights (noise-aware: t and eps replay too)."""
-    r = load_recipe(f"recipes/shapes-{kind}-classifier.toml")
+    r = load_recipe(Path(condiff.__file__).parent / "recipes" / f"shapes-{kind}-classifier.toml")
     r = dataclasses.replace(
         r,
         model={**r.model, "width": 8, "hidden": 16},

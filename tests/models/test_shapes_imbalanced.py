@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import condiff
 from condiff.cli.train import make_trainer, train_recipe
 from condiff.core.files import load_tensors
 from condiff.data import labeller, shapes, text
@@ -22,7 +23,7 @@ from condiff.models.shapes_imbalanced import (
 )
 from condiff.training.recipe import ObjectiveConfig, recipe_from_dict
 
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "shapes-minority.toml"
+RECIPE = Path(condiff.__file__).parent / "recipes" / "shapes-minority.toml"
 
 
 def test_color_weights_and_uniform_other_attributes():

@@ -333,13 +333,14 @@ def test_pfgmpp_option_changes_only_the_noise():
 
 
 def test_recipes_differ_only_in_the_noise():
-    """recipes/digits_pfgmpp.toml (D = 128) and recipes/digits_edm.toml (D = inf) load and are identical but
+    """The packaged recipes digits_pfgmpp (D = 128) and digits_edm (D = inf) load and are identical but
     for name and objective.pfgmpp_D; bad pfgmpp_D values are refused naming the key."""
     from pathlib import Path
 
+    import condiff
     from condiff.training.recipe import load_recipe, recipe_from_dict
 
-    root = Path(__file__).resolve().parents[2] / "recipes"
+    root = Path(condiff.__file__).parent / "recipes"
     a, b = load_recipe(root / "digits_pfgmpp.toml"), load_recipe(root / "digits_edm.toml")
     assert a.objective.pfgmpp_D == 128 and b.objective.pfgmpp_D == 0
     same = lambda r: dataclasses.replace(r, name="x", objective=dataclasses.replace(r.objective, pfgmpp_D=0))  # noqa: E731

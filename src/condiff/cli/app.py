@@ -10,7 +10,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import typer  # noqa: E402
 
-from condiff.cli import bench, dc, edit, ems, export, guidance, restore, sample  # noqa: E402
+from condiff.cli import bench, catalog, dc, edit, ems, export, guidance, recipes, restore, sample  # noqa: E402
+from condiff.cli.ui import command as ui_command  # noqa: E402
 from condiff.core.files import log_writes  # noqa: E402
 from condiff.errors import CondiffError, Interrupted, one_line  # noqa: E402
 
@@ -44,7 +45,7 @@ def _options(
     """condiff: conditional diffusion - sample, evaluate, train, demo."""
 
 
-app.command("models")(sample.models_cmd)
+app.command("models")(catalog.models_cmd)
 app.command("solvers")(sample.solvers_cmd)
 app.command("sample")(sample.sample_cmd)
 app.command("eval")(sample.eval_cmd)
@@ -53,11 +54,13 @@ app.command("demo")(sample.demo_cmd)
 app.command("invert")(edit.invert_cmd)
 app.command("edit")(edit.edit_cmd)
 app.command("restore")(restore.restore_cmd)
+app.command("ui")(ui_command.ui_cmd)
 app.add_typer(export.app, name="export")
 app.add_typer(guidance.app, name="guidance")
 app.add_typer(ems.app, name="ems")
 app.add_typer(dc.app, name="dc")
 app.add_typer(bench.app, name="bench")
+app.add_typer(recipes.app, name="recipes")
 
 
 def _fail(message: str):

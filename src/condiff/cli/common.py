@@ -241,6 +241,32 @@ def sampling_setup(model, solver, steps, cfg, spacing, ems, dc_ratios, solver_op
     return family, sol, spacing_name, spc, analytic_skip_of(analytic_skip, model, steps, spc)
 
 
+def start_of(m, model: str, t_start: Optional[str], centre_subpixels: bool) -> tuple[Optional[float], int]:
+    """(t_start, centre_subpixels factor) for generate/evaluate from --t-start (None, 'max' or a number in the
+    loaded model's schedule range) and --centre-subpixels (the model's pixel-unshuffle factor, or an error for a
+    model that has none)."""
+    factor = 1
+    if centre_subpixels:
+        factor = int(m.model_cfg.get("pixel_unshuffle", 1))
+        if factor < 2:
+            raise ConfigError(
+                f"--centre-subpixels needs a model that pixel-unshuffles its input (shapes does); {model} does not"
+            )
+    if t_start is None:
+        return None, factor
+    sch = m.schedule
+    lo, hi = min(sch.t_clean, sch.t_min), sch.t_max
+    if t_start.strip().lower() == "max":
+        return float(hi), factor
+    try:
+        t = float(t_start)
+    except ValueError:
+        raise ConfigError(f"--t-start must be 'max' or a number in ({lo:g}, {hi:g}], got {t_start!r}") from None
+    if not lo < t <= hi:  # NaN fails too
+        raise ConfigError(f"--t-start must be 'max' or a number in ({lo:g}, {hi:g}], got {t_start!r}")
+    return t, factor
+
+
 def check_common(steps: int, cfg: float, n: int, batch_size: int, seed: int, dynamic_threshold: Optional[float] = None):
     from condiff.core.grids import MAX_STEPS
     from condiff.training.recipe import check_seed
@@ -495,6 +521,82 @@ def check_out(path: Path, option: str, suffix: str | None = None, kind: str = "f
         check_writable(path, kind)
     except OutputFileError as e:
         raise OutputFileError(f"{option}: {e}") from None
+
+
+SAMPLES_SIDECAR = "samples.json"  # `sample --out-dir DIR`: DIR/samples.json lists each sample's file
+
+
+def check_sample_outputs(out: Optional[Path], out_dir: Optional[Path]) -> Optional[Path]:
+    """`sample`'s --out and --out-dir, checked before any model is loaded; returns --out, which is grid.png when
+    neither is given (with --out-dir alone no grid is written)."""
+    if out is None and out_dir is None:
+        out = Path("grid.png")
+    if out is not None:
+        check_out(out, "--out", ".png")
+        check_out(out.with_suffix(".json"), "--out (its JSON sidecar)")
+    if out_dir is not None:
+        check_out(out_dir, "--out-dir", kind="dir")
+        check_out(out_dir / SAMPLES_SIDECAR, "--out-dir (its JSON sidecar)")
+    return out
+
+
+def sample_file_names(n: int) -> list[str]:
+    """sample_000.png, sample_001.png, ... (more digits from 1000 samples on)."""
+    width = max(3, len(str(n - 1)))
+    return [f"sample_{i:0{width}d}.png" for i in range(n)]
+
+
+def write_samples(images, out: Optional[Path], out_dir: Optional[Path], grid_scale: int = 4) -> dict:
+    """Write `sample`'s images: --out holds the image itself at its own size when there is one sample, else the
+    grid (``grid_scale`` times enlarged, 2-pixel frames); --out-dir holds every sample as its own PNG at its own
+    size. Returns what the sidecar records: the layout of --out and the files written to --out-dir."""
+    import math
+
+    from condiff.data.images import grid_image, save_png, write_image
+
+    n = int(images.shape[0])
+    layout = None
+    if out is not None and n == 1:
+        write_image(images[0], out)
+        layout = "image (one sample, at its own size)"
+    elif out is not None:
+        ncols = max(1, int(math.ceil(math.sqrt(n))))
+        save_png(grid_image(images, ncols=ncols, scale=grid_scale), out)
+        layout = f"grid of {ncols} columns, row by row, {grid_scale}x enlarged, 2-pixel frames"
+    files = []
+    if out_dir is not None:
+        for i, name in enumerate(sample_file_names(n)):
+            write_image(images[i], out_dir / name)
+            files.append(name)
+    return {"out_layout": layout, "files": files}
+
+
+def write_sample_sidecars(sidecar: dict, out: Optional[Path], out_dir: Optional[Path], seed: int, captions) -> str:
+    """Write the sidecar beside --out (``<out>.json``) and, with --out-dir, ``DIR/samples.json``, which lists each
+    file with its index, seed and caption (sample ``index`` of the run with that seed: the ``reproduce`` command
+    regenerates it). Returns the 'wrote ...' line."""
+    from condiff.core.files import atomic_write_json
+
+    names = sidecar.get("files") or []
+    if out_dir is not None:
+        sidecar = dict(sidecar, out_dir=str(out_dir))
+        sidecar["files"] = [
+            {"file": name, "index": i, "seed": seed, "caption": captions[i] if i < len(captions) else None}
+            for i, name in enumerate(names)
+        ]
+    else:
+        sidecar.pop("files", None)
+    wrote = []
+    if out is not None:
+        atomic_write_json(out.with_suffix(".json"), sidecar)
+        wrote += [str(out), str(out.with_suffix(".json"))]
+    if out_dir is not None:
+        atomic_write_json(out_dir / SAMPLES_SIDECAR, sidecar)
+        if names:
+            span = names[0] if len(names) == 1 else f"{names[0]} ... {names[-1]}"
+            wrote.append(f"{out_dir / span}")
+        wrote.append(str(out_dir / SAMPLES_SIDECAR))
+    return "wrote " + (" and ".join(wrote) if len(wrote) <= 2 else ", ".join(wrote[:-1]) + " and " + wrote[-1])
 
 
 def analytic_skip_of(value: Optional[str], model: str, steps: int, spacing):

@@ -151,11 +151,12 @@ def run_demo(out: Path, n_eval: int = 256, progress: bool = True) -> Path:
             "few_steps.png",
             "rows: " + "; ".join(few_names) + ". Accuracies in the metrics table; "
             "docs/solvers.md compares every solver against diffusers. Why plain DDIM scores highest: 5 steps on "
-            "this grid are steps of 0.8 to 4 units of log-SNR, too long for the second-order multistep updates "
-            "(DPM-Solver++(2M), UniPC), which extrapolate from the previous step's estimate and overshoot; at 5 NFE "
-            "they end farther from the exact ODE solution than DDIM (docs/solvers.md, shapes table: error 0.185 "
-            "and 0.204 against 0.141) and leave ringing that the labeller reads as a wrong shape or size. "
-            "DDIM's first-order step lands on a smooth, clean object, which is what attribute accuracy rewards; "
+            "this grid are steps of 0.8 to 4.2 units of lambda (half the log-SNR), too long for the second-order "
+            "multistep updates (DPM-Solver++(2M), UniPC), which extrapolate from the previous step's estimate and "
+            "overshoot. At 5 NFE they end farther from the exact ODE solution than DDIM (docs/solvers.md, shapes "
+            "table: error 0.185 and 0.204 against 0.141) and leave ringing around small objects, which the labeller "
+            "reads as a wrong shape (the small blue square comes out round or triangular in their rows). DDIM's "
+            "first-order step lands on a smooth, clean object, and attribute accuracy rewards exactly that; "
             "DC-Solver's searched ratios correct the extrapolation. Higher order pays off from about 10 NFE.",
         )
     )

@@ -156,7 +156,7 @@ def train_ppap_cmd(
     classifier: str = typer.Option(
         ...,
         help="the clean (off-the-shelf) classifier: 'clean' (bundled) or a model "
-        "directory from `condiff train recipes/shapes-clean-classifier.toml`",
+        "directory from `condiff train shapes-clean-classifier`",
     ),
     model: str = typer.Option(
         ...,
@@ -215,7 +215,7 @@ def train_ppap_cmd(
     if net.config.noise_aware:
         raise ConfigError(
             "--classifier is noise-aware; PPAP adapts an off-the-shelf clean classifier "
-            "(recipes/shapes-clean-classifier.toml)"
+            "(`condiff train shapes-clean-classifier`)"
         )
     for p in net.parameters():
         p.requires_grad_(False)

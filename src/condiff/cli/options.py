@@ -53,6 +53,23 @@ DcRatiosOpt = Annotated[
 ]
 BatchOpt = Annotated[int, typer.Option(help="samples per batch (bounds memory; large --n is streamed)")]
 # `sample`, `eval` and `edit`: the check of fitted files against the run (condiff.core.fitted).
+TStartOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--t-start",
+        help="the grid's first time: a number in the schedule's range, or 'max' (the schedule's last time, where "
+        "x_T is nearly pure noise; best for v-prediction models) [default: where sigma/alpha = 20]",
+    ),
+]
+CentreSubpixelsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--centre-subpixels",
+        help="for a model that pixel-unshuffles its input (shapes): equalize the sub-pixel means of the starting "
+        "noise, which removes the faint 2x2 checkerboard and stripes in flat backgrounds "
+        "(docs/solvers.md, 'Flat backgrounds')",
+    ),
+]
 AllowMismatchOpt = Annotated[
     bool,
     typer.Option(

@@ -6,7 +6,6 @@ Nothing here names a hub id, so with HF_HUB_OFFLINE=1 nothing reaches for the ne
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Optional
@@ -46,25 +45,24 @@ def sample_cmd(
     seed: int,
     spacing: Optional[str],
     batch_size: int,
-    out: Path,
+    out: Optional[Path],
+    out_dir: Optional[Path],
     guidance: dict,
 ) -> None:
-    """``condiff sample --pipeline DIR``: a PNG grid of the decoded samples and a JSON sidecar."""
+    """``condiff sample --pipeline DIR``: a PNG grid of the decoded samples (--n 1: the image itself) and/or one
+    PNG per sample (--out-dir), with a JSON sidecar."""
     import torch
     import typer
 
     from condiff import __version__
-    from condiff.core.files import atomic_write_json
     from condiff.core.grids import SPACINGS
-    from condiff.data.images import grid_image, save_png
     from condiff.guidance.build import GuidanceOptions, parse_interval
     from condiff.interop.latents import default_size, latent_shape
     from condiff.interop.pipeline import size_multiple
     from condiff.interop.run import sample_pipeline
 
     common.check_common(steps, cfg, n, batch_size, seed)
-    common.check_out(out, "--out", ".png")
-    common.check_out(out.with_suffix(".json"), "--out (its JSON sidecar)")
+    out = common.check_sample_outputs(out, out_dir)
     if prompt is None:
         raise ConfigError("--pipeline needs --prompt (a text prompt; DiT pipelines: a class name or index)")
     sol = common.make_solver(solver, solver_opt)
@@ -109,7 +107,7 @@ def sample_cmd(
     t0 = time.perf_counter()
     result = sample_pipeline(pipe, [prompt], n, sol, steps, options, seed, h, w, negative_prompt, spc, batch_size)
     seconds = time.perf_counter() - t0
-    save_png(grid_image(result.images, ncols=max(1, int(math.ceil(math.sqrt(n)))), scale=1), out)
+    written = common.write_samples(result.images, out, out_dir, grid_scale=1)
     guide = common.GuidanceFlags(options, {})
     flags = guide.flags()
     sidecar = {
@@ -128,6 +126,8 @@ def sample_cmd(
         "n": n,
         "seed": seed,
         "spacing": spacing,
+        "captions": [prompt] * n,
+        **written,
         "grid": result.grid.tolist(),
         "nfe": result.nfe,
         "seconds": seconds,
@@ -153,10 +153,10 @@ def sample_cmd(
             ],
         )
         + flags
-        + common.argv_text([("--out", out)]),
+        + common.argv_text([("--out", out), ("--out-dir", out_dir)]),
     }
-    atomic_write_json(out.with_suffix(".json"), sidecar)
-    typer.echo(f"wrote {out} and {out.with_suffix('.json')} ({n} images, {result.nfe} NFE, {seconds:.1f}s)")
+    wrote = common.write_sample_sidecars(sidecar, out, out_dir, seed, [prompt] * n)
+    typer.echo(f"{wrote} ({n} images, {result.nfe} NFE, {seconds:.1f}s)")
 
 
 def _image(pipe, path: Path):

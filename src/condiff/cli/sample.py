@@ -1,9 +1,7 @@
-"""`condiff models`, `solvers`, `sample`, `eval`, `train` and `demo`."""
+"""`condiff solvers`, `sample`, `eval`, `train` and `demo` (`models`: cli/catalog.py)."""
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from pathlib import Path
 from typing import Optional
@@ -15,6 +13,7 @@ from condiff.cli.options import (
     AllowMismatchOpt,
     AnalyticSkipOpt,
     BatchOpt,
+    CentreSubpixelsOpt,
     CfgOpt,
     DcRatiosOpt,
     EmsOpt,
@@ -25,43 +24,10 @@ from condiff.cli.options import (
     StepsOpt,
     ThreadsOpt,
     ThresholdOpt,
+    TStartOpt,
     guidance_options,
 )
 from condiff.errors import ConfigError
-
-
-def models_cmd():
-    """List the bundled models."""
-    from condiff.core.files import load_json
-    from condiff.models.base import BUNDLED, bundled_dir
-
-    for name in BUNDLED:
-        d = bundled_dir(name)
-        if not (d / "condiff.json").is_file():
-            typer.echo(f"{name:8s} (weights missing at {d})")
-            continue
-        meta = load_json(d / "condiff.json")
-        metrics = meta.get("metrics", {})
-        typer.echo(
-            f"{name:8s} family={meta['family']} prediction={meta['prediction']} "
-            f"steps={meta.get('trained_steps', '?')} metrics={json.dumps(metrics)}  ({d})"
-        )
-    from condiff.models.classifiers import BUNDLED_CLASSIFIERS
-
-    for name, folder in BUNDLED_CLASSIFIERS.items():  # for --classifier NAME
-        d = bundled_dir(folder)
-        if (d / "condiff.json").is_file():
-            meta = load_json(d / "condiff.json")
-            typer.echo(
-                f"{name:8s} shapes attribute classifier, noise_aware={meta['model'].get('noise_aware')} "
-                f"steps={meta.get('trained_steps', '?')} (--classifier {name})  ({d})"
-            )
-        elif (d / "ppap.json").is_file():
-            meta = load_json(d / "ppap.json")
-            typer.echo(
-                f"{name:8s} PPAP: {meta.get('n_experts')} LoRA experts of the clean classifier "
-                f"(--classifier {name})  ({d})"
-            )
 
 
 def solvers_cmd():
@@ -90,13 +56,25 @@ def sample_cmd(
     seed: SeedOpt = 0,
     spacing: SpacingOpt = None,
     batch_size: BatchOpt = 256,
-    out: Path = typer.Option(Path("grid.png"), help="output PNG; a JSON sidecar is written beside it"),
+    out: Optional[Path] = typer.Option(
+        None,
+        help="output PNG: a grid of the samples, or with --n 1 the image itself at its own size; a JSON sidecar "
+        "is written beside it [default: grid.png, none with --out-dir alone]",
+    ),
+    out_dir: Optional[Path] = typer.Option(
+        None,
+        "--out-dir",
+        help="write each sample as its own PNG at its own size (DIR/sample_000.png, ...), with DIR/samples.json "
+        "listing each file's index, seed and caption; with --out the grid is written too",
+    ),
     analytic_skip: AnalyticSkipOpt = None,
     ems: EmsOpt = None,
     dc_ratios: DcRatiosOpt = None,
     allow_mismatch: AllowMismatchOpt = False,
     solver_opt: SolverOptOpt = None,
     dynamic_threshold: ThresholdOpt = None,
+    t_start: TStartOpt = None,
+    centre_subpixels: CentreSubpixelsOpt = False,
     guidance: dict = None,  # the guidance options (GUIDANCE_OPTIONS), filled in by @guidance_options
     pipeline: Optional[Path] = typer.Option(
         None,
@@ -109,7 +87,8 @@ def sample_cmd(
     width: Optional[int] = typer.Option(None, help="with --pipeline: image width in pixels"),
     threads: ThreadsOpt = None,
 ):
-    """Sample a grid of images and write it as a PNG with a JSON sidecar that reproduces it."""
+    """Sample images and write them as a PNG grid (--n 1: the image itself) and/or one PNG per sample (--out-dir),
+    with a JSON sidecar that reproduces them."""
     import torch
 
     threads = common.use_threads(threads)
@@ -123,6 +102,8 @@ def sample_cmd(
                 "--ems": ems,
                 "--dc-ratios": dc_ratios,
                 "--dynamic-threshold": dynamic_threshold,
+                "--t-start": t_start,
+                "--centre-subpixels": centre_subpixels or None,
                 "--classifier": guidance["classifier"],
                 "--linear-ag": guidance["linear_ag"],
                 "--minority": guidance["minority"],
@@ -143,6 +124,7 @@ def sample_cmd(
             spacing,
             batch_size,
             out,
+            out_dir,
             {k: guidance[k] for k in ("pag", "pag_layers", "ag", "ag_space", "cfg_rescale", "guidance_interval")},
         )
     model = "shapes" if model is None else model
@@ -150,13 +132,10 @@ def sample_cmd(
         raise ConfigError("--height and --width go with --pipeline (condiff's own models have a fixed size)")
 
     from condiff import __version__
-    from condiff.core.files import atomic_write_json
-    from condiff.data.images import grid_image, save_png
     from condiff.evaluation.evaluate import generate_counted
 
     common.check_common(steps, cfg, n, batch_size, seed, dynamic_threshold)
-    common.check_out(out, "--out", ".png")
-    common.check_out(out.with_suffix(".json"), "--out (its JSON sidecar)")
+    out = common.check_sample_outputs(out, out_dir)
     fitted = common.FittedFiles(allow_mismatch)
     family, sol, spacing, spc, skip = common.sampling_setup(
         model, solver, steps, cfg, spacing, ems, dc_ratios, solver_opt, analytic_skip, fitted
@@ -165,6 +144,7 @@ def sample_cmd(
     one = None if prompt is None else family.parse_prompt(prompt)
     m = common.load_model(model)
     fitted.check_model(m, model)
+    t0_grid, factor = common.start_of(m, model, t_start, centre_subpixels)
     g = torch.Generator().manual_seed(seed)
     if one is None:
         raw, _ = m.family.random_conditions(n, g)
@@ -184,15 +164,19 @@ def sample_cmd(
         analytic_skip=skip,
         dynamic_threshold=dynamic_threshold,
         guidance=guide.options,
+        t_start=t0_grid,
+        centre_subpixels=factor,
     )
     seconds = time.perf_counter() - t0
-    save_png(grid_image(images, ncols=max(1, int(math.ceil(math.sqrt(n))))), out)
+    written = common.write_samples(images, out, out_dir)
+    captions = m.family.captions(raw)
     sidecar = {
         "command": "sample",
         "model": model,
         "model_path": str(m.path),
         "prompt": prompt,
-        "captions": m.family.captions(raw),  # one per tile, row by row
+        "captions": captions,  # one per sample (grid tiles row by row)
+        **written,
         "solver": solver,
         "steps": steps,
         "cfg": cfg,
@@ -211,6 +195,8 @@ def sample_cmd(
         "allow_mismatch": allow_mismatch,
         "solver_opt": solver_opt or [],
         "dynamic_threshold": dynamic_threshold,
+        "t_start": t0_grid,
+        "centre_subpixels": centre_subpixels,
         "network_rows_per_sample": rows,
         "threads": threads,
         **guide.describe(),
@@ -227,18 +213,21 @@ def sample_cmd(
                 ("--spacing", spacing),
                 ("--batch-size", batch_size),
                 ("--out", out),
+                ("--out-dir", out_dir),
                 ("--analytic-skip", analytic_skip),
                 ("--solver-opt", solver_opt or []),
                 ("--ems", ems),
                 ("--dc-ratios", dc_ratios),
                 ("--allow-mismatch", allow_mismatch),
                 ("--dynamic-threshold", dynamic_threshold),
+                ("--t-start", t_start),
+                ("--centre-subpixels", centre_subpixels),
             ],
         )
         + guide.flags(),
     }
-    atomic_write_json(out.with_suffix(".json"), sidecar)
-    typer.echo(f"wrote {out} and {out.with_suffix('.json')} ({n} images, {nfe} NFE, {seconds:.1f}s)")
+    wrote = common.write_sample_sidecars(sidecar, out, out_dir, seed, captions)
+    typer.echo(f"{wrote} ({n} images, {nfe} NFE, {seconds:.1f}s)")
 
 
 @common.reports_fit_warnings
@@ -259,6 +248,8 @@ def eval_cmd(
     allow_mismatch: AllowMismatchOpt = False,
     solver_opt: SolverOptOpt = None,
     dynamic_threshold: ThresholdOpt = None,
+    t_start: TStartOpt = None,
+    centre_subpixels: CentreSubpixelsOpt = False,
     guidance: dict = None,  # the guidance options (GUIDANCE_OPTIONS), filled in by @guidance_options
     threads: ThreadsOpt = None,
 ):
@@ -280,6 +271,7 @@ def eval_cmd(
     threads = common.use_threads(threads)
     m = common.load_model(model)
     fitted.check_model(m, model)
+    t0_grid, factor = common.start_of(m, model, t_start, centre_subpixels)
     res = evaluate(
         m,
         sol,
@@ -293,6 +285,8 @@ def eval_cmd(
         analytic_skip=skip,
         dynamic_threshold=dynamic_threshold,
         guidance=guide.options,
+        t_start=t0_grid,
+        centre_subpixels=factor,
     )
     res.update(**guide.describe())
     res.update(
@@ -322,6 +316,8 @@ def eval_cmd(
 OPTION_KEYS = (
     "analytic_skip",
     "dynamic_threshold",
+    "t_start",
+    "centre_subpixels",
     "ems",
     "dc_ratios",
     "solver_opt",
@@ -365,7 +361,11 @@ def eval_table(res: dict) -> str:
 
 
 def train_cmd(
-    recipe: Path = typer.Argument(..., help="a TOML recipe, e.g. recipes/digits.toml"),
+    recipe: str = typer.Argument(
+        ...,
+        help="a packaged recipe's name (digits, shapes, ...: `condiff recipes` lists them) or a path to a .toml "
+        "file (a path ends in .toml or holds a /)",
+    ),
     steps: Optional[int] = typer.Option(None, help="override the recipe's number of steps"),
     out: Optional[Path] = typer.Option(None, help="output directory (default runs/<recipe name>)"),
     resume: bool = typer.Option(False, help="continue from the newest valid checkpoint in --out"),
@@ -378,11 +378,13 @@ def train_cmd(
         "trainer.json and the model's condiff.json as recipe_changes); without it such a resume is refused",
     ),
 ):
-    """Train a recipe; checkpoints go to OUT/checkpoints, the final EMA model to OUT/model."""
+    """Train a recipe (a packaged recipe's name or a .toml file); checkpoints go to OUT/checkpoints, the final EMA
+    model to OUT/model."""
+    from condiff.cli.recipes import resolve_recipe
     from condiff.cli.train import train_recipe
     from condiff.training.recipe import check_seed, load_recipe
 
-    r = load_recipe(recipe)
+    r = load_recipe(resolve_recipe(recipe))
     if seed is not None:
         import dataclasses
 

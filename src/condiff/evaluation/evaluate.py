@@ -9,6 +9,7 @@ import torch
 
 from condiff.core.grids import UniformT, make_grid
 from condiff.core.sampling import Gaussian, sample
+from condiff.core.start_noise import centre_subpixel_means
 from condiff.errors import ConfigError, one_of
 from condiff.guidance import CountRows, DynamicThresholding
 from condiff.guidance.attribute import TARGET_KEY
@@ -29,11 +30,16 @@ def generate(
     analytic_skip=None,
     dynamic_threshold: float | None = None,
     guidance: GuidanceOptions | None = None,
+    t_start: float | None = None,
+    centre_subpixels: int = 1,
 ):
     """Sample one image per raw condition, in batches; returns (images in [-1, 1], nfe per sample).
     ``analytic_skip`` (condiff.solvers.analytic.AnalyticSkip) jumps from the grid's start with the Gaussian flow;
     ``dynamic_threshold``: the quantile ratio of Imagen's dynamic thresholding of the guided x0 (None: off);
-    ``guidance``: condiff.guidance.build.GuidanceOptions (its cfg must be ``cfg_scale``; None: plain CFG)."""
+    ``guidance``: condiff.guidance.build.GuidanceOptions (its cfg must be ``cfg_scale``; None: plain CFG);
+    ``t_start``: the grid's first time (None: the schedule's default); ``centre_subpixels``: a network's
+    pixel-unshuffle factor f > 1 makes the f x f sub-pixel means of the starting noise equal
+    (condiff.core.start_noise), which removes the f-periodic background texture such networks leave."""
     images, nfe, _ = generate_counted(
         model,
         raw,
@@ -48,6 +54,8 @@ def generate(
         analytic_skip,
         dynamic_threshold,
         guidance,
+        t_start=t_start,
+        centre_subpixels=centre_subpixels,
     )
     return images, nfe
 
@@ -91,13 +99,18 @@ def generate_counted(
     analytic_skip=None,
     dynamic_threshold: float | None = None,
     guidance: GuidanceOptions | None = None,
+    callbacks=(),
+    t_start: float | None = None,
+    centre_subpixels: int = 1,
 ):
     """``generate`` that also returns the network batch rows per sample (counted by CountRows under the
-    guidance): (images, nfe per sample, rows per sample)."""
+    guidance): (images, nfe per sample, rows per sample). ``callbacks`` go to the sampling loop of every batch
+    (``condiff.core.sampling.sample``: one StepInfo per solver step); they draw no random numbers, so the
+    images do not depend on them."""
     opts = GuidanceOptions(cfg=cfg_scale) if guidance is None else guidance
     if opts.cfg != cfg_scale:
         raise ConfigError(f"generate: guidance.cfg {opts.cfg!r} differs from cfg_scale {cfg_scale!r}")
-    grid = make_grid(model.schedule, steps, spacing)
+    grid = make_grid(model.schedule, steps, spacing, t_start=t_start)
     skip = None if analytic_skip is None else analytic_skip.prepare(model, grid, spacing)
     counter = CountRows(model.denoiser)
     den = build_guidance(counter, opts, grid if skip is None else skip.grid)
@@ -122,6 +135,7 @@ def generate_counted(
                     model.module, negative.expand(chunk.shape[0], *negative.shape[1:])
                 )
             x = model.prior((chunk.shape[0], *model.family.image_shape), float(grid[0]), generator)
+            x = centre_subpixel_means(x, centre_subpixels)
             if skip is not None:
                 x = skip.teleport(x)
             res = sample(
@@ -131,6 +145,7 @@ def generate_counted(
                 x,
                 cond,
                 Gaussian(generator),
+                callbacks=callbacks,
                 progress=progress and len(chunks) == 1,
             )
             out.append(res.x.clamp(-1, 1))
@@ -151,6 +166,8 @@ def evaluate(
     analytic_skip=None,
     dynamic_threshold: float | None = None,
     guidance: GuidanceOptions | None = None,
+    t_start: float | None = None,
+    centre_subpixels: int = 1,
 ) -> dict:
     """Accuracy of n samples of random conditions, the family's distribution metrics against real data
     (``quality``: digits' Fréchet distance, precision and recall; {} for shapes), nfe (guided-denoiser calls per
@@ -172,6 +189,8 @@ def evaluate(
         analytic_skip=analytic_skip,
         dynamic_threshold=dynamic_threshold,
         guidance=guidance,
+        t_start=t_start,
+        centre_subpixels=centre_subpixels,
     )
     seconds = time.perf_counter() - t0
     return {
@@ -186,6 +205,8 @@ def evaluate(
         "seed": seed,
         "analytic_skip": None if analytic_skip is None else analytic_skip.describe(),
         "dynamic_threshold": dynamic_threshold,
+        "t_start": t_start,
+        "centre_subpixels": centre_subpixels if centre_subpixels > 1 else None,
         "network_rows_per_sample": rows,
         **(guidance or GuidanceOptions(cfg=cfg_scale)).describe(),
     }

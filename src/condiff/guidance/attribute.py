@@ -2,7 +2,7 @@
 ways. Each returns a Denoiser -> Denoiser object; the target class of every row is ``cond['cg_target']`` (the
 denoiser never sees it), so the guidance stacks on any CFG-family denoiser and conditions it on nothing.
 
-- ``classifier_guidance`` with a noise-aware classifier p(y | x_t, t) (``recipes/shapes-noisy-classifier.toml``):
+- ``classifier_guidance`` with a noise-aware classifier p(y | x_t, t) (the packaged recipe ``shapes-noisy-classifier``):
   ADM classifier guidance (Dhariwal & Nichol 2021, Algorithm 2; eq. 14 of Song et al. 2021), via
   ``ClassifierGuidance``: x0 += (sigma^2 / alpha) s grad_x log p(y | x_t).
 - ``classifier_guidance`` with a clean classifier (trained on clean renders only): the naive off-the-shelf

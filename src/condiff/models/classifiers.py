@@ -34,7 +34,7 @@ def load_classifier(name_or_path) -> AttributeClassifier:
     if m.family.name != ShapesClassifierFamily.name:
         raise InputFileError(
             f"{key!r} holds a {m.family.name} model, not a classifier (train one with "
-            f"condiff train recipes/shapes-noisy-classifier.toml)"
+            f"condiff train shapes-noisy-classifier)"
         )
     return m.module["classifier"].eval()
 

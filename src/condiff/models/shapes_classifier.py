@@ -1,8 +1,8 @@
 """The shapes_classifier family: an ``AttributeClassifier`` trained on shapes renders, read by classifier
 guidance (condiff.guidance.classifier, elucd, ppap).
 
-Two recipes use it: ``recipes/shapes-clean-classifier.toml`` (clean renders only, the "off-the-shelf" classifier
-of EluCD and PPAP) and ``recipes/shapes-noisy-classifier.toml`` (``noise_aware = true``: trained on
+Two recipes use it: ``shapes-clean-classifier`` (clean renders only, the "off-the-shelf" classifier
+of EluCD and PPAP) and ``shapes-noisy-classifier`` (``noise_aware = true``: trained on
 x_t = alpha_t x0 + sigma_t eps with t uniform, cross-entropy on every attribute, as ADM's noisy classifier;
 Dhariwal & Nichol 2021, sec. 4.1). The schedule in the recipe is the one t refers to: use the diffusion model's.
 A trained classifier is saved like a model (``classifier/`` with safetensors, ``condiff.json``)."""

@@ -3,7 +3,7 @@
 Used by the minority-guidance experiment (Um, Lee, Ye, ICLR 2024, "Don't Play Favorites: Minority Guidance for
 Diffusion Models"; condiff.guidance.minority): training colors are drawn with ``COLOR_WEIGHTS`` (cyan 5%, the
 five other colors 19% each) and most captions are empty, so the empty prompt gives an unconditional model of
-the imbalanced data. Shape, size and position stay uniform. ``recipes/shapes-minority.toml`` fine-tunes the
+the imbalanced data. Shape, size and position stay uniform. The packaged recipe ``shapes-minority`` fine-tunes the
 bundled shapes model into it (``[train] init_from``)."""
 
 from __future__ import annotations
