@@ -27,6 +27,9 @@ START = [str(CONDIFF)] if CONDIFF.is_file() else [sys.executable, "-m", "condiff
 
 
 def _controlling_terminal():
+    """In the child: a session of its own with the pty as its controlling terminal, and SIGINT at its default (a
+    test run started in the background inherits an ignored SIGINT, which condiff rightly keeps ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.setsid()
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 

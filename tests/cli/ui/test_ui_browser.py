@@ -47,6 +47,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def default_sigint():
+    """In the child: SIGINT at its default, so that the server's Ctrl-C is testable when the test run itself was
+    started in the background (it inherits an ignored SIGINT, which condiff rightly keeps ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Server:
     """`condiff ui` as a subprocess, its output drained by threads."""
 
@@ -62,6 +68,7 @@ class Server:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=default_sigint,
         )
         self.out, self.err = [], []
         for stream, into in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
