@@ -679,6 +679,18 @@ def load_model(model: str):
     return load_model(model)
 
 
+def run_faster(m, compile_net: bool, channels_last: bool):
+    """--channels-last, then --compile, on a loaded model's denoising network (condiff.models.runtime), after the
+    fitted-file checks have read its weights; a one-line ConfigError where torch.compile does not work here."""
+    from condiff.models import runtime
+
+    if channels_last:
+        runtime.use_channels_last(m, "--channels-last")
+    if compile_net:
+        runtime.compile_network(m, "--compile")
+    return m
+
+
 def method_class(name: str):
     from condiff.errors import one_of
     from condiff.inversion.methods import METHODS

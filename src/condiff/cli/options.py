@@ -52,6 +52,23 @@ DcRatiosOpt = Annotated[
     typer.Option("--dc-ratios", help="DC-Solver ratios from `condiff dc search` (with --solver dc-solver)"),
 ]
 BatchOpt = Annotated[int, typer.Option(help="samples per batch (bounds memory; large --n is streamed)")]
+# `sample` and `eval`: opt-in ways to run the denoising network faster (condiff.models.runtime).
+CompileOpt = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="torch.compile the denoising network (inductor; each new batch shape compiles first, which takes "
+        "a while on CPU); measured speed and exactness: docs/benchmarks.md",
+    ),
+]
+ChannelsLastOpt = Annotated[
+    bool,
+    typer.Option(
+        "--channels-last",
+        help="run the denoising network and its inputs in channels_last memory format (same samples up to "
+        "float32 round-off); measured speed: docs/benchmarks.md",
+    ),
+]
 # `sample`, `eval` and `edit`: the check of fitted files against the run (condiff.core.fitted).
 TStartOpt = Annotated[
     Optional[str],

@@ -15,6 +15,8 @@ from condiff.cli.options import (
     BatchOpt,
     CentreSubpixelsOpt,
     CfgOpt,
+    ChannelsLastOpt,
+    CompileOpt,
     DcRatiosOpt,
     EmsOpt,
     SeedOpt,
@@ -85,6 +87,8 @@ def sample_cmd(
         None, help="with --pipeline: image height in pixels (default: the network's size)"
     ),
     width: Optional[int] = typer.Option(None, help="with --pipeline: image width in pixels"),
+    compile_net: CompileOpt = False,
+    channels_last: ChannelsLastOpt = False,
     threads: ThreadsOpt = None,
 ):
     """Sample images and write them as a PNG grid (--n 1: the image itself) and/or one PNG per sample (--out-dir),
@@ -107,6 +111,8 @@ def sample_cmd(
                 "--classifier": guidance["classifier"],
                 "--linear-ag": guidance["linear_ag"],
                 "--minority": guidance["minority"],
+                "--compile": compile_net,
+                "--channels-last": channels_last,
             }
         )
         return diffusers_cmds.sample_cmd(
@@ -144,6 +150,7 @@ def sample_cmd(
     one = None if prompt is None else family.parse_prompt(prompt)
     m = common.load_model(model)
     fitted.check_model(m, model)
+    common.run_faster(m, compile_net, channels_last)
     t0_grid, factor = common.start_of(m, model, t_start, centre_subpixels)
     g = torch.Generator().manual_seed(seed)
     if one is None:
@@ -198,6 +205,8 @@ def sample_cmd(
         "t_start": t0_grid,
         "centre_subpixels": centre_subpixels,
         "network_rows_per_sample": rows,
+        "compile": compile_net,
+        "channels_last": channels_last,
         "threads": threads,
         **guide.describe(),
         "reproduce": common.reproduce(
@@ -222,6 +231,8 @@ def sample_cmd(
                 ("--dynamic-threshold", dynamic_threshold),
                 ("--t-start", t_start),
                 ("--centre-subpixels", centre_subpixels),
+                ("--compile", compile_net),
+                ("--channels-last", channels_last),
             ],
         )
         + guide.flags(),
@@ -251,6 +262,8 @@ def eval_cmd(
     t_start: TStartOpt = None,
     centre_subpixels: CentreSubpixelsOpt = False,
     guidance: dict = None,  # the guidance options (GUIDANCE_OPTIONS), filled in by @guidance_options
+    compile_net: CompileOpt = False,
+    channels_last: ChannelsLastOpt = False,
     threads: ThreadsOpt = None,
 ):
     """Sample random conditions and score them with the exact labeller (shapes) or the scorer (digits).
@@ -271,6 +284,7 @@ def eval_cmd(
     threads = common.use_threads(threads)
     m = common.load_model(model)
     fitted.check_model(m, model)
+    common.run_faster(m, compile_net, channels_last)
     t0_grid, factor = common.start_of(m, model, t_start, centre_subpixels)
     res = evaluate(
         m,
@@ -297,6 +311,8 @@ def eval_cmd(
         solver_fallback=common.solver_fallback(sol),
         allow_mismatch=allow_mismatch,
         solver_opt=solver_opt or [],
+        compile=compile_net,
+        channels_last=channels_last,
         threads=threads,
     )
     if m.family.name == "digits":
@@ -330,6 +346,8 @@ OPTION_KEYS = (
     "classifier",
     "cg_scale",
     "minority",
+    "compile",
+    "channels_last",
 )
 
 

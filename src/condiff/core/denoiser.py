@@ -19,7 +19,7 @@ from typing import Any, Callable, ClassVar, Mapping, Protocol, runtime_checkable
 import torch
 
 from condiff.core import parameterization as P
-from condiff.core.schedules import NoiseSchedule
+from condiff.core.schedules import GridTime, NoiseSchedule, alpha_sigma
 from condiff.errors import ConfigError, NetworkInputError, check_int, one_line, one_of
 
 
@@ -73,9 +73,13 @@ class Wrapper:
 
 
 def coefficients(schedule: NoiseSchedule, t, x: torch.Tensor):
-    """alpha(t), sigma(t) shaped to broadcast against x (t scalar or per-sample)."""
+    """alpha(t), sigma(t) shaped to broadcast against x (t scalar or per-sample); a ``GridTime`` of this schedule
+    gives the values it holds (the same numbers, without evaluating the schedule again)."""
+    if isinstance(t, GridTime) and t.schedule is schedule:
+        a, s = torch.tensor(t.alpha, dtype=torch.float64), torch.tensor(t.sigma, dtype=torch.float64)
+        return a.to(x.dtype), s.to(x.dtype)
     t = torch.as_tensor(t, dtype=torch.float64)
-    a, s = schedule.alpha(t), schedule.sigma(t)
+    a, s = alpha_sigma(schedule, t)
     shape = (-1,) + (1,) * (x.dim() - 1) if t.dim() == 1 else ()
     return a.reshape(shape).to(x.dtype), s.reshape(shape).to(x.dtype)
 

@@ -49,6 +49,11 @@ class NoiseSchedule:
     def sigma(self, t) -> Tensor:
         return torch.exp(self.log_sigma(_as_tensor(t)))
 
+    def alpha_sigma(self, t) -> tuple[Tensor, Tensor]:
+        """(alpha(t), sigma(t)), the same values as the two calls (VP schedules evaluate log-alpha once)."""
+        t = _as_tensor(t)
+        return self.alpha(t), self.sigma(t)
+
     def log_snr(self, t) -> Tensor:
         """log(alpha^2 / sigma^2); decreasing in t. +inf at t_clean."""
         t = _as_tensor(t)
@@ -84,9 +89,49 @@ class NoiseSchedule:
         raise NotImplementedError
 
 
+def alpha_sigma(schedule, t) -> tuple[Tensor, Tensor]:
+    """(alpha(t), sigma(t)) of any schedule: its ``alpha_sigma`` where it has one, else the two calls."""
+    both = getattr(schedule, "alpha_sigma", None)
+    return both(t) if callable(both) else (schedule.alpha(t), schedule.sigma(t))
+
+
+class GridTime(float):
+    """A time of one trajectory's grid with alpha and sigma of ``schedule`` there, evaluated once.
+
+    As a number it is the time itself (a float; arithmetic on it gives plain floats). ``sample`` makes its grid
+    times into these once per trajectory (``grid_times``) and passes them to the solver, so a step
+    (``condiff.solvers.base.point``) and a wrapped network (``condiff.core.denoiser.coefficients``) read
+    ``alpha`` and ``sigma`` instead of evaluating the schedule in float64 at every use. They are read only for
+    the same schedule object; any other time (a float, a tensor, a midpoint) is evaluated as before. The values
+    are ``alpha_sigma(schedule, t)`` at t as a float64 tensor, exactly what each use computed before. A copy
+    or a pickle is a plain float."""
+
+    __slots__ = ("schedule", "alpha", "sigma")
+
+    def __new__(cls, t, schedule):
+        self = super().__new__(cls, t)
+        a, s = alpha_sigma(schedule, torch.tensor(float(t), dtype=torch.float64))
+        self.schedule, self.alpha, self.sigma = schedule, float(a), float(s)
+        return self
+
+    def __reduce__(self):
+        return (float, (float(self),))
+
+
+def grid_times(schedule, grid) -> list[GridTime]:
+    """The times of a grid as ``GridTime`` objects of ``schedule`` (alpha and sigma evaluated once each)."""
+    return [GridTime(float(t), schedule) for t in torch.as_tensor(grid, dtype=torch.float64).reshape(-1).tolist()]
+
+
 def _vp_log_sigma(log_alpha: Tensor) -> Tensor:
     # sigma = sqrt(1 - alpha^2), computed stably: log(-expm1(2 log alpha)) / 2
     return 0.5 * torch.log(-torch.expm1(2.0 * log_alpha))
+
+
+def _vp_alpha_sigma(schedule, t) -> tuple[Tensor, Tensor]:
+    # alpha(t) and sigma(t) of a VP schedule from one log-alpha: the same operations as alpha() and sigma()
+    la = schedule.log_alpha(_as_tensor(t))
+    return torch.exp(la), torch.exp(_vp_log_sigma(la))
 
 
 def _vp_log_alpha_from_log_snr(log_snr: Tensor) -> Tensor:
@@ -111,6 +156,9 @@ class VPLinear(NoiseSchedule):
 
     def log_sigma(self, t):
         return _vp_log_sigma(self.log_alpha(t))
+
+    def alpha_sigma(self, t):
+        return _vp_alpha_sigma(self, t)
 
     def t_from_log_snr(self, log_snr):
         la = _vp_log_alpha_from_log_snr(_as_tensor(log_snr))
@@ -144,6 +192,9 @@ class VPCosine(NoiseSchedule):
 
     def log_sigma(self, t):
         return _vp_log_sigma(self.log_alpha(t))
+
+    def alpha_sigma(self, t):
+        return _vp_alpha_sigma(self, t)
 
     def t_from_log_snr(self, log_snr):
         la = _vp_log_alpha_from_log_snr(_as_tensor(log_snr))
@@ -242,6 +293,9 @@ class VPDiscrete(NoiseSchedule):
 
     def log_sigma(self, t):
         return _vp_log_sigma(self.log_alpha(t))
+
+    def alpha_sigma(self, t):
+        return _vp_alpha_sigma(self, t)
 
     def t_from_log_snr(self, log_snr):
         la = _vp_log_alpha_from_log_snr(_as_tensor(log_snr).to(torch.float64))

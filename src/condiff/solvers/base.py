@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from condiff.core.schedules import GridTime, alpha_sigma
 from condiff.errors import ConfigError
 
 
@@ -49,8 +50,12 @@ class Point:
 
 
 def point(schedule, t) -> Point:
+    """alpha, sigma at t; a ``GridTime`` of this schedule (``sample``'s grid times) gives the values it holds."""
+    if isinstance(t, GridTime) and t.schedule is schedule:
+        return Point(float(t), t.alpha, t.sigma)
     tt = torch.as_tensor(float(t), dtype=torch.float64)
-    return Point(float(t), float(schedule.alpha(tt)), float(schedule.sigma(tt)))
+    a, s = alpha_sigma(schedule, tt)
+    return Point(float(t), float(a), float(s))
 
 
 def begin(D, x, t, t_next) -> tuple[Point, Point, torch.Tensor]:

@@ -1,0 +1,97 @@
+"""Opt-in ways to run a loaded model's denoising network faster: channels_last memory format and torch.compile.
+
+Both act on the network that every denoiser call runs (``model.module["unet"]``), in place, and keep its module
+tree: parameter names, values and the state dict are unchanged (so ``weights_digest``, fitted-file checks,
+exports and PAG's attention processors see the same network).
+
+- ``use_channels_last(model)``: the network's 4-D weights in ``torch.channels_last`` (NHWC), a forward pre-hook
+  that hands it its 4-D tensor inputs (x) in channels_last, and a forward hook that returns its output in the
+  default contiguous format, so everything after the network (guidance, solvers) sees the layout it always saw.
+  The arithmetic is the same up to the order of float32 sums inside the convolutions.
+- ``compile_network(model)``: ``nn.Module.compile`` (``torch.compile`` of the network's forward; the first call
+  at each new input shape compiles). ``check_compile()`` compiles and runs a one-line function with the same
+  backend first, so a build without a working compiler is a one-line ConfigError naming the cause, not a
+  traceback in the middle of sampling.
+
+The measured speed and the largest difference of the samples against eager: benchmarks/compile_speed.py and
+docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from condiff.errors import ConfigError, one_line
+
+NETWORK = "unet"  # the key of the denoising network in a LoadedModel's module (every diffusion family)
+BACKEND = "inductor"
+
+
+def network(model, label: str = "this option") -> torch.nn.Module:
+    """The denoising network of a LoadedModel (``model.module['unet']``); a ConfigError naming ``label`` when
+    the model has none (a classifier family)."""
+    module = getattr(model, "module", None)
+    if not isinstance(module, torch.nn.ModuleDict) or NETWORK not in module:
+        raise ConfigError(f"{label} needs a diffusion model with a '{NETWORK}' network")
+    return module[NETWORK]
+
+
+def _to_format(value, memory_format):
+    """4-D tensors in ``value`` (a tensor, or one level of tuple / list / mapping / output object's ``sample``)
+    in ``memory_format``; anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.contiguous(memory_format=memory_format) if value.dim() == 4 else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_format(v, memory_format) for v in value)
+    if isinstance(value, dict) and not hasattr(value, "sample"):
+        return {k: _to_format(v, memory_format) for k, v in value.items()}
+    sample = getattr(value, "sample", None)
+    if isinstance(sample, torch.Tensor):  # a diffusers output (UNet2DOutput): its sample, in place
+        value.sample = _to_format(sample, memory_format)
+    return value
+
+
+def _channels_last_inputs(module, args, kwargs):
+    return _to_format(args, torch.channels_last), _to_format(kwargs, torch.channels_last)
+
+
+def _contiguous_output(module, args, kwargs, output):
+    return _to_format(output, torch.contiguous_format)
+
+
+def use_channels_last(model, label: str = "channels_last"):
+    """Run the model's denoising network in channels_last memory format (see the module docstring); returns the
+    model (changed in place). Calling it twice changes nothing more."""
+    net = network(model, label)
+    if getattr(net, "_condiff_channels_last", False):
+        return model
+    net.to(memory_format=torch.channels_last)
+    net.register_forward_pre_hook(_channels_last_inputs, with_kwargs=True)
+    net.register_forward_hook(_contiguous_output, with_kwargs=True)
+    net._condiff_channels_last = True
+    return model
+
+
+def check_compile(label: str = "torch.compile", backend: str = BACKEND) -> None:
+    """Compile and run a one-line function with ``backend``: a ConfigError naming the cause (no C++ compiler,
+    an inductor error) where torch.compile does not work in this environment."""
+    try:
+        probe = torch.compile(lambda a: torch.sin(a) * 2.0 + 1.0, backend=backend, fullgraph=True)
+        got = probe(torch.linspace(0.0, 1.0, 8))
+    except Exception as err:  # any failure of the compiler stack: name its first line
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        cause = one_line(lines[0] if lines else type(err).__name__)
+        raise ConfigError(f"{label}: torch.compile does not work here ({type(err).__name__}: {cause})") from None
+    want = torch.sin(torch.linspace(0.0, 1.0, 8)) * 2.0 + 1.0
+    if not torch.allclose(got, want, atol=1e-5):
+        raise ConfigError(f"{label}: torch.compile gave wrong values on a one-line test function")
+
+
+def compile_network(model, label: str = "torch.compile", backend: str = BACKEND, check: bool = True):
+    """``torch.compile`` the model's denoising network in place (``nn.Module.compile``: the module tree and its
+    weights stay as they are); returns the model. ``check``: run ``check_compile`` first."""
+    net = network(model, label)
+    if check:
+        check_compile(label, backend)
+    net.compile(backend=backend)
+    return model
