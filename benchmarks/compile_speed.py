@@ -26,6 +26,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from sampling_speed import write_docs_section  # noqa: E402  (a sibling script: run as python benchmarks/compile_speed.py)
 
 from condiff.core.grids import make_grid  # noqa: E402
 from condiff.core.sampling import sample  # noqa: E402
@@ -148,8 +149,6 @@ def main():
 
 
 def update_docs(table: str, meta: dict):
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
     start, end = "<!-- compile_speed:start -->", "<!-- compile_speed:end -->"
     clock = "process CPU time" if meta.get("clock") == "cpu" else "wall time"
     block = (
@@ -159,12 +158,7 @@ def update_docs(table: str, meta: dict):
         "seconds per trajectory: the first call (with --compile: the compile), then the best of the repeats.\n\n"
         f"{table}\n{end}"
     )
-    if start in text:
-        pre, rest = text.split(start, 1)
-        text = pre + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n## torch.compile and channels_last on CPU\n\n" + block + "\n"
-    path.write_text(text)
+    write_docs_section(start, end, block, "torch.compile and channels_last on CPU")
 
 
 if __name__ == "__main__":

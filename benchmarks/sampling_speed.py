@@ -218,8 +218,6 @@ def main():
 
 
 def update_docs(table: str, meta: dict):
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
     start, end = "<!-- sampling_speed:start -->", "<!-- sampling_speed:end -->"
     clock = "process CPU time" if meta.get("clock") == "cpu" else "wall time"
     block = (
@@ -229,11 +227,19 @@ def update_docs(table: str, meta: dict):
         "network stubbed out (and its share of one forward).\n\n"
         f"{table}\n{end}"
     )
+    write_docs_section(start, end, block, "Sampling speed: condiff vs diffusers' scheduler loop")
+
+
+def write_docs_section(start: str, end: str, block: str, heading: str):
+    """Replace the text between the ``start`` and ``end`` markers of docs/benchmarks.md with ``block`` (which
+    holds the markers), or append it under ``## heading`` when the markers are not there yet."""
+    path = ROOT / "docs" / "benchmarks.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
     if start in text:
         pre, rest = text.split(start, 1)
         text = pre + block + rest.split(end, 1)[1]
     else:
-        text = text.rstrip() + "\n\n## Sampling speed: condiff vs diffusers' scheduler loop\n\n" + block + "\n"
+        text = text.rstrip() + f"\n\n## {heading}\n\n" + block + "\n"
     path.write_text(text)
 
 

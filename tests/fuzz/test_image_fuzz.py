@@ -221,7 +221,10 @@ def test_valid_images_of_any_mode_and_format(workdir, mode, fmt, data, shape, sa
         assert torch.equal(got.tensor[0], want)
 
 
-@pytest.mark.parametrize("mode, fmt", UNREADABLE or [pytest.param(None, None, marks=pytest.mark.skip("none"))])
+NOTHING_UNREADABLE = pytest.mark.skip(reason="this Pillow reads back every image file it writes (Pillow 13 does)")
+
+
+@pytest.mark.parametrize("mode, fmt", UNREADABLE or [pytest.param(None, None, marks=NOTHING_UNREADABLE)])
 def test_files_pillow_writes_but_cannot_read_are_refused(workdir, mode, fmt):
     """A file Pillow writes but cannot decode (YCbCr TIFF before Pillow 13) is one InputFileError, not a crash."""
     path = workdir / f"unreadable.{fmt.lower()}"
