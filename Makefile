@@ -11,10 +11,11 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-peers.txt pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -r requirements-peers.txt  # k-diffusion's samplers, a benchmark peer
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -32,9 +33,9 @@ def main():
     ap.add_argument("run", type=Path)
     ap.add_argument("name")
     ap.add_argument("--n", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS, else 1)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS", "1")))
     silence_diffusers()
     src = args.run / "model"
     dst = bundled_dir(args.name)

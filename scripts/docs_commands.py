@@ -527,11 +527,16 @@ def scratch_copy(dest: Path, root: Path = ROOT) -> Path:
     return dest
 
 
-def _env(venv_bin: Path) -> dict:
+def _env(venv_bin: Path, clone: Path | None = None) -> dict:
+    """The steps' environment. With ``clone``, its ``src`` comes first on the import path: the venv's editable
+    install points at the repository, and a command that writes into the package (``scripts/bundle_model.py``
+    writes ``src/condiff/bundled/NAME``) must write into the copy, never into the repository."""
     env = dict(os.environ)
     env["PATH"] = f"{venv_bin}{os.pathsep}{env.get('PATH', '')}"
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
     env.pop("PYTHONPATH", None)
+    if clone is not None:
+        env["PYTHONPATH"] = str(clone / "src")
     env["CONDIFF_DOCS_COMMANDS"] = "1"
     return env
 
@@ -686,7 +691,7 @@ def run_step(step: Step, cwd: Path, env: dict, timeout: float | None = None) -> 
 
 def run_chain(chain: Chain, cwd: Path, env: dict | None = None, timeout: float | None = None) -> list[Result]:
     """Run a chain's steps in order in ``cwd``; after a failure the rest are ``not-run``."""
-    env = env or _env(Path(sys.executable).parent)
+    env = env or _env(Path(sys.executable).parent, cwd)
     results, broken = [], False
     for s in chain.steps:
         if broken:
@@ -765,7 +770,7 @@ def main(argv=None) -> int:
     results: list[Result] = []
     try:
         scratch_copy(tmp / "clone")
-        env = _env(Path(sys.executable).parent)
+        env = _env(Path(sys.executable).parent, tmp / "clone")
         for ch in chosen:
             print(f"chain {ch.id} ({len(ch.commands)} command(s), {ch.tier})", file=sys.stderr, flush=True)
             for r in run_chain(ch, tmp / "clone", env, args.timeout):

@@ -84,6 +84,18 @@ def test_the_groups_hold_what_they_are_for():
     assert runtime["pillow"] == "12.3.0"  # gradio 6 needs pillow < 13
 
 
+def test_the_benchmark_peers_are_pinned_and_installed_without_their_dependencies():
+    """k-diffusion is a peer of the benchmarks, not a dependency: pinned in requirements-peers.txt, installed with
+    --no-deps by the Makefile (its training stack would pull a torchvision that does not load beside this torch)."""
+    lines = [line.split("#")[0].strip() for line in (ROOT / "requirements-peers.txt").read_text().splitlines()]
+    peers = pins([line for line in lines if line], "requirements-peers.txt")
+    assert {"k-diffusion", "torchsde", "torchdiffeq", "trampoline"} <= set(peers)
+    assert not set(peers) & set(requirements()), "a peer is also a requirement"
+    assert "pip install -q --no-deps -r requirements-peers.txt" in (ROOT / "Makefile").read_text()
+    declared = {name for group in groups().values() for name in group}
+    assert not set(peers) & declared, "a peer is declared in pyproject.toml"
+
+
 def test_torch_is_pinned_alike_in_pyproject_the_makefile_and_check_wheel():
     torch = groups()["dependencies"]["torch"]
     assert f"pip install -q torch=={torch}" in (ROOT / "Makefile").read_text()

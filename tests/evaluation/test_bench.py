@@ -101,7 +101,7 @@ def test_cli_writes_json_table_and_plot(tmp_path, capsys, monkeypatch):
     data = json.loads(out.read_text())
     assert {"solver", "impl", "nfe", "error"} <= set(data["results"][0])
     impls = {r["impl"] for r in data["results"]}
-    assert impls == {"condiff", "diffusers"} and "best condiff / best diffusers" in text
+    assert impls == {"condiff", "diffusers", "k-diffusion"} and "best condiff / best peer" in text
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -116,7 +116,7 @@ def test_cli_writes_json_table_and_plot(tmp_path, capsys, monkeypatch):
         (["--oracle", "gmm", "--dim", "0"], "--dim must be an integer in [1, 4096], got 0"),
         (["--oracle", "gmm", "--classes", "9", "--components", "3"], "--classes must be an integer in [1, 3], got 9"),
         (["--oracle", "gmm", "--json", "/proc/nope/x.json"], "--json"),
-        (["--oracle", "gmm", "--ems", "x.safetensors"], "--ems and --dc-ratios are for --model"),
+        (["--oracle", "gmm", "--ems", "x.safetensors"], "--ems, --dc-ratios and --grid are for --model"),
         (["--model", "shapes", "--spacing", "cosine"], "'cosine'"),
     ],
 )

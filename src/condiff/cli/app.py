@@ -10,7 +10,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import typer  # noqa: E402
 
-from condiff.cli import bench, catalog, dc, edit, ems, export, guidance, recipes, restore, sample  # noqa: E402
+from condiff.cli import bench, catalog, dc, edit, ems, export, grid, guidance, recipes, restore, sample  # noqa: E402
 from condiff.cli.ui import command as ui_command  # noqa: E402
 from condiff.core.files import log_writes  # noqa: E402
 from condiff.errors import CondiffError, Interrupted, one_line  # noqa: E402
@@ -59,6 +59,7 @@ app.add_typer(export.app, name="export")
 app.add_typer(guidance.app, name="guidance")
 app.add_typer(ems.app, name="ems")
 app.add_typer(dc.app, name="dc")
+app.add_typer(grid.app, name="grid")
 app.add_typer(bench.app, name="bench")
 app.add_typer(recipes.app, name="recipes")
 

@@ -41,6 +41,9 @@ def solvers_cmd(
     ),
     ems: Optional[Path] = typer.Option(None, "--ems", help="model: EMS file for a dpm-v3 case"),
     dc_ratios: Optional[Path] = typer.Option(None, "--dc-ratios", help="model: ratios file for a dc-solver case"),
+    grid: Optional[list[Path]] = typer.Option(
+        None, "--grid", help="model: a grids file from `condiff grid search` (its solver on its grids; repeatable)"
+    ),
     spacing: str = typer.Option(
         "trailing",
         help="model: 'trailing' (diffusers' timesteps; its schedulers run "
@@ -72,8 +75,9 @@ def solvers_cmd(
     plot = plot if plot is not None else (json_out.with_suffix(".png") if json_out is not None else None)
     if plot is not None:
         common.check_out(plot, "--plot", ".png")
-    if oracle is not None and (ems is not None or dc_ratios is not None):
-        raise ConfigError("--ems and --dc-ratios are for --model (the gmm oracle tunes its own with --tune)")
+    grid = grid or []
+    if oracle is not None and (ems is not None or dc_ratios is not None or grid):
+        raise ConfigError("--ems, --dc-ratios and --grid are for --model (the gmm oracle tunes its own with --tune)")
     if model is not None and spacing != "trailing":
         from condiff.core.grids import SPACINGS
         from condiff.errors import one_of
@@ -88,7 +92,7 @@ def solvers_cmd(
         problem = bench.gmm_problem(dim, components, classes, seed, n, cfg, ref_steps or 2048)
     else:
         loaded = common.load_model(model)
-        common.check_solver_files(loaded, model, cfg, ems, dc_ratios, allow_mismatch)
+        common.check_solver_files(loaded, model, cfg, ems, dc_ratios, allow_mismatch, grid)
         from condiff.core.grids import SPACINGS
 
         problem = bench.model_problem(
@@ -105,6 +109,7 @@ def solvers_cmd(
         cases += bench.tuned_cases(problem, nfes)
     if model is not None:
         cases += bench.file_cases(problem, model, nfes, cfg, ems, dc_ratios)
+        cases += bench.grid_cases(problem, grid, cfg)
     rows = bench.run_bench(problem, nfes, cases)
     text = bench.table(rows)
     problem.info["threads"] = threads

@@ -150,19 +150,24 @@ def configured_solver(
     model: str,
     options: Optional[list[str]] = None,
     fitted: Optional[FittedFiles] = None,
+    grid: Optional[Path] = None,
 ):
     """The solver for --solver with its --solver-opt options and --ems / --dc-ratios files, and the spacing
-    (name, object). The files are checked against --cfg and the spacing here and, through ``fitted``, against
-    the model's weights once it is loaded; a solver without the file it needs prints what it runs as."""
+    (name, object): --spacing's, or the searched grids of --grid. The files are checked against --cfg and the
+    spacing here and, through ``fitted``, against the model's weights once it is loaded; a solver without the
+    file it needs prints what it runs as."""
     fitted = FittedFiles() if fitted is None else fitted
     allow = fitted.allow_mismatch
-    refuse_pickled_inputs({"--ems": ems, "--dc-ratios": dc_ratios})
+    refuse_pickled_inputs({"--ems": ems, "--dc-ratios": dc_ratios, "--grid": grid})
     sol = make_solver(name, options)
     if ems is not None and name != "dpm-v3":
         raise ConfigError(f"--ems is for --solver dpm-v3, got --solver {name}")
     if dc_ratios is not None and name != "dc-solver":
         raise ConfigError(f"--dc-ratios is for --solver dc-solver, got --solver {name}")
-    spacing_name, spc = spacing_of(spacing, sol)
+    if grid is None:
+        spacing_name, spc = spacing_of(spacing, sol)
+    else:
+        spacing_name, spc = grid_file_spacing(grid, model, steps, cfg, spacing, fitted)
     if ems is not None:
         from condiff.core.schedules import schedule_from_config
         from condiff.models.base import resolve_model
@@ -203,14 +208,43 @@ def configured_solver(
     return sol, spacing_name, spc
 
 
-def check_solver_files(loaded, model: str, cfg: float, ems, dc_ratios, allow_mismatch: bool = False) -> None:
-    """--ems and --dc-ratios of a command that builds its solvers itself (`bench solvers`), checked against the
-    loaded model's weights and --cfg (the spacing and NFE are checked per solver it builds)."""
-    if ems is None and dc_ratios is None:
+def grid_file_spacing(grid: Path, model: str, steps: int, cfg: float, spacing: Optional[str], fitted: FittedFiles):
+    """('searched', the Tabulated spacing) of a --grid file (`condiff grid search`), checked against the model's
+    schedule, --steps and --cfg here and, through ``fitted``, against its weights once it is loaded."""
+    from condiff.core.schedules import schedule_from_config
+    from condiff.models.base import resolve_model
+    from condiff.solvers.grid_search import check_grids_fit, load_grids
+
+    if spacing is not None:
+        raise ConfigError("--grid and --spacing both set the time grid; give one of them")
+    where = f"--grid {str(grid)!r}"
+    grids = load_grids(grid)
+    sch = schedule_from_config(resolve_model(model)[1]["schedule"])
+    allow = fitted.allow_mismatch
+    spc = check_grids_fit(grids, sch, cfg=cfg, where=where, allow_mismatch=allow)
+    if steps not in spc.grids:
+        have = ", ".join(str(k) for k in sorted(spc.grids))
+        raise ConfigError(f"{where} has no grid of {steps} steps (it has {have}); give one of those as --steps")
+    fitted.add(
+        lambda digest, name: check_grids_fit(grids, sch, weights=digest, model=name, where=where, allow_mismatch=allow)
+    )
+    return spc.name, spc
+
+
+def check_solver_files(loaded, model: str, cfg: float, ems, dc_ratios, allow_mismatch: bool = False, grids=()) -> None:
+    """--ems, --dc-ratios and --grid files of a command that builds its solvers itself (`bench solvers`), checked
+    against the loaded model's weights and --cfg (the spacing and NFE are checked per solver it builds)."""
+    refuse_pickled_inputs({"--ems": ems, "--dc-ratios": dc_ratios, **{f"--grid {p}": p for p in grids}})
+    if ems is None and dc_ratios is None and not grids:
         return
     from condiff.core.fitted import weights_digest
 
     digest = weights_digest(loaded.module)
+    for path in grids:
+        from condiff.solvers.grid_search import check_grids_fit, load_grids
+
+        where = f"--grid {str(path)!r}"
+        check_grids_fit(load_grids(path), loaded.schedule, digest, cfg, model, where, allow_mismatch)
     if ems is not None:
         from condiff.solvers.ems import check_ems_fits, load_ems
 
@@ -233,11 +267,16 @@ def check_solver_files(loaded, model: str, cfg: float, ems, dc_ratios, allow_mis
         check_ratios_fit(load_ratios(dc_ratios), digest, model=model, where=where, allow_mismatch=allow_mismatch)
 
 
-def sampling_setup(model, solver, steps, cfg, spacing, ems, dc_ratios, solver_opt, analytic_skip, fitted=None):
+def sampling_setup(
+    model, solver, steps, cfg, spacing, ems, dc_ratios, solver_opt, analytic_skip, fitted=None, grid=None
+):
     """What `sample` and `eval` share, checked before any weights are read: the model's family, the configured
-    solver, the spacing (name, object) and the analytic skip (``fitted``: see ``configured_solver``)."""
+    solver, the spacing (name, object; --grid's searched grids) and the analytic skip (``fitted``: see
+    ``configured_solver``)."""
     family = family_of(model)
-    sol, spacing_name, spc = configured_solver(solver, steps, cfg, spacing, ems, dc_ratios, model, solver_opt, fitted)
+    sol, spacing_name, spc = configured_solver(
+        solver, steps, cfg, spacing, ems, dc_ratios, model, solver_opt, fitted, grid
+    )
     return family, sol, spacing_name, spc, analytic_skip_of(analytic_skip, model, steps, spc)
 
 

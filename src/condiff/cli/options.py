@@ -27,6 +27,10 @@ SpacingOpt = Annotated[
     Optional[str],
     typer.Option(help="time grid: uniform-t, uniform-logsnr, karras (default: the solver's own, else uniform-t)"),
 ]
+GridOpt = Annotated[
+    Optional[Path],
+    typer.Option("--grid", help="time grids from `condiff grid search` (instead of --spacing; its start too)"),
+]
 EmsOpt = Annotated[
     Optional[Path],
     typer.Option("--ems", help="DPM-Solver-v3 statistics from `condiff ems compute` (with --solver dpm-v3)"),

@@ -19,6 +19,7 @@ from condiff.cli.options import (
     CompileOpt,
     DcRatiosOpt,
     EmsOpt,
+    GridOpt,
     SeedOpt,
     SolverOpt,
     SolverOptOpt,
@@ -57,6 +58,7 @@ def sample_cmd(
     n: int = typer.Option(16, help="number of images"),
     seed: SeedOpt = 0,
     spacing: SpacingOpt = None,
+    grid: GridOpt = None,
     batch_size: BatchOpt = 256,
     out: Optional[Path] = typer.Option(
         None,
@@ -105,6 +107,7 @@ def sample_cmd(
                 "--analytic-skip": analytic_skip,
                 "--ems": ems,
                 "--dc-ratios": dc_ratios,
+                "--grid": grid,
                 "--dynamic-threshold": dynamic_threshold,
                 "--t-start": t_start,
                 "--centre-subpixels": centre_subpixels or None,
@@ -144,7 +147,7 @@ def sample_cmd(
     out = common.check_sample_outputs(out, out_dir)
     fitted = common.FittedFiles(allow_mismatch)
     family, sol, spacing, spc, skip = common.sampling_setup(
-        model, solver, steps, cfg, spacing, ems, dc_ratios, solver_opt, analytic_skip, fitted
+        model, solver, steps, cfg, spacing, ems, dc_ratios, solver_opt, analytic_skip, fitted, grid
     )
     guide = common.guidance_options_of(family, cfg, fitted=fitted, **guidance)
     one = None if prompt is None else family.parse_prompt(prompt)
@@ -190,6 +193,7 @@ def sample_cmd(
         "n": n,
         "seed": seed,
         "spacing": spacing,
+        "grid": None if grid is None else str(grid),
         "batch_size": batch_size,
         "nfe": nfe,
         "seconds": seconds,
@@ -219,7 +223,8 @@ def sample_cmd(
                 ("--cfg", cfg),
                 ("--n", n),
                 ("--seed", seed),
-                ("--spacing", spacing),
+                ("--spacing", None if grid is not None else spacing),
+                ("--grid", grid),
                 ("--batch-size", batch_size),
                 ("--out", out),
                 ("--out-dir", out_dir),
@@ -251,6 +256,7 @@ def eval_cmd(
     n: int = typer.Option(512, help="number of samples"),
     seed: SeedOpt = 0,
     spacing: SpacingOpt = None,
+    grid: GridOpt = None,
     batch_size: BatchOpt = 256,
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the results here as JSON"),
     analytic_skip: AnalyticSkipOpt = None,
@@ -278,7 +284,7 @@ def eval_cmd(
         common.check_out(json_out, "--json", ".json")
     fitted = common.FittedFiles(allow_mismatch)
     family, sol, spacing, spc, skip = common.sampling_setup(
-        model, solver, steps, cfg, spacing, ems, dc_ratios, solver_opt, analytic_skip, fitted
+        model, solver, steps, cfg, spacing, ems, dc_ratios, solver_opt, analytic_skip, fitted, grid
     )
     guide = common.guidance_options_of(family, cfg, fitted=fitted, **guidance)
     threads = common.use_threads(threads)
@@ -306,6 +312,7 @@ def eval_cmd(
     res.update(
         model=model,
         spacing=spacing,
+        grid=None if grid is None else str(grid),
         ems=None if ems is None else str(ems),
         dc_ratios=None if dc_ratios is None else str(dc_ratios),
         solver_fallback=common.solver_fallback(sol),
@@ -330,6 +337,7 @@ def eval_cmd(
 
 
 OPTION_KEYS = (
+    "grid",
     "analytic_skip",
     "dynamic_threshold",
     "t_start",

@@ -1,8 +1,9 @@
 """Time grids: float64, strictly descending, from a start time down to an end time.
 
-Spacings are objects (``UniformT``, ``UniformLogSNR``, ``Karras``). ``make_grid`` returns ``steps + 1``
-points: ``steps`` spaced points from ``t_start`` to ``t_end`` and then, with ``final_zero=True``, the
-schedule's clean point (sigma = 0), so the last step returns the denoised estimate, as samplers usually do.
+Spacings are objects (``UniformT``, ``UniformLogSNR``, ``Karras``, and ``Tabulated``: grids read from a file,
+e.g. searched on a model by condiff.solvers.grid_search). ``make_grid`` returns ``steps + 1`` points: ``steps``
+spaced points from ``t_start`` to ``t_end`` and then, with ``final_zero=True``, the schedule's clean point
+(sigma = 0), so the last step returns the denoised estimate, as samplers usually do.
 """
 
 from __future__ import annotations
@@ -65,6 +66,40 @@ class Karras:
         return t
 
 
+@dataclass(frozen=True, eq=False)
+class Tabulated:
+    """Given grids, one per step count: ``grids[steps]`` holds the ``steps`` noisy points, descending, that precede
+    the clean point. They all start at one time (``t_start``, where ``make_grid`` starts when no start is
+    given); ``source`` names them in errors ('--grid "g.json"')."""
+
+    grids: dict
+    source: str = "the tabulated grids"
+    name = "searched"
+
+    def __post_init__(self):
+        if not self.grids:
+            raise ConfigError(f"{self.source} holds no grid")
+        starts = {float(pts[0]) for pts in self.grids.values()}
+        if max(starts) - min(starts) > 1e-9 * max(1.0, max(starts)):
+            raise ConfigError(f"{self.source}: its grids must share their first time, got {sorted(starts)}")
+
+    @property
+    def t_start(self) -> float:
+        return float(next(iter(self.grids.values()))[0])
+
+    def points(self, schedule, t_start, t_end, n):
+        if n not in self.grids:
+            have = ", ".join(str(k) for k in sorted(self.grids))
+            raise ConfigError(f"{self.source} has no grid of {n} steps (it has {have}); use one of those --steps")
+        pts = torch.tensor(self.grids[n], dtype=torch.float64)
+        if abs(float(pts[0]) - t_start) > 1e-9 * max(1.0, abs(t_start)):
+            raise ConfigError(
+                f"{self.source} starts at t={float(pts[0]):g}, but this run starts at t={t_start:g}; "
+                f"leave --t-start out with a tabulated grid"
+            )
+        return pts
+
+
 SPACINGS = {"uniform-t": UniformT(), "uniform-logsnr": UniformLogSNR(), "karras": Karras()}
 MAX_STEPS = 100_000
 
@@ -96,7 +131,9 @@ def make_grid(
     if not callable(getattr(spacing, "points", None)):
         names = ", ".join(f"{type(s).__name__}()" for s in SPACINGS.values())
         raise ConfigError(f"spacing must be a spacing object ({names}), got {spacing!r}")
-    t_start = schedule.default_t_start() if t_start is None else _time(schedule, t_start, "t_start")
+    if t_start is None:  # a tabulated grid starts where it was made; the others at the schedule's default
+        t_start = schedule.default_t_start() if not isinstance(spacing, Tabulated) else spacing.t_start
+    t_start = _time(schedule, t_start, "t_start")
     t_end = schedule.t_min if t_end is None else _time(schedule, t_end, "t_end")
     if not t_start > t_end:
         raise ConfigError(f"t_start ({t_start}) must be greater than t_end ({t_end})")

@@ -26,11 +26,13 @@ from typing import Any, Mapping
 import torch
 
 from condiff.core.denoiser import start_trajectory
+from condiff.core.grids import make_grid
 from condiff.core.sampling import Gaussian, initial_noise, sample
 from condiff.core.schedules import VPDiscrete
 from condiff.errors import ConfigError, NonFiniteError, one_line
 from condiff.evaluation.peers import PEERS, Peer, betas_from_alphas_cumprod, run_peer, trailing_grid
 from condiff.guidance import CFG
+from condiff.solvers.grid_search import terminal_error
 
 F64 = torch.float64
 
@@ -49,8 +51,6 @@ class Problem:
     def grid(self, steps: int) -> torch.Tensor:
         if self.spacing is None:
             return trailing_grid(self.num_train, steps)
-        from condiff.core.grids import make_grid
-
         return make_grid(self.schedule, steps, self.spacing)
 
     @property
@@ -76,10 +76,7 @@ class Problem:
         return (x - a * self.denoiser(x, t, self.cond)) / s
 
 
-def rms_error(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """Mean over the batch of ||x - ref|| / sqrt(d)."""
-    d = (x.to(F64) - ref.to(F64)).flatten(1)
-    return float((d.norm(dim=1) / math.sqrt(d.shape[1])).mean())
+rms_error = terminal_error  # mean over the batch of ||x - ref|| / sqrt(d)
 
 
 def gmm_problem(
@@ -195,7 +192,9 @@ class CondiffCase:
         return not self.solver.stochastic
 
     def run(self, problem: Problem, nfe: int) -> tuple[torch.Tensor, int]:
-        grid = problem.grid(self.steps_for_nfe(nfe))
+        return self.run_on(problem, problem.grid(self.steps_for_nfe(nfe)))
+
+    def run_on(self, problem: Problem, grid: torch.Tensor) -> tuple[torch.Tensor, int]:
         out = sample(
             problem.denoiser,
             self.solver,
@@ -297,6 +296,40 @@ def file_cases(problem: Problem, model: str, nfes, cfg: float, ems_path=None, ra
 
 
 @dataclass(frozen=True)
+class GridCase(CondiffCase):
+    """A condiff solver on grids searched for it (condiff.solvers.grid_search; ``grids`` is their Tabulated
+    spacing), from the problem's start."""
+
+    grids: Any = None
+
+    def run(self, problem: Problem, nfe: int) -> tuple[torch.Tensor, int]:
+        steps = self.steps_for_nfe(nfe)
+        if steps not in self.grids.grids:
+            have = ", ".join(str(k) for k in sorted(self.grids.grids))
+            raise ConfigError(f"{self.grids.source} has no grid of {steps} steps (it has {have})")
+        start = float(problem.grid(1)[0])
+        if abs(self.grids.t_start - start) > 1e-9 * max(1.0, abs(start)):
+            raise ConfigError(
+                f"{self.grids.source} starts at t={self.grids.t_start:g}, the problem's starts at t={start:g}"
+            )
+        return self.run_on(problem, make_grid(problem.schedule, steps, self.grids))
+
+
+def grid_cases(problem: Problem, paths, cfg: float) -> list:
+    """A ``GridCase`` per grids file (`condiff grid search`): its solver on its grids, labelled 'SOLVER+grid'."""
+    from condiff.solvers import get_solver
+    from condiff.solvers.grid_search import check_grids_fit, load_grids
+
+    cases = []
+    for path in paths:
+        where = f"--grid {str(path)!r}"
+        grids = load_grids(path)
+        tab = check_grids_fit(grids, problem.schedule, cfg=cfg, where=where)
+        cases.append(GridCase(f"{grids.solver}+grid", get_solver(grids.solver), note=str(path), grids=tab))
+    return cases
+
+
+@dataclass(frozen=True)
 class DiffusersCase:
     peer: Peer
     impl = "diffusers"
@@ -313,11 +346,56 @@ class DiffusersCase:
         return run_peer(self.peer, sched, one.eps, problem.x_T.clone(), self.peer.steps_for_nfe(nfe))
 
 
+@dataclass(frozen=True)
+class KDiffusionCase:
+    """A k-diffusion sampler (condiff.evaluation.kdiffusion) on the problem's grid, as sigmas."""
+
+    peer: Any
+    impl = "k-diffusion"
+    deterministic = True
+    note = ""
+
+    @property
+    def label(self) -> str:
+        return self.peer.label
+
+    def run(self, problem: Problem, nfe: int) -> tuple[torch.Tensor, int]:
+        from condiff.evaluation.kdiffusion import run_kpeer, sigmas_of
+
+        grid = problem.grid(self.peer.steps_for_nfe(nfe))
+        one = start_trajectory(problem.denoiser)
+        return run_kpeer(
+            self.peer,
+            problem.schedule,
+            lambda x, t: one(x, t, problem.cond),
+            problem.x_T.clone(),
+            sigmas_of(problem.schedule, grid),
+        )
+
+
+def kdiffusion_cases() -> list:
+    """k-diffusion's deterministic samplers, where the peer is installed (else none)."""
+    import importlib.util
+
+    if importlib.util.find_spec("k_diffusion") is None:
+        return []
+    from condiff.evaluation.kdiffusion import KPEERS
+
+    return [KDiffusionCase(p) for p in KPEERS]
+
+
+PEER_IMPLS = ("diffusers", "k-diffusion")
+
+
 def default_cases() -> list:
-    """Every registered condiff solver with its defaults, and diffusers' schedulers."""
+    """Every registered condiff solver with its defaults, diffusers' schedulers and k-diffusion's samplers."""
     from condiff.solvers import SOLVERS, get_solver
 
-    return [CondiffCase(name, get_solver(name)) for name in SOLVERS] + [DiffusersCase(p) for p in PEERS]
+    return (
+        [CondiffCase(name, get_solver(name)) for name in SOLVERS]
+        + [DiffusersCase(p) for p in PEERS]
+        + kdiffusion_cases()
+    )
 
 
 def run_bench(problem: Problem, nfes, cases=None, progress: bool = True) -> list[dict]:
@@ -332,7 +410,7 @@ def run_bench(problem: Problem, nfes, cases=None, progress: bool = True) -> list
         it = tqdm(jobs, desc=f"bench {problem.name}", leave=False)
     with torch.no_grad():
         for case, nfe in it:
-            if case.impl == "diffusers" and not problem.peers:
+            if case.impl in PEER_IMPLS and not problem.peers:
                 continue
             t0 = time.perf_counter()
             try:
@@ -368,11 +446,12 @@ def run_bench(problem: Problem, nfes, cases=None, progress: bool = True) -> list
 
 
 def best_ratios(rows: list[dict]) -> dict[int, dict]:
-    """Per NFE budget: the best deterministic condiff and diffusers rows and their error ratio."""
+    """Per NFE budget: the best deterministic condiff row, the best of each peer (diffusers, k-diffusion) and
+    ``ratio``, condiff's error over the best peer's."""
     out = {}
     for nfe in sorted({r["nfe_budget"] for r in rows}):
         best = {}
-        for impl in ("condiff", "diffusers"):
+        for impl in ("condiff", *PEER_IMPLS):
             cand = [
                 r
                 for r in rows
@@ -383,14 +462,21 @@ def best_ratios(rows: list[dict]) -> dict[int, dict]:
                 and r["nfe"] <= nfe
             ]
             best[impl] = min(cand, key=lambda r: r["error"]) if cand else None
-        if best["condiff"] and best["diffusers"]:
+        peers = [best[i] for i in PEER_IMPLS if best[i]]
+        if best["condiff"] and peers:
+            peer = min(peers, key=lambda r: r["error"])
             out[nfe] = {
                 "condiff": best["condiff"]["solver"],
                 "condiff_error": best["condiff"]["error"],
-                "diffusers": best["diffusers"]["solver"],
-                "diffusers_error": best["diffusers"]["error"],
-                "ratio": best["condiff"]["error"] / best["diffusers"]["error"],
+                "peer": peer["solver"],
+                "peer_impl": peer["impl"],
+                "peer_error": peer["error"],
+                "ratio": best["condiff"]["error"] / peer["error"],
             }
+            for impl in PEER_IMPLS:
+                if best[impl]:
+                    out[nfe][impl] = best[impl]["solver"]
+                    out[nfe][f"{impl}_error"] = best[impl]["error"]
     return out
 
 
@@ -415,7 +501,7 @@ def table(rows: list[dict]) -> str:
     best = best_ratios(rows)
     if best:
         lines.append(
-            "| **best condiff / best diffusers** | ratio | "
+            "| **best condiff / best peer** | ratio | "
             + " | ".join(f"{best[k]['ratio']:.2f}" if k in best else "" for k in nfes)
             + " |"
         )
