@@ -128,8 +128,14 @@ def main():
     ap.add_argument("--stub-repeats", type=int, default=20, help="repeats of the loop-only (stub network) timing")
     ap.add_argument("--json", type=Path, default=ROOT / "outputs" / "bench" / "sampling_speed.json")
     ap.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
+    ap.add_argument(
+        "--system-allocator", action="store_true", help="leave glibc's allocator at its defaults (no mallopt)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    from condiff.models.runtime import keep_freed_memory
+
+    keep_freed_memory(not args.system_allocator)  # as the condiff CLI runs (every loop here shares the process)
     clock = CLOCKS[args.clock]
     silence_diffusers()
     model = load_model("digits")
@@ -209,7 +215,10 @@ def main():
         "cpus": os.cpu_count(),
         "command": "python benchmarks/sampling_speed.py "
         + f"--steps {args.steps} --batch {args.batch} --cfg {args.cfg} --repeats {args.repeats} "
-        f"--threads {args.threads}" + (f" --clock {args.clock}" if args.clock != "wall" else ""),
+        f"--threads {args.threads}"
+        + (f" --clock {args.clock}" if args.clock != "wall" else "")
+        + (" --system-allocator" if args.system_allocator else ""),
+        "allocator": "glibc defaults" if args.system_allocator else "keep_freed_memory (as the condiff CLI)",
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))

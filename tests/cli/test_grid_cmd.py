@@ -31,14 +31,15 @@ def test_search_writes_a_file_with_a_grid_per_step_count(grid_file):
     assert sorted(g.grids) == [2, 3] and g.solver == "dpmpp-2m" and g.fitted.cfg == 3.0
     assert g.fitted.model == "digits" and len(g.fitted.weights) == 64
     for k, entry in g.grids.items():
-        assert entry.steps == k and entry.times[0] == 999.0 and entry.times[-1] == -1.0
+        # from condiff's default start (sigma / alpha = 20) down to the clean point
+        assert entry.steps == k and abs(entry.times[0] - 966.9427) < 1e-3 and entry.times[-1] == -1.0
         assert entry.error <= entry.initial_error and 1 <= entry.evaluations <= 6
     assert g.search["n"] == 2 and "grid search --model digits" in g.search["reproduce"]
 
 
 def test_show_prints_each_grid(grid_file, capsys):
     out = ok(["grid", "show", str(grid_file)], capsys)
-    assert "solver dpmpp-2m, searched for model 'digits'" in out and "2 steps: 999.00" in out
+    assert "solver dpmpp-2m, searched for model 'digits'" in out and "2 steps: 966.94" in out
 
 
 def test_sample_runs_on_the_files_times(grid_file, tmp_path, capsys, monkeypatch):
@@ -74,7 +75,7 @@ def test_eval_reports_the_grid(grid_file, capsys):
         (["--steps", "2", "--spacing", "karras"], "--grid and --spacing both set the time grid"),
         (["--steps", "2", "--model", "shapes"], "was searched for model 'digits'"),
         (["--steps", "2", "--cfg", "5"], "was searched for cfg 3, but this run uses cfg 5"),
-        (["--steps", "2", "--t-start", "500"], "starts at t=999, but this run starts at t=500"),
+        (["--steps", "2", "--t-start", "500"], "starts at t=966.943, but this run starts at t=500"),
     ],
 )
 def test_sample_with_a_grid_misused_is_one_line(grid_file, tmp_path, capsys, extra, needle):
@@ -84,11 +85,18 @@ def test_sample_with_a_grid_misused_is_one_line(grid_file, tmp_path, capsys, ext
 
 
 def test_bench_runs_the_grid_case(grid_file, tmp_path, capsys):
+    """A grids file from diffusers' trailing start (--t-start max) runs on the bench's trailing problem; one
+    from another start gives rows that say why instead of errors."""
+    trailing = tmp_path / "trailing.json"
+    ok(_search(trailing, "--t-start", "max"), capsys)
     out = tmp_path / "b.json"
     argv = ["bench", "solvers", "--model", "digits", "--cfg", "3", "--n", "2", "--nfe", "2,3", "--ref-steps", "20"]
-    ok([*argv, "--grid", str(grid_file), "--json", str(out)], capsys)
+    ok([*argv, "--grid", str(trailing), "--grid", str(grid_file), "--json", str(out)], capsys)
     rows = [r for r in json.loads(out.read_text())["results"] if r["solver"] == "dpmpp-2m+grid"]
-    assert [r["nfe"] for r in rows] == [2, 3] and all(r["error"] is not None for r in rows)
+    assert [r["nfe"] for r in rows[:2]] == [2, 3] and all(r["error"] is not None for r in rows[:2])
+    assert all(
+        r["error"] is None and "starts at t=966.943, the problem's starts at t=999" in r["note"] for r in rows[2:]
+    )
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ traceback, and the refusal happens before any model weights are read.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -91,4 +92,42 @@ def test_bench_bad_nfe_lists(nfe):
 def test_dc_search_bad_nfe_lists(tmp_path_factory, nfe):
     out = tmp_path_factory.mktemp("w") / "r.json"
     expect_cli_error(["dc", "search", "--model", "digits", "--nfe", nfe, "--cfg", "3", "--out", str(out)], "--nfe")
+    assert not out.exists()
+
+
+GRID_JSON = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-5, 2000), st.floats(allow_nan=True), st.text(max_size=8)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=6),
+        st.dictionaries(
+            st.sampled_from(["format", "version", "solver", "grids", "steps", "times", "fitted_for", "x"]), inner
+        ),
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=30)
+@given(
+    command=COMMANDS,
+    content=st.one_of(st.binary(max_size=64), GRID_JSON.map(lambda v: json.dumps(v).encode())),
+)
+def test_garbage_grid_files(tmp_path_factory, command, content):
+    """Random bytes or random JSON as a --grid file: one line naming the file (a grids file needs its format
+    tag, so none of these is accepted)."""
+    w = tmp_path_factory.mktemp("w")
+    path = w / "grid.json"
+    path.write_bytes(content)
+    expect_cli_error(_base(command, w) + ["--grid", str(path)], str(path))
+
+
+@settings(max_examples=30)
+@given(
+    steps=BAD_LISTS.filter(
+        lambda s: "," not in s or any(not p.strip().isdigit() or not 1 <= int(p) <= 100 for p in s.split(","))
+    )
+)
+def test_grid_search_bad_step_lists(tmp_path_factory, steps):
+    out = tmp_path_factory.mktemp("w") / "g.json"
+    expect_cli_error(["grid", "search", "--model", "digits", "--steps", steps, "--out", str(out)], "--steps")
     assert not out.exists()

@@ -145,6 +145,10 @@ def main(argv=None):
     except ImportError:  # pragma: no cover
         from click import exceptions as click_exc
 
+    from condiff.models.runtime import keep_freed_memory
+
+    # sampling and training free and re-allocate the same tensor sizes every step: keep them on the heap
+    keep_freed_memory(os.environ.get("CONDIFF_ALLOCATOR", "") != "system")
     written = []
     try:
         with log_writes() as written, _signals_interrupt():

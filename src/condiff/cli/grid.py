@@ -1,15 +1,17 @@
 """``condiff grid``: search a model's time grids for a solver (condiff.solvers.grid_search) and show a grids file.
 
 ``condiff grid search --model shapes --cfg 3 --steps 5,8,10 --out grid.json`` draws ``--n`` random conditions
-and starts (``--seed``: keep it apart from the seeds you evaluate with), solves each start with
-``--ref-steps`` DPM-Solver++(2M) steps for the reference end point, and searches one grid per step count from
-diffusers' trailing grid. ``condiff sample|eval|bench solvers --grid grid.json`` read it back.
+and starts (``--seed``: keep it apart from the seeds you evaluate with) at ``--t-start``, solves each start
+with ``--ref-steps`` DPM-Solver++(2M) steps for the reference end point, and searches one grid per step count
+from the trailing grid (diffusers' trailing timesteps, from that start). ``condiff sample|eval|bench solvers
+--grid grid.json`` read it back.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -39,7 +41,11 @@ def search_cmd(
     seed: int = typer.Option(100, help="seed of the fitting starts (keep it apart from the seeds you evaluate)"),
     ref_steps: int = typer.Option(500, help="DPM-Solver++(2M) steps of the reference end points"),
     max_evals: int = typer.Option(0, help="solves of the batch per grid (0: 40 per step)"),
-    t_start: str = typer.Option("max", help="where the grids start: 'max' (the schedule's t_max) or a time"),
+    t_start: Optional[str] = typer.Option(
+        None,
+        help="where the grids start: 'max' (the schedule's t_max, diffusers' trailing start) or a time "
+        "[default: where condiff's grids start, sigma/alpha <= 20]",
+    ),
     out: Path = typer.Option(..., help="output grids file (.json)"),
     threads: ThreadsOpt = None,
 ):
@@ -77,6 +83,7 @@ def search_cmd(
     common.use_threads(threads)
     m = common.load_model(model)
     t0_grid, _ = common.start_of(m, model, t_start, False)
+    t0_grid = m.schedule.default_t_start() if t0_grid is None else t0_grid
 
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(seed)

@@ -1,7 +1,8 @@
 """Time grids: float64, strictly descending, from a start time down to an end time.
 
-Spacings are objects (``UniformT``, ``UniformLogSNR``, ``Karras``, and ``Tabulated``: grids read from a file,
-e.g. searched on a model by condiff.solvers.grid_search). ``make_grid`` returns ``steps + 1`` points: ``steps``
+Spacings are objects (``UniformT``, ``UniformLogSNR``, ``Karras``; ``Trailing``, diffusers' spacing, which does
+not end at t_end; and ``Tabulated``: grids read from a file, e.g. searched on a model by
+condiff.solvers.grid_search). ``make_grid`` returns ``steps + 1`` points: ``steps``
 spaced points from ``t_start`` to ``t_end`` and then, with ``final_zero=True``, the schedule's clean point
 (sigma = 0), so the last step returns the denoised estimate, as samplers usually do.
 """
@@ -64,6 +65,23 @@ class Karras:
         t[-1] = t_end  # remove round-off at the ends; t_start last, so that n = 1 gives [t_start]
         t[0] = t_start
         return t
+
+
+@dataclass(frozen=True)
+class Trailing:
+    """diffusers' 'trailing' timestep spacing, continuous: n points ``t_clean + (t_start - t_clean)(1 - k/n)``,
+    k = 0 .. n-1, so the last noisy point lies (t_start - t_clean)/n above the clean point rather than at t_end
+    (``t_end`` is not used). With ``--t-start max`` on a 1000-step table: 999, 799, ..., 199 for 5 steps, exactly
+    diffusers' ``timestep_spacing="trailing"``. At few steps no step is spent between t_min and the clean point,
+    as uniform-t's last one is. Not a CLI ``--spacing`` (those end at t_end); `condiff grid search` starts from
+    it."""
+
+    name = "trailing"
+
+    def points(self, schedule, t_start, t_end, n):
+        c = float(schedule.t_clean)
+        k = torch.arange(n, dtype=torch.float64)
+        return c + (t_start - c) * (1.0 - k / n)
 
 
 @dataclass(frozen=True, eq=False)

@@ -102,11 +102,24 @@ def generate_counted(
     callbacks=(),
     t_start: float | None = None,
     centre_subpixels: int = 1,
+    start_noise: torch.Tensor | None = None,
 ):
     """``generate`` that also returns the network batch rows per sample (counted by CountRows under the
     guidance): (images, nfe per sample, rows per sample). ``callbacks`` go to the sampling loop of every batch
     (``condiff.core.sampling.sample``: one StepInfo per solver step); they draw no random numbers, so the
-    images do not depend on them."""
+    images do not depend on them. ``start_noise``: the unit Gaussian draws z of the starting samples, one row
+    per condition (x_T = sigma(t_start) z; Gaussian-noise models only), so that runs on different grids or
+    samplers start from the same noise; None: drawn from ``generator``."""
+    if start_noise is not None:
+        from condiff.solvers.pfgmpp import GaussianNoise
+
+        if not isinstance(model.noise, GaussianNoise):
+            raise ConfigError(f"start_noise needs a Gaussian-noise model, got {type(model.noise).__name__}")
+        want = (raw.shape[0], *model.family.image_shape)
+        if tuple(start_noise.shape) != want:
+            raise ConfigError(
+                f"start_noise must have shape {want} (one row per condition), got {tuple(start_noise.shape)}"
+            )
     opts = GuidanceOptions(cfg=cfg_scale) if guidance is None else guidance
     if opts.cfg != cfg_scale:
         raise ConfigError(f"generate: guidance.cfg {opts.cfg!r} differs from cfg_scale {cfg_scale!r}")
@@ -125,6 +138,7 @@ def generate_counted(
         from tqdm.auto import tqdm
 
         it = tqdm(chunks, desc=desc, leave=False)
+    z_chunks = iter(torch.split(start_noise, batch_size)) if start_noise is not None else None
     with torch.no_grad():
         for chunk in it:
             cond = model.condition(chunk)
@@ -134,7 +148,10 @@ def generate_counted(
                 cond["negative"] = model.family.encode(
                     model.module, negative.expand(chunk.shape[0], *negative.shape[1:])
                 )
-            x = model.prior((chunk.shape[0], *model.family.image_shape), float(grid[0]), generator)
+            if z_chunks is None:
+                x = model.prior((chunk.shape[0], *model.family.image_shape), float(grid[0]), generator)
+            else:
+                x = float(model.schedule.sigma(grid[0])) * next(z_chunks).to(torch.float32)
             x = centre_subpixel_means(x, centre_subpixels)
             if skip is not None:
                 x = skip.teleport(x)

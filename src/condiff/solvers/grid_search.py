@@ -38,7 +38,7 @@ import torch
 
 from condiff.core.files import atomic_write_json, load_json
 from condiff.core.fitted import FittedFor, check_fitted
-from condiff.core.grids import MAX_STEPS, Tabulated
+from condiff.core.grids import MAX_STEPS, Tabulated, Trailing, make_grid
 from condiff.core.sampling import sample
 from condiff.errors import ConfigError, InputFileError, check_int, is_real
 
@@ -82,12 +82,10 @@ def increments_of(schedule, grid) -> np.ndarray:
 
 
 def trailing_times(schedule, t_start: float, steps: int) -> torch.Tensor:
-    """diffusers' trailing grid generalised: ``steps`` points ``t_clean + (t_start - t_clean)(1 - k/steps)``, then
-    the clean point (from t = 999 on a 1000-step table: 999, 799, ..., 199, then t_clean = -1)."""
+    """The ``Trailing`` grid of ``steps`` steps from ``t_start``, clean point included (from t = 999 on a 1000-step
+    table: 999, 799, ..., 199, then t_clean = -1: diffusers' trailing timesteps)."""
     steps = check_int("steps", steps, 1, MAX_STEPS)
-    c = float(schedule.t_clean)
-    k = torch.arange(steps + 1, dtype=F64)
-    return c + (float(t_start) - c) * (1.0 - k / steps)
+    return make_grid(schedule, steps, Trailing(), t_start=t_start)
 
 
 def reference_end(denoiser, cond, x_T: torch.Tensor, grid, solver, progress: bool | str = False) -> torch.Tensor:

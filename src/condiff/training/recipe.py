@@ -47,6 +47,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 1
     init_from: str = ""  # a bundled model name or model directory whose weights start the run
+    fast: bool = False  # bfloat16 autocast forward, fused AdamW, multi-tensor EMA (docs/benchmarks.md)
 
 
 @dataclass
