@@ -231,7 +231,8 @@ def update_docs(table: str, meta: dict):
     clock = "process CPU time" if meta.get("clock") == "cpu" else "wall time"
     block = (
         f"{start}\nCommand: `{meta['command']}` (torch {meta['torch']}, {meta['threads']} threads, "
-        f"{meta['cpus']} CPUs, {meta['machine']}). Times are the best of the repeats ({clock}), in seconds; "
+        f"{meta['cpus']} CPUs, {meta['machine']}; allocator: {meta['allocator']}). "
+        f"Times are the best of the repeats ({clock}), in seconds; "
         "overhead = loop / forward-only - 1 (and per step); loop-only = the loop's own work per step with the "
         "network stubbed out (and its share of one forward).\n\n"
         f"{table}\n{end}"

@@ -190,8 +190,8 @@ def configs(m, grids: list[Path], steps_list=STEPS, faster=None) -> list[Config]
         gr = load_grids(path)
         tab = check_grids_fit(gr, m.schedule, cfg=CFG, where=str(path))
         steps = tuple(sorted(tab.grids))
-        out.append(condiff_config(f"{gr.solver} + searched grid", gr.solver, tab, steps_list=steps))
-        out.append(condiff_config(f"{gr.solver} + searched grid + AG {AG}", gr.solver, tab, AG, steps))
+        out.append(condiff_config(f"{gr.solver} + grid {path.stem}", gr.solver, tab, steps_list=steps))
+        out.append(condiff_config(f"{gr.solver} + grid {path.stem} + AG {AG}", gr.solver, tab, AG, steps))
     if faster is not None:
         label = f"dpmpp-2m + trailing + AG {AG} + compile + channels-last"
         out.append(condiff_config(label, "dpmpp-2m", Trailing(), AG, steps_list, t_max, faster=faster))
@@ -201,7 +201,9 @@ def configs(m, grids: list[Path], steps_list=STEPS, faster=None) -> list[Config]
         for spacing in ("trailing", "leading")
     ]
     peers.append(
-        diffusers_config("DPM++ 2M Karras", "DPMSolverMultistepScheduler", "leading", use_karras_sigmas=True, **PEER_MS)
+        diffusers_config(
+            "DPM++ 2M Karras", "DPMSolverMultistepScheduler", "trailing", use_karras_sigmas=True, **PEER_MS
+        )
     )
     peers += [kdiffusion_config(label, label, evals) for label, evals in KDIFFUSION]
     for p in peers:
@@ -272,7 +274,12 @@ def main():
         for cfg in cases:
             for steps in cfg.steps_list:
                 t0 = time.perf_counter()
-                images, nfe = generate(cfg, steps)
+                try:
+                    images, nfe = generate(cfg, steps)
+                except Exception as e:  # a peer that fails at this step count (a diffusers IndexError): not reached
+                    cfg.sweep.append({"steps": steps, "failed": f"{type(e).__name__}: {e}"[:200]})
+                    print(f"{name} {cfg.impl:11s} {cfg.label:36s} steps {steps:3d} failed: {e}", flush=True)
+                    break
                 acc = float(m.family.score(images, targets)[key])
                 cfg.sweep.append({"steps": steps, "nfe": nfe, key: acc, "sweep_seconds": time.perf_counter() - t0})
                 print(
@@ -349,9 +356,8 @@ def table(report: dict) -> str:
                 )
             else:
                 last = row["sweep"][-1]
-                lines.append(
-                    f"| {row['impl']} | {row['config']} | > {last['steps']} | | {last[key]:.3f} (not reached) | |"
-                )
+                got = f"fails at {last['steps']} steps" if "failed" in last else f"{last[key]:.3f} (not reached)"
+                lines.append(f"| {row['impl']} | {row['config']} | > {last['steps']} | | {got} | |")
         lines.append("")
     return "\n".join(lines).rstrip()
 

@@ -92,7 +92,8 @@ def test_bench_runs_the_grid_case(grid_file, tmp_path, capsys):
     out = tmp_path / "b.json"
     argv = ["bench", "solvers", "--model", "digits", "--cfg", "3", "--n", "2", "--nfe", "2,3", "--ref-steps", "20"]
     ok([*argv, "--grid", str(trailing), "--grid", str(grid_file), "--json", str(out)], capsys)
-    rows = [r for r in json.loads(out.read_text())["results"] if r["solver"] == "dpmpp-2m+grid"]
+    rows = [r for r in json.loads(out.read_text())["results"] if r["solver"].startswith("dpmpp-2m+grid")]
+    assert [r["solver"] for r in rows] == ["dpmpp-2m+grid (trailing)"] * 2 + ["dpmpp-2m+grid (g)"] * 2
     assert [r["nfe"] for r in rows[:2]] == [2, 3] and all(r["error"] is not None for r in rows[:2])
     assert all(
         r["error"] is None and "starts at t=966.943, the problem's starts at t=999" in r["note"] for r in rows[2:]

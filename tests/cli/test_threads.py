@@ -83,6 +83,7 @@ def test_every_computing_command_takes_threads():
         "bench edit",
         "ems compute",
         "dc search",
+        "grid search",
         "guidance fit-linear-ag",
         "guidance train-ppap",
         "guidance fit-minority",

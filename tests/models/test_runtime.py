@@ -34,7 +34,8 @@ def _faults(mode: str) -> tuple[str, float]:
 def test_freed_blocks_are_reused_without_page_faults():
     applied, kept = _faults("keep")
     default_applied, default = _faults("system")
-    pages = (1 << 24) * 4 / 4096
     assert applied == "True" and default_applied == "False"
-    assert default >= 0.9 * pages  # every page of the new block faults once
-    assert kept < 0.01 * pages
+    # glibc's default maps the 64 MiB block afresh each time: its pages fault again (16384 pages of 4 KiB, fewer
+    # where the kernel backs it with huge pages); kept, the block is reused and nothing faults
+    assert default >= 16, (kept, default)
+    assert kept <= default / 20, (kept, default)

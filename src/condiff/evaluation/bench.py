@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -30,7 +31,7 @@ from condiff.core.grids import make_grid
 from condiff.core.sampling import Gaussian, initial_noise, sample
 from condiff.core.schedules import VPDiscrete
 from condiff.errors import ConfigError, NonFiniteError, one_line
-from condiff.evaluation.peers import PEERS, Peer, betas_from_alphas_cumprod, run_peer, trailing_grid
+from condiff.evaluation.peers import PEERS, betas_from_alphas_cumprod, run_peer, trailing_grid
 from condiff.guidance import CFG
 from condiff.solvers.grid_search import terminal_error
 
@@ -325,20 +326,29 @@ def grid_cases(problem: Problem, paths, cfg: float) -> list:
         where = f"--grid {str(path)!r}"
         grids = load_grids(path)
         tab = check_grids_fit(grids, problem.schedule, cfg=cfg, where=where)
-        cases.append(GridCase(f"{grids.solver}+grid", get_solver(grids.solver), note=str(path), grids=tab))
+        label = f"{grids.solver}+grid" + (f" ({Path(path).stem})" if len(paths) > 1 else "")
+        cases.append(GridCase(label, get_solver(grids.solver), note=str(path), grids=tab))
     return cases
 
 
 @dataclass(frozen=True)
-class DiffusersCase:
-    peer: Peer
-    impl = "diffusers"
+class PeerCase:
+    """A peer library's sampler (``peer``: its description, with a ``label``), deterministic."""
+
+    peer: Any
     deterministic = True
     note = ""
 
     @property
     def label(self) -> str:
         return self.peer.label
+
+
+@dataclass(frozen=True)
+class DiffusersCase(PeerCase):
+    """A diffusers scheduler (condiff.evaluation.peers) driven in its pipeline pattern on the trailing grid."""
+
+    impl = "diffusers"
 
     def run(self, problem: Problem, nfe: int) -> tuple[torch.Tensor, int]:
         sched = self.peer.make(betas_from_alphas_cumprod(problem.schedule.alphas_cumprod).float())
@@ -347,17 +357,10 @@ class DiffusersCase:
 
 
 @dataclass(frozen=True)
-class KDiffusionCase:
+class KDiffusionCase(PeerCase):
     """A k-diffusion sampler (condiff.evaluation.kdiffusion) on the problem's grid, as sigmas."""
 
-    peer: Any
     impl = "k-diffusion"
-    deterministic = True
-    note = ""
-
-    @property
-    def label(self) -> str:
-        return self.peer.label
 
     def run(self, problem: Problem, nfe: int) -> tuple[torch.Tensor, int]:
         from condiff.evaluation.kdiffusion import run_kpeer, sigmas_of
