@@ -374,11 +374,14 @@ def plot(report: dict, path: Path) -> None:
     for ax, name in zip(axes[0], names):
         r = report["models"][name]
         ((key, target),) = r["target"].items()
-        for row in r["rows"]:
-            if not row["reached"]:
-                continue
-            ax.scatter(row["seconds"], row[key], color=colors[row["impl"]], s=28)
-            ax.annotate(f"{row['config']} ({row['steps']})", (row["seconds"], row[key]), fontsize=6)
+        reached = [row for row in r["rows"] if row["reached"]]
+        fastest = {}
+        for row in sorted(reached, key=lambda x: x["seconds"]):
+            fastest.setdefault(row["impl"], row)
+            ax.scatter(row["seconds"], row[key], color=colors[row["impl"]], s=28, alpha=0.6)
+        for row in fastest.values():  # each library's fastest configuration, named
+            ax.scatter(row["seconds"], row[key], color=colors[row["impl"]], s=60, edgecolor="black")
+            ax.annotate(f" {row['config']} ({row['steps']} steps)", (row["seconds"], row[key]), fontsize=7)
         ax.axhline(target, color="grey", lw=0.8, ls="--")
         ax.set_xlabel("seconds for the samples (at the first step count meeting the target)")
         ax.set_ylabel(f"{key} accuracy")
