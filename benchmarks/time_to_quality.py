@@ -329,7 +329,9 @@ def main():
         from sampling_speed import write_docs_section
 
         start, end = "<!-- time_to_quality:start -->", "<!-- time_to_quality:end -->"
-        cmd = "python benchmarks/time_to_quality.py " + " ".join(f"--grid {g}" for g in args.grid)
+        flags = [f"--threads {args.threads}", f"--rounds {args.rounds}", f"--steps-list {args.steps_list}"]
+        flags += ["--compile"] * args.compile + [f"--grid {g}" for g in args.grid]
+        cmd = "python benchmarks/time_to_quality.py " + " ".join(flags)
         block = f"{start}\n`{cmd.strip()}`\n\n{text}\n\n![time vs accuracy]({args.plot.name})\n{end}"
         write_docs_section(start, end, block, "Time to quality: condiff vs diffusers and k-diffusion")
 
