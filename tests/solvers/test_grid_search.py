@@ -188,3 +188,24 @@ def test_bad_grids_files_are_one_line_input_errors(obj, needle):
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("'g.json'"), msg
     assert needle in msg, msg
+
+
+def test_a_diverging_trial_counts_as_infinite_error(gmm, monkeypatch):
+    """A trial grid on which the solver blows up (the loop's NonFiniteError) is the worst trial, not the end of
+    the search: the search goes on and keeps a finite grid."""
+    import condiff.solvers.grid_search as gs
+    from condiff.errors import NonFiniteError
+
+    fit, _ = gmm
+    real, calls = gs.sample, {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] in (2, 3):
+            raise NonFiniteError("non-finite x at step 1")
+        return real(*a, **k)
+
+    monkeypatch.setattr(gs, "sample", flaky)
+    init = trailing_times(SCH, 999.0, 3)
+    res = search_grid(fit.denoiser, fit.cond, fit.x_T, fit.x_ref, get_solver("ddim"), init, max_evals=20)
+    assert res.evaluations == 20 and math.isfinite(res.error) and res.error <= res.initial_error

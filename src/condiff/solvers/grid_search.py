@@ -40,7 +40,7 @@ from condiff.core.files import atomic_write_json, load_json
 from condiff.core.fitted import FittedFor, check_fitted
 from condiff.core.grids import MAX_STEPS, Tabulated, Trailing, make_grid
 from condiff.core.sampling import sample
-from condiff.errors import ConfigError, InputFileError, check_int, is_real
+from condiff.errors import ConfigError, InputFileError, NonFiniteError, check_int, is_real
 
 F64 = torch.float64
 FORMAT = "condiff.solvers.grid_search-grids"
@@ -133,9 +133,12 @@ def search_grid(
     best = {"error": math.inf, "grid": initial, "evals": 0}
 
     def error(grid: torch.Tensor) -> float:
-        with torch.no_grad():
-            x = sample(denoiser, solver, grid, x_T.clone(), cond).x
-        e = terminal_error(x, x_ref)
+        try:
+            with torch.no_grad():
+                x = sample(denoiser, solver, grid, x_T.clone(), cond).x
+            e = terminal_error(x, x_ref)
+        except NonFiniteError:  # a trial grid on which the solver diverges: the worst possible, not a stop
+            e = math.inf
         e = e if math.isfinite(e) else math.inf
         best["evals"] += 1
         if e < best["error"]:
