@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from clikit import ok, one_line_error, run
+from condiff.cli import main
 from condiff.solvers.grid_search import load_grids
 
 
@@ -61,6 +62,13 @@ def test_sample_runs_on_the_files_times(grid_file, tmp_path, capsys, monkeypatch
     side = json.loads((tmp_path / "s.json").read_text())
     assert side["grid"] == str(grid_file) and f"--grid {grid_file}" in side["reproduce"]
     assert "--spacing" not in side["reproduce"]
+
+
+def test_another_solver_on_the_grid_gets_a_note(grid_file, tmp_path, capsys):
+    argv = ["sample", "--model", "digits", "--grid", str(grid_file), "--steps", "2", "--n", "2", "--solver", "ddim"]
+    main([*argv, "--out", str(tmp_path / "d.png")])
+    err = capsys.readouterr().err
+    assert f"note: --grid {str(grid_file)!r} was searched for --solver dpmpp-2m; running ddim on it" in err
 
 
 def test_eval_reports_the_grid(grid_file, capsys):

@@ -167,7 +167,11 @@ def configured_solver(
     if grid is None:
         spacing_name, spc = spacing_of(spacing, sol)
     else:
-        spacing_name, spc = grid_file_spacing(grid, model, steps, cfg, spacing, fitted)
+        spacing_name, spc, searched_for = grid_file_spacing(grid, model, steps, cfg, spacing, fitted)
+        if searched_for != name:  # allowed (any solver runs on any grid), but not what the grid was fitted to
+            typer.echo(
+                f"note: --grid {str(grid)!r} was searched for --solver {searched_for}; running {name} on it", err=True
+            )
     if ems is not None:
         from condiff.core.schedules import schedule_from_config
         from condiff.models.base import resolve_model
@@ -209,8 +213,9 @@ def configured_solver(
 
 
 def grid_file_spacing(grid: Path, model: str, steps: int, cfg: float, spacing: Optional[str], fitted: FittedFiles):
-    """('searched', the Tabulated spacing) of a --grid file (`condiff grid search`), checked against the model's
-    schedule, --steps and --cfg here and, through ``fitted``, against its weights once it is loaded."""
+    """('searched', the Tabulated spacing, the solver it was searched for) of a --grid file (`condiff grid
+    search`), checked against the model's schedule, --steps and --cfg here and, through ``fitted``, against its
+    weights once it is loaded."""
     from condiff.core.schedules import schedule_from_config
     from condiff.models.base import resolve_model
     from condiff.solvers.grid_search import check_grids_fit, load_grids
@@ -228,7 +233,7 @@ def grid_file_spacing(grid: Path, model: str, steps: int, cfg: float, spacing: O
     fitted.add(
         lambda digest, name: check_grids_fit(grids, sch, weights=digest, model=name, where=where, allow_mismatch=allow)
     )
-    return spc.name, spc
+    return spc.name, spc, grids.solver
 
 
 def check_solver_files(loaded, model: str, cfg: float, ems, dc_ratios, allow_mismatch: bool = False, grids=()) -> None:
