@@ -1,0 +1,53 @@
+"""ConPreDiff's context prediction loss (Yang et al. 2023, "Improving Diffusion-Based Image Synthesis with
+Context Prediction", NeurIPS: the neighbourhood prediction of sec. 3 with a permutation-invariant distance).
+
+A context decoder on the denoiser's last features predicts, for every position, the values of its neighbours at
+several strides. The neighbours of a position form an unordered set, so the loss compares sets: with K values
+per set, the squared 1-D Wasserstein-2 distance between the two empirical distributions, which is the mean
+squared difference of the sorted values (``set_distance``). It is 0 for any permutation of the true
+neighbours. ``neighbours(x, stride)`` gathers the 8 neighbours at a stride (replicate padding at the border).
+The decoder is used in training only and removed for sampling.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from condiff.errors import ConfigError, check_int
+
+OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+
+
+def neighbours(x: torch.Tensor, stride: int = 1) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, 8, H, W): the value at (i + di s, j + dj s) for the 8 offsets (di, dj) in
+    ``OFFSETS``, the border replicated."""
+    stride = check_int("stride", stride, 1, 1024)
+    if x.dim() != 4:
+        raise ConfigError(f"neighbours needs (B, C, H, W), got shape {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    p = F.pad(x, (stride, stride, stride, stride), mode="replicate")
+    return torch.stack(
+        [
+            p[..., stride + di * stride : stride + di * stride + h, stride + dj * stride : stride + dj * stride + w]
+            for di, dj in OFFSETS
+        ],
+        2,
+    )
+
+
+def set_distance(pred: torch.Tensor, true: torch.Tensor, dim: int = 2) -> torch.Tensor:
+    """Mean over positions of the squared 1-D Wasserstein-2 distance between the sets along ``dim``: the mean
+    squared difference of the sorted values. 0 exactly when ``pred`` is a permutation of ``true`` along dim."""
+    if pred.shape != true.shape:
+        raise ConfigError(
+            f"predicted and true neighbour sets must have one shape, got {tuple(pred.shape)} and {tuple(true.shape)}"
+        )
+    return ((pred.sort(dim=dim).values - true.sort(dim=dim).values) ** 2).mean()
+
+
+def context_loss(pred: dict[int, torch.Tensor], x0: torch.Tensor) -> torch.Tensor:
+    """Sum over strides s of ``set_distance(pred[s], neighbours(x0, s))``; ``pred[s]`` is (B, C, 8, H, W)."""
+    if not pred:
+        raise ConfigError("context_loss needs predictions for at least one stride")
+    return sum(set_distance(p, neighbours(x0, s)) for s, p in sorted(pred.items()))

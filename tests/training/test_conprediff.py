@@ -1,0 +1,55 @@
+"""ConPreDiff's context loss (condiff.training.conprediff): the neighbour sets are gathered exactly, the set
+distance is 0 for every permutation of the true neighbours and positive otherwise, and its gradient reaches the
+prediction."""
+
+import itertools
+
+import pytest
+import torch
+
+from condiff.errors import ConfigError
+from condiff.training.conprediff import OFFSETS, context_loss, neighbours, set_distance
+
+G = torch.Generator().manual_seed(0)
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_neighbours_are_the_values_at_each_offset(stride):
+    x = torch.arange(2 * 1 * 9 * 9, dtype=torch.float64).view(2, 1, 9, 9)
+    n = neighbours(x, stride)
+    assert n.shape == (2, 1, 8, 9, 9)
+    for k, (di, dj) in enumerate(OFFSETS):  # interior positions: exact values; borders replicate
+        assert n[0, 0, k, 4, 4] == x[0, 0, 4 + di * stride, 4 + dj * stride]
+    assert n[1, 0, 0, 0, 0] == x[1, 0, 0, 0]  # top-left corner, offset (-1, -1): the replicated corner
+
+
+def test_the_loss_is_zero_for_every_permutation_of_the_true_neighbours():
+    x0 = torch.randn(2, 3, 6, 6, generator=G, dtype=torch.float64)
+    true = neighbours(x0, 1)
+    for perm in itertools.islice(itertools.permutations(range(8)), 0, 40320, 997):
+        assert context_loss({1: true[:, :, list(perm)]}, x0).item() == 0.0
+
+
+def test_the_loss_is_positive_with_a_gradient_for_wrong_sets():
+    x0 = torch.randn(2, 1, 6, 6, generator=G, dtype=torch.float64)
+    pred = {s: (neighbours(x0, s) + 0.1).requires_grad_() for s in (1, 2)}
+    loss = context_loss(pred, x0)
+    grads = torch.autograd.grad(loss, list(pred.values()))
+    assert loss.item() == pytest.approx(2 * 0.01, rel=1e-12) and all(float(g.abs().max()) > 0 for g in grads)
+
+
+def test_set_distance_is_the_w2_of_sorted_values():
+    a = torch.tensor([[3.0, 1.0, 2.0]])
+    b = torch.tensor([[0.0, 2.0, 4.0]])
+    assert set_distance(a, b, dim=1).item() == pytest.approx(((1 - 0) ** 2 + (2 - 2) ** 2 + (3 - 4) ** 2) / 3)
+
+
+def test_bad_inputs_are_one_line():
+    with pytest.raises(ConfigError, match="one shape"):
+        set_distance(torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(ConfigError, match=r"\(B, C, H, W\)"):
+        neighbours(torch.zeros(3, 3))
+    with pytest.raises(ConfigError, match="stride"):
+        neighbours(torch.zeros(1, 1, 3, 3), 0)
+    with pytest.raises(ConfigError, match="at least one stride"):
+        context_loss({}, torch.zeros(1, 1, 3, 3))
