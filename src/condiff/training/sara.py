@@ -1,0 +1,106 @@
+"""SaRA: sparse adaptation of a pre-trained model's smallest weights (Hu et al. 2025, "SaRA: High-Efficient
+Diffusion Model Fine-tuning with Progressive Sparse Low-Rank Adaptation", ICLR; sec. 3: the threshold mask,
+unstructured backpropagation and progressive re-selection).
+
+For every selected parameter tensor P the mask is M = |P| < theta (the weights the paper finds temporarily
+ineffective). Only P[M] is trained: each tensor gets a ``SparseUpdate`` parametrization
+(torch.nn.utils.parametrize) that scatters a trainable vector of |M| scalars into the frozen tensor, so
+gradients and Adam moments exist for those scalars alone, and every entry with |P| >= theta stays bit-identical.
+``reselect`` writes the trained values back, recomputes the mask on the current values and starts a new vector
+of the scalars now below theta (the step makes no update; the caller rebuilds its optimizer over
+``trainable(model)``). ``state_dict_of`` holds only the selected values per tensor (the mask follows from the base
+weights and theta, recorded beside them).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from condiff.errors import ConfigError, is_real
+
+
+class SparseUpdate(nn.Module):
+    """A parametrization: ``original`` with the entries at ``index`` (flat) replaced by the trainable ``values``."""
+
+    def __init__(self, original: torch.Tensor, theta: float):
+        super().__init__()
+        index = torch.nonzero(original.detach().abs().flatten() < theta).flatten()
+        self.register_buffer("index", index, persistent=False)
+        self.values = nn.Parameter(original.detach().flatten()[index].clone())
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        return original.flatten().index_put((self.index,), self.values).view_as(original)
+
+
+def _check_theta(theta) -> float:
+    if not is_real(theta) or theta <= 0:
+        raise ConfigError(f"SaRA's theta must be a positive finite number, got {theta!r}")
+    return float(theta)
+
+
+def apply_sara(model: nn.Module, theta: float = 2e-3, names=None) -> int:
+    """Freeze ``model`` and make the entries |w| < theta of its weights (every parameter with a name in
+    ``names``, default: every weight of 2 or more dimensions) trainable; returns the number of trainable
+    scalars."""
+    theta = _check_theta(theta)
+    targets = [
+        (mod, pname)
+        for mname, mod in model.named_modules()
+        for pname, p in list(mod.named_parameters(recurse=False))
+        if (names is None and p.dim() >= 2) or (names is not None and f"{mname}.{pname}".strip(".") in names)
+    ]
+    if not targets:
+        raise ConfigError("SaRA found no parameter to adapt (names matched nothing)")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for mod, pname in targets:
+        parametrize.register_parametrization(mod, pname, SparseUpdate(getattr(mod, pname), theta), unsafe=True)
+        getattr(mod.parametrizations, pname).original.requires_grad_(False)
+    model.sara_theta = theta
+    return sum(v.numel() for v in trainable(model))
+
+
+def updates(model: nn.Module) -> dict[str, SparseUpdate]:
+    """The SparseUpdate of every adapted tensor, by the tensor's name."""
+    out = {}
+    for mname, mod in model.named_modules():
+        plist = getattr(mod, "parametrizations", None)
+        if plist is None:
+            continue
+        for pname, entries in plist.items():
+            for e in entries:
+                if isinstance(e, SparseUpdate):
+                    out[f"{mname}.{pname}".strip(".")] = e
+    return out
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable SaRA scalars (one vector per adapted tensor), in a fixed order."""
+    return [u.values for _, u in sorted(updates(model).items())]
+
+
+@torch.no_grad()
+def reselect(model: nn.Module) -> int:
+    """Progressive adjustment: write the trained values into the frozen tensors, recompute every mask on the
+    current values (|w| < theta) and start new trainable vectors; no weight changes. Returns the new number of
+    trainable scalars (rebuild the optimizer over ``trainable(model)``)."""
+    theta = getattr(model, "sara_theta", None)
+    if theta is None:
+        raise ConfigError("reselect needs a model prepared by apply_sara")
+    for mname, mod in model.named_modules():
+        plist = getattr(mod, "parametrizations", None)
+        if plist is None:
+            continue
+        for pname in list(plist.keys()):
+            entry = plist[pname]
+            current = getattr(mod, pname).detach().clone()
+            entry.original.copy_(current)
+            entry[0] = SparseUpdate(current, theta)
+    return sum(v.numel() for v in trainable(model))
+
+
+def state_dict_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the selected values, one vector per adapted tensor (``{name}.sara_values``)."""
+    return {f"{name}.sara_values": u.values.detach().clone() for name, u in sorted(updates(model).items())}
