@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from condiff.errors import ConfigError
-from condiff.training.sara import apply_sara, reselect, state_dict_of, trainable
+from condiff.training.sara import apply_sara, nuclear_penalty, reselect, state_dict_of, trainable
 
 THETA = 0.05
 
@@ -89,3 +89,41 @@ def test_nothing_to_adapt_and_reselect_without_sara_are_one_line():
         apply_sara(_model(), THETA, names=["nope.weight"])
     with pytest.raises(ConfigError, match="apply_sara"):
         reselect(_model())
+
+
+def test_the_low_rank_penalty_lowers_the_nuclear_norm_of_the_learned_update():
+    """Toy matrix regression toward a rank-2 change of a 24 x 24 matrix whose entries are all below theta: the
+    update learned with lambda_rank > 0 has a smaller nuclear norm (and effective rank) than without."""
+    g = torch.Generator().manual_seed(3)
+    base = 0.01 * torch.randn(24, 24, generator=g)
+    target = base + 0.02 * torch.randn(24, 2, generator=g) @ torch.randn(2, 24, generator=g)
+    x = torch.randn(64, 24, generator=g)
+    y = x @ target.T + 0.01 * torch.randn(64, 24, generator=g)  # noisy observations
+
+    def learned(lam):
+        layer = nn.Linear(24, 24, bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(base)
+        m = nn.Sequential(layer)
+        apply_sara(m, 1.0, names=["0.weight"])  # every entry is below theta: all trainable
+        opt = torch.optim.Adam(trainable(m), lr=2e-3)
+        for _ in range(400):
+            loss = (m(x) - y).pow(2).mean() + nuclear_penalty(m, lam, torch.Generator().manual_seed(0), min_dim=1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return m[0].weight.detach() - base
+
+    free, penalised = learned(0.0), learned(1e-3)
+    nuc = [torch.linalg.svdvals(d).sum().item() for d in (free, penalised)]
+    assert nuc[1] < nuc[0]
+    eff = [int((torch.linalg.svdvals(d) > 0.05 * torch.linalg.svdvals(d)[0]).sum()) for d in (free, penalised)]
+    assert eff[1] <= eff[0]
+
+
+def test_no_matrix_large_enough_gives_a_zero_penalty_and_bad_lambda_is_one_line():
+    m = _model()
+    apply_sara(m, THETA)
+    assert nuclear_penalty(m, 1e-3).item() == 0.0  # 8 x 18 and 2 x 72: min side <= 64
+    with pytest.raises(ConfigError, match="lambda_rank"):
+        nuclear_penalty(m, -1.0)
