@@ -53,3 +53,39 @@ def test_bad_inputs_are_one_line():
         neighbours(torch.zeros(1, 1, 3, 3), 0)
     with pytest.raises(ConfigError, match="at least one stride"):
         context_loss({}, torch.zeros(1, 1, 3, 3))
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 1, 3, padding=1)
+    )
+
+
+def test_the_head_changes_nothing_the_network_returns_and_detaches():
+    from condiff.training.conprediff import ContextHead, attach
+
+    net = _net()
+    x = torch.randn(2, 1, 6, 6, generator=G)
+    plain = net(x)
+    head = ContextHead(8, 1, strides=(1, 2))
+    handle = attach(net[1], head)
+    with_head = net(x)
+    assert torch.equal(with_head, plain) and head.features.shape == (2, 8, 6, 6)
+    handle.remove()
+    head.features = None
+    assert torch.equal(net(x), plain) and head.features is None
+
+
+def test_the_context_loss_reaches_the_backbone():
+    from condiff.training.conprediff import ContextHead, attach
+
+    net = _net()
+    head = ContextHead(8, 1, strides=(1,))
+    attach(net[1], head)
+    x0 = torch.randn(2, 1, 6, 6, generator=G)
+    net(x0)
+    loss = context_loss(head(head.features), x0)
+    loss.backward()
+    assert net[0].weight.grad is not None and float(net[0].weight.grad.abs().max()) > 0
+    assert net[2].weight.grad is None  # the last layer is after the features: the head does not train it

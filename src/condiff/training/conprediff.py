@@ -51,3 +51,34 @@ def context_loss(pred: dict[int, torch.Tensor], x0: torch.Tensor) -> torch.Tenso
     if not pred:
         raise ConfigError("context_loss needs predictions for at least one stride")
     return sum(set_distance(p, neighbours(x0, s)) for s, p in sorted(pred.items()))
+
+
+class ContextHead(torch.nn.Module):
+    """The context decoder: a 1x1 convolution from the network's last features (``feature_channels`` at the
+    output's resolution) to 8 neighbour values per channel of x0 (``channels``) for each stride."""
+
+    def __init__(self, feature_channels: int, channels: int, strides=(1, 2)):
+        super().__init__()
+        self.strides = tuple(check_int("stride", s, 1, 1024) for s in strides)
+        if not self.strides:
+            raise ConfigError("ContextHead needs at least one stride")
+        self.channels = check_int("channels", channels, 1)
+        self.proj = torch.nn.Conv2d(
+            check_int("feature_channels", feature_channels, 1), channels * 8 * len(self.strides), 1
+        )
+        self.features: torch.Tensor | None = None
+
+    def forward(self, h: torch.Tensor) -> dict[int, torch.Tensor]:
+        b, _, hh, ww = h.shape
+        out = self.proj(h).view(b, len(self.strides), self.channels, 8, hh, ww)
+        return {s: out[:, k] for k, s in enumerate(self.strides)}
+
+
+def attach(layer: torch.nn.Module, head: ContextHead):
+    """Record ``layer``'s output (the network's last features) in ``head.features`` on every forward, changing
+    nothing the network returns; returns the hook handle (``handle.remove()`` detaches it for sampling)."""
+
+    def keep(module, args, output):
+        head.features = output
+
+    return layer.register_forward_hook(keep)
