@@ -82,3 +82,86 @@ def test_mismatched_shapes_are_one_line():
         dpo_loss(w, l[:3], w, l, 1.0)
     with pytest.raises(ConfigError, match="one shape"):
         pair_errors(lambda x: x, lambda x: x, torch.ones(2, 3), torch.ones(3, 3))
+
+
+def test_on_a_two_mode_toy_dpo_moves_mass_to_the_preferred_mode_and_a_larger_beta_less():
+    """An eps-MLP pre-trained on two Gaussians at x = -2 (mode A) and x = +2 samples each about half the time;
+    DPO on pairs with one sample in each mode, the A one preferred, raises A's share, and more at a small beta
+    (a looser tie to the reference) than at a large one."""
+    import copy
+
+    from torch import nn
+
+    from condiff.core.denoiser import diffuse, wrap
+    from condiff.core.grids import make_grid
+    from condiff.core.sampling import sample
+    from condiff.core.schedules import VPDiscrete
+    from condiff.solvers import DDIM
+
+    g = torch.Generator().manual_seed(0)
+    sch = VPDiscrete.from_betas("linear")
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(3, 64), nn.SiLU(), nn.Linear(64, 64), nn.SiLU(), nn.Linear(64, 2))
+
+        def forward(self, x, t):
+            t = torch.as_tensor(t, dtype=x.dtype).expand(x.shape[0]) / 1000.0
+            return self.net(torch.cat([x, t[:, None]], 1))
+
+    def data(n):
+        mode = torch.randint(0, 2, (n,), generator=g)
+        centre = torch.stack([torch.where(mode == 0, -2.0, 2.0), torch.zeros(n)], 1)
+        return centre + 0.3 * torch.randn(n, 2, generator=g)
+
+    def noised(x0, gen):
+        t = torch.randint(0, 1000, (x0.shape[0],), generator=gen).double()
+        eps = torch.randn(x0.shape, generator=gen)
+        return diffuse(sch, x0, t, eps), t.float(), eps
+
+    torch.manual_seed(0)
+    net = MLP()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(1500):
+        xt, t, eps = noised(data(256), g)
+        loss = ((net(xt, t) - eps) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def share_a(model):
+        den = wrap(model, sch, "eps", call=lambda m, x, t_in, cond: m(x, t_in))
+        z = torch.randn(2000, 2, generator=torch.Generator().manual_seed(5))
+        x_T = z * float(sch.sigma(torch.tensor(sch.default_t_start())))
+        with torch.no_grad():
+            x = sample(den, DDIM(), make_grid(sch, 30), x_T, None).x
+        return float((x[:, 0] < 0).float().mean())
+
+    def dpo(beta):
+        model, ref = copy.deepcopy(net), copy.deepcopy(net).eval()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        gen = torch.Generator().manual_seed(11)
+        for _ in range(150):
+            a, b = data(128), data(128)
+            in_a, in_b = a[:, 0] < 0, b[:, 0] < 0
+            keep = in_a ^ in_b  # one sample in each mode
+            w = torch.where(in_a[:, None], a, b)[keep]
+            lose = torch.where(in_a[:, None], b, a)[keep]
+            t = torch.randint(0, 1000, (w.shape[0],), generator=gen).double()
+            eps = torch.randn(w.shape, generator=gen)  # one t and one noise per pair
+            xw, xl = diffuse(sch, w, t, eps), diffuse(sch, lose, t, eps)
+            tt, ee = torch.cat([t, t]).float(), torch.cat([eps, eps])
+            e_w, e_l = pair_errors(lambda x: model(x, tt), lambda x: ee, xw, xl)
+            with torch.no_grad():
+                r_w, r_l = pair_errors(lambda x: ref(x, tt), lambda x: ee, xw, xl)
+            terms = dpo_loss(e_w, e_l, r_w, r_l, beta)
+            opt.zero_grad()
+            terms.loss.backward()
+            opt.step()
+        return share_a(model)
+
+    base = share_a(net)
+    small, large = dpo(30.0), dpo(1000.0)
+    assert 0.4 < base < 0.6
+    assert small > large > base + 0.1, (base, small, large)
