@@ -7,7 +7,8 @@
 4. shape: a triangle (apex up) holds ~1/4 of its area in the top half of its box, circles and squares
    ~1/2; then the fill ratio of the box separates squares (~1) from circles (~pi/4).
 5. position: the 3x3 cell that contains the bounding box's centre.
-An empty mask gets label -1 in every column (counted wrong).
+An empty mask gets label -1 in every column (counted wrong). ``stripes`` reads the striped style
+(condiff.data.shapes.striped): even rows of the object brighter than its odd rows.
 """
 
 from __future__ import annotations
@@ -58,6 +59,24 @@ def label(images: torch.Tensor) -> torch.Tensor:
     """(B, 3, 32, 32) images in [-1, 1] -> (B, 4) long labels (shape, color, size, position)."""
     arr = images.detach().float().cpu().numpy()
     return torch.tensor([_label_one(a) for a in arr], dtype=torch.long)
+
+
+STRIPE_SPLIT = 0.2  # striped renders: 0.8 between even and odd rows (1 vs 0.2 on [-1, 1]); clean ones: ~0
+
+
+def stripes(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 32, 32) -> (B,) bool: the object's even canvas rows are brighter than its odd rows by more than
+    ``STRIPE_SPLIT`` (the brightest channel, mean over the mask's pixels of each parity): the striped style of
+    condiff.data.shapes.striped. False for an empty mask or a mask on one row parity only."""
+    arr = images.detach().float().cpu().numpy()
+    out = []
+    for a in arr:
+        m = _mask_one(a)
+        bright = a.max(0)
+        even, odd = m.copy(), m.copy()
+        even[1::2], odd[0::2] = False, False
+        out.append(bool(even.any() and odd.any() and bright[even].mean() - bright[odd].mean() > STRIPE_SPLIT))
+    return torch.tensor(out, dtype=torch.bool)
 
 
 def masks(images: torch.Tensor) -> torch.Tensor:

@@ -82,6 +82,20 @@ def render_batch(attrs: torch.Tensor, generator: torch.Generator | None = None, 
     return ShapesBatch(images, attrs, masks, depth)
 
 
+STRIPE_DIM = 0.6  # the object's odd canvas rows at 60% of its colour: still "bright" for the labeller's mask
+
+
+def striped(batch: ShapesBatch) -> ShapesBatch:
+    """The striped style, a target domain for few-shot adaptation: every odd canvas row of the object at
+    ``STRIPE_DIM`` of its colour (horizontal stripes, 1 px). Masks, attributes and depth are unchanged, so the
+    labeller reads the same attributes (mask: brightest channel 0.6 * 2 - 1 > 0) and ``labeller.stripes`` tells
+    the style."""
+    odd = (torch.arange(SIZE) % 2 == 1).view(1, 1, SIZE, 1)
+    dimmed = (batch.images + 1) * STRIPE_DIM - 1  # colour * coverage scaled, on the [-1, 1] scale
+    images = torch.where(odd & batch.masks.unsqueeze(1), dimmed, batch.images)
+    return ShapesBatch(images, batch.attrs, batch.masks, batch.depth)
+
+
 def sample_batch(n: int, generator: torch.Generator | None = None) -> ShapesBatch:
     """n random images (uniform attributes) from a seeded stream."""
     return render_batch(random_attrs(n, generator), generator)
