@@ -723,6 +723,38 @@ def load_model(model: str):
     return load_model(model)
 
 
+def lora_scales(lora, scales) -> dict:
+    """{adapter name: scale} for --lora folders and --lora-scale values (none: 1 each; one: for all), checked
+    before any weights are read."""
+    import math
+
+    lora, scales = list(lora or []), list(scales or [])
+    if not lora:
+        if scales:
+            raise ConfigError("--lora-scale goes with --lora")
+        return {}
+    if len(scales) not in (0, 1, len(lora)):
+        raise ConfigError(f"give one --lora-scale for all or one per --lora ({len(lora)}), got {len(scales)}")
+    if any(not math.isfinite(v) for v in scales):
+        raise ConfigError(f"--lora-scale must be finite numbers, got {scales}")
+    refuse_pickled_inputs({f"--lora {p}": p for p in lora})
+    values = scales * len(lora) if len(scales) == 1 else scales or [1.0] * len(lora)
+    return {f"lora{i}": float(v) for i, v in enumerate(values)}
+
+
+def apply_loras(m, lora, scales: dict) -> None:
+    """Load each --lora folder into the loaded model's network and weight it (condiff.training.lora)."""
+    if not scales:
+        return
+    from condiff.models.runtime import network
+    from condiff.training.lora import load_lora, set_scales
+
+    net = network(m, "--lora")
+    for name, path in zip(scales, lora):
+        load_lora(net, path, name)
+    set_scales(net, scales)
+
+
 def run_faster(m, compile_net: bool, channels_last: bool):
     """--channels-last, then --compile, on a loaded model's denoising network (condiff.models.runtime), after the
     fitted-file checks have read its weights; a one-line ConfigError where torch.compile does not work here."""

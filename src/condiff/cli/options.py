@@ -57,6 +57,16 @@ DcRatiosOpt = Annotated[
 ]
 BatchOpt = Annotated[int, typer.Option(help="samples per batch (bounds memory; large --n is streamed)")]
 # `sample` and `eval`: opt-in ways to run the denoising network faster (condiff.models.runtime).
+LoraOpt = Annotated[
+    Optional[list[Path]],
+    typer.Option(
+        "--lora", help="a LoRA folder (pytorch_lora_weights.safetensors, diffusers' format) to apply; repeatable"
+    ),
+]
+LoraScaleOpt = Annotated[
+    Optional[list[float]],
+    typer.Option("--lora-scale", help="weight of each --lora, in order (one value: for all) [default: 1]"),
+]
 CompileOpt = Annotated[
     bool,
     typer.Option(

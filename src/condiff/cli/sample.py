@@ -20,6 +20,8 @@ from condiff.cli.options import (
     DcRatiosOpt,
     EmsOpt,
     GridOpt,
+    LoraOpt,
+    LoraScaleOpt,
     SeedOpt,
     SolverOpt,
     SolverOptOpt,
@@ -89,6 +91,8 @@ def sample_cmd(
         None, help="with --pipeline: image height in pixels (default: the network's size)"
     ),
     width: Optional[int] = typer.Option(None, help="with --pipeline: image width in pixels"),
+    lora: LoraOpt = None,
+    lora_scale: LoraScaleOpt = None,
     compile_net: CompileOpt = False,
     channels_last: ChannelsLastOpt = False,
     threads: ThreadsOpt = None,
@@ -116,6 +120,7 @@ def sample_cmd(
                 "--minority": guidance["minority"],
                 "--compile": compile_net,
                 "--channels-last": channels_last,
+                "--lora": lora or None,
             }
         )
         return diffusers_cmds.sample_cmd(
@@ -146,6 +151,7 @@ def sample_cmd(
     common.check_common(steps, cfg, n, batch_size, seed, dynamic_threshold)
     out = common.check_sample_outputs(out, out_dir)
     fitted = common.FittedFiles(allow_mismatch)
+    loras = common.lora_scales(lora, lora_scale)
     family, sol, spacing, spc, skip = common.sampling_setup(
         model, solver, steps, cfg, spacing, ems, dc_ratios, solver_opt, analytic_skip, fitted, grid
     )
@@ -153,6 +159,7 @@ def sample_cmd(
     one = None if prompt is None else family.parse_prompt(prompt)
     m = common.load_model(model)
     fitted.check_model(m, model)
+    common.apply_loras(m, lora, loras)
     common.run_faster(m, compile_net, channels_last)
     t0_grid, factor = common.start_of(m, model, t_start, centre_subpixels)
     g = torch.Generator().manual_seed(seed)
@@ -209,6 +216,8 @@ def sample_cmd(
         "t_start": t0_grid,
         "centre_subpixels": centre_subpixels,
         "network_rows_per_sample": rows,
+        "lora": [str(p) for p in lora or []],
+        "lora_scale": list(loras.values()),
         "compile": compile_net,
         "channels_last": channels_last,
         "threads": threads,
@@ -236,6 +245,8 @@ def sample_cmd(
                 ("--dynamic-threshold", dynamic_threshold),
                 ("--t-start", t_start),
                 ("--centre-subpixels", centre_subpixels),
+                ("--lora", [str(p) for p in lora or []]),
+                ("--lora-scale", lora_scale or []),
                 ("--compile", compile_net),
                 ("--channels-last", channels_last),
             ],
@@ -268,6 +279,8 @@ def eval_cmd(
     t_start: TStartOpt = None,
     centre_subpixels: CentreSubpixelsOpt = False,
     guidance: dict = None,  # the guidance options (GUIDANCE_OPTIONS), filled in by @guidance_options
+    lora: LoraOpt = None,
+    lora_scale: LoraScaleOpt = None,
     compile_net: CompileOpt = False,
     channels_last: ChannelsLastOpt = False,
     threads: ThreadsOpt = None,
@@ -283,6 +296,7 @@ def eval_cmd(
     if json_out is not None:
         common.check_out(json_out, "--json", ".json")
     fitted = common.FittedFiles(allow_mismatch)
+    loras = common.lora_scales(lora, lora_scale)
     family, sol, spacing, spc, skip = common.sampling_setup(
         model, solver, steps, cfg, spacing, ems, dc_ratios, solver_opt, analytic_skip, fitted, grid
     )
@@ -290,6 +304,7 @@ def eval_cmd(
     threads = common.use_threads(threads)
     m = common.load_model(model)
     fitted.check_model(m, model)
+    common.apply_loras(m, lora, loras)
     common.run_faster(m, compile_net, channels_last)
     t0_grid, factor = common.start_of(m, model, t_start, centre_subpixels)
     res = evaluate(
@@ -318,6 +333,8 @@ def eval_cmd(
         solver_fallback=common.solver_fallback(sol),
         allow_mismatch=allow_mismatch,
         solver_opt=solver_opt or [],
+        lora=[str(p) for p in lora or []],
+        lora_scale=list(loras.values()),
         compile=compile_net,
         channels_last=channels_last,
         threads=threads,
@@ -338,6 +355,8 @@ def eval_cmd(
 
 OPTION_KEYS = (
     "grid",
+    "lora",
+    "lora_scale",
     "analytic_skip",
     "dynamic_threshold",
     "t_start",

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from condiff.core.files import load_tensors
 from condiff.errors import ConfigError, InputFileError, check_int, is_real
 
 WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' file name for LoRA weights
@@ -65,7 +66,14 @@ def load_lora(net: nn.Module, directory, name: str = "default") -> None:
         raise InputFileError(
             f"{str(path)!r} holds no pytorch_lora_weights.safetensors (a LoRA folder from condiff finetune)"
         )
-    net.load_lora_adapter(str(path), adapter_name=name, prefix=None, use_safetensors=True, weight_name=WEIGHTS)
+    weights = load_tensors(path / WEIGHTS, "--lora")  # a safetensors file, never a pickle: one-line errors
+    if not weights or not all("lora" in k for k in weights):
+        raise InputFileError(f"{str(path / WEIGHTS)!r} holds no LoRA weights (its keys name no lora_A / lora_B)")
+    try:
+        net.load_lora_adapter(str(path), adapter_name=name, prefix=None, use_safetensors=True, weight_name=WEIGHTS)
+    except (ValueError, RuntimeError, KeyError) as e:  # keys or shapes of another network
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise InputFileError(f"{str(path)!r} is not a LoRA for this network: {first}") from None
 
 
 def set_scales(net: nn.Module, scales: dict[str, float]) -> None:
