@@ -92,3 +92,14 @@ def test_misuse_is_one_line(lora_dir, tmp_path, capsys, extra, needle):
         argv = argv[:1] + argv[3:]
     code, _, err = run([*argv, *extra], capsys)
     one_line_error(code, err, needle)
+
+
+def test_edit_takes_a_lora_and_scale_zero_is_the_base(lora_dir, tmp_path, capsys):
+    argv = ["edit", "--image", "docs/examples/red_circle.png", "--from", "large red circle top-left"]
+    argv += ["--to", "large blue circle top-left", "--method", "ddim", "--steps", "4"]
+    ok([*argv, "--out", str(tmp_path / "base.png")], capsys)
+    ok([*argv, "--lora", str(lora_dir), "--lora-scale", "0", "--out", str(tmp_path / "zero.png")], capsys)
+    ok([*argv, "--lora", str(lora_dir), "--out", str(tmp_path / "one.png")], capsys)
+    pix = {k: torch.tensor(list(Image.open(tmp_path / f"{k}.png").getdata())) for k in ("base", "zero", "one")}
+    assert torch.equal(pix["zero"], pix["base"]) and not torch.equal(pix["one"], pix["base"])
+    assert f"--lora {lora_dir}" in json.loads((tmp_path / "one.json").read_text())["reproduce"]

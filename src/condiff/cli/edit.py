@@ -28,7 +28,7 @@ import typer
 
 from condiff.cli import common
 from condiff.cli import pipeline as diffusers_cmds
-from condiff.cli.options import AllowMismatchOpt, ThreadsOpt
+from condiff.cli.options import AllowMismatchOpt, LoraOpt, LoraScaleOpt, ThreadsOpt
 from condiff.errors import ConfigError, InputFileError, check_int
 
 MAX_BENCH_N = 100_000
@@ -297,6 +297,8 @@ def edit_cmd(
         ..., help="the edited image (.png); <stem>_compare.png and a JSON sidecar (<stem>.json) are written beside it"
     ),
     pipeline: Optional[Path] = PipelineOpt,
+    lora: LoraOpt = None,
+    lora_scale: LoraScaleOpt = None,
     threads: ThreadsOpt = None,
 ):
     """Edit an image from one caption to another; writes the edit, a comparison strip and a JSON sidecar.
@@ -307,9 +309,10 @@ def edit_cmd(
 
     threads = common.use_threads(threads)
     if pipeline is not None:  # a diffusers folder: condiff.cli.pipeline
-        diffusers_cmds.refuse_model_options({"--model": model})
+        diffusers_cmds.refuse_model_options({"--model": model, "--lora": lora or None})
         return diffusers_cmds.edit_cmd(pipeline, image, from_, to, method, steps, seed, method_opt, inversion, out)
     model = "shapes" if model is None else model
+    loras = common.lora_scales(lora, lora_scale)
 
     from condiff import __version__
     from condiff.core.files import atomic_write_json
@@ -369,6 +372,7 @@ def edit_cmd(
 
     m = common.loaded_model(model)
     fitted.check_model(m, model)
+    common.apply_loras(m, lora, loras)
     src_cond, tgt_cond = m.condition(src_raw), m.condition(tgt_raw)
     what = None if inversion is None else f"--inversion {str(inversion)!r}"
     t0 = time.perf_counter()
@@ -403,6 +407,8 @@ def edit_cmd(
         "notice": src.notice,
         "inversion": None if inversion is None else str(inversion),
         "allow_mismatch": allow_mismatch,
+        "lora": [str(p) for p in lora or []],
+        "lora_scale": list(loras.values()),
         "nfe_inversion": state.info.get("nfe"),
         "reconstruction_psnr": p,
         "labels": readings,
@@ -426,6 +432,8 @@ def edit_cmd(
                 ("--inversion", inversion),
                 ("--allow-mismatch", allow_mismatch),
                 ("--no-resize", no_resize),
+                ("--lora", [str(p) for p in lora or []]),
+                ("--lora-scale", lora_scale or []),
                 ("--out", out),
             ],
         ),
