@@ -389,6 +389,8 @@ def writes(step: Step) -> set[str]:
     setup line (``cp -r A B``)."""
     words = _words(step)
     out = _option_values(words, WRITE_OPTIONS) | _literals(words)
+    if re.match(r"python3? (-\s*)?<<", step.text):  # a python block: shlex drops its code's quotes
+        out |= {w for w in _literals([step.text]) if _is_path(w)}
     if step.kind == "setup":
         out |= {w for w in words[1:] if not w.startswith("-")}
     if words[:3] == ["condiff", "recipes", "copy"]:  # condiff recipes copy NAME DEST: DEST is written

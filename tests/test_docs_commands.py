@@ -106,3 +106,19 @@ def test_chains_follow_the_files_commands_write(tmp_path):
     assert got == [[2], [3, 4], [6, 8]]
     assert chains[1].commands[1].shown == "condiff sample --model shapes --ems ems.safetensors --out v3.png"
     assert chains[1].commands[1].checks[0].text == "exit 0"
+
+
+def test_a_python_block_that_writes_a_folder_chains_with_the_commands_that_read_it(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text(
+        "```python\n"
+        'out = "runs/lora"\n'
+        "save(out)\n"
+        "```\n\n"
+        "```bash\n"
+        "condiff sample --model shapes --lora runs/lora --out a.png\n"
+        "condiff models\n"
+        "```\n"
+    )
+    chains = dc.build_chains(tmp_path)
+    assert [[s.line for s in ch.commands] for ch in chains] == [[2, 7], [8]]  # a python block: its first code line
