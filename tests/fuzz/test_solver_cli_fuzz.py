@@ -131,3 +131,28 @@ def test_grid_search_bad_step_lists(tmp_path_factory, steps):
     out = tmp_path_factory.mktemp("w") / "g.json"
     expect_cli_error(["grid", "search", "--model", "digits", "--steps", steps, "--out", str(out)], "--steps")
     assert not out.exists()
+
+
+@settings(max_examples=20)
+@given(content=st.binary(max_size=96), scale=st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True)))
+def test_garbage_lora_folders(tmp_path_factory, content, scale):
+    """Random bytes as a LoRA's weights file (and any --lora-scale): one line naming the folder or the scale."""
+    w = tmp_path_factory.mktemp("w")
+    (w / "lora").mkdir()
+    (w / "lora" / "pytorch_lora_weights.safetensors").write_bytes(content)
+    argv = [
+        "sample",
+        "--model",
+        "shapes",
+        "--n",
+        "1",
+        "--steps",
+        "1",
+        "--out",
+        str(w / "x.png"),
+        "--lora",
+        str(w / "lora"),
+    ]
+    if scale is not None:
+        argv += ["--lora-scale", repr(scale)]
+    expect_cli_error(argv)

@@ -738,6 +738,10 @@ def lora_scales(lora, scales) -> dict:
     if any(not math.isfinite(v) for v in scales):
         raise ConfigError(f"--lora-scale must be finite numbers, got {scales}")
     refuse_pickled_inputs({f"--lora {p}": p for p in lora})
+    from condiff.training.lora import check_lora
+
+    for path in lora:
+        check_lora(path)
     values = scales * len(lora) if len(scales) == 1 else scales or [1.0] * len(lora)
     return {f"lora{i}": float(v) for i, v in enumerate(values)}
 

@@ -58,17 +58,23 @@ def save_lora(net: nn.Module, directory, name: str = "default") -> Path:
     return directory
 
 
+def check_lora(directory) -> dict[str, torch.Tensor]:
+    """The weights of a LoRA folder, checked without a network: the file exists, is safetensors (never a pickle)
+    and every key names LoRA weights; InputFileError otherwise."""
+    path = Path(directory)
+    if not (path / WEIGHTS).is_file():
+        raise InputFileError(f"{str(path)!r} holds no {WEIGHTS} (a LoRA folder from condiff finetune)")
+    weights = load_tensors(path / WEIGHTS, "--lora")  # one-line errors for anything else
+    if not weights or not all("lora" in k for k in weights):
+        raise InputFileError(f"{str(path / WEIGHTS)!r} holds no LoRA weights (its keys name no lora_A / lora_B)")
+    return weights
+
+
 def load_lora(net: nn.Module, directory, name: str = "default") -> None:
     """Read a LoRA written by ``save_lora`` (or by diffusers) into ``net`` as adapter ``name``."""
     _check_network(net, "--lora")
     path = Path(directory)
-    if not (path / WEIGHTS).is_file():
-        raise InputFileError(
-            f"{str(path)!r} holds no pytorch_lora_weights.safetensors (a LoRA folder from condiff finetune)"
-        )
-    weights = load_tensors(path / WEIGHTS, "--lora")  # a safetensors file, never a pickle: one-line errors
-    if not weights or not all("lora" in k for k in weights):
-        raise InputFileError(f"{str(path / WEIGHTS)!r} holds no LoRA weights (its keys name no lora_A / lora_B)")
+    check_lora(path)
     try:
         net.load_lora_adapter(str(path), adapter_name=name, prefix=None, use_safetensors=True, weight_name=WEIGHTS)
     except (ValueError, RuntimeError, KeyError) as e:  # keys or shapes of another network
