@@ -76,10 +76,16 @@ def wheel_contents(wheel: Path) -> dict:
     }
 
 
+CHECKOUT_VARIABLES = ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")  # what could make this checkout importable
+
+
 def pip(venv: Path, *args: str) -> None:
+    """pip of the venv, with nothing of this checkout importable: a PYTHONPATH to a source tree holding
+    condiff.egg-info (the build writes one) would make pip skip installing the wheel as 'already satisfied'."""
     cmd = [str(venv / "bin" / "python"), "-m", "pip", *args]
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k not in CHECKOUT_VARIABLES}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         sys.exit(f"FAIL pip: {' '.join(cmd)}\n{res.stdout[-3000:]}{res.stderr[-3000:]}")
     print(f"  pip {' '.join(args)}  ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -100,7 +106,7 @@ def make_venv(venv: Path, wheel: Path) -> None:
 
 def environment(venv: Path, cache: Path) -> dict:
     """The venv's bin first on PATH, nothing of this checkout importable, one thread, offline."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env = {k: v for k, v in os.environ.items() if k not in CHECKOUT_VARIABLES}
     env["PATH"] = os.pathsep.join([str(venv / "bin"), *(p for p in env.get("PATH", "").split(os.pathsep) if p)])
     env["VIRTUAL_ENV"] = str(venv)
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CONDIFF_CACHE=str(cache))
@@ -127,6 +133,9 @@ def checks(venv: Path, work: Path, contents: dict) -> list[tuple[str, bool, str,
     ok = code == 0 and where.startswith(str(venv)) and not where.startswith(str(ROOT))
     results.append(("import condiff (from the venv, not the checkout)", ok, where or err.strip()[-300:], s))
 
+    exe = shutil.which("condiff", path=env["PATH"])
+    if exe is None or not Path(exe).resolve().is_relative_to(venv.resolve()):
+        results.append(("condiff on PATH is the venv's", False, f"found {exe}", 0.0))
     code, out, err, s = run(["condiff", "models"], work, env, 300)
     listed = [line.split()[0] for line in out.splitlines()[1:] if line.strip() and not line.startswith(" ")]
     missing = [n for n in contents["bundled"] if n not in listed]
