@@ -149,16 +149,15 @@ def main():
 
 
 def update_docs(table: str, meta: dict):
-    start, end = "<!-- compile_speed:start -->", "<!-- compile_speed:end -->"
     clock = "process CPU time" if meta.get("clock") == "cpu" else "wall time"
     block = (
-        f"{start}\nCommand: `{meta['command']}` (torch {meta['torch']}, {meta['threads']} threads, "
+        f"Command: `{meta['command']}` (torch {meta['torch']}, {meta['threads']} threads, "
         f"{meta['cpus']} CPUs, {meta['machine']}): {meta['steps']} steps of {meta['solver']} with CFG "
         f"{meta['cfg']:g} on a batch of {meta['batch']} ({2 * meta['batch']} network rows). Times ({clock}) are "
         "seconds per trajectory: the first call (with --compile: the compile), then the best of the repeats.\n\n"
-        f"{table}\n{end}"
+        f"{table}"
     )
-    write_docs_section(start, end, block, "torch.compile and channels_last on CPU")
+    write_docs_section("compile_speed", block, "torch.compile and channels_last on CPU")
 
 
 if __name__ == "__main__":

@@ -227,22 +227,23 @@ def main():
 
 
 def update_docs(table: str, meta: dict):
-    start, end = "<!-- sampling_speed:start -->", "<!-- sampling_speed:end -->"
     clock = "process CPU time" if meta.get("clock") == "cpu" else "wall time"
     block = (
-        f"{start}\nCommand: `{meta['command']}` (torch {meta['torch']}, {meta['threads']} threads, "
+        f"Command: `{meta['command']}` (torch {meta['torch']}, {meta['threads']} threads, "
         f"{meta['cpus']} CPUs, {meta['machine']}; allocator: {meta['allocator']}). "
         f"Times are the best of the repeats ({clock}), in seconds; "
         "overhead = loop / forward-only - 1 (and per step); loop-only = the loop's own work per step with the "
         "network stubbed out (and its share of one forward).\n\n"
-        f"{table}\n{end}"
+        f"{table}"
     )
-    write_docs_section(start, end, block, "Sampling speed: condiff vs diffusers' scheduler loop")
+    write_docs_section("sampling_speed", block, "Sampling speed: condiff vs diffusers' scheduler loop")
 
 
-def write_docs_section(start: str, end: str, block: str, heading: str):
-    """Replace the text between the ``start`` and ``end`` markers of docs/benchmarks.md with ``block`` (which
-    holds the markers), or append it under ``## heading`` when the markers are not there yet."""
+def write_docs_section(name: str, body: str, heading: str):
+    """Put ``body`` between the ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers of docs/benchmarks.md,
+    replacing what was there, or append it with its markers under ``## heading`` when they are not there yet."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body}\n{end}"
     path = ROOT / "docs" / "benchmarks.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     if start in text:

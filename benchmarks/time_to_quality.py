@@ -328,12 +328,11 @@ def main():
     if not args.no_docs:
         from sampling_speed import write_docs_section
 
-        start, end = "<!-- time_to_quality:start -->", "<!-- time_to_quality:end -->"
         flags = [f"--threads {args.threads}", f"--rounds {args.rounds}", f"--steps-list {args.steps_list}"]
         flags += ["--compile"] * args.compile + [f"--grid {g}" for g in args.grid]
         cmd = "python benchmarks/time_to_quality.py " + " ".join(flags)
-        block = f"{start}\n`{cmd.strip()}`\n\n{text}\n\n![time vs accuracy]({args.plot.name})\n{end}"
-        write_docs_section(start, end, block, "Time to quality: condiff vs diffusers and k-diffusion")
+        block = f"`{cmd.strip()}`\n\n{text}\n\n![time vs accuracy]({args.plot.name})"
+        write_docs_section("time_to_quality", block, "Time to quality: condiff vs diffusers and k-diffusion")
 
 
 def table(report: dict) -> str:

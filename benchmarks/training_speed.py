@@ -188,9 +188,8 @@ def main():
     print(text)
     from sampling_speed import write_docs_section
 
-    start, end = "<!-- training_speed:start -->", "<!-- training_speed:end -->"
     command = f"python benchmarks/training_speed.py --recipe {args.recipe} --threads {args.threads}"
-    write_docs_section(start, end, f"{start}\n`{command}`\n\n{text}\n{end}", "Training throughput")
+    write_docs_section("training_speed", f"`{command}`\n\n{text}", "Training throughput")
 
 
 if __name__ == "__main__":
