@@ -10,7 +10,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import typer  # noqa: E402
 
-from condiff.cli import bench, catalog, dc, edit, ems, export, grid, guidance, recipes, restore, sample  # noqa: E402
+from condiff.cli import bench, catalog, dc, edit, ems, export, finetune, grid, guidance, recipes, restore, sample  # noqa: E402
 from condiff.cli.ui import command as ui_command  # noqa: E402
 from condiff.core.files import log_writes  # noqa: E402
 from condiff.errors import CondiffError, Interrupted, one_line  # noqa: E402
@@ -50,6 +50,7 @@ app.command("solvers")(sample.solvers_cmd)
 app.command("sample")(sample.sample_cmd)
 app.command("eval")(sample.eval_cmd)
 app.command("train")(sample.train_cmd)
+app.command("finetune")(finetune.finetune_cmd)
 app.command("demo")(sample.demo_cmd)
 app.command("invert")(edit.invert_cmd)
 app.command("edit")(edit.edit_cmd)

@@ -44,7 +44,7 @@ def describe(path: Path) -> dict:
     return {"trains": lines[0] if lines else "", "cpu_time": cpu, "comment": "\n".join(lines)}
 
 
-def _did_you_mean(text: str, names) -> str:
+def did_you_mean(text: str, names) -> str:
     close = difflib.get_close_matches(text.lower(), list(names), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -67,14 +67,14 @@ def resolve_recipe(arg) -> Path:
             if stem in recipes:
                 hint = f"; the packaged recipe of that name is `condiff train {stem}`"
             else:
-                hint = _did_you_mean(stem, recipes) or ""
+                hint = did_you_mean(stem, recipes) or ""
                 hint += "; `condiff recipes` lists the packaged recipes, which train by name"
             raise InputFileError(f"recipe not found: {text!r}{hint}")
         return path
     if text in recipes:
         return recipes[text]
     raise ConfigError(
-        f"unknown recipe {text!r}{_did_you_mean(text, recipes)}; packaged recipes: {', '.join(recipes)} "
+        f"unknown recipe {text!r}{did_you_mean(text, recipes)}; packaged recipes: {', '.join(recipes)} "
         f"(or give a path to a .toml file)"
     )
 
@@ -84,7 +84,7 @@ def recipe_name(arg) -> str:
     recipes = packaged()
     if str(arg) not in recipes:
         raise ConfigError(
-            f"unknown recipe {str(arg)!r}{_did_you_mean(str(arg), recipes)}; packaged recipes: {', '.join(recipes)}"
+            f"unknown recipe {str(arg)!r}{did_you_mean(str(arg), recipes)}; packaged recipes: {', '.join(recipes)}"
         )
     return str(arg)
 

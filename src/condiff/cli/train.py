@@ -103,6 +103,19 @@ def train_recipe(
             raise ConfigError(f"--steps must be a positive integer, got {steps}")
         recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, steps=steps))
     trainer = make_trainer(recipe, out_dir, progress)
+    return run_trainer(trainer, resume, allow_changes, stop_after, progress)
+
+
+def run_trainer(
+    trainer: Trainer,
+    resume: bool = False,
+    allow_changes: bool = False,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> Trainer:
+    """Resume (or refuse an --out that holds checkpoints without --resume), train to the recipe's last step and
+    export; interrupted, the error names the checkpoint --resume continues from."""
+    out_dir, steps = trainer.out_dir, trainer.recipe.train.steps
     if trainer.list_checkpoints() and not resume:
         raise ConfigError(
             f"{str(out_dir)!r} already holds checkpoints; pass --resume to continue, or choose another --out"
@@ -120,9 +133,9 @@ def train_recipe(
         elif path is not None and progress:
             print(f"resumed from {path} (step {trainer.step})")
     try:
-        if trainer.step < recipe.train.steps:
+        if trainer.step < steps:
             trainer.run(stop_after=stop_after)
-        if trainer.step >= recipe.train.steps:
+        if trainer.step >= steps:
             trainer.export()
     except Interrupted as e:
         e.kept = interrupted_note(trainer)

@@ -69,7 +69,8 @@ MAX_THREADS = 1024
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def _typed(cls, data: dict, where: str):
+def typed_table(cls, data: dict, where: str):
+    """``cls(**data)`` once every key is a field of ``cls`` and every value has its default's type; else ConfigError."""
     if not isinstance(data, dict):
         raise ConfigError(f"[{where}] must be a table, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -99,10 +100,7 @@ def _one_of(where: str, value, accepted):
 
 def check_recipe(r: Recipe) -> Recipe:
     """Value checks beyond types: names, families, ranges, finiteness, and the schedule table."""
-    from condiff.core.denoiser import PREDICTIONS
     from condiff.core.schedules import schedule_from_config
-    from condiff.solvers.pfgmpp import noise_for_D
-    from condiff.training.objectives import TIME_SAMPLERS, WEIGHTINGS
 
     if not NAME_RE.match(r.name) or len(r.name) > 100:
         raise ConfigError(
@@ -110,15 +108,25 @@ def check_recipe(r: Recipe) -> Recipe:
             f"(it names the default output directory runs/<name>)"
         )
     _one_of("family", r.family, FAMILIES)
-    o, t = r.objective, r.train
-    _one_of("objective.prediction", o.prediction, PREDICTIONS)
-    _one_of("objective.time_sampler", o.time_sampler, TIME_SAMPLERS)
-    _one_of("objective.weighting", o.weighting, WEIGHTINGS)
-    _one_of("objective.cep_kind", o.cep_kind, ("uniform", "gaussian"))
+    check_objective_train(r.objective, r.train)
+    schedule_from_config(r.schedule)
+    return r
+
+
+def check_objective_train(o: ObjectiveConfig, t: TrainConfig, where: str = "objective") -> None:
+    """The value checks of an [objective] table (named ``where``: a fine-tuning recipe's [loss]) and a [train] one."""
+    from condiff.core.denoiser import PREDICTIONS
+    from condiff.solvers.pfgmpp import noise_for_D
+    from condiff.training.objectives import TIME_SAMPLERS, WEIGHTINGS
+
+    _one_of(f"{where}.prediction", o.prediction, PREDICTIONS)
+    _one_of(f"{where}.time_sampler", o.time_sampler, TIME_SAMPLERS)
+    _one_of(f"{where}.weighting", o.weighting, WEIGHTINGS)
+    _one_of(f"{where}.cep_kind", o.cep_kind, ("uniform", "gaussian"))
     _one_of("train.lr_decay", t.lr_decay, ("cosine", "constant"))
-    check_real("objective.cond_dropout", o.cond_dropout, 0, 1, hi_open=True)
-    check_real("objective.attr_dropout", o.attr_dropout, 0, 1, hi_open=True)
-    check_real("objective.cep_gamma", o.cep_gamma, 0, 1e3)
+    check_real(f"{where}.cond_dropout", o.cond_dropout, 0, 1, hi_open=True)
+    check_real(f"{where}.attr_dropout", o.attr_dropout, 0, 1, hi_open=True)
+    check_real(f"{where}.cep_gamma", o.cep_gamma, 0, 1e3)
     noise_for_D(o.pfgmpp_D)
     for key in ("steps", "batch_size", "ckpt_every", "keep_checkpoints", "eval_n", "eval_steps"):
         check_real(f"train.{key}", getattr(t, key), 1, 2**62)
@@ -132,8 +140,6 @@ def check_recipe(r: Recipe) -> Recipe:
     check_real("train.grad_clip", t.grad_clip, 0, 1e9)
     check_real("train.eval_cfg", t.eval_cfg, -MAX_SCALE, MAX_SCALE)
     check_seed(t.seed)
-    schedule_from_config(r.schedule)
-    return r
 
 
 def recipe_from_dict(data: dict) -> Recipe:
@@ -152,8 +158,8 @@ def recipe_from_dict(data: dict) -> Recipe:
         data["family"],
         data.get("model", {}),
         data.get("schedule", {}),
-        _typed(ObjectiveConfig, data.get("objective", {}), "objective"),
-        _typed(TrainConfig, data.get("train", {}), "train"),
+        typed_table(ObjectiveConfig, data.get("objective", {}), "objective"),
+        typed_table(TrainConfig, data.get("train", {}), "train"),
     )
     return check_recipe(r)
 
@@ -182,7 +188,8 @@ def recipe_changes(old, new: dict) -> dict[str, tuple]:
     return {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)}
 
 
-def load_recipe(path) -> Recipe:
+def read_toml(path) -> dict:
+    """A recipe file's table; one-line errors for a folder, a missing file, unreadable bytes or bad TOML."""
     path = Path(path)
     if path.is_dir():
         raise InputFileError(f"recipe {str(path)!r} is a directory; expected a .toml file")
@@ -194,4 +201,8 @@ def load_recipe(path) -> Recipe:
         raise ConfigError(f"{str(path)!r} is not valid TOML ({e})") from None
     except OSError as e:
         raise InputFileError(f"cannot read recipe {str(path)!r}: {e.strerror or e}") from None
-    return recipe_from_dict(data)
+    return data
+
+
+def load_recipe(path) -> Recipe:
+    return recipe_from_dict(read_toml(path))

@@ -133,3 +133,26 @@ def nuclear_penalty(model: nn.Module, lam: float, generator: torch.Generator | N
     u, rows, cols = cands[k]
     delta = u.values.new_zeros(rows * cols).index_put((u.index,), u.values - u.initial).view(rows, cols)
     return lam * torch.linalg.svdvals(delta).sum()
+
+
+@torch.no_grad()
+def restructure(model: nn.Module, weights: dict[str, torch.Tensor], prefix: str = "") -> int:
+    """Rebuild every adapted tensor's selection from a state dict of ``model`` (keys ``{prefix}{module}.
+    parametrizations.{name}.original``): the frozen tensor is set from it and the mask recomputed on it, which is
+    the selection the state was trained with (after ``reselect`` the frozen tensor holds the values it selected
+    on). The selected values are then ``load_state_dict``'s to fill. Returns the number of trainable scalars."""
+    theta = getattr(model, "sara_theta", None)
+    if theta is None:
+        raise ConfigError("restructure needs a model prepared by apply_sara")
+    for mname, mod in model.named_modules():
+        plist = getattr(mod, "parametrizations", None)
+        if plist is None:
+            continue
+        for pname in list(plist.keys()):
+            key = prefix + ".".join(filter(None, (mname, "parametrizations", pname, "original")))
+            if key not in weights:
+                raise ConfigError(f"the SaRA state lacks {key!r}")
+            entry = plist[pname]
+            entry.original.copy_(weights[key])
+            entry[0] = SparseUpdate(entry.original, theta)
+    return sum(v.numel() for v in trainable(model))

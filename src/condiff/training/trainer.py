@@ -98,22 +98,32 @@ class Trainer:
     progress: bool = True
     log: list = field(default_factory=list)
     evaluate: object = None  # callable(model, ema_module) -> dict, run every train.eval_every steps
+    # callable(step, generator) -> (0-d loss tensor, {name: float}); None: the family's loss on its training batches
+    loss_fn: object = None
+    # an adaptation method (condiff.training.finetune): which weights train, what it does before each step, how a
+    # checkpoint's structure is restored and the plain network exported; None: every parameter of the model trains
+    adaptation: object = None
 
     def __post_init__(self):
         self.out_dir = Path(self.out_dir)
-        cfg = self.recipe.train
         self.module = self.model.module
         self.module.train()
+        self.rebuild_optimizer()
+        self.step = 0
+        self.start_step = 0  # the step this trainer started from: 0, or the resumed checkpoint's
+        self.train_seconds = 0.0
+        self.recipe_changes: list = []  # what --allow-changes let a resume change: [{step, changes: {key: [old, new]}}]
+
+    def rebuild_optimizer(self):
+        """The optimizer and the EMA over the parameters that now require gradients (at the start, and after an
+        adaptation changed the trainable set, e.g. SaRA's re-selection: Adam's moments and the EMA start afresh)."""
+        cfg = self.recipe.train
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.names = [n for n, p in self.module.named_parameters() if p.requires_grad]
         # train.fast: AdamW's fused kernel and one multi-tensor EMA update per step (same maths, other rounding),
         # and the forward in bfloat16 autocast (``autocast``)
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cfg.fast or None)
         self.ema = EMAModel(self.params, decay=cfg.ema_decay, foreach=cfg.fast)
-        self.step = 0
-        self.start_step = 0  # the step this trainer started from: 0, or the resumed checkpoint's
-        self.train_seconds = 0.0
-        self.recipe_changes: list = []  # what --allow-changes let a resume change: [{step, changes: {key: [old, new]}}]
 
     # checkpoints -------------------------------------------------------------------------------------
     @property
@@ -209,7 +219,10 @@ class Trainer:
         return None
 
     def _restore(self, path: Path, meta: dict):
-        self.module.load_state_dict(load_tensors(path / "model.safetensors"))
+        weights = load_tensors(path / "model.safetensors")
+        if self.adaptation is not None:
+            self.adaptation.restore_structure(self, weights)
+        self.module.load_state_dict(weights)
         ema_t = load_tensors(path / "ema.safetensors")
         self.ema.load_state_dict({**meta["ema"], "shadow_params": [ema_t[n] for n in self.names]})
         self.opt.load_state_dict(
@@ -225,11 +238,18 @@ class Trainer:
     # training ----------------------------------------------------------------------------------------
     def train_step(self):
         cfg, obj = self.recipe.train, self.recipe.objective
+        if self.adaptation is not None:
+            self.adaptation.before_step(self)
         g = step_generator(cfg.seed, self.step)
-        fam = self.model.family
-        x0, raw = fam.training_batch(self.step, cfg.batch_size, g, cfg.seed, obj)
         with self.autocast():
-            loss = fam.loss(self.module, self.model.model_cfg, self.model.schedule, obj, x0, raw, g).float().mean()
+            if self.loss_fn is None:
+                fam = self.model.family
+                x0, raw = fam.training_batch(self.step, cfg.batch_size, g, cfg.seed, obj)
+                loss = fam.loss(self.module, self.model.model_cfg, self.model.schedule, obj, x0, raw, g)
+                loss, self.metrics = loss.float().mean(), {}
+            else:
+                loss, self.metrics = self.loss_fn(self.step, g)
+                loss = loss.float()
         if not torch.isfinite(loss):
             raise NonFiniteError(
                 f"non-finite loss ({loss.item()}) at step {self.step}; the last good "
@@ -264,13 +284,16 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.params[0].device.type, dtype=torch.bfloat16)
 
-    def ema_module(self):
-        """A copy of the module with the EMA weights."""
+    def ema_module(self, plain: bool = False):
+        """A copy of the module with the EMA weights; ``plain``: as the base family's networks (an adaptation's
+        adapters folded into the weights)."""
         import copy
 
         m = copy.deepcopy(self.module)
         ema_params = [p for p in m.parameters() if p.requires_grad]
         self.ema.copy_to(ema_params)
+        if plain and self.adaptation is not None:
+            m = self.adaptation.plain(self.model, m)
         return m.eval()
 
     def run(self, steps: int | None = None, stop_after: int | None = None):
@@ -298,15 +321,21 @@ class Trainer:
         cfg = self.recipe.train
         done = 0
         loss_avg = None
+        window: dict[str, list] = {}  # the loss function's own metrics (DPO's implicit accuracy) since the last entry
         while self.step < total:
             t0 = time.perf_counter()
             loss = self.train_step()
             self.train_seconds += time.perf_counter() - t0
             loss_avg = loss if loss_avg is None else 0.98 * loss_avg + 0.02 * loss
+            for key, value in self.metrics.items():
+                window.setdefault(key, []).append(value)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_avg:.4f}")
-            if self.evaluate and cfg.eval_every and self.step % cfg.eval_every == 0:
-                metrics = self.evaluate(self.model, self.ema_module())
+            if (self.evaluate or window) and cfg.eval_every and self.step % cfg.eval_every == 0:
+                metrics = {k: sum(v) / len(v) for k, v in window.items()}
+                window = {}
+                if self.evaluate:
+                    metrics.update(self.evaluate(self.model, self.ema_module()))
                 entry = {"step": self.step, "train_minutes": self.train_seconds / 60, "loss": loss_avg, **metrics}
                 self.log.append(entry)
                 bar.write(json.dumps(entry))
@@ -319,7 +348,7 @@ class Trainer:
     def export(self, directory=None):
         """Write the EMA weights as a loadable model directory (diffusers layout)."""
         directory = Path(directory or self.out_dir / "model")
-        m = self.ema_module()
+        m = self.ema_module(plain=True)
         orig = self.model.module
         self.model.module = m
         try:
