@@ -239,12 +239,12 @@ def update_docs(table: str, meta: dict):
     write_docs_section("sampling_speed", block, "Sampling speed: condiff vs diffusers' scheduler loop")
 
 
-def write_docs_section(name: str, body: str, heading: str):
-    """Put ``body`` between the ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers of docs/benchmarks.md,
+def write_docs_section(name: str, body: str, heading: str, page: str = "benchmarks.md"):
+    """Put ``body`` between the ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers of docs/PAGE,
     replacing what was there, or append it with its markers under ``## heading`` when they are not there yet."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     block = f"{start}\n{body}\n{end}"
-    path = ROOT / "docs" / "benchmarks.md"
+    path = ROOT / "docs" / page
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     if start in text:
         pre, rest = text.split(start, 1)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
+import re
 from pathlib import Path
 from unittest import mock
 
@@ -57,14 +59,14 @@ class ModelLoaded(BaseException):
     """Raised by the guard below: a bad input got as far as loading or building a model."""
 
 
-def _guarded(*_args, **_kwargs):
+def guarded(*_args, **_kwargs):
     raise ModelLoaded("a model was loaded or built before the bad input was refused")
 
 
 def expect_cli_error(argv: list[str], *needles: str) -> str:
     """Run ``argv``; assert the CLI error contract, and that it fails before any model is loaded or built;
     every needle must appear in the error line."""
-    with mock.patch("condiff.cli.common.load_model", _guarded), mock.patch("condiff.cli.train.make_trainer", _guarded):
+    with mock.patch("condiff.cli.common.load_model", guarded), mock.patch("condiff.cli.train.make_trainer", guarded):
         code, out, err = run_cli(argv)
     assert "Traceback" not in out + err, (argv, err)
     lines = err.rstrip("\n").split("\n")
@@ -95,3 +97,48 @@ def no_stray_temp_files(*dirs: Path) -> bool:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("fuzz")
+
+
+# ---- a small TOML writer (tomllib only reads) ------------------------------------------------------------
+
+
+def _key(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _string(k)
+
+
+def _string(s: str) -> str:
+    out = []
+    for c in s:
+        if c in '"\\':
+            out.append("\\" + c)
+        elif ord(c) < 0x20 or ord(c) == 0x7F:
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
+
+
+def _value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) else repr(v)
+    if isinstance(v, str):
+        return _string(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_key(k)} = {_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(v)
+
+
+def to_toml(data: dict, prefix: str = "") -> str:
+    """Scalars (and inline values) first, then one [table] per nested dict."""
+    lines = [f"{_key(k)} = {_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for k, v in data.items():
+        if isinstance(v, dict):
+            name = f"{prefix}.{_key(k)}" if prefix else _key(k)
+            lines += ["", f"[{name}]", to_toml(v, name)]
+    return "\n".join(lines)

@@ -11,7 +11,7 @@ import tempfile
 import tomllib
 from pathlib import Path
 
-from fuzzkit import TINY_RECIPE, expect_api_error, expect_cli_error
+from fuzzkit import TINY_RECIPE, expect_api_error, expect_cli_error, to_toml
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -23,51 +23,6 @@ from condiff.training.recipe import ObjectiveConfig, TrainConfig, load_recipe, r
 BASE = tomllib.loads(TINY_RECIPE.read_text())
 TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12)
 IDENT = st.from_regex(r"[a-z][a-z0-9_]{0,11}", fullmatch=True)
-
-
-# ---- a small TOML writer (tomllib only reads) ------------------------------------------------------------
-
-
-def _key(k: str) -> str:
-    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _string(k)
-
-
-def _string(s: str) -> str:
-    out = []
-    for c in s:
-        if c in '"\\':
-            out.append("\\" + c)
-        elif ord(c) < 0x20 or ord(c) == 0x7F:
-            out.append(f"\\u{ord(c):04x}")
-        else:
-            out.append(c)
-    return '"' + "".join(out) + '"'
-
-
-def _value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) else repr(v)
-    if isinstance(v, str):
-        return _string(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{_key(k)} = {_value(x)}" for k, x in v.items()) + "}"
-    raise TypeError(v)
-
-
-def to_toml(data: dict, prefix: str = "") -> str:
-    """Scalars (and inline values) first, then one [table] per nested dict."""
-    lines = [f"{_key(k)} = {_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    for k, v in data.items():
-        if isinstance(v, dict):
-            name = f"{prefix}.{_key(k)}" if prefix else _key(k)
-            lines += ["", f"[{name}]", to_toml(v, name)]
-    return "\n".join(lines)
 
 
 def _copy(d):

@@ -60,42 +60,54 @@ def method_of(r: FinetuneRecipe):
     return ft.Sara(r.sara.theta, r.sara.lambda_rank, r.sara.reselect_at, r.sara.min_dim)
 
 
-DATA = ("striped", "striped:K (a K-image few-shot set)", "preferences:larger")
+DATA = ("striped", "striped:K (a K-image few-shot set, K from 2 to 100000)", "preferences:larger")
+
+
+def check_data(r: FinetuneRecipe) -> None:
+    """The recipe's ``data`` is one of ``DATA`` and fits its objective; one line otherwise (before any model loads)."""
+    k = r.data.split(":", 1)[1] if r.data.startswith("striped:") else None
+    if r.data not in ("striped", "preferences:larger") and not (
+        k and k.isascii() and k.isdigit() and 2 <= int(k) <= 100_000
+    ):
+        raise ConfigError(f"data {r.data!r} is not accepted; accepted: {', '.join(DATA)}")
+    pairs = r.data == "preferences:larger"
+    if r.objective == "dpo" and not pairs:
+        raise ConfigError(f"objective 'dpo' needs data 'preferences:larger', got {r.data!r}")
+    if r.objective == "domainstudio" and pairs:
+        raise ConfigError(f"objective 'domainstudio' needs images (striped, striped:K), got {r.data!r}")
 
 
 def data_of(r: FinetuneRecipe, model, out_dir: Path, progress: bool):
-    """The recipe's ``data``: ``striped``, ``striped:K`` or ``preferences:larger`` (DPO's pairs; the winners for
-    the denoising objective, the SFT baseline)."""
+    """The recipe's ``data`` (checked by ``check_data``): fresh striped renders, a K-image striped set, or DPO's
+    preference pairs (the winners for the denoising objective: the SFT baseline)."""
     from condiff.models import finetune_data as fd
 
+    check_data(r)
     if model.family.name != "shapes":
         raise ConfigError(f"data {r.data!r} is shapes data; base {r.base!r} is a {model.family.name} model")
     if r.data == "striped":
         return fd.StripedShapes()
-    if r.data.startswith("striped:"):
-        k = r.data.split(":", 1)[1]
-        if not k.isdigit() or not 2 <= int(k) <= 100_000:
-            raise ConfigError(f"data {r.data!r}: K must be an integer from 2 to 100000 (striped:10)")
-        return fd.FewShot.striped(int(k))
     if r.data == "preferences:larger":
         return preference_pairs(r, model, out_dir, progress)
-    raise ConfigError(f"data {r.data!r} is not accepted; accepted: {', '.join(DATA)}")
+    return fd.FewShot.striped(int(r.data.split(":", 1)[1]))
 
 
 def preference_pairs(r: FinetuneRecipe, model, out_dir: Path, progress: bool):
-    """The pairs of ``r``, generated once into OUT/pairs.safetensors (atomically) and read back on resume when
-    they were made with the same base and [dpo] settings."""
+    """The pairs of ``r``, generated once into ``dpo.pairs_file`` (default OUT/pairs.safetensors; atomically, with a
+    JSON sidecar) and read back, on resume or by another recipe, when they were made with the same base and [dpo]
+    settings."""
     from condiff.models import finetune_data as fd
 
     key = {"base": r.base, "prompts": r.dpo.prompts, "margin": r.dpo.margin, "pair_seed": r.dpo.pair_seed}
-    path, meta = out_dir / "pairs.safetensors", out_dir / "pairs.json"
+    path = Path(r.dpo.pairs_file) if r.dpo.pairs_file else out_dir / "pairs.safetensors"
+    meta = path.with_suffix(".json")
     if path.is_file() and meta.is_file() and load_json(meta).get("key") == key:
         t = load_tensors(path)
         return ft.PreferencePairs(t["raw"], t["winners"], t["losers"])
     if progress:
         print(f"making preference pairs: {r.dpo.prompts} prompts, 2 samples each", file=sys.stderr)
     pairs, stats = fd.preference_pairs(model, r.dpo.prompts, r.dpo.pair_seed, r.dpo.margin, progress=progress)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_tensors(path, {"raw": pairs.raw, "winners": pairs.winners, "losers": pairs.losers})
     atomic_write_json(meta, {"key": key, **stats})
     return pairs
@@ -104,6 +116,7 @@ def preference_pairs(r: FinetuneRecipe, model, out_dir: Path, progress: bool):
 def make_finetune_trainer(r: FinetuneRecipe, out_dir, progress: bool = True) -> Trainer:
     from condiff.models.base import load_model, silence_diffusers
 
+    check_data(r)
     silence_diffusers()
     torch.set_num_threads(r.train.threads)
     out_dir = Path(out_dir)
@@ -122,12 +135,8 @@ def make_finetune_trainer(r: FinetuneRecipe, out_dir, progress: bool = True) -> 
     if r.objective == "denoise":
         objective = ft.Denoise(model, data, r.loss, n)
     elif r.objective == "dpo":
-        if not isinstance(data, ft.PreferencePairs):
-            raise ConfigError(f"objective 'dpo' needs data 'preferences:larger', got {r.data!r}")
         objective = ft.DPO(model, frozen, data, r.dpo.beta, r.loss, n)
     else:
-        if isinstance(data, ft.PreferencePairs):
-            raise ConfigError(f"objective 'domainstudio' needs images (striped, striped:K), got {r.data!r}")
         d = r.domainstudio
         objective = ft.DomainStudio(model, frozen, data, d.lambda_img, d.lambda_hf, d.lambda_hfmse, r.loss, n)
     trainer = Trainer(model, r, out_dir, progress=progress)
@@ -201,6 +210,7 @@ def finetune_cmd(
             raise ConfigError(f"--steps must be a positive integer, got {steps}")
         train = dataclasses.replace(train, steps=steps)
     r = dataclasses.replace(r, train=train)
+    check_data(r)
     if allow_changes and not resume:
         raise ConfigError("--allow-changes goes with --resume (it lets a resume change recipe values)")
     out = out or Path("runs") / r.name

@@ -19,7 +19,7 @@ import torch
 from condiff.data import labeller, shapes, text
 from condiff.training.finetune import PreferencePairs
 
-FEW_SHOT_SEED = 1234  # the few-shot sets are the first k renders of this seed's stream
+FEW_SHOT_SEED = 1234  # a k-image few-shot set is shapes.sample_batch(k) drawn with this seed, striped
 SIZE_COLUMN = 2  # shape, color, size, position
 
 

@@ -53,6 +53,7 @@ class DPOConfig:
     prompts: int = 2048  # partial prompts sampled twice by the base model for the preference pairs
     margin: float = 20.0  # the reward difference below which a pair is a tie (dropped)
     pair_seed: int = 7  # the pairs' prompts and noise (held-out evaluations use other seeds)
+    pairs_file: str = ""  # where the pairs are kept (shared by recipes with the same pairs); "" = OUT/pairs.safetensors
 
 
 @dataclass
@@ -127,6 +128,8 @@ def check_finetune_recipe(r: FinetuneRecipe) -> FinetuneRecipe:
     check_real("dpo.prompts", r.dpo.prompts, 1, 10**7)
     check_real("dpo.margin", r.dpo.margin, 0, 1e9)
     check_seed(r.dpo.pair_seed, "dpo.pair_seed")
+    if r.dpo.pairs_file and not r.dpo.pairs_file.endswith(".safetensors"):
+        raise ConfigError(f"dpo.pairs_file must be a .safetensors path (or empty), got {r.dpo.pairs_file!r}")
     for key in ("lambda_img", "lambda_hf", "lambda_hfmse"):
         check_real(f"domainstudio.{key}", getattr(r.domainstudio, key), 0, 1e6)
     check_objective_train(r.loss, r.train, "loss")
