@@ -136,7 +136,7 @@ def test_package_data_covers_the_bundled_models_and_recipes():
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["condiff"]
     matched = {p for pattern in data for p in SRC.glob(pattern) if p.is_file()}
     wanted = {p for p in (SRC / "bundled").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
-    wanted |= set((SRC / "recipes").glob("*.toml")) | {SRC / "py.typed"}
+    wanted |= set((SRC / "recipes").rglob("*.toml")) | {SRC / "py.typed"}
     assert sorted(str(p.relative_to(SRC)) for p in wanted - matched) == []
     assert len(list((SRC / "recipes").glob("*.toml"))) >= 7
     assert {p.name for p in (SRC / "bundled").iterdir() if p.is_dir()} >= {"shapes", "digits", "shapes-ppap"}

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from clikit import ok, one_line_error, run
-from condiff.cli.finetune import data_of, finetune, make_finetune_trainer, packaged, resolve_finetune_recipe
+from condiff.cli.finetune import data_of, finetune, make_finetune_trainer, resolve_finetune_recipe
+from condiff.cli.recipes import packaged_finetune as packaged
 from condiff.core.files import load_json, load_tensors
 from condiff.errors import ConfigError
 from condiff.models.base import load_model

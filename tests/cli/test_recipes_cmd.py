@@ -7,7 +7,7 @@ import pytest
 
 import condiff
 from clikit import ok, one_line_error, run
-from condiff.cli.recipes import describe, packaged, resolve_recipe
+from condiff.cli.recipes import describe, packaged, packaged_finetune, resolve_recipe
 from condiff.errors import ConfigError, InputFileError
 from condiff.training.recipe import load_recipe
 
@@ -46,8 +46,22 @@ def test_recipes_lists_name_cpu_time_and_what_it_trains(capsys):
 
 def test_recipes_json_parses(capsys):
     records = json.loads(ok(["recipes", "--json"], capsys))
-    assert [r["name"] for r in records] == NAMES
+    assert [r["name"] for r in records if r["command"] == "train"] == NAMES
+    tuned = [r["name"] for r in records if r["command"] == "finetune"]
+    assert tuned == sorted(packaged_finetune()) and "shapes-striped-lora" in tuned
     assert all(Path(r["file"]).is_file() and r["trains"] and r["cpu_time"] for r in records)
+
+
+def test_listing_shows_the_fine_tuning_recipes_apart(capsys):
+    out = ok(["recipes"], capsys)
+    head, tail = out.split("fine-tuning recipes (condiff finetune NAME):")
+    assert "shapes-striped-lora" in tail and "shapes-striped-lora" not in head
+
+
+def test_copy_writes_a_fine_tuning_recipe_with_its_command(tmp_path, capsys):
+    out = ok(["recipes", "copy", "shapes-dpo", str(tmp_path)], capsys)
+    assert (tmp_path / "shapes-dpo.toml").read_text() == packaged_finetune()["shapes-dpo"].read_text()
+    assert f"condiff finetune {tmp_path / 'shapes-dpo.toml'}" in out
 
 
 def test_copy_writes_the_recipe_and_keeps_an_existing_file(tmp_path, capsys):

@@ -15,7 +15,7 @@ from fuzzkit import expect_api_error, expect_cli_error, guarded, to_toml
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from condiff.cli.finetune import packaged
+from condiff.cli.recipes import packaged_finetune as packaged
 from condiff.training.finetune_recipe import TABLES, load_finetune_recipe
 
 BASE = tomllib.loads(packaged()["shapes-striped-lora"].read_text())

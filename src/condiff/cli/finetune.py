@@ -27,19 +27,12 @@ from condiff.training import finetune as ft
 from condiff.training.finetune_recipe import FinetuneRecipe
 from condiff.training.trainer import Trainer
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes" / "finetune"
-
-
-def packaged() -> dict[str, Path]:
-    """{name: path} of the packaged fine-tuning recipes."""
-    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.toml"), key=lambda p: p.stem)}
-
 
 def resolve_finetune_recipe(arg: str) -> Path:
-    from condiff.cli.recipes import did_you_mean, is_path
+    from condiff.cli.recipes import did_you_mean, is_path, packaged_finetune
     from condiff.errors import InputFileError
 
-    recipes = packaged()
+    recipes = packaged_finetune()
     if is_path(arg):
         if not Path(arg).exists():
             raise InputFileError(f"recipe not found: {arg!r}; packaged fine-tuning recipes: {', '.join(recipes)}")

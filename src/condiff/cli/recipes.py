@@ -32,6 +32,11 @@ def packaged() -> dict[str, Path]:
     return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.toml"), key=lambda p: p.stem)}
 
 
+def packaged_finetune() -> dict[str, Path]:
+    """{name: path} of the packaged fine-tuning recipes (``condiff finetune NAME``), in ``recipes/finetune``."""
+    return {p.stem: p for p in sorted((RECIPES_DIR / "finetune").glob("*.toml"), key=lambda p: p.stem)}
+
+
 def describe(path: Path) -> dict:
     """What a recipe's leading comment says: ``trains`` (its first line), ``cpu_time`` (the text after
     ``# CPU time:``, None where the recipe states none) and ``comment`` (the whole leading comment)."""
@@ -80,8 +85,8 @@ def resolve_recipe(arg) -> Path:
 
 
 def recipe_name(arg) -> str:
-    """A packaged recipe's name, else one ConfigError line (with did-you-mean)."""
-    recipes = packaged()
+    """A packaged recipe's name (training or fine-tuning), else one ConfigError line (with did-you-mean)."""
+    recipes = {**packaged(), **packaged_finetune()}
     if str(arg) not in recipes:
         raise ConfigError(
             f"unknown recipe {str(arg)!r}{did_you_mean(str(arg), recipes)}; packaged recipes: {', '.join(recipes)}"
@@ -91,7 +96,9 @@ def recipe_name(arg) -> str:
 
 def records() -> list[dict]:
     """One JSON-ready record per packaged recipe: name, file, what it trains, stated CPU time, comment."""
-    return [{"name": name, "file": str(path), **describe(path)} for name, path in packaged().items()]
+    rows = [{"name": n, "command": "train", "file": str(p), **describe(p)} for n, p in packaged().items()]
+    rows += [{"name": n, "command": "finetune", "file": str(p), **describe(p)} for n, p in packaged_finetune().items()]
+    return rows
 
 
 def table(rows: list[dict]) -> str:
@@ -116,10 +123,12 @@ def recipes_cmd(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    typer.echo(table(rows))
+    typer.echo(table([r for r in rows if r["command"] == "train"]))
+    typer.echo("\nfine-tuning recipes (condiff finetune NAME):\n")
+    typer.echo(table([r for r in rows if r["command"] == "finetune"]))
     typer.echo(
-        "\ntrain one: condiff train NAME --out runs/NAME; edit one: condiff recipes copy NAME DIR, then "
-        "condiff train DIR/NAME.toml"
+        "\ntrain one: condiff train NAME --out runs/NAME (fine-tune: condiff finetune NAME); edit one: condiff recipes "
+        "copy NAME DIR, then condiff train DIR/NAME.toml (condiff finetune DIR/NAME.toml)"
     )
 
 
@@ -135,7 +144,8 @@ def copy_cmd(
     from condiff.cli import common
     from condiff.core.files import atomic_write_text
 
-    source = packaged()[recipe_name(name)]
+    source = {**packaged(), **packaged_finetune()}[recipe_name(name)]
+    command = "finetune" if name in packaged_finetune() else "train"
     target = dest if dest.suffix.lower() == ".toml" and not dest.is_dir() else dest / source.name
     if dest.exists() and not dest.is_dir() and dest.suffix.lower() != ".toml":
         raise OutputFileError(f"{str(dest)!r} is a file; give a directory or a path ending in .toml")
@@ -145,4 +155,4 @@ def copy_cmd(
         raise OutputFileError(f"{str(target)!r} already exists; pass --force to replace it")
     common.check_out(target, "DEST", ".toml")
     atomic_write_text(target, source.read_text(encoding="utf-8"))
-    typer.echo(f"wrote {target}; train it with: condiff train {shlex.quote(str(target))} --out runs/{name}")
+    typer.echo(f"wrote {target}; train it with: condiff {command} {shlex.quote(str(target))} --out runs/{name}")
