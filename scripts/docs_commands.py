@@ -103,6 +103,7 @@ TIERS: list[tuple[str, str, float, str]] = [
     ("*", r"condiff train digits --steps", 900, "~2-4 min"),
     ("*", r"condiff train tests/fixtures/tiny_digits\.toml --steps 2000", 1800, "2000 steps of the tiny recipe"),
     ("*", r"condiff ems compute", 3600, "~15 min"),
+    ("*", r"condiff finetune", 3600, "one fine-tuning recipe, ~5-15 min"),
     ("*", r"condiff dc search", 600, "~1-2 min"),
     ("*", r"condiff bench edit", 3600, "~16 min"),
     ("*", r"condiff bench solvers --model", 1800, "~6-8 min"),

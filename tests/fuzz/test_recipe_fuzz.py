@@ -125,6 +125,7 @@ BAD_OBJECTIVE = {
     "cond_dropout": st.one_of(st.floats(max_value=-1e-12), st.floats(min_value=1.0), st.just(math.nan)),
     "attr_dropout": st.one_of(st.floats(max_value=-1e-12), st.floats(min_value=1.0), st.just(math.nan)),
     "cep_gamma": st.one_of(st.floats(max_value=-1e-12), st.just(math.inf), st.just(math.nan)),
+    "context_weight": st.one_of(st.floats(max_value=-1e-12), st.just(math.inf), st.just(math.nan)),
 }
 
 

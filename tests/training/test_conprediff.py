@@ -89,3 +89,44 @@ def test_the_context_loss_reaches_the_backbone():
     loss.backward()
     assert net[0].weight.grad is not None and float(net[0].weight.grad.abs().max()) > 0
     assert net[2].weight.grad is None  # the last layer is after the features: the head does not train it
+
+
+def _context_recipe(weight=0.1):
+    import dataclasses
+    from pathlib import Path
+
+    from condiff.training.recipe import load_recipe
+
+    r = load_recipe(Path(__file__).resolve().parents[1] / "fixtures" / "tiny_digits.toml")
+    return dataclasses.replace(r, objective=dataclasses.replace(r.objective, context_weight=weight))
+
+
+def test_training_with_the_context_head_resumes_exactly_and_exports_the_plain_network(tmp_path):
+    from condiff.cli.train import train_recipe
+    from condiff.core.files import load_tensors
+    from condiff.models.base import load_model
+
+    r = _context_recipe()
+    a = train_recipe(r, tmp_path / "a", progress=False)
+    train_recipe(r, tmp_path / "b", progress=False, stop_after=10)
+    train_recipe(r, tmp_path / "b", resume=True, progress=False)
+    wa = load_tensors(tmp_path / "a" / "checkpoints" / "step-00000024" / "model.safetensors")
+    wb = load_tensors(tmp_path / "b" / "checkpoints" / "step-00000024" / "model.safetensors")
+    assert any(k.startswith("context_head.") for k in wa)  # trained and checkpointed beside the network
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    exported = load_model(tmp_path / "a" / "model")
+    assert list(exported.module.keys()) == ["unet"]
+    assert a.log == [] and a.metrics["context"] > 0
+
+
+def test_the_context_loss_trains_the_backbone_and_the_head():
+    from condiff.cli.train import make_trainer
+    from condiff.training.trainer import step_generator
+
+    tr = make_trainer(_context_recipe(1.0), "unused", progress=False)
+    loss, metrics = tr.loss_fn(0, step_generator(0, 0))
+    head = tr.module["context_head"].proj.weight
+    grads = torch.autograd.grad(loss, [head, tr.module["unet"].conv_in.weight])
+    assert metrics["context"] > 0 and all(float(g.abs().max()) > 0 for g in grads)
+    no_ctx = make_trainer(_context_recipe(0.0), "unused", progress=False)
+    assert no_ctx.loss_fn is None and "context_head" not in no_ctx.module

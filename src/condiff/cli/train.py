@@ -30,7 +30,32 @@ def make_trainer(recipe: Recipe, out_dir, progress: bool = True) -> Trainer:
     )
     if recipe.train.init_from:
         init_weights(model, recipe.train.init_from)
-    return Trainer(model, recipe, Path(out_dir), progress=progress, evaluate=_learning_curve_eval(recipe))
+    trainer_loss = None
+    if recipe.objective.context_weight > 0:
+        trainer_loss = add_context_head(model, recipe)
+    return Trainer(
+        model, recipe, Path(out_dir), progress=progress, evaluate=_learning_curve_eval(recipe), loss_fn=trainer_loss
+    )
+
+
+def add_context_head(model, recipe: Recipe):
+    """ConPreDiff (``objective.context_weight`` > 0): a context head on the UNet's last features (the output of its
+    final normalisation and activation, ``conv_act``), kept in the model's ModuleDict as ``context_head`` so the
+    optimizer, the EMA and the checkpoints hold it (exact resume), and left out of the exported model (the family
+    saves its own networks only). Returns the Trainer's loss function."""
+    from condiff.training.conprediff import ContextHead, ContextObjective, attach
+
+    unet = model.module["unet"]
+    layer = getattr(unet, "conv_act", None)
+    if layer is None:
+        raise ConfigError(f"objective.context_weight needs a diffusers UNet (conv_act), got {type(unet).__name__}")
+    f = int(model.model_cfg.get("pixel_unshuffle", 1))
+    channels = model.family.image_shape[0] * f * f
+    head = ContextHead(unet.config.block_out_channels[0], channels)
+    model.module["context_head"] = head
+    attach(layer, head)
+    t = recipe.train
+    return ContextObjective(model, head, recipe.objective.context_weight, recipe.objective, t.batch_size, t.seed, f)
 
 
 def init_weights(model, init_from: str):

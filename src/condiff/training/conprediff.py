@@ -82,3 +82,26 @@ def attach(layer: torch.nn.Module, head: ContextHead):
         head.features = output
 
     return layer.register_forward_hook(keep)
+
+
+class ContextObjective:
+    """Ordinary training with ConPreDiff's auxiliary loss: the family's denoising loss on its training batches plus
+    ``weight`` times ``context_loss`` of ``head`` on the features the network's forward recorded (``attach``), against
+    the clean batch at the network's resolution (``unshuffle``: the family's pixel-unshuffle factor). A Trainer
+    ``loss_fn``; the head is trained beside the network and left out of the exported model."""
+
+    def __init__(self, model, head: ContextHead, weight: float, objective, batch_size: int, seed: int, unshuffle=1):
+        self.model, self.head, self.weight = model, head, float(weight)
+        self.objective, self.batch_size, self.seed, self.unshuffle = objective, batch_size, seed, unshuffle
+
+    def __call__(self, step: int, generator: torch.Generator):
+        m = self.model
+        x0, raw = m.family.training_batch(step, self.batch_size, generator, self.seed, self.objective)
+        self.head.features = None
+        loss = m.family.loss(m.module, m.model_cfg, m.schedule, self.objective, x0, raw, generator).mean()
+        if self.head.features is None:
+            raise ConfigError("the context head's layer did not run in the network's forward")
+        target = F.pixel_unshuffle(x0, self.unshuffle) if self.unshuffle > 1 else x0
+        ctx = context_loss(self.head(self.head.features), target)
+        self.head.features = None  # a graph tensor kept on the module would stop the Trainer's deep copies
+        return loss + self.weight * ctx, {"context": float(ctx.detach())}

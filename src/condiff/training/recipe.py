@@ -25,6 +25,7 @@ class ObjectiveConfig:
     cep_gamma: float = 0.0
     cep_kind: str = "uniform"
     pfgmpp_D: float = 0.0  # PFGM++ noise with D augmented dimensions (Xu et al. 2023); 0 = Gaussian (D = inf)
+    context_weight: float = 0.0  # ConPreDiff's context-prediction loss weight (Yang et al. 2023); 0 = off
 
 
 @dataclass
@@ -127,6 +128,7 @@ def check_objective_train(o: ObjectiveConfig, t: TrainConfig, where: str = "obje
     check_real(f"{where}.cond_dropout", o.cond_dropout, 0, 1, hi_open=True)
     check_real(f"{where}.attr_dropout", o.attr_dropout, 0, 1, hi_open=True)
     check_real(f"{where}.cep_gamma", o.cep_gamma, 0, 1e3)
+    check_real(f"{where}.context_weight", o.context_weight, 0, 1e6)
     noise_for_D(o.pfgmpp_D)
     for key in ("steps", "batch_size", "ckpt_every", "keep_checkpoints", "eval_n", "eval_steps"):
         check_real(f"train.{key}", getattr(t, key), 1, 2**62)
