@@ -89,23 +89,29 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [u.values for _, u in sorted(updates(model).items())]
 
 
+def _selections(model: nn.Module, what: str):
+    """(theta, [(module name, module, tensor name, its ParametrizationList)]) of a model prepared by apply_sara."""
+    theta = getattr(model, "sara_theta", None)
+    if theta is None:
+        raise ConfigError(f"{what} needs a model prepared by apply_sara")
+    entries = []
+    for mname, mod in model.named_modules():
+        plist = getattr(mod, "parametrizations", None)
+        for pname in list(plist.keys()) if plist is not None else []:
+            entries.append((mname, mod, pname, plist[pname]))
+    return theta, entries
+
+
 @torch.no_grad()
 def reselect(model: nn.Module) -> int:
     """Progressive adjustment: write the trained values into the frozen tensors, recompute every mask on the
     current values (|w| < theta) and start new trainable vectors; no weight changes. Returns the new number of
     trainable scalars (rebuild the optimizer over ``trainable(model)``)."""
-    theta = getattr(model, "sara_theta", None)
-    if theta is None:
-        raise ConfigError("reselect needs a model prepared by apply_sara")
-    for mname, mod in model.named_modules():
-        plist = getattr(mod, "parametrizations", None)
-        if plist is None:
-            continue
-        for pname in list(plist.keys()):
-            entry = plist[pname]
-            current = getattr(mod, pname).detach().clone()
-            entry.original.copy_(current)
-            entry[0] = SparseUpdate(current, theta)
+    theta, entries = _selections(model, "reselect")
+    for _, mod, pname, entry in entries:
+        current = getattr(mod, pname).detach().clone()
+        entry.original.copy_(current)
+        entry[0] = SparseUpdate(current, theta)
     return sum(v.numel() for v in trainable(model))
 
 
@@ -141,18 +147,11 @@ def restructure(model: nn.Module, weights: dict[str, torch.Tensor], prefix: str 
     parametrizations.{name}.original``): the frozen tensor is set from it and the mask recomputed on it, which is
     the selection the state was trained with (after ``reselect`` the frozen tensor holds the values it selected
     on). The selected values are then ``load_state_dict``'s to fill. Returns the number of trainable scalars."""
-    theta = getattr(model, "sara_theta", None)
-    if theta is None:
-        raise ConfigError("restructure needs a model prepared by apply_sara")
-    for mname, mod in model.named_modules():
-        plist = getattr(mod, "parametrizations", None)
-        if plist is None:
-            continue
-        for pname in list(plist.keys()):
-            key = prefix + ".".join(filter(None, (mname, "parametrizations", pname, "original")))
-            if key not in weights:
-                raise ConfigError(f"the SaRA state lacks {key!r}")
-            entry = plist[pname]
-            entry.original.copy_(weights[key])
-            entry[0] = SparseUpdate(entry.original, theta)
+    theta, entries = _selections(model, "restructure")
+    for mname, mod, pname, entry in entries:
+        key = prefix + ".".join(filter(None, (mname, "parametrizations", pname, "original")))
+        if key not in weights:
+            raise ConfigError(f"the SaRA state lacks {key!r}")
+        entry.original.copy_(weights[key])
+        entry[0] = SparseUpdate(entry.original, theta)
     return sum(v.numel() for v in trainable(model))
