@@ -74,6 +74,7 @@ def test_every_computing_command_takes_threads():
         "sample",
         "eval",
         "train",
+        "finetune",
         "demo",
         "invert",
         "edit",

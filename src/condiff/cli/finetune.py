@@ -159,6 +159,7 @@ def finetune(r: FinetuneRecipe, out_dir, resume=False, allow_changes=False, prog
                 "method": trainer.recipe.method,
                 "objective": trainer.recipe.objective,
                 "trainable_parameters": trainable,
+                "trainable_parameters_final": ft.trainable_count(trainer.module),  # after SaRA's re-selection
                 "model_parameters": base_params,
                 "trainable_share": trainable / base_params,
                 "optimizer_state_bytes": ft.optimizer_state_bytes(trainer.opt),
