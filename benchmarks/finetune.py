@@ -9,17 +9,22 @@ optimizer-state bytes, wall time) and samples each adapted model (DPM-Solver++(2
   the base model's samples (same noise), the share of distinct attribute combinations, and the mean distance to the
   nearest of the 10 training images (memorisation: 0 = copies).
 - DPO (beta sweep) and SFT on winners: ``n`` held-out partial prompts (never the size; seed apart from the pairs'),
-  the adapted and the base model from the same noise: the win rate of the reward (object area; a tie when the areas
-  differ by less than 20 pixels counts half), the share of large objects, the prompted-attribute accuracy (the
-  attributes the prompt names) and the mean L2 distance to the base model's image (closeness).
+  the adapted and the base model from the same noise: the win rate of the reward (the adapted model's object area
+  larger than the base model's; equal areas count half), the clear win rate (a win or loss only when the areas
+  differ by 20 pixels or more, the pairs' margin; closer ones count half), the share of large objects, the
+  prompted-attribute accuracy (the attributes the prompt names) and the mean L2 distance to the base model's image
+  (closeness).
 
 Usage: OMP_NUM_THREADS=1 python benchmarks/finetune.py [--runs runs] [--n 512] [--json F] [--grid PNG] [--docs]
-(a run whose folder has no finetune.json is reported as missing and skipped).
+    [--parts style,few_shot,dpo]
+(a run whose folder has no finetune.json is reported as missing and skipped; with --parts, the other parts are
+read back from --json, as an earlier run wrote them).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -74,7 +79,8 @@ def dpo_row(model, base_x, raw, attrs, named, z):
     n = raw.shape[0]
     ok = (labeller.label(x) == attrs) | ~named
     return {
-        "win_rate": (wins + 0.5 * (n - wins - losses)) / n,
+        "win_rate": float(((a > b).float() + 0.5 * (a == b).float()).mean()),
+        "clear_win_rate": (wins + 0.5 * (n - wins - losses)) / n,
         "wins": wins,
         "losses": losses,
         "large": float((labeller.label(x)[:, 2] == 1).float().mean()),
@@ -99,12 +105,33 @@ def main(argv=None):
     ap.add_argument("--json", type=Path, default=ROOT / "outputs" / "finetune" / "finetune.json")
     ap.add_argument("--grid", type=Path, default=None, help="write the before/after image grid here")
     ap.add_argument("--docs", action="store_true", help="write the tables into docs/finetuning.md")
+    ap.add_argument("--parts", default="style,few_shot,dpo", help="measure these parts; read the others from --json")
     args = ap.parse_args(argv)
+    parts = set(args.parts.split(","))
+    if not parts <= {"style", "few_shot", "dpo"}:
+        ap.error(f"--parts {args.parts!r}: accepted parts are style, few_shot, dpo")
     silence_diffusers()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     base = load_model("shapes")
     out = {"n": args.n, "missing": [], "style": {}, "few_shot": {}, "dpo": {}}
+    if parts != {"style", "few_shot", "dpo"}:
+        out = {**load_json(args.json), "missing": []}
+    if "style" in parts:
+        measure_style(out, base, args)
+    if "few_shot" in parts:
+        measure_few_shot(out, base, args)
+    if "dpo" in parts:
+        measure_dpo(out, base, args)
+    out["seconds"] = time.perf_counter() - t0
+    atomic_write_json(args.json, out)
+    print(f"wrote {args.json}")
+    if args.docs:
+        given = sys.argv[1:] if argv is None else argv
+        write_tables(out, " ".join(["python benchmarks/finetune.py", *given]))
+
+
+def measure_style(out, base, args):
     row, base_style_x = style_row(base, args.n)
     out["style"]["base"] = row
     tiles = [base_style_x[:8]]
@@ -117,7 +144,12 @@ def main(argv=None):
         out["style"][name] = {**info, **row}
         tiles.append(x[:8])
         print(name, out["style"][name], flush=True)
+    if args.grid:
+        save_png(grid_image(torch.cat(tiles), ncols=8), args.grid)
+        print(f"wrote {args.grid}")
 
+
+def measure_few_shot(out, base, args):
     z = torch.randn(args.n, 3, 32, 32, generator=torch.Generator().manual_seed(DIVERSITY_SEED))
     base_u = unconditional(base, args.n, z)
     train = FewShot.striped(10).images
@@ -132,6 +164,8 @@ def main(argv=None):
         out["few_shot"][name] = {**info, **row, **diversity_row(unconditional(m, args.n, z), base_u, train)}
         print(name, out["few_shot"][name], flush=True)
 
+
+def measure_dpo(out, base, args):
     g = torch.Generator().manual_seed(DPO_SEED)
     raw, attrs, named = partial_prompts(args.n, g)
     zd = torch.randn(args.n, 3, 32, 32, generator=g)
@@ -146,14 +180,6 @@ def main(argv=None):
         row = dpo_row(load_model(args.runs / name / "model"), base_d, raw, attrs, named, zd)
         out["dpo"][name] = {**info, "beta": beta if info["objective"] == "dpo" else None, **row}
         print(name, out["dpo"][name], flush=True)
-    out["seconds"] = time.perf_counter() - t0
-    atomic_write_json(args.json, out)
-    print(f"wrote {args.json}")
-    if args.grid:
-        save_png(grid_image(torch.cat(tiles), ncols=8), args.grid)
-        print(f"wrote {args.grid}")
-    if args.docs:
-        write_tables(out, " ".join(["python benchmarks/finetune.py", *(argv or [])]))
 
 
 def _mb(b):
@@ -190,14 +216,15 @@ def write_tables(out: dict, command: str):
         )
     lines += [
         "",
-        "| preference run | beta | train min | win rate vs base | large | prompted accuracy | distance to base |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| preference run | beta | train min | win rate vs base | clear win rate | large | prompted accuracy | "
+        "distance to base |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in out["dpo"].items():
         beta = "-" if r.get("beta") is None else f"{r['beta']:g}"
         mins = "-" if name == "base" else f"{r['train_minutes']:.1f}"
         lines.append(
-            f"| {name} | {beta} | {mins} | {r['win_rate']:.3f} | {r['large']:.3f} | "
+            f"| {name} | {beta} | {mins} | {r['win_rate']:.3f} | {r['clear_win_rate']:.3f} | {r['large']:.3f} | "
             f"{r['prompted_accuracy']:.3f} | {r['distance_to_base']:.2f} |"
         )
     if out["missing"]:
