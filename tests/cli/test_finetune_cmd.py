@@ -13,6 +13,7 @@ import torch
 
 from clikit import ok, one_line_error, run
 from condiff.cli.finetune import data_of, finetune, make_finetune_trainer, resolve_finetune_recipe
+from condiff.cli.recipes import describe
 from condiff.cli.recipes import packaged_finetune as packaged
 from condiff.core.files import load_json, load_tensors
 from condiff.errors import ConfigError
@@ -59,9 +60,11 @@ def _same_run(a, b, step):
 def test_packaged_recipes_parse_and_resolve():
     names = packaged()
     assert {"shapes-striped-lora", "shapes-striped-sara", "shapes-striped-full"} <= set(names)
-    for name in names:
+    for name, path in names.items():
         r = load_finetune_recipe(resolve_finetune_recipe(name))
         assert r.name == name and r.train.threads == 1
+        about = describe(path)  # what it trains, its measured CPU time, the command that runs it
+        assert about["trains"] and "min" in (about["cpu_time"] or "") and f"condiff finetune {name}" in about["comment"]
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from condiff.training.recipe import load_recipe
 
 NAMES = [
     "digits",
+    "digits-conprediff",
     "digits_edm",
     "digits_pfgmpp",
     "shapes",
