@@ -29,20 +29,10 @@ from condiff.training.trainer import Trainer
 
 
 def resolve_finetune_recipe(arg: str) -> Path:
-    from condiff.cli.recipes import did_you_mean, is_path, packaged_finetune
-    from condiff.errors import InputFileError
+    """A packaged fine-tuning recipe's file, or the path given (condiff.cli.recipes.resolve_recipe)."""
+    from condiff.cli.recipes import resolve_recipe
 
-    recipes = packaged_finetune()
-    if is_path(arg):
-        if not Path(arg).exists():
-            raise InputFileError(f"recipe not found: {arg!r}; packaged fine-tuning recipes: {', '.join(recipes)}")
-        return Path(arg)
-    if arg in recipes:
-        return recipes[arg]
-    raise ConfigError(
-        f"unknown fine-tuning recipe {arg!r}{did_you_mean(arg, recipes)}; packaged: {', '.join(recipes)} "
-        f"(or give a path to a .toml file)"
-    )
+    return resolve_recipe(arg, "finetune")
 
 
 def method_of(r: FinetuneRecipe):
@@ -75,7 +65,6 @@ def data_of(r: FinetuneRecipe, model, out_dir: Path, progress: bool):
     preference pairs (the winners for the denoising objective: the SFT baseline)."""
     from condiff.models import finetune_data as fd
 
-    check_data(r)
     if model.family.name != "shapes":
         raise ConfigError(f"data {r.data!r} is shapes data; base {r.base!r} is a {model.family.name} model")
     if r.data == "striped":

@@ -60,17 +60,18 @@ def is_path(text: str) -> bool:
     return text.lower().endswith(".toml") or "/" in text or os.sep in text
 
 
-def resolve_recipe(arg) -> Path:
-    """The recipe file `condiff train ARG` trains: a path (``is_path``) as given, or the packaged recipe of that
-    name. An unknown name, or a path that does not exist, is one line naming the packaged recipes."""
+def resolve_recipe(arg, command: str = "train") -> Path:
+    """The recipe file `condiff COMMAND ARG` runs (``train``: the training recipes; ``finetune``: the fine-tuning
+    ones): a path (``is_path``) as given, or the packaged recipe of that name. An unknown name, or a path that does
+    not exist, is one line naming the packaged recipes."""
     text = str(arg)
-    recipes = packaged()
+    recipes = packaged_finetune() if command == "finetune" else packaged()
     if is_path(text):
         path = Path(text)
         if not path.exists():
             stem = path.stem
             if stem in recipes:
-                hint = f"; the packaged recipe of that name is `condiff train {stem}`"
+                hint = f"; the packaged recipe of that name is `condiff {command} {stem}`"
             else:
                 hint = did_you_mean(stem, recipes) or ""
                 hint += "; `condiff recipes` lists the packaged recipes, which train by name"
