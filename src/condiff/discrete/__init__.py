@@ -1,0 +1,47 @@
+"""Discrete (masked, absorbing-state) diffusion: mask schedules, time-independent logit denoisers, the DCE
+losses, cached samplers and discrete guidance. Tokens are ids 0..V-1; id V is the mask token [M].
+
+The shapes match the continuous side: a schedule in place of the noise schedule, a ``LogitDenoiser`` (tokens
+-> log-probabilities over the V real tokens, no time input) in place of the Denoiser, samplers as pure steps
+over one loop with StepInfo callbacks and a network-row count, and guidance as denoiser -> denoiser
+transforms.
+"""
+
+from condiff.discrete.denoiser import ExactConditional, LogitDenoiser, NetworkDenoiser, mask_id, one_hot
+from condiff.discrete.losses import KDCE, TDCE, DCELoss, LambdaDCE
+from condiff.discrete.sampling import (
+    Direct,
+    DiscreteStep,
+    Euler,
+    TopK,
+    TopP,
+    TweedieTauLeap,
+    expected_nfe,
+    sample,
+    sample_ordered,
+)
+from condiff.discrete.schedules import Linear, LogLinear, MaskSchedule
+
+__all__ = [
+    "DCELoss",
+    "Direct",
+    "DiscreteStep",
+    "Euler",
+    "ExactConditional",
+    "KDCE",
+    "LambdaDCE",
+    "Linear",
+    "LogLinear",
+    "LogitDenoiser",
+    "MaskSchedule",
+    "NetworkDenoiser",
+    "TDCE",
+    "TopK",
+    "TopP",
+    "TweedieTauLeap",
+    "expected_nfe",
+    "mask_id",
+    "one_hot",
+    "sample",
+    "sample_ordered",
+]
