@@ -8,8 +8,8 @@ import pytest
 import condiff
 from clikit import ok, one_line_error, run
 from condiff.cli.recipes import describe, packaged, packaged_finetune, resolve_recipe
+from condiff.cli.tokens import load_any_recipe
 from condiff.errors import ConfigError, InputFileError
-from condiff.training.recipe import load_recipe
 
 NAMES = [
     "digits",
@@ -29,7 +29,7 @@ def test_the_recipes_are_in_the_package_and_load():
     folder = Path(condiff.__file__).parent / "recipes"
     assert list(packaged()) == NAMES and all(p.parent == folder for p in packaged().values())
     for name, path in packaged().items():
-        assert load_recipe(path).name == name
+        assert load_any_recipe(path).name == name
         about = describe(path)
         assert about["trains"] and about["cpu_time"] and "min" in about["cpu_time"], (name, about)
         assert f"condiff train {name} --out runs/{name}" in about["comment"]

@@ -141,6 +141,27 @@ def sample_cmd(
             out_dir,
             {k: guidance[k] for k in ("pag", "pag_layers", "ag", "ag_space", "cfg_rescale", "guidance_interval")},
         )
+    from condiff.cli import tokens as token_cmds
+
+    if token_cmds.is_token_model_arg(model):
+        token_cmds.refuse_image_options(
+            {
+                "--height": height,
+                "--width": width,
+                "--out-dir": out_dir,
+                "--grid": grid,
+                "--ems": ems,
+                "--dc-ratios": dc_ratios,
+                "--analytic-skip": analytic_skip,
+                "--spacing": spacing,
+                "--lora": lora or None,
+                "--compile": compile_net,
+                "--channels-last": channels_last,
+                "--dynamic-threshold": dynamic_threshold,
+                "--t-start": t_start,
+            }
+        )
+        return token_cmds.sample_cmd(model, prompt, n, steps, seed, out)
     model = "shapes" if model is None else model
     if height is not None or width is not None:
         raise ConfigError("--height and --width go with --pipeline (condiff's own models have a fixed size)")
@@ -289,9 +310,24 @@ def eval_cmd(
 
     Prints a short table (digits add Fréchet distance, precision and recall against held-out digits); --json
     writes every setting and result."""
+    from condiff.cli import tokens as token_cmds
     from condiff.core.files import atomic_write_json
     from condiff.evaluation.evaluate import evaluate
 
+    if token_cmds.is_token_model_arg(model):
+        token_cmds.refuse_image_options(
+            {
+                "--grid": grid,
+                "--ems": ems,
+                "--dc-ratios": dc_ratios,
+                "--analytic-skip": analytic_skip,
+                "--spacing": spacing,
+                "--lora": lora or None,
+                "--compile": compile_net,
+                "--channels-last": channels_last,
+            }
+        )
+        return token_cmds.eval_cmd(model, n, seed, steps, json_out)
     common.check_common(steps, cfg, n, batch_size, seed, dynamic_threshold)
     if json_out is not None:
         common.check_out(json_out, "--json", ".json")
@@ -432,10 +468,11 @@ def train_cmd(
     """Train a recipe (a packaged recipe's name or a .toml file); checkpoints go to OUT/checkpoints, the final EMA
     model to OUT/model."""
     from condiff.cli.recipes import resolve_recipe
+    from condiff.cli.tokens import load_any_recipe
     from condiff.cli.train import train_recipe
-    from condiff.training.recipe import check_seed, load_recipe
+    from condiff.training.recipe import check_seed
 
-    r = load_recipe(resolve_recipe(recipe))
+    r = load_any_recipe(resolve_recipe(recipe))
     if seed is not None:
         import dataclasses
 

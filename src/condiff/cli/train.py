@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from condiff.errors import ConfigError, Interrupted
+from condiff.models.tokens import TokenRecipe
 from condiff.training.recipe import Recipe
 from condiff.training.trainer import CKPT_RE, Trainer
 
@@ -127,7 +128,12 @@ def train_recipe(
         if steps < 1:
             raise ConfigError(f"--steps must be a positive integer, got {steps}")
         recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, steps=steps))
-    trainer = make_trainer(recipe, out_dir, progress)
+    if isinstance(recipe, TokenRecipe):
+        from condiff.cli.tokens import make_token_trainer
+
+        trainer = make_token_trainer(recipe, out_dir, progress)
+    else:
+        trainer = make_trainer(recipe, out_dir, progress)
     return run_trainer(trainer, resume, allow_changes, stop_after, progress)
 
 

@@ -7,7 +7,16 @@ over one loop with StepInfo callbacks and a network-row count, and guidance as d
 transforms.
 """
 
+from condiff.discrete.block import (
+    BlockPolicy,
+    FixedBlocks,
+    FutureMasked,
+    LearnedBlockPolicy,
+    PolicyBlocks,
+    sample_blocks,
+)
 from condiff.discrete.denoiser import ExactConditional, LogitDenoiser, NetworkDenoiser, mask_id, one_hot
+from condiff.discrete.guidance import ClassifierGuided, ExactTilt, FirstOrder, TiltMode, classifier_log_prob
 from condiff.discrete.losses import KDCE, TDCE, DCELoss, LambdaDCE
 from condiff.discrete.sampling import (
     Direct,
@@ -23,6 +32,17 @@ from condiff.discrete.sampling import (
 from condiff.discrete.schedules import Linear, LogLinear, MaskSchedule
 
 __all__ = [
+    "BlockPolicy",
+    "ClassifierGuided",
+    "ExactTilt",
+    "FirstOrder",
+    "FixedBlocks",
+    "FutureMasked",
+    "LearnedBlockPolicy",
+    "PolicyBlocks",
+    "TiltMode",
+    "classifier_log_prob",
+    "sample_blocks",
     "DCELoss",
     "Direct",
     "DiscreteStep",

@@ -1,0 +1,250 @@
+"""The discrete (token) side of ``condiff train``, ``sample`` and ``eval``: a recipe whose family is a token family
+(chars, captions, dna) trains a RADD denoiser or its autoregressive baseline with the same Trainer (EMA, atomic
+checkpoints, exact resume); token models sample text and are scored by their exact judges."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from condiff.data import captions
+from condiff.errors import ConfigError
+from condiff.models.tokens import (
+    FAMILIES,
+    Captions,
+    TokenModel,
+    TokenRecipe,
+    bits_per_token,
+    build_token_model,
+    token_loss_fn,
+    token_recipe_from_dict,
+)
+from condiff.training.recipe import load_recipe, read_toml
+from condiff.training.trainer import Trainer
+
+
+def load_any_recipe(path):
+    """A training recipe: a token recipe where the family is a token family, else an image one."""
+    data = read_toml(path)
+    if isinstance(data, dict) and data.get("family") in FAMILIES:
+        return token_recipe_from_dict(data)
+    return load_recipe(path)
+
+
+def _eval_fn(r: TokenRecipe):
+    """The learning curve's held-out score: bits per token (chars) or parsed-attribute accuracy (captions)."""
+
+    def run(model: TokenModel, ema_module):
+        m = dataclasses.replace(model, module=ema_module)
+        if r.family == "chars":
+            chunks = m.family.corpus.valid[: 64 * m.length].view(64, m.length)
+            return {"valid_bits": bits_per_token(m, chunks, draws=2)["bits"]}
+        if r.family == "captions" and m.kind == "radd":
+            return {"attribute_accuracy": caption_accuracy(m, 128, seed=0, steps=m.length)["accuracy"]}
+        return {}
+
+    return run
+
+
+def make_token_trainer(r: TokenRecipe, out_dir, progress: bool = True) -> Trainer:
+    torch.set_num_threads(r.train.threads)
+    torch.manual_seed(r.train.seed)  # deterministic initial weights
+    model = build_token_model(r)
+    return Trainer(model, r, Path(out_dir), progress=progress, evaluate=_eval_fn(r), loss_fn=token_loss_fn(model, r))
+
+
+@torch.no_grad()
+def caption_accuracy(model: TokenModel, n: int, seed: int, steps: int) -> dict:
+    """Sample captions for n random full attribute conditions; the exact parser reads the attributes back."""
+    from condiff.data import shapes
+    from condiff.discrete import sample
+
+    g = torch.Generator().manual_seed(seed)
+    attrs = shapes.random_attrs(n, g)
+    tokens, _ = sample(model.denoiser, n, model.length, steps, generator=g, cond=attrs)
+    ok = captions.parses(tokens)
+    right = (captions.parse(tokens) == attrs).all(1) & ok
+    return {"accuracy": float(right.float().mean()), "parses": float(ok.float().mean())}
+
+
+def is_token_model_arg(model: str | None) -> bool:
+    from condiff.models.tokens import is_token_model
+
+    return model is not None and Path(model).is_dir() and is_token_model(model)
+
+
+def prompt_condition(m: TokenModel, prompt: str | None, n: int):
+    """(start tokens or None, condition or None) of a prompt: captions read attributes from it (the shapes prompt
+    language); chars and dna take it as the text's first characters."""
+    from condiff.discrete import mask_id
+
+    if m.family.name == "captions":
+        from condiff.data import text
+
+        if prompt is None:
+            return None, torch.full((n, 4), Captions.NULL)
+        attrs = text.tokens_to_attrs(torch.tensor([text.tokenize(prompt)]))
+        return None, torch.where(attrs < 0, torch.full_like(attrs, Captions.NULL), attrs).expand(n, 4)
+    if not prompt:
+        return None, None
+    ids = m.family.encode(prompt)
+    if len(ids) >= m.length:
+        raise ConfigError(f"--prompt has {len(ids)} tokens; this model writes {m.length}, so at most {m.length - 1}")
+    start = torch.full((n, m.length), mask_id(m.family.vocab_size))
+    start[:, : len(ids)] = ids
+    return start, None
+
+
+@torch.no_grad()
+def sample_text(m: TokenModel, prompt, n: int, steps: int, seed: int, cache: bool = True) -> dict:
+    """n texts from a token model (RADD: the cached tau-leaping sampler; AR: left to right), with the counts."""
+    import time
+
+    from condiff.discrete import NetworkDenoiser, sample, sample_ordered
+
+    start, cond = prompt_condition(m, prompt, n)
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    if m.kind == "radd":
+        tokens, rows = sample(m.denoiser, n, m.length, steps, generator=g, cond=cond, start=start, cache=cache)
+    else:
+        tokens, rows = sample_ordered(
+            NetworkDenoiser(_ArLogits(m), m.family.vocab_size), n, m.length, generator=g, cond=cond, start=start
+        )
+    out = {
+        "texts": m.family.text(tokens),
+        "network_rows": rows,
+        "nfe_per_sample": rows / n,
+        "seconds": time.perf_counter() - t0,
+        "tokens": tokens.tolist(),
+    }
+    if m.family.name == "captions":
+        out["parsed"] = captions.parse(tokens).tolist()
+        out["parses"] = captions.parses(tokens).tolist()
+    return out
+
+
+class _ArLogits(torch.nn.Module):
+    """The AR baseline as a logit network for ``sample_ordered`` (left to right): position i's logits from the
+    tokens before it."""
+
+    def __init__(self, m: TokenModel):
+        super().__init__()
+        self.net, self.v = m.net, m.family.vocab_size
+
+    def forward(self, onehot, cond=None):
+        hard = onehot.argmax(-1)
+        masked = hard == self.v
+        clean = torch.where(masked, torch.zeros_like(hard), hard)  # positions after i never reach position i
+        return self.net(torch.nn.functional.one_hot(clean, self.v + 1).float(), cond)
+
+
+@torch.no_grad()
+def evaluate_tokens(m: TokenModel, n: int, seed: int, steps: int, draws: int = 4) -> dict:
+    """chars and dna: bits per token on n test chunks (AR exact; RADD the k-DCE bound); captions: sampled captions'
+    parsed-attribute accuracy and parse rate."""
+    if m.family.name == "captions":
+        return caption_accuracy(m, n, seed, steps)
+    if m.family.name == "chars":
+        data = m.family.corpus.test
+        chunks = data[: (len(data) // m.length) * m.length].view(-1, m.length)[:n]
+    else:
+        from condiff.data import dna
+
+        chunks = dna.dataset(n, m.length, torch.Generator().manual_seed(10_000 + seed))
+    return {**bits_per_token(m, chunks, draws=draws, seed=seed), "chunks": len(chunks)}
+
+
+def refuse_image_options(options: dict) -> None:
+    """Options of image models that a token model does not take: a one-line error naming them."""
+    given = [name for name, value in options.items() if value not in (None, False, [], ())]
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to a token model "
+            f"(it takes --prompt, --n, --steps, --seed, --out FILE.json, --threads)"
+        )
+
+
+def _check_counts(n: int, steps: int, seed: int):
+    from condiff.training.recipe import check_seed
+
+    if n < 1:
+        raise ConfigError(f"--n must be a positive integer, got {n}")
+    if steps < 1:
+        raise ConfigError(f"--steps must be a positive integer, got {steps}")
+    check_seed(seed, "--seed")
+
+
+def sample_cmd(model: str, prompt, n: int, steps: int, seed: int, out) -> None:
+    """Print n texts from a token model; --out FILE.json writes them with the settings and counts."""
+    import typer
+
+    from condiff.cli import common
+    from condiff.core.files import atomic_write_json
+    from condiff.models.tokens import load_token_model
+
+    _check_counts(n, steps, seed)
+    if out is not None:
+        common.check_out(out, "--out", ".json")
+    m = load_token_model(model)
+    res = sample_text(m, prompt, n, steps, seed)
+    for text in res["texts"]:
+        typer.echo(text)
+    what = (
+        f"{res['nfe_per_sample']:.1f} network calls per text over {steps} steps"
+        if m.kind == "radd"
+        else (f"{m.length} network calls per text (autoregressive)")
+    )
+    typer.echo(f"{n} texts, {what}, {res['seconds']:.2f} s")
+    if out is not None:
+        atomic_write_json(
+            out,
+            {
+                "command": "sample",
+                "model": str(model),
+                "prompt": prompt,
+                "n": n,
+                "steps": steps,
+                "seed": seed,
+                "kind": m.kind,
+                "family": m.family.name,
+                **res,
+            },
+        )
+        typer.echo(f"wrote {out}")
+
+
+def eval_cmd(model: str, n: int, seed: int, steps: int, json_out) -> None:
+    """Score a token model with its exact judge: bits per token (chars, dna) or parsed attributes (captions)."""
+    import typer
+
+    from condiff.cli import common
+    from condiff.core.files import atomic_write_json
+    from condiff.models.tokens import load_token_model
+
+    _check_counts(n, steps, seed)
+    if json_out is not None:
+        common.check_out(json_out, "--json", ".json")
+    m = load_token_model(model)
+    res = evaluate_tokens(m, n, seed, steps)
+    for key, value in res.items():
+        typer.echo(f"  {key:<22}{value:.4f}" if isinstance(value, float) else f"  {key:<22}{value}")
+    if json_out is not None:
+        atomic_write_json(
+            json_out,
+            {
+                "command": "eval",
+                "model": str(model),
+                "kind": m.kind,
+                "family": m.family.name,
+                "n": n,
+                "seed": seed,
+                "steps": steps,
+                **res,
+            },
+        )
+
+
+__all__ = ["Captions", "caption_accuracy", "load_any_recipe", "make_token_trainer"]

@@ -1,0 +1,305 @@
+"""Token models for discrete diffusion: the families (``chars``: a real character corpus; ``captions``: the
+procedural shapes language; ``dna``: synthetic DNA), their recipes, and a saved model (a ``TokenTransformer`` as
+safetensors plus ``condiff.json``). A RADD model (``kind = "radd"``) is a time-independent logit denoiser trained
+with a DCE loss (Ou et al., ICLR 2025); ``kind = "ar"`` is the autoregressive baseline of the same size.
+
+Families are resolved by name here, at the edge; the discrete methods take a ``LogitDenoiser``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from condiff.core.files import atomic_dir, atomic_write_json, load_json
+from condiff.data import captions, corpus, dna, shapes
+from condiff.discrete import KDCE, TDCE, LambdaDCE, NetworkDenoiser, one_hot
+from condiff.errors import ConfigError, InputFileError, one_of
+from condiff.models.family import load_pretrained
+from condiff.nets.token_transformer import TokenTransformer
+from condiff.training.recipe import (
+    NAME_RE,
+    ObjectiveConfig,
+    TrainConfig,
+    check_objective_train,
+    check_real,
+    typed_table,
+)
+
+LOSSES = {"lambda_dce": LambdaDCE, "k_dce": KDCE, "t_dce": TDCE}
+KINDS = ("radd", "ar")
+
+
+# families -------------------------------------------------------------------------------------------------------
+class TokenFamily:
+    name = "?"
+    vocab_size = 0
+    cond_slots = 0
+    cond_vocab = 1
+
+    def length(self, data) -> int:
+        return data.length
+
+    def batch(self, n: int, generator, data) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(tokens (n, L), condition (n, cond_slots) or None) for training."""
+        raise NotImplementedError
+
+    def text(self, tokens: torch.Tensor) -> list[str]:
+        raise NotImplementedError
+
+    def encode(self, prompt: str) -> torch.Tensor:
+        """A prompt as the text's first tokens."""
+        raise ConfigError(f"a {self.name} model takes no text prefix")
+
+
+class Chars(TokenFamily):
+    """Characters of Python's bundled language-reference topics (``condiff.data.corpus``)."""
+
+    name = "chars"
+
+    def __init__(self):
+        self.corpus = corpus.load()
+        self.vocab_size = self.corpus.V
+
+    def batch(self, n, generator, data):
+        return corpus.windows(self.corpus.train, data.length, n, generator), None
+
+    def text(self, tokens):
+        return [self.corpus.decode(row) for row in tokens]
+
+    def encode(self, prompt: str) -> torch.Tensor:
+        return self.corpus.encode(corpus.normalise(prompt))
+
+
+class Captions(TokenFamily):
+    """Captions of the shapes world (``condiff.data.captions``), conditioned on the attributes they name:
+    cond (n, 4) holds shape, colour, size, position ids, with ``NULL`` for an attribute the caption omits."""
+
+    name = "captions"
+    vocab_size = captions.VOCAB.V
+    cond_slots = 4
+    NULL = max(len(v) for v in shapes.ATTRIBUTES.values())
+    cond_vocab = NULL + 1
+
+    def length(self, data):
+        return captions.SEQ_LEN
+
+    def batch(self, n, generator, data):
+        attrs = shapes.random_attrs(n, generator)
+        tokens, keep = captions.generate(attrs, generator, p_drop=data.p_drop)
+        return tokens, torch.where(keep, attrs, torch.full_like(attrs, self.NULL))
+
+    def text(self, tokens):
+        return captions.text(tokens)
+
+
+class Dna(TokenFamily):
+    """Background DNA from a known Markov chain (``condiff.data.dna``)."""
+
+    name = "dna"
+    vocab_size = dna.V
+
+    def batch(self, n, generator, data):
+        return dna.dataset(n, data.length, generator), None
+
+    def text(self, tokens):
+        return [dna.decode(row) for row in tokens]
+
+    def encode(self, prompt: str) -> torch.Tensor:
+        return dna.encode(prompt)
+
+
+FAMILIES = {"chars": Chars, "captions": Captions, "dna": Dna}
+
+
+def get_family(name: str) -> TokenFamily:
+    if name not in FAMILIES:
+        raise one_of("token family", name, FAMILIES)
+    return FAMILIES[name]()
+
+
+# recipes --------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NetConfig:
+    kind: str = "radd"
+    dim: int = 128
+    layers: int = 4
+    heads: int = 4
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    length: int = 128
+    p_drop: float = 0.0
+
+
+@dataclass(frozen=True)
+class TokenRecipe:
+    name: str
+    family: str
+    loss: str = "lambda_dce"
+    model: NetConfig = field(default_factory=NetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # unused: the Trainer's field
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("objective")
+        return d
+
+
+def token_recipe_from_dict(data: dict) -> TokenRecipe:
+    allowed = {"name", "family", "loss", "model", "data", "train"}
+    for key in data:
+        if key not in allowed:
+            raise ConfigError(f"unknown token recipe key {key!r}; accepted: {', '.join(sorted(allowed))}")
+    for key in ("name", "family"):
+        if not isinstance(data.get(key), str):
+            raise ConfigError(f"recipe needs a string {key!r}, got {data.get(key)!r}")
+    r = TokenRecipe(
+        data["name"],
+        data["family"],
+        data.get("loss", "lambda_dce"),
+        typed_table(NetConfig, data.get("model", {}), "model"),
+        typed_table(DataConfig, data.get("data", {}), "data"),
+        typed_table(TrainConfig, data.get("train", {}), "train"),
+    )
+    if not NAME_RE.match(r.name) or len(r.name) > 100:
+        raise ConfigError(f"recipe name {r.name!r} must be 1-100 letters, digits, '.', '_' or '-'")
+    if r.family not in FAMILIES:
+        raise one_of("family", r.family, FAMILIES)
+    if not isinstance(r.loss, str) or r.loss not in LOSSES:
+        raise one_of("loss", r.loss, LOSSES)
+    if r.model.kind not in KINDS:
+        raise one_of("model.kind", r.model.kind, KINDS)
+    for key in ("dim", "layers", "heads"):
+        check_real(f"model.{key}", getattr(r.model, key), 1, 4096)
+    if r.model.dim % r.model.heads:
+        raise ConfigError(f"model.dim {r.model.dim} must be a multiple of model.heads {r.model.heads}")
+    check_real("data.length", r.data.length, 1, 4096)
+    check_real("data.p_drop", r.data.p_drop, 0, 1)
+    check_objective_train(ObjectiveConfig(), r.train)
+    return r
+
+
+# the model ------------------------------------------------------------------------------------------------------
+@dataclass
+class TokenModel:
+    family: TokenFamily
+    module: nn.ModuleDict
+    config: dict  # {"family", "kind", "length", ...}
+    path: Path | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def net(self) -> TokenTransformer:
+        return self.module["net"]
+
+    @property
+    def kind(self) -> str:
+        return self.config["kind"]
+
+    @property
+    def length(self) -> int:
+        return self.config["length"]
+
+    @property
+    def denoiser(self) -> NetworkDenoiser:
+        if self.kind != "radd":
+            raise ConfigError(f"{self.config['family']} model of kind {self.kind!r} is not a diffusion denoiser")
+        return NetworkDenoiser(self.net, self.family.vocab_size)
+
+    def save(self, directory, extra: dict | None = None):
+        with atomic_dir(Path(directory)) as tmp:
+            self.net.save_pretrained(tmp / "net")
+            atomic_write_json(tmp / "condiff.json", {"tokens": self.config, **(extra or {})})
+
+
+def build_token_model(r: TokenRecipe) -> TokenModel:
+    fam = get_family(r.family)
+    length = fam.length(r.data)
+    net = TokenTransformer(
+        vocab_size=fam.vocab_size,
+        length=length,
+        dim=r.model.dim,
+        layers=r.model.layers,
+        heads=r.model.heads,
+        causal=r.model.kind == "ar",
+        cond_slots=fam.cond_slots,
+        cond_vocab=fam.cond_vocab,
+    )
+    cfg = {"family": fam.name, "kind": r.model.kind, "length": length}
+    return TokenModel(fam, nn.ModuleDict({"net": net}), cfg)
+
+
+def is_token_model(directory) -> bool:
+    """Whether ``directory`` holds a token model (its condiff.json has a "tokens" table); an unreadable file is
+    left to the image loader's error."""
+    f = Path(directory) / "condiff.json"
+    try:
+        info = load_json(f) if f.is_file() else None
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and "tokens" in info
+
+
+def load_token_model(directory, what: str = "--model") -> TokenModel:
+    directory = Path(directory)
+    if not is_token_model(directory):
+        raise InputFileError(f"{what} {str(directory)!r} is not a token model folder (no condiff.json with 'tokens')")
+    info = load_json(directory / "condiff.json")
+    cfg = info["tokens"]
+    ok = isinstance(cfg, dict) and cfg.get("family") in FAMILIES and cfg.get("kind") in KINDS
+    if not ok or not isinstance(cfg.get("length"), int) or isinstance(cfg.get("length"), bool):
+        raise InputFileError(
+            f"{what} {str(directory)!r}: condiff.json's 'tokens' must name a family ({', '.join(FAMILIES)}), a kind "
+            f"({', '.join(KINDS)}) and an integer length, got {cfg!r}"[:300]
+        )
+    net = load_pretrained(TokenTransformer, directory / "net", what)
+    return TokenModel(get_family(cfg["family"]), nn.ModuleDict({"net": net.eval()}), cfg, directory, info)
+
+
+# training and likelihoods ---------------------------------------------------------------------------------------
+def ar_nll(net: TokenTransformer, x0: torch.Tensor, cond=None) -> torch.Tensor:
+    """Per-sample -log p(x_0) of the autoregressive baseline (exact), in nats."""
+    logp = torch.log_softmax(net(one_hot(x0, net.config.vocab_size), cond).float(), -1)
+    return -logp.gather(-1, x0.unsqueeze(-1)).squeeze(-1).sum(-1)
+
+
+def token_loss_fn(model: TokenModel, r: TokenRecipe):
+    """The Trainer's loss: nats per token of the recipe's DCE loss (RADD) or the exact NLL (AR)."""
+    loss = LOSSES[r.loss]()
+
+    def fn(step, g):
+        x0, cond = model.family.batch(r.train.batch_size, g, r.data)
+        if model.kind == "ar":
+            per = ar_nll(model.net, x0, cond)
+        else:
+            per = loss(NetworkDenoiser(model.net, model.family.vocab_size), x0, g, cond)
+        return per.mean() / x0.shape[1], {}
+
+    return fn
+
+
+@torch.no_grad()
+def bits_per_token(model: TokenModel, data: torch.Tensor, cond=None, draws: int = 8, seed: int = 0, batch=256) -> dict:
+    """Bits per token on ``data`` (n, L): exact for AR; for RADD the k-DCE upper bound on -log p (Ou et al., Thm. 2),
+    averaged over ``draws`` mask draws per sequence, with its standard error."""
+    g = torch.Generator().manual_seed(seed)
+    per = []
+    for i in range(0, len(data), batch):
+        x0 = data[i : i + batch]
+        c = None if cond is None else cond[i : i + batch]
+        if model.kind == "ar":
+            per.append(ar_nll(model.net, x0, c))
+        else:
+            den = model.denoiser
+            per.append(torch.stack([KDCE()(den, x0, g, c) for _ in range(draws)]).mean(0))
+    per = torch.cat(per).double() / data.shape[1] / math.log(2)
+    return {"bits": float(per.mean()), "se": float(per.std() / math.sqrt(len(per)))}
