@@ -15,7 +15,18 @@ from condiff.discrete.block import (
     PolicyBlocks,
     sample_blocks,
 )
+from condiff.discrete.cdcd import cdcd_loss, contrastive_term, inter_negatives, intra_negatives, with_contrastive
 from condiff.discrete.denoiser import ExactConditional, LogitDenoiser, NetworkDenoiser, mask_id, one_hot
+from condiff.discrete.drakes import (
+    SoftStep,
+    SoftTrajectory,
+    drakes_loss,
+    gumbel_softmax,
+    soft_trajectory,
+    step_kl,
+    straight_through,
+    trajectory_kl,
+)
 from condiff.discrete.guidance import ClassifierGuided, ExactTilt, FirstOrder, TiltMode, classifier_log_prob
 from condiff.discrete.losses import KDCE, TDCE, DCELoss, LambdaDCE
 from condiff.discrete.sampling import (
@@ -32,6 +43,19 @@ from condiff.discrete.sampling import (
 from condiff.discrete.schedules import Linear, LogLinear, MaskSchedule
 
 __all__ = [
+    "SoftStep",
+    "SoftTrajectory",
+    "cdcd_loss",
+    "contrastive_term",
+    "drakes_loss",
+    "gumbel_softmax",
+    "inter_negatives",
+    "intra_negatives",
+    "soft_trajectory",
+    "step_kl",
+    "straight_through",
+    "trajectory_kl",
+    "with_contrastive",
     "BlockPolicy",
     "ClassifierGuided",
     "ExactTilt",
