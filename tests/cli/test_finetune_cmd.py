@@ -12,13 +12,19 @@ import pytest
 import torch
 
 from clikit import ok, one_line_error, run
-from condiff.cli.finetune import data_of, finetune, make_finetune_trainer, resolve_finetune_recipe
+from condiff.cli.finetune import (
+    data_of,
+    finetune,
+    load_any_finetune_recipe,
+    make_finetune_trainer,
+    resolve_finetune_recipe,
+)
 from condiff.cli.recipes import describe
 from condiff.cli.recipes import packaged_finetune as packaged
 from condiff.core.files import load_json, load_tensors
 from condiff.errors import ConfigError
 from condiff.models.base import load_model
-from condiff.training.finetune_recipe import finetune_recipe_from_dict, load_finetune_recipe
+from condiff.training.finetune_recipe import finetune_recipe_from_dict
 from condiff.training.trainer import step_generator
 
 
@@ -61,7 +67,7 @@ def test_packaged_recipes_parse_and_resolve():
     names = packaged()
     assert {"shapes-striped-lora", "shapes-striped-sara", "shapes-striped-full"} <= set(names)
     for name, path in names.items():
-        r = load_finetune_recipe(resolve_finetune_recipe(name))
+        r = load_any_finetune_recipe(resolve_finetune_recipe(name))
         assert r.name == name and r.train.threads == 1
         about = describe(path)  # what it trains, its measured CPU time, the command that runs it
         assert about["trains"] and "min" in (about["cpu_time"] or "") and f"condiff finetune {name}" in about["comment"]

@@ -81,7 +81,10 @@ def test_unknown_names(workdir, where, value):
     r = _copy(BASE)
     r[where] = value
     if where == "data":
-        assume(value not in ("striped", "preferences:larger") and not value.startswith("striped:"))
+        assume(
+            value not in ("striped", "preferences:larger", "preferences:larger-prompted")
+            and not value.startswith("striped:")
+        )
         d = Path(tempfile.mkdtemp(dir=workdir))
         (d / "r.toml").write_text(to_toml(r))
         with mock.patch("condiff.cli.finetune.make_finetune_trainer", guarded):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from condiff.data import labeller, shapes, text
-from condiff.models.finetune_data import FewShot, StripedShapes, object_area, partial_prompts
+from condiff.models.finetune_data import FewShot, StripedShapes, object_area, partial_prompts, prompted_area
 from condiff.training.recipe import ObjectiveConfig
 
 
@@ -36,3 +36,16 @@ def test_striped_stream_is_the_striped_style_of_the_same_renders():
     x, raw = StripedShapes().batch(0, 16, torch.Generator().manual_seed(5), cfg)
     ref = shapes.striped(shapes.sample_batch(16, torch.Generator().manual_seed(5)))
     assert torch.equal(x, ref.images) and torch.equal(text.tokens_to_attrs(raw), ref.attrs)
+
+
+def test_prompted_area_is_the_area_when_the_image_follows_the_prompt_and_zero_otherwise():
+    g = torch.Generator().manual_seed(3)
+    batch = shapes.sample_batch(64, g)
+    named = torch.rand(64, 4, generator=g) < 0.5
+    asked = text.attrs_to_tokens(batch.attrs, named)
+    assert torch.equal(prompted_area(batch.images, asked), object_area(batch.images))
+    wrong = batch.attrs.clone()
+    wrong[:, 0] = (wrong[:, 0] + 1) % len(shapes.SHAPES)  # every prompt asks for another shape
+    named[:, 0] = True
+    r = prompted_area(batch.images, text.attrs_to_tokens(wrong, named))
+    assert torch.equal(r, torch.zeros(64))

@@ -107,3 +107,25 @@ def test_token_training_resumes_exactly(tmp_path):
     for p, q in zip(full.module.parameters(), resumed.module.parameters()):
         assert torch.equal(p, q)
     assert (tmp_path / "b" / "model" / "condiff.json").is_file()
+
+
+def test_contrastive_weight_zero_is_the_plain_loss_and_a_weight_adds_the_cdcd_term():
+    torch.manual_seed(0)
+    base = tiny(family="captions")
+    m = build_token_model(base)
+    from condiff.models.tokens import token_loss_fn
+
+    plain, _ = token_loss_fn(m, base)(0, torch.Generator().manual_seed(5))
+    zero = tiny(family="captions", contrastive={"weight": 0.0, "negatives": 3})
+    same, _ = token_loss_fn(m, zero)(0, torch.Generator().manual_seed(5))
+    assert torch.equal(plain, same)
+    one = tiny(family="captions", contrastive={"weight": 1.0, "negatives": 3})
+    total, metrics = token_loss_fn(m, one)(0, torch.Generator().manual_seed(5))
+    # the DCE part draws first from the same generator, so the difference is the contrastive term over L
+    assert abs(float(total - plain) - metrics["contrastive"] / m.length) < 1e-5
+    assert 0 < metrics["contrastive"]
+
+
+def test_inter_negatives_need_a_larger_batch():
+    with pytest.raises(ConfigError, match="batch_size"):
+        tiny(contrastive={"weight": 1.0, "negatives": 8})

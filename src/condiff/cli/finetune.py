@@ -35,6 +35,16 @@ def resolve_finetune_recipe(arg: str) -> Path:
     return resolve_recipe(arg, "finetune")
 
 
+def load_any_finetune_recipe(path):
+    """A fine-tuning recipe: DRAKES's (objective "drakes", a token model's reward fine-tuning) or an image one."""
+    from condiff.models import drakes_finetune as drakes
+    from condiff.training.finetune_recipe import load_finetune_recipe
+    from condiff.training.recipe import read_toml
+
+    data = read_toml(path)
+    return drakes.drakes_recipe_from_dict(data) if drakes.is_drakes(data) else load_finetune_recipe(path)
+
+
 def method_of(r: FinetuneRecipe):
     if r.method == "full":
         return ft.Full()
@@ -43,19 +53,18 @@ def method_of(r: FinetuneRecipe):
     return ft.Sara(r.sara.theta, r.sara.lambda_rank, r.sara.reselect_at, r.sara.min_dim)
 
 
-DATA = ("striped", "striped:K (a K-image few-shot set, K from 2 to 100000)", "preferences:larger")
+PREFERENCES = ("preferences:larger", "preferences:larger-prompted")
+DATA = ("striped", "striped:K (a K-image few-shot set, K from 2 to 100000)", *PREFERENCES)
 
 
 def check_data(r: FinetuneRecipe) -> None:
     """The recipe's ``data`` is one of ``DATA`` and fits its objective; one line otherwise (before any model loads)."""
     k = r.data.split(":", 1)[1] if r.data.startswith("striped:") else None
-    if r.data not in ("striped", "preferences:larger") and not (
-        k and k.isascii() and k.isdigit() and 2 <= int(k) <= 100_000
-    ):
+    if r.data not in ("striped", *PREFERENCES) and not (k and k.isascii() and k.isdigit() and 2 <= int(k) <= 100_000):
         raise ConfigError(f"data {r.data!r} is not accepted; accepted: {', '.join(DATA)}")
-    pairs = r.data == "preferences:larger"
+    pairs = r.data in PREFERENCES
     if r.objective == "dpo" and not pairs:
-        raise ConfigError(f"objective 'dpo' needs data 'preferences:larger', got {r.data!r}")
+        raise ConfigError(f"objective 'dpo' needs preference data ({', '.join(PREFERENCES)}), got {r.data!r}")
     if r.objective == "domainstudio" and pairs:
         raise ConfigError(f"objective 'domainstudio' needs images (striped, striped:K), got {r.data!r}")
 
@@ -69,7 +78,7 @@ def data_of(r: FinetuneRecipe, model, out_dir: Path, progress: bool):
         raise ConfigError(f"data {r.data!r} is shapes data; base {r.base!r} is a {model.family.name} model")
     if r.data == "striped":
         return fd.StripedShapes()
-    if r.data == "preferences:larger":
+    if r.data in PREFERENCES:
         return preference_pairs(r, model, out_dir, progress)
     return fd.FewShot.striped(int(r.data.split(":", 1)[1]))
 
@@ -80,7 +89,10 @@ def preference_pairs(r: FinetuneRecipe, model, out_dir: Path, progress: bool):
     settings."""
     from condiff.models import finetune_data as fd
 
+    reward = r.data.split(":", 1)[1]
     key = {"base": r.base, "prompts": r.dpo.prompts, "margin": r.dpo.margin, "pair_seed": r.dpo.pair_seed}
+    if reward != "larger":  # (pairs files made before the prompt-aware reward carry no reward in their key)
+        key["reward"] = reward
     path = Path(r.dpo.pairs_file) if r.dpo.pairs_file else out_dir / "pairs.safetensors"
     meta = path.with_suffix(".json")
     if path.is_file() and meta.is_file() and load_json(meta).get("key") == key:
@@ -88,7 +100,9 @@ def preference_pairs(r: FinetuneRecipe, model, out_dir: Path, progress: bool):
         return ft.PreferencePairs(t["raw"], t["winners"], t["losers"])
     if progress:
         print(f"making preference pairs: {r.dpo.prompts} prompts, 2 samples each", file=sys.stderr)
-    pairs, stats = fd.preference_pairs(model, r.dpo.prompts, r.dpo.pair_seed, r.dpo.margin, progress=progress)
+    pairs, stats = fd.preference_pairs(
+        model, r.dpo.prompts, r.dpo.pair_seed, r.dpo.margin, progress=progress, reward=reward
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     save_tensors(path, {"raw": pairs.raw, "winners": pairs.winners, "losers": pairs.losers})
     atomic_write_json(meta, {"key": key, **stats})
@@ -179,10 +193,10 @@ def finetune_cmd(
     """Fine-tune a model (LoRA, SaRA or every weight; denoising, Diffusion-DPO or DomainStudio) from a recipe;
     checkpoints go to OUT/checkpoints, the adapted model to OUT/model."""
     from condiff.cli import common
-    from condiff.training.finetune_recipe import load_finetune_recipe
+    from condiff.models import drakes_finetune as drakes
     from condiff.training.recipe import check_seed
 
-    r = load_finetune_recipe(resolve_finetune_recipe(recipe))
+    r = load_any_finetune_recipe(resolve_finetune_recipe(recipe))
     train = r.train
     if seed is not None:
         train = dataclasses.replace(train, seed=check_seed(seed, "--seed"))
@@ -193,12 +207,18 @@ def finetune_cmd(
             raise ConfigError(f"--steps must be a positive integer, got {steps}")
         train = dataclasses.replace(train, steps=steps)
     r = dataclasses.replace(r, train=train)
-    check_data(r)
+    if not isinstance(r, drakes.DrakesRecipe):
+        check_data(r)
     if allow_changes and not resume:
         raise ConfigError("--allow-changes goes with --resume (it lets a resume change recipe values)")
     out = out or Path("runs") / r.name
     common.check_out(out, "--out", kind="dir")
-    tr = finetune(r, out, resume=resume, allow_changes=allow_changes)
+    if isinstance(r, drakes.DrakesRecipe):
+        from condiff.cli.train import run_trainer
+
+        tr = run_trainer(drakes.make_drakes_trainer(r, out), resume, allow_changes)
+    else:
+        tr = finetune(r, out, resume=resume, allow_changes=allow_changes)
     if tr.start_step >= tr.recipe.train.steps:
         typer.echo(f"finished at step {tr.start_step}: nothing to train; model at {out / 'model'}")
     else:

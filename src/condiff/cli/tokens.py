@@ -26,10 +26,15 @@ from condiff.training.trainer import Trainer
 
 
 def load_any_recipe(path):
-    """A training recipe: a token recipe where the family is a token family, else an image one."""
+    """A training recipe: a token recipe where the family is a token family, a seq2seq one for family seq2seq, else
+    an image one."""
     data = read_toml(path)
     if isinstance(data, dict) and data.get("family") in FAMILIES:
         return token_recipe_from_dict(data)
+    if isinstance(data, dict) and data.get("family") == "seq2seq":
+        from condiff.models.seq2seq import seq2seq_recipe_from_dict
+
+        return seq2seq_recipe_from_dict(data)
     return load_recipe(path)
 
 
@@ -42,7 +47,7 @@ def _eval_fn(r: TokenRecipe):
             chunks = m.family.corpus.valid[: 64 * m.length].view(64, m.length)
             return {"valid_bits": bits_per_token(m, chunks, draws=2)["bits"]}
         if r.family == "captions" and m.kind == "radd":
-            return {"attribute_accuracy": caption_accuracy(m, 128, seed=0, steps=m.length)["accuracy"]}
+            return {"attribute_accuracy": caption_accuracy(m, 256, seed=0)["accuracy"]}
         return {}
 
     return run
@@ -56,14 +61,19 @@ def make_token_trainer(r: TokenRecipe, out_dir, progress: bool = True) -> Traine
 
 
 @torch.no_grad()
-def caption_accuracy(model: TokenModel, n: int, seed: int, steps: int) -> dict:
-    """Sample captions for n random full attribute conditions; the exact parser reads the attributes back."""
+def caption_accuracy(model: TokenModel, n: int, seed: int, steps: int | None = None) -> dict:
+    """Sample captions for n random full attribute conditions; the exact parser reads the attributes back. ``steps``
+    None: RADD's ordered sampler (one position per step, left to right: L network calls); else the cached
+    tau-leaping sampler with that many steps."""
     from condiff.data import shapes
-    from condiff.discrete import sample
+    from condiff.discrete import sample, sample_ordered
 
     g = torch.Generator().manual_seed(seed)
     attrs = shapes.random_attrs(n, g)
-    tokens, _ = sample(model.denoiser, n, model.length, steps, generator=g, cond=attrs)
+    if steps is None:
+        tokens, _ = sample_ordered(model.denoiser, n, model.length, generator=g, cond=attrs)
+    else:
+        tokens, _ = sample(model.denoiser, n, model.length, steps, generator=g, cond=attrs)
     ok = captions.parses(tokens)
     right = (captions.parse(tokens) == attrs).all(1) & ok
     return {"accuracy": float(right.float().mean()), "parses": float(ok.float().mean())}

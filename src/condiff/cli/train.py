@@ -132,6 +132,10 @@ def train_recipe(
         from condiff.cli.tokens import make_token_trainer
 
         trainer = make_token_trainer(recipe, out_dir, progress)
+    elif getattr(recipe, "family", None) == "seq2seq":
+        from condiff.models.seq2seq import make_seq2seq_trainer
+
+        trainer = make_seq2seq_trainer(recipe, out_dir, progress)
     else:
         trainer = make_trainer(recipe, out_dir, progress)
     return run_trainer(trainer, resume, allow_changes, stop_after, progress)

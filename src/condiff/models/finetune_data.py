@@ -59,6 +59,17 @@ def object_area(images: torch.Tensor) -> torch.Tensor:
     return labeller.masks(images).flatten(1).sum(1).float()
 
 
+def prompted_area(images: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    """The prompt-aware reward: the object's area where the labeller reads every attribute the prompt names (the
+    tokens ``raw``), else 0, so a larger object never wins by changing what was asked for."""
+    asked = text.tokens_to_attrs(raw)
+    follows = ((labeller.label(images) == asked) | (asked < 0)).all(1)
+    return torch.where(follows, object_area(images), torch.zeros(()))
+
+
+REWARDS = {"larger": lambda images, raw: object_area(images), "larger-prompted": prompted_area}
+
+
 def partial_prompts(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(tokens, attributes, named) for n prompts naming each of shape, colour and position with probability 1/2
     and never the size."""
@@ -69,10 +80,17 @@ def partial_prompts(n: int, generator: torch.Generator) -> tuple[torch.Tensor, t
 
 
 def preference_pairs(
-    model, prompts: int, seed: int, margin: float = 20.0, steps: int = 20, cfg: float = 3.0, progress: bool = False
+    model,
+    prompts: int,
+    seed: int,
+    margin: float = 20.0,
+    steps: int = 20,
+    cfg: float = 3.0,
+    progress: bool = False,
+    reward: str = "larger",
 ) -> tuple[PreferencePairs, dict]:
-    """Pairs from ``model`` (two DPM-Solver++(2M) samples per partial prompt) judged by ``object_area``; returns
-    the pairs and what was kept (prompts, pairs, ties dropped)."""
+    """Pairs from ``model`` (two DPM-Solver++(2M) samples per partial prompt) judged by ``REWARDS[reward]``
+    (``object_area``, or ``prompted_area``); returns the pairs and what was kept (prompts, pairs, ties dropped)."""
     from condiff.evaluation.evaluate import generate
     from condiff.solvers import DPMSolverPP2M
 
@@ -80,9 +98,10 @@ def preference_pairs(
     raw, _, _ = partial_prompts(prompts, g)
     a, _ = generate(model, raw, DPMSolverPP2M(), steps, cfg, g, progress=progress, desc="pairs (first)")
     b, _ = generate(model, raw, DPMSolverPP2M(), steps, cfg, g, progress=progress, desc="pairs (second)")
-    ra, rb = object_area(a), object_area(b)
+    ra, rb = REWARDS[reward](a, raw), REWARDS[reward](b, raw)
     keep = (ra - rb).abs() >= margin
     a_wins = (ra > rb).view(-1, 1, 1, 1)
     winners, losers = torch.where(a_wins, a, b)[keep], torch.where(a_wins, b, a)[keep]
     stats = {"prompts": prompts, "pairs": int(keep.sum()), "ties_dropped": int((~keep).sum()), "margin": margin}
+    stats["reward"] = reward
     return PreferencePairs(raw[keep], winners, losers), stats

@@ -18,9 +18,22 @@ from torch import nn
 
 from condiff.core.files import atomic_dir, atomic_write_json, load_json
 from condiff.data import captions, corpus, dna, shapes
-from condiff.discrete import KDCE, TDCE, LambdaDCE, NetworkDenoiser, one_hot
+from condiff.discrete import (
+    KDCE,
+    TDCE,
+    LambdaDCE,
+    NetworkDenoiser,
+    cdcd_loss,
+    contrastive_term,
+    inter_negatives,
+    intra_negatives,
+    mask_id,
+    one_hot,
+    with_contrastive,
+)
 from condiff.errors import ConfigError, InputFileError, one_of
 from condiff.models.family import load_pretrained
+from condiff.nets.token_classifier import BagOfTokens
 from condiff.nets.token_transformer import TokenTransformer
 from condiff.training.recipe import (
     NAME_RE,
@@ -33,6 +46,7 @@ from condiff.training.recipe import (
 
 LOSSES = {"lambda_dce": LambdaDCE, "k_dce": KDCE, "t_dce": TDCE}
 KINDS = ("radd", "ar")
+CONTRASTIVE_KINDS = ("inter", "intra")
 
 
 # families -------------------------------------------------------------------------------------------------------
@@ -92,6 +106,7 @@ class Captions(TokenFamily):
     def batch(self, n, generator, data):
         attrs = shapes.random_attrs(n, generator)
         tokens, keep = captions.generate(attrs, generator, p_drop=data.p_drop)
+        keep = keep & (torch.rand(n, 1, generator=generator) >= data.cond_drop)
         return tokens, torch.where(keep, attrs, torch.full_like(attrs, self.NULL))
 
     def text(self, tokens):
@@ -135,7 +150,21 @@ class NetConfig:
 @dataclass(frozen=True)
 class DataConfig:
     length: int = 128
-    p_drop: float = 0.0
+    p_drop: float = 0.0  # captions: each attribute left out of the text and the condition
+    cond_drop: float = (
+        0.0  # captions: the whole condition null (the text still names its attributes); 1 = unconditional
+    )
+
+
+@dataclass(frozen=True)
+class ContrastiveConfig:
+    """CDCD's contrastive term (Zhu et al., ICLR 2023): weight lambda (0 = off), negatives per sample, their kind
+    ("inter": other samples of the batch; "intra": the sample with a fraction ``corrupt`` of its tokens changed)."""
+
+    weight: float = 0.0
+    negatives: int = 8
+    kind: str = "inter"
+    corrupt: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -146,6 +175,7 @@ class TokenRecipe:
     model: NetConfig = field(default_factory=NetConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # unused: the Trainer's field
 
     def to_dict(self) -> dict:
@@ -155,7 +185,7 @@ class TokenRecipe:
 
 
 def token_recipe_from_dict(data: dict) -> TokenRecipe:
-    allowed = {"name", "family", "loss", "model", "data", "train"}
+    allowed = {"name", "family", "loss", "model", "data", "train", "contrastive"}
     for key in data:
         if key not in allowed:
             raise ConfigError(f"unknown token recipe key {key!r}; accepted: {', '.join(sorted(allowed))}")
@@ -169,9 +199,23 @@ def token_recipe_from_dict(data: dict) -> TokenRecipe:
         typed_table(NetConfig, data.get("model", {}), "model"),
         typed_table(DataConfig, data.get("data", {}), "data"),
         typed_table(TrainConfig, data.get("train", {}), "train"),
+        typed_table(ContrastiveConfig, data.get("contrastive", {}), "contrastive"),
     )
     if not NAME_RE.match(r.name) or len(r.name) > 100:
         raise ConfigError(f"recipe name {r.name!r} must be 1-100 letters, digits, '.', '_' or '-'")
+    c = r.contrastive
+    check_real("contrastive.weight", c.weight, 0, 1e6)
+    check_real("contrastive.negatives", c.negatives, 1, 4096)
+    check_real("contrastive.corrupt", c.corrupt, 0, 1, lo_open=True)
+    if c.kind not in CONTRASTIVE_KINDS:
+        raise one_of("contrastive.kind", c.kind, CONTRASTIVE_KINDS)
+    if c.weight > 0 and c.kind == "inter" and c.negatives > r.train.batch_size - 1:
+        raise ConfigError(
+            f"contrastive.negatives {c.negatives} needs train.batch_size > it (inter negatives are other samples of "
+            f"the batch), got batch_size {r.train.batch_size}"
+        )
+    if c.weight > 0 and r.model.kind != "radd":
+        raise ConfigError("contrastive.weight > 0 needs model.kind 'radd' (CDCD scores the diffusion model)")
     if r.family not in FAMILIES:
         raise one_of("family", r.family, FAMILIES)
     if not isinstance(r.loss, str) or r.loss not in LOSSES:
@@ -184,6 +228,7 @@ def token_recipe_from_dict(data: dict) -> TokenRecipe:
         raise ConfigError(f"model.dim {r.model.dim} must be a multiple of model.heads {r.model.heads}")
     check_real("data.length", r.data.length, 1, 4096)
     check_real("data.p_drop", r.data.p_drop, 0, 1)
+    check_real("data.cond_drop", r.data.cond_drop, 0, 1)
     check_objective_train(ObjectiveConfig(), r.train)
     return r
 
@@ -275,16 +320,37 @@ def ar_nll(net: TokenTransformer, x0: torch.Tensor, cond=None) -> torch.Tensor:
 def token_loss_fn(model: TokenModel, r: TokenRecipe):
     """The Trainer's loss: nats per token of the recipe's DCE loss (RADD) or the exact NLL (AR)."""
     loss = LOSSES[r.loss]()
+    c = r.contrastive
 
     def fn(step, g):
         x0, cond = model.family.batch(r.train.batch_size, g, r.data)
         if model.kind == "ar":
             per = ar_nll(model.net, x0, cond)
-        else:
-            per = loss(NetworkDenoiser(model.net, model.family.vocab_size), x0, g, cond)
-        return per.mean() / x0.shape[1], {}
+            return per.mean() / x0.shape[1], {}
+        den = NetworkDenoiser(model.net, model.family.vocab_size)
+        per = loss(den, x0, g, cond)
+        if c.weight == 0:
+            return per.mean() / x0.shape[1], {}
+        contrast = contrastive_loss(den, x0, cond, c, g)
+        return with_contrastive(per, contrast, c.weight).mean() / x0.shape[1], {
+            "contrastive": float(contrast.detach().mean())
+        }
 
     return fn
+
+
+def contrastive_loss(den, x0, cond, c: ContrastiveConfig, g) -> torch.Tensor:
+    """CDCD's InfoNCE term per sample on a lambda-masked x_t (lambda stratified over the batch, as lambda-DCE)."""
+    b = x0.shape[0]
+    lam = (torch.rand(b, generator=g, dtype=torch.float64) + torch.arange(b)) / b
+    masked = torch.rand(x0.shape, generator=g, dtype=torch.float64) < lam[:, None]
+    x_t = torch.where(masked, torch.full_like(x0, mask_id(den.vocab_size)), x0)
+    if c.kind == "inter":
+        neg = inter_negatives(x0, c.negatives, g)
+    else:
+        neg = intra_negatives(x0, c.negatives, den.vocab_size, g, c.corrupt)
+    pos, negs = contrastive_term(den, x0, x_t, cond, neg)
+    return cdcd_loss(pos, negs)
 
 
 @torch.no_grad()
@@ -303,3 +369,33 @@ def bits_per_token(model: TokenModel, data: torch.Tensor, cond=None, draws: int 
             per.append(torch.stack([KDCE()(den, x0, g, c) for _ in range(draws)]).mean(0))
     per = torch.cat(per).double() / data.shape[1] / math.log(2)
     return {"bits": float(per.mean()), "se": float(per.std() / math.sqrt(len(per)))}
+
+
+# captions: attributes read back, and guidance towards one ---------------------------------------------------------
+def attribute_of(name: str) -> tuple[int, int]:
+    """'color=red' -> (attribute column, value id) in shapes.random_attrs order."""
+    key, _, value = name.partition("=")
+    names = list(shapes.ATTRIBUTES)
+    if key not in shapes.ATTRIBUTES or value not in shapes.ATTRIBUTES[key]:
+        accepted = ", ".join(f"{k}={v}" for k in names for v in shapes.ATTRIBUTES[k][:2])
+        raise ConfigError(f"attribute {name!r} is not accepted; write NAME=VALUE, e.g. {accepted}, ...")
+    return names.index(key), shapes.ATTRIBUTES[key].index(value)
+
+
+def fit_attribute_classifier(attribute: int, value: int, p_drop: float, steps: int = 400, seed: int = 0):
+    """A noisy classifier p(attribute = value | x_t) on captions (attributes left out with ``p_drop``, as the model
+    saw them) masked at a uniform random rate, fitted by logistic regression (Adam)."""
+    g = torch.Generator().manual_seed(seed)
+    clf = BagOfTokens(captions.VOCAB.V)
+    opt = torch.optim.Adam(clf.parameters(), lr=0.05)
+    for _ in range(steps):
+        attrs = shapes.random_attrs(256, g)
+        tokens, _ = captions.generate(attrs, g, p_drop=p_drop)
+        masked = torch.rand(tokens.shape, generator=g) < torch.rand(256, 1, generator=g)
+        x = torch.where(masked, torch.full_like(tokens, captions.VOCAB.V), tokens)
+        y = (attrs[:, attribute] == value).float()
+        loss = nn.functional.binary_cross_entropy_with_logits(clf(one_hot(x, captions.VOCAB.V)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return clf.eval().requires_grad_(False)

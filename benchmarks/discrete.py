@@ -1,0 +1,230 @@
+"""Discrete diffusion, measured: RADD against an autoregressive transformer of the same size and training compute
+on the character corpus (bits per character), RADD's cache (network calls and wall time at N = 4L, samples
+identical), conditional captions read back by the exact parser, classifier guidance on the unconditional captions
+model, and (where their runs exist) DRAKES on DNA, DiffuSIA and CDCD.
+
+    OMP_NUM_THREADS=1 python benchmarks/discrete.py [--parts chars,cache,captions,guidance] [--docs]
+
+Trained runs are read from runs/<recipe> (train them with the commands in docs/discrete.md). --parts measures
+those parts and reads the others back from --json; --docs writes the tables into docs/discrete.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from sampling_speed import write_docs_section  # noqa: E402
+
+from condiff.core.files import atomic_write_json, load_json  # noqa: E402
+from condiff.data import captions, shapes  # noqa: E402
+from condiff.discrete import ClassifierGuided, ExactTilt, expected_nfe, sample  # noqa: E402
+from condiff.models.tokens import (  # noqa: E402
+    Captions,
+    attribute_of,
+    bits_per_token,
+    fit_attribute_classifier,
+    load_token_model,
+)
+
+PARTS = ("chars", "cache", "captions", "guidance")
+
+
+def _model(runs: Path, name: str):
+    path = runs / name / "model"
+    return load_token_model(path) if (path / "condiff.json").is_file() else None
+
+
+def _about(m) -> dict:
+    info = m.info
+    return {
+        "parameters": sum(p.numel() for p in m.module.parameters()),
+        "steps": info.get("trained_steps"),
+        "train_minutes": info.get("train_minutes"),
+    }
+
+
+def measure_chars(out, args):
+    rows = {}
+    for name in ("chars-radd", "chars-ar"):
+        m = _model(args.runs, name)
+        if m is None:
+            out["missing"].append(name)
+            continue
+        test = m.family.corpus.test
+        chunks = test[: (len(test) // m.length) * m.length].view(-1, m.length)
+        rows[name] = {"kind": m.kind, **_about(m), **bits_per_token(m, chunks, draws=args.draws, seed=0)}
+        rows[name]["chunks"] = len(chunks)
+        print(name, rows[name], flush=True)
+    out["chars"] = rows
+
+
+@torch.no_grad()
+def measure_cache(out, args):
+    m = _model(args.runs, "chars-radd")
+    if m is None:
+        out["missing"].append("chars-radd")
+        return
+    steps, n, length = 4 * m.length, args.cache_n, m.length
+    res = {}
+    for cache in (True, False):
+        g = torch.Generator().manual_seed(0)
+        t0 = time.perf_counter()
+        x, rows = sample(m.denoiser, n, length, steps, generator=g, cache=cache)
+        res[cache] = (x, rows, time.perf_counter() - t0)
+    (xc, rc, tc), (xu, ru, tu) = res[True], res[False]
+    out["cache"] = {
+        "steps": steps,
+        "length": length,
+        "n": n,
+        "identical": bool(torch.equal(xc, xu)),
+        "nfe_cached": rc / n,
+        "nfe_uncached": ru / n,
+        "nfe_formula": expected_nfe(steps, length),
+        "nfe_ratio": ru / rc,
+        "seconds_cached": tc,
+        "seconds_uncached": tu,
+        "wall_ratio": tu / tc,
+        "sample": m.family.text(xc[:2]),
+    }
+    print("cache", {k: v for k, v in out["cache"].items() if k != "sample"}, flush=True)
+
+
+@torch.no_grad()
+def measure_captions(out, args):
+    m = _model(args.runs, "captions-radd")
+    if m is None:
+        out["missing"].append("captions-radd")
+        return
+    rows = {}
+    for steps in (captions.SEQ_LEN, 2 * captions.SEQ_LEN):
+        g = torch.Generator().manual_seed(100)
+        attrs = shapes.random_attrs(args.n, g)
+        x, nfe = sample(m.denoiser, args.n, m.length, steps, generator=g, cond=attrs)
+        parsed, ok = captions.parse(x), captions.parses(x)
+        rows[steps] = {
+            "all_correct": float(((parsed == attrs).all(1) & ok).float().mean()),
+            "per_attribute": {
+                a: float((parsed[:, i] == attrs[:, i]).float().mean()) for i, a in enumerate(shapes.ATTRIBUTES)
+            },
+            "parses": float(ok.float().mean()),
+            "nfe": nfe / args.n,
+        }
+    out["captions"] = {**_about(m), "by_steps": rows, "sample": captions.text(x[:4]), "conditions": attrs[:4].tolist()}
+    print("captions", out["captions"], flush=True)
+
+
+@torch.no_grad()
+def measure_guidance(out, args):
+    m = _model(args.runs, "captions-uncond")
+    if m is None:
+        out["missing"].append("captions-uncond")
+        return
+    col, val = attribute_of(args.attribute)
+    p_drop = m.info["recipe"]["data"]["p_drop"]
+    clf = fit_attribute_classifier(col, val, p_drop, seed=1)
+    null = torch.full((args.n, 4), Captions.NULL)
+    rows = {}
+    for gamma in args.gammas:
+        den = ClassifierGuided(m.denoiser, clf.log_prob, ExactTilt(gamma))
+        g = torch.Generator().manual_seed(200)
+        t0 = time.perf_counter()
+        x, _ = sample(den, args.n, m.length, m.length, generator=g, cond=null)
+        parsed, ok = captions.parse(x), captions.parses(x)
+        rows[gamma] = {
+            "rate": float((parsed[:, col] == val).float().mean()),
+            "parses": float(ok.float().mean()),
+            "seconds": time.perf_counter() - t0,
+            "sample": captions.text(x[:3]),
+        }
+        print("guidance", gamma, rows[gamma], flush=True)
+    base = rows[0.0]["rate"]
+    for r in rows.values():
+        r["lift"] = r["rate"] / base if base > 0 else None
+    out["guidance"] = {"attribute": args.attribute, "rows": rows}
+
+
+def write_tables(out):
+    cmd = "OMP_NUM_THREADS=1 python benchmarks/discrete.py --docs"
+    c = out.get("chars", {})
+    if c:
+        lines = [
+            f"Measured with `{cmd}` on the test split ({next(iter(c.values()))['chunks']} chunks of 128 characters).",
+            "",
+            "| model | parameters | steps | train min | bits per character |",
+            "|---|---|---|---|---|",
+        ]
+        for name, r in c.items():
+            what = "k-DCE bound" if r["kind"] == "radd" else "exact"
+            lines.append(
+                f"| {name} ({r['kind']}) | {r['parameters']:,} | {r['steps']} | {r['train_minutes']:.1f} | "
+                f"{r['bits']:.3f} ± {r['se']:.3f} ({what}) |"
+            )
+        write_docs_section("discrete-chars", "\n".join(lines), "RADD against autoregressive", "discrete.md")
+    k = out.get("cache")
+    if k:
+        body = (
+            f"| sampler | network calls per sequence | seconds ({k['n']} sequences) |\n|---|---|---|\n"
+            f"| uncached, N = {k['steps']} | {k['nfe_uncached']:.1f} | {k['seconds_uncached']:.1f} |\n"
+            f"| cached, N = {k['steps']} | {k['nfe_cached']:.1f} (formula {k['nfe_formula']:.1f}) | "
+            f"{k['seconds_cached']:.1f} |\n\n"
+            f"{k['nfe_ratio']:.2f}x fewer network calls, {k['wall_ratio']:.2f}x less wall time; samples identical: "
+            f"{k['identical']}."
+        )
+        write_docs_section("discrete-cache", body, "The cache", "discrete.md")
+    cap = out.get("captions")
+    if cap:
+        lines = [
+            "| steps | all four attributes | shape | color | size | position | parses |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for steps, r in cap["by_steps"].items():
+            a = r["per_attribute"]
+            lines.append(
+                f"| {steps} | {r['all_correct']:.3f} | {a['shape']:.3f} | {a['color']:.3f} | {a['size']:.3f} | "
+                f"{a['position']:.3f} | {r['parses']:.3f} |"
+            )
+        write_docs_section("discrete-captions", "\n".join(lines), "Conditional captions", "discrete.md")
+    gd = out.get("guidance")
+    if gd:
+        lines = [f"| gamma | rate of {gd['attribute']} | lift | parses |", "|---|---|---|---|"]
+        for gamma, r in gd["rows"].items():
+            lines.append(f"| {gamma} | {r['rate']:.3f} | {r['lift']:.2f}x | {r['parses']:.3f} |")
+        write_docs_section("discrete-guidance", "\n".join(lines), "Classifier guidance", "discrete.md")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=Path, default=ROOT / "runs")
+    ap.add_argument("--json", type=Path, default=ROOT / "outputs" / "discrete" / "discrete.json")
+    ap.add_argument("--parts", default=",".join(PARTS))
+    ap.add_argument("--n", type=int, default=512)
+    ap.add_argument("--draws", type=int, default=16, help="k-DCE mask draws per test chunk")
+    ap.add_argument("--cache-n", type=int, default=16)
+    ap.add_argument("--attribute", default="color=red")
+    ap.add_argument("--gammas", default="0,1,2,4")
+    ap.add_argument("--docs", action="store_true")
+    args = ap.parse_args(argv)
+    args.gammas = [float(x) for x in args.gammas.split(",")]
+    torch.set_num_threads(1)
+    out = load_json(args.json) if args.json.is_file() else {}
+    out["missing"] = []
+    for part in args.parts.split(","):
+        globals()[f"measure_{part}"](out, args)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.json, json.loads(json.dumps(out, default=str)))
+    if args.docs:
+        write_tables(json.loads(json.dumps(out, default=str)))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
