@@ -26,7 +26,17 @@ from sampling_speed import write_docs_section  # noqa: E402
 
 from condiff.core.files import atomic_write_json, load_json  # noqa: E402
 from condiff.data import captions, shapes  # noqa: E402
-from condiff.discrete import ClassifierGuided, ExactTilt, expected_nfe, sample  # noqa: E402
+from condiff.discrete import (  # noqa: E402
+    ClassifierGuided,
+    ExactTilt,
+    expected_nfe,
+    sample,
+    sample_ordered,
+    soft_trajectory,
+    trajectory_kl,
+)
+from condiff.models.drakes_finetune import reward_of  # noqa: E402
+from condiff.models.seq2seq import exact_match, load_seq2seq_model  # noqa: E402
 from condiff.models.tokens import (  # noqa: E402
     Captions,
     attribute_of,
@@ -35,7 +45,7 @@ from condiff.models.tokens import (  # noqa: E402
     load_token_model,
 )
 
-PARTS = ("chars", "cache", "captions", "guidance")
+PARTS = ("chars", "cache", "captions", "guidance", "drakes", "seq2seq", "cdcd")
 
 
 def _model(runs: Path, name: str):
@@ -105,10 +115,13 @@ def measure_captions(out, args):
         out["missing"].append("captions-radd")
         return
     rows = {}
-    for steps in (captions.SEQ_LEN, 2 * captions.SEQ_LEN):
+    for steps in ("ordered", 12, 48, 192, 768):
         g = torch.Generator().manual_seed(100)
         attrs = shapes.random_attrs(args.n, g)
-        x, nfe = sample(m.denoiser, args.n, m.length, steps, generator=g, cond=attrs)
+        if steps == "ordered":
+            x, nfe = sample_ordered(m.denoiser, args.n, m.length, generator=g, cond=attrs)
+        else:
+            x, nfe = sample(m.denoiser, args.n, m.length, steps, generator=g, cond=attrs)
         parsed, ok = captions.parse(x), captions.parses(x)
         rows[steps] = {
             "all_correct": float(((parsed == attrs).all(1) & ok).float().mean()),
@@ -137,7 +150,7 @@ def measure_guidance(out, args):
         den = ClassifierGuided(m.denoiser, clf.log_prob, ExactTilt(gamma))
         g = torch.Generator().manual_seed(200)
         t0 = time.perf_counter()
-        x, _ = sample(den, args.n, m.length, m.length, generator=g, cond=null)
+        x, _ = sample_ordered(den, args.n, m.length, generator=g, cond=null)
         parsed, ok = captions.parse(x), captions.parses(x)
         rows[gamma] = {
             "rate": float((parsed[:, col] == val).float().mean()),
@@ -150,6 +163,91 @@ def measure_guidance(out, args):
     for r in rows.values():
         r["lift"] = r["rate"] / base if base > 0 else None
     out["guidance"] = {"attribute": args.attribute, "rows": rows}
+
+
+@torch.no_grad()
+def measure_drakes(out, args):
+    pre, ft = _model(args.runs, "dna-radd"), _model(args.runs, "dna-drakes")
+    if pre is None or ft is None:
+        out["missing"].append("dna-radd" if pre is None else "dna-drakes")
+        return
+    steps = ft.info["recipe"]["drakes"]["sampler_steps"]
+    rows = {}
+    for name, m in (("pretrained", pre), ("DRAKES", ft)):
+        rows[name] = {**_about(m), **reward_of(m, "dna", args.n, steps, seed=3)}
+    g = torch.Generator().manual_seed(4)
+    traj = soft_trajectory(ft.denoiser, args.n, ft.length, steps, generator=g, truncate=1)
+    kl = trajectory_kl(traj, pre.denoiser)
+    rows["DRAKES"]["kl"] = float(kl.mean())
+    rows["DRAKES"]["kl_se"] = float(kl.std() / args.n**0.5)
+    rows["DRAKES"]["alpha"] = ft.info["recipe"]["drakes"]["alpha"]
+    rows["DRAKES"]["heldout_ratio"] = rows["DRAKES"]["heldout_reward"] / rows["pretrained"]["heldout_reward"]
+    rows["sample"] = ft.family.text(traj.x0.argmax(-1)[:3])
+    out["drakes"] = rows
+    print("drakes", rows, flush=True)
+
+
+def _curve(path: Path, key: str) -> list:
+    f = path / "learning_curve.json"
+    return [(e["step"], e[key]) for e in load_json(f) if key in e] if f.is_file() else []
+
+
+def _first_step(curve, level):
+    return next((step for step, v in curve if v >= level), None)
+
+
+def measure_seq2seq(out, args):
+    rows = {}
+    for name in ("seq2seq-diffusia", "seq2seq-plain"):
+        path = args.runs / name / "model"
+        if not (path / "condiff.json").is_file():
+            out["missing"].append(name)
+            continue
+        m = load_seq2seq_model(path)
+        info = m.info if hasattr(m, "info") else load_json(path / "condiff.json")
+        curve = _curve(args.runs / name, "exact_match")
+        rows[name] = {
+            "spiral": bool(info["recipe"]["model"]["spiral"]),
+            "parameters": sum(p.numel() for p in m.module.parameters()),
+            "steps": info.get("trained_steps"),
+            "train_minutes": info.get("train_minutes"),
+            **exact_match(m, args.n, seed=0, steps=20),
+            "curve": curve,
+            "minutes_to_0.9": next(
+                (
+                    e["train_minutes"]
+                    for e in load_json(args.runs / name / "learning_curve.json")
+                    if e.get("exact_match", 0) >= 0.9
+                ),
+                None,
+            ),
+        }
+        print(name, rows[name], flush=True)
+    out["seq2seq"] = rows
+
+
+def measure_cdcd(out, args):
+    rows = {}
+    for name in ("captions-radd", "captions-cdcd"):
+        m = _model(args.runs, name)
+        if m is None:
+            out["missing"].append(name)
+            continue
+        curve = _curve(args.runs / name, "attribute_accuracy")
+        g = torch.Generator().manual_seed(100)
+        attrs = shapes.random_attrs(args.n, g)
+        with torch.no_grad():
+            x, _ = sample_ordered(m.denoiser, args.n, m.length, generator=g, cond=attrs)
+        right = (captions.parse(x) == attrs).all(1) & captions.parses(x)
+        rows[name] = {
+            **_about(m),
+            "weight": m.info["recipe"]["contrastive"]["weight"],
+            "final_accuracy": float(right.float().mean()),
+            "curve": curve,
+            **{f"steps_to_{lvl}": _first_step(curve, lvl) for lvl in (0.9, 0.95, 0.97)},
+        }
+        print(name, rows[name], flush=True)
+    out["cdcd"] = rows
 
 
 def write_tables(out):
@@ -199,6 +297,48 @@ def write_tables(out):
         for gamma, r in gd["rows"].items():
             lines.append(f"| {gamma} | {r['rate']:.3f} | {r['lift']:.2f}x | {r['parses']:.3f} |")
         write_docs_section("discrete-guidance", "\n".join(lines), "Classifier guidance", "discrete.md")
+    dr = out.get("drakes")
+    if dr:
+        p, f = dr["pretrained"], dr["DRAKES"]
+        lines = [
+            "| model | reward (optimised) | held-out reward | trajectory KL to pretrained |",
+            "|---|---|---|---|",
+            f"| dna-radd (pretrained) | {p['reward']:.3f} | {p['heldout_reward']:.3f} ± {p['heldout_se']:.3f} | 0 |",
+            f"| dna-drakes (alpha {f['alpha']}) | {f['reward']:.3f} | {f['heldout_reward']:.3f} ± "
+            f"{f['heldout_se']:.3f} | {f['kl']:.2f} ± {f['kl_se']:.2f} |",
+            "",
+            f"Held-out reward: {f['heldout_ratio']:.2f}x the pretrained model's.",
+        ]
+        write_docs_section("discrete-drakes", "\n".join(lines), "DRAKES", "discrete.md")
+    sq = out.get("seq2seq")
+    if sq:
+        lines = [
+            "| model | spiral | parameters | steps | train min | exact match | attributes | parses | min to 0.9 |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in sq.items():
+            m09 = "-" if r["minutes_to_0.9"] is None else f"{r['minutes_to_0.9']:.1f}"
+            lines.append(
+                f"| {name} | {r['spiral']} | {r['parameters']:,} | {r['steps']} | {r['train_minutes']:.1f} | "
+                f"{r['exact_match']:.3f} | {r['attributes_correct']:.3f} | {r['parses']:.3f} | {m09} |"
+            )
+        write_docs_section("discrete-seq2seq", "\n".join(lines), "DiffuSIA", "discrete.md")
+    cd = out.get("cdcd")
+    if cd:
+        lines = [
+            "| model | contrastive weight | steps to 0.90 | to 0.95 | to 0.97 | final accuracy | train min |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, r in cd.items():
+            lines.append(
+                f"| {name} | {r['weight']} | {r['steps_to_0.9']} | {r['steps_to_0.95']} | {r['steps_to_0.97']} | "
+                f"{r['final_accuracy']:.3f} | {r['train_minutes']:.1f} |"
+            )
+        write_docs_section("discrete-cdcd", "\n".join(lines), "CDCD", "discrete.md")
+
+
+def args_n(out):
+    return out.get("n", "?")
 
 
 def main(argv=None):
@@ -217,6 +357,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     out = load_json(args.json) if args.json.is_file() else {}
     out["missing"] = []
+    out["n"] = args.n
     for part in args.parts.split(","):
         globals()[f"measure_{part}"](out, args)
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -129,3 +129,29 @@ def test_contrastive_weight_zero_is_the_plain_loss_and_a_weight_adds_the_cdcd_te
 def test_inter_negatives_need_a_larger_batch():
     with pytest.raises(ConfigError, match="batch_size"):
         tiny(contrastive={"weight": 1.0, "negatives": 8})
+
+
+def test_attribute_classifier_reads_the_colour_word_and_is_unsure_without_it():
+    from condiff.data import captions, shapes
+    from condiff.models.tokens import attribute_of, fit_attribute_classifier
+
+    col, val = attribute_of("color=red")
+    assert (col, val) == (1, 0)
+    clf = fit_attribute_classifier(col, val, p_drop=0.3, steps=150, seed=0)
+    g = torch.Generator().manual_seed(9)
+    attrs = shapes.random_attrs(200, g)
+    keep = torch.ones(200, 4, dtype=torch.bool)
+    tokens, _ = captions.generate(attrs, g, keep=keep)
+    p = clf.log_prob(one_hot(tokens, captions.VOCAB.V)).exp()
+    red = attrs[:, 1] == 0
+    assert p[red].min() > 0.9 and p[~red].max() < 0.1
+    masked = torch.full((1, captions.SEQ_LEN), captions.VOCAB.V)  # nothing seen: about the prior, 1/6
+    assert abs(float(clf.log_prob(one_hot(masked, captions.VOCAB.V)).exp()) - 1 / 6) < 0.05
+
+
+def test_bad_attribute_names_are_one_line():
+    from condiff.models.tokens import attribute_of
+
+    for bad in ("color=pink", "colour=red", "red"):
+        with pytest.raises(ConfigError, match="NAME=VALUE"):
+            attribute_of(bad)

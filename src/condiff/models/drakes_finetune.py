@@ -19,9 +19,10 @@ from condiff.discrete import NetworkDenoiser, drakes_loss, sample
 from condiff.errors import ConfigError, one_of
 from condiff.models.tokens import load_token_model
 from condiff.training.recipe import (
-    NAME_RE,
     ObjectiveConfig,
     TrainConfig,
+    check_keys,
+    check_name,
     check_objective_train,
     check_real,
     typed_table,
@@ -58,13 +59,7 @@ def is_drakes(data) -> bool:
 
 
 def drakes_recipe_from_dict(data: dict) -> DrakesRecipe:
-    allowed = {"name", "base", "objective", "drakes", "train"}
-    for key in data:
-        if key not in allowed:
-            raise ConfigError(f"unknown DRAKES recipe key {key!r}; accepted: {', '.join(sorted(allowed))}")
-    for key in ("name", "base"):
-        if not isinstance(data.get(key), str):
-            raise ConfigError(f"recipe needs a string {key!r}, got {data.get(key)!r}")
+    check_keys(data, {"name", "base", "objective", "drakes", "train"}, ("name", "base"), "DRAKES recipe")
     r = DrakesRecipe(
         data["name"],
         data["base"],
@@ -72,8 +67,7 @@ def drakes_recipe_from_dict(data: dict) -> DrakesRecipe:
         typed_table(DrakesConfig, data.get("drakes", {}), "drakes"),
         typed_table(TrainConfig, data.get("train", {}), "train"),
     )
-    if not NAME_RE.match(r.name) or len(r.name) > 100:
-        raise ConfigError(f"recipe name {r.name!r} must be 1-100 letters, digits, '.', '_' or '-'")
+    check_name(r.name)
     d = r.drakes
     if d.reward not in REWARDS:
         raise one_of("drakes.reward", d.reward, REWARDS)

@@ -35,7 +35,14 @@ from condiff.discrete.embedding_diffusion import (
 from condiff.errors import ConfigError, InputFileError, check_real, one_of
 from condiff.models.family import load_pretrained
 from condiff.nets.diffusia import DiffuSIANet
-from condiff.training.recipe import NAME_RE, ObjectiveConfig, TrainConfig, check_objective_train, typed_table
+from condiff.training.recipe import (
+    ObjectiveConfig,
+    TrainConfig,
+    check_keys,
+    check_name,
+    check_objective_train,
+    typed_table,
+)
 from condiff.training.trainer import Trainer
 
 FAMILY = "seq2seq"
@@ -94,15 +101,7 @@ def _check_template(key: str, value) -> None:
 
 def seq2seq_recipe_from_dict(data: dict) -> Seq2SeqRecipe:
     """A recipe from its TOML table; unknown keys and bad values are one-line ConfigErrors naming them."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"a seq2seq recipe must be a table, got {type(data).__name__}")
-    allowed = {"name", "family", "model", "diffusion", "data", "train"}
-    for key in data:
-        if key not in allowed:
-            raise ConfigError(f"unknown seq2seq recipe key {key!r}; accepted: {', '.join(sorted(allowed))}")
-    for key in ("name", "family"):
-        if not isinstance(data.get(key), str):
-            raise ConfigError(f"recipe needs a string {key!r}, got {data.get(key)!r}")
+    check_keys(data, {"name", "family", "model", "diffusion", "data", "train"}, what="seq2seq recipe")
     if data["family"] != FAMILY:
         raise one_of("seq2seq recipe family", data["family"], [FAMILY])
     r = Seq2SeqRecipe(
@@ -113,8 +112,7 @@ def seq2seq_recipe_from_dict(data: dict) -> Seq2SeqRecipe:
         typed_table(Seq2SeqDataConfig, data.get("data", {}), "data"),
         typed_table(TrainConfig, data.get("train", {}), "train"),
     )
-    if not NAME_RE.match(r.name) or len(r.name) > 100:
-        raise ConfigError(f"recipe name {r.name!r} must be 1-100 letters, digits, '.', '_' or '-'")
+    check_name(r.name)
     for key in ("dim", "layers", "heads", "embed_dim"):
         check_real(f"model.{key}", getattr(r.model, key), 1, 4096)
     if r.model.dim % r.model.heads:

@@ -36,9 +36,10 @@ from condiff.models.family import load_pretrained
 from condiff.nets.token_classifier import BagOfTokens
 from condiff.nets.token_transformer import TokenTransformer
 from condiff.training.recipe import (
-    NAME_RE,
     ObjectiveConfig,
     TrainConfig,
+    check_keys,
+    check_name,
     check_objective_train,
     check_real,
     typed_table,
@@ -185,13 +186,7 @@ class TokenRecipe:
 
 
 def token_recipe_from_dict(data: dict) -> TokenRecipe:
-    allowed = {"name", "family", "loss", "model", "data", "train", "contrastive"}
-    for key in data:
-        if key not in allowed:
-            raise ConfigError(f"unknown token recipe key {key!r}; accepted: {', '.join(sorted(allowed))}")
-    for key in ("name", "family"):
-        if not isinstance(data.get(key), str):
-            raise ConfigError(f"recipe needs a string {key!r}, got {data.get(key)!r}")
+    check_keys(data, {"name", "family", "loss", "model", "data", "train", "contrastive"}, what="token recipe")
     r = TokenRecipe(
         data["name"],
         data["family"],
@@ -201,8 +196,7 @@ def token_recipe_from_dict(data: dict) -> TokenRecipe:
         typed_table(TrainConfig, data.get("train", {}), "train"),
         typed_table(ContrastiveConfig, data.get("contrastive", {}), "contrastive"),
     )
-    if not NAME_RE.match(r.name) or len(r.name) > 100:
-        raise ConfigError(f"recipe name {r.name!r} must be 1-100 letters, digits, '.', '_' or '-'")
+    check_name(r.name)
     c = r.contrastive
     check_real("contrastive.weight", c.weight, 0, 1e6)
     check_real("contrastive.negatives", c.negatives, 1, 4096)

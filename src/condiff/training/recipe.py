@@ -103,11 +103,7 @@ def check_recipe(r: Recipe) -> Recipe:
     """Value checks beyond types: names, families, ranges, finiteness, and the schedule table."""
     from condiff.core.schedules import schedule_from_config
 
-    if not NAME_RE.match(r.name) or len(r.name) > 100:
-        raise ConfigError(
-            f"recipe name {r.name!r} must be 1-100 letters, digits, '.', '_' or '-' "
-            f"(it names the default output directory runs/<name>)"
-        )
+    check_name(r.name)
     _one_of("family", r.family, FAMILIES)
     check_objective_train(r.objective, r.train)
     schedule_from_config(r.schedule)
@@ -144,14 +140,32 @@ def check_objective_train(o: ObjectiveConfig, t: TrainConfig, where: str = "obje
     check_seed(t.seed)
 
 
-def recipe_from_dict(data: dict) -> Recipe:
-    allowed = {"name", "family", "model", "schedule", "objective", "train"}
+def check_keys(data, allowed, strings=("name", "family"), what: str = "recipe") -> dict:
+    """A recipe's top-level table: a dict whose keys are all ``allowed`` and whose ``strings`` keys are strings;
+    one-line ConfigErrors otherwise."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a {what} must be a table, got {type(data).__name__}")
     for key in data:
         if key not in allowed:
-            raise ConfigError(f"unknown recipe key {key!r}; accepted: {', '.join(sorted(allowed))}")
-    for key in ("name", "family"):
+            raise ConfigError(f"unknown {what} key {key!r}; accepted: {', '.join(sorted(allowed))}")
+    for key in strings:
         if not isinstance(data.get(key), str):
             raise ConfigError(f"recipe needs a string {key!r}, got {data.get(key)!r}")
+    return data
+
+
+def check_name(name: str) -> str:
+    """A recipe name: 1-100 letters, digits, '.', '_' or '-' (it names the default output directory runs/<name>)."""
+    if not NAME_RE.match(name) or len(name) > 100:
+        raise ConfigError(
+            f"recipe name {name!r} must be 1-100 letters, digits, '.', '_' or '-' "
+            f"(it names the default output directory runs/<name>)"
+        )
+    return name
+
+
+def recipe_from_dict(data: dict) -> Recipe:
+    check_keys(data, {"name", "family", "model", "schedule", "objective", "train"})
     for key in ("model", "schedule"):
         if not isinstance(data.get(key, {}), dict):
             raise ConfigError(f"[{key}] must be a table, got {data.get(key)!r}")
