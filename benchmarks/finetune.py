@@ -36,13 +36,20 @@ from condiff.data.images import grid_image, save_png
 from condiff.evaluation.diversity import distance_spearman, distinct_fraction, nearest_training_distance
 from condiff.evaluation.evaluate import generate_counted
 from condiff.models.base import load_model, silence_diffusers
-from condiff.models.finetune_data import FewShot, object_area, partial_prompts
+from condiff.models.finetune_data import FewShot, object_area, partial_prompts, prompted_area
 from condiff.solvers import DPMSolverPP2M
 
 ROOT = Path(__file__).resolve().parents[1]
 STYLE_RUNS = ("shapes-striped-lora", "shapes-striped-sara", "shapes-striped-full")
 FEW_SHOT_RUNS = ("shapes-10shot-plain", "shapes-10shot-domainstudio")
-DPO_RUNS = ("shapes-dpo-beta500", "shapes-dpo", "shapes-dpo-beta50000", "shapes-dpo-sft")
+DPO_RUNS = (
+    "shapes-dpo-beta500",
+    "shapes-dpo-beta500-3k",  # condiff finetune shapes-dpo-beta500 --steps 3000 --out runs/shapes-dpo-beta500-3k
+    "shapes-dpo",
+    "shapes-dpo-beta50000",
+    "shapes-dpo-sft",
+    "shapes-dpo-prompted",
+)
 EVAL_SEED, DIVERSITY_SEED, DPO_SEED = 0, 21, 1000  # DPO pairs use seed 7 (recipes' dpo.pair_seed)
 TIE = 20.0
 
@@ -78,8 +85,10 @@ def dpo_row(model, base_x, raw, attrs, named, z):
     wins, losses = int((a > b + TIE).sum()), int((b > a + TIE).sum())
     n = raw.shape[0]
     ok = (labeller.label(x) == attrs) | ~named
+    pa, pb = prompted_area(x, raw), prompted_area(base_x, raw)
     return {
         "win_rate": float(((a > b).float() + 0.5 * (a == b).float()).mean()),
+        "prompted_win_rate": float(((pa > pb).float() + 0.5 * (pa == pb).float()).mean()),
         "clear_win_rate": (wins + 0.5 * (n - wins - losses)) / n,
         "wins": wins,
         "losses": losses,
@@ -106,17 +115,21 @@ def main(argv=None):
     ap.add_argument("--grid", type=Path, default=None, help="write the before/after image grid here")
     ap.add_argument("--docs", action="store_true", help="write the tables into docs/finetuning.md")
     ap.add_argument("--parts", default="style,few_shot,dpo", help="measure these parts; read the others from --json")
+    ap.add_argument("--dpo-checkpoints", default="", help="runs whose kept checkpoints the dpo part also measures")
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
+    args.dpo_checkpoints = [r for r in args.dpo_checkpoints.split(",") if r]
     if not parts <= {"style", "few_shot", "dpo"}:
         ap.error(f"--parts {args.parts!r}: accepted parts are style, few_shot, dpo")
     silence_diffusers()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     base = load_model("shapes")
-    out = {"n": args.n, "missing": [], "style": {}, "few_shot": {}, "dpo": {}}
+    out = {"n": args.n, "missing": [], "style": {}, "few_shot": {}, "dpo": {}, "dpo_steps": {}}
     if parts != {"style", "few_shot", "dpo"}:
-        out = {**load_json(args.json), "missing": []}
+        out = {"dpo_steps": {}, **load_json(args.json), "missing": []}
+    if "dpo" in parts:
+        out["dpo_steps"] = {}
     if "style" in parts:
         measure_style(out, base, args)
     if "few_shot" in parts:
@@ -180,6 +193,24 @@ def measure_dpo(out, base, args):
         row = dpo_row(load_model(args.runs / name / "model"), base_d, raw, attrs, named, zd)
         out["dpo"][name] = {**info, "beta": beta if info["objective"] == "dpo" else None, **row}
         print(name, out["dpo"][name], flush=True)
+    for name in args.dpo_checkpoints:  # the trade-off along one run: each kept checkpoint's EMA weights
+        for step, model in checkpoint_models(args.runs / name):
+            row = dpo_row(model, base_d, raw, attrs, named, zd)
+            out["dpo_steps"][f"{name}@{step}"] = {"step": step, **row}
+            print(name, step, row, flush=True)
+
+
+def checkpoint_models(run: Path):
+    """(step, model with that checkpoint's EMA weights) for every checkpoint a full fine-tuning run kept."""
+    from condiff.core.files import load_tensors
+
+    for ckpt in sorted((run / "checkpoints").glob("step-*")):
+        model = load_model("shapes")
+        params = dict(model.module.named_parameters())
+        with torch.no_grad():
+            for key, value in load_tensors(ckpt / "ema.safetensors").items():
+                params[key].copy_(value)
+        yield int(ckpt.name.split("-")[1]), model
 
 
 def _mb(b):
@@ -216,17 +247,31 @@ def write_tables(out: dict, command: str):
         )
     lines += [
         "",
-        "| preference run | beta | train min | win rate vs base | clear win rate | large | prompted accuracy | "
-        "distance to base |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| preference run | beta | steps | train min | win rate vs base | clear win rate | prompt-aware win rate | "
+        "large | prompted accuracy | distance to base |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in out["dpo"].items():
         beta = "-" if r.get("beta") is None else f"{r['beta']:g}"
         mins = "-" if name == "base" else f"{r['train_minutes']:.1f}"
+        steps = "-" if name == "base" else r["steps"]
         lines.append(
-            f"| {name} | {beta} | {mins} | {r['win_rate']:.3f} | {r['clear_win_rate']:.3f} | {r['large']:.3f} | "
-            f"{r['prompted_accuracy']:.3f} | {r['distance_to_base']:.2f} |"
+            f"| {name} | {beta} | {steps} | {mins} | {r['win_rate']:.3f} | {r['clear_win_rate']:.3f} | "
+            f"{r.get('prompted_win_rate', float('nan')):.3f} | {r['large']:.3f} | {r['prompted_accuracy']:.3f} | "
+            f"{r['distance_to_base']:.2f} |"
         )
+    if out.get("dpo_steps"):
+        lines += [
+            "",
+            "| checkpoint (EMA) | win rate vs base | clear win rate | prompt-aware win rate | large | "
+            "prompted accuracy |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for name, r in out["dpo_steps"].items():
+            lines.append(
+                f"| {name} | {r['win_rate']:.3f} | {r['clear_win_rate']:.3f} | {r['prompted_win_rate']:.3f} | "
+                f"{r['large']:.3f} | {r['prompted_accuracy']:.3f} |"
+            )
     if out["missing"]:
         lines += ["", f"Not measured (no run folder): {', '.join(out['missing'])}."]
     from sampling_speed import write_docs_section

@@ -35,6 +35,12 @@ def load_any_recipe(path):
         from condiff.models.seq2seq import seq2seq_recipe_from_dict
 
         return seq2seq_recipe_from_dict(data)
+    from condiff.training.recipe import FAMILIES as IMAGE_FAMILIES
+
+    family = data.get("family") if isinstance(data, dict) else None
+    if isinstance(family, str) and family not in IMAGE_FAMILIES:
+        accepted = (*IMAGE_FAMILIES, *FAMILIES, "seq2seq")
+        raise ConfigError(f"family {family!r} is not accepted; accepted: {', '.join(accepted)}")
     return load_recipe(path)
 
 

@@ -197,19 +197,6 @@ def token_recipe_from_dict(data: dict) -> TokenRecipe:
         typed_table(ContrastiveConfig, data.get("contrastive", {}), "contrastive"),
     )
     check_name(r.name)
-    c = r.contrastive
-    check_real("contrastive.weight", c.weight, 0, 1e6)
-    check_real("contrastive.negatives", c.negatives, 1, 4096)
-    check_real("contrastive.corrupt", c.corrupt, 0, 1, lo_open=True)
-    if c.kind not in CONTRASTIVE_KINDS:
-        raise one_of("contrastive.kind", c.kind, CONTRASTIVE_KINDS)
-    if c.weight > 0 and c.kind == "inter" and c.negatives > r.train.batch_size - 1:
-        raise ConfigError(
-            f"contrastive.negatives {c.negatives} needs train.batch_size > it (inter negatives are other samples of "
-            f"the batch), got batch_size {r.train.batch_size}"
-        )
-    if c.weight > 0 and r.model.kind != "radd":
-        raise ConfigError("contrastive.weight > 0 needs model.kind 'radd' (CDCD scores the diffusion model)")
     if r.family not in FAMILIES:
         raise one_of("family", r.family, FAMILIES)
     if not isinstance(r.loss, str) or r.loss not in LOSSES:
@@ -224,6 +211,19 @@ def token_recipe_from_dict(data: dict) -> TokenRecipe:
     check_real("data.p_drop", r.data.p_drop, 0, 1)
     check_real("data.cond_drop", r.data.cond_drop, 0, 1)
     check_objective_train(ObjectiveConfig(), r.train)
+    c = r.contrastive
+    check_real("contrastive.weight", c.weight, 0, 1e6)
+    check_real("contrastive.negatives", c.negatives, 1, 4096)
+    check_real("contrastive.corrupt", c.corrupt, 0, 1, lo_open=True)
+    if c.kind not in CONTRASTIVE_KINDS:
+        raise one_of("contrastive.kind", c.kind, CONTRASTIVE_KINDS)
+    if c.weight > 0 and c.kind == "inter" and c.negatives > r.train.batch_size - 1:
+        raise ConfigError(
+            f"contrastive.negatives {c.negatives} needs train.batch_size > it (inter negatives are other samples of "
+            f"the batch), got batch_size {r.train.batch_size}"
+        )
+    if c.weight > 0 and r.model.kind != "radd":
+        raise ConfigError("contrastive.weight > 0 needs model.kind 'radd' (CDCD scores the diffusion model)")
     return r
 
 
@@ -382,6 +382,12 @@ def fit_attribute_classifier(attribute: int, value: int, p_drop: float, steps: i
     g = torch.Generator().manual_seed(seed)
     clf = BagOfTokens(captions.VOCAB.V)
     opt = torch.optim.Adam(clf.parameters(), lr=0.05)
+    with torch.enable_grad():  # also when called under no_grad (sampling code)
+        _fit(clf, opt, attribute, value, p_drop, steps, g)
+    return clf.eval().requires_grad_(False)
+
+
+def _fit(clf, opt, attribute, value, p_drop, steps, g):
     for _ in range(steps):
         attrs = shapes.random_attrs(256, g)
         tokens, _ = captions.generate(attrs, g, p_drop=p_drop)
@@ -392,4 +398,3 @@ def fit_attribute_classifier(attribute: int, value: int, p_drop: float, steps: i
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return clf.eval().requires_grad_(False)
