@@ -15,6 +15,7 @@ from condiff.discrete.block import (
     PolicyBlocks,
     sample_blocks,
 )
+from condiff.discrete.block_cache import BlockDCE, CachedBlockDenoiser, block_dce_loss, sample_blocks_cached
 from condiff.discrete.cdcd import cdcd_loss, contrastive_term, inter_negatives, intra_negatives, with_contrastive
 from condiff.discrete.denoiser import ExactConditional, LogitDenoiser, NetworkDenoiser, mask_id, one_hot
 from condiff.discrete.drakes import (
@@ -43,6 +44,10 @@ from condiff.discrete.sampling import (
 from condiff.discrete.schedules import Linear, LogLinear, MaskSchedule
 
 __all__ = [
+    "BlockDCE",
+    "CachedBlockDenoiser",
+    "block_dce_loss",
+    "sample_blocks_cached",
     "SoftStep",
     "SoftTrajectory",
     "cdcd_loss",
