@@ -88,3 +88,27 @@ def test_a_token_model_folder_with_a_bad_tokens_table_is_one_line(tmp_path, caps
     (tmp_path / "m" / "condiff.json").write_text(json.dumps({"tokens": tokens}))
     code, _, err = run(["sample", "--model", str(tmp_path / "m")], capsys)
     one_line_error(code, err, "'tokens' must name a family")
+
+
+def test_block_diffusion_captions_train_sample_and_eval(tmp_path, capsys):
+    """kind = "block": a block-causal net trained with the block DCE loss and sampled block by block with the
+    previous blocks' keys and values cached (3 blocks of 4 tokens, 2 steps each: at most 6 calls per text)."""
+    recipe = tmp_path / "blocks.toml"
+    recipe.write_text(
+        'name = "tiny-blocks"\nfamily = "captions"\n[model]\nkind = "block"\nblock_size = 4\ndim = 16\nlayers = 1\n'
+        "heads = 2\n[train]\nsteps = 2\nbatch_size = 8\nwarmup = 1\nckpt_every = 2\neval_every = 0\n"
+    )
+    ok(["train", str(recipe), "--out", str(tmp_path / "run")], capsys)
+    model = str(tmp_path / "run" / "model")
+    ok(["sample", "--model", model, "--n", "3", "--steps", "2", "--out", str(tmp_path / "s.json")], capsys)
+    data = load_json(tmp_path / "s.json")
+    assert len(data["texts"]) == 3 and data["network_rows"] <= 3 * 3 * 2
+    ok(["eval", "--model", model, "--n", "4", "--json", str(tmp_path / "e.json")], capsys)
+    assert set(load_json(tmp_path / "e.json")) >= {"accuracy", "parses"}
+
+
+def test_block_size_must_divide_the_length(tmp_path, capsys):
+    recipe = tmp_path / "blocks.toml"
+    recipe.write_text('name = "b"\nfamily = "captions"\n[model]\nkind = "block"\nblock_size = 5\n')
+    code, _, err = run(["train", str(recipe), "--out", str(tmp_path / "run")], capsys)
+    one_line_error(code, err, "model.block_size 5 must divide the sequence length 12")

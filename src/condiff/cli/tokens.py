@@ -52,7 +52,7 @@ def _eval_fn(r: TokenRecipe):
         if r.family == "chars":
             chunks = m.family.corpus.valid[: 64 * m.length].view(64, m.length)
             return {"valid_bits": bits_per_token(m, chunks, draws=2)["bits"]}
-        if r.family == "captions" and m.kind == "radd":
+        if r.family == "captions" and m.kind != "ar":
             return {"attribute_accuracy": caption_accuracy(m, 256, seed=0)["accuracy"]}
         return {}
 
@@ -66,20 +66,33 @@ def make_token_trainer(r: TokenRecipe, out_dir, progress: bool = True) -> Traine
     return Trainer(model, r, Path(out_dir), progress=progress, evaluate=_eval_fn(r), loss_fn=token_loss_fn(model, r))
 
 
+def draw_tokens(model: TokenModel, n: int, steps: int | None, g, cond=None, start=None, cache: bool = True):
+    """n sequences from a diffusion token model: RADD's cached tau-leaping sampler with ``steps`` steps (None: the
+    ordered sampler, one position per step); block diffusion block by block with the previous blocks' keys and values
+    cached, ``steps`` per block (None: one per token of a block)."""
+    from condiff.discrete import sample, sample_blocks_cached, sample_ordered
+
+    if model.kind == "block":
+        per_block = model.block_size if steps is None else steps
+        den = model.denoiser
+        return sample_blocks_cached(
+            den, n, model.length, model.block_size, per_block, generator=g, cond=cond, start=start, cache=cache
+        )[0]
+    if steps is None:
+        return sample_ordered(model.denoiser, n, model.length, generator=g, cond=cond, start=start)[0]
+    return sample(model.denoiser, n, model.length, steps, generator=g, cond=cond, start=start, cache=cache)[0]
+
+
 @torch.no_grad()
 def caption_accuracy(model: TokenModel, n: int, seed: int, steps: int | None = None) -> dict:
     """Sample captions for n random full attribute conditions; the exact parser reads the attributes back. ``steps``
     None: RADD's ordered sampler (one position per step, left to right: L network calls); else the cached
     tau-leaping sampler with that many steps."""
     from condiff.data import shapes
-    from condiff.discrete import sample, sample_ordered
 
     g = torch.Generator().manual_seed(seed)
     attrs = shapes.random_attrs(n, g)
-    if steps is None:
-        tokens, _ = sample_ordered(model.denoiser, n, model.length, generator=g, cond=attrs)
-    else:
-        tokens, _ = sample(model.denoiser, n, model.length, steps, generator=g, cond=attrs)
+    tokens = draw_tokens(model, n, steps, g, cond=attrs)
     ok = captions.parses(tokens)
     right = (captions.parse(tokens) == attrs).all(1) & ok
     return {"accuracy": float(right.float().mean()), "parses": float(ok.float().mean())}
@@ -115,16 +128,21 @@ def prompt_condition(m: TokenModel, prompt: str | None, n: int):
 
 @torch.no_grad()
 def sample_text(m: TokenModel, prompt, n: int, steps: int, seed: int, cache: bool = True) -> dict:
-    """n texts from a token model (RADD: the cached tau-leaping sampler; AR: left to right), with the counts."""
+    """n texts from a token model (RADD: the cached tau-leaping sampler; block diffusion: ``steps`` per block with the
+    previous blocks cached; AR: left to right), with the counts."""
     import time
 
-    from condiff.discrete import NetworkDenoiser, sample, sample_ordered
+    from condiff.discrete import NetworkDenoiser, sample, sample_blocks_cached, sample_ordered
 
     start, cond = prompt_condition(m, prompt, n)
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     if m.kind == "radd":
         tokens, rows = sample(m.denoiser, n, m.length, steps, generator=g, cond=cond, start=start, cache=cache)
+    elif m.kind == "block":
+        tokens, rows, _ = sample_blocks_cached(
+            m.denoiser, n, m.length, m.block_size, steps, generator=g, cond=cond, start=start, cache=cache
+        )
     else:
         tokens, rows = sample_ordered(
             NetworkDenoiser(_ArLogits(m), m.family.vocab_size), n, m.length, generator=g, cond=cond, start=start
@@ -208,11 +226,11 @@ def sample_cmd(model: str, prompt, n: int, steps: int, seed: int, out) -> None:
     res = sample_text(m, prompt, n, steps, seed)
     for text in res["texts"]:
         typer.echo(text)
-    what = (
-        f"{res['nfe_per_sample']:.1f} network calls per text over {steps} steps"
-        if m.kind == "radd"
-        else (f"{m.length} network calls per text (autoregressive)")
-    )
+    what = {
+        "radd": f"{res['nfe_per_sample']:.1f} network calls per text over {steps} steps",
+        "block": f"{res['nfe_per_sample']:.1f} network calls per text, {steps} steps per block of {m.block_size}",
+        "ar": f"{m.length} network calls per text (autoregressive)",
+    }[m.kind]
     typer.echo(f"{n} texts, {what}, {res['seconds']:.2f} s")
     if out is not None:
         atomic_write_json(

@@ -1,7 +1,9 @@
 """Token models for discrete diffusion: the families (``chars``: a real character corpus; ``captions``: the
 procedural shapes language; ``dna``: synthetic DNA), their recipes, and a saved model (a ``TokenTransformer`` as
 safetensors plus ``condiff.json``). A RADD model (``kind = "radd"``) is a time-independent logit denoiser trained
-with a DCE loss (Ou et al., ICLR 2025); ``kind = "ar"`` is the autoregressive baseline of the same size.
+with a DCE loss (Ou et al., ICLR 2025); ``kind = "ar"`` is the autoregressive baseline of the same size;
+``kind = "block"`` is BD3-LM / CtrlDiff block diffusion (a block-causal ``BlockTransformer`` trained with the block
+DCE loss, sampled block by block with the clean previous blocks cached as keys and values).
 
 Families are resolved by name here, at the edge; the discrete methods take a ``LogitDenoiser``.
 """
@@ -20,6 +22,8 @@ from condiff.core.files import atomic_dir, atomic_write_json, load_json
 from condiff.data import captions, corpus, dna, shapes
 from condiff.discrete import (
     KDCE,
+    BlockDCE,
+    CachedBlockDenoiser,
     TDCE,
     LambdaDCE,
     NetworkDenoiser,
@@ -33,6 +37,7 @@ from condiff.discrete import (
 )
 from condiff.errors import ConfigError, InputFileError, one_of
 from condiff.models.family import load_pretrained
+from condiff.nets.block_transformer import BlockTransformer
 from condiff.nets.token_classifier import BagOfTokens
 from condiff.nets.token_transformer import TokenTransformer
 from condiff.training.recipe import (
@@ -46,7 +51,7 @@ from condiff.training.recipe import (
 )
 
 LOSSES = {"lambda_dce": LambdaDCE, "k_dce": KDCE, "t_dce": TDCE}
-KINDS = ("radd", "ar")
+KINDS = ("radd", "ar", "block")
 CONTRASTIVE_KINDS = ("inter", "intra")
 
 
@@ -143,6 +148,7 @@ def get_family(name: str) -> TokenFamily:
 @dataclass(frozen=True)
 class NetConfig:
     kind: str = "radd"
+    block_size: int = 4  # kind "block": tokens per block
     dim: int = 128
     layers: int = 4
     heads: int = 4
@@ -208,6 +214,9 @@ def token_recipe_from_dict(data: dict) -> TokenRecipe:
     if r.model.dim % r.model.heads:
         raise ConfigError(f"model.dim {r.model.dim} must be a multiple of model.heads {r.model.heads}")
     check_real("data.length", r.data.length, 1, 4096)
+    length = captions.SEQ_LEN if r.family == "captions" else r.data.length
+    if r.model.kind == "block" and (r.model.block_size < 1 or length % r.model.block_size):
+        raise ConfigError(f"model.block_size {r.model.block_size} must divide the sequence length {length}")
     check_real("data.p_drop", r.data.p_drop, 0, 1)
     check_real("data.cond_drop", r.data.cond_drop, 0, 1)
     check_objective_train(ObjectiveConfig(), r.train)
@@ -222,8 +231,8 @@ def token_recipe_from_dict(data: dict) -> TokenRecipe:
             f"contrastive.negatives {c.negatives} needs train.batch_size > it (inter negatives are other samples of "
             f"the batch), got batch_size {r.train.batch_size}"
         )
-    if c.weight > 0 and r.model.kind != "radd":
-        raise ConfigError("contrastive.weight > 0 needs model.kind 'radd' (CDCD scores the diffusion model)")
+    if c.weight > 0 and r.model.kind == "ar":
+        raise ConfigError("contrastive.weight > 0 needs a diffusion model.kind (CDCD scores the diffusion model)")
     return r
 
 
@@ -250,9 +259,15 @@ class TokenModel:
 
     @property
     def denoiser(self) -> NetworkDenoiser:
-        if self.kind != "radd":
+        if self.kind == "ar":
             raise ConfigError(f"{self.config['family']} model of kind {self.kind!r} is not a diffusion denoiser")
+        if self.kind == "block":
+            return CachedBlockDenoiser(self.net, self.family.vocab_size)
         return NetworkDenoiser(self.net, self.family.vocab_size)
+
+    @property
+    def block_size(self) -> int:
+        return self.net.config.block_size if self.kind == "block" else self.length
 
     def save(self, directory, extra: dict | None = None):
         with atomic_dir(Path(directory)) as tmp:
@@ -263,16 +278,19 @@ class TokenModel:
 def build_token_model(r: TokenRecipe) -> TokenModel:
     fam = get_family(r.family)
     length = fam.length(r.data)
-    net = TokenTransformer(
+    common = dict(
         vocab_size=fam.vocab_size,
         length=length,
         dim=r.model.dim,
         layers=r.model.layers,
         heads=r.model.heads,
-        causal=r.model.kind == "ar",
         cond_slots=fam.cond_slots,
         cond_vocab=fam.cond_vocab,
     )
+    if r.model.kind == "block":
+        net = BlockTransformer(block_size=r.model.block_size, **common)
+    else:
+        net = TokenTransformer(causal=r.model.kind == "ar", **common)
     cfg = {"family": fam.name, "kind": r.model.kind, "length": length}
     return TokenModel(fam, nn.ModuleDict({"net": net}), cfg)
 
@@ -300,7 +318,7 @@ def load_token_model(directory, what: str = "--model") -> TokenModel:
             f"{what} {str(directory)!r}: condiff.json's 'tokens' must name a family ({', '.join(FAMILIES)}), a kind "
             f"({', '.join(KINDS)}) and an integer length, got {cfg!r}"[:300]
         )
-    net = load_pretrained(TokenTransformer, directory / "net", what)
+    net = load_pretrained(BlockTransformer if cfg["kind"] == "block" else TokenTransformer, directory / "net", what)
     return TokenModel(get_family(cfg["family"]), nn.ModuleDict({"net": net.eval()}), cfg, directory, info)
 
 
@@ -313,7 +331,7 @@ def ar_nll(net: TokenTransformer, x0: torch.Tensor, cond=None) -> torch.Tensor:
 
 def token_loss_fn(model: TokenModel, r: TokenRecipe):
     """The Trainer's loss: nats per token of the recipe's DCE loss (RADD) or the exact NLL (AR)."""
-    loss = LOSSES[r.loss]()
+    loss = BlockDCE(r.model.block_size) if r.model.kind == "block" else LOSSES[r.loss]()
     c = r.contrastive
 
     def fn(step, g):
@@ -321,7 +339,7 @@ def token_loss_fn(model: TokenModel, r: TokenRecipe):
         if model.kind == "ar":
             per = ar_nll(model.net, x0, cond)
             return per.mean() / x0.shape[1], {}
-        den = NetworkDenoiser(model.net, model.family.vocab_size)
+        den = model.denoiser
         per = loss(den, x0, g, cond)
         if c.weight == 0:
             return per.mean() / x0.shape[1], {}
@@ -350,7 +368,8 @@ def contrastive_loss(den, x0, cond, c: ContrastiveConfig, g) -> torch.Tensor:
 @torch.no_grad()
 def bits_per_token(model: TokenModel, data: torch.Tensor, cond=None, draws: int = 8, seed: int = 0, batch=256) -> dict:
     """Bits per token on ``data`` (n, L): exact for AR; for RADD the k-DCE upper bound on -log p (Ou et al., Thm. 2),
-    averaged over ``draws`` mask draws per sequence, with its standard error."""
+    for block diffusion the block DCE bound, averaged over ``draws`` mask draws per sequence, with its standard
+    error."""
     g = torch.Generator().manual_seed(seed)
     per = []
     for i in range(0, len(data), batch):
@@ -359,8 +378,8 @@ def bits_per_token(model: TokenModel, data: torch.Tensor, cond=None, draws: int 
         if model.kind == "ar":
             per.append(ar_nll(model.net, x0, c))
         else:
-            den = model.denoiser
-            per.append(torch.stack([KDCE()(den, x0, g, c) for _ in range(draws)]).mean(0))
+            den, bound = model.denoiser, BlockDCE(model.block_size) if model.kind == "block" else KDCE()
+            per.append(torch.stack([bound(den, x0, g, c) for _ in range(draws)]).mean(0))
     per = torch.cat(per).double() / data.shape[1] / math.log(2)
     return {"bits": float(per.mean()), "se": float(per.std() / math.sqrt(len(per)))}
 
