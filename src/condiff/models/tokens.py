@@ -22,9 +22,9 @@ from condiff.core.files import atomic_dir, atomic_write_json, load_json
 from condiff.data import captions, corpus, dna, shapes
 from condiff.discrete import (
     KDCE,
+    TDCE,
     BlockDCE,
     CachedBlockDenoiser,
-    TDCE,
     LambdaDCE,
     NetworkDenoiser,
     cdcd_loss,
