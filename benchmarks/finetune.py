@@ -116,6 +116,7 @@ def main(argv=None):
     ap.add_argument("--docs", action="store_true", help="write the tables into docs/finetuning.md")
     ap.add_argument("--parts", default="style,few_shot,dpo", help="measure these parts; read the others from --json")
     ap.add_argument("--dpo-checkpoints", default="", help="runs whose kept checkpoints the dpo part also measures")
+    ap.add_argument("--checkpoint-steps", default="", help="only these checkpoint steps (comma-separated); default all")
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
     args.dpo_checkpoints = [r for r in args.dpo_checkpoints.split(",") if r]
@@ -194,17 +195,21 @@ def measure_dpo(out, base, args):
         out["dpo"][name] = {**info, "beta": beta if info["objective"] == "dpo" else None, **row}
         print(name, out["dpo"][name], flush=True)
     for name in args.dpo_checkpoints:  # the trade-off along one run: each kept checkpoint's EMA weights
-        for step, model in checkpoint_models(args.runs / name):
+        steps = {int(x) for x in args.checkpoint_steps.split(",") if x}
+        for step, model in checkpoint_models(args.runs / name, steps):
             row = dpo_row(model, base_d, raw, attrs, named, zd)
             out["dpo_steps"][f"{name}@{step}"] = {"step": step, **row}
             print(name, step, row, flush=True)
 
 
-def checkpoint_models(run: Path):
-    """(step, model with that checkpoint's EMA weights) for every checkpoint a full fine-tuning run kept."""
+def checkpoint_models(run: Path, steps: set[int]):
+    """(step, model with that checkpoint's EMA weights) for the checkpoints a full fine-tuning run kept (those at
+    ``steps``, or all where it is empty)."""
     from condiff.core.files import load_tensors
 
     for ckpt in sorted((run / "checkpoints").glob("step-*")):
+        if steps and int(ckpt.name.split("-")[1]) not in steps:
+            continue
         model = load_model("shapes")
         params = dict(model.module.named_parameters())
         with torch.no_grad():
