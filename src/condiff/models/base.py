@@ -141,7 +141,8 @@ def bundled_dir(name: str) -> Path:
 
 
 def resolve_model(name_or_path: str | Path, what: str = "--model") -> tuple[Path, dict]:
-    """The directory of a bundled model name or model directory, and its checked ``condiff.json``
+    """The directory of a bundled model name or model directory, and its checked ``condiff.json`` (for a
+    ``condiff export`` folder: ``exported_meta``)
     (family, prediction and schedule are validated here, before any weights are read). A directory holding
     pickled weights is refused first (``refuse_pickles``; ``what`` names the option in that refusal)."""
     path = Path(name_or_path)
@@ -157,9 +158,12 @@ def resolve_model(name_or_path: str | Path, what: str = "--model") -> tuple[Path
         raise InputFileError(f"model path {str(path)!r} must be a directory with condiff.json")
     where = str(path / "condiff.json")
     refuse_pickles(path, what)
-    if not (path / "condiff.json").is_file():
+    if is_exported(path):
+        meta, where = exported_meta(path), str(path / "condiff_export.json")
+    elif not (path / "condiff.json").is_file():
         raise InputFileError(f"model directory {str(path)!r} has no condiff.json file (not a condiff model)")
-    meta = load_json(path / "condiff.json")
+    else:
+        meta = load_json(path / "condiff.json")
     if not isinstance(meta, dict):
         raise InputFileError(f"{where!r} must hold a JSON object, got {type(meta).__name__}")
     for key in ("family", "prediction", "schedule", "model"):
@@ -179,9 +183,59 @@ def resolve_model(name_or_path: str | Path, what: str = "--model") -> tuple[Path
     return path, meta
 
 
+PREDICTIONS_FROM_DIFFUSERS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+
+
+def is_exported(path) -> bool:
+    """A diffusers-format folder written by ``condiff export`` (unet/, scheduler/, condiff_export.json)."""
+    path = Path(path)
+    return path.is_dir() and not (path / "condiff.json").is_file() and (path / "condiff_export.json").is_file()
+
+
+def exported_meta(path: Path) -> dict:
+    """What condiff.json would say of a ``condiff export`` folder: the family and the call from condiff_export.json,
+    the schedule and prediction from diffusers' scheduler config. One-line errors name the file."""
+    where = str(path / "condiff_export.json")
+    meta = load_json(path / "condiff_export.json")
+    if not isinstance(meta, dict) or not isinstance(meta.get("family"), str):
+        raise InputFileError(f"{where!r} must be a JSON object naming the model's family")
+    sch_file = path / "scheduler" / "scheduler_config.json"
+    if not sch_file.is_file():
+        raise InputFileError(f"export {str(path)!r} has no scheduler/scheduler_config.json")
+    sch = load_json(sch_file)
+    ok = isinstance(sch, dict) and sch.get("prediction_type") in PREDICTIONS_FROM_DIFFUSERS
+    if not ok or not isinstance(sch.get("beta_schedule"), str):
+        raise InputFileError(
+            f"{str(sch_file)!r} must give a beta_schedule and a prediction_type (epsilon, v_prediction, sample)"
+        )
+    schedule = {
+        "type": "vp_discrete",
+        "beta_schedule": sch["beta_schedule"],
+        "num_steps": int(sch.get("num_train_timesteps", 1000)),
+    }
+    if sch["beta_schedule"] != "squaredcos_cap_v2":
+        schedule.update(beta_start=float(sch.get("beta_start", 1e-4)), beta_end=float(sch.get("beta_end", 2e-2)))
+    model = {"pixel_unshuffle": int(meta.get("pixel_unshuffle", 1))}
+    for part in ("unet", "text_encoder"):  # the networks' constructor arguments, so fine-tuning can rebuild them
+        cfg = path / part / "config.json"
+        if cfg.is_file():
+            data = load_json(cfg)
+            if not isinstance(data, dict):
+                raise InputFileError(f"{str(cfg)!r} must hold a JSON object")
+            model[part] = {k: v for k, v in data.items() if not k.startswith("_")}
+    return {
+        "family": meta["family"],
+        "prediction": PREDICTIONS_FROM_DIFFUSERS[sch["prediction_type"]],
+        "schedule": schedule,
+        "model": model,
+        "exported_from": str(path),
+    }
+
+
 def load_model(name_or_path: str | Path, what: str = "--model") -> LoadedModel:
-    """Load a bundled model by name (shapes, digits) or a model directory written by condiff (safetensors and
-    JSON only; ``what`` names the option in a refusal)."""
+    """Load a bundled model by name (shapes, digits), a model directory written by condiff, or a diffusers-format
+    folder written by ``condiff export`` (``exported_meta``; safetensors and JSON only; ``what`` names the option in
+    a refusal)."""
     path, meta = resolve_model(name_or_path, what)
     fam = get_family(meta["family"])
     try:
