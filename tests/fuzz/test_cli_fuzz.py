@@ -392,6 +392,8 @@ def test_unknown_option(workdir, command, option):
         "resume",
         "help",
         "no-resume",
+        "guide",
+        "guide-scale",
     }
     assume(option.strip("-") not in known and not any(k.startswith(option.strip("-")) for k in known))
     assume(option.strip("-"))

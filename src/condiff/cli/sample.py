@@ -96,6 +96,13 @@ def sample_cmd(
     compile_net: CompileOpt = False,
     channels_last: ChannelsLastOpt = False,
     threads: ThreadsOpt = None,
+    guide: Optional[str] = typer.Option(
+        None,
+        "--guide",
+        help="token models of captions: steer towards an attribute (e.g. color=red) by discrete classifier guidance "
+        "with a noisy bag-of-words classifier (docs/discrete.md)",
+    ),
+    guide_scale: float = typer.Option(2.0, "--guide-scale", help="with --guide: the tilt's exponent gamma"),
 ):
     """Sample images and write them as a PNG grid (--n 1: the image itself) and/or one PNG per sample (--out-dir),
     with a JSON sidecar that reproduces them."""
@@ -161,7 +168,9 @@ def sample_cmd(
                 "--t-start": t_start,
             }
         )
-        return token_cmds.sample_cmd(model, prompt, n, steps, seed, out)
+        return token_cmds.sample_cmd(model, prompt, n, steps, seed, out, guide, guide_scale)
+    if guide is not None:
+        raise ConfigError("--guide goes with a token model of captions (condiff train captions-uncond); see --help")
     model = "shapes" if model is None else model
     if height is not None or width is not None:
         raise ConfigError("--height and --width go with --pipeline (condiff's own models have a fixed size)")

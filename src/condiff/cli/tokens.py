@@ -127,7 +127,26 @@ def prompt_condition(m: TokenModel, prompt: str | None, n: int):
 
 
 @torch.no_grad()
-def sample_text(m: TokenModel, prompt, n: int, steps: int, seed: int, cache: bool = True) -> dict:
+def guided(m: TokenModel, guide: str | None, scale: float):
+    """The denoiser --guide asks for: RADD's c_theta tilted towards an attribute by a noisy classifier fitted on the
+    fly (a few seconds), or None without --guide."""
+    if guide is None:
+        return None
+    import math
+
+    from condiff.discrete import ClassifierGuided, ExactTilt
+    from condiff.models.tokens import attribute_of, fit_attribute_classifier
+
+    if m.family.name != "captions" or m.kind != "radd":
+        raise ConfigError(f"--guide needs a RADD model of captions, got a {m.kind} model of {m.family.name}")
+    if not (math.isfinite(guide_scale := scale) and guide_scale >= 0):
+        raise ConfigError(f"--guide-scale must be a finite number >= 0, got {scale}")
+    col, val = attribute_of(guide)
+    clf = fit_attribute_classifier(col, val, m.info.get("recipe", {}).get("data", {}).get("p_drop", 0.3), seed=1)
+    return ClassifierGuided(m.denoiser, clf.log_prob, ExactTilt(guide_scale))
+
+
+def sample_text(m: TokenModel, prompt, n: int, steps: int, seed: int, cache: bool = True, guide=None) -> dict:
     """n texts from a token model (RADD: the cached tau-leaping sampler; block diffusion: ``steps`` per block with the
     previous blocks cached; AR: left to right), with the counts."""
     import time
@@ -138,7 +157,8 @@ def sample_text(m: TokenModel, prompt, n: int, steps: int, seed: int, cache: boo
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     if m.kind == "radd":
-        tokens, rows = sample(m.denoiser, n, m.length, steps, generator=g, cond=cond, start=start, cache=cache)
+        den = m.denoiser if guide is None else guide
+        tokens, rows = sample(den, n, m.length, steps, generator=g, cond=cond, start=start, cache=cache)
     elif m.kind == "block":
         tokens, rows, _ = sample_blocks_cached(
             m.denoiser, n, m.length, m.block_size, steps, generator=g, cond=cond, start=start, cache=cache
@@ -211,7 +231,7 @@ def _check_counts(n: int, steps: int, seed: int):
     check_seed(seed, "--seed")
 
 
-def sample_cmd(model: str, prompt, n: int, steps: int, seed: int, out) -> None:
+def sample_cmd(model: str, prompt, n: int, steps: int, seed: int, out, guide=None, guide_scale: float = 2.0) -> None:
     """Print n texts from a token model; --out FILE.json writes them with the settings and counts."""
     import typer
 
@@ -223,7 +243,7 @@ def sample_cmd(model: str, prompt, n: int, steps: int, seed: int, out) -> None:
     if out is not None:
         common.check_out(out, "--out", ".json")
     m = load_token_model(model)
-    res = sample_text(m, prompt, n, steps, seed)
+    res = sample_text(m, prompt, n, steps, seed, guide=guided(m, guide, guide_scale))
     for text in res["texts"]:
         typer.echo(text)
     what = {
