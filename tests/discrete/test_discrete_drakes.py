@@ -270,3 +270,22 @@ def test_bad_drakes_settings_are_refused_with_the_value():
         gumbel_softmax(torch.zeros(2, 3), 0.0)
     with pytest.raises(ConfigError, match="got -1"):
         drakes_loss(model, PRE, count_zeros, -1.0, n=2, length=L, steps=4)
+
+
+def test_soft_reward_scores_the_relaxed_output_for_the_gradient_and_reports_the_hard_reward():
+    model = perturbed()
+
+    def run(soft):
+        g = torch.Generator().manual_seed(0)
+        loss, stats = drakes_loss(
+            model, PRE, count_zeros, 0.0, n=64, length=L, steps=STEPS, generator=g, soft_reward=soft
+        )
+        return loss, stats
+
+    (hard_loss, hard), (soft_loss, soft) = run(False), run(True)
+    assert torch.equal(hard["reward"], soft["reward"]) and torch.equal(hard["kl"], soft["kl"])  # same draws
+    assert torch.equal(hard_loss, -hard["reward"])  # alpha 0: the loss is minus the reward of the hard output
+    g = torch.Generator().manual_seed(0)
+    traj = soft_trajectory(model, 64, L, STEPS, generator=g)
+    assert torch.allclose(soft_loss, -count_zeros(traj.soft).mean())  # ... or of the relaxed one
+    assert not torch.allclose(soft_loss, hard_loss)

@@ -66,10 +66,11 @@ class SoftStep:
 
 @dataclass(frozen=True)
 class SoftTrajectory:
-    """The straight-through output x_0 (B, L, V+1) and the steps that produced it."""
+    """The straight-through output x_0 (B, L, V+1), the steps that produced it, and the relaxed (soft) x_0 itself."""
 
     x0: torch.Tensor
     steps: tuple[SoftStep, ...]
+    soft: torch.Tensor | None = None
 
     @property
     def tokens(self) -> torch.Tensor:
@@ -152,7 +153,7 @@ def soft_trajectory(
             soft = torch.where(replace.unsqueeze(-1), draw, soft)  # x_s = f x_t + (1 - f) draw, f hard
             hard = torch.where(change.unsqueeze(-1), torch.nn.functional.one_hot(pick, v + 1).to(dtype), hard)
         records.append(SoftStep(x_in, masked, frac, logp))
-    return SoftTrajectory(hard + (soft - soft.detach()), tuple(records))
+    return SoftTrajectory(hard + (soft - soft.detach()), tuple(records), soft)
 
 
 def step_kl(logp: torch.Tensor, logp_pre: torch.Tensor, masked: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -191,9 +192,13 @@ def drakes_loss(
     cond: torch.Tensor | None = None,
     relax: str = "tokens",
     hard_inputs: bool = True,
+    soft_reward: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """-mean r(x_0) + alpha * mean KL(traj), and the detached means {"reward", "kl"}. ``reward`` maps the
-    straight-through one-hots (B, L, V+1) to (B,) and should be differentiable in them."""
+    """-mean r(x_0) + alpha * mean KL(traj), and the detached means {"reward", "kl"}. ``reward`` maps one-hots
+    (B, L, V+1) to (B,) and should be differentiable in them: the straight-through x_0 (hard values, soft gradient),
+    or with ``soft_reward`` the relaxed x_0 itself (DRAKES gives its reward model the soft one-hots: a reward whose
+    gradient vanishes at hard inputs, such as a product of letter indicators, still gets a signal); the reported
+    "reward" is always that of the hard x_0."""
     if not (alpha >= 0 and math.isfinite(alpha)):
         raise ConfigError(f"alpha must be a finite number >= 0, got {alpha}")
     traj = soft_trajectory(
@@ -211,5 +216,6 @@ def drakes_loss(
     )
     r = reward(traj.x0)
     kl = trajectory_kl(traj, pretrained, cond)
-    loss = -r.mean() + alpha * kl.mean()
+    objective = reward(traj.soft) if soft_reward else r
+    loss = -objective.mean() + alpha * kl.mean()
     return loss, {"reward": r.mean().detach(), "kl": kl.mean().detach()}

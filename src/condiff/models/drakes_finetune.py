@@ -40,6 +40,7 @@ class DrakesConfig:
     sampler_steps: int = 32
     truncate: int = 8
     tau: float = 0.5
+    soft_reward: bool = False  # the reward of the relaxed x_0 for the gradient (drakes_loss)
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ def make_drakes_trainer(r: DrakesRecipe, out_dir, progress: bool = True) -> Trai
             tau=d.tau,
             generator=g,
             truncate=d.truncate,
+            soft_reward=d.soft_reward,
         )
         return loss, {"reward": float(m["reward"]), "kl": float(m["kl"])}
 
