@@ -12,10 +12,19 @@ from condiff.cli.tokens import load_any_recipe
 from condiff.errors import ConfigError, InputFileError
 
 NAMES = [
+    "captions-blocks",
+    "captions-cdcd",
+    "captions-radd",
+    "captions-uncond",
+    "chars-ar",
+    "chars-radd",
     "digits",
     "digits-conprediff",
     "digits_edm",
     "digits_pfgmpp",
+    "dna-radd",
+    "seq2seq-diffusia",
+    "seq2seq-plain",
     "shapes",
     "shapes-clean-classifier",
     "shapes-minority",
