@@ -141,3 +141,14 @@ def test_guide_steers_a_captions_model_and_is_refused_elsewhere(trained, tmp_pat
     one_line_error(code, err, "--guide needs a RADD model of captions")
     code, _, err = run(["sample", "--model", "shapes", "--guide", "color=red"], capsys)
     one_line_error(code, err, "--guide goes with a token model of captions")
+
+
+def test_solver_picks_the_token_sampler(trained, capsys, tmp_path):
+    out = ok(
+        ["sample", "--model", str(trained), "--n", "2", "--solver", "ordered", "--out", str(tmp_path / "o.json")],
+        capsys,
+    )
+    assert "one position per step" in out and load_json(tmp_path / "o.json")["nfe_per_sample"] == 12
+    ok(["sample", "--model", str(trained), "--n", "2", "--steps", "4", "--solver", "euler"], capsys)
+    code, _, err = run(["sample", "--model", str(trained), "--solver", "heun"], capsys)
+    one_line_error(code, err, "accepted: tau-leaping, euler, ordered")

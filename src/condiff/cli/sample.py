@@ -168,7 +168,7 @@ def sample_cmd(
                 "--t-start": t_start,
             }
         )
-        return token_cmds.sample_cmd(model, prompt, n, steps, seed, out, guide, guide_scale)
+        return token_cmds.sample_cmd(model, prompt, n, steps, seed, out, guide, guide_scale, solver)
     if guide is not None:
         raise ConfigError("--guide goes with a token model of captions (condiff train captions-uncond); see --help")
     model = "shapes" if model is None else model
@@ -336,7 +336,7 @@ def eval_cmd(
                 "--channels-last": channels_last,
             }
         )
-        return token_cmds.eval_cmd(model, n, seed, steps, json_out)
+        return token_cmds.eval_cmd(model, n, seed, steps, json_out, solver)
     common.check_common(steps, cfg, n, batch_size, seed, dynamic_threshold)
     if json_out is not None:
         common.check_out(json_out, "--json", ".json")

@@ -66,25 +66,56 @@ def make_token_trainer(r: TokenRecipe, out_dir, progress: bool = True) -> Traine
     return Trainer(model, r, Path(out_dir), progress=progress, evaluate=_eval_fn(r), loss_fn=token_loss_fn(model, r))
 
 
-def draw_tokens(model: TokenModel, n: int, steps: int | None, g, cond=None, start=None, cache: bool = True):
+TOKEN_SAMPLERS = ("tau-leaping", "euler", "ordered")
+IMAGE_DEFAULT_SOLVER = "dpmpp-2m"  # --solver's default for images: a token model reads it as tau-leaping
+
+
+def token_sampler(solver: str) -> str:
+    """--solver for a token model: tau-leaping (the default), euler, or ordered (one position per step)."""
+    solver = "tau-leaping" if solver == IMAGE_DEFAULT_SOLVER else solver
+    if solver not in TOKEN_SAMPLERS:
+        raise ConfigError(f"--solver {solver!r} is not a token sampler; accepted: {', '.join(TOKEN_SAMPLERS)}")
+    return solver
+
+
+def _step(sampler: str):
+    from condiff.discrete import Euler, TweedieTauLeap
+
+    return Euler() if sampler == "euler" else TweedieTauLeap()
+
+
+def draw_tokens(
+    model: TokenModel, n: int, steps: int | None, g, cond=None, start=None, cache: bool = True, sampler="tau-leaping"
+):
     """n sequences from a diffusion token model: RADD's cached tau-leaping sampler with ``steps`` steps (None: the
     ordered sampler, one position per step); block diffusion block by block with the previous blocks' keys and values
     cached, ``steps`` per block (None: one per token of a block)."""
     from condiff.discrete import sample, sample_blocks_cached, sample_ordered
 
     if model.kind == "block":
-        per_block = model.block_size if steps is None else steps
+        per_block = model.block_size if steps is None or sampler == "ordered" else steps
         den = model.denoiser
         return sample_blocks_cached(
-            den, n, model.length, model.block_size, per_block, generator=g, cond=cond, start=start, cache=cache
+            den,
+            n,
+            model.length,
+            model.block_size,
+            per_block,
+            generator=g,
+            cond=cond,
+            start=start,
+            cache=cache,
+            step=_step(sampler),
         )[0]
-    if steps is None:
+    if steps is None or sampler == "ordered":
         return sample_ordered(model.denoiser, n, model.length, generator=g, cond=cond, start=start)[0]
-    return sample(model.denoiser, n, model.length, steps, generator=g, cond=cond, start=start, cache=cache)[0]
+    return sample(
+        model.denoiser, n, model.length, steps, generator=g, cond=cond, start=start, cache=cache, step=_step(sampler)
+    )[0]
 
 
 @torch.no_grad()
-def caption_accuracy(model: TokenModel, n: int, seed: int, steps: int | None = None) -> dict:
+def caption_accuracy(model: TokenModel, n: int, seed: int, steps: int | None = None, sampler="tau-leaping") -> dict:
     """Sample captions for n random full attribute conditions; the exact parser reads the attributes back. ``steps``
     None: RADD's ordered sampler (one position per step, left to right: L network calls); else the cached
     tau-leaping sampler with that many steps."""
@@ -92,7 +123,7 @@ def caption_accuracy(model: TokenModel, n: int, seed: int, steps: int | None = N
 
     g = torch.Generator().manual_seed(seed)
     attrs = shapes.random_attrs(n, g)
-    tokens = draw_tokens(model, n, steps, g, cond=attrs)
+    tokens = draw_tokens(model, n, steps, g, cond=attrs, sampler=sampler)
     ok = captions.parses(tokens)
     right = (captions.parse(tokens) == attrs).all(1) & ok
     return {"accuracy": float(right.float().mean()), "parses": float(ok.float().mean())}
@@ -146,7 +177,9 @@ def guided(m: TokenModel, guide: str | None, scale: float):
     return ClassifierGuided(m.denoiser, clf.log_prob, ExactTilt(guide_scale))
 
 
-def sample_text(m: TokenModel, prompt, n: int, steps: int, seed: int, cache: bool = True, guide=None) -> dict:
+def sample_text(
+    m: TokenModel, prompt, n: int, steps: int, seed: int, cache: bool = True, guide=None, sampler="tau-leaping"
+) -> dict:
     """n texts from a token model (RADD: the cached tau-leaping sampler; block diffusion: ``steps`` per block with the
     previous blocks cached; AR: left to right), with the counts."""
     import time
@@ -156,12 +189,26 @@ def sample_text(m: TokenModel, prompt, n: int, steps: int, seed: int, cache: boo
     start, cond = prompt_condition(m, prompt, n)
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    if m.kind == "radd":
+    if m.kind == "radd" and sampler == "ordered":
         den = m.denoiser if guide is None else guide
-        tokens, rows = sample(den, n, m.length, steps, generator=g, cond=cond, start=start, cache=cache)
+        tokens, rows = sample_ordered(den, n, m.length, generator=g, cond=cond, start=start)
+    elif m.kind == "radd":
+        den = m.denoiser if guide is None else guide
+        step = _step(sampler)
+        tokens, rows = sample(den, n, m.length, steps, generator=g, cond=cond, start=start, cache=cache, step=step)
     elif m.kind == "block":
+        per_block = m.block_size if sampler == "ordered" else steps
         tokens, rows, _ = sample_blocks_cached(
-            m.denoiser, n, m.length, m.block_size, steps, generator=g, cond=cond, start=start, cache=cache
+            m.denoiser,
+            n,
+            m.length,
+            m.block_size,
+            per_block,
+            generator=g,
+            cond=cond,
+            start=start,
+            cache=cache,
+            step=_step(sampler),
         )
     else:
         tokens, rows = sample_ordered(
@@ -196,11 +243,11 @@ class _ArLogits(torch.nn.Module):
 
 
 @torch.no_grad()
-def evaluate_tokens(m: TokenModel, n: int, seed: int, steps: int, draws: int = 4) -> dict:
+def evaluate_tokens(m: TokenModel, n: int, seed: int, steps: int, draws: int = 4, sampler="tau-leaping") -> dict:
     """chars and dna: bits per token on n test chunks (AR exact; RADD the k-DCE bound); captions: sampled captions'
-    parsed-attribute accuracy and parse rate."""
+    parsed-attribute accuracy and parse rate (``sampler``, ``steps``)."""
     if m.family.name == "captions":
-        return caption_accuracy(m, n, seed, steps)
+        return caption_accuracy(m, n, seed, steps, sampler)
     if m.family.name == "chars":
         data = m.family.corpus.test
         chunks = data[: (len(data) // m.length) * m.length].view(-1, m.length)[:n]
@@ -231,7 +278,9 @@ def _check_counts(n: int, steps: int, seed: int):
     check_seed(seed, "--seed")
 
 
-def sample_cmd(model: str, prompt, n: int, steps: int, seed: int, out, guide=None, guide_scale: float = 2.0) -> None:
+def sample_cmd(
+    model: str, prompt, n: int, steps: int, seed: int, out, guide=None, guide_scale: float = 2.0, solver="tau-leaping"
+) -> None:
     """Print n texts from a token model; --out FILE.json writes them with the settings and counts."""
     import typer
 
@@ -242,8 +291,9 @@ def sample_cmd(model: str, prompt, n: int, steps: int, seed: int, out, guide=Non
     _check_counts(n, steps, seed)
     if out is not None:
         common.check_out(out, "--out", ".json")
+    sampler = token_sampler(solver)
     m = load_token_model(model)
-    res = sample_text(m, prompt, n, steps, seed, guide=guided(m, guide, guide_scale))
+    res = sample_text(m, prompt, n, steps, seed, guide=guided(m, guide, guide_scale), sampler=sampler)
     for text in res["texts"]:
         typer.echo(text)
     what = {
@@ -251,6 +301,8 @@ def sample_cmd(model: str, prompt, n: int, steps: int, seed: int, out, guide=Non
         "block": f"{res['nfe_per_sample']:.1f} network calls per text, {steps} steps per block of {m.block_size}",
         "ar": f"{m.length} network calls per text (autoregressive)",
     }[m.kind]
+    if sampler == "ordered" and m.kind == "radd":
+        what = f"{res['nfe_per_sample']:.1f} network calls per text (ordered: one position per step)"
     typer.echo(f"{n} texts, {what}, {res['seconds']:.2f} s")
     if out is not None:
         atomic_write_json(
@@ -270,7 +322,7 @@ def sample_cmd(model: str, prompt, n: int, steps: int, seed: int, out, guide=Non
         typer.echo(f"wrote {out}")
 
 
-def eval_cmd(model: str, n: int, seed: int, steps: int, json_out) -> None:
+def eval_cmd(model: str, n: int, seed: int, steps: int, json_out, solver="tau-leaping") -> None:
     """Score a token model with its exact judge: bits per token (chars, dna) or parsed attributes (captions)."""
     import typer
 
@@ -281,8 +333,9 @@ def eval_cmd(model: str, n: int, seed: int, steps: int, json_out) -> None:
     _check_counts(n, steps, seed)
     if json_out is not None:
         common.check_out(json_out, "--json", ".json")
+    sampler = token_sampler(solver)
     m = load_token_model(model)
-    res = evaluate_tokens(m, n, seed, steps)
+    res = evaluate_tokens(m, n, seed, steps, sampler=sampler)
     for key, value in res.items():
         typer.echo(f"  {key:<22}{value:.4f}" if isinstance(value, float) else f"  {key:<22}{value}")
     if json_out is not None:
