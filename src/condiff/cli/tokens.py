@@ -85,18 +85,31 @@ def _step(sampler: str):
 
 
 def draw_tokens(
-    model: TokenModel, n: int, steps: int | None, g, cond=None, start=None, cache: bool = True, sampler="tau-leaping"
-):
-    """n sequences from a diffusion token model: RADD's cached tau-leaping sampler with ``steps`` steps (None: the
-    ordered sampler, one position per step); block diffusion block by block with the previous blocks' keys and values
-    cached, ``steps`` per block (None: one per token of a block)."""
-    from condiff.discrete import sample, sample_blocks_cached, sample_ordered
+    model: TokenModel,
+    n: int,
+    steps: int | None,
+    g,
+    cond=None,
+    start=None,
+    cache: bool = True,
+    sampler="tau-leaping",
+    denoiser=None,
+) -> tuple[torch.Tensor, int]:
+    """(tokens, network rows) of n sequences from a token model: RADD's cached tau-leaping (or Euler) sampler with
+    ``steps`` steps, or the ordered sampler (one position per step) where ``sampler`` is "ordered" or ``steps`` is
+    None; block diffusion block by block with the previous blocks' keys and values cached, ``steps`` per block (one
+    per token of a block for "ordered" or None); the AR baseline left to right. ``denoiser`` replaces a RADD
+    model's own (a guided one)."""
+    from condiff.discrete import NetworkDenoiser, sample, sample_blocks_cached, sample_ordered
 
+    ordered = steps is None or sampler == "ordered"
+    if model.kind == "ar":
+        ar = NetworkDenoiser(_ArLogits(model), model.family.vocab_size)
+        return sample_ordered(ar, n, model.length, generator=g, cond=cond, start=start)
     if model.kind == "block":
-        per_block = model.block_size if steps is None or sampler == "ordered" else steps
-        den = model.denoiser
-        return sample_blocks_cached(
-            den,
+        per_block = model.block_size if ordered else steps
+        tokens, rows, _ = sample_blocks_cached(
+            model.denoiser,
             n,
             model.length,
             model.block_size,
@@ -106,12 +119,12 @@ def draw_tokens(
             start=start,
             cache=cache,
             step=_step(sampler),
-        )[0]
-    if steps is None or sampler == "ordered":
-        return sample_ordered(model.denoiser, n, model.length, generator=g, cond=cond, start=start)[0]
-    return sample(
-        model.denoiser, n, model.length, steps, generator=g, cond=cond, start=start, cache=cache, step=_step(sampler)
-    )[0]
+        )
+        return tokens, rows
+    den = model.denoiser if denoiser is None else denoiser
+    if ordered:
+        return sample_ordered(den, n, model.length, generator=g, cond=cond, start=start)
+    return sample(den, n, model.length, steps, generator=g, cond=cond, start=start, cache=cache, step=_step(sampler))
 
 
 @torch.no_grad()
@@ -123,7 +136,7 @@ def caption_accuracy(model: TokenModel, n: int, seed: int, steps: int | None = N
 
     g = torch.Generator().manual_seed(seed)
     attrs = shapes.random_attrs(n, g)
-    tokens = draw_tokens(model, n, steps, g, cond=attrs, sampler=sampler)
+    tokens, _ = draw_tokens(model, n, steps, g, cond=attrs, sampler=sampler)
     ok = captions.parses(tokens)
     right = (captions.parse(tokens) == attrs).all(1) & ok
     return {"accuracy": float(right.float().mean()), "parses": float(ok.float().mean())}
@@ -184,36 +197,10 @@ def sample_text(
     previous blocks cached; AR: left to right), with the counts."""
     import time
 
-    from condiff.discrete import NetworkDenoiser, sample, sample_blocks_cached, sample_ordered
-
     start, cond = prompt_condition(m, prompt, n)
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    if m.kind == "radd" and sampler == "ordered":
-        den = m.denoiser if guide is None else guide
-        tokens, rows = sample_ordered(den, n, m.length, generator=g, cond=cond, start=start)
-    elif m.kind == "radd":
-        den = m.denoiser if guide is None else guide
-        step = _step(sampler)
-        tokens, rows = sample(den, n, m.length, steps, generator=g, cond=cond, start=start, cache=cache, step=step)
-    elif m.kind == "block":
-        per_block = m.block_size if sampler == "ordered" else steps
-        tokens, rows, _ = sample_blocks_cached(
-            m.denoiser,
-            n,
-            m.length,
-            m.block_size,
-            per_block,
-            generator=g,
-            cond=cond,
-            start=start,
-            cache=cache,
-            step=_step(sampler),
-        )
-    else:
-        tokens, rows = sample_ordered(
-            NetworkDenoiser(_ArLogits(m), m.family.vocab_size), n, m.length, generator=g, cond=cond, start=start
-        )
+    tokens, rows = draw_tokens(m, n, steps, g, cond, start, cache, sampler, denoiser=guide)
     out = {
         "texts": m.family.text(tokens),
         "network_rows": rows,
