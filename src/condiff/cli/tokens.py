@@ -26,20 +26,20 @@ from condiff.training.trainer import Trainer
 
 
 def load_any_recipe(path):
-    """A training recipe: a token recipe where the family is a token family, a seq2seq one for family seq2seq, else
-    an image one."""
+    """A training recipe: a token recipe where the family is a token family, a registered kind's
+    (``cli.recipe_kinds``) for its family, else an image one."""
     data = read_toml(path)
     if isinstance(data, dict) and data.get("family") in FAMILIES:
         return token_recipe_from_dict(data)
-    if isinstance(data, dict) and data.get("family") == "seq2seq":
-        from condiff.models.seq2seq import seq2seq_recipe_from_dict
+    from condiff.cli.recipe_kinds import KINDS
 
-        return seq2seq_recipe_from_dict(data)
+    if isinstance(data, dict) and isinstance(data.get("family"), str) and data["family"] in KINDS:
+        return KINDS[data["family"]].read(data)
     from condiff.training.recipe import FAMILIES as IMAGE_FAMILIES
 
     family = data.get("family") if isinstance(data, dict) else None
     if isinstance(family, str) and family not in IMAGE_FAMILIES:
-        accepted = (*IMAGE_FAMILIES, *FAMILIES, "seq2seq")
+        accepted = (*IMAGE_FAMILIES, *FAMILIES, *KINDS)
         raise ConfigError(f"family {family!r} is not accepted; accepted: {', '.join(accepted)}")
     return load_recipe(path)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from condiff.cli.recipe_kinds import kind_of
 from condiff.errors import ConfigError, Interrupted
 from condiff.models.tokens import TokenRecipe
 from condiff.training.recipe import Recipe
@@ -132,10 +133,8 @@ def train_recipe(
         from condiff.cli.tokens import make_token_trainer
 
         trainer = make_token_trainer(recipe, out_dir, progress)
-    elif getattr(recipe, "family", None) == "seq2seq":
-        from condiff.models.seq2seq import make_seq2seq_trainer
-
-        trainer = make_seq2seq_trainer(recipe, out_dir, progress)
+    elif (kind := kind_of(recipe)) is not None:
+        trainer = kind.trainer(recipe, out_dir, progress)
     else:
         trainer = make_trainer(recipe, out_dir, progress)
     return run_trainer(trainer, resume, allow_changes, stop_after, progress)

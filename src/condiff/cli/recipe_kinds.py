@@ -1,0 +1,34 @@
+"""Recipe families that are neither image families nor token families: each names the module that reads its
+recipe (``from_dict``) and builds its Trainer (``make_trainer``). Imported lazily, so a family's heavy imports are
+paid only when its recipe is used. A new family adds one ``RecipeKind`` line here."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RecipeKind:
+    family: str
+    module: str  # the condiff module that holds the two functions below
+    from_dict: str  # (dict) -> recipe, raising ConfigError on a bad value
+    make_trainer: str  # (recipe, out_dir, progress) -> Trainer
+
+    def read(self, data: dict):
+        return getattr(importlib.import_module(self.module), self.from_dict)(data)
+
+    def trainer(self, recipe, out_dir, progress: bool = True):
+        return getattr(importlib.import_module(self.module), self.make_trainer)(recipe, out_dir, progress)
+
+
+KINDS = {
+    k.family: k
+    for k in (RecipeKind("seq2seq", "condiff.models.seq2seq", "seq2seq_recipe_from_dict", "make_seq2seq_trainer"),)
+}
+
+
+def kind_of(recipe) -> RecipeKind | None:
+    """The registered kind of a recipe object (by its ``family``), or None for image and token recipes."""
+    family = getattr(recipe, "family", None)
+    return KINDS.get(family) if isinstance(family, str) else None
