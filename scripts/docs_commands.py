@@ -101,6 +101,7 @@ TIERS: list[tuple[str, str, float, str]] = [
     ("*", r"condiff train digits[_a-z]* (--fast )?--out", 3600, "~10-20 min"),
     ("*", r"condiff grid search", 1800, "~4-8 min"),
     ("*", r"condiff train (chars|captions|dna|seq2seq)-", 3600, "a token recipe, ~3-30 min"),
+    ("*", r"condiff train (lotus|dense-eps|unicon|diffmatch) ", 3600, "a perception recipe, ~20-30 min"),
     ("*", r"condiff train digits --steps", 900, "~2-4 min"),
     ("*", r"condiff train tests/fixtures/tiny_digits\.toml --steps 2000", 1800, "2000 steps of the tiny recipe"),
     ("*", r"condiff ems compute", 3600, "~15 min"),

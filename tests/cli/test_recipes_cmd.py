@@ -18,17 +18,21 @@ NAMES = [
     "captions-uncond",
     "chars-ar",
     "chars-radd",
+    "dense-eps",
+    "diffmatch",
     "digits",
     "digits-conprediff",
     "digits_edm",
     "digits_pfgmpp",
     "dna-radd",
+    "lotus",
     "seq2seq-diffusia",
     "seq2seq-plain",
     "shapes",
     "shapes-clean-classifier",
     "shapes-minority",
     "shapes-noisy-classifier",
+    "unicon",
 ]
 
 

@@ -89,6 +89,12 @@ def test_every_computing_command_takes_threads():
         "guidance train-ppap",
         "guidance fit-minority",
         "ui",
+        "classify",
+        "predict",
+        "unicon",
+        "match",
+        "features fit",
+        "features edit",
     }
     found = set()
 

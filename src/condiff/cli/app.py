@@ -10,7 +10,24 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import typer  # noqa: E402
 
-from condiff.cli import bench, catalog, dc, edit, ems, export, finetune, grid, guidance, recipes, restore, sample  # noqa: E402
+from condiff.cli import (  # noqa: E402
+    bench,
+    catalog,
+    classify,
+    dc,
+    edit,
+    ems,
+    export,
+    features,
+    finetune,
+    grid,
+    guidance,
+    match,
+    predict,
+    recipes,
+    restore,
+    sample,
+)
 from condiff.cli.ui import command as ui_command  # noqa: E402
 from condiff.core.files import log_writes  # noqa: E402
 from condiff.errors import CondiffError, Interrupted, one_line  # noqa: E402
@@ -55,6 +72,10 @@ app.command("demo")(sample.demo_cmd)
 app.command("invert")(edit.invert_cmd)
 app.command("edit")(edit.edit_cmd)
 app.command("restore")(restore.restore_cmd)
+app.command("match")(match.match_cmd)
+app.command("classify")(classify.classify_cmd)
+app.command("predict")(predict.predict_cmd)
+app.command("unicon")(predict.unicon_cmd)
 app.command("ui")(ui_command.ui_cmd)
 app.add_typer(export.app, name="export")
 app.add_typer(guidance.app, name="guidance")
@@ -63,6 +84,7 @@ app.add_typer(dc.app, name="dc")
 app.add_typer(grid.app, name="grid")
 app.add_typer(bench.app, name="bench")
 app.add_typer(recipes.app, name="recipes")
+app.add_typer(features.app, name="features")
 
 
 def _fail(message: str):

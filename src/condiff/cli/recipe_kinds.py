@@ -24,7 +24,12 @@ class RecipeKind:
 
 KINDS = {
     k.family: k
-    for k in (RecipeKind("seq2seq", "condiff.models.seq2seq", "seq2seq_recipe_from_dict", "make_seq2seq_trainer"),)
+    for k in (
+        RecipeKind("seq2seq", "condiff.models.seq2seq", "seq2seq_recipe_from_dict", "make_seq2seq_trainer"),
+        RecipeKind("diffmatch", "condiff.models.diffmatch", "diffmatch_recipe_from_dict", "make_diffmatch_trainer"),
+        RecipeKind("dense", "condiff.models.dense", "dense_recipe_from_dict", "make_dense_trainer"),
+        RecipeKind("unicon", "condiff.models.unicon", "unicon_recipe_from_dict", "make_unicon_trainer"),
+    )
 }
 
 

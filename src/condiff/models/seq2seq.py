@@ -37,6 +37,7 @@ from condiff.models.family import load_pretrained
 from condiff.nets.diffusia import DiffuSIANet
 from condiff.training.recipe import (
     ObjectiveConfig,
+    TaskRecipeDict,
     TrainConfig,
     check_keys,
     check_name,
@@ -79,7 +80,7 @@ class Seq2SeqDataConfig:
 
 
 @dataclass(frozen=True)
-class Seq2SeqRecipe:
+class Seq2SeqRecipe(TaskRecipeDict):
     name: str
     family: str = FAMILY
     model: Seq2SeqNetConfig = field(default_factory=Seq2SeqNetConfig)
@@ -87,11 +88,6 @@ class Seq2SeqRecipe:
     data: Seq2SeqDataConfig = field(default_factory=Seq2SeqDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # unused: the Trainer's field
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("objective")
-        return d
 
 
 def _check_template(key: str, value) -> None:

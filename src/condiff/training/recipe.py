@@ -64,6 +64,16 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
+class TaskRecipeDict:
+    """``to_dict`` for a recipe dataclass whose ``objective`` field only satisfies the Trainer (a family with its own
+    loss): the recipe's tables without it, as the model's condiff.json records them."""
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("objective")
+        return d
+
+
 FAMILIES = ("shapes", "digits", "shapes_classifier", "shapes_imbalanced")
 SEED_MIN, SEED_MAX = 0, 2**63 - 1
 MAX_THREADS = 1024
