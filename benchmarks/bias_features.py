@@ -2,7 +2,7 @@
 attribution of its latents to the object's size, and edits of the top latents during sampling, beside the
 Asyrp-style Delta-h baseline (condiff.tasks.bias_features). Usage:
     OMP_NUM_THREADS=1 python benchmarks/bias_features.py [--json F] [--docs]
-        [--layers mid_block,up_blocks.0.attentions.1] [--windows 1,0.5,0.3]
+        [--layers mid_block,up_blocks.0.attentions.1] [--windows 1,0.5,0.3] [--stack-layers A,B]
 
 Protocol (fixed seeds; dpmpp-2m, 20 steps, no CFG; images judged by the exact labeller condiff.data.labeller):
 1. collect: the layer's output at every step of --n-collect samples of random captions (size named in half of them);
@@ -19,7 +19,9 @@ Protocol (fixed seeds; dpmpp-2m, 20 steps, no CFG; images judged by the exact la
    right >= 0.9 (else the largest flip rate), then measured once on --n-test test captions (seeds --seed + 40,
    41): captions without a size ('size omitted': each sample edited toward the size it did not get) and the same
    captions asking for a small object ('small asked': edited toward large).
-5. oracle: h replaced by the h of the same noise under the caption that names the target size (paired runs):
+5. --stack-layers A,B: the SAE edit of step 4 at every listed layer at once (FeatureEdit(FeatureEdit(D, A), B),
+   each layer with its own SAE and attribution, the same n, lambda and f at each), chosen and measured as in 4.
+6. oracle: h replaced by the h of the same noise under the caption that names the target size (paired runs):
    what the layer can carry at all.
 Rates: 'flip' = the labeller's size changed to the edit's target; 'shape', 'color', 'position' = the labeller
 agrees with the caption. Writes --json (default outputs/bias_features.json) and, with --docs,
@@ -117,6 +119,12 @@ def main():
     ap.add_argument("--sae-scales", default=SAE_SCALES, help="validation grid: lambda")
     ap.add_argument("--dh-scales", default=DH_SCALES, help="validation grid: alpha")
     ap.add_argument("--windows", default=WINDOWS, help="validation grid: fraction of the first steps edited")
+    ap.add_argument(
+        "--stack-layers",
+        default="",
+        help="also: SAE edits at these layers at once (comma list; each its own SAE and attribution, the same n, "
+        "lambda and window at each, chosen from --sae-n x --sae-scales x --windows); --layers '' skips the rest",
+    )
     ap.add_argument("--json", default="outputs/bias_features.json")
     ap.add_argument("--docs", action="store_true", help="write docs/tasks_features.png")
     args = ap.parse_args()
@@ -168,7 +176,9 @@ def main():
     }
     print(f"plain, size omitted: large {base['size omitted']['large']:.3f}; small asked: {base['small asked']}")
     results, pictures = [], {}
-    for layer in [s.strip() for s in args.layers.split(",") if s.strip()]:
+
+    def fit_layer(layer):
+        """Collect the layer's h, fit its SAE, Delta-h and the attribution (steps 1-3)."""
         t0 = time.perf_counter()
         hs = bf.collect_hspace(den, solver, grid, x_c, model.condition(c_tok), layer=layer)
         t_collect = time.perf_counter() - t0
@@ -191,6 +201,25 @@ def main():
             f"top + {att.top(8)}, - {att.top(8, -1)}",
             flush=True,
         )
+        info = {"nmse": nmse, "dead": fit.dead, "vectors": int(hs.vectors().shape[0])}
+        return sae, att, dh, times, info, {"collect": t_collect, "sae": t_sae, "attribution": t_att}
+
+    def choose(make, grid_, x, tok, attrs, sizes):
+        """Per direction (sign +1: toward large on the samples that came out small; -1: the reverse)."""
+        best = {}
+        for sign, target in ((1, 1), (-1, 0)):
+            rows = sizes != target
+            scored = []
+            for cfg in grid_:
+                r = rates(run(make(*cfg, sign), x, tok), attrs, torch.full_like(sizes, target), rows)
+                scored.append((cfg, r))
+            ok = [c for c in scored if c[1]["others_min"] >= 0.9] or scored
+            best[sign] = max(ok, key=lambda c: (c[1]["flip"], c[1]["others_min"]))
+            print(f"  val {make.__name__} sign {sign:+d}: best {best[sign][0]} {best[sign][1]}", flush=True)
+        return best
+
+    for layer in [s.strip() for s in args.layers.split(",") if s.strip()]:
+        sae, att, dh, times, sae_info, seconds = fit_layer(layer)
 
         def sae_edit(n, lam, f, sign):
             lat, sc = bf.steering(att, n, lam, sign)
@@ -198,20 +227,6 @@ def main():
 
         def dh_edit(alpha, f, sign):
             return bf.HShift(den, dh, sign * alpha, times=times, layer=layer, t_range=bf.early_window(grid, f))
-
-        def choose(make, grid_, x, tok, attrs, sizes):
-            """Per direction (sign +1: toward large on the samples that came out small; -1: the reverse)."""
-            best = {}
-            for sign, target in ((1, 1), (-1, 0)):
-                rows = sizes != target
-                scored = []
-                for cfg in grid_:
-                    r = rates(run(make(*cfg, sign), x, tok), attrs, torch.full_like(sizes, target), rows)
-                    scored.append((cfg, r))
-                ok = [c for c in scored if c[1]["others_min"] >= 0.9] or scored
-                best[sign] = max(ok, key=lambda c: (c[1]["flip"], c[1]["others_min"]))
-                print(f"  val {make.__name__} sign {sign:+d}: best {best[sign][0]} {best[sign][1]}", flush=True)
-            return best
 
         chosen = {
             "sae": choose(sae_edit, sae_grid, x_v, v_tok, v_attrs, v_size),
@@ -263,9 +278,54 @@ def main():
                     f"{r['color']:.3f} position {r['position']:.3f}  {r['config']}",
                     flush=True,
                 )
-        results[-1]["sae"] = {"nmse": nmse, "dead": fit.dead, "vectors": int(hs.vectors().shape[0])}
-        results[-1]["seconds"] = {"collect": t_collect, "sae": t_sae, "attribution": t_att}
+        results[-1]["sae"] = sae_info
+        results[-1]["seconds"] = seconds
         pictures["plain"] = test_plain
+    stack = [s.strip() for s in args.stack_layers.split(",") if s.strip()]
+    if stack:
+        fits = {layer: fit_layer(layer) for layer in stack}
+
+        def stacked_sae_edit(n, lam, f, sign):
+            d = den  # FeatureEdit(FeatureEdit(den, A), B): each finds its layer through the wrappers
+            for layer, (sae, att, *_rest) in fits.items():
+                lat, sc = bf.steering(att, n, lam, sign)
+                d = bf.FeatureEdit(d, sae, lat, scale=sc, layer=layer, t_range=bf.early_window(grid, f))
+            return d
+
+        best = choose(stacked_sae_edit, sae_grid, x_v, v_tok, v_attrs, v_size)
+        outs = {sign: run(stacked_sae_edit(*best[sign][0], sign), x_t, t_tok) for sign in (1, -1)}
+        flipped = torch.where((t_size == 1).view(-1, 1, 1, 1), outs[-1], outs[1])
+        name, cfg = "+".join(stack), {"toward large": best[1][0], "toward small": best[-1][0]}
+        results.append(
+            {
+                "layer": name,
+                "method": "sae stacked",
+                "prompts": "size omitted",
+                "config": cfg,
+                "validation": {"toward large": best[1][1], "toward small": best[-1][1]},
+                **rates(flipped, t_attrs, 1 - t_size),
+                "toward large": rates(outs[1], t_attrs, torch.ones_like(t_size), t_size == 0),
+                "toward small": rates(outs[-1], t_attrs, torch.zeros_like(t_size), t_size == 1),
+            }
+        )
+        asked = run(stacked_sae_edit(*best[1][0], 1), x_t, small_tok)
+        results.append(
+            {
+                "layer": name,
+                "method": "sae stacked",
+                "prompts": "small asked",
+                "config": {"toward large": best[1][0]},
+                **rates(asked, small_attrs, torch.ones_like(t_size)),
+                "sae": {layer: v[4] for layer, v in fits.items()},
+                "seconds": {layer: v[5] for layer, v in fits.items()},
+            }
+        )
+        for r in results[-2:]:
+            print(
+                f"  stacked  {r['prompts']:12s} flip {r['flip']:.3f} shape {r['shape']:.3f} color "
+                f"{r['color']:.3f} position {r['position']:.3f}  {r['config']}",
+                flush=True,
+            )
     out = {
         "args": vars(args),
         "plain": base,
