@@ -18,6 +18,7 @@ from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 from condiff.cli import main
 from condiff.errors import CondiffError
@@ -142,3 +143,16 @@ def to_toml(data: dict, prefix: str = "") -> str:
             name = f"{prefix}.{_key(k)}" if prefix else _key(k)
             lines += ["", f"[{name}]", to_toml(v, name)]
     return "\n".join(lines)
+
+
+def wrong_type(default):
+    """A hypothesis strategy of TOML values of the wrong type for a recipe field whose default is ``default``: a
+    list always; text for a bool or a number; an integer or a bool for a string; a bool for a number."""
+    choices = [st.lists(st.integers(), max_size=2)]
+    if isinstance(default, bool):
+        choices.append(st.text(max_size=4))
+    elif isinstance(default, str):
+        choices += [st.integers(), st.booleans()]
+    else:
+        choices += [st.text(max_size=4), st.booleans()]
+    return st.one_of(choices)

@@ -14,7 +14,7 @@ from unittest import mock
 
 import pytest
 import torch
-from fuzzkit import expect_api_error, expect_cli_error, guarded, no_stray_temp_files, to_toml
+from fuzzkit import expect_api_error, expect_cli_error, guarded, no_stray_temp_files, to_toml, wrong_type
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -209,14 +209,7 @@ def _check(data: dict, workdir: Path, *needles: str, via_cli: bool = False):
 @given(field=st.sampled_from(FIELDS), data=st.data(), via_cli=st.booleans())
 def test_recipe_wrong_types(workdir, field, data, via_cli):
     kind, table, key, default = field
-    choices = [st.lists(st.integers(), max_size=2)]
-    if isinstance(default, bool):
-        choices.append(st.text(max_size=4))
-    elif isinstance(default, str):
-        choices += [st.integers(), st.booleans()]
-    else:
-        choices += [st.text(max_size=4), st.booleans()]
-    value = data.draw(st.one_of(choices))
+    value = data.draw(wrong_type(default))
     assume(not (isinstance(default, bool) and isinstance(value, bool)))
     r = _base(kind)
     r.setdefault(table, {})[key] = value

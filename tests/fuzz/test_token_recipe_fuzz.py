@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from unittest import mock
 
-from fuzzkit import expect_api_error, expect_cli_error, guarded, to_toml
+from fuzzkit import expect_api_error, expect_cli_error, guarded, to_toml, wrong_type
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -84,14 +84,7 @@ def _base(kind: str) -> dict:
 @given(field=st.sampled_from(FIELDS), data=st.data(), via_cli=st.booleans())
 def test_wrong_types(workdir, field, data, via_cli):
     kind, table, key, default = field
-    choices = [st.lists(st.integers(), max_size=2)]
-    if isinstance(default, bool):
-        choices.append(st.text(max_size=4))
-    elif isinstance(default, str):
-        choices += [st.integers(), st.booleans()]
-    else:
-        choices += [st.text(max_size=4), st.booleans()]
-    value = data.draw(st.one_of(choices))
+    value = data.draw(wrong_type(default))
     assume(not (isinstance(default, bool) and isinstance(value, bool)))
     r = _base(kind)
     r.setdefault(table, {})[key] = value
