@@ -90,6 +90,7 @@ def test_every_computing_command_takes_threads():
         "guidance fit-minority",
         "ui",
         "classify",
+        "certify",
         "predict",
         "unicon",
         "match",

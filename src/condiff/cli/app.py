@@ -13,6 +13,7 @@ import typer  # noqa: E402
 from condiff.cli import (  # noqa: E402
     bench,
     catalog,
+    certify,
     classify,
     dc,
     edit,
@@ -74,6 +75,7 @@ app.command("edit")(edit.edit_cmd)
 app.command("restore")(restore.restore_cmd)
 app.command("match")(match.match_cmd)
 app.command("classify")(classify.classify_cmd)
+app.command("certify")(certify.certify_cmd)
 app.command("predict")(predict.predict_cmd)
 app.command("unicon")(predict.unicon_cmd)
 app.command("ui")(ui_command.ui_cmd)
