@@ -156,3 +156,27 @@ def wrong_type(default):
     else:
         choices += [st.text(max_size=4), st.booleans()]
     return st.one_of(choices)
+
+
+def bad_json_target(d: Path, kind: str, stem: str) -> Path:
+    """An unusable ``--json`` target in the fresh folder ``d``: "suffix" (not .json), "pickle" (an existing .pkl
+    holding a pickle), "directory" (a folder named .json), "under-file" (below a regular file), else a .json in a
+    read-only folder."""
+    if kind == "suffix":
+        return d / f"{stem}.txt"
+    if kind == "pickle":
+        import pickle
+
+        target = d / f"{stem}.pkl"
+        target.write_bytes(pickle.dumps({"a": 1}))
+        return target
+    if kind == "directory":
+        target = d / f"{stem}.json"
+        target.mkdir()
+        return target
+    if kind == "under-file":
+        (d / "file").write_text("x")
+        return d / "file" / f"{stem}.json"
+    (d / "ro").mkdir()
+    (d / "ro").chmod(0o555)
+    return d / "ro" / f"{stem}.json"

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import tempfile
 from pathlib import Path
 
-from fuzzkit import IS_ROOT, expect_cli_error, no_stray_temp_files
+from fuzzkit import IS_ROOT, bad_json_target, expect_cli_error, no_stray_temp_files
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -112,21 +111,7 @@ def test_non_numbers(workdir, option, value):
 )
 def test_unwritable_json(workdir, kind, stem):
     d = _fresh(workdir)
-    if kind == "suffix":
-        target = d / f"{stem}.txt"
-    elif kind == "pickle":
-        target = d / f"{stem}.pkl"
-        target.write_bytes(pickle.dumps({"a": 1}))
-    elif kind == "directory":
-        target = d / f"{stem}.json"
-        target.mkdir()
-    elif kind == "under-file":
-        (d / "file").write_text("x")
-        target = d / "file" / f"{stem}.json"
-    else:
-        (d / "ro").mkdir()
-        (d / "ro").chmod(0o555)
-        target = d / "ro" / f"{stem}.json"
+    target = bad_json_target(d, kind, stem)
     before = target.read_bytes() if kind == "pickle" else None
     argv = ["certify", "--images", "2", "--n", "10", "--n0", "5", "--json", str(target)]
     expect_cli_error(argv, "--json", repr(str(target)))

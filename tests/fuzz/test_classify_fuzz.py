@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fuzzkit import IS_ROOT, expect_cli_error, no_stray_temp_files, run_cli
+from fuzzkit import IS_ROOT, bad_json_target, expect_cli_error, no_stray_temp_files, run_cli
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -202,18 +202,7 @@ def test_missing_image_and_directory_image(workdir):
 )
 def test_unwritable_json(image, workdir, kind, stem):
     d = _fresh(workdir)
-    if kind == "suffix":
-        target = d / f"{stem}.txt"
-    elif kind == "directory":
-        target = d / f"{stem}.json"
-        target.mkdir()
-    elif kind == "under-file":
-        (d / "file").write_text("x")
-        target = d / "file" / f"{stem}.json"
-    else:
-        (d / "ro").mkdir()
-        (d / "ro").chmod(0o555)
-        target = d / "ro" / f"{stem}.json"
+    target = bad_json_target(d, kind, stem)
     argv = ["classify", "--image", str(image), "--candidates", "red,green", "--json", str(target)]
     expect_cli_error(argv, "--json", repr(str(target)))
     assert (target.is_dir() or not os.path.lexists(target)) and no_stray_temp_files(d, target.parent)
