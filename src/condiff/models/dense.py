@@ -208,24 +208,32 @@ def check_init_from(t: TrainConfig) -> None:
         )
 
 
-def dense_recipe_from_dict(data: dict) -> DenseRecipe:
-    """A recipe from its TOML table; unknown keys and bad values are one-line ConfigErrors naming them."""
-    check_keys(data, {"name", "family", "model", "train"}, what="dense recipe")
-    if data["family"] != FAMILY:
-        raise one_of("dense recipe family", data["family"], [FAMILY])
-    r = DenseRecipe(
+def shapes_start_recipe(recipe_cls, net_cls, data: dict, family: str):
+    """A recipe of a family fine-tuned from a shapes model (tables name, family, [model] of ``net_cls``, [train]
+    with init_from defaulting to "shapes"): unknown keys and bad values are one-line ConfigErrors naming them.
+    The family checks its [model] values after this."""
+    check_keys(data, {"name", "family", "model", "train"}, what=f"{family} recipe")
+    if data["family"] != family:
+        raise one_of(f"{family} recipe family", data["family"], [family])
+    r = recipe_cls(
         data["name"],
         data["family"],
-        typed_table(DenseNetConfig, data.get("model", {}), "model"),
+        typed_table(net_cls, data.get("model", {}), "model"),
         typed_table(TrainConfig, train_table(data), "train"),
     )
     check_name(r.name)
+    check_objective_train(ObjectiveConfig(), r.train)
+    check_init_from(r.train)
+    return r
+
+
+def dense_recipe_from_dict(data: dict) -> DenseRecipe:
+    """A recipe from its TOML table; unknown keys and bad values are one-line ConfigErrors naming them."""
+    r = shapes_start_recipe(DenseRecipe, DenseNetConfig, data, FAMILY)
     if r.model.kind not in KINDS:
         raise one_of("model.kind", r.model.kind, KINDS)
     if r.model.reconstruction and r.model.kind != "lotus":
         raise ConfigError("model.reconstruction is Lotus's detail preserver; kind 'eps' takes false, got true")
-    check_objective_train(ObjectiveConfig(), r.train)
-    check_init_from(r.train)
     return r
 
 
@@ -355,12 +363,31 @@ def table_of(directory, key: str):
     return info.get(key) if isinstance(info, dict) else None
 
 
-def is_dense_model(directory) -> bool:
-    """Whether ``directory`` holds a dense model (its condiff.json has a "dense" table)."""
-    return table_of(directory, FAMILY) is not None
-
-
 _CONFIG_TYPES = {"kind": str, "reconstruction": bool, "tasks": list, "schedule": dict, "pixel_unshuffle": int}
+
+
+def saved_table(directory: Path, table: str, types: dict, what: str) -> tuple[dict, dict]:
+    """(condiff.json, its ``table``) of a saved model folder whose table has every key of ``types`` with its type
+    and a schedule condiff reads; else one InputFileError."""
+    if table_of(directory, table) is None:
+        raise InputFileError(
+            f"{what} {str(directory)!r} is not a {table} model folder (no condiff.json with {table!r})"
+        )
+    info = load_json(directory / "condiff.json")
+    check_saved_config(info[table], directory, table, types, what)
+    return info, info[table]
+
+
+def load_networks(directory: Path, what: str) -> nn.ModuleDict:
+    """The saved UNet and DenseExtras of a folder (pickled weights refused by ``load_pretrained``), frozen in eval
+    mode."""
+    from diffusers import UNet2DConditionModel
+
+    unet = load_pretrained(UNet2DConditionModel, directory / "unet", what)
+    extras = load_pretrained(DenseExtras, directory / "extras", what)
+    module = nn.ModuleDict({"unet": unet, "extras": extras}).eval()
+    module.requires_grad_(False)
+    return module
 
 
 def check_saved_config(cfg, directory: Path, table: str, types: dict, what: str) -> None:
@@ -385,28 +412,20 @@ def check_saved_config(cfg, directory: Path, table: str, types: dict, what: str)
 def load_dense_model(directory, what: str = "--model") -> DenseModel:
     """A saved dense model; pickled weights are refused (``load_pretrained``), and so is a condiff.json whose
     "dense" table lacks a key, has one of the wrong type or names another kind or tasks."""
-    from diffusers import UNet2DConditionModel
-
     directory = Path(directory)
-    if not is_dense_model(directory):
-        raise InputFileError(f"{what} {str(directory)!r} is not a dense model folder (no condiff.json with 'dense')")
-    info = load_json(directory / "condiff.json")
-    cfg = info[FAMILY]
-    check_saved_config(cfg, directory, FAMILY, _CONFIG_TYPES, what)
+    info, cfg = saved_table(directory, FAMILY, _CONFIG_TYPES, what)
     if cfg["kind"] not in KINDS or list(cfg["tasks"]) != list(TASKS) or cfg["pixel_unshuffle"] != PIXEL_UNSHUFFLE:
         raise InputFileError(
             f"{what} {str(directory)!r}: condiff.json's 'dense' table must have kind one of {', '.join(KINDS)}, "
             f"tasks {list(TASKS)} and pixel_unshuffle {PIXEL_UNSHUFFLE}"
         )
-    unet = load_pretrained(UNet2DConditionModel, directory / "unet", what)
-    extras = load_pretrained(DenseExtras, directory / "extras", what)
-    if unet.config.in_channels != 24 or unet.config.out_channels != 12 or extras.config.switches != RECON + 1:
+    module = load_networks(directory, what)
+    unet, extras = module["unet"].config, module["extras"].config
+    if unet.in_channels != 24 or unet.out_channels != 12 or extras.switches != RECON + 1:
         raise InputFileError(
             f"{what} {str(directory)!r}: the networks do not have a dense model's channels (24 in, 12 out) and "
             f"{RECON + 1} switches"
         )
-    module = nn.ModuleDict({"unet": unet, "extras": extras}).eval()
-    module.requires_grad_(False)
     return DenseModel(module, cfg, directory, info)
 
 

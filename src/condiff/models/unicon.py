@@ -26,26 +26,23 @@ import torch
 from torch import nn
 
 from condiff.core.denoiser import V
-from condiff.core.files import atomic_dir, atomic_write_json, load_json
+from condiff.core.files import atomic_dir, atomic_write_json
 from condiff.core.grids import make_grid
 from condiff.core.sampling import initial_noise, sample
 from condiff.core.schedules import schedule_from_config
 from condiff.data import labeller, shapes
-from condiff.errors import InputFileError, check_real, one_of
+from condiff.errors import InputFileError, check_real
 from condiff.guidance.cfg import CFG
 from condiff.models.dense import (
-    DenseExtras,
-    check_init_from,
-    check_saved_config,
     heldout_batch,
+    load_networks,
     load_start,
+    saved_table,
+    shapes_start_recipe,
     shuffle,
     start_extras,
-    table_of,
-    train_table,
     unshuffle,
 )
-from condiff.models.family import load_pretrained
 from condiff.solvers import DPMSolverPP2M
 from condiff.tasks.lotus import mask_iou, widen_unet
 from condiff.tasks.unicon import UniCon, given, guidance_null, sample_times, unicon_loss
@@ -53,10 +50,6 @@ from condiff.training.recipe import (
     ObjectiveConfig,
     TaskRecipeDict,
     TrainConfig,
-    check_keys,
-    check_name,
-    check_objective_train,
-    typed_table,
 )
 from condiff.training.trainer import Trainer
 
@@ -83,19 +76,8 @@ class UniConRecipe(TaskRecipeDict):
 
 def unicon_recipe_from_dict(data: dict) -> UniConRecipe:
     """A recipe from its TOML table; unknown keys and bad values are one-line ConfigErrors naming them."""
-    check_keys(data, {"name", "family", "model", "train"}, what="unicon recipe")
-    if data["family"] != FAMILY:
-        raise one_of("unicon recipe family", data["family"], [FAMILY])
-    r = UniConRecipe(
-        data["name"],
-        data["family"],
-        typed_table(UniConNetConfig, data.get("model", {}), "model"),
-        typed_table(TrainConfig, train_table(data), "train"),
-    )
-    check_name(r.name)
+    r = shapes_start_recipe(UniConRecipe, UniConNetConfig, data, FAMILY)
     check_real("model.p_clean", r.model.p_clean, 0, 0.5)
-    check_objective_train(ObjectiveConfig(), r.train)
-    check_init_from(r.train)
     return r
 
 
@@ -200,38 +182,26 @@ def build_unicon_model(r: UniConRecipe) -> UniConModel:
     return UniConModel(nn.ModuleDict({"unet": unet, "extras": start_extras(start, 0)}), cfg)
 
 
-def is_unicon_model(directory) -> bool:
-    return table_of(directory, FAMILY) is not None
-
-
 _CONFIG_TYPES = {"map": str, "schedule": dict, "pixel_unshuffle": int, "prediction": str}
 
 
 def load_unicon_model(directory, what: str = "--model") -> UniConModel:
     """A saved UniCon model; pickled weights are refused, and so is a condiff.json whose "unicon" table is
     malformed."""
-    from diffusers import UNet2DConditionModel
-
     directory = Path(directory)
-    if not is_unicon_model(directory):
-        raise InputFileError(f"{what} {str(directory)!r} is not a unicon model folder (no condiff.json with 'unicon')")
-    info = load_json(directory / "condiff.json")
-    cfg = info[FAMILY]
-    check_saved_config(cfg, directory, FAMILY, _CONFIG_TYPES, what)
+    info, cfg = saved_table(directory, FAMILY, _CONFIG_TYPES, what)
     if cfg["map"] != "mask" or cfg["prediction"] != "v" or cfg["pixel_unshuffle"] != 2:
         raise InputFileError(
             f"{what} {str(directory)!r}: condiff.json's 'unicon' table must have map 'mask', prediction 'v' and "
             f"pixel_unshuffle 2"
         )
-    unet = load_pretrained(UNet2DConditionModel, directory / "unet", what)
-    extras = load_pretrained(DenseExtras, directory / "extras", what)
-    if unet.config.in_channels != 16 or unet.config.out_channels != 16 or unet.config.time_cond_proj_dim is None:
+    module = load_networks(directory, what)
+    unet = module["unet"].config
+    if unet.in_channels != 16 or unet.out_channels != 16 or unet.time_cond_proj_dim is None:
         raise InputFileError(
             f"{what} {str(directory)!r}: the UNet does not have UniCon's channels (16 in, 16 out) and "
             f"timestep-condition projection"
         )
-    module = nn.ModuleDict({"unet": unet, "extras": extras}).eval()
-    module.requires_grad_(False)
     return UniConModel(module, cfg, directory, info)
 
 
