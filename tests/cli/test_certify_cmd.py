@@ -1,6 +1,7 @@
 """`condiff certify` on the digits scorer (tiny runs): each method finishes and writes the JSON whole, the radius
 of every certificate is sigma * Phi^-1(p_lower) of its recorded counts (the Clopper-Pearson bound recomputed), the
-certified accuracy is read off the certificates, and --runs / --steps belong to densepure only."""
+certified accuracy is read off the certificates, --runs / --steps belong to densepure only, and the one-step
+methods (noise, rrcm) run their --classifier network with no diffusion-model evaluation."""
 
 import json
 
@@ -26,6 +27,8 @@ KEYS = {
     "abstained",
     "denoiser_nfe_per_certification",
     "classifier_evals_per_certification",
+    "base_classifier",
+    "classifier_trained_sigma",
     "seconds",
     "certificates",
     "model",
@@ -80,4 +83,46 @@ def test_densepure_options_refused_with_other_methods(method, option, tmp_path, 
 def test_non_digits_model_refused(tmp_path, capsys):
     code, _, err = run(["certify", "--model", "shapes", *TINY[3:], "--json", str(tmp_path / "c.json")], capsys)
     one_line_error(code, err, "--model must be a digits model")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def noise_net(tmp_path_factory):
+    from condiff.cli.train import run_trainer
+    from condiff.models.robust_digits import make_robust_trainer, robust_recipe_from_dict
+
+    r = robust_recipe_from_dict(
+        {
+            "name": "tiny",
+            "family": "robust_digits",
+            "model": {"kind": "noise", "sigma": 0.25, "hidden": 16, "dim": 8},
+            "train": {"steps": 2, "batch_size": 8, "eval_every": 0},
+        }
+    )
+    d = tmp_path_factory.mktemp("noise")
+    run_trainer(make_robust_trainer(r, d, progress=False))
+    return d
+
+
+def test_one_step_method_runs_its_classifier_without_the_diffusion_model(noise_net, tmp_path, capsys):
+    out = ok([*TINY, "--method", "noise", "--classifier", str(noise_net), "--json", str(tmp_path / "c.json")], capsys)
+    assert "0 diffusion model, 60 noise network (one step)" in out
+    report = json.loads((tmp_path / "c.json").read_text())
+    assert set(report) == KEYS and report["denoiser_nfe_per_certification"] == 0
+    assert report["classifier_trained_sigma"] == 0.25 and "--classifier" in report["reproduce"]
+    assert len(report["certificates"]) == 4
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--method", "rrcm"], "--method rrcm needs --classifier DIR"),
+        (["--method", "plain", "--classifier", "CLS"], "--classifier applies to --method noise or rrcm only"),
+        (["--method", "rrcm", "--classifier", "CLS"], "is a noise model; --method rrcm needs a rrcm one"),
+    ],
+)
+def test_one_step_options_are_checked(noise_net, argv, needle, tmp_path, capsys):
+    argv = [str(noise_net) if a == "CLS" else a for a in argv]
+    code, _, err = run([*TINY, *argv, "--json", str(tmp_path / "c.json")], capsys)
+    one_line_error(code, err, needle)
     assert list(tmp_path.iterdir()) == []

@@ -98,12 +98,79 @@ def test_finetuning_on_mod_data_beats_the_source_classifier_on_projected_targets
     assert torch.allclose(probs, ref) and torch.allclose(probs.sum(-1), torch.ones(4000))
 
 
+class GaussianPixels:
+    """E[x0 | x_t] = alpha / (alpha^2 + sigma^2) x_t: the exact denoiser of images with N(0, I) pixels."""
+
+    schedule = SCHEDULE
+
+    def __call__(self, x, t, cond=None):
+        a, s = (float(v) for v in SCHEDULE.alpha_sigma(torch.tensor(float(t), dtype=torch.float64)))
+        return a / (a * a + s * s) * x
+
+
+def test_low_pass_is_block_means_repeated():
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    ref = torch.tensor([[2.5, 2.5, 4.5, 4.5], [2.5, 2.5, 4.5, 4.5], [10.5, 10.5, 12.5, 12.5], [10.5, 10.5, 12.5, 12.5]])
+    assert torch.equal(sda.low_pass(x, 2)[0, 0], ref)
+    assert torch.equal(sda.low_pass(x, 1), x)
+    with pytest.raises(ConfigError, match="divide"):
+        sda.low_pass(x, 3)
+
+
+def test_structure_weight_zero_is_the_plain_projection_bit_for_bit():
+    x, zs = torch.randn(3, 1, 4, 4), [torch.randn(3, 1, 4, 4)]
+    t_star = SCHEDULE.t_for_sigma_ratio(2.0)
+    plain = sda.project(GaussianPixels(), x, sda.Projection(t_star, steps=4), Recorded(list(zs)))
+    zero = sda.Projection(t_star, steps=4, structure_factor=2, structure_weight=0.0)
+    assert torch.equal(sda.project(GaussianPixels(), x, zero, Recorded(list(zs))), plain)
+
+
+def test_one_guided_step_is_the_analytic_dda_update():
+    # one DDIM step to clean: x_out = x0_hat - w grad_{x_t} ||phi(x_in) - phi(c x_t)|| = c x_t + w c r / ||r||,
+    # r = phi(x_in) - phi(c x_t), c = alpha / (alpha^2 + sigma^2) (phi is an orthogonal projection)
+    t_star, w = SCHEDULE.t_for_sigma_ratio(1.5), 0.7
+    x, eps = torch.randn(2, 1, 4, 4, dtype=torch.float64), torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    a, s = (float(v) for v in SCHEDULE.alpha_sigma(torch.tensor(t_star, dtype=torch.float64)))
+    c, x_t = a / (a * a + s * s), a * x + s * eps
+    r = sda.low_pass(x, 2) - sda.low_pass(c * x_t, 2)
+    ref = c * x_t + w * c * r / r.flatten(1).norm(dim=1)[:, None, None, None]
+    proj = sda.Projection(t_star, steps=1, structure_factor=2, structure_weight=w)
+    assert torch.allclose(sda.project(GaussianPixels(), x, proj, Recorded([eps])), ref, atol=1e-12)
+
+
+def test_structure_guidance_lowers_the_low_pass_error_per_image():
+    g = torch.Generator().manual_seed(0)
+    x = 2.0 + torch.randn(4, 1, 8, 8, generator=g)  # far from the N(0, I) prior: the plain projection loses it
+    zs = [torch.randn(4, 1, 8, 8, generator=g)]
+    t_star = SCHEDULE.t_for_sigma_ratio(2.0)
+
+    def error(weight):
+        proj = sda.Projection(t_star, steps=5, structure_factor=4, structure_weight=weight)
+        out = sda.project(GaussianPixels(), x, proj, Recorded(list(zs)))
+        return (sda.low_pass(out, 4) - sda.low_pass(x, 4)).flatten(1).norm(dim=1), out
+
+    plain, _ = error(0.0)
+    guided, out = error(1.0)
+    assert bool((guided < plain).all()), (plain, guided)
+    alone = sda.project(
+        GaussianPixels(),
+        x[:1],
+        sda.Projection(t_star, 5, structure_factor=4, structure_weight=1.0),
+        Recorded([zs[0][:1]]),
+    )
+    assert torch.allclose(alone, out[:1], atol=1e-6)  # each image's guidance is its own
+
+
 def test_bad_inputs_are_config_errors():
     D = ExactGMM()
     with pytest.raises(ConfigError, match="steps"):
         sda.Projection(0.5, steps=0)
     with pytest.raises(ConfigError, match="solver"):
         sda.Projection(0.5, solver="ddim")
+    with pytest.raises(ConfigError, match="structure_factor"):
+        sda.Projection(0.5, structure_factor=0, structure_weight=1.0)
+    with pytest.raises(ConfigError, match="structure_weight"):
+        sda.Projection(0.5, structure_factor=2, structure_weight=-1.0)
     with pytest.raises(ConfigError, match="schedule"):
         sda.project(lambda x, t, c: x, torch.zeros(2, 2), sda.Projection(0.5))
     with pytest.raises(ConfigError, match="labels must be an integer"):

@@ -10,6 +10,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import typer  # noqa: E402
 
+from condiff.cli import adapt as adapt_cli  # noqa: E402
 from condiff.cli import (  # noqa: E402
     bench,
     catalog,
@@ -28,7 +29,10 @@ from condiff.cli import (  # noqa: E402
     recipes,
     restore,
     sample,
+    upscale,
 )
+from condiff.cli import forecast as forecast_cli  # noqa: E402
+from condiff.cli import vae as vae_cli  # noqa: E402
 from condiff.cli.ui import command as ui_command  # noqa: E402
 from condiff.core.files import log_writes  # noqa: E402
 from condiff.errors import CondiffError, Interrupted, one_line  # noqa: E402
@@ -78,6 +82,8 @@ app.command("classify")(classify.classify_cmd)
 app.command("certify")(certify.certify_cmd)
 app.command("predict")(predict.predict_cmd)
 app.command("unicon")(predict.unicon_cmd)
+app.command("forecast")(forecast_cli.forecast_cmd)
+app.command("adapt")(adapt_cli.adapt_cmd)
 app.command("ui")(ui_command.ui_cmd)
 app.add_typer(export.app, name="export")
 app.add_typer(guidance.app, name="guidance")
@@ -87,6 +93,8 @@ app.add_typer(grid.app, name="grid")
 app.add_typer(bench.app, name="bench")
 app.add_typer(recipes.app, name="recipes")
 app.add_typer(features.app, name="features")
+app.add_typer(upscale.app, name="sr")
+app.add_typer(vae_cli.app, name="vae")
 
 
 def _fail(message: str):

@@ -1,11 +1,14 @@
-"""``condiff certify``: certified l2 accuracy of the digits scorer under randomized smoothing
-(condiff.tasks.smoothing: Cohen et al.'s CERTIFY, denoised smoothing, DensePure).
+"""``condiff certify``: certified l2 accuracy on the held-out digits under randomized smoothing
+(condiff.tasks.smoothing: Cohen et al.'s CERTIFY, denoised smoothing, DensePure; condiff.tasks.rrcm: rRCM).
 
 ``condiff certify --model digits --method plain|denoised|densepure --sigma 0.25`` certifies the first --images
 held-out digits (condiff.data.digits.load_split()["x_test"]) with the digits scorer (an MLP on the pixels) as the
 base classifier: ``plain`` smooths the scorer itself, ``denoised`` puts one evaluation of the diffusion model
 (unconditional: the null label) in front of it (Carlini et al. 2023), ``densepure`` the majority vote over --runs
-stochastic DDIM (eta = 1) reverse runs of --steps steps each (Xiao et al. 2023). It prints the certified accuracy
+stochastic DDIM (eta = 1) reverse runs of --steps steps each (Xiao et al. 2023). ``noise`` and ``rrcm`` replace
+the scorer with the one-step network of ``--classifier DIR`` (a ``robust_digits`` model: Cohen et al.'s
+Gaussian-augmentation classifier, or rRCM of Lei et al. 2025; one network evaluation per noise draw, no diffusion
+model: ``condiff train noise-digits-0.25`` / ``rrcm-digits-0.25``). It prints the certified accuracy
 at radii 0, 0.25, 0.5 and 0.75 and the network evaluations per certification; ``--json`` writes every
 certificate (atomically).
 
@@ -27,9 +30,9 @@ import typer
 from condiff.cli import common
 from condiff.cli.options import ThreadsOpt
 from condiff.errors import ConfigError, one_of
-from condiff.models.certify_digits import SCALE, certify_images
+from condiff.models.certify_digits import ONE_STEP, SCALE, certify_images
 
-METHODS = ("plain", "denoised", "densepure")
+METHODS = ("plain", "denoised", "densepure", "noise", "rrcm")
 MAX_SIGMA = 10.0
 MAX_DRAWS = 10_000_000
 
@@ -46,7 +49,7 @@ def _check_real(option: str, value, accepted: str, ok) -> float:
     return float(value)
 
 
-def check_options(method, sigma, n, n0, alpha, images, runs, steps) -> tuple[int, int]:
+def check_options(method, sigma, n, n0, alpha, images, runs, steps, classifier=None) -> tuple[int, int]:
     """Every option checked before any weights are read; returns (runs, steps) for densepure."""
     from condiff.data.digits import load_split
 
@@ -59,6 +62,14 @@ def check_options(method, sigma, n, n0, alpha, images, runs, steps) -> tuple[int
     _check_int("--n0", n0, 1, MAX_DRAWS)
     _check_real("--alpha", alpha, "a number in the open interval (0, 0.5)", lambda v: 0 < v < 0.5)
     _check_int("--images", images, 1, int(load_split()["x_test"].shape[0]))
+    if method in ONE_STEP and classifier is None:
+        raise ConfigError(
+            f"--method {method} needs --classifier DIR (a robust_digits model: condiff train {method}-digits-0.25)"
+        )
+    if method not in ONE_STEP and classifier is not None:
+        raise ConfigError(
+            f"--classifier applies to --method {' or '.join(ONE_STEP)} only, got it with --method {method}"
+        )
     if method != "densepure":
         for option, value in (("--runs", runs), ("--steps", steps)):
             if value is not None:
@@ -74,7 +85,7 @@ def check_model(model: str, method: str, sigma: float) -> None:
     family = common.family_of(model)
     if family.name != "digits":
         raise ConfigError(f"--model must be a digits model (the scorer classifies digits), got a {family.name} model")
-    if method == "plain":
+    if method == "plain" or method in ONE_STEP:
         return
     from condiff.core.schedules import schedule_from_config
     from condiff.models.base import resolve_model
@@ -91,7 +102,14 @@ def check_model(model: str, method: str, sigma: float) -> None:
 
 def certify_cmd(
     model: str = typer.Option("digits", help="the bundled digits model or a directory of a digits model"),
-    method: str = typer.Option("plain", help="plain (the scorer under noise), denoised (one-shot) or densepure"),
+    method: str = typer.Option(
+        "plain",
+        help="plain (the scorer under noise), denoised (one-shot), densepure, or a one-step network of --classifier: "
+        "noise (Gaussian augmentation) or rrcm",
+    ),
+    classifier: Optional[Path] = typer.Option(
+        None, help="noise, rrcm: a robust_digits model folder (condiff train rrcm-digits-0.25 --out DIR)"
+    ),
     sigma: float = typer.Option(0.25, help="smoothing noise level, in [0, 1] pixel units"),
     n: int = typer.Option(1000, help="noise draws for the estimate (Cohen et al.'s n)"),
     n0: int = typer.Option(100, help="noise draws for selecting the class (Cohen et al.'s n0)"),
@@ -107,14 +125,24 @@ def certify_cmd(
     the diffusion model as a one-shot denoiser (Carlini et al. 2023) or DensePure (Xiao et al. 2023)."""
     import torch
 
-    runs_k, steps_s = check_options(method, sigma, n, n0, alpha, images, runs, steps)
+    runs_k, steps_s = check_options(method, sigma, n, n0, alpha, images, runs, steps, classifier)
     common.check_seed(seed)
     if json_out is not None:
         common.check_out(json_out, "--json", ".json")
     check_model(model, method, sigma)
     threads = common.use_threads(threads)
-    m = common.loaded_model(model) if method != "plain" else None
-    report = certify_images(method, sigma, n, n0, alpha, images, seed, runs_k or 3, steps_s or 4, m)
+    one_step = None
+    if method in ONE_STEP:
+        from condiff.models.robust_digits import load_robust_model
+
+        one_step = load_robust_model(classifier)
+        if one_step.config["kind"] != method:
+            raise ConfigError(
+                f"--classifier {str(classifier)!r} is a {one_step.config['kind']} model; --method {method} needs a "
+                f"{method} one"
+            )
+    m = common.loaded_model(model) if method in ("denoised", "densepure") else None
+    report = certify_images(method, sigma, n, n0, alpha, images, seed, runs_k or 3, steps_s or 4, m, one_step)
     acc = report["certified_accuracy"]
     typer.echo(
         f"certify --method {method} --sigma {sigma:g}: {images} held-out digits, n0={n0}, n={n}, alpha={alpha:g} "
@@ -125,7 +153,7 @@ def certify_cmd(
     )
     typer.echo(
         f"network evaluations per certification: {report['denoiser_nfe_per_certification']:g} diffusion model, "
-        f"{report['classifier_evals_per_certification']} scorer"
+        f"{report['classifier_evals_per_certification']} {report['base_classifier']}"
     )
     if json_out is None:
         return
@@ -144,6 +172,7 @@ def certify_cmd(
                 [
                     ("--model", model),
                     ("--method", method),
+                    ("--classifier", classifier),
                     ("--sigma", sigma),
                     ("--n", n),
                     ("--n0", n0),

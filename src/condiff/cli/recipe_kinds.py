@@ -29,6 +29,12 @@ KINDS = {
         RecipeKind("diffmatch", "condiff.models.diffmatch", "diffmatch_recipe_from_dict", "make_diffmatch_trainer"),
         RecipeKind("dense", "condiff.models.dense", "dense_recipe_from_dict", "make_dense_trainer"),
         RecipeKind("unicon", "condiff.models.unicon", "unicon_recipe_from_dict", "make_unicon_trainer"),
+        RecipeKind("robust_digits", "condiff.models.robust_digits", "robust_recipe_from_dict", "make_robust_trainer"),
+        RecipeKind("diffusevae", "condiff.models.diffusevae", "diffusevae_recipe_from_dict", "make_diffusevae_trainer"),
+        RecipeKind("tsdiff", "condiff.models.tsdiff_series", "tsdiff_recipe_from_dict", "make_tsdiff_trainer"),
+        RecipeKind("rddm", "condiff.models.rddm_restore", "rddm_recipe_from_dict", "make_rddm_trainer"),
+        RecipeKind("sr", "condiff.models.sr", "sr_recipe_from_dict", "make_sr_trainer"),
+        RecipeKind("dit_moe", "condiff.models.dit_moe", "dit_recipe_from_dict", "make_dit_trainer"),
     )
 }
 

@@ -16,6 +16,13 @@ factor), ``<stem>_compare.png`` (input | output) and ``<stem>.json`` with the ta
 measurement error max|A x - y| of the model-size sample (and of the written 8-bit file as read back for the
 model), the labeller's reading of the output (shapes models) and a command that reproduces it. Every user
 error is one ``error:`` line with exit code 2, raised before any weights are read.
+
+``--method rddm`` (or ``ddpm``) restores with a trained model of the rddm family (``condiff.models.rddm_restore``:
+RDDM, Liu et al. CVPR 2024, or its plain conditional-DDPM baseline; recipes rddm-shapes, ddpm-restore-shapes):
+``condiff restore --method rddm --model runs/rddm-shapes --task denoise|deblur|inpaint --image in.png --out
+out.png [--steps N]``. The image is the degraded one (inpaint: the box filled with mid-gray, as in training; or pass
+``--mask`` and its white pixels are set to mid-gray first). Same outputs and sidecar conventions; ``--steps`` (the
+network evaluations) defaults to 5. ``--method steered`` (the default) is the behaviour above.
 """
 
 from __future__ import annotations
@@ -36,6 +43,12 @@ TASKS = {
     "colorize": "color a grayscale (luminance) image",
 }
 MAX_RECURRENCE = 100
+METHODS = {
+    "steered": "Steered Diffusion with the model as the prior (tasks inpaint, sr, colorize)",
+    "rddm": "a trained RDDM model (rddm-shapes; tasks denoise, deblur, inpaint)",
+    "ddpm": "a trained conditional-DDPM baseline (ddpm-restore-shapes; tasks denoise, deblur, inpaint)",
+}
+STEERED_STEPS, STEERED_RECURRENCE, STEERED_SOLVER = 50, 4, "ddpm"
 
 
 def _check_task(task: str) -> str:
@@ -119,8 +132,13 @@ def measurement_error(op, x, y) -> float:
 def restore_cmd(
     task: str = typer.Option(
         ...,
-        help="inpaint (fill the white pixels of --mask), sr (super-resolution from a "
-        "low-resolution image) or colorize (color a grayscale image)",
+        help="steered: inpaint (fill the white pixels of --mask), sr (super-resolution from a "
+        "low-resolution image) or colorize (color a grayscale image); rddm, ddpm: denoise, deblur or inpaint",
+    ),
+    method: str = typer.Option(
+        "steered",
+        help="steered (Steered Diffusion with --model as the prior), rddm (a trained RDDM model, e.g. "
+        "runs/rddm-shapes) or ddpm (its conditional-DDPM baseline, e.g. runs/ddpm-restore-shapes)",
     ),
     image: Path = typer.Option(
         ...,
@@ -135,13 +153,18 @@ def restore_cmd(
     ),
     model: str = typer.Option("shapes", help="bundled model name (shapes, digits) or a model directory"),
     prompt: str = typer.Option("", help="caption to sample under (default: the empty caption, unconditional)"),
-    steps: int = typer.Option(50, help="sampler steps, 1 to 1000"),
-    seed: int = typer.Option(0, help="random seed of the initial noise and the solver's noise"),
-    recurrence: int = typer.Option(
-        4,
-        help=f"self-recurrence: each step is repeated k times, re-noising in between (1 = off), 1 to {MAX_RECURRENCE}",
+    steps: Optional[int] = typer.Option(
+        None, help="sampler steps, 1 to 1000 (steered: default 50; rddm, ddpm: network evaluations, default 5)"
     ),
-    solver: str = typer.Option("ddpm", help="solver name (see `condiff solvers`)"),
+    seed: int = typer.Option(0, help="random seed of the initial noise and the solver's noise"),
+    recurrence: Optional[int] = typer.Option(
+        None,
+        help="steered: self-recurrence: each step is repeated k times, re-noising in between (1 = off), 1 to "
+        f"{MAX_RECURRENCE}; default {STEERED_RECURRENCE}",
+    ),
+    solver: Optional[str] = typer.Option(
+        None, help=f"steered: solver name (see `condiff solvers`); default {STEERED_SOLVER}"
+    ),
     out: Path = typer.Option(
         ...,
         help="the restored image (.png, at the input's size; sr: the model's); <stem>_compare.png and a "
@@ -149,9 +172,24 @@ def restore_cmd(
     ),
     threads: ThreadsOpt = None,
 ):
-    """Steered restoration: inpainting, super-resolution or colorization with the model as the prior.
+    """Restoration: steered inpainting, super-resolution or colorization with the model as the prior, or a
+    trained RDDM (or conditional-DDPM) model's denoising, deblurring or inpainting (--method).
 
-    Each clean estimate is projected onto the images that match the input exactly (Steered Diffusion)."""
+    Steered: each clean estimate is projected onto the images that match the input exactly (Steered Diffusion)."""
+    from condiff.errors import one_of
+
+    if not isinstance(method, str) or method not in METHODS:
+        raise one_of("method", method, METHODS)
+    if method != "steered":
+        for opt, value in (("--recurrence", recurrence), ("--solver", solver)):
+            if value is not None:
+                raise ConfigError(f"{opt} is for --method steered; --method {method} takes none, got {value}")
+        if prompt:
+            raise ConfigError(f"--prompt is for --method steered; --method {method} takes none, got {prompt!r}")
+        return restore_trained(method, task, image, mask, model, steps, seed, out, threads)
+    steps = STEERED_STEPS if steps is None else steps
+    recurrence = STEERED_RECURRENCE if recurrence is None else recurrence
+    solver = STEERED_SOLVER if solver is None else solver
     import torch
 
     from condiff import __version__
@@ -173,13 +211,7 @@ def restore_cmd(
         raise ConfigError("--task inpaint needs --mask (white pixels are filled, black pixels are kept)")
     if task != "inpaint" and mask is not None:
         raise ConfigError(f"--mask is for --task inpaint, got --task {task}")
-    compare, sidecar = out.with_name(out.stem + "_compare.png"), out.with_suffix(".json")
-    common.check_out(out, "--out", ".png")
-    common.check_out(compare, "--out (its comparison image)")
-    common.check_out(sidecar, "--out (its JSON sidecar)")
-    for p, opt in [(image, "--image"), (mask, "--mask")]:
-        if p is not None and p.exists() and any(p.resolve() == q.resolve() for q in (out, compare, sidecar)):
-            raise ConfigError(f"--out {str(out)!r} would overwrite {opt} {str(p)!r}; choose another --out")
+    compare, sidecar = check_outputs(out, image, mask)
     family = common.family_of(model)
     c, h, w = family.image_shape
     raw = common.parse_prompt(family, prompt, "--prompt")
@@ -283,3 +315,102 @@ def restore_cmd(
     )
     if readings is not None:
         typer.echo(f"labeller reads: '{common.caption(readings['output'])}'")
+
+
+def check_outputs(out: Path, image: Path, mask: Optional[Path]) -> tuple[Path, Path]:
+    """(compare, sidecar) beside --out, each checked writable and none of them an input."""
+    compare, sidecar = out.with_name(out.stem + "_compare.png"), out.with_suffix(".json")
+    common.check_out(out, "--out", ".png")
+    common.check_out(compare, "--out (its comparison image)")
+    common.check_out(sidecar, "--out (its JSON sidecar)")
+    for p, opt in [(image, "--image"), (mask, "--mask")]:
+        if p is not None and p.exists() and any(p.resolve() == q.resolve() for q in (out, compare, sidecar)):
+            raise ConfigError(f"--out {str(out)!r} would overwrite {opt} {str(p)!r}; choose another --out")
+    return compare, sidecar
+
+
+def restore_trained(
+    method: str,
+    task: str,
+    image: Path,
+    mask: Optional[Path],
+    model: str,
+    steps: Optional[int],
+    seed: int,
+    out: Path,
+    threads,
+):
+    """``--method rddm|ddpm``: restore a degraded image with a trained rddm-family model (checks first, then the
+    weights); the outputs and sidecar follow the steered path's conventions."""
+    import torch
+
+    from condiff import __version__
+    from condiff.core.files import atomic_write_json
+    from condiff.data.images import compare_image, save_png
+    from condiff.models import rddm_restore as rr
+
+    rr.check_degradation(task)
+    steps = rr.DEFAULT_STEPS if steps is None else steps
+    common.check_steps(steps)
+    common.check_seed(seed)
+    threads = common.use_threads(threads)
+    if mask is not None and task != "inpaint":
+        raise ConfigError(f"--mask is for --task inpaint, got --task {task}")
+    compare, sidecar = check_outputs(out, image, mask)
+    path = rr.check_model_kind(model, method, "--model")
+    family = common.family_of("shapes")  # the image layout the rddm family is trained on (3x32x32)
+    c, h, w = family.image_shape
+    src = common.read_source(image, family, False)
+    x_in = src.tensor
+    if mask is not None:
+        fill = read_mask(mask, src, h, w)
+        x_in = torch.where(fill, torch.full_like(x_in, rr.FILL), x_in)
+    m = rr.load_restore_model(path, "--model")
+    res = m.restore(x_in, task, steps, seed)
+    restored = res.x
+    output = common.write_at_input_size(restored, image, src, out, c)
+    save_png(compare_image([(f"input ({task})", x_in[0].clamp(-1, 1)), (method, restored[0])]), compare)
+    from condiff.data import labeller
+
+    readings = {"output": common.attribute_names(labeller.label(restored)[0].tolist())}
+    record = {
+        "command": "restore",
+        "method": method,
+        "task": task,
+        "model": model,
+        "model_path": str(path.resolve()),
+        "steps": steps,
+        "seed": seed,
+        "nfe": res.nfe,
+        "image": str(image),
+        "mask": None if mask is None else str(mask),
+        "original_size": list(src.original_size),
+        "crop": list(src.crop),
+        "notice": src.notice,
+        "labels": readings,
+        "seconds": res.seconds,
+        "output": output,
+        "outputs": {"image": str(out), "compare": str(compare), "sidecar": str(sidecar), "size": output["size"]},
+        "threads": threads,
+        "condiff_version": __version__,
+        "torch_version": torch.__version__,
+        "reproduce": common.reproduce(
+            "restore",
+            [
+                ("--method", method),
+                ("--task", task),
+                ("--image", image),
+                ("--mask", mask),
+                ("--model", model),
+                ("--steps", steps),
+                ("--seed", seed),
+                ("--out", out),
+            ],
+        ),
+    }
+    atomic_write_json(sidecar, record)
+    typer.echo(
+        f"restored ({task}, {method}, {res.nfe} network evaluations): wrote {out} ({output['size'][0]}x"
+        f"{output['size'][1]}), {compare} and {sidecar} ({res.seconds:.1f}s)"
+    )
+    typer.echo(f"labeller reads: '{common.caption(readings['output'])}'")

@@ -103,6 +103,19 @@ def sample_cmd(
         "with a noisy bag-of-words classifier (docs/discrete.md)",
     ),
     guide_scale: float = typer.Option(2.0, "--guide-scale", help="with --guide: the tilt's exponent gamma"),
+    parallel: Optional[str] = typer.Option(
+        None,
+        "--parallel",
+        help="distrifusion or pcpp: sample each image patch-parallel across the ranks of `torchrun "
+        "--nproc_per_node N -m condiff sample --parallel ...` (docs/scale.md); one process: the network runs whole",
+    ),
+    parallel_opt: Optional[list[str]] = typer.Option(
+        None,
+        "--parallel-opt",
+        help="with --parallel, KEY=VALUE (repeatable): mode (full_sync, sync_gn, corrected_async_gn [default], "
+        "stale_gn, no_sync), warmup (synchronous evaluations, default 4), window (PCPP's p, default 0.3), "
+        "split_batch (true/false: CFG's two halves on two rank groups, default true)",
+    ),
 ):
     """Sample images and write them as a PNG grid (--n 1: the image itself) and/or one PNG per sample (--out-dir),
     with a JSON sidecar that reproduces them."""
@@ -128,6 +141,7 @@ def sample_cmd(
                 "--compile": compile_net,
                 "--channels-last": channels_last,
                 "--lora": lora or None,
+                "--parallel": parallel,
             }
         )
         return diffusers_cmds.sample_cmd(
@@ -166,6 +180,7 @@ def sample_cmd(
                 "--channels-last": channels_last,
                 "--dynamic-threshold": dynamic_threshold,
                 "--t-start": t_start,
+                "--parallel": parallel,
             }
         )
         return token_cmds.sample_cmd(model, prompt, n, steps, seed, out, guide, guide_scale, solver)
@@ -179,6 +194,9 @@ def sample_cmd(
     from condiff.evaluation.evaluate import generate_counted
 
     common.check_common(steps, cfg, n, batch_size, seed, dynamic_threshold)
+    from condiff.cli import psample
+
+    par = psample.config_of(parallel, parallel_opt)
     out = common.check_sample_outputs(out, out_dir)
     fitted = common.FittedFiles(allow_mismatch)
     loras = common.lora_scales(lora, lora_scale)
@@ -191,6 +209,7 @@ def sample_cmd(
     fitted.check_model(m, model)
     common.apply_loras(m, lora, loras)
     common.run_faster(m, compile_net, channels_last)
+    m, engine = psample.attach(m, par)
     t0_grid, factor = common.start_of(m, model, t_start, centre_subpixels)
     g = torch.Generator().manual_seed(seed)
     if one is None:
@@ -215,6 +234,9 @@ def sample_cmd(
         centre_subpixels=factor,
     )
     seconds = time.perf_counter() - t0
+    parallel_record = psample.describe(engine)
+    if not psample.writes(engine):
+        return
     written = common.write_samples(images, out, out_dir)
     captions = m.family.captions(raw)
     sidecar = {
@@ -251,6 +273,7 @@ def sample_cmd(
         "compile": compile_net,
         "channels_last": channels_last,
         "threads": threads,
+        **parallel_record,
         **guide.describe(),
         "reproduce": common.reproduce(
             "sample",
@@ -279,6 +302,8 @@ def sample_cmd(
                 ("--lora-scale", lora_scale or []),
                 ("--compile", compile_net),
                 ("--channels-last", channels_last),
+                ("--parallel", parallel),
+                ("--parallel-opt", parallel_opt or []),
             ],
         )
         + guide.flags(),
@@ -473,6 +498,16 @@ def train_cmd(
         help="with --resume: go on although the seed or recipe values differ from the checkpoint's (recorded in "
         "trainer.json and the model's condiff.json as recipe_changes); without it such a resume is refused",
     ),
+    ddp_backend: str = typer.Option(
+        "auto",
+        help="under torchrun / accelerate launch: the torch.distributed backend, auto (nccl where each rank has a "
+        "GPU, else gloo), gloo or nccl (docs/scale.md)",
+    ),
+    data_shards: Optional[int] = typer.Option(
+        None,
+        help="cut each step's global batch (shards x batch_size rows) into this many shards, a multiple of the "
+        "number of ranks (default: the number of ranks); one process with --data-shards 2 trains as 2 ranks do",
+    ),
 ):
     """Train a recipe (a packaged recipe's name or a .toml file); checkpoints go to OUT/checkpoints, the final EMA
     model to OUT/model."""
@@ -500,7 +535,17 @@ def train_cmd(
     common.check_out(out, "--out", kind="dir")
     if allow_changes and not resume:
         raise ConfigError("--allow-changes goes with --resume (it lets a resume change the seed or recipe values)")
-    tr = train_recipe(r, out, steps=steps, resume=resume, allow_changes=allow_changes)
+    tr = train_recipe(
+        r,
+        out,
+        steps=steps,
+        resume=resume,
+        allow_changes=allow_changes,
+        ddp_backend=ddp_backend,
+        data_shards=data_shards,
+    )
+    if not tr.writes:  # a data-parallel job: rank 0 reports
+        return
     if tr.start_step >= tr.recipe.train.steps:
         typer.echo(f"finished at step {tr.start_step}: nothing to train; model at {out / 'model'}")
     else:

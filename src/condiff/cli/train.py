@@ -1,4 +1,6 @@
-"""Run a recipe end to end: build, (resume,) train with learning-curve evaluations, export."""
+"""Run a recipe end to end: build, (resume,) train with learning-curve evaluations, export. Launched by torchrun or
+accelerate launch (``RANK`` / ``WORLD_SIZE`` in the environment), the same command trains data-parallel
+(condiff.training.distributed; docs/scale.md)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 from condiff.cli.recipe_kinds import kind_of
 from condiff.errors import ConfigError, Interrupted
 from condiff.models.tokens import TokenRecipe
+from condiff.training import distributed
 from condiff.training.recipe import Recipe
 from condiff.training.trainer import CKPT_RE, Trainer
 
@@ -121,23 +124,53 @@ def train_recipe(
     progress: bool = True,
     stop_after: int | None = None,
     allow_changes: bool = False,
+    ddp_backend: str = "auto",
+    data_shards: int | None = None,
 ) -> Trainer:
     """Train ``recipe`` into ``out_dir``; ``resume`` continues from its newest valid checkpoint (other recipe
     values refused unless ``allow_changes``). A run already at its last step trains nothing and exports again.
-    Interrupted (SIGINT, SIGTERM under the CLI), it names the checkpoint --resume continues from."""
+    Interrupted (SIGINT, SIGTERM under the CLI), it names the checkpoint --resume continues from.
+
+    Under torchrun / accelerate launch this process is one rank of a data-parallel job (``ddp_backend``: auto,
+    gloo or nccl): ``recipe.train.batch_size`` rows per rank, checkpoints and the model written by rank 0.
+    ``data_shards`` (default: the number of ranks) cuts each step's global batch of ``data_shards x batch_size``
+    rows into that many shards, a multiple of the number of ranks: one process with ``data_shards=2`` trains as
+    two ranks do."""
     if steps is not None:
         if steps < 1:
             raise ConfigError(f"--steps must be a positive integer, got {steps}")
         recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, steps=steps))
-    if isinstance(recipe, TokenRecipe):
-        from condiff.cli.tokens import make_token_trainer
+    world = _check_launch(ddp_backend, data_shards)
+    parallel = distributed.setup(ddp_backend)
+    try:
+        if isinstance(recipe, TokenRecipe):
+            from condiff.cli.tokens import make_token_trainer
 
-        trainer = make_token_trainer(recipe, out_dir, progress)
-    elif (kind := kind_of(recipe)) is not None:
-        trainer = kind.trainer(recipe, out_dir, progress)
-    else:
-        trainer = make_trainer(recipe, out_dir, progress)
-    return run_trainer(trainer, resume, allow_changes, stop_after, progress)
+            trainer = make_token_trainer(recipe, out_dir, progress)
+        elif (kind := kind_of(recipe)) is not None:
+            trainer = kind.trainer(recipe, out_dir, progress)
+        else:
+            trainer = make_trainer(recipe, out_dir, progress)
+        return run_trainer(trainer, resume, allow_changes, stop_after, progress, parallel, data_shards or world)
+    finally:
+        if parallel is not None:
+            parallel.close()
+
+
+def _check_launch(ddp_backend, data_shards) -> int:
+    """The number of ranks the launcher's environment names (1 without one), once the backend, the environment and
+    ``data_shards`` are valid: before any model is built."""
+    from condiff.errors import check_int, one_of
+
+    if not isinstance(ddp_backend, str) or ddp_backend not in distributed.BACKENDS:
+        raise one_of("--ddp-backend", ddp_backend, distributed.BACKENDS)
+    env = distributed.launch_env()
+    world = env.world_size if env is not None else 1
+    if data_shards is not None:
+        check_int("--data-shards", data_shards, 1, 4096)
+        if data_shards % world:
+            raise ConfigError(f"--data-shards must be a multiple of the number of ranks ({world}), got {data_shards}")
+    return world
 
 
 def run_trainer(
@@ -146,32 +179,46 @@ def run_trainer(
     allow_changes: bool = False,
     stop_after: int | None = None,
     progress: bool = True,
+    parallel=None,
+    data_shards: int = 1,
 ) -> Trainer:
     """Resume (or refuse an --out that holds checkpoints without --resume), train to the recipe's last step and
-    export; interrupted, the error names the checkpoint --resume continues from."""
+    export; interrupted, the error names the checkpoint --resume continues from. ``parallel``: this rank's
+    condiff.training.distributed.DataParallel (None: one process); ``data_shards``: the global batch's shards.
+    When another rank of the job dies, the error names the checkpoint the same launch with --resume continues
+    from."""
     out_dir, steps = trainer.out_dir, trainer.recipe.train.steps
+    trainer.parallel, trainer.data_shards = parallel, data_shards
+    main = trainer.writes
+    trainer.progress = trainer.progress and main
+    progress = progress and main
     if trainer.list_checkpoints() and not resume:
         raise ConfigError(
             f"{str(out_dir)!r} already holds checkpoints; pass --resume to continue, or choose another --out"
         )
-    trainer.clear_stale_temps()
-    if resume:
-        had = trainer.list_checkpoints()
-        path = trainer.resume(allow_changes)
-        if path is None and had:
-            print(
-                f"notice: no checkpoint in {str(trainer.ckpt_root)!r} verifies ({len(had)} corrupt, renamed to "
-                f"*.corrupt); starting from scratch at step 0",
-                file=sys.stderr,
-            )
-        elif path is not None and progress:
-            print(f"resumed from {path} (step {trainer.step})")
+    if main:
+        trainer.clear_stale_temps()
     try:
+        if resume:
+            had = trainer.list_checkpoints()
+            path = trainer.resume(allow_changes)
+            if path is None and had and main:
+                print(
+                    f"notice: no checkpoint in {str(trainer.ckpt_root)!r} verifies ({len(had)} corrupt, renamed to "
+                    f"*.corrupt); starting from scratch at step 0",
+                    file=sys.stderr,
+                )
+            elif path is not None and progress:
+                print(f"resumed from {path} (step {trainer.step})")
         if trainer.step < steps:
             trainer.run(stop_after=stop_after)
         if trainer.step >= steps:
             trainer.export()
+        if parallel is not None:
+            parallel.barrier()  # every rank ends with rank 0's export (or learns that a rank failed)
     except Interrupted as e:
         e.kept = interrupted_note(trainer)
         raise
+    except distributed.RankStopped as e:
+        raise distributed.RankStopped(f"{e}; {interrupted_note(trainer)}") from None
     return trainer

@@ -15,6 +15,12 @@ points, horizon H and W windows, window w (0-based) forecasts ``values[o_w : o_w
 point a test window forecasts lies at or past it, and the standardisation statistics (mean and standard deviation)
 and any forecaster's parameters are fitted on it alone. Later windows' contexts contain earlier windows' targets,
 as in any rolling-origin evaluation: they are conditioned on, never fitted.
+
+Pools (``POOLS``, ``pool_series``): other yearly series statsmodels ships, for training one model over many series
+as TSDiff does (sec. 5: one unconditional model per dataset of many series): ``nile``, ``sunspots`` (above),
+``elnino`` (``statsmodels.datasets.elnino``: yearly means of the monthly sea-surface temperature, 1950 .. 2010,
+61 points) and ``fertility`` (``statsmodels.datasets.fertility``: the World Bank's yearly fertility rate per
+country, 1960 .. 2013, each country's values up to its first missing year, countries with at least 30 of them).
 """
 
 from __future__ import annotations
@@ -109,6 +115,42 @@ def _nile():
     from statsmodels.datasets import nile
 
     return nile.load_pandas().data["volume"].to_numpy(dtype="float64", copy=True)
+
+
+def _elnino():
+    from statsmodels.datasets import elnino
+
+    return [elnino.load_pandas().data.iloc[:, 1:].mean(axis=1).to_numpy(dtype="float64", copy=True)]
+
+
+def _fertility():
+    import numpy as np
+    from statsmodels.datasets import fertility
+
+    rows = fertility.load_pandas().data.iloc[:, 4:].to_numpy(dtype="float64", copy=True)
+    out = []
+    for row in rows:
+        bad = np.flatnonzero(~np.isfinite(row))
+        run = row[: bad[0]] if bad.size else row
+        if run.size >= 30:
+            out.append(run)
+    return out
+
+
+# pool name -> loader of a list of 1-D arrays (module docstring)
+POOLS = {
+    "nile": lambda: [_nile()],
+    "sunspots": lambda: [_sunspots()],
+    "elnino": _elnino,
+    "fertility": _fertility,
+}
+
+
+def pool_series(name: str) -> list[Tensor]:
+    """The series (float64, 1-D each) of the pool ``name`` (one of ``POOLS``)."""
+    if name not in POOLS:
+        raise one_of("pool series", name, sorted(POOLS))
+    return [torch.as_tensor(v, dtype=F64) for v in POOLS[name]()]
 
 
 # name -> (loader, season, context length, horizon, test windows)

@@ -1,6 +1,8 @@
-"""Certified l2 accuracy of the digits scorer under randomized smoothing (``condiff.tasks.smoothing``: Cohen et al.
-2019's CERTIFY, denoised smoothing of Carlini et al. 2023, DensePure of Xiao et al. 2023), with the bundled digits
-model as the denoiser: the family-specific part of ``condiff certify`` and benchmarks/smoothing.py.
+"""Certified l2 accuracy on the held-out digits under randomized smoothing (``condiff.tasks.smoothing``: Cohen et al.
+2019's CERTIFY, denoised smoothing of Carlini et al. 2023, DensePure of Xiao et al. 2023, with the bundled digits
+model as the denoiser in front of the digits scorer; or a one-step network of ``models.robust_digits``: rRCM of Lei
+et al. 2025, or Cohen et al.'s Gaussian-augmentation classifier): the family-specific part of ``condiff certify``
+and benchmarks/smoothing.py.
 
 Units: sigma and the radii are l2 distances in [0, 1] pixel units over the 16x16 = 256 pixels (Cohen et al.'s
 convention); the model and the scorer read [-1, 1], so the smoothing functions get ``scale=2, shift=-1``.
@@ -34,12 +36,18 @@ class _Counter:
             h.remove()
 
 
-def base_classifier(method: str, sigma: float, m=None, runs: int = 3, steps: int = 4, generator=None):
-    """The base classifier on [0, 1] images (N, 1, 16, 16): the scorer, or the scorer behind the diffusion model
-    (unconditional: the null label, built for each batch's size)."""
+ONE_STEP = ("noise", "rrcm")  # methods whose base classifier is a trained robust_digits network (no scorer)
+
+
+def base_classifier(method: str, sigma: float, m=None, runs: int = 3, steps: int = 4, generator=None, classifier=None):
+    """The base classifier on [0, 1] images (N, 1, 16, 16): the scorer, the scorer behind the diffusion model
+    (unconditional: the null label, built for each batch's size), or (``noise``, ``rrcm``) the one-step network of
+    ``classifier`` (a loaded ``models.robust_digits`` model)."""
     from condiff.data.digits import scorer
     from condiff.tasks.smoothing import DenoisedClassifier, DensePureClassifier
 
+    if method in ONE_STEP:
+        return classifier.base_classifier(sigma)
     score = scorer()
 
     def plain(x):
@@ -64,7 +72,7 @@ def base_classifier(method: str, sigma: float, m=None, runs: int = 3, steps: int
     return per_batch
 
 
-def certify_images(method, sigma, n, n0, alpha, images, seed, runs=3, steps=4, m=None) -> dict:
+def certify_images(method, sigma, n, n0, alpha, images, seed, runs=3, steps=4, m=None, classifier=None) -> dict:
     """Certify the first ``images`` held-out digits; returns the report (certificates, certified accuracy at
     ``RADII``, network evaluations per certification). ``m`` is the loaded digits model
     (``models.base.load_model``) for the denoising methods. The API behind ``condiff certify`` and
@@ -74,14 +82,19 @@ def certify_images(method, sigma, n, n0, alpha, images, seed, runs=3, steps=4, m
     from condiff.data.digits import load_split
     from condiff.tasks.smoothing import certify
 
-    if method != "plain" and m is None:
+    if method in ONE_STEP:
+        if classifier is None:
+            raise ConfigError(f"method {method!r} needs a loaded robust_digits classifier")
+        if classifier.config["kind"] != method:
+            raise ConfigError(f"method {method!r} needs a {method} classifier, got a {classifier.config['kind']} one")
+    elif method != "plain" and m is None:
         raise ConfigError(f"method {method!r} needs the loaded diffusion model m")
     split = load_split()
     x = (split["x_test"][:images] - SHIFT) / SCALE  # [0, 1] pixel units
     y = split["y_test"][:images]
     noise = torch.Generator().manual_seed(seed)
     solver_noise = torch.Generator().manual_seed((seed + 1) % 2**63)
-    g = base_classifier(method, sigma, m, runs, steps, solver_noise)
+    g = base_classifier(method, sigma, m, runs, steps, solver_noise, classifier)
     counter = _Counter(m.module) if m is not None else None
     rows = []
     t0 = time.perf_counter()
@@ -122,6 +135,8 @@ def certify_images(method, sigma, n, n0, alpha, images, seed, runs=3, steps=4, m
         "abstained": sum(1 for row in rows if row["prediction"] == -1),
         "denoiser_nfe_per_certification": nfe / images,
         "classifier_evals_per_certification": (n0 + n) * (runs if method == "densepure" else 1),
+        "base_classifier": classifier.config["kind"] + " network (one step)" if method in ONE_STEP else "scorer",
+        "classifier_trained_sigma": classifier.sigma if method in ONE_STEP else None,
         "seconds": seconds,
         "certificates": rows,
     }

@@ -12,6 +12,17 @@
 Everything takes objects: Denoisers (``D(x, t, cond) -> x0`` with ``.schedule``), a solver, an ``nn.Module``
 classifier (logits), tensors. The classifier given to ``finetune`` is never modified: a fine-tuned copy is returned.
 The projection's t* and steps follow DDA in the paper (not retrieved); they are arguments here.
+
+Structure guidance (DDA: Gao et al., "Back to the Source: Diffusion-Driven Adaptation to Test-Time Corruption",
+CVPR 2023, Sec. 3.2, eq. 6; ILVR, Choi et al. 2021, is the related replacement step): with ``structure_factor`` D
+and ``structure_weight`` w, every solver step from x_t to x_next is followed by
+
+    x_next <- x_next - w * grad_{x_t} sum_i || phi_D(x_in,i) - phi_D(x0_hat(x_t)_i) ||_2,
+
+phi_D = average-pool by D then nearest upsample by D (a low-pass filter), x_in the image being projected and
+x0_hat(x_t) the denoiser's clean estimate at that step. DDA's code takes one norm over the whole batch; here each
+image has its own norm (the sum), so an image's projection does not depend on the rest of its batch. The same
+guided projection is used on the synthetic images (MoD) and at test time. w = 0 (or D None) is the plain projection.
 """
 
 from __future__ import annotations
@@ -24,10 +35,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from condiff.core.denoiser import check_batch, diffuse
+from condiff.core.denoiser import check_batch, diffuse, start_trajectory
 from condiff.core.grids import UniformT, make_grid
-from condiff.core.sampling import Gaussian, NoiseSource, sample
-from condiff.errors import ConfigError, check_int, check_real
+from condiff.core.sampling import CountingDenoiser, Gaussian, NoiseSource, all_finite, sample
+from condiff.core.schedules import grid_times
+from condiff.errors import ConfigError, NonFiniteError, check_int, check_real
 from condiff.solvers.ddim import DDIM
 
 
@@ -40,10 +52,15 @@ class Projection:
     steps: int = 10
     solver: Any = field(default_factory=DDIM)
     spacing: Any = field(default_factory=UniformT)
+    structure_factor: int | None = None
+    structure_weight: float = 0.0
 
     def __post_init__(self):
         check_real("t_star", self.t_star)
         check_int("steps", self.steps, lo=1)
+        if self.structure_factor is not None:
+            check_int("structure_factor", self.structure_factor, lo=1)
+        check_real("structure_weight", self.structure_weight, lo=0.0)
         if not callable(getattr(self.solver, "step", None)):
             raise ConfigError(f"solver must be a condiff solver object, got {self.solver!r}")
 
@@ -69,7 +86,42 @@ def project(
     noise = noise or Gaussian()
     grid = make_grid(schedule, projection.steps, projection.spacing, t_start=projection.t_star)
     x_t = diffuse(schedule, x, float(grid[0]), noise.sample(x))
-    return sample(denoiser, projection.solver, grid, x_t, cond, noise).x
+    if projection.structure_factor is None or projection.structure_weight == 0:
+        return sample(denoiser, projection.solver, grid, x_t, cond, noise).x
+    return _guided(denoiser, projection, grid, x, x_t, cond, noise)
+
+
+def low_pass(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """phi_D: average-pool the last two dimensions by ``factor`` and repeat each value back (nearest upsampling);
+    both sizes must be multiples of ``factor``."""
+    factor = check_int("structure_factor", factor, lo=1)
+    h, w = x.shape[-2:]
+    if h % factor or w % factor:
+        raise ConfigError(f"structure_factor {factor} must divide the image size {h}x{w}")
+    flat = x.reshape(-1, 1, h, w)
+    low = nn.functional.avg_pool2d(flat, factor)
+    return low.repeat_interleave(factor, -2).repeat_interleave(factor, -1).reshape(x.shape)
+
+
+def _guided(denoiser, projection: Projection, grid, x_in, x_t, cond, noise) -> torch.Tensor:
+    """DDA's structure-guided reverse process (eq. 6): each solver step, then x_next -= w grad_{x_t} of the per-image
+    norm of phi_D(x_in) - phi_D(x0_hat(x_t))."""
+    D = CountingDenoiser(start_trajectory(denoiser), cond)
+    times = grid_times(D.schedule, torch.as_tensor(grid, dtype=torch.float64))
+    state = projection.solver.init_state(grid)
+    target = low_pass(x_in.detach(), projection.structure_factor)
+    x = x_t.detach()
+    for i in range(len(times) - 1):
+        with torch.enable_grad():
+            x_req = x.detach().requires_grad_(True)
+            x_next, state = projection.solver.step(D, x_req, times[i], times[i + 1], state, noise)
+            diff = (target - low_pass(D.last, projection.structure_factor)).flatten(1)
+            norm = diff.norm(dim=1).sum()
+            (grad,) = torch.autograd.grad(norm, x_req)
+        x = (x_next - projection.structure_weight * grad).detach()
+        if not all_finite(x):
+            raise NonFiniteError(f"non-finite values in the structure-guided projection after step {i}")
+    return x
 
 
 def _labels(labels) -> torch.Tensor:

@@ -4,11 +4,22 @@ checkpoints with a JSON sidecar (config, checksums), and exact resume.
 Every step's randomness (batch, time, noise, dropout) comes from a generator seeded by (seed, step), and
 the learning rate is a pure function of the step, so a resumed run repeats an uninterrupted one bit for
 bit on CPU (same thread count).
+
+Data parallel (``parallel``: a condiff.training.distributed.DataParallel, or ``data_shards`` > 1 on one process):
+the step's global batch of ``data_shards x batch_size`` rows is drawn from the (seed, step) generator, as one
+process draws it, and cut into ``data_shards`` shards of ``batch_size`` rows; rank r of N computes the shards
+[r S / N, (r + 1) S / N), each shard's time, noise and dropout drawn from its own (seed, step, shard) generator
+(``shard_generator``), its loss scaled by 1 / S before the backward pass; one all-reduce sums the gradients (and
+the loss), and every rank takes the same step (Li et al. 2020, Sec. 3; DistributedSampler's split of one global
+order over the ranks). So N ranks reproduce one process with ``data_shards = N`` (gradient accumulation over the
+same shards) up to the order of float sums, and a job resumes exactly on any number of ranks that divides S.
+Checkpoints, the EMA model and the learning curve are written by rank 0 only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -31,7 +42,7 @@ from condiff.core.files import (
     save_tensors,
     sha256_file,
 )
-from condiff.errors import ConfigError, InputFileError, NonFiniteError
+from condiff.errors import CondiffError, ConfigError, InputFileError, NonFiniteError
 from condiff.training.recipe import Recipe, recipe_changes
 
 CKPT_RE = re.compile(r"^step-(\d{8})$")
@@ -39,6 +50,24 @@ CKPT_RE = re.compile(r"^step-(\d{8})$")
 
 def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+
+
+def shard_generator(seed: int, step: int, shard: int) -> torch.Generator:
+    """The generator of shard ``shard`` of step ``step``'s global batch (data parallel): its time, noise and
+    dropout, independent of the (seed, step) stream the global batch's rows come from."""
+    digest = hashlib.blake2b(f"condiff-shard {seed} {step} {shard}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def rows(batch, start: int, stop: int):
+    """Rows [start, stop) of a training batch: a tensor, or a dict / list / tuple of them (other values as is)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop]
+    if isinstance(batch, dict):
+        return {k: rows(v, start, stop) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(rows(v, start, stop) for v in batch)
+    return batch
 
 
 def learning_rate(cfg, step: int) -> float:
@@ -113,6 +142,14 @@ class Trainer:
         self.start_step = 0  # the step this trainer started from: 0, or the resumed checkpoint's
         self.train_seconds = 0.0
         self.recipe_changes: list = []  # what --allow-changes let a resume change: [{step, changes: {key: [old, new]}}]
+        self.parallel = None  # a condiff.training.distributed.DataParallel when launched by torchrun / accelerate
+        self.data_shards = 1  # the shards of the global batch (data parallel: a multiple of the world size)
+        self.step_losses: list = []  # the loss of every step this trainer ran (the global batch's mean)
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes checkpoints and the model: one process, or rank 0 of a job."""
+        return self.parallel is None or self.parallel.is_main
 
     def rebuild_optimizer(self):
         """The optimizer and the EMA over the parameters that now require gradients (at the start, and after an
@@ -151,6 +188,7 @@ class Trainer:
                     "log": self.log,
                     "recipe_changes": self.recipe_changes,
                     "threads": torch.get_num_threads(),
+                    "data_shards": self.data_shards,
                     "sha256": {f: sha256_file(tmp / f) for f in files},
                 },
             )
@@ -182,6 +220,29 @@ class Trainer:
         return meta
 
     def resume(self, allow_changes: bool = False) -> Path | None:
+        """See ``_resume``. Data parallel: rank 0 chooses the checkpoint (and refuses or renames as one process
+        does), every other rank restores the same one from the shared OUT, or raises rank 0's error."""
+        par = self.parallel
+        if par is None:
+            return self._resume(allow_changes)
+        if not par.is_main:
+            chosen = par.broadcast_object(None)
+            if isinstance(chosen, dict):
+                raise ConfigError(chosen["error"])
+            if chosen is None:
+                return None
+            path = self.ckpt_root / chosen
+            self._restore(path, load_json(path / "trainer.json"))
+            return path
+        try:
+            path = self._resume(allow_changes)
+        except CondiffError as e:  # the other ranks stop with the same line
+            par.broadcast_object({"error": str(e)})
+            raise
+        par.broadcast_object(None if path is None else path.name)
+        return path
+
+    def _resume(self, allow_changes: bool = False) -> Path | None:
         """Restore the newest valid checkpoint; None if there is none. A corrupt one is renamed to
         ``step-N.corrupt`` (kept for inspection, out of the way of new checkpoints and of pruning) with a notice on
         stderr. A checkpoint written with other recipe values (any key: seed, lr, batch size, objective, schedule,
@@ -197,6 +258,15 @@ class Trainer:
                 print(f"notice: skipping checkpoint {path.name}: {e} (renamed to {aside.name})", file=sys.stderr)
                 continue
             changes = recipe_changes(meta.get("recipe"), self.recipe.to_dict())
+            if meta.get("data_shards", 1) != self.data_shards:
+                old = meta.get("data_shards", 1)
+                if not allow_changes:
+                    raise ConfigError(
+                        f"--resume: {str(self.out_dir)!r} was trained with its global batch in {old!r} data shard(s) "
+                        f"and this run has {self.data_shards}; launch as many ranks (torchrun --nproc_per_node) or "
+                        f"pass --data-shards {old!r}, or pass --allow-changes to go on with {self.data_shards}"
+                    )
+                changes = {**changes, "data_shards": (old, self.data_shards)}
             if changes and not allow_changes:
                 raise ConfigError(
                     f"--resume: {str(self.out_dir)!r} was trained with other recipe values ({_describe(changes)}); "
@@ -240,6 +310,8 @@ class Trainer:
         cfg, obj = self.recipe.train, self.recipe.objective
         if self.adaptation is not None:
             self.adaptation.before_step(self)
+        if self.parallel is not None or self.data_shards > 1:
+            return self._sharded_step()
         g = step_generator(cfg.seed, self.step)
         with self.autocast():
             if self.loss_fn is None:
@@ -257,6 +329,49 @@ class Trainer:
             )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        return self._update(loss)
+
+    def _sharded_step(self):
+        """One data-parallel step: this rank's shards of the global batch, their gradients summed over the ranks
+        (the module docstring)."""
+        cfg, obj, par, shards = self.recipe.train, self.recipe.objective, self.parallel, self.data_shards
+        rank, world = (par.rank, par.world_size) if par is not None else (0, 1)
+        self.opt.zero_grad(set_to_none=True)
+        total, sums = torch.zeros((), dtype=torch.float32), {}
+        fam, n = (self.model.family if self.loss_fn is None else None), cfg.batch_size
+        if self.loss_fn is None:
+            with self.autocast():  # the global batch's rows, as one process draws them
+                x0, raw = fam.training_batch(self.step, n * shards, step_generator(cfg.seed, self.step), cfg.seed, obj)
+        for k in range(rank * shards // world, (rank + 1) * shards // world):
+            g = shard_generator(cfg.seed, self.step, k)
+            with self.autocast():
+                if self.loss_fn is None:
+                    xk, rk = rows(x0, k * n, (k + 1) * n), rows(raw, k * n, (k + 1) * n)
+                    loss, metrics = fam.loss(self.module, self.model.model_cfg, self.model.schedule, obj, xk, rk, g), {}
+                    loss = loss.float().mean()
+                else:
+                    loss, metrics = self.loss_fn(self.step, g)
+                    loss = loss.float()
+            (loss / shards).backward()
+            total = total + loss.detach() / shards
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(value) / shards
+        keys = sorted(sums)
+        scalars = torch.cat([total.reshape(1), torch.tensor([sums[k] for k in keys], dtype=torch.float32)])
+        if par is not None:
+            scalars = par.reduce_gradients(self.params, scalars)
+        loss, self.metrics = scalars[0], dict(zip(keys, scalars[1:].tolist()))
+        if not torch.isfinite(loss):
+            raise NonFiniteError(
+                f"non-finite loss ({loss.item()}) at step {self.step}; the last good "
+                f"checkpoint is kept in {str(self.ckpt_root)!r}"
+            )
+        return self._update(loss)
+
+    def _update(self, loss):
+        """The optimizer step on the gradients in place: the non-finite guard, clipping, the learning rate, AdamW,
+        the EMA; returns the loss as a float."""
+        cfg = self.recipe.train
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads)  # one reduction: non-finite where any gradient is
         if not torch.isfinite(norm):
@@ -298,10 +413,13 @@ class Trainer:
 
     def run(self, steps: int | None = None, stop_after: int | None = None):
         """Train until ``steps`` (default: the recipe's); ``stop_after`` ends early after that many steps
-        (used for kill/resume tests)."""
+        (used for kill/resume tests). Data parallel: rank 0's weights are broadcast first (as PyTorch's
+        DistributedDataParallel does), so every rank starts from the same ones."""
         cfg = self.recipe.train
         total = steps or cfg.steps
         torch.set_num_threads(cfg.threads)
+        if self.parallel is not None:
+            self.parallel.broadcast_([*self.module.parameters(), *self.module.buffers()])
         from tqdm.auto import tqdm
 
         bar = tqdm(
@@ -326,6 +444,7 @@ class Trainer:
             t0 = time.perf_counter()
             loss = self.train_step()
             self.train_seconds += time.perf_counter() - t0
+            self.step_losses.append(loss)
             loss_avg = loss if loss_avg is None else 0.98 * loss_avg + 0.02 * loss
             for key, value in self.metrics.items():
                 window.setdefault(key, []).append(value)
@@ -334,20 +453,23 @@ class Trainer:
             if (self.evaluate or window) and cfg.eval_every and self.step % cfg.eval_every == 0:
                 metrics = {k: sum(v) / len(v) for k, v in window.items()}
                 window = {}
-                if self.evaluate:
+                if self.evaluate and self.writes:
                     metrics.update(self.evaluate(self.model, self.ema_module()))
                 entry = {"step": self.step, "train_minutes": self.train_seconds / 60, "loss": loss_avg, **metrics}
                 self.log.append(entry)
-                bar.write(json.dumps(entry))
-            if self.step % cfg.ckpt_every == 0 or self.step == total:
+                if self.writes:
+                    bar.write(json.dumps(entry))
+            if self.writes and (self.step % cfg.ckpt_every == 0 or self.step == total):
                 self.save_checkpoint()
             done += 1
             if stop_after is not None and done >= stop_after:
                 break
 
     def export(self, directory=None):
-        """Write the EMA weights as a loadable model directory (diffusers layout)."""
+        """Write the EMA weights as a loadable model directory (diffusers layout); rank 0 only."""
         directory = Path(directory or self.out_dir / "model")
+        if not self.writes:
+            return directory
         m = self.ema_module(plain=True)
         orig = self.model.module
         self.model.module = m

@@ -1,0 +1,181 @@
+"""DiffuseVAE on shapes, measured (``condiff.tasks.diffusevae``; Pandey et al., TMLR 2022, Formulation 1): the
+Fréchet distance of samples from the VAE alone (x_hat = Dec(z), z ~ N(0, I)) and from DiffuseVAE (the same z, x_hat
+refined by the conditional DDPM), and the smoothness of straight paths in the VAE's latent between pairs of real
+images, read by the exact labeller.
+
+    OMP_NUM_THREADS=1 python benchmarks/diffusevae.py [--json F] [--n 1000] [--reference]
+
+The model is read from runs/diffusevae/model (`condiff train diffusevae-vae --out runs/diffusevae-vae`, then
+`condiff train diffusevae --out runs/diffusevae`); its folder holds the frozen VAE, so both rows use the same VAE.
+
+Fréchet distance: ``condiff.evaluation.metrics.frechet_distance`` on the penultimate features (64-d) of the bundled
+shapes classifier trained on clean renders (``load_classifier("clean")``, ``classifier_features``), of --n samples
+(z from seed 0, the refiner's noise from seed 1) against --n held-out renders (the generator seeded 2**41 + 1,
+apart from every training batch). The floor is the same distance between two independent sets of --n real renders
+(seeds 2**41 + 1 and 2**41 + 2). --reference adds the bundled unconditional shapes model (the null caption, no
+guidance, 20 DPM-Solver++(2M) steps). "object" is the share of samples in which the labeller finds an object,
+"one_object" the share in which that object (its largest bright component) holds >= 95% of the bright pixels.
+
+Interpolation: --pairs pairs of held-out renders (seed 2**41 + 3), their latent means joined by --frames points
+(ends included); every frame of a row is decoded (VAE) and refined with one shared noise per row (DiffuseVAE). Per
+path, the labeller's attribute changes between consecutive frames against the minimum (the attributes whose end
+labels differ): a path with changes == minimum flips each attribute at most once. The picture (--png) has per pair
+the VAE's row above DiffuseVAE's row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+from condiff.core.files import atomic_write_json  # noqa: E402
+from condiff.data import labeller, shapes  # noqa: E402
+from condiff.data.images import labelled_grid, save_png  # noqa: E402
+from condiff.evaluation.metrics import classifier_features, frechet_distance  # noqa: E402
+from condiff.models.dense import EVAL_SEED_OFFSET  # noqa: E402
+from condiff.models.diffusevae import find_model, load_diffusevae_model  # noqa: E402
+from condiff.tasks.diffusevae import path_changes, smoothness  # noqa: E402
+
+CMD = "OMP_NUM_THREADS=1 python benchmarks/diffusevae.py --reference"
+
+
+def real(n: int, k: int) -> torch.Tensor:
+    return shapes.sample_batch(n, torch.Generator().manual_seed(EVAL_SEED_OFFSET + k)).images
+
+
+def one_object(images: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: the labeller's object (the largest 4-connected bright component) holds >= 95% of the bright
+    pixels, i.e. the image shows one object and no second blob or speckle."""
+    bright = (images.max(1).values > 0).flatten(1).sum(1)
+    largest = labeller.masks(images).flatten(1).sum(1)
+    return (bright > 0) & (largest >= 0.95 * bright)
+
+
+def scores(images: torch.Tensor, real_feats: torch.Tensor, net) -> dict:
+    feats = classifier_features(images, net)
+    return {
+        "fd": frechet_distance(feats, real_feats),
+        "object": float((labeller.label(images)[:, 0] >= 0).float().mean()),
+        "one_object": float(one_object(images).float().mean()),
+    }
+
+
+def reference_samples(n: int, steps: int, seed: int) -> torch.Tensor:
+    """The bundled shapes model's unconditional samples (null caption, guidance scale 1)."""
+    from condiff.core.grids import make_grid
+    from condiff.core.sampling import initial_noise, sample
+    from condiff.models.base import load_model, silence_diffusers
+    from condiff.solvers import DPMSolverPP2M
+
+    silence_diffusers()
+    m = load_model("shapes")
+    grid = make_grid(m.schedule, steps)
+    g = torch.Generator().manual_seed(seed)
+    outs = []
+    for i in range(0, n, 250):
+        k = min(250, n - i)
+        x = initial_noise(m.schedule, float(grid[0]), (k, *m.family.image_shape), g)
+        with torch.no_grad():
+            cond = m.family.encode(m.module, m.family.null_raw(k))
+            outs.append(sample(m.denoiser, DPMSolverPP2M(), grid, x, cond).x.clamp(-1, 1))
+    return torch.cat(outs)
+
+
+def measure(args) -> dict:
+    from condiff.models.classifiers import load_classifier
+
+    torch.set_num_threads(args.threads)
+    folder = find_model(args.model)
+    m = load_diffusevae_model(folder)
+    net = load_classifier("clean")
+    out = {
+        "n": args.n,
+        "steps": args.steps,
+        "threads": torch.get_num_threads(),
+        "model": str(folder),
+        "trained_steps": m.info.get("trained_steps"),
+        "train_minutes": m.info.get("train_minutes"),
+        "features": "penultimate features (64-d) of the bundled clean shapes classifier",
+    }
+    real_feats = classifier_features(real(args.n, 1), net)
+    out["floor_real_vs_real"] = {"fd": frechet_distance(classifier_features(real(args.n, 2), net), real_feats)}
+    t0 = time.perf_counter()
+    x_hat, _, _ = m.sample(args.n, 0, args.steps, refine=False)
+    out["vae"] = {**scores(x_hat, real_feats, net), "seconds": time.perf_counter() - t0, "nfe": 0}
+    t0 = time.perf_counter()
+    x_hat2, x, nfe = m.sample(args.n, 0, args.steps)
+    assert torch.equal(x_hat, x_hat2)  # the same z
+    out["diffusevae"] = {**scores(x, real_feats, net), "seconds": time.perf_counter() - t0, "nfe": nfe}
+    if args.reference:
+        t0 = time.perf_counter()
+        ref = reference_samples(args.n, args.steps, 0)
+        out["shapes_unconditional"] = {**scores(ref, real_feats, net), "seconds": time.perf_counter() - t0}
+    out["accept_fd"] = out["diffusevae"]["fd"] < out["vae"]["fd"]
+
+    # interpolation
+    pairs = real(2 * args.pairs, 3)
+    a, b = pairs[: args.pairs], pairs[args.pairs :]
+    t0 = time.perf_counter()
+    xh, xr, _ = m.interpolate(a, b, args.frames, 0, args.steps)
+    out["interpolation_seconds"] = time.perf_counter() - t0
+    shape = (args.pairs, args.frames, 3, shapes.SIZE, shapes.SIZE)
+    interp = {}
+    for name, imgs in (("vae", xh.clamp(-1, 1)), ("diffusevae", xr)):
+        labels = labeller.label(imgs).view(args.pairs, args.frames, -1)
+        interp[name] = {
+            **smoothness(list(labels)),
+            "object": float((labels[..., 0] >= 0).float().mean()),
+            "one_object": float(one_object(imgs).float().mean()),
+            "paths": [{"changes_minimum": list(path_changes(p)), "labels": p.tolist()} for p in labels],
+        }
+    out["interpolation"] = {"pairs": args.pairs, "frames": args.frames, **interp}
+    tiles = torch.stack([xh.clamp(-1, 1).view(shape), xr.view(shape)], 1).flatten(0, 2)
+    rows = [f"{k} {i + 1}" for i in range(args.pairs) for k in ("VAE", "DiffuseVAE")]
+    cols = [f"{j / (args.frames - 1):.2f}" for j in range(args.frames)]
+    args.png.parent.mkdir(parents=True, exist_ok=True)
+    save_png(labelled_grid(tiles, rows, cols), args.png)
+    k = min(8, args.n)
+    samples = torch.cat([x_hat[:k], x[:k]])
+    save_png(labelled_grid(samples, ["VAE", "DiffuseVAE"], [f"z{i}" for i in range(k)]), args.samples_png)
+    out["pictures"] = [str(args.png), str(args.samples_png)]
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, default=ROOT / "runs" / "diffusevae")
+    ap.add_argument("--json", type=Path, default=ROOT / "outputs" / "diffusevae" / "diffusevae.json")
+    ap.add_argument("--png", type=Path, default=ROOT / "outputs" / "diffusevae" / "interpolation.png")
+    ap.add_argument("--samples-png", type=Path, default=ROOT / "outputs" / "diffusevae" / "samples.png")
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--pairs", type=int, default=8)
+    ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--reference", action="store_true", help="add the bundled unconditional shapes model")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    out = measure(args)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.json, json.loads(json.dumps(out)))
+    for k in ("floor_real_vs_real", "vae", "diffusevae", "shapes_unconditional"):
+        if k in out:
+            print(f"{k:22s} " + "  ".join(f"{a} {v:.4g}" for a, v in out[k].items()))
+    for k in ("vae", "diffusevae"):
+        s = out["interpolation"][k]
+        print(
+            f"interpolation {k:10s} changes {s['changes']:.2f} minimum {s['minimum']:.2f} excess {s['excess']:.2f} "
+            f"minimal {s['minimal_share']:.0%} object {s['object']:.0%} one object {s['one_object']:.0%}"
+        )
+    print(f"accept (DiffuseVAE FD < VAE FD): {out['accept_fd']}; wrote {args.json}, {args.png}, {args.samples_png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,448 @@
+"""DiffuseVAE on shapes (``condiff.tasks.diffusevae``: Pandey et al., TMLR 2022, Formulation 1): a small conv VAE
+(stage 1, recipe ``diffusevae-vae``) and a DDPM conditioned on its reconstruction by channel concatenation (stage 2,
+recipe ``diffusevae``), fine-tuned from the bundled shapes UNet with its conv_in widened from 12 to 24 channels with
+zero weights (``condiff.models.dense``'s start: the null caption's context, pixel unshuffling by 2), so the start
+computes exactly what the pretrained unconditional-caption model did and learns to use x_hat from there.
+
+A recipe (``family = "diffusevae"``) has [model] and [train] (condiff's ``TrainConfig``). ``model.kind`` 'vae': the
+VAE with ``latent_dim``, ``width`` (the first conv's channels; 2x and 4x below), the decoder's ``sigma`` and the KL
+weight ``beta``; [train] takes no init_from. ``model.kind`` 'ddpm': ``model.vae`` names the trained VAE (a model
+folder or a run folder holding it as model/), [train] ``init_from`` the shapes model that starts the UNet (default
+'shapes'); the VAE keys belong to the VAE and are refused here. Unknown keys and bad values are one-line
+ConfigErrors.
+
+A saved model is ``vae/`` (and for 'ddpm' ``unet/`` and ``extras/``: diffusers folders, safetensors) with
+``condiff.json``'s "diffusevae" table; the DDPM's folder holds its VAE, so it stands alone. Both train with condiff's
+Trainer (EMA, atomic checkpoints, exact resume); the VAE is frozen while the DDPM trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from condiff.core.denoiser import V, wrap
+from condiff.core.files import atomic_dir, atomic_write_json
+from condiff.core.grids import make_grid
+from condiff.core.sampling import sample
+from condiff.core.schedules import schedule_from_config
+from condiff.data import labeller, shapes
+from condiff.errors import ConfigError, InputFileError, check_int, one_of
+from condiff.models.dense import (
+    IMAGE_SHAPE,
+    PIXEL_UNSHUFFLE,
+    heldout_batch,
+    load_networks,
+    load_start,
+    saved_table,
+    shuffle,
+    start_extras,
+    table_of,
+    unshuffle,
+)
+from condiff.models.family import load_pretrained
+from condiff.solvers import DPMSolverPP2M
+from condiff.tasks.diffusevae import (
+    condition_input,
+    lerp_path,
+    prior_latents,
+    reconstruction,
+    two_stage_sample,
+    vae_loss,
+)
+from condiff.tasks.lotus import widen_unet
+from condiff.training.objectives import UniformTime, diffusion_loss
+from condiff.training.recipe import (
+    ObjectiveConfig,
+    TaskRecipeDict,
+    TrainConfig,
+    check_keys,
+    check_name,
+    check_objective_train,
+    typed_table,
+)
+from condiff.training.trainer import Trainer
+
+FAMILY = "diffusevae"
+KINDS = ("vae", "ddpm")
+VAE_KEYS = ("latent_dim", "width", "sigma", "beta")
+DEFAULT_STEPS = 20  # the refiner's DPM-Solver++(2M) steps
+MAX_LATENT = 512
+MAX_WIDTH = 256
+
+
+# the VAE network ----------------------------------------------------------------------------------------------
+class ConvVAE(ModelMixin, ConfigMixin):
+    """A conv VAE for (3, 32, 32) images in [-1, 1]: three stride-2 convs (width, 2 width, 4 width; 32 -> 4) and a
+    linear layer to (mu, logvar); the decoder mirrors it with transposed convs and ends in tanh."""
+
+    @register_to_config
+    def __init__(self, latent_dim: int = 16, width: int = 32):
+        super().__init__()
+        w = width
+        act = nn.SiLU
+        self.encoder = nn.Sequential(
+            nn.Conv2d(3, w, 4, 2, 1), act(),
+            nn.Conv2d(w, 2 * w, 4, 2, 1), act(),
+            nn.Conv2d(2 * w, 4 * w, 4, 2, 1), act(),
+            nn.Flatten(),
+        )  # fmt: skip
+        self.to_stats = nn.Linear(4 * w * 16, 2 * latent_dim)
+        self.from_latent = nn.Linear(latent_dim, 4 * w * 16)
+        self.decoder = nn.Sequential(
+            act(),
+            nn.ConvTranspose2d(4 * w, 2 * w, 4, 2, 1), act(),
+            nn.ConvTranspose2d(2 * w, w, 4, 2, 1), act(),
+            nn.ConvTranspose2d(w, 3, 4, 2, 1),
+        )  # fmt: skip
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, logvar) of q(z | x), each (B, latent_dim); logvar clamped to [-30, 20] against overflow."""
+        mu, logvar = self.to_stats(self.encoder(x)).chunk(2, 1)
+        return mu, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoder's mean Dec(z), (B, 3, 32, 32) in [-1, 1]."""
+        h = self.from_latent(z).view(z.shape[0], -1, 4, 4)
+        return torch.tanh(self.decoder(h))
+
+
+# recipes ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DiffuseVAENetConfig:
+    kind: str = "vae"  # vae: stage 1 | ddpm: stage 2, the DDPM conditioned on the VAE's reconstruction
+    latent_dim: int = 16
+    width: int = 32
+    sigma: float = 0.5  # the decoder's fixed standard deviation (images in [-1, 1])
+    beta: float = 1.0  # the KL weight (1: the ELBO)
+    vae: str = ""  # kind ddpm: the trained VAE (a model folder or a run folder holding model/)
+
+
+@dataclass(frozen=True)
+class DiffuseVAERecipe(TaskRecipeDict):
+    name: str
+    family: str = FAMILY
+    model: DiffuseVAENetConfig = field(default_factory=DiffuseVAENetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # unused: the Trainer's field
+
+
+def diffusevae_recipe_from_dict(data: dict) -> DiffuseVAERecipe:
+    """A recipe from its TOML table; unknown keys and bad values are one-line ConfigErrors naming them."""
+    check_keys(data, {"name", "family", "model", "train"}, what=f"{FAMILY} recipe")
+    if data["family"] != FAMILY:
+        raise one_of(f"{FAMILY} recipe family", data["family"], [FAMILY])
+    model = typed_table(DiffuseVAENetConfig, data.get("model", {}), "model")
+    if model.kind not in KINDS:
+        raise one_of("model.kind", model.kind, KINDS)
+    train = data.get("train", {})
+    if model.kind == "ddpm" and isinstance(train, dict):
+        train = {"init_from": "shapes", **train}
+    r = DiffuseVAERecipe(data["name"], data["family"], model, typed_table(TrainConfig, train, "train"))
+    check_name(r.name)
+    check_objective_train(ObjectiveConfig(), r.train)
+    m = r.model
+    if m.kind == "vae":
+        check_int("model.latent_dim", m.latent_dim, 1, MAX_LATENT)
+        check_int("model.width", m.width, 1, MAX_WIDTH)
+        if not (m.sigma > 0 and m.sigma < float("inf")):
+            raise ConfigError(f"model.sigma must be a positive finite number, got {m.sigma}")
+        if not (m.beta >= 0 and m.beta < float("inf")):
+            raise ConfigError(f"model.beta must be a finite number >= 0, got {m.beta}")
+        if m.vae:
+            raise ConfigError(f"model.vae names the VAE of a kind 'ddpm' recipe; kind 'vae' takes none, got {m.vae!r}")
+        if r.train.init_from:
+            raise ConfigError(
+                f"train.init_from starts a kind 'ddpm' recipe's UNet; kind 'vae' takes none, got {r.train.init_from!r}"
+            )
+    else:
+        given = [k for k in VAE_KEYS if k in data.get("model", {})]
+        if given:
+            raise ConfigError(
+                f"model.{given[0]} belongs to the VAE's recipe (kind 'vae'); a kind 'ddpm' recipe reads it from "
+                f"model.vae"
+            )
+        if not m.vae.strip():
+            raise ConfigError(
+                "model.vae must name the trained VAE (a model folder or run folder, e.g. 'runs/diffusevae-vae'), got ''"
+            )
+        if not r.train.init_from.strip():
+            raise ConfigError(
+                "train.init_from must name the shapes model that starts the UNet (the bundled 'shapes' or a "
+                "shapes model folder), got ''"
+            )
+    return r
+
+
+# the model ----------------------------------------------------------------------------------------------------
+def ddpm_forward(module: nn.ModuleDict, x_t, x_hat, t_in) -> torch.Tensor:
+    """Formulation 1: UNet(unshuffle(cat[x_t, x_hat]), t, null context, null pooled) shuffled back (x_t's 3
+    channels first, so the widened conv_in's first 12 inputs are the pretrained model's)."""
+    n = x_t.shape[0]
+    hidden, pooled = module["extras"].conditioning(n)
+    h = condition_input(unshuffle(x_t), unshuffle(x_hat))
+    return shuffle(module["unet"](h, t_in, encoder_hidden_states=hidden, class_labels=pooled).sample)
+
+
+@dataclass
+class DiffuseVAEModel:
+    module: nn.ModuleDict  # {"vae"} or {"vae", "unet", "extras"}
+    config: dict  # {"kind", "latent_dim", "width", "sigma", "beta"} (+ "schedule", "pixel_unshuffle", ...)
+    path: Path | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.config["kind"]
+
+    @property
+    def latent_dim(self) -> int:
+        return self.config["latent_dim"]
+
+    @property
+    def vae(self) -> ConvVAE:
+        return self.module["vae"]
+
+    @property
+    def schedule(self):
+        return schedule_from_config(self.config["schedule"])
+
+    @property
+    def denoiser(self):
+        """v of the image given x_t, t and cond {'x_hat'} (the bundled shapes model's v-prediction)."""
+        return wrap(
+            self.module,
+            self.schedule,
+            V(),
+            call=lambda net, x, t_in, cond: ddpm_forward(net, x, cond["x_hat"], t_in),
+            channels=IMAGE_SHAPE[0],
+        )
+
+    @torch.no_grad()
+    def encode_mean(self, images: torch.Tensor) -> torch.Tensor:
+        """The posterior means mu(x) (the deterministic latent of an image)."""
+        return self.vae.encode(images)[0]
+
+    @torch.no_grad()
+    def refine(self, x_hat: torch.Tensor, noise: torch.Tensor, steps: int = DEFAULT_STEPS) -> tuple[torch.Tensor, int]:
+        """x_0 from the conditional DDPM given x_hat, started from ``noise`` (unit Gaussian, x_hat's shape), with
+        ``steps`` DPM-Solver++(2M) steps; (x_0 clipped to [-1, 1], network evaluations)."""
+        if self.kind != "ddpm":
+            raise ConfigError("this is a VAE (stage 1); refining needs a DiffuseVAE model (kind 'ddpm')")
+        grid = make_grid(self.schedule, steps)
+        sig = float(self.schedule.sigma(torch.tensor(float(grid[0]), dtype=torch.float64)))
+        res = sample(self.denoiser, DPMSolverPP2M(), grid, sig * noise, {"x_hat": x_hat})
+        return res.x.clamp(-1, 1), res.nfe
+
+    @torch.no_grad()
+    def generate(self, z: torch.Tensor, seed: int, steps: int = DEFAULT_STEPS, batch: int = 256, refine: bool = True):
+        """The two-stage sample of latents z: (x_hat, x_0 or None for a VAE or ``refine`` False, nfe). The refiner's
+        noise is drawn for all rows from ``seed`` before batching, so each row's noise does not depend on ``batch``."""
+        noise = torch.randn((z.shape[0], *IMAGE_SHAPE), generator=torch.Generator().manual_seed(seed))
+        xh, xs, nfe = [], [], 0
+        for i in range(0, z.shape[0], batch):
+            if self.kind == "vae" or not refine:
+                xh.append(self.vae.decode(z[i : i + batch]).clamp(-1, 1))
+                continue
+            out = two_stage_sample(
+                self.vae.decode, lambda x_hat: self.refine(x_hat, noise[i : i + batch], steps), z[i : i + batch]
+            )
+            xh.append(out.x_hat)
+            xs.append(out.x)
+            nfe = out.nfe
+        return torch.cat(xh), (torch.cat(xs) if xs else None), nfe
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int = 0, steps: int = DEFAULT_STEPS, refine: bool = True):
+        """n samples from z ~ N(0, I) (seed), then Dec(z) and (a DiffuseVAE, ``refine``) the refiner (noise from
+        seed + 1): (x_hat, x_0 or None, nfe)."""
+        z = prior_latents(n, self.latent_dim, torch.Generator().manual_seed(seed))
+        return self.generate(z, seed + 1, steps, refine=refine)
+
+    @torch.no_grad()
+    def interpolate(
+        self, a: torch.Tensor, b: torch.Tensor, frames: int, seed: int = 0, steps: int = DEFAULT_STEPS, refine=True
+    ):
+        """Paths between the latent means of image pairs a[i], b[i] ((P, 3, 32, 32) each): (x_hat, x_0 or None,
+        nfe), each (P * frames, 3, 32, 32) row by row. Every frame of a row shares one refiner noise (from seed + i),
+        so what changes along a row comes from z alone."""
+        za, zb = self.encode_mean(a), self.encode_mean(b)
+        z = torch.cat([lerp_path(za[i], zb[i], frames) for i in range(a.shape[0])])
+        if self.kind == "vae" or not refine:
+            return self.vae.decode(z).clamp(-1, 1), None, 0
+        x_hat = self.vae.decode(z)
+        gens = [torch.Generator().manual_seed(seed + i) for i in range(len(a))]
+        rows = [torch.randn((1, *IMAGE_SHAPE), generator=g) for g in gens]
+        noise = torch.cat([r.expand(frames, -1, -1, -1) for r in rows])
+        x, nfe = self.refine(x_hat, noise, steps)
+        return x_hat, x, nfe
+
+    def save(self, directory, extra: dict | None = None):
+        with atomic_dir(Path(directory)) as tmp:
+            for name, part in self.module.items():
+                part.save_pretrained(tmp / name)
+            atomic_write_json(tmp / "condiff.json", {FAMILY: self.config, **(extra or {})})
+
+
+def vae_config(r: DiffuseVAERecipe) -> dict:
+    m = r.model
+    return {"kind": "vae", "latent_dim": m.latent_dim, "width": m.width, "sigma": m.sigma, "beta": m.beta}
+
+
+def build_diffusevae_model(r: DiffuseVAERecipe) -> DiffuseVAEModel:
+    if r.model.kind == "vae":
+        vae = ConvVAE(r.model.latent_dim, r.model.width)
+        return DiffuseVAEModel(nn.ModuleDict({"vae": vae}), vae_config(r))
+    folder = find_model(Path(r.model.vae), "model.vae")
+    stage1 = load_diffusevae_model(folder, "model.vae")
+    if stage1.kind != "vae":
+        raise ConfigError(f"model.vae {r.model.vae!r} is a DiffuseVAE (kind 'ddpm'); it must be a VAE (kind 'vae')")
+    start = load_start(r.train.init_from)
+    unet = widen_unet(start.unet, 2 * start.unet.config.in_channels)
+    extras = start_extras(start, 0)
+    vae = stage1.vae
+    vae.requires_grad_(False)
+    cfg = {
+        **{k: stage1.config[k] for k in ("latent_dim", "width", "sigma", "beta")},
+        "kind": "ddpm",
+        "schedule": start.schedule_cfg,
+        "pixel_unshuffle": start.pixel_unshuffle,
+        "init_from": r.train.init_from,
+        "vae_from": str(r.model.vae),
+    }
+    return DiffuseVAEModel(nn.ModuleDict({"vae": vae, "unet": unet, "extras": extras}), cfg)
+
+
+# loading ------------------------------------------------------------------------------------------------------
+ACCEPTED = (
+    "a DiffuseVAE model folder (condiff.json with a 'diffusevae' table) or a run folder holding one as model/, "
+    "written by `condiff train diffusevae-vae` or `condiff train diffusevae`"
+)
+
+
+def find_model(path: Path, option: str = "--model") -> Path:
+    """The model folder ``path`` names (itself or its model/); a missing path, a file or a folder without a
+    'diffusevae' table is one InputFileError naming what is accepted. Pickled files are refused first."""
+    from condiff.core.files import refuse_pickles
+
+    if not str(path) or not path.exists():
+        raise InputFileError(f"{option} {str(path)!r} does not exist; accepted: {ACCEPTED}")
+    if not path.is_dir():
+        raise InputFileError(f"{option} {str(path)!r} is not a folder; accepted: {ACCEPTED}")
+    refuse_pickles(path, option)
+    for folder in (path, path / "model"):
+        if table_of(folder, FAMILY) is not None:
+            return folder
+    raise InputFileError(f"{option} {str(path)!r} holds no DiffuseVAE model; accepted: {ACCEPTED}")
+
+
+_VAE_TYPES = {"kind": str, "latent_dim": int, "width": int, "sigma": float, "beta": float}
+_DDPM_TYPES = {**_VAE_TYPES, "schedule": dict, "pixel_unshuffle": int}
+
+
+def load_diffusevae_model(directory, what: str = "--model") -> DiffuseVAEModel:
+    """A saved VAE or DiffuseVAE (frozen, eval mode); pickled weights are refused (``load_pretrained``), and so is a
+    condiff.json whose "diffusevae" table lacks a key, has one of the wrong type or names another kind."""
+    from condiff.models.base import silence_diffusers
+
+    silence_diffusers()
+    directory = Path(directory)
+    table = table_of(directory, FAMILY)
+    kind = table.get("kind") if isinstance(table, dict) else None
+    if kind not in KINDS:
+        raise InputFileError(
+            f"{what} {str(directory)!r}: condiff.json's {FAMILY!r} table needs kind one of {', '.join(KINDS)}"
+        )
+    if kind == "vae":
+        from condiff.core.files import load_json
+
+        info = load_json(directory / "condiff.json")
+        cfg = info[FAMILY]
+        bad = [k for k, t in _VAE_TYPES.items() if not isinstance(cfg.get(k), t) or isinstance(cfg.get(k), bool)]
+        if bad:
+            raise InputFileError(
+                f"{what} {str(directory)!r}: condiff.json's {FAMILY!r} table needs {', '.join(_VAE_TYPES)}; "
+                f"{bad[0]!r} is missing or wrong"
+            )
+        module = nn.ModuleDict({})
+    else:
+        info, cfg = saved_table(directory, FAMILY, _DDPM_TYPES, what)
+        if cfg["pixel_unshuffle"] != PIXEL_UNSHUFFLE:
+            raise InputFileError(f"{what} {str(directory)!r}: pixel_unshuffle must be {PIXEL_UNSHUFFLE}")
+        module = load_networks(directory, what)
+        unet = module["unet"].config
+        if unet.in_channels != 24 or unet.out_channels != 12:
+            raise InputFileError(
+                f"{what} {str(directory)!r}: the UNet does not have a DiffuseVAE's channels (24 in, 12 out)"
+            )
+    vae = load_pretrained(ConvVAE, directory / "vae", what)
+    if vae.config.latent_dim != cfg["latent_dim"] or vae.config.width != cfg["width"]:
+        raise InputFileError(f"{what} {str(directory)!r}: the VAE's latent_dim or width differs from condiff.json's")
+    vae.eval().requires_grad_(False)
+    module["vae"] = vae
+    return DiffuseVAEModel(module, cfg, directory, info)
+
+
+# training and evaluation --------------------------------------------------------------------------------------
+def diffusevae_loss_fn(model: DiffuseVAEModel, r: DiffuseVAERecipe):
+    """The Trainer's loss on a fresh batch of renders per step (the step's generator). VAE: the beta-weighted
+    negative ELBO per pixel dimension (nats / 3072), with the NLL and KL per image as metrics. DDPM: the MSE of the
+    start's v-prediction at uniform t (v = alpha eps - sigma x_0: the DDPM loss of Ho et al. reparameterised, as the
+    bundled shapes model was trained), the condition x_hat = Dec(z), z ~ q(z | x_0) from the frozen VAE."""
+    dims = float(torch.tensor(IMAGE_SHAPE).prod())
+
+    def fn(step, g):
+        x = shapes.sample_batch(r.train.batch_size, g).images
+        vae = model.module["vae"]
+        if model.kind == "vae":
+            parts = vae_loss(vae.encode, vae.decode, x, model.config["sigma"], model.config["beta"], g)
+            metrics = {"nll": float(parts.nll.detach().mean()), "kl": float(parts.kl.detach().mean())}
+            return parts.loss.mean() / dims, metrics
+        x_hat = reconstruction(vae.encode, vae.decode, x, g)
+        t = UniformTime().sample(model.schedule, x.shape[0], g)
+        eps = torch.randn(x.shape, generator=g)
+        call = lambda x_t, t_in, c: ddpm_forward(model.module, x_t, c["x_hat"], t_in.to(x_t.dtype))  # noqa: E731
+        return diffusion_loss(call, x, {"x_hat": x_hat}, t, eps, model.schedule, V()).mean(), {}
+
+    return fn
+
+
+@torch.no_grad()
+def evaluate_vae(model: DiffuseVAEModel, n: int, seed: int = 0) -> dict:
+    """On n held-out renders: the reconstruction RMSE (posterior means) and the labeller's accuracy on the
+    reconstructions; on n prior samples, the share the labeller reads as an object."""
+    b = heldout_batch(n, seed)
+    rec = model.vae.decode(model.encode_mean(b.images)).clamp(-1, 1)
+    acc = labeller.accuracy(labeller.label(rec), b.attrs)
+    x_hat, _, _ = model.generate(prior_latents(n, model.latent_dim, torch.Generator().manual_seed(seed)), seed)
+    return {
+        "recon_rmse": float((rec - b.images).pow(2).mean().sqrt()),
+        "recon_accuracy": acc["all"],
+        "prior_object_share": float((labeller.label(x_hat)[:, 0] >= 0).float().mean()),
+    }
+
+
+def _eval_fn(r: DiffuseVAERecipe):
+    def run(model: DiffuseVAEModel, ema_module):
+        if model.kind != "vae":
+            return {}
+        return evaluate_vae(dataclasses.replace(model, module=ema_module), r.train.eval_n)
+
+    return run
+
+
+def make_diffusevae_trainer(r: DiffuseVAERecipe, out_dir, progress: bool = True) -> Trainer:
+    """The Trainer for ``r`` (train.threads threads): the VAE from scratch, or the DDPM from train.init_from with
+    the frozen VAE of model.vae; the VAE's held-out scores every train.eval_every steps."""
+    torch.set_num_threads(r.train.threads)
+    torch.manual_seed(r.train.seed)
+    model = build_diffusevae_model(r)
+    return Trainer(
+        model, r, Path(out_dir), progress=progress, evaluate=_eval_fn(r), loss_fn=diffusevae_loss_fn(model, r)
+    )

@@ -1,0 +1,179 @@
+"""DiffuseVAE (Pandey, Mukherjee, Rai, Kumar: "DiffuseVAE: Efficient, Controllable and High-Fidelity Generation
+from Low-Dimensional Latents", TMLR 2022, arXiv:2201.00308): a VAE, then a DDPM conditioned on the VAE's
+reconstruction. The generative model is p(x_0, x_hat, z) = p(z) p(x_hat | z) p_theta(x_0 | x_hat) (§3): z from the
+prior N(0, I), x_hat = Dec(z) the VAE's reconstruction, then x_0 from the conditional DDPM that refines x_hat. The
+low-dimensional z stays the handle: moving z moves the sample.
+
+Stage 1, the VAE (Kingma & Welling 2014), trained on the negative ELBO with a KL weight beta (beta = 1 is the ELBO)
+and a fixed-variance Gaussian decoder N(x; Dec(z), sigma^2 I):
+
+    -ELBO(x) = E_q(z|x)[-log N(x; Dec(z), sigma^2 I)] + beta * KL(N(mu, diag e^logvar) || N(0, I)),
+    -log N(x; m, sigma^2 I) = ||x - m||^2 / (2 sigma^2) + D/2 log(2 pi sigma^2),
+    KL = 1/2 sum_j (mu_j^2 + e^logvar_j - 1 - logvar_j),
+
+with z = mu + e^(logvar/2) eps (the reparameterisation) and one sample of z per image.
+
+Stage 2, Formulation 1 of the paper (§3.2): the conditional DDPM sees the reconstruction as extra input channels,
+eps_theta(cat[x_t, x_hat], t), trained with the DDPM loss (Ho et al. 2020, eq. 14)
+
+    E_{x_0, z ~ q(z|x_0), t, eps} || eps - eps_theta(cat[sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, Dec(z)], t) ||^2
+
+where x_hat = Dec(z) comes from the frozen stage-1 VAE with z drawn from q(z | x_0) (training) or from the prior
+p(z) (generation): the generator-refiner split. A model family may train the same network in another
+parameterisation of the same regression (condiff.models.diffusevae uses the v-prediction of the shapes UNet it starts
+from, Salimans & Ho 2022, v = alpha_t eps - sigma_t x_0, so the widened start computes exactly the pretrained model).
+The DDPM here is condiff's (any solver samples it; x_T is plain noise: Formulation 2's shifted forward process
+x_t = sqrt(abar) x_0 + x_hat + sqrt(1 - abar) eps is not used).
+
+Model-agnostic: the encoder, decoder and denoiser are callables supplied by a model family
+(``condiff.models.diffusevae`` for shapes); here are the losses, the conditioning, the two-stage sampler and the
+measures of an interpolation path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from condiff.errors import ConfigError
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+# stage 1: the VAE ---------------------------------------------------------------------------------------------
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, diag exp(logvar)) || N(0, I)) per row (summed over every dimension but the first), in nats."""
+    per = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+    return per.flatten(1).sum(1)
+
+
+def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, sigma: float) -> torch.Tensor:
+    """-log N(x; mean, sigma^2 I) per row, in nats: ||x - mean||^2 / (2 sigma^2) + D/2 log(2 pi sigma^2)."""
+    if not sigma > 0:
+        raise ConfigError(f"the decoder's sigma must be > 0, got {sigma}")
+    d = x[0].numel()
+    sq = (x - mean).pow(2).flatten(1).sum(1)
+    return sq / (2 * sigma**2) + 0.5 * d * (LOG_2PI + 2 * math.log(sigma))
+
+
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """z = mu + exp(logvar / 2) * eps, eps ~ N(0, I) from ``generator``."""
+    eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype)
+    return mu + (0.5 * logvar).exp() * eps
+
+
+@dataclass(frozen=True)
+class VAELoss:
+    """Per-row pieces of the beta-weighted negative ELBO (nats): the Gaussian reconstruction NLL and the KL."""
+
+    nll: torch.Tensor
+    kl: torch.Tensor
+    beta: float
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """The per-row objective nll + beta * kl (beta = 1: the negative ELBO)."""
+        return self.nll + self.beta * self.kl
+
+    @property
+    def neg_elbo(self) -> torch.Tensor:
+        return self.nll + self.kl
+
+
+def vae_loss(
+    encode: Callable,
+    decode: Callable,
+    x: torch.Tensor,
+    sigma: float,
+    beta: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> VAELoss:
+    """The VAE's loss on x: ``encode(x) -> (mu, logvar)``, one reparameterised z, ``decode(z) -> mean of x``."""
+    mu, logvar = encode(x)
+    z = reparameterize(mu, logvar, generator)
+    return VAELoss(gaussian_nll(x, decode(z), sigma), gaussian_kl(mu, logvar), beta)
+
+
+# stage 2: the DDPM conditioned on the reconstruction (Formulation 1) ----------------------------------------------
+def condition_input(x_t: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Formulation 1's network input cat[x_t, x_hat] along the channels; the shapes must agree but for channels."""
+    if x_t.shape[0] != x_hat.shape[0] or x_t.shape[2:] != x_hat.shape[2:]:
+        raise ConfigError(
+            f"DiffuseVAE's condition must match x_t but for channels, got x_t {tuple(x_t.shape)} and x_hat "
+            f"{tuple(x_hat.shape)}"
+        )
+    return torch.cat([x_t, x_hat.to(x_t.dtype)], 1)
+
+
+@torch.no_grad()
+def reconstruction(
+    encode: Callable, decode: Callable, x: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """x_hat = Dec(z), z ~ q(z | x): the stage-2 training condition (no gradient into the frozen VAE)."""
+    mu, logvar = encode(x)
+    return decode(reparameterize(mu, logvar, generator))
+
+
+@torch.no_grad()
+def prior_latents(n: int, dim: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """n draws of z ~ p(z) = N(0, I_dim)."""
+    return torch.randn((n, dim), generator=generator)
+
+
+@dataclass(frozen=True)
+class TwoStage:
+    """A two-stage sample: the latents z, the VAE's x_hat = Dec(z) and the refined x_0, with the refiner's NFE."""
+
+    z: torch.Tensor
+    x_hat: torch.Tensor
+    x: torch.Tensor
+    nfe: int
+
+
+@torch.no_grad()
+def two_stage_sample(decode: Callable, refine: Callable, z: torch.Tensor) -> TwoStage:
+    """The generator-refiner: x_hat = ``decode(z)``, then x_0 = ``refine(x_hat) -> (x_0, nfe)`` (the conditional
+    DDPM's sampler, its noise fixed by the caller)."""
+    x_hat = decode(z)
+    x, nfe = refine(x_hat)
+    return TwoStage(z, x_hat, x, nfe)
+
+
+# interpolation ----------------------------------------------------------------------------------------------
+def lerp_path(z_a: torch.Tensor, z_b: torch.Tensor, frames: int) -> torch.Tensor:
+    """(frames, d) points (1 - s) z_a + s z_b at s = 0, 1/(frames-1), ..., 1: the ends are exactly z_a and z_b."""
+    if frames < 2:
+        raise ConfigError(f"an interpolation path needs at least 2 frames, got {frames}")
+    s = torch.linspace(0, 1, frames, dtype=z_a.dtype).view(-1, 1)
+    return torch.where(s == 1, z_b, (1 - s) * z_a + s * z_b)
+
+
+def path_changes(labels: torch.Tensor) -> tuple[int, int]:
+    """(changes, minimum) for one path's labels (frames, attributes): changes = the number of (frame, attribute)
+    steps where the label differs from the previous frame; minimum = the number of attributes whose end labels
+    differ (a path must change each of them at least once). changes == minimum: every attribute flips at most once,
+    the smoothest a path of discrete attributes can be."""
+    if labels.ndim != 2 or labels.shape[0] < 2:
+        raise ConfigError(f"path_changes needs (frames >= 2, attributes) labels, got {tuple(labels.shape)}")
+    changes = int((labels[1:] != labels[:-1]).sum())
+    minimum = int((labels[0] != labels[-1]).sum())
+    return changes, minimum
+
+
+def smoothness(paths: list[torch.Tensor]) -> dict:
+    """Over paths of labels: the mean changes per path, the mean minimum, the mean excess (changes - minimum) and
+    the share of paths that are minimal (excess 0)."""
+    pairs = [path_changes(p) for p in paths]
+    if not pairs:
+        raise ConfigError("smoothness needs at least one path")
+    n = len(pairs)
+    return {
+        "paths": n,
+        "changes": sum(c for c, _ in pairs) / n,
+        "minimum": sum(m for _, m in pairs) / n,
+        "excess": sum(c - m for c, m in pairs) / n,
+        "minimal_share": sum(c == m for c, m in pairs) / n,
+    }

@@ -1,0 +1,245 @@
+"""Fuzzing of `condiff vae sample|interpolate` and of the diffusevae recipes. Every bad option, recipe key or model
+folder is one ``error:`` line naming it (and what is accepted), exit code 2, before any weights are read or any
+network is built, and nothing is written: no output, no JSON, no stray temporary file. Good calls on tiny models
+write their PNG and JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import tomllib
+from pathlib import Path
+from unittest import mock
+
+import pytest
+from fuzzkit import (
+    expect_api_error,
+    expect_cli_error,
+    guarded,
+    no_stray_temp_files,
+    run_cli,
+    to_toml,
+    wrong_type,
+)
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from condiff.cli.recipes import RECIPES_DIR
+from condiff.cli.tokens import load_any_recipe
+from condiff.models import diffusevae as dv
+from condiff.training.recipe import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny VAE (a run folder with model/), a DiffuseVAE on it (the bundled UNet widened, untrained), bad folders."""
+    d = tmp_path_factory.mktemp("vae")
+    r = dv.diffusevae_recipe_from_dict(
+        {"name": "v", "family": "diffusevae", "model": {"kind": "vae", "latent_dim": 3, "width": 4}}
+    )
+    dv.build_diffusevae_model(r).save(d / "vae" / "model")
+    r = dv.diffusevae_recipe_from_dict(
+        {"name": "d", "family": "diffusevae", "model": {"kind": "ddpm", "vae": str(d / "vae")}}
+    )
+    dv.build_diffusevae_model(r).save(d / "ddpm")
+    (d / "empty-run").mkdir()
+    (d / "pickled-model").mkdir()
+    (d / "pickled-model" / "model.bin").write_bytes(b"\x80\x04")
+    (d / "a-file").write_text("x")
+    (d / "odd-kind").mkdir()
+    (d / "odd-kind" / "condiff.json").write_text(json.dumps({"diffusevae": {"kind": "gan"}}))
+    return d
+
+
+def run_refused(argv, *needles, outs=()):
+    with mock.patch("condiff.models.diffusevae.load_diffusevae_model", guarded):
+        line = expect_cli_error(argv, *needles)
+    for out in outs:
+        assert not Path(out).exists(), out
+        assert no_stray_temp_files(Path(out).parent)
+    return line
+
+
+def argv_of(command: str, files: Path, out_dir: Path, over: dict) -> list[str]:
+    opts = {"--model": files / "ddpm", "--out": out_dir / "g.png", "--json": out_dir / "g.json", **over}
+    argv = ["vae", command]
+    for k, v in opts.items():
+        if v is not None:
+            argv += [k, str(v).replace("IN", str(files)).replace("OUT", str(out_dir))]
+    return argv
+
+
+COMMON_BAD = [
+    ({"--stage": "best"}, ("--stage", "'best'", "accepted: refined, vae, both")),
+    ({"--steps": "0"}, ("--steps must be an integer in [1, 1000], got 0",)),
+    ({"--steps": "x"}, ("--steps", "'x'")),
+    ({"--seed": "-1"}, ("--seed", "-1")),
+    ({"--threads": "0"}, ("--threads", "got 0")),
+    ({"--out": "OUT/g.jpg"}, ("--out must end in .png",)),
+    ({"--json": "OUT/g.txt"}, ("--json must end in .json",)),
+    ({"--json": "OUT/g.png"}, ("--json must end in .json", "g.png")),
+    ({"--model": "IN/missing"}, ("--model", "does not exist", "accepted: a DiffuseVAE model folder")),
+    ({"--model": "IN/a-file"}, ("--model", "is not a folder")),
+    ({"--model": "IN/empty-run"}, ("--model", "holds no DiffuseVAE model", "condiff train diffusevae")),
+    ({"--model": "IN/pickled-model"}, ("--model", "model.bin", "pickle")),
+    ({"--model": "IN/odd-kind"}, ("--model", "kind 'gan'", "accepted: vae, ddpm")),
+    ({"--model": "IN/vae", "--stage": "refined"}, ("is a VAE alone", "--stage vae", "got --stage refined")),
+    ({"--model": "IN/vae", "--stage": "both"}, ("is a VAE alone", "got --stage both")),
+    ({"--bogus": "1"}, ("--bogus",)),
+]
+SAMPLE_BAD = [*COMMON_BAD, ({"--n": "0"}, ("--n", "got 0")), ({"--n": "1025"}, ("--n", "1025"))]
+INTERP_BAD = [
+    *COMMON_BAD,
+    ({"--pairs": "0"}, ("--pairs", "got 0")),
+    ({"--pairs": "33"}, ("--pairs", "33")),
+    ({"--frames": "1"}, ("--frames", "got 1")),
+    ({"--frames": "33"}, ("--frames", "33")),
+]
+
+
+@pytest.mark.parametrize("over,needles", SAMPLE_BAD, ids=[str(i) for i in range(len(SAMPLE_BAD))])
+def test_sample_refuses_every_bad_option(files, over, needles):
+    out_dir = Path(tempfile.mkdtemp(dir=files))
+    run_refused(argv_of("sample", files, out_dir, over), *needles, outs=(out_dir / "g.png", out_dir / "g.json"))
+
+
+@pytest.mark.parametrize("over,needles", INTERP_BAD, ids=[str(i) for i in range(len(INTERP_BAD))])
+def test_interpolate_refuses_every_bad_option(files, over, needles):
+    out_dir = Path(tempfile.mkdtemp(dir=files))
+    run_refused(argv_of("interpolate", files, out_dir, over), *needles, outs=(out_dir / "g.png", out_dir / "g.json"))
+
+
+@settings(max_examples=10)
+@given(
+    stage=st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=10),
+    command=st.sampled_from(["sample", "interpolate"]),
+)
+def test_any_other_stage_is_refused(files, stage, command):
+    assume(stage not in ("refined", "vae", "both") and "\x00" not in stage and not stage.startswith("-"))
+    out_dir = Path(tempfile.mkdtemp(dir=files))
+    run_refused(argv_of(command, files, out_dir, {"--stage": stage}), "--stage", "accepted: refined, vae, both")
+
+
+@settings(max_examples=10)
+@given(
+    n=st.one_of(st.integers(max_value=0), st.integers(min_value=1025)),
+    frames=st.one_of(st.integers(max_value=1), st.integers(min_value=33)),
+)
+def test_counts_out_of_range_are_refused(files, n, frames):
+    out_dir = Path(tempfile.mkdtemp(dir=files))
+    run_refused(argv_of("sample", files, out_dir, {"--n": n}), "--n", outs=(out_dir / "g.png",))
+    run_refused(argv_of("interpolate", files, out_dir, {"--frames": frames}), "--frames", outs=(out_dir / "g.png",))
+
+
+def test_good_calls_write_their_grid_and_json(files):
+    out = Path(tempfile.mkdtemp(dir=files))
+    code, stdout, err = run_cli(argv_of("sample", files, out, {"--n": 2, "--steps": 1, "--stage": "both"}))
+    assert code == 0, err
+    rec = json.loads((out / "g.json").read_text())
+    assert rec["stage"] == "both" and rec["nfe"] == 1 and len(rec["samples"]) == 2 and (out / "g.png").is_file()
+    code, stdout, err = run_cli(
+        argv_of("interpolate", files, out, {"--model": "IN/vae", "--pairs": 2, "--frames": 3, "--out": "OUT/i.png"})
+    )
+    assert code == 0, err
+    rec = json.loads((out / "g.json").read_text())
+    assert rec["stage"] == "vae" and len(rec["paths"]) == 2 and len(rec["paths"][0]["frames"]) == 3
+    assert "attribute changes per path" in stdout and no_stray_temp_files(out)
+    # same seed, same grid
+    code, _, _ = run_cli(argv_of("sample", files, out, {"--n": 2, "--steps": 1, "--out": "OUT/a.png", "--json": None}))
+    code2, _, _ = run_cli(argv_of("sample", files, out, {"--n": 2, "--steps": 1, "--out": "OUT/b.png", "--json": None}))
+    assert code == code2 == 0 and (out / "a.png").read_bytes() == (out / "b.png").read_bytes()
+
+
+# recipes --------------------------------------------------------------------------------------------------------
+KINDS = {
+    "diffusevae-vae": (RECIPES_DIR / "diffusevae-vae.toml", {"model": dv.DiffuseVAENetConfig, "train": TrainConfig}),
+    "diffusevae": (RECIPES_DIR / "diffusevae.toml", {"model": dv.DiffuseVAENetConfig, "train": TrainConfig}),
+}
+FIELDS = [
+    (kind, t, f.name, f.default)
+    for kind, (_, tables) in KINDS.items()
+    for t, cls in tables.items()
+    for f in dataclasses.fields(cls)
+    if f.default is not dataclasses.MISSING and not (kind == "diffusevae" and f.name in dv.VAE_KEYS)
+]
+
+
+def _base(kind: str) -> dict:
+    return tomllib.loads(KINDS[kind][0].read_text())
+
+
+def _check(data: dict, workdir: Path, *needles: str, via_cli: bool = False):
+    d = Path(tempfile.mkdtemp(dir=workdir))
+    path = d / "recipe.toml"
+    path.write_text(to_toml(data))
+    expect_api_error(load_any_recipe, path, needles=needles)
+    if via_cli:
+        with mock.patch("condiff.models.diffusevae.make_diffusevae_trainer", guarded):
+            expect_cli_error(["train", str(path), "--out", str(d / "run")], *needles)
+        assert not (d / "run").exists()
+
+
+@settings(max_examples=25)
+@given(field=st.sampled_from(FIELDS), data=st.data(), via_cli=st.booleans())
+def test_recipe_wrong_types(workdir, field, data, via_cli):
+    kind, table, key, default = field
+    value = data.draw(wrong_type(default))
+    assume(not (isinstance(default, bool) and isinstance(value, bool)))
+    r = _base(kind)
+    r.setdefault(table, {})[key] = value
+    _check(r, workdir, f"{table}.{key}", via_cli=via_cli)
+
+
+@settings(max_examples=10)
+@given(kind=st.sampled_from(list(KINDS)), key=st.from_regex(r"[a-z][a-z0-9_]{0,11}", fullmatch=True), data=st.data())
+def test_recipe_unknown_keys(workdir, kind, key, data):
+    tables = KINDS[kind][1]
+    where = data.draw(st.sampled_from(["", *tables]))
+    r = _base(kind)
+    if where:
+        assume(key not in tables[where].__dataclass_fields__)
+        r.setdefault(where, {})[key] = 1
+        _check(r, workdir, f"{where}.{key}", via_cli=True)
+    else:
+        assume(key not in r and key not in tables and key not in ("name", "family"))
+        r[key] = 1
+        _check(r, workdir, repr(key), "accepted", via_cli=True)
+
+
+@settings(max_examples=10)
+@given(value=st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=10))
+def test_recipe_unknown_kinds(workdir, value):
+    assume(value not in dv.KINDS and "\x00" not in value and value.strip())
+    r = _base("diffusevae-vae")
+    r["model"]["kind"] = value
+    _check(r, workdir, repr(value), "accepted: vae, ddpm", via_cli=True)
+
+
+@settings(max_examples=10)
+@given(value=st.floats(allow_nan=True, allow_infinity=True), key=st.sampled_from(["sigma", "beta"]))
+def test_recipe_out_of_range_vae_values(workdir, value, key):
+    assume(not (0 < value < float("inf")) if key == "sigma" else not (0 <= value < float("inf")))
+    r = _base("diffusevae-vae")
+    r["model"][key] = value
+    _check(r, workdir, f"model.{key}", via_cli=True)
+
+
+def test_recipe_vae_keys_on_the_ddpm_and_missing_vae(workdir):
+    r = _base("diffusevae")
+    r["model"]["latent_dim"] = 8
+    _check(r, workdir, "model.latent_dim belongs to the VAE's recipe", via_cli=True)
+    r = _base("diffusevae")
+    r["model"]["vae"] = ""
+    _check(r, workdir, "model.vae must name the trained VAE", via_cli=True)
+
+
+def test_train_refuses_a_missing_vae_before_building(workdir):
+    """model.vae naming nothing: one line from `condiff train`, no run folder."""
+    d = Path(tempfile.mkdtemp(dir=workdir))
+    r = _base("diffusevae")
+    r["model"]["vae"] = str(d / "nowhere")
+    (d / "recipe.toml").write_text(to_toml(r))
+    with mock.patch("condiff.models.diffusevae.load_start", guarded):
+        expect_cli_error(["train", str(d / "recipe.toml"), "--out", str(d / "run")], "model.vae", "does not exist")
+    assert not (d / "run").exists()

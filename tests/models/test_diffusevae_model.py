@@ -1,0 +1,202 @@
+"""condiff.models.diffusevae: recipes (the shipped ones and one-line refusals), the conv VAE's shapes, the widened
+start computing exactly the bundled shapes UNet whatever the reconstruction, save/load round trips, seeded
+sampling and exact resume of the VAE's training."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from unittest import mock
+
+import pytest
+import torch
+from torch import nn
+
+from condiff.cli.recipes import RECIPES_DIR
+from condiff.errors import ConfigError, InputFileError
+from condiff.models import diffusevae as dv
+
+TINY = {"latent_dim": 3, "width": 4, "sigma": 0.5, "beta": 1.0}
+
+
+def tiny_vae_recipe(**train) -> dv.DiffuseVAERecipe:
+    t = {"steps": 4, "batch_size": 4, "warmup": 1, "ckpt_every": 2, "eval_every": 0, **train}
+    return dv.diffusevae_recipe_from_dict(
+        {"name": "tiny", "family": "diffusevae", "model": {"kind": "vae", **TINY}, "train": t}
+    )
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny untrained VAE saved as a run folder (model/ inside), and a DiffuseVAE built on it."""
+    d = tmp_path_factory.mktemp("dv")
+    dv.build_diffusevae_model(tiny_vae_recipe()).save(d / "vae" / "model")
+    r = dv.diffusevae_recipe_from_dict(
+        {"name": "d", "family": "diffusevae", "model": {"kind": "ddpm", "vae": str(d / "vae")}}
+    )
+    m = dv.build_diffusevae_model(r)
+    m.save(d / "ddpm")
+    return d, m
+
+
+def test_shipped_recipes_parse():
+    vae = dv.diffusevae_recipe_from_dict(tomllib.loads((RECIPES_DIR / "diffusevae-vae.toml").read_text()))
+    ddpm = dv.diffusevae_recipe_from_dict(tomllib.loads((RECIPES_DIR / "diffusevae.toml").read_text()))
+    assert vae.model.kind == "vae" and vae.train.init_from == "" and vae.train.threads == 1
+    assert ddpm.model.kind == "ddpm" and ddpm.model.vae == "runs/diffusevae-vae" and ddpm.train.init_from == "shapes"
+    assert ddpm.train.threads == 1
+
+
+BAD = [
+    ({"model": {"kind": "gan"}}, "model.kind 'gan'"),
+    ({"model": {"kind": "vae", "latent_dim": 0}}, "model.latent_dim"),
+    ({"model": {"kind": "vae", "width": 10_000}}, "model.width"),
+    ({"model": {"kind": "vae", "sigma": 0.0}}, "model.sigma must be a positive finite number, got 0.0"),
+    ({"model": {"kind": "vae", "sigma": float("inf")}}, "model.sigma"),
+    ({"model": {"kind": "vae", "beta": -1.0}}, "model.beta must be a finite number >= 0, got -1.0"),
+    ({"model": {"kind": "vae", "vae": "runs/x"}}, "kind 'vae' takes none, got 'runs/x'"),
+    ({"model": {"kind": "vae"}, "train": {"init_from": "shapes"}}, "train.init_from starts a kind 'ddpm'"),
+    ({"model": {"kind": "ddpm"}}, "model.vae must name the trained VAE"),
+    ({"model": {"kind": "ddpm", "vae": "v", "sigma": 0.1}}, "model.sigma belongs to the VAE's recipe"),
+    ({"model": {"kind": "ddpm", "vae": "v"}, "train": {"init_from": " "}}, "train.init_from must name"),
+    ({"model": {"kind": "vae", "latent": 3}}, "unknown key model.latent"),
+    ({"model": {"kind": "vae"}, "extra": 1}, "unknown diffusevae recipe key 'extra'"),
+    ({"model": {"kind": "vae", "latent_dim": 2.5}}, "model.latent_dim"),
+    ({"family": "dense"}, "'dense'"),
+]
+
+
+@pytest.mark.parametrize("over,needle", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_recipes_are_one_line_config_errors(over, needle):
+    data = {"name": "x", "family": "diffusevae", **over}
+    with pytest.raises(ConfigError) as e:
+        dv.diffusevae_recipe_from_dict(data)
+    msg = str(e.value)
+    assert needle in msg and len(msg.splitlines()) == 1, msg
+
+
+def test_conv_vae_shapes_and_range():
+    vae = dv.ConvVAE(5, 4)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    mu, logvar = vae.encode(x)
+    assert mu.shape == logvar.shape == (3, 5)
+    y = vae.decode(mu)
+    assert y.shape == (3, 3, 32, 32) and y.abs().max() <= 1
+
+
+def test_the_start_is_the_bundled_unet_whatever_the_reconstruction(saved):
+    from condiff.data import text
+    from condiff.models.base import load_model
+
+    _, m = saved
+    src = load_model("shapes")
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn(2, 3, 32, 32, generator=g)
+    t = torch.tensor([10.0, 700.0])
+    with torch.no_grad():
+        cond = src.family.encode(src.module, text.null_tokens(2))
+        want = dv.shuffle(src.module["unet"](dv.unshuffle(x_t), t, **cond_kwargs(cond)).sample)
+        a = dv.ddpm_forward(m.module, x_t, torch.randn(2, 3, 32, 32, generator=g), t)
+        b = dv.ddpm_forward(m.module, x_t, torch.zeros(2, 3, 32, 32), t)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, want, rtol=1e-5, atol=1e-5)
+
+
+def cond_kwargs(cond):
+    return {"encoder_hidden_states": cond["encoder_hidden_states"], "class_labels": cond["pooled"]}
+
+
+def test_save_load_roundtrip_and_seeded_sampling(saved):
+    d, m = saved
+    for folder, kind in ((d / "vae", "vae"), (d / "ddpm", "ddpm")):
+        back = dv.load_diffusevae_model(dv.find_model(folder))
+        assert back.kind == kind and back.latent_dim == 3
+        mine = m.module["vae"].state_dict()
+        for k, v in back.module["vae"].state_dict().items():
+            assert torch.equal(v, mine[k]), k
+    back = dv.load_diffusevae_model(d / "ddpm")
+    for part in ("unet", "extras"):
+        mine = m.module[part].state_dict()
+        assert all(torch.equal(v, mine[k]) for k, v in back.module[part].state_dict().items())
+    x_hat, x, nfe = back.sample(3, seed=5, steps=2)
+    x_hat2, x2, _ = back.sample(3, seed=5, steps=2)
+    assert torch.equal(x, x2) and torch.equal(x_hat, x_hat2) and nfe == 2  # DPM-Solver++(2M): one evaluation per step
+    z = torch.randn(3, 3, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(x_hat, back.vae.decode(z))
+    # the refiner's noise is drawn for all rows first: each row gets the same noise whatever the batching
+    with mock.patch.object(back, "refine", lambda x_hat, noise, steps: (noise, 1)):
+        noise_2 = back.generate(z, 6, steps=2, batch=2)[1]
+        noise_3 = back.generate(z, 6, steps=2, batch=3)[1]
+    assert torch.equal(noise_2, noise_3)
+    assert torch.equal(noise_3, torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(6)))
+    vae_only = dv.load_diffusevae_model(d / "vae" / "model")
+    xv, none, zero = vae_only.sample(3, seed=5)
+    assert none is None and zero == 0 and torch.equal(xv, x_hat.clamp(-1, 1))
+    with pytest.raises(ConfigError, match="needs a DiffuseVAE model"):
+        vae_only.refine(xv, torch.zeros_like(xv))
+
+
+def test_interpolation_rows_share_noise_and_start_at_the_first_image(saved):
+    from condiff.data import shapes
+
+    d, _ = saved
+    m = dv.load_diffusevae_model(d / "ddpm")
+    imgs = shapes.sample_batch(4, torch.Generator().manual_seed(0)).images
+    x_hat, x, nfe = m.interpolate(imgs[:2], imgs[2:], 3, seed=0, steps=1)
+    assert x_hat.shape == x.shape == (6, 3, 32, 32) and nfe == 1
+    torch.testing.assert_close(x_hat[0], m.vae.decode(m.encode_mean(imgs[:1]))[0])
+    torch.testing.assert_close(x_hat[5], m.vae.decode(m.encode_mean(imgs[3:4]))[0])
+
+
+def test_loading_refuses_broken_folders(saved, tmp_path):
+    d, _ = saved
+    with pytest.raises(InputFileError, match="holds no DiffuseVAE model"):
+        dv.find_model(tmp_path)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    info = json.loads((d / "vae" / "model" / "condiff.json").read_text())
+    del info["diffusevae"]["sigma"]
+    (broken / "condiff.json").write_text(json.dumps(info))
+    with pytest.raises(InputFileError, match="'sigma' is missing or wrong"):
+        dv.load_diffusevae_model(broken)
+    info["diffusevae"]["kind"] = "gan"
+    (broken / "condiff.json").write_text(json.dumps(info))
+    with pytest.raises(InputFileError, match="kind one of vae, ddpm"):
+        dv.load_diffusevae_model(broken)
+    r = dv.diffusevae_recipe_from_dict(
+        {"name": "d", "family": "diffusevae", "model": {"kind": "ddpm", "vae": str(d / "ddpm")}}
+    )
+    with pytest.raises(ConfigError, match="it must be a VAE"):
+        dv.build_diffusevae_model(r)
+
+
+def test_vae_training_resumes_exactly(tmp_path):
+    r = tiny_vae_recipe()
+    full = dv.make_diffusevae_trainer(r, tmp_path / "a", progress=False).run()
+    part = dv.make_diffusevae_trainer(r, tmp_path / "b", progress=False).run(stop_after=2)
+    assert part.step == 2
+    resumed = dv.make_diffusevae_trainer(r, tmp_path / "b", progress=False)
+    assert resumed.resume() is not None and resumed.step == 2
+    resumed.run()
+    for (k, v), w in zip(full.module.state_dict().items(), resumed.module.state_dict().values()):
+        assert torch.equal(v, w), k
+    out = resumed.export()
+    back = dv.load_diffusevae_model(out)
+    assert back.info["trained_steps"] == 4 and isinstance(back.module, nn.ModuleDict)
+
+
+def test_ddpm_loss_trains_only_the_unet_and_extras(saved):
+    d, _ = saved
+    r = dv.diffusevae_recipe_from_dict(
+        {
+            "name": "d",
+            "family": "diffusevae",
+            "model": {"kind": "ddpm", "vae": str(d / "vae")},
+            "train": {"steps": 1, "batch_size": 2, "warmup": 1},
+        }
+    )
+    tr = dv.make_diffusevae_trainer(r, d / "run-ddpm", progress=False)
+    assert tr.names and not any(n.startswith("vae.") for n in tr.names)
+    before = {k: v.clone() for k, v in tr.module["vae"].state_dict().items()}
+    loss = tr.train_step()
+    assert loss > 0 and all(torch.equal(v, before[k]) for k, v in tr.module["vae"].state_dict().items())

@@ -1,0 +1,142 @@
+"""condiff.tasks.diffusevae: the VAE's ELBO pieces against torch.distributions' exact values, the reparameterisation,
+Formulation 1's concatenation, the two-stage sampler's plumbing and the measures of an interpolation path."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from condiff.errors import ConfigError
+from condiff.tasks.diffusevae import (
+    condition_input,
+    gaussian_kl,
+    gaussian_nll,
+    lerp_path,
+    path_changes,
+    prior_latents,
+    reconstruction,
+    reparameterize,
+    smoothness,
+    two_stage_sample,
+    vae_loss,
+)
+
+
+def test_kl_matches_the_closed_form_of_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    logvar = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    want = kl_divergence(Normal(mu, (0.5 * logvar).exp()), Normal(torch.zeros_like(mu), torch.ones_like(mu))).sum(1)
+    torch.testing.assert_close(gaussian_kl(mu, logvar), want, rtol=1e-12, atol=1e-12)
+
+
+def test_kl_is_zero_exactly_at_the_prior_and_one_half_mu_squared_at_unit_variance():
+    mu = torch.tensor([[0.0, 0.0], [3.0, -1.0]], dtype=torch.float64)
+    kl = gaussian_kl(mu, torch.zeros_like(mu))
+    assert kl[0].item() == 0.0
+    assert kl[1].item() == 0.5 * (9 + 1)
+
+
+def test_gaussian_nll_matches_normal_log_prob():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 2, 2, generator=g, dtype=torch.float64)
+    m = torch.randn(4, 3, 2, 2, generator=g, dtype=torch.float64)
+    for sigma in (0.05, 0.2, 1.0, 3.0):
+        want = -Normal(m, torch.full_like(m, sigma)).log_prob(x).flatten(1).sum(1)
+        torch.testing.assert_close(gaussian_nll(x, m, sigma), want, rtol=1e-12, atol=1e-10)
+    # at x = mean only the normaliser is left: D/2 log(2 pi sigma^2)
+    assert gaussian_nll(x, x, 1.0)[0].item() == pytest.approx(0.5 * 12 * math.log(2 * math.pi), rel=1e-14)
+    with pytest.raises(ConfigError, match="sigma must be > 0, got 0"):
+        gaussian_nll(x, m, 0.0)
+
+
+def test_reparameterize_is_mu_plus_std_times_the_generators_noise():
+    mu = torch.tensor([[1.0, -2.0, 0.5]])
+    logvar = torch.tensor([[0.0, math.log(4.0), math.log(0.25)]])
+    eps = torch.randn(mu.shape, generator=torch.Generator().manual_seed(3))
+    z = reparameterize(mu, logvar, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(z, mu + torch.tensor([[1.0, 2.0, 0.5]]) * eps, rtol=0, atol=1e-6)
+
+
+def test_vae_loss_is_the_nll_of_the_reparameterised_decode_plus_beta_kl():
+    w = torch.tensor([[0.5, -1.0], [2.0, 0.25], [0.0, 1.0]])  # a linear "decoder" from 2-d z to 3 values
+
+    def encode(x):
+        return x[:, :2] * 0.1, torch.full((x.shape[0], 2), -1.0)
+
+    def decode(z):
+        return z @ w.T
+
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(4))
+    parts = vae_loss(encode, decode, x, sigma=0.3, beta=0.25, generator=torch.Generator().manual_seed(9))
+    mu, logvar = encode(x)
+    z = reparameterize(mu, logvar, torch.Generator().manual_seed(9))
+    torch.testing.assert_close(parts.nll, gaussian_nll(x, decode(z), 0.3))
+    torch.testing.assert_close(parts.kl, gaussian_kl(mu, logvar))
+    torch.testing.assert_close(parts.loss, parts.nll + 0.25 * parts.kl)
+    torch.testing.assert_close(parts.neg_elbo, parts.nll + parts.kl)
+
+
+def test_condition_input_concatenates_the_reconstruction_after_x_t():
+    x_t, x_hat = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    h = condition_input(x_t, x_hat)
+    assert h.shape == (2, 6, 4, 4)
+    assert torch.equal(h[:, :3], x_t) and torch.equal(h[:, 3:], x_hat)
+    with pytest.raises(ConfigError, match=r"x_t \(2, 3, 4, 4\) and x_hat \(2, 3, 8, 8\)"):
+        condition_input(x_t, torch.zeros(2, 3, 8, 8))
+    with pytest.raises(ConfigError, match="but for channels"):
+        condition_input(x_t, torch.zeros(3, 3, 4, 4))
+
+
+def test_two_stage_sample_refines_the_decode_of_z():
+    seen = {}
+
+    def decode(z):
+        return z.view(-1, 1, 1, 2) * 2
+
+    def refine(x_hat):
+        seen["x_hat"] = x_hat
+        return x_hat + 1, 7
+
+    z = prior_latents(3, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(z, torch.randn(3, 2, generator=torch.Generator().manual_seed(0)))
+    out = two_stage_sample(decode, refine, z)
+    assert torch.equal(seen["x_hat"], decode(z)) and torch.equal(out.x, decode(z) + 1) and out.nfe == 7
+
+
+def test_reconstruction_decodes_a_draw_from_the_posterior_without_gradient():
+    w = torch.nn.Parameter(torch.ones(1))
+
+    def encode(x):
+        return x * w, torch.zeros_like(x)
+
+    x = torch.tensor([[1.0, 2.0]])
+    r = reconstruction(encode, lambda z: z, x, torch.Generator().manual_seed(5))
+    assert not r.requires_grad
+    torch.testing.assert_close(r, x + torch.randn(x.shape, generator=torch.Generator().manual_seed(5)))
+
+
+def test_lerp_path_hits_both_ends_exactly_and_is_linear_between():
+    a, b = torch.tensor([0.1, -3.0, 7.0]), torch.tensor([0.7, 2.0, -1.3])
+    p = lerp_path(a, b, 5)
+    assert p.shape == (5, 3) and torch.equal(p[0], a) and torch.equal(p[-1], b)
+    torch.testing.assert_close(p[2], (a + b) / 2)
+    torch.testing.assert_close(p[1:] - p[:-1], ((b - a) / 4).expand(4, 3))
+    with pytest.raises(ConfigError, match="at least 2 frames, got 1"):
+        lerp_path(a, b, 1)
+
+
+def test_path_changes_counts_flips_against_the_attributes_that_differ():
+    minimal = torch.tensor([[0, 1, 0, 4], [0, 1, 1, 4], [2, 1, 1, 4], [2, 1, 1, 4]])
+    assert path_changes(minimal) == (2, 2)
+    flicker = torch.tensor([[0, 1, 0, 4], [0, 2, 0, 4], [0, 1, 0, 5], [0, 1, 0, 5]])
+    assert path_changes(flicker) == (3, 1)  # color out and back (2) + position (1); only position differs
+    s = smoothness([minimal, flicker])
+    assert s == {"paths": 2, "changes": 2.5, "minimum": 1.5, "excess": 1.0, "minimal_share": 0.5}
+    with pytest.raises(ConfigError, match="frames >= 2"):
+        path_changes(torch.zeros(1, 4))
+    with pytest.raises(ConfigError, match="at least one path"):
+        smoothness([])
