@@ -13,7 +13,12 @@ shapes classifier trained on clean renders (``load_classifier("clean")``, ``clas
 (z from seed 0, the refiner's noise from seed 1) against --n held-out renders (the generator seeded 2**41 + 1,
 apart from every training batch). The floor is the same distance between two independent sets of --n real renders
 (seeds 2**41 + 1 and 2**41 + 2). --reference adds the bundled unconditional shapes model (the null caption, no
-guidance, 20 DPM-Solver++(2M) steps). "object" is the share of samples in which the labeller finds an object,
+guidance, 20 DPM-Solver++(2M) steps). The rows "vae" and "diffusevae" draw z from the model's own prior (the fitted
+mixture of the shipped recipe), "vae_normal" and "diffusevae_normal" from N(0, I). Condition-following: the labeller's
+agreement between each x_hat and its refined sample, against the chance level (x_hat against another row's refined
+sample), and "reconstructions": the refiner on the VAE's reconstructions of --n held-out renders (seed 2**41 + 4),
+the labeller's accuracy against the true attributes before and after refining. "object" is the share of samples in
+which the labeller finds an object,
 "one_object" the share in which that object (its largest bright component) holds >= 95% of the bright pixels.
 
 Interpolation: --pairs pairs of held-out renders (seed 2**41 + 3), their latent means joined by --frames points
@@ -56,6 +61,17 @@ def one_object(images: torch.Tensor) -> torch.Tensor:
     bright = (images.max(1).values > 0).flatten(1).sum(1)
     largest = labeller.masks(images).flatten(1).sum(1)
     return (bright > 0) & (largest >= 0.95 * bright)
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The share of rows where the labeller reads every attribute of a[i] and b[i] the same."""
+    return float((labeller.label(a) == labeller.label(b)).all(1).float().mean())
+
+
+def following(x_hat: torch.Tensor, x: torch.Tensor) -> dict:
+    """Condition-following: the labeller's agreement between each x_hat and its refined x, against the chance level
+    of a refiner that ignores x_hat (x_hat against the refined sample of the next row)."""
+    return {"agreement": agreement(x_hat, x), "agreement_chance": agreement(x_hat, x.roll(1, 0))}
 
 
 def scores(images: torch.Tensor, real_feats: torch.Tensor, net) -> dict:
@@ -106,13 +122,37 @@ def measure(args) -> dict:
     }
     real_feats = classifier_features(real(args.n, 1), net)
     out["floor_real_vs_real"] = {"fd": frechet_distance(classifier_features(real(args.n, 2), net), real_feats)}
-    t0 = time.perf_counter()
-    x_hat, _, _ = m.sample(args.n, 0, args.steps, refine=False)
-    out["vae"] = {**scores(x_hat, real_feats, net), "seconds": time.perf_counter() - t0, "nfe": 0}
-    t0 = time.perf_counter()
-    x_hat2, x, nfe = m.sample(args.n, 0, args.steps)
-    assert torch.equal(x_hat, x_hat2)  # the same z
-    out["diffusevae"] = {**scores(x, real_feats, net), "seconds": time.perf_counter() - t0, "nfe": nfe}
+    out["prior"] = m.prior
+    for prior, suffix in ((m.prior, ""), ("normal", "_normal")):
+        if suffix and m.prior == "normal":
+            continue
+        t0 = time.perf_counter()
+        x_hat, _, _ = m.sample(args.n, 0, args.steps, refine=False, prior=prior)
+        out["vae" + suffix] = {**scores(x_hat, real_feats, net), "seconds": time.perf_counter() - t0, "nfe": 0}
+        t0 = time.perf_counter()
+        x_hat2, x, nfe = m.sample(args.n, 0, args.steps, prior=prior)
+        assert torch.equal(x_hat, x_hat2)  # the same z
+        out["diffusevae" + suffix] = {
+            **scores(x, real_feats, net),
+            **following(x_hat, x),
+            "seconds": time.perf_counter() - t0,
+            "nfe": nfe,
+        }
+        if not suffix:
+            x_hat_model, x_model = x_hat, x
+    x_hat, x = x_hat_model, x_model
+    # the refiner on reconstructions of held-out renders: does it keep the attributes the VAE kept?
+    held = shapes.sample_batch(args.n, torch.Generator().manual_seed(EVAL_SEED_OFFSET + 4))
+    rec = m.vae.decode(m.encode_mean(held.images)).clamp(-1, 1)
+    noise = torch.randn(held.images.shape, generator=torch.Generator().manual_seed(1))
+    refined, _ = m.refine(rec, noise, args.steps)
+    out["reconstructions"] = {
+        "vae_accuracy": labeller.accuracy(labeller.label(rec), held.attrs)["all"],
+        "diffusevae_accuracy": labeller.accuracy(labeller.label(refined), held.attrs)["all"],
+        "vae_fd": frechet_distance(classifier_features(rec, net), real_feats),
+        "diffusevae_fd": frechet_distance(classifier_features(refined, net), real_feats),
+        **following(rec, refined),
+    }
     if args.reference:
         t0 = time.perf_counter()
         ref = reference_samples(args.n, args.steps, 0)
@@ -164,7 +204,8 @@ def main(argv=None):
     out = measure(args)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.json, json.loads(json.dumps(out)))
-    for k in ("floor_real_vs_real", "vae", "diffusevae", "shapes_unconditional"):
+    keys = ("floor_real_vs_real", "vae", "diffusevae", "vae_normal", "diffusevae_normal", "shapes_unconditional")
+    for k in (*keys, "reconstructions"):
         if k in out:
             print(f"{k:22s} " + "  ".join(f"{a} {v:.4g}" for a, v in out[k].items()))
     for k in ("vae", "diffusevae"):

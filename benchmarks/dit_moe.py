@@ -10,7 +10,8 @@ The models are read from runs/shapes-dit-moe/model and runs/shapes-dit-dense/mod
 --out runs/shapes-dit-moe`, and the same for shapes-dit-dense). Both models sample the same --n random captions
 (generator seeded --seed, default 0) with DPM-Solver++(2M) in --steps steps under CFG --cfg; the MoE's expert
 counts come from forward hooks that draw no random numbers, so they change no sample. --plot writes the usage
-figure (a PNG: one row of panels per MoE layer) and one PNG per layer beside it (<stem>_layerN.png).
+figure (a PNG: one row of panels per MoE layer), one PNG per layer beside it (<stem>_layerN.png) and the first
+8 samples of each model under their captions (<stem>_samples.png).
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 from condiff.core.files import atomic_write_json  # noqa: E402
-from condiff.evaluation.evaluate import evaluate  # noqa: E402
+from condiff.data.images import labelled_grid, save_png  # noqa: E402
+from condiff.evaluation.evaluate import generate_counted  # noqa: E402
 from condiff.models.dit_moe import active_parameters, load_dit_model  # noqa: E402
 from condiff.solvers import DPMSolverPP2M  # noqa: E402
 
 NAMES = ("shapes-dit-moe", "shapes-dit-dense")
 CMD = "OMP_NUM_THREADS=1 python benchmarks/dit_moe.py"
+SHOWN = 8  # samples per model in the samples figure
 
 
 class UsageCounter:
@@ -62,7 +65,7 @@ class UsageCounter:
 def measure(args) -> dict:
     torch.set_num_threads(1)
     out = {"n": args.n, "steps": args.steps, "cfg": args.cfg, "seed": args.seed, "solver": "DPM-Solver++(2M)"}
-    out["models"], usage = {}, None
+    out["models"], usage, shown, captions = {}, None, [], []
     for name in NAMES:
         path = args.runs / name / "model"
         if not (path / "condiff.json").is_file():
@@ -72,10 +75,15 @@ def measure(args) -> dict:
         net = m.module["unet"]
         counter = UsageCounter(net) if net.moe_layers() else None
         t0 = time.perf_counter()
-        res = evaluate(m, DPMSolverPP2M(), args.steps, args.cfg, args.n, seed=args.seed, batch_size=args.n)
+        # as condiff.evaluation.evaluate draws them: the conditions, then the samples, from one generator
+        g = torch.Generator().manual_seed(args.seed)
+        raw, targets = m.family.random_conditions(args.n, g)
+        images, _, _ = generate_counted(m, raw, DPMSolverPP2M(), args.steps, args.cfg, g, batch_size=args.n)
         secs = time.perf_counter() - t0
+        shown.append(images[:SHOWN])
+        captions = m.family.captions(raw[:SHOWN])
         row = {
-            "accuracy": res["accuracy"],
+            "accuracy": m.family.score(images, targets),
             "parameters": active_parameters(m.model_cfg),
             "trained_steps": m.info.get("trained_steps"),
             "train_minutes": m.info.get("train_minutes"),
@@ -91,9 +99,15 @@ def measure(args) -> dict:
             row["expert_share"] = share.tolist()  # per layer: the share of the assignments per expert
             row["expert_share_min_max"] = [[float(s.min()), float(s.max())] for s in share]
             row["experts_unused"] = [int((s == 0).sum()) for s in share]
+            row["expert_share_per_call"] = usage.tolist()  # (layers, network calls = solver steps, experts)
         out["models"][name] = row
     if usage is not None and args.plot is not None:
         out["plots"] = plot(usage, args.plot)
+    if shown and args.plot is not None:
+        path = args.plot.with_name(f"{args.plot.stem}_samples{args.plot.suffix}")
+        names = [n for n in NAMES if n in out["models"]]
+        save_png(labelled_grid(torch.cat(shown), names, [c.replace("a ", "") for c in captions], scale=3), path)
+        out.setdefault("plots", []).append(str(path))
     return out
 
 

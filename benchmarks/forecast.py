@@ -6,8 +6,9 @@ forecaster's samples, CRPS before (its samples) and after. Sample CRPS is the pl
 
     OMP_NUM_THREADS=1 python benchmarks/forecast.py [--json F] [--plot P] [--samples 100] [--tune]
 
-The models are read from runs/tsdiff-<series> (`condiff train tsdiff-co2 --out runs/tsdiff-co2`, ...), or from the
-runs --model SERIES=RUN names (e.g. --model nile=runs/tsdiff-nile-pool). Fixed seeds:
+The models are read from runs/tsdiff-<series> (`condiff train tsdiff-co2 --out runs/tsdiff-co2`, ...; nile's from
+runs/tsdiff-nile-pool-se, the model trained over a pool of yearly series), or from the runs --model SERIES=RUN
+names (e.g. --model nile=runs/tsdiff-nile, nile's model trained on nile alone). Fixed seeds:
 the forecast noise and the base samples come from generators seeded --seed (default 0). --tune instead scores a
 small grid of forecast settings on validation windows at the end of each training part (never the test split) with
 32 samples and seed 1, which is how the recipes' [forecast] tables were chosen.
@@ -37,6 +38,7 @@ from condiff.models import tsdiff_series as ts
 ROOT = Path(__file__).resolve().parents[1]
 BASES = ("seasonal-naive", "ets", "arima")
 REFINERS = ("ml", "langevin")
+RUN_NAMES = {"nile": "tsdiff-nile-pool-se"}  # series -> run folder under --runs (default tsdiff-<series>)
 TUNE_GRID = {
     "mse": [{"std": s} for s in (0.03, 0.1, 0.3)]
     + [{"std": s, "mse_weight": w} for s in (0.3, 1.0) for w in (0.3, 0.1)],
@@ -156,7 +158,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     names = [n for n in args.series.split(",") if n]
-    runs = {n: args.runs / f"tsdiff-{n}" for n in names}
+    runs = {n: args.runs / RUN_NAMES.get(n, f"tsdiff-{n}") for n in names}
     for item in args.model:
         n, _, run = item.partition("=")
         if n not in runs or not run:

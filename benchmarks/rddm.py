@@ -2,16 +2,19 @@
 PSNR and the labeller's attribute accuracy (all four attributes right) of the restorations for denoise, deblur and
 inpaint (``condiff.models.rddm_restore``: the degradations, the two model kinds, ``evaluate_restore``).
 
-    OMP_NUM_THREADS=1 python benchmarks/rddm.py [--json F] [--n 256] [--nfe 5,10] [--picture P]
+    OMP_NUM_THREADS=1 python benchmarks/rddm.py [--json F] [--n 256] [--nfe 5,10] [--picture P] [--eps]
 
 The models are read from runs/rddm-shapes and runs/ddpm-restore-shapes (`condiff train rddm-shapes --out
 runs/rddm-shapes`, `condiff train ddpm-restore-shapes --out runs/ddpm-restore-shapes`): the same start, data,
 batch and steps. Every score is on --n held-out renders per degradation from the generator seeded 2**41 + --seed
 (default 1; training draws from generators seeded by (seed, step) < 2**41 and its learning curve used seed 0), the
 degradation's randomness from a generator seeded by (seed, degradation). Network evaluations are counted, not
-assumed: RDDM takes one per step, DPM-Solver++(2M) one per step. Acceptance (issue 20, line 2): RDDM above the DDPM on
-both PSNR and accuracy for at least two of the three degradations at equal NFE. The picture: degraded | DDPM | RDDM |
-clean for a few held-out renders per degradation, at the first --nfe.
+assumed: RDDM takes one per step, the DDPM's DDIM one per step. The sampling settings (RDDM's eta, the DDPM's
+solver and x0 limit: ``rddm_restore.RDDM_ETA``, ``DDPM_SOLVER``, ``DDPM_THRESHOLD``) were chosen on validation
+renders (seed 2, /work/notes/h20/rddm_docs.md), never on these. runs/rddm-shapes-res-noise (RDDM with the residual
++ noise objective) is scored too when present, and --eps adds runs/ddpm-restore-shapes-eps. Acceptance (issue 20,
+line 2): RDDM above the DDPM on both PSNR and accuracy for at least two of the three degradations at equal NFE.
+The picture: degraded | DDPMs | RDDMs | clean for a few held-out renders per degradation, at the first --nfe.
 """
 
 from __future__ import annotations
@@ -24,21 +27,33 @@ import torch
 
 from condiff.core.files import atomic_write_json
 from condiff.data.images import labelled_grid, save_png, write_image
-from condiff.models.rddm_restore import DEGRADATIONS, evaluate_restore, heldout_degraded, load_restore_model
+from condiff.models.rddm_restore import (
+    DDPM_SOLVER,
+    DDPM_THRESHOLD,
+    DEGRADATIONS,
+    RDDM_ETA,
+    evaluate_restore,
+    heldout_degraded,
+    load_restore_model,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 1
 CMD = "OMP_NUM_THREADS=1 python benchmarks/rddm.py"
 MODELS = {"rddm": "rddm-shapes", "ddpm": "ddpm-restore-shapes"}
-# optional: the eps-model variant of the baseline (ddpm-restore-shapes with model.prediction = "eps"), if trained
-OPTIONAL = {"ddpm-eps": "ddpm-restore-shapes-eps"}
-NAMES = {"rddm": "RDDM", "ddpm": "DDPM (v)", "ddpm-eps": "DDPM (eps)"}  # renamed from each model's prediction
+# optional, if trained: RDDM with the residual + noise objective (rddm-shapes with model.objective =
+# "pred_res_noise", the first version); --eps adds the eps-model variant of the baseline (model.prediction = "eps",
+# runs/ddpm-restore-shapes-eps)
+OPTIONAL = {"rddm-res-noise": "rddm-shapes-res-noise"}
+EPS = {"ddpm-eps": "ddpm-restore-shapes-eps"}
+NAMES = {"rddm": "RDDM", "rddm-res-noise": "RDDM (res+noise)", "ddpm": "DDPM (v)", "ddpm-eps": "DDPM (eps)"}
 BASELINES = ("ddpm", "ddpm-eps")
+RDDMS = ("rddm", "rddm-res-noise")
 
 
-def load_models(runs: Path) -> dict:
+def load_models(runs: Path, eps: bool = False) -> dict:
     models = {k: load_restore_model(runs / name) for k, name in MODELS.items()}
-    for k, name in OPTIONAL.items():
+    for k, name in {**OPTIONAL, **(EPS if eps else {})}.items():
         if (runs / name / "model" / "condiff.json").is_file():
             models[k] = load_restore_model(runs / name)
     return models
@@ -54,11 +69,14 @@ def _about(m) -> dict:
 
 def measure(args) -> dict:
     out = {"n": args.n, "seed": args.seed, "threads": torch.get_num_threads(), "nfe": args.nfe}
-    models = load_models(args.runs)
+    out["sampling"] = {"rddm_eta": RDDM_ETA, "ddpm_solver": DDPM_SOLVER, "ddpm_threshold": DDPM_THRESHOLD}
+    models = load_models(args.runs, args.eps)
     out["models"] = list(models)
     for kind, m in models.items():
         out[kind] = {"about": {**_about(m), "prediction": m.config.get("prediction", "eps")}}
-        if kind != "rddm":
+        if m.kind == "rddm":
+            out[kind]["about"]["objective"] = m.objective
+        else:
             NAMES[kind] = f"DDPM ({out[kind]['about']['prediction']})"
         for nfe in args.nfe:
             out[kind][str(nfe)] = evaluate_restore(m, args.n, args.seed, nfe)
@@ -67,7 +85,7 @@ def measure(args) -> dict:
     for base in (b for b in BASELINES if b in models):
         for nfe in args.nfe:
             wins = []
-            for task in DEGRADATIONS:
+            for task in DEGRADATIONS:  # the shipped RDDM (rddm-shapes) against the baseline
                 r, d = out["rddm"][str(nfe)][task], out[base][str(nfe)][task]
                 assert r["nfe"] == d["nfe"] == nfe, (r["nfe"], d["nfe"], nfe)
                 if r["psnr"] > d["psnr"] and r["accuracy"]["all"] > d["accuracy"]["all"]:
@@ -90,8 +108,10 @@ def table(out) -> str:
     trained = "; ".join(f"{NAMES[k]}: {_trained(out[k]['about'])}" for k in models)
     lines = [
         f"Measured with `{CMD}`: {out['n']} held-out renders per degradation (generator seed 2**41 + {out['seed']}), "
-        f"{out['threads']} thread. {trained} (training minutes on the shared CPU). PSNR: mean ± standard error; "
-        "accuracy: the labeller reads all four attributes right.",
+        f"{out['threads']} thread. {trained} (training minutes on the shared CPU). Sampling (chosen on validation "
+        f"renders, seed 2): RDDM eta {out['sampling']['rddm_eta']:g}; DDPM {out['sampling']['ddpm_solver']}, x0 "
+        f"limit {out['sampling']['ddpm_threshold']}. PSNR: mean ± standard error; accuracy: the labeller reads all "
+        "four attributes right.",
         "",
         "| degradation | input PSNR, accuracy | NFE | "
         + " | ".join(f"{NAMES[k]} PSNR" for k in models)
@@ -123,10 +143,10 @@ def table(out) -> str:
 
 @torch.no_grad()
 def picture(args, path: Path, cols: int = 6):
-    """Rows degraded | DDPM | RDDM | clean for each degradation, ``cols`` held-out renders each, at the first NFE."""
-    models = load_models(args.runs)
+    """Rows degraded | DDPMs | RDDMs | clean for each degradation, ``cols`` held-out renders each, at the first NFE."""
+    models = load_models(args.runs, args.eps)
     for k, m in models.items():
-        if k != "rddm":
+        if m.kind == "ddpm":
             NAMES[k] = f"DDPM ({m.config.get('prediction', 'eps')})"
     nfe = args.nfe[0]
     rows, images = [], []
@@ -138,7 +158,10 @@ def picture(args, path: Path, cols: int = 6):
             for k in BASELINES
             if k in models
         ]
-        shown += [(f"RDDM, {nfe} NFE", models["rddm"].restore(x_in, task, nfe, args.seed).x), ("clean", b.images)]
+        shown += [
+            (f"{NAMES[k]}, {nfe} NFE", models[k].restore(x_in, task, nfe, args.seed).x) for k in RDDMS if k in models
+        ]
+        shown.append(("clean", b.images))
         for label, x in shown:
             rows.append(label)
             images.append(x)
@@ -166,6 +189,7 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--nfe", default="5,10", help="network evaluations per restoration, comma-separated")
+    ap.add_argument("--eps", action="store_true", help="also score the eps-model baseline (ddpm-restore-shapes-eps)")
     args = ap.parse_args(argv)
     args.nfe = [int(s) for s in args.nfe.split(",")]
     torch.set_num_threads(1)

@@ -124,7 +124,7 @@ def test_forecast_refuses_any_other_guidance_or_base(files, value):
 
 
 # recipes --------------------------------------------------------------------------------------------------------
-RECIPES = {n: RECIPES_DIR / f"tsdiff-{n}.toml" for n in ("co2", "sunspots", "nile")}
+RECIPES = {n: RECIPES_DIR / f"tsdiff-{n}.toml" for n in ("co2", "sunspots", "nile", "nile-pool-se")}
 TABLES = {**ts.TABLES, "train": TrainConfig}
 FIELDS = [
     (t, f.name, f.default)
@@ -198,3 +198,25 @@ def test_recipe_out_of_range_forecast_values(workdir, key, value):
     r = tomllib.loads(RECIPES["sunspots"].read_text())
     r.setdefault("forecast", {})[key] = value
     _check(r, workdir, f"forecast.{key}", via_cli=True)
+
+
+@settings(max_examples=30)
+@given(value=st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12))
+def test_recipe_unknown_pool_names(workdir, value):
+    from condiff.data.series import POOLS
+
+    names = [n.strip() for n in value.split(",")]
+    bad = [n for n in names if n not in POOLS]
+    assume(value.strip() and bad and "\x00" not in value)
+    r = tomllib.loads(RECIPES["nile"].read_text())
+    r.setdefault("data", {})["pool"] = value
+    _check(r, workdir, "data.pool", repr(bad[0]), "accepted", via_cli=True)
+
+
+@settings(max_examples=20)
+@given(value=st.floats(allow_nan=True, allow_infinity=True))
+def test_recipe_out_of_range_pool_fraction(workdir, value):
+    assume(not 0 <= value < 1)
+    r = tomllib.loads(RECIPES["nile"].read_text())
+    r.setdefault("data", {})["pool_fraction"] = value
+    _check(r, workdir, "data.pool_fraction", via_cli=True)

@@ -244,6 +244,21 @@ def test_recipe_unknown_predictions(workdir, value):
     _check(r, workdir, "model.prediction", repr(value), "accepted: v, eps", via_cli=True)
 
 
+@settings(max_examples=20)
+@given(value=st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=14))
+def test_recipe_unknown_objectives(workdir, value):
+    assume(value not in rr.RDDM_OBJECTIVES and "\x00" not in value and value.strip())
+    r = _base("rddm-shapes")
+    r["model"]["objective"] = value
+    _check(r, workdir, "model.objective", repr(value), "accepted: pred_res_noise, pred_res", via_cli=True)
+
+
+def test_ddpm_recipe_refuses_an_rddm_objective(workdir):
+    r = _base("ddpm-restore-shapes")
+    r["model"]["objective"] = "pred_res"
+    _check(r, workdir, "model.objective is RDDM's", "'pred_res'", via_cli=True)
+
+
 @settings(max_examples=25)
 @given(value=st.floats(allow_nan=True, allow_infinity=True))
 def test_recipe_out_of_range_sum_scale(workdir, value):

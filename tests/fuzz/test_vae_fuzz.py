@@ -243,3 +243,25 @@ def test_train_refuses_a_missing_vae_before_building(workdir):
     with mock.patch("condiff.models.diffusevae.load_start", guarded):
         expect_cli_error(["train", str(d / "recipe.toml"), "--out", str(d / "run")], "model.vae", "does not exist")
     assert not (d / "run").exists()
+
+
+@settings(max_examples=10)
+@given(
+    value=st.one_of(
+        st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=8),
+        st.integers(-5, 0),
+        st.integers(dv.MAX_COMPONENTS + 1, 10**6),
+    )
+)
+def test_recipe_bad_priors(workdir, value):
+    r = _base("diffusevae")
+    if isinstance(value, str):
+        assume(value not in dv.PRIORS and "\x00" not in value)
+        r["model"]["prior"] = value
+        _check(r, workdir, "model.prior", repr(value), via_cli=True)
+    else:
+        r["model"]["prior_components"] = value
+        _check(r, workdir, "model.prior_components", str(value), via_cli=True)
+    r = _base("diffusevae-vae")
+    r["model"]["prior"] = "gmm"
+    _check(r, workdir, "model.prior belongs to a kind 'ddpm' recipe", via_cli=True)

@@ -200,3 +200,53 @@ def test_ddpm_loss_trains_only_the_unet_and_extras(saved):
     before = {k: v.clone() for k, v in tr.module["vae"].state_dict().items()}
     loss = tr.train_step()
     assert loss > 0 and all(torch.equal(v, before[k]) for k, v in tr.module["vae"].state_dict().items())
+
+
+def test_fitted_prior_roundtrips_and_draws_the_mixture(saved, tmp_path):
+    """prior 'gmm': the folder holds the mixture fitted to the VAE's posterior samples; loaded back it is the same,
+    samples draw z from it (and prior 'normal' from N(0, I)); a folder whose prior disagrees is refused."""
+    from condiff.tasks.diffusevae import mixture_latents
+
+    d, _ = saved
+    r = dv.diffusevae_recipe_from_dict(
+        {"name": "d", "family": "diffusevae", "model": {"kind": "ddpm", "vae": str(d / "vae"), "prior": "gmm",
+                                                       "prior_components": 2}}
+    )  # fmt: skip
+    with mock.patch.object(dv, "PRIOR_FIT_N", 64):
+        m = dv.build_diffusevae_model(r)
+    m.save(tmp_path / "gmm")
+    back = dv.load_diffusevae_model(tmp_path / "gmm")
+    assert back.prior == "gmm" and back.module["prior"].config.components == 2
+    p = back.module["prior"]
+    for name, v in m.module["prior"].state_dict().items():
+        assert torch.equal(v, p.state_dict()[name]), name
+    assert not any(q.requires_grad for q in p.parameters())  # frozen: the Trainer never updates the prior
+    x_hat, _, _ = back.sample(4, seed=2, refine=False)
+    z = mixture_latents(4, p.weights, p.means, p.scale_tril, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(x_hat, back.vae.decode(z).clamp(-1, 1))
+    x_hat_n, _, _ = back.sample(4, seed=2, refine=False, prior="normal")
+    torch.testing.assert_close(x_hat_n, back.vae.decode(torch.randn(4, 3, generator=torch.Generator().manual_seed(2))))
+    with pytest.raises(ConfigError, match="has no fitted latent prior"):
+        dv.load_diffusevae_model(d / "ddpm").latents(2, torch.Generator(), "gmm")
+    info = json.loads((tmp_path / "gmm" / "condiff.json").read_text())
+    info["diffusevae"]["prior_components"] = 3
+    (tmp_path / "gmm" / "condiff.json").write_text(json.dumps(info))
+    with pytest.raises(InputFileError, match="prior's latent_dim or components differ"):
+        dv.load_diffusevae_model(tmp_path / "gmm")
+    info["diffusevae"]["prior"] = "flow"
+    (tmp_path / "gmm" / "condiff.json").write_text(json.dumps(info))
+    with pytest.raises(InputFileError, match="prior must be one of normal, gmm"):
+        dv.load_diffusevae_model(tmp_path / "gmm")
+
+
+@pytest.mark.parametrize(
+    ("model", "needle"),
+    [
+        ({"kind": "ddpm", "vae": "v", "prior": "flow"}, "model.prior"),
+        ({"kind": "ddpm", "vae": "v", "prior_components": 0}, "model.prior_components"),
+        ({"kind": "vae", "prior": "gmm"}, "model.prior belongs to a kind 'ddpm' recipe"),
+    ],
+)
+def test_bad_prior_keys_are_one_line_config_errors(model, needle):
+    with pytest.raises(ConfigError, match=needle):
+        dv.diffusevae_recipe_from_dict({"name": "x", "family": "diffusevae", "model": model})

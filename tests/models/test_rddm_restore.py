@@ -114,7 +114,7 @@ def test_unknown_degradation_is_one_line():
 def test_shipped_recipes_differ_only_in_the_model_table():
     a, b = (load_any_recipe(RECIPES_DIR / f"{n}.toml") for n in ("rddm-shapes", "ddpm-restore-shapes"))
     assert (a.model.kind, b.model.kind) == ("rddm", "ddpm") and a.family == b.family == "rddm"
-    assert (a.model.sum_scale, a.model.loss, b.model.prediction) == (0.01, "l1", "v")
+    assert (a.model.sum_scale, a.model.loss, a.model.objective, b.model.prediction) == (0.01, "l1", "pred_res", "v")
     assert a.train == b.train and a.train.threads == 1 and a.train.init_from == "shapes"
 
 
@@ -127,7 +127,8 @@ def test_shipped_recipes_differ_only_in_the_model_table():
         ({"loss": "l3"}, ("model.loss", "'l3'", "accepted: l1, l2")),
         ({"kind": "ddpm", "sum_scale": 0.5}, ("kind 'ddpm'", "model.sum_scale")),
         ({"kind": "ddpm", "loss": "l2"}, ("kind 'ddpm'", "model.loss")),
-        ({"objective": "pred_res"}, ("model.objective",)),
+        ({"objective": "pred_x0"}, ("model.objective", "'pred_x0'", "accepted: pred_res_noise, pred_res")),
+        ({"kind": "ddpm", "objective": "pred_res"}, ("model.objective is RDDM's", "'pred_res'")),
         ({"kind": "ddpm", "prediction": "x0"}, ("model.prediction", "'x0'", "accepted: v, eps")),
         ({"prediction": "eps"}, ("model.prediction is the ddpm kind's", "'eps'")),
     ],
@@ -241,6 +242,59 @@ def test_rddm_loss_at_the_start_is_the_l1_of_the_targets_against_the_start_outpu
     expect = (out["res"] - (x_in - b.images)).abs().mean() + (out["noise"] - eps).abs().mean()
     assert float(loss.detach()) == pytest.approx(float(expect), rel=1e-5)
     m.module.eval()
+
+
+def test_pred_res_loss_is_the_l1_of_the_residual_alone():
+    """objective pred_res (the paper's SM-Res): the Trainer's loss is the L1 of the residual head alone."""
+    torch.manual_seed(0)
+    r = rr.rddm_recipe_from_dict(
+        {"name": "t-res", "family": "rddm", "model": {"objective": "pred_res"}, "train": {"batch_size": 2}}
+    )
+    m = rr.build_restore_model(r)
+    assert m.objective == "pred_res" and m.config["objective"] == "pred_res"
+    with torch.no_grad():  # a non-zero residual head, so the loss is not just the L1 of the target
+        m.module["unet"].conv_out.weight[12:].normal_(0, 0.01)
+    loss, _ = rr.restore_loss_fn(m, r)(0, torch.Generator().manual_seed(11))
+    g = torch.Generator().manual_seed(11)
+    b = shapes.sample_batch(2, g)
+    task = torch.randint(3, (2,), generator=g)
+    x_in = rr.degrade_mixed(b.images, task, g)
+    t = torch.randint(1000, (2,), generator=g)
+    eps = torch.randn(b.images.shape, generator=g)
+    x_t = rddm.q_sample(m.rddm_schedule, b.images, x_in, t, eps)
+    with torch.no_grad():
+        out = m.rddm_net()(x_t, t, x_in, {"switch": task})
+    assert set(out) == {"res"}
+    expect = (out["res"] - (x_in - b.images)).abs().mean()
+    assert float(loss.detach()) == pytest.approx(float(expect), rel=1e-5)
+
+
+@torch.no_grad()
+def test_pred_res_one_step_restoration_is_the_input_minus_the_predicted_residual():
+    """With the noise solved from I_t, the last step to the clean point lands on I_in - res_hat exactly."""
+    torch.manual_seed(0)
+    r = rr.rddm_recipe_from_dict({"name": "t-res", "family": "rddm", "model": {"objective": "pred_res"}})
+    m = rr.build_restore_model(r)
+    m.module["unet"].conv_out.weight[12:].normal_(0, 0.01)
+    m.module.eval()
+    x_in = rr.degrade(_images(2), "deblur")
+    got = m.restore(x_in, "deblur", 1, seed=3)
+    _, bb = m.rddm_schedule.at(999)
+    x_T = x_in + float(bb) * torch.randn(x_in.shape, generator=torch.Generator().manual_seed(3))
+    res = m.rddm_net()(x_T, torch.full((2,), 999), x_in, {"switch": m.switch("deblur", 2)})["res"]
+    assert got.nfe == 1
+    torch.testing.assert_close(got.x, (x_in - res).clamp(-1, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_ddpm_sampling_options_are_checked_and_count_evaluations(built):
+    x_in = rr.degrade(_images(2), "deblur")
+    for solver in rr.DDPM_SOLVERS:
+        for threshold in ("dynamic", "clip", "none"):
+            assert built["ddpm"].restore(x_in, "deblur", 3, 1, threshold=threshold, solver=solver).nfe == 3
+    with pytest.raises(ConfigError, match="solver.*'heun'.*accepted: dpmpp-2m, ddim"):
+        built["ddpm"].restore(x_in, "deblur", 3, solver="heun")
+    with pytest.raises(ConfigError, match="threshold"):
+        built["ddpm"].restore(x_in, "deblur", 3, threshold="soft")
 
 
 def test_training_resumes_exactly(tmp_path):

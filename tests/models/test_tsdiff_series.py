@@ -124,18 +124,18 @@ def test_bad_recipes_are_one_line_errors_naming_the_value(over, needle):
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("series", ["co2", "sunspots", "nile"])
-def test_the_packaged_recipes_load_and_state_their_time_and_command(series):
+@pytest.mark.parametrize("name", ["co2", "sunspots", "nile", "nile-pool-se"])
+def test_the_packaged_recipes_load_and_state_their_time_and_command(name):
     from condiff.cli.recipes import RECIPES_DIR, describe
     from condiff.cli.tokens import load_any_recipe
 
-    path = RECIPES_DIR / f"tsdiff-{series}.toml"
+    path = RECIPES_DIR / f"tsdiff-{name}.toml"
     r = load_any_recipe(path)
-    assert (r.name, r.family, r.data.series, r.train.threads) == (f"tsdiff-{series}", "tsdiff", series, 1)
+    series = name.split("-")[0]
+    assert (r.name, r.family, r.data.series, r.train.threads) == (f"tsdiff-{name}", "tsdiff", series, 1)
+    assert pool_names(r.data.pool) == (["sunspots", "elnino"] if name == "nile-pool-se" else [])
     about = describe(path)
-    assert (
-        "min" in about["cpu_time"] and f"condiff train tsdiff-{series} --out runs/tsdiff-{series}" in about["comment"]
-    )
+    assert "min" in about["cpu_time"] and f"condiff train tsdiff-{name} --out runs/tsdiff-{name}" in about["comment"]
 
 
 def test_pool_windows_are_every_standardised_window_of_the_other_series():
@@ -145,8 +145,10 @@ def test_pool_windows_are_every_standardised_window_of_the_other_series():
     (elnino,) = pool_series("elnino")
     assert elnino.numel() == 61 and w.shape == (61 - (C + H) + 1, C + H)
     z = w.double()
-    assert torch.allclose(z[:, :C].mean(1), torch.zeros(len(z)), atol=1e-5)  # each context: mean 0, std 1
-    assert torch.allclose(z[:, :C].std(1, correction=0), torch.ones(len(z)), atol=1e-5)
+    assert torch.allclose(
+        z[:, :C].mean(1), torch.zeros(len(z), dtype=z.dtype), atol=1e-5
+    )  # each context: mean 0, std 1
+    assert torch.allclose(z[:, :C].std(1, correction=0), torch.ones(len(z), dtype=z.dtype), atol=1e-5)
     loc, scale = window_scale(elnino[None, 7 : 7 + C])
     assert torch.allclose(z[7], ((elnino[7 : 7 + C + H] - loc) / scale)[0], atol=1e-5)
     with pytest.raises(ConfigError, match="no window"):

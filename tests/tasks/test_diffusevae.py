@@ -12,9 +12,11 @@ from torch.distributions import Normal, kl_divergence
 from condiff.errors import ConfigError
 from condiff.tasks.diffusevae import (
     condition_input,
+    fit_latent_mixture,
     gaussian_kl,
     gaussian_nll,
     lerp_path,
+    mixture_latents,
     path_changes,
     prior_latents,
     reconstruction,
@@ -140,3 +142,47 @@ def test_path_changes_counts_flips_against_the_attributes_that_differ():
         path_changes(torch.zeros(1, 4))
     with pytest.raises(ConfigError, match="at least one path"):
         smoothness([])
+
+
+def test_mixture_latents_pick_their_component_and_scale_it():
+    """One-hot weights pick that component for every row, and z = m_k + L_k eps with the generator's eps (drawn
+    after the components); the sample covariance of many draws is L L^T (within 5 standard errors)."""
+    means = torch.tensor([[9.0, 9.0], [1.0, -2.0], [-9.0, 0.0]])
+    tril = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[2.0, 0.0], [1.5, 0.5]], [[1.0, 0.0], [0.0, 1.0]]])
+    w = torch.tensor([0.0, 1.0, 0.0])
+    z = mixture_latents(5, w, means, tril, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    torch.multinomial(w.double(), 5, replacement=True, generator=g)
+    eps = torch.randn(5, 2, generator=g)
+    torch.testing.assert_close(z, means[1] + eps @ tril[1].T)
+    n = 40000
+    many = mixture_latents(n, w, means, tril, torch.Generator().manual_seed(4)).double()
+    cov = torch.cov(many.T)
+    want = (tril[1] @ tril[1].T).double()
+    se = ((want.diagonal().outer(want.diagonal()) + want**2) / n).sqrt()
+    assert ((cov - want).abs() < 5 * se).all()
+
+
+def test_one_component_fit_is_the_maximum_likelihood_gaussian():
+    """K = 1: EM's answer is exact, the sample mean and the 1/N covariance (plus the 1e-5 ridge on the diagonal)."""
+    z = torch.randn(300, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) @ torch.tensor(
+        [[1.0, 0.0, 0.0], [0.5, 2.0, 0.0], [0.0, -1.0, 0.3]], dtype=torch.float64
+    )
+    w, m, tril = fit_latent_mixture(z, 1)
+    c = z - z.mean(0)
+    cov = c.T @ c / len(z) + 1e-5 * torch.eye(3, dtype=torch.float64)
+    torch.testing.assert_close(w, torch.ones(1))
+    torch.testing.assert_close(m[0], z.mean(0).float())
+    torch.testing.assert_close(tril[0] @ tril[0].T, cov.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_two_separated_clusters_give_their_shares_and_means():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(60, 2, generator=g, dtype=torch.float64) + 50
+    b = torch.randn(140, 2, generator=g, dtype=torch.float64) - 50
+    w, m, _ = fit_latent_mixture(torch.cat([a, b]), 2, seed=0)
+    order = m[:, 0].argsort(descending=True)
+    torch.testing.assert_close(w[order], torch.tensor([0.3, 0.7]))
+    torch.testing.assert_close(m[order], torch.stack([a.mean(0), b.mean(0)]).float())
+    with pytest.raises(ConfigError, match="3-component mixture needs"):
+        fit_latent_mixture(torch.zeros(2, 4), 3)

@@ -1,7 +1,7 @@
 """``condiff adapt``: SDA test-time adaptation (Guo et al., CVPR 2025; condiff.tasks.sda) of the digits scorer on
 digits-C (condiff.data.digits_c), beside the source scorer and plain diffusion purification.
 
-``condiff adapt --corruptions noise,blur,contrast,occlusion --severities 1,2,3,4,5 --t-star 100 --steps 1`` runs
+``condiff adapt --corruptions noise,blur,contrast,occlusion --severities 1,2,3,4,5 --t-star 300 --steps 5`` runs
 SDA's stage 1 (``--synthetic`` class-conditional samples of the digits model, ``--synthesis-steps`` DDIM steps each,
 passed through the test-time projection: diffuse to --t-star, --steps DDIM steps of the unconditional model back,
 with DDA's structure guidance when --structure-factor D and --structure-weight w are not 0; with --mix-real the
@@ -107,10 +107,10 @@ def adapt_cmd(
     corruptions: str = typer.Option(DEFAULT_CORRUPTIONS, help="comma-separated digits-C corruptions"),
     severities: str = typer.Option(DEFAULT_SEVERITIES, help="comma-separated severities (1 to 5)"),
     t_star: Optional[float] = typer.Option(
-        None, "--t-star", help="projection time t* (default 100: chosen on validation; model's time)"
+        None, "--t-star", help="projection time t* (default 300: chosen on validation; model's time)"
     ),
     steps: Optional[int] = typer.Option(
-        None, help="DDIM steps of the projection from t* (default 1: chosen on validation)"
+        None, help="DDIM steps of the projection from t* (default 5: chosen on validation)"
     ),
     structure_factor: Optional[int] = typer.Option(
         None, help="DDA structure guidance: low-pass factor D (0: none; divides 16; default: chosen on validation)"
@@ -118,7 +118,7 @@ def adapt_cmd(
     structure_weight: Optional[float] = typer.Option(
         None, help="DDA structure guidance weight w (0: none; default: chosen on validation)"
     ),
-    synthetic: int = typer.Option(2000, help="class-conditional synthetic images for fine-tuning"),
+    synthetic: int = typer.Option(1000, help="class-conditional synthetic images for fine-tuning"),
     synthesis_steps: int = typer.Option(20, help="DDIM steps of each synthetic image"),
     epochs: Optional[int] = typer.Option(None, help="fine-tuning epochs (Adam, cross-entropy; default: validation's)"),
     lr: Optional[float] = typer.Option(None, help="fine-tuning learning rate (default: chosen on validation)"),

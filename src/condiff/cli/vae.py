@@ -1,7 +1,8 @@
 """``condiff vae``: sample and interpolate with a DiffuseVAE (``condiff train diffusevae``) or its VAE alone
 (``condiff train diffusevae-vae``); the method is ``condiff.tasks.diffusevae`` (Pandey et al., TMLR 2022).
 
-``condiff vae sample --model runs/diffusevae --n 16 --out grid.png`` draws z ~ N(0, I), decodes x_hat = Dec(z) and
+``condiff vae sample --model runs/diffusevae --n 16 --out grid.png`` draws z from the model's latent prior (the
+mixture fitted to the VAE's posterior for a recipe with ``prior = "gmm"``, else N(0, I)), decodes x_hat = Dec(z) and
 refines it with the conditional DDPM (``--steps`` DPM-Solver++(2M) steps); ``--stage vae`` writes the VAE's x_hat,
 ``--stage both`` x_hat | x_0 pairs. A VAE model samples ``--stage vae`` only.
 
@@ -107,7 +108,7 @@ def sample_cmd(
     seed: int = typer.Option(0, help="random seed of z (and, + 1, of the refiner's noise)"),
     threads: ThreadsOpt = None,
 ):
-    """Samples z ~ N(0, I) -> x_hat = Dec(z) -> the conditional DDPM's x_0."""
+    """Samples z ~ the model's prior -> x_hat = Dec(z) -> the conditional DDPM's x_0."""
     import math
 
     import torch
@@ -143,6 +144,7 @@ def sample_cmd(
             threads,
             seconds,
             kind=kind,
+            prior=m.prior,
             stage=stage,
             n=n,
             steps=steps if stage != "vae" else None,

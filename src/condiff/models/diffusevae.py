@@ -8,10 +8,15 @@ A recipe (``family = "diffusevae"``) has [model] and [train] (condiff's ``TrainC
 VAE with ``latent_dim``, ``width`` (the first conv's channels; 2x and 4x below), the decoder's ``sigma`` and the KL
 weight ``beta``; [train] takes no init_from. ``model.kind`` 'ddpm': ``model.vae`` names the trained VAE (a model
 folder or a run folder holding it as model/), [train] ``init_from`` the shapes model that starts the UNet (default
-'shapes'); the VAE keys belong to the VAE and are refused here. Unknown keys and bad values are one-line
-ConfigErrors.
+'shapes'); the VAE keys belong to the VAE and are refused here. ``model.prior`` is the latent prior samples draw z
+from: 'normal' (N(0, I), the paper's p(z)) or 'gmm', a ``prior_components``-component Gaussian mixture fitted at build
+time to posterior samples z ~ q(z | x) of PRIOR_FIT_N training renders (ex-post density estimation, Ghosh et al.,
+ICLR 2020; ``condiff.tasks.diffusevae.fit_latent_mixture``). The refiner trains on Dec(z) with z ~ q(z | x), so
+Dec(z) from N(0, I), which falls in the holes between the aggregate posterior's clusters, is a condition it never saw;
+the mixture keeps z where it trained. Unknown keys and bad values are one-line ConfigErrors.
 
-A saved model is ``vae/`` (and for 'ddpm' ``unet/`` and ``extras/``: diffusers folders, safetensors) with
+A saved model is ``vae/`` (and for 'ddpm' ``unet/``, ``extras/`` and with prior 'gmm' ``prior/``: diffusers folders,
+safetensors) with
 ``condiff.json``'s "diffusevae" table; the DDPM's folder holds its VAE, so it stands alone. Both train with condiff's
 Trainer (EMA, atomic checkpoints, exact resume); the VAE is frozen while the DDPM trains.
 """
@@ -50,9 +55,12 @@ from condiff.models.family import load_pretrained
 from condiff.solvers import DPMSolverPP2M
 from condiff.tasks.diffusevae import (
     condition_input,
+    fit_latent_mixture,
     lerp_path,
+    mixture_latents,
     prior_latents,
     reconstruction,
+    reparameterize,
     two_stage_sample,
     vae_loss,
 )
@@ -72,6 +80,10 @@ from condiff.training.trainer import Trainer
 FAMILY = "diffusevae"
 KINDS = ("vae", "ddpm")
 VAE_KEYS = ("latent_dim", "width", "sigma", "beta")
+PRIORS = ("normal", "gmm")
+MAX_COMPONENTS = 256
+PRIOR_FIT_N = 5000  # training renders whose posterior samples z ~ q(z | x) the mixture prior is fitted to
+PRIOR_SEED_OFFSET = 2**40 + 7  # their generator: train.seed + this (apart from the training batches' seeds)
 DEFAULT_STEPS = 20  # the refiner's DPM-Solver++(2M) steps
 MAX_LATENT = 512
 MAX_WIDTH = 256
@@ -113,6 +125,35 @@ class ConvVAE(ModelMixin, ConfigMixin):
         return torch.tanh(self.decoder(h))
 
 
+class LatentMixture(ModelMixin, ConfigMixin):
+    """A Gaussian-mixture prior over the VAE's latent (``condiff.tasks.diffusevae.fit_latent_mixture``): weights
+    (K,), means (K, d) and the covariances' lower Cholesky factors (K, d, d), frozen parameters."""
+
+    @register_to_config
+    def __init__(self, latent_dim: int = 16, components: int = 1):
+        super().__init__()
+        k, d = components, latent_dim
+        self.weights = nn.Parameter(torch.full((k,), 1.0 / k), requires_grad=False)
+        self.means = nn.Parameter(torch.zeros(k, d), requires_grad=False)
+        self.scale_tril = nn.Parameter(torch.eye(d).repeat(k, 1, 1), requires_grad=False)
+
+    def sample(self, n: int, generator=None) -> torch.Tensor:
+        return mixture_latents(n, self.weights, self.means, self.scale_tril, generator)
+
+
+@torch.no_grad()
+def fit_prior(vae: ConvVAE, components: int, seed: int) -> LatentMixture:
+    """The mixture prior fitted to posterior samples z ~ q(z | x) of PRIOR_FIT_N training renders (seed + offset)."""
+    g = torch.Generator().manual_seed(seed + PRIOR_SEED_OFFSET)
+    x = shapes.sample_batch(PRIOR_FIT_N, g).images
+    z = torch.cat([reparameterize(*vae.encode(x[i : i + 500]), g) for i in range(0, len(x), 500)])
+    w, means, tril = fit_latent_mixture(z, components, seed)
+    prior = LatentMixture(z.shape[1], components)
+    for p, v in zip((prior.weights, prior.means, prior.scale_tril), (w, means, tril)):
+        p.copy_(v)
+    return prior.eval().requires_grad_(False)
+
+
 # recipes ------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DiffuseVAENetConfig:
@@ -122,6 +163,8 @@ class DiffuseVAENetConfig:
     sigma: float = 0.5  # the decoder's fixed standard deviation (images in [-1, 1])
     beta: float = 1.0  # the KL weight (1: the ELBO)
     vae: str = ""  # kind ddpm: the trained VAE (a model folder or a run folder holding model/)
+    prior: str = "normal"  # kind ddpm: the latent prior of samples, N(0, I) or a mixture fitted ex post ("gmm")
+    prior_components: int = 10  # prior "gmm": the mixture's components
 
 
 @dataclass(frozen=True)
@@ -155,6 +198,12 @@ def diffusevae_recipe_from_dict(data: dict) -> DiffuseVAERecipe:
             raise ConfigError(f"model.sigma must be a positive finite number, got {m.sigma}")
         if not (m.beta >= 0 and m.beta < float("inf")):
             raise ConfigError(f"model.beta must be a finite number >= 0, got {m.beta}")
+        for key, default in (("prior", "normal"), ("prior_components", 10)):
+            if getattr(m, key) != default:
+                raise ConfigError(
+                    f"model.{key} belongs to a kind 'ddpm' recipe (its folder holds the prior); kind 'vae' takes "
+                    f"none, got {getattr(m, key)!r}"
+                )
         if m.vae:
             raise ConfigError(f"model.vae names the VAE of a kind 'ddpm' recipe; kind 'vae' takes none, got {m.vae!r}")
         if r.train.init_from:
@@ -168,6 +217,9 @@ def diffusevae_recipe_from_dict(data: dict) -> DiffuseVAERecipe:
                 f"model.{given[0]} belongs to the VAE's recipe (kind 'vae'); a kind 'ddpm' recipe reads it from "
                 f"model.vae"
             )
+        if m.prior not in PRIORS:
+            raise one_of("model.prior", m.prior, PRIORS)
+        check_int("model.prior_components", m.prior_components, 1, MAX_COMPONENTS)
         if not m.vae.strip():
             raise ConfigError(
                 "model.vae must name the trained VAE (a model folder or run folder, e.g. 'runs/diffusevae-vae'), got ''"
@@ -208,6 +260,22 @@ class DiffuseVAEModel:
     @property
     def vae(self) -> ConvVAE:
         return self.module["vae"]
+
+    @property
+    def prior(self) -> str:
+        """'gmm' (the folder's fitted mixture) or 'normal' (N(0, I); a VAE, or a DiffuseVAE saved without one)."""
+        return self.config.get("prior", "normal")
+
+    def latents(self, n: int, generator: torch.Generator, prior: str | None = None) -> torch.Tensor:
+        """n latents from ``prior`` (default: the model's own; 'normal' is N(0, I) for any model)."""
+        prior = self.prior if prior is None else prior
+        if prior not in PRIORS:
+            raise one_of("prior", prior, PRIORS)
+        if prior == "gmm":
+            if "prior" not in self.module:
+                raise ConfigError("this model has no fitted latent prior (prior 'gmm'); it samples prior 'normal'")
+            return self.module["prior"].sample(n, generator)
+        return prior_latents(n, self.latent_dim, generator)
 
     @property
     def schedule(self):
@@ -259,10 +327,10 @@ class DiffuseVAEModel:
         return torch.cat(xh), (torch.cat(xs) if xs else None), nfe
 
     @torch.no_grad()
-    def sample(self, n: int, seed: int = 0, steps: int = DEFAULT_STEPS, refine: bool = True):
-        """n samples from z ~ N(0, I) (seed), then Dec(z) and (a DiffuseVAE, ``refine``) the refiner (noise from
-        seed + 1): (x_hat, x_0 or None, nfe)."""
-        z = prior_latents(n, self.latent_dim, torch.Generator().manual_seed(seed))
+    def sample(self, n: int, seed: int = 0, steps: int = DEFAULT_STEPS, refine: bool = True, prior=None):
+        """n samples from z ~ the model's prior (or ``prior``: 'normal' N(0, I), 'gmm' the fitted mixture) (seed),
+        then Dec(z) and (a DiffuseVAE, ``refine``) the refiner (noise from seed + 1): (x_hat, x_0 or None, nfe)."""
+        z = self.latents(n, torch.Generator().manual_seed(seed), prior)
         return self.generate(z, seed + 1, steps, refine=refine)
 
     @torch.no_grad()
@@ -315,8 +383,13 @@ def build_diffusevae_model(r: DiffuseVAERecipe) -> DiffuseVAEModel:
         "pixel_unshuffle": start.pixel_unshuffle,
         "init_from": r.train.init_from,
         "vae_from": str(r.model.vae),
+        "prior": r.model.prior,
     }
-    return DiffuseVAEModel(nn.ModuleDict({"vae": vae, "unet": unet, "extras": extras}), cfg)
+    parts = {"vae": vae, "unet": unet, "extras": extras}
+    if r.model.prior == "gmm":
+        parts["prior"] = fit_prior(vae, r.model.prior_components, r.train.seed)
+        cfg["prior_components"] = r.model.prior_components
+    return DiffuseVAEModel(nn.ModuleDict(parts), cfg)
 
 
 # loading ------------------------------------------------------------------------------------------------------
@@ -386,6 +459,16 @@ def load_diffusevae_model(directory, what: str = "--model") -> DiffuseVAEModel:
         raise InputFileError(f"{what} {str(directory)!r}: the VAE's latent_dim or width differs from condiff.json's")
     vae.eval().requires_grad_(False)
     module["vae"] = vae
+    prior = cfg.get("prior", "normal")
+    if kind == "ddpm" and prior not in PRIORS:
+        raise InputFileError(f"{what} {str(directory)!r}: condiff.json's prior must be one of {', '.join(PRIORS)}")
+    if kind == "ddpm" and prior == "gmm":
+        mix = load_pretrained(LatentMixture, directory / "prior", what)
+        if mix.config.latent_dim != cfg["latent_dim"] or mix.config.components != cfg.get("prior_components"):
+            raise InputFileError(
+                f"{what} {str(directory)!r}: the prior's latent_dim or components differ from condiff.json's"
+            )
+        module["prior"] = mix.eval().requires_grad_(False)
     return DiffuseVAEModel(module, cfg, directory, info)
 
 

@@ -55,15 +55,15 @@ METHOD_LABELS = {
 class Settings:
     """The experiment's knobs (the defaults are the ones chosen on the validation part; benchmarks/sda.py)."""
 
-    t_star: float = 100.0
-    steps: int = 1
-    structure_factor: int = 0
-    structure_weight: float = 0.0
-    synthetic: int = 2000
+    t_star: float = 300.0
+    steps: int = 5
+    structure_factor: int = 2
+    structure_weight: float = 0.5
+    synthetic: int = 1000
     synthesis_steps: int = 20
     epochs: int = 30
     lr: float = 1e-3
-    mix_real: bool = False
+    mix_real: bool = True
     seed: int = 0
 
     def as_dict(self) -> dict:

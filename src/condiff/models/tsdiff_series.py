@@ -14,7 +14,12 @@ by the context's mean |x|, which flattens co2's season to 1 % of its level), so 
 and the trend of co2 past the training part is no extrapolation. Training windows are every window of length
 context + horizon inside the series' training part (``ForecastSeries.train_end``) that ends before the validation
 windows (``validation_windows``: as many windows as the test split has, at the end of the training part;
-``data.holdout = false`` trains on them too); the test windows (``ForecastSeries.windows``) are never seen. Forecast
+``data.holdout = false`` trains on them too); the test windows (``ForecastSeries.windows``) are never seen. A pool
+(``data.pool``: other yearly series, ``condiff.data.series.POOLS``) adds every window of those series, standardised
+the same way, as a share ``data.pool_fraction`` of each batch, which is TSDiff's setting (sec. 5: one model over a
+dataset of many series) for a series too short to train on alone (nile: 36 training windows); ``data.flip`` negates
+each drawn window with probability 1/2 (a series' law is assumed symmetric under x -> -x after standardisation, which
+doubles the shapes seen). Forecast
 settings (guidance scale, observation std, refinement step size) live in the recipe's [forecast] table; they were
 chosen on the validation windows, which the network never trained on, never on the test split.
 

@@ -25,6 +25,10 @@ from, Salimans & Ho 2022, v = alpha_t eps - sigma_t x_0, so the widened start co
 The DDPM here is condiff's (any solver samples it; x_T is plain noise: Formulation 2's shifted forward process
 x_t = sqrt(abar) x_0 + x_hat + sqrt(1 - abar) eps is not used).
 
+Sampling z from p(z) = N(0, I) assumes the aggregate posterior q(z) = E_x q(z | x) fills the prior; where it is
+clustered, Dec(z) of a prior draw is a condition the refiner never trained on. ``fit_latent_mixture`` is ex-post
+density estimation (Ghosh et al., ICLR 2020): a Gaussian mixture fitted to the latents of training images, a prior
+that follows q(z).
 Model-agnostic: the encoder, decoder and denoiser are callables supplied by a model family
 (``condiff.models.diffusevae`` for shapes); here are the losses, the conditioning, the two-stage sampler and the
 measures of an interpolation path.
@@ -121,6 +125,37 @@ def reconstruction(
 def prior_latents(n: int, dim: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """n draws of z ~ p(z) = N(0, I_dim)."""
     return torch.randn((n, dim), generator=generator)
+
+
+def fit_latent_mixture(z: torch.Tensor, components: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Ex-post density estimation (Ghosh, Sajjadi, Vergari, Black, Schölkopf: "From Variational to Deterministic
+    Autoencoders", ICLR 2020, §4): a Gaussian mixture with full covariances fitted by EM (scikit-learn, seeded) to
+    latents z (N, d) of training images, a prior q(z) = sum_k w_k N(z; m_k, L_k L_k^T) that follows the VAE's
+    aggregate posterior where N(0, I) leaves holes between its clusters. Returns (w (K,), m (K, d), L (K, d, d)),
+    float32, L the lower Cholesky factors of the covariances."""
+    from sklearn.mixture import GaussianMixture
+
+    if z.ndim != 2 or z.shape[0] < max(2, components):
+        raise ConfigError(
+            f"a {components}-component mixture needs (N >= {max(2, components)}, d) latents, got {tuple(z.shape)}"
+        )
+    gm = GaussianMixture(components, covariance_type="full", random_state=seed, max_iter=200, reg_covar=1e-5)
+    gm.fit(z.detach().double().cpu().numpy())
+    w = torch.from_numpy(gm.weights_).float()
+    means = torch.from_numpy(gm.means_).float()
+    tril = torch.linalg.cholesky(torch.from_numpy(gm.covariances_)).float()
+    return w / w.sum(), means, tril
+
+
+@torch.no_grad()
+def mixture_latents(
+    n: int, weights: torch.Tensor, means: torch.Tensor, scale_tril: torch.Tensor, generator=None
+) -> torch.Tensor:
+    """n draws of z ~ sum_k w_k N(m_k, L_k L_k^T): the components k ~ Categorical(w), then z = m_k + L_k eps with
+    eps ~ N(0, I) (both from ``generator``, components first)."""
+    k = torch.multinomial(weights.double(), n, replacement=True, generator=generator)
+    eps = torch.randn((n, means.shape[1]), generator=generator, dtype=means.dtype)
+    return means[k] + (scale_tril[k] @ eps.unsqueeze(-1)).squeeze(-1)
 
 
 @dataclass(frozen=True)
