@@ -106,7 +106,12 @@ def measure(args) -> dict:
     if shown and args.plot is not None:
         path = args.plot.with_name(f"{args.plot.stem}_samples{args.plot.suffix}")
         names = [n for n in NAMES if n in out["models"]]
-        save_png(labelled_grid(torch.cat(shown), names, [c.replace("a ", "") for c in captions], scale=3), path)
+        save_png(
+            labelled_grid(
+                torch.cat(shown), names, [c.removeprefix("a ").removeprefix("an ") for c in captions], scale=3
+            ),
+            path,
+        )
         out.setdefault("plots", []).append(str(path))
     return out
 

@@ -96,6 +96,12 @@ def test_every_computing_command_takes_threads():
         "match",
         "features fit",
         "features edit",
+        "adapt",
+        "forecast",
+        "sr search",
+        "sr apply",
+        "vae sample",
+        "vae interpolate",
     }
     found = set()
 

@@ -13,6 +13,7 @@ import io
 import math
 import os
 import re
+import tempfile
 from pathlib import Path
 from unittest import mock
 
@@ -180,3 +181,21 @@ def bad_json_target(d: Path, kind: str, stem: str) -> Path:
     (d / "ro").mkdir()
     (d / "ro").chmod(0o555)
     return d / "ro" / f"{stem}.json"
+
+
+def expect_bad_recipe(data: dict, workdir: Path, *needles: str, trainers: tuple[str, ...] = (), via_cli: bool = False):
+    """``data`` written as a recipe file: loading it is a typed one-line error naming every needle, and (``via_cli``)
+    `condiff train` on it exits 2 with that line and creates nothing, with the family's trainer builders
+    (``trainers``, dotted names) patched so that nothing could train."""
+    from condiff.cli.tokens import load_any_recipe
+
+    d = Path(tempfile.mkdtemp(dir=workdir))
+    path = d / "recipe.toml"
+    path.write_text(to_toml(data))
+    expect_api_error(load_any_recipe, path, needles=needles)
+    if via_cli:
+        with contextlib.ExitStack() as stack:
+            for name in trainers:
+                stack.enter_context(mock.patch(name, guarded))
+            expect_cli_error(["train", str(path), "--out", str(d / "run")], *needles)
+        assert not (d / "run").exists()

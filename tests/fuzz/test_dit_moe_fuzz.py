@@ -5,17 +5,14 @@ and nothing is written."""
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 import tomllib
 from pathlib import Path
-from unittest import mock
 
-from fuzzkit import expect_api_error, expect_cli_error, guarded, to_toml, wrong_type
+from fuzzkit import expect_bad_recipe, wrong_type
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from condiff.cli.recipes import RECIPES_DIR
-from condiff.cli.tokens import load_any_recipe
 from condiff.models.dit_moe import MAX_SIZE, DiTConfig
 from condiff.training.recipe import ObjectiveConfig, TrainConfig
 
@@ -30,14 +27,7 @@ FIELDS = [
 
 
 def _check(data: dict, workdir: Path, *needles: str, via_cli: bool = False):
-    d = Path(tempfile.mkdtemp(dir=workdir))
-    path = d / "recipe.toml"
-    path.write_text(to_toml(data))
-    expect_api_error(load_any_recipe, path, needles=needles)
-    if via_cli:
-        with mock.patch("condiff.models.dit_moe.make_dit_trainer", guarded):
-            expect_cli_error(["train", str(path), "--out", str(d / "run")], *needles)
-        assert not (d / "run").exists()
+    expect_bad_recipe(data, workdir, *needles, trainers=("condiff.models.dit_moe.make_dit_trainer",), via_cli=via_cli)
 
 
 @settings(max_examples=30)

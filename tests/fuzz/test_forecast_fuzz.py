@@ -15,18 +15,16 @@ import pytest
 import torch
 from fuzzkit import (
     bad_json_target,
-    expect_api_error,
+    expect_bad_recipe,
     expect_cli_error,
     guarded,
     no_stray_temp_files,
-    to_toml,
     wrong_type,
 )
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from condiff.cli.recipes import RECIPES_DIR
-from condiff.cli.tokens import load_any_recipe
 from condiff.models import tsdiff_series as ts
 from condiff.training.recipe import TrainConfig
 
@@ -135,14 +133,9 @@ FIELDS = [
 
 
 def _check(data: dict, workdir: Path, *needles: str, via_cli: bool = False):
-    d = Path(tempfile.mkdtemp(dir=workdir))
-    path = d / "recipe.toml"
-    path.write_text(to_toml(data))
-    expect_api_error(load_any_recipe, path, needles=needles)
-    if via_cli:
-        with mock.patch("condiff.models.tsdiff_series.make_tsdiff_trainer", guarded):
-            expect_cli_error(["train", str(path), "--out", str(d / "run")], *needles)
-        assert not (d / "run").exists()
+    expect_bad_recipe(
+        data, workdir, *needles, trainers=("condiff.models.tsdiff_series.make_tsdiff_trainer",), via_cli=via_cli
+    )
 
 
 @settings(max_examples=60)

@@ -15,12 +15,18 @@ from unittest import mock
 
 import pytest
 import torch
-from fuzzkit import expect_api_error, expect_cli_error, guarded, no_stray_temp_files, run_cli, to_toml, wrong_type
+from fuzzkit import (
+    expect_bad_recipe,
+    expect_cli_error,
+    guarded,
+    no_stray_temp_files,
+    run_cli,
+    wrong_type,
+)
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from condiff.cli.recipes import RECIPES_DIR
-from condiff.cli.tokens import load_any_recipe
 from condiff.data.images import write_image
 from condiff.data.matching import WarpConfig, matching_batch
 from condiff.models import diffmatch
@@ -203,14 +209,9 @@ def test_a_good_run_writes_the_flow_and_its_json(files):
 
 # ---- the recipe -----------------------------------------------------------------------------------------------
 def _check(data: dict, workdir: Path, *needles: str, via_cli: bool = False):
-    d = Path(tempfile.mkdtemp(dir=workdir))
-    path = d / "recipe.toml"
-    path.write_text(to_toml(data))
-    expect_api_error(load_any_recipe, path, needles=needles)
-    if via_cli:
-        with mock.patch("condiff.models.diffmatch.make_diffmatch_trainer", guarded):
-            expect_cli_error(["train", str(path), "--out", str(d / "run")], *needles)
-        assert not (d / "run").exists()
+    expect_bad_recipe(
+        data, workdir, *needles, trainers=("condiff.models.diffmatch.make_diffmatch_trainer",), via_cli=via_cli
+    )
 
 
 def _base() -> dict:

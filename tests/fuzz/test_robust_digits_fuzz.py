@@ -10,15 +10,13 @@ import pickle
 import tempfile
 import tomllib
 from pathlib import Path
-from unittest import mock
 
 import pytest
-from fuzzkit import expect_api_error, expect_cli_error, guarded, to_toml, wrong_type
+from fuzzkit import expect_bad_recipe, expect_cli_error, wrong_type
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from condiff.cli.recipes import RECIPES_DIR
-from condiff.cli.tokens import load_any_recipe
 from condiff.models import robust_digits
 from condiff.training.recipe import TrainConfig
 
@@ -28,14 +26,9 @@ FIELDS = [(t, f.name, f.default) for t, cls in TABLES.items() for f in dataclass
 
 
 def _check(data: dict, workdir: Path, *needles: str, via_cli: bool = False):
-    d = Path(tempfile.mkdtemp(dir=workdir))
-    path = d / "recipe.toml"
-    path.write_text(to_toml(data))
-    expect_api_error(load_any_recipe, path, needles=needles)
-    if via_cli:
-        with mock.patch("condiff.models.robust_digits.make_robust_trainer", guarded):
-            expect_cli_error(["train", str(path), "--out", str(d / "run")], *needles)
-        assert not (d / "run").exists()
+    expect_bad_recipe(
+        data, workdir, *needles, trainers=("condiff.models.robust_digits.make_robust_trainer",), via_cli=via_cli
+    )
 
 
 def _base() -> dict:
@@ -114,7 +107,11 @@ def test_bad_classifier_folders(workdir, kind):
     elif kind == "pickle":
         target.mkdir()
         (target / "net.pt").write_bytes(pickle.dumps({"w": 1}))
-    needle = {"missing": "does not exist", "file": "not a robust_digits model", "empty-folder": "not a robust_digits model"}
+    needle = {
+        "missing": "does not exist",
+        "file": "not a robust_digits model",
+        "empty-folder": "not a robust_digits model",
+    }
     argv = ["certify", "--method", "rrcm", "--classifier", str(target), "--images", "2", "--n", "10", "--n0", "5"]
     expect_cli_error([*argv, "--json", str(d / "c.json")], "--classifier", needle.get(kind, "pickle"))
     assert not (d / "c.json").exists()

@@ -5,20 +5,24 @@ network is built, and nothing is written: no x_T, no report, no image, no stray 
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 import tomllib
 from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
-from fuzzkit import expect_api_error, expect_cli_error, guarded, no_stray_temp_files, to_toml, wrong_type
+from fuzzkit import (
+    expect_bad_recipe,
+    expect_cli_error,
+    guarded,
+    no_stray_temp_files,
+    wrong_type,
+)
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from condiff.cli.recipes import RECIPES_DIR
-from condiff.cli.tokens import load_any_recipe
 from condiff.data import shapes
 from condiff.data.images import write_image
 from condiff.models import sr
@@ -156,14 +160,7 @@ FIELDS = [
 
 
 def _check(data: dict, workdir: Path, *needles: str, via_cli: bool = False):
-    d = Path(tempfile.mkdtemp(dir=workdir))
-    path = d / "recipe.toml"
-    path.write_text(to_toml(data))
-    expect_api_error(load_any_recipe, path, needles=needles)
-    if via_cli:
-        with mock.patch("condiff.models.sr.make_sr_trainer", guarded):
-            expect_cli_error(["train", str(path), "--out", str(d / "run")], *needles)
-        assert not (d / "run").exists()
+    expect_bad_recipe(data, workdir, *needles, trainers=("condiff.models.sr.make_sr_trainer",), via_cli=via_cli)
 
 
 @settings(max_examples=30)

@@ -14,7 +14,7 @@ from unittest import mock
 
 import pytest
 from fuzzkit import (
-    expect_api_error,
+    expect_bad_recipe,
     expect_cli_error,
     guarded,
     no_stray_temp_files,
@@ -26,7 +26,6 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from condiff.cli.recipes import RECIPES_DIR
-from condiff.cli.tokens import load_any_recipe
 from condiff.models import diffusevae as dv
 from condiff.training.recipe import TrainConfig
 
@@ -170,14 +169,9 @@ def _base(kind: str) -> dict:
 
 
 def _check(data: dict, workdir: Path, *needles: str, via_cli: bool = False):
-    d = Path(tempfile.mkdtemp(dir=workdir))
-    path = d / "recipe.toml"
-    path.write_text(to_toml(data))
-    expect_api_error(load_any_recipe, path, needles=needles)
-    if via_cli:
-        with mock.patch("condiff.models.diffusevae.make_diffusevae_trainer", guarded):
-            expect_cli_error(["train", str(path), "--out", str(d / "run")], *needles)
-        assert not (d / "run").exists()
+    expect_bad_recipe(
+        data, workdir, *needles, trainers=("condiff.models.diffusevae.make_diffusevae_trainer",), via_cli=via_cli
+    )
 
 
 @settings(max_examples=25)

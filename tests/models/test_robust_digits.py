@@ -28,7 +28,14 @@ def tiny(kind="rrcm", **tables):
         "name": "tiny",
         "family": "robust_digits",
         "model": {"kind": kind, "sigma": 0.25, "hidden": 16, "dim": 8, **tables.get("model", {})},
-        "train": {"steps": 4, "batch_size": 8, "ckpt_every": 2, "eval_every": 0, "threads": 1, **tables.get("train", {})},
+        "train": {
+            "steps": 4,
+            "batch_size": 8,
+            "ckpt_every": 2,
+            "eval_every": 0,
+            "threads": 1,
+            **tables.get("train", {}),
+        },
     }
     if kind == "rrcm":
         data["pretrain"] = {"steps": 2, "grid": 5, **tables.get("pretrain", {})}

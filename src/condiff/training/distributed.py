@@ -231,17 +231,24 @@ class DataParallel:
                 offset += t.numel()
 
     def broadcast_object(self, obj=None, src: int = 0):
-        """Rank ``src``'s picklable ``obj`` on every rank (counted as its pickled size)."""
-        import pickle
+        """Rank ``src``'s JSON-serialisable ``obj`` on every rank, sent as its UTF-8 JSON bytes (length first; no
+        pickle crosses the wire), counted as those bytes."""
+        import json
 
         import torch.distributed as dist
 
-        if self.rank == src:
-            self.counter.add("broadcast_object", nbytes=len(pickle.dumps(obj)))
-        box = [obj]
+        data = json.dumps(obj).encode() if self.rank == src else b""
+        size = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
+        self.counter.add("broadcast_object", size)
         with self._collective("broadcast"):
-            dist.broadcast_object_list(box, src=src, device=self.device)
-        return box[0]
+            dist.broadcast(size, src=src)
+        buf = torch.zeros(int(size.item()), dtype=torch.uint8, device=self.device)
+        if self.rank == src:
+            buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        self.counter.add("broadcast_object", buf)
+        with self._collective("broadcast"):
+            dist.broadcast(buf, src=src)
+        return json.loads(bytes(buf.cpu().tolist()).decode())
 
     def barrier(self):
         import torch.distributed as dist
