@@ -41,7 +41,7 @@ from condiff.core.schedules import schedule_from_config
 from condiff.data import shapes, text
 from condiff.errors import ConfigError, InputFileError, one_of
 from condiff.guidance.thresholding import DynamicThresholding
-from condiff.models.family import load_pretrained
+from condiff.models.family import TaskModel, load_pretrained
 from condiff.solvers import DPMSolverPP2M
 from condiff.tasks.lotus import (
     depth_errors,
@@ -247,11 +247,9 @@ def dense_forward(module: nn.ModuleDict, image, y, t_in, switch) -> torch.Tensor
 
 
 @dataclass
-class DenseModel:
-    module: nn.ModuleDict  # {"unet", "extras"}
-    config: dict  # {"kind", "reconstruction", "tasks", "schedule", "pixel_unshuffle", "init_from"}
-    path: Path | None = None
-    info: dict = field(default_factory=dict)
+class DenseModel(TaskModel):
+    """A saved or trained DenseModel: module {"unet", "extras"}; config {"kind", "reconstruction", "tasks", "schedule",
+    "pixel_unshuffle", "init_from"}."""
 
     @property
     def kind(self) -> str:

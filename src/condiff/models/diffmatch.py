@@ -26,6 +26,7 @@ from condiff.core.files import atomic_dir, atomic_write_json, load_json, load_te
 from condiff.core.schedules import VPCosine, VPLinear
 from condiff.data.matching import WarpConfig, check_warp_config, matching_batch
 from condiff.errors import ConfigError, InputFileError, check_int, check_real, one_of
+from condiff.models.family import TaskModel
 from condiff.solvers import get_solver
 from condiff.tasks.diffmatch import (
     FlowDenoiserNet,
@@ -157,11 +158,9 @@ def diffmatch_recipe_from_dict(data: dict) -> DiffMatchRecipe:
 
 # the model ------------------------------------------------------------------------------------------------------
 @dataclass
-class DiffMatchModel:
-    module: nn.ModuleDict  # {"net": FlowDenoiserNet, "regressor": FlowDenoiserNet (when model.regression)}
-    config: dict  # {"model": {...}, "diffusion": {...}, "sampling": {...}, "data": {...}}
-    path: Path | None = None
-    info: dict = field(default_factory=dict)
+class DiffMatchModel(TaskModel):
+    """A saved or trained DiffMatchModel: module {"net": FlowDenoiserNet, "regressor": FlowDenoiserNet (when
+    model.regression)}; config {"model": {...}, "diffusion": {...}, "sampling": {...}, "data": {...}}."""
 
     @property
     def net_config(self) -> DiffMatchNetConfig:

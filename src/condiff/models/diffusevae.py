@@ -51,7 +51,7 @@ from condiff.models.dense import (
     table_of,
     unshuffle,
 )
-from condiff.models.family import load_pretrained
+from condiff.models.family import TaskModel, load_pretrained
 from condiff.solvers import DPMSolverPP2M
 from condiff.tasks.diffusevae import (
     condition_input,
@@ -243,11 +243,9 @@ def ddpm_forward(module: nn.ModuleDict, x_t, x_hat, t_in) -> torch.Tensor:
 
 
 @dataclass
-class DiffuseVAEModel:
-    module: nn.ModuleDict  # {"vae"} or {"vae", "unet", "extras"}
-    config: dict  # {"kind", "latent_dim", "width", "sigma", "beta"} (+ "schedule", "pixel_unshuffle", ...)
-    path: Path | None = None
-    info: dict = field(default_factory=dict)
+class DiffuseVAEModel(TaskModel):
+    """A saved or trained DiffuseVAEModel: module {"vae"} or {"vae", "unet", "extras"}; config {"kind", "latent_dim",
+    "width", "sigma", "beta"} (+ "schedule", "pixel_unshuffle", ...)."""
 
     @property
     def kind(self) -> str:

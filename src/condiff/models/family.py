@@ -7,6 +7,7 @@ random evaluation conditions and how to score samples with an exact (or fixed) j
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -109,3 +110,15 @@ def load_pretrained(cls, directory: Path, what: str | None = None):
             f"the weights in {str(directory)!r} do not match its config: {len(bad)} tensor(s) wrong, e.g. {bad[0]}"
         )
     return module
+
+
+@dataclass
+class TaskModel:
+    """A trained model of a task family (the ``condiff.cli.recipe_kinds`` families): its networks, the tables of the
+    recipe it was built from (as its condiff.json records them), the folder it was loaded from and that condiff.json.
+    Each family subclasses it with the properties and methods it needs."""
+
+    module: nn.ModuleDict
+    config: dict
+    path: Path | None = None
+    info: dict = field(default_factory=dict)

@@ -60,6 +60,7 @@ from condiff.models.dense import (
     start_extras,
     unshuffle,
 )
+from condiff.models.family import TaskModel
 from condiff.solvers import get_solver
 from condiff.tasks import rddm
 from condiff.tasks.lotus import widen_unet
@@ -205,11 +206,9 @@ def restore_forward(module: nn.ModuleDict, x, x_in, t_in, switch) -> torch.Tenso
 
 
 @dataclass
-class RestoreModel:
-    module: nn.ModuleDict  # {"unet", "extras"}
-    config: dict  # {"kind", "tasks", "schedule", "pixel_unshuffle", "init_from", "sum_scale", "loss", "degradations"}
-    path: Path | None = None
-    info: dict = field(default_factory=dict)
+class RestoreModel(TaskModel):
+    """A saved or trained RestoreModel: module {"unet", "extras"}; config {"kind", "tasks", "schedule",
+    "pixel_unshuffle", "init_from", "sum_scale", "loss", "degradations"}."""
 
     @property
     def kind(self) -> str:

@@ -29,6 +29,7 @@ from torch import nn
 from condiff.core.files import atomic_dir, atomic_write_json, load_json, load_tensors, refuse_pickles, save_tensors
 from condiff.core.schedules import VPCosine, unit_time
 from condiff.errors import ConfigError, InputFileError, check_int, check_real, one_of
+from condiff.models.family import TaskModel
 from condiff.tasks.rrcm import adjacent_times, contrastive_denoising_loss, ema_update, noisy_label_loss
 from condiff.training.recipe import (
     ObjectiveConfig,
@@ -140,11 +141,9 @@ def robust_recipe_from_dict(data: dict) -> RobustRecipe:
 
 
 @dataclass
-class RobustModel:
-    module: nn.ModuleDict  # {"net": SmoothingNet, "target": its EMA copy (rRCM pre-training)}
-    config: dict  # the recipe's [model]
-    path: Path | None = None
-    info: dict = field(default_factory=dict)
+class RobustModel(TaskModel):
+    """A saved or trained RobustModel: module {"net": SmoothingNet, "target": its EMA copy (rRCM pre-training)}; config
+    the recipe's [model]."""
 
     @property
     def net(self) -> SmoothingNet:

@@ -33,7 +33,7 @@ from condiff.discrete.embedding_diffusion import (
     sample_embeddings,
 )
 from condiff.errors import ConfigError, InputFileError, check_real, one_of
-from condiff.models.family import load_pretrained
+from condiff.models.family import TaskModel, load_pretrained
 from condiff.nets.diffusia import DiffuSIANet
 from condiff.training.recipe import (
     ObjectiveConfig,
@@ -139,11 +139,9 @@ def translation_batch(n: int, generator, data: Seq2SeqDataConfig) -> tuple[torch
 
 # the model ------------------------------------------------------------------------------------------------------
 @dataclass
-class Seq2SeqModel:
-    module: nn.ModuleDict
-    config: dict  # {"length", "schedule", "num_steps", "clamp", "src_template", "dst_template", ...}
-    path: Path | None = None
-    info: dict = field(default_factory=dict)
+class Seq2SeqModel(TaskModel):
+    """A saved or trained Seq2SeqModel: config {"length", "schedule", "num_steps", "clamp", "src_template",
+    "dst_template", ...}."""
 
     @property
     def net(self) -> DiffuSIANet:

@@ -43,6 +43,7 @@ from condiff.models.dense import (
     start_extras,
     unshuffle,
 )
+from condiff.models.family import TaskModel
 from condiff.solvers import DDIM, DPMSolverPP2M
 from condiff.tasks.boundary import BoundarySearch, search_boundary
 from condiff.tasks.lotus import widen_unet
@@ -133,11 +134,9 @@ def check_low(low, what: str = "low-resolution images") -> torch.Tensor:
 
 
 @dataclass
-class SRModel:
-    module: nn.ModuleDict  # {"unet", "extras"}
-    config: dict  # {"upsample", "factor", "schedule", "pixel_unshuffle", "prediction", "init_from"}
-    path: Path | None = None
-    info: dict = field(default_factory=dict)
+class SRModel(TaskModel):
+    """A saved or trained SRModel: module {"unet", "extras"}; config {"upsample", "factor", "schedule",
+    "pixel_unshuffle", "prediction", "init_from"}."""
 
     @property
     def schedule(self):

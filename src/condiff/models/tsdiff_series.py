@@ -46,6 +46,7 @@ from condiff.core.schedules import VPDiscrete
 from condiff.data.series import POOLS, SERIES, ForecastSeries, load_series, pool_series
 from condiff.errors import ConfigError, InputFileError, check_int, check_real, one_of
 from condiff.evaluation.crps import crps_samples
+from condiff.models.family import TaskModel
 from condiff.solvers.ddpm import DDPM
 from condiff.tasks.tsdiff import AdaptedScale, forecast_window, refine, self_guided_forecast
 from condiff.training.objectives import UniformTime, diffusion_loss
@@ -313,11 +314,9 @@ def validation_windows(series: ForecastSeries, count: int | None = None) -> tupl
 
 # the model ------------------------------------------------------------------------------------------------------
 @dataclass
-class TSDiffModel:
-    module: nn.ModuleDict  # {"net": TSDiffNet}
-    config: dict  # {"model", "data", "diffusion", "forecast", "context", "horizon", "period"}
-    path: Path | None = None
-    info: dict = field(default_factory=dict)
+class TSDiffModel(TaskModel):
+    """A saved or trained TSDiffModel: module {"net": TSDiffNet}; config {"model", "data", "diffusion", "forecast",
+    "context", "horizon", "period"}."""
 
     @property
     def forecast_config(self) -> TSDiffForecastConfig:

@@ -43,6 +43,7 @@ from condiff.models.dense import (
     start_extras,
     unshuffle,
 )
+from condiff.models.family import TaskModel
 from condiff.solvers import DPMSolverPP2M
 from condiff.tasks.lotus import mask_iou, widen_unet
 from condiff.tasks.unicon import UniCon, given, guidance_null, sample_times, unicon_loss
@@ -101,11 +102,9 @@ def mask_map(masks: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class UniConModel:
-    module: nn.ModuleDict  # {"unet", "extras"}
-    config: dict  # {"map", "p_clean", "schedule", "pixel_unshuffle", "prediction", "init_from"}
-    path: Path | None = None
-    info: dict = field(default_factory=dict)
+class UniConModel(TaskModel):
+    """A saved or trained UniConModel: module {"unet", "extras"}; config {"map", "p_clean", "schedule",
+    "pixel_unshuffle", "prediction", "init_from"}."""
 
     @property
     def schedule(self):
