@@ -18,7 +18,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, assume, settings
 from hypothesis import strategies as st
 
 from condiff.cli import main
@@ -199,3 +199,23 @@ def expect_bad_recipe(data: dict, workdir: Path, *needles: str, trainers: tuple[
                 stack.enter_context(mock.patch(name, guarded))
             expect_cli_error(["train", str(path), "--out", str(d / "run")], *needles)
         assert not (d / "run").exists()
+
+
+def wrong_type_case(recipe: dict, table: str, key: str, default, value) -> str:
+    """Set ``recipe[table][key]`` to ``value`` (drawn by ``wrong_type(default)``; a bool for a bool is not wrong)
+    and return the needle the refusal must name."""
+    assume(not (isinstance(default, bool) and isinstance(value, bool)))
+    recipe.setdefault(table, {})[key] = value
+    return f"{table}.{key}"
+
+
+def unknown_key_case(recipe: dict, tables, where: str, key: str) -> str:
+    """Add the unknown ``key`` to the table ``where`` of ``recipe`` (its dataclass in ``tables``), or at the top
+    level when ``where`` is empty, and return the needle the refusal must name."""
+    if where:
+        assume(key not in tables[where].__dataclass_fields__)
+        recipe.setdefault(where, {})[key] = 1
+        return f"{where}.{key}"
+    assume(key not in recipe and key not in tables and key not in ("name", "family"))
+    recipe[key] = 1
+    return repr(key)

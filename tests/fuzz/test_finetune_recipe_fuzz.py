@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from unittest import mock
 
-from fuzzkit import expect_api_error, expect_cli_error, guarded, to_toml
+from fuzzkit import expect_api_error, expect_cli_error, guarded, to_toml, wrong_type_case
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -53,10 +53,8 @@ def test_wrong_types(workdir, field, data, via_cli):
     elif isinstance(default, (int, float)):
         choices.append(st.text(max_size=4))
     value = data.draw(st.one_of(choices))
-    assume(not (isinstance(default, bool) and isinstance(value, bool)))
     r = _copy(BASE)
-    r.setdefault(table, {})[key] = value
-    _check(r, workdir, f"{table}.{key}", via_cli=via_cli)
+    _check(r, workdir, wrong_type_case(r, table, key, default, value), via_cli=via_cli)
 
 
 @settings(max_examples=25)

@@ -21,7 +21,9 @@ from fuzzkit import (
     guarded,
     no_stray_temp_files,
     run_cli,
+    unknown_key_case,
     wrong_type,
+    wrong_type_case,
 )
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -223,10 +225,8 @@ def _base() -> dict:
 def test_wrong_types(workdir, field, data, via_cli):
     table, key, default = field
     value = data.draw(wrong_type(default))
-    assume(not (isinstance(default, bool) and isinstance(value, bool)))
     r = _base()
-    r.setdefault(table, {})[key] = value
-    _check(r, workdir, f"{table}.{key}", via_cli=via_cli)
+    _check(r, workdir, wrong_type_case(r, table, key, default, value), via_cli=via_cli)
 
 
 @settings(max_examples=20)
@@ -234,14 +234,7 @@ def test_wrong_types(workdir, field, data, via_cli):
 def test_unknown_keys(workdir, key, data):
     where = data.draw(st.sampled_from(["", *TABLES]))
     r = _base()
-    if where:
-        assume(key not in TABLES[where].__dataclass_fields__)
-        r.setdefault(where, {})[key] = 1
-        _check(r, workdir, f"{where}.{key}", via_cli=True)
-    else:
-        assume(key not in r and key not in TABLES and key not in ("name", "family"))
-        r[key] = 1
-        _check(r, workdir, repr(key), via_cli=True)
+    _check(r, workdir, unknown_key_case(r, TABLES, where, key), via_cli=True)
 
 
 NAMES = [

@@ -22,6 +22,7 @@ from fuzzkit import (
     no_stray_temp_files,
     run_cli,
     wrong_type,
+    wrong_type_case,
 )
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -205,10 +206,8 @@ def _check(data: dict, workdir: Path, *needles: str, via_cli: bool = False):
 def test_recipe_wrong_types(workdir, field, data, via_cli):
     kind, table, key, default = field
     value = data.draw(wrong_type(default))
-    assume(not (isinstance(default, bool) and isinstance(value, bool)))
     r = _base(kind)
-    r.setdefault(table, {})[key] = value
-    _check(r, workdir, f"{table}.{key}", via_cli=via_cli)
+    _check(r, workdir, wrong_type_case(r, table, key, default, value), via_cli=via_cli)
 
 
 @settings(max_examples=25)
