@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from condiff.core.files import atomic_dir, atomic_write_json, load_json, load_tensors, refuse_pickles, save_tensors
+from condiff.core.files import atomic_dir, atomic_write_json, load_json, refuse_pickles, save_tensors
 from condiff.core.schedules import VPCosine, VPLinear
 from condiff.data.matching import WarpConfig, check_warp_config, matching_batch
 from condiff.errors import ConfigError, InputFileError, check_int, check_real, one_of
-from condiff.models.family import TaskModel
+from condiff.models.family import TaskModel, family_dir, load_fitting_weights
 from condiff.solvers import get_solver
 from condiff.tasks.diffmatch import (
     FlowDenoiserNet,
@@ -245,16 +245,7 @@ def build_diffmatch_model(r: DiffMatchRecipe) -> DiffMatchModel:
 def model_dir(path) -> Path | None:
     """The model folder ``path`` names: itself when its condiff.json has a "diffmatch" table, or its ``model``
     sub-folder (a training run's --out); None otherwise."""
-    path = Path(path)
-    for d in (path, path / "model"):
-        f = d / "condiff.json"
-        try:
-            info = load_json(f) if f.is_file() else None
-        except (OSError, ValueError):
-            continue
-        if isinstance(info, dict) and FAMILY in info:
-            return d
-    return None
+    return family_dir(path, FAMILY)
 
 
 def load_diffmatch_model(path, what: str = "--model") -> DiffMatchModel:
@@ -280,12 +271,7 @@ def load_diffmatch_model(path, what: str = "--model") -> DiffMatchModel:
     except (ConfigError, TypeError) as e:
         raise InputFileError(f"{what} {str(directory)!r}: condiff.json: {e}") from None
     model = _build({k: dataclasses.asdict(v) for k, v in tables.items()})
-    weights = load_tensors(directory / WEIGHTS, what)
-    try:
-        model.module.load_state_dict(weights)
-    except RuntimeError as e:
-        first = (str(e).strip().splitlines() or [""])[0][:150]
-        raise InputFileError(f"{what} {str(directory)!r}: {WEIGHTS} does not fit its condiff.json ({first})") from None
+    load_fitting_weights(model.module, directory, WEIGHTS, what)
     model.module.eval()
     model.path, model.info = directory, info
     return model

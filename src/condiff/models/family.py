@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from condiff.core.denoiser import as_prediction
-from condiff.core.files import refuse_pickles
+from condiff.core.files import load_json, load_tensors, refuse_pickles
 from condiff.errors import InputFileError, one_of
 from condiff.solvers.pfgmpp import noise_for_D
 from condiff.training.conditioning import cep, cfg_dropout
@@ -122,3 +122,29 @@ class TaskModel:
     config: dict
     path: Path | None = None
     info: dict = field(default_factory=dict)
+
+
+def family_dir(path, family: str) -> Path | None:
+    """The model folder ``path`` names for a task family: itself when its condiff.json has a ``family`` table, or
+    its ``model`` sub-folder (a training run's --out); None otherwise."""
+    path = Path(path)
+    for d in (path, path / "model"):
+        f = d / "condiff.json"
+        try:
+            info = load_json(f) if f.is_file() else None
+        except (OSError, ValueError, InputFileError):
+            continue
+        if isinstance(info, dict) and family in info:
+            return d
+    return None
+
+
+def load_fitting_weights(module: nn.Module, directory: Path, weights: str, what: str) -> None:
+    """Load ``directory / weights`` (safetensors) into ``module``; weights that do not fit it are one
+    InputFileError naming the folder."""
+    tensors = load_tensors(directory / weights, what)
+    try:
+        module.load_state_dict(tensors)
+    except RuntimeError as e:
+        first = (str(e).strip().splitlines() or [""])[0][:150]
+        raise InputFileError(f"{what} {str(directory)!r}: {weights} does not fit its condiff.json ({first})") from None

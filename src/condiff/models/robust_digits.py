@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from condiff.core.files import atomic_dir, atomic_write_json, load_json, load_tensors, refuse_pickles, save_tensors
+from condiff.core.files import atomic_dir, atomic_write_json, load_json, refuse_pickles, save_tensors
 from condiff.core.schedules import VPCosine, unit_time
 from condiff.errors import ConfigError, InputFileError, check_int, check_real, one_of
-from condiff.models.family import TaskModel
+from condiff.models.family import TaskModel, family_dir, load_fitting_weights
 from condiff.tasks.rrcm import adjacent_times, contrastive_denoising_loss, ema_update, noisy_label_loss
 from condiff.training.recipe import (
     ObjectiveConfig,
@@ -187,21 +187,17 @@ def load_robust_model(path, what: str = "--classifier") -> RobustModel:
     if not path.exists():
         raise InputFileError(f"{what} {str(path)!r} does not exist; accepted: a robust_digits model or run folder")
     refuse_pickles(path, what)
-    directory = next((d for d in (path, path / "model") if (d / "condiff.json").is_file()), None)
-    info = load_json(directory / "condiff.json", what) if directory is not None else None
-    if not isinstance(info, dict) or FAMILY not in info:
+    directory = family_dir(path, FAMILY)
+    if directory is None:
         raise InputFileError(f"{what} {str(path)!r} is not a robust_digits model (no condiff.json with {FAMILY!r})")
+    info = load_json(directory / "condiff.json", what)
     try:
         cfg = _typed(RobustNetConfig, info[FAMILY], FAMILY)
         check_tables(cfg, PretrainConfig(), 0)
     except (ConfigError, TypeError) as e:
         raise InputFileError(f"{what} {str(directory)!r}: condiff.json: {e}") from None
     net = SmoothingNet(cfg.hidden, cfg.dim)
-    try:
-        net.load_state_dict(load_tensors(directory / WEIGHTS, what))
-    except RuntimeError as e:
-        first = (str(e).strip().splitlines() or [""])[0][:150]
-        raise InputFileError(f"{what} {str(directory)!r}: {WEIGHTS} does not fit its condiff.json ({first})") from None
+    load_fitting_weights(net, directory, WEIGHTS, what)
     net.eval().requires_grad_(False)
     return RobustModel(nn.ModuleDict({"net": net}), dataclasses.asdict(cfg), directory, info)
 

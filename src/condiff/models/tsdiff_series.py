@@ -40,13 +40,13 @@ import torch
 from torch import nn
 
 from condiff.core.denoiser import Eps, wrap
-from condiff.core.files import atomic_dir, atomic_write_json, load_json, load_tensors, refuse_pickles, save_tensors
+from condiff.core.files import atomic_dir, atomic_write_json, load_json, refuse_pickles, save_tensors
 from condiff.core.grids import make_grid
 from condiff.core.schedules import VPDiscrete
 from condiff.data.series import POOLS, SERIES, ForecastSeries, load_series, pool_series
 from condiff.errors import ConfigError, InputFileError, check_int, check_real, one_of
 from condiff.evaluation.crps import crps_samples
-from condiff.models.family import TaskModel
+from condiff.models.family import TaskModel, family_dir, load_fitting_weights
 from condiff.solvers.ddpm import DDPM
 from condiff.tasks.tsdiff import AdaptedScale, forecast_window, refine, self_guided_forecast
 from condiff.training.objectives import UniformTime, diffusion_loss
@@ -451,16 +451,7 @@ def build_tsdiff_model(r: TSDiffRecipe) -> TSDiffModel:
 def model_dir(path) -> Path | None:
     """The model folder ``path`` names: itself when its condiff.json has a "tsdiff" table, or its ``model``
     sub-folder (a training run's --out); None otherwise."""
-    path = Path(path)
-    for d in (path, path / "model"):
-        f = d / "condiff.json"
-        try:
-            info = load_json(f) if f.is_file() else None
-        except (OSError, ValueError, InputFileError):
-            continue
-        if isinstance(info, dict) and FAMILY in info:
-            return d
-    return None
+    return family_dir(path, FAMILY)
 
 
 ACCEPTED = "a tsdiff model folder or a training run's folder holding one as model/ (condiff train tsdiff-co2)"
@@ -488,12 +479,7 @@ def load_tsdiff_model(path, what: str = "--model") -> TSDiffModel:
     except (ConfigError, TypeError) as e:
         raise InputFileError(f"{what} {str(directory)!r}: condiff.json: {e}") from None
     model = _build(_config(tables))
-    weights = load_tensors(directory / WEIGHTS, what)
-    try:
-        model.module.load_state_dict(weights)
-    except RuntimeError as e:
-        first = (str(e).strip().splitlines() or [""])[0][:150]
-        raise InputFileError(f"{what} {str(directory)!r}: {WEIGHTS} does not fit its condiff.json ({first})") from None
+    load_fitting_weights(model.module, directory, WEIGHTS, what)
     model.module.eval()
     model.module.requires_grad_(False)
     model.path, model.info = directory, info
