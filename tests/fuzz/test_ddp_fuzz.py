@@ -70,7 +70,10 @@ def test_bad_backend_or_shards_is_refused_before_anything_is_built(kwargs, env, 
     assert not out.exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: nccl is accepted")
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="checks the refusal of nccl on a CPU-only machine; with CUDA present nccl is valid input",
+)
 def test_nccl_without_a_gpu_names_what_is_accepted(tmp_path):
     with launch({}), mock.patch("condiff.cli.train.make_trainer", guarded):
         expect_api_error(
