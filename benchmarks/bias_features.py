@@ -17,8 +17,8 @@ Protocol (fixed seeds; dpmpp-2m, 20 steps, no CFG; images judged by the exact la
    n, lambda, alpha and f (grids --sae-n, --sae-scales, --dh-scales, --windows) are chosen by the labeller on
    --n-val validation captions (seeds --seed + 30, 31): the largest flip rate with shape, color and position still
    right >= 0.9 (else the largest flip rate), then measured once on --n-test test captions (seeds --seed + 40,
-   41): captions without a size ('size omitted': each sample edited toward the size it did not get) and the same
-   captions asking for a small object ('small asked': edited toward large).
+   41, or --test-seed and --test-seed + 1): captions without a size ('size omitted': each sample edited toward
+   the size it did not get) and the same captions asking for a small object ('small asked': edited toward large).
 5. --stack-layers A,B: the SAE edit of step 4 at every listed layer at once (FeatureEdit(FeatureEdit(D, A), B),
    each layer with its own SAE and attribution, the same n, lambda and f at each), chosen and measured as in 4.
 6. oracle: h replaced by the h of the same noise under the caption that names the target size (paired runs):
@@ -113,6 +113,12 @@ def main():
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--sae-steps", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--test-seed",
+        type=int,
+        default=None,
+        help="seed of the test captions and noise (default --seed + 40); a new one draws a test set never used before",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--through", default="step", choices=bf.THROUGH, help="attribution path (condiff.tasks)")
     ap.add_argument("--sae-n", default=SAE_NS, help="validation grid: latents scaled (and as many ablated)")
@@ -160,9 +166,10 @@ def main():
     c_attrs, c_tok, c_named = captions(args.n_collect, s0 + 10, p_name=0.5)
     a_attrs, a_tok, _ = captions(args.n_attr, s0 + 20)
     v_attrs, v_tok, _ = captions(args.n_val, s0 + 30)
-    t_attrs, t_tok, _ = captions(args.n_test, s0 + 40)
+    ts = s0 + 40 if args.test_seed is None else args.test_seed
+    t_attrs, t_tok, _ = captions(args.n_test, ts)
     x_c, x_a = noise(args.n_collect, s0 + 11), noise(args.n_attr, s0 + 21)
-    x_v, x_t = noise(args.n_val, s0 + 31), noise(args.n_test, s0 + 41)
+    x_v, x_t = noise(args.n_val, s0 + 31), noise(args.n_test, ts + 1)
     small_attrs, small_tok = with_size(t_attrs, 0)
     _, large_tok = with_size(t_attrs, 1)
     val_plain = run(den, x_v, v_tok)
@@ -252,6 +259,11 @@ def main():
                 "method": method,
                 "prompts": "size omitted",
                 "config": {"toward large": outs[1][1], "toward small": outs[-1][1]},
+                **(
+                    {"validation": {"toward large": chosen[method][1][1], "toward small": chosen[method][-1][1]}}
+                    if method != "oracle"
+                    else {}
+                ),
                 **rates(flipped, t_attrs, target),
                 "toward large": rates(outs[1][0], t_attrs, torch.ones_like(t_size), t_size == 0),
                 "toward small": rates(outs[-1][0], t_attrs, torch.zeros_like(t_size), t_size == 1),

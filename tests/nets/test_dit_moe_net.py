@@ -116,3 +116,53 @@ def test_the_balance_loss_joins_the_backward_pass_only():
     g_aux = torch.autograd.grad(aux, b.gate.weight)[0]
     assert g_aux.abs().max().item() > 1e-6
     assert torch.allclose(a.gate.weight.grad, g_total, atol=1e-12, rtol=0)
+
+
+def test_cross_attention_starts_as_the_adaln_only_block_and_then_reads_the_tokens():
+    torch.manual_seed(2)
+    x_net = DiTMoE(sample_size=8, patch_size=2, dim=16, depth=2, heads=2, experts=0, cross_attention=True)
+    for name, p in x_net.named_parameters():  # give every block weights, but keep the cross-attention's zero output
+        if ".cross.proj." not in name:
+            torch.nn.init.normal_(p, std=0.1)
+    plain = DiTMoE(sample_size=8, patch_size=2, dim=16, depth=2, heads=2, experts=0)
+    missing, unexpected = plain.load_state_dict(x_net.state_dict(), strict=False)
+    assert not missing and unexpected and all(".cross." in k or k == "slot" for k in unexpected)
+    tokens = torch.tensor([[1, 3, 0, 9], [0, 0, 0, 0], [2, 4, 7, 12]])
+    x, t = torch.randn(3, 3, 8, 8), torch.tensor([10.0, 500.0, 990.0])
+    context = x_net.embed_caption(tokens)
+    assert context.shape == (3, 4, 16)
+    with torch.no_grad():
+        a = x_net(x, t, context)
+        b = plain(x, t, context.sum(1))  # the adaLN path sees the same summed condition
+    assert torch.equal(a, b)
+    # with a non-zero projection the tokens themselves matter, not only their sum
+    for blk in x_net.blocks:
+        torch.nn.init.normal_(blk.cross.proj.weight, std=0.1)
+    delta = torch.zeros_like(context)
+    delta[:, 0], delta[:, 1] = 0.5, -0.5
+    moved = context + delta  # the same sum, different tokens
+    with torch.no_grad():
+        assert torch.allclose(moved.sum(1), context.sum(1))
+        assert (x_net(x, t, context) - x_net(x, t, moved)).abs().max().item() > 1e-3
+
+
+def test_rope_scores_depend_on_the_relative_position_only():
+    from condiff.nets.dit_moe import rope_2d, rotate
+
+    grid, dh = 5, 8
+    cos, sin = rope_2d(grid, dh)
+    torch.manual_seed(3)
+    q = torch.randn(dh).expand(1, 1, grid * grid, dh)  # the same query and key content at every position
+    k = torch.randn(dh).expand(1, 1, grid * grid, dh)
+    rq, rk = rotate(q, cos, sin), rotate(k, cos, sin)
+    assert torch.allclose(rq.norm(dim=-1), q.norm(dim=-1), atol=1e-5)  # a rotation
+    s = (rq[0, 0] @ rk[0, 0].T).view(grid, grid, grid, grid)  # s[y, x, y', x']
+    for dy, dx in ((0, 1), (1, 0), (1, -2), (-2, 1)):
+        vals = [
+            s[y, x, y + dy, x + dx]
+            for y in range(grid)
+            for x in range(grid)
+            if 0 <= y + dy < grid and 0 <= x + dx < grid
+        ]
+        assert max(vals) - min(vals) <= 1e-5
+    assert abs(s[0, 0, 0, 1] - s[0, 0, 1, 0]) > 1e-3  # rows and columns rotate different channels

@@ -60,6 +60,8 @@ class DiTConfig:
     shared_ratio: int = 1
     dense_ratio: int = 10  # the dense baseline's hidden / dim: top_k * expert_ratio + shared * shared_ratio
     alpha: float = 0.01  # the balance loss weight (the paper: 0.01)
+    cross_attention: bool = False  # image tokens also attend to the caption's tokens (PixArt-alpha's block)
+    rope: bool = False  # 2-D rotary position embedding on the self-attention's queries and keys
 
 
 def check_dit_config(m: DiTConfig) -> DiTConfig:
@@ -74,6 +76,10 @@ def check_dit_config(m: DiTConfig) -> DiTConfig:
         raise ConfigError(f"model.patch_size must divide the image size {size}, got {m.patch_size}")
     if m.dim % m.heads or m.dim % 4:
         raise ConfigError(f"model.dim must be a multiple of 4 and of model.heads ({m.heads}), got {m.dim}")
+    if m.rope and (m.dim // m.heads) % 4:
+        raise ConfigError(
+            f"model.rope needs a head size model.dim / model.heads that is a multiple of 4, got {m.dim // m.heads}"
+        )
     if m.experts:
         if not 1 <= m.top_k <= m.experts:
             raise ConfigError(f"model.top_k must be in [1, model.experts = {m.experts}], got {m.top_k}")

@@ -30,7 +30,10 @@ gate's d E).
 
 The network is a diffusers ``ModelMixin``, so ``save_pretrained``/``from_pretrained`` write and read safetensors.
 The condition is a caption of ``seq_len`` slot tokens (condiff.data.text): the sum of their embeddings is added to
-the time embedding and drives every block's adaLN-Zero modulation (DiT's class-conditional design).
+the time embedding and drives every block's adaLN-Zero modulation (DiT's class-conditional design). With
+``cross_attention`` the image tokens also attend to the caption's token embeddings (plus a learned slot embedding)
+in every block, between self-attention and the MLP (PixArt-alpha's text-conditioned DiT block, Chen et al., 2023,
+Sec. 2.3); its output projection starts at zero, so at initialisation the block is the adaLN-Zero one.
 """
 
 from __future__ import annotations
@@ -174,11 +177,66 @@ def sincos_2d(dim: int, grid: int) -> torch.Tensor:
     return F.pad(out, (0, dim - out.shape[1])).float()
 
 
-class Block(nn.Module):
-    """DiT's adaLN-Zero block with a sparse MoE (or dense SwiGLU) MLP."""
+def rope_2d(grid: int, head_dim: int, base: float = 100.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D rotary position embedding (Su et al., 2021, RoFormer, Eq. 34, applied per axis): the first half of a
+    head's channels rotate with the token's row, the second with its column; (cos, sin), each (grid*grid,
+    head_dim / 2), one angle per rotated pair."""
+    quarter = head_dim // 4
+    freqs = base ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
+    coords = torch.arange(grid, dtype=torch.float64)
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    ang = torch.cat([yy.reshape(-1, 1) * freqs, xx.reshape(-1, 1) * freqs], 1)
+    return ang.cos().float(), ang.sin().float()
 
-    def __init__(self, dim: int, heads: int, mlp: nn.Module):
+
+def rotate(z: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, dh) rotated pairwise: (z1, z2) -> (z1 cos - z2 sin, z1 sin + z2 cos) on pairs (2i, 2i + 1)."""
+    z1, z2 = z[..., 0::2], z[..., 1::2]
+    return torch.stack([z1 * cos - z2 * sin, z1 * sin + z2 * cos], -1).flatten(-2)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, rope=None) -> torch.Tensor:
+    """Multi-head attention of (B, N, d) queries over (B, M, d) keys and values -> (B, N, d); ``rope`` (cos, sin)
+    rotates the queries and keys by their positions first."""
+    b, n, d = q.shape
+
+    def split(z):
+        return z.view(b, z.shape[1], heads, d // heads).transpose(1, 2)
+
+    q, k = split(q), split(k)
+    if rope is not None:
+        cos, sin = (r.to(q.dtype) for r in rope)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    a = F.scaled_dot_product_attention(q, k, split(v))
+    return a.transpose(1, 2).reshape(b, n, d)
+
+
+class CrossAttention(nn.Module):
+    """Image tokens attending to the caption's tokens (PixArt-alpha's cross-attention, no adaLN modulation); the
+    output projection is zero at initialisation."""
+
+    def __init__(self, dim: int, heads: int):
         super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x, context):
+        k, v = self.kv(context).chunk(2, -1)
+        return self.proj(attention(self.q(self.norm(x)), k, v, self.heads))
+
+
+class Block(nn.Module):
+    """DiT's adaLN-Zero block with a sparse MoE (or dense SwiGLU) MLP, and optionally cross-attention to the
+    caption's tokens."""
+
+    def __init__(self, dim: int, heads: int, mlp: nn.Module, cross_attention: bool = False):
+        super().__init__()
+        self.cross = CrossAttention(dim, heads) if cross_attention else None
         self.heads = heads
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -189,19 +247,19 @@ class Block(nn.Module):
         nn.init.zeros_(self.ada.weight)
         nn.init.zeros_(self.ada.bias)
 
-    def forward(self, x, c):
+    def forward(self, x, c, context=None, rope=None):
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(c)).chunk(6, -1)
-        b, n, d = x.shape
-        q, k, v = self.qkv(modulate(self.norm1(x), sh1, sc1)).view(b, n, 3, self.heads, d // self.heads).unbind(2)
-        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        x = x + g1.unsqueeze(1) * self.proj(a.transpose(1, 2).reshape(b, n, d))
+        q, k, v = self.qkv(modulate(self.norm1(x), sh1, sc1)).chunk(3, -1)
+        x = x + g1.unsqueeze(1) * self.proj(attention(q, k, v, self.heads, rope))
+        if self.cross is not None:
+            x = x + self.cross(x, context)
         return x + g2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), sh2, sc2))
 
 
 class DiTMoE(ModelMixin, ConfigMixin):
     """A DiT on (B, C, S, S) images with caption-slot conditioning; sparse MoE MLPs (``experts`` > 0) or dense
-    SwiGLU ones (``experts`` = 0). ``forward(x, t, cond)`` takes the (B, dim) condition embedding from
-    ``embed_caption``."""
+    SwiGLU ones (``experts`` = 0). ``forward(x, t, cond)`` takes the condition embedding from ``embed_caption``:
+    (B, dim), or (B, seq_len, dim) token embeddings with ``cross_attention`` (their sum drives adaLN)."""
 
     @register_to_config
     def __init__(
@@ -221,6 +279,8 @@ class DiTMoE(ModelMixin, ConfigMixin):
         shared_ratio: int = 1,
         dense_ratio: int = 10,
         alpha: float = 0.01,
+        cross_attention: bool = False,
+        rope: bool = False,
     ):
         super().__init__()
         if sample_size % patch_size or dim % heads or dim % 4:
@@ -231,6 +291,12 @@ class DiTMoE(ModelMixin, ConfigMixin):
         self.grid = sample_size // patch_size
         self.patch = nn.Conv2d(in_channels, dim, patch_size, patch_size)
         self.register_buffer("pos", sincos_2d(dim, self.grid).unsqueeze(0), persistent=False)
+        if rope:
+            if (dim // heads) % 4:
+                raise ValueError(f"rope needs a head size (dim {dim} / heads {heads}) that is a multiple of 4")
+            cos, sin = rope_2d(self.grid, dim // heads)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.t_mlp = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.caption = nn.Embedding(vocab_size, dim)
         nn.init.normal_(self.caption.weight, std=0.02)
@@ -240,7 +306,9 @@ class DiTMoE(ModelMixin, ConfigMixin):
                 return SparseMoE(dim, experts, top_k, expert_ratio * dim, shared * shared_ratio * dim, alpha)
             return SwiGLU(dim, dense_ratio * dim)
 
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp()) for _ in range(depth))
+        if cross_attention:
+            self.slot = nn.Parameter(torch.randn(seq_len, dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp(), cross_attention) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, patch_size * patch_size * in_channels)
@@ -252,7 +320,10 @@ class DiTMoE(ModelMixin, ConfigMixin):
         return [b.mlp for b in self.blocks if isinstance(b.mlp, SparseMoE)]
 
     def embed_caption(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, seq_len) caption slot tokens -> (B, dim): the sum of their embeddings."""
+        """(B, seq_len) caption slot tokens -> (B, dim): the sum of their embeddings; with ``cross_attention``
+        (B, seq_len, dim): each token's embedding plus its slot's."""
+        if self.config.cross_attention:
+            return self.caption(tokens) + self.slot
         return self.caption(tokens).sum(1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -260,9 +331,12 @@ class DiTMoE(ModelMixin, ConfigMixin):
         b = x.shape[0]
         h = self.patch(x).flatten(2).transpose(1, 2) + self.pos.to(x.dtype)
         t = t.reshape(-1).expand(b) if t.numel() in (1, b) else t
-        c = self.t_mlp(timestep_embedding(t, 256).to(x.dtype)) + cond.to(x.dtype)
+        cond = cond.to(x.dtype)
+        context = cond if cond.dim() == 3 else None
+        c = self.t_mlp(timestep_embedding(t, 256).to(x.dtype)) + (cond.sum(1) if context is not None else cond)
+        rope = (self.rope_cos, self.rope_sin) if cfg.rope else None
         for block in self.blocks:
-            h = block(h, c)
+            h = block(h, c, context, rope)
         shift, scale = self.final_ada(F.silu(c)).chunk(2, -1)
         h = self.out(modulate(self.norm(h), shift, scale))
         p, g = cfg.patch_size, self.grid
