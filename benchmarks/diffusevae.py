@@ -24,8 +24,10 @@ which the labeller finds an object,
 Interpolation: --pairs pairs of held-out renders (seed 2**41 + 3), their latent means joined by --frames points
 (ends included); every frame of a row is decoded (VAE) and refined with one shared noise per row (DiffuseVAE). Per
 path, the labeller's attribute changes between consecutive frames against the minimum (the attributes whose end
-labels differ): a path with changes == minimum flips each attribute at most once. The picture (--png) has per pair
-the VAE's row above DiffuseVAE's row.
+labels differ): a path with changes == minimum flips each attribute at most once; and the reversals, the changes that
+return an attribute to a value it left earlier on the path (0: monotone; passing through an intermediate value, as a
+position does from top-left to bottom-right, is not one). The picture (--png) has, for the first --shown pairs, the
+VAE's row above DiffuseVAE's row.
 """
 
 from __future__ import annotations
@@ -176,8 +178,9 @@ def measure(args) -> dict:
             "paths": [{"changes_minimum": list(path_changes(p)), "labels": p.tolist()} for p in labels],
         }
     out["interpolation"] = {"pairs": args.pairs, "frames": args.frames, **interp}
-    tiles = torch.stack([xh.clamp(-1, 1).view(shape), xr.view(shape)], 1).flatten(0, 2)
-    rows = [f"{k} {i + 1}" for i in range(args.pairs) for k in ("VAE", "DiffuseVAE")]
+    shown = min(args.shown, args.pairs)
+    tiles = torch.stack([xh.clamp(-1, 1).view(shape)[:shown], xr.view(shape)[:shown]], 1).flatten(0, 2)
+    rows = [f"{k} {i + 1}" for i in range(shown) for k in ("VAE", "DiffuseVAE")]
     cols = [f"{j / (args.frames - 1):.2f}" for j in range(args.frames)]
     args.png.parent.mkdir(parents=True, exist_ok=True)
     save_png(labelled_grid(tiles, rows, cols), args.png)
@@ -196,7 +199,8 @@ def main(argv=None):
     ap.add_argument("--samples-png", type=Path, default=ROOT / "outputs" / "diffusevae" / "samples.png")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--pairs", type=int, default=8)
+    ap.add_argument("--pairs", type=int, default=64)
+    ap.add_argument("--shown", type=int, default=8, help="pairs drawn in the interpolation picture (the first ones)")
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--reference", action="store_true", help="add the bundled unconditional shapes model")
     ap.add_argument("--threads", type=int, default=1)
@@ -212,7 +216,8 @@ def main(argv=None):
         s = out["interpolation"][k]
         print(
             f"interpolation {k:10s} changes {s['changes']:.2f} minimum {s['minimum']:.2f} excess {s['excess']:.2f} "
-            f"minimal {s['minimal_share']:.0%} object {s['object']:.0%} one object {s['one_object']:.0%}"
+            f"minimal {s['minimal_share']:.0%} reversals {s['reversals']:.2f} monotone {s['monotone_share']:.0%} "
+            f"object {s['object']:.0%} one object {s['one_object']:.0%}"
         )
     print(f"accept (DiffuseVAE FD < VAE FD): {out['accept_fd']}; wrote {args.json}, {args.png}, {args.samples_png}")
     return 0

@@ -18,6 +18,7 @@ from condiff.tasks.diffusevae import (
     lerp_path,
     mixture_latents,
     path_changes,
+    path_reversals,
     prior_latents,
     reconstruction,
     reparameterize,
@@ -137,11 +138,30 @@ def test_path_changes_counts_flips_against_the_attributes_that_differ():
     flicker = torch.tensor([[0, 1, 0, 4], [0, 2, 0, 4], [0, 1, 0, 5], [0, 1, 0, 5]])
     assert path_changes(flicker) == (3, 1)  # color out and back (2) + position (1); only position differs
     s = smoothness([minimal, flicker])
-    assert s == {"paths": 2, "changes": 2.5, "minimum": 1.5, "excess": 1.0, "minimal_share": 0.5}
+    assert s == {
+        "paths": 2,
+        "changes": 2.5,
+        "minimum": 1.5,
+        "excess": 1.0,
+        "minimal_share": 0.5,
+        "reversals": 0.5,
+        "monotone_share": 0.5,
+    }
     with pytest.raises(ConfigError, match="frames >= 2"):
         path_changes(torch.zeros(1, 4))
     with pytest.raises(ConfigError, match="at least one path"):
         smoothness([])
+
+
+def test_reversals_count_returns_but_not_passing_through_an_intermediate_value():
+    through = torch.tensor([[0, 1, 0, 0], [0, 1, 0, 4], [0, 1, 0, 8]])  # top-left -> centre -> bottom-right
+    assert path_changes(through) == (2, 1)  # one change of excess by the minimum ...
+    assert path_reversals(through) == 0  # ... but monotone
+    back = torch.tensor([[2, 0, 1, 0], [1, 0, 1, 0], [2, 0, 1, 0], [0, 0, 1, 0], [2, 0, 1, 0]])  # 2 1 2 0 2
+    assert path_reversals(back) == 2  # back to 2 twice (1 -> 2, 0 -> 2)
+    assert path_reversals(torch.tensor([[-1, 3], [0, 3], [-1, 3], [-1, 2]])) == 1  # 'no object' counts as a value
+    with pytest.raises(ConfigError, match="frames >= 2"):
+        path_reversals(torch.zeros(1, 4))
 
 
 def test_mixture_latents_pick_their_component_and_scale_it():

@@ -10,7 +10,8 @@ refines it with the conditional DDPM (``--steps`` DPM-Solver++(2M) steps); ``--s
 held-out shapes renders (from ``--seed``), walks the straight line between their latent means in ``--frames``
 steps and writes one row per pair (with ``--stage both``: the VAE's row above the refined one); every frame of a row
 shares its refiner noise, so what changes along a row comes from z. The labeller's reading of each frame and the
-path's smoothness (attribute changes against the minimum, ``condiff.tasks.diffusevae.path_changes``) go to stdout
+path's smoothness (attribute changes against the minimum, ``condiff.tasks.diffusevae.path_changes``, and returns to a
+value left earlier, ``path_reversals``) go to stdout
 and --json.
 
 --model takes a model folder or the run folder holding it as model/. Every user error is one ``error:`` line with
@@ -195,7 +196,7 @@ def interpolate_cmd(
     from condiff.core.files import atomic_write_json
     from condiff.data import labeller, shapes
     from condiff.data.images import grid_image, save_png
-    from condiff.tasks.diffusevae import path_changes, smoothness
+    from condiff.tasks.diffusevae import path_changes, path_reversals, smoothness
 
     check_int("--pairs", pairs, 1, MAX_PAIRS)
     check_int("--frames", frames, 2, MAX_FRAMES)
@@ -221,7 +222,14 @@ def interpolate_cmd(
     paths = []
     for i in range(pairs):
         c, mn = path_changes(labels[i])
-        paths.append({"changes": c, "minimum": mn, "frames": [common.attribute_names(r.tolist()) for r in labels[i]]})
+        paths.append(
+            {
+                "changes": c,
+                "minimum": mn,
+                "reversals": path_reversals(labels[i]),
+                "frames": [common.attribute_names(r.tolist()) for r in labels[i]],
+            }
+        )
     if json_file is not None:
         rec = _record(
             "vae interpolate",
@@ -260,5 +268,6 @@ def interpolate_cmd(
         f"{pairs} paths x {frames} frames ({stage}, {seconds:.1f}s): wrote {out}"
         + (f" and {json_file}" if json_file else "")
         + f"; attribute changes per path {score['changes']:.2f} (minimum {score['minimum']:.2f}), "
-        f"minimal paths {score['minimal_share']:.0%}"
+        f"minimal paths {score['minimal_share']:.0%}, reversals per path {score['reversals']:.2f} (monotone paths "
+        f"{score['monotone_share']:.0%})"
     )

@@ -198,10 +198,29 @@ def path_changes(labels: torch.Tensor) -> tuple[int, int]:
     return changes, minimum
 
 
+def path_reversals(labels: torch.Tensor) -> int:
+    """The number of (frame, attribute) changes in one path's labels (frames, attributes) that return an attribute to
+    a value it held earlier on the path and left (A -> B -> A): 0 for a monotone path, where every attribute passes
+    through each of its values in one run. Unlike ``path_changes``' excess, passing through an intermediate value
+    (top-left -> centre -> bottom-right) is not counted; going back is."""
+    if labels.ndim != 2 or labels.shape[0] < 2:
+        raise ConfigError(f"path_reversals needs (frames >= 2, attributes) labels, got {tuple(labels.shape)}")
+    count = 0
+    for column in labels.T.tolist():
+        seen = [column[0]]
+        for value in column[1:]:
+            if value != seen[-1]:
+                count += value in seen
+                seen.append(value)
+    return count
+
+
 def smoothness(paths: list[torch.Tensor]) -> dict:
-    """Over paths of labels: the mean changes per path, the mean minimum, the mean excess (changes - minimum) and
-    the share of paths that are minimal (excess 0)."""
+    """Over paths of labels: the mean changes per path, the mean minimum, the mean excess (changes - minimum), the
+    share of paths that are minimal (excess 0), the mean reversals per path and the share of monotone paths
+    (reversals 0)."""
     pairs = [path_changes(p) for p in paths]
+    back = [path_reversals(p) for p in paths]
     if not pairs:
         raise ConfigError("smoothness needs at least one path")
     n = len(pairs)
@@ -211,4 +230,6 @@ def smoothness(paths: list[torch.Tensor]) -> dict:
         "minimum": sum(m for _, m in pairs) / n,
         "excess": sum(c - m for c, m in pairs) / n,
         "minimal_share": sum(c == m for c, m in pairs) / n,
+        "reversals": sum(back) / n,
+        "monotone_share": sum(r == 0 for r in back) / n,
     }
