@@ -245,7 +245,7 @@ def test_the_good_path_writes_exactly_its_files(tmp_path):
     fit = ["features", "fit", "--n", "4", "--n-attr", "2", "--steps", "2", "--latents", "8", "--k", "2"]
     code, out, err = run_cli([*fit, "--sae-steps", "3", "--out", str(feats)])
     assert code == 0, err
-    assert "wrote" in out and json.loads((tmp_path / "f.json").read_text())["layer"] == "up_blocks.0.attentions.1"
+    assert "wrote" in out and json.loads((tmp_path / "f.json").read_text())["layer"] == "up_blocks.0.upsamplers.0"
     code, out, err = run_cli(["features", "show", str(feats)])
     assert code == 0 and json.loads(out)["attribute"] == "size"
     for method, window in (("sae", "1"), ("delta-h", "0.5")):

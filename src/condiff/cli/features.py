@@ -34,7 +34,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-DEFAULT_LAYER = "up_blocks.0.attentions.1"  # shapes: the decoder's last cross-attention (docs/tasks.md)
+DEFAULT_LAYER = "up_blocks.0.upsamplers.0"  # shapes: after the decoder's last cross-attention (docs/tasks.md)
 METHODS = ("sae", "delta-h")
 MAX_N = 100_000
 MAX_LATENTS = 65_536

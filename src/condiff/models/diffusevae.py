@@ -79,8 +79,7 @@ from condiff.training.trainer import Trainer
 
 FAMILY = "diffusevae"
 KINDS = ("vae", "ddpm")
-VAE_KEYS = ("latent_dim", "width", "sigma", "beta", "decoder")
-DECODERS = ("conv", "broadcast")
+VAE_KEYS = ("latent_dim", "width", "sigma", "beta")
 PRIORS = ("normal", "gmm")
 MAX_COMPONENTS = 256
 PRIOR_FIT_N = 5000  # training renders whose posterior samples z ~ q(z | x) the mixture prior is fitted to
@@ -93,16 +92,11 @@ MAX_WIDTH = 256
 # the VAE network ----------------------------------------------------------------------------------------------
 class ConvVAE(ModelMixin, ConfigMixin):
     """A conv VAE for (3, 32, 32) images in [-1, 1]: three stride-2 convs (width, 2 width, 4 width; 32 -> 4) and a
-    linear layer to (mu, logvar). Decoder "conv" mirrors the encoder with transposed convs; "broadcast" is the
-    spatial broadcast decoder (Watters et al., 2019, Sec. 2): z tiled over the 32 x 32 grid with two coordinate
-    channels in [-1, 1], then four 3x3 convs of 2 width channels at full resolution, so a latent direction can move
-    an object instead of cross-fading two. Both end in tanh."""
+    linear layer to (mu, logvar); the decoder mirrors it with transposed convs and ends in tanh."""
 
     @register_to_config
-    def __init__(self, latent_dim: int = 16, width: int = 32, decoder_type: str = "conv"):
+    def __init__(self, latent_dim: int = 16, width: int = 32):
         super().__init__()
-        if decoder_type not in DECODERS:
-            raise one_of("decoder", decoder_type, DECODERS)
         w = width
         act = nn.SiLU
         self.encoder = nn.Sequential(
@@ -112,18 +106,6 @@ class ConvVAE(ModelMixin, ConfigMixin):
             nn.Flatten(),
         )  # fmt: skip
         self.to_stats = nn.Linear(4 * w * 16, 2 * latent_dim)
-        if decoder_type == "broadcast":
-            size = IMAGE_SHAPE[1]
-            axis = torch.linspace(-1, 1, size)
-            yy, xx = torch.meshgrid(axis, axis, indexing="ij")
-            self.register_buffer("coords", torch.stack([yy, xx]).unsqueeze(0), persistent=False)
-            self.decoder = nn.Sequential(
-                nn.Conv2d(latent_dim + 2, 2 * w, 3, 1, 1), act(),
-                nn.Conv2d(2 * w, 2 * w, 3, 1, 1), act(),
-                nn.Conv2d(2 * w, 2 * w, 3, 1, 1), act(),
-                nn.Conv2d(2 * w, 3, 3, 1, 1),
-            )  # fmt: skip
-            return
         self.from_latent = nn.Linear(latent_dim, 4 * w * 16)
         self.decoder = nn.Sequential(
             act(),
@@ -139,10 +121,6 @@ class ConvVAE(ModelMixin, ConfigMixin):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """The decoder's mean Dec(z), (B, 3, 32, 32) in [-1, 1]."""
-        if self.config.decoder_type == "broadcast":
-            b, (_, _, h, w) = z.shape[0], self.coords.shape
-            tiled = z.view(b, -1, 1, 1).expand(b, z.shape[1], h, w)
-            return torch.tanh(self.decoder(torch.cat([tiled, self.coords.to(z.dtype).expand(b, -1, -1, -1)], 1)))
         h = self.from_latent(z).view(z.shape[0], -1, 4, 4)
         return torch.tanh(self.decoder(h))
 
@@ -184,7 +162,6 @@ class DiffuseVAENetConfig:
     width: int = 32
     sigma: float = 0.5  # the decoder's fixed standard deviation (images in [-1, 1])
     beta: float = 1.0  # the KL weight (1: the ELBO)
-    decoder: str = "conv"  # conv: transposed convs | broadcast: the spatial broadcast decoder (Watters et al.)
     vae: str = ""  # kind ddpm: the trained VAE (a model folder or a run folder holding model/)
     prior: str = "normal"  # kind ddpm: the latent prior of samples, N(0, I) or a mixture fitted ex post ("gmm")
     prior_components: int = 10  # prior "gmm": the mixture's components
@@ -221,8 +198,6 @@ def diffusevae_recipe_from_dict(data: dict) -> DiffuseVAERecipe:
             raise ConfigError(f"model.sigma must be a positive finite number, got {m.sigma}")
         if not (m.beta >= 0 and m.beta < float("inf")):
             raise ConfigError(f"model.beta must be a finite number >= 0, got {m.beta}")
-        if m.decoder not in DECODERS:
-            raise one_of("model.decoder", m.decoder, DECODERS)
         for key, default in (("prior", "normal"), ("prior_components", 10)):
             if getattr(m, key) != default:
                 raise ConfigError(
@@ -383,13 +358,12 @@ class DiffuseVAEModel(TaskModel):
 
 def vae_config(r: DiffuseVAERecipe) -> dict:
     m = r.model
-    cfg = {"kind": "vae", "latent_dim": m.latent_dim, "width": m.width, "sigma": m.sigma, "beta": m.beta}
-    return {**cfg, **({"decoder": m.decoder} if m.decoder != "conv" else {})}
+    return {"kind": "vae", "latent_dim": m.latent_dim, "width": m.width, "sigma": m.sigma, "beta": m.beta}
 
 
 def build_diffusevae_model(r: DiffuseVAERecipe) -> DiffuseVAEModel:
     if r.model.kind == "vae":
-        vae = ConvVAE(r.model.latent_dim, r.model.width, r.model.decoder)
+        vae = ConvVAE(r.model.latent_dim, r.model.width)
         return DiffuseVAEModel(nn.ModuleDict({"vae": vae}), vae_config(r))
     folder = find_model(Path(r.model.vae), "model.vae")
     stage1 = load_diffusevae_model(folder, "model.vae")
@@ -401,7 +375,7 @@ def build_diffusevae_model(r: DiffuseVAERecipe) -> DiffuseVAEModel:
     vae = stage1.vae
     vae.requires_grad_(False)
     cfg = {
-        **{k: stage1.config[k] for k in ("latent_dim", "width", "sigma", "beta", "decoder") if k in stage1.config},
+        **{k: stage1.config[k] for k in ("latent_dim", "width", "sigma", "beta")},
         "kind": "ddpm",
         "schedule": start.schedule_cfg,
         "pixel_unshuffle": start.pixel_unshuffle,
@@ -479,15 +453,8 @@ def load_diffusevae_model(directory, what: str = "--model") -> DiffuseVAEModel:
                 f"{what} {str(directory)!r}: the UNet does not have a DiffuseVAE's channels (24 in, 12 out)"
             )
     vae = load_pretrained(ConvVAE, directory / "vae", what)
-    same = (vae.config.latent_dim, vae.config.width, vae.config.decoder_type) == (
-        cfg["latent_dim"],
-        cfg["width"],
-        cfg.get("decoder", "conv"),
-    )
-    if not same:
-        raise InputFileError(
-            f"{what} {str(directory)!r}: the VAE's latent_dim, width or decoder differs from condiff.json's"
-        )
+    if vae.config.latent_dim != cfg["latent_dim"] or vae.config.width != cfg["width"]:
+        raise InputFileError(f"{what} {str(directory)!r}: the VAE's latent_dim or width differs from condiff.json's")
     vae.eval().requires_grad_(False)
     module["vae"] = vae
     prior = cfg.get("prior", "normal")

@@ -42,7 +42,8 @@ Files: ``features_hspace`` (hooks, collection, Delta-h), ``features_sae`` (the S
 file); this module names them all. Which layer carries an attribute is a property of the network, not of the
 method: in the bundled shapes model the bottleneck (``mid_block``) does not carry the object's size at all (its
 h taken from a run whose caption names the other size changes no sample) while the decoder's last
-cross-attention block (``up_blocks.0.attentions.1``, the same 4x4 resolution) carries all of it (docs/tasks.md).
+cross-attention block (``up_blocks.0.attentions.1``, the same 4x4 resolution) and the upsampler after it
+(``up_blocks.0.upsamplers.0``, 8x8, after the last cross-attention) carry all of it (docs/tasks.md).
 """
 
 from condiff.tasks.features_hspace import (
