@@ -28,8 +28,8 @@ from condiff.core.files import load_json, refuse_pickles
 from condiff.core.schedules import schedule_from_config
 from condiff.data import text
 from condiff.errors import ConfigError, InputFileError, check_real
-from condiff.models.base import LoadedModel
 from condiff.models.family import load_pretrained
+from condiff.models.loaded import LoadedModel
 from condiff.models.shapes import ShapesFamily
 from condiff.nets.dit_moe import DiTMoE
 from condiff.training.recipe import (
