@@ -20,6 +20,7 @@ from fuzzkit import (
     no_stray_temp_files,
     run_cli,
     to_toml,
+    unknown_key_case,
     wrong_type,
     wrong_type_case,
 )
@@ -190,14 +191,8 @@ def test_recipe_unknown_keys(workdir, kind, key, data):
     tables = KINDS[kind][1]
     where = data.draw(st.sampled_from(["", *tables]))
     r = _base(kind)
-    if where:
-        assume(key not in tables[where].__dataclass_fields__)
-        r.setdefault(where, {})[key] = 1
-        _check(r, workdir, f"{where}.{key}", via_cli=True)
-    else:
-        assume(key not in r and key not in tables and key not in ("name", "family"))
-        r[key] = 1
-        _check(r, workdir, repr(key), "accepted", via_cli=True)
+    needle = unknown_key_case(r, tables, where, key)
+    _check(r, workdir, needle, *(() if where else ("accepted",)), via_cli=True)
 
 
 @settings(max_examples=10)
