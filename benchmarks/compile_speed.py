@@ -1,7 +1,9 @@
-"""torch.compile and channels_last on CPU: speed and exactness of `condiff sample --compile / --channels-last`.
+"""torch.compile, channels_last and bfloat16 on CPU: speed and exactness of `condiff sample --compile /
+--channels-last / --bf16`.
 
 For a bundled model, one batch and one solver, it samples the same trajectory (same x_T, condition, grid) with
-the network run four ways: eager (as loaded), --channels-last, --compile, and both, each applied to a fresh load
+the network run six ways: eager (as loaded), --channels-last, --compile, both, --bf16 (bfloat16 autocast) and
+--bf16 with both, each applied to a fresh load
 by condiff.models.runtime exactly as the CLI does. It reports per way: the first call (with --compile: the
 compile), the best of the repeats (the ways run in turn within each repeat, so a slow spell of the machine falls
 on all of them), the speed-up over eager, and the max abs difference of the samples against eager's. Writes
@@ -38,11 +40,13 @@ from condiff.solvers import get_solver  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-WAYS = {  # name: (--compile, --channels-last)
-    "eager": (False, False),
-    "channels-last": (False, True),
-    "compile": (True, False),
-    "compile + channels-last": (True, True),
+WAYS = {  # name: (--compile, --channels-last, --bf16)
+    "eager": (False, False, False),
+    "channels-last": (False, True, False),
+    "compile": (True, False, False),
+    "compile + channels-last": (True, True, False),
+    "bf16": (False, False, True),
+    "bf16 + compile + channels-last": (True, True, True),
 }
 
 
@@ -65,12 +69,14 @@ def main():
 
     solver = get_solver(args.solver)
     runs, rows = {}, {}
-    for name, (compile_net, channels_last) in WAYS.items():
+    for name, (compile_net, channels_last, bf16) in WAYS.items():
         m = load_model(args.model)
-        rows[name] = {"way": name, "compile": compile_net, "channels_last": channels_last, "error": None}
+        rows[name] = {"way": name, "compile": compile_net, "channels_last": channels_last, "bf16": bf16, "error": None}
         try:
             if channels_last:
                 runtime.use_channels_last(m, "--channels-last")
+            if bf16:
+                runtime.use_bfloat16(m, "--bf16")
             if compile_net:
                 runtime.compile_network(m, "--compile")
         except ConfigError as err:
@@ -157,7 +163,7 @@ def update_docs(table: str, meta: dict):
         "seconds per trajectory: the first call (with --compile: the compile), then the best of the repeats.\n\n"
         f"{table}"
     )
-    write_docs_section("compile_speed", block, "torch.compile and channels_last on CPU")
+    write_docs_section("compile_speed", block, "torch.compile, channels_last and bfloat16 on CPU")
 
 
 if __name__ == "__main__":

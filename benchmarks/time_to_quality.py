@@ -5,7 +5,9 @@ shapes: the labeller's ``all`` accuracy >= 0.98; digits: the scorer's class accu
 
 A configuration is one way to sample the bundled model:
 - condiff: a solver on a grid (its default uniform-t grid from the default start, or grids searched on the model
-  by `condiff grid search`, given with --grid), optionally with adaptive guidance (AG, Castillo et al. 2023);
+  by `condiff grid search`, given with --grid), optionally with adaptive guidance (AG, Castillo et al. 2023) or
+  LinearAG (the same paper: every evaluation's unconditional branch predicted by least-squares coefficients
+  fitted on 256 other conditions and starts, so one network row per step);
 - diffusers: a scheduler (DPM-Solver++(2M), UniPC, Euler, DDIM; 'trailing' and 'leading' timesteps, and
   DPM-Solver++(2M) with Karras sigmas), driven in diffusers' pipeline pattern with batched CFG on the network's
   raw output;
@@ -17,12 +19,14 @@ diffusers schedulers at their first timestep, k-diffusion and condiff's default 
 (sigma / alpha = 20), searched grids at theirs. For each configuration the step count is swept upward
 (--steps-list) until the target is met; the first such count is its operating point. Then every operating
 point is timed in rotation (generating the 512 images at --batch, conditions encoded, on --threads), best of
---rounds. The ``ratio`` of a target is condiff's
-best time over the best peer's. The JSON holds every sweep point; the table and a time-vs-accuracy plot go
-into docs/benchmarks.md.
+--rounds. The ``ratio`` of a target is condiff's best time over the best peer's with the network run as the peers
+run it (float32, eager); ``ratios`` gives it for each faster way of running condiff's network that was asked for
+(--bf16: bfloat16 autocast; --compile: torch.compile with channels_last; both: the two together), each on a
+separately loaded copy, and ``ratio_best`` the least of them. The JSON holds every sweep point; the table and a
+time-vs-accuracy plot go into docs/benchmarks.md.
 
     python benchmarks/time_to_quality.py [--models shapes,digits] [--grid shapes=outputs/grids/shapes_unipc.json]
-        [--threads 2] [--rounds 2] [--json outputs/bench/time_to_quality.json]
+        [--threads 2] [--rounds 2] [--bf16] [--compile] [--json outputs/bench/time_to_quality.json]
 """
 
 from __future__ import annotations
@@ -40,12 +44,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from condiff.core.grids import Trailing, UniformT  # noqa: E402
+from condiff.core.grids import Trailing, UniformT, make_grid  # noqa: E402
 from condiff.evaluation.evaluate import generate_counted  # noqa: E402
 from condiff.evaluation.kdiffusion import KPeer, karras_sigmas, run_kpeer  # noqa: E402
 from condiff.evaluation.peers import Peer, betas_from_alphas_cumprod, run_peer  # noqa: E402
 from condiff.guidance.build import GuidanceOptions  # noqa: E402
 from condiff.guidance.cfg import NAMES, batch_cond  # noqa: E402
+from condiff.guidance.linear_ag import fit_linear_ag  # noqa: E402
 from condiff.models import runtime  # noqa: E402
 from condiff.models.base import load_model, silence_diffusers  # noqa: E402
 from condiff.solvers import get_solver  # noqa: E402
@@ -145,14 +150,20 @@ def condiff_config(
     t_start: float | None = None,
     centre: bool = False,
     faster=None,
+    linear_ag: Callable | None = None,
 ) -> Config:
     """condiff's ``generate_counted`` with a solver, a spacing, AG, a start (None: the default) and
-    --centre-subpixels; ``faster``: a separately loaded copy of the model run with --compile --channels-last."""
+    --centre-subpixels; ``linear_ag``: steps -> LinearAG coefficients for that many steps (used at every
+    evaluation); ``faster``: a separately loaded copy of the model whose network runs another way
+    (--bf16, --compile --channels-last)."""
 
     def run(m, chunk, z, steps):
         m = faster if faster is not None else m
         g = torch.Generator().manual_seed(0)  # unused: deterministic solvers, the starting noise is given
-        guidance = GuidanceOptions(cfg=CFG, ag=ag)
+        if linear_ag is None:
+            guidance = GuidanceOptions(cfg=CFG, ag=ag)
+        else:  # every evaluation predicts the unconditional branch: one network row per step
+            guidance = GuidanceOptions(cfg=CFG, linear_ag=linear_ag(steps), linear_ag_steps=steps)
         images, nfe, _ = generate_counted(
             m,
             chunk,
@@ -173,10 +184,33 @@ def condiff_config(
 
 
 AG = 0.999
+WAYS = ("bf16 + compile + channels-last", "compile + channels-last", "bf16")  # the faster networks, longest first
 
 
-def configs(m, grids: list[Path], steps_list=STEPS, faster=None) -> list[Config]:
+def linear_ag_fitter(m, solver: str, t_start: float, n: int = 256, seed: int = 12345) -> Callable:
+    """steps -> LinearAG coefficients (Castillo et al. 2025) for ``solver`` on the trailing grid of that many
+    steps from ``t_start``, fitted on ``n`` CFG trajectories whose conditions and starts come from ``seed``
+    (never the benchmark's); fitted once per step count (a few seconds), not counted in the timed runs."""
+    cache = {}
+
+    def fit(steps: int):
+        if steps not in cache:
+            grid = make_grid(m.schedule, steps, Trailing(), t_start=t_start)
+            g = torch.Generator().manual_seed(seed)
+            raw, _ = m.family.random_conditions(n, g)
+            x = m.prior((n, *m.family.image_shape), float(grid[0]), g)
+            with torch.no_grad():
+                cache[steps] = fit_linear_ag(m.denoiser, get_solver(solver), grid, x, m.condition(raw), CFG)
+        return cache[steps]
+
+    return fit
+
+
+def configs(m, grids: list[Path], steps_list=STEPS, faster: dict | None = None) -> list[Config]:
+    """condiff's configurations (``faster``: {way: a separately loaded copy of the model with that way of running
+    its network}) and the peers'."""
     t_max = float(m.schedule.t_max)
+    lag = linear_ag_fitter(m, "dpmpp-2m", t_max)
     out = [
         condiff_config("dpmpp-2m", "dpmpp-2m", steps_list=steps_list),
         condiff_config("dpmpp-2m + trailing", "dpmpp-2m", Trailing(), None, steps_list, t_max),
@@ -185,6 +219,9 @@ def configs(m, grids: list[Path], steps_list=STEPS, faster=None) -> list[Config]
             f"dpmpp-2m + trailing + AG {AG} + centre-subpixels", "dpmpp-2m", Trailing(), AG, steps_list, t_max, True
         ),
         condiff_config("unipc + trailing", "unipc", Trailing(), None, steps_list, t_max),
+        condiff_config(
+            "dpmpp-2m + trailing + LinearAG", "dpmpp-2m", Trailing(), None, steps_list, t_max, linear_ag=lag
+        ),
     ]
     for path in grids:
         gr = load_grids(path)
@@ -192,9 +229,9 @@ def configs(m, grids: list[Path], steps_list=STEPS, faster=None) -> list[Config]
         steps = tuple(sorted(tab.grids))
         out.append(condiff_config(f"{gr.solver} + grid {path.stem}", gr.solver, tab, steps_list=steps))
         out.append(condiff_config(f"{gr.solver} + grid {path.stem} + AG {AG}", gr.solver, tab, AG, steps))
-    if faster is not None:
-        label = f"dpmpp-2m + trailing + AG {AG} + compile + channels-last"
-        out.append(condiff_config(label, "dpmpp-2m", Trailing(), AG, steps_list, t_max, faster=faster))
+    for way, fast in (faster or {}).items():  # condiff's fastest configurations on a faster network
+        label = f"dpmpp-2m + trailing + AG {AG} + {way}"
+        out.append(condiff_config(label, "dpmpp-2m", Trailing(), AG, steps_list, t_max, faster=fast))
     peers = [
         diffusers_config(label, cls, spacing, **kw)
         for label, cls, kw in DIFFUSERS
@@ -237,6 +274,9 @@ def main():
     ap.add_argument(
         "--compile", action="store_true", help="add condiff's fastest configuration run with --compile --channels-last"
     )
+    ap.add_argument(
+        "--bf16", action="store_true", help="add condiff's fastest configuration with its network in bfloat16 (--bf16)"
+    )
     args = ap.parse_args()
     runtime.keep_freed_memory()
     silence_diffusers()
@@ -266,9 +306,14 @@ def main():
                 outs = [cfg.run(m, c, x, steps) for c, x in chunks]
             return torch.cat([o[0] for o in outs]).clamp(-1, 1), outs[0][1]
 
-        faster = None
-        if args.compile:  # a second copy of the model: compiling the shared one would speed the peers up too
-            faster = runtime.compile_network(runtime.use_channels_last(load_model(name)))
+        faster = {}  # separate copies of the model: changing the shared one would change the peers' network too
+        if args.bf16:
+            faster["bf16"] = runtime.use_bfloat16(load_model(name))
+        if args.compile:
+            faster["compile + channels-last"] = runtime.compile_network(runtime.use_channels_last(load_model(name)))
+        if args.bf16 and args.compile:
+            both = runtime.use_bfloat16(runtime.use_channels_last(load_model(name)))
+            faster["bf16 + compile + channels-last"] = runtime.compile_network(both)
         steps_list = tuple(int(k) for k in args.steps_list.split(","))
         cases = configs(m, grid_files.get(name, []), steps_list, faster)
         for cfg in cases:
@@ -303,23 +348,23 @@ def main():
             for c in cases
         ]
         by_impl = {}
-        for r in rows:
-            impl = "condiff compiled" if "compile" in r["config"] else r["impl"]  # eager condiff vs eager peers
+        for r in rows:  # condiff's float32 eager network (as the peers run it), and each faster way on its own
+            impl = next((f"condiff {w}" for w in WAYS if r["config"].endswith(f" + {w}")), r["impl"])
             if r["reached"] and (impl not in by_impl or r["seconds"] < by_impl[impl]["seconds"]):
                 by_impl[impl] = r
         peer = min((by_impl[i] for i in ("diffusers", "k-diffusion") if i in by_impl), key=lambda r: r["seconds"])
+        ratios = {i: r["seconds"] / peer["seconds"] for i, r in by_impl.items() if i.startswith("condiff")}
         report["models"][name] = {
             "target": {key: target},
             "rows": rows,
             "best": {
                 i: {"config": r["config"], "steps": r["steps"], "seconds": r["seconds"]} for i, r in by_impl.items()
             },
-            "ratio": by_impl["condiff"]["seconds"] / peer["seconds"] if "condiff" in by_impl else None,
-            "ratio_compiled": by_impl["condiff compiled"]["seconds"] / peer["seconds"]
-            if "condiff compiled" in by_impl
-            else None,
+            "ratio": ratios.get("condiff"),
+            "ratios": {("condiff float32" if i == "condiff" else i): v for i, v in ratios.items()},
+            "ratio_best": min(ratios.values()) if ratios else None,
         }
-        print(f"{name}: ratio {report['models'][name]['ratio']}", flush=True)
+        print(f"{name}: ratios {report['models'][name]['ratios']}", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1) + "\n")
     text = table(report)
@@ -329,7 +374,7 @@ def main():
         from sampling_speed import write_docs_section
 
         flags = [f"--threads {args.threads}", f"--rounds {args.rounds}", f"--steps-list {args.steps_list}"]
-        flags += ["--compile"] * args.compile + [f"--grid {g}" for g in args.grid]
+        flags += ["--compile"] * args.compile + ["--bf16"] * args.bf16 + [f"--grid {g}" for g in args.grid]
         cmd = "python benchmarks/time_to_quality.py " + " ".join(flags)
         block = f"`{cmd.strip()}`\n\n{text}\n\n![time vs accuracy]({args.plot.name})"
         write_docs_section("time_to_quality", block, "Time to quality: condiff vs diffusers and k-diffusion")
@@ -344,10 +389,11 @@ def table(report: dict) -> str:
     ]
     for name, r in report["models"].items():
         ((key, target),) = r["target"].items()
-        compiled = (
-            "" if r.get("ratio_compiled") is None else f" (with --compile --channels-last: {r['ratio_compiled']:.2f})"
-        )
-        lines += [f"**{name}** ({key} >= {target}): condiff / best peer = **{r['ratio']:.2f}**{compiled}", ""]
+        ways = "; ".join(f"{i}: {v:.2f}" for i, v in r["ratios"].items())
+        lines += [
+            f"**{name}** ({key} >= {target}): condiff / best peer = **{r['ratio_best']:.2f}** ({ways})",
+            "",
+        ]
         lines += ["| impl | configuration | steps | NFE | accuracy | seconds |", "|---|---|---:|---:|---:|---:|"]
         for row in sorted(r["rows"], key=lambda x: x.get("seconds", float("inf"))):
             if row["reached"]:
@@ -386,7 +432,7 @@ def plot(report: dict, path: Path) -> None:
         ax.axhline(target, color="grey", lw=0.8, ls="--")
         ax.set_xlabel("seconds for the samples (at the first step count meeting the target)")
         ax.set_ylabel(f"{key} accuracy")
-        ax.set_title(f"{name}: condiff / best peer = {r['ratio']:.2f}")
+        ax.set_title(f"{name}: condiff / best peer = {r['ratio_best']:.2f} (float32: {r['ratio']:.2f})")
         for impl, c in colors.items():
             ax.scatter([], [], color=c, label=impl)
         ax.legend(fontsize=8)

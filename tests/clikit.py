@@ -23,3 +23,18 @@ def one_line_error(code, err, needle):
     """Exit code 2, one `error: ...` line on stderr containing ``needle``, no traceback."""
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
     assert "Traceback" not in err
+
+
+def record_grids(monkeypatch) -> list:
+    """The grids that sampling (condiff.evaluation.evaluate.make_grid) builds from now on, as lists, in order."""
+    import condiff.evaluation.evaluate as ev
+
+    seen, real = [], ev.make_grid
+
+    def spy(*a, **k):
+        g = real(*a, **k)
+        seen.append(g.tolist())
+        return g
+
+    monkeypatch.setattr(ev, "make_grid", spy)
+    return seen

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from clikit import ok, one_line_error, run
+from clikit import ok, one_line_error, record_grids, run
 from condiff.cli import main
 from condiff.solvers.grid_search import load_grids
 
@@ -46,16 +46,7 @@ def test_show_prints_each_grid(grid_file, capsys):
 def test_sample_runs_on_the_files_times(grid_file, tmp_path, capsys, monkeypatch):
     """The sampler visits exactly the searched times, and the sidecar's command reproduces the run with --grid
     (and no --spacing)."""
-    import condiff.evaluation.evaluate as ev
-
-    seen, real = [], ev.make_grid
-
-    def spy(*a, **k):
-        g = real(*a, **k)
-        seen.append(g.tolist())
-        return g
-
-    monkeypatch.setattr(ev, "make_grid", spy)
+    seen = record_grids(monkeypatch)
     argv = ["sample", "--model", "digits", "--grid", str(grid_file), "--steps", "3", "--n", "2"]
     ok([*argv, "--out", str(tmp_path / "s.png")], capsys)
     assert seen == [list(load_grids(grid_file).grids[3].times)]

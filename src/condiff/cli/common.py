@@ -44,16 +44,18 @@ def solver_options(options: Optional[list[str]]) -> dict:
     return out
 
 
-def spacing_of(name: Optional[str], solver=None) -> tuple[str, object]:
-    """(name, spacing object); None picks the solver's default spacing, else uniform-t."""
+def spacing_of(name: Optional[str], solver=None, accepted: Optional[dict] = None) -> tuple[str, object]:
+    """(name, spacing object) from ``accepted`` (default: condiff.core.grids.SPACINGS); None picks the solver's
+    default spacing, else uniform-t."""
     from condiff.core.grids import SPACINGS
 
+    accepted = SPACINGS if accepted is None else accepted
     if name is None:
         default = getattr(solver, "default_spacing", None)
         name = default.name if default is not None else "uniform-t"
-    if name not in SPACINGS:
-        raise one_of("spacing", name, SPACINGS)
-    return name, SPACINGS[name]
+    if name not in accepted:
+        raise one_of("spacing", name, accepted)
+    return name, accepted[name]
 
 
 class FittedFiles:
@@ -165,7 +167,9 @@ def configured_solver(
     if dc_ratios is not None and name != "dc-solver":
         raise ConfigError(f"--dc-ratios is for --solver dc-solver, got --solver {name}")
     if grid is None:
-        spacing_name, spc = spacing_of(spacing, sol)
+        from condiff.core.grids import SAMPLING_SPACINGS
+
+        spacing_name, spc = spacing_of(spacing, sol, SAMPLING_SPACINGS)
     else:
         spacing_name, spc, searched_for = grid_file_spacing(grid, model, steps, cfg, spacing, fitted)
         if searched_for != name:  # allowed (any solver runs on any grid), but not what the grid was fitted to
@@ -759,13 +763,16 @@ def apply_loras(m, lora, scales: dict) -> None:
     set_scales(net, scales)
 
 
-def run_faster(m, compile_net: bool, channels_last: bool):
-    """--channels-last, then --compile, on a loaded model's denoising network (condiff.models.runtime), after the
-    fitted-file checks have read its weights; a one-line ConfigError where torch.compile does not work here."""
+def run_faster(m, compile_net: bool, channels_last: bool, bf16: bool = False):
+    """--channels-last, --bf16, then --compile, on a loaded model's denoising network (condiff.models.runtime),
+    after the fitted-file checks have read its weights; a one-line ConfigError where torch.compile does not
+    work here."""
     from condiff.models import runtime
 
     if channels_last:
         runtime.use_channels_last(m, "--channels-last")
+    if bf16:
+        runtime.use_bfloat16(m, "--bf16")
     if compile_net:
         runtime.compile_network(m, "--compile")
     return m

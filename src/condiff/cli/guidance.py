@@ -78,7 +78,8 @@ def fit_linear_ag_cmd(
     seed: int = typer.Option(0, help="random seed (conditions, start points, solver noise)"),
     solver: str = typer.Option("dpmpp-2m", help="solver name (see `condiff solvers`)"),
     spacing: Optional[str] = typer.Option(
-        None, help="time grid: uniform-t, uniform-logsnr, karras (default: the solver's own, else uniform-t)"
+        None,
+        help="time grid: uniform-t, uniform-logsnr, karras, trailing (default: the solver's own, else uniform-t)",
     ),
     batch_size: int = typer.Option(256, help="trajectories recorded at once (bounds memory)"),
     holdout: int = typer.Option(
@@ -103,7 +104,9 @@ def fit_linear_ag_cmd(
         raise ConfigError(f"--holdout must be an integer in [0, {common.MAX_SAMPLES}], got {holdout}")
     sol = common.make_solver(solver)
     common.note_fallback(sol)
-    spacing_name, spc = common.spacing_of(spacing, sol)
+    from condiff.core.grids import SAMPLING_SPACINGS
+
+    spacing_name, spc = common.spacing_of(spacing, sol, SAMPLING_SPACINGS)
     common.check_out(out, "--out", ".safetensors")
     common.family_of(model)
     common.use_threads(threads)

@@ -25,7 +25,10 @@ CfgOpt = Annotated[float, typer.Option(help="classifier-free guidance scale (1 =
 SeedOpt = Annotated[int, typer.Option(help="random seed")]
 SpacingOpt = Annotated[
     Optional[str],
-    typer.Option(help="time grid: uniform-t, uniform-logsnr, karras (default: the solver's own, else uniform-t)"),
+    typer.Option(
+        help="time grid: uniform-t, uniform-logsnr, karras, or trailing (diffusers' trailing timesteps; with "
+        "--t-start max exactly diffusers' grid) (default: the solver's own, else uniform-t)"
+    ),
 ]
 GridOpt = Annotated[
     Optional[Path],
@@ -81,6 +84,14 @@ ChannelsLastOpt = Annotated[
         "--channels-last",
         help="run the denoising network and its inputs in channels_last memory format (same samples up to "
         "float32 round-off); measured speed: docs/benchmarks.md",
+    ),
+]
+Bf16Opt = Annotated[
+    bool,
+    typer.Option(
+        "--bf16",
+        help="run the denoising network in bfloat16 autocast (weights stay float32; samples close to, not equal "
+        "to, float32's; 1.5-2.2x faster on CPUs with AVX512-BF16); measured speed and accuracy: docs/benchmarks.md",
     ),
 ]
 # `sample`, `eval` and `edit`: the check of fitted files against the run (condiff.core.fitted).

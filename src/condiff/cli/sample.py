@@ -13,6 +13,7 @@ from condiff.cli.options import (
     AllowMismatchOpt,
     AnalyticSkipOpt,
     BatchOpt,
+    Bf16Opt,
     CentreSubpixelsOpt,
     CfgOpt,
     ChannelsLastOpt,
@@ -95,6 +96,7 @@ def sample_cmd(
     lora_scale: LoraScaleOpt = None,
     compile_net: CompileOpt = False,
     channels_last: ChannelsLastOpt = False,
+    bf16: Bf16Opt = False,
     threads: ThreadsOpt = None,
     guide: Optional[str] = typer.Option(
         None,
@@ -140,6 +142,7 @@ def sample_cmd(
                 "--minority": guidance["minority"],
                 "--compile": compile_net,
                 "--channels-last": channels_last,
+                "--bf16": bf16,
                 "--lora": lora or None,
                 "--parallel": parallel,
             }
@@ -178,6 +181,7 @@ def sample_cmd(
                 "--lora": lora or None,
                 "--compile": compile_net,
                 "--channels-last": channels_last,
+                "--bf16": bf16,
                 "--dynamic-threshold": dynamic_threshold,
                 "--t-start": t_start,
                 "--parallel": parallel,
@@ -208,7 +212,7 @@ def sample_cmd(
     m = common.load_model(model)
     fitted.check_model(m, model)
     common.apply_loras(m, lora, loras)
-    common.run_faster(m, compile_net, channels_last)
+    common.run_faster(m, compile_net, channels_last, bf16)
     m, engine = psample.attach(m, par)
     t0_grid, factor = common.start_of(m, model, t_start, centre_subpixels)
     g = torch.Generator().manual_seed(seed)
@@ -272,6 +276,7 @@ def sample_cmd(
         "lora_scale": list(loras.values()),
         "compile": compile_net,
         "channels_last": channels_last,
+        "bf16": bf16,
         "threads": threads,
         **parallel_record,
         **guide.describe(),
@@ -302,6 +307,7 @@ def sample_cmd(
                 ("--lora-scale", lora_scale or []),
                 ("--compile", compile_net),
                 ("--channels-last", channels_last),
+                ("--bf16", bf16),
                 ("--parallel", parallel),
                 ("--parallel-opt", parallel_opt or []),
             ],
@@ -338,6 +344,7 @@ def eval_cmd(
     lora_scale: LoraScaleOpt = None,
     compile_net: CompileOpt = False,
     channels_last: ChannelsLastOpt = False,
+    bf16: Bf16Opt = False,
     threads: ThreadsOpt = None,
 ):
     """Sample random conditions and score them with the exact labeller (shapes) or the scorer (digits).
@@ -359,6 +366,7 @@ def eval_cmd(
                 "--lora": lora or None,
                 "--compile": compile_net,
                 "--channels-last": channels_last,
+                "--bf16": bf16,
             }
         )
         return token_cmds.eval_cmd(model, n, seed, steps, json_out, solver)
@@ -375,7 +383,7 @@ def eval_cmd(
     m = common.load_model(model)
     fitted.check_model(m, model)
     common.apply_loras(m, lora, loras)
-    common.run_faster(m, compile_net, channels_last)
+    common.run_faster(m, compile_net, channels_last, bf16)
     t0_grid, factor = common.start_of(m, model, t_start, centre_subpixels)
     res = evaluate(
         m,
@@ -407,6 +415,7 @@ def eval_cmd(
         lora_scale=list(loras.values()),
         compile=compile_net,
         channels_last=channels_last,
+        bf16=bf16,
         threads=threads,
     )
     if m.family.name == "digits":
@@ -445,6 +454,7 @@ OPTION_KEYS = (
     "minority",
     "compile",
     "channels_last",
+    "bf16",
 )
 
 

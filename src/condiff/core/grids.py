@@ -73,15 +73,15 @@ class Trailing:
     k = 0 .. n-1, so the last noisy point lies (t_start - t_clean)/n above the clean point rather than at t_end
     (``t_end`` is not used). With ``--t-start max`` on a 1000-step table: 999, 799, ..., 199 for 5 steps, exactly
     diffusers' ``timestep_spacing="trailing"``. At few steps no step is spent between t_min and the clean point,
-    as uniform-t's last one is. Not a CLI ``--spacing`` (those end at t_end); `condiff grid search` starts from
-    it."""
+    as uniform-t's last one is. Not in SPACINGS (those end at t_end); `condiff sample|eval --spacing trailing`
+    runs it (with ``--t-start max``: diffusers' grid) and `condiff grid search` starts from it."""
 
     name = "trailing"
 
     def points(self, schedule, t_start, t_end, n):
         c = float(schedule.t_clean)
         k = torch.arange(n, dtype=torch.float64)
-        return c + (t_start - c) * (1.0 - k / n)
+        return c + (t_start - c) * (n - k) / n  # (n - k) / n, not 1 - k / n: exact where n divides the span
 
 
 @dataclass(frozen=True, eq=False)
@@ -119,6 +119,9 @@ class Tabulated:
 
 
 SPACINGS = {"uniform-t": UniformT(), "uniform-logsnr": UniformLogSNR(), "karras": Karras()}
+# The spacings sampling accepts by name (`condiff sample|eval --spacing`): SPACINGS (grids from t_start to t_end)
+# and diffusers' trailing spacing, whose last noisy point is not t_end.
+SAMPLING_SPACINGS = {**SPACINGS, "trailing": Trailing()}
 MAX_STEPS = 100_000
 
 
