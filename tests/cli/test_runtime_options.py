@@ -80,6 +80,30 @@ def test_bfloat16_is_autocast_of_the_float32_network():
     assert lin.weight.dtype == torch.float32 and torch.equal(lin.weight, w)
 
 
+def test_bfloat16_keeps_attention_in_float32():
+    """A diffusers Attention module as the whole network: under use_bfloat16 its processor runs with autocast off,
+    so the output is bit-identical to float32's; on the shapes UNet every Attention module gets that processor."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, heads=2, dim_head=8)
+    x, context = torch.randn(2, 5, 16), torch.randn(2, 3, 16)
+    with torch.no_grad():
+        want = attn(x, context)
+
+    class Tiny:
+        module = torch.nn.ModuleDict({"unet": attn})
+
+    runtime.use_bfloat16(Tiny())
+    with torch.no_grad():
+        got = attn(x, context)
+    assert isinstance(attn.processor, runtime.Float32Attention)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    shapes = runtime.use_bfloat16(load_model("shapes"))
+    found = [m for m in runtime.network(shapes).modules() if isinstance(m, Attention)]
+    assert found and all(isinstance(m.processor, runtime.Float32Attention) for m in found)
+
+
 @pytest.mark.parametrize("model", ["digits", "shapes"])
 def test_bfloat16_forward_is_within_bfloat16_precision(model):
     """The bundled networks under bfloat16 autocast: the same weights (digest), float32 outputs in the default

@@ -90,8 +90,9 @@ Bf16Opt = Annotated[
     bool,
     typer.Option(
         "--bf16",
-        help="run the denoising network in bfloat16 autocast (weights stay float32; samples close to, not equal "
-        "to, float32's; 1.5-2.2x faster on CPUs with AVX512-BF16); measured speed and accuracy: docs/benchmarks.md",
+        help="run the denoising network in bfloat16 autocast (weights and attention stay float32; samples close "
+        "to, not equal to, float32's; 1.4-1.9x faster on a CPU with AVX512-BF16); measured speed and accuracy: "
+        "docs/benchmarks.md",
     ),
 ]
 # `sample`, `eval` and `edit`: the check of fitted files against the run (condiff.core.fitted).

@@ -11,9 +11,11 @@ exports and PAG's attention processors see the same network).
   The arithmetic is the same up to the order of float32 sums inside the convolutions.
 - ``use_bfloat16(model)``: the network's forward under ``torch.autocast`` in bfloat16 (Micikevicius et al. 2018,
   "Mixed Precision Training", sec. 3: weights kept in float32, matrix products and convolutions in 16 bits),
-  its floating-point outputs cast back to float32. The weights are not touched; the outputs differ from float32
-  by bfloat16's 8-bit mantissa (relative error up to 2^-8 per product), so samples are close to eager's, not
-  equal. On CPUs with AVX512-BF16 the network runs 1.5-2.2x faster (docs/benchmarks.md).
+  its floating-point outputs cast back to float32. Its diffusers ``Attention`` modules keep float32
+  (``Float32Attention``: CPU's fused attention kernel is about 3x slower in bfloat16 than in float32, measured
+  on the shapes UNet, where the convolutions gain 1.8x). The weights are not touched; the outputs differ from
+  float32 by bfloat16's 8-bit mantissa (relative error up to 2^-8 per product), so samples are close to eager's,
+  not equal (docs/benchmarks.md has the measured speed).
 - ``compile_network(model)``: ``nn.Module.compile`` (``torch.compile`` of the network's forward; the first call
   at each new input shape compiles). ``check_compile()`` compiles and runs a one-line function with the same
   backend first, so a build without a working compiler is a one-line ConfigError naming the cause, not a
@@ -87,6 +89,23 @@ def use_channels_last(model, label: str = "channels_last"):
     return model
 
 
+class Float32Attention:
+    """A diffusers attention processor that runs ``inner`` (the module's own processor) with autocast off and its
+    tensor inputs in float32: the attention block of a network that otherwise runs under bfloat16 autocast."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kw):
+        def f32(v):
+            return v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            return self.inner(
+                attn, f32(hidden_states), f32(encoder_hidden_states), f32(attention_mask), f32(temb), *args, **kw
+            )
+
+
 def use_bfloat16(model, label: str = "bfloat16"):
     """Run the model's denoising network under bfloat16 autocast, its floating outputs cast back to float32
     (see the module docstring); returns the model (changed in place: the network's ``forward`` is wrapped, its
@@ -104,6 +123,9 @@ def use_bfloat16(model, label: str = "bfloat16"):
         return map_tensors(out, _to_float32)
 
     net.forward = autocast_forward
+    for module in net.modules():  # diffusers Attention modules: attention in float32 (module docstring)
+        if callable(getattr(module, "set_processor", None)) and hasattr(module, "processor"):
+            module.set_processor(Float32Attention(module.processor))
     net._condiff_bfloat16 = True
     return model
 
