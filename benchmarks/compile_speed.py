@@ -73,12 +73,7 @@ def main():
         m = load_model(args.model)
         rows[name] = {"way": name, "compile": compile_net, "channels_last": channels_last, "bf16": bf16, "error": None}
         try:
-            if channels_last:
-                runtime.use_channels_last(m, "--channels-last")
-            if bf16:
-                runtime.use_bfloat16(m, "--bf16")
-            if compile_net:
-                runtime.compile_network(m, "--compile")
+            runtime.run_faster(m, compile_net, channels_last, bf16)
         except ConfigError as err:
             rows[name]["error"] = str(err)
             continue

@@ -184,7 +184,11 @@ def condiff_config(
 
 
 AG = 0.999
-WAYS = ("bf16 + compile + channels-last", "compile + channels-last", "bf16")  # the faster networks, longest first
+WAYS = {  # the faster networks, longest name first: way -> (--compile --channels-last, --bf16)
+    "bf16 + compile + channels-last": (True, True),
+    "compile + channels-last": (True, False),
+    "bf16": (False, True),
+}
 
 
 def linear_ag_fitter(m, solver: str, t_start: float, n: int = 256, seed: int = 12345) -> Callable:
@@ -306,14 +310,12 @@ def main():
                 outs = [cfg.run(m, c, x, steps) for c, x in chunks]
             return torch.cat([o[0] for o in outs]).clamp(-1, 1), outs[0][1]
 
-        faster = {}  # separate copies of the model: changing the shared one would change the peers' network too
-        if args.bf16:
-            faster["bf16"] = runtime.use_bfloat16(load_model(name))
-        if args.compile:
-            faster["compile + channels-last"] = runtime.compile_network(runtime.use_channels_last(load_model(name)))
-        if args.bf16 and args.compile:
-            both = runtime.use_bfloat16(runtime.use_channels_last(load_model(name)))
-            faster["bf16 + compile + channels-last"] = runtime.compile_network(both)
+        # separate copies of the model: changing the shared one would change the peers' network too
+        faster = {
+            way: runtime.run_faster(load_model(name), compile_net, compile_net, bf16)  # compile with channels_last
+            for way, (compile_net, bf16) in WAYS.items()
+            if (args.compile or not compile_net) and (args.bf16 or not bf16)
+        }
         steps_list = tuple(int(k) for k in args.steps_list.split(","))
         cases = configs(m, grid_files.get(name, []), steps_list, faster)
         for cfg in cases:

@@ -763,21 +763,6 @@ def apply_loras(m, lora, scales: dict) -> None:
     set_scales(net, scales)
 
 
-def run_faster(m, compile_net: bool, channels_last: bool, bf16: bool = False):
-    """--channels-last, --bf16, then --compile, on a loaded model's denoising network (condiff.models.runtime),
-    after the fitted-file checks have read its weights; a one-line ConfigError where torch.compile does not
-    work here."""
-    from condiff.models import runtime
-
-    if channels_last:
-        runtime.use_channels_last(m, "--channels-last")
-    if bf16:
-        runtime.use_bfloat16(m, "--bf16")
-    if compile_net:
-        runtime.compile_network(m, "--compile")
-    return m
-
-
 def method_class(name: str):
     from condiff.errors import one_of
     from condiff.inversion.methods import METHODS

@@ -212,7 +212,9 @@ def sample_cmd(
     m = common.load_model(model)
     fitted.check_model(m, model)
     common.apply_loras(m, lora, loras)
-    common.run_faster(m, compile_net, channels_last, bf16)
+    from condiff.models.runtime import run_faster
+
+    run_faster(m, compile_net, channels_last, bf16)  # after the fitted-file checks have read the weights
     m, engine = psample.attach(m, par)
     t0_grid, factor = common.start_of(m, model, t_start, centre_subpixels)
     g = torch.Generator().manual_seed(seed)
@@ -383,7 +385,9 @@ def eval_cmd(
     m = common.load_model(model)
     fitted.check_model(m, model)
     common.apply_loras(m, lora, loras)
-    common.run_faster(m, compile_net, channels_last, bf16)
+    from condiff.models.runtime import run_faster
+
+    run_faster(m, compile_net, channels_last, bf16)  # after the fitted-file checks have read the weights
     t0_grid, factor = common.start_of(m, model, t_start, centre_subpixels)
     res = evaluate(
         m,

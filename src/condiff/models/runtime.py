@@ -1,7 +1,7 @@
 """Opt-in ways to run a loaded model's denoising network faster: channels_last memory format, bfloat16 autocast
 and torch.compile.
 
-Both act on the network that every denoiser call runs (``model.module["unet"]``), in place, and keep its module
+Each acts on the network that every denoiser call runs (``model.module["unet"]``), in place, and keep its module
 tree: parameter names, values and the state dict are unchanged (so ``weights_digest``, fitted-file checks,
 exports and PAG's attention processors see the same network).
 
@@ -44,15 +44,15 @@ def network(model, label: str = "this option") -> torch.nn.Module:
     return module[NETWORK]
 
 
-def map_tensors(value, fn):
+def _map_tensors(value, fn):
     """``fn`` applied to the tensors in ``value`` (a tensor, or one level of tuple / list / mapping / output
     object's ``sample``); anything else as it is."""
     if isinstance(value, torch.Tensor):
         return fn(value)
     if isinstance(value, (tuple, list)):
-        return type(value)(map_tensors(v, fn) for v in value)
+        return type(value)(_map_tensors(v, fn) for v in value)
     if isinstance(value, dict) and not hasattr(value, "sample"):
-        return {k: map_tensors(v, fn) for k, v in value.items()}
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
     sample = getattr(value, "sample", None)
     if isinstance(sample, torch.Tensor):  # a diffusers output (UNet2DOutput): its sample, in place
         value.sample = fn(sample)
@@ -60,8 +60,8 @@ def map_tensors(value, fn):
 
 
 def _to_format(value, memory_format):
-    """4-D tensors in ``value`` (see ``map_tensors``) in ``memory_format``."""
-    return map_tensors(value, lambda v: v.contiguous(memory_format=memory_format) if v.dim() == 4 else v)
+    """4-D tensors in ``value`` (see ``_map_tensors``) in ``memory_format``."""
+    return _map_tensors(value, lambda v: v.contiguous(memory_format=memory_format) if v.dim() == 4 else v)
 
 
 def _channels_last_inputs(module, args, kwargs):
@@ -72,8 +72,9 @@ def _contiguous_output(module, args, kwargs, output):
     return _to_format(output, torch.contiguous_format)
 
 
-def _to_float32(v: torch.Tensor) -> torch.Tensor:
-    return v.float() if v.is_floating_point() else v
+def _float32(v):
+    """A floating tensor in float32; anything else as it is."""
+    return v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
 
 
 def use_channels_last(model, label: str = "channels_last"):
@@ -97,13 +98,9 @@ class Float32Attention:
         self.inner = inner
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kw):
-        def f32(v):
-            return v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-
+        tensors = (hidden_states, encoder_hidden_states, attention_mask, temb)
         with torch.autocast(hidden_states.device.type, enabled=False):
-            return self.inner(
-                attn, f32(hidden_states), f32(encoder_hidden_states), f32(attention_mask), f32(temb), *args, **kw
-            )
+            return self.inner(attn, *(_float32(v) for v in tensors), *args, **kw)
 
 
 def use_bfloat16(model, label: str = "bfloat16"):
@@ -113,14 +110,14 @@ def use_bfloat16(model, label: str = "bfloat16"):
     net = network(model, label)
     if getattr(net, "_condiff_bfloat16", False):
         return model
-    params = list(net.parameters())
-    device = params[0].device.type if params else "cpu"
+    first = next(net.parameters(), None)
+    device = "cpu" if first is None else first.device.type
     forward = net.forward
 
     def autocast_forward(*args, **kwargs):
         with torch.autocast(device, dtype=torch.bfloat16):
             out = forward(*args, **kwargs)
-        return map_tensors(out, _to_float32)
+        return _map_tensors(out, _float32)
 
     net.forward = autocast_forward
     for module in net.modules():  # diffusers Attention modules: attention in float32 (module docstring)
@@ -152,6 +149,18 @@ def compile_network(model, label: str = "torch.compile", backend: str = BACKEND,
     if check:
         check_compile(label, backend)
     net.compile(backend=backend)
+    return model
+
+
+def run_faster(model, compile_net: bool = False, channels_last: bool = False, bf16: bool = False):
+    """channels_last, then bfloat16, then torch.compile, each where asked, in the order `condiff sample|eval`
+    applies them (errors name them by their flags: --channels-last, --bf16, --compile); returns the model."""
+    if channels_last:
+        use_channels_last(model, "--channels-last")
+    if bf16:
+        use_bfloat16(model, "--bf16")
+    if compile_net:
+        compile_network(model, "--compile")
     return model
 
 
