@@ -137,3 +137,64 @@ def test_encode_decode_and_errors():
         dna.sample_background(3, 0)
     with pytest.raises(ConfigError, match="got a torch.float32 tensor of shape \\(2,\\)"):
         dna.log_prob(torch.zeros(2))
+
+
+def test_promoters_hold_their_motifs_at_uniform_non_overlapping_starts():
+    # length 8: K = 1 motif, the flanks' GC fraction is (8 / 2) / (8 - 4) = 1, so the only A/T letters are the motif's
+    n = 20000
+    x = dna.sample_promoters(n, 8, torch.Generator().manual_seed(0))
+    at = (x == 0) | (x == 3)
+    starts = at.float().argmax(1)
+    assert (at.sum(1) == 4).all()
+    rows = torch.arange(n).unsqueeze(1)
+    assert (x[rows, starts.unsqueeze(1) + torch.arange(4)] == dna.encode(dna.MOTIF)).all()
+    freq = torch.bincount(starts, minlength=5).double() / n  # 5 placements, each 1/5
+    se = (0.2 * 0.8 / n) ** 0.5
+    assert (freq - 0.2).abs().max() < 4 * se
+    # length 4: the whole sequence is the motif
+    assert (dna.sample_promoters(10, 4) == dna.encode(dna.MOTIF)).all()
+
+
+def test_promoters_have_k_motifs_and_expected_gc_one_half():
+    length, n = 64, 6000
+    x = dna.sample_promoters(n, length, torch.Generator().manual_seed(1))
+    big = dna.max_promoter_motifs(length)
+    assert big == 6
+    exact, _ = dna._motif_terms(torch.nn.functional.one_hot(x, 4).float())
+    count = exact.sum(1)
+    assert count.min() >= 1  # at least the planted one; flanks may add chance matches
+    # E[#GC] = (L - 4k) f_k = L / 2 for every k (f_k < 1 here), so the mean GC fraction is 1/2
+    gc = ((x == 1) | (x == 2)).double().mean(1)
+    assert abs(float(gc.mean()) - 0.5) < 3 * float(gc.std()) / n**0.5
+    # k ~ Uniform{1..6} planted motifs (mean 3.5) are never overwritten; neighbours and flanks can only add matches
+    assert float(count.mean()) > 3.5 - 3 * (35 / 12 / n) ** 0.5
+
+
+def test_dataset_mixes_promoters_at_the_given_share():
+    g = torch.Generator().manual_seed(2)
+    x = dna.dataset(20000, 32, g, promoter_share=0.1)
+    gc_free = (x == 1) | (x == 2)
+    assert x.shape == (20000, 32)
+    assert torch.equal(
+        dna.dataset(500, 32, torch.Generator().manual_seed(3), 0.0),
+        dna.sample_background(500, 32, torch.Generator().manual_seed(3)),
+    )
+    assert (dna.dataset(50, 32, promoter_share=1.0) == dna.encode(dna.MOTIF)[0]).any(1).all()
+    has_motif = dna.reward(x) + dna.GC_WEIGHT * 32 * (gc_free.double().mean(1) - 0.5) ** 2 >= 1
+    # background sequences hold a motif with probability q (measured on the chain alone); promoters always do
+    q = float(
+        (
+            dna._motif_terms(
+                torch.nn.functional.one_hot(
+                    dna.sample_background(20000, 32, torch.Generator().manual_seed(4)), 4
+                ).float()
+            )[0].sum(1)
+            >= 1
+        )
+        .double()
+        .mean()
+    )
+    want = 0.1 + 0.9 * q
+    assert abs(float(has_motif.double().mean()) - want) < 4 * (want * (1 - want) / 20000) ** 0.5
+    with pytest.raises(ConfigError, match="promoter_share"):
+        dna.dataset(4, 32, promoter_share=1.5)

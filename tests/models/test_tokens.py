@@ -3,6 +3,7 @@ save/load, and exact resume through the Trainer."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from condiff.cli.tokens import make_token_trainer
 from condiff.cli.train import run_trainer
 from condiff.discrete import one_hot
-from condiff.errors import ConfigError
+from condiff.errors import ConfigError, InputFileError
 from condiff.models.tokens import (
     Captions,
     ar_nll,
@@ -45,6 +46,8 @@ def tiny(**over):
         ({"data": {"length": 0}}, "data.length"),
         ({"colour": 1}, "'colour'"),
         ({"train": {"lr": -1.0}}, "train.lr"),
+        ({"data": {"promoter_share": 1.5}}, "data.promoter_share"),
+        ({"family": "captions", "data": {"promoter_share": 0.1}}, "data.promoter_share"),
     ],
 )
 def test_bad_token_recipes_are_one_line_errors_naming_the_value(over, needle):
@@ -107,6 +110,20 @@ def test_token_training_resumes_exactly(tmp_path):
     for p, q in zip(full.module.parameters(), resumed.module.parameters()):
         assert torch.equal(p, q)
     assert (tmp_path / "b" / "model" / "condiff.json").is_file()
+
+
+def test_promoter_share_reaches_the_batches_and_the_saved_config(tmp_path):
+    r = tiny(data={"length": 16, "promoter_share": 1.0})
+    m = build_token_model(r)
+    x, _ = m.family.batch(64, torch.Generator().manual_seed(0), r.data)
+    assert (x.unfold(1, 4, 1) == torch.tensor([3, 0, 3, 0])).all(-1).any(1).all()  # every row holds TATA
+    m.save(tmp_path / "m")
+    assert load_token_model(tmp_path / "m").config["promoter_share"] == 1.0
+    info = json.loads((tmp_path / "m" / "condiff.json").read_text())
+    info["tokens"]["promoter_share"] = "half"
+    (tmp_path / "m" / "condiff.json").write_text(json.dumps(info))
+    with pytest.raises(InputFileError, match="promoter_share"):
+        load_token_model(tmp_path / "m")
 
 
 def test_contrastive_weight_zero_is_the_plain_loss_and_a_weight_adds_the_cdcd_term():

@@ -241,7 +241,8 @@ def evaluate_tokens(m: TokenModel, n: int, seed: int, steps: int, draws: int = 4
     else:
         from condiff.data import dna
 
-        chunks = dna.dataset(n, m.length, torch.Generator().manual_seed(10_000 + seed))
+        share = m.config.get("promoter_share", 0.0)
+        chunks = dna.dataset(n, m.length, torch.Generator().manual_seed(10_000 + seed), share)
     return {**bits_per_token(m, chunks, draws=draws, seed=seed), "chunks": len(chunks)}
 
 

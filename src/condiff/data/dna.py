@@ -1,7 +1,14 @@
 """``dna``: synthetic DNA from a known first-order Markov chain, with known rewards for guidance.
 
 Tokens: A, C, G, T are ids 0..3 (``V`` = 4); id 4 is the diffusion code's MASK and is never sampled.
-Background (the pretraining data): x_0 ~ ``STATIONARY``, x_t ~ ``TRANSITIONS[x_{t-1}]``; ``log_prob`` is exact.
+Background: x_0 ~ ``STATIONARY``, x_t ~ ``TRANSITIONS[x_{t-1}]``; ``log_prob`` is exact.
+
+Promoters (``sample_promoters``), the rare high-reward kind: k ~ Uniform{1, ..., max(1, L // 10)} copies of
+``MOTIF`` at uniformly random non-overlapping starts, the other L - 4k letters independent with GC fraction
+f_k = min(1, (L / 2) / (L - 4k)) (C and G f_k / 2 each, A and T (1 - f_k) / 2), so the expected GC fraction of the
+whole sequence is 1/2 (a TATA box in a GC-balanced neighbourhood). ``dataset(..., promoter_share=s)`` is the
+pretraining corpus: each sequence a promoter with probability s, otherwise background. As in real regulatory DNA,
+the high-reward sequences are in the pretraining distribution but rare; reward fine-tuning moves mass onto them.
 
 Rewards, for a sequence x of length L (hard ids (B, L) or soft one-hot probabilities (B, L, 4); a 5th, MASK
 column (B, L, 5) is dropped, so a masked position counts as no letter):
@@ -76,9 +83,45 @@ def sample_background(n: int, length: int, generator: torch.Generator | None = N
     return x
 
 
-def dataset(n: int, length: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The pretraining data: ``sample_background(n, length, generator)``."""
-    return sample_background(n, length, generator)
+def max_promoter_motifs(length: int) -> int:
+    """K: a promoter of ``length`` letters holds k ~ Uniform{1, ..., K} motifs, K = max(1, length // 10)."""
+    return max(1, length // 10)
+
+
+def sample_promoters(n: int, length: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """n promoters (n, length): k ~ Uniform{1..K} non-overlapping MOTIFs, the rest GC-balanced (module docstring).
+    The starts are k distinct sorted draws s_1 < ... < s_k from {0, ..., L - 3k - 1}, placed at s_j + 3 (j - 1):
+    every non-overlapping placement equally likely."""
+    n, length = _check_size("n", n, 0), _check_size("length", length, len(MOTIF))
+    big = max_promoter_motifs(length)
+    k = torch.randint(1, big + 1, (n,), generator=generator)
+    k = k.clamp(max=length // len(MOTIF))
+    gc = ((length / 2) / (length - len(MOTIF) * k).clamp(min=1)).clamp(max=1.0).double()
+    probs = torch.stack([(1 - gc) / 2, gc / 2, gc / 2, (1 - gc) / 2], 1)  # A, C, G, T
+    x = torch.multinomial(probs.repeat_interleave(length, 0), 1, replacement=True, generator=generator)
+    x = x.view(n, length)
+    motif = encode(MOTIF)
+    keys = torch.rand(n, length, generator=generator)
+    for i in range(n):
+        ki = int(k[i])
+        slots = length - (len(MOTIF) - 1) * ki
+        starts = keys[i, :slots].argsort()[:ki].sort().values + (len(MOTIF) - 1) * torch.arange(ki)
+        for s in starts.tolist():
+            x[i, s : s + len(MOTIF)] = motif
+    return x
+
+
+def dataset(n: int, length: int, generator: torch.Generator | None = None, promoter_share: float = 0.0) -> torch.Tensor:
+    """The pretraining data: background sequences, each replaced by a promoter with probability
+    ``promoter_share`` (0: ``sample_background(n, length, generator)`` exactly)."""
+    x = sample_background(n, length, generator)
+    if not promoter_share:
+        return x
+    if not 0 <= promoter_share <= 1:
+        raise ConfigError(f"promoter_share must be in [0, 1], got {promoter_share!r}")
+    which = torch.rand(n, generator=generator) < promoter_share
+    x[which] = sample_promoters(int(which.sum()), length, generator)
+    return x
 
 
 def _check_hard(seqs, hi: int, what: str) -> torch.Tensor:

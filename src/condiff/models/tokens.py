@@ -120,13 +120,14 @@ class Captions(TokenFamily):
 
 
 class Dna(TokenFamily):
-    """Background DNA from a known Markov chain (``condiff.data.dna``)."""
+    """DNA (``condiff.data.dna``): background from a known Markov chain, and with ``data.promoter_share`` > 0 that
+    share of rare motif-bearing promoters."""
 
     name = "dna"
     vocab_size = dna.V
 
     def batch(self, n, generator, data):
-        return dna.dataset(n, data.length, generator), None
+        return dna.dataset(n, data.length, generator, data.promoter_share), None
 
     def text(self, tokens):
         return [dna.decode(row) for row in tokens]
@@ -161,6 +162,7 @@ class DataConfig:
     cond_drop: float = (
         0.0  # captions: the whole condition null (the text still names its attributes); 1 = unconditional
     )
+    promoter_share: float = 0.0  # dna: the share of motif-bearing promoters among the background sequences
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,9 @@ def token_recipe_from_dict(data: dict) -> TokenRecipe:
         raise ConfigError(f"model.block_size {r.model.block_size} must divide the sequence length {length}")
     check_real("data.p_drop", r.data.p_drop, 0, 1)
     check_real("data.cond_drop", r.data.cond_drop, 0, 1)
+    check_real("data.promoter_share", r.data.promoter_share, 0, 1)
+    if r.data.promoter_share and r.family != "dna":
+        raise ConfigError(f"data.promoter_share is a dna recipe's key; family {r.family!r} takes none")
     check_objective_train(ObjectiveConfig(), r.train)
     c = r.contrastive
     check_real("contrastive.weight", c.weight, 0, 1e6)
@@ -292,6 +297,8 @@ def build_token_model(r: TokenRecipe) -> TokenModel:
     else:
         net = TokenTransformer(causal=r.model.kind == "ar", **common)
     cfg = {"family": fam.name, "kind": r.model.kind, "length": length}
+    if r.data.promoter_share:
+        cfg["promoter_share"] = r.data.promoter_share
     return TokenModel(fam, nn.ModuleDict({"net": net}), cfg)
 
 
@@ -317,6 +324,12 @@ def load_token_model(directory, what: str = "--model") -> TokenModel:
         raise InputFileError(
             f"{what} {str(directory)!r}: condiff.json's 'tokens' must name a family ({', '.join(FAMILIES)}), a kind "
             f"({', '.join(KINDS)}) and an integer length, got {cfg!r}"[:300]
+        )
+    share = cfg.get("promoter_share", 0.0)
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        raise InputFileError(
+            f"{what} {str(directory)!r}: condiff.json's 'tokens' promoter_share must be a number in [0, 1], got "
+            f"{share!r}"[:300]
         )
     net = load_pretrained(BlockTransformer if cfg["kind"] == "block" else TokenTransformer, directory / "net", what)
     return TokenModel(get_family(cfg["family"]), nn.ModuleDict({"net": net.eval()}), cfg, directory, info)
