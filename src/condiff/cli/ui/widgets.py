@@ -21,7 +21,8 @@ from condiff.cli.ui.runs import Models
 SCALE = 8  # 32x32 images shown at 256x256 (nearest neighbour: the pixels stay visible)
 KEEP_WORKDIRS = 16  # the newest run folders kept; older ones are removed
 LIVE_STEPS = 200  # runs of up to this many steps show every step's preview frame
-FRAME_INTERVAL = 0.05  # longer runs show a frame at most this often (the browser could not keep up)
+FRAME_INTERVAL = 0.2  # longer runs show a frame at most this often (5 a second: at 20 a second a browser on a busy
+# 2-core machine fell behind, and clicks waited on it for minutes)
 
 
 @dataclass
