@@ -110,6 +110,13 @@ def test_soft_motif_terms_are_expectations_under_a_product_distribution():
     assert dna.reward(uniform).tolist() == [7 / 256] * 2
 
 
+def test_motif_count_matches_brute_force():
+    x = dna.sample_background(200, 24, torch.Generator().manual_seed(7))
+    want = torch.tensor([sum(motif_terms(dna.decode(row))[0]) for row in x])
+    assert torch.equal(dna.motif_count(x), want)
+    assert dna.motif_count(dna.encode("TATATA").unsqueeze(0)).item() == 2
+
+
 def test_soft_reward_is_differentiable():
     logits = torch.randn(3, 12, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64, requires_grad=True)
     for fn in (dna.reward, dna.heldout_reward):
@@ -160,8 +167,7 @@ def test_promoters_have_k_motifs_and_expected_gc_one_half():
     x = dna.sample_promoters(n, length, torch.Generator().manual_seed(1))
     big = dna.max_promoter_motifs(length)
     assert big == 6
-    exact, _ = dna._motif_terms(torch.nn.functional.one_hot(x, 4).float())
-    count = exact.sum(1)
+    count = dna.motif_count(x)
     assert count.min() >= 1  # at least the planted one; flanks may add chance matches
     # E[#GC] = (L - 4k) f_k = L / 2 for every k (f_k < 1 here), so the mean GC fraction is 1/2
     gc = ((x == 1) | (x == 2)).double().mean(1)
@@ -173,26 +179,16 @@ def test_promoters_have_k_motifs_and_expected_gc_one_half():
 def test_dataset_mixes_promoters_at_the_given_share():
     g = torch.Generator().manual_seed(2)
     x = dna.dataset(20000, 32, g, promoter_share=0.1)
-    gc_free = (x == 1) | (x == 2)
     assert x.shape == (20000, 32)
     assert torch.equal(
         dna.dataset(500, 32, torch.Generator().manual_seed(3), 0.0),
         dna.sample_background(500, 32, torch.Generator().manual_seed(3)),
     )
     assert (dna.dataset(50, 32, promoter_share=1.0) == dna.encode(dna.MOTIF)[0]).any(1).all()
-    has_motif = dna.reward(x) + dna.GC_WEIGHT * 32 * (gc_free.double().mean(1) - 0.5) ** 2 >= 1
+    has_motif = dna.motif_count(x) >= 1
     # background sequences hold a motif with probability q (measured on the chain alone); promoters always do
     q = float(
-        (
-            dna._motif_terms(
-                torch.nn.functional.one_hot(
-                    dna.sample_background(20000, 32, torch.Generator().manual_seed(4)), 4
-                ).float()
-            )[0].sum(1)
-            >= 1
-        )
-        .double()
-        .mean()
+        (dna.motif_count(dna.sample_background(20000, 32, torch.Generator().manual_seed(4))) >= 1).double().mean()
     )
     want = 0.1 + 0.9 * q
     assert abs(float(has_motif.double().mean()) - want) < 4 * (want * (1 - want) / 20000) ** 0.5

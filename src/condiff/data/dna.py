@@ -7,8 +7,8 @@ Promoters (``sample_promoters``), the rare high-reward kind: k ~ Uniform{1, ...,
 ``MOTIF`` at uniformly random non-overlapping starts, the other L - 4k letters independent with GC fraction
 f_k = min(1, (L / 2) / (L - 4k)) (C and G f_k / 2 each, A and T (1 - f_k) / 2), so the expected GC fraction of the
 whole sequence is 1/2 (a TATA box in a GC-balanced neighbourhood). ``dataset(..., promoter_share=s)`` is the
-pretraining corpus: each sequence a promoter with probability s, otherwise background. As in real regulatory DNA,
-the high-reward sequences are in the pretraining distribution but rare; reward fine-tuning moves mass onto them.
+pretraining corpus: each sequence a promoter with probability s, otherwise background. The high-reward sequences
+are then in the pretraining distribution but rare, as high-activity enhancers are in real regulatory DNA.
 
 Rewards, for a sequence x of length L (hard ids (B, L) or soft one-hot probabilities (B, L, 4); a 5th, MASK
 column (B, L, 5) is dropped, so a masked position counts as no letter):
@@ -94,9 +94,8 @@ def sample_promoters(n: int, length: int, generator: torch.Generator | None = No
     every non-overlapping placement equally likely."""
     n, length = _check_size("n", n, 0), _check_size("length", length, len(MOTIF))
     big = max_promoter_motifs(length)
-    k = torch.randint(1, big + 1, (n,), generator=generator)
-    k = k.clamp(max=length // len(MOTIF))
-    gc = ((length / 2) / (length - len(MOTIF) * k).clamp(min=1)).clamp(max=1.0).double()
+    k = torch.randint(1, big + 1, (n,), generator=generator)  # K <= L // 4: the k motifs always fit
+    gc = ((length / 2) / (length - len(MOTIF) * k).clamp(min=1)).clamp(max=1.0).double()  # L = 4: no flanks
     probs = torch.stack([(1 - gc) / 2, gc / 2, gc / 2, (1 - gc) / 2], 1)  # A, C, G, T
     x = torch.multinomial(probs.repeat_interleave(length, 0), 1, replacement=True, generator=generator)
     x = x.view(n, length)
@@ -170,11 +169,14 @@ def _gc_penalty(p: torch.Tensor, weight: float) -> torch.Tensor:
     return weight * length * (gc - 0.5) ** 2
 
 
+def motif_count(seqs: torch.Tensor) -> torch.Tensor:
+    """(B,) the number of MOTIF windows (overlapping) of each sequence; of soft inputs, its expectation."""
+    return _motif_terms(_probs(seqs))[0].sum(1)
+
+
 def reward(seqs: torch.Tensor) -> torch.Tensor:
     """(B,) r(x) = #MOTIF (overlapping) - GC_WEIGHT * L * (gc - 1/2)^2; see the module docstring."""
-    p = _probs(seqs)
-    exact, _ = _motif_terms(p)
-    return exact.sum(1) - _gc_penalty(p, GC_WEIGHT)
+    return motif_count(seqs) - _gc_penalty(_probs(seqs), GC_WEIGHT)
 
 
 def heldout_reward(seqs: torch.Tensor) -> torch.Tensor:
