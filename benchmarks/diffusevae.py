@@ -48,7 +48,7 @@ from condiff.data.images import labelled_grid, save_png  # noqa: E402
 from condiff.evaluation.metrics import classifier_features, frechet_distance  # noqa: E402
 from condiff.models.dense import EVAL_SEED_OFFSET  # noqa: E402
 from condiff.models.diffusevae import find_model, load_diffusevae_model  # noqa: E402
-from condiff.tasks.diffusevae import path_changes, smoothness  # noqa: E402
+from condiff.tasks.diffusevae import MEASURES, excess_variation, object_measures, path_changes, smoothness  # noqa: E402
 
 CMD = "OMP_NUM_THREADS=1 python benchmarks/diffusevae.py --reference"
 
@@ -63,6 +63,26 @@ def one_object(images: torch.Tensor) -> torch.Tensor:
     bright = (images.max(1).values > 0).flatten(1).sum(1)
     largest = labeller.masks(images).flatten(1).sum(1)
     return (bright > 0) & (largest >= 0.95 * bright)
+
+
+def classifier_labels(images: torch.Tensor, net) -> torch.Tensor:
+    """(B, 4) the bundled clean classifier's reading (argmax of each head), in the labeller's attribute order."""
+    with torch.no_grad():
+        logits = net(images)
+    return torch.stack([net.head(logits, name).argmax(1) for name in shapes.ATTRIBUTES], 1)
+
+
+def variation(paths: torch.Tensor) -> dict:
+    """Per measure of ``object_measures``, over paths (P, frames, 3, H, W): the mean excess variation (0 for a path
+    whose measure moves monotonically from its first value to its last) and the mean net change, for scale."""
+    p, f = paths.shape[:2]
+    m = object_measures(paths.flatten(0, 1)).view(p, f, -1)
+    excess = torch.stack([excess_variation(v) for v in m])  # (P, M)
+    net = (m[:, -1] - m[:, 0]).abs()
+    out = {}
+    for j, name in enumerate(MEASURES):
+        out[name] = {"excess": float(excess[:, j].nanmean()), "net_change": float(net[:, j].nanmean())}
+    return out
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -171,8 +191,11 @@ def measure(args) -> dict:
     interp = {}
     for name, imgs in (("vae", xh.clamp(-1, 1)), ("diffusevae", xr)):
         labels = labeller.label(imgs).view(args.pairs, args.frames, -1)
+        read = classifier_labels(imgs, net).view(args.pairs, args.frames, -1)
         interp[name] = {
             **smoothness(list(labels)),
+            "classifier": smoothness(list(read)),
+            "measures": variation(imgs.view(args.pairs, args.frames, *imgs.shape[1:])),
             "object": float((labels[..., 0] >= 0).float().mean()),
             "one_object": float(one_object(imgs).float().mean()),
             "paths": [{"changes_minimum": list(path_changes(p)), "labels": p.tolist()} for p in labels],
@@ -218,6 +241,12 @@ def main(argv=None):
             f"interpolation {k:10s} changes {s['changes']:.2f} minimum {s['minimum']:.2f} excess {s['excess']:.2f} "
             f"minimal {s['minimal_share']:.0%} reversals {s['reversals']:.2f} monotone {s['monotone_share']:.0%} "
             f"object {s['object']:.0%} one object {s['one_object']:.0%}"
+        )
+        c = s["classifier"]
+        print(f"  read by the clean classifier: reversals {c['reversals']:.2f} monotone {c['monotone_share']:.0%}")
+        print(
+            "  excess variation (net change): "
+            + ", ".join(f"{k} {v['excess']:.3f} ({v['net_change']:.2f})" for k, v in s["measures"].items())
         )
     print(f"accept (DiffuseVAE FD < VAE FD): {out['accept_fd']}; wrote {args.json}, {args.png}, {args.samples_png}")
     return 0

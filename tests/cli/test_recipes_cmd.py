@@ -23,6 +23,7 @@ NAMES = [
     "diffmatch",
     "diffusevae",
     "diffusevae-vae",
+    "diffusevae-vae-spatial",
     "digits",
     "digits-conprediff",
     "digits_edm",

@@ -155,6 +155,10 @@ def test_good_calls_write_their_grid_and_json(files):
 # recipes --------------------------------------------------------------------------------------------------------
 KINDS = {
     "diffusevae-vae": (RECIPES_DIR / "diffusevae-vae.toml", {"model": dv.DiffuseVAENetConfig, "train": TrainConfig}),
+    "diffusevae-vae-spatial": (
+        RECIPES_DIR / "diffusevae-vae-spatial.toml",
+        {"model": dv.DiffuseVAENetConfig, "train": TrainConfig},
+    ),
     "diffusevae": (RECIPES_DIR / "diffusevae.toml", {"model": dv.DiffuseVAENetConfig, "train": TrainConfig}),
 }
 FIELDS = [
@@ -253,3 +257,27 @@ def test_recipe_bad_priors(workdir, value):
     r = _base("diffusevae-vae")
     r["model"]["prior"] = "gmm"
     _check(r, workdir, "model.prior belongs to a kind 'ddpm' recipe", via_cli=True)
+
+
+@settings(max_examples=10)
+@given(
+    case=st.one_of(
+        st.tuples(st.just("decoder"), st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=8)),
+        st.tuples(st.just("patch"), st.integers(-64, 200)),
+        st.tuples(st.just("where_weight"), st.floats(allow_nan=True, allow_infinity=True)),
+    )
+)
+def test_recipe_bad_spatial_decoder_values(workdir, case):
+    key, value = case
+    if key == "decoder":
+        assume(value not in dv.VAES and "\x00" not in value)
+    elif key == "patch":
+        assume(not (8 <= value <= 32 and value % 8 == 0))
+    else:
+        assume(not (0 <= value < float("inf")))
+    r = _base("diffusevae-vae-spatial")
+    r["model"][key] = value
+    _check(r, workdir, f"model.{key}", via_cli=True)
+    r = _base("diffusevae-vae")
+    r["model"].update(decoder="conv", latent_dim=16, patch=24)
+    _check(r, workdir, "model.patch belongs to decoder 'spatial'", via_cli=True)

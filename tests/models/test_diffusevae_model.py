@@ -250,3 +250,114 @@ def test_fitted_prior_roundtrips_and_draws_the_mixture(saved, tmp_path):
 def test_bad_prior_keys_are_one_line_config_errors(model, needle):
     with pytest.raises(ConfigError, match=needle):
         dv.diffusevae_recipe_from_dict({"name": "x", "family": "diffusevae", "model": model})
+
+
+SPATIAL = {"decoder": "spatial", "latent_dim": 5, "width": 4, "patch": 8, "sigma": 0.5, "beta": 1.0}
+
+
+def test_place_patch_pastes_exactly_on_the_pixel_grid():
+    g = torch.Generator().manual_seed(0)
+    patch = torch.rand(2, 3, 8, 8, generator=g)
+    for m in (-5, 0, 3):  # shift by m pixels: the centre moves by 2 m / 32 in normalised units
+        centre = torch.full((2, 2), 2 * m / 32)
+        out = dv.place_patch(patch, centre, torch.full((2,), 0.5), 32)
+        want = torch.zeros(2, 3, 32, 32)
+        want[:, :, 12 + m : 20 + m, 12 + m : 20 + m] = patch
+        torch.testing.assert_close(out, want, atol=1e-6, rtol=0)
+
+
+def test_where_of_is_the_renderers_centre_and_size():
+    """A render without jitter has its (symmetric) circle or square centred on its cell's centre; where_of maps the
+    attributes to the latent whose placement puts a patch's centre exactly there, and small to large by 3 / 5.5."""
+    from condiff.data import shapes
+    from condiff.tasks.diffusevae import object_measures
+
+    attrs = shapes.random_attrs(64, torch.Generator().manual_seed(1))
+    attrs[:, 0] = attrs[:, 0] % 2  # circle or square: symmetric about the centre
+    b = shapes.render_batch(attrs, jitter=0)
+    w = dv.where_of(attrs)
+    centre_px = (w[:, :2] * dv.POSITION_SCALE + 1) * shapes.SIZE / 2 - 0.5  # normalised -> pixel-centre units
+    torch.testing.assert_close(object_measures(b.images)[:, :2].float(), centre_px, atol=1e-5, rtol=0)
+    scale = torch.exp(dv.SIZE_SCALE * w[:, 2])
+    torch.testing.assert_close(scale, torch.where(attrs[:, 2] == 1, 1.0, 3.0 / 5.5), atol=1e-6, rtol=0)
+
+
+def test_spatial_vae_shapes_codes_and_paths():
+    vae = dv.SpatialVAE(5, 4, 8)
+    assert vae.latent_size == 8
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    mu, logvar, logits = vae.encode_all(x)
+    assert mu.shape == logvar.shape == (3, 5) and logits.shape == (3, 3)
+    z = vae.encode_mean(x)
+    assert z.shape == (3, 8) and torch.equal(z[:, 5:].sum(1), torch.ones(3))  # a one-hot shape code
+    y = vae.decode(z)
+    assert y.shape == (3, 3, 32, 32) and y.abs().max() <= 1
+    za = torch.cat([torch.zeros(5), torch.tensor([1.0, 0, 0])])
+    zb = torch.cat([torch.ones(5), torch.tensor([0, 0, 1.0])])
+    p = vae.path(za, zb, 5)
+    torch.testing.assert_close(p[:, :5], torch.linspace(0, 1, 5).view(-1, 1).expand(5, 5))
+    assert p[:2, 5:].tolist() == [[1, 0, 0]] * 2 and p[2:, 5:].tolist() == [[0, 0, 1]] * 3  # switches at s = 1/2
+    prior = vae.prior_sample(6, torch.Generator().manual_seed(0))
+    assert prior.shape == (6, 8) and torch.equal(prior[:, 5:].sum(1), torch.ones(6))
+    conv = dv.ConvVAE(3, 4)
+    torch.testing.assert_close(
+        conv.path(torch.zeros(3), torch.ones(3), 3), dv.lerp_path(torch.zeros(3), torch.ones(3), 3)
+    )
+
+
+def test_spatial_vae_loss_supervises_where_and_code():
+    from condiff.data import shapes
+
+    torch.manual_seed(0)
+    vae = dv.SpatialVAE(5, 4, 8)
+    b = shapes.sample_batch(4, torch.Generator().manual_seed(0))
+    parts, extra = vae.loss(b.images, b.attrs, 0.5, 1.0, 2.0, torch.Generator().manual_seed(1))
+    mu, _, logits = vae.encode_all(b.images)
+    where = (mu[:, 2:] - dv.where_of(b.attrs)).pow(2).sum(1)
+    ce = torch.nn.functional.cross_entropy(logits, b.attrs[:, 0], reduction="none")
+    torch.testing.assert_close(extra, 3072 * (2.0 * where + ce))
+    assert parts.nll.shape == parts.kl.shape == (4,)
+
+
+def test_spatial_vae_trains_saves_and_reloads(tmp_path):
+    t = {"steps": 2, "batch_size": 4, "warmup": 1, "ckpt_every": 1, "eval_every": 0}
+    r = dv.diffusevae_recipe_from_dict({"name": "s", "family": "diffusevae", "model": {"kind": "vae", **SPATIAL},
+                                        "train": t})  # fmt: skip
+    out = dv.make_diffusevae_trainer(r, tmp_path / "run", progress=False).run().export()
+    back = dv.load_diffusevae_model(out)
+    assert isinstance(back.vae, dv.SpatialVAE) and back.config["decoder"] == "spatial"
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    z = back.encode_mean(x)
+    assert z.shape == (2, 8)
+    x_hat, refined, _ = back.interpolate(x[:1], x[1:], 4)
+    assert refined is None and x_hat.shape == (4, 3, 32, 32)
+    torch.testing.assert_close(x_hat[0], back.vae.decode(z[:1]).clamp(-1, 1)[0])
+    ddpm = dv.diffusevae_recipe_from_dict({"name": "d", "family": "diffusevae",
+                                           "model": {"kind": "ddpm", "vae": str(tmp_path / "run")}})  # fmt: skip
+    m = dv.build_diffusevae_model(ddpm)
+    assert isinstance(m.vae, dv.SpatialVAE) and m.config["patch"] == 8 and m.config["decoder"] == "spatial"
+    gmm = dv.diffusevae_recipe_from_dict({"name": "d", "family": "diffusevae", "model": {
+        "kind": "ddpm", "vae": str(tmp_path / "run"), "prior": "gmm", "prior_components": 2}})  # fmt: skip
+    with mock.patch.object(dv, "PRIOR_FIT_N", 64):
+        m = dv.build_diffusevae_model(gmm)
+    m.save(tmp_path / "gmm")
+    back = dv.load_diffusevae_model(tmp_path / "gmm")  # the mixture covers the full latent, the shape code included
+    assert back.module["prior"].config.latent_dim == 8 and back.latents(3, torch.Generator()).shape == (3, 8)
+
+
+@pytest.mark.parametrize(
+    ("model", "needle"),
+    [
+        ({"kind": "vae", "decoder": "mlp"}, "model.decoder 'mlp'"),
+        ({"kind": "vae", "decoder": "spatial", "latent_dim": 3}, "model.latent_dim"),
+        ({"kind": "vae", "decoder": "spatial", "patch": 12}, "model.patch must be a multiple of 8, got 12"),
+        ({"kind": "vae", "decoder": "spatial", "patch": 64}, "model.patch"),
+        ({"kind": "vae", "decoder": "spatial", "where_weight": -1.0}, "model.where_weight must be a finite number"),
+        ({"kind": "vae", "patch": 8}, "model.patch belongs to decoder 'spatial'"),
+        ({"kind": "ddpm", "vae": "v", "decoder": "spatial"}, "model.decoder belongs to the VAE's recipe"),
+    ],
+)
+def test_bad_spatial_keys_are_one_line_config_errors(model, needle):
+    with pytest.raises(ConfigError, match=needle) as e:
+        dv.diffusevae_recipe_from_dict({"name": "x", "family": "diffusevae", "model": model})
+    assert len(str(e.value).splitlines()) == 1

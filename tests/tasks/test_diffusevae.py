@@ -206,3 +206,43 @@ def test_two_separated_clusters_give_their_shares_and_means():
     torch.testing.assert_close(m[order], torch.stack([a.mean(0), b.mean(0)]).float())
     with pytest.raises(ConfigError, match="3-component mixture needs"):
         fit_latent_mixture(torch.zeros(2, 4), 3)
+
+
+def test_object_measures_are_exact_on_a_flat_square():
+    from condiff.tasks.diffusevae import MEASURES, object_measures
+
+    x = -torch.ones(2, 3, 32, 32)
+    x[0, :, 4:10, 20:26] = torch.tensor([1.0, -1.0, 0.0]).view(3, 1, 1)  # red 1, green 0, blue 1/2
+    x[1, 1, 10:21, 0:11] = 1.0  # a green 11x11 square at rows 10..20, columns 0..10
+    m = object_measures(x)
+    assert m.shape == (2, len(MEASURES))
+    torch.testing.assert_close(m[0], torch.tensor([6.5, 22.5, 6.0, 1.0, 0.0, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(m[1], torch.tensor([15.0, 5.0, 11.0, 0.0, 1.0, 0.0], dtype=torch.float64))
+    dark = object_measures(-torch.ones(1, 3, 8, 8))[0]  # no lit pixel: size 0, the rest undefined
+    assert dark[2] == 0 and torch.isnan(dark[[0, 1, 3, 4, 5]]).all()
+    with pytest.raises(ConfigError, match="needs \\(B, 3, H, W\\)"):
+        object_measures(torch.zeros(3, 32, 32))
+
+
+def test_a_half_lit_pixel_counts_half_and_is_not_bright():
+    from condiff.tasks.diffusevae import object_measures
+
+    x = -torch.ones(1, 3, 4, 4)
+    x[0, 2, 0, 0] = 1.0  # blue, full
+    x[0, 2, 0, 2] = 0.0  # blue at half intensity: weight 1/2 in the centroid, not bright (w > 1/2) for the size
+    x[0, 2, 3, 3] = 0.2  # intensity 0.6: bright, so the bounding box is rows 0..3, columns 0..3
+    m = object_measures(x)[0]
+    mass = 1 + 0.5 + 0.6
+    want = torch.tensor([3 * 0.6 / mass, (2 * 0.5 + 3 * 0.6) / mass, 4.0], dtype=torch.float64)
+    torch.testing.assert_close(m[:3], want)
+
+
+def test_excess_variation_is_zero_exactly_for_monotone_paths():
+    from condiff.tasks.diffusevae import excess_variation
+
+    v = torch.tensor([[0.0, 5.0, 1.0], [1.0, 5.0, 3.0], [1.0, 4.0, 0.0], [3.0, 2.0, 1.0]])
+    # column 0 rises monotonically (0); column 1 falls monotonically (0); column 2 goes 1 -> 3 -> 0 -> 1:
+    # variation 2 + 3 + 1 = 6 against a net change of 0
+    torch.testing.assert_close(excess_variation(v), torch.tensor([0.0, 0.0, 6.0]))
+    with pytest.raises(ConfigError, match="frames >= 2"):
+        excess_variation(torch.zeros(1, 3))

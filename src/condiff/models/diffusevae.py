@@ -6,7 +6,10 @@ computes exactly what the pretrained unconditional-caption model did and learns 
 
 A recipe (``family = "diffusevae"``) has [model] and [train] (condiff's ``TrainConfig``). ``model.kind`` 'vae': the
 VAE with ``latent_dim``, ``width`` (the first conv's channels; 2x and 4x below), the decoder's ``sigma`` and the KL
-weight ``beta``; [train] takes no init_from. ``model.kind`` 'ddpm': ``model.vae`` names the trained VAE (a model
+weight ``beta``, and ``decoder``: 'conv' (``ConvVAE``) or 'spatial' (``SpatialVAE``, a what/where VAE whose decoder
+places a drawn ``patch``-pixel canvas with a spatial transformer; its where-latent is supervised by the renders' cell
+centre and size with weight ``where_weight``, and a shape head gives a discrete shape code); [train] takes no
+init_from. ``model.kind`` 'ddpm': ``model.vae`` names the trained VAE (a model
 folder or a run folder holding it as model/), [train] ``init_from`` the shapes model that starts the UNet (default
 'shapes'); the VAE keys belong to the VAE and are refused here. ``model.prior`` is the latent prior samples draw z
 from: 'normal' (N(0, I), the paper's p(z)) or 'gmm', a ``prior_components``-component Gaussian mixture fitted at build
@@ -59,7 +62,6 @@ from condiff.tasks.diffusevae import (
     lerp_path,
     mixture_latents,
     prior_latents,
-    reconstruction,
     reparameterize,
     two_stage_sample,
     vae_loss,
@@ -79,7 +81,7 @@ from condiff.training.trainer import Trainer
 
 FAMILY = "diffusevae"
 KINDS = ("vae", "ddpm")
-VAE_KEYS = ("latent_dim", "width", "sigma", "beta")
+VAE_KEYS = ("latent_dim", "width", "sigma", "beta", "decoder", "patch", "where_weight")
 PRIORS = ("normal", "gmm")
 MAX_COMPONENTS = 256
 PRIOR_FIT_N = 5000  # training renders whose posterior samples z ~ q(z | x) the mixture prior is fitted to
@@ -124,6 +126,155 @@ class ConvVAE(ModelMixin, ConfigMixin):
         h = self.from_latent(z).view(z.shape[0], -1, 4, 4)
         return torch.tanh(self.decoder(h))
 
+    @property
+    def latent_size(self) -> int:
+        """The length of a full latent z (what ``decode`` takes): latent_dim."""
+        return self.config.latent_dim
+
+    def encode_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """The deterministic latent mu(x) of each image."""
+        return self.encode(x)[0]
+
+    def posterior_sample(self, x: torch.Tensor, generator=None) -> torch.Tensor:
+        """z ~ q(z | x), one draw per image."""
+        return reparameterize(*self.encode(x), generator)
+
+    def prior_sample(self, n: int, generator=None) -> torch.Tensor:
+        """n draws of z ~ N(0, I)."""
+        return prior_latents(n, self.config.latent_dim, generator)
+
+    def path(self, z_a: torch.Tensor, z_b: torch.Tensor, frames: int) -> torch.Tensor:
+        """The straight line from z_a to z_b, ``frames`` points."""
+        return lerp_path(z_a, z_b, frames)
+
+
+POSITION_SCALE = 0.6  # a where-latent unit moves the object this far in normalised image units (2 = the image)
+SIZE_SCALE = 0.3  # and scales it by exp(this)
+
+
+def place_patch(patch: torch.Tensor, centre: torch.Tensor, width: torch.Tensor, size: int) -> torch.Tensor:
+    """Patches (B, C, p, p) drawn into (B, C, size, size) canvases of zeros with their centres at ``centre`` (B, 2:
+    row, column) and their side ``width`` (B,), both in normalised image units ([-1, 1] spans the canvas), by
+    bilinear sampling (a spatial transformer, Jaderberg et al. 2015). At width 2 p / size and a centre on the pixel
+    grid the patch is pasted exactly."""
+    b = patch.shape[0]
+    k = 2 / width
+    theta = torch.zeros(b, 2, 3, dtype=patch.dtype)
+    theta[:, 0, 0] = k
+    theta[:, 1, 1] = k
+    theta[:, 0, 2] = -k * centre[:, 1]
+    theta[:, 1, 2] = -k * centre[:, 0]
+    grid = torch.nn.functional.affine_grid(theta, (b, patch.shape[1], size, size), align_corners=False)
+    return torch.nn.functional.grid_sample(patch, grid, align_corners=False, padding_mode="zeros")
+
+
+def where_of(attrs: torch.Tensor) -> torch.Tensor:
+    """(B, 3) the where-latent that places a shapes object of attributes ``attrs`` (B, 4): its cell's centre (row,
+    column; the jitter is not in the attributes) and its log size relative to a large object, in latent units."""
+    pos, size = attrs[:, 3], attrs[:, 2]
+    half = shapes.SIZE / 2
+    row = (shapes.CENTRES[pos // 3] / half - 1) / POSITION_SCALE
+    col = (shapes.CENTRES[pos % 3] / half - 1) / POSITION_SCALE
+    extent = torch.tensor(shapes.HALF_EXTENT)
+    return torch.stack([row, col, torch.log(extent[size] / extent[-1]) / SIZE_SCALE], 1)
+
+
+class SpatialVAE(ModelMixin, ConfigMixin):
+    """A what/where VAE for shapes (Eslami et al. 2016, AIR; Bepler et al. 2019, spatial-VAE). The Gaussian latent
+    (latent_dim) is (what: latent_dim - 3 dims, where: row, column, log size); a discrete shape code (one-hot over
+    ``codes`` shapes) completes it. The decoder draws a ``patch``-pixel canvas from (what, code) and places it with
+    ``place_patch``, so a straight line in the where-latent moves and scales the object continuously. The encoder
+    shares ConvVAE's conv stack, with an MLP head for the shape's logits."""
+
+    @register_to_config
+    def __init__(self, latent_dim: int = 11, width: int = 32, patch: int = 16, codes: int = 3):
+        super().__init__()
+        w, q = width, patch // 8
+        act = nn.SiLU
+        self.encoder = nn.Sequential(
+            nn.Conv2d(3, w, 4, 2, 1), act(),
+            nn.Conv2d(w, 2 * w, 4, 2, 1), act(),
+            nn.Conv2d(2 * w, 4 * w, 4, 2, 1), act(),
+            nn.Flatten(),
+        )  # fmt: skip
+        self.to_stats = nn.Linear(4 * w * 16, 2 * latent_dim)
+        self.head = nn.Sequential(nn.Linear(4 * w * 16, 128), act(), nn.Linear(128, codes))
+        self.from_latent = nn.Linear(latent_dim - 3 + codes, 4 * w * q * q)
+        self.decoder = nn.Sequential(
+            act(),
+            nn.ConvTranspose2d(4 * w, 2 * w, 4, 2, 1), act(),
+            nn.ConvTranspose2d(2 * w, w, 4, 2, 1), act(),
+            nn.ConvTranspose2d(w, 3, 4, 2, 1),
+        )  # fmt: skip
+
+    @property
+    def latent_size(self) -> int:
+        """The length of a full latent z: the Gaussian dims, then the shape code."""
+        return self.config.latent_dim + self.config.codes
+
+    def encode_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mu, logvar) of the Gaussian latent, each (B, latent_dim), and the shape logits (B, codes)."""
+        h = self.encoder(x)
+        mu, logvar = self.to_stats(h).chunk(2, 1)
+        return mu, logvar.clamp(-30.0, 20.0), self.head(h)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar, _ = self.encode_all(x)
+        return mu, logvar
+
+    def code(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(logits.argmax(1), self.config.codes).to(logits.dtype)
+
+    def encode_mean(self, x: torch.Tensor) -> torch.Tensor:
+        mu, _, logits = self.encode_all(x)
+        return torch.cat([mu, self.code(logits)], 1)
+
+    def posterior_sample(self, x: torch.Tensor, generator=None) -> torch.Tensor:
+        mu, logvar, logits = self.encode_all(x)
+        return torch.cat([reparameterize(mu, logvar, generator), self.code(logits)], 1)
+
+    def prior_sample(self, n: int, generator=None) -> torch.Tensor:
+        """z ~ N(0, I) and a uniformly random shape code (the shapes world draws shapes uniformly)."""
+        z = prior_latents(n, self.config.latent_dim, generator)
+        k = torch.randint(self.config.codes, (n,), generator=generator)
+        return torch.cat([z, torch.nn.functional.one_hot(k, self.config.codes).to(z.dtype)], 1)
+
+    def path(self, z_a: torch.Tensor, z_b: torch.Tensor, frames: int) -> torch.Tensor:
+        """A straight line in the Gaussian latent; the discrete code is z_a's for s < 1/2 and z_b's from s = 1/2 on
+        (the nearest end: a code has no points between two shapes)."""
+        z = lerp_path(z_a, z_b, frames)
+        d = self.config.latent_dim
+        s = torch.linspace(0, 1, frames, dtype=z.dtype).view(-1, 1)
+        z[:, d:] = torch.where(s < 0.5, z_a[d:], z_b[d:])
+        return z
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        d = self.config.latent_dim
+        what, where, code = z[:, : d - 3], z[:, d - 3 : d], z[:, d:]
+        q = self.config.patch // 8
+        h = self.from_latent(torch.cat([what, code], 1)).view(z.shape[0], -1, q, q)
+        patch = torch.sigmoid(self.decoder(h))
+        width = (2 * self.config.patch / shapes.SIZE) * torch.exp(SIZE_SCALE * where[:, 2])
+        placed = place_patch(patch, POSITION_SCALE * where[:, :2], width, shapes.SIZE)
+        return placed * 2 - 1
+
+    def loss(self, x: torch.Tensor, attrs: torch.Tensor, sigma: float, beta: float, where_weight: float, generator):
+        """Per image: the beta-weighted negative ELBO with the decoder given the true shape's code, plus
+        ``where_weight`` * |mu_where - where_of(attrs)|^2 * (pixel dims) and the shape head's cross-entropy
+        * (pixel dims): the where-latent and the code are supervised by the renders' attributes."""
+        mu, logvar, logits = self.encode_all(x)
+        code = torch.nn.functional.one_hot(attrs[:, 0], self.config.codes).to(x.dtype)
+        parts = vae_loss(lambda _: (mu, logvar), lambda z: self.decode(torch.cat([z, code], 1)), x, sigma, beta,
+                         generator)  # fmt: skip
+        dims = x[0].numel()
+        d = self.config.latent_dim
+        where = (mu[:, d - 3 :] - where_of(attrs)).pow(2).sum(1)
+        ce = torch.nn.functional.cross_entropy(logits, attrs[:, 0], reduction="none")
+        return parts, dims * (where_weight * where + ce)
+
+
+VAES = {"conv": ConvVAE, "spatial": SpatialVAE}
+
 
 class LatentMixture(ModelMixin, ConfigMixin):
     """A Gaussian-mixture prior over the VAE's latent (``condiff.tasks.diffusevae.fit_latent_mixture``): weights
@@ -142,11 +293,11 @@ class LatentMixture(ModelMixin, ConfigMixin):
 
 
 @torch.no_grad()
-def fit_prior(vae: ConvVAE, components: int, seed: int) -> LatentMixture:
+def fit_prior(vae, components: int, seed: int) -> LatentMixture:
     """The mixture prior fitted to posterior samples z ~ q(z | x) of PRIOR_FIT_N training renders (seed + offset)."""
     g = torch.Generator().manual_seed(seed + PRIOR_SEED_OFFSET)
     x = shapes.sample_batch(PRIOR_FIT_N, g).images
-    z = torch.cat([reparameterize(*vae.encode(x[i : i + 500]), g) for i in range(0, len(x), 500)])
+    z = torch.cat([vae.posterior_sample(x[i : i + 500], g) for i in range(0, len(x), 500)])
     w, means, tril = fit_latent_mixture(z, components, seed)
     prior = LatentMixture(z.shape[1], components)
     for p, v in zip((prior.weights, prior.means, prior.scale_tril), (w, means, tril)):
@@ -162,6 +313,9 @@ class DiffuseVAENetConfig:
     width: int = 32
     sigma: float = 0.5  # the decoder's fixed standard deviation (images in [-1, 1])
     beta: float = 1.0  # the KL weight (1: the ELBO)
+    decoder: str = "conv"  # the VAE's kind: conv (ConvVAE) | spatial (SpatialVAE, what/where with a shape code)
+    patch: int = 16  # decoder spatial: the drawn canvas's side (a multiple of 8)
+    where_weight: float = 1.0  # decoder spatial: the weight of the where-latent's supervision
     vae: str = ""  # kind ddpm: the trained VAE (a model folder or a run folder holding model/)
     prior: str = "normal"  # kind ddpm: the latent prior of samples, N(0, I) or a mixture fitted ex post ("gmm")
     prior_components: int = 10  # prior "gmm": the mixture's components
@@ -198,6 +352,21 @@ def diffusevae_recipe_from_dict(data: dict) -> DiffuseVAERecipe:
             raise ConfigError(f"model.sigma must be a positive finite number, got {m.sigma}")
         if not (m.beta >= 0 and m.beta < float("inf")):
             raise ConfigError(f"model.beta must be a finite number >= 0, got {m.beta}")
+        if m.decoder not in VAES:
+            raise one_of("model.decoder", m.decoder, VAES)
+        if m.decoder == "spatial":
+            check_int("model.latent_dim", m.latent_dim, 4, MAX_LATENT)
+            check_int("model.patch", m.patch, 8, shapes.SIZE)
+            if m.patch % 8:
+                raise ConfigError(f"model.patch must be a multiple of 8, got {m.patch}")
+            if not (m.where_weight >= 0 and m.where_weight < float("inf")):
+                raise ConfigError(f"model.where_weight must be a finite number >= 0, got {m.where_weight}")
+        else:
+            for key, default in (("patch", 16), ("where_weight", 1.0)):
+                if getattr(m, key) != default:
+                    raise ConfigError(
+                        f"model.{key} belongs to decoder 'spatial'; decoder 'conv' takes none, got {getattr(m, key)!r}"
+                    )
         for key, default in (("prior", "normal"), ("prior_components", 10)):
             if getattr(m, key) != default:
                 raise ConfigError(
@@ -256,7 +425,8 @@ class DiffuseVAEModel(TaskModel):
         return self.config["latent_dim"]
 
     @property
-    def vae(self) -> ConvVAE:
+    def vae(self):
+        """The VAE: a ConvVAE or a SpatialVAE (``VAES``)."""
         return self.module["vae"]
 
     @property
@@ -273,7 +443,7 @@ class DiffuseVAEModel(TaskModel):
             if "prior" not in self.module:
                 raise ConfigError("this model has no fitted latent prior (prior 'gmm'); it samples prior 'normal'")
             return self.module["prior"].sample(n, generator)
-        return prior_latents(n, self.latent_dim, generator)
+        return self.vae.prior_sample(n, generator)
 
     @property
     def schedule(self):
@@ -292,8 +462,8 @@ class DiffuseVAEModel(TaskModel):
 
     @torch.no_grad()
     def encode_mean(self, images: torch.Tensor) -> torch.Tensor:
-        """The posterior means mu(x) (the deterministic latent of an image)."""
-        return self.vae.encode(images)[0]
+        """The posterior means mu(x) (the deterministic latent of an image; with a SpatialVAE, and its shape code)."""
+        return self.vae.encode_mean(images)
 
     @torch.no_grad()
     def refine(self, x_hat: torch.Tensor, noise: torch.Tensor, steps: int = DEFAULT_STEPS) -> tuple[torch.Tensor, int]:
@@ -339,7 +509,7 @@ class DiffuseVAEModel(TaskModel):
         nfe), each (P * frames, 3, 32, 32) row by row. Every frame of a row shares one refiner noise (from seed + i),
         so what changes along a row comes from z alone."""
         za, zb = self.encode_mean(a), self.encode_mean(b)
-        z = torch.cat([lerp_path(za[i], zb[i], frames) for i in range(a.shape[0])])
+        z = torch.cat([self.vae.path(za[i], zb[i], frames) for i in range(a.shape[0])])
         if self.kind == "vae" or not refine:
             return self.vae.decode(z).clamp(-1, 1), None, 0
         x_hat = self.vae.decode(z)
@@ -358,12 +528,16 @@ class DiffuseVAEModel(TaskModel):
 
 def vae_config(r: DiffuseVAERecipe) -> dict:
     m = r.model
-    return {"kind": "vae", "latent_dim": m.latent_dim, "width": m.width, "sigma": m.sigma, "beta": m.beta}
+    cfg = {"kind": "vae", "latent_dim": m.latent_dim, "width": m.width, "sigma": m.sigma, "beta": m.beta}
+    if m.decoder == "spatial":  # a conv VAE's table stays as it was
+        cfg.update(decoder=m.decoder, patch=m.patch, where_weight=m.where_weight)
+    return cfg
 
 
 def build_diffusevae_model(r: DiffuseVAERecipe) -> DiffuseVAEModel:
     if r.model.kind == "vae":
-        vae = ConvVAE(r.model.latent_dim, r.model.width)
+        m = r.model
+        vae = SpatialVAE(m.latent_dim, m.width, m.patch) if m.decoder == "spatial" else ConvVAE(m.latent_dim, m.width)
         return DiffuseVAEModel(nn.ModuleDict({"vae": vae}), vae_config(r))
     folder = find_model(Path(r.model.vae), "model.vae")
     stage1 = load_diffusevae_model(folder, "model.vae")
@@ -375,7 +549,7 @@ def build_diffusevae_model(r: DiffuseVAERecipe) -> DiffuseVAEModel:
     vae = stage1.vae
     vae.requires_grad_(False)
     cfg = {
-        **{k: stage1.config[k] for k in ("latent_dim", "width", "sigma", "beta")},
+        **{k: stage1.config[k] for k in VAE_KEYS if k in stage1.config},
         "kind": "ddpm",
         "schedule": start.schedule_cfg,
         "pixel_unshuffle": start.pixel_unshuffle,
@@ -452,7 +626,10 @@ def load_diffusevae_model(directory, what: str = "--model") -> DiffuseVAEModel:
             raise InputFileError(
                 f"{what} {str(directory)!r}: the UNet does not have a DiffuseVAE's channels (24 in, 12 out)"
             )
-    vae = load_pretrained(ConvVAE, directory / "vae", what)
+    decoder = cfg.get("decoder", "conv")
+    if decoder not in VAES:
+        raise InputFileError(f"{what} {str(directory)!r}: condiff.json's decoder must be one of {', '.join(VAES)}")
+    vae = load_pretrained(VAES[decoder], directory / "vae", what)
     if vae.config.latent_dim != cfg["latent_dim"] or vae.config.width != cfg["width"]:
         raise InputFileError(f"{what} {str(directory)!r}: the VAE's latent_dim or width differs from condiff.json's")
     vae.eval().requires_grad_(False)
@@ -462,7 +639,7 @@ def load_diffusevae_model(directory, what: str = "--model") -> DiffuseVAEModel:
         raise InputFileError(f"{what} {str(directory)!r}: condiff.json's prior must be one of {', '.join(PRIORS)}")
     if kind == "ddpm" and prior == "gmm":
         mix = load_pretrained(LatentMixture, directory / "prior", what)
-        if mix.config.latent_dim != cfg["latent_dim"] or mix.config.components != cfg.get("prior_components"):
+        if mix.config.latent_dim != vae.latent_size or mix.config.components != cfg.get("prior_components"):
             raise InputFileError(
                 f"{what} {str(directory)!r}: the prior's latent_dim or components differ from condiff.json's"
             )
@@ -479,13 +656,20 @@ def diffusevae_loss_fn(model: DiffuseVAEModel, r: DiffuseVAERecipe):
     dims = float(torch.tensor(IMAGE_SHAPE).prod())
 
     def fn(step, g):
-        x = shapes.sample_batch(r.train.batch_size, g).images
+        batch = shapes.sample_batch(r.train.batch_size, g)
+        x = batch.images
         vae = model.module["vae"]
         if model.kind == "vae":
-            parts = vae_loss(vae.encode, vae.decode, x, model.config["sigma"], model.config["beta"], g)
+            cfg = model.config
+            if isinstance(vae, SpatialVAE):
+                parts, extra = vae.loss(x, batch.attrs, cfg["sigma"], cfg["beta"], cfg["where_weight"], g)
+            else:
+                parts = vae_loss(vae.encode, vae.decode, x, cfg["sigma"], cfg["beta"], g)
+                extra = torch.zeros_like(parts.nll)
             metrics = {"nll": float(parts.nll.detach().mean()), "kl": float(parts.kl.detach().mean())}
-            return parts.loss.mean() / dims, metrics
-        x_hat = reconstruction(vae.encode, vae.decode, x, g)
+            return (parts.loss + extra).mean() / dims, metrics
+        with torch.no_grad():
+            x_hat = vae.decode(vae.posterior_sample(x, g))
         t = UniformTime().sample(model.schedule, x.shape[0], g)
         eps = torch.randn(x.shape, generator=g)
         call = lambda x_t, t_in, c: ddpm_forward(model.module, x_t, c["x_hat"], t_in.to(x_t.dtype))  # noqa: E731
@@ -501,7 +685,7 @@ def evaluate_vae(model: DiffuseVAEModel, n: int, seed: int = 0) -> dict:
     b = heldout_batch(n, seed)
     rec = model.vae.decode(model.encode_mean(b.images)).clamp(-1, 1)
     acc = labeller.accuracy(labeller.label(rec), b.attrs)
-    x_hat, _, _ = model.generate(prior_latents(n, model.latent_dim, torch.Generator().manual_seed(seed)), seed)
+    x_hat, _, _ = model.generate(model.vae.prior_sample(n, torch.Generator().manual_seed(seed)), seed)
     return {
         "recon_rmse": float((rec - b.images).pow(2).mean().sqrt()),
         "recon_accuracy": acc["all"],

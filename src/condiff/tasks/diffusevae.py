@@ -233,3 +233,41 @@ def smoothness(paths: list[torch.Tensor]) -> dict:
         "reversals": sum(back) / n,
         "monotone_share": sum(r == 0 for r in back) / n,
     }
+
+
+MEASURES = ("row", "column", "size", "red", "green", "blue")
+
+
+def object_measures(images: torch.Tensor) -> torch.Tensor:
+    """(B, 6) continuous measures of the object in each image (B, 3, H, W) in [-1, 1] on black, with no classifier:
+    with the intensity w = max over channels of (x + 1) / 2 clipped to [0, 1] (1 inside a lit object, 0 on black),
+    the w-weighted centroid (row, column, in pixels, pixel centres at 0, 1, ...), the size (the mean of the height
+    and width of the bounding box of the bright pixels, w > 1/2, the labeller's rule: a square, a circle and a
+    triangle of one extent have one size) and the w-weighted mean colour (red, green, blue in [0, 1]). An image with
+    no bright pixel gets size 0; with no lit pixel, NaN for the rest."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ConfigError(f"object_measures needs (B, 3, H, W) images, got {tuple(images.shape)}")
+    rgb = ((images.double() + 1) / 2).clamp(0, 1)
+    w = rgb.amax(1)
+    mass = w.flatten(1).sum(1)
+    rows = torch.arange(images.shape[2], dtype=w.dtype).view(1, -1, 1)
+    cols = torch.arange(images.shape[3], dtype=w.dtype).view(1, 1, -1)
+    row = (w * rows).flatten(1).sum(1) / mass
+    col = (w * cols).flatten(1).sum(1) / mass
+    colour = (rgb * w.unsqueeze(1)).flatten(2).sum(2) / mass.unsqueeze(1)
+    bright = w > 0.5
+    size = torch.zeros_like(mass)
+    for i, b in enumerate(bright):
+        if b.any():
+            r, c = b.any(1).nonzero()[:, 0], b.any(0).nonzero()[:, 0]
+            size[i] = (r[-1] - r[0] + 1 + c[-1] - c[0] + 1) / 2
+    return torch.cat([torch.stack([row, col, size], 1), colour], 1)
+
+
+def excess_variation(values: torch.Tensor) -> torch.Tensor:
+    """(M,) for one path's measures (frames, M): the total variation sum_k |v_k+1 - v_k| minus the net change
+    |v_last - v_first|. It is 0 exactly when the measure moves monotonically from its first to its last value, and
+    it grows with every move back (a fade-out and fade-in of the object, a size that dips mid-path)."""
+    if values.ndim != 2 or values.shape[0] < 2:
+        raise ConfigError(f"excess_variation needs (frames >= 2, measures) values, got {tuple(values.shape)}")
+    return (values[1:] - values[:-1]).abs().sum(0) - (values[-1] - values[0]).abs()
