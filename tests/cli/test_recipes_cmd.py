@@ -22,6 +22,7 @@ NAMES = [
     "dense-eps",
     "diffmatch",
     "diffusevae",
+    "diffusevae-spatial",
     "diffusevae-vae",
     "diffusevae-vae-spatial",
     "digits",

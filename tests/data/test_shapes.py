@@ -72,3 +72,21 @@ def test_striped_style_keeps_every_attribute_and_is_detected_exactly():
     assert bool(labeller.stripes(s.images).all()) and not bool(labeller.stripes(b.images).any())
     odd_rows = s.images[:, :, 1::2][b.masks[:, 1::2].unsqueeze(1).expand(-1, 3, -1, -1)]
     assert float(odd_rows.max()) <= 2 * 0.6 - 1 + 1e-6  # dimmed to 60% of the colour
+
+
+def test_centres_are_the_cell_centres_plus_the_drawn_jitter():
+    """ShapesBatch.centres: the cell's centre moved by whole pixels within +-jitter; a square's mask is centred
+    there exactly (its bounding box's middle, in pixel-corner units)."""
+    g = torch.Generator().manual_seed(3)
+    attrs = shapes.random_attrs(200, g)
+    attrs[:, 0] = 1  # squares
+    attrs[:, 2] = 0  # small, so a jittered edge object stays inside the canvas
+    b = shapes.render_batch(attrs, g, jitter=3)
+    off = b.centres - torch.stack(shapes.cell_centre(attrs[:, 3]), 1)
+    assert off.abs().max() <= 3 and torch.equal(off, off.round()) and off.abs().max() == 3
+    rows, cols = b.masks.any(2), b.masks.any(1)
+    first = lambda m: m.float().argmax(1)  # noqa: E731
+    last = lambda m: m.shape[1] - 1 - m.flip(1).float().argmax(1)  # noqa: E731
+    torch.testing.assert_close((first(rows) + last(rows) + 1) / 2, b.centres[:, 0])
+    torch.testing.assert_close((first(cols) + last(cols) + 1) / 2, b.centres[:, 1])
+    assert torch.equal(shapes.striped(b).centres, b.centres)

@@ -265,6 +265,7 @@ def test_recipe_bad_priors(workdir, value):
         st.tuples(st.just("decoder"), st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=8)),
         st.tuples(st.just("patch"), st.integers(-64, 200)),
         st.tuples(st.just("where_weight"), st.floats(allow_nan=True, allow_infinity=True)),
+        st.tuples(st.just("jitter"), st.integers(-50, 50)),
     )
 )
 def test_recipe_bad_spatial_decoder_values(workdir, case):
@@ -273,6 +274,8 @@ def test_recipe_bad_spatial_decoder_values(workdir, case):
         assume(value not in dv.VAES and "\x00" not in value)
     elif key == "patch":
         assume(not (8 <= value <= 32 and value % 8 == 0))
+    elif key == "jitter":
+        assume(not 0 <= value <= dv.MAX_JITTER)
     else:
         assume(not (0 <= value < float("inf")))
     r = _base("diffusevae-vae-spatial")

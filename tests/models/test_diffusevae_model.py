@@ -266,20 +266,33 @@ def test_place_patch_pastes_exactly_on_the_pixel_grid():
         torch.testing.assert_close(out, want, atol=1e-6, rtol=0)
 
 
-def test_where_of_is_the_renderers_centre_and_size():
-    """A render without jitter has its (symmetric) circle or square centred on its cell's centre; where_of maps the
-    attributes to the latent whose placement puts a patch's centre exactly there, and small to large by 3 / 5.5."""
+def test_where_of_places_a_patch_at_the_renderers_centre():
+    """A render's circle or square is symmetric about its centre (ShapesBatch.centres, jitter included), so its
+    w-weighted centroid is that centre; where_of maps the centre to the latent whose placement puts a patch's centre
+    there, and small to large by 3 / 5.5."""
     from condiff.data import shapes
     from condiff.tasks.diffusevae import object_measures
 
-    attrs = shapes.random_attrs(64, torch.Generator().manual_seed(1))
-    attrs[:, 0] = attrs[:, 0] % 2  # circle or square: symmetric about the centre
-    b = shapes.render_batch(attrs, jitter=0)
-    w = dv.where_of(attrs)
+    g = torch.Generator().manual_seed(1)
+    attrs = shapes.random_attrs(64, g)
+    attrs[:, 0] = attrs[:, 0] % 2  # circle or square
+    b = shapes.render_batch(attrs, g, jitter=1)  # more jitter would push large edge objects over the canvas edge
+    w = dv.where_of(b.centres, attrs[:, 2])
     centre_px = (w[:, :2] * dv.POSITION_SCALE + 1) * shapes.SIZE / 2 - 0.5  # normalised -> pixel-centre units
     torch.testing.assert_close(object_measures(b.images)[:, :2].float(), centre_px, atol=1e-5, rtol=0)
     scale = torch.exp(dv.SIZE_SCALE * w[:, 2])
     torch.testing.assert_close(scale, torch.where(attrs[:, 2] == 1, 1.0, 3.0 / 5.5), atol=1e-6, rtol=0)
+
+
+def test_training_batches_take_the_recipes_jitter():
+    from condiff.data import shapes
+
+    a = dv.training_batch(8, shapes.JITTER, torch.Generator().manual_seed(0))
+    b = shapes.sample_batch(8, torch.Generator().manual_seed(0))
+    assert torch.equal(a.images, b.images)  # the default is the shapes stream itself
+    c = dv.training_batch(256, 4, torch.Generator().manual_seed(0))
+    off = c.centres - torch.stack(shapes.cell_centre(c.attrs[:, 3]), 1)
+    assert off.abs().max() == 4 and torch.equal(off, off.round())
 
 
 def test_spatial_vae_shapes_codes_and_paths():
@@ -311,9 +324,9 @@ def test_spatial_vae_loss_supervises_where_and_code():
     torch.manual_seed(0)
     vae = dv.SpatialVAE(5, 4, 8)
     b = shapes.sample_batch(4, torch.Generator().manual_seed(0))
-    parts, extra = vae.loss(b.images, b.attrs, 0.5, 1.0, 2.0, torch.Generator().manual_seed(1))
+    parts, extra = vae.loss(b, 0.5, 1.0, 2.0, torch.Generator().manual_seed(1))
     mu, _, logits = vae.encode_all(b.images)
-    where = (mu[:, 2:] - dv.where_of(b.attrs)).pow(2).sum(1)
+    where = (mu[:, 2:] - dv.where_of(b.centres, b.attrs[:, 2])).pow(2).sum(1)
     ce = torch.nn.functional.cross_entropy(logits, b.attrs[:, 0], reduction="none")
     torch.testing.assert_close(extra, 3072 * (2.0 * where + ce))
     assert parts.nll.shape == parts.kl.shape == (4,)
@@ -336,13 +349,19 @@ def test_spatial_vae_trains_saves_and_reloads(tmp_path):
                                            "model": {"kind": "ddpm", "vae": str(tmp_path / "run")}})  # fmt: skip
     m = dv.build_diffusevae_model(ddpm)
     assert isinstance(m.vae, dv.SpatialVAE) and m.config["patch"] == 8 and m.config["decoder"] == "spatial"
-    gmm = dv.diffusevae_recipe_from_dict({"name": "d", "family": "diffusevae", "model": {
-        "kind": "ddpm", "vae": str(tmp_path / "run"), "prior": "gmm", "prior_components": 2}})  # fmt: skip
-    with mock.patch.object(dv, "PRIOR_FIT_N", 64):
-        m = dv.build_diffusevae_model(gmm)
-    m.save(tmp_path / "gmm")
-    back = dv.load_diffusevae_model(tmp_path / "gmm")  # the mixture covers the full latent, the shape code included
-    assert back.module["prior"].config.latent_dim == 8 and back.latents(3, torch.Generator()).shape == (3, 8)
+    for prior, total in (("gmm", 2), ("factors", 2 * 2 * 3)):  # factors: what x where x one component per code
+        model = {"kind": "ddpm", "vae": str(tmp_path / "run"), "prior": prior, "prior_components": 2, "jitter": 3}
+        r = dv.diffusevae_recipe_from_dict({"name": "d", "family": "diffusevae", "model": model})
+        with mock.patch.object(dv, "PRIOR_FIT_N", 64):
+            m = dv.build_diffusevae_model(r)
+        m.save(tmp_path / prior)
+        back = dv.load_diffusevae_model(tmp_path / prior)  # the mixture covers the full latent, the code included
+        assert back.module["prior"].config.latent_dim == 8 and back.module["prior"].config.components == total
+        assert back.config["jitter"] == 3 and back.prior == prior
+        z = back.latents(5, torch.Generator().manual_seed(0))
+        assert z.shape == (5, 8)
+        if prior == "factors":  # the code block's components sit on the one-hot codes
+            torch.testing.assert_close(z[:, 5:].sum(1), torch.ones(5), atol=1e-2, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -354,6 +373,8 @@ def test_spatial_vae_trains_saves_and_reloads(tmp_path):
         ({"kind": "vae", "decoder": "spatial", "patch": 64}, "model.patch"),
         ({"kind": "vae", "decoder": "spatial", "where_weight": -1.0}, "model.where_weight must be a finite number"),
         ({"kind": "vae", "patch": 8}, "model.patch belongs to decoder 'spatial'"),
+        ({"kind": "vae", "size_in_decoder": True}, "model.size_in_decoder belongs to decoder 'spatial'"),
+        ({"kind": "vae", "jitter": 9}, "model.jitter"),
         ({"kind": "ddpm", "vae": "v", "decoder": "spatial"}, "model.decoder belongs to the VAE's recipe"),
     ],
 )
@@ -361,3 +382,19 @@ def test_bad_spatial_keys_are_one_line_config_errors(model, needle):
     with pytest.raises(ConfigError, match=needle) as e:
         dv.diffusevae_recipe_from_dict({"name": "x", "family": "diffusevae", "model": model})
     assert len(str(e.value).splitlines()) == 1
+
+
+def test_size_in_decoder_moves_the_canvas_without_scaling_it():
+    """With size_in_decoder the size latent is the decoder's input: changing it changes the drawing but not where the
+    canvas lands; an all-zero canvas stays all zero outside the 16x16 square around the centre."""
+    torch.manual_seed(0)
+    vae = dv.SpatialVAE(5, 4, 16, size_in_decoder=True)
+    assert vae.from_latent.in_features == 2 + 3 + 1
+    z = torch.zeros(2, 8)
+    z[:, 5] = 1.0
+    z[1, 4] = 2.0  # only the size latent differs
+    x = vae.decode(z)
+    assert not torch.equal(x[0], x[1])
+    outside = torch.ones(32, 32, dtype=torch.bool)
+    outside[8:24, 8:24] = False  # the canvas at the centre, unscaled
+    assert torch.equal(x[:, :, outside], -torch.ones_like(x[:, :, outside]))

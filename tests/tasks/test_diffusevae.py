@@ -224,17 +224,19 @@ def test_object_measures_are_exact_on_a_flat_square():
         object_measures(torch.zeros(3, 32, 32))
 
 
-def test_a_half_lit_pixel_counts_half_and_is_not_bright():
+def test_only_bright_pixels_count_each_by_its_intensity():
     from condiff.tasks.diffusevae import object_measures
 
     x = -torch.ones(1, 3, 4, 4)
     x[0, 2, 0, 0] = 1.0  # blue, full
-    x[0, 2, 0, 2] = 0.0  # blue at half intensity: weight 1/2 in the centroid, not bright (w > 1/2) for the size
-    x[0, 2, 3, 3] = 0.2  # intensity 0.6: bright, so the bounding box is rows 0..3, columns 0..3
+    x[0, 2, 0, 2] = 0.0  # blue at half intensity: not bright (w > 1/2 is), so it counts for nothing
+    x[0, 2, 3, 3] = 0.2  # intensity 0.6: bright, weight 0.6; the bounding box is rows 0..3, columns 0..3
+    x[0, 0, 1, :] = -0.8  # a faint red row (w = 0.1): background texture, ignored
     m = object_measures(x)[0]
-    mass = 1 + 0.5 + 0.6
-    want = torch.tensor([3 * 0.6 / mass, (2 * 0.5 + 3 * 0.6) / mass, 4.0], dtype=torch.float64)
-    torch.testing.assert_close(m[:3], want)
+    mass = 1 + 0.6
+    blue = (1 * 1.0 + 0.6 * 0.6) / mass  # the w-weighted mean of the bright pixels' blue values
+    want = torch.tensor([3 * 0.6 / mass, 3 * 0.6 / mass, 4.0, 0.0, 0.0, blue], dtype=torch.float64)
+    torch.testing.assert_close(m, want)
 
 
 def test_excess_variation_is_zero_exactly_for_monotone_paths():
@@ -246,3 +248,25 @@ def test_excess_variation_is_zero_exactly_for_monotone_paths():
     torch.testing.assert_close(excess_variation(v), torch.tensor([0.0, 0.0, 6.0]))
     with pytest.raises(ConfigError, match="frames >= 2"):
         excess_variation(torch.zeros(1, 3))
+
+
+def test_product_mixture_is_the_independent_blocks():
+    """Weights multiply, means concatenate, scale_tril is block-diagonal; draws match each block's mixture."""
+    from condiff.tasks.diffusevae import product_mixture
+
+    a = (torch.tensor([0.25, 0.75]), torch.tensor([[0.0], [10.0]]), torch.tensor([[[1.0]], [[2.0]]]))
+    b = (torch.tensor([0.5, 0.3, 0.2]), torch.tensor([[1.0, 1], [2, 2], [3, 3]]), torch.eye(2).repeat(3, 1, 1) * 0.5)
+    w, means, tril = product_mixture([a, b])
+    assert w.shape == (6,) and means.shape == (6, 3) and tril.shape == (6, 3, 3)
+    torch.testing.assert_close(w, torch.tensor([0.125, 0.075, 0.05, 0.375, 0.225, 0.15]))
+    assert means[4].tolist() == [10.0, 2.0, 2.0]  # block a's component 1, block b's component 1
+    want = torch.zeros(3, 3)
+    want[0, 0], want[1, 1], want[2, 2] = 2.0, 0.5, 0.5
+    assert torch.equal(tril[3], want)
+    z = mixture_latents(40000, w, means, tril, torch.Generator().manual_seed(0))
+    high = z[:, 0] > 5  # block a's component 1: probability 0.75, whatever block b drew
+    assert abs(high.float().mean() - 0.75) < 3 * (0.75 * 0.25 / 40000) ** 0.5
+    near3 = ((z[:, 1] - 3).abs() < 0.5).float()  # mostly block b's component 2: the same share whatever block a drew
+    p1, p0, n1, n0 = near3[high].mean(), near3[~high].mean(), high.sum(), (~high).sum()
+    se = (p1 * (1 - p1) / n1 + p0 * (1 - p0) / n0).sqrt()
+    assert abs(p1 - p0) < 3 * se

@@ -32,6 +32,7 @@ class ShapesBatch:
     attrs: torch.Tensor  # (B, 4) long: shape, color, size, position
     masks: torch.Tensor  # (B, 32, 32) bool
     depth: torch.Tensor  # (B, 32, 32) float in [0, 1]: 1 at the object's centre, 0 outside
+    centres: torch.Tensor | None = None  # (B, 2) float: the object's centre (row, column), pixel corners, with jitter
 
 
 def random_attrs(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -79,7 +80,7 @@ def render_batch(attrs: torch.Tensor, generator: torch.Generator | None = None, 
     dist = ((g.view(1, SIZE, 1) - cy.view(b, 1, 1)) ** 2 + (g.view(1, 1, SIZE) - cx.view(b, 1, 1)) ** 2).sqrt()
     r = torch.tensor(HALF_EXTENT)[attrs[:, 2]].view(b, 1, 1)
     depth = (1 - dist / (r * 1.5)).clamp(0, 1) * masks
-    return ShapesBatch(images, attrs, masks, depth)
+    return ShapesBatch(images, attrs, masks, depth, torch.stack([cy, cx], 1))
 
 
 STRIPE_DIM = 0.6  # the object's odd canvas rows at 60% of its colour: still "bright" for the labeller's mask
@@ -93,7 +94,7 @@ def striped(batch: ShapesBatch) -> ShapesBatch:
     odd = (torch.arange(SIZE) % 2 == 1).view(1, 1, SIZE, 1)
     dimmed = (batch.images + 1) * STRIPE_DIM - 1  # colour * coverage scaled, on the [-1, 1] scale
     images = torch.where(odd & batch.masks.unsqueeze(1), dimmed, batch.images)
-    return ShapesBatch(images, batch.attrs, batch.masks, batch.depth)
+    return ShapesBatch(images, batch.attrs, batch.masks, batch.depth, batch.centres)
 
 
 def sample_batch(n: int, generator: torch.Generator | None = None) -> ShapesBatch:

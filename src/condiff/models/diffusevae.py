@@ -9,16 +9,18 @@ VAE with ``latent_dim``, ``width`` (the first conv's channels; 2x and 4x below),
 weight ``beta``, and ``decoder``: 'conv' (``ConvVAE``) or 'spatial' (``SpatialVAE``, a what/where VAE whose decoder
 places a drawn ``patch``-pixel canvas with a spatial transformer; its where-latent is supervised by the renders' cell
 centre and size with weight ``where_weight``, and a shape head gives a discrete shape code); [train] takes no
-init_from. ``model.kind`` 'ddpm': ``model.vae`` names the trained VAE (a model
-folder or a run folder holding it as model/), [train] ``init_from`` the shapes model that starts the UNet (default
-'shapes'); the VAE keys belong to the VAE and are refused here. ``model.prior`` is the latent prior samples draw z
-from: 'normal' (N(0, I), the paper's p(z)) or 'gmm', a ``prior_components``-component Gaussian mixture fitted at build
-time to posterior samples z ~ q(z | x) of PRIOR_FIT_N training renders (ex-post density estimation, Ghosh et al.,
-ICLR 2020; ``condiff.tasks.diffusevae.fit_latent_mixture``). The refiner trains on Dec(z) with z ~ q(z | x), so
-Dec(z) from N(0, I), which falls in the holes between the aggregate posterior's clusters, is a condition it never saw;
-the mixture keeps z where it trained. Unknown keys and bad values are one-line ConfigErrors.
+init_from. ``model.jitter`` (either kind) is the training renders' whole-pixel position jitter (the shapes world's
+is 1). ``model.kind`` 'ddpm': ``model.vae`` names the trained VAE (a model folder or a run folder holding it as
+model/), [train] ``init_from`` the shapes model that starts the UNet (default 'shapes'); the VAE keys belong to the
+VAE and are refused here. ``model.prior`` is the latent prior samples draw z from: 'normal' (N(0, I), the paper's
+p(z)), 'gmm', a ``prior_components``-component Gaussian mixture fitted at build time to posterior samples
+z ~ q(z | x) of PRIOR_FIT_N training renders, or 'factors', one such mixture per block of the VAE's
+``latent_blocks`` drawn independently (a SpatialVAE's what, where and shape code); ex-post density estimation,
+Ghosh et al., ICLR 2020 (``condiff.tasks.diffusevae.fit_latent_mixture``). The refiner trains on Dec(z) with
+z ~ q(z | x), so Dec(z) from N(0, I), which falls in the holes between the aggregate posterior's clusters, is a
+condition it never saw; the mixture keeps z where it trained. Unknown keys and bad values are one-line ConfigErrors.
 
-A saved model is ``vae/`` (and for 'ddpm' ``unet/``, ``extras/`` and with prior 'gmm' ``prior/``: diffusers folders,
+A saved model is ``vae/`` (and for 'ddpm' ``unet/``, ``extras/`` and with a fitted prior ``prior/``: diffusers folders,
 safetensors) with
 ``condiff.json``'s "diffusevae" table; the DDPM's folder holds its VAE, so it stands alone. Both train with condiff's
 Trainer (EMA, atomic checkpoints, exact resume); the VAE is frozen while the DDPM trains.
@@ -62,6 +64,7 @@ from condiff.tasks.diffusevae import (
     lerp_path,
     mixture_latents,
     prior_latents,
+    product_mixture,
     reparameterize,
     two_stage_sample,
     vae_loss,
@@ -81,17 +84,40 @@ from condiff.training.trainer import Trainer
 
 FAMILY = "diffusevae"
 KINDS = ("vae", "ddpm")
-VAE_KEYS = ("latent_dim", "width", "sigma", "beta", "decoder", "patch", "where_weight")
-PRIORS = ("normal", "gmm")
+VAE_KEYS = ("latent_dim", "width", "sigma", "beta", "decoder", "patch", "where_weight", "size_in_decoder")
+PRIORS = ("normal", "gmm", "factors")
 MAX_COMPONENTS = 256
 PRIOR_FIT_N = 5000  # training renders whose posterior samples z ~ q(z | x) the mixture prior is fitted to
 PRIOR_SEED_OFFSET = 2**40 + 7  # their generator: train.seed + this (apart from the training batches' seeds)
 DEFAULT_STEPS = 20  # the refiner's DPM-Solver++(2M) steps
 MAX_LATENT = 512
 MAX_WIDTH = 256
+MAX_JITTER = 8  # whole pixels (the cells' centres are 9 px apart)
 
 
 # the VAE network ----------------------------------------------------------------------------------------------
+def conv_encoder(w: int) -> nn.Sequential:
+    """Three stride-2 convs (w, 2 w, 4 w channels; 32 -> 4 pixels) with SiLU, flattened to 4 w * 16 features."""
+    act = nn.SiLU
+    return nn.Sequential(
+        nn.Conv2d(3, w, 4, 2, 1), act(),
+        nn.Conv2d(w, 2 * w, 4, 2, 1), act(),
+        nn.Conv2d(2 * w, 4 * w, 4, 2, 1), act(),
+        nn.Flatten(),
+    )  # fmt: skip
+
+
+def deconv_decoder(w: int) -> nn.Sequential:
+    """The mirror of ``conv_encoder``: SiLU, three stride-2 transposed convs (4 w -> 2 w -> w -> 3 channels, x8)."""
+    act = nn.SiLU
+    return nn.Sequential(
+        act(),
+        nn.ConvTranspose2d(4 * w, 2 * w, 4, 2, 1), act(),
+        nn.ConvTranspose2d(2 * w, w, 4, 2, 1), act(),
+        nn.ConvTranspose2d(w, 3, 4, 2, 1),
+    )  # fmt: skip
+
+
 class ConvVAE(ModelMixin, ConfigMixin):
     """A conv VAE for (3, 32, 32) images in [-1, 1]: three stride-2 convs (width, 2 width, 4 width; 32 -> 4) and a
     linear layer to (mu, logvar); the decoder mirrors it with transposed convs and ends in tanh."""
@@ -100,21 +126,10 @@ class ConvVAE(ModelMixin, ConfigMixin):
     def __init__(self, latent_dim: int = 16, width: int = 32):
         super().__init__()
         w = width
-        act = nn.SiLU
-        self.encoder = nn.Sequential(
-            nn.Conv2d(3, w, 4, 2, 1), act(),
-            nn.Conv2d(w, 2 * w, 4, 2, 1), act(),
-            nn.Conv2d(2 * w, 4 * w, 4, 2, 1), act(),
-            nn.Flatten(),
-        )  # fmt: skip
+        self.encoder = conv_encoder(w)
         self.to_stats = nn.Linear(4 * w * 16, 2 * latent_dim)
         self.from_latent = nn.Linear(latent_dim, 4 * w * 16)
-        self.decoder = nn.Sequential(
-            act(),
-            nn.ConvTranspose2d(4 * w, 2 * w, 4, 2, 1), act(),
-            nn.ConvTranspose2d(2 * w, w, 4, 2, 1), act(),
-            nn.ConvTranspose2d(w, 3, 4, 2, 1),
-        )  # fmt: skip
+        self.decoder = deconv_decoder(w)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, logvar) of q(z | x), each (B, latent_dim); logvar clamped to [-30, 20] against overflow."""
@@ -138,6 +153,11 @@ class ConvVAE(ModelMixin, ConfigMixin):
     def posterior_sample(self, x: torch.Tensor, generator=None) -> torch.Tensor:
         """z ~ q(z | x), one draw per image."""
         return reparameterize(*self.encode(x), generator)
+
+    @property
+    def latent_blocks(self) -> list[tuple[slice, int]]:
+        """The latent's independent blocks for a factorised prior, (slice, components or 0 for the default): one."""
+        return [(slice(0, self.config.latent_dim), 0)]
 
     def prior_sample(self, n: int, generator=None) -> torch.Tensor:
         """n draws of z ~ N(0, I)."""
@@ -168,44 +188,36 @@ def place_patch(patch: torch.Tensor, centre: torch.Tensor, width: torch.Tensor, 
     return torch.nn.functional.grid_sample(patch, grid, align_corners=False, padding_mode="zeros")
 
 
-def where_of(attrs: torch.Tensor) -> torch.Tensor:
-    """(B, 3) the where-latent that places a shapes object of attributes ``attrs`` (B, 4): its cell's centre (row,
-    column; the jitter is not in the attributes) and its log size relative to a large object, in latent units."""
-    pos, size = attrs[:, 3], attrs[:, 2]
+def where_of(centres: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """(B, 3) the where-latent that places a shapes object with centre ``centres`` (B, 2: row, column in pixel-corner
+    units, as ``ShapesBatch.centres``) and size index ``sizes`` (B,): the centre in latent units and the log size
+    relative to a large object."""
     half = shapes.SIZE / 2
-    row = (shapes.CENTRES[pos // 3] / half - 1) / POSITION_SCALE
-    col = (shapes.CENTRES[pos % 3] / half - 1) / POSITION_SCALE
+    pos = (centres.float() / half - 1) / POSITION_SCALE
     extent = torch.tensor(shapes.HALF_EXTENT)
-    return torch.stack([row, col, torch.log(extent[size] / extent[-1]) / SIZE_SCALE], 1)
+    return torch.cat([pos, (torch.log(extent[sizes] / extent[-1]) / SIZE_SCALE).unsqueeze(1)], 1)
 
 
 class SpatialVAE(ModelMixin, ConfigMixin):
     """A what/where VAE for shapes (Eslami et al. 2016, AIR; Bepler et al. 2019, spatial-VAE). The Gaussian latent
     (latent_dim) is (what: latent_dim - 3 dims, where: row, column, log size); a discrete shape code (one-hot over
     ``codes`` shapes) completes it. The decoder draws a ``patch``-pixel canvas from (what, code) and places it with
-    ``place_patch``, so a straight line in the where-latent moves and scales the object continuously. The encoder
+    ``place_patch``, so a straight line in the where-latent moves and scales the object continuously. With
+    ``size_in_decoder`` the log size is the decoder's input instead and the canvas is only moved: a scaled canvas is
+    resampled without antialiasing, which blurs small objects. The encoder
     shares ConvVAE's conv stack, with an MLP head for the shape's logits."""
 
     @register_to_config
-    def __init__(self, latent_dim: int = 11, width: int = 32, patch: int = 16, codes: int = 3):
+    def __init__(
+        self, latent_dim: int = 11, width: int = 32, patch: int = 16, codes: int = 3, size_in_decoder: bool = False
+    ):
         super().__init__()
         w, q = width, patch // 8
-        act = nn.SiLU
-        self.encoder = nn.Sequential(
-            nn.Conv2d(3, w, 4, 2, 1), act(),
-            nn.Conv2d(w, 2 * w, 4, 2, 1), act(),
-            nn.Conv2d(2 * w, 4 * w, 4, 2, 1), act(),
-            nn.Flatten(),
-        )  # fmt: skip
+        self.encoder = conv_encoder(w)
         self.to_stats = nn.Linear(4 * w * 16, 2 * latent_dim)
-        self.head = nn.Sequential(nn.Linear(4 * w * 16, 128), act(), nn.Linear(128, codes))
-        self.from_latent = nn.Linear(latent_dim - 3 + codes, 4 * w * q * q)
-        self.decoder = nn.Sequential(
-            act(),
-            nn.ConvTranspose2d(4 * w, 2 * w, 4, 2, 1), act(),
-            nn.ConvTranspose2d(2 * w, w, 4, 2, 1), act(),
-            nn.ConvTranspose2d(w, 3, 4, 2, 1),
-        )  # fmt: skip
+        self.head = nn.Sequential(nn.Linear(4 * w * 16, 128), nn.SiLU(), nn.Linear(128, codes))
+        self.from_latent = nn.Linear(latent_dim - 3 + codes + int(size_in_decoder), 4 * w * q * q)
+        self.decoder = deconv_decoder(w)
 
     @property
     def latent_size(self) -> int:
@@ -233,6 +245,13 @@ class SpatialVAE(ModelMixin, ConfigMixin):
         mu, logvar, logits = self.encode_all(x)
         return torch.cat([reparameterize(mu, logvar, generator), self.code(logits)], 1)
 
+    @property
+    def latent_blocks(self) -> list[tuple[slice, int]]:
+        """What, where and the shape code (one component per code): the shapes world draws an object's shape, its
+        colour and its place independently."""
+        d, c = self.config.latent_dim, self.config.codes
+        return [(slice(0, d - 3), 0), (slice(d - 3, d), 0), (slice(d, d + c), c)]
+
     def prior_sample(self, n: int, generator=None) -> torch.Tensor:
         """z ~ N(0, I) and a uniformly random shape code (the shapes world draws shapes uniformly)."""
         z = prior_latents(n, self.config.latent_dim, generator)
@@ -252,23 +271,28 @@ class SpatialVAE(ModelMixin, ConfigMixin):
         d = self.config.latent_dim
         what, where, code = z[:, : d - 3], z[:, d - 3 : d], z[:, d:]
         q = self.config.patch // 8
-        h = self.from_latent(torch.cat([what, code], 1)).view(z.shape[0], -1, q, q)
-        patch = torch.sigmoid(self.decoder(h))
-        width = (2 * self.config.patch / shapes.SIZE) * torch.exp(SIZE_SCALE * where[:, 2])
+        width = torch.full((z.shape[0],), 2 * self.config.patch / shapes.SIZE, dtype=z.dtype)
+        if self.config.size_in_decoder:  # the decoder draws the size; the canvas is only moved
+            h = self.from_latent(torch.cat([what, code, where[:, 2:]], 1))
+        else:  # the canvas is scaled
+            h = self.from_latent(torch.cat([what, code], 1))
+            width = width * torch.exp(SIZE_SCALE * where[:, 2])
+        patch = torch.sigmoid(self.decoder(h.view(z.shape[0], -1, q, q)))
         placed = place_patch(patch, POSITION_SCALE * where[:, :2], width, shapes.SIZE)
         return placed * 2 - 1
 
-    def loss(self, x: torch.Tensor, attrs: torch.Tensor, sigma: float, beta: float, where_weight: float, generator):
-        """Per image: the beta-weighted negative ELBO with the decoder given the true shape's code, plus
-        ``where_weight`` * |mu_where - where_of(attrs)|^2 * (pixel dims) and the shape head's cross-entropy
-        * (pixel dims): the where-latent and the code are supervised by the renders' attributes."""
+    def loss(self, batch, sigma: float, beta: float, where_weight: float, generator):
+        """Per image of a ``ShapesBatch``: the beta-weighted negative ELBO with the decoder given the true shape's
+        code, plus ``where_weight`` * |mu_where - where_of(centres, sizes)|^2 * (pixel dims) and the shape head's
+        cross-entropy * (pixel dims): the where-latent and the code are supervised by the renders' truth."""
+        x, attrs = batch.images, batch.attrs
         mu, logvar, logits = self.encode_all(x)
         code = torch.nn.functional.one_hot(attrs[:, 0], self.config.codes).to(x.dtype)
         parts = vae_loss(lambda _: (mu, logvar), lambda z: self.decode(torch.cat([z, code], 1)), x, sigma, beta,
                          generator)  # fmt: skip
         dims = x[0].numel()
         d = self.config.latent_dim
-        where = (mu[:, d - 3 :] - where_of(attrs)).pow(2).sum(1)
+        where = (mu[:, d - 3 :] - where_of(batch.centres, attrs[:, 2])).pow(2).sum(1)
         ce = torch.nn.functional.cross_entropy(logits, attrs[:, 0], reduction="none")
         return parts, dims * (where_weight * where + ce)
 
@@ -293,13 +317,20 @@ class LatentMixture(ModelMixin, ConfigMixin):
 
 
 @torch.no_grad()
-def fit_prior(vae, components: int, seed: int) -> LatentMixture:
-    """The mixture prior fitted to posterior samples z ~ q(z | x) of PRIOR_FIT_N training renders (seed + offset)."""
+def fit_prior(vae, components: int, seed: int, factors: bool = False) -> LatentMixture:
+    """The mixture prior fitted to posterior samples z ~ q(z | x) of PRIOR_FIT_N training renders (seed + offset):
+    one mixture of ``components`` over the whole latent, or with ``factors`` one per block of ``vae.latent_blocks``
+    (``components`` each; a block of ``codes`` one-hot dimensions gets one component per code), independent, as
+    their ``product_mixture``."""
     g = torch.Generator().manual_seed(seed + PRIOR_SEED_OFFSET)
     x = shapes.sample_batch(PRIOR_FIT_N, g).images
     z = torch.cat([vae.posterior_sample(x[i : i + 500], g) for i in range(0, len(x), 500)])
-    w, means, tril = fit_latent_mixture(z, components, seed)
-    prior = LatentMixture(z.shape[1], components)
+    if factors:
+        blocks = [fit_latent_mixture(z[:, b], k or components, seed) for b, k in vae.latent_blocks]
+        w, means, tril = product_mixture(blocks)
+    else:
+        w, means, tril = fit_latent_mixture(z, components, seed)
+    prior = LatentMixture(z.shape[1], len(w))
     for p, v in zip((prior.weights, prior.means, prior.scale_tril), (w, means, tril)):
         p.copy_(v)
     return prior.eval().requires_grad_(False)
@@ -316,9 +347,11 @@ class DiffuseVAENetConfig:
     decoder: str = "conv"  # the VAE's kind: conv (ConvVAE) | spatial (SpatialVAE, what/where with a shape code)
     patch: int = 16  # decoder spatial: the drawn canvas's side (a multiple of 8)
     where_weight: float = 1.0  # decoder spatial: the weight of the where-latent's supervision
+    size_in_decoder: bool = False  # decoder spatial: the decoder draws the size (else the canvas is scaled)
+    jitter: int = shapes.JITTER  # the training renders' position jitter (whole pixels), VAE and DDPM alike
     vae: str = ""  # kind ddpm: the trained VAE (a model folder or a run folder holding model/)
-    prior: str = "normal"  # kind ddpm: the latent prior of samples, N(0, I) or a mixture fitted ex post ("gmm")
-    prior_components: int = 10  # prior "gmm": the mixture's components
+    prior: str = "normal"  # kind ddpm: N(0, I), a mixture fitted ex post ("gmm"), or one per latent block ("factors")
+    prior_components: int = 10  # prior "gmm": the mixture's components; "factors": each block's
 
 
 @dataclass(frozen=True)
@@ -338,6 +371,7 @@ def diffusevae_recipe_from_dict(data: dict) -> DiffuseVAERecipe:
     model = typed_table(DiffuseVAENetConfig, data.get("model", {}), "model")
     if model.kind not in KINDS:
         raise one_of("model.kind", model.kind, KINDS)
+    check_int("model.jitter", model.jitter, 0, MAX_JITTER)
     train = data.get("train", {})
     if model.kind == "ddpm" and isinstance(train, dict):
         train = {"init_from": "shapes", **train}
@@ -362,7 +396,7 @@ def diffusevae_recipe_from_dict(data: dict) -> DiffuseVAERecipe:
             if not (m.where_weight >= 0 and m.where_weight < float("inf")):
                 raise ConfigError(f"model.where_weight must be a finite number >= 0, got {m.where_weight}")
         else:
-            for key, default in (("patch", 16), ("where_weight", 1.0)):
+            for key, default in (("patch", 16), ("where_weight", 1.0), ("size_in_decoder", False)):
                 if getattr(m, key) != default:
                     raise ConfigError(
                         f"model.{key} belongs to decoder 'spatial'; decoder 'conv' takes none, got {getattr(m, key)!r}"
@@ -439,9 +473,12 @@ class DiffuseVAEModel(TaskModel):
         prior = self.prior if prior is None else prior
         if prior not in PRIORS:
             raise one_of("prior", prior, PRIORS)
-        if prior == "gmm":
-            if "prior" not in self.module:
-                raise ConfigError("this model has no fitted latent prior (prior 'gmm'); it samples prior 'normal'")
+        if prior != "normal":
+            if prior != self.prior:
+                raise ConfigError(
+                    f"this model has no fitted latent prior {prior!r}; it samples prior 'normal'"
+                    + (f" or {self.prior!r}" if self.prior != "normal" else "")
+                )
             return self.module["prior"].sample(n, generator)
         return self.vae.prior_sample(n, generator)
 
@@ -530,14 +567,19 @@ def vae_config(r: DiffuseVAERecipe) -> dict:
     m = r.model
     cfg = {"kind": "vae", "latent_dim": m.latent_dim, "width": m.width, "sigma": m.sigma, "beta": m.beta}
     if m.decoder == "spatial":  # a conv VAE's table stays as it was
-        cfg.update(decoder=m.decoder, patch=m.patch, where_weight=m.where_weight)
+        cfg.update(decoder=m.decoder, patch=m.patch, where_weight=m.where_weight, size_in_decoder=m.size_in_decoder)
+    if m.jitter != shapes.JITTER:
+        cfg["jitter"] = m.jitter
     return cfg
 
 
 def build_diffusevae_model(r: DiffuseVAERecipe) -> DiffuseVAEModel:
     if r.model.kind == "vae":
         m = r.model
-        vae = SpatialVAE(m.latent_dim, m.width, m.patch) if m.decoder == "spatial" else ConvVAE(m.latent_dim, m.width)
+        if m.decoder == "spatial":
+            vae = SpatialVAE(m.latent_dim, m.width, m.patch, size_in_decoder=m.size_in_decoder)
+        else:
+            vae = ConvVAE(m.latent_dim, m.width)
         return DiffuseVAEModel(nn.ModuleDict({"vae": vae}), vae_config(r))
     folder = find_model(Path(r.model.vae), "model.vae")
     stage1 = load_diffusevae_model(folder, "model.vae")
@@ -558,9 +600,12 @@ def build_diffusevae_model(r: DiffuseVAERecipe) -> DiffuseVAEModel:
         "prior": r.model.prior,
     }
     parts = {"vae": vae, "unet": unet, "extras": extras}
-    if r.model.prior == "gmm":
-        parts["prior"] = fit_prior(vae, r.model.prior_components, r.train.seed)
+    if r.model.prior != "normal":
+        parts["prior"] = fit_prior(vae, r.model.prior_components, r.train.seed, factors=r.model.prior == "factors")
         cfg["prior_components"] = r.model.prior_components
+        cfg["prior_mixture_components"] = parts["prior"].config.components
+    if r.model.jitter != shapes.JITTER:
+        cfg["jitter"] = r.model.jitter
     return DiffuseVAEModel(nn.ModuleDict(parts), cfg)
 
 
@@ -637,9 +682,10 @@ def load_diffusevae_model(directory, what: str = "--model") -> DiffuseVAEModel:
     prior = cfg.get("prior", "normal")
     if kind == "ddpm" and prior not in PRIORS:
         raise InputFileError(f"{what} {str(directory)!r}: condiff.json's prior must be one of {', '.join(PRIORS)}")
-    if kind == "ddpm" and prior == "gmm":
+    if kind == "ddpm" and prior != "normal":
         mix = load_pretrained(LatentMixture, directory / "prior", what)
-        if mix.config.latent_dim != vae.latent_size or mix.config.components != cfg.get("prior_components"):
+        want = cfg.get("prior_components") if prior == "gmm" else cfg.get("prior_mixture_components")
+        if mix.config.latent_dim != vae.latent_size or mix.config.components != want:
             raise InputFileError(
                 f"{what} {str(directory)!r}: the prior's latent_dim or components differ from condiff.json's"
             )
@@ -648,6 +694,11 @@ def load_diffusevae_model(directory, what: str = "--model") -> DiffuseVAEModel:
 
 
 # training and evaluation --------------------------------------------------------------------------------------
+def training_batch(n: int, jitter: int, generator) -> shapes.ShapesBatch:
+    """n training renders with whole-pixel position jitter up to ``jitter`` (shapes.JITTER: ``shapes.sample_batch``)."""
+    return shapes.render_batch(shapes.random_attrs(n, generator), generator, jitter=jitter)
+
+
 def diffusevae_loss_fn(model: DiffuseVAEModel, r: DiffuseVAERecipe):
     """The Trainer's loss on a fresh batch of renders per step (the step's generator). VAE: the beta-weighted
     negative ELBO per pixel dimension (nats / 3072), with the NLL and KL per image as metrics. DDPM: the MSE of the
@@ -656,13 +707,13 @@ def diffusevae_loss_fn(model: DiffuseVAEModel, r: DiffuseVAERecipe):
     dims = float(torch.tensor(IMAGE_SHAPE).prod())
 
     def fn(step, g):
-        batch = shapes.sample_batch(r.train.batch_size, g)
+        batch = training_batch(r.train.batch_size, r.model.jitter, g)
         x = batch.images
         vae = model.module["vae"]
         if model.kind == "vae":
             cfg = model.config
             if isinstance(vae, SpatialVAE):
-                parts, extra = vae.loss(x, batch.attrs, cfg["sigma"], cfg["beta"], cfg["where_weight"], g)
+                parts, extra = vae.loss(batch, cfg["sigma"], cfg["beta"], cfg["where_weight"], g)
             else:
                 parts = vae_loss(vae.encode, vae.decode, x, cfg["sigma"], cfg["beta"], g)
                 extra = torch.zeros_like(parts.nll)

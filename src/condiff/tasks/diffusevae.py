@@ -147,6 +147,24 @@ def fit_latent_mixture(z: torch.Tensor, components: int, seed: int = 0) -> tuple
     return w / w.sum(), means, tril
 
 
+def product_mixture(blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    """The mixture of independent blocks: given per block (weights (K_b,), means (K_b, d_b), scale_tril (K_b, d_b,
+    d_b)), the mixture over the concatenated latent with one component per tuple of block components (K = prod K_b,
+    the first block's index varying slowest): weight the product, mean the concatenation, scale_tril block-diagonal.
+    A draw from it is a draw from each block's mixture, independently."""
+    w, means, tril = blocks[0]
+    for w2, m2, t2 in blocks[1:]:
+        k1, k2 = len(w), len(w2)
+        d1, d2 = means.shape[1], m2.shape[1]
+        w = (w.view(-1, 1) * w2.view(1, -1)).reshape(-1)
+        means = torch.cat([means.repeat_interleave(k2, 0), m2.repeat(k1, 1)], 1)
+        t = torch.zeros(k1 * k2, d1 + d2, d1 + d2, dtype=tril.dtype)
+        t[:, :d1, :d1] = tril.repeat_interleave(k2, 0)
+        t[:, d1:, d1:] = t2.repeat(k1, 1, 1)
+        tril = t
+    return w, means, tril
+
+
 @torch.no_grad()
 def mixture_latents(
     n: int, weights: torch.Tensor, means: torch.Tensor, scale_tril: torch.Tensor, generator=None
@@ -239,23 +257,24 @@ MEASURES = ("row", "column", "size", "red", "green", "blue")
 
 
 def object_measures(images: torch.Tensor) -> torch.Tensor:
-    """(B, 6) continuous measures of the object in each image (B, 3, H, W) in [-1, 1] on black, with no classifier:
-    with the intensity w = max over channels of (x + 1) / 2 clipped to [0, 1] (1 inside a lit object, 0 on black),
-    the w-weighted centroid (row, column, in pixels, pixel centres at 0, 1, ...), the size (the mean of the height
-    and width of the bounding box of the bright pixels, w > 1/2, the labeller's rule: a square, a circle and a
-    triangle of one extent have one size) and the w-weighted mean colour (red, green, blue in [0, 1]). An image with
-    no bright pixel gets size 0; with no lit pixel, NaN for the rest."""
+    """(B, 6) continuous measures of the object in each image (B, 3, H, W) in [-1, 1] on black, with no classifier.
+    The intensity of a pixel is w = max over channels of (x + 1) / 2 clipped to [0, 1]; the object is its bright
+    pixels, w > 1/2 (the labeller's rule), so a faint background texture does not pull the measures. Over them: the
+    w-weighted centroid (row, column, in pixels, pixel centres at 0, 1, ...), the size (the mean of the height and
+    width of their bounding box: a square, a circle and a triangle of one extent have one size) and the w-weighted
+    mean colour (red, green, blue in [0, 1]). An image with no bright pixel gets size 0 and NaN for the rest."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ConfigError(f"object_measures needs (B, 3, H, W) images, got {tuple(images.shape)}")
     rgb = ((images.double() + 1) / 2).clamp(0, 1)
     w = rgb.amax(1)
+    bright = w > 0.5
+    w = torch.where(bright, w, torch.zeros_like(w))
     mass = w.flatten(1).sum(1)
     rows = torch.arange(images.shape[2], dtype=w.dtype).view(1, -1, 1)
     cols = torch.arange(images.shape[3], dtype=w.dtype).view(1, 1, -1)
     row = (w * rows).flatten(1).sum(1) / mass
     col = (w * cols).flatten(1).sum(1) / mass
     colour = (rgb * w.unsqueeze(1)).flatten(2).sum(2) / mass.unsqueeze(1)
-    bright = w > 0.5
     size = torch.zeros_like(mass)
     for i, b in enumerate(bright):
         if b.any():
