@@ -322,9 +322,9 @@ def test_spatial_vae_loss_supervises_where_and_code():
     from condiff.data import shapes
 
     torch.manual_seed(0)
-    vae = dv.SpatialVAE(5, 4, 8)
+    vae = dv.SpatialVAE(5, 4, 8, where_weight=2.0)
     b = shapes.sample_batch(4, torch.Generator().manual_seed(0))
-    parts, extra = vae.loss(b, 0.5, 1.0, 2.0, torch.Generator().manual_seed(1))
+    parts, extra = vae.loss(b, 0.5, 1.0, torch.Generator().manual_seed(1))
     mu, _, logits = vae.encode_all(b.images)
     where = (mu[:, 2:] - dv.where_of(b.centres, b.attrs[:, 2])).pow(2).sum(1)
     ce = torch.nn.functional.cross_entropy(logits, b.attrs[:, 0], reduction="none")
@@ -339,6 +339,7 @@ def test_spatial_vae_trains_saves_and_reloads(tmp_path):
     out = dv.make_diffusevae_trainer(r, tmp_path / "run", progress=False).run().export()
     back = dv.load_diffusevae_model(out)
     assert isinstance(back.vae, dv.SpatialVAE) and back.config["decoder"] == "spatial"
+    assert back.vae.config.where_weight == SPATIAL.get("where_weight", 1.0)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     z = back.encode_mean(x)
     assert z.shape == (2, 8)
@@ -398,3 +399,14 @@ def test_size_in_decoder_moves_the_canvas_without_scaling_it():
     outside = torch.ones(32, 32, dtype=torch.bool)
     outside[8:24, 8:24] = False  # the canvas at the centre, unscaled
     assert torch.equal(x[:, :, outside], -torch.ones_like(x[:, :, outside]))
+
+
+def test_conv_vae_loss_is_the_elbo_with_no_supervision():
+    from condiff.data import shapes
+    from condiff.tasks.diffusevae import vae_loss
+
+    vae = dv.ConvVAE(3, 4)
+    b = shapes.sample_batch(4, torch.Generator().manual_seed(0))
+    parts, extra = vae.loss(b, 0.5, 2.0, torch.Generator().manual_seed(1))
+    want = vae_loss(vae.encode, vae.decode, b.images, 0.5, 2.0, torch.Generator().manual_seed(1))
+    assert torch.equal(parts.loss, want.loss) and torch.equal(extra, torch.zeros(4))

@@ -7,7 +7,7 @@ computes exactly what the pretrained unconditional-caption model did and learns 
 A recipe (``family = "diffusevae"``) has [model] and [train] (condiff's ``TrainConfig``). ``model.kind`` 'vae': the
 VAE with ``latent_dim``, ``width`` (the first conv's channels; 2x and 4x below), the decoder's ``sigma`` and the KL
 weight ``beta``, and ``decoder``: 'conv' (``ConvVAE``) or 'spatial' (``SpatialVAE``, a what/where VAE whose decoder
-places a drawn ``patch``-pixel canvas with a spatial transformer; its where-latent is supervised by the renders' cell
+places a drawn ``patch``-pixel canvas with a spatial transformer; its where-latent is supervised by the renders' true
 centre and size with weight ``where_weight``, and a shape head gives a discrete shape code); [train] takes no
 init_from. ``model.jitter`` (either kind) is the training renders' whole-pixel position jitter (the shapes world's
 is 1). ``model.kind`` 'ddpm': ``model.vae`` names the trained VAE (a model folder or a run folder holding it as
@@ -59,6 +59,7 @@ from condiff.models.dense import (
 from condiff.models.family import TaskModel, load_pretrained
 from condiff.solvers import DPMSolverPP2M
 from condiff.tasks.diffusevae import (
+    VAELoss,
     condition_input,
     fit_latent_mixture,
     lerp_path,
@@ -167,6 +168,11 @@ class ConvVAE(ModelMixin, ConfigMixin):
         """The straight line from z_a to z_b, ``frames`` points."""
         return lerp_path(z_a, z_b, frames)
 
+    def loss(self, batch, sigma: float, beta: float, generator=None) -> tuple[VAELoss, torch.Tensor]:
+        """Per image of a ``ShapesBatch``: the beta-weighted negative ELBO, and no supervision (zeros)."""
+        parts = vae_loss(self.encode, self.decode, batch.images, sigma, beta, generator)
+        return parts, torch.zeros_like(parts.nll)
+
 
 POSITION_SCALE = 0.6  # a where-latent unit moves the object this far in normalised image units (2 = the image)
 SIZE_SCALE = 0.3  # and scales it by exp(this)
@@ -204,12 +210,18 @@ class SpatialVAE(ModelMixin, ConfigMixin):
     ``codes`` shapes) completes it. The decoder draws a ``patch``-pixel canvas from (what, code) and places it with
     ``place_patch``, so a straight line in the where-latent moves and scales the object continuously. With
     ``size_in_decoder`` the log size is the decoder's input instead and the canvas is only moved: a scaled canvas is
-    resampled without antialiasing, which blurs small objects. The encoder
-    shares ConvVAE's conv stack, with an MLP head for the shape's logits."""
+    resampled without antialiasing, which blurs small objects. The encoder shares ConvVAE's conv stack, with an MLP
+    head for the shape's logits. ``where_weight`` weighs the where-latent's supervision in ``loss``."""
 
     @register_to_config
     def __init__(
-        self, latent_dim: int = 11, width: int = 32, patch: int = 16, codes: int = 3, size_in_decoder: bool = False
+        self,
+        latent_dim: int = 11,
+        width: int = 32,
+        patch: int = 16,
+        codes: int = 3,
+        size_in_decoder: bool = False,
+        where_weight: float = 1.0,
     ):
         super().__init__()
         w, q = width, patch // 8
@@ -281,10 +293,10 @@ class SpatialVAE(ModelMixin, ConfigMixin):
         placed = place_patch(patch, POSITION_SCALE * where[:, :2], width, shapes.SIZE)
         return placed * 2 - 1
 
-    def loss(self, batch, sigma: float, beta: float, where_weight: float, generator):
+    def loss(self, batch, sigma: float, beta: float, generator=None) -> tuple[VAELoss, torch.Tensor]:
         """Per image of a ``ShapesBatch``: the beta-weighted negative ELBO with the decoder given the true shape's
-        code, plus ``where_weight`` * |mu_where - where_of(centres, sizes)|^2 * (pixel dims) and the shape head's
-        cross-entropy * (pixel dims): the where-latent and the code are supervised by the renders' truth."""
+        code, and the supervision, ``where_weight`` * |mu_where - where_of(centres, sizes)|^2 * (pixel dims) plus
+        the shape head's cross-entropy * (pixel dims): the where-latent and the code learn the renders' truth."""
         x, attrs = batch.images, batch.attrs
         mu, logvar, logits = self.encode_all(x)
         code = torch.nn.functional.one_hot(attrs[:, 0], self.config.codes).to(x.dtype)
@@ -294,7 +306,7 @@ class SpatialVAE(ModelMixin, ConfigMixin):
         d = self.config.latent_dim
         where = (mu[:, d - 3 :] - where_of(batch.centres, attrs[:, 2])).pow(2).sum(1)
         ce = torch.nn.functional.cross_entropy(logits, attrs[:, 0], reduction="none")
-        return parts, dims * (where_weight * where + ce)
+        return parts, dims * (self.config.where_weight * where + ce)
 
 
 VAES = {"conv": ConvVAE, "spatial": SpatialVAE}
@@ -577,7 +589,9 @@ def build_diffusevae_model(r: DiffuseVAERecipe) -> DiffuseVAEModel:
     if r.model.kind == "vae":
         m = r.model
         if m.decoder == "spatial":
-            vae = SpatialVAE(m.latent_dim, m.width, m.patch, size_in_decoder=m.size_in_decoder)
+            vae = SpatialVAE(
+                m.latent_dim, m.width, m.patch, size_in_decoder=m.size_in_decoder, where_weight=m.where_weight
+            )
         else:
             vae = ConvVAE(m.latent_dim, m.width)
         return DiffuseVAEModel(nn.ModuleDict({"vae": vae}), vae_config(r))
@@ -711,12 +725,7 @@ def diffusevae_loss_fn(model: DiffuseVAEModel, r: DiffuseVAERecipe):
         x = batch.images
         vae = model.module["vae"]
         if model.kind == "vae":
-            cfg = model.config
-            if isinstance(vae, SpatialVAE):
-                parts, extra = vae.loss(batch, cfg["sigma"], cfg["beta"], cfg["where_weight"], g)
-            else:
-                parts = vae_loss(vae.encode, vae.decode, x, cfg["sigma"], cfg["beta"], g)
-                extra = torch.zeros_like(parts.nll)
+            parts, extra = vae.loss(batch, model.config["sigma"], model.config["beta"], g)
             metrics = {"nll": float(parts.nll.detach().mean()), "kl": float(parts.kl.detach().mean())}
             return (parts.loss + extra).mean() / dims, metrics
         with torch.no_grad():
