@@ -133,9 +133,11 @@ def measure(args) -> dict:
     folder = find_model(args.model)
     m = load_diffusevae_model(folder)
     net = load_classifier("clean")
+    w = m.config.get("guidance", 1.0) if args.guidance is None else args.guidance
     out = {
         "n": args.n,
         "steps": args.steps,
+        "guidance": w,
         "threads": torch.get_num_threads(),
         "model": str(folder),
         "trained_steps": m.info.get("trained_steps"),
@@ -152,7 +154,7 @@ def measure(args) -> dict:
         x_hat, _, _ = m.sample(args.n, 0, args.steps, refine=False, prior=prior)
         out["vae" + suffix] = {**scores(x_hat, real_feats, net), "seconds": time.perf_counter() - t0, "nfe": 0}
         t0 = time.perf_counter()
-        x_hat2, x, nfe = m.sample(args.n, 0, args.steps, prior=prior)
+        x_hat2, x, nfe = m.sample(args.n, 0, args.steps, prior=prior, guidance=w)
         assert torch.equal(x_hat, x_hat2)  # the same z
         out["diffusevae" + suffix] = {
             **scores(x, real_feats, net),
@@ -165,9 +167,10 @@ def measure(args) -> dict:
     x_hat, x = x_hat_model, x_model
     # the refiner on reconstructions of held-out renders: does it keep the attributes the VAE kept?
     held = shapes.sample_batch(args.n, torch.Generator().manual_seed(EVAL_SEED_OFFSET + 4))
-    rec = m.vae.decode(m.encode_mean(held.images)).clamp(-1, 1)
+    z_rec = m.encode_mean(held.images)
+    rec = m.vae.decode(z_rec).clamp(-1, 1)
     noise = torch.randn(held.images.shape, generator=torch.Generator().manual_seed(1))
-    refined, _ = m.refine(rec, noise, args.steps)
+    refined, _ = m.refine(rec, noise, args.steps, z_rec, w)
     out["reconstructions"] = {
         "vae_accuracy": labeller.accuracy(labeller.label(rec), held.attrs)["all"],
         "diffusevae_accuracy": labeller.accuracy(labeller.label(refined), held.attrs)["all"],
@@ -185,7 +188,7 @@ def measure(args) -> dict:
     pairs = real(2 * args.pairs, 3)
     a, b = pairs[: args.pairs], pairs[args.pairs :]
     t0 = time.perf_counter()
-    xh, xr, _ = m.interpolate(a, b, args.frames, 0, args.steps)
+    xh, xr, _ = m.interpolate(a, b, args.frames, 0, args.steps, guidance=w)
     out["interpolation_seconds"] = time.perf_counter() - t0
     shape = (args.pairs, args.frames, 3, shapes.SIZE, shapes.SIZE)
     interp = {}
@@ -222,6 +225,7 @@ def main(argv=None):
     ap.add_argument("--samples-png", type=Path, default=ROOT / "outputs" / "diffusevae" / "samples.png")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guidance", type=float, default=None, help="the refiner's guidance weight (default: the model's)")
     ap.add_argument("--pairs", type=int, default=64)
     ap.add_argument("--shown", type=int, default=8, help="pairs drawn in the interpolation picture (the first ones)")
     ap.add_argument("--frames", type=int, default=8)

@@ -44,6 +44,10 @@ def files(tmp_path_factory):
         {"name": "d", "family": "diffusevae", "model": {"kind": "ddpm", "vae": str(d / "vae")}}
     )
     dv.build_diffusevae_model(r).save(d / "ddpm")
+    r = dv.diffusevae_recipe_from_dict(
+        {"name": "g", "family": "diffusevae", "model": {"kind": "ddpm", "vae": str(d / "vae"), "cond_drop": 0.1}}
+    )
+    dv.build_diffusevae_model(r).save(d / "ddpm-guided")
     (d / "empty-run").mkdir()
     (d / "pickled-model").mkdir()
     (d / "pickled-model" / "model.bin").write_bytes(b"\x80\x04")
@@ -88,6 +92,10 @@ COMMON_BAD = [
     ({"--model": "IN/vae", "--stage": "refined"}, ("is a VAE alone", "--stage vae", "got --stage refined")),
     ({"--model": "IN/vae", "--stage": "both"}, ("is a VAE alone", "got --stage both")),
     ({"--bogus": "1"}, ("--bogus",)),
+    ({"--guidance": "nan"}, ("--guidance must be a finite number", "nan")),
+    ({"--guidance": "x"}, ("--guidance", "'x'")),
+    ({"--guidance": "2"}, ("guidance 2.0 needs a refiner trained with model.cond_drop > 0",)),
+    ({"--model": "IN/vae", "--guidance": "2"}, ("is a VAE alone", "no refiner to guide")),
 ]
 SAMPLE_BAD = [*COMMON_BAD, ({"--n": "0"}, ("--n", "got 0")), ({"--n": "1025"}, ("--n", "1025"))]
 INTERP_BAD = [
@@ -146,6 +154,13 @@ def test_good_calls_write_their_grid_and_json(files):
     rec = json.loads((out / "g.json").read_text())
     assert rec["stage"] == "vae" and len(rec["paths"]) == 2 and len(rec["paths"][0]["frames"]) == 3
     assert "attribute changes per path" in stdout and no_stray_temp_files(out)
+    # a refiner trained with cond_drop takes --guidance; the JSON and the reproduce line record it
+    code, stdout, err = run_cli(
+        argv_of("sample", files, out, {"--model": "IN/ddpm-guided", "--n": 2, "--steps": 1, "--guidance": "2.5"})
+    )
+    assert code == 0, err
+    rec = json.loads((out / "g.json").read_text())
+    assert rec["guidance"] == 2.5 and "--guidance 2.5" in rec["reproduce"] and rec["nfe"] == 1
     # same seed, same grid
     code, _, _ = run_cli(argv_of("sample", files, out, {"--n": 2, "--steps": 1, "--out": "OUT/a.png", "--json": None}))
     code2, _, _ = run_cli(argv_of("sample", files, out, {"--n": 2, "--steps": 1, "--out": "OUT/b.png", "--json": None}))
@@ -284,3 +299,42 @@ def test_recipe_bad_spatial_decoder_values(workdir, case):
     r = _base("diffusevae-vae")
     r["model"].update(decoder="conv", latent_dim=16, patch=24)
     _check(r, workdir, "model.patch belongs to decoder 'spatial'", via_cli=True)
+
+
+@settings(max_examples=10)
+@given(
+    value=st.one_of(
+        st.text(st.characters(blacklist_categories=("Cs",)), min_size=0, max_size=8),
+        st.integers(-5, 5),
+        st.floats(allow_nan=False, allow_infinity=False),
+    )
+)
+def test_recipe_bad_z_condition(workdir, value):
+    """model.z_condition takes true or false on a kind 'ddpm' recipe; anything else, or the key on a VAE's recipe, is
+    one line from `condiff train`, with no run folder."""
+    assume("\x00" not in str(value))
+    r = _base("diffusevae")
+    r["model"]["z_condition"] = value
+    _check(r, workdir, "model.z_condition", via_cli=True)
+    r = _base("diffusevae-vae")
+    r["model"]["z_condition"] = True
+    _check(r, workdir, "model.z_condition belongs to a kind 'ddpm' recipe", via_cli=True)
+
+
+@settings(max_examples=10)
+@given(
+    case=st.one_of(
+        st.tuples(st.just("cond_drop"), st.floats(allow_nan=True, allow_infinity=True)),
+        st.tuples(st.just("guidance"), st.floats(allow_nan=True, allow_infinity=True)),
+    )
+)
+def test_recipe_bad_guidance_values(workdir, case):
+    """model.cond_drop outside [0, 1), and model.guidance not finite or != 1 without cond_drop: one line each."""
+    key, value = case
+    r = _base("diffusevae")
+    if key == "cond_drop":
+        assume(not 0 <= value < 1)
+    else:
+        assume(value != 1.0)
+    r["model"][key] = value
+    _check(r, workdir, f"model.{key}", via_cli=True)

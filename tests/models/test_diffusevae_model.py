@@ -4,6 +4,7 @@ sampling and exact resume of the VAE's training."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tomllib
 from unittest import mock
@@ -124,7 +125,7 @@ def test_save_load_roundtrip_and_seeded_sampling(saved):
     z = torch.randn(3, 3, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(x_hat, back.vae.decode(z))
     # the refiner's noise is drawn for all rows first: each row gets the same noise whatever the batching
-    with mock.patch.object(back, "refine", lambda x_hat, noise, steps: (noise, 1)):
+    with mock.patch.object(back, "refine", lambda x_hat, noise, steps, z=None: (noise, 1)):
         noise_2 = back.generate(z, 6, steps=2, batch=2)[1]
         noise_3 = back.generate(z, 6, steps=2, batch=3)[1]
     assert torch.equal(noise_2, noise_3)
@@ -410,3 +411,140 @@ def test_conv_vae_loss_is_the_elbo_with_no_supervision():
     parts, extra = vae.loss(b, 0.5, 2.0, torch.Generator().manual_seed(1))
     want = vae_loss(vae.encode, vae.decode, b.images, 0.5, 2.0, torch.Generator().manual_seed(1))
     assert torch.equal(parts.loss, want.loss) and torch.equal(extra, torch.zeros(4))
+
+
+def test_z_conditioned_refiner_starts_at_formulation_1_and_learns_from_z(saved, tmp_path):
+    """model.z_condition: the UNet also sees z through a zero-initialised map added to its pooled embedding, so the
+    start computes exactly the unconditioned start's output whatever z; one training step moves the map (and only
+    the UNet, extras and map train); the folder round-trips; a z-conditioned model asked to refine without z, or a
+    folder whose map disagrees with the VAE, is one line."""
+    d, plain = saved
+    model = {"kind": "ddpm", "vae": str(d / "vae"), "z_condition": True}
+    r = dv.diffusevae_recipe_from_dict({"name": "z", "family": "diffusevae", "model": model,
+                                        "train": {"steps": 1, "batch_size": 2, "warmup": 1}})  # fmt: skip
+    m = dv.build_diffusevae_model(r)
+    assert m.config["z_condition"] is True and isinstance(m.module["zembed"], dv.LatentEmbedding)
+    g = torch.Generator().manual_seed(0)
+    x_t, x_hat, t = (
+        torch.randn(2, 3, 32, 32, generator=g),
+        torch.randn(2, 3, 32, 32, generator=g),
+        torch.tensor([5.0, 900.0]),
+    )
+    with torch.no_grad():
+        want = dv.ddpm_forward(plain.module, x_t, x_hat, t)
+        for z in (torch.zeros(2, 3), 10 * torch.randn(2, 3, generator=g)):
+            assert torch.equal(dv.ddpm_forward(m.module, x_t, x_hat, t, z), want)
+    with pytest.raises(ConfigError, match="pass the latents z") as e:
+        dv.ddpm_forward(m.module, x_t, x_hat, t)
+    assert len(str(e.value).splitlines()) == 1
+    tr = dv.make_diffusevae_trainer(r, tmp_path / "run", progress=False)
+    assert any(n.startswith("zembed.") for n in tr.names) and not any(n.startswith("vae.") for n in tr.names)
+    tr.train_step()
+    assert tr.module["zembed"].proj.weight.abs().sum() > 0  # the map learns from z
+    tr.module["zembed"].proj.weight.data.normal_(generator=g)
+    trained = dataclasses.replace(m, module=tr.module)
+    trained.save(tmp_path / "zmodel")
+    back = dv.load_diffusevae_model(tmp_path / "zmodel")
+    assert back.config["z_condition"] is True
+    assert torch.equal(back.module["zembed"].proj.weight, tr.module["zembed"].proj.weight)
+    z1, z2 = torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g)
+    with torch.no_grad():  # now z matters, and the denoiser passes cond["z"] through
+        assert not torch.equal(
+            dv.ddpm_forward(back.module, x_t, x_hat, t, z1), dv.ddpm_forward(back.module, x_t, x_hat, t, z2)
+        )
+    noise = torch.randn(2, 3, 32, 32, generator=g)
+    a, _ = back.refine(x_hat, noise, 2, z1)
+    b, _ = back.refine(x_hat, noise, 2, z2)
+    assert not torch.equal(a, b)
+    _, x, _ = back.generate(z1, seed=3, steps=2)
+    torch.testing.assert_close(
+        x,
+        back.refine(back.vae.decode(z1), torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)), 2, z1)[
+            0
+        ],
+    )
+    info = json.loads((tmp_path / "zmodel" / "condiff.json").read_text())
+    info["diffusevae"]["z_condition"] = "yes"
+    (tmp_path / "zmodel" / "condiff.json").write_text(json.dumps(info))
+    with pytest.raises(InputFileError, match="z_condition must be true or false"):
+        dv.load_diffusevae_model(tmp_path / "zmodel")
+
+
+@pytest.mark.parametrize(
+    ("model", "needle"),
+    [
+        ({"kind": "vae", "z_condition": True}, "model.z_condition belongs to a kind 'ddpm' recipe"),
+        ({"kind": "ddpm", "vae": "v", "z_condition": "yes"}, "model.z_condition"),
+    ],
+)
+def test_bad_z_condition_is_a_one_line_config_error(model, needle):
+    with pytest.raises(ConfigError, match=needle) as e:
+        dv.diffusevae_recipe_from_dict({"name": "x", "family": "diffusevae", "model": model})
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_guided_refiner_is_the_cfg_contrast_with_the_null_reconstruction(saved, tmp_path):
+    """model.cond_drop: the training condition is the null one (x_hat = 0) in that share of rows, drawn from the
+    step's generator; refine(guidance w) is x0_null + w (x0_cond - x0_null) (checked exactly at one step, where
+    DPM-Solver++(2M) returns the x0 estimate at the first grid point), w = 1 is the unguided refiner and w = 0 the
+    refiner given the null condition; the recipe's default weight is saved and reloaded."""
+    d, _ = saved
+    model = {"kind": "ddpm", "vae": str(d / "vae"), "cond_drop": 0.5, "guidance": 2.0}
+    r = dv.diffusevae_recipe_from_dict({"name": "g", "family": "diffusevae", "model": model,
+                                        "train": {"steps": 1, "batch_size": 8, "warmup": 1}})  # fmt: skip
+    m = dv.build_diffusevae_model(r)
+    assert m.config["cond_drop"] == 0.5 and m.config["guidance"] == 2.0
+    seen = []
+
+    def spy(module, x_t, x_hat, t_in, z=None):
+        seen.append(x_hat)
+        return torch.zeros_like(x_t)
+
+    with mock.patch.object(dv, "ddpm_forward", spy):
+        dv.diffusevae_loss_fn(m, r)(0, torch.Generator().manual_seed(3))
+    rows = seen[0].flatten(1).abs().sum(1)
+    g = torch.Generator().manual_seed(3)  # the same draws as the loss: the batch, z, then the keep mask
+    batch = dv.training_batch(8, r.model.jitter, g)
+    m.vae.posterior_sample(batch.images, g)
+    keep = torch.rand(8, generator=g) >= 0.5
+    assert torch.equal(rows > 0, keep) and 0 < int(keep.sum()) < 8
+    # exactness of the contrast, on a refiner whose map from x_hat is not zero
+    with torch.no_grad():
+        m.module["unet"].conv_in.weight.normal_(generator=torch.Generator().manual_seed(1))
+    m.save(tmp_path / "g")
+    back = dv.load_diffusevae_model(tmp_path / "g")
+    assert back.config["guidance"] == 2.0
+    gen = torch.Generator().manual_seed(0)
+    x_hat, noise = torch.rand(2, 3, 32, 32, generator=gen) * 2 - 1, torch.randn(2, 3, 32, 32, generator=gen)
+    from condiff.core.grids import make_grid
+
+    grid = make_grid(back.schedule, 1)
+    t0 = torch.full((2,), float(grid[0]), dtype=torch.float64)
+    x_t = float(back.schedule.sigma(t0[0])) * noise
+    with torch.no_grad():
+        c = back.denoiser(x_t, t0, {"x_hat": x_hat})
+        n0 = back.denoiser(x_t, t0, {"x_hat": torch.zeros_like(x_hat)})
+    for w, want in ((2.0, n0 + 2.0 * (c - n0)), (1.0, c), (0.0, n0)):
+        got, _ = back.refine(x_hat, noise, 1, guidance=w)
+        torch.testing.assert_close(got, want.clamp(-1, 1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="finite number"):
+        back.refine(x_hat, noise, 1, guidance=float("nan"))
+    with pytest.raises(ConfigError, match="needs a refiner trained with model.cond_drop > 0"):
+        dv.load_diffusevae_model(d / "ddpm").refine(x_hat, noise, 1, guidance=2.0)
+
+
+@pytest.mark.parametrize(
+    ("model", "needle"),
+    [
+        ({"kind": "vae", "cond_drop": 0.1}, "model.cond_drop belongs to a kind 'ddpm' recipe"),
+        ({"kind": "vae", "guidance": 2.0}, "model.guidance belongs to a kind 'ddpm' recipe"),
+        ({"kind": "ddpm", "vae": "v", "cond_drop": 1.0}, "model.cond_drop must be in [0, 1), got 1.0"),
+        ({"kind": "ddpm", "vae": "v", "cond_drop": -0.1}, "model.cond_drop must be in [0, 1)"),
+        ({"kind": "ddpm", "vae": "v", "guidance": 2.0}, "model.guidance: guidance 2.0 needs a refiner trained"),
+        ({"kind": "ddpm", "vae": "v", "cond_drop": 0.1, "guidance": float("inf")}, "model.guidance: the guidance"),
+    ],
+)
+def test_bad_guidance_keys_are_one_line_config_errors(model, needle):
+    with pytest.raises(ConfigError) as e:
+        dv.diffusevae_recipe_from_dict({"name": "x", "family": "diffusevae", "model": model})
+    assert needle in str(e.value) and len(str(e.value).splitlines()) == 1, str(e.value)

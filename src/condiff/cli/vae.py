@@ -40,6 +40,10 @@ STAGES = ("refined", "vae", "both")
 MAX_N = 1024
 MAX_PAIRS = 32
 MAX_FRAMES = 32
+GUIDANCE_HELP = (
+    "the refiner's guidance weight w: x0_null + w (x0_cond - x0_null), the null condition x_hat = 0 (default: the "
+    "model's own, 1 = none; w != 1 needs a refiner trained with model.cond_drop > 0)"
+)
 
 
 def _outputs(out: Path, json_file: Optional[Path]) -> None:
@@ -50,13 +54,16 @@ def _outputs(out: Path, json_file: Optional[Path]) -> None:
             raise ConfigError(f"--json and --out are the same file {str(out)!r}; choose another")
 
 
-def _model(model: Path, stage: Optional[str]) -> tuple[Path, str, str]:
-    """(the model folder, its kind, the stage to write) once --model and --stage agree; no weights are read."""
+def _model(model: Path, stage: Optional[str], guidance: Optional[float] = None) -> tuple[Path, str, str, float]:
+    """(the model folder, its kind, the stage to write, the refiner's guidance weight: --guidance, else the model's
+    own) once --model, --stage and --guidance agree; no weights are read."""
     from condiff.models.dense import table_of
-    from condiff.models.diffusevae import FAMILY, KINDS, find_model
+    from condiff.models.diffusevae import FAMILY, KINDS, check_guidance, find_model
 
     if stage is not None and stage not in STAGES:
         raise one_of("--stage", stage, STAGES)
+    if guidance is not None and not abs(guidance) < float("inf"):
+        raise ConfigError(f"--guidance must be a finite number (1: no guidance), got {guidance}")
     folder = find_model(model)
     table = table_of(folder, FAMILY)
     kind = table.get("kind") if isinstance(table, dict) else None
@@ -70,7 +77,15 @@ def _model(model: Path, stage: Optional[str]) -> tuple[Path, str, str]:
             f"--model {str(model)!r} is a VAE alone (condiff train diffusevae-vae); it samples --stage vae, got "
             f"--stage {stage}"
         )
-    return folder, kind, stage
+    if kind == "vae" and guidance is not None:
+        raise ConfigError(f"--model {str(model)!r} is a VAE alone; it has no refiner to guide (--guidance {guidance})")
+    cond_drop = table.get("cond_drop", 0.0) if kind == "ddpm" else 0.0
+    own = table.get("guidance", 1.0) if kind == "ddpm" else 1.0
+    try:
+        w = check_guidance(own if guidance is None else guidance, cond_drop)
+    except ConfigError as e:
+        raise ConfigError(f"--model {str(model)!r}: {e}") from None
+    return folder, kind, stage, w
 
 
 def _load(folder: Path):
@@ -106,6 +121,7 @@ def sample_cmd(
         None, help="refined (the DDPM's x_0; a DiffuseVAE's default), vae (Dec(z); a VAE's only), both (pairs)"
     ),
     steps: int = typer.Option(20, help="the refiner's DPM-Solver++(2M) steps"),
+    guidance: Optional[float] = typer.Option(None, help=GUIDANCE_HELP),
     seed: int = typer.Option(0, help="random seed of z (and, + 1, of the refiner's noise)"),
     threads: ThreadsOpt = None,
 ):
@@ -123,10 +139,10 @@ def sample_cmd(
     common.check_seed(seed)
     threads = common.use_threads(threads)
     _outputs(out, json_file)
-    folder, kind, stage = _model(model, stage)
+    folder, kind, stage, guidance = _model(model, stage, guidance)
     m = _load(folder)
     t0 = time.perf_counter()
-    x_hat, x, nfe = m.sample(n, seed, steps, refine=stage != "vae")
+    x_hat, x, nfe = m.sample(n, seed, steps, refine=stage != "vae", guidance=guidance)
     seconds = time.perf_counter() - t0
     shown = {"vae": x_hat, "refined": x}.get(stage)
     cols = max(1, int(math.ceil(math.sqrt(n))))
@@ -149,6 +165,7 @@ def sample_cmd(
             stage=stage,
             n=n,
             steps=steps if stage != "vae" else None,
+            guidance=guidance if stage != "vae" else None,
             seed=seed,
             nfe=int(nfe),
             out=str(out),
@@ -163,6 +180,7 @@ def sample_cmd(
                     ("--n", n),
                     ("--stage", stage),
                     ("--steps", steps),
+                    ("--guidance", guidance if kind == "ddpm" else None),
                     ("--seed", seed),
                     ("--json", json_file),
                 ],
@@ -187,6 +205,7 @@ def interpolate_cmd(
         None, help="refined (a DiffuseVAE's default), vae (Dec(z) only; a VAE's only), both (two rows per pair)"
     ),
     steps: int = typer.Option(20, help="the refiner's DPM-Solver++(2M) steps"),
+    guidance: Optional[float] = typer.Option(None, help=GUIDANCE_HELP),
     seed: int = typer.Option(0, help="random seed of the pairs and of each row's refiner noise"),
     threads: ThreadsOpt = None,
 ):
@@ -204,11 +223,13 @@ def interpolate_cmd(
     common.check_seed(seed)
     threads = common.use_threads(threads)
     _outputs(out, json_file)
-    folder, kind, stage = _model(model, stage)
+    folder, kind, stage, guidance = _model(model, stage, guidance)
     m = _load(folder)
     real = shapes.sample_batch(2 * pairs, torch.Generator().manual_seed(seed)).images
     t0 = time.perf_counter()
-    x_hat, x, nfe = m.interpolate(real[:pairs], real[pairs:], frames, seed, steps, refine=stage != "vae")
+    x_hat, x, nfe = m.interpolate(
+        real[:pairs], real[pairs:], frames, seed, steps, refine=stage != "vae", guidance=guidance
+    )
     seconds = time.perf_counter() - t0
     read = x if stage != "vae" else x_hat
     labels = labeller.label(read).view(pairs, frames, -1)
@@ -242,6 +263,7 @@ def interpolate_cmd(
             pairs=pairs,
             frames=frames,
             steps=steps if stage != "vae" else None,
+            guidance=guidance if stage != "vae" else None,
             seed=seed,
             nfe=int(nfe),
             out=str(out),
@@ -258,6 +280,7 @@ def interpolate_cmd(
                     ("--frames", frames),
                     ("--stage", stage),
                     ("--steps", steps),
+                    ("--guidance", guidance if kind == "ddpm" else None),
                     ("--seed", seed),
                     ("--json", json_file),
                 ],

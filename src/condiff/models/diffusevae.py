@@ -44,6 +44,7 @@ from condiff.core.sampling import sample
 from condiff.core.schedules import schedule_from_config
 from condiff.data import labeller, shapes
 from condiff.errors import ConfigError, InputFileError, check_int, one_of
+from condiff.guidance.cfg import CFG
 from condiff.models.dense import (
     IMAGE_SHAPE,
     PIXEL_UNSHUFFLE,
@@ -364,6 +365,9 @@ class DiffuseVAENetConfig:
     vae: str = ""  # kind ddpm: the trained VAE (a model folder or a run folder holding model/)
     prior: str = "normal"  # kind ddpm: N(0, I), a mixture fitted ex post ("gmm"), or one per latent block ("factors")
     prior_components: int = 10  # prior "gmm": the mixture's components; "factors": each block's
+    z_condition: bool = False  # kind ddpm: the UNet also sees z (a zero-initialised projection added to its embedding)
+    cond_drop: float = 0.0  # kind ddpm: the share of training rows whose condition is the null one (x_hat = 0, z = 0)
+    guidance: float = 1.0  # kind ddpm: the refiner's default guidance weight (1: none; else cond_drop > 0)
 
 
 @dataclass(frozen=True)
@@ -413,10 +417,16 @@ def diffusevae_recipe_from_dict(data: dict) -> DiffuseVAERecipe:
                     raise ConfigError(
                         f"model.{key} belongs to decoder 'spatial'; decoder 'conv' takes none, got {getattr(m, key)!r}"
                     )
-        for key, default in (("prior", "normal"), ("prior_components", 10)):
+        for key, default in (
+            ("prior", "normal"),
+            ("prior_components", 10),
+            ("z_condition", False),
+            ("cond_drop", 0.0),
+            ("guidance", 1.0),
+        ):
             if getattr(m, key) != default:
                 raise ConfigError(
-                    f"model.{key} belongs to a kind 'ddpm' recipe (its folder holds the prior); kind 'vae' takes "
+                    f"model.{key} belongs to a kind 'ddpm' recipe (the refiner's folder holds it); kind 'vae' takes "
                     f"none, got {getattr(m, key)!r}"
                 )
         if m.vae:
@@ -434,6 +444,12 @@ def diffusevae_recipe_from_dict(data: dict) -> DiffuseVAERecipe:
             )
         if m.prior not in PRIORS:
             raise one_of("model.prior", m.prior, PRIORS)
+        if not 0 <= m.cond_drop < 1:
+            raise ConfigError(f"model.cond_drop must be in [0, 1), got {m.cond_drop!r}")
+        try:
+            check_guidance(m.guidance, m.cond_drop)
+        except ConfigError as e:
+            raise ConfigError(f"model.guidance: {e}") from None
         check_int("model.prior_components", m.prior_components, 1, MAX_COMPONENTS)
         if not m.vae.strip():
             raise ConfigError(
@@ -448,11 +464,56 @@ def diffusevae_recipe_from_dict(data: dict) -> DiffuseVAERecipe:
 
 
 # the model ----------------------------------------------------------------------------------------------------
-def ddpm_forward(module: nn.ModuleDict, x_t, x_hat, t_in) -> torch.Tensor:
+class LatentEmbedding(ModelMixin, ConfigMixin):
+    """The UNet's view of z (DiffuseVAE's optional z-conditioning): a linear map from the full latent (a SpatialVAE's
+    with its shape code) to the pooled embedding the UNet adds to its time embedding, zero at the start, so the
+    widened start still computes the pretrained model."""
+
+    @register_to_config
+    def __init__(self, latent_size: int = 16, dim: int = 64):
+        super().__init__()
+        self.proj = nn.Linear(latent_size, dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.proj(z)
+
+
+def null_condition(cond: dict) -> dict:
+    """The null condition of classifier-free guidance on the reconstruction (DiffuseVAE's guidance weight
+    contrasts cond = x_hat against cond = 0): every tensor of ``cond`` (x_hat and, if given, z) zeroed."""
+    return {k: torch.zeros_like(v) for k, v in cond.items()}
+
+
+def check_guidance(w, cond_drop: float) -> float:
+    """A guidance weight: a finite number; w != 1 needs a refiner trained on the null condition (cond_drop > 0)."""
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not abs(w) < float("inf"):
+        raise ConfigError(f"the guidance weight must be a finite number (1: no guidance), got {w!r}")
+    if w != 1.0 and not cond_drop:
+        raise ConfigError(
+            f"guidance {w} needs a refiner trained with model.cond_drop > 0 (it never saw the null condition); "
+            "this one has cond_drop 0, so only guidance 1 is accepted"
+        )
+    return float(w)
+
+
+def _cond_drop(v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+        raise ConfigError(f"cond_drop must be a number in [0, 1), got {v!r}")
+    return float(v)
+
+
+def ddpm_forward(module: nn.ModuleDict, x_t, x_hat, t_in, z: torch.Tensor | None = None) -> torch.Tensor:
     """Formulation 1: UNet(unshuffle(cat[x_t, x_hat]), t, null context, null pooled) shuffled back (x_t's 3
-    channels first, so the widened conv_in's first 12 inputs are the pretrained model's)."""
+    channels first, so the widened conv_in's first 12 inputs are the pretrained model's). A module with a
+    "zembed" part (``LatentEmbedding``) also adds its map of ``z`` to the pooled vector; it needs z."""
     n = x_t.shape[0]
     hidden, pooled = module["extras"].conditioning(n)
+    if "zembed" in module:
+        if z is None:
+            raise ConfigError("this DiffuseVAE is conditioned on z as well as x_hat; pass the latents z")
+        pooled = pooled + module["zembed"](z.to(pooled.dtype))
     h = condition_input(unshuffle(x_t), unshuffle(x_hat))
     return shuffle(module["unet"](h, t_in, encoder_hidden_states=hidden, class_labels=pooled).sample)
 
@@ -500,12 +561,13 @@ class DiffuseVAEModel(TaskModel):
 
     @property
     def denoiser(self):
-        """v of the image given x_t, t and cond {'x_hat'} (the bundled shapes model's v-prediction)."""
+        """v of the image given x_t, t and cond {'x_hat'} (and 'z' for a z-conditioned model; the bundled shapes
+        model's v-prediction)."""
         return wrap(
             self.module,
             self.schedule,
             V(),
-            call=lambda net, x, t_in, cond: ddpm_forward(net, x, cond["x_hat"], t_in),
+            call=lambda net, x, t_in, cond: ddpm_forward(net, x, cond["x_hat"], t_in, cond.get("z")),
             channels=IMAGE_SHAPE[0],
         )
 
@@ -515,28 +577,53 @@ class DiffuseVAEModel(TaskModel):
         return self.vae.encode_mean(images)
 
     @torch.no_grad()
-    def refine(self, x_hat: torch.Tensor, noise: torch.Tensor, steps: int = DEFAULT_STEPS) -> tuple[torch.Tensor, int]:
-        """x_0 from the conditional DDPM given x_hat, started from ``noise`` (unit Gaussian, x_hat's shape), with
-        ``steps`` DPM-Solver++(2M) steps; (x_0 clipped to [-1, 1], network evaluations)."""
+    def refine(
+        self,
+        x_hat: torch.Tensor,
+        noise: torch.Tensor,
+        steps: int = DEFAULT_STEPS,
+        z: torch.Tensor | None = None,
+        guidance: float = 1.0,
+    ) -> tuple[torch.Tensor, int]:
+        """x_0 from the conditional DDPM given x_hat (and its latents z, which a z-conditioned model needs), started
+        from ``noise`` (unit Gaussian, x_hat's shape), with ``steps`` DPM-Solver++(2M) steps; (x_0 clipped to
+        [-1, 1], network evaluations). ``guidance`` w contrasts the condition with the null one (x_hat = 0, z = 0:
+        ``null_condition``) by classifier-free guidance, x0_null + w (x0_cond - x0_null); w = 1 is the refiner
+        alone, and w != 1 needs a refiner trained with ``cond_drop`` > 0."""
         if self.kind != "ddpm":
             raise ConfigError("this is a VAE (stage 1); refining needs a DiffuseVAE model (kind 'ddpm')")
+        check_guidance(guidance, self.config.get("cond_drop", 0.0))
         grid = make_grid(self.schedule, steps)
         sig = float(self.schedule.sigma(torch.tensor(float(grid[0]), dtype=torch.float64)))
-        res = sample(self.denoiser, DPMSolverPP2M(), grid, sig * noise, {"x_hat": x_hat})
+        cond = {"x_hat": x_hat} if z is None else {"x_hat": x_hat, "z": z}
+        den = self.denoiser
+        if guidance != 1.0:
+            den = CFG(den, guidance, null=null_condition(cond))
+        res = sample(den, DPMSolverPP2M(), grid, sig * noise, cond)
         return res.x.clamp(-1, 1), res.nfe
 
     @torch.no_grad()
-    def generate(self, z: torch.Tensor, seed: int, steps: int = DEFAULT_STEPS, batch: int = 256, refine: bool = True):
+    def generate(
+        self,
+        z: torch.Tensor,
+        seed: int,
+        steps: int = DEFAULT_STEPS,
+        batch: int = 256,
+        refine: bool = True,
+        guidance: float = 1.0,
+    ):
         """The two-stage sample of latents z: (x_hat, x_0 or None for a VAE or ``refine`` False, nfe). The refiner's
-        noise is drawn for all rows from ``seed`` before batching, so each row's noise does not depend on ``batch``."""
+        noise is drawn for all rows from ``seed`` before batching, so each row's noise does not depend on ``batch``;
+        ``guidance`` as in ``refine``."""
         noise = torch.randn((z.shape[0], *IMAGE_SHAPE), generator=torch.Generator().manual_seed(seed))
         xh, xs, nfe = [], [], 0
         for i in range(0, z.shape[0], batch):
             if self.kind == "vae" or not refine:
                 xh.append(self.vae.decode(z[i : i + batch]).clamp(-1, 1))
                 continue
+            zb = z[i : i + batch]
             out = two_stage_sample(
-                self.vae.decode, lambda x_hat: self.refine(x_hat, noise[i : i + batch], steps), z[i : i + batch]
+                self.vae.decode, lambda x_hat: self.refine(x_hat, noise[i : i + batch], steps, zb, guidance), zb
             )
             xh.append(out.x_hat)
             xs.append(out.x)
@@ -544,19 +631,29 @@ class DiffuseVAEModel(TaskModel):
         return torch.cat(xh), (torch.cat(xs) if xs else None), nfe
 
     @torch.no_grad()
-    def sample(self, n: int, seed: int = 0, steps: int = DEFAULT_STEPS, refine: bool = True, prior=None):
+    def sample(
+        self, n: int, seed: int = 0, steps: int = DEFAULT_STEPS, refine: bool = True, prior=None, guidance: float = 1.0
+    ):
         """n samples from z ~ the model's prior (or ``prior``: 'normal' N(0, I), 'gmm' the fitted mixture) (seed),
-        then Dec(z) and (a DiffuseVAE, ``refine``) the refiner (noise from seed + 1): (x_hat, x_0 or None, nfe)."""
+        then Dec(z) and (a DiffuseVAE, ``refine``) the refiner (noise from seed + 1, ``guidance`` as in ``refine``):
+        (x_hat, x_0 or None, nfe)."""
         z = self.latents(n, torch.Generator().manual_seed(seed), prior)
-        return self.generate(z, seed + 1, steps, refine=refine)
+        return self.generate(z, seed + 1, steps, refine=refine, guidance=guidance)
 
     @torch.no_grad()
     def interpolate(
-        self, a: torch.Tensor, b: torch.Tensor, frames: int, seed: int = 0, steps: int = DEFAULT_STEPS, refine=True
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        frames: int,
+        seed: int = 0,
+        steps: int = DEFAULT_STEPS,
+        refine=True,
+        guidance: float = 1.0,
     ):
         """Paths between the latent means of image pairs a[i], b[i] ((P, 3, 32, 32) each): (x_hat, x_0 or None,
         nfe), each (P * frames, 3, 32, 32) row by row. Every frame of a row shares one refiner noise (from seed + i),
-        so what changes along a row comes from z alone."""
+        so what changes along a row comes from z alone; ``guidance`` as in ``refine``."""
         za, zb = self.encode_mean(a), self.encode_mean(b)
         z = torch.cat([self.vae.path(za[i], zb[i], frames) for i in range(a.shape[0])])
         if self.kind == "vae" or not refine:
@@ -565,7 +662,7 @@ class DiffuseVAEModel(TaskModel):
         gens = [torch.Generator().manual_seed(seed + i) for i in range(len(a))]
         rows = [torch.randn((1, *IMAGE_SHAPE), generator=g) for g in gens]
         noise = torch.cat([r.expand(frames, -1, -1, -1) for r in rows])
-        x, nfe = self.refine(x_hat, noise, steps)
+        x, nfe = self.refine(x_hat, noise, steps, z, guidance)
         return x_hat, x, nfe
 
     def save(self, directory, extra: dict | None = None):
@@ -620,6 +717,12 @@ def build_diffusevae_model(r: DiffuseVAERecipe) -> DiffuseVAEModel:
         cfg["prior_mixture_components"] = parts["prior"].config.components
     if r.model.jitter != shapes.JITTER:
         cfg["jitter"] = r.model.jitter
+    if r.model.z_condition:
+        parts["zembed"] = LatentEmbedding(vae.latent_size, extras.config.dim)
+        cfg["z_condition"] = True
+    if r.model.cond_drop:
+        cfg["cond_drop"] = r.model.cond_drop
+        cfg["guidance"] = r.model.guidance
     return DiffuseVAEModel(nn.ModuleDict(parts), cfg)
 
 
@@ -704,6 +807,18 @@ def load_diffusevae_model(directory, what: str = "--model") -> DiffuseVAEModel:
                 f"{what} {str(directory)!r}: the prior's latent_dim or components differ from condiff.json's"
             )
         module["prior"] = mix.eval().requires_grad_(False)
+    if kind == "ddpm":
+        try:
+            check_guidance(cfg.get("guidance", 1.0), _cond_drop(cfg.get("cond_drop", 0.0)))
+        except ConfigError as e:
+            raise InputFileError(f"{what} {str(directory)!r}: condiff.json's guidance or cond_drop: {e}") from None
+    if kind == "ddpm" and cfg.get("z_condition", False) is not False:
+        if cfg["z_condition"] is not True:
+            raise InputFileError(f"{what} {str(directory)!r}: condiff.json's z_condition must be true or false")
+        emb = load_pretrained(LatentEmbedding, directory / "zembed", what)
+        if emb.config.latent_size != vae.latent_size:
+            raise InputFileError(f"{what} {str(directory)!r}: the z embedding's latent_size differs from the VAE's")
+        module["zembed"] = emb.eval().requires_grad_(False)
     return DiffuseVAEModel(module, cfg, directory, info)
 
 
@@ -729,11 +844,15 @@ def diffusevae_loss_fn(model: DiffuseVAEModel, r: DiffuseVAERecipe):
             metrics = {"nll": float(parts.nll.detach().mean()), "kl": float(parts.kl.detach().mean())}
             return (parts.loss + extra).mean() / dims, metrics
         with torch.no_grad():
-            x_hat = vae.decode(vae.posterior_sample(x, g))
+            z = vae.posterior_sample(x, g)
+            x_hat = vae.decode(z)
+            if r.model.cond_drop:  # the null condition for classifier-free guidance
+                keep = (torch.rand(x.shape[0], generator=g) >= r.model.cond_drop).to(x.dtype)
+                x_hat, z = x_hat * keep.view(-1, 1, 1, 1), z * keep.view(-1, 1)
         t = UniformTime().sample(model.schedule, x.shape[0], g)
         eps = torch.randn(x.shape, generator=g)
-        call = lambda x_t, t_in, c: ddpm_forward(model.module, x_t, c["x_hat"], t_in.to(x_t.dtype))  # noqa: E731
-        return diffusion_loss(call, x, {"x_hat": x_hat}, t, eps, model.schedule, V()).mean(), {}
+        call = lambda x_t, t_in, c: ddpm_forward(model.module, x_t, c["x_hat"], t_in.to(x_t.dtype), c["z"])  # noqa: E731
+        return diffusion_loss(call, x, {"x_hat": x_hat, "z": z}, t, eps, model.schedule, V()).mean(), {}
 
     return fn
 
