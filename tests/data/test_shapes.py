@@ -90,3 +90,22 @@ def test_centres_are_the_cell_centres_plus_the_drawn_jitter():
     torch.testing.assert_close((first(rows) + last(rows) + 1) / 2, b.centres[:, 0])
     torch.testing.assert_close((first(cols) + last(cols) + 1) / 2, b.centres[:, 1])
     assert torch.equal(shapes.striped(b).centres, b.centres)
+
+
+def test_extents_render_any_size_and_default_to_the_sizes_table():
+    """render_batch(extents=...): a square of half extent r centred on a pixel corner covers exactly the pixel
+    centres within r of it (2 floor(r + 1/2) per side); extents equal to HALF_EXTENT[size] render the default image;
+    the batch records the extents it drew."""
+    g = torch.Generator().manual_seed(0)
+    attrs = shapes.random_attrs(64, g)
+    a = shapes.render_batch(attrs, torch.Generator().manual_seed(1))
+    b = shapes.render_batch(
+        attrs, torch.Generator().manual_seed(1), extents=torch.tensor(shapes.HALF_EXTENT)[attrs[:, 2]]
+    )
+    assert torch.equal(a.images, b.images) and torch.equal(a.extents, b.extents)
+    square = attrs.clone()
+    square[:, 0] = 1
+    ext = torch.linspace(3.0, 5.5, 64)
+    c = shapes.render_batch(square, torch.Generator().manual_seed(2), jitter=0, extents=ext)
+    side = c.masks.any(1).sum(1)  # columns the square covers
+    assert torch.equal(side, 2 * torch.floor(ext + 0.5).long()) and torch.equal(c.extents, ext)

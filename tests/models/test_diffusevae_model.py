@@ -125,7 +125,7 @@ def test_save_load_roundtrip_and_seeded_sampling(saved):
     z = torch.randn(3, 3, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(x_hat, back.vae.decode(z))
     # the refiner's noise is drawn for all rows first: each row gets the same noise whatever the batching
-    with mock.patch.object(back, "refine", lambda x_hat, noise, steps, z=None: (noise, 1)):
+    with mock.patch.object(back, "refine", lambda x_hat, noise, steps, z=None, guidance=1.0: (noise, 1)):
         noise_2 = back.generate(z, 6, steps=2, batch=2)[1]
         noise_3 = back.generate(z, 6, steps=2, batch=3)[1]
     assert torch.equal(noise_2, noise_3)
@@ -548,3 +548,29 @@ def test_bad_guidance_keys_are_one_line_config_errors(model, needle):
     with pytest.raises(ConfigError) as e:
         dv.diffusevae_recipe_from_dict({"name": "x", "family": "diffusevae", "model": model})
     assert needle in str(e.value) and len(str(e.value).splitlines()) == 1, str(e.value)
+
+
+def test_size_jitter_draws_sizes_between_small_and_large():
+    """training_batch(size_jitter=True): half extents uniform on [small, large] (mean and spread within 3 SE), the size
+    index the nearer size, the renders drawn at those extents; where_of with the table's extents equals where_of of
+    the size indices; the recipe key is kept in the model's table."""
+    from condiff.data import shapes
+
+    lo, hi = shapes.HALF_EXTENT
+    b = dv.training_batch(4000, 0, torch.Generator().manual_seed(0), size_jitter=True)
+    e = b.extents
+    assert e.min() >= lo and e.max() <= hi
+    mean, var = (lo + hi) / 2, (hi - lo) ** 2 / 12
+    assert abs(float(e.mean()) - mean) < 3 * (var / 4000) ** 0.5
+    assert torch.equal(b.attrs[:, 2], (e >= mean).long())
+    again = shapes.render_batch(b.attrs, None, jitter=0, extents=e)
+    assert torch.equal(b.images, again.images)  # rendered at the drawn extents
+    sizes = torch.tensor([0, 1, 1, 0])
+    centres = torch.tensor([[7.0, 16.0], [25.0, 7.0], [16.0, 16.0], [9.0, 11.0]])
+    torch.testing.assert_close(
+        dv.where_of(centres, sizes, torch.tensor(shapes.HALF_EXTENT)[sizes]), dv.where_of(centres, sizes)
+    )
+    r = dv.diffusevae_recipe_from_dict(
+        {"name": "s", "family": "diffusevae", "model": {"kind": "vae", **TINY, "size_jitter": True}}
+    )
+    assert dv.vae_config(r)["size_jitter"] is True

@@ -33,6 +33,7 @@ class ShapesBatch:
     masks: torch.Tensor  # (B, 32, 32) bool
     depth: torch.Tensor  # (B, 32, 32) float in [0, 1]: 1 at the object's centre, 0 outside
     centres: torch.Tensor | None = None  # (B, 2) float: the object's centre (row, column), pixel corners, with jitter
+    extents: torch.Tensor | None = None  # (B,) float: the object's half extent in pixels (HALF_EXTENT[size] or given)
 
 
 def random_attrs(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -47,14 +48,15 @@ def cell_centre(position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return row, col
 
 
-def _coverage(attrs: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor) -> torch.Tensor:
-    """Supersampled inside-test; returns per-pixel coverage in [0, 1], shape (B, 32, 32)."""
+def _coverage(attrs: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
+    """Supersampled inside-test for objects of half extent ``half`` (B,); returns per-pixel coverage in [0, 1],
+    shape (B, 32, 32)."""
     b = attrs.shape[0]
     ss = SIZE * SUPERSAMPLE
     g = (torch.arange(ss, dtype=torch.float32) + 0.5) / SUPERSAMPLE
     yy, xx = g.view(1, ss, 1), g.view(1, 1, ss)
     dy, dx = yy - cy.view(b, 1, 1), xx - cx.view(b, 1, 1)
-    r = torch.tensor(HALF_EXTENT)[attrs[:, 2]].view(b, 1, 1)
+    r = half.view(b, 1, 1)
     circle = dy**2 + dx**2 <= r**2
     square = (dy.abs() <= r) & (dx.abs() <= r)
     # isosceles triangle pointing up: apex at (cy - r), base at (cy + r), half-width r at the base
@@ -64,23 +66,29 @@ def _coverage(attrs: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor) -> torch.
     return inside.float().view(b, SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE).mean((2, 4))
 
 
-def render_batch(attrs: torch.Tensor, generator: torch.Generator | None = None, jitter: int = JITTER) -> ShapesBatch:
-    """Render images for an (B, 4) attribute tensor; position jitter is drawn from ``generator``."""
+def render_batch(
+    attrs: torch.Tensor,
+    generator: torch.Generator | None = None,
+    jitter: int = JITTER,
+    extents: torch.Tensor | None = None,
+) -> ShapesBatch:
+    """Render images for an (B, 4) attribute tensor; position jitter is drawn from ``generator``. ``extents`` (B,)
+    gives each object's half extent in pixels in place of its size's ``HALF_EXTENT`` (sizes between the two)."""
     attrs = attrs.long()
     b = attrs.shape[0]
+    half = torch.tensor(HALF_EXTENT)[attrs[:, 2]] if extents is None else extents.float().reshape(b)
     cy, cx = cell_centre(attrs[:, 3])
     if jitter > 0:  # whole-pixel jitter in {-jitter..jitter}
         cy = cy + torch.randint(-jitter, jitter + 1, (b,), generator=generator).float()
         cx = cx + torch.randint(-jitter, jitter + 1, (b,), generator=generator).float()
-    cov = _coverage(attrs, cy, cx)
+    cov = _coverage(attrs, cy, cx, half)
     color = PALETTE[attrs[:, 1]].view(b, 3, 1, 1)
     images = cov.unsqueeze(1) * color * 2 - 1
     masks = cov > 0.5
     g = torch.arange(SIZE, dtype=torch.float32) + 0.5
     dist = ((g.view(1, SIZE, 1) - cy.view(b, 1, 1)) ** 2 + (g.view(1, 1, SIZE) - cx.view(b, 1, 1)) ** 2).sqrt()
-    r = torch.tensor(HALF_EXTENT)[attrs[:, 2]].view(b, 1, 1)
-    depth = (1 - dist / (r * 1.5)).clamp(0, 1) * masks
-    return ShapesBatch(images, attrs, masks, depth, torch.stack([cy, cx], 1))
+    depth = (1 - dist / (half.view(b, 1, 1) * 1.5)).clamp(0, 1) * masks
+    return ShapesBatch(images, attrs, masks, depth, torch.stack([cy, cx], 1), half)
 
 
 STRIPE_DIM = 0.6  # the object's odd canvas rows at 60% of its colour: still "bright" for the labeller's mask
@@ -94,7 +102,7 @@ def striped(batch: ShapesBatch) -> ShapesBatch:
     odd = (torch.arange(SIZE) % 2 == 1).view(1, 1, SIZE, 1)
     dimmed = (batch.images + 1) * STRIPE_DIM - 1  # colour * coverage scaled, on the [-1, 1] scale
     images = torch.where(odd & batch.masks.unsqueeze(1), dimmed, batch.images)
-    return ShapesBatch(images, batch.attrs, batch.masks, batch.depth, batch.centres)
+    return ShapesBatch(images, batch.attrs, batch.masks, batch.depth, batch.centres, batch.extents)
 
 
 def sample_batch(n: int, generator: torch.Generator | None = None) -> ShapesBatch:

@@ -195,14 +195,15 @@ def place_patch(patch: torch.Tensor, centre: torch.Tensor, width: torch.Tensor, 
     return torch.nn.functional.grid_sample(patch, grid, align_corners=False, padding_mode="zeros")
 
 
-def where_of(centres: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+def where_of(centres: torch.Tensor, sizes: torch.Tensor, extents: torch.Tensor | None = None) -> torch.Tensor:
     """(B, 3) the where-latent that places a shapes object with centre ``centres`` (B, 2: row, column in pixel-corner
-    units, as ``ShapesBatch.centres``) and size index ``sizes`` (B,): the centre in latent units and the log size
-    relative to a large object."""
+    units, as ``ShapesBatch.centres``) and size index ``sizes`` (B,), or half extent ``extents`` (B,) in pixels where
+    given: the centre in latent units and the log size relative to a large object."""
     half = shapes.SIZE / 2
     pos = (centres.float() / half - 1) / POSITION_SCALE
-    extent = torch.tensor(shapes.HALF_EXTENT)
-    return torch.cat([pos, (torch.log(extent[sizes] / extent[-1]) / SIZE_SCALE).unsqueeze(1)], 1)
+    table = torch.tensor(shapes.HALF_EXTENT)
+    extent = table[sizes] if extents is None else extents.float()
+    return torch.cat([pos, (torch.log(extent / table[-1]) / SIZE_SCALE).unsqueeze(1)], 1)
 
 
 class SpatialVAE(ModelMixin, ConfigMixin):
@@ -305,7 +306,7 @@ class SpatialVAE(ModelMixin, ConfigMixin):
                          generator)  # fmt: skip
         dims = x[0].numel()
         d = self.config.latent_dim
-        where = (mu[:, d - 3 :] - where_of(batch.centres, attrs[:, 2])).pow(2).sum(1)
+        where = (mu[:, d - 3 :] - where_of(batch.centres, attrs[:, 2], batch.extents)).pow(2).sum(1)
         ce = torch.nn.functional.cross_entropy(logits, attrs[:, 0], reduction="none")
         return parts, dims * (self.config.where_weight * where + ce)
 
@@ -362,6 +363,7 @@ class DiffuseVAENetConfig:
     where_weight: float = 1.0  # decoder spatial: the weight of the where-latent's supervision
     size_in_decoder: bool = False  # decoder spatial: the decoder draws the size (else the canvas is scaled)
     jitter: int = shapes.JITTER  # the training renders' position jitter (whole pixels), VAE and DDPM alike
+    size_jitter: bool = False  # the training renders' sizes: uniform between small and large (else the two sizes)
     vae: str = ""  # kind ddpm: the trained VAE (a model folder or a run folder holding model/)
     prior: str = "normal"  # kind ddpm: N(0, I), a mixture fitted ex post ("gmm"), or one per latent block ("factors")
     prior_components: int = 10  # prior "gmm": the mixture's components; "factors": each block's
@@ -679,6 +681,8 @@ def vae_config(r: DiffuseVAERecipe) -> dict:
         cfg.update(decoder=m.decoder, patch=m.patch, where_weight=m.where_weight, size_in_decoder=m.size_in_decoder)
     if m.jitter != shapes.JITTER:
         cfg["jitter"] = m.jitter
+    if m.size_jitter:
+        cfg["size_jitter"] = True
     return cfg
 
 
@@ -717,6 +721,8 @@ def build_diffusevae_model(r: DiffuseVAERecipe) -> DiffuseVAEModel:
         cfg["prior_mixture_components"] = parts["prior"].config.components
     if r.model.jitter != shapes.JITTER:
         cfg["jitter"] = r.model.jitter
+    if r.model.size_jitter:
+        cfg["size_jitter"] = True
     if r.model.z_condition:
         parts["zembed"] = LatentEmbedding(vae.latent_size, extras.config.dim)
         cfg["z_condition"] = True
@@ -823,9 +829,17 @@ def load_diffusevae_model(directory, what: str = "--model") -> DiffuseVAEModel:
 
 
 # training and evaluation --------------------------------------------------------------------------------------
-def training_batch(n: int, jitter: int, generator) -> shapes.ShapesBatch:
-    """n training renders with whole-pixel position jitter up to ``jitter`` (shapes.JITTER: ``shapes.sample_batch``)."""
-    return shapes.render_batch(shapes.random_attrs(n, generator), generator, jitter=jitter)
+def training_batch(n: int, jitter: int, generator, size_jitter: bool = False) -> shapes.ShapesBatch:
+    """n training renders with whole-pixel position jitter up to ``jitter`` (shapes.JITTER: ``shapes.sample_batch``).
+    With ``size_jitter`` each object's half extent is uniform between the small and the large one (the size index
+    then names the nearer of the two), so a refiner trained on them has seen the sizes a latent path passes."""
+    attrs = shapes.random_attrs(n, generator)
+    if not size_jitter:
+        return shapes.render_batch(attrs, generator, jitter=jitter)
+    lo, hi = shapes.HALF_EXTENT
+    extents = lo + (hi - lo) * torch.rand(n, generator=generator)
+    attrs[:, 2] = (extents >= (lo + hi) / 2).long()
+    return shapes.render_batch(attrs, generator, jitter=jitter, extents=extents)
 
 
 def diffusevae_loss_fn(model: DiffuseVAEModel, r: DiffuseVAERecipe):
@@ -836,7 +850,7 @@ def diffusevae_loss_fn(model: DiffuseVAEModel, r: DiffuseVAERecipe):
     dims = float(torch.tensor(IMAGE_SHAPE).prod())
 
     def fn(step, g):
-        batch = training_batch(r.train.batch_size, r.model.jitter, g)
+        batch = training_batch(r.train.batch_size, r.model.jitter, g, r.model.size_jitter)
         x = batch.images
         vae = model.module["vae"]
         if model.kind == "vae":
