@@ -3,7 +3,10 @@ Fréchet distance of samples from the VAE alone (x_hat = Dec(z), z ~ N(0, I)) an
 refined by the conditional DDPM), and the smoothness of straight paths in the VAE's latent between pairs of real
 images, read by the exact labeller.
 
-    OMP_NUM_THREADS=1 python benchmarks/diffusevae.py [--json F] [--n 1000] [--reference]
+    OMP_NUM_THREADS=1 python benchmarks/diffusevae.py [--json F] [--n 1000] [--reference] [--guidance W]
+
+--guidance is the refiner's classifier-free guidance weight on its reconstruction (default: the model's own; a
+weight other than 1 needs a refiner trained with model.cond_drop > 0).
 
 The model is read from runs/diffusevae/model (`condiff train diffusevae-vae --out runs/diffusevae-vae`, then
 `condiff train diffusevae --out runs/diffusevae`); its folder holds the frozen VAE, so both rows use the same VAE.

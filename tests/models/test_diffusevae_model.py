@@ -229,15 +229,18 @@ def test_fitted_prior_roundtrips_and_draws_the_mixture(saved, tmp_path):
     torch.testing.assert_close(x_hat_n, back.vae.decode(torch.randn(4, 3, generator=torch.Generator().manual_seed(2))))
     with pytest.raises(ConfigError, match="has no fitted latent prior"):
         dv.load_diffusevae_model(d / "ddpm").latents(2, torch.Generator(), "gmm")
-    info = json.loads((tmp_path / "gmm" / "condiff.json").read_text())
-    info["diffusevae"]["prior_components"] = 3
-    (tmp_path / "gmm" / "condiff.json").write_text(json.dumps(info))
-    with pytest.raises(InputFileError, match="prior's latent_dim or components differ"):
-        dv.load_diffusevae_model(tmp_path / "gmm")
-    info["diffusevae"]["prior"] = "flow"
-    (tmp_path / "gmm" / "condiff.json").write_text(json.dumps(info))
-    with pytest.raises(InputFileError, match="prior must be one of normal, gmm"):
-        dv.load_diffusevae_model(tmp_path / "gmm")
+    refused_after_edit(tmp_path / "gmm", {"prior_components": 3}, "prior's latent_dim or components differ")
+    refused_after_edit(tmp_path / "gmm", {"prior": "flow"}, "prior must be one of normal, gmm")
+
+
+def refused_after_edit(folder, changes: dict, match: str) -> None:
+    """A saved model whose condiff.json 'diffusevae' table gets ``changes`` is refused on loading, one line."""
+    info = json.loads((folder / "condiff.json").read_text())
+    info["diffusevae"].update(changes)
+    (folder / "condiff.json").write_text(json.dumps(info))
+    with pytest.raises(InputFileError, match=match) as e:
+        dv.load_diffusevae_model(folder)
+    assert len(str(e.value).splitlines()) == 1
 
 
 @pytest.mark.parametrize(
@@ -457,17 +460,9 @@ def test_z_conditioned_refiner_starts_at_formulation_1_and_learns_from_z(saved, 
     b, _ = back.refine(x_hat, noise, 2, z2)
     assert not torch.equal(a, b)
     _, x, _ = back.generate(z1, seed=3, steps=2)
-    torch.testing.assert_close(
-        x,
-        back.refine(back.vae.decode(z1), torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)), 2, z1)[
-            0
-        ],
-    )
-    info = json.loads((tmp_path / "zmodel" / "condiff.json").read_text())
-    info["diffusevae"]["z_condition"] = "yes"
-    (tmp_path / "zmodel" / "condiff.json").write_text(json.dumps(info))
-    with pytest.raises(InputFileError, match="z_condition must be true or false"):
-        dv.load_diffusevae_model(tmp_path / "zmodel")
+    seeded = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))  # generate's noise for seed 3
+    torch.testing.assert_close(x, back.refine(back.vae.decode(z1), seeded, 2, z1)[0])
+    refused_after_edit(tmp_path / "zmodel", {"z_condition": "yes"}, "z_condition must be true or false")
 
 
 @pytest.mark.parametrize(
@@ -531,6 +526,8 @@ def test_guided_refiner_is_the_cfg_contrast_with_the_null_reconstruction(saved, 
         back.refine(x_hat, noise, 1, guidance=float("nan"))
     with pytest.raises(ConfigError, match="needs a refiner trained with model.cond_drop > 0"):
         dv.load_diffusevae_model(d / "ddpm").refine(x_hat, noise, 1, guidance=2.0)
+    refused_after_edit(tmp_path / "g", {"cond_drop": 0.0}, "guidance or cond_drop: guidance 2.0 needs a refiner")
+    refused_after_edit(tmp_path / "g", {"cond_drop": "0.1"}, "cond_drop must be a number in")
 
 
 @pytest.mark.parametrize(
