@@ -4,26 +4,30 @@ recipe ``diffusevae``), fine-tuned from the bundled shapes UNet with its conv_in
 zero weights (``condiff.models.dense``'s start: the null caption's context, pixel unshuffling by 2), so the start
 computes exactly what the pretrained unconditional-caption model did and learns to use x_hat from there.
 
-A recipe (``family = "diffusevae"``) has [model] and [train] (condiff's ``TrainConfig``). ``model.kind`` 'vae': the
-VAE with ``latent_dim``, ``width`` (the first conv's channels; 2x and 4x below), the decoder's ``sigma`` and the KL
-weight ``beta``, and ``decoder``: 'conv' (``ConvVAE``) or 'spatial' (``SpatialVAE``, a what/where VAE whose decoder
-places a drawn ``patch``-pixel canvas with a spatial transformer; its where-latent is supervised by the renders' true
-centre and size with weight ``where_weight``, and a shape head gives a discrete shape code); [train] takes no
-init_from. ``model.jitter`` (either kind) is the training renders' whole-pixel position jitter (the shapes world's
-is 1). ``model.kind`` 'ddpm': ``model.vae`` names the trained VAE (a model folder or a run folder holding it as
-model/), [train] ``init_from`` the shapes model that starts the UNet (default 'shapes'); the VAE keys belong to the
-VAE and are refused here. ``model.prior`` is the latent prior samples draw z from: 'normal' (N(0, I), the paper's
-p(z)), 'gmm', a ``prior_components``-component Gaussian mixture fitted at build time to posterior samples
-z ~ q(z | x) of PRIOR_FIT_N training renders, or 'factors', one such mixture per block of the VAE's
-``latent_blocks`` drawn independently (a SpatialVAE's what, where and shape code); ex-post density estimation,
-Ghosh et al., ICLR 2020 (``condiff.tasks.diffusevae.fit_latent_mixture``). The refiner trains on Dec(z) with
-z ~ q(z | x), so Dec(z) from N(0, I), which falls in the holes between the aggregate posterior's clusters, is a
-condition it never saw; the mixture keeps z where it trained. Unknown keys and bad values are one-line ConfigErrors.
+A recipe (``family = "diffusevae"``) has [model] and [train] (condiff's ``TrainConfig``). ``model.kind`` 'vae': the VAE
+with ``latent_dim``, ``width`` (the first conv's channels; 2x and 4x below), the decoder's ``sigma`` and the KL weight
+``beta``, and ``decoder``: 'conv' (``ConvVAE``) or 'spatial' (``SpatialVAE``, a what/where VAE whose decoder places a
+drawn ``patch``-pixel canvas with a spatial transformer; its where-latent is supervised by the renders' true centre and
+size with weight ``where_weight``, and a shape head gives a discrete shape code); [train] takes no init_from.
+``model.jitter`` (either kind) is the training renders' whole-pixel position jitter (the shapes world's is 1), and
+``model.size_jitter`` draws their sizes uniformly between small and large. ``model.kind`` 'ddpm': ``model.vae`` names
+the trained VAE (a model folder or a run folder holding it as model/), [train] ``init_from`` the shapes model that
+starts the UNet (default 'shapes'); the VAE keys belong to the VAE and are refused here. ``model.prior`` is the latent
+prior samples draw z from: 'normal' (N(0, I), the paper's p(z)), 'gmm', a ``prior_components``-component Gaussian
+mixture fitted at build time to posterior samples z ~ q(z | x) of PRIOR_FIT_N training renders, or 'factors', one such
+mixture per block of the VAE's ``latent_blocks`` drawn independently (a SpatialVAE's what, where and shape code);
+ex-post density estimation, Ghosh et al., ICLR 2020 (``condiff.tasks.diffusevae.fit_latent_mixture``). The refiner
+trains on Dec(z) with z ~ q(z | x), so Dec(z) from N(0, I), which falls in the holes between the aggregate posterior's
+clusters, is a condition it never saw; the mixture keeps z where it trained. ``model.z_condition`` adds the paper's
+optional z-conditioning of the UNet (``LatentEmbedding``, zero at the start); ``model.cond_drop`` trains that share of
+rows on the null condition (x_hat = 0, z = 0), so the refiner can be guided by its reconstruction
+(``refine(guidance=w)``, classifier-free guidance; ``model.guidance`` the default weight). Unknown keys and bad values
+are one-line ConfigErrors.
 
-A saved model is ``vae/`` (and for 'ddpm' ``unet/``, ``extras/`` and with a fitted prior ``prior/``: diffusers folders,
-safetensors) with
-``condiff.json``'s "diffusevae" table; the DDPM's folder holds its VAE, so it stands alone. Both train with condiff's
-Trainer (EMA, atomic checkpoints, exact resume); the VAE is frozen while the DDPM trains.
+A saved model is ``vae/`` (and for 'ddpm' ``unet/``, ``extras/``, with a fitted prior ``prior/`` and with z-conditioning
+``zembed/``: diffusers folders, safetensors) with ``condiff.json``'s "diffusevae" table; the DDPM's folder holds its
+VAE, so it stands alone. Both train with condiff's Trainer (EMA, atomic checkpoints, exact resume); the VAE is frozen
+while the DDPM trains.
 """
 
 from __future__ import annotations
