@@ -136,7 +136,7 @@ def measure(args) -> dict:
     folder = find_model(args.model)
     m = load_diffusevae_model(folder)
     net = load_classifier("clean")
-    w = m.config.get("guidance", 1.0) if args.guidance is None else args.guidance
+    w = m.guidance if args.guidance is None else args.guidance
     out = {
         "n": args.n,
         "steps": args.steps,

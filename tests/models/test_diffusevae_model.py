@@ -508,7 +508,7 @@ def test_guided_refiner_is_the_cfg_contrast_with_the_null_reconstruction(saved, 
         m.module["unet"].conv_in.weight.normal_(generator=torch.Generator().manual_seed(1))
     m.save(tmp_path / "g")
     back = dv.load_diffusevae_model(tmp_path / "g")
-    assert back.config["guidance"] == 2.0
+    assert back.config["guidance"] == back.guidance == 2.0
     gen = torch.Generator().manual_seed(0)
     x_hat, noise = torch.rand(2, 3, 32, 32, generator=gen) * 2 - 1, torch.randn(2, 3, 32, 32, generator=gen)
     from condiff.core.grids import make_grid
@@ -535,8 +535,8 @@ def test_guided_refiner_is_the_cfg_contrast_with_the_null_reconstruction(saved, 
     [
         ({"kind": "vae", "cond_drop": 0.1}, "model.cond_drop belongs to a kind 'ddpm' recipe"),
         ({"kind": "vae", "guidance": 2.0}, "model.guidance belongs to a kind 'ddpm' recipe"),
-        ({"kind": "ddpm", "vae": "v", "cond_drop": 1.0}, "model.cond_drop must be in [0, 1), got 1.0"),
-        ({"kind": "ddpm", "vae": "v", "cond_drop": -0.1}, "model.cond_drop must be in [0, 1)"),
+        ({"kind": "ddpm", "vae": "v", "cond_drop": 1.0}, "model.cond_drop must be a number in [0, 1), got 1.0"),
+        ({"kind": "ddpm", "vae": "v", "cond_drop": -0.1}, "model.cond_drop must be a number in [0, 1), got -0.1"),
         ({"kind": "ddpm", "vae": "v", "guidance": 2.0}, "model.guidance: guidance 2.0 needs a refiner trained"),
         ({"kind": "ddpm", "vae": "v", "cond_drop": 0.1, "guidance": float("inf")}, "model.guidance: the guidance"),
     ],

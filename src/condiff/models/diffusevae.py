@@ -450,8 +450,7 @@ def diffusevae_recipe_from_dict(data: dict) -> DiffuseVAERecipe:
             )
         if m.prior not in PRIORS:
             raise one_of("model.prior", m.prior, PRIORS)
-        if not 0 <= m.cond_drop < 1:
-            raise ConfigError(f"model.cond_drop must be in [0, 1), got {m.cond_drop!r}")
+        check_cond_drop(m.cond_drop, "model.cond_drop")
         try:
             check_guidance(m.guidance, m.cond_drop)
         except ConfigError as e:
@@ -504,9 +503,10 @@ def check_guidance(w, cond_drop: float) -> float:
     return float(w)
 
 
-def _cond_drop(v) -> float:
+def check_cond_drop(v, what: str = "cond_drop") -> float:
+    """The share of training rows on the null condition: a number in [0, 1)."""
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
-        raise ConfigError(f"cond_drop must be a number in [0, 1), got {v!r}")
+        raise ConfigError(f"{what} must be a number in [0, 1), got {v!r}")
     return float(v)
 
 
@@ -560,6 +560,11 @@ class DiffuseVAEModel(TaskModel):
                 )
             return self.module["prior"].sample(n, generator)
         return self.vae.prior_sample(n, generator)
+
+    @property
+    def guidance(self) -> float:
+        """The refiner's default guidance weight (1: none; the recipe's ``model.guidance``)."""
+        return self.config.get("guidance", 1.0)
 
     @property
     def schedule(self):
@@ -683,11 +688,13 @@ def vae_config(r: DiffuseVAERecipe) -> dict:
     cfg = {"kind": "vae", "latent_dim": m.latent_dim, "width": m.width, "sigma": m.sigma, "beta": m.beta}
     if m.decoder == "spatial":  # a conv VAE's table stays as it was
         cfg.update(decoder=m.decoder, patch=m.patch, where_weight=m.where_weight, size_in_decoder=m.size_in_decoder)
-    if m.jitter != shapes.JITTER:
-        cfg["jitter"] = m.jitter
-    if m.size_jitter:
-        cfg["size_jitter"] = True
-    return cfg
+    return {**cfg, **renders_config(m)}
+
+
+def renders_config(m: DiffuseVAENetConfig) -> dict:
+    """The training renders' keys of a model's table, written only where they differ from the shapes world's."""
+    cfg = {"jitter": m.jitter} if m.jitter != shapes.JITTER else {}
+    return {**cfg, "size_jitter": True} if m.size_jitter else cfg
 
 
 def build_diffusevae_model(r: DiffuseVAERecipe) -> DiffuseVAEModel:
@@ -723,10 +730,7 @@ def build_diffusevae_model(r: DiffuseVAERecipe) -> DiffuseVAEModel:
         parts["prior"] = fit_prior(vae, r.model.prior_components, r.train.seed, factors=r.model.prior == "factors")
         cfg["prior_components"] = r.model.prior_components
         cfg["prior_mixture_components"] = parts["prior"].config.components
-    if r.model.jitter != shapes.JITTER:
-        cfg["jitter"] = r.model.jitter
-    if r.model.size_jitter:
-        cfg["size_jitter"] = True
+    cfg.update(renders_config(r.model))
     if r.model.z_condition:
         parts["zembed"] = LatentEmbedding(vae.latent_size, extras.config.dim)
         cfg["z_condition"] = True
@@ -819,7 +823,7 @@ def load_diffusevae_model(directory, what: str = "--model") -> DiffuseVAEModel:
         module["prior"] = mix.eval().requires_grad_(False)
     if kind == "ddpm":
         try:
-            check_guidance(cfg.get("guidance", 1.0), _cond_drop(cfg.get("cond_drop", 0.0)))
+            check_guidance(cfg.get("guidance", 1.0), check_cond_drop(cfg.get("cond_drop", 0.0)))
         except ConfigError as e:
             raise InputFileError(f"{what} {str(directory)!r}: condiff.json's guidance or cond_drop: {e}") from None
     if kind == "ddpm" and cfg.get("z_condition", False) is not False:
