@@ -571,3 +571,26 @@ def test_size_jitter_draws_sizes_between_small_and_large():
         {"name": "s", "family": "diffusevae", "model": {"kind": "vae", **TINY, "size_jitter": True}}
     )
     assert dv.vae_config(r)["size_jitter"] is True
+
+
+def test_subpixel_training_renders_are_the_continuous_jitter_renders_and_the_key_is_kept():
+    """model.subpixel: the training batch is shapes.render_batch(..., subpixel=True) on the step's stream, its
+    centres off the pixel grid within the jitter (with and without size_jitter), and the key is written to the
+    model's table only when set."""
+    from condiff.data import shapes
+
+    b = dv.training_batch(64, 4, torch.Generator().manual_seed(7), subpixel=True)
+    g = torch.Generator().manual_seed(7)
+    replay = shapes.render_batch(shapes.random_attrs(64, g), g, jitter=4, subpixel=True)
+    assert torch.equal(b.images, replay.images) and torch.equal(b.centres, replay.centres)
+    for size_jitter in (False, True):
+        b = dv.training_batch(64, 4, torch.Generator().manual_seed(8), size_jitter=size_jitter, subpixel=True)
+        off = b.centres - torch.stack(shapes.cell_centre(b.attrs[:, 3]), 1)
+        assert off.abs().max() <= 4 and (off != off.round()).all()
+    plain = dv.training_batch(64, 4, torch.Generator().manual_seed(7))
+    assert (plain.centres == plain.centres.round()).all()
+    model = {"kind": "vae", **TINY}
+    r = dv.diffusevae_recipe_from_dict({"name": "s", "family": "diffusevae", "model": {**model, "subpixel": True}})
+    assert dv.vae_config(r)["subpixel"] is True
+    r = dv.diffusevae_recipe_from_dict({"name": "s", "family": "diffusevae", "model": model})
+    assert "subpixel" not in dv.vae_config(r)

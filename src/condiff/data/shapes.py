@@ -57,13 +57,24 @@ def _coverage(attrs: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, half: tor
     yy, xx = g.view(1, ss, 1), g.view(1, 1, ss)
     dy, dx = yy - cy.view(b, 1, 1), xx - cx.view(b, 1, 1)
     r = half.view(b, 1, 1)
-    circle = dy**2 + dx**2 <= r**2
-    square = (dy.abs() <= r) & (dx.abs() <= r)
-    # isosceles triangle pointing up: apex at (cy - r), base at (cy + r), half-width r at the base
-    triangle = (dy <= r) & (dy >= -r) & (dx.abs() <= (dy + r) / 2)
     kind = attrs[:, 0].view(b, 1, 1)
-    inside = torch.where(kind == 0, circle, torch.where(kind == 1, square, triangle))
+    inside = torch.where(
+        kind == 0,
+        shape_inside(0, dy, dx, r),
+        torch.where(kind == 1, shape_inside(1, dy, dx, r), shape_inside(2, dy, dx, r)),
+    )
     return inside.float().view(b, SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE).mean((2, 4))
+
+
+def shape_inside(shape: int, dy: torch.Tensor, dx: torch.Tensor, r) -> torch.Tensor:
+    """Whether the points at offsets (dy, dx) from an object's centre lie inside shape ``shape`` (an index into
+    SHAPES) of half extent r; the arguments broadcast. The triangle is isosceles, apex up: apex at dy = -r, base at
+    dy = r, half-width r at the base."""
+    if shape == 0:
+        return dy**2 + dx**2 <= r**2
+    if shape == 1:
+        return (dy.abs() <= r) & (dx.abs() <= r)
+    return (dy <= r) & (dy >= -r) & (dx.abs() <= (dy + r) / 2)
 
 
 def render_batch(
@@ -71,14 +82,20 @@ def render_batch(
     generator: torch.Generator | None = None,
     jitter: int = JITTER,
     extents: torch.Tensor | None = None,
+    subpixel: bool = False,
 ) -> ShapesBatch:
     """Render images for an (B, 4) attribute tensor; position jitter is drawn from ``generator``. ``extents`` (B,)
-    gives each object's half extent in pixels in place of its size's ``HALF_EXTENT`` (sizes between the two)."""
+    gives each object's half extent in pixels in place of its size's ``HALF_EXTENT`` (sizes between the two).
+    ``subpixel``: the jitter is uniform on [-jitter, jitter] in each axis, not whole pixels, so the object's edges
+    fall anywhere between pixel centres (the render stays binary: pixels are tested at their centres)."""
     attrs = attrs.long()
     b = attrs.shape[0]
     half = torch.tensor(HALF_EXTENT)[attrs[:, 2]] if extents is None else extents.float().reshape(b)
     cy, cx = cell_centre(attrs[:, 3])
-    if jitter > 0:  # whole-pixel jitter in {-jitter..jitter}
+    if jitter > 0 and subpixel:  # continuous jitter in [-jitter, jitter]
+        cy = cy + (2 * torch.rand(b, generator=generator) - 1) * jitter
+        cx = cx + (2 * torch.rand(b, generator=generator) - 1) * jitter
+    elif jitter > 0:  # whole-pixel jitter in {-jitter..jitter}
         cy = cy + torch.randint(-jitter, jitter + 1, (b,), generator=generator).float()
         cx = cx + torch.randint(-jitter, jitter + 1, (b,), generator=generator).float()
     cov = _coverage(attrs, cy, cx, half)

@@ -10,7 +10,8 @@ with ``latent_dim``, ``width`` (the first conv's channels; 2x and 4x below), the
 drawn ``patch``-pixel canvas with a spatial transformer; its where-latent is supervised by the renders' true centre and
 size with weight ``where_weight``, and a shape head gives a discrete shape code); [train] takes no init_from.
 ``model.jitter`` (either kind) is the training renders' whole-pixel position jitter (the shapes world's is 1), and
-``model.size_jitter`` draws their sizes uniformly between small and large. ``model.kind`` 'ddpm': ``model.vae`` names
+``model.size_jitter`` draws their sizes uniformly between small and large; ``model.subpixel`` makes the jitter
+continuous, so objects sit between pixels as they do along a latent path. ``model.kind`` 'ddpm': ``model.vae`` names
 the trained VAE (a model folder or a run folder holding it as model/), [train] ``init_from`` the shapes model that
 starts the UNet (default 'shapes'); the VAE keys belong to the VAE and are refused here. ``model.prior`` is the latent
 prior samples draw z from: 'normal' (N(0, I), the paper's p(z)), 'gmm', a ``prior_components``-component Gaussian
@@ -368,6 +369,7 @@ class DiffuseVAENetConfig:
     size_in_decoder: bool = False  # decoder spatial: the decoder draws the size (else the canvas is scaled)
     jitter: int = shapes.JITTER  # the training renders' position jitter (whole pixels), VAE and DDPM alike
     size_jitter: bool = False  # the training renders' sizes: uniform between small and large (else the two sizes)
+    subpixel: bool = False  # the training renders' position jitter: continuous (else whole pixels)
     vae: str = ""  # kind ddpm: the trained VAE (a model folder or a run folder holding model/)
     prior: str = "normal"  # kind ddpm: N(0, I), a mixture fitted ex post ("gmm"), or one per latent block ("factors")
     prior_components: int = 10  # prior "gmm": the mixture's components; "factors": each block's
@@ -694,7 +696,8 @@ def vae_config(r: DiffuseVAERecipe) -> dict:
 def renders_config(m: DiffuseVAENetConfig) -> dict:
     """The training renders' keys of a model's table, written only where they differ from the shapes world's."""
     cfg = {"jitter": m.jitter} if m.jitter != shapes.JITTER else {}
-    return {**cfg, "size_jitter": True} if m.size_jitter else cfg
+    cfg.update({"size_jitter": True} if m.size_jitter else {})
+    return {**cfg, "subpixel": True} if m.subpixel else cfg
 
 
 def build_diffusevae_model(r: DiffuseVAERecipe) -> DiffuseVAEModel:
@@ -837,17 +840,20 @@ def load_diffusevae_model(directory, what: str = "--model") -> DiffuseVAEModel:
 
 
 # training and evaluation --------------------------------------------------------------------------------------
-def training_batch(n: int, jitter: int, generator, size_jitter: bool = False) -> shapes.ShapesBatch:
+def training_batch(
+    n: int, jitter: int, generator, size_jitter: bool = False, subpixel: bool = False
+) -> shapes.ShapesBatch:
     """n training renders with whole-pixel position jitter up to ``jitter`` (shapes.JITTER: ``shapes.sample_batch``).
     With ``size_jitter`` each object's half extent is uniform between the small and the large one (the size index
-    then names the nearer of the two), so a refiner trained on them has seen the sizes a latent path passes."""
+    then names the nearer of the two), so a refiner trained on them has seen the sizes a latent path passes. With
+    ``subpixel`` the jitter is continuous, so it has seen the positions between pixels that a path passes."""
     attrs = shapes.random_attrs(n, generator)
     if not size_jitter:
-        return shapes.render_batch(attrs, generator, jitter=jitter)
+        return shapes.render_batch(attrs, generator, jitter=jitter, subpixel=subpixel)
     lo, hi = shapes.HALF_EXTENT
     extents = lo + (hi - lo) * torch.rand(n, generator=generator)
     attrs[:, 2] = (extents >= (lo + hi) / 2).long()
-    return shapes.render_batch(attrs, generator, jitter=jitter, extents=extents)
+    return shapes.render_batch(attrs, generator, jitter=jitter, extents=extents, subpixel=subpixel)
 
 
 def diffusevae_loss_fn(model: DiffuseVAEModel, r: DiffuseVAERecipe):
@@ -858,7 +864,7 @@ def diffusevae_loss_fn(model: DiffuseVAEModel, r: DiffuseVAERecipe):
     dims = float(torch.tensor(IMAGE_SHAPE).prod())
 
     def fn(step, g):
-        batch = training_batch(r.train.batch_size, r.model.jitter, g, r.model.size_jitter)
+        batch = training_batch(r.train.batch_size, r.model.jitter, g, r.model.size_jitter, r.model.subpixel)
         x = batch.images
         vae = model.module["vae"]
         if model.kind == "vae":
