@@ -57,12 +57,8 @@ def _coverage(attrs: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, half: tor
     yy, xx = g.view(1, ss, 1), g.view(1, 1, ss)
     dy, dx = yy - cy.view(b, 1, 1), xx - cx.view(b, 1, 1)
     r = half.view(b, 1, 1)
-    kind = attrs[:, 0].view(b, 1, 1)
-    inside = torch.where(
-        kind == 0,
-        shape_inside(0, dy, dx, r),
-        torch.where(kind == 1, shape_inside(1, dy, dx, r), shape_inside(2, dy, dx, r)),
-    )
+    every = torch.stack([shape_inside(k, dy, dx, r) for k in range(len(SHAPES))])  # (shapes, B, ss, ss)
+    inside = every[attrs[:, 0], torch.arange(b)]
     return inside.float().view(b, SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE).mean((2, 4))
 
 

@@ -367,7 +367,7 @@ class DiffuseVAENetConfig:
     patch: int = 16  # decoder spatial: the drawn canvas's side (a multiple of 8)
     where_weight: float = 1.0  # decoder spatial: the weight of the where-latent's supervision
     size_in_decoder: bool = False  # decoder spatial: the decoder draws the size (else the canvas is scaled)
-    jitter: int = shapes.JITTER  # the training renders' position jitter (whole pixels), VAE and DDPM alike
+    jitter: int = shapes.JITTER  # the training renders' position jitter in pixels (whole unless subpixel), both kinds
     size_jitter: bool = False  # the training renders' sizes: uniform between small and large (else the two sizes)
     subpixel: bool = False  # the training renders' position jitter: continuous (else whole pixels)
     vae: str = ""  # kind ddpm: the trained VAE (a model folder or a run folder holding model/)
@@ -696,8 +696,8 @@ def vae_config(r: DiffuseVAERecipe) -> dict:
 def renders_config(m: DiffuseVAENetConfig) -> dict:
     """The training renders' keys of a model's table, written only where they differ from the shapes world's."""
     cfg = {"jitter": m.jitter} if m.jitter != shapes.JITTER else {}
-    cfg.update({"size_jitter": True} if m.size_jitter else {})
-    return {**cfg, "subpixel": True} if m.subpixel else cfg
+    flags = {"size_jitter": m.size_jitter, "subpixel": m.subpixel}
+    return {**cfg, **{k: True for k, on in flags.items() if on}}
 
 
 def build_diffusevae_model(r: DiffuseVAERecipe) -> DiffuseVAEModel:
