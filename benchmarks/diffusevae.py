@@ -200,8 +200,7 @@ def measure(args) -> dict:
     for name, imgs in (("vae", xh.clamp(-1, 1)), ("diffusevae", xr)):
         labels = labeller.label(imgs).view(args.pairs, args.frames, -1)
         read = classifier_labels(imgs, net).view(args.pairs, args.frames, -1)
-        fitted = labels.clone()
-        fitted[..., 0] = labeller.fitted_shapes(imgs).view(args.pairs, args.frames)
+        fitted = labeller.label_fitted(imgs).view(args.pairs, args.frames, -1)
         interp[name] = {
             **smoothness(list(labels)),
             "fitted": smoothness(list(fitted)),
