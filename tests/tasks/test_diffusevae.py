@@ -17,6 +17,7 @@ from condiff.tasks.diffusevae import (
     gaussian_nll,
     lerp_path,
     mixture_latents,
+    paired_smoothness,
     path_changes,
     path_reversals,
     prior_latents,
@@ -162,6 +163,25 @@ def test_reversals_count_returns_but_not_passing_through_an_intermediate_value()
     assert path_reversals(torch.tensor([[-1, 3], [0, 3], [-1, 3], [-1, 2]])) == 1  # 'no object' counts as a value
     with pytest.raises(ConfigError, match="frames >= 2"):
         path_reversals(torch.zeros(1, 4))
+
+
+def test_paired_smoothness_on_hand_counted_paths():
+    """Differences (0, 1, -1, 2, 0, 0): their mean and sample standard error; paths 2 and 4 are monotone in base only
+    and path 3 in other only, so McNemar's exact p is twice the binomial P(X <= 1 | 3, 1/2) = 2 * 4/8 = 1."""
+    base, other = [0, 0, 1, 0, 2, 1], [0, 1, 0, 2, 2, 1]
+    out = paired_smoothness(base, other)
+    d = [0, 1, -1, 2, 0, 0]
+    mean = sum(d) / 6
+    sd = math.sqrt(sum((v - mean) ** 2 for v in d) / 5)
+    assert out["reversals_difference"] == pytest.approx(mean, abs=1e-12)
+    assert out["reversals_difference_se"] == pytest.approx(sd / math.sqrt(6), abs=1e-12)
+    assert (out["monotone_base_only"], out["monotone_other_only"]) == (2, 1)
+    assert out["mcnemar_p"] == pytest.approx(1.0)
+    lop = paired_smoothness([0] * 10, [1] * 10)  # 10 discordant, all one way: p = 2 / 2**10
+    assert lop["mcnemar_p"] == pytest.approx(2 / 1024, rel=1e-9)
+    assert paired_smoothness([1, 0], [1, 0])["mcnemar_p"] == 1.0  # no discordant path
+    with pytest.raises(ConfigError, match="two equal lists"):
+        paired_smoothness([0, 1], [0])
 
 
 def test_mixture_latents_pick_their_component_and_scale_it():

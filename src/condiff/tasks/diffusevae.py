@@ -253,6 +253,33 @@ def smoothness(paths: list[torch.Tensor]) -> dict:
     }
 
 
+def paired_smoothness(base: list[int], other: list[int]) -> dict:
+    """Two readings of the same paths, as reversals per path (``path_reversals``): ``base`` (the VAE's decodes) and
+    ``other`` (the refined frames). The mean paired difference other - base of reversals per path with its standard
+    error (sample standard deviation / sqrt(n)); the discordant paths, monotone in one reading only; and McNemar's
+    exact test of equal monotone shares (statsmodels: a two-sided binomial test on the discordant counts; p = 1 when
+    there are none)."""
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    n = len(base)
+    if n < 2 or len(other) != n:
+        raise ConfigError(f"paired_smoothness needs two equal lists of >= 2 paths, got {len(base)} and {len(other)}")
+    d = torch.tensor(other, dtype=torch.float64) - torch.tensor(base, dtype=torch.float64)
+    only_base = sum(b == 0 and o > 0 for b, o in zip(base, other))
+    only_other = sum(b > 0 and o == 0 for b, o in zip(base, other))
+    both = sum(b == 0 and o == 0 for b, o in zip(base, other))
+    table = [[both, only_base], [only_other, n - both - only_base - only_other]]
+    p = float(mcnemar(table, exact=True).pvalue) if only_base + only_other else 1.0
+    return {
+        "paths": n,
+        "reversals_difference": float(d.mean()),
+        "reversals_difference_se": float(d.std() / math.sqrt(n)),
+        "monotone_base_only": only_base,
+        "monotone_other_only": only_other,
+        "mcnemar_p": p,
+    }
+
+
 MEASURES = ("row", "column", "size", "red", "green", "blue")
 
 
