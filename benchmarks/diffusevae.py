@@ -63,7 +63,6 @@ from condiff.tasks.diffusevae import (  # noqa: E402
     object_measures,
     paired_smoothness,
     path_changes,
-    path_reversals,
     smoothness,
 )
 
@@ -212,22 +211,22 @@ def measure(args) -> dict:
     xh, xr = (torch.cat([c[k] for c in chunks]) for k in (0, 1))
     out["interpolation_seconds"] = time.perf_counter() - t0
     shape = (args.pairs, args.frames, 3, shapes.SIZE, shapes.SIZE)
-    interp, fitted_reversals = {}, {}
+    interp, fitted_paths = {}, {}
     for name, imgs in (("vae", xh.clamp(-1, 1)), ("diffusevae", xr)):
         labels = labeller.label(imgs).view(args.pairs, args.frames, -1)
         read = classifier_labels(imgs, net).view(args.pairs, args.frames, -1)
         fitted = labeller.label_fitted(imgs).view(args.pairs, args.frames, -1)
-        fitted_reversals[name] = [path_reversals(p) for p in fitted]
+        fitted_paths[name] = list(fitted)
         interp[name] = {
             **smoothness(list(labels)),
-            "fitted": smoothness(list(fitted)),
+            "fitted": smoothness(fitted_paths[name]),
             "classifier": smoothness(list(read)),
             "measures": variation(imgs.view(args.pairs, args.frames, *imgs.shape[1:])),
             "object": float((labels[..., 0] >= 0).float().mean()),
             "one_object": float(one_object(imgs).float().mean()),
             "paths": [{"changes_minimum": list(path_changes(p)), "labels": p.tolist()} for p in labels],
         }
-    paired = paired_smoothness(fitted_reversals["vae"], fitted_reversals["diffusevae"])
+    paired = paired_smoothness(fitted_paths["vae"], fitted_paths["diffusevae"])
     out["interpolation"] = {"pairs": args.pairs, "frames": args.frames, **interp, "paired_fitted": paired}
     out["no_added_reversals"] = paired["reversals_difference"] <= 2 * paired["reversals_difference_se"]
     shown = min(args.shown, args.pairs)

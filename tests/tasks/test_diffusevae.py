@@ -168,8 +168,13 @@ def test_reversals_count_returns_but_not_passing_through_an_intermediate_value()
 def test_paired_smoothness_on_hand_counted_paths():
     """Differences (0, 1, -1, 2, 0, 0): their mean and sample standard error; paths 2 and 4 are monotone in base only
     and path 3 in other only, so McNemar's exact p is twice the binomial P(X <= 1 | 3, 1/2) = 2 * 4/8 = 1."""
+
+    def path(reversals: int) -> torch.Tensor:  # one attribute going 0 1 0 1 ...: exactly `reversals` returns
+        return torch.tensor([[k % 2] for k in range(reversals + 2)] + [[(reversals + 1) % 2]] * (4 - reversals))
+
     base, other = [0, 0, 1, 0, 2, 1], [0, 1, 0, 2, 2, 1]
-    out = paired_smoothness(base, other)
+    assert [path_reversals(path(r)) for r in range(3)] == [0, 1, 2]
+    out = paired_smoothness([path(r) for r in base], [path(r) for r in other])
     d = [0, 1, -1, 2, 0, 0]
     mean = sum(d) / 6
     sd = math.sqrt(sum((v - mean) ** 2 for v in d) / 5)
@@ -177,11 +182,11 @@ def test_paired_smoothness_on_hand_counted_paths():
     assert out["reversals_difference_se"] == pytest.approx(sd / math.sqrt(6), abs=1e-12)
     assert (out["monotone_base_only"], out["monotone_other_only"]) == (2, 1)
     assert out["mcnemar_p"] == pytest.approx(1.0)
-    lop = paired_smoothness([0] * 10, [1] * 10)  # 10 discordant, all one way: p = 2 / 2**10
+    lop = paired_smoothness([path(0)] * 10, [path(1)] * 10)  # 10 discordant, all one way: p = 2 / 2**10
     assert lop["mcnemar_p"] == pytest.approx(2 / 1024, rel=1e-9)
-    assert paired_smoothness([1, 0], [1, 0])["mcnemar_p"] == 1.0  # no discordant path
+    assert paired_smoothness([path(1), path(0)], [path(1), path(0)])["mcnemar_p"] == 1.0  # no discordant path
     with pytest.raises(ConfigError, match="two equal lists"):
-        paired_smoothness([0, 1], [0])
+        paired_smoothness([path(0), path(1)], [path(0)])
 
 
 def test_mixture_latents_pick_their_component_and_scale_it():

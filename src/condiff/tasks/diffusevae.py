@@ -253,17 +253,21 @@ def smoothness(paths: list[torch.Tensor]) -> dict:
     }
 
 
-def paired_smoothness(base: list[int], other: list[int]) -> dict:
-    """Two readings of the same paths, as reversals per path (``path_reversals``): ``base`` (the VAE's decodes) and
-    ``other`` (the refined frames). The mean paired difference other - base of reversals per path with its standard
-    error (sample standard deviation / sqrt(n)); the discordant paths, monotone in one reading only; and McNemar's
-    exact test of equal monotone shares (statsmodels: a two-sided binomial test on the discordant counts; p = 1 when
-    there are none)."""
+def paired_smoothness(base_paths: list[torch.Tensor], other_paths: list[torch.Tensor]) -> dict:
+    """Two readings of the same paths (labels (frames, attributes) each, as for ``smoothness``): ``base`` (the VAE's
+    decodes) and ``other`` (the refined frames), compared path by path through ``path_reversals``. The mean paired
+    difference other - base of reversals per path with its standard error (sample standard deviation / sqrt(n)); the
+    discordant paths, monotone in one reading only; and McNemar's exact test of equal monotone shares (statsmodels: a
+    two-sided binomial test on the discordant counts; p = 1 when there are none)."""
     from statsmodels.stats.contingency_tables import mcnemar
 
-    n = len(base)
-    if n < 2 or len(other) != n:
-        raise ConfigError(f"paired_smoothness needs two equal lists of >= 2 paths, got {len(base)} and {len(other)}")
+    n = len(base_paths)
+    if n < 2 or len(other_paths) != n:
+        raise ConfigError(
+            f"paired_smoothness needs two equal lists of >= 2 paths, got {len(base_paths)} and {len(other_paths)}"
+        )
+    base = [path_reversals(p) for p in base_paths]
+    other = [path_reversals(p) for p in other_paths]
     d = torch.tensor(other, dtype=torch.float64) - torch.tensor(base, dtype=torch.float64)
     only_base = sum(b == 0 and o > 0 for b, o in zip(base, other))
     only_other = sum(b > 0 and o == 0 for b, o in zip(base, other))
