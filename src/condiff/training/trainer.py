@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers.training_utils import EMAModel
 
 from condiff.core.files import (
     atomic_dir,
@@ -160,6 +159,8 @@ class Trainer:
         # train.fast: AdamW's fused kernel and one multi-tensor EMA update per step (same maths, other rounding),
         # and the forward in bfloat16 autocast (``autocast``)
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cfg.fast or None)
+        from diffusers.training_utils import EMAModel  # here, not at the top: it costs every CLI command seconds
+
         self.ema = EMAModel(self.params, decay=cfg.ema_decay, foreach=cfg.fast)
 
     # checkpoints -------------------------------------------------------------------------------------
