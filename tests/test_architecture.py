@@ -111,8 +111,8 @@ def test_nothing_outside_cli_imports_cli():
 
 
 def test_the_cli_starts_without_diffusers_or_peft():
-    """Importing the CLI (``condiff --help``, the catalogues' parsing) pays torch's import, not diffusers' and peft's
-    (seconds): the trainer imports diffusers' EMAModel where it builds one."""
+    """Importing the CLI, all that ``condiff --help`` needs, loads torch but not diffusers or peft (seconds): the
+    trainer imports diffusers' EMAModel where it builds one."""
     code = "import sys, condiff.cli; print(sorted(m for m in ('diffusers', 'peft') if m in sys.modules))"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "[]"

@@ -266,13 +266,12 @@ def paired_smoothness(base_paths: list[torch.Tensor], other_paths: list[torch.Te
         raise ConfigError(
             f"paired_smoothness needs two equal lists of >= 2 paths, got {len(base_paths)} and {len(other_paths)}"
         )
-    base = [path_reversals(p) for p in base_paths]
-    other = [path_reversals(p) for p in other_paths]
-    d = torch.tensor(other, dtype=torch.float64) - torch.tensor(base, dtype=torch.float64)
-    only_base = sum(b == 0 and o > 0 for b, o in zip(base, other))
-    only_other = sum(b > 0 and o == 0 for b, o in zip(base, other))
-    both = sum(b == 0 and o == 0 for b, o in zip(base, other))
-    table = [[both, only_base], [only_other, n - both - only_base - only_other]]
+    base = torch.tensor([path_reversals(p) for p in base_paths], dtype=torch.float64)
+    other = torch.tensor([path_reversals(p) for p in other_paths], dtype=torch.float64)
+    d = other - base
+    mb, mo = base == 0, other == 0  # monotone in each reading
+    table = [[int((mb & mo).sum()), int((mb & ~mo).sum())], [int((~mb & mo).sum()), int((~mb & ~mo).sum())]]
+    only_base, only_other = table[0][1], table[1][0]
     p = float(mcnemar(table, exact=True).pvalue) if only_base + only_other else 1.0
     return {
         "paths": n,
