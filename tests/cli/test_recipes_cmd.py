@@ -23,6 +23,7 @@ NAMES = [
     "diffmatch",
     "diffusevae",
     "diffusevae-spatial",
+    "diffusevae-spatial-code",
     "diffusevae-vae",
     "diffusevae-vae-spatial",
     "digits",

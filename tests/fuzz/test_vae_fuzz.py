@@ -175,6 +175,10 @@ KINDS = {
         {"model": dv.DiffuseVAENetConfig, "train": TrainConfig},
     ),
     "diffusevae": (RECIPES_DIR / "diffusevae.toml", {"model": dv.DiffuseVAENetConfig, "train": TrainConfig}),
+    "diffusevae-spatial-code": (
+        RECIPES_DIR / "diffusevae-spatial-code.toml",
+        {"model": dv.DiffuseVAENetConfig, "train": TrainConfig},
+    ),
 }
 FIELDS = [
     (kind, t, f.name, f.default)
@@ -325,16 +329,45 @@ def test_recipe_bad_z_condition(workdir, value):
 @given(
     case=st.one_of(
         st.tuples(st.just("cond_drop"), st.floats(allow_nan=True, allow_infinity=True)),
+        st.tuples(st.just("code_drop"), st.floats(allow_nan=True, allow_infinity=True)),
         st.tuples(st.just("guidance"), st.floats(allow_nan=True, allow_infinity=True)),
     )
 )
 def test_recipe_bad_guidance_values(workdir, case):
-    """model.cond_drop outside [0, 1), and model.guidance not finite or != 1 without cond_drop: one line each."""
+    """model.cond_drop or model.code_drop outside [0, 1), and model.guidance not finite or != 1 without either: one
+    line each."""
     key, value = case
     r = _base("diffusevae")
-    if key == "cond_drop":
+    if key in ("cond_drop", "code_drop"):
         assume(not 0 <= value < 1)
     else:
         assume(value != 1.0)
     r["model"][key] = value
     _check(r, workdir, f"model.{key}", via_cli=True)
+
+
+@pytest.mark.parametrize(
+    ("over", "needle"),
+    [
+        ({"vae": "runs/diffusevae-vae"}, "model.vae comes from model.refiner"),
+        ({"z_condition": True}, "model.z_condition comes from model.refiner"),
+        ({"cond_drop": 0.1}, "pick the guidance's null condition; give one of them"),
+    ],
+)
+def test_recipe_bad_refiner_start(workdir, over, needle):
+    """The code-dropping recipe with a key the refiner it goes on from already fixes, or both null shares: one line
+    from `condiff train`, with no run folder."""
+    r = _base("diffusevae-spatial-code")
+    r["model"].update(over)
+    _check(r, workdir, needle, via_cli=True)
+
+
+def test_train_refuses_a_missing_refiner_before_building(workdir):
+    """model.refiner naming nothing: one line from `condiff train`, no run folder."""
+    d = Path(tempfile.mkdtemp(dir=workdir))
+    r = _base("diffusevae-spatial-code")
+    r["model"]["refiner"] = str(d / "nowhere")
+    (d / "recipe.toml").write_text(to_toml(r))
+    with mock.patch("condiff.models.diffusevae.load_networks", guarded):
+        expect_cli_error(["train", str(d / "recipe.toml"), "--out", str(d / "run")], "model.refiner", "does not exist")
+    assert not (d / "run").exists()

@@ -594,3 +594,125 @@ def test_subpixel_training_renders_are_the_continuous_jitter_renders_and_the_key
     assert dv.vae_config(r)["subpixel"] is True
     r = dv.diffusevae_recipe_from_dict({"name": "s", "family": "diffusevae", "model": model})
     assert "subpixel" not in dv.vae_config(r)
+
+
+@pytest.fixture(scope="module")
+def spatial_refiner(tmp_path_factory):
+    """A tiny what/where VAE (5 Gaussian dims and a 3-way shape code) and a z-conditioned refiner on it, trained one
+    step so its z map is not zero."""
+    d = tmp_path_factory.mktemp("code")
+    t = {"steps": 1, "batch_size": 4, "warmup": 1, "ckpt_every": 1, "eval_every": 0}
+    r = dv.diffusevae_recipe_from_dict({"name": "s", "family": "diffusevae", "model": {"kind": "vae", **SPATIAL},
+                                        "train": t})  # fmt: skip
+    dv.make_diffusevae_trainer(r, d / "vae", progress=False).run().export()
+    model = {"kind": "ddpm", "vae": str(d / "vae"), "z_condition": True, "cond_drop": 0.2}
+    r = dv.diffusevae_recipe_from_dict({"name": "z", "family": "diffusevae", "model": model, "train": t})
+    dv.make_diffusevae_trainer(r, d / "ddpm", progress=False).run().export()
+    return d
+
+
+def test_a_recipe_goes_on_from_a_trained_refiner_with_the_code_dropped(spatial_refiner, tmp_path):
+    """model.refiner: the start is the named refiner itself (its VAE and prior frozen, UNet, extras and z map
+    trainable, equal weights), its table with this recipe's guidance keys in place of its own; model.code_drop
+    zeroes z's shape code (and nothing else: not x_hat, not the Gaussian dims) in the rows the step's generator
+    draws after the batch and z."""
+    d = spatial_refiner
+    base = dv.load_diffusevae_model(d / "ddpm")
+    model = {"kind": "ddpm", "refiner": str(d / "ddpm"), "code_drop": 0.5, "guidance": 2.0}
+    r = dv.diffusevae_recipe_from_dict({"name": "c", "family": "diffusevae", "model": model,
+                                        "train": {"steps": 1, "batch_size": 8, "warmup": 1}})  # fmt: skip
+    m = dv.build_diffusevae_model(r)
+    assert m.config["code_drop"] == 0.5 and m.config["guidance"] == 2.0 and "cond_drop" not in m.config
+    assert m.config["refiner_from"] == str(d / "ddpm") and m.config["z_condition"] is True
+    assert set(m.module) == set(base.module) == {"unet", "extras", "zembed", "vae"}
+    for name in base.module:
+        for a, b in zip(m.module[name].state_dict().values(), base.module[name].state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
+    tr = dv.make_diffusevae_trainer(r, tmp_path / "run", progress=False)
+    assert {n.split(".")[0] for n in tr.names} == {"unet", "extras", "zembed"}
+    seen = []
+
+    def spy(module, x_t, x_hat, t_in, z=None):
+        seen.append((x_hat, z))
+        return torch.zeros_like(x_t)
+
+    with mock.patch.object(dv, "ddpm_forward", spy):
+        dv.diffusevae_loss_fn(m, r)(0, torch.Generator().manual_seed(3))
+    x_hat, z = seen[0]
+    g = torch.Generator().manual_seed(3)  # the same draws as the loss: the batch, z, then the keep mask
+    batch = dv.training_batch(8, m.config.get("jitter", 1), g)
+    z_full = m.vae.posterior_sample(batch.images, g)
+    keep = torch.rand(8, generator=g) >= 0.5
+    assert 0 < int(keep.sum()) < 8
+    torch.testing.assert_close(x_hat, m.vae.decode(z_full))
+    torch.testing.assert_close(z[:, :5], z_full[:, :5])
+    assert torch.equal(z[:, 5:].abs().sum(1) > 0, keep) and torch.equal(z[keep], z_full[keep])
+
+
+def test_code_guidance_is_the_cfg_contrast_with_the_code_zeroed(spatial_refiner, tmp_path):
+    """A refiner trained with model.code_drop is guided against z with its shape code zeroed, x_hat and the
+    Gaussian dims kept: refine(guidance w) is x0_null + w (x0_cond - x0_null) (exact at one step); the saved
+    weight is the default; asked without z it is one line; a table that contradicts it is refused on loading."""
+    d = spatial_refiner
+    model = {"kind": "ddpm", "refiner": str(d / "ddpm"), "code_drop": 0.15, "guidance": 3.0}
+    r = dv.diffusevae_recipe_from_dict({"name": "c", "family": "diffusevae", "model": model})
+    dv.build_diffusevae_model(r).save(tmp_path / "c")
+    back = dv.load_diffusevae_model(tmp_path / "c")
+    assert back.guidance == 3.0
+    gen = torch.Generator().manual_seed(0)
+    z = back.encode_mean(torch.rand(2, 3, 32, 32, generator=gen) * 2 - 1)
+    x_hat, noise = back.vae.decode(z), torch.randn(2, 3, 32, 32, generator=gen)
+    from condiff.core.grids import make_grid
+
+    grid = make_grid(back.schedule, 1)
+    t0 = torch.full((2,), float(grid[0]), dtype=torch.float64)
+    x_t = float(back.schedule.sigma(t0[0])) * noise
+    null_z = torch.cat([z[:, :5], torch.zeros(2, 3)], 1)
+    with torch.no_grad():
+        c = back.denoiser(x_t, t0, {"x_hat": x_hat, "z": z})
+        n0 = back.denoiser(x_t, t0, {"x_hat": x_hat, "z": null_z})
+    assert not torch.equal(c, n0)  # the code matters to this refiner
+    for w, want in ((3.0, n0 + 3.0 * (c - n0)), (1.0, c), (0.0, n0)):
+        got, _ = back.refine(x_hat, noise, 1, z, guidance=w)
+        torch.testing.assert_close(got, want.clamp(-1, 1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="guided on the shape code of z; pass the latents z") as e:
+        back.refine(x_hat, noise, 1, guidance=3.0)
+    assert len(str(e.value).splitlines()) == 1
+    refused_after_edit(tmp_path / "c", {"cond_drop": 0.1}, "code_drop needs z_condition true")
+    refused_after_edit(tmp_path / "c", {"cond_drop": 0.0, "code_drop": 2.0}, "cond_drop must be a number in")
+
+
+@pytest.mark.parametrize(
+    ("model", "train", "needle"),
+    [
+        ({"kind": "vae", "code_drop": 0.1}, {}, "model.code_drop belongs to a kind 'ddpm' recipe"),
+        ({"kind": "vae", "refiner": "r"}, {}, "model.refiner belongs to a kind 'ddpm' recipe"),
+        ({"kind": "ddpm", "vae": "v", "code_drop": 1.5}, {}, "model.code_drop must be a number in [0, 1), got 1.5"),
+        ({"kind": "ddpm", "vae": "v", "code_drop": 0.1}, {}, "only a refiner with model.z_condition = true sees"),
+        ({"kind": "ddpm", "vae": "v", "z_condition": True, "code_drop": 0.1, "cond_drop": 0.1}, {}, "give one of them"),
+        ({"kind": "ddpm", "refiner": "r", "vae": "v"}, {}, "model.vae comes from model.refiner 'r'"),
+        ({"kind": "ddpm", "refiner": "r", "prior": "gmm"}, {}, "model.prior comes from model.refiner 'r'"),
+        ({"kind": "ddpm", "refiner": "r", "jitter": 2}, {}, "model.jitter comes from model.refiner"),
+        ({"kind": "ddpm", "refiner": "r"}, {"init_from": "shapes"}, "train.init_from comes from model.refiner"),
+        ({"kind": "ddpm", "refiner": "r", "guidance": 2.0}, {}, "model.guidance: guidance 2.0 needs a refiner"),
+    ],
+)
+def test_bad_code_drop_and_refiner_keys_are_one_line_config_errors(model, train, needle):
+    with pytest.raises(ConfigError) as e:
+        dv.diffusevae_recipe_from_dict({"name": "x", "family": "diffusevae", "model": model, "train": train})
+    assert needle in str(e.value) and len(str(e.value).splitlines()) == 1, str(e.value)
+
+
+def test_a_refiner_start_that_cannot_take_the_recipe_is_one_line(saved, spatial_refiner):
+    """model.refiner naming a VAE, or code_drop on a refiner that does not see a shape code, is refused at build."""
+    d, _ = saved
+    cases = [
+        ({"refiner": str(d / "vae")}, "is a VAE (kind 'vae'); it must be a refiner"),
+        ({"refiner": str(d / "ddpm"), "code_drop": 0.1}, "does not see one (it needs z_condition and a spatial VAE)"),
+        ({"refiner": str(d / "missing")}, "does not exist"),
+    ]
+    for extra, needle in cases:
+        r = dv.diffusevae_recipe_from_dict({"name": "x", "family": "diffusevae", "model": {"kind": "ddpm", **extra}})
+        with pytest.raises((ConfigError, InputFileError)) as e:
+            dv.build_diffusevae_model(r)
+        assert needle in str(e.value) and len(str(e.value).splitlines()) == 1, str(e.value)

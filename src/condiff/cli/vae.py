@@ -41,8 +41,9 @@ MAX_N = 1024
 MAX_PAIRS = 32
 MAX_FRAMES = 32
 GUIDANCE_HELP = (
-    "the refiner's guidance weight w: x0_null + w (x0_cond - x0_null), the null condition x_hat = 0 (default: the "
-    "model's own, 1 = none; w != 1 needs a refiner trained with model.cond_drop > 0)"
+    "the refiner's guidance weight w: x0_null + w (x0_cond - x0_null), the null condition the refiner trained on "
+    "(model.cond_drop: x_hat = 0; model.code_drop: z's shape code zeroed) (default: the model's own, 1 = none; "
+    "w != 1 needs a refiner trained with one of them > 0)"
 )
 
 
@@ -58,7 +59,7 @@ def _model(model: Path, stage: Optional[str], guidance: Optional[float] = None) 
     """(the model folder, its kind, the stage to write, the refiner's guidance weight: --guidance, else the model's
     own) once --model, --stage and --guidance agree; no weights are read."""
     from condiff.models.dense import table_of
-    from condiff.models.diffusevae import FAMILY, KINDS, check_guidance, find_model
+    from condiff.models.diffusevae import FAMILY, KINDS, check_guidance, find_model, guided_share
 
     if stage is not None and stage not in STAGES:
         raise one_of("--stage", stage, STAGES)
@@ -79,7 +80,7 @@ def _model(model: Path, stage: Optional[str], guidance: Optional[float] = None) 
         )
     if kind == "vae" and guidance is not None:
         raise ConfigError(f"--model {str(model)!r} is a VAE alone; it has no refiner to guide (--guidance {guidance})")
-    cond_drop = table.get("cond_drop", 0.0) if kind == "ddpm" else 0.0
+    cond_drop = guided_share(table) if kind == "ddpm" else 0.0
     own = table.get("guidance", 1.0) if kind == "ddpm" else 1.0
     try:
         w = check_guidance(own if guidance is None else guidance, cond_drop)

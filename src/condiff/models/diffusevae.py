@@ -22,8 +22,11 @@ trains on Dec(z) with z ~ q(z | x), so Dec(z) from N(0, I), which falls in the h
 clusters, is a condition it never saw; the mixture keeps z where it trained. ``model.z_condition`` adds the paper's
 optional z-conditioning of the UNet (``LatentEmbedding``, zero at the start); ``model.cond_drop`` trains that share of
 rows on the null condition (x_hat = 0, z = 0), so the refiner can be guided by its reconstruction
-(``refine(guidance=w)``, classifier-free guidance; ``model.guidance`` the default weight). Unknown keys and bad values
-are one-line ConfigErrors.
+(``refine(guidance=w)``, classifier-free guidance; ``model.guidance`` the default weight); ``model.code_drop`` instead
+zeroes only z's shape code in that share of rows, so the guidance contrasts the code with no code and, at w > 1,
+keeps the drawn shape to the code where x_hat is ambiguous (an object between the two sizes, on a latent path).
+``model.refiner`` names a trained refiner to go on from (its VAE, prior, UNet and z map) in place of ``model.vae`` and
+``train.init_from``. Unknown keys and bad values are one-line ConfigErrors.
 
 A saved model is ``vae/`` (and for 'ddpm' ``unet/``, ``extras/``, with a fitted prior ``prior/`` and with z-conditioning
 ``zembed/``: diffusers folders, safetensors) with ``condiff.json``'s "diffusevae" table; the DDPM's folder holds its
@@ -375,7 +378,11 @@ class DiffuseVAENetConfig:
     prior_components: int = 10  # prior "gmm": the mixture's components; "factors": each block's
     z_condition: bool = False  # kind ddpm: the UNet also sees z (a zero-initialised projection added to its embedding)
     cond_drop: float = 0.0  # kind ddpm: the share of training rows whose condition is the null one (x_hat = 0, z = 0)
-    guidance: float = 1.0  # kind ddpm: the refiner's default guidance weight (1: none; else cond_drop > 0)
+    code_drop: float = 0.0  # kind ddpm with z_condition: the share of rows whose z has its shape code zeroed
+    guidance: float = 1.0  # kind ddpm: the refiner's default guidance weight (1: none; else cond_drop or code_drop > 0)
+    refiner: str = (
+        ""  # kind ddpm: a trained refiner to go on from (its VAE, prior, UNet and z map) instead of model.vae
+    )
 
 
 @dataclass(frozen=True)
@@ -430,7 +437,9 @@ def diffusevae_recipe_from_dict(data: dict) -> DiffuseVAERecipe:
             ("prior_components", 10),
             ("z_condition", False),
             ("cond_drop", 0.0),
+            ("code_drop", 0.0),
             ("guidance", 1.0),
+            ("refiner", ""),
         ):
             if getattr(m, key) != default:
                 raise ConfigError(
@@ -453,11 +462,32 @@ def diffusevae_recipe_from_dict(data: dict) -> DiffuseVAERecipe:
         if m.prior not in PRIORS:
             raise one_of("model.prior", m.prior, PRIORS)
         check_cond_drop(m.cond_drop, "model.cond_drop")
+        check_cond_drop(m.code_drop, "model.code_drop")
+        if m.cond_drop and m.code_drop:
+            raise ConfigError(
+                f"model.cond_drop ({m.cond_drop}) and model.code_drop ({m.code_drop}) pick the guidance's null "
+                "condition; give one of them"
+            )
         try:
-            check_guidance(m.guidance, m.cond_drop)
+            check_guidance(m.guidance, m.cond_drop or m.code_drop)
         except ConfigError as e:
             raise ConfigError(f"model.guidance: {e}") from None
         check_int("model.prior_components", m.prior_components, 1, MAX_COMPONENTS)
+        if m.refiner.strip():
+            given = [k for k in (*REFINER_KEYS, "vae") if k in data.get("model", {})]
+            given += [f"train.{k}" for k in ("init_from",) if k in data.get("train", {})]
+            if given:
+                key = given[0] if given[0].startswith("train.") else f"model.{given[0]}"
+                raise ConfigError(
+                    f"{key} comes from model.refiner {m.refiner!r} (the refiner this recipe goes on from); "
+                    "give one or the other"
+                )
+            return r
+        if m.code_drop and not m.z_condition:
+            raise ConfigError(
+                f"model.code_drop ({m.code_drop}) drops the shape code of z, which only a refiner with "
+                "model.z_condition = true sees"
+            )
         if not m.vae.strip():
             raise ConfigError(
                 "model.vae must name the trained VAE (a model folder or run folder, e.g. 'runs/diffusevae-vae'), got ''"
@@ -493,16 +523,39 @@ def null_condition(cond: dict) -> dict:
     return {k: torch.zeros_like(v) for k, v in cond.items()}
 
 
+def without_code(z: torch.Tensor, latent_dim: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """z (B, latent_dim + codes) with the shape code (the entries after the Gaussian latent) zeroed: in every row, or
+    where ``keep`` (B,) is 0 (a row of 1 keeps its code)."""
+    code = torch.zeros_like(z[:, latent_dim:]) if keep is None else z[:, latent_dim:] * keep.view(-1, 1)
+    return torch.cat([z[:, :latent_dim], code], 1)
+
+
+def code_null_condition(cond: dict, latent_dim: int) -> dict:
+    """The null condition of guidance on the shape code alone (a refiner trained with model.code_drop): x_hat and
+    the Gaussian part of z kept, z's shape code zeroed, so w > 1 strengthens what the code says about the shape."""
+    return {**cond, "z": without_code(cond["z"], latent_dim)}
+
+
 def check_guidance(w, cond_drop: float) -> float:
-    """A guidance weight: a finite number; w != 1 needs a refiner trained on the null condition (cond_drop > 0)."""
+    """A guidance weight: a finite number; w != 1 needs a refiner trained on a null condition (``cond_drop``: the
+    share ``guided_share`` gives, > 0)."""
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not abs(w) < float("inf"):
         raise ConfigError(f"the guidance weight must be a finite number (1: no guidance), got {w!r}")
     if w != 1.0 and not cond_drop:
         raise ConfigError(
-            f"guidance {w} needs a refiner trained with model.cond_drop > 0 (it never saw the null condition); "
-            "this one has cond_drop 0, so only guidance 1 is accepted"
+            f"guidance {w} needs a refiner trained with model.cond_drop > 0 or model.code_drop > 0 (it never saw a "
+            "null condition); this one has neither, so only guidance 1 is accepted"
         )
     return float(w)
+
+
+REFINER_KEYS = ("prior", "prior_components", "z_condition", "jitter", "size_jitter", "subpixel")  # model.refiner's
+
+
+def guided_share(cfg: dict) -> float:
+    """The share of training rows a refiner saw on a null condition (model.cond_drop or model.code_drop): 0 means
+    it cannot be guided."""
+    return cfg.get("cond_drop", 0.0) or cfg.get("code_drop", 0.0)
 
 
 def check_cond_drop(v, what: str = "cond_drop") -> float:
@@ -563,6 +616,15 @@ class DiffuseVAEModel(TaskModel):
             return self.module["prior"].sample(n, generator)
         return self.vae.prior_sample(n, generator)
 
+    def null_of(self, cond: dict) -> dict:
+        """The null condition of this refiner's guidance: z's shape code zeroed (trained with model.code_drop), else
+        x_hat = 0 and z = 0 (model.cond_drop)."""
+        if self.config.get("code_drop", 0.0):
+            if "z" not in cond:
+                raise ConfigError("this refiner is guided on the shape code of z; pass the latents z")
+            return code_null_condition(cond, self.latent_dim)
+        return null_condition(cond)
+
     @property
     def guidance(self) -> float:
         """The refiner's default guidance weight (1: none; the recipe's ``model.guidance``)."""
@@ -600,18 +662,18 @@ class DiffuseVAEModel(TaskModel):
     ) -> tuple[torch.Tensor, int]:
         """x_0 from the conditional DDPM given x_hat (and its latents z, which a z-conditioned model needs), started
         from ``noise`` (unit Gaussian, x_hat's shape), with ``steps`` DPM-Solver++(2M) steps; (x_0 clipped to
-        [-1, 1], network evaluations). ``guidance`` w contrasts the condition with the null one (x_hat = 0, z = 0:
-        ``null_condition``) by classifier-free guidance, x0_null + w (x0_cond - x0_null); w = 1 is the refiner
-        alone, and w != 1 needs a refiner trained with ``cond_drop`` > 0."""
+        [-1, 1], network evaluations). ``guidance`` w contrasts the condition with the null one the refiner trained
+        on (``null_of``) by classifier-free guidance, x0_null + w (x0_cond - x0_null); w = 1 is the refiner alone,
+        and w != 1 needs a refiner trained with ``cond_drop`` or ``code_drop`` > 0."""
         if self.kind != "ddpm":
             raise ConfigError("this is a VAE (stage 1); refining needs a DiffuseVAE model (kind 'ddpm')")
-        check_guidance(guidance, self.config.get("cond_drop", 0.0))
+        check_guidance(guidance, guided_share(self.config))
         grid = make_grid(self.schedule, steps)
         sig = float(self.schedule.sigma(torch.tensor(float(grid[0]), dtype=torch.float64)))
         cond = {"x_hat": x_hat} if z is None else {"x_hat": x_hat, "z": z}
         den = self.denoiser
         if guidance != 1.0:
-            den = CFG(den, guidance, null=null_condition(cond))
+            den = CFG(den, guidance, null=self.null_of(cond))
         res = sample(den, DPMSolverPP2M(), grid, sig * noise, cond)
         return res.x.clamp(-1, 1), res.nfe
 
@@ -710,6 +772,8 @@ def build_diffusevae_model(r: DiffuseVAERecipe) -> DiffuseVAEModel:
         else:
             vae = ConvVAE(m.latent_dim, m.width)
         return DiffuseVAEModel(nn.ModuleDict({"vae": vae}), vae_config(r))
+    if r.model.refiner.strip():
+        return continued_refiner(r)
     folder = find_model(Path(r.model.vae), "model.vae")
     stage1 = load_diffusevae_model(folder, "model.vae")
     if stage1.kind != "vae":
@@ -737,10 +801,38 @@ def build_diffusevae_model(r: DiffuseVAERecipe) -> DiffuseVAEModel:
     if r.model.z_condition:
         parts["zembed"] = LatentEmbedding(vae.latent_size, extras.config.dim)
         cfg["z_condition"] = True
-    if r.model.cond_drop:
-        cfg["cond_drop"] = r.model.cond_drop
-        cfg["guidance"] = r.model.guidance
-    return DiffuseVAEModel(nn.ModuleDict(parts), cfg)
+    if r.model.code_drop and not isinstance(vae, SpatialVAE):
+        raise ConfigError(f"model.code_drop drops z's shape code; model.vae {r.model.vae!r} is a VAE without one")
+    return DiffuseVAEModel(nn.ModuleDict(parts), {**cfg, **guidance_config(r.model)})
+
+
+def guidance_config(m: DiffuseVAENetConfig) -> dict:
+    """The guidance keys of a refiner's table: the null share it trains on and its default weight, if any."""
+    for key in ("cond_drop", "code_drop"):
+        if getattr(m, key):
+            return {key: getattr(m, key), "guidance": m.guidance}
+    return {}
+
+
+def continued_refiner(r: DiffuseVAERecipe) -> DiffuseVAEModel:
+    """The refiner model.refiner names, to train on: its VAE and prior frozen, its UNet, extras and z map trainable;
+    its table with this recipe's guidance keys in place of its own."""
+    base = load_diffusevae_model(find_model(Path(r.model.refiner), "model.refiner"), "model.refiner")
+    if base.kind != "ddpm":
+        raise ConfigError(
+            f"model.refiner {r.model.refiner!r} is a VAE (kind 'vae'); it must be a refiner (kind 'ddpm')"
+        )
+    if r.model.code_drop and not (base.config.get("z_condition") and isinstance(base.vae, SpatialVAE)):
+        raise ConfigError(
+            f"model.code_drop drops z's shape code; model.refiner {r.model.refiner!r} does not see one "
+            "(it needs z_condition and a spatial VAE)"
+        )
+    for name in ("unet", "extras", "zembed"):
+        if name in base.module:
+            base.module[name].train().requires_grad_(True)
+    cfg = {k: v for k, v in base.config.items() if k not in ("cond_drop", "code_drop", "guidance")}
+    cfg["refiner_from"] = r.model.refiner
+    return DiffuseVAEModel(base.module, {**cfg, **guidance_config(r.model)})
 
 
 # loading ------------------------------------------------------------------------------------------------------
@@ -771,12 +863,13 @@ _DDPM_TYPES = {**_VAE_TYPES, "schedule": dict, "pixel_unshuffle": int}
 
 
 def load_diffusevae_model(directory, what: str = "--model") -> DiffuseVAEModel:
-    """A saved VAE or DiffuseVAE (frozen, eval mode); pickled weights are refused (``load_pretrained``), and so is a
-    condiff.json whose "diffusevae" table lacks a key, has one of the wrong type or names another kind."""
+    """A saved VAE or DiffuseVAE (frozen, eval mode) from its model folder or a run folder holding it as model/
+    (``find_model``); pickled weights are refused (``load_pretrained``), and so is a condiff.json whose "diffusevae"
+    table lacks a key, has one of the wrong type or names another kind."""
     from condiff.models.base import silence_diffusers
 
     silence_diffusers()
-    directory = Path(directory)
+    directory = find_model(Path(directory), what)  # a missing path or a run folder: one line, or its model/
     table = table_of(directory, FAMILY)
     kind = table.get("kind") if isinstance(table, dict) else None
     if kind not in KINDS:
@@ -826,7 +919,12 @@ def load_diffusevae_model(directory, what: str = "--model") -> DiffuseVAEModel:
         module["prior"] = mix.eval().requires_grad_(False)
     if kind == "ddpm":
         try:
-            check_guidance(cfg.get("guidance", 1.0), check_cond_drop(cfg.get("cond_drop", 0.0)))
+            check_cond_drop(cfg.get("code_drop", 0.0))
+            check_guidance(cfg.get("guidance", 1.0), check_cond_drop(cfg.get("cond_drop", 0.0)) or cfg.get("code_drop"))
+            if cfg.get("code_drop", 0.0) and (
+                cfg.get("cond_drop", 0.0) or cfg.get("z_condition") is not True or cfg.get("decoder") != "spatial"
+            ):
+                raise ConfigError("code_drop needs z_condition true, decoder 'spatial' and no cond_drop")
         except ConfigError as e:
             raise InputFileError(f"{what} {str(directory)!r}: condiff.json's guidance or cond_drop: {e}") from None
     if kind == "ddpm" and cfg.get("z_condition", False) is not False:
@@ -864,7 +962,10 @@ def diffusevae_loss_fn(model: DiffuseVAEModel, r: DiffuseVAERecipe):
     dims = float(torch.tensor(IMAGE_SHAPE).prod())
 
     def fn(step, g):
-        batch = training_batch(r.train.batch_size, r.model.jitter, g, r.model.size_jitter, r.model.subpixel)
+        c = model.config
+        batch = training_batch(
+            r.train.batch_size, c.get("jitter", shapes.JITTER), g, c.get("size_jitter", False), c.get("subpixel", False)
+        )
         x = batch.images
         vae = model.module["vae"]
         if model.kind == "vae":
@@ -874,9 +975,12 @@ def diffusevae_loss_fn(model: DiffuseVAEModel, r: DiffuseVAERecipe):
         with torch.no_grad():
             z = vae.posterior_sample(x, g)
             x_hat = vae.decode(z)
-            if r.model.cond_drop:  # the null condition for classifier-free guidance
-                keep = (torch.rand(x.shape[0], generator=g) >= r.model.cond_drop).to(x.dtype)
+            if c.get("cond_drop", 0.0):  # the null condition for classifier-free guidance
+                keep = (torch.rand(x.shape[0], generator=g) >= c["cond_drop"]).to(x.dtype)
                 x_hat, z = x_hat * keep.view(-1, 1, 1, 1), z * keep.view(-1, 1)
+            if c.get("code_drop", 0.0):  # the null condition of guidance on the shape code
+                keep = (torch.rand(x.shape[0], generator=g) >= c["code_drop"]).to(x.dtype)
+                z = without_code(z, c["latent_dim"], keep)
         t = UniformTime().sample(model.schedule, x.shape[0], g)
         eps = torch.randn(x.shape, generator=g)
         call = lambda x_t, t_in, c: ddpm_forward(model.module, x_t, c["x_hat"], t_in.to(x_t.dtype), c["z"])  # noqa: E731
