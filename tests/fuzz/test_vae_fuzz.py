@@ -245,14 +245,18 @@ def test_recipe_vae_keys_on_the_ddpm_and_missing_vae(workdir):
     _check(r, workdir, "model.vae must name the trained VAE", via_cli=True)
 
 
-def test_train_refuses_a_missing_vae_before_building(workdir):
-    """model.vae naming nothing: one line from `condiff train`, no run folder."""
+@pytest.mark.parametrize(
+    ("kind", "key", "guard"),
+    [("diffusevae", "vae", "load_start"), ("diffusevae-spatial-code", "refiner", "load_networks")],
+)
+def test_train_refuses_a_missing_vae_or_refiner_before_building(workdir, kind, key, guard):
+    """model.vae (or model.refiner) naming nothing: one line from `condiff train`, no run folder, nothing loaded."""
     d = Path(tempfile.mkdtemp(dir=workdir))
-    r = _base("diffusevae")
-    r["model"]["vae"] = str(d / "nowhere")
+    r = _base(kind)
+    r["model"][key] = str(d / "nowhere")
     (d / "recipe.toml").write_text(to_toml(r))
-    with mock.patch("condiff.models.diffusevae.load_start", guarded):
-        expect_cli_error(["train", str(d / "recipe.toml"), "--out", str(d / "run")], "model.vae", "does not exist")
+    with mock.patch(f"condiff.models.diffusevae.{guard}", guarded):
+        expect_cli_error(["train", str(d / "recipe.toml"), "--out", str(d / "run")], f"model.{key}", "does not exist")
     assert not (d / "run").exists()
 
 
@@ -360,14 +364,3 @@ def test_recipe_bad_refiner_start(workdir, over, needle):
     r = _base("diffusevae-spatial-code")
     r["model"].update(over)
     _check(r, workdir, needle, via_cli=True)
-
-
-def test_train_refuses_a_missing_refiner_before_building(workdir):
-    """model.refiner naming nothing: one line from `condiff train`, no run folder."""
-    d = Path(tempfile.mkdtemp(dir=workdir))
-    r = _base("diffusevae-spatial-code")
-    r["model"]["refiner"] = str(d / "nowhere")
-    (d / "recipe.toml").write_text(to_toml(r))
-    with mock.patch("condiff.models.diffusevae.load_networks", guarded):
-        expect_cli_error(["train", str(d / "recipe.toml"), "--out", str(d / "run")], "model.refiner", "does not exist")
-    assert not (d / "run").exists()

@@ -679,7 +679,7 @@ def test_code_guidance_is_the_cfg_contrast_with_the_code_zeroed(spatial_refiner,
         back.refine(x_hat, noise, 1, guidance=3.0)
     assert len(str(e.value).splitlines()) == 1
     refused_after_edit(tmp_path / "c", {"cond_drop": 0.1}, "code_drop needs z_condition true")
-    refused_after_edit(tmp_path / "c", {"cond_drop": 0.0, "code_drop": 2.0}, "cond_drop must be a number in")
+    refused_after_edit(tmp_path / "c", {"cond_drop": 0.0, "code_drop": 2.0}, "code_drop must be a number in")
 
 
 @pytest.mark.parametrize(

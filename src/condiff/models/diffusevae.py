@@ -380,9 +380,7 @@ class DiffuseVAENetConfig:
     cond_drop: float = 0.0  # kind ddpm: the share of training rows whose condition is the null one (x_hat = 0, z = 0)
     code_drop: float = 0.0  # kind ddpm with z_condition: the share of rows whose z has its shape code zeroed
     guidance: float = 1.0  # kind ddpm: the refiner's default guidance weight (1: none; else cond_drop or code_drop > 0)
-    refiner: str = (
-        ""  # kind ddpm: a trained refiner to go on from (its VAE, prior, UNet and z map) instead of model.vae
-    )
+    refiner: str = ""  # kind ddpm: a trained refiner to go on from (its VAE, prior, UNet, z map), not model.vae
 
 
 @dataclass(frozen=True)
@@ -919,7 +917,7 @@ def load_diffusevae_model(directory, what: str = "--model") -> DiffuseVAEModel:
         module["prior"] = mix.eval().requires_grad_(False)
     if kind == "ddpm":
         try:
-            check_cond_drop(cfg.get("code_drop", 0.0))
+            check_cond_drop(cfg.get("code_drop", 0.0), "code_drop")
             check_guidance(cfg.get("guidance", 1.0), check_cond_drop(cfg.get("cond_drop", 0.0)) or cfg.get("code_drop"))
             if cfg.get("code_drop", 0.0) and (
                 cfg.get("cond_drop", 0.0) or cfg.get("z_condition") is not True or cfg.get("decoder") != "spatial"
