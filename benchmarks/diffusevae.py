@@ -5,8 +5,9 @@ images, read by the exact labeller.
 
     OMP_NUM_THREADS=1 python benchmarks/diffusevae.py [--json F] [--n 1000] [--reference] [--guidance W]
 
---guidance is the refiner's classifier-free guidance weight on its reconstruction (default: the model's own; a
-weight other than 1 needs a refiner trained with model.cond_drop > 0).
+--guidance is the refiner's classifier-free guidance weight against the null condition it trained on (x_hat = 0
+with model.cond_drop, z's shape code zeroed with model.code_drop; default: the model's own; a weight other than 1
+needs one of them > 0).
 
 The model is read from runs/diffusevae/model (`condiff train diffusevae-vae --out runs/diffusevae-vae`, then
 `condiff train diffusevae --out runs/diffusevae`); its folder holds the frozen VAE, so both rows use the same VAE.
@@ -35,8 +36,9 @@ the paths are also read with the shape column from ``labeller.fitted_shapes`` (t
 between pixels): the "fitted" entry. Paired on the same paths ("paired_fitted", ``paired_smoothness``): DiffuseVAE's
 reversals per path minus the VAE's (fitted reading) with its standard error, and McNemar's exact test on the
 monotone shares. The check "no_added_reversals" holds when refining adds no reversals beyond two standard errors:
-difference <= 2 SE (on the default pairs it holds for the what/where recipe; on a second set, --pairs-seed 50, it
-does not). The picture (--png) has, for the first --shown pairs, the VAE's row above DiffuseVAE's row.
+difference <= 2 SE (for diffusevae-spatial-code it holds on the default pairs and on a second set, --pairs-seed 50;
+for diffusevae-spatial, without the code's guidance, only on the default pairs). The picture (--png) has, for the
+first --shown pairs, the VAE's row above DiffuseVAE's row.
 """
 
 from __future__ import annotations

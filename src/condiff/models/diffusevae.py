@@ -467,17 +467,17 @@ def diffusevae_recipe_from_dict(data: dict) -> DiffuseVAERecipe:
                 "condition; give one of them"
             )
         try:
-            check_guidance(m.guidance, m.cond_drop or m.code_drop)
+            check_guidance(m.guidance, guided_share(dataclasses.asdict(m)))
         except ConfigError as e:
             raise ConfigError(f"model.guidance: {e}") from None
         check_int("model.prior_components", m.prior_components, 1, MAX_COMPONENTS)
         if m.refiner.strip():
-            given = [k for k in (*REFINER_KEYS, "vae") if k in data.get("model", {})]
-            given += [f"train.{k}" for k in ("init_from",) if k in data.get("train", {})]
+            given = [f"model.{k}" for k in (*REFINER_KEYS, "vae") if k in data.get("model", {})]
+            if "init_from" in data.get("train", {}):
+                given.append("train.init_from")
             if given:
-                key = given[0] if given[0].startswith("train.") else f"model.{given[0]}"
                 raise ConfigError(
-                    f"{key} comes from model.refiner {m.refiner!r} (the refiner this recipe goes on from); "
+                    f"{given[0]} comes from model.refiner {m.refiner!r} (the refiner this recipe goes on from); "
                     "give one or the other"
                 )
             return r
@@ -917,8 +917,9 @@ def load_diffusevae_model(directory, what: str = "--model") -> DiffuseVAEModel:
         module["prior"] = mix.eval().requires_grad_(False)
     if kind == "ddpm":
         try:
+            check_cond_drop(cfg.get("cond_drop", 0.0))
             check_cond_drop(cfg.get("code_drop", 0.0), "code_drop")
-            check_guidance(cfg.get("guidance", 1.0), check_cond_drop(cfg.get("cond_drop", 0.0)) or cfg.get("code_drop"))
+            check_guidance(cfg.get("guidance", 1.0), guided_share(cfg))
             if cfg.get("code_drop", 0.0) and (
                 cfg.get("cond_drop", 0.0) or cfg.get("z_condition") is not True or cfg.get("decoder") != "spatial"
             ):
