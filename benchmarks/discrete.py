@@ -33,6 +33,7 @@ from condiff.discrete import (  # noqa: E402
     sample,
     sample_ordered,
     soft_trajectory,
+    soft_trajectory_ordered,
     trajectory_kl,
 )
 from condiff.models.drakes_finetune import reward_of  # noqa: E402
@@ -165,24 +166,42 @@ def measure_guidance(out, args):
     out["guidance"] = {"attribute": args.attribute, "rows": rows}
 
 
+DRAKES_RUNS = ("dna-drakes", "dna-drakes-adapter")  # each against the pretrained model under its own sampler
+
+
 @torch.no_grad()
 def measure_drakes(out, args):
-    pre, ft = _model(args.runs, "dna-radd"), _model(args.runs, "dna-drakes")
-    if pre is None or ft is None:
-        out["missing"].append("dna-radd" if pre is None else "dna-drakes")
+    pre = _model(args.runs, "dna-radd")
+    if pre is None:
+        out["missing"].append("dna-radd")
         return
-    steps = ft.info["recipe"]["drakes"]["sampler_steps"]
     rows = {}
-    for name, m in (("pretrained", pre), ("DRAKES", ft)):
-        rows[name] = {**_about(m), **reward_of(m, "dna", args.n, steps, seed=3)}
-    g = torch.Generator().manual_seed(4)
-    traj = soft_trajectory(ft.denoiser, args.n, ft.length, steps, generator=g, truncate=1)
-    kl = trajectory_kl(traj, pre.denoiser)
-    rows["DRAKES"]["kl"] = float(kl.mean())
-    rows["DRAKES"]["kl_se"] = float(kl.std() / args.n**0.5)
-    rows["DRAKES"]["alpha"] = ft.info["recipe"]["drakes"]["alpha"]
-    rows["DRAKES"]["heldout_ratio"] = rows["DRAKES"]["heldout_reward"] / rows["pretrained"]["heldout_reward"]
-    rows["sample"] = ft.family.text(traj.x0.argmax(-1)[:3])
+    for name in DRAKES_RUNS:
+        ft = _model(args.runs, name)
+        if ft is None:
+            out["missing"].append(name)
+            continue
+        d = ft.info["recipe"]["drakes"]
+        steps, ordered = d["sampler_steps"], d.get("sampler") == "ordered"
+        base = {**_about(pre), **reward_of(pre, "dna", args.n, steps, 3, ordered)}
+        row = {**_about(ft), **reward_of(ft, "dna", args.n, steps, 3, ordered)}
+        g = torch.Generator().manual_seed(4)
+        if ordered:
+            traj = soft_trajectory_ordered(ft.denoiser, args.n, ft.length, generator=g, truncate=1)
+        else:
+            traj = soft_trajectory(ft.denoiser, args.n, ft.length, steps, generator=g, truncate=1)
+        kl = trajectory_kl(traj, pre.denoiser)
+        row.update(
+            kl=float(kl.mean()),
+            kl_se=float(kl.std() / args.n**0.5),
+            alpha=d["alpha"],
+            sampler=d.get("sampler", "tau-leaping"),
+            sampler_steps=steps,
+            adapter=d.get("adapter", 0),
+            heldout_ratio=row["heldout_reward"] / base["heldout_reward"],
+            sample=ft.family.text(traj.x0.argmax(-1)[:3]),
+        )
+        rows[name] = {"pretrained": base, "DRAKES": row}
     out["drakes"] = rows
     print("drakes", rows, flush=True)
 
@@ -355,16 +374,21 @@ def write_tables(out):
         write_docs_section("discrete-guidance", "\n".join(lines), "Classifier guidance", "discrete.md")
     dr = out.get("drakes")
     if dr:
-        p, f = dr["pretrained"], dr["DRAKES"]
         lines = [
-            "| model | reward (optimised) | held-out reward | trajectory KL to pretrained |",
-            "|---|---|---|---|",
-            f"| dna-radd (pretrained) | {p['reward']:.3f} | {p['heldout_reward']:.3f} ± {p['heldout_se']:.3f} | 0 |",
-            f"| dna-drakes (alpha {f['alpha']}) | {f['reward']:.3f} | {f['heldout_reward']:.3f} ± "
-            f"{f['heldout_se']:.3f} | {f['kl']:.2f} ± {f['kl_se']:.2f} |",
-            "",
-            f"Held-out reward: {f['heldout_ratio']:.2f}x the pretrained model's.",
+            "| model | sampler | trains | reward (optimised) | held-out reward | held-out ratio | trajectory KL |",
+            "|---|---|---|---|---|---|---|",
         ]
+        for name, pair in dr.items():
+            p, f = pair["pretrained"], pair["DRAKES"]
+            sampler = f"{f['sampler']}, {f['sampler_steps']} steps"
+            trains = f"{f['adapter']}-letter adapter" if f["adapter"] else "whole network"
+            lines += [
+                f"| dna-radd (pretrained) | {sampler} | - | {p['reward']:.3f} | {p['heldout_reward']:.3f} ± "
+                f"{p['heldout_se']:.3f} | 1 | 0 |",
+                f"| {name} (alpha {f['alpha']}) | {sampler} | {trains} | {f['reward']:.3f} | "
+                f"{f['heldout_reward']:.3f} ± {f['heldout_se']:.3f} | **{f['heldout_ratio']:.2f}x** | "
+                f"{f['kl']:.2f} ± {f['kl_se']:.2f} |",
+            ]
         write_docs_section("discrete-drakes", "\n".join(lines), "DRAKES", "discrete.md")
     sq = out.get("seq2seq")
     if sq:

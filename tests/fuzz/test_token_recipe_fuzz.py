@@ -113,6 +113,7 @@ NAMES = [
     ("token", ("model", "kind"), tokens.KINDS),
     ("token", ("contrastive", "kind"), tokens.CONTRASTIVE_KINDS),
     ("drakes", ("drakes", "reward"), tuple(drakes_finetune.REWARDS)),
+    ("drakes", ("drakes", "sampler"), drakes_finetune.SAMPLERS),
 ]
 
 

@@ -64,6 +64,9 @@ def test_drakes_resumes_exactly_and_exports_a_token_model(base, tmp_path):
         ({"alpha": -1.0}, "drakes.alpha"),
         ({"tau": 0.0}, "drakes.tau"),
         ({"truncate": 0}, "drakes.truncate"),
+        ({"sampler": "euler"}, "'euler'"),
+        ({"adapter": 4}, "drakes.adapter"),
+        ({"adapter": -3}, "drakes.adapter"),
     ],
 )
 def test_bad_drakes_values_are_one_line(base, over, needle):
@@ -76,3 +79,28 @@ def test_finetune_command_refuses_an_image_base_for_drakes(tmp_path, capsys):
     (tmp_path / "r.toml").write_text('name = "x"\nbase = "shapes"\nobjective = "drakes"\n')
     code, _, err = run(["finetune", str(tmp_path / "r.toml"), "--out", str(tmp_path / "o")], capsys)
     one_line_error(code, err, "not a token model")
+
+
+def test_the_ordered_sampler_needs_one_step_per_letter(base, tmp_path):
+    with pytest.raises(ConfigError, match="sampler_steps must be the length 8 with the ordered sampler, got 4"):
+        make_drakes_trainer(recipe(base, sampler="ordered"), tmp_path / "a", progress=False)
+
+
+def test_an_adapter_starts_as_the_base_trains_alone_and_is_saved_with_the_model(base, tmp_path):
+    r = recipe(base, sampler="ordered", sampler_steps=8, truncate=8, adapter=3)
+    tr = make_drakes_trainer(r, tmp_path / "a", progress=False)
+    trainable = {n for n, p in tr.module.named_parameters() if p.requires_grad}
+    assert trainable == {"net.adapter.weight", "net.adapter.bias"}
+    x = torch.nn.functional.one_hot(torch.randint(0, 5, (3, 8), generator=torch.Generator().manual_seed(0)), 5)
+    pre = load_token_model(base).net.train()  # the same kernels as the trainer's copy
+    with torch.no_grad():
+        assert torch.equal(tr.module["net"](x.float()), pre(x.float()))  # the zero adapter leaves the output alone
+    loss, metrics = tr.loss_fn(0, torch.Generator().manual_seed(0))
+    assert metrics["kl"] == 0.0
+    run_trainer(tr)
+    saved = load_token_model(tmp_path / "a" / "model")
+    assert saved.net.config.adapter_kernel == 3
+    for name, p in saved.net.named_parameters():
+        if not name.startswith("adapter."):
+            assert torch.equal(p, dict(pre.named_parameters())[name])  # the network itself is frozen
+    assert saved.net.adapter.weight.abs().sum() > 0  # and the adapter has trained

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from condiff.discrete import one_hot
@@ -36,3 +37,26 @@ def test_soft_one_hot_inputs_carry_gradients():
     soft = torch.softmax(torch.randn(2, 5, 5), -1).requires_grad_()
     net(soft).sum().backward()
     assert soft.grad is not None and soft.grad.abs().sum() > 0
+
+
+def test_the_adapter_is_a_convolution_of_the_input_added_to_the_logits():
+    torch.manual_seed(0)
+    plain = TokenTransformer(vocab_size=4, length=9, dim=16, layers=1, heads=2).eval()
+    adapted = TokenTransformer(vocab_size=4, length=9, dim=16, layers=1, heads=2, adapter_kernel=3).eval()
+    adapted.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.nn.functional.one_hot(torch.randint(0, 5, (2, 9)), 5).float()
+    with torch.no_grad():
+        assert torch.equal(adapted(x), plain(x))  # zero-initialised
+        adapted.adapter.weight.normal_()
+        adapted.adapter.bias.normal_()
+        got = adapted(x) - plain(x)
+    w, b = adapted.adapter.weight, adapted.adapter.bias  # (V, V+1, 3), (V,)
+    padded = torch.nn.functional.pad(x, (0, 0, 1, 1))  # a zero letter beyond each end
+    want = torch.stack([torch.einsum("bkc,vck->bv", padded[:, i : i + 3], w) + b for i in range(9)], 1)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [{"adapter_kernel": 2}, {"adapter_kernel": -1}, {"adapter_kernel": 3, "causal": True}])
+def test_bad_adapters_are_refused(kw):
+    with pytest.raises(ValueError, match="adapter_kernel must be 0 or an odd size"):
+        TokenTransformer(vocab_size=4, length=9, dim=16, layers=1, heads=2, **kw)

@@ -50,7 +50,7 @@ def _describe(x) -> str:
     return f"a {type(x).__name__}"
 
 
-def _stationary(p: torch.Tensor) -> torch.Tensor:
+def stationary(p: torch.Tensor) -> torch.Tensor:
     """pi with pi P = pi and sum(pi) = 1, by solving (P^T - I) pi = 0 with one row replaced by sum = 1."""
     a = p.T - torch.eye(len(p), dtype=p.dtype)
     a[-1] = 1.0
@@ -59,7 +59,7 @@ def _stationary(p: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(a, b)
 
 
-STATIONARY = _stationary(TRANSITIONS)
+STATIONARY = stationary(TRANSITIONS)
 MOTIF = "TATA"
 GC_WEIGHT = 4.0
 HELDOUT_GC_WEIGHT = 2.0

@@ -156,6 +156,54 @@ def soft_trajectory(
     return SoftTrajectory(hard + (soft - soft.detach()), tuple(records), soft)
 
 
+def soft_trajectory_ordered(
+    denoiser,
+    n: int,
+    length: int,
+    *,
+    order: torch.Tensor | None = None,
+    tau: float = 0.5,
+    generator: torch.Generator | None = None,
+    truncate: int | None = None,
+    cond: torch.Tensor | None = None,
+    hard_inputs: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> SoftTrajectory:
+    """The relaxed ordered (any-order autoregressive) sampler: step k draws position ``order[k]`` (left to right by
+    default) from c_theta(x_t) and nothing else, so the trajectory has ``length`` steps and each step's KL is the KL
+    at that one position (``step_kl`` with fraction 1). The forward pass is ``sampling.sample_ordered``'s draw: the
+    same generator gives the same tokens. ``truncate``, ``tau`` and ``hard_inputs`` are as in ``soft_trajectory``."""
+    order = torch.arange(length) if order is None else order
+    if sorted(order.tolist()) != list(range(length)):
+        raise ConfigError(f"order must be a permutation of 0..{length - 1}, got {order.tolist()}")
+    truncate = length if truncate is None else truncate
+    if not 1 <= truncate <= length:
+        raise ConfigError(f"truncate must lie in 1..length = 1..{length}, got {truncate}")
+    _check_tau(tau)
+    v = denoiser.vocab_size
+    m = mask_id(v)
+    hard = one_hot(torch.full((n, length), m, dtype=torch.long), v).to(dtype)
+    soft = hard
+    grad_on = torch.is_grad_enabled()
+    records = []
+    for k, i in enumerate(order.tolist()):
+        with torch.set_grad_enabled(grad_on and k >= length - truncate):
+            soft = soft if torch.is_grad_enabled() else soft.detach()
+            x_in = hard + (soft - soft.detach()) if hard_inputs else soft
+            out = denoiser(x_in, cond)
+            logp = out.to(dtype)
+            noise = _gumbel((n, v), generator)
+            pick = (out[:, i].double() + noise).argmax(-1)
+            draw = torch.softmax((logp[:, i] + noise.to(dtype)) / tau, -1)
+            column = torch.zeros(n, length, dtype=torch.bool)
+            column[:, i] = True
+            here = column.unsqueeze(-1)
+            soft = torch.where(here, torch.cat([draw, torch.zeros_like(draw[:, :1])], -1).unsqueeze(1), soft)
+            hard = torch.where(here, torch.nn.functional.one_hot(pick, v + 1).to(dtype).unsqueeze(1), hard)
+        records.append(SoftStep(x_in, column, 1.0, logp))
+    return SoftTrajectory(hard + (soft - soft.detach()), tuple(records), soft)
+
+
 def step_kl(logp: torch.Tensor, logp_pre: torch.Tensor, masked: torch.Tensor, fraction: float) -> torch.Tensor:
     """(B,) the exact KL of one reverse step: fraction * sum over masked i of KL(c_theta[i] || c_pre[i])."""
     p = logp.exp()
@@ -193,27 +241,38 @@ def drakes_loss(
     relax: str = "tokens",
     hard_inputs: bool = True,
     soft_reward: bool = False,
+    ordered: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """-mean r(x_0) + alpha * mean KL(traj), and the detached means {"reward", "kl"}. ``reward`` maps one-hots
     (B, L, V+1) to (B,) and should be differentiable in them: the straight-through x_0 (hard values, soft gradient),
     or with ``soft_reward`` the relaxed x_0 itself (DRAKES gives its reward model the soft one-hots: a reward whose
     gradient vanishes at hard inputs, such as a product of letter indicators, still gets a signal); the reported
-    "reward" is always that of the hard x_0."""
+    "reward" is always that of the hard x_0. ``ordered``: the trajectory is ``soft_trajectory_ordered``'s, left to
+    right (``steps`` must then equal ``length``; ``schedule`` and ``relax`` do not apply)."""
     if not (alpha >= 0 and math.isfinite(alpha)):
         raise ConfigError(f"alpha must be a finite number >= 0, got {alpha}")
-    traj = soft_trajectory(
-        model,
-        n,
-        length,
-        steps,
-        schedule=schedule,
-        tau=tau,
-        generator=generator,
-        truncate=truncate,
-        cond=cond,
-        relax=relax,
-        hard_inputs=hard_inputs,
-    )
+    if ordered:
+        if steps != length:
+            raise ConfigError(
+                f"the ordered sampler takes one step per position: steps must be length = {length}, got {steps}"
+            )
+        traj = soft_trajectory_ordered(
+            model, n, length, tau=tau, generator=generator, truncate=truncate, cond=cond, hard_inputs=hard_inputs
+        )
+    else:
+        traj = soft_trajectory(
+            model,
+            n,
+            length,
+            steps,
+            schedule=schedule,
+            tau=tau,
+            generator=generator,
+            truncate=truncate,
+            cond=cond,
+            relax=relax,
+            hard_inputs=hard_inputs,
+        )
     r = reward(traj.x0)
     kl = trajectory_kl(traj, pretrained, cond)
     objective = reward(traj.soft) if soft_reward else r

@@ -3,6 +3,11 @@ al., ICLR 2025, Eq. 6): maximise E[r(x)] - alpha KL(P_theta^traj || P_pre^traj) 
 the model's own sampler, with truncated backpropagation (``condiff.discrete.drakes``). The reward is named here, at
 the edge (``REWARDS``); the pretrained model stays frozen as the KL's reference. The result is a token model folder
 that ``condiff sample`` and ``eval`` read like any other.
+
+``drakes.sampler = "ordered"`` differentiates through the ordered sampler (left to right, one letter per step,
+``sampler_steps`` = the length) instead of tau-leaping; ``drakes.adapter = k`` trains only a zero-initialised
+k-letter convolution added to the frozen network's logits (``TokenTransformer(adapter_kernel=k)``), at the recipe's
+learning rate.
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ from pathlib import Path
 import torch
 
 from condiff.data import dna
-from condiff.discrete import NetworkDenoiser, drakes_loss, sample
+from condiff.discrete import NetworkDenoiser, drakes_loss, sample, sample_ordered
 from condiff.errors import ConfigError, one_of
 from condiff.models.tokens import load_token_model
+from condiff.nets.token_transformer import TokenTransformer
 from condiff.training.recipe import (
     ObjectiveConfig,
     TrainConfig,
@@ -31,6 +37,7 @@ from condiff.training.trainer import Trainer
 
 REWARDS = {"dna": dna.reward}  # reward name -> (one-hots (B, L, V+1) or ids) -> (B,)
 HELDOUT = {"dna": dna.heldout_reward}  # the evaluation's variant, never optimised
+SAMPLERS = ("tau-leaping", "ordered")
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,8 @@ class DrakesConfig:
     truncate: int = 8
     tau: float = 0.5
     soft_reward: bool = False  # the reward of the relaxed x_0 for the gradient (drakes_loss)
+    sampler: str = "tau-leaping"  # or "ordered": left to right, sampler_steps = the length
+    adapter: int = 0  # > 0: train only a zero-initialised convolution of this (odd) size on the frozen network
 
 
 @dataclass(frozen=True)
@@ -76,17 +85,39 @@ def drakes_recipe_from_dict(data: dict) -> DrakesRecipe:
     check_real("drakes.sampler_steps", d.sampler_steps, 1, 100_000)
     check_real("drakes.truncate", d.truncate, 1, 100_000)
     check_real("drakes.tau", d.tau, 0, 100, lo_open=True)
+    if d.sampler not in SAMPLERS:
+        raise one_of("drakes.sampler", d.sampler, SAMPLERS)
+    if d.adapter != 0 and (d.adapter < 1 or d.adapter % 2 == 0 or d.adapter > 255):
+        raise ConfigError(f"drakes.adapter must be 0 (train all) or an odd size in 1..255, got {d.adapter}")
     check_objective_train(ObjectiveConfig(), r.train)
     return r
 
 
 @torch.no_grad()
-def reward_of(model, reward: str, n: int, steps: int, seed: int) -> dict:
-    """Mean optimised and held-out rewards of n samples of a token model (the ordinary cached sampler)."""
+def reward_of(model, reward: str, n: int, steps: int, seed: int, ordered: bool = False) -> dict:
+    """Mean optimised and held-out rewards of n samples of a token model: the ordinary cached sampler with ``steps``
+    steps, or with ``ordered`` the ordered sampler (left to right)."""
     g = torch.Generator().manual_seed(seed)
-    x, _ = sample(model.denoiser, n, model.length, steps, generator=g)
+    if ordered:
+        x, _ = sample_ordered(model.denoiser, n, model.length, generator=g)
+    else:
+        x, _ = sample(model.denoiser, n, model.length, steps, generator=g)
     r, h = REWARDS[reward](x).double(), HELDOUT[reward](x).double()
     return {"reward": float(r.mean()), "heldout_reward": float(h.mean()), "heldout_se": float(h.std() / n**0.5)}
+
+
+def with_adapter(model, kernel: int):
+    """The model with a zero-initialised ``kernel``-letter adapter on its network, the only trainable part (its
+    output equals the model's until the adapter trains)."""
+    if model.net.config.adapter_kernel:
+        raise ConfigError(f"base {model.path} already has an adapter (kernel {model.net.config.adapter_kernel})")
+    config = {k: v for k, v in model.net.config.items() if not k.startswith("_")}  # "_use_default_values" too
+    net = TokenTransformer.from_config({**config, "adapter_kernel": kernel})
+    missing, unexpected = net.load_state_dict(model.net.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("adapter.") for k in missing), (missing, unexpected)
+    net.train().requires_grad_(False)
+    net.adapter.requires_grad_(True)
+    return dataclasses.replace(model, module=torch.nn.ModuleDict({"net": net}))
 
 
 def make_drakes_trainer(r: DrakesRecipe, out_dir, progress: bool = True) -> Trainer:
@@ -99,11 +130,19 @@ def make_drakes_trainer(r: DrakesRecipe, out_dir, progress: bool = True) -> Trai
             f"reward {r.drakes.reward!r} scores {r.drakes.reward} sequences; base {r.base!r} is a "
             f"{model.family.name} model"
         )
+    v, d = model.family.vocab_size, r.drakes
+    ordered = d.sampler == "ordered"
+    if ordered and d.sampler_steps != model.length:
+        raise ConfigError(
+            f"drakes.sampler_steps must be the length {model.length} with the ordered sampler, got {d.sampler_steps}"
+        )
     # the frozen reference, in train mode like the trained copy so both take the same kernels (at the start the
     # trajectory KL is then exactly 0)
     frozen = copy.deepcopy(model.net).train().requires_grad_(False)
-    model.module.train().requires_grad_(True)
-    v, d = model.family.vocab_size, r.drakes
+    if d.adapter:
+        model = with_adapter(model, d.adapter)
+    else:
+        model.module.train().requires_grad_(True)
     reward = REWARDS[d.reward]
 
     def loss_fn(step, g):
@@ -119,10 +158,11 @@ def make_drakes_trainer(r: DrakesRecipe, out_dir, progress: bool = True) -> Trai
             generator=g,
             truncate=d.truncate,
             soft_reward=d.soft_reward,
+            ordered=ordered,
         )
         return loss, {"reward": float(m["reward"]), "kl": float(m["kl"])}
 
     def evaluate(m, ema_module):
-        return reward_of(dataclasses.replace(m, module=ema_module), d.reward, 256, d.sampler_steps, seed=1)
+        return reward_of(dataclasses.replace(m, module=ema_module), d.reward, 256, d.sampler_steps, 1, ordered)
 
     return Trainer(model, r, Path(out_dir), progress=progress, evaluate=evaluate, loss_fn=loss_fn)

@@ -5,6 +5,9 @@ one linear map, plus learned positions, pre-norm ``nn.TransformerEncoderLayer`` 
 read-out to V logits. There is no time input: RADD's c_theta(x_t) (Ou et al., ICLR 2025, Sec. 3) needs none.
 ``causal=True`` makes it the autoregressive baseline of the same size (input shifted right behind a start token).
 A condition (B, C) of ids in 0..cond_vocab-1 enters as C extra leading tokens that every position attends to.
+``adapter_kernel = k`` (odd, not causal) adds a zero-initialised 1-D convolution of the input one-hots (k letters
+centred on each position) to the logits: a local-context adapter that parameter-efficient fine-tuning trains
+alone (DRAKES' ``drakes.adapter``); at initialisation the network's output is unchanged.
 
 It is a diffusers ``ModelMixin``, so ``save_pretrained``/``from_pretrained`` write and read safetensors.
 """
@@ -29,8 +32,11 @@ class TokenTransformer(ModelMixin, ConfigMixin):
         causal: bool = False,
         cond_slots: int = 0,
         cond_vocab: int = 1,
+        adapter_kernel: int = 0,
     ):
         super().__init__()
+        if adapter_kernel and (causal or adapter_kernel < 0 or adapter_kernel % 2 == 0):
+            raise ValueError(f"adapter_kernel must be 0 or an odd size > 0 of a non-causal net, got {adapter_kernel}")
         self.embed = nn.Linear(vocab_size + 1, dim, bias=False)
         self.positions = nn.Parameter(torch.zeros(length + cond_slots, dim))
         nn.init.normal_(self.positions, std=0.02)
@@ -39,6 +45,11 @@ class TokenTransformer(ModelMixin, ConfigMixin):
         self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, vocab_size)
+        self.adapter = None
+        if adapter_kernel:
+            self.adapter = nn.Conv1d(vocab_size + 1, vocab_size, adapter_kernel, padding=adapter_kernel // 2)
+            nn.init.zeros_(self.adapter.weight)
+            nn.init.zeros_(self.adapter.bias)
         if causal:
             mask = torch.triu(torch.full((length, length), float("-inf")), 1)
             if cond_slots:  # every position sees the condition tokens; they see only each other
@@ -61,4 +72,7 @@ class TokenTransformer(ModelMixin, ConfigMixin):
             offsets = torch.arange(cfg.cond_slots, device=h.device) * cfg.cond_vocab
             h = torch.cat([self.cond_embed(cond.long() + offsets), h], 1)
         h = self.norm(self.blocks(h + self.positions, mask=self.attn_mask, is_causal=False))
-        return self.out(h[:, cfg.cond_slots :])
+        logits = self.out(h[:, cfg.cond_slots :])
+        if self.adapter is not None:
+            logits = logits + self.adapter(onehot.transpose(1, 2)).transpose(1, 2)
+        return logits
