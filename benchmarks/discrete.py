@@ -30,10 +30,9 @@ from condiff.discrete import (  # noqa: E402
     ClassifierGuided,
     ExactTilt,
     expected_nfe,
+    relaxed_trajectory,
     sample,
     sample_ordered,
-    soft_trajectory,
-    soft_trajectory_ordered,
     trajectory_kl,
 )
 from condiff.models.drakes_finetune import reward_of  # noqa: E402
@@ -186,10 +185,7 @@ def measure_drakes(out, args):
         base = {**_about(pre), **reward_of(pre, "dna", args.n, steps, 3, ordered)}
         row = {**_about(ft), **reward_of(ft, "dna", args.n, steps, 3, ordered)}
         g = torch.Generator().manual_seed(4)
-        if ordered:
-            traj = soft_trajectory_ordered(ft.denoiser, args.n, ft.length, generator=g, truncate=1)
-        else:
-            traj = soft_trajectory(ft.denoiser, args.n, ft.length, steps, generator=g, truncate=1)
+        traj = relaxed_trajectory(ft.denoiser, args.n, ft.length, steps, ordered=ordered, generator=g, truncate=1)
         kl = trajectory_kl(traj, pre.denoiser)
         row.update(
             kl=float(kl.mean()),

@@ -204,6 +204,20 @@ def soft_trajectory_ordered(
     return SoftTrajectory(hard + (soft - soft.detach()), tuple(records), soft)
 
 
+def relaxed_trajectory(
+    denoiser, n: int, length: int, steps: int, *, ordered: bool = False, schedule=LogLinear(), relax="tokens", **kw
+) -> SoftTrajectory:
+    """``soft_trajectory_ordered`` (``ordered``: ``steps`` must equal ``length``; ``schedule`` and ``relax`` do not
+    apply) or ``soft_trajectory``; ``kw`` (tau, generator, truncate, cond, hard_inputs) go to either."""
+    if not ordered:
+        return soft_trajectory(denoiser, n, length, steps, schedule=schedule, relax=relax, **kw)
+    if steps != length:
+        raise ConfigError(
+            f"the ordered sampler takes one step per position: steps must be length = {length}, got {steps}"
+        )
+    return soft_trajectory_ordered(denoiser, n, length, **kw)
+
+
 def step_kl(logp: torch.Tensor, logp_pre: torch.Tensor, masked: torch.Tensor, fraction: float) -> torch.Tensor:
     """(B,) the exact KL of one reverse step: fraction * sum over masked i of KL(c_theta[i] || c_pre[i])."""
     p = logp.exp()
@@ -251,28 +265,20 @@ def drakes_loss(
     right (``steps`` must then equal ``length``; ``schedule`` and ``relax`` do not apply)."""
     if not (alpha >= 0 and math.isfinite(alpha)):
         raise ConfigError(f"alpha must be a finite number >= 0, got {alpha}")
-    if ordered:
-        if steps != length:
-            raise ConfigError(
-                f"the ordered sampler takes one step per position: steps must be length = {length}, got {steps}"
-            )
-        traj = soft_trajectory_ordered(
-            model, n, length, tau=tau, generator=generator, truncate=truncate, cond=cond, hard_inputs=hard_inputs
-        )
-    else:
-        traj = soft_trajectory(
-            model,
-            n,
-            length,
-            steps,
-            schedule=schedule,
-            tau=tau,
-            generator=generator,
-            truncate=truncate,
-            cond=cond,
-            relax=relax,
-            hard_inputs=hard_inputs,
-        )
+    traj = relaxed_trajectory(
+        model,
+        n,
+        length,
+        steps,
+        ordered=ordered,
+        schedule=schedule,
+        tau=tau,
+        generator=generator,
+        truncate=truncate,
+        cond=cond,
+        relax=relax,
+        hard_inputs=hard_inputs,
+    )
     r = reward(traj.x0)
     kl = trajectory_kl(traj, pretrained, cond)
     objective = reward(traj.soft) if soft_reward else r
